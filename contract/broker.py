@@ -1,0 +1,54 @@
+"""The Celery application both sides build from settings: names, routes, JSON only.
+
+The producer uses it to publish; the worker registers its tasks on it. Celery's
+result backend is disabled: results live in our own table (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
+from contract.settings import Settings
+
+#: Seconds before an unacked message of a dead worker is handed to another
+#: one (kombu's Redis visibility timeout). Longer than any flush can take.
+VISIBILITY_TIMEOUT_S = 300
+
+
+def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
+    """A Celery app for ``settings``: JSON only, no result backend, late acks.
+
+    Queues: ``<queue>.interactive`` (single submits) and ``<queue>.bulk``
+    (chunks from streams), both consumed by every worker.
+    """
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    lanes = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
+    conf: dict[str, Any] = {
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_queues": [Queue(q, routing_key=q) for q in lanes],
+        "task_default_queue": lanes[0],
+        "task_routes": {TASK_ANALYZE: {"queue": lanes[0]}},
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }
+    app.conf.update(conf)
+    return app
+
+
+def lane_queue(settings: Settings, bulk: bool) -> str:
+    """The queue a submit goes to: bulk streams apart from interactive submits."""
+    return queue_name(settings.queue, LANE_BULK if bulk else LANE_INTERACTIVE)

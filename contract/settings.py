@@ -1,0 +1,153 @@
+"""One settings object, built once from the environment and passed explicitly.
+
+Nothing else in bertstream reads ``os.environ`` (DESIGN.md, STYLE.md #2).
+Every field maps to ``BERTSTREAM_<FIELD NAME IN UPPER CASE>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from contract.constants import DEFAULT_MODEL, DEFAULT_QUEUE, ENV_PREFIX
+from contract.errors import ConfigError
+
+
+def _default_cache_dir() -> str:
+    # XDG convention; evaluated when Settings is built, not at import.
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "bertstream")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of bertstream. Build with :meth:`from_env`; pass it on."""
+
+    #: Celery broker (Redis). ``memory://`` runs everything in one process.
+    broker_url: str = "redis://localhost:6379/0"
+    #: SQLAlchemy URL of the results store.
+    database_url: str = "sqlite:///bertstream.db"
+    #: ``default`` (the bundled sentiment model) or a Hugging Face
+    #: sequence-classification model directory.
+    model: str = DEFAULT_MODEL
+    #: Where the bundled model is assembled and cached.
+    cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
+    #: Queue family name; lanes are ``<queue>.interactive`` and ``<queue>.bulk``.
+    queue: str = DEFAULT_QUEUE
+    #: ``auto`` (cuda:0 when available, else cpu), ``cpu`` or ``cuda:N``.
+    device: str = "auto"
+    #: ``auto`` (fp16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``.
+    dtype: str = "auto"
+    #: Torch intra-op threads on CPU; 0 lets torch decide.
+    torch_threads: int = 0
+
+    # -- input limits (enforced by the producer and again by the worker) --
+    #: Longest text accepted, in characters.
+    max_text_chars: int = 20_000
+    #: Largest ``meta`` object accepted, in bytes of JSON.
+    max_meta_bytes: int = 8_192
+    #: Longest id / source tag accepted, in characters.
+    max_id_chars: int = 128
+    #: Texts per broker message when submitting in bulk.
+    bulk_chunk_size: int = 256
+
+    # -- micro-batching (worker) --
+    #: Longest a request waits in the buffer before a flush, in milliseconds.
+    max_wait_ms: int = 20
+    #: Tokens (padded length x rows) one model batch may hold.
+    token_budget: int = 8_192
+    #: Most texts in one model batch whatever their length.
+    max_batch_size: int = 256
+    #: Buffered messages that force a flush.
+    flush_every: int = 64
+    #: Token cut-off; 0 means the model's own maximum.
+    max_length: int = 0
+    #: Deliveries of one task before it is dead-lettered as failed.
+    max_attempts: int = 3
+
+    # -- producer --
+    #: Stream backpressure: pause while the queue holds more messages than this.
+    max_queue_length: int = 2_000
+    #: Store the text itself next to its hash (off for privacy-sensitive data).
+    store_text: bool = True
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from ``BERTSTREAM_*`` variables, then apply ``overrides``.
+
+        Raises :class:`ConfigError` naming the variable when a value does not parse.
+        """
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in source:
+                values[f.name] = _parse(key, source[key], f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied and validated."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when a value is out of range."""
+        positive = (
+            "max_text_chars", "max_meta_bytes", "max_id_chars", "bulk_chunk_size",
+            "token_budget", "max_batch_size", "flush_every", "max_attempts",
+            "max_queue_length",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        for name in ("max_wait_ms", "max_length", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"{ENV_PREFIX}DEVICE: expected auto, cpu or cuda:N")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as a dict with passwords in URLs masked, for display."""
+        out = dataclasses.asdict(self)
+        for key in ("broker_url", "database_url"):
+            out[key] = mask_url(out[key])
+        return out
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _parse(key: str, raw: str, type_name: Any) -> Any:
+    name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if name == "int":
+            return int(raw)
+        if name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{key}={raw!r} is not a valid {name}") from exc
