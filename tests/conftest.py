@@ -1,0 +1,90 @@
+"""Fixtures on real services: Redis, PostgreSQL, SQLite, a tiny real BERT.
+
+A missing service fails the test (it does not skip): CI must start them.
+Fixtures flush before and after, and close what they open.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from contract.results import ResultStore, results
+from contract.settings import Settings
+
+# Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
+REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+PG_URL = os.environ.get(
+    "BERTSTREAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The test Redis database, flushed before and after."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()  # fails loudly when Redis is down
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The test PostgreSQL database with an empty results table."""
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        results.drop(conn, checkfirst=True)
+    yield PG_URL
+    with engine.begin() as conn:
+        results.drop(conn, checkfirst=True)
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite file in the test's temp dir."""
+    return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using it runs once on SQLite and once on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[ResultStore]:
+    """A results store with its schema created."""
+    s = ResultStore.from_url(db_url)
+    s.create_schema()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT classifier directory (2 layers, hidden 64)."""
+    from tests.tinybert import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def settings(redis_url: str, db_url: str, tmp_path: Path) -> Settings:
+    """Settings on the test Redis and database with a queue of its own."""
+    return Settings(
+        broker_url=redis_url,
+        database_url=db_url,
+        queue=f"bst-test-{uuid.uuid4().hex[:8]}",
+        cache_dir=str(tmp_path / "cache"),
+        max_wait_ms=20,
+    )
