@@ -14,11 +14,6 @@ from kombu import Queue
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.settings import Settings
 
-#: Seconds before an unacked message of a dead worker is handed to another
-#: one (kombu's Redis visibility timeout). Longer than any flush can take.
-VISIBILITY_TIMEOUT_S = 300
-
-
 def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     """A Celery app for ``settings``: JSON only, no result backend, late acks.
 
@@ -38,7 +33,7 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_queues": [Queue(q, routing_key=q) for q in lanes],
         "task_default_queue": lanes[0],
         "task_routes": {TASK_ANALYZE: {"queue": lanes[0]}},
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -68,6 +68,9 @@ class Settings:
     max_length: int = 0
     #: Deliveries of one task before it is dead-lettered as failed.
     max_attempts: int = 3
+    #: Seconds before the unacked messages of a dead worker are redelivered
+    #: (kombu's Redis visibility timeout); longer than any flush can take.
+    visibility_timeout_s: int = 300
 
     # -- producer --
     #: Stream backpressure: pause while the queue holds more messages than this.
@@ -105,7 +108,7 @@ class Settings:
         positive = (
             "max_text_chars", "max_meta_bytes", "max_id_chars", "bulk_chunk_size",
             "token_budget", "max_batch_size", "flush_every", "max_attempts",
-            "max_queue_length",
+            "max_queue_length", "visibility_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -125,8 +125,9 @@ class _Cursor:
         self.pos = 0
 
     def take(self, fmt: str) -> tuple:
+        fmt = "<" + fmt  # little-endian, no alignment padding (C reads with memcpy)
         size = struct.calcsize(fmt)
-        out = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        out = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return out
 

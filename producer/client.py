@@ -1,0 +1,392 @@
+"""The light Python client: submit texts, watch the queue, fetch and wait for results.
+
+Hop 1 of the data path (DESIGN.md): validate, assign ids, publish JSON
+messages to Redis through Celery. Reading results goes straight to the
+results table (``contract.results``), not through Celery.
+
+Imports neither torch nor transformers: a web app installs this alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
+from sqlalchemy.exc import SQLAlchemyError
+
+from contract.broker import lane_queue, make_celery
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, RESULTS_TABLE, TASK_ANALYZE
+from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout, StoreUnavailable
+from contract.messages import TaskItem, make_item
+from contract.results import ResultRecord, ResultStore
+from contract.settings import Settings, mask_url
+from producer.items import ItemError, ItemValidator
+
+#: Longest pause between two polls of :meth:`Client.wait`, in seconds.
+MAX_POLL_INTERVAL_S = 1.0
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass
+class SubmitReport:
+    """What :meth:`Client.submit_many` did: accepted ids in input order, refusals, messages."""
+
+    ids: list[str] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+    #: Broker messages published (one per chunk).
+    messages: int = 0
+
+    @property
+    def accepted(self) -> int:
+        """Number of items enqueued."""
+        return len(self.ids)
+
+    @property
+    def rejected(self) -> int:
+        """Number of items refused by validation."""
+        return len(self.errors)
+
+
+class ChunkPublisher:
+    """Buffers validated items and publishes them as one message per chunk.
+
+    Takes the client, the lane and the chunk size; ``before_send`` (if given)
+    runs before each message is published (streams hook backpressure there).
+    Guarantees: every item added is published by :meth:`flush` or raises
+    :class:`BrokerUnavailable`; one producer (one connection) is reused.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        producer: Any,
+        *,
+        bulk: bool,
+        chunk_size: int,
+        before_send: Callable[[], None] | None = None,
+    ) -> None:
+        if chunk_size <= 0:
+            raise InvalidInput(f"chunk_size must be > 0, got {chunk_size}")
+        self._client = client
+        self._producer = producer
+        self._bulk = bulk
+        self._chunk_size = chunk_size
+        self._before_send = before_send
+        self._buffer: list[TaskItem] = []
+        self.messages = 0
+        self.published = 0
+
+    def add(self, item: TaskItem) -> None:
+        """Buffer ``item``; publishes the chunk once it is full."""
+        self._buffer.append(item)
+        if len(self._buffer) >= self._chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish what is buffered (nothing when empty)."""
+        if not self._buffer:
+            return
+        if self._before_send is not None:
+            self._before_send()
+        self._client.publish(self._buffer, bulk=self._bulk, producer=self._producer)
+        self.messages += 1
+        self.published += len(self._buffer)
+        self._buffer = []
+
+
+class Client:
+    """Submit texts to bertstream and read their results.
+
+    Takes a :class:`Settings`; builds its Celery app at once (no connection
+    until the first publish) and its database engine and Redis client on
+    first use. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: Celery = make_celery(settings, name="bertstream-producer")
+        self._store: ResultStore | None = None
+        self._redis: redis.Redis | None = None
+        self._table_seen = False
+
+    # -- lifecycle ------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release broker connections, the Redis client and the DB engine. Idempotent."""
+        amqp = self.app.__dict__.get("amqp")
+        pool = getattr(amqp, "_producer_pool", None) if amqp is not None else None
+        if pool is not None:
+            pool.force_close_all()
+        if self.app._pool is not None:
+            self.app._pool.force_close_all()
+        self.app.close()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- submitting -----------------------------------------------------
+
+    def submit(
+        self,
+        text: str | bytes,
+        *,
+        id: str | None = None,
+        source: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        """Validate one text and publish it on the interactive lane; return its id at once.
+
+        Raises :class:`InvalidInput` (with the reason) for bad input and
+        :class:`BrokerUnavailable` when Redis cannot be reached.
+        """
+        item = make_item(text, self.settings, id=id, source=source, meta=meta)
+        self.publish([item], bulk=False)
+        return item.id
+
+    def submit_many(
+        self,
+        items: Iterable[str | bytes | dict[str, Any]],
+        *,
+        source: str | None = None,
+        chunk_size: int | None = None,
+    ) -> SubmitReport:
+        """Validate many items and publish the good ones on the bulk lane in chunks.
+
+        ``items`` are texts or dicts ``{text, id?, source?, meta?}``; ``source``
+        applies to items without their own. Chunks hold ``chunk_size``
+        (default ``settings.bulk_chunk_size``) items per message, published
+        over one reused producer. Bad items are reported by index and never
+        stop the rest; ids supplied twice are refused the second time.
+        Raises :class:`BrokerUnavailable` when Redis cannot be reached
+        (chunks published before that stay queued).
+        """
+        size = chunk_size or self.settings.bulk_chunk_size
+        validator = ItemValidator(self.settings, source)
+        report = SubmitReport()
+        with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
+            for index, obj in enumerate(items):
+                checked = validator.check(index, obj)
+                if isinstance(checked, ItemError):
+                    report.errors.append(checked)
+                    continue
+                publisher.add(checked)
+                report.ids.append(checked.id)
+        report.messages = publisher.messages
+        return report
+
+    @contextmanager
+    def chunk_publisher(
+        self,
+        *,
+        bulk: bool = True,
+        chunk_size: int | None = None,
+        before_send: Callable[[], None] | None = None,
+    ) -> Iterator[ChunkPublisher]:
+        """A :class:`ChunkPublisher` over one pooled producer; flushes the last chunk on exit.
+
+        On an exception inside the block the buffered remainder is dropped
+        (not published) and the exception propagates.
+        """
+        size = chunk_size or self.settings.bulk_chunk_size
+        try:
+            with self.app.producer_or_acquire() as producer:
+                publisher = ChunkPublisher(
+                    self, producer, bulk=bulk, chunk_size=size, before_send=before_send
+                )
+                yield publisher
+                publisher.flush()
+        except KombuOperationalError as exc:
+            raise self._broker_error(exc) from exc
+
+    def publish(self, items: Sequence[TaskItem], *, bulk: bool, producer: Any = None) -> None:
+        """Publish ``items`` (already validated) as ONE message on the chosen lane.
+
+        Raises :class:`BrokerUnavailable` when Redis cannot be reached.
+        """
+        wire = [item.to_wire() for item in items]
+        try:
+            self.app.send_task(
+                TASK_ANALYZE,
+                args=[wire],
+                queue=lane_queue(self.settings, bulk),
+                producer=producer,
+                ignore_result=True,
+                # The default repr would copy up to 1 KiB of texts into the headers.
+                argsrepr=f"<{len(wire)} item(s)>",
+            )
+        except KombuOperationalError as exc:
+            raise self._broker_error(exc) from exc
+
+    def _broker_error(self, exc: BaseException) -> BrokerUnavailable:
+        url = mask_url(self.settings.broker_url)
+        return BrokerUnavailable(
+            f"cannot reach Redis at {url} — start it with `redis-server` "
+            f"or set BERTSTREAM_BROKER_URL ({exc})"
+        )
+
+    # -- the queue ------------------------------------------------------
+
+    def queue_names(self, lane: str | None = None) -> list[str]:
+        """Redis keys holding the waiting messages of ``lane`` (both lanes when None).
+
+        kombu's Redis transport keeps a queue as a list named after it, plus
+        one list per non-zero priority step (``<queue>\\x06\\x16<step>``).
+        """
+        lanes = [LANE_INTERACTIVE, LANE_BULK] if lane is None else [lane]
+        if any(x not in (LANE_INTERACTIVE, LANE_BULK) for x in lanes):
+            raise InvalidInput(f"unknown lane {lane!r}; expected {LANE_INTERACTIVE} or {LANE_BULK}")
+        names = []
+        for name in lanes:
+            queue = lane_queue(self.settings, name == LANE_BULK)
+            names.append(queue)
+            names.extend(f"{queue}{RedisChannel.sep}{step}" for step in PRIORITY_STEPS if step)
+        return names
+
+    def queue_length(self, lane: str | None = None) -> int:
+        """Messages waiting in Redis on ``lane`` (``interactive``/``bulk``; both when None).
+
+        Counts messages, not texts (a bulk message holds up to a chunk), and
+        not the ones a worker has reserved. Only redis:// brokers keep
+        countable queues: for others (``memory://``) this returns 0.
+        Raises :class:`BrokerUnavailable` when Redis cannot be reached.
+        """
+        if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
+            return 0
+        names = self.queue_names(lane)
+        try:
+            with self._redis_client().pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.llen(name)
+                sizes = pipe.execute()
+        except redis.RedisError as exc:
+            raise self._broker_error(exc) from exc
+        return sum(int(size) for size in sizes)
+
+    def _redis_client(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.settings.broker_url)
+        return self._redis
+
+    # -- results --------------------------------------------------------
+
+    @property
+    def store(self) -> ResultStore:
+        """The results store, created on first use."""
+        if self._store is None:
+            self._store = ResultStore.from_url(self.settings.database_url)
+        return self._store
+
+    def _table_exists(self) -> bool:
+        # A client only reads: it must not create the table behind the
+        # migrations' back, so before any worker ran there are simply no rows.
+        if not self._table_seen:
+            try:
+                self._table_seen = sa.inspect(self.store.engine).has_table(RESULTS_TABLE)
+            except SQLAlchemyError as exc:
+                url = mask_url(self.settings.database_url)
+                raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
+        return self._table_seen
+
+    def get(self, id: str) -> ResultRecord | None:
+        """The result of task ``id``, or None while it is not stored."""
+        return self.get_many([id]).get(id)
+
+    def get_many(self, ids: Iterable[str]) -> dict[str, ResultRecord]:
+        """Stored results among ``ids``, keyed by id (batched IN queries)."""
+        wanted = list(ids)
+        if not wanted or not self._table_exists():
+            return {}
+        return self.store.get_many(wanted)
+
+    def wait(
+        self,
+        ids: Iterable[str],
+        *,
+        timeout: float = 30.0,
+        poll_interval: float = 0.05,
+    ) -> dict[str, ResultRecord]:
+        """Block until every id has a result; return them all, keyed by id.
+
+        Polls the table for the still-missing ids only, starting every
+        ``poll_interval`` seconds and backing off (x1.5) to at most
+        :data:`MAX_POLL_INTERVAL_S`. Raises :class:`ResultTimeout` carrying
+        the missing ids when ``timeout`` seconds pass first.
+        """
+        wanted = list(dict.fromkeys(ids))
+        found: dict[str, ResultRecord] = {}
+        deadline = time.monotonic() + timeout
+        interval = max(poll_interval, 0.001)
+        while True:
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                found.update(self.get_many(missing))
+                missing = [i for i in wanted if i not in found]
+            if not missing:
+                return {i: found[i] for i in wanted}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultTimeout(missing)
+            time.sleep(min(interval, left))
+            interval = min(interval * 1.5, max(MAX_POLL_INTERVAL_S, poll_interval))
+
+    def query(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int | None = 100,
+        newest_first: bool = True,
+    ) -> list[ResultRecord]:
+        """Results matching every given filter (see :meth:`ResultStore.query`)."""
+        if not self._table_exists():
+            return []
+        return self.store.query(
+            ids=ids, source=source, label=label, status=status,
+            since=since, until=until, limit=limit, newest_first=newest_first,
+        )
+
+    def aggregate(
+        self,
+        *,
+        by: str = "label",
+        source: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Counts and mean score per group (see :meth:`ResultStore.aggregate`)."""
+        if by not in ("label", "source", "status", "model"):
+            raise InvalidInput(f"cannot group by {by!r}")
+        if not self._table_exists():
+            return []
+        return self.store.aggregate(by=by, source=source, status=status, since=since, until=until)

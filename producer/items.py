@@ -1,0 +1,98 @@
+"""Turning caller input into validated task items, one rejection at a time.
+
+Bulk submits and streams must refuse a bad item without losing the good ones
+around it, so validation here returns an :class:`ItemError` instead of
+raising. The rules themselves live in :mod:`contract.messages` (the worker
+runs them too); this module only adapts the caller's shapes to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from contract.errors import InvalidInput
+from contract.messages import TaskItem, make_item
+from contract.settings import Settings
+
+#: Keys a dict item may carry; anything else is refused (a typo such as
+#: ``txt`` would otherwise submit nothing useful).
+ITEM_KEYS = frozenset({"text", "id", "source", "meta"})
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One refused item: where it was, its id when known, and why.
+
+    ``index`` is the 0-based position for :meth:`producer.Client.submit_many`
+    and the 1-based line number for streams.
+    """
+
+    index: int
+    id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        ident = f" (id {self.id})" if self.id else ""
+        return f"{self.index}{ident}: {self.reason}"
+
+
+class ItemValidator:
+    """Validates a sequence of caller items, refusing ids seen earlier in it.
+
+    Takes settings (limits) and the default source tag; keeps only the
+    caller-supplied ids (generated ones cannot collide), so memory grows with
+    explicit ids only.
+    """
+
+    def __init__(self, settings: Settings, default_source: str | None = None) -> None:
+        self.settings = settings
+        self.default_source = default_source
+        self._seen: dict[str, int] = {}
+
+    def check(self, index: int, obj: Any) -> TaskItem | ItemError:
+        """A :class:`TaskItem` for ``obj`` (str, bytes or a dict with ``text``), or why not.
+
+        Never raises for bad input; the id of a refused dict item is reported
+        when it was a string.
+        """
+        try:
+            item = self._build(obj)
+        except InvalidInput as exc:
+            item_id = exc.item_id if exc.item_id is not None else _raw_id(obj)
+            return ItemError(index, item_id, exc.reason)
+        if isinstance(obj, Mapping) and obj.get("id") is not None:
+            first = self._seen.setdefault(item.id, index)
+            if first != index:
+                return ItemError(index, item.id, f"duplicate id {item.id!r} (first at {first})")
+        return item
+
+    def _build(self, obj: Any) -> TaskItem:
+        if isinstance(obj, (str, bytes, bytearray)):
+            return make_item(obj, self.settings, source=self.default_source)
+        if not isinstance(obj, Mapping):
+            raise InvalidInput(
+                f"item must be a string or an object with 'text', got {type(obj).__name__}"
+            )
+        unknown = sorted(str(k) for k in obj if k not in ITEM_KEYS)
+        if unknown:
+            raise InvalidInput(f"unknown field(s) {unknown}; expected {sorted(ITEM_KEYS)}")
+        if "text" not in obj:
+            raise InvalidInput("missing 'text'")
+        source = obj.get("source")
+        return make_item(
+            obj["text"],
+            self.settings,
+            id=obj.get("id"),
+            source=self.default_source if source is None else source,
+            meta=obj.get("meta"),
+        )
+
+
+def _raw_id(obj: Any) -> str | None:
+    if isinstance(obj, Mapping):
+        value = obj.get("id")
+        if isinstance(value, str):
+            return value
+    return None

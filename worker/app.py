@@ -1,0 +1,107 @@
+"""Building a worker process: load the model once, wire the task, run Celery.
+
+The order matters: the model and the database are made ready before the
+worker consumes its first message, so a bad model directory or an
+unreachable database fails at start, loudly, not on the first task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery import Celery
+
+from contract.broker import make_celery
+from contract.constants import DEFAULT_MODEL, LANE_BULK, LANE_INTERACTIVE, queue_name
+from contract.results import ResultStore
+from contract.settings import Settings
+from worker.device import Placement, resolve_placement
+from worker.flush import FlushProcessor
+from worker.runner import HFRunner, NullRunner, Runner
+from worker.tasks import AnalyzeTask, register_tasks
+
+log = logging.getLogger(__name__)
+
+NULL_MODEL = "null"
+
+
+def resolve_model_dir(settings: Settings, progress: bool = True) -> tuple[Path, str]:
+    """The directory of the model to load and its display name.
+
+    ``default`` assembles (first use) or finds (later) the bundled sentiment
+    model under ``settings.cache_dir``; anything else is a directory path.
+    """
+    if settings.model == DEFAULT_MODEL:
+        from worker.sentiment.assemble import ensure_default_model
+
+        path = ensure_default_model(Path(settings.cache_dir), progress=progress)
+        return path, "bertstream-sentiment-e5small"
+    path = Path(settings.model).expanduser()
+    return path, path.name
+
+
+def build_runner(settings: Settings, placement: Placement | None = None) -> Runner:
+    """Load the configured model once for this process."""
+    if settings.model == NULL_MODEL:
+        return NullRunner()
+    placement = placement or resolve_placement(settings.device, settings.dtype)
+    if placement.device.type == "cpu" and settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    path, name = resolve_model_dir(settings)
+    runner = HFRunner(path, placement, name=name, max_length=settings.max_length)
+    log.info("model %s (rev %s) on %s, max_length %d",
+             runner.name, runner.revision, placement.describe(), runner.max_length)
+    return runner
+
+
+@dataclass
+class WorkerApp:
+    """A Celery app with the analysis task registered, ready to consume."""
+
+    app: Celery
+    task: AnalyzeTask
+    processor: FlushProcessor
+    queues: list[str]
+
+
+def build_worker_app(
+    settings: Settings, runner: Runner, *, store: ResultStore | None = None,
+    hostname: str | None = None,
+) -> WorkerApp:
+    """Wire the Celery app, the results store (schema created) and the task."""
+    store = store or ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    app = make_celery(settings, name="bertstream-worker")
+    name = hostname or f"bertstream@{socket.gethostname()}"
+    processor = FlushProcessor(runner, store, settings, worker_name=name)
+    task = register_tasks(app, processor, settings)
+    # Enough prefetched messages to fill a flush; celery-batches needs them
+    # unacked in the buffer, and solo concurrency is 1.
+    app.conf.worker_prefetch_multiplier = max(settings.flush_every * 2, 4)
+    queues = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
+    return WorkerApp(app, task, processor, queues)
+
+
+def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = "INFO") -> None:
+    """Consume until stopped (SIGTERM/SIGINT: warm shutdown after the current flush)."""
+    hostname = hostname or wapp.processor.worker_name
+    worker: Any = wapp.app.Worker(
+        pool="solo",
+        concurrency=1,
+        queues=wapp.queues,
+        hostname=hostname,
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    worker.start()
+    code = getattr(worker, "exitcode", 0) or 0
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,59 @@
+"""Hop 3, infer: run planned batches, isolating the items a model cannot take.
+
+An out-of-memory error halves the batch and retries, down to one item; any
+other exception from the model bisects the batch the same way, so one bad
+item fails alone while its batch-mates get their predictions (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from worker.runner import Encoded, Prediction, Runner
+
+log = logging.getLogger(__name__)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA raises it as a RuntimeError)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def infer_isolating(
+    runner: Runner, encoded: Sequence[Encoded], rows: list[int]
+) -> dict[int, Prediction | str]:
+    """Predictions for ``rows`` of ``encoded``; a failed row maps to its reason.
+
+    Takes one planned batch. Gives every row exactly once: a
+    :class:`Prediction`, or a readable error string when that row alone
+    still fails. Never raises for a model-side error.
+    """
+    try:
+        batch = runner.collate(encoded, rows)
+        preds = runner.decode(runner.forward(batch))
+        return dict(zip(rows, preds, strict=True))
+    # Broad on purpose: whatever the model raises, it must not take the
+    # batch-mates of the offending item down with it.
+    except Exception as exc:  # noqa: BLE001
+        oom = is_oom(exc)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            n = len(encoded[rows[0]].ids)
+            if oom:
+                return {rows[0]: f"out of device memory on a single text of {n} tokens"}
+            return {rows[0]: f"model error on this text ({n} tokens): {type(exc).__name__}: {exc}"}
+        log.warning(
+            "%s on a batch of %d; retrying in halves",
+            "out of memory" if oom else type(exc).__name__, len(rows),
+        )
+        half = len(rows) // 2
+        out = infer_isolating(runner, encoded, rows[:half])
+        out.update(infer_isolating(runner, encoded, rows[half:]))
+        return out

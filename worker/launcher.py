@@ -1,0 +1,64 @@
+"""One worker process per GPU: ``bertstream worker --gpus 0,1``.
+
+Each child sees exactly one GPU through CUDA_VISIBLE_DEVICES (so inside it
+the device is always ``cuda:0``) and gets its own Celery hostname. Signals
+are forwarded so Ctrl-C / SIGTERM shut all children down warmly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from contract.constants import ENV_PREFIX
+from contract.settings import Settings
+
+
+def parse_gpus(spec: str) -> list[str]:
+    """``"0,1"`` → ``["0", "1"]``; rejects empty or non-numeric entries."""
+    gpus = [g.strip() for g in spec.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise ValueError(f"--gpus expects indices like 0,1 (got {spec!r})")
+    return gpus
+
+
+def child_commands(
+    gpus: Sequence[str], settings: Settings, loglevel: str = "INFO"
+) -> list[tuple[list[str], dict[str, str]]]:
+    """The command line and environment of each child worker.
+
+    The parent's resolved settings travel as ``BERTSTREAM_*`` variables, so
+    command-line overrides given to the parent reach every child.
+    """
+    host = socket.gethostname()
+    out = []
+    for gpu in gpus:
+        env = dict(os.environ)
+        for key, value in dataclasses.asdict(settings).items():
+            env[ENV_PREFIX + key.upper()] = str(value)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        cmd = [sys.executable, "-m", "worker", "--device", "cuda:0",
+               "--hostname", f"bertstream-gpu{gpu}@{host}", "--loglevel", loglevel]
+        out.append((cmd, env))
+    return out
+
+
+def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO") -> int:
+    """Start one child per GPU and wait; gives the first non-zero exit code."""
+    children = [subprocess.Popen(cmd, env=env) for cmd, env in child_commands(gpus, settings, loglevel)]
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return next((c for c in codes if c), 0)

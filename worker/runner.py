@@ -1,0 +1,233 @@
+"""The model runner, split into pre / core / post (STYLE.md #5).
+
+- ``encode`` (pre, CPU): tokenize each text alone, truncated to the model's
+  maximum, remembering which were truncated.
+- ``collate`` (pre): pad one planned batch into a typed :class:`PaddedBatch`.
+- ``forward`` (core, device): one batched forward pass, probabilities back.
+- ``decode`` (post): probabilities to label, score and the full distribution.
+
+A runner is built once per worker process and injected into the task; it is
+never built at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from contract.errors import ModelLoadError
+from worker.device import Placement
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized text: token ids with special tokens, and a truncation flag."""
+
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class PaddedBatch:
+    """Tensors for one forward pass, plus which flush items the rows are."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    rows: list[int]
+    real_tokens: int
+
+    @property
+    def padded_tokens(self) -> int:
+        """rows x padded length."""
+        return int(self.input_ids.numel())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The decoded output for one text."""
+
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class Runner(Protocol):
+    """What the batcher needs from a model."""
+
+    name: str
+    revision: str | None
+    max_length: int
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]: ...
+
+    def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch: ...
+
+    def forward(self, batch: PaddedBatch) -> torch.Tensor: ...
+
+    def decode(self, probs: torch.Tensor) -> list[Prediction]: ...
+
+
+def directory_revision(path: Path) -> str:
+    """A short content revision of a model directory.
+
+    Uses ``bertstream_model.json``'s ``revision`` when present; otherwise
+    hashes config.json and the names and sizes of the weight files (cheap,
+    and changes whenever the weights are replaced).
+    """
+    meta = path / "bertstream_model.json"
+    if meta.is_file():
+        rev = json.loads(meta.read_text(encoding="utf-8")).get("revision")
+        if rev:
+            return str(rev)[:64]
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+class HFRunner:
+    """A Hugging Face sequence-classification model on one device."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        placement: Placement,
+        *,
+        name: str | None = None,
+        max_length: int = 0,
+    ) -> None:
+        """Load tokenizer and model from ``model_dir`` (``from_pretrained``).
+
+        Raises :class:`ModelLoadError` when the directory is not a loadable
+        sequence-classification model with a fast tokenizer.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.placement = placement
+        self.model_dir = Path(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=placement.dtype
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(f"{model_dir}: a fast (Rust) tokenizer is required")
+        self.model = model.to(placement.device).eval()
+        self.name = name or self.model_dir.name
+        self.revision: str | None = directory_revision(self.model_dir)
+        limit = _model_max_length(model.config, tokenizer)
+        self.max_length = min(limit, max_length) if max_length else limit
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.labels = [
+            str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)
+        ]
+        self.uses_token_types = getattr(model.config, "type_vocab_size", 0) > 1
+        # A private copy: truncation is a setting of the Rust tokenizer object.
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._tok.no_padding()
+        self._tok.enable_truncation(self.max_length)
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        """Tokenize each text alone (no padding); flags texts cut at max_length."""
+        encodings = self._tok.encode_batch(list(texts))
+        return [Encoded(list(e.ids), bool(e.overflowing)) for e in encodings]
+
+    def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch:
+        """Pad ``rows`` of ``encoded`` to their longest into CPU tensors (pinned on CUDA)."""
+        width = max(len(encoded[r].ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        real = 0
+        for i, r in enumerate(rows):
+            seq = encoded[r].ids
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+            real += len(seq)
+        types = torch.zeros_like(ids) if self.uses_token_types else None
+        if self.placement.is_cuda:
+            # Pinned host memory lets the copy to the GPU run asynchronously.
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+            types = types.pin_memory() if types is not None else None
+        return PaddedBatch(ids, mask, types, list(rows), real)
+
+    def forward(self, batch: PaddedBatch) -> torch.Tensor:
+        """Run one batch; gives float32 probabilities on the CPU, one row per text."""
+        dev = self.placement.device
+        inputs: dict[str, Any] = {
+            "input_ids": batch.input_ids.to(dev, non_blocking=True),
+            "attention_mask": batch.attention_mask.to(dev, non_blocking=True),
+        }
+        if batch.token_type_ids is not None:
+            inputs["token_type_ids"] = batch.token_type_ids.to(dev, non_blocking=True)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+            return torch.softmax(logits.float(), dim=-1).cpu()
+
+    def decode(self, probs: torch.Tensor) -> list[Prediction]:
+        """Probabilities to predictions (argmax label, its probability, all of them)."""
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(
+                Prediction(self.labels[best], float(row[best]),
+                           {label: float(p) for label, p in zip(self.labels, row, strict=True)})
+            )
+        return out
+
+
+class NullRunner:
+    """A model that does nothing: every text is ``positive`` with score 1.
+
+    Used to measure what queueing, batching and persistence cost per text
+    (the pipeline ceiling in the benchmark).
+    """
+
+    name = "null"
+    revision: str | None = "0"
+    max_length = 512
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        """Whitespace words stand in for tokens (bounded by max_length)."""
+        out = []
+        for t in texts:
+            n = len(t.split()) + 2
+            out.append(Encoded([0] * min(n, self.max_length), n > self.max_length))
+        return out
+
+    def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch:
+        """No tensors are built; only the row bookkeeping."""
+        empty = torch.empty(0, dtype=torch.long)
+        return PaddedBatch(empty, empty, None, list(rows), sum(len(encoded[r].ids) for r in rows))
+
+    def forward(self, batch: PaddedBatch) -> torch.Tensor:
+        """A fixed distribution per row."""
+        probs = torch.zeros((len(batch.rows), 2))
+        probs[:, 1] = 1.0
+        return probs
+
+    def decode(self, probs: torch.Tensor) -> list[Prediction]:
+        """Always ``positive``."""
+        return [Prediction("positive", 1.0, {"negative": 0.0, "positive": 1.0})] * len(probs)
+
+
+def _model_max_length(config: Any, tokenizer: Any) -> int:
+    limit = int(getattr(config, "max_position_embeddings", 512) or 512)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    if isinstance(tok_limit, int) and 0 < tok_limit < 100_000:
+        limit = min(limit, tok_limit)
+    return limit

