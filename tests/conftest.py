@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from contract.results import ResultStore, results
 from contract.settings import Settings
+from tests.workers import WorkerProcess
 
 # Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
 REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -88,3 +89,26 @@ def settings(redis_url: str, db_url: str, tmp_path: Path) -> Settings:
         cache_dir=str(tmp_path / "cache"),
         max_wait_ms=20,
     )
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker subprocesses; every one still running is stopped at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, *, ready: bool = True, threads: int = 1) -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", threads=threads)
+        started.append(w)
+        return w.wait_ready() if ready else w
+
+    yield start
+    for w in started:
+        w.stop(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def poison_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT that raises on any text containing the word ``poisonpill``."""
+    from tests.tinybert import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("poison-bert"), poison="poisonpill")

@@ -29,21 +29,29 @@ def write_tiny_bert(
     max_positions: int = 128,
     labels: tuple[str, ...] = ("negative", "positive"),
     seed: int = 0,
+    poison: str | None = None,
 ) -> Path:
-    """Write a random BertForSequenceClassification + WordPiece tokenizer to ``path``."""
+    """Write a random BertForSequenceClassification + WordPiece tokenizer to ``path``.
+
+    ``poison``: a word the tokenizer knows but the model does not (its id is
+    past the embedding table), so any text containing it makes the model
+    raise a real IndexError while other texts run fine.
+    """
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = list(dict.fromkeys(SPECIAL + list(string.ascii_lowercase) + list(string.digits)
                                + list(string.punctuation) + WORDS + CJK + ["，", "。", "！"]))
+    if poison:
+        vocab.append(poison)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # transformers 5 takes the vocabulary as a dict (``vocab=``), not a file path.
     tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)},
                                   do_lower_case=True, model_max_length=max_positions)
     tokenizer.save_pretrained(str(path))
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(vocab) - (1 if poison else 0),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,

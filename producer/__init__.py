@@ -1,0 +1,19 @@
+"""The light bertstream client: submit texts, stream files, read results.
+
+Never imports torch or transformers, so a web app can install it alone::
+
+    from contract.settings import Settings
+    from producer import Client
+
+    with Client(Settings.from_env()) as client:
+        task_id = client.submit("great service")
+        result = client.wait([task_id], timeout=10)[task_id]
+"""
+
+from __future__ import annotations
+
+from producer.client import ChunkPublisher, Client, SubmitReport
+from producer.items import ItemError
+from producer.stream import StreamReport, stream
+
+__all__ = ["ChunkPublisher", "Client", "ItemError", "StreamReport", "SubmitReport", "stream"]

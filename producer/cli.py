@@ -1,0 +1,338 @@
+"""The ``bertstream`` command line: submit, stream and read results; worker commands lazily.
+
+The group callback builds :class:`Settings` once (environment, then the
+global options) and puts it in ``ctx.obj``; every command, including the
+worker's, reads it from there. Commands that need torch (``worker``,
+``demo``, ``model``, ``bench``) live in ``worker.cli`` and are imported
+only when invoked, so ``bertstream --help`` and the producer commands work
+on the light install.
+
+Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
+the database unreachable, 4 results not ready before the timeout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from contract.errors import (
+    BertstreamError,
+    BrokerUnavailable,
+    ConfigError,
+    InvalidInput,
+    ResultTimeout,
+    StoreUnavailable,
+)
+from contract.messages import make_item
+from contract.settings import Settings
+from producer.client import Client
+from producer.formatting import FORMATS, render_results, render_rows
+from producer.sources import FORMATS as SOURCE_FORMATS
+from producer.sources import default_line_limit, open_source, read_records
+from producer.stream import StreamReport, stream
+
+#: Commands implemented in ``worker.cli`` (attribute, one-line help shown
+#: without importing it).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("bench_command", "Measure throughput and latency of the worker."),
+    "demo": ("demo_command", "Run a worker and a sample stream end to end."),
+    "model": ("model_group", "Train or evaluate the sentiment model."),
+    "worker": ("worker_command", "Run a worker (one per GPU, or on the CPU)."),
+}
+WORKER_MODULE = "worker.cli"
+WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstream[worker]'"
+
+#: Rejected lines shown in a stream summary.
+SHOWN_ERRORS = 10
+#: Missing ids shown when a wait times out.
+SHOWN_MISSING = 5
+
+
+def _stub_command(name: str, reason: str) -> click.Command:
+    """A stand-in for a worker command that cannot be imported: says why, exits 2."""
+
+    @click.command(
+        name=name,
+        help=WORKER_EXTRA_HINT,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    @click.pass_context
+    def stub(ctx: click.Context) -> None:
+        click.echo(f"{WORKER_EXTRA_HINT} ({reason})", err=True)
+        ctx.exit(2)
+
+    return stub
+
+
+def load_worker_command(name: str) -> click.Command:
+    """The click command ``name`` from ``worker.cli``, or a stub when torch/worker is missing."""
+    attr = LAZY_COMMANDS[name][0]
+    try:
+        module = importlib.import_module(WORKER_MODULE)
+    except ImportError as exc:
+        return _stub_command(name, str(exc))
+    command = getattr(module, attr, None)
+    if not isinstance(command, click.Command):
+        return _stub_command(name, f"{WORKER_MODULE} has no {attr}")
+    return command
+
+
+class BertstreamGroup(click.Group):
+    """A click group that loads worker commands lazily and maps expected errors to exit codes."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            return load_worker_command(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List every command; worker ones by their static help, without importing them."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows: list[tuple[str, str]] = []
+        for name in names:
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+                continue
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BertstreamError as exc:
+            click.echo(f"error: {_describe(exc)}", err=True)
+            ctx.exit(_exit_code(exc))
+
+
+def _exit_code(exc: BertstreamError) -> int:
+    if isinstance(exc, (InvalidInput, ConfigError)):
+        return 2
+    if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
+        return 3
+    if isinstance(exc, ResultTimeout):
+        return 4
+    return 1
+
+
+def _describe(exc: BertstreamError) -> str:
+    if isinstance(exc, ResultTimeout):
+        shown = ", ".join(exc.missing[:SHOWN_MISSING])
+        more = f" and {len(exc.missing) - SHOWN_MISSING} more" if len(exc.missing) > SHOWN_MISSING else ""
+        return f"{exc} (they may still finish); missing: {shown}{more}"
+    if isinstance(exc, InvalidInput) and exc.item_id:
+        return f"{exc.reason} (id {exc.item_id})"
+    return str(exc)
+
+
+@click.group(cls=BertstreamGroup, name="bertstream")
+@click.option("--broker-url", help="Redis URL of the broker (overrides BERTSTREAM_BROKER_URL).")
+@click.option(
+    "--database-url", help="SQLAlchemy URL of the results store (overrides BERTSTREAM_DATABASE_URL)."
+)
+@click.version_option(package_name="bertstream")
+@click.pass_context
+def main(ctx: click.Context, broker_url: str | None, database_url: str | None) -> None:
+    """Streaming, micro-batched BERT text analysis on Celery + Redis.
+
+    Settings come from BERTSTREAM_* environment variables; the options
+    above override them.
+    """
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("broker_url", broker_url), ("database_url", database_url)) if v
+    }
+    if isinstance(ctx.obj, Settings):  # embedding callers and tests may pass settings in
+        ctx.obj = ctx.obj.replace(**overrides)
+    else:
+        ctx.obj = Settings.from_env(**overrides)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    if settings is None:  # pragma: no cover - the group callback always sets it
+        raise ConfigError("settings were not built")
+    return settings
+
+
+def _parse_meta(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--meta is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(f"--meta must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@main.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--source", help="Source tag stored with the results.")
+@click.option("--id", "task_id", help="Task id (idempotency key); only with a single text.")
+@click.option("--meta", help="JSON object stored with the results.")
+@click.option("--wait", is_flag=True, help="Wait for the results and print them.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to --wait.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    texts: Sequence[str],
+    source: str | None,
+    task_id: str | None,
+    meta: str | None,
+    wait: bool,
+    timeout: float,
+    fmt: str,
+) -> None:
+    """Submit TEXTS for analysis; print their ids (or, with --wait, their results).
+
+    All texts are validated before anything is sent; they travel as one
+    message on the interactive lane.
+    """
+    if task_id is not None and len(texts) != 1:
+        raise click.UsageError("--id needs exactly one text")
+    settings = _settings(ctx)
+    meta_obj = _parse_meta(meta)
+    items, problems = [], []
+    for n, text in enumerate(texts, 1):
+        try:
+            items.append(make_item(text, settings, id=task_id, source=source, meta=meta_obj))
+        except InvalidInput as exc:
+            problems.append(f"text {n}: {exc.reason}" if len(texts) > 1 else exc.reason)
+    if problems:
+        raise InvalidInput("; ".join(problems))
+    with Client(settings) as client:
+        client.publish(items, bulk=False)
+        ids = [item.id for item in items]
+        if not wait:
+            click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
+            return
+        found = client.wait(ids, timeout=timeout)
+        click.echo(render_results([found[i] for i in ids], fmt))
+
+
+@main.command("stream")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--source", help="Source tag for lines without their own.")
+@click.option(
+    "--format", "fmt", type=click.Choice(SOURCE_FORMATS), default="auto", show_default=True,
+    help="jsonl: one object per line with 'text'; lines: one text per line; auto: guess from the first line.",
+)
+@click.option("--max-queue", type=click.IntRange(min=1), help="Backpressure bound in messages.")
+@click.option("--chunk-size", type=click.IntRange(min=1), help="Texts per broker message.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--wait", is_flag=True, help="Wait for every result and print counts by status.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to --wait.")
+@click.pass_context
+def stream_command(
+    ctx: click.Context,
+    file: str,
+    source: str | None,
+    fmt: str,
+    max_queue: int | None,
+    chunk_size: int | None,
+    no_progress: bool,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Stream texts from FILE (or - for stdin) into the bulk lane with backpressure.
+
+    Bad lines are reported with their line numbers and skipped.
+    """
+    settings = _settings(ctx)
+    with Client(settings) as client, open_source(file) as fh:
+        records = read_records(fh, fmt=fmt, max_line_bytes=default_line_limit(settings))
+        report = stream(
+            client, records, max_queue_length=max_queue, progress=not no_progress,
+            source=source, chunk_size=chunk_size, keep_ids=wait,
+        )
+        click.echo(_summary(report))
+        if wait and report.ids:
+            found = client.wait(report.ids, timeout=timeout)
+            counts: dict[str, int] = {}
+            for record in found.values():
+                counts[record.status] = counts.get(record.status, 0) + 1
+            click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def _summary(report: StreamReport) -> str:
+    lines = [
+        f"accepted {report.accepted}, rejected {report.rejected} in {report.elapsed_s:.2f} s "
+        f"({report.rate:.1f} texts/s, {report.messages} message(s))"
+    ]
+    if report.waited_s > 0:
+        lines.append(f"paused {report.waited_s:.2f} s for backpressure")
+    if report.errors:
+        lines.append(f"rejected lines (first {min(SHOWN_ERRORS, len(report.errors))}):")
+        lines.extend(f"  line {e.index}: {e.reason}" for e in report.errors[:SHOWN_ERRORS])
+    return "\n".join(lines)
+
+
+def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date/time") from exc
+    if parsed.tzinfo is None:  # naive means UTC: everything is stored in UTC
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.astimezone(dt.timezone.utc)
+
+
+@main.command()
+@click.option("--id", "ids", multiple=True, help="A task id (repeatable).")
+@click.option("--source", help="Only this source tag.")
+@click.option("--label", help="Only this label.")
+@click.option("--status", type=click.Choice(["done", "failed"]), help="Only this status.")
+@click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
+@click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model"]),
+    help="Print counts and mean score per group instead of rows.",
+)
+@click.pass_context
+def results(
+    ctx: click.Context,
+    ids: Sequence[str],
+    source: str | None,
+    label: str | None,
+    status: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    limit: int,
+    fmt: str,
+    group_by: str | None,
+) -> None:
+    """Print stored results (newest first), filtered, or aggregated with --aggregate."""
+    with Client(_settings(ctx)) as client:
+        if group_by is not None:
+            if ids or label is not None:
+                raise click.UsageError("--aggregate cannot be combined with --id or --label")
+            rows = client.aggregate(by=group_by, source=source, status=status, since=since, until=until)
+            click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt))
+            return
+        records = client.query(
+            ids=list(ids) or None, source=source, label=label, status=status,
+            since=since, until=until, limit=limit,
+        )
+        click.echo(render_results(records, fmt))

@@ -1,0 +1,112 @@
+"""Rendering results and rows as an aligned table, JSON or CSV (for the CLI).
+
+Pure functions from records to text; nothing here touches Redis or the DB.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any
+
+from contract.results import ResultRecord
+
+FORMATS = ("table", "json", "csv")
+
+#: Columns of the results table view; texts (or errors) are truncated.
+TABLE_COLUMNS = ("id", "source", "status", "label", "score", "finished_at", "text")
+#: Every field of a result, in the order ResultRecord declares them (JSON/CSV).
+RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
+
+#: Longest cell of a table, in characters.
+MAX_CELL = 48
+
+
+def render_results(records: Sequence[ResultRecord], fmt: str) -> str:
+    """``records`` as text: ``json`` (array of :meth:`ResultRecord.to_json`),
+    ``csv`` (every field; dicts as JSON) or ``table`` (aligned, truncated)."""
+    if fmt == "json":
+        return _json([r.to_json() for r in records])
+    if fmt == "csv":
+        return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv")
+    rows = [_table_row(r) for r in records]
+    return render_rows(rows, TABLE_COLUMNS, "table") if rows else "(no results)"
+
+
+def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str) -> str:
+    """Plain rows (dicts) as ``table``, ``json`` (array of objects) or ``csv``.
+
+    JSON keeps every key of each row; table and CSV show ``columns`` only.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    if fmt == "json":
+        return _json([dict(r) for r in rows])
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+        return out.getvalue().rstrip("\n")
+    return _table(rows, columns)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return str(value)
+
+
+def _table_row(record: ResultRecord) -> dict[str, Any]:
+    shown = record.error if record.status != "done" and record.error else record.text
+    return {
+        "id": record.id,
+        "source": record.source,
+        "status": record.status,
+        "label": record.label,
+        "score": record.score,
+        "finished_at": record.finished_at.strftime("%Y-%m-%d %H:%M:%S"),
+        "text": shown,
+    }
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [
+        all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) and bool(rows)
+        for c in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    head = line([c.upper() for c in columns])
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([head, rule, *(line(r) for r in cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    text = " ".join(str(value).split())
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"

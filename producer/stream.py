@@ -1,0 +1,161 @@
+"""Streaming many texts into the queue with backpressure and a progress bar.
+
+Takes source records (:mod:`producer.sources`), validates them one by one,
+publishes the good ones in bulk chunks and, before every chunk, waits while
+Redis already holds more than ``max_queue_length`` messages, so a fast
+reader cannot flood Redis memory while workers lag behind.
+
+Items are buffered until a chunk is full (or the source ends): a slow
+source such as an interactive stdin sends its last partial chunk at EOF.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from contract.messages import TaskItem
+from producer.client import Client
+from producer.items import ItemError, ItemValidator
+from producer.sources import SourceRecord
+
+#: First pause while the queue is full, in seconds; doubles up to the cap.
+BACKPRESSURE_START_S = 0.02
+
+
+@dataclass
+class StreamReport:
+    """What a :func:`stream` run did.
+
+    ``errors`` keeps the first ``max_errors`` refusals (``index`` = line
+    number); ``rejected`` counts them all. ``ids`` (when kept) lists accepted
+    ids in source order.
+    """
+
+    accepted: int = 0
+    rejected: int = 0
+    messages: int = 0
+    elapsed_s: float = 0.0
+    #: Seconds spent paused by backpressure.
+    waited_s: float = 0.0
+    errors: list[ItemError] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """Accepted texts per second over the whole run."""
+        return self.accepted / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class Backpressure:
+    """Blocks while the broker queue holds more than ``max_queue_length`` messages.
+
+    Polls :meth:`Client.queue_length` with an exponential backoff from
+    :data:`BACKPRESSURE_START_S` capped at ``max_backoff_s``. ``on_wait`` is
+    called with the queue length each time a pause begins.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        max_queue_length: int,
+        *,
+        max_backoff_s: float = 1.0,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.max_queue_length = max_queue_length
+        self.max_backoff_s = max_backoff_s
+        self.on_wait = on_wait
+
+    def wait_for_room(self) -> float:
+        """Return once the queue is at or below the bound; give the seconds paused."""
+        length = self.client.queue_length()
+        if length <= self.max_queue_length:
+            return 0.0
+        if self.on_wait is not None:
+            self.on_wait(length)
+        started = time.monotonic()
+        delay = min(BACKPRESSURE_START_S, self.max_backoff_s)
+        while length > self.max_queue_length:
+            time.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
+            length = self.client.queue_length()
+        return time.monotonic() - started
+
+
+def stream(
+    client: Client,
+    records: Iterable[SourceRecord],
+    *,
+    max_queue_length: int | None = None,
+    progress: bool = True,
+    source: str | None = None,
+    chunk_size: int | None = None,
+    keep_ids: bool = True,
+    max_errors: int = 1000,
+    max_backoff_s: float = 1.0,
+    on_wait: Callable[[int], None] | None = None,
+) -> StreamReport:
+    """Submit every valid record on the bulk lane; report the rest by line number.
+
+    ``max_queue_length`` defaults to ``settings.max_queue_length`` (messages,
+    both lanes); ``source`` tags records without their own; the progress
+    bar (tqdm, stderr) counts texts and shows the rate and rejections.
+    Guarantees: a bad line never stops the stream; every accepted item is
+    published before this returns. Raises :class:`BrokerUnavailable` when
+    Redis goes away (chunks already published stay queued).
+    """
+    bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
+    report = StreamReport()
+    validator = ItemValidator(client.settings, source)
+    started = time.monotonic()
+    bar = tqdm(
+        unit=" texts", unit_scale=True, file=sys.stderr, disable=not progress,
+        dynamic_ncols=True, mininterval=0.2,
+    )
+
+    def on_pause(length: int) -> None:
+        bar.set_description(f"queue full ({length} messages), waiting")
+        if on_wait is not None:
+            on_wait(length)
+
+    pressure = Backpressure(client, bound, max_backoff_s=max_backoff_s, on_wait=on_pause)
+
+    def before_send() -> None:
+        report.waited_s += pressure.wait_for_room()
+        bar.set_description("")
+        bar.set_postfix(rejected=report.rejected, refresh=False)
+
+    try:
+        with client.chunk_publisher(
+            bulk=True, chunk_size=chunk_size, before_send=before_send
+        ) as publisher:
+            for record in records:
+                checked = _check(validator, record)
+                if isinstance(checked, ItemError):
+                    report.rejected += 1
+                    if len(report.errors) < max_errors:
+                        report.errors.append(checked)
+                else:
+                    publisher.add(checked)
+                    report.accepted += 1
+                    if keep_ids:
+                        report.ids.append(checked.id)
+                bar.update(1)
+        report.messages = publisher.messages
+        bar.set_postfix(rejected=report.rejected, refresh=False)
+    finally:
+        bar.close()
+        report.elapsed_s = time.monotonic() - started
+    return report
+
+
+def _check(validator: ItemValidator, record: SourceRecord) -> TaskItem | ItemError:
+    if record.error is not None:
+        return ItemError(record.line, None, record.error)
+    return validator.check(record.line, record.item)

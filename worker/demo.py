@@ -1,0 +1,155 @@
+"""``bertstream demo``: the whole pipeline on embedded defaults, in about a minute.
+
+Starts a worker (a subprocess on Redis, or a thread on Celery's in-memory
+transport when Redis is down), streams a few hundred labelled Chinese and
+English sample texts through the producer, waits for every row, prints a
+summary and a few rows, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import redis
+
+from contract.broker import make_celery
+from contract.constants import ENV_PREFIX
+from contract.results import ResultRecord
+from contract.settings import Settings, mask_url
+from producer.client import Client
+
+Echo = Callable[[str], None]
+
+
+def load_samples() -> list[dict[str, str]]:
+    """The bundled labelled samples: ``{text, lang, label}`` (50 zh, 50 en)."""
+    raw = resources.files("worker.data").joinpath("demo_texts.jsonl").read_text("utf-8")
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+def redis_reachable(url: str) -> bool:
+    """True when a Redis server answers PING at ``url`` within a second."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return False
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@contextmanager
+def subprocess_worker(settings: Settings, echo: Echo, timeout: float = 300.0) -> Iterator[None]:
+    """A ``python -m worker`` child on ``settings``; stopped (SIGTERM, then KILL) on exit."""
+    env = dict(os.environ)
+    for key, value in dataclasses.asdict(settings).items():
+        env[ENV_PREFIX + key.upper()] = str(value)
+    hostname = f"demo-{uuid.uuid4().hex[:6]}@localhost"
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", hostname,
+                             "--loglevel", "WARNING"], env=env)
+    app = make_celery(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while not app.control.ping(destination=[hostname], timeout=0.5):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the demo worker exited with code {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the demo worker did not start in time")
+        echo(f"worker {hostname} ready (pid {proc.pid})")
+        yield
+    finally:
+        app.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
+    """The same worker, in a thread of this process (for the in-memory transport)."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import build_runner, build_worker_app
+
+    wapp = build_worker_app(settings, build_runner(settings))
+    with start_worker(wapp.app, pool="solo", perform_ping_check=False, queues=wapp.queues,
+                      loglevel="WARNING", shutdown_timeout=60):
+        echo("in-process worker ready")
+        yield
+
+
+def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
+    """Run the demo; gives the process exit code (0 when every text got a row)."""
+    in_memory = not redis_reachable(settings.broker_url)
+    if in_memory:
+        echo(f"Redis is not reachable at {mask_url(settings.broker_url)}: start it with "
+             "`redis-server --daemonize yes` (or `docker compose up -d redis`), or set "
+             "BERTSTREAM_BROKER_URL. Running the same pipeline in one process on Celery's "
+             "in-memory transport instead.")
+        settings = settings.replace(broker_url="memory://")
+    # A queue of its own, so a production worker on the same Redis leaves the demo alone.
+    settings = settings.replace(queue=f"{settings.queue}-demo-{uuid.uuid4().hex[:6]}")
+    from worker.app import resolve_model_dir
+
+    echo("preparing the model (first use assembles and caches it) ...")
+    resolve_model_dir(settings, progress=True)
+    echo(f"database: {mask_url(settings.database_url)}")
+    samples = load_samples()
+    items = [
+        {"text": s["text"], "source": "demo", "meta": {"lang": s["lang"], "expected": s["label"]}}
+        for _ in range(repeat) for s in samples
+    ]
+    worker = thread_worker(settings, echo) if in_memory else subprocess_worker(settings, echo)
+    with worker, Client(settings) as client:
+        t0 = time.time()
+        report = client.submit_many(items)
+        echo(f"submitted {report.accepted} texts in {report.messages} message(s)")
+        rows = client.wait(report.ids, timeout=600)
+        elapsed = time.time() - t0
+    print_summary([rows[i] for i in report.ids], elapsed, echo)
+    return 0 if len(rows) == len(report.ids) else 1
+
+
+def print_summary(rows: list[ResultRecord], elapsed: float, echo: Echo) -> None:
+    """Counts per label, accuracy on the labelled samples, throughput, latency, a few rows."""
+    labels = Counter(r.label or f"({r.status})" for r in rows)
+    latencies = sorted(r.latency_s for r in rows if r.latency_s is not None)
+    by_lang: dict[str, list[bool]] = {}
+    for r in rows:
+        meta: dict[str, Any] = r.meta or {}
+        by_lang.setdefault(meta.get("lang", "?"), []).append(r.label == meta.get("expected"))
+    echo("")
+    echo(f"{'label':<12}{'count':>8}")
+    for label, n in labels.most_common():
+        echo(f"{label:<12}{n:>8}")
+    for lang, hits in sorted(by_lang.items()):
+        echo(f"accuracy on the {lang} samples: {100.0 * sum(hits) / len(hits):.1f}% ({len(hits)} texts)")
+    echo(f"throughput: {len(rows) / elapsed:.1f} texts/s end to end ({len(rows)} texts in {elapsed:.1f}s)")
+    if latencies:
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        echo(f"latency submit -> committed row: p50 {statistics.median(latencies) * 1000:.0f} ms, "
+             f"p99 {p99 * 1000:.0f} ms")
+    echo("")
+    echo("a few rows from the database:")
+    for r in rows[:: max(1, len(rows) // 6)][:6]:
+        text = (r.text or "")[:40]
+        echo(f"  {r.id[:8]}  {r.label or r.status:<9} {r.score or 0:.3f}  {text}")
