@@ -1,0 +1,38 @@
+# bertstream developer commands. `make test` is the README's test command.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+
+.PHONY: install test test-fast lint typecheck bench bench-quick demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned so the local CPU wheel (2.13.0) satisfies it.
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check contract producer worker tests bench
+	$(VENV)/bin/mypy contract producer worker
+
+bench: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream bench
+
+bench-quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream bench --quick
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
