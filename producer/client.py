@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.pools import ProducerPool
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy.exc import SQLAlchemyError
@@ -117,6 +118,7 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app: Celery = make_celery(settings, name="bertstream-producer")
+        self._producers: ProducerPool | None = None
         self._store: ResultStore | None = None
         self._redis: redis.Redis | None = None
         self._table_seen = False
@@ -136,10 +138,9 @@ class Client:
 
     def close(self) -> None:
         """Release broker connections, the Redis client and the DB engine. Idempotent."""
-        amqp = self.app.__dict__.get("amqp")
-        pool = getattr(amqp, "_producer_pool", None) if amqp is not None else None
-        if pool is not None:
-            pool.force_close_all()
+        if self._producers is not None:
+            self._producers.force_close_all()
+            self._producers = None
         if self.app._pool is not None:
             self.app._pool.force_close_all()
         self.app.close()
@@ -215,7 +216,7 @@ class Client:
         """
         size = chunk_size or self.settings.bulk_chunk_size
         try:
-            with self.app.producer_or_acquire() as producer:
+            with self._acquire_producer(producer=None) as producer:
                 publisher = ChunkPublisher(
                     self, producer, bulk=bulk, chunk_size=size, before_send=before_send
                 )
@@ -231,17 +232,31 @@ class Client:
         """
         wire = [item.to_wire() for item in items]
         try:
-            self.app.send_task(
-                TASK_ANALYZE,
-                args=[wire],
-                queue=lane_queue(self.settings, bulk),
-                producer=producer,
-                ignore_result=True,
-                # The default repr would copy up to 1 KiB of texts into the headers.
-                argsrepr=f"<{len(wire)} item(s)>",
-            )
+            with self._acquire_producer(producer) as p:
+                self.app.send_task(
+                    TASK_ANALYZE,
+                    args=[wire],
+                    queue=lane_queue(self.settings, bulk),
+                    producer=p,
+                    ignore_result=True,
+                    # The default repr would copy up to 1 KiB of texts into the headers.
+                    argsrepr=f"<{len(wire)} item(s)>",
+                )
         except KombuOperationalError as exc:
             raise self._broker_error(exc) from exc
+
+    def _acquire_producer(self, producer: Any) -> Any:
+        """``producer`` itself, or one from this client's own pool (a context manager).
+
+        The pool is private, not Celery's process-wide one (kombu keys that
+        by URL), so closing this client never breaks another in the process.
+        Thread-safe: each thread gets its own producer and connection.
+        """
+        if producer is not None:
+            return nullcontext(producer)
+        if self._producers is None:
+            self._producers = ProducerPool(self.app.pool, limit=self.app.pool.limit)
+        return self._producers.acquire(block=True)
 
     def _broker_error(self, exc: BaseException) -> BrokerUnavailable:
         url = mask_url(self.settings.broker_url)

@@ -1,0 +1,56 @@
+"""The results table: idempotent upserts and queries, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from contract.errors import InvalidInput
+from contract.results import ResultRecord, ResultStore, utcnow
+
+
+def record(task_id: str, **kw: object) -> ResultRecord:
+    base: dict[str, object] = dict(
+        id=task_id, text_sha256="0" * 64, text_chars=4, model="m", status="done",
+        finished_at=utcnow(), label="positive", score=0.9,
+        scores={"negative": 0.1, "positive": 0.9}, source="s1",
+        submitted_at=utcnow() - dt.timedelta(seconds=1),
+    )
+    base.update(kw)
+    return ResultRecord(**base)  # type: ignore[arg-type]
+
+
+def test_done_row_is_final(store: ResultStore) -> None:
+    store.upsert([record("a")])
+    store.upsert([record("a", label="negative", score=0.2)])
+    got = store.get("a")
+    assert got is not None and got.label == "positive" and got.attempts == 1
+    assert store.count() == 1
+
+
+def test_failed_row_is_replaced_by_a_later_success(store: ResultStore) -> None:
+    store.upsert([record("b", status="failed", label=None, score=None, scores=None, error="boom")])
+    store.upsert([record("b")])
+    got = store.get("b")
+    assert got is not None and got.status == "done" and got.error is None and got.attempts == 2
+
+
+def test_duplicates_within_one_flush_make_one_row(store: ResultStore) -> None:
+    store.upsert([record("c"), record("c", label="negative")])
+    assert store.count() == 1
+
+
+def test_queries_and_aggregates(store: ResultStore) -> None:
+    t0 = utcnow()
+    store.upsert([record(f"p{i}", finished_at=t0 + dt.timedelta(seconds=i)) for i in range(5)]
+                 + [record(f"n{i}", label="negative", source="s2", score=0.7) for i in range(3)])
+    assert len(store.query(label="positive", limit=None)) == 5
+    assert len(store.query(source="s2", limit=None)) == 3
+    assert [r.id for r in store.query(since=t0 + dt.timedelta(seconds=3), label="positive")] == ["p4", "p3"]
+    assert len(store.query(limit=2)) == 2
+    agg = {g["label"]: g for g in store.aggregate(by="label")}
+    assert agg["positive"]["count"] == 5 and agg["negative"]["mean_score"] == pytest.approx(0.7)
+    assert store.get("p0") is not None and store.get("p0").finished_at.tzinfo is not None  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput):
+        store.aggregate(by="text")
