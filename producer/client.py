@@ -10,6 +10,7 @@ Imports neither torch nor transformers: a web app installs this alone.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -118,7 +119,9 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app: Celery = make_celery(settings, name="bertstream-producer")
+        self._lock = threading.Lock()
         self._producers: ProducerPool | None = None
+        self._connections: Any = None
         self._store: ResultStore | None = None
         self._redis: redis.Redis | None = None
         self._table_seen = False
@@ -140,9 +143,8 @@ class Client:
         """Release broker connections, the Redis client and the DB engine. Idempotent."""
         if self._producers is not None:
             self._producers.force_close_all()
+            self._connections.force_close_all()
             self._producers = None
-        if self.app._pool is not None:
-            self.app._pool.force_close_all()
         self.app.close()
         if self._redis is not None:
             self._redis.close()
@@ -248,15 +250,19 @@ class Client:
     def _acquire_producer(self, producer: Any) -> Any:
         """``producer`` itself, or one from this client's own pool (a context manager).
 
-        The pool is private, not Celery's process-wide one (kombu keys that
-        by URL), so closing this client never breaks another in the process.
+        The pools are private, not Celery's process-wide ones (kombu keys
+        those by URL), so closing this client never breaks another one.
         Thread-safe: each thread gets its own producer and connection.
         """
         if producer is not None:
             return nullcontext(producer)
-        if self._producers is None:
-            self._producers = ProducerPool(self.app.pool, limit=self.app.pool.limit)
-        return self._producers.acquire(block=True)
+        with self._lock:
+            if self._producers is None:
+                limit = self.app.conf.broker_pool_limit
+                self._connections = self.app.connection_for_write().Pool(limit=limit)
+                self._producers = ProducerPool(self._connections, limit=limit)
+            pool = self._producers
+        return pool.acquire(block=True)
 
     def _broker_error(self, exc: BaseException) -> BrokerUnavailable:
         url = mask_url(self.settings.broker_url)
@@ -404,4 +410,9 @@ class Client:
             raise InvalidInput(f"cannot group by {by!r}")
         if not self._table_exists():
             return []
-        return self.store.aggregate(by=by, source=source, status=status, since=since, until=until)
+        try:
+            return self.store.aggregate(
+                by=by, source=source, status=status, since=since, until=until
+            )
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot read results: {exc}") from exc

@@ -83,10 +83,7 @@ def _table_row(record: ResultRecord) -> dict[str, Any]:
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    numeric = [
-        all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) and bool(rows)
-        for c in columns
-    ]
+    numeric = [_is_numeric([row.get(c) for row in rows]) for c in columns]
 
     def line(values: Sequence[str]) -> str:
         parts = [
@@ -97,6 +94,14 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     head = line([c.upper() for c in columns])
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([head, rule, *(line(r) for r in cells)])
+
+
+def _is_numeric(values: Sequence[Any]) -> bool:
+    """True when a column holds numbers (and maybe blanks): it is right-aligned."""
+    present = [v for v in values if v is not None]
+    return bool(present) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in present
+    )
 
 
 def _cell(value: Any) -> str:

@@ -25,7 +25,7 @@ MIXED = [
     "bad",
     "the movie was boring and the room was dirty but the service was great " * 3,
     "电影很差",
-    "i love this film, it is fun and happy, we love it, they love it " * 6,  # long: truncated
+    "i love this film, it is fun and happy, we love it, they love it " * 10,  # long: truncated
     "a",
     "这家酒店的服务很好,房间也很干净。这家酒店的服务很好。",
 ]

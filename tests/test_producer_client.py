@@ -6,9 +6,11 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from contract.constants import TASK_ANALYZE
 from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout
@@ -25,7 +27,7 @@ def bsettings(redis_url: str, sqlite_url: str) -> Settings:
 
 
 @pytest.fixture
-def client(bsettings: Settings) -> Client:
+def client(bsettings: Settings) -> Iterator[Client]:
     with Client(bsettings) as c:
         yield c
 
@@ -222,7 +224,7 @@ def test_unreachable_broker_is_one_clear_error(sqlite_url: str) -> None:
 
 
 @pytest.fixture
-def rclient(store: ResultStore, redis_url: str, db_url: str) -> Client:
+def rclient(store: ResultStore, redis_url: str, db_url: str) -> Iterator[Client]:
     with Client(broker_settings(redis_url, db_url)) as c:
         yield c
 
@@ -299,8 +301,6 @@ def test_reading_before_any_worker_created_the_table(redis_url: str, tmp_path) -
     # The client only reads: it created no table.
     store = ResultStore.from_url(url)
     try:
-        import sqlalchemy as sa
-
         assert not sa.inspect(store.engine).has_table("bertstream_results")
     finally:
         store.close()

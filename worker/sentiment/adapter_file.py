@@ -44,13 +44,23 @@ class Adapter:
         return float(self.meta["lora"]["alpha"]) / float(self.meta["lora"]["rank"])
 
 
-def save_adapter(directory: Path, lora: dict[str, torch.Tensor], full: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_adapter(
+    directory: Path,
+    lora: dict[str, torch.Tensor],
+    full: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
     """Write the adapter atomically (each file via a temp file + rename), weights as fp16."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"lora.{k}": v.detach().to(torch.float16).contiguous() for k, v in lora.items()}
-    tensors.update({f"full.{k}": v.detach().to(torch.float16).contiguous() for k, v in full.items()})
+    tensors.update(
+        {f"full.{k}": v.detach().to(torch.float16).contiguous() for k, v in full.items()}
+    )
     _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(directory / META, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n"))
+    _atomic(
+        directory / META,
+        lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n"),
+    )
 
 
 def load_adapter(directory: Path) -> Adapter:
@@ -81,6 +91,7 @@ def _atomic(target: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are committed and shipped
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

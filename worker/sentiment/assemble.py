@@ -109,7 +109,9 @@ def build_model_dir(out: Path, adapter_dir: Path, revision: str, progress: bool 
     merge_into(state, adapter.lora, adapter.scale)
     for name, tensor in adapter.full.items():
         if name in state and state[name].shape != tensor.shape:
-            raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, model {tuple(state[name].shape)}")
+            raise ValueError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)}, model {tuple(state[name].shape)}"
+            )
         state[name] = tensor.float()
     bar.update(1)
     config = bert_config(src.header, src.vocab)
@@ -117,7 +119,11 @@ def build_model_dir(out: Path, adapter_dir: Path, revision: str, progress: bool 
     config.bertstream_name = MODEL_NAME
     config.bertstream_revision = revision
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     bar.update(1)
     fast_tokenizer(src.vocab, src.header.max_positions).save_pretrained(out)
     info = {
@@ -140,5 +146,3 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-

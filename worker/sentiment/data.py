@@ -111,7 +111,9 @@ def read_vader_sdist(sdist: Path, threshold: float = 0.5) -> Iterator[Example]:
     """
     try:
         with tarfile.open(sdist) as outer:
-            member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            member = next(
+                m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")
+            )
             inner_bytes = outer.extractfile(member).read()  # type: ignore[union-attr]
         with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
             files = {Path(m.name).name: m for m in inner.getmembers() if m.isfile()}

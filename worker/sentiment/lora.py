@@ -9,6 +9,7 @@ plain transformers model again: the runtime never needs this module's classes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,21 +27,30 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear, following the LoRA paper
+        # A gets nn.Linear's default init, B zeros: the LoRA paper's choice.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
 
-def inject(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dropout: float) -> list[str]:
-    """Replace every ``nn.Linear`` whose qualified name ends with one of ``targets``.
+def inject(
+    model: nn.Module,
+    targets: tuple[str, ...],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    include: Callable[[str], bool] = lambda name: True,
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose qualified name ends with one of ``targets``
+    (and passes ``include``) by a :class:`LoRALinear`.
 
     Returns the qualified names wrapped (the keys an adapter file will use).
     """
     wrapped: list[str] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.endswith(targets):
+        if isinstance(module, nn.Linear) and name.endswith(targets) and include(name):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LoRALinear(module, rank, alpha, dropout))

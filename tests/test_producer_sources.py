@@ -1,0 +1,115 @@
+"""Sources: JSONL and plain lines, auto-detection, bad lines refused alone (no services)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from contract.errors import InvalidInput
+from contract.settings import Settings
+from producer.sources import SourceRecord, default_line_limit, open_source, read_records
+
+
+def _read(data: bytes, **kwargs: object) -> list[SourceRecord]:
+    return list(read_records(io.BytesIO(data), **kwargs))  # type: ignore[arg-type]
+
+
+def test_jsonl_objects_keep_their_fields() -> None:
+    data = (
+        json.dumps({"text": "great", "id": "a1", "source": "s", "meta": {"k": 1}}) + "\n"
+        + json.dumps({"text": "meh"}) + "\n"
+    ).encode()
+    recs = _read(data)
+    assert recs == [
+        SourceRecord(1, {"text": "great", "id": "a1", "source": "s", "meta": {"k": 1}}),
+        SourceRecord(2, {"text": "meh"}),
+    ]
+
+
+def test_plain_lines_are_texts_and_blank_lines_are_skipped() -> None:
+    recs = _read(b"first line\r\n\n   \nsecond { not json\nlast without newline")
+    assert [(r.line, r.item) for r in recs] == [
+        (1, {"text": "first line"}),
+        (4, {"text": "second { not json"}),
+        (5, {"text": "last without newline"}),
+    ]
+
+
+def test_auto_detects_per_file_from_the_first_non_blank_line() -> None:
+    # A plain-text file whose later line starts with "{" stays plain text.
+    plain = _read(b"\nhello\n{not an object}\n")
+    assert [r.item for r in plain] == [{"text": "hello"}, {"text": "{not an object}"}]
+    # A JSONL file's plain line is a bad line, reported, not a text.
+    jsonl = _read(b'{"text": "a"}\nplain\n')
+    assert jsonl[0].item == {"text": "a"}
+    assert jsonl[1].item is None and "invalid JSON" in (jsonl[1].error or "")
+
+
+def test_explicit_format_wins_over_detection() -> None:
+    assert _read(b'{"text": "x"}\n', fmt="lines")[0].item == {"text": '{"text": "x"}'}
+    assert "invalid JSON" in (_read(b"plain\n", fmt="jsonl")[0].error or "")
+    with pytest.raises(InvalidInput, match="unknown source format"):
+        _read(b"x\n", fmt="csv")
+
+
+def test_bad_jsonl_lines_are_reported_with_line_numbers() -> None:
+    data = b"\n".join([
+        b'{"text": "ok 1"}',
+        b'{"text": "broken"',
+        b'["a", "list"]',
+        b'{"id": "no-text"}',
+        b'{"text": "caf\xe9 latin-1"}',
+        b'{"text": "ok 2"}',
+    ])
+    recs = _read(data)
+    assert [r.line for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert recs[0].item == {"text": "ok 1"} and recs[5].item == {"text": "ok 2"}
+    assert "invalid JSON" in (recs[1].error or "")
+    assert "expected a JSON object, got list" in (recs[2].error or "")
+    assert "missing 'text'" in (recs[3].error or "")
+    assert "not valid UTF-8" in (recs[4].error or "")
+
+
+def test_undecodable_plain_line_is_refused_alone() -> None:
+    recs = _read(b"good\nbad \xff\xfe bytes\nalso good\n", fmt="lines")
+    assert recs[0].item == {"text": "good"}
+    assert recs[1].item is None and "not valid UTF-8" in (recs[1].error or "")
+    assert recs[2].item == {"text": "also good"}
+
+
+def test_oversized_line_is_refused_and_the_next_line_survives() -> None:
+    data = b"short\n" + b"x" * 5000 + b"\nafter\n"
+    recs = _read(data, max_line_bytes=100)
+    assert recs[0].item == {"text": "short"}
+    assert recs[1].line == 2 and "over the limit of 100 bytes" in (recs[1].error or "")
+    assert recs[2] == SourceRecord(3, {"text": "after"})
+
+
+def test_bom_is_stripped_and_surrogate_escapes_reach_validation() -> None:
+    recs = _read(b'\xef\xbb\xbf{"text": "bom"}\n{"text": "\\ud800"}\n')
+    assert recs[0].item == {"text": "bom"}
+    # JSON allows a lone surrogate escape; the validator refuses it later.
+    assert recs[1].item == {"text": "\ud800"}
+
+
+def test_open_source_reads_files_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"from file\n")
+    with open_source(path) as fh:
+        assert [r.item for r in read_records(fh)] == [{"text": "from file"}]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
+    with open_source("-") as fh:
+        assert [r.item for r in read_records(fh)] == [{"text": "from stdin"}]
+    with pytest.raises(InvalidInput, match="cannot open"):
+        with open_source(tmp_path / "missing.txt"):
+            pass
+
+
+def test_default_line_limit_leaves_room_for_the_longest_valid_text() -> None:
+    settings = Settings(max_text_chars=100)
+    worst = json.dumps({"text": "\u0001" * 100, "id": "i" * 128, "source": "s" * 128})
+    assert len(worst.encode()) <= default_line_limit(settings)

@@ -1,0 +1,87 @@
+"""Measurements 3 and 4: bertstream end to end, and its ceiling with a null model.
+
+3. Producer (``Client.submit_many``) → Redis → ``python -m worker`` → commit,
+   with the worker warm and the producer publishing while it consumes:
+   texts/s from the first publish to the last row seen, and submit→row
+   latency percentiles from the rows themselves.
+4. The same worker with ``BERTSTREAM_MODEL=null``: what queueing, batching
+   and persisting cost per text. Messages are published first, then a worker
+   starts and drains them; the rate is taken from the rows (first flush
+   start to last row), so the producer's own speed is reported apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from contract.settings import Settings
+from producer.client import Client
+from worker.benchmark import figures
+from worker.benchmark.services import ResultsProbe, WorkerProc
+
+
+def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerProc,
+                       texts: Sequence[str], prefix: str, timeout: float) -> dict[str, Any]:
+    """Bulk submit ``texts`` to a running worker; wait for every row; give the figures."""
+    items = [{"id": f"{prefix}{i}", "text": t} for i, t in enumerate(texts)]
+    with Client(settings) as client:
+        t0 = time.monotonic()
+        report = client.submit_many(items)
+        publish_s = time.monotonic() - t0
+    if report.rejected:
+        raise RuntimeError(f"producer refused {report.rejected} benchmark texts: {report.errors[:3]}")
+    t_end = probe.wait_for(prefix, len(items), timeout=timeout, alive=worker.check_alive)
+    rows = probe.rows(prefix)
+    wall = t_end - t0
+    return {
+        "texts": len(items),
+        "messages": report.messages,
+        "tokens": figures.tokens(rows),
+        "seconds": wall,
+        "texts_per_s": figures.rate(len(items), wall),
+        "tokens_per_s": figures.rate(figures.tokens(rows), wall),
+        "drain_texts_per_s": figures.drain_rate(rows),
+        "publish_s": publish_s,
+        "failed": sum(1 for r in rows if r["status"] != "done"),
+        **figures.latency_ms(rows),
+    }
+
+
+def publish_single(settings: Settings, texts: Sequence[str], prefix: str) -> float:
+    """``Client.submit`` in a loop (one message per text); give the seconds it took."""
+    with Client(settings) as client:
+        t0 = time.monotonic()
+        for i, text in enumerate(texts):
+            client.submit(text, id=f"{prefix}{i}")
+        return time.monotonic() - t0
+
+
+def publish_bulk(settings: Settings, texts: Sequence[str], prefix: str) -> float:
+    """``Client.submit_many`` (chunks of ``bulk_chunk_size``); give the seconds it took."""
+    with Client(settings) as client:
+        t0 = time.monotonic()
+        client.submit_many([{"id": f"{prefix}{i}", "text": t} for i, t in enumerate(texts)])
+        return time.monotonic() - t0
+
+
+def measure_null(settings: Settings, probe: ResultsProbe,
+                 start_worker: Callable[[Settings], WorkerProc], texts: Sequence[str],
+                 prefix: str, *, bulk: bool, timeout: float) -> dict[str, Any]:
+    """Pre-publish ``texts`` (single or bulk messages), start a null worker, time its drain."""
+    publish = publish_bulk if bulk else publish_single
+    publish_s = publish(settings, texts, prefix)
+    worker = start_worker(settings)
+    try:
+        probe.wait_for(prefix, len(texts), timeout=timeout, alive=worker.check_alive)
+    finally:
+        worker.stop()
+    rows = probe.rows(prefix)
+    return {
+        "mode": "bulk" if bulk else "single",
+        "texts": len(texts),
+        "texts_per_s": figures.drain_rate(rows),
+        "publish_texts_per_s": figures.rate(len(texts), publish_s),
+        "flushes": len(figures.flush_durations_ms(rows)),
+    }
