@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.settings import Settings
@@ -22,6 +22,7 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     """
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
     lanes = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
+    exchange = Exchange(settings.queue, type="direct")
     conf: dict[str, Any] = {
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -30,7 +31,8 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_queues": [Queue(q, routing_key=q) for q in lanes],
+        "task_queues": [Queue(q, exchange, routing_key=q) for q in lanes],
+        "task_default_exchange": settings.queue,
         "task_default_queue": lanes[0],
         "task_routes": {TASK_ANALYZE: {"queue": lanes[0]}},
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
@@ -40,6 +42,9 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
+    if settings.broker_url.startswith("memory://"):
+        # The in-memory transport polls; its default 1 s would dominate latency.
+        conf["broker_transport_options"]["polling_interval"] = 0.01
     app.conf.update(conf)
     return app
 

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -60,17 +61,21 @@ def subprocess_worker(settings: Settings, echo: Echo, timeout: float = 300.0) ->
     for key, value in dataclasses.asdict(settings).items():
         env[ENV_PREFIX + key.upper()] = str(value)
     hostname = f"demo-{uuid.uuid4().hex[:6]}@localhost"
+    log_path = Path(settings.cache_dir) / "demo-worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", hostname,
-                             "--loglevel", "WARNING"], env=env)
+                             "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT)
     app = make_celery(settings)
     try:
         deadline = time.monotonic() + timeout
         while not app.control.ping(destination=[hostname], timeout=0.5):
             if proc.poll() is not None:
-                raise RuntimeError(f"the demo worker exited with code {proc.returncode}")
+                tail = log_path.read_text("utf-8", errors="replace")[-3000:]
+                raise RuntimeError(f"the demo worker exited with code {proc.returncode}:\n{tail}")
             if time.monotonic() > deadline:
                 raise TimeoutError("the demo worker did not start in time")
-        echo(f"worker {hostname} ready (pid {proc.pid})")
+        echo(f"worker {hostname} ready (pid {proc.pid}, log: {log_path})")
         yield
     finally:
         app.close()
@@ -81,6 +86,7 @@ def subprocess_worker(settings: Settings, echo: Echo, timeout: float = 300.0) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
 
 
 @contextmanager
@@ -92,7 +98,7 @@ def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
 
     wapp = build_worker_app(settings, build_runner(settings))
     with start_worker(wapp.app, pool="solo", perform_ping_check=False, queues=wapp.queues,
-                      loglevel="WARNING", shutdown_timeout=60):
+                      hostname="demo@localhost", loglevel="WARNING", shutdown_timeout=60):
         echo("in-process worker ready")
         yield
 
@@ -150,6 +156,7 @@ def print_summary(rows: list[ResultRecord], elapsed: float, echo: Echo) -> None:
              f"p99 {p99 * 1000:.0f} ms")
     echo("")
     echo("a few rows from the database:")
-    for r in rows[:: max(1, len(rows) // 6)][:6]:
+    # Spread the sample over the distinct texts (the demo repeats its samples).
+    for r in rows[: len(rows) // 3 or len(rows)][:: 17][:6]:
         text = (r.text or "")[:40]
         echo(f"  {r.id[:8]}  {r.label or r.status:<9} {r.score or 0:.3f}  {text}")

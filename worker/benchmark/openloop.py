@@ -1,6 +1,6 @@
 """Measurement 6: latency under load, with arrivals that do not wait for answers.
 
-A producer thread submits single texts (interactive lane) at Poisson
+The producer submits single texts (interactive lane) at Poisson
 arrival times for a fixed rate, whatever the worker's backlog: an open
 loop, so queueing shows up as latency instead of slowing the producer
 down. Latency is submit→row written, taken from the rows. The bound it is
@@ -12,7 +12,6 @@ started_at/finished_at).
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,10 +52,7 @@ def measure_load(settings: Settings, probe: ResultsProbe, worker: WorkerProc,
     """Run one open-loop load of ``rate`` texts/s for ``seconds``; give latency figures."""
     schedule = poisson_schedule(rate, seconds, seed)
     lag: list[float] = []
-    thread = threading.Thread(target=_produce, args=(settings, texts, schedule, prefix, lag),
-                              name="bench-openloop", daemon=True)
-    thread.start()
-    thread.join()
+    _produce(settings, texts, schedule, prefix, lag)
     probe.wait_for(prefix, len(schedule), timeout=120 + seconds, alive=worker.check_alive)
     rows = probe.rows(prefix)
     flush_ms = figures.flush_durations_ms(rows)

@@ -1,0 +1,129 @@
+"""The benchmark's output: one table on stdout and one JSON document."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "vs_bare": 0.90,
+    "vs_naive": 5.0,
+    "null_single": 2_000.0,
+    "null_bulk": 20_000.0,
+    "padding": 0.10,
+}
+
+
+def _num(value: Any, fmt: str = "{:,.1f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else ("  ok" if ok else "  MISS")
+
+
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """bertstream / bare and bertstream / naive, on texts/s and on tokens/s."""
+    stages = result["stages"]
+    out: dict[str, Any] = {}
+    bs = stages.get("pipeline")
+    for peer in ("bare", "naive"):
+        other = stages.get(peer)
+        if not bs or not other:
+            continue
+        out[f"vs_{peer}"] = bs["texts_per_s"] / other["texts_per_s"]
+        out[f"vs_{peer}_tokens"] = bs["tokens_per_s"] / other["tokens_per_s"]
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """The side-by-side table (markdown, readable on a terminal)."""
+    s, r = result["stages"], result.get("ratios", {})
+    lines = ["| measurement | figure | target |", "|---|---|---|"]
+
+    def row(name: str, figure: str, target: str = "") -> None:
+        lines.append(f"| {name} | {figure} | {target} |")
+
+    if "bare" in s:
+        b = s["bare"]
+        row("1. bare model (limit)", f"{_num(b['texts_per_s'])} texts/s, "
+            f"{_num(b['tokens_per_s'], '{:,.0f}')} tokens/s (budget {b['best_budget']})")
+    if "naive" in s:
+        n = s["naive"]
+        row("2. naive Celery task", f"{_num(n['texts_per_s'])} texts/s, "
+            f"{_num(n['tokens_per_s'], '{:,.0f}')} tokens/s")
+    if "pipeline" in s:
+        p = s["pipeline"]
+        row("3. bertstream end to end", f"{_num(p['texts_per_s'])} texts/s, "
+            f"{_num(p['tokens_per_s'], '{:,.0f}')} tokens/s; latency p50/p95/p99 "
+            f"{_num(p['p50_ms'], '{:,.0f}')}/{_num(p['p95_ms'], '{:,.0f}')}/"
+            f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)")
+    if "vs_bare" in r:
+        row("   bertstream / bare", f"{r['vs_bare']:.2f}x (tokens/s {r['vs_bare_tokens']:.2f}x)",
+            f">= 0.90x{_mark(r['vs_bare'] >= TARGETS['vs_bare'])}")
+    if "vs_naive" in r:
+        row("   bertstream / naive", f"{r['vs_naive']:.2f}x (tokens/s {r['vs_naive_tokens']:.2f}x)",
+            f">= 5x{_mark(r['vs_naive'] >= TARGETS['vs_naive'])}")
+    for mode in ("single", "bulk"):
+        key = f"null_{mode}"
+        if key in s:
+            z = s[key]
+            row(f"4. null pipeline, {mode} messages",
+                f"{_num(z['texts_per_s'], '{:,.0f}')} texts/s (producer alone "
+                f"{_num(z['publish_texts_per_s'], '{:,.0f}')}/s)",
+                f">= {TARGETS[key]:,.0f}/s{_mark(z['texts_per_s'] >= TARGETS[key])}")
+    if "padding" in s:
+        d = s["padding"]
+        row("5. padding waste, plan_batches", f"{100 * d['plan_waste']:.1f}% whole set, "
+            f"{100 * d['plan_waste_flush64']:.1f}% per 64-text flush, "
+            f"{100 * d['plan_waste_flush256']:.1f}% per 256-text flush",
+            f"<= 10%{_mark(d['plan_waste_flush256'] <= TARGETS['padding'])}")
+        row(f"   padding waste, FIFO x{d['fifo_size']}", f"{100 * d['fifo_waste']:.1f}%")
+    for load in s.get("openloop", {}).get("loads", []):
+        pct = round(100 * load["fraction"])
+        target = ""
+        if pct == 50:
+            target = f"p99 <= {_num(load['bound_ms'], '{:,.0f}')} ms{_mark(load['p99_within_bound'])}"
+        row(f"6. open loop {pct}% ({load['rate']:.1f}/s)",
+            f"p50 {_num(load['p50_ms'], '{:,.0f}')} ms, p99 {_num(load['p99_ms'], '{:,.0f}')} ms; "
+            f"flush {_num(load['flush_p50_ms'], '{:,.0f}')} ms x {load['mean_flush_size']:.1f} texts",
+            target)
+    return "\n".join(lines)
+
+
+def header(result: dict[str, Any]) -> str:
+    """Machine, model and command lines above the table."""
+    m = result["machine"]
+    lines = [
+        f"bertstream bench — {result['started_at']} — {result['seconds']:.0f} s",
+        f"machine: {m['cpus']} CPUs ({m['cpu_model']}), load avg at start {m['loadavg']}, "
+        f"device {result['device']}, torch {m['torch']} ({result['threads']} threads)",
+        f"model: {result['model']['name']} ({result['model']['kind']})",
+        f"command: {result['command']}",
+    ]
+    if result["model"].get("note"):
+        lines.append(f"note: {result['model']['note']}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write ``result`` to ``path`` (parents created; NaN as null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(result), indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,226 @@
+"""One benchmark run: every measurement, same model, same machine, one after another.
+
+Order: padding and the bare model in this process (the model loaded once),
+then bertstream's worker (end to end, then the open-loop loads), the naive
+peer's worker, and the null-model worker. Only one worker process runs at a
+time, so stages never share the CPU with each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import platform
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from contract.results import ResultStore
+from contract.settings import Settings
+from worker.benchmark import figures
+from worker.benchmark.bare import measure_bare
+from worker.benchmark.models import BenchModel, resolve_model
+from worker.benchmark.naive import publish_naive
+from worker.benchmark.openloop import measure_load
+from worker.benchmark.options import BenchOptions
+from worker.benchmark.padding import measure_padding
+from worker.benchmark.pipeline import measure_bertstream, measure_null
+from worker.benchmark.services import (
+    ResultsProbe,
+    WorkerProc,
+    bench_broker_url,
+    flush_redis,
+)
+from worker.benchmark.workload import social_texts
+
+#: Longest any one stage may wait for its rows.
+STAGE_TIMEOUT_S = 900.0
+
+
+class BenchRun:
+    """Holds the services of one run; :meth:`run` gives the result document."""
+
+    def __init__(self, settings: Settings, opts: BenchOptions, stack: ExitStack,
+                 workdir: Path, log: Any = print) -> None:
+        self.opts = opts
+        self.stack = stack
+        self.workdir = workdir
+        self.log = log
+        self.run_id = uuid.uuid4().hex[:8]
+        self.broker = bench_broker_url(settings.broker_url)
+        db = opts.database_url or f"sqlite:///{workdir / 'bench.db'}"
+        self.settings = settings.replace(
+            broker_url=self.broker, database_url=db, queue=f"bench-{self.run_id}",
+            device=opts.device, torch_threads=opts.threads)
+        self.stages: dict[str, Any] = {}
+        self.texts = social_texts(opts.texts, opts.seed)
+
+    # -- services -------------------------------------------------------
+
+    def _open_services(self) -> None:
+        flush_redis(self.broker)
+        self.stack.callback(flush_redis, self.broker)
+        self.store = ResultStore.from_url(self.settings.database_url)
+        self.store.create_schema()
+        self.stack.callback(self.store.close)
+        self.probe = ResultsProbe(self.store)
+        # On a shared database only this run's rows are removed.
+        self.stack.callback(self.probe.delete, f"bench-{self.run_id}-")
+
+    def start_worker(self, settings: Settings, module: str = "worker") -> WorkerProc:
+        """Start a worker subprocess, registered for stopping, and wait until it answers."""
+        name = module.rsplit(".", 1)[-1]
+        proc = WorkerProc(settings, module, self.workdir / f"{name}-{time.monotonic_ns()}.log")
+        self.stack.callback(proc.stop)
+        return proc.wait_ready()
+
+    def prefix(self, stage: str) -> str:
+        """Id prefix of one stage's rows."""
+        return f"bench-{self.run_id}-{stage}-"
+
+    # -- stages ---------------------------------------------------------
+
+    def run(self, model: BenchModel) -> dict[str, Any]:
+        """Run every stage not skipped; give the stage figures."""
+        self._open_services()
+        self.settings = self.settings.replace(model=str(model.path))
+        if self.opts.runs("padding") or self.opts.runs("bare"):
+            self._in_process()
+        if self.opts.runs("pipeline"):
+            self._pipeline()
+        if self.opts.runs("naive"):
+            self._naive()
+        if self.opts.runs("null"):
+            self._null()
+        return self.stages
+
+    def _in_process(self) -> None:
+        import torch
+
+        from worker.device import resolve_placement
+        from worker.runner import HFRunner
+
+        placement = resolve_placement(self.opts.device, self.settings.dtype)
+        if placement.device.type == "cpu":
+            torch.set_num_threads(self.opts.threads)
+        runner = HFRunner(Path(self.settings.model), placement, name="bench")
+        if self.opts.runs("padding"):
+            self.log("padding: tokenizing the social-media mix")
+            texts = social_texts(self.opts.padding_texts, self.opts.seed + 7)
+            lengths = [len(e.ids) for e in runner.encode(texts)]
+            self.stages["padding"] = measure_padding(
+                lengths, token_budget=self.settings.token_budget,
+                max_batch_size=self.settings.max_batch_size, fifo_size=self.opts.fifo_size)
+        if self.opts.runs("bare"):
+            self.log(f"bare: sweeping budgets {list(self.opts.budgets)}, then {len(self.texts)} texts")
+            bare = measure_bare(runner, self.texts, budgets=self.opts.budgets,
+                                sweep_texts=self.opts.sweep_texts)
+            self.stages["bare"] = bare
+            # The worker runs at the budget the bare model does best with.
+            self.settings = self.settings.replace(token_budget=bare["best_budget"])
+        del runner
+        gc.collect()
+
+    def _pipeline(self) -> None:
+        self.log(f"bertstream: starting a worker ({self.opts.threads} torch threads)")
+        worker = self.start_worker(self.settings)
+        self.log(f"bertstream: {len(self.texts)} texts end to end")
+        result = measure_bertstream(self.settings, self.probe, worker, self.texts,
+                                    self.prefix("pipeline"), STAGE_TIMEOUT_S)
+        self.stages["pipeline"] = result
+        if self.opts.runs("openloop"):
+            loads = []
+            for k, fraction in enumerate(self.opts.loads):
+                rate = fraction * result["texts_per_s"]
+                self.log(f"open loop: {100 * fraction:.0f}% = {rate:.1f} texts/s "
+                         f"for {self.opts.load_seconds:.0f} s")
+                load = measure_load(self.settings, self.probe, worker, self.texts,
+                                    self.prefix(f"load{k}"), rate=rate,
+                                    seconds=self.opts.load_seconds, seed=self.opts.seed + k)
+                loads.append({"fraction": fraction, **load})
+            self.stages["openloop"] = {"max_wait_ms": self.settings.max_wait_ms, "loads": loads}
+        worker.stop()
+
+    def _naive(self) -> None:
+        step = max(len(self.texts) // self.opts.naive_texts, 1)
+        texts = self.texts[::step][: self.opts.naive_texts]
+        self.log(f"naive: starting a worker; {len(texts)} texts one per message")
+        worker = self.start_worker(self.settings, "worker.benchmark.naive")
+        prefix = self.prefix("naive")
+        items = [{"id": f"{prefix}{i}", "text": t, "submitted_at": time.time()}
+                 for i, t in enumerate(texts)]
+        t0 = time.monotonic()
+        publish_naive(self.settings, items)
+        t_end = self.probe.wait_for(prefix, len(items), timeout=STAGE_TIMEOUT_S,
+                                    alive=worker.check_alive)
+        worker.stop()
+        rows = self.probe.rows(prefix)
+        wall = t_end - t0
+        self.stages["naive"] = {
+            "texts": len(items), "tokens": figures.tokens(rows), "seconds": wall,
+            "texts_per_s": figures.rate(len(items), wall),
+            "tokens_per_s": figures.rate(figures.tokens(rows), wall),
+            "drain_texts_per_s": figures.drain_rate(rows),
+        }
+
+    def _null(self) -> None:
+        null = self.settings.replace(model="null")
+        for bulk, count in ((False, self.opts.null_single), (True, self.opts.null_bulk)):
+            mode = "bulk" if bulk else "single"
+            self.log(f"null pipeline: {count} texts in {mode} messages")
+            texts = [self.texts[i % len(self.texts)] for i in range(count)]
+            self.stages[f"null_{mode}"] = measure_null(
+                null, self.probe, self.start_worker, texts, self.prefix(f"null-{mode}"),
+                bulk=bulk, timeout=STAGE_TIMEOUT_S)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPUs, CPU model, load average and library versions of this machine."""
+    import torch
+
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "gpu": gpu,
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run_bench(settings: Settings, opts: BenchOptions, *, command: str = "bertstream bench",
+              log: Any = print) -> dict[str, Any]:
+    """Run the benchmark; every process and key it creates is gone when this returns."""
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.monotonic()
+    machine = machine_info()
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bertstream-bench-")))
+        bench = BenchRun(settings, opts, stack, workdir, log)
+        model = resolve_model(opts.model, workdir, Path(settings.cache_dir))
+        log(f"model: {model.name} ({model.kind}) at {model.path}")
+        stages = bench.run(model)
+        final = bench.settings
+    return {
+        "started_at": started.isoformat(timespec="seconds"),
+        "seconds": time.monotonic() - t0,
+        "command": command,
+        "machine": machine,
+        "device": opts.device,
+        "threads": opts.threads,
+        "model": {"name": model.name, "kind": model.kind, "note": model.note},
+        "options": {k: (sorted(v) if isinstance(v, frozenset) else v)
+                    for k, v in vars(opts).items() if k != "notes"},
+        "settings": {k: v for k, v in final.public().items()
+                     if k in ("max_wait_ms", "token_budget", "max_batch_size", "flush_every",
+                              "bulk_chunk_size", "database_url", "broker_url", "torch_threads")},
+        "stages": stages,
+    }
