@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.settings import Settings
 
+
 def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     """A Celery app for ``settings``: JSON only, no result backend, late acks.
 

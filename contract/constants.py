@@ -14,6 +14,9 @@ LANE_BULK = "bulk"
 #: The results table (our own, not Celery's result backend: DESIGN.md).
 RESULTS_TABLE = "bertstream_results"
 
+#: Redis key prefix of the per-message delivery counters (dead-lettering).
+DELIVERY_KEY_PREFIX = "bertstream:deliveries:"
+
 #: The name the bundled model is referred to by in BERTSTREAM_MODEL.
 DEFAULT_MODEL = "default"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contract.broker import lane_queue, make_celery
-from contract.constants import STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
+from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
 from contract.messages import make_item
 from contract.results import ResultStore
 from contract.settings import Settings
@@ -37,11 +37,12 @@ def tiny_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
     return settings.replace(model=str(tiny_model_dir))
 
 
-def publish_raw(settings: Settings, args: list[Any]) -> None:
+def publish_raw(settings: Settings, args: list[Any], task_id: str | None = None) -> None:
     """Publish a message body as-is, bypassing the producer's validation."""
     app = make_celery(settings)
     try:
-        app.send_task(TASK_ANALYZE, args=args, queue=lane_queue(settings, bulk=True))
+        app.send_task(TASK_ANALYZE, args=args, queue=lane_queue(settings, bulk=True),
+                      task_id=task_id)
     finally:
         app.close()
 
@@ -224,3 +225,32 @@ def test_batched_equals_unbatched(
         truncated += rows[task_id].truncated
     assert truncated == 1  # the long text, and only it
     assert json.dumps(rows[report.ids[0]].to_json())  # JSON-ready
+
+
+def test_redelivered_messages_run_alone_then_dead_letter(
+    tiny_settings: Settings, worker_factory: Any
+) -> None:
+    """A message whose worker died before is retried alone; past max_attempts it is dead-lettered."""
+    import redis
+
+    s = tiny_settings.replace(max_attempts=3)
+    r = redis.Redis.from_url(s.broker_url)
+    # As if these messages had killed their worker once, and three times.
+    r.set(DELIVERY_KEY_PREFIX + "msg-once", 1)
+    r.set(DELIVERY_KEY_PREFIX + "msg-poison", 3)
+    r.close()
+    once = [make_item("the hotel is good", s).to_wire()]
+    poison = [make_item(f"crashes the worker {i}", s).to_wire() for i in range(2)]
+    worker_factory(s)
+    publish_raw(s, [once], task_id="msg-once")
+    publish_raw(s, [poison], task_id="msg-poison")
+    store = ResultStore.from_url(s.database_url)
+    try:
+        rows = wait_rows(store, [once[0]["id"]] + [p["id"] for p in poison])
+    finally:
+        store.close()
+    assert rows[once[0]["id"]].status == STATUS_DONE and rows[once[0]["id"]].attempts == 2
+    for p in poison:
+        row = rows[p["id"]]
+        assert row.status == STATUS_FAILED and row.attempts == 4
+        assert row.error and row.error.startswith("dead-lettered after 4 deliveries")

@@ -101,9 +101,10 @@ class FlushProcessor:
         self.worker_name = worker_name
         self.last = FlushStats()
 
-    def process(self, payloads: Sequence[tuple[str, Any]]) -> FlushStats:
+    def process(self, payloads: Sequence[tuple[str, Any]], attempt: int = 1) -> FlushStats:
         """Process ``(message_id, args)`` pairs; all their rows commit together.
 
+        ``attempt`` is the delivery count of these messages, stored on new rows.
         Raises :class:`StoreUnavailable` when the commit still fails after
         retries: nothing was written and nothing may be acked.
         """
@@ -133,6 +134,8 @@ class FlushProcessor:
                 batch_of[live[r]] = len(rows)
         stats.infer_s = time.perf_counter() - t0
         records = self._records(items, encoded, outcomes, batch_of, failures, started)
+        for rec in records:
+            rec.attempts = attempt
         stats.items = len(records)
         stats.failed = sum(1 for r in records if r.status == STATUS_FAILED)
         t1 = time.perf_counter()
@@ -140,6 +143,24 @@ class FlushProcessor:
         stats.persist_s = time.perf_counter() - t1
         self.last = stats
         return stats
+
+    def dead_letter(self, payloads: Sequence[tuple[str, Any]], reason: str, attempt: int) -> None:
+        """Store every item of ``payloads`` as ``failed`` with ``reason``, without the model.
+
+        For messages that were delivered too many times (their worker died
+        each time). Raises :class:`StoreUnavailable` like :meth:`process`.
+        """
+        started = utcnow()
+        failures: list[Failure] = []
+        for message_id, args in payloads:
+            parsed = parse_payload(args, message_id, self.settings)
+            failures.extend(parsed.failures)
+            failures.extend(Failure(it.id, reason, it.text, it.source, it.submitted_at)
+                            for it in parsed.items)
+        records = self._records([], [], {}, {}, failures, started)
+        for rec in records:
+            rec.attempts = attempt
+        self._commit(records)
 
     def _encode(self, items: list[TaskItem], failures: list[Failure]) -> list[Encoded | None]:
         """Hop 2b: tokenize; an item the tokenizer rejects fails alone."""

@@ -24,6 +24,7 @@ from celery_batches import Batches, SimpleRequest
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
 from contract.settings import Settings
+from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class AnalyzeTask(Batches):
     reject_on_worker_lost = True
     typing = False
     processor: FlushProcessor | None = None
+    deliveries: DeliveryCounter | None = None
+    max_attempts = 3
     flush_tokens = 32_768
     #: Seconds to pause before requeueing after a database outage.
     requeue_pause_s = 1.0
@@ -72,29 +75,59 @@ class AnalyzeTask(Batches):
         return on_message
 
     def flush(self, requests: Collection[Any]) -> None:
-        """Process the buffered requests now; ack what committed, requeue the rest."""
+        """Process the buffered requests now; ack what committed, requeue the rest.
+
+        First deliveries are processed together. A redelivered message (its
+        worker died mid-flush) is processed alone, and dead-lettered once it
+        has been delivered more than ``max_attempts`` times.
+        """
         self._buffered_tokens = 0
         reqs = list(requests)
         simple = [SimpleRequest.from_request(r) for r in reqs]
+        counts = (self.deliveries.incr([s.id for s in simple]) if self.deliveries is not None
+                  else [1] * len(reqs))
+        fresh = [(r, s) for r, s, n in zip(reqs, simple, counts, strict=True) if n == 1]
+        if fresh:
+            self._commit_group(fresh, attempt=1)
+        for r, s, n in zip(reqs, simple, counts, strict=True):
+            if n > 1:
+                self._commit_group([(r, s)], attempt=n)
+
+    def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> None:
+        payloads = [(s.id, s.args) for _, s in group]
+        ids = [s.id for _, s in group]
         try:
-            self._process([(s.id, s.args) for s in simple])
+            if attempt > self.max_attempts:
+                log.error("dead-lettering message %s after %d deliveries", ids[0], attempt)
+                self._processor().dead_letter(
+                    payloads, f"dead-lettered after {attempt} deliveries: the worker "
+                    "processing this task died each time", attempt)
+            else:
+                self._process(payloads, attempt)
         except StoreUnavailable as exc:
-            log.error("database unavailable, requeueing %d message(s): %s", len(reqs), exc)
+            log.error("database unavailable, requeueing %d message(s): %s", len(group), exc)
+            if self.deliveries is not None:
+                self.deliveries.forget(ids)  # an outage is not the message's fault
             time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
-            for r in reqs:
+            for r, _ in group:
                 r.reject(requeue=True)
             return
-        for r in reqs:
+        for r, _ in group:
             r.acknowledge()
+        if self.deliveries is not None:
+            self.deliveries.forget(ids)
 
     def run(self, requests: list[SimpleRequest]) -> None:  # type: ignore[override]
         """Eager path (``apply``): process without broker acks."""
         self._process([(r.id, r.args) for r in requests])
 
-    def _process(self, payloads: list[tuple[str, Any]]) -> None:
+    def _processor(self) -> FlushProcessor:
         if self.processor is None:
             raise RuntimeError("AnalyzeTask has no processor: build it with register_tasks()")
-        stats = self.processor.process(payloads)
+        return self.processor
+
+    def _process(self, payloads: list[tuple[str, Any]], attempt: int = 1) -> None:
+        stats = self._processor().process(payloads, attempt)
         log.info(
             "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, commit %.3fs",
             stats.messages, stats.items, stats.failed, stats.batches,
@@ -113,6 +146,8 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings) -
             "flush_every": settings.flush_every,
             "flush_interval": settings.max_wait_ms / 1000.0,
             "flush_tokens": settings.token_budget * 4,
+            "deliveries": DeliveryCounter(settings.broker_url),
+            "max_attempts": settings.max_attempts,
         },
     )
     task = app.register_task(task_cls())

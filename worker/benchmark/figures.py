@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,3 +51,19 @@ def tokens(rows: Sequence[dict[str, Any]]) -> int:
 def rate(count: float, seconds: float) -> float:
     """``count / seconds``, nan for a zero span."""
     return count / seconds if seconds > 0 else math.nan
+
+
+_FLUSH_LINE = re.compile(
+    r"flush: (\d+) msg, (\d+) items .*? pad ([\d.]+)%, infer ([\d.]+)s, commit ([\d.]+)s")
+
+
+def flush_log_totals(log_text: str) -> dict[str, float]:
+    """Sum the worker's ``flush:`` log lines: flushes, messages, items, infer and commit seconds."""
+    totals = {"flushes": 0.0, "messages": 0.0, "items": 0.0, "infer_s": 0.0, "commit_s": 0.0}
+    for m in _FLUSH_LINE.finditer(log_text):
+        totals["flushes"] += 1
+        totals["messages"] += int(m.group(1))
+        totals["items"] += int(m.group(2))
+        totals["infer_s"] += float(m.group(4))
+        totals["commit_s"] += float(m.group(5))
+    return totals

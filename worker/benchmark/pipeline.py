@@ -26,6 +26,7 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerPr
                        texts: Sequence[str], prefix: str, timeout: float) -> dict[str, Any]:
     """Bulk submit ``texts`` to a running worker; wait for every row; give the figures."""
     items = [{"id": f"{prefix}{i}", "text": t} for i, t in enumerate(texts)]
+    mark = worker.log_size()
     with Client(settings) as client:
         t0 = time.monotonic()
         report = client.submit_many(items)
@@ -46,6 +47,7 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerPr
         "publish_s": publish_s,
         "failed": sum(1 for r in rows if r["status"] != "done"),
         **figures.latency_ms(rows),
+        "worker": figures.flush_log_totals(worker.log_since(mark)),
     }
 
 
@@ -75,6 +77,7 @@ def measure_null(settings: Settings, probe: ResultsProbe,
     worker = start_worker(settings)
     try:
         probe.wait_for(prefix, len(texts), timeout=timeout, alive=worker.check_alive)
+        totals = figures.flush_log_totals(worker.log_since(0))
     finally:
         worker.stop()
     rows = probe.rows(prefix)
@@ -84,4 +87,5 @@ def measure_null(settings: Settings, probe: ResultsProbe,
         "texts_per_s": figures.drain_rate(rows),
         "publish_texts_per_s": figures.rate(len(texts), publish_s),
         "flushes": len(figures.flush_durations_ms(rows)),
+        "worker": totals,
     }

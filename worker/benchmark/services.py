@@ -150,6 +150,18 @@ class WorkerProc:
         finally:
             app.close()
 
+    def log_size(self) -> int:
+        """Bytes of output so far (mark a stage's start for :meth:`log_since`)."""
+        self._log.flush()
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """The worker's output after byte ``offset``."""
+        self._log.flush()
+        with open(self.log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+
     def tail(self) -> str:
         """The last lines of the worker's output."""
         self._log.flush()
