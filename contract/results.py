@@ -283,17 +283,24 @@ class ResultStore:
             .group_by(column)
             .order_by(sa.func.count().desc())
         )
-        with self.engine.connect() as conn:
-            return [
-                {by: r.key, "count": int(r.count),
-                 "mean_score": None if r.mean_score is None else float(r.mean_score)}
-                for r in conn.execute(query)
-            ]
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).mappings().all()
+        except OperationalError as exc:
+            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        return [
+            {by: r["key"], "count": int(r["count"]),
+             "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
+            for r in rows
+        ]
 
     def count(self) -> int:
         """Number of rows stored."""
-        with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one())
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one())
+        except OperationalError as exc:
+            raise StoreUnavailable(f"cannot read results: {exc}") from exc
 
 
 def _filters(

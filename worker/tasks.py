@@ -117,7 +117,7 @@ class AnalyzeTask(Batches):
         if self.deliveries is not None:
             self.deliveries.forget(ids)
 
-    def run(self, requests: list[SimpleRequest]) -> None:  # type: ignore[override]
+    def run(self, requests: list[SimpleRequest]) -> None:
         """Eager path (``apply``): process without broker acks."""
         self._process([(r.id, r.args) for r in requests])
 
@@ -151,4 +151,4 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings) -
         },
     )
     task = app.register_task(task_cls())
-    return task  # type: ignore[return-value]
+    return task
