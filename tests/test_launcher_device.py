@@ -1,0 +1,46 @@
+"""Device placement and the one-process-per-GPU launcher (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contract.errors import ConfigError
+from contract.settings import Settings
+from worker.device import resolve_placement
+from worker.launcher import child_commands, parse_gpus
+
+
+def test_cpu_placement_is_fp32() -> None:
+    p = resolve_placement("cpu", "auto")
+    assert p.device.type == "cpu" and p.dtype == torch.float32 and not p.is_cuda
+    assert "threads" in p.describe()
+
+
+def test_cpu_refuses_fp16_and_missing_cuda() -> None:
+    with pytest.raises(ConfigError):
+        resolve_placement("cpu", "float16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_placement("cuda:0", "auto")
+
+
+def test_parse_gpus() -> None:
+    assert parse_gpus("0, 1,3") == ["0", "1", "3"]
+    for bad in ("", "a", "0,,x"):
+        with pytest.raises(ValueError):
+            parse_gpus(bad)
+
+
+def test_each_child_sees_one_gpu_and_the_parent_settings() -> None:
+    s = Settings(broker_url="redis://h:6379/2", database_url="postgresql+psycopg://u@db/x",
+                 max_wait_ms=7)
+    children = child_commands(["0", "2"], s)
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in children] == ["0", "2"]
+    for cmd, env in children:
+        assert cmd[1:4] == ["-m", "worker", "--device"] and cmd[4] == "cuda:0"
+        assert env["BERTSTREAM_BROKER_URL"] == "redis://h:6379/2"
+        assert env["BERTSTREAM_MAX_WAIT_MS"] == "7"
+        # The child rebuilds exactly the parent's settings from its environment.
+        assert Settings.from_env(env) == s
+    assert children[0][0][6] != children[1][0][6]  # distinct Celery hostnames
