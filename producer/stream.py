@@ -5,16 +5,20 @@ publishes the good ones in bulk chunks and, before every chunk, waits while
 Redis already holds more than ``max_queue_length`` messages, so a fast
 reader cannot flood Redis memory while workers lag behind.
 
-Items are buffered until a chunk is full (or the source ends): a slow
-source such as an interactive stdin sends its last partial chunk at EOF.
+Items are buffered until a chunk is full, the source ends, or the source
+has been quiet for ``linger_s`` (a slow source such as a tail -f pipe still
+gets its texts analysed within a fraction of a second).
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from tqdm import tqdm
 
@@ -25,6 +29,42 @@ from producer.sources import SourceRecord
 
 #: First pause while the queue is full, in seconds; doubles up to the cap.
 BACKPRESSURE_START_S = 0.02
+
+#: Default quiet time after which a partial chunk is sent, in seconds.
+LINGER_S = 0.25
+
+_TICK = object()
+_END = object()
+
+
+def with_ticks(records: Iterable[SourceRecord], linger_s: float) -> Iterator[object]:
+    """``records``, plus a tick object whenever none arrived for ``linger_s``.
+
+    The source is read in a daemon thread (a blocking read of a quiet pipe
+    must not hold back the chunk already buffered); its exceptions re-raise here.
+    """
+    pipe: queue.Queue[object] = queue.Queue(maxsize=4096)
+
+    def pump() -> None:
+        try:
+            for record in records:
+                pipe.put(record)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            pipe.put(exc)
+        pipe.put(_END)
+
+    threading.Thread(target=pump, name="bertstream-source", daemon=True).start()
+    while True:
+        try:
+            got = pipe.get(timeout=linger_s)
+        except queue.Empty:
+            yield _TICK
+            continue
+        if got is _END:
+            return
+        if isinstance(got, BaseException):
+            raise got
+        yield got
 
 
 @dataclass
@@ -100,12 +140,15 @@ def stream(
     max_errors: int = 1000,
     max_backoff_s: float = 1.0,
     on_wait: Callable[[int], None] | None = None,
+    linger_s: float | None = LINGER_S,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
     ``max_queue_length`` defaults to ``settings.max_queue_length`` (messages,
     both lanes); ``source`` tags records without their own; the progress
     bar (tqdm, stderr) counts texts and shows the rate and rejections.
+    ``linger_s``: send a partial chunk once the source has been quiet this
+    long (None: only full chunks and the last one at the end).
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
     Redis goes away (chunks already published stay queued).
@@ -135,8 +178,12 @@ def stream(
         with client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send
         ) as publisher:
-            for record in records:
-                checked = _check(validator, record)
+            feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger_s)
+            for record in feed:
+                if record is _TICK:
+                    publisher.flush()
+                    continue
+                checked = _check(validator, cast(SourceRecord, record))
                 if isinstance(checked, ItemError):
                     report.rejected += 1
                     if len(report.errors) < max_errors:

@@ -127,3 +127,33 @@ def test_backpressure_does_not_wait_under_the_bound(client: Client) -> None:
     pressure = Backpressure(client, 0, on_wait=calls.append)
     assert pressure.wait_for_room() == 0.0
     assert calls == []
+
+
+def test_a_quiet_source_still_sends_its_partial_chunk(
+    client: Client, bsettings: Settings, redis_url: str
+) -> None:
+    """Like `tail -f | bertstream stream -`: texts go out once the source is quiet."""
+    release = threading.Event()
+    lines = [json.dumps({"text": f"live {i}"}).encode() for i in range(3)]
+
+    def slow_source() -> Iterator:
+        yield from _records(lines)
+        release.wait(timeout=30)  # the pipe stays open, nothing more arrives yet
+
+    result: list[StreamReport] = []
+    runner = threading.Thread(target=lambda: result.append(
+        stream(client, slow_source(), progress=False, chunk_size=100, linger_s=0.05)))
+    runner.start()
+    try:
+        r = redis.Redis.from_url(redis_url)
+        for _ in range(200):  # up to ~10 s, polling the real queue
+            if r.llen(f"{bsettings.queue}.bulk") >= 1:
+                break
+            release.wait(0.05)
+        r.close()
+        messages = lane_messages(redis_url, f"{bsettings.queue}.bulk")
+        assert [len(m["items"]) for m in messages] == [3]
+    finally:
+        release.set()
+        runner.join(timeout=30)
+    assert result and result[0].accepted == 3 and result[0].messages == 1

@@ -151,6 +151,12 @@ class BenchRun:
         self.log(f"naive: starting a worker; {len(texts)} texts one per message")
         worker = self.start_worker(self.settings, "worker.benchmark.naive")
         prefix = self.prefix("naive")
+        warm = [{"id": f"{prefix}warm-{i}", "text": t, "submitted_at": time.time()}
+                for i, t in enumerate(texts[:4])]
+        publish_naive(self.settings, warm)
+        self.probe.wait_for(f"{prefix}warm-", len(warm), timeout=STAGE_TIMEOUT_S,
+                            alive=worker.check_alive)
+        prefix = f"{prefix}run-"
         items = [{"id": f"{prefix}{i}", "text": t, "submitted_at": time.time()}
                  for i, t in enumerate(texts)]
         t0 = time.monotonic()
