@@ -14,6 +14,9 @@ import signal
 import sys
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from contract.errors import BertstreamError
 from contract.settings import Settings
 
 
@@ -40,6 +43,11 @@ def main(settings: Settings, **options: Any) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; every worker it started was stopped", file=sys.stderr)
         return 130
+    # A stage that cannot run (service down, worker crashed, rows never came)
+    # ends the run with its reason; the workers are already stopped.
+    except (BertstreamError, RedisError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"bench: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     result["ratios"] = ratios(result)

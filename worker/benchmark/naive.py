@@ -34,10 +34,14 @@ def build_naive_app(settings: Settings) -> Celery:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if settings.torch_threads:
+    from worker.device import resolve_placement
+
+    placement = resolve_placement(settings.device, settings.dtype)
+    if settings.torch_threads and not placement.is_cuda:
         torch.set_num_threads(settings.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
-    model = AutoModelForSequenceClassification.from_pretrained(settings.model).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        settings.model, dtype=placement.dtype).to(placement.device).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     store = ResultStore.from_url(settings.database_url)
     store.create_schema()
@@ -49,9 +53,9 @@ def build_naive_app(settings: Settings) -> Celery:
     @app.task(name=NAIVE_TASK, acks_late=True)
     def analyze(item: dict[str, Any]) -> None:
         started = utcnow()
-        enc = tokenizer(item["text"], truncation=True, return_tensors="pt")
+        enc = tokenizer(item["text"], truncation=True, return_tensors="pt").to(placement.device)
         with torch.inference_mode():
-            probs = torch.softmax(model(**enc).logits, dim=-1)[0].tolist()
+            probs = torch.softmax(model(**enc).logits.float(), dim=-1)[0].tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         with store.engine.begin() as conn:
             conn.execute(results.insert().values(

@@ -82,6 +82,9 @@ def table(result: dict[str, Any]) -> str:
             f"{100 * d['plan_waste_flush64']:.1f}% per 64-text flush, "
             f"{100 * d['plan_waste_flush256']:.1f}% per 256-text flush",
             f"<= 10%{_mark(d['plan_waste_flush256'] <= TARGETS['padding'])}")
+        row("   padding waste, proposed cap 10%", f"{100 * d['capped_waste']:.1f}% whole set, "
+            f"{100 * d['capped_waste_flush64']:.1f}% / {100 * d['capped_waste_flush256']:.1f}% "
+            f"per 64/256-text flush ({d['capped_batches']} batches vs {d['plan_batches']})")
         row(f"   padding waste, FIFO x{d['fifo_size']}", f"{100 * d['fifo_waste']:.1f}%")
     for load in s.get("openloop", {}).get("loads", []):
         pct = round(100 * load["fraction"])

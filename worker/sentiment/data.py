@@ -29,6 +29,8 @@ import hashlib
 import importlib.util
 import io
 import re
+import subprocess
+import sys
 import tarfile
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -131,6 +133,27 @@ def read_vader_sdist(sdist: Path, threshold: float = 0.5) -> Iterator[Example]:
                 continue
             if abs(rating) >= threshold and parts[2].strip():
                 yield Example(parts[2].strip(), int(rating > 0), "en", source)
+
+
+def download_vader_sdist(dest: Path) -> Path:
+    """Fetch vaderSentiment 3.3.2's sdist into ``dest`` with pip (the wheel lacks the data).
+
+    Gives the tarball's path; reuses one already there. Needs access to PyPI.
+    """
+    target = dest / "vaderSentiment-3.3.2.tar.gz"
+    if target.is_file():
+        return target
+    cmd = [sys.executable, "-m", "pip", "download", "vadersentiment==3.3.2"]
+    cmd += ["--no-deps", "--no-binary", ":all:", "-d", str(dest)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        raise DataSourceError(
+            f"pip download of vadersentiment failed: {exc.stderr[-500:]}"
+        ) from exc
+    if not target.is_file():
+        raise DataSourceError(f"pip download did not produce {target}")
+    return target
 
 
 def normalise(text: str) -> str:

@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmark machinery: structure and positive figures, never timings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from contract.settings import Settings
+from worker.app import build_runner
+from worker.benchmark import figures
+from worker.benchmark.bare import measure_bare
+from worker.benchmark.options import BenchOptions
+from worker.benchmark.padding import measure_padding
+from worker.benchmark.report import ratios, table, write_json
+from worker.benchmark.workload import social_lengths, social_texts
+
+
+def test_workload_is_deterministic_mixed_and_long_tailed() -> None:
+    texts = social_texts(500, seed=3)
+    assert texts == social_texts(500, seed=3) and texts != social_texts(500, seed=4)
+    zh = sum(1 for t in texts if "\u4e00" <= t[0] <= "\u9fff")
+    assert 100 < zh < 300  # ~40% Chinese
+    lengths = social_lengths(2000)
+    assert figures.percentile(lengths, 50) < 25 and max(lengths) > 250
+
+
+def test_options_quick_and_skip() -> None:
+    quick = BenchOptions.build(quick=True, skip=("naive,null", "padding"))
+    assert quick.texts == 200 and quick.skip == {"naive", "null", "padding"}
+    assert not quick.runs("naive") and quick.runs("bare")
+    with pytest.raises(ValueError, match="unknown stage"):
+        BenchOptions.build(skip=("nope",))
+
+
+def test_figures_from_rows() -> None:
+    rows = [{"submitted_at": 0.0, "started_at": 1.0, "finished_at": 1.5, "tokens": 10},
+            {"submitted_at": 0.5, "started_at": 1.0, "finished_at": 1.5, "tokens": 20},
+            {"submitted_at": 1.0, "started_at": 2.0, "finished_at": 3.0, "tokens": 5}]
+    lat = figures.latency_ms(rows)
+    assert lat["p50_ms"] == pytest.approx(1500.0) and lat["max_ms"] == pytest.approx(2000.0)
+    assert figures.drain_rate(rows) == pytest.approx(3 / 2.0)
+    assert sorted(figures.flush_durations_ms(rows)) == pytest.approx([500.0, 1000.0])
+    assert figures.tokens(rows) == 35 and math.isnan(figures.percentile([], 50))
+    log = ("x flush: 2 msg, 300 items (0 failed), 3 batches, pad 4.0%, infer 0.250s, commit 0.010s\n"
+           "y flush: 1 msg, 5 items (1 failed), 1 batches, pad 0.0%, infer 0.050s, commit 0.002s\n")
+    assert figures.flush_log_totals(log) == pytest.approx(
+        {"flushes": 2, "messages": 3, "items": 305, "infer_s": 0.3, "commit_s": 0.012})
+
+
+def test_padding_plan_beats_fifo(tiny_model_dir: Path) -> None:
+    runner = build_runner(Settings(model=str(tiny_model_dir), device="cpu"))
+    lengths = [len(e.ids) for e in runner.encode(social_texts(600))]
+    pad = measure_padding(lengths, token_budget=4096, max_batch_size=256, fifo_size=32)
+    assert 0 <= pad["plan_waste"] < pad["fifo_waste"]
+    assert pad["plan_waste_flush64"] >= 0 and pad["real_tokens"] == sum(lengths)
+
+
+def test_bare_and_report(tiny_model_dir: Path, tmp_path: Path) -> None:
+    runner = build_runner(Settings(model=str(tiny_model_dir), device="cpu"))
+    bare = measure_bare(runner, social_texts(40), budgets=(512, 2048), sweep_texts=20)
+    assert [s["token_budget"] for s in bare["sweep"]] == [512, 2048]
+    assert bare["best_budget"] in (512, 2048) and bare["texts"] == 40
+    assert bare["texts_per_s"] > 0 and bare["tokens_per_s"] > 0 and bare["mean_batch_ms"] > 0
+    pipeline = {"texts": 40, "texts_per_s": bare["texts_per_s"] / 2,
+                "tokens_per_s": bare["tokens_per_s"] / 2, "p50_ms": 1.0, "p95_ms": 2.0,
+                "p99_ms": float("nan")}
+    result = {"stages": {"bare": bare, "pipeline": pipeline}}
+    result["ratios"] = ratios(result)
+    assert result["ratios"]["vs_bare"] == pytest.approx(0.5)
+    assert "bertstream / bare" in table(result) and "MISS" in table(result)
+    out = tmp_path / "r" / "latest.json"
+    write_json(result, out)
+    assert json.loads(out.read_text())["stages"]["pipeline"]["p99_ms"] is None
+
+
+@pytest.mark.slow
+def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
+    """Every stage on real Redis, a temp SQLite and real worker processes, tiny sizes."""
+    from worker.benchmark.run import run_bench
+
+    settings = Settings(broker_url=redis_url, cache_dir=str(tmp_path / "cache"))
+    opts = dataclasses.replace(
+        BenchOptions.build(quick=True, model="tiny", texts=40, threads=1,
+                           out=str(tmp_path / "out.json")),
+        sweep_texts=20, naive_texts=10, null_single=100, null_bulk=600, load_seconds=1.0,
+        padding_texts=200,
+    )
+    result = run_bench(settings, opts, log=lambda _msg: None)
+    stages = result["stages"]
+    assert set(stages) == {"padding", "bare", "pipeline", "openloop", "naive",
+                           "null_single", "null_bulk"}
+    for name in ("bare", "pipeline", "naive", "null_single", "null_bulk"):
+        assert stages[name]["texts_per_s"] > 0, name
+    assert stages["pipeline"]["failed"] == 0 and stages["pipeline"]["p99_ms"] > 0
+    assert [load["fraction"] for load in stages["openloop"]["loads"]] == [0.25, 0.5, 0.75]
+    assert all(load["bound_ms"] > 0 for load in stages["openloop"]["loads"])
