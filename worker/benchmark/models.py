@@ -10,9 +10,7 @@ cost, only the labels are meaningless. ``tiny`` is a 4-layer random BERT
 
 from __future__ import annotations
 
-import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +19,6 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 _READY = ".complete"
 DEFAULT = "default"
-
-_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_WORDS = (
-    "the a an is was very good bad great terrible hotel room service clean dirty movie "
-    "film love hate not and but it this that i you we they fun boring happy sad lol omg "
-    "today phone app update battery food coffee train late again best worst ever so just"
-).split()
-# Common CJK ideographs so Chinese text is not all [UNK] (as tests/tinybert.py).
-_CJK = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)]
-
 
 @dataclass(frozen=True)
 class BenchModel:
@@ -93,32 +81,8 @@ def write_e5_twin(path: Path) -> Path:
     return path
 
 
-def write_tiny_bert(
-    path: Path, *, layers: int = 4, hidden: int = 256, heads: int = 4,
-    max_positions: int = 512, seed: int = 0,
-) -> Path:
-    """Write a random BertForSequenceClassification + WordPiece tokenizer to ``path``.
+def write_tiny_bert(path: Path, *, seed: int = 0) -> Path:
+    """The benchmark's tiny model: 4 layers, hidden 256, 512 positions, 2000 CJK ideographs."""
+    from worker.tinybert import write_tiny_bert as write
 
-    A copy of tests/tinybert.py (tests/ is not installed) at benchmark size.
-    """
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = list(dict.fromkeys(_SPECIAL + list(string.ascii_lowercase) + list(string.digits)
-                               + list(string.punctuation) + _WORDS + _CJK + ["，", "。", "！"]))
-    tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)},
-                                  do_lower_case=True, model_max_length=max_positions)
-    tokenizer.save_pretrained(str(path))
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=hidden * 4,
-        max_position_embeddings=max_positions,
-        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-    )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    torch.nn.init.normal_(model.classifier.weight, std=2.0)
-    model.save_pretrained(str(path))
-    (path / "bertstream_bench_model.json").write_text(json.dumps({"seed": seed}), encoding="utf-8")
-    return path
+    return write(path, layers=4, hidden=256, heads=4, max_positions=512, seed=seed, cjk=2000)

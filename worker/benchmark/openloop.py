@@ -25,7 +25,8 @@ from worker.benchmark.services import ResultsProbe, WorkerProc
 def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:
     """Arrival offsets (seconds from start) of a Poisson process of ``rate`` per second."""
     rng = random.Random(seed)
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:

@@ -57,7 +57,7 @@ def bert_config(header: Header, vocab: UnigramVocab) -> BertConfig:
         pad_token_id=vocab.pad,
         bos_token_id=vocab.bos,
         eos_token_id=vocab.eos,
-        num_labels=len(ID2LABEL),
+        num_labels=len(ID2LABEL),  # type: ignore[call-arg]
         id2label=dict(ID2LABEL),
         label2id=dict(LABEL2ID),
     )

