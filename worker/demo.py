@@ -8,13 +8,8 @@ summary and a few rows, and stops everything it started.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -26,11 +21,10 @@ from typing import Any
 
 import redis
 
-from contract.broker import make_celery
-from contract.constants import ENV_PREFIX
 from contract.results import ResultRecord
 from contract.settings import Settings, mask_url
 from producer.client import Client
+from worker.process import WorkerProc
 
 Echo = Callable[[str], None]
 
@@ -57,36 +51,18 @@ def redis_reachable(url: str) -> bool:
 @contextmanager
 def subprocess_worker(settings: Settings, echo: Echo, timeout: float = 300.0) -> Iterator[None]:
     """A ``python -m worker`` child on ``settings``; stopped (SIGTERM, then KILL) on exit."""
-    env = dict(os.environ)
-    for key, value in dataclasses.asdict(settings).items():
-        env[ENV_PREFIX + key.upper()] = str(value)
-    hostname = f"demo-{uuid.uuid4().hex[:6]}@localhost"
     log_path = Path(settings.cache_dir) / "demo-worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", hostname,
-                             "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    app = make_celery(settings)
+    proc = WorkerProc(settings, log_path, args=("--loglevel", "WARNING"), name="demo",
+                      truncate_log=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not app.control.ping(destination=[hostname], timeout=0.5):
-            if proc.poll() is not None:
-                tail = log_path.read_text("utf-8", errors="replace")[-3000:]
-                raise RuntimeError(f"the demo worker exited with code {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the demo worker did not start in time")
-        echo(f"worker {hostname} ready (pid {proc.pid}, log: {log_path})")
+        try:
+            proc.wait_ready(timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the demo {exc}") from None
+        echo(f"worker {proc.hostname} ready (pid {proc.pid}, log: {log_path})")
         yield
     finally:
-        app.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        proc.stop(timeout=30)
 
 
 @contextmanager

@@ -74,7 +74,8 @@ class BenchRun:
     def start_worker(self, settings: Settings, module: str = "worker") -> WorkerProc:
         """Start a worker subprocess, registered for stopping, and wait until it answers."""
         name = module.rsplit(".", 1)[-1]
-        proc = WorkerProc(settings, module, self.workdir / f"{name}-{time.monotonic_ns()}.log")
+        proc = WorkerProc(settings, self.workdir / f"{name}-{time.monotonic_ns()}.log",
+                          module=module, name="bench")
         self.stack.callback(proc.stop)
         return proc.wait_ready()
 

@@ -8,23 +8,16 @@ after a sleep.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import redis
 import sqlalchemy as sa
 
-from contract.broker import make_celery
-from contract.constants import ENV_PREFIX
 from contract.results import ResultStore, results
-from contract.settings import Settings
+from worker.process import WorkerProc
+
+__all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerProc", "bench_broker_url", "flush_redis"]
 
 #: The Redis database the benchmark uses and flushes (apart from 0 and the tests' 9).
 BENCH_REDIS_DB = 8
@@ -108,79 +101,3 @@ def flush_redis(url: str) -> None:
         client.flushdb()
     finally:
         client.close()
-
-
-class WorkerProc:
-    """A worker subprocess (``python -m <module>``) configured by ``settings``.
-
-    ``module`` is ``worker`` for bertstream or the naive peer's module.
-    Output goes to ``log_path``. :meth:`stop` is idempotent.
-    """
-
-    def __init__(self, settings: Settings, module: str, log_path: Path,
-                 args: tuple[str, ...] = ()) -> None:
-        self.settings = settings
-        self.hostname = f"bench-{uuid.uuid4().hex[:6]}@localhost"
-        self.log_path = log_path
-        env = dict(os.environ)
-        for key, value in dataclasses.asdict(settings).items():
-            env[ENV_PREFIX + key.upper()] = str(value)
-        env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--hostname", self.hostname, *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    def check_alive(self) -> None:
-        """Raise when the process has exited."""
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-
-    def wait_ready(self, timeout: float = 180.0) -> WorkerProc:
-        """Block until the worker answers a control ping (model loaded, consuming)."""
-        app = make_celery(self.settings)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                self.check_alive()
-                if app.control.ping(destination=[self.hostname], timeout=0.5):
-                    return self
-            raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{self.tail()}")
-        finally:
-            app.close()
-
-    def log_size(self) -> int:
-        """Bytes of output so far (mark a stage's start for :meth:`log_since`)."""
-        self._log.flush()
-        return self.log_path.stat().st_size
-
-    def log_since(self, offset: int) -> str:
-        """The worker's output after byte ``offset``."""
-        self._log.flush()
-        with open(self.log_path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read().decode("utf-8", errors="replace")
-
-    def tail(self) -> str:
-        """The last lines of the worker's output."""
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (warm shutdown), SIGKILL after ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if not self._log.closed:
-            self._log.close()
-
-    def __enter__(self) -> WorkerProc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -1,0 +1,125 @@
+"""A worker in a child process: start, wait until it answers, stop or kill -9.
+
+One implementation for everything that runs ``python -m worker`` (or another
+worker module) as a subprocess: the demo, the benchmark and the tests. The
+child gets its settings through ``BERTSTREAM_*`` variables, exactly as an
+operator's worker would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from contract.broker import make_celery
+from contract.constants import ENV_PREFIX
+from contract.settings import Settings
+
+
+def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) plus ``settings`` as BERTSTREAM_* vars."""
+    env = dict(os.environ if base is None else base)
+    for key, value in dataclasses.asdict(settings).items():
+        env[ENV_PREFIX + key.upper()] = str(value)
+    return env
+
+
+class WorkerProc:
+    """A ``python -m <module>`` child configured by ``settings``; output to ``log_path``.
+
+    ``module`` is ``worker`` for bertstream (or the benchmark's naive peer).
+    :meth:`stop` and :meth:`kill` are idempotent; the object is a context manager.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path, *, module: str = "worker",
+                 args: tuple[str, ...] = (), name: str = "worker", truncate_log: bool = False,
+                 ) -> None:
+        self.settings = settings
+        self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = settings_env(settings)
+        env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        self._log = open(self.log_path, "wb" if truncate_log else "ab")  # noqa: SIM115 - stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--hostname", self.hostname, *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError (with the log's tail) when the process has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with code {self.proc.returncode}:\n{self.tail()}")
+
+    def wait_ready(self, timeout: float = 180.0) -> WorkerProc:
+        """Block until the worker answers a control ping (model loaded, consuming)."""
+        app = make_celery(self.settings)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                if app.control.ping(destination=[self.hostname], timeout=0.5):
+                    return self
+            raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{self.tail()}")
+        finally:
+            app.close()
+
+    def log_size(self) -> int:
+        """Bytes of output so far (mark a stage's start for :meth:`log_since`)."""
+        self._flush()
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """The worker's output after byte ``offset``."""
+        self._flush()
+        with open(self.log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+
+    def tail(self, chars: int = 6000) -> str:
+        """The last ``chars`` characters of the worker's output."""
+        self._flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def _flush(self) -> None:
+        if not self._log.closed:
+            self._log.flush()
+
+    def kill(self) -> None:
+        """SIGKILL: the worker gets no chance to ack or clean up."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._close()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (warm shutdown), SIGKILL after ``timeout``; give the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._close()
+        return int(self.proc.returncode)
+
+    def _close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+    def __enter__(self) -> WorkerProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
