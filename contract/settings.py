@@ -64,6 +64,10 @@ class Settings:
     max_batch_size: int = 256
     #: Buffered messages that force a flush.
     flush_every: int = 64
+    #: Most padding a model batch may carry, as a fraction of its real tokens
+    #: (0.10: at most 10% padded tokens); a batch is cut earlier rather than
+    #: padded more. Raise it on a GPU, where fewer, larger batches can pay.
+    max_padding: float = 0.10
     #: Token cut-off; 0 means the model's own maximum.
     max_length: int = 0
     #: Deliveries of one task before it is dead-lettered as failed.
@@ -113,6 +117,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        if not self.max_padding >= 0:
+            raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
         for name in ("max_wait_ms", "max_length", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
@@ -144,6 +150,8 @@ def _parse(key: str, raw: str, type_name: Any) -> Any:
     try:
         if name == "int":
             return int(raw)
+        if name == "float":
+            return float(raw)
         if name == "bool":
             lowered = raw.strip().lower()
             if lowered in ("1", "true", "yes", "on"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from worker.batching import fifo_batches, padding_waste, plan_batches
 
 
@@ -21,6 +23,31 @@ def test_every_item_once_and_budget_respected() -> None:
     for b in batches:
         assert len(b) <= 64
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 4096
+
+
+def waste_of(lengths: list[int], batch: list[int]) -> float:
+    real = sum(lengths[i] for i in batch)
+    return (len(batch) * max(lengths[i] for i in batch) - real) / real
+
+
+@pytest.mark.parametrize("cap", [0.0, 0.05, 0.10, 0.5])
+def test_padding_cap_holds_for_every_batch(cap: float) -> None:
+    lengths = social_mix(3000, seed=5)
+    batches = plan_batches(lengths, token_budget=8192, max_batch_size=256, max_padding=cap)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(waste_of(lengths, b) <= cap + 1e-12 for b in batches)
+    if cap == 0.0:  # no padding at all: every batch holds one length only
+        assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+
+
+def test_small_flush_with_a_long_tail() -> None:
+    """60 short posts and 4 long ones: without the cap the short ones are padded to the longest."""
+    lengths = [12] * 30 + [15] * 30 + [200, 210, 400, 480]
+    uncapped = plan_batches(lengths, token_budget=8192, max_batch_size=256, max_padding=None)
+    capped = plan_batches(lengths, token_budget=8192, max_batch_size=256, max_padding=0.10)
+    assert padding_waste(lengths, uncapped) > 0.3  # the 200-token post padded to 480, ...
+    assert padding_waste(lengths, capped) <= 0.10
+    assert len(capped) <= 5
 
 
 def test_oversized_item_runs_alone() -> None:

@@ -54,9 +54,14 @@ def test_figures_from_rows() -> None:
 def test_padding_plan_beats_fifo(tiny_model_dir: Path) -> None:
     runner = build_runner(Settings(model=str(tiny_model_dir), device="cpu"))
     lengths = [len(e.ids) for e in runner.encode(social_texts(600))]
-    pad = measure_padding(lengths, token_budget=4096, max_batch_size=256, fifo_size=32)
+    pad = measure_padding(lengths, token_budget=4096, max_batch_size=256, max_padding=0.10,
+                          fifo_size=32)
     assert 0 <= pad["plan_waste"] < pad["fifo_waste"]
-    assert pad["plan_waste_flush64"] >= 0 and pad["real_tokens"] == sum(lengths)
+    assert pad["real_tokens"] == sum(lengths)
+    for window in (64, 256):
+        assert pad[f"plan_waste_flush{window}"] <= 0.10 < pad["fifo_waste"]
+        assert pad[f"plan_waste_flush{window}"] <= pad[f"uncapped_waste_flush{window}"]
+        assert pad[f"plan_batches_flush{window}"] >= pad[f"uncapped_batches_flush{window}"]
 
 
 def test_bare_and_report(tiny_model_dir: Path, tmp_path: Path) -> None:

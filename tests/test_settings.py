@@ -19,6 +19,7 @@ def test_environment_and_overrides() -> None:
     s = Settings.from_env({"BERTSTREAM_MAX_WAIT_MS": "5", "BERTSTREAM_STORE_TEXT": "off",
                            "BERTSTREAM_MODEL": "/m", "UNRELATED": "x"}, model="/other")
     assert s.max_wait_ms == 5 and s.store_text is False and s.model == "/other"
+    assert Settings.from_env({"BERTSTREAM_MAX_PADDING": "0.25"}).max_padding == 0.25
 
 
 @pytest.mark.parametrize("env", [
@@ -27,6 +28,9 @@ def test_environment_and_overrides() -> None:
     {"BERTSTREAM_STORE_TEXT": "maybe"},
     {"BERTSTREAM_DTYPE": "int3"},
     {"BERTSTREAM_DEVICE": "tpu"},
+    {"BERTSTREAM_MAX_PADDING": "-0.1"},
+    {"BERTSTREAM_MAX_PADDING": "lots"},
+    {"BERTSTREAM_MAX_PADDING": "nan"},
 ])
 def test_bad_values_name_the_variable(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=next(iter(env))):

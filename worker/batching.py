@@ -1,10 +1,11 @@
-"""Cutting a flush into model batches: sort by length, fill a token budget.
+"""Cutting a flush into model batches: sort by length, fill a token budget, cap the padding.
 
 Padding is what batching wastes: every row of a batch is padded to its
 longest row. Sorting the flush by token length first and cutting it where
-``rows x longest`` would pass the budget keeps rows of similar length
-together, so padded tokens stay a small fraction of real ones (issue 4
-measures it against fixed-count FIFO batches).
+``rows x longest`` would pass the budget, or the padding would pass a
+fraction of the real tokens, keeps rows of similar length together, so padded
+tokens stay a small fraction of real ones (``bertstream bench`` measures it
+against fixed-count FIFO batches).
 """
 
 from __future__ import annotations
@@ -13,29 +14,39 @@ from collections.abc import Sequence
 
 
 def plan_batches(
-    lengths: Sequence[int], *, token_budget: int, max_batch_size: int
+    lengths: Sequence[int], *, token_budget: int, max_batch_size: int,
+    max_padding: float | None = 0.10,
 ) -> list[list[int]]:
     """Group item indices into batches, shortest first.
 
     Takes the token length of each item. Gives lists of indices into
     ``lengths``; every index appears exactly once. Guarantees each batch has
-    at most ``max_batch_size`` rows and ``rows x longest <= token_budget``,
-    except that an item longer than the budget forms a batch alone.
+    at most ``max_batch_size`` rows, ``rows x longest <= token_budget`` and
+    padded tokens ``<= max_padding x`` its real tokens (None: no padding
+    cap), except that an item longer than the budget forms a batch alone.
+
+    One greedy walk over the length-sorted items: the next item (the longest
+    so far) joins the batch unless that would break one of the three bounds.
+    The padding cap matters on a long-tailed length mix: a flush of mostly
+    short posts with a few long ones would otherwise pad every short post in
+    the last batch to the longest one.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    real = 0
     for idx in order:
-        n = lengths[idx]
-        new_longest = max(longest, n)
+        n = lengths[idx]  # sorted, so n is the batch's longest if it joins
+        rows = len(current) + 1
         if current and (
-            len(current) + 1 > max_batch_size or (len(current) + 1) * new_longest > token_budget
+            rows > max_batch_size
+            or rows * n > token_budget
+            or (max_padding is not None and rows * n - (real + n) > max_padding * (real + n))
         ):
             batches.append(current)
-            current, new_longest = [], n
+            current, real = [], 0
         current.append(idx)
-        longest = new_longest
+        real += n
     if current:
         batches.append(current)
     return batches

@@ -124,7 +124,8 @@ class FlushProcessor:
         lengths = [len(encoded[i].ids) for i in live]  # type: ignore[union-attr]
         dense: list[Encoded] = [encoded[i] for i in live]  # type: ignore[misc]
         for rows in plan_batches(lengths, token_budget=self.settings.token_budget,
-                                 max_batch_size=self.settings.max_batch_size):
+                                 max_batch_size=self.settings.max_batch_size,
+                                 max_padding=self.settings.max_padding):
             stats.batches += 1
             stats.batch_sizes.append(len(rows))
             stats.real_tokens += sum(lengths[r] for r in rows)

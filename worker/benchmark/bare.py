@@ -18,12 +18,13 @@ from worker.runner import Runner
 
 
 def run_once(runner: Runner, texts: Sequence[str], *, token_budget: int,
-             max_batch_size: int = 256) -> dict[str, Any]:
+             max_batch_size: int = 256, max_padding: float | None = 0.10) -> dict[str, Any]:
     """Encode, plan, collate, forward and decode ``texts`` once; give the figures."""
     t0 = time.perf_counter()
     encoded = runner.encode(list(texts))
     lengths = [len(e.ids) for e in encoded]
-    batches = plan_batches(lengths, token_budget=token_budget, max_batch_size=max_batch_size)
+    batches = plan_batches(lengths, token_budget=token_budget, max_batch_size=max_batch_size,
+                           max_padding=max_padding)
     batch_s = []
     for rows in batches:
         b0 = time.perf_counter()
@@ -44,12 +45,13 @@ def run_once(runner: Runner, texts: Sequence[str], *, token_budget: int,
 
 
 def measure_bare(runner: Runner, texts: Sequence[str], *, budgets: Sequence[int],
-                 sweep_texts: int) -> dict[str, Any]:
+                 sweep_texts: int, max_padding: float | None = 0.10) -> dict[str, Any]:
     """Sweep ``budgets`` on a stride sample of ``sweep_texts``; run the best on all ``texts``."""
     step = max(len(texts) // max(sweep_texts, 1), 1)
     sample = list(texts[::step])[:sweep_texts]
-    run_once(runner, sample[:16], token_budget=budgets[0])  # warm-up: first-call allocations
-    sweep = [run_once(runner, sample, token_budget=b) for b in budgets]
+    # warm-up: first-call allocations
+    run_once(runner, sample[:16], token_budget=budgets[0], max_padding=max_padding)
+    sweep = [run_once(runner, sample, token_budget=b, max_padding=max_padding) for b in budgets]
     best = max(sweep, key=lambda r: r["texts_per_s"])
-    full = run_once(runner, texts, token_budget=best["token_budget"])
+    full = run_once(runner, texts, token_budget=best["token_budget"], max_padding=max_padding)
     return {"sweep": sweep, "best_budget": best["token_budget"], **full}

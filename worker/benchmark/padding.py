@@ -14,65 +14,54 @@ from typing import Any
 from worker.batching import fifo_batches, padding_waste, plan_batches
 
 
-def plan_capped(lengths: Sequence[int], *, token_budget: int, max_batch_size: int,
-                max_waste: float = 0.10) -> list[list[int]]:
-    """A proposal for worker/batching.py: plan_batches plus a padding cap.
-
-    Same greedy walk over length-sorted items, but a batch is also cut when
-    adding the next (longest so far) item would pad the batch by more than
-    ``max_waste`` of its real tokens. Every batch then wastes at most
-    ``max_waste`` (one long item alone wastes nothing).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for idx in order:
-        n = lengths[idx]
-        rows = len(current) + 1
-        if current and (rows > max_batch_size or rows * n > token_budget
-                        or rows * n - (real + n) > max_waste * (real + n)):
-            batches.append(current)
-            current, real = [], 0
-        current.append(idx)
-        real += n
-    if current:
-        batches.append(current)
-    return batches
-
-
 def windowed_plan_waste(lengths: Sequence[int], window: int, *, token_budget: int,
-                        max_batch_size: int, planner: Any = plan_batches) -> float:
-    """Waste of ``planner`` applied to consecutive ``window``-sized flushes."""
+                        max_batch_size: int, max_padding: float | None) -> float:
+    """Waste of ``plan_batches`` applied to consecutive ``window``-sized flushes."""
     real = padded = 0
     for start in range(0, len(lengths), window):
         chunk = list(lengths[start : start + window])
-        for rows in planner(chunk, token_budget=token_budget, max_batch_size=max_batch_size):
+        for rows in plan_batches(chunk, token_budget=token_budget, max_batch_size=max_batch_size,
+                                 max_padding=max_padding):
             real += sum(chunk[r] for r in rows)
             padded += len(rows) * max(chunk[r] for r in rows)
     return (padded - real) / real if real else 0.0
 
 
 def measure_padding(lengths: Sequence[int], *, token_budget: int, max_batch_size: int,
-                    fifo_size: int, flush_windows: Sequence[int] = (64, 256)) -> dict[str, Any]:
-    """Waste ratios (0.05 = 5% padding over real tokens) for each batching policy."""
-    planned = plan_batches(lengths, token_budget=token_budget, max_batch_size=max_batch_size)
+                    max_padding: float, fifo_size: int,
+                    flush_windows: Sequence[int] = (64, 256)) -> dict[str, Any]:
+    """Waste ratios (0.05 = 5% padding over real tokens) for each batching policy.
+
+    ``plan``: the worker's policy (sorted, token budget, padding cap
+    ``max_padding``); ``uncapped``: the same without the padding cap; ``fifo``:
+    fixed-count batches in arrival order.
+    """
     out: dict[str, Any] = {
         "texts": len(lengths),
         "real_tokens": sum(lengths),
         "token_budget": token_budget,
-        "plan_waste": padding_waste(lengths, planned),
+        "max_padding": max_padding,
         "fifo_size": fifo_size,
         "fifo_waste": padding_waste(lengths, fifo_batches(len(lengths), fifo_size)),
     }
-    capped = plan_capped(lengths, token_budget=token_budget, max_batch_size=max_batch_size)
-    out["capped_waste"] = padding_waste(lengths, capped)
-    out["plan_batches"] = len(planned)
-    out["capped_batches"] = len(capped)
-    for window in flush_windows:
-        out[f"plan_waste_flush{window}"] = windowed_plan_waste(
-            lengths, window, token_budget=token_budget, max_batch_size=max_batch_size)
-        out[f"capped_waste_flush{window}"] = windowed_plan_waste(
-            lengths, window, token_budget=token_budget, max_batch_size=max_batch_size,
-            planner=plan_capped)
+    for name, cap in (("plan", max_padding), ("uncapped", None)):
+        planned = plan_batches(lengths, token_budget=token_budget,
+                               max_batch_size=max_batch_size, max_padding=cap)
+        out[f"{name}_waste"] = padding_waste(lengths, planned)
+        out[f"{name}_batches"] = len(planned)
+        for window in flush_windows:
+            out[f"{name}_waste_flush{window}"] = windowed_plan_waste(
+                lengths, window, token_budget=token_budget, max_batch_size=max_batch_size,
+                max_padding=cap)
+            out[f"{name}_batches_flush{window}"] = _windowed_batches(
+                lengths, window, token_budget=token_budget, max_batch_size=max_batch_size,
+                max_padding=cap)
     return out
+
+
+def _windowed_batches(lengths: Sequence[int], window: int, *, token_budget: int,
+                      max_batch_size: int, max_padding: float | None) -> int:
+    return sum(
+        len(plan_batches(list(lengths[s : s + window]), token_budget=token_budget,
+                         max_batch_size=max_batch_size, max_padding=max_padding))
+        for s in range(0, len(lengths), window))

@@ -115,11 +115,13 @@ class BenchRun:
             lengths = [len(e.ids) for e in runner.encode(texts)]
             self.stages["padding"] = measure_padding(
                 lengths, token_budget=self.settings.token_budget,
-                max_batch_size=self.settings.max_batch_size, fifo_size=self.opts.fifo_size)
+                max_batch_size=self.settings.max_batch_size,
+                max_padding=self.settings.max_padding, fifo_size=self.opts.fifo_size)
         if self.opts.runs("bare"):
             self.log(f"bare: sweeping budgets {list(self.opts.budgets)}, then {len(self.texts)} texts")
             bare = measure_bare(runner, self.texts, budgets=self.opts.budgets,
-                                sweep_texts=self.opts.sweep_texts)
+                                sweep_texts=self.opts.sweep_texts,
+                                max_padding=self.settings.max_padding)
             self.stages["bare"] = bare
             # The worker runs at the budget the bare model does best with.
             self.settings = self.settings.replace(token_budget=bare["best_budget"])
