@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from contract import kombu_redis
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.settings import Settings
 
@@ -21,6 +22,7 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     Queues: ``<queue>.interactive`` (single submits) and ``<queue>.bulk``
     (chunks from streams), both consumed by every worker.
     """
+    kombu_redis.install()
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
     lanes = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     exchange = Exchange(settings.queue, type="direct")

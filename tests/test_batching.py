@@ -33,11 +33,23 @@ def waste_of(lengths: list[int], batch: list[int]) -> float:
 @pytest.mark.parametrize("cap", [0.0, 0.05, 0.10, 0.5])
 def test_padding_cap_holds_for_every_batch(cap: float) -> None:
     lengths = social_mix(3000, seed=5)
-    batches = plan_batches(lengths, token_budget=8192, max_batch_size=256, max_padding=cap)
+    batches = plan_batches(lengths, token_budget=8192, max_batch_size=256, max_padding=cap,
+                           slack_tokens=0)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(waste_of(lengths, b) <= cap + 1e-12 for b in batches)
     if cap == 0.0:  # no padding at all: every batch holds one length only
         assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+
+
+def test_slack_lets_small_batches_pad_a_little() -> None:
+    """Three short texts run as one forward pass, not three, when padding them costs little."""
+    assert len(plan_batches([7, 9, 12], token_budget=8192, max_batch_size=256)) == 1
+    assert len(plan_batches([7, 9, 12], token_budget=8192, max_batch_size=256,
+                            slack_tokens=0)) == 3
+    lengths = social_mix(2000, seed=9)
+    for b in plan_batches(lengths, token_budget=8192, max_batch_size=256, slack_tokens=32):
+        padded = len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+        assert padded <= max(0.10 * sum(lengths[i] for i in b), 32)
 
 
 def test_small_flush_with_a_long_tail() -> None:

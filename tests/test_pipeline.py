@@ -90,6 +90,28 @@ def test_bulk_mixed_languages(tiny_settings: Settings, worker_factory: Any) -> N
     assert max(r.batch_size or 0 for r in rows.values()) > 8
 
 
+def test_every_message_is_acked_after_its_commit(tiny_settings: Settings,
+                                                 worker_factory: Any) -> None:
+    """Acks of a flush go out as one pipeline: nothing may stay in kombu's unacked index,
+    or it would be redelivered after the visibility timeout."""
+    import redis
+
+    worker_factory(tiny_settings.replace(flush_every=16))
+    client_redis = redis.Redis.from_url(tiny_settings.broker_url)
+    try:
+        with Client(tiny_settings) as client:
+            ids = [client.submit(f"the hotel is very good {i}") for i in range(60)]
+            ids += client.submit_many([f"bad room {i}" for i in range(300)]).ids
+            client.wait(ids, timeout=60)
+        deadline = time.monotonic() + 10
+        while client_redis.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client_redis.hlen("unacked") == 0
+        assert client_redis.zcard("unacked_index") == 0
+    finally:
+        client_redis.close()
+
+
 def test_bad_items_fail_alone(tiny_settings: Settings, worker_factory: Any) -> None:
     """Malformed, empty, oversized and undecodable items fail with a reason; the rest are done."""
     worker_factory(tiny_settings)

@@ -23,6 +23,7 @@ from celery_batches import Batches, SimpleRequest
 
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
+from contract.kombu_redis import deferred_acks
 from contract.settings import Settings
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor
@@ -41,6 +42,26 @@ def estimate_tokens(payload: Any) -> int:
         return sum(min(len(it.get("text") or ""), 512) + 2 for it in items)
     except (TypeError, KeyError, IndexError, AttributeError):
         return 1
+
+
+def ack_all(requests: list[Any]) -> None:
+    """Ack every request now, with one Redis round trip for all of them.
+
+    Celery's ``Request.acknowledge`` schedules the ack on the event loop
+    (``call_soon``), one MULTI/EXEC per message. Here the flush runs on that
+    loop's thread already, so the messages are acked directly, inside
+    :func:`deferred_acks`, which sends their unacked-index removals as one
+    pipeline (contract/kombu_redis.py).
+    """
+    pending = [r for r in requests if not r.acknowledged]
+    messages = [getattr(r, "message", None) for r in pending]
+    with deferred_acks([getattr(m, "channel", None) for m in messages]):
+        for r, m in zip(pending, messages, strict=True):
+            if m is None or not hasattr(m, "ack_log_error"):
+                r.acknowledge()
+                continue
+            m.ack_log_error(log, getattr(r, "_connection_errors", ()))
+            r.acknowledged = True
 
 
 class AnalyzeTask(Batches):
@@ -112,8 +133,7 @@ class AnalyzeTask(Batches):
             for r, _ in group:
                 r.reject(requeue=True)
             return
-        for r, _ in group:
-            r.acknowledge()
+        ack_all([r for r, _ in group])
         if self.deliveries is not None:
             self.deliveries.forget(ids)
 
