@@ -76,8 +76,8 @@ def install() -> bool:
         pending.append(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)  # in-process bookkeeping only
 
-    channel.conn_or_acquire = conn_or_acquire
-    qos.ack = ack
+    channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
+    qos.ack = ack  # type: ignore[method-assign]
     _INSTALLED = True
     return True
 
