@@ -16,6 +16,7 @@ input at once, the worker because a message may come from any producer.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -81,6 +82,9 @@ def validate_text(text: Any, settings: Settings) -> str:
     return text
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def validate_id(value: Any, settings: Settings, what: str = "id") -> str:
     """Return a valid id/tag string or raise :class:`InvalidInput`."""
     if not isinstance(value, str):
@@ -89,7 +93,7 @@ def validate_id(value: Any, settings: Settings, what: str = "id") -> str:
         raise InvalidInput(f"{what} is empty")
     if len(value) > settings.max_id_chars:
         raise InvalidInput(f"{what} is {len(value)} characters, over the limit of {settings.max_id_chars}")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value):
         raise InvalidInput(f"{what} contains control characters")
     return value
 
