@@ -92,7 +92,7 @@ def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
         BenchOptions.build(quick=True, model="tiny", texts=40, threads=1,
                            out=str(tmp_path / "out.json")),
         sweep_texts=20, naive_texts=10, null_single=100, null_bulk=600, load_seconds=1.0,
-        padding_texts=200,
+        padding_texts=200, rounds=2,
     )
     result = run_bench(settings, opts, log=lambda _msg: None)
     stages = result["stages"]
@@ -101,5 +101,8 @@ def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
     for name in ("bare", "pipeline", "naive", "null_single", "null_bulk"):
         assert stages[name]["texts_per_s"] > 0, name
     assert stages["pipeline"]["failed"] == 0 and stages["pipeline"]["p99_ms"] > 0
+    # bare and bertstream alternate; the medians are the rounds' lower middle
+    assert len(stages["bare"]["rounds"]) == len(stages["pipeline"]["rounds"]) == 2
+    assert stages["pipeline"]["texts_per_s"] == min(stages["pipeline"]["rounds"])
     assert [load["fraction"] for load in stages["openloop"]["loads"]] == [0.25, 0.5, 0.75]
     assert all(load["bound_ms"] > 0 for load in stages["openloop"]["loads"])

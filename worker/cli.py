@@ -205,17 +205,21 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads for every stage (default: CPU count, at most 8).")
+@click.option("--rounds", type=int, default=None,
+              help="Rounds of bare model / bertstream, alternated; medians reported "
+                   "(default 3; 1 with --quick).")
 @click.pass_context
 def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str, out: str,
                   database_url: str | None, skip: tuple[str, ...], device: str,
-                  threads: int | None) -> None:
+                  threads: int | None, rounds: int | None) -> None:
     """Benchmark the pipeline against the bare model and a naive Celery task, side by side."""
     from worker.benchmark import main as bench_main
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = bench_main(settings_from(ctx), quick=quick, texts=texts, model=model, out=out,
-                          database_url=database_url, skip=skip, device=device, threads=threads)
+                          database_url=database_url, skip=skip, device=device, threads=threads,
+                          rounds=rounds)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     sys.exit(code)

@@ -21,7 +21,7 @@ from contract.messages import TaskItem, item_from_wire
 from contract.results import ResultRecord, ResultStore, utc_from_timestamp, utcnow
 from contract.settings import Settings
 from worker.batching import plan_batches
-from worker.inference import infer_isolating
+from worker.inference import infer_pipelined
 from worker.runner import Encoded, Prediction, Runner
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,18 @@ class FlushProcessor:
         batch_of: dict[int, int] = {}
         lengths = [len(encoded[i].ids) for i in live]  # type: ignore[union-attr]
         dense: list[Encoded] = [encoded[i] for i in live]  # type: ignore[misc]
-        for rows in plan_batches(lengths, token_budget=self.settings.token_budget,
-                                 max_batch_size=self.settings.max_batch_size,
-                                 max_padding=self.settings.max_padding):
+        batches = plan_batches(lengths, token_budget=self.settings.token_budget,
+                               max_batch_size=self.settings.max_batch_size,
+                               max_padding=self.settings.max_padding)
+        for rows in batches:
             stats.batches += 1
             stats.batch_sizes.append(len(rows))
             stats.real_tokens += sum(lengths[r] for r in rows)
             stats.padded_tokens += len(rows) * max(lengths[r] for r in rows)
-            for r, out in infer_isolating(self.runner, dense, rows).items():
-                outcomes[live[r]] = out
+            for r in rows:
                 batch_of[live[r]] = len(rows)
+        for r, out in infer_pipelined(self.runner, dense, batches).items():
+            outcomes[live[r]] = out
         stats.infer_s = time.perf_counter() - t0
         records = self._records(items, encoded, outcomes, batch_of, failures, started)
         for rec in records:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -57,3 +58,49 @@ def infer_isolating(
         out = infer_isolating(runner, encoded, rows[:half])
         out.update(infer_isolating(runner, encoded, rows[half:]))
         return out
+
+
+def infer_pipelined(
+    runner: Runner, encoded: Sequence[Encoded], batches: Sequence[list[int]]
+) -> dict[int, Prediction | str]:
+    """Every planned batch, with one batch in flight on the device.
+
+    While the GPU runs batch i, the host pads batch i+1 (into pinned memory)
+    and queues it, then turns batch i's probabilities into predictions: the
+    device never waits for Python between batches (the pre/core/post overlap
+    of DESIGN.md). Runners without ``launch``/``fetch`` and the CPU run one
+    batch after another. A batch that fails, at launch or when its results
+    are fetched (CUDA reports some errors late), is rerun through
+    :func:`infer_isolating`, so failures stay per item exactly as before.
+    """
+    launch = getattr(runner, "launch", None)
+    fetch = getattr(runner, "fetch", None)
+    out: dict[int, Prediction | str] = {}
+    if launch is None or fetch is None:
+        for rows in batches:
+            out.update(infer_isolating(runner, encoded, rows))
+        return out
+
+    def finish(rows: list[int], handle: Any) -> None:
+        if handle is None:
+            out.update(infer_isolating(runner, encoded, rows))
+            return
+        try:
+            preds = runner.decode(fetch(handle))
+        except Exception:  # noqa: BLE001 - rerun isolated, which keeps the reason
+            out.update(infer_isolating(runner, encoded, rows))
+            return
+        out.update(zip(rows, preds, strict=True))
+
+    in_flight: tuple[list[int], Any] | None = None
+    for rows in batches:
+        try:
+            handle = launch(runner.collate(encoded, rows))
+        except Exception:  # noqa: BLE001 - isolated below, after the batch in flight
+            handle = None
+        if in_flight is not None:
+            finish(*in_flight)
+        in_flight = (rows, handle)
+    if in_flight is not None:
+        finish(*in_flight)
+    return out

@@ -166,6 +166,15 @@ class HFRunner:
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """Run one batch; gives float32 probabilities on the CPU, one row per text."""
+        return self.fetch(self.launch(batch))
+
+    def launch(self, batch: PaddedBatch) -> Any:
+        """Start one batch and return without waiting for the device.
+
+        On CUDA the kernels and the copy of the probabilities back into
+        pinned host memory are queued on the current stream; :meth:`fetch`
+        waits for them. On the CPU the work is done here.
+        """
         dev = self.placement.device
         inputs: dict[str, Any] = {
             "input_ids": batch.input_ids.to(dev, non_blocking=True),
@@ -175,7 +184,22 @@ class HFRunner:
             inputs["token_type_ids"] = batch.token_type_ids.to(dev, non_blocking=True)
         with torch.inference_mode():
             logits = self.model(**inputs).logits
-            return torch.softmax(logits.float(), dim=-1).cpu()
+            probs = torch.softmax(logits.float(), dim=-1)
+            if not self.placement.is_cuda:
+                return probs
+            host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+            host.copy_(probs, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return host, done
+
+    def fetch(self, handle: Any) -> torch.Tensor:
+        """The CPU probabilities of a :meth:`launch`, once the device has finished."""
+        if isinstance(handle, tuple):
+            host, done = handle
+            done.synchronize()
+            return host
+        return handle
 
     def decode(self, probs: torch.Tensor) -> list[Prediction]:
         """Probabilities to predictions (argmax label, its probability, all of them)."""

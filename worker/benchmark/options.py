@@ -27,6 +27,8 @@ class BenchOptions:
     budgets: tuple[int, ...] = (1024, 2048, 4096, 8192)
     #: Texts per budget in the bare sweep; the best budget then runs on all texts.
     sweep_texts: int = 150
+    #: Rounds of bare model / bertstream end to end, alternated; medians are reported.
+    rounds: int = 3
     #: Texts the naive peer processes (a stride sample of the workload).
     naive_texts: int = 150
     #: Texts for the null pipeline: single-text messages, and bulk.
@@ -45,7 +47,7 @@ class BenchOptions:
     def build(cls, *, quick: bool = False, texts: int | None = None, model: str | None = None,
               out: str | None = None, database_url: str | None = None,
               skip: str | tuple[str, ...] | None = None, device: str | None = None,
-              threads: int | None = None) -> BenchOptions:
+              threads: int | None = None, rounds: int | None = None) -> BenchOptions:
         """Options for the CLI flags; ``quick`` shrinks every stage to fit ~1 minute."""
         n = texts or (200 if quick else 600)
         dev = device or "cpu"
@@ -55,8 +57,12 @@ class BenchOptions:
             out=Path(out) if out else cls.out, skip=names, device=dev,
             threads=threads or min(os.cpu_count() or 1, 8),
         )
+        if rounds is not None:
+            if rounds < 1:
+                raise ValueError("--rounds must be at least 1")
+            base = _replace(base, rounds=rounds)
         if quick:
-            return _replace(base, budgets=(1024, 4096), sweep_texts=min(60, n),
+            return _replace(base, budgets=(1024, 4096), sweep_texts=min(60, n), rounds=rounds or 1,
                             naive_texts=min(60, n), null_single=1500, null_bulk=10_000,
                             load_seconds=5.0, padding_texts=2000)
         if dev.startswith("cuda"):

@@ -26,6 +26,13 @@ def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("  ok" if ok else "  MISS")
 
 
+def _rounds(stage: dict[str, Any]) -> str:
+    runs = stage.get("rounds") or []
+    if len(runs) < 2:
+        return ""
+    return f"; median of {len(runs)} rounds: " + " / ".join(f"{x:,.1f}" for x in runs)
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
     """bertstream / bare and bertstream / naive, on texts/s and on tokens/s."""
     stages = result["stages"]
@@ -51,7 +58,8 @@ def table(result: dict[str, Any]) -> str:
     if "bare" in s:
         b = s["bare"]
         row("1. bare model (limit)", f"{_num(b['texts_per_s'])} texts/s, "
-            f"{_num(b['tokens_per_s'], '{:,.0f}')} tokens/s (budget {b['best_budget']})")
+            f"{_num(b['tokens_per_s'], '{:,.0f}')} tokens/s (budget {b['best_budget']})"
+            + _rounds(b))
     if "naive" in s:
         n = s["naive"]
         row("2. naive Celery task", f"{_num(n['texts_per_s'])} texts/s, "
@@ -61,7 +69,8 @@ def table(result: dict[str, Any]) -> str:
         row("3. bertstream end to end", f"{_num(p['texts_per_s'])} texts/s, "
             f"{_num(p['tokens_per_s'], '{:,.0f}')} tokens/s; latency p50/p95/p99 "
             f"{_num(p['p50_ms'], '{:,.0f}')}/{_num(p['p95_ms'], '{:,.0f}')}/"
-            f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)")
+            f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)"
+            + _rounds(p))
     if "vs_bare" in r:
         row("   bertstream / bare", f"{r['vs_bare']:.2f}x (tokens/s {r['vs_bare_tokens']:.2f}x)",
             f">= 0.90x{_mark(r['vs_bare'] >= TARGETS['vs_bare'])}")

@@ -22,7 +22,7 @@ from typing import Any
 from contract.results import ResultStore
 from contract.settings import Settings
 from worker.benchmark import figures
-from worker.benchmark.bare import measure_bare
+from worker.benchmark.bare import measure_bare, run_once
 from worker.benchmark.models import BenchModel, resolve_model
 from worker.benchmark.naive import publish_naive
 from worker.benchmark.openloop import measure_load
@@ -125,16 +125,16 @@ class BenchRun:
             self.stages["bare"] = bare
             # The worker runs at the budget the bare model does best with.
             self.settings = self.settings.replace(token_budget=bare["best_budget"])
-        del runner
-        gc.collect()
+            # Kept for the rounds that alternate with bertstream's (see _pipeline).
+            self.runner = runner
+        else:
+            del runner
+            gc.collect()
 
     def _pipeline(self) -> None:
         self.log(f"bertstream: starting a worker ({self.opts.threads} torch threads)")
         worker = self.start_worker(self.settings)
-        self.log(f"bertstream: {len(self.texts)} texts end to end")
-        result = measure_bertstream(self.settings, self.probe, worker, self.texts,
-                                    self.prefix("pipeline"), STAGE_TIMEOUT_S)
-        self.stages["pipeline"] = result
+        result = self._rounds(worker)
         if self.opts.runs("openloop"):
             loads = []
             for k, fraction in enumerate(self.opts.loads):
@@ -147,6 +147,35 @@ class BenchRun:
                 loads.append({"fraction": fraction, **load})
             self.stages["openloop"] = {"max_wait_ms": self.settings.max_wait_ms, "loads": loads}
         worker.stop()
+
+    def _rounds(self, worker: WorkerProc) -> dict[str, Any]:
+        """bertstream end to end, alternating with the bare model, ``opts.rounds`` times.
+
+        This machine's speed drifts by +-10% over a minute; alternating the two
+        and comparing medians keeps that drift out of the ratio.
+        """
+        bare_rounds: list[dict[str, Any]] = []
+        pipe_rounds: list[dict[str, Any]] = []
+        runner = getattr(self, "runner", None)
+        for k in range(self.opts.rounds):
+            tag = f" (round {k + 1}/{self.opts.rounds})" if self.opts.rounds > 1 else ""
+            if runner is not None:
+                self.log(f"bare: {len(self.texts)} texts{tag}")
+                bare_rounds.append(run_once(runner, self.texts,
+                                            token_budget=self.settings.token_budget,
+                                            max_padding=self.settings.max_padding))
+            self.log(f"bertstream: {len(self.texts)} texts end to end{tag}")
+            pipe_rounds.append(measure_bertstream(
+                self.settings, self.probe, worker, self.texts, self.prefix(f"pipeline{k}"),
+                STAGE_TIMEOUT_S))
+        result = dict(median_round(pipe_rounds))
+        result["rounds"] = [r["texts_per_s"] for r in pipe_rounds]
+        self.stages["pipeline"] = result
+        if bare_rounds:
+            bare = self.stages["bare"]
+            bare.update(median_round(bare_rounds))
+            bare["rounds"] = [r["texts_per_s"] for r in bare_rounds]
+        return result
 
     def _naive(self) -> None:
         step = max(len(self.texts) // self.opts.naive_texts, 1)
@@ -185,6 +214,12 @@ class BenchRun:
             self.stages[f"null_{mode}"] = measure_null(
                 null, self.probe, self.start_worker, texts, self.prefix(f"null-{mode}"),
                 bulk=bulk, timeout=STAGE_TIMEOUT_S)
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median texts/s (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r["texts_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def machine_info() -> dict[str, Any]:
