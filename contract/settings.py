@@ -122,7 +122,7 @@ class Settings:
         for name in ("max_wait_ms", "max_length", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"{ENV_PREFIX}DEVICE: expected auto, cpu or cuda:N")

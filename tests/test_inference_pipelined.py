@@ -106,3 +106,19 @@ def test_runner_without_launch_runs_sequentially(runner: Runner) -> None:
     encoded = runner.encode(TEXTS)
     got = infer_pipelined(Plain(), encoded, plan(encoded))  # type: ignore[arg-type]
     assert all(isinstance(p, Prediction) for p in got.values()) and len(got) == len(TEXTS)
+
+
+def test_int8_runner_on_cpu(tiny_model_dir: Path, runner: Runner) -> None:
+    """BERTSTREAM_DTYPE=int8: Linear layers quantized, rows marked, predictions close to fp32."""
+    int8 = build_runner(Settings(model=str(tiny_model_dir), device="cpu", dtype="int8"))
+    assert isinstance(int8.model.bert.encoder.layer[0].intermediate.dense,  # type: ignore[attr-defined]
+                      torch.ao.nn.quantized.dynamic.Linear)
+    assert int8.revision.endswith("+int8") and not (runner.revision or "").endswith("+int8")
+    encoded = runner.encode(TEXTS)
+    rows = list(range(len(TEXTS)))
+    fp32 = runner.decode(runner.forward(runner.collate(encoded, rows)))
+    q = int8.decode(int8.forward(int8.collate(encoded, rows)))
+    for a, b in zip(fp32, q, strict=True):
+        assert abs(sum(b.scores.values()) - 1.0) < 1e-5
+        for label, p in a.scores.items():
+            assert b.scores[label] == pytest.approx(p, abs=0.05)

@@ -17,6 +17,15 @@ def test_cpu_placement_is_fp32() -> None:
     assert "threads" in p.describe()
 
 
+def test_int8_is_cpu_only() -> None:
+    p = resolve_placement("cpu", "int8")
+    assert p.quantize and p.dtype == torch.float32 and "int8" in p.describe()
+    assert Settings(dtype="int8").dtype == "int8"
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CPU only"):
+            resolve_placement("cuda:0", "int8")
+
+
 def test_cpu_refuses_fp16_and_missing_cuda() -> None:
     with pytest.raises(ConfigError):
         resolve_placement("cpu", "float16")

@@ -17,6 +17,8 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype
+    #: Dynamic int8 quantization of the Linear layers (CPU only; BERTSTREAM_DTYPE=int8).
+    quantize: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -28,7 +30,8 @@ class Placement:
         if self.is_cuda:
             name = torch.cuda.get_device_name(self.device)
             return f"{self.device} ({name}, {str(self.dtype).removeprefix('torch.')})"
-        return f"cpu ({torch.get_num_threads()} threads, {str(self.dtype).removeprefix('torch.')})"
+        precision = "dynamic int8" if self.quantize else str(self.dtype).removeprefix("torch.")
+        return f"cpu ({torch.get_num_threads()} threads, {precision})"
 
 
 def resolve_placement(device: str, dtype: str) -> Placement:
@@ -38,7 +41,8 @@ def resolve_placement(device: str, dtype: str) -> Placement:
     GPU per process with CUDA_VISIBLE_DEVICES, so it is always index 0),
     else the CPU. ``auto`` dtype: fp16 on CUDA (bf16 where fp16 is not
     supported is not needed on any GPU CUDA still ships for), fp32 on CPU,
-    where half precision is slower and less exact.
+    where half precision is slower and less exact. ``int8``: fp32 weights
+    loaded, then every ``nn.Linear`` dynamically quantized (CPU only).
     """
     if device == "auto":
         dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -49,6 +53,11 @@ def resolve_placement(device: str, dtype: str) -> Placement:
             raise ConfigError(f"unknown device {device!r}") from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+    if dtype == "int8":
+        if dev.type != "cpu":
+            raise ConfigError("int8 (dynamic quantization) runs on the CPU only; "
+                              "use float16 or bfloat16 on a GPU")
+        return Placement(dev, torch.float32, quantize=True)
     if dtype == "auto":
         dt = torch.float16 if dev.type == "cuda" else torch.float32
     else:

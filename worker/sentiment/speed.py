@@ -12,7 +12,9 @@ from torch import nn
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Give a copy-free dynamic-int8 version of ``model`` (nn.Linear weights only)."""
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    from worker.runner import quantize_int8
+
+    return quantize_int8(model)
 
 
 @torch.inference_mode()
