@@ -202,8 +202,6 @@ def test_killed_worker_loses_nothing(
     """kill -9 mid-stream: the unacked messages are redelivered; every text ends with one row."""
     s = settings.replace(model=str(tiny_model_dir), visibility_timeout_s=3, flush_every=4,
                          bulk_chunk_size=50)
-    if "postgresql" in s.database_url:
-        pytest.skip("covered on SQLite; the kill path does not depend on the database")
     first = worker_factory(s)
     texts = [MIXED[i % len(MIXED)] * 2 + f" {i}" for i in range(4000)]
     with Client(s) as client:
