@@ -9,8 +9,9 @@ import pytest
 
 from contract.results import ResultStore
 from contract.settings import Settings
+from worker import flush
 from worker.app import build_runner
-from worker.flush import FlushProcessor
+from worker.flush import FlushProcessor, _EarlyCommits
 from worker.tasks import estimate_tokens
 
 
@@ -50,3 +51,67 @@ def test_estimate_tokens_is_robust() -> None:
     assert estimate_tokens(([[{"text": "abcd"}, {"text": "xy"}]], {}, {})) == 10
     assert estimate_tokens(None) == 1
     assert estimate_tokens(([["nonsense"]], {}, {})) == 1
+
+
+class SlowLongTexts:
+    """The tiny model, but a batch wider than 40 tokens takes 0.6 s (like a long text on CPU)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def forward(self, batch: object) -> object:
+        if batch.input_ids.shape[1] > 40:  # type: ignore[attr-defined]
+            time.sleep(0.6)
+        return self.inner.forward(batch)  # type: ignore[attr-defined]
+
+    def launch(self, batch: object) -> object:
+        return self.forward(batch)
+
+    def fetch(self, handle: object) -> object:
+        return handle
+
+
+def test_short_rows_commit_before_a_long_text_finishes(
+    tiny_model_dir: Path, store: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tiny model is too fast for the cost estimate to expect a wait: the
+    # slow long batch is injected, so the estimate's threshold is lowered.
+    monkeypatch.setattr(flush, "EARLY_COMMIT_MIN_WAIT_S", 0.0)
+    s = Settings(model=str(tiny_model_dir), database_url="sqlite://", token_budget=4096)
+    proc = FlushProcessor(SlowLongTexts(build_runner(s)), store, s,  # type: ignore[arg-type]
+                          worker_name="t@h")
+    now = time.time()
+    short = [{"id": f"s{i}", "text": "the hotel is good", "submitted_at": now} for i in range(5)]
+    long = [{"id": "long", "text": "the movie was boring and the room was dirty " * 8,
+             "submitted_at": now}]
+    stats = proc.process([("m1", [short + long])])
+    assert stats.items == 6 and stats.failed == 0 and stats.batches == 2
+    assert stats.commits == 2  # the short batch's rows, then the long text's
+    rows = {r.id: r for r in store.query(limit=None)}
+    assert all(rows[f"s{i}"].status == "done" for i in range(5)) and rows["long"].status == "done"
+    waited = (rows["long"].finished_at - rows["s0"].finished_at).total_seconds()
+    assert waited >= 0.5, "the short rows must not wait for the long text"
+
+
+def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: ResultStore) -> None:
+    now = time.time()
+    items = [{"id": f"q{i}", "text": "good " * (1 + i * 5), "submitted_at": now} for i in range(6)]
+    stats = processor.process([("m1", [items])])
+    assert stats.commits == 1 and stats.items == 6
+
+
+def test_early_commit_estimate() -> None:
+    """A partial commit when the rest of the flush should take >= 0.1 s, at most every 0.25 s."""
+    lengths = [10] * 8 + [500]
+    batches = [list(range(8)), [8]]  # 80 tokens done, 500 to go
+    t0 = time.perf_counter() - 0.03  # the first batch took 30 ms: 0.375 ms/token
+    early = _EarlyCommits(batches, lengths, t0)
+    assert early.due(0)  # 500 tokens x 0.375 ms = 190 ms still to run
+    early.committed()
+    assert not early.due(0)  # too soon after the last partial commit
+    assert not early.due(1)  # nothing left: the final commit follows
+    fast = _EarlyCommits(batches, lengths, time.perf_counter() - 0.005)
+    assert not fast.due(0)  # ~30 ms left: not worth a commit

@@ -27,6 +27,8 @@ class LateFailure:
     fetched (and in ``forward``, which infer_isolating uses for the rerun).
     """
 
+    asynchronous = True  # pipelined like a CUDA runner, though it computes on the CPU
+
     def __init__(self, inner: Any, bad_rows: Sequence[int]) -> None:
         self.inner = inner
         self.bad_rows = set(bad_rows)

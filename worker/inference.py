@@ -8,7 +8,7 @@ item fails alone while its batch-mates get their predictions (DESIGN.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -61,46 +61,61 @@ def infer_isolating(
 
 
 def infer_pipelined(
-    runner: Runner, encoded: Sequence[Encoded], batches: Sequence[list[int]]
+    runner: Runner, encoded: Sequence[Encoded], batches: Sequence[list[int]],
+    on_done: Callable[[int, dict[int, Prediction | str]], None] | None = None,
 ) -> dict[int, Prediction | str]:
     """Every planned batch, with one batch in flight on the device.
 
     While the GPU runs batch i, the host pads batch i+1 (into pinned memory)
     and queues it, then turns batch i's probabilities into predictions: the
     device never waits for Python between batches (the pre/core/post overlap
-    of DESIGN.md). Runners without ``launch``/``fetch`` and the CPU run one
-    batch after another. A batch that fails, at launch or when its results
+    of DESIGN.md). Runners that are not ``asynchronous`` (the CPU, which
+    computes at launch) or lack ``launch``/``fetch`` run one batch after
+    another. A batch that fails, at launch or when its results
     are fetched (CUDA reports some errors late), is rerun through
     :func:`infer_isolating`, so failures stay per item exactly as before.
+
+    ``on_done(k, results)`` is called once batch ``k`` has its results (with
+    everything finished so far); on CUDA it runs while batch ``k + 1`` is
+    computing, so work done there (a partial commit) overlaps the device.
     """
     launch = getattr(runner, "launch", None)
     fetch = getattr(runner, "fetch", None)
+    done = on_done or _ignore
     out: dict[int, Prediction | str] = {}
-    if launch is None or fetch is None:
-        for rows in batches:
+    if launch is None or fetch is None or not getattr(runner, "asynchronous", False):
+        # Nothing to overlap (the CPU computes at launch): one batch at a
+        # time, so each batch's results are reported as soon as they exist.
+        for k, rows in enumerate(batches):
             out.update(infer_isolating(runner, encoded, rows))
+            done(k, out)
         return out
 
-    def finish(rows: list[int], handle: Any) -> None:
+    def finish(k: int, rows: list[int], handle: Any) -> None:
         if handle is None:
             out.update(infer_isolating(runner, encoded, rows))
-            return
-        try:
-            preds = runner.decode(fetch(handle))
-        except Exception:  # noqa: BLE001 - rerun isolated, which keeps the reason
-            out.update(infer_isolating(runner, encoded, rows))
-            return
-        out.update(zip(rows, preds, strict=True))
+        else:
+            try:
+                preds = runner.decode(fetch(handle))
+            except Exception:  # noqa: BLE001 - rerun isolated, which keeps the reason
+                out.update(infer_isolating(runner, encoded, rows))
+            else:
+                out.update(zip(rows, preds, strict=True))
+        done(k, out)
 
-    in_flight: tuple[list[int], Any] | None = None
-    for rows in batches:
+    in_flight: tuple[int, list[int], Any] | None = None
+    for k, rows in enumerate(batches):
         try:
             handle = launch(runner.collate(encoded, rows))
         except Exception:  # noqa: BLE001 - isolated below, after the batch in flight
             handle = None
         if in_flight is not None:
             finish(*in_flight)
-        in_flight = (rows, handle)
+        in_flight = (k, rows, handle)
     if in_flight is not None:
         finish(*in_flight)
     return out
+
+
+def _ignore(_k: int, _out: dict[int, Prediction | str]) -> None:
+    return None

@@ -125,6 +125,8 @@ class HFRunner:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{model_dir}: a fast (Rust) tokenizer is required")
         self.model = model.to(placement.device).eval()
+        #: launch() returns before the device finishes (CUDA): batches can overlap.
+        self.asynchronous = placement.is_cuda
         self.name = name or self.model_dir.name
         self.revision: str | None = directory_revision(self.model_dir)
         if placement.quantize:

@@ -149,10 +149,11 @@ class AnalyzeTask(Batches):
     def _process(self, payloads: list[tuple[str, Any]], attempt: int = 1) -> None:
         stats = self._processor().process(payloads, attempt)
         log.info(
-            "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, commit %.3fs",
+            "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, "
+            "commit %.3fs (%d commits)",
             stats.messages, stats.items, stats.failed, stats.batches,
             100.0 * (stats.padded_tokens - stats.real_tokens) / max(stats.real_tokens, 1),
-            stats.infer_s, stats.persist_s,
+            stats.infer_s, stats.persist_s, stats.commits,
         )
 
 
