@@ -54,3 +54,29 @@ def test_queries_and_aggregates(store: ResultStore) -> None:
     assert store.get("p0") is not None and store.get("p0").finished_at.tzinfo is not None  # type: ignore[union-attr]
     with pytest.raises(InvalidInput):
         store.aggregate(by="text")
+
+
+def test_bulk_writer_stores_exactly_what_sqlalchemy_stores(store: ResultStore) -> None:
+    """The fast executemany path and Connection.execute leave byte-identical rows."""
+    import sqlalchemy as sa
+
+    from contract.results import results
+
+    assert store._writer() is not None, "the fast path must be in use on this database"
+    variants: list[dict[str, object]] = [
+        {}, {"meta": {"k": [1, "x"], "u": "世界"}}, {"status": "failed", "label": None,
+         "score": None, "scores": None, "error": "bad input"},
+        {"started_at": None, "submitted_at": None, "truncated": True, "text": "héllo"},
+    ]
+    store.upsert([record(f"fast-{i}", **v) for i, v in enumerate(variants)])
+    store._bulk = None  # type: ignore[assignment]  # force Connection.execute
+    store.upsert([record(f"plain-{i}", **v) for i, v in enumerate(variants)])
+    # compare what the database holds, JSON as stored text, bypassing result processing
+    cols = [sa.cast(c, sa.Text).label(c.name) if isinstance(c.type, sa.JSON) else c
+            for c in results.columns if c.name not in ("id", "finished_at", "submitted_at")]
+    with store.engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(results.c.id, *cols))}
+    for i in range(len(variants)):
+        fast, plain = rows[f"fast-{i}"]._mapping, rows[f"plain-{i}"]._mapping
+        assert {k: v for k, v in fast.items() if k != "id"} == \
+               {k: v for k, v in plain.items() if k != "id"}, i
