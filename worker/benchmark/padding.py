@@ -14,17 +14,18 @@ from typing import Any
 from worker.batching import fifo_batches, padding_waste, plan_batches
 
 
-def windowed_plan_waste(lengths: Sequence[int], window: int, *, token_budget: int,
-                        max_batch_size: int, max_padding: float | None) -> float:
-    """Waste of ``plan_batches`` applied to consecutive ``window``-sized flushes."""
-    real = padded = 0
+def windowed_plan(lengths: Sequence[int], window: int, *, token_budget: int,
+                  max_batch_size: int, max_padding: float | None) -> tuple[float, int]:
+    """Waste and batch count of ``plan_batches`` on consecutive ``window``-sized flushes."""
+    real = padded = count = 0
     for start in range(0, len(lengths), window):
         chunk = list(lengths[start : start + window])
         for rows in plan_batches(chunk, token_budget=token_budget, max_batch_size=max_batch_size,
                                  max_padding=max_padding):
             real += sum(chunk[r] for r in rows)
             padded += len(rows) * max(chunk[r] for r in rows)
-    return (padded - real) / real if real else 0.0
+            count += 1
+    return ((padded - real) / real if real else 0.0), count
 
 
 def measure_padding(lengths: Sequence[int], *, token_budget: int, max_batch_size: int,
@@ -50,18 +51,9 @@ def measure_padding(lengths: Sequence[int], *, token_budget: int, max_batch_size
         out[f"{name}_waste"] = padding_waste(lengths, planned)
         out[f"{name}_batches"] = len(planned)
         for window in flush_windows:
-            out[f"{name}_waste_flush{window}"] = windowed_plan_waste(
-                lengths, window, token_budget=token_budget, max_batch_size=max_batch_size,
-                max_padding=cap)
-            out[f"{name}_batches_flush{window}"] = _windowed_batches(
-                lengths, window, token_budget=token_budget, max_batch_size=max_batch_size,
-                max_padding=cap)
+            waste, count = windowed_plan(lengths, window, token_budget=token_budget,
+                                         max_batch_size=max_batch_size, max_padding=cap)
+            out[f"{name}_waste_flush{window}"] = waste
+            out[f"{name}_batches_flush{window}"] = count
     return out
 
-
-def _windowed_batches(lengths: Sequence[int], window: int, *, token_budget: int,
-                      max_batch_size: int, max_padding: float | None) -> int:
-    return sum(
-        len(plan_batches(list(lengths[s : s + window]), token_budget=token_budget,
-                         max_batch_size=max_batch_size, max_padding=max_padding))
-        for s in range(0, len(lengths), window))
