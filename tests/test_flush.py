@@ -106,14 +106,13 @@ def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: Re
 def test_early_commit_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     """A partial commit when the rest of the flush should take >= 0.1 s, not too often."""
     monkeypatch.setattr(flush, "EARLY_COMMIT_EVERY_S", 60.0)  # no timing race in the test
-    lengths = [10] * 8 + [500]
-    batches = [list(range(8)), [8]]  # 80 tokens done, 500 to go
+    cost = [8 * 10, 500]  # padded tokens per batch: 80 tokens done, 500 to go
     t0 = time.perf_counter() - 0.03  # the first batch took >= 30 ms: >= 0.375 ms/token
-    early = _EarlyCommits(batches, lengths, t0)
+    early = _EarlyCommits(cost, t0)
     assert early.due(0)  # >= 500 tokens x 0.375 ms = 190 ms still to run
     early.committed()
     assert not early.due(0)  # too soon after the last partial commit
     assert not early.due(1)  # nothing left: the final commit follows
     # 12 tokens left: under 100 ms even if this test stalls for half a second
-    quick = _EarlyCommits([list(range(8)), [8]], [10] * 8 + [12], time.perf_counter() - 0.005)
+    quick = _EarlyCommits([8 * 10, 12], time.perf_counter() - 0.005)
     assert not quick.due(0)

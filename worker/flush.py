@@ -75,8 +75,8 @@ class _EarlyCommits:
     commit finds done rows, which are final: no duplicates).
     """
 
-    def __init__(self, batches: Sequence[list[int]], lengths: Sequence[int], t0: float) -> None:
-        cost = [len(rows) * max(lengths[r] for r in rows) for rows in batches]
+    def __init__(self, cost: Sequence[int], t0: float) -> None:
+        """``cost``: padded tokens of each batch, in the order they run."""
         self._done = list(accumulate(cost))
         total = self._done[-1] if cost else 0
         self._left = [total - d for d in self._done]
@@ -171,48 +171,41 @@ class FlushProcessor:
         batches = plan_batches(lengths, token_budget=self.settings.token_budget,
                                max_batch_size=self.settings.max_batch_size,
                                max_padding=self.settings.max_padding)
+        # padded tokens of each batch: the flush's stats and the early-commit estimate
+        cost = [len(rows) * max(lengths[r] for r in rows) for rows in batches]
+        stats.batches = len(batches)
+        stats.padded_tokens = sum(cost)
         for rows in batches:
-            stats.batches += 1
             stats.batch_sizes.append(len(rows))
             stats.real_tokens += sum(lengths[r] for r in rows)
-            stats.padded_tokens += len(rows) * max(lengths[r] for r in rows)
             for r in rows:
                 batch_of[live[r]] = len(rows)
-        early = _EarlyCommits(batches, lengths, t0)
+        early = _EarlyCommits(cost, t0)
         written: set[int] = set()  # item indices already committed in this flush
+
+        def persist(done: dict[int, Prediction | str], flush_failures: list[Failure]) -> None:
+            t1 = time.perf_counter()
+            self._commit(self._records(items, encoded, done, batch_of, flush_failures, started,
+                                       attempt, only=set(done)))
+            written.update(done)
+            stats.persist_s += time.perf_counter() - t1
+            stats.commits += 1
 
         def on_batch(k: int, done: dict[int, Prediction | str]) -> None:
             if not early.due(k):
                 return
             ready = {live[r]: out for r, out in done.items() if live[r] not in written}
-            if not ready:
-                return
-            t1 = time.perf_counter()
-            part = self._records(items, encoded, ready, batch_of, [], started,
-                                 only=set(ready))
-            for rec in part:
-                rec.attempts = attempt
-            self._commit(part)
-            written.update(ready)
-            early.committed()
-            stats.persist_s += time.perf_counter() - t1
-            stats.commits += 1
+            if ready:
+                persist(ready, [])
+                early.committed()
 
         for r, out in infer_pipelined(self.runner, dense, batches, on_batch).items():
             outcomes[live[r]] = out
         stats.infer_s = time.perf_counter() - t0 - stats.persist_s
-        rest = {i: out for i, out in outcomes.items() if i not in written}
-        records = self._records(items, encoded, rest, batch_of, failures, started,
-                                only=set(rest))
-        for rec in records:
-            rec.attempts = attempt
-        stats.items = len(records) + len(written)
-        stats.failed = sum(1 for r in records if r.status == STATUS_FAILED) + sum(
-            1 for i in written if not isinstance(outcomes[i], Prediction))
-        t1 = time.perf_counter()
-        self._commit(records)
-        stats.persist_s += time.perf_counter() - t1
-        stats.commits += 1
+        stats.items = len(outcomes) + len(failures)
+        stats.failed = len(failures) + sum(
+            1 for out in outcomes.values() if not isinstance(out, Prediction))
+        persist({i: out for i, out in outcomes.items() if i not in written}, failures)
         self.last = stats
         return stats
 
@@ -229,10 +222,7 @@ class FlushProcessor:
             failures.extend(parsed.failures)
             failures.extend(Failure(it.id, reason, it.text, it.source, it.submitted_at)
                             for it in parsed.items)
-        records = self._records([], [], {}, {}, failures, started)
-        for rec in records:
-            rec.attempts = attempt
-        self._commit(records)
+        self._commit(self._records([], [], {}, {}, failures, started, attempt))
 
     def _encode(self, items: list[TaskItem], failures: list[Failure]) -> list[Encoded | None]:
         """Hop 2b: tokenize; an item the tokenizer rejects fails alone."""
@@ -257,12 +247,17 @@ class FlushProcessor:
         batch_of: dict[int, int],
         failures: list[Failure],
         started: Any,
+        attempt: int,
         only: set[int] | None = None,
     ) -> list[ResultRecord]:
-        """Rows for the items in ``only`` (all when None) and for ``failures``."""
+        """Rows for the items in ``only`` (all when None) and for ``failures``.
+
+        ``attempt`` is the delivery count stored on every row.
+        """
         finished = utcnow()
         base = {"model": self.runner.name, "model_revision": self.runner.revision,
-                "started_at": started, "finished_at": finished, "worker": self.worker_name}
+                "started_at": started, "finished_at": finished, "worker": self.worker_name,
+                "attempts": attempt}
         records = []
         for i, it in enumerate(items):
             enc = encoded[i]
