@@ -86,6 +86,11 @@ def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path 
     return download_vader_sdist(dest)
 
 
+def _threads(threads: int | None) -> int:
+    """``--threads``, or every CPU of this machine."""
+    return threads or os.cpu_count() or 1
+
+
 _vader_options = [
     click.option("--vader-sdist", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="vaderSentiment-3.3.2.tar.gz (default: fetched once with pip "
@@ -131,7 +136,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), steps=steps,
                batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
                eval_every=eval_every, frozen_layers=frozen_layers,
-               threads=threads or os.cpu_count() or 1)
+               threads=_threads(threads))
 
 
 @model_group.command("eval")
@@ -155,7 +160,7 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
     table = eval_main(Path(model_dir) if model_dir else None,
                       cache_dir=Path(settings.cache_dir),
                       vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
-                      batch_size=batch_size, threads=threads or os.cpu_count() or 1)
+                      batch_size=batch_size, threads=_threads(threads))
     if as_json:
         click.echo(json.dumps(table, indent=2))
 
@@ -186,7 +191,7 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
     path = Path(model_dir) if model_dir else ensure_default_model(
         Path(settings_from(ctx).cache_dir))
     speed_main(path, _vader(ctx, vader_sdist, no_vader), n_texts=texts, batch_size=batch_size,
-               threads=threads or os.cpu_count() or 1)
+               threads=_threads(threads))
 
 
 @click.command("bench")

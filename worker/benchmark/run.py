@@ -57,6 +57,8 @@ class BenchRun:
             broker_url=self.broker, database_url=db, queue=f"bench-{self.run_id}",
             device=opts.device, torch_threads=opts.threads)
         self.stages: dict[str, Any] = {}
+        #: The bare stage's runner, kept for the rounds that alternate with bertstream's.
+        self.runner: Any = None
         self.texts = social_texts(opts.texts, opts.seed)
 
     # -- services -------------------------------------------------------
@@ -125,7 +127,6 @@ class BenchRun:
             self.stages["bare"] = bare
             # The worker runs at the budget the bare model does best with.
             self.settings = self.settings.replace(token_budget=bare["best_budget"])
-            # Kept for the rounds that alternate with bertstream's (see _pipeline).
             self.runner = runner
         else:
             del runner
@@ -156,7 +157,7 @@ class BenchRun:
         """
         bare_rounds: list[dict[str, Any]] = []
         pipe_rounds: list[dict[str, Any]] = []
-        runner = getattr(self, "runner", None)
+        runner = self.runner
         for k in range(self.opts.rounds):
             tag = f" (round {k + 1}/{self.opts.rounds})" if self.opts.rounds > 1 else ""
             if runner is not None:
