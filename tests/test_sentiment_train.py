@@ -28,7 +28,7 @@ from worker.sentiment import frozen_prefix, lora
 from worker.sentiment.adapter_file import load_adapter
 from worker.sentiment.data import Example
 from worker.sentiment.evaluate import accuracy_table, predict
-from worker.sentiment.train import Recipe, _batches, _score, train_classifier
+from worker.sentiment.train import Recipe, _batches, _Ema, _score, train_classifier
 
 torch.set_num_threads(1)
 
@@ -188,3 +188,42 @@ def test_train_cli_rejects_bad_repeat(value: str, tmp_path: Path) -> None:
                                        "--no-vader", "--repeat", value])
     assert result.exit_code == 2, result.output
     assert "--repeat" in result.output
+
+
+def test_ema_averages_and_swaps_back() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = _Ema([p], decay=0.9)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()
+    # The first update's decay is 1/10 (warm-up): the average jumps most of the way.
+    assert float(ema.shadow[0][0]) == pytest.approx(0.9)
+    for _ in range(100):
+        ema.update()
+    assert float(ema.shadow[0][0]) == pytest.approx(1.0)
+    with torch.no_grad():
+        p.fill_(0.0)
+    ema.update()
+    # After the warm-up the decay is capped at 0.9.
+    assert float(ema.shadow[0][0]) == pytest.approx(0.9, abs=1e-4)
+    with torch.no_grad():
+        p.fill_(5.0)
+    with ema.swapped():
+        assert torch.allclose(p, ema.shadow[0])
+    assert torch.equal(p.detach(), torch.full((3,), 5.0))
+    with pytest.raises(ValueError):
+        _Ema([p], decay=1.0)
+
+
+def test_train_with_ema_saves_the_average(tiny_dir: Path, tmp_path: Path) -> None:
+    splits = {"train": _examples(256, 1), "dev": _examples(64, 2)}
+    model, tokenizer = _load(tiny_dir)
+    meta = train_classifier(tmp_path / "a", _recipe(ema=0.95, eval_every=150), splits, model, tokenizer,
+                            tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    assert meta["recipe"]["ema"] == 0.95
+    assert meta["dev"]["zh"]["acc"] >= 0.9 and meta["dev"]["en"]["acc"] >= 0.9, meta["dev"]
+    # One evaluation, at the last step: the saved tensors are the average, not the
+    # raw weights left in the model.
+    saved = load_adapter(tmp_path / "a").full["classifier.weight"]
+    raw = model.get_parameter("classifier.weight").detach()
+    assert not torch.allclose(saved, raw.to(torch.float16).float(), atol=1e-4)

@@ -130,13 +130,18 @@ def _with_vader(f: Any) -> Any:
 @click.option("--init", "init_adapter", type=click.Path(file_okay=False, exists=True),
               default=None, help="Continue from this adapter directory (same --rank and "
                                  "--frozen-layers), e.g. worker/sentiment/adapter.")
+@click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+              show_default=True,
+              help="Evaluate and save an exponential moving average of the weights with this "
+                   "decay (e.g. 0.998); 0: the raw weights.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
 def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size: int,
                         max_len: int, lr: float, rank: int, frozen_layers: int, seed: int,
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
-                        select: str, init_adapter: str | None, threads: int | None,
+                        select: str, init_adapter: str | None, ema: float,
+                        threads: int | None,
                         vader_sdist: str | None, no_vader: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -150,7 +155,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                eval_every=eval_every, frozen_layers=frozen_layers,
                threads=_threads(threads), warmup_steps=warmup_steps,
                repeat=_parse_repeat(repeat), select=select,
-               init_adapter=Path(init_adapter) if init_adapter else None)
+               init_adapter=Path(init_adapter) if init_adapter else None, ema=ema)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class Recipe:
     select: str = "mean"
     # An adapter directory to start from (same rank/layers); None: fresh LoRA.
     init_adapter: str | None = None
+    # Decay of an exponential moving average of the trained weights; when > 0
+    # the average (not the raw weights) is evaluated and saved. 0: off.
+    ema: float = 0.0
 
 
 TARGETS = {"zh": 0.88, "en": 0.85}
@@ -160,6 +164,44 @@ def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path
     return adapter.meta
 
 
+class _Ema:
+    """Exponential moving average of parameters, with a warm-up of the decay.
+
+    The decay used at update ``t`` is ``min(decay, (1 + t) / (10 + t))`` so
+    the average is not dominated by the starting point in a short run.
+    :meth:`swapped` puts the averages into the parameters for a block (to
+    evaluate and save them) and restores the trained values afterwards.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.params = list(params)
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for avg, p in zip(self.shadow, self.params, strict=True):
+            avg.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            for p, avg in zip(self.params, self.shadow, strict=True):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, live, strict=True):
+                    p.copy_(value)
+
+
 def _schedule(recipe: Recipe):  # noqa: ANN202 - a LambdaLR factor
     def factor(step: int) -> float:
         if step < recipe.warmup_steps:
@@ -191,6 +233,34 @@ def train(
     )
 
 
+def _prepare(
+    model: BertForSequenceClassification, recipe: Recipe
+) -> tuple[list[str], dict[str, nn.Parameter], dict | None]:
+    """Freeze ``model``, add LoRA to its upper layers and unfreeze the fully trained tensors.
+
+    Gives the wrapped module names, the fully trained parameters and, when
+    the recipe continues an adapter, that adapter's meta (its weights loaded).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    k = recipe.frozen_layers
+    wrapped = lora.inject(
+        model,
+        recipe.targets,
+        recipe.rank,
+        recipe.alpha,
+        recipe.lora_dropout,
+        include=lambda n: _layer_of(n) >= k,
+    )
+    full = _trainable_full(model, recipe)
+    for p in full.values():
+        p.requires_grad_(True)
+    init_meta = None
+    if recipe.init_adapter is not None:
+        init_meta = _warm_start(model, full, Path(recipe.init_adapter))
+    return wrapped, full, init_meta
+
+
 def train_classifier(
     out_dir: Path,
     recipe: Recipe,
@@ -211,23 +281,8 @@ def train_classifier(
     :func:`train` does) before building the model for a repeatable run.
     """
     rng = random.Random(recipe.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
     k = recipe.frozen_layers
-    wrapped = lora.inject(
-        model,
-        recipe.targets,
-        recipe.rank,
-        recipe.alpha,
-        recipe.lora_dropout,
-        include=lambda n: _layer_of(n) >= k,
-    )
-    full = _trainable_full(model, recipe)
-    for p in full.values():
-        p.requires_grad_(True)
-    init_meta = None
-    if recipe.init_adapter is not None:
-        init_meta = _warm_start(model, full, Path(recipe.init_adapter))
+    wrapped, full, init_meta = _prepare(model, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(recipe))
@@ -253,13 +308,22 @@ def train_classifier(
         # The run this one continued: its recipe, steps, time and dev scores
         # (and, recursively, its own "init"), so the lineage stays reproducible.
         meta["init"] = {
-            k: init_meta[k]
-            for k in ("recipe", "steps", "train_seconds", "dev", "init")
-            if k in init_meta
+            key: init_meta[key]
+            for key in ("recipe", "steps", "train_seconds", "dev", "init")
+            if key in init_meta
         }
     best, started, loss_ema = -1.0, time.time(), None
 
+    ema = _Ema(params, recipe.ema) if recipe.ema > 0 else None
+
     def evaluate(step: int) -> None:
+        if ema is None:
+            _evaluate(step)
+        else:
+            with ema.swapped():
+                _evaluate(step)
+
+    def _evaluate(step: int) -> None:
         nonlocal best
         table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
         score = _score(table, recipe.select)
@@ -272,7 +336,7 @@ def train_classifier(
             save_adapter(
                 out_dir,
                 lora.lora_tensors(model),
-                {k: v.detach() for k, v in full.items()},
+                {name: v.detach() for name, v in full.items()},
                 meta,
             )
             print(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})", flush=True)
@@ -293,6 +357,8 @@ def train_classifier(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update()
         opt.zero_grad(set_to_none=True)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         bar.update(1)
@@ -343,6 +409,7 @@ def train_main(
     repeat: tuple[tuple[str, float], ...] = (),
     select: str = "mean",
     init_adapter: Path | None = None,
+    ema: float = 0.0,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -365,6 +432,7 @@ def train_main(
         repeat=tuple(repeat),
         select=select,
         init_adapter=str(init_adapter) if init_adapter is not None else None,
+        ema=ema,
     )
     if select not in ("mean", "targets"):
         raise ValueError(f"unknown select {select!r}: use 'mean' or 'targets'")
