@@ -329,7 +329,11 @@ def train_classifier(
         score = _score(table, recipe.select)
         elapsed = time.time() - started
         loss = f"{loss_ema:.4f}" if loss_ema is not None else "-"
-        print(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}", flush=True)
+        # tqdm.write clears the progress bar first, so a log of the run keeps
+        # each report on its own lines.
+        tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
+                   file=sys.stdout)
+        sys.stdout.flush()
         if score > best:
             best = score
             meta.update(steps=step, train_seconds=round(elapsed), dev=table)
@@ -339,7 +343,9 @@ def train_classifier(
                 {name: v.detach() for name, v in full.items()},
                 meta,
             )
-            print(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})", flush=True)
+            tqdm.write(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})",
+                       file=sys.stdout)
+            sys.stdout.flush()
 
     if init_meta is not None:
         # The starting point is a candidate too: a continuation that never
