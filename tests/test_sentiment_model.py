@@ -92,3 +92,29 @@ def test_loads_with_auto_classes_and_classifies(model_dir: Path) -> None:
     with torch.inference_mode():
         labels = model(**enc).logits.argmax(-1).tolist()
     assert [model.config.id2label[i] for i in labels] == list(cases.values())
+
+
+def test_model_path_cli_assembles_any_adapter(cache_dir: Path, model_dir: Path,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    monkeypatch.setenv("BERTSTREAM_CACHE_DIR", str(cache_dir))
+    bundled = CliRunner().invoke(main, ["model", "path"])
+    assert bundled.exit_code == 0, bundled.output
+    assert bundled.stdout.strip() == str(model_dir)
+    # A copy of the bundled adapter with another meta.json is another revision:
+    # --adapter assembles it into its own directory.
+    other = tmp_path / "adapter"
+    shutil.copytree(default_adapter_dir(), other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["note"] = "a retrained adapter"
+    (other / "meta.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(main, ["model", "path", "--adapter", str(other)])
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.strip())
+    assert path != model_dir and path.parent == cache_dir
+    assert read_model_info(path).revision == model_revision(other)

@@ -200,12 +200,22 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
 
 
 @model_group.command("path")
+@click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, exists=True),
+              default=None, help="Assemble this adapter directory (a `model train --out`) "
+                                 "instead of the bundled one.")
 @click.pass_context
-def model_path_command(ctx: click.Context) -> None:
-    """Assemble the bundled model if needed (progress bar) and print its directory."""
-    from worker.sentiment.assemble import ensure_default_model
+def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
+    """Assemble the bundled model if needed (progress bar) and print its directory.
 
-    click.echo(str(ensure_default_model(Path(settings_from(ctx).cache_dir))))
+    With --adapter, the model built from that adapter: pass the printed
+    directory to `model eval --model` or BERTSTREAM_MODEL.
+    """
+    from worker.sentiment.assemble import ensure_default_model, ensure_model
+
+    cache_dir = Path(settings_from(ctx).cache_dir)
+    path = (ensure_model(cache_dir, Path(adapter_dir)) if adapter_dir
+            else ensure_default_model(cache_dir))
+    click.echo(str(path))
 
 
 @model_group.command("speed")
