@@ -180,6 +180,8 @@ def test_dev_score_for_selection() -> None:
     assert _score(table, "targets") == pytest.approx(0.01)  # zh is the binding target
     with pytest.raises(ValueError):
         _score(table, "best")
+    with pytest.raises(ValueError, match="unknown select"):
+        Recipe(select="best")
 
 
 @pytest.mark.parametrize("value", ["zh", "zh=", "zh=abc", "fr=2", "en=0", "en=11"])

