@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 
-.PHONY: install test test-fast lint typecheck bench bench-quick demo clean
+.PHONY: install test test-fast lint typecheck bench bench-quick demo clean device-pack device-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ bench: install
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream bench --quick
 
+# Everything a lent GPU machine lacks, in .devpack/ (size-checked); bench/README.md says how to run it.
+device-pack: install
+	PY=$(PY) bash bench/device_pack.sh
+
+# The device run's CPU rehearsal: the same script and steps, tiny sizes.
+device-rehearsal: device-pack
+	PYTHON=$(PY) bash bench/device.sh --device cpu --rehearse --out bench/results/device-rehearsal
+
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .devpack .pytest_cache .mypy_cache .ruff_cache *.egg-info

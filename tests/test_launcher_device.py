@@ -53,3 +53,22 @@ def test_each_child_sees_one_gpu_and_the_parent_settings() -> None:
         # The child rebuilds exactly the parent's settings from its environment.
         assert Settings.from_env(env) == s
     assert children[0][0][6] != children[1][0][6]  # distinct Celery hostnames
+
+
+def test_procs_per_gpu_starts_several_pinned_children() -> None:
+    children = child_commands(["0", "1"], Settings(), procs_per_gpu=2, host="h")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in children] == ["0", "0", "1", "1"]
+    names = [cmd[cmd.index("--hostname") + 1] for cmd, _ in children]
+    assert names == ["bertstream-gpu0-0@h", "bertstream-gpu0-1@h",
+                     "bertstream-gpu1-0@h", "bertstream-gpu1-1@h"]
+    with pytest.raises(ValueError, match="at least 1"):
+        child_commands(["0"], Settings(), procs_per_gpu=0)
+
+
+def test_procs_per_gpu_without_gpus_is_refused() -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--procs-per-gpu", "2"])
+    assert result.exit_code == 2 and "--procs-per-gpu needs --gpus" in result.output

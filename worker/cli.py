@@ -26,6 +26,8 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.command("worker")
 @click.option("--device", default=None, help="cpu, cuda:N or auto (BERTSTREAM_DEVICE).")
 @click.option("--gpus", default=None, help="Start one worker process per GPU, e.g. 0,1.")
+@click.option("--procs-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --gpus: worker processes per GPU (each loads its own model copy).")
 @click.option("--model", default=None, help="Model directory or 'default' (BERTSTREAM_MODEL).")
 @click.option("--max-wait-ms", type=int, default=None, help="Micro-batch max wait.")
 @click.option("--token-budget", type=int, default=None, help="Tokens per model batch.")
@@ -33,8 +35,8 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--hostname", default=None, help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
-def worker_command(ctx: click.Context, device: str | None, gpus: str | None, model: str | None,
-                   max_wait_ms: int | None, token_budget: int | None,
+def worker_command(ctx: click.Context, device: str | None, gpus: str | None, procs_per_gpu: int,
+                   model: str | None, max_wait_ms: int | None, token_budget: int | None,
                    torch_threads: int | None, hostname: str | None, loglevel: str) -> None:
     """Run a micro-batching worker (one process; --gpus starts one per GPU)."""
     settings = settings_from(ctx, model=model, max_wait_ms=max_wait_ms,
@@ -42,7 +44,10 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, mod
     if gpus:
         from worker.launcher import launch, parse_gpus
 
-        sys.exit(launch(parse_gpus(gpus), settings, loglevel=loglevel))
+        sys.exit(launch(parse_gpus(gpus), settings, loglevel=loglevel,
+                        procs_per_gpu=procs_per_gpu))
+    if procs_per_gpu != 1:
+        raise click.UsageError("--procs-per-gpu needs --gpus")
     if device:
         settings = settings.replace(device=device)
     logging.basicConfig(level=loglevel.upper(),
@@ -255,10 +260,13 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @click.option("--rounds", type=int, default=None,
               help="Rounds of bare model / bertstream, alternated; medians reported "
                    "(default 3; 1 with --quick).")
+@click.option("--procs-per-gpu", "procs", default="1", show_default=True,
+              help="Worker processes for the end-to-end stage, one run per count: e.g. 1,2 "
+                   "(what `worker --gpus 0 --procs-per-gpu N` starts on one device).")
 @click.pass_context
 def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str, out: str,
                   database_url: str | None, skip: tuple[str, ...], device: str,
-                  threads: int | None, rounds: int | None) -> None:
+                  threads: int | None, rounds: int | None, procs: str) -> None:
     """Benchmark the pipeline against the bare model and a naive Celery task, side by side."""
     from worker.benchmark import main as bench_main
 
@@ -266,7 +274,7 @@ def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str
     try:
         code = bench_main(settings_from(ctx), quick=quick, texts=texts, model=model, out=out,
                           database_url=database_url, skip=skip, device=device, threads=threads,
-                          rounds=rounds)
+                          rounds=rounds, procs=procs)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     sys.exit(code)

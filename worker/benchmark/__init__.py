@@ -39,7 +39,9 @@ def main(settings: Settings, **options: Any) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run_bench(settings, opts, command=command,
-                           log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+                           log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
+                           checkpoint=lambda doc: write_json({**doc, "ratios": ratios(doc)},
+                                                             opts.out))
     except KeyboardInterrupt:
         print("bench: interrupted; every worker it started was stopped", file=sys.stderr)
         return 130

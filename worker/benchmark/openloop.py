@@ -19,7 +19,7 @@ from typing import Any
 from contract.settings import Settings
 from producer.client import Client
 from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerProc
+from worker.benchmark.services import ResultsProbe, WorkerGroup
 
 
 def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:
@@ -47,14 +47,14 @@ def _produce(settings: Settings, texts: Sequence[str], schedule: Sequence[float]
             client.submit(texts[i % len(texts)], id=f"{prefix}{i}")
 
 
-def measure_load(settings: Settings, probe: ResultsProbe, worker: WorkerProc,
+def measure_load(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,
                  texts: Sequence[str], prefix: str, *, rate: float, seconds: float,
                  seed: int = 0) -> dict[str, Any]:
     """Run one open-loop load of ``rate`` texts/s for ``seconds``; give latency figures."""
     schedule = poisson_schedule(rate, seconds, seed)
     lag: list[float] = []
     _produce(settings, texts, schedule, prefix, lag)
-    probe.wait_for(prefix, len(schedule), timeout=120 + seconds, alive=worker.check_alive)
+    probe.wait_for(prefix, len(schedule), timeout=120 + seconds, alive=workers.check_alive)
     rows = probe.rows(prefix)
     flush_ms = figures.flush_durations_ms(rows)
     batch_ms = figures.percentile(flush_ms, 50)

@@ -29,6 +29,8 @@ class BenchOptions:
     sweep_texts: int = 150
     #: Rounds of bare model / bertstream end to end, alternated; medians are reported.
     rounds: int = 3
+    #: Worker process counts of the end-to-end stage (one run each, same device).
+    procs: tuple[int, ...] = (1,)
     #: Texts the naive peer processes (a stride sample of the workload).
     naive_texts: int = 150
     #: Texts for the null pipeline: single-text messages, and bulk.
@@ -47,7 +49,8 @@ class BenchOptions:
     def build(cls, *, quick: bool = False, texts: int | None = None, model: str | None = None,
               out: str | None = None, database_url: str | None = None,
               skip: str | tuple[str, ...] | None = None, device: str | None = None,
-              threads: int | None = None, rounds: int | None = None) -> BenchOptions:
+              threads: int | None = None, rounds: int | None = None,
+              procs: str | None = None) -> BenchOptions:
         """Options for the CLI flags; ``quick`` shrinks every stage to fit ~1 minute."""
         n = texts or (200 if quick else 600)
         dev = device or "cpu"
@@ -55,7 +58,7 @@ class BenchOptions:
         base = cls(
             model=model or "default", texts=n, quick=quick, database_url=database_url,
             out=Path(out) if out else cls.out, skip=names, device=dev,
-            threads=threads or min(os.cpu_count() or 1, 8),
+            threads=threads or min(os.cpu_count() or 1, 8), procs=_parse_procs(procs),
         )
         if rounds is not None:
             if rounds < 1:
@@ -81,6 +84,16 @@ def _replace(opts: BenchOptions, **changes: object) -> BenchOptions:
     import dataclasses
 
     return dataclasses.replace(opts, **changes)  # type: ignore[arg-type]
+
+
+def _parse_procs(spec: str | None) -> tuple[int, ...]:
+    """``"1,2"`` → ``(1, 2)``: distinct positive counts, in the order given."""
+    if not spec:
+        return (1,)
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--procs-per-gpu expects counts like 1,2 (got {spec!r})")
+    return tuple(dict.fromkeys(int(p) for p in parts))
 
 
 def _parse_skip(skip: str | tuple[str, ...] | None) -> frozenset[str]:

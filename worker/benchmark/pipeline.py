@@ -19,12 +19,12 @@ from typing import Any
 from contract.settings import Settings
 from producer.client import Client
 from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerProc
+from worker.benchmark.services import ResultsProbe, WorkerGroup, WorkerProc
 
 
-def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerProc,
+def measure_bertstream(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,
                        texts: Sequence[str], prefix: str, timeout: float) -> dict[str, Any]:
-    """Bulk submit ``texts`` to a running worker; wait for every row; give the figures.
+    """Bulk submit ``texts`` to running workers; wait for every row; give the figures.
 
     A small warm-up batch goes first: the first forward passes of a fresh
     process pay one-off allocations the bare model's warm-up also excludes.
@@ -32,17 +32,17 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerPr
     warm = [{"id": f"{prefix}warm-{i}", "text": t} for i, t in enumerate(texts[:32])]
     with Client(settings) as client:
         client.submit_many(warm)
-    probe.wait_for(f"{prefix}warm-", len(warm), timeout=timeout, alive=worker.check_alive)
+    probe.wait_for(f"{prefix}warm-", len(warm), timeout=timeout, alive=workers.check_alive)
     prefix = f"{prefix}run-"
     items = [{"id": f"{prefix}{i}", "text": t} for i, t in enumerate(texts)]
-    mark = worker.log_size()
+    mark = workers.log_size()
     with Client(settings) as client:
         t0 = time.time()
         report = client.submit_many(items)
         publish_s = time.time() - t0
     if report.rejected:
         raise RuntimeError(f"producer refused {report.rejected} benchmark texts: {report.errors[:3]}")
-    probe.wait_for(prefix, len(items), timeout=timeout, alive=worker.check_alive)
+    probe.wait_for(prefix, len(items), timeout=timeout, alive=workers.check_alive)
     rows = probe.rows(prefix)
     wall = probe.last_finished(prefix) - t0  # first publish to last row written
     return {
@@ -56,7 +56,7 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, worker: WorkerPr
         "publish_s": publish_s,
         "failed": sum(1 for r in rows if r["status"] != "done"),
         **figures.latency_ms(rows),
-        "worker": figures.flush_log_totals(worker.log_since(mark)),
+        "worker": figures.flush_log_totals(workers.log_since(mark)),
     }
 
 

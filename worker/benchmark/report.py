@@ -44,6 +44,10 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
             continue
         out[f"vs_{peer}"] = bs["texts_per_s"] / other["texts_per_s"]
         out[f"vs_{peer}_tokens"] = bs["tokens_per_s"] / other["tokens_per_s"]
+    bare = stages.get("bare")
+    for count, run in (stages.get("pipeline_procs") or {}).items():
+        if bare:
+            out[f"vs_bare_procs{count}"] = run["texts_per_s"] / bare["texts_per_s"]
     return out
 
 
@@ -71,6 +75,7 @@ def table(result: dict[str, Any]) -> str:
             f"{_num(p['p50_ms'], '{:,.0f}')}/{_num(p['p95_ms'], '{:,.0f}')}/"
             f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)"
             + _rounds(p))
+    lines.extend(_procs_rows(s, r))
     if "vs_bare" in r:
         row("   bertstream / bare", f"{r['vs_bare']:.2f}x (tokens/s {r['vs_bare_tokens']:.2f}x)",
             f">= 0.90x{_mark(r['vs_bare'] >= TARGETS['vs_bare'])}")
@@ -107,6 +112,18 @@ def table(result: dict[str, Any]) -> str:
             f"flush {_num(load['flush_p50_ms'], '{:,.0f}')} ms x {load['mean_flush_size']:.1f} texts",
             target)
     return "\n".join(lines)
+
+
+def _procs_rows(s: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """One row per worker process count of the end-to-end stage (``--procs-per-gpu``)."""
+    out = []
+    for count, run in (s.get("pipeline_procs") or {}).items():
+        ratio = r.get(f"vs_bare_procs{count}")
+        figure = (f"{_num(run['texts_per_s'])} texts/s, p50/p99 {_num(run['p50_ms'], '{:,.0f}')}/"
+                  f"{_num(run['p99_ms'], '{:,.0f}')} ms" + (f"; {ratio:.2f}x bare" if ratio else "")
+                  + _rounds(run))
+        out.append(f"|    {count} worker process(es) on the device | {figure} |  |")
+    return out
 
 
 def header(result: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from worker.benchmark.padding import measure_padding
 from worker.benchmark.pipeline import measure_bertstream, measure_null
 from worker.benchmark.services import (
     ResultsProbe,
+    WorkerGroup,
     WorkerProc,
     bench_broker_url,
     flush_redis,
@@ -59,6 +60,9 @@ class BenchRun:
         self.stages: dict[str, Any] = {}
         #: The bare stage's runner, kept for the rounds that alternate with bertstream's.
         self.runner: Any = None
+        self.bare_rounds: list[dict[str, Any]] = []
+        #: Called with the stages finished so far after each one (partial results survive a timeout).
+        self.checkpoint: Any = _ignore
         self.texts = social_texts(opts.texts, opts.seed)
 
     # -- services -------------------------------------------------------
@@ -81,6 +85,22 @@ class BenchRun:
         self.stack.callback(proc.stop)
         return proc.wait_ready()
 
+    def start_workers(self, settings: Settings, count: int) -> WorkerGroup:
+        """``count`` bertstream workers on one queue and device, as ``--procs-per-gpu`` starts.
+
+        On the CPU the torch threads are shared out so the group uses the
+        same cores as one process.
+        """
+        if settings.device == "cpu" and count > 1:
+            settings = settings.replace(torch_threads=max(1, self.opts.threads // count))
+        members = [WorkerProc(settings, self.workdir / f"worker-{time.monotonic_ns()}-{k}.log",
+                              name="bench") for k in range(count)]
+        for member in members:
+            self.stack.callback(member.stop)
+        for member in members:
+            member.wait_ready()
+        return WorkerGroup(members)
+
     def prefix(self, stage: str) -> str:
         """Id prefix of one stage's rows."""
         return f"bench-{self.run_id}-{stage}-"
@@ -91,14 +111,12 @@ class BenchRun:
         """Run every stage not skipped; give the stage figures."""
         self._open_services()
         self.settings = self.settings.replace(model=str(model.path))
-        if self.opts.runs("padding") or self.opts.runs("bare"):
-            self._in_process()
-        if self.opts.runs("pipeline"):
-            self._pipeline()
-        if self.opts.runs("naive"):
-            self._naive()
-        if self.opts.runs("null"):
-            self._null()
+        steps = (("padding", self._in_process), ("pipeline", self._pipeline),
+                 ("naive", self._naive), ("null", self._null))
+        for stage, step in steps:
+            if self.opts.runs(stage) or (stage == "padding" and self.opts.runs("bare")):
+                step()
+                self.checkpoint(self.stages)
         return self.stages
 
     def _in_process(self) -> None:
@@ -133,49 +151,58 @@ class BenchRun:
             gc.collect()
 
     def _pipeline(self) -> None:
-        self.log(f"bertstream: starting a worker ({self.opts.threads} torch threads)")
-        worker = self.start_worker(self.settings)
-        result = self._rounds(worker)
-        if self.opts.runs("openloop"):
-            loads = []
-            for k, fraction in enumerate(self.opts.loads):
-                rate = fraction * result["texts_per_s"]
-                self.log(f"open loop: {100 * fraction:.0f}% = {rate:.1f} texts/s "
-                         f"for {self.opts.load_seconds:.0f} s")
-                load = measure_load(self.settings, self.probe, worker, self.texts,
-                                    self.prefix(f"load{k}"), rate=rate,
-                                    seconds=self.opts.load_seconds, seed=self.opts.seed + k)
-                loads.append({"fraction": fraction, **load})
-            self.stages["openloop"] = {"max_wait_ms": self.settings.max_wait_ms, "loads": loads}
-        worker.stop()
+        by_procs: dict[int, dict[str, Any]] = {}
+        for count in self.opts.procs:
+            self.log(f"bertstream: starting {count} worker process(es) "
+                     f"({self.opts.threads} torch threads in all)")
+            workers = self.start_workers(self.settings, count)
+            by_procs[count] = result = self._rounds(workers, f"p{count}")
+            if count == self.opts.procs[0] and self.opts.runs("openloop"):
+                self._openloop(workers, result["texts_per_s"])
+            workers.stop()
+        self.stages["pipeline"] = by_procs[self.opts.procs[0]]
+        if len(by_procs) > 1 or self.opts.procs != (1,):
+            self.stages["pipeline_procs"] = {str(n): r for n, r in by_procs.items()}
 
-    def _rounds(self, worker: WorkerProc) -> dict[str, Any]:
+    def _openloop(self, workers: WorkerGroup, max_rate: float) -> None:
+        loads = []
+        for k, fraction in enumerate(self.opts.loads):
+            rate = fraction * max_rate
+            self.log(f"open loop: {100 * fraction:.0f}% = {rate:.1f} texts/s "
+                     f"for {self.opts.load_seconds:.0f} s")
+            load = measure_load(self.settings, self.probe, workers, self.texts,
+                                self.prefix(f"load{k}"), rate=rate,
+                                seconds=self.opts.load_seconds, seed=self.opts.seed + k)
+            loads.append({"fraction": fraction, **load})
+        self.stages["openloop"] = {"max_wait_ms": self.settings.max_wait_ms, "loads": loads}
+
+    def _rounds(self, workers: WorkerGroup, tag: str) -> dict[str, Any]:
         """bertstream end to end, alternating with the bare model, ``opts.rounds`` times.
 
         This machine's speed drifts by +-10% over a minute; alternating the two
-        and comparing medians keeps that drift out of the ratio.
+        and comparing medians keeps that drift out of the ratio. The bare
+        rounds of every worker count are pooled into the bare stage's median.
         """
-        bare_rounds: list[dict[str, Any]] = []
         pipe_rounds: list[dict[str, Any]] = []
         runner = self.runner
         for k in range(self.opts.rounds):
-            tag = f" (round {k + 1}/{self.opts.rounds})" if self.opts.rounds > 1 else ""
+            note = f" (round {k + 1}/{self.opts.rounds})" if self.opts.rounds > 1 else ""
             if runner is not None:
-                self.log(f"bare: {len(self.texts)} texts{tag}")
-                bare_rounds.append(run_once(runner, self.texts,
-                                            token_budget=self.settings.token_budget,
-                                            max_padding=self.settings.max_padding))
-            self.log(f"bertstream: {len(self.texts)} texts end to end{tag}")
+                self.log(f"bare: {len(self.texts)} texts{note}")
+                self.bare_rounds.append(run_once(runner, self.texts,
+                                                 token_budget=self.settings.token_budget,
+                                                 max_padding=self.settings.max_padding))
+            self.log(f"bertstream ({tag}): {len(self.texts)} texts end to end{note}")
             pipe_rounds.append(measure_bertstream(
-                self.settings, self.probe, worker, self.texts, self.prefix(f"pipeline{k}"),
-                STAGE_TIMEOUT_S))
+                self.settings, self.probe, workers, self.texts,
+                self.prefix(f"pipeline-{tag}-{k}"), STAGE_TIMEOUT_S))
         result = dict(median_round(pipe_rounds))
         result["rounds"] = [r["texts_per_s"] for r in pipe_rounds]
-        self.stages["pipeline"] = result
-        if bare_rounds:
+        result["processes"] = len(workers.members)
+        if self.bare_rounds:
             bare = self.stages["bare"]
-            bare.update(median_round(bare_rounds))
-            bare["rounds"] = [r["texts_per_s"] for r in bare_rounds]
+            bare.update(median_round(self.bare_rounds))
+            bare["rounds"] = [r["texts_per_s"] for r in self.bare_rounds]
         return result
 
     def _naive(self) -> None:
@@ -242,8 +269,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_bench(settings: Settings, opts: BenchOptions, *, command: str = "bertstream bench",
-              log: Any = print) -> dict[str, Any]:
-    """Run the benchmark; every process and key it creates is gone when this returns."""
+              log: Any = print, checkpoint: Any = None) -> dict[str, Any]:
+    """Run the benchmark; every process and key it creates is gone when this returns.
+
+    ``checkpoint(document)``, when given, receives the result document so far
+    (``complete`` false) after every stage.
+    """
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
     machine = machine_info()
@@ -252,20 +283,32 @@ def run_bench(settings: Settings, opts: BenchOptions, *, command: str = "bertstr
         bench = BenchRun(settings, opts, stack, workdir, log)
         model = resolve_model(opts.model, workdir, Path(settings.cache_dir))
         log(f"model: {model.name} ({model.kind}) at {model.path}")
+
+        def document(stages: dict[str, Any], complete: bool) -> dict[str, Any]:
+            final = bench.settings
+            return {
+                "started_at": started.isoformat(timespec="seconds"),
+                "seconds": time.monotonic() - t0,
+                "complete": complete,
+                "command": command,
+                "machine": machine,
+                "device": opts.device,
+                "threads": opts.threads,
+                "model": {"name": model.name, "kind": model.kind, "note": model.note},
+                "options": {k: (sorted(v) if isinstance(v, frozenset) else v)
+                            for k, v in vars(opts).items() if k != "notes"},
+                "settings": {k: v for k, v in final.public().items()
+                             if k in ("max_wait_ms", "token_budget", "max_batch_size",
+                                      "flush_every", "bulk_chunk_size", "database_url",
+                                      "broker_url", "torch_threads")},
+                "stages": stages,
+            }
+
+        if checkpoint is not None:
+            bench.checkpoint = lambda stages: checkpoint(document(stages, False))
         stages = bench.run(model)
-        final = bench.settings
-    return {
-        "started_at": started.isoformat(timespec="seconds"),
-        "seconds": time.monotonic() - t0,
-        "command": command,
-        "machine": machine,
-        "device": opts.device,
-        "threads": opts.threads,
-        "model": {"name": model.name, "kind": model.kind, "note": model.note},
-        "options": {k: (sorted(v) if isinstance(v, frozenset) else v)
-                    for k, v in vars(opts).items() if k != "notes"},
-        "settings": {k: v for k, v in final.public().items()
-                     if k in ("max_wait_ms", "token_budget", "max_batch_size", "flush_every",
-                              "bulk_chunk_size", "database_url", "broker_url", "torch_threads")},
-        "stages": stages,
-    }
+        return document(stages, True)
+
+
+def _ignore(_stages: dict[str, Any]) -> None:
+    return None

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from contract.results import ResultStore, results
 from worker.process import WorkerProc
 
-__all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerProc", "bench_broker_url", "flush_redis"]
+__all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerGroup", "WorkerProc", "bench_broker_url",
+           "flush_redis"]
 
 #: The Redis database the benchmark uses and flushes (apart from 0 and the tests' 9).
 BENCH_REDIS_DB = 8
@@ -92,6 +93,35 @@ class ResultsProbe:
         """Remove the rows of ``prefix`` (the benchmark's own, on a shared database)."""
         with self.store.engine.begin() as conn:
             conn.execute(results.delete().where(results.c.id.like(prefix + "%")))
+
+
+class WorkerGroup:
+    """Several worker processes on one queue and device, watched and stopped together.
+
+    The same calls as one :class:`WorkerProc` where the stages need them:
+    ``check_alive``, ``log_size``/``log_since`` (over every member's log) and ``stop``.
+    """
+
+    def __init__(self, members: list[WorkerProc]) -> None:
+        self.members = members
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError when any member has exited."""
+        for member in self.members:
+            member.check_alive()
+
+    def log_size(self) -> list[int]:
+        """One mark per member (give it back to :meth:`log_since`)."""
+        return [member.log_size() for member in self.members]
+
+    def log_since(self, marks: list[int]) -> str:
+        """Every member's output after its mark, one after another."""
+        return "".join(m.log_since(k) for m, k in zip(self.members, marks, strict=True))
+
+    def stop(self) -> None:
+        """Stop every member (warm shutdown, SIGKILL after a timeout)."""
+        for member in self.members:
+            member.stop()
 
 
 def _seconds(value: Any) -> float | None:

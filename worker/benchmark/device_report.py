@@ -1,0 +1,123 @@
+"""The short report of one device run (``bench/device.sh``), from the files it left in its out dir.
+
+Reads ``steps.tsv`` (step, exit code, seconds), ``pytest.log`` (the GPU
+tests' closing line), ``nvidia-smi.csv`` (sampled once a second during the
+run) and every ``bench-*.json``; writes ``report.txt`` (the benchmark tables,
+one per model shape, with the steps and the device's peak readings) and
+``report.json`` (the same figures, machine-readable).
+
+``python -m worker.benchmark.device_report OUT_DIR``
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.benchmark.report import header, table
+
+_PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed|skipped|deselected|error).*?)\s*=*$")
+
+
+def read_steps(out: Path) -> list[dict[str, Any]]:
+    """The steps the script ran, in order, with their exit codes and durations."""
+    path = out / "steps.tsv"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, rc, seconds = line.split("\t")
+        steps.append({"step": name, "rc": int(rc), "seconds": float(seconds)})
+    return steps
+
+
+def pytest_summary(out: Path) -> str | None:
+    """The GPU tests' closing line (``3 passed, 2 skipped in 9.1s``), if they ran."""
+    path = out / "pytest.log"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = _PYTEST_SUMMARY.match(line.strip())
+        if m:
+            found = m.group(1)
+    return found
+
+
+def gpu_peaks(out: Path) -> dict[str, Any] | None:
+    """Peak utilisation, memory and power from the sampled ``nvidia-smi`` CSV."""
+    path = out / "nvidia-smi.csv"
+    if not path.is_file():
+        return None
+    rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines(),
+                               skipinitialspace=True))
+    if not rows:
+        return None
+
+    def peak(prefix: str) -> float | None:
+        key = next((k for k in rows[0] if k and k.startswith(prefix)), None)
+        values = []
+        for row in rows:
+            raw = (row.get(key) or "").split(" ")[0] if key else ""
+            try:
+                values.append(float(raw))
+            except ValueError:
+                continue
+        return max(values) if values else None
+
+    return {"gpu": rows[0].get("name"), "samples": len(rows),
+            "peak_utilization_pct": peak("utilization.gpu"),
+            "peak_memory_used_mib": peak("memory.used"),
+            "memory_total_mib": peak("memory.total"),
+            "peak_power_w": peak("power.draw"), "peak_sm_clock_mhz": peak("clocks.current.sm")}
+
+
+def build(out: Path) -> tuple[str, dict[str, Any]]:
+    """The text report and its JSON twin for the run in ``out``."""
+    doc: dict[str, Any] = {"steps": read_steps(out), "gpu_tests": pytest_summary(out),
+                           "nvidia_smi": gpu_peaks(out), "benchmarks": {}}
+    lines = ["# bertstream device run", ""]
+    for step in doc["steps"]:
+        state = "ok" if step["rc"] == 0 else f"FAILED (exit {step['rc']})"
+        lines.append(f"- {step['step']}: {state}, {step['seconds']:.0f} s")
+    lines.append(f"- GPU tests: {doc['gpu_tests'] or 'no summary line'}")
+    smi = doc["nvidia_smi"]
+    if smi:
+        lines.append(f"- {smi['gpu']}: peak utilisation {smi['peak_utilization_pct']}%, memory "
+                     f"{smi['peak_memory_used_mib']} of {smi['memory_total_mib']} MiB, power "
+                     f"{smi['peak_power_w']} W ({smi['samples']} one-second samples)")
+    else:
+        lines.append("- nvidia-smi: no readings (no NVIDIA device)")
+    for path in sorted(out.glob("bench-*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        shape = path.stem.removeprefix("bench-")
+        doc["benchmarks"][shape] = {
+            "complete": result.get("complete", True), "ratios": result.get("ratios", {}),
+            "texts_per_s": {k: v.get("texts_per_s") for k, v in result["stages"].items()
+                            if isinstance(v, dict) and "texts_per_s" in v},
+        }
+        lines += ["", f"## {shape}" + ("" if result.get("complete", True) else " (incomplete)"),
+                  "", header(result), "", table(result)]
+    return "\n".join(lines) + "\n", doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``report.txt`` and ``report.json`` into the out dir given; print the text."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m worker.benchmark.device_report OUT_DIR", file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    text, doc = build(out)
+    (out / "report.txt").write_text(text, encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
