@@ -110,17 +110,17 @@ fi
 
 # 3. Models: random weights, real shapes, real tokenizer.
 if [ "$REHEARSE" = 1 ]; then SHAPES=tiny; else SHAPES=e5-small,bert-base; fi
-step models 180 $PYTHON -m worker.benchmark.shapes models --tokenizer "$PACK/e5-tokenizer" \
+step models 120 $PYTHON -m worker.benchmark.shapes models --tokenizer "$PACK/e5-tokenizer" \
   --out "$WORK/models" --shapes "$SHAPES"
 
 # 4. The GPU tests (skipped, not failed, where there is no CUDA device).
-step gpu-tests 150 bash -c "set -o pipefail; $PYTHON -m pytest -m gpu -q -p no:cacheprovider \
+step gpu-tests 120 bash -c "set -o pipefail; $PYTHON -m pytest -m gpu -q -p no:cacheprovider \
   tests/test_gpu.py 2>&1 | tee '$OUTDIR/pytest.log'"
 
 # 5. The benchmark, one run per shape, from the work dir so the installed wheel is what runs.
 if [ "$DEVICE" = cuda ]; then
-  BENCH_ARGS=(--device cuda:0 --texts 10000 --rounds 3 --threads 4 --procs-per-gpu 1,2 --skip openloop)
-  LIMIT=170
+  BENCH_ARGS=(--device cuda:0 --texts 8000 --rounds 3 --threads 4 --procs-per-gpu 1,2 --skip openloop)
+  LIMIT=150
 else
   BENCH_ARGS=(--device cpu --quick --texts 48 --rounds 1 --threads 2 --procs-per-gpu 1,2 --skip openloop)
   LIMIT=240
