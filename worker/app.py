@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     runner = HFRunner(path, placement, name=name, max_length=settings.max_length)
     log.info("model %s (rev %s) on %s, max_length %d",
              runner.name, runner.revision, placement.describe(), runner.max_length)
+    if placement.is_cuda:
+        t0 = time.perf_counter()
+        shapes = runner.warm_up(settings.token_budget, settings.max_batch_size)
+        log.info("warm-up: %d batch shapes in %.1f s", shapes, time.perf_counter() - t0)
     return runner
 
 

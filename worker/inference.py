@@ -43,21 +43,23 @@ def infer_isolating(
     # batch-mates of the offending item down with it.
     except Exception as exc:  # noqa: BLE001
         oom = is_oom(exc)
-        if oom and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(rows) == 1:
-            n = len(encoded[rows[0]].ids)
-            if oom:
-                return {rows[0]: f"out of device memory on a single text of {n} tokens"}
-            return {rows[0]: f"model error on this text ({n} tokens): {type(exc).__name__}: {exc}"}
-        log.warning(
-            "%s on a batch of %d; retrying in halves",
-            "out of memory" if oom else type(exc).__name__, len(rows),
-        )
-        half = len(rows) // 2
-        out = infer_isolating(runner, encoded, rows[:half])
-        out.update(infer_isolating(runner, encoded, rows[half:]))
-        return out
+        error = f"{type(exc).__name__}: {exc}"
+    # Retried only here, after the except clause: the exception's traceback
+    # holds the failed forward pass's frames and so its activations, and on a
+    # real device OOM that memory must be free before the halves run.
+    if oom and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(rows) == 1:
+        n = len(encoded[rows[0]].ids)
+        if oom:
+            return {rows[0]: f"out of device memory on a single text of {n} tokens"}
+        return {rows[0]: f"model error on this text ({n} tokens): {error}"}
+    log.warning("%s on a batch of %d; retrying in halves",
+                "out of memory" if oom else error.split(":", 1)[0], len(rows))
+    half = len(rows) // 2
+    out = infer_isolating(runner, encoded, rows[:half])
+    out.update(infer_isolating(runner, encoded, rows[half:]))
+    return out
 
 
 def infer_pipelined(
@@ -92,15 +94,17 @@ def infer_pipelined(
         return out
 
     def finish(k: int, rows: list[int], handle: Any) -> None:
-        if handle is None:
-            out.update(infer_isolating(runner, encoded, rows))
-        else:
+        preds = None
+        if handle is not None:
             try:
                 preds = runner.decode(fetch(handle))
-            except Exception:  # noqa: BLE001 - rerun isolated, which keeps the reason
-                out.update(infer_isolating(runner, encoded, rows))
-            else:
-                out.update(zip(rows, preds, strict=True))
+            except Exception:  # noqa: BLE001 - rerun isolated (below), which keeps the reason
+                preds = None
+        if preds is None:
+            # Outside the except clause, so the failed batch's memory is free first.
+            out.update(infer_isolating(runner, encoded, rows))
+        else:
+            out.update(zip(rows, preds, strict=True))
         done(k, out)
 
     in_flight: tuple[int, list[int], Any] | None = None

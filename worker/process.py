@@ -45,7 +45,9 @@ class WorkerProc:
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = settings_env(settings)
-        env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        # One tokenizer thread unless the caller chose (a GPU host has cores to spare).
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._log = open(self.log_path, "wb" if truncate_log else "ab")  # noqa: SIM115 - stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--hostname", self.hostname, *args],

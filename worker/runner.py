@@ -24,6 +24,9 @@ import torch
 from contract.errors import ModelLoadError
 from worker.device import Placement
 
+#: On CUDA a batch's width is rounded up to a multiple of this (within max_length).
+_CUDA_WIDTH_STEP = 8
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -142,6 +145,7 @@ class HFRunner:
             str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)
         ]
         self.uses_token_types = getattr(model.config, "type_vocab_size", 0) > 1
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
         # A private copy: truncation is a setting of the Rust tokenizer object.
         from tokenizers import Tokenizer
 
@@ -157,6 +161,10 @@ class HFRunner:
     def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch:
         """Pad ``rows`` of ``encoded`` to their longest into CPU tensors (pinned on CUDA)."""
         width = max(len(encoded[r].ids) for r in rows)
+        if self.placement.is_cuda:
+            # Widths in steps of 8 suit the tensor cores and leave fewer shapes to warm up.
+            width = max(width, min(-(-width // _CUDA_WIDTH_STEP) * _CUDA_WIDTH_STEP,
+                                   self.max_length))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         real = 0
@@ -171,6 +179,30 @@ class HFRunner:
             ids, mask = ids.pin_memory(), mask.pin_memory()
             types = types.pin_memory() if types is not None else None
         return PaddedBatch(ids, mask, types, list(rows), real)
+
+    def warm_up(self, token_budget: int, max_batch_size: int) -> int:
+        """Run one batch of every power-of-two shape the planner can produce; give the count.
+
+        The first pass of a new shape on a GPU pays one-off costs (kernels
+        loaded and chosen, allocator blocks created) many times the pass
+        itself; a worker pays them here, at start, instead of on the first
+        requests. Widths run from 8 to ``max_length``, rows from 1 to
+        ``max_batch_size`` within ``token_budget`` tokens.
+        """
+        widths = sorted({*(1 << k for k in range(3, 16) if (1 << k) < self.max_length),
+                         self.max_length})
+        fill = self.pad_id + 1 if self.pad_id + 1 < self.vocab_size else 0
+        count = 0
+        for width in widths:
+            rows = 1
+            while rows <= max_batch_size and rows * width <= max(token_budget, width):
+                ids = torch.full((rows, width), fill, dtype=torch.long)
+                mask = torch.ones_like(ids)
+                types = torch.zeros_like(ids) if self.uses_token_types else None
+                self.forward(PaddedBatch(ids, mask, types, list(range(rows)), rows * width))
+                count += 1
+                rows *= 2
+        return count
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """Run one batch; gives float32 probabilities on the CPU, one row per text."""

@@ -70,7 +70,7 @@ class BenchOptions:
                             load_seconds=5.0, padding_texts=2000)
         if dev.startswith("cuda"):
             # A GPU runs the model ~100x faster: more texts so stages last long enough.
-            return _replace(base, texts=texts or 20_000, sweep_texts=2000, naive_texts=1000,
+            return _replace(base, texts=texts or 20_000, sweep_texts=2000, naive_texts=300,
                             budgets=(8192, 16384, 32768, 65536))
         return _replace(base, sweep_texts=min(base.sweep_texts, n),
                         naive_texts=min(base.naive_texts, n))
