@@ -22,7 +22,7 @@ from contract.messages import TaskItem, item_from_wire
 from contract.results import ResultRecord, ResultStore, utc_from_timestamp, utcnow
 from contract.settings import Settings
 from worker.batching import plan_batches
-from worker.inference import infer_pipelined
+from worker.inference import InferTimings, infer_pipelined
 from worker.runner import Encoded, Prediction, Runner
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ class FlushStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     infer_s: float = 0.0
+    #: Of infer_s: tokenizing, and the steps of inference (InferTimings).
+    encode_s: float = 0.0
+    steps: InferTimings = field(default_factory=InferTimings)
     persist_s: float = 0.0
     commits: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -163,6 +166,7 @@ class FlushProcessor:
             failures.extend(parsed.failures)
         t0 = time.perf_counter()
         encoded = self._encode(items, failures)
+        stats.encode_s = time.perf_counter() - t0
         live = [i for i, e in enumerate(encoded) if e is not None]
         outcomes: dict[int, Prediction | str] = {}
         batch_of: dict[int, int] = {}
@@ -199,7 +203,8 @@ class FlushProcessor:
                 persist(ready, [])
                 early.committed()
 
-        for r, out in infer_pipelined(self.runner, dense, batches, on_batch).items():
+        for r, out in infer_pipelined(self.runner, dense, batches, on_batch,
+                                      timings=stats.steps).items():
             outcomes[live[r]] = out
         stats.infer_s = time.perf_counter() - t0 - stats.persist_s
         stats.items = len(outcomes) + len(failures)

@@ -8,7 +8,9 @@ item fails alone while its batch-mates get their predictions (DESIGN.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +18,21 @@ import torch
 from worker.runner import Encoded, Prediction, Runner
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferTimings:
+    """Host seconds of one :func:`infer_pipelined` call, by step (the flush log shows them).
+
+    ``wait_s`` is time blocked until the device finished a batch: a GPU run
+    whose host steps add up to more than its wait is limited by Python, not
+    by the device. On the CPU (no overlap) ``launch_s`` is the whole forward.
+    """
+
+    collate_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+    decode_s: float = 0.0
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -65,6 +82,7 @@ def infer_isolating(
 def infer_pipelined(
     runner: Runner, encoded: Sequence[Encoded], batches: Sequence[list[int]],
     on_done: Callable[[int, dict[int, Prediction | str]], None] | None = None,
+    timings: InferTimings | None = None,
 ) -> dict[int, Prediction | str]:
     """Every planned batch, with one batch in flight on the device.
 
@@ -80,16 +98,20 @@ def infer_pipelined(
     ``on_done(k, results)`` is called once batch ``k`` has its results (with
     everything finished so far); on CUDA it runs while batch ``k + 1`` is
     computing, so work done there (a partial commit) overlaps the device.
+    ``timings``, when given, accumulates the host time of each step.
     """
     launch = getattr(runner, "launch", None)
     fetch = getattr(runner, "fetch", None)
     done = on_done or _ignore
+    clock = timings if timings is not None else InferTimings()
     out: dict[int, Prediction | str] = {}
     if launch is None or fetch is None or not getattr(runner, "asynchronous", False):
         # Nothing to overlap (the CPU computes at launch): one batch at a
         # time, so each batch's results are reported as soon as they exist.
         for k, rows in enumerate(batches):
+            t0 = time.perf_counter()
             out.update(infer_isolating(runner, encoded, rows))
+            clock.launch_s += time.perf_counter() - t0
             done(k, out)
         return out
 
@@ -97,7 +119,12 @@ def infer_pipelined(
         preds = None
         if handle is not None:
             try:
-                preds = runner.decode(fetch(handle))
+                t0 = time.perf_counter()
+                probs = fetch(handle)
+                t1 = time.perf_counter()
+                preds = runner.decode(probs)
+                clock.wait_s += t1 - t0
+                clock.decode_s += time.perf_counter() - t1
             except Exception:  # noqa: BLE001 - rerun isolated (below), which keeps the reason
                 preds = None
         if preds is None:
@@ -110,7 +137,12 @@ def infer_pipelined(
     in_flight: tuple[int, list[int], Any] | None = None
     for k, rows in enumerate(batches):
         try:
-            handle = launch(runner.collate(encoded, rows))
+            t0 = time.perf_counter()
+            batch = runner.collate(encoded, rows)
+            t1 = time.perf_counter()
+            handle = launch(batch)
+            clock.collate_s += t1 - t0
+            clock.launch_s += time.perf_counter() - t1
         except Exception:  # noqa: BLE001 - isolated below, after the batch in flight
             handle = None
         if in_flight is not None:

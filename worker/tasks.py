@@ -150,10 +150,12 @@ class AnalyzeTask(Batches):
         stats = self._processor().process(payloads, attempt)
         log.info(
             "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, "
-            "commit %.3fs (%d commits)",
+            "commit %.3fs (%d commits); tokenize %.3fs, collate %.3fs, launch %.3fs, "
+            "wait %.3fs, decode %.3fs",
             stats.messages, stats.items, stats.failed, stats.batches,
             100.0 * (stats.padded_tokens - stats.real_tokens) / max(stats.real_tokens, 1),
-            stats.infer_s, stats.persist_s, stats.commits,
+            stats.infer_s, stats.persist_s, stats.commits, stats.encode_s,
+            stats.steps.collate_s, stats.steps.launch_s, stats.steps.wait_s, stats.steps.decode_s,
         )
 
 

@@ -22,14 +22,30 @@ def run_once(runner: Runner, texts: Sequence[str], *, token_budget: int,
     """Encode, plan, collate, forward and decode ``texts`` once; give the figures."""
     t0 = time.perf_counter()
     encoded = runner.encode(list(texts))
+    steps = {"encode_s": time.perf_counter() - t0, "collate_s": 0.0, "launch_s": 0.0,
+             "wait_s": 0.0, "decode_s": 0.0}
     lengths = [len(e.ids) for e in encoded]
     batches = plan_batches(lengths, token_budget=token_budget, max_batch_size=max_batch_size,
                            max_padding=max_padding)
+    # The worker's steps, one batch at a time: collate, launch (the CPU computes
+    # here), wait for the device, decode; timed apart so they compare with its log.
+    launch = getattr(runner, "launch", runner.forward)
+    fetch = getattr(runner, "fetch", lambda handle: handle)
     batch_s = []
     for rows in batches:
         b0 = time.perf_counter()
-        runner.decode(runner.forward(runner.collate(encoded, rows)))
-        batch_s.append(time.perf_counter() - b0)
+        batch = runner.collate(encoded, rows)
+        b1 = time.perf_counter()
+        handle = launch(batch)
+        b2 = time.perf_counter()
+        probs = fetch(handle)
+        b3 = time.perf_counter()
+        runner.decode(probs)
+        b4 = time.perf_counter()
+        for key, span in (("collate_s", b1 - b0), ("launch_s", b2 - b1), ("wait_s", b3 - b2),
+                          ("decode_s", b4 - b3)):
+            steps[key] += span
+        batch_s.append(b4 - b0)
     elapsed = time.perf_counter() - t0
     real = sum(lengths)
     return {
@@ -41,6 +57,7 @@ def run_once(runner: Runner, texts: Sequence[str], *, token_budget: int,
         "tokens_per_s": real / elapsed,
         "batches": len(batches),
         "mean_batch_ms": 1000.0 * sum(batch_s) / max(len(batch_s), 1),
+        "steps": steps,
     }
 
 

@@ -76,6 +76,40 @@ def gpu_peaks(out: Path) -> dict[str, Any] | None:
             "peak_power_w": peak("power.draw"), "peak_sm_clock_mhz": peak("clocks.current.sm")}
 
 
+_STEP_NAMES = ("tokenize", "collate", "launch", "wait", "decode")
+
+
+def where_time_goes(stages: dict[str, Any]) -> list[str]:
+    """Milliseconds per 1,000 texts of each step: the bare model beside each worker count.
+
+    The bare model's steps come from its median round; a worker's from its
+    flush log lines (summed over processes, so over wall time for N > 1).
+    """
+    rows: list[tuple[str, dict[str, float], float]] = []
+    bare = stages.get("bare") or {}
+    if "steps" in bare:
+        st = bare["steps"]
+        rows.append(("bare model", {"tokenize": st["encode_s"], **{
+            k: st[f"{k}_s"] for k in _STEP_NAMES[1:]}}, bare["texts"]))
+    for count, run in (stages.get("pipeline_procs") or {"1": stages.get("pipeline")}).items():
+        if not run or "tokenize_s" not in run.get("worker", {}):
+            continue
+        w = run["worker"]
+        extra = {"other flush": w["infer_s"] - sum(w[f"{k}_s"] for k in _STEP_NAMES),
+                 "commit": w["commit_s"]}
+        rows.append((f"worker x{count}", {**{k: w[f"{k}_s"] for k in _STEP_NAMES}, **extra},
+                     run["texts"]))
+    if not rows:
+        return []
+    names = list(dict.fromkeys(k for _, steps, _ in rows for k in steps))
+    out = ["where the time goes (ms per 1,000 texts):", "",
+           "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, steps, texts in rows:
+        cells = [f"{1e6 * steps[k] / texts:,.0f}" if k in steps else "" for k in names]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
 def build(out: Path) -> tuple[str, dict[str, Any]]:
     """The text report and its JSON twin for the run in ``out``."""
     doc: dict[str, Any] = {"steps": read_steps(out), "gpu_tests": pytest_summary(out),
@@ -101,7 +135,7 @@ def build(out: Path) -> tuple[str, dict[str, Any]]:
                             if isinstance(v, dict) and "texts_per_s" in v},
         }
         lines += ["", f"## {shape}" + ("" if result.get("complete", True) else " (incomplete)"),
-                  "", header(result), "", table(result)]
+                  "", header(result), "", table(result), "", *where_time_goes(result["stages"])]
     return "\n".join(lines) + "\n", doc
 
 

@@ -57,13 +57,26 @@ _FLUSH_LINE = re.compile(
     r"flush: (\d+) msg, (\d+) items .*? pad ([\d.]+)%, infer ([\d.]+)s, commit ([\d.]+)s")
 
 
+_STEPS = ("tokenize", "collate", "launch", "wait", "decode")
+_STEP_LINE = re.compile(", ".join(rf"{name} ([\d.]+)s" for name in _STEPS))
+
+
 def flush_log_totals(log_text: str) -> dict[str, float]:
-    """Sum the worker's ``flush:`` log lines: flushes, messages, items, infer and commit seconds."""
+    """Sum the worker's ``flush:`` log lines: flushes, messages, items, infer and commit
+    seconds, and the steps inside infer (tokenize, collate, launch, wait, decode)."""
     totals = {"flushes": 0.0, "messages": 0.0, "items": 0.0, "infer_s": 0.0, "commit_s": 0.0}
-    for m in _FLUSH_LINE.finditer(log_text):
+    totals.update({f"{name}_s": 0.0 for name in _STEPS})
+    for line in log_text.splitlines():
+        m = _FLUSH_LINE.search(line)
+        if not m:
+            continue
         totals["flushes"] += 1
         totals["messages"] += int(m.group(1))
         totals["items"] += int(m.group(2))
         totals["infer_s"] += float(m.group(4))
         totals["commit_s"] += float(m.group(5))
+        steps = _STEP_LINE.search(line)
+        if steps:
+            for name, value in zip(_STEPS, steps.groups(), strict=True):
+                totals[f"{name}_s"] += float(value)
     return totals
