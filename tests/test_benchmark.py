@@ -45,10 +45,17 @@ def test_figures_from_rows() -> None:
     assert figures.drain_rate(rows) == pytest.approx(3 / 2.0)
     assert sorted(figures.flush_durations_ms(rows)) == pytest.approx([500.0, 1000.0])
     assert figures.tokens(rows) == 35 and math.isnan(figures.percentile([], 50))
-    log = ("x flush: 2 msg, 300 items (0 failed), 3 batches, pad 4.0%, infer 0.250s, commit 0.010s\n"
-           "y flush: 1 msg, 5 items (1 failed), 1 batches, pad 0.0%, infer 0.050s, commit 0.002s\n")
+    log = ("x flush: 2 msg, 300 items (0 failed), 3 batches, pad 4.0%, infer 0.250s, commit 0.010s"
+           " (1 commits); tokenize 0.050s, collate 0.020s, launch 0.100s, wait 0.060s,"
+           " decode 0.010s\n"
+           "y flush: 1 msg, 5 items (1 failed), 1 batches, pad 0.0%, infer 0.050s, commit 0.002s"
+           " (1 commits); tokenize 0.010s, collate 0.001s, launch 0.030s, wait 0.000s,"
+           " decode 0.001s\n"
+           "z an unrelated line, infer 9.0s\n")
     assert figures.flush_log_totals(log) == pytest.approx(
-        {"flushes": 2, "messages": 3, "items": 305, "infer_s": 0.3, "commit_s": 0.012})
+        {"flushes": 2, "messages": 3, "items": 305, "infer_s": 0.3, "commit_s": 0.012,
+         "tokenize_s": 0.06, "collate_s": 0.021, "launch_s": 0.13, "wait_s": 0.06,
+         "decode_s": 0.011})
 
 
 def test_padding_plan_beats_fifo(tiny_model_dir: Path) -> None:
