@@ -17,6 +17,12 @@ RESULTS_TABLE = "bertstream_results"
 #: Redis key prefix of the per-message delivery counters (dead-lettering).
 DELIVERY_KEY_PREFIX = "bertstream:deliveries:"
 
+#: Redis key prefix of the ids the HTTP API accepted (value: the text's SHA-256).
+ACCEPTED_KEY_PREFIX = "bertstream:accepted:"
+
+#: Redis key prefix of worker heartbeats (one key per live worker, with a TTL).
+WORKER_KEY_PREFIX = "bertstream:workers:"
+
 #: The name the bundled model is referred to by in BERTSTREAM_MODEL.
 DEFAULT_MODEL = "default"
 

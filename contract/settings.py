@@ -82,6 +82,23 @@ class Settings:
     #: Store the text itself next to its hash (off for privacy-sensitive data).
     store_text: bool = True
 
+    # -- HTTP API (bertstream serve) --
+    #: Bearer tokens the API accepts, comma-separated (a secret: from the environment only).
+    api_tokens: str = ""
+    #: Origins allowed by CORS, comma-separated (``*`` for any); empty: no CORS headers.
+    api_cors_origins: str = ""
+    #: Largest request body accepted, in bytes.
+    api_max_body_bytes: int = 8_388_608
+    #: Most items in one bulk POST.
+    api_max_items: int = 1_000
+    #: Single-text submits arriving within this many milliseconds share one message.
+    api_coalesce_ms: int = 5
+    #: Longest ``?wait=`` a status request may long-poll, in seconds.
+    api_max_wait_s: int = 30
+    #: How long the API remembers an accepted id (its status ``queued`` and
+    #: the text it was submitted with), in seconds.
+    api_id_ttl_s: int = 604_800
+
     @classmethod
     def from_env(
         cls, env: Mapping[str, str] | None = None, **overrides: Any
@@ -112,14 +129,15 @@ class Settings:
         positive = (
             "max_text_chars", "max_meta_bytes", "max_id_chars", "bulk_chunk_size",
             "token_budget", "max_batch_size", "flush_every", "max_attempts",
-            "max_queue_length", "visibility_timeout_s",
+            "max_queue_length", "visibility_timeout_s", "api_max_body_bytes", "api_max_items",
+            "api_max_wait_s", "api_id_ttl_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
         if not self.max_padding >= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
-        for name in ("max_wait_ms", "max_length", "torch_threads"):
+        for name in ("max_wait_ms", "max_length", "torch_threads", "api_coalesce_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
@@ -132,7 +150,13 @@ class Settings:
         out = dataclasses.asdict(self)
         for key in ("broker_url", "database_url"):
             out[key] = mask_url(out[key])
+        if out["api_tokens"]:
+            out["api_tokens"] = "***"
         return out
+
+    def token_list(self) -> list[str]:
+        """The API's bearer tokens (empty: no tokens configured)."""
+        return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
 
 
 def mask_url(url: str) -> str:

@@ -43,10 +43,14 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench_command", "Measure throughput and latency of the worker."),
     "demo": ("demo_command", "Run a worker and a sample stream end to end."),
     "model": ("model_group", "Train or evaluate the sentiment model."),
+    "serve": ("serve_command", "Serve the HTTP API (submit, results, stats, metrics)."),
     "worker": ("worker_command", "Run a worker (one per GPU, or on the CPU)."),
 }
 WORKER_MODULE = "worker.cli"
 WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstream[worker]'"
+#: Lazy commands that live elsewhere than ``worker.cli``: name -> (module, extra hint).
+OTHER_MODULES = {"serve": ("api.cli", "this command needs the api extra: "
+                                      "pip install 'bertstream[api]'")}
 
 #: Rejected lines shown in a stream summary.
 SHOWN_ERRORS = 10
@@ -56,16 +60,17 @@ SHOWN_MISSING = 5
 
 def _stub_command(name: str, reason: str) -> click.Command:
     """A stand-in for a worker command that cannot be imported: says why, exits 2."""
+    hint = OTHER_MODULES.get(name, (WORKER_MODULE, WORKER_EXTRA_HINT))[1]
 
     @click.command(
         name=name,
-        help=WORKER_EXTRA_HINT,
+        help=hint,
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
         add_help_option=False,
     )
     @click.pass_context
     def stub(ctx: click.Context) -> None:
-        click.echo(f"{WORKER_EXTRA_HINT} ({reason})", err=True)
+        click.echo(f"{hint} ({reason})", err=True)
         ctx.exit(2)
 
     return stub
@@ -74,13 +79,14 @@ def _stub_command(name: str, reason: str) -> click.Command:
 def load_worker_command(name: str) -> click.Command:
     """The click command ``name`` from ``worker.cli``, or a stub when torch/worker is missing."""
     attr = LAZY_COMMANDS[name][0]
+    module_name = OTHER_MODULES.get(name, (WORKER_MODULE, ""))[0]
     try:
-        module = importlib.import_module(WORKER_MODULE)
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         return _stub_command(name, str(exc))
     command = getattr(module, attr, None)
     if not isinstance(command, click.Command):
-        return _stub_command(name, f"{WORKER_MODULE} has no {attr}")
+        return _stub_command(name, f"{module_name} has no {attr}")
     return command
 
 

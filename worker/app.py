@@ -23,6 +23,7 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from worker.device import Placement, resolve_placement
 from worker.flush import FlushProcessor
+from worker.heartbeat import Heartbeat
 from worker.runner import HFRunner, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
 
@@ -106,7 +107,15 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
         without_heartbeat=True,
         optimization="fair",
     )
-    worker.start()
+    runner = wapp.processor.runner
+    placement = getattr(runner, "placement", None)
+    beat = Heartbeat(wapp.processor.settings, hostname, {
+        "model": runner.name, "device": placement.describe() if placement else "none"})
+    beat.start()
+    try:
+        worker.start()
+    finally:
+        beat.stop()
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)

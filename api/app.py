@@ -1,0 +1,396 @@
+"""The routes of ``bertstream serve``: submit, status, results, stats, health and metrics.
+
+Submits go through :class:`api.submit.Submitter` (idempotent ids,
+backpressure) and, for single texts, :class:`api.submit.Coalescer` (one
+message per lane per few milliseconds). Reads go through the producer
+client's results store; long polls through :class:`api.waiter.Waiter`.
+Blocking calls (Redis, the database) run in the server's thread pool.
+"""
+
+
+import asyncio
+import contextlib
+import csv
+import datetime as dt
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import errors
+from api.errors import ApiError
+from api.metrics import ApiMetrics
+from api.security import BodyLimit, TokenCheck
+from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
+from api.waiter import Waiter
+from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.errors import BertstreamError, InvalidInput
+from contract.liveness import live_workers
+from contract.queries import Filters, iter_records, page, stats
+from contract.results import ResultRecord, results
+from contract.settings import Settings
+from producer.client import Client
+from producer.formatting import RECORD_FIELDS
+from producer.items import ItemError, ItemValidator
+
+Lane = Literal["interactive", "bulk"]
+Status = Literal["done", "failed", "expired"]
+
+
+class TaskIn(BaseModel):
+    """One text to analyse."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="The text (UTF-8, not empty, at most BERTSTREAM_MAX_TEXT_CHARS)")
+    id: str | None = Field(None, description="Your id: the idempotency key (default: a new UUID)")
+    source: str | None = Field(None, description="A source tag to filter and group by")
+    meta: dict[str, Any] | None = Field(None, description="Any JSON object, stored with the row")
+    lane: Lane | None = Field(None, description="interactive (default) or bulk")
+
+
+class BulkIn(BaseModel):
+    """Many texts at once; each item is a text or an object like a single task (no lane)."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[Any] = Field(description="Texts or {text, id?, source?, meta?} objects")
+    source: str | None = Field(None, description="Source tag for items without their own")
+    lane: Lane | None = Field(None, description="bulk (default) or interactive")
+
+
+class Accepted(BaseModel):
+    """A single submit's answer."""
+
+    id: str
+    status: Literal["queued"] = "queued"
+    duplicate: bool = Field(description="True when this id was already accepted with this text")
+
+
+class ItemRefusal(BaseModel):
+    """A refused bulk item."""
+
+    index: int
+    id: str | None
+    reason: str
+
+
+class BulkAccepted(BaseModel):
+    """A bulk submit's answer: ids in input order (null where refused)."""
+
+    ids: list[str | None]
+    accepted: int
+    duplicates: int
+    errors: list[ItemRefusal]
+
+
+def _view(record: ResultRecord) -> dict[str, Any]:
+    out = record.to_json()
+    if record.status != "done":
+        out["reason"] = record.error
+    return out
+
+
+class Services:
+    """What the routes share; built in the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = Client(settings)
+        self.submitter = Submitter(settings, self.client)
+        self.coalescer = Coalescer(self.submitter, settings.api_coalesce_ms / 1000.0,
+                                   settings.bulk_chunk_size)
+        self.waiter = Waiter(self.client.get_many)
+        self.metrics = ApiMetrics()
+        self.metrics.watch(self.client, self.submitter.redis, settings.queue)
+
+        self._table = False
+
+    def has_table(self) -> bool:
+        """True once the results table exists (a reader never creates it: migrations do)."""
+        if not self._table:
+            try:
+                self._table = sa.inspect(self.client.store.engine).has_table(results.name)
+            except sa.exc.OperationalError as exc:
+                from contract.errors import StoreUnavailable
+
+                raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        return self._table
+
+    def close(self) -> None:
+        self.submitter.close()
+        self.client.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI application for ``settings`` (tokens, limits and CORS from it)."""
+    services = Services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        poller = asyncio.create_task(services.waiter.run())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await run_in_threadpool(services.close)
+
+    app = FastAPI(title="bertstream", version="0.1.0", lifespan=lifespan,
+                  description="Submit texts for micro-batched BERT analysis and read the "
+                              "stored results. Errors are JSON {\"error\": {\"code\", \"message\"}}.")
+    app.state.services = services
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
+    origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        response: Response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        services.metrics.requests.labels(route, str(response.status_code)).inc()
+        services.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        return response
+
+    guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
+    _task_routes(guarded, services)
+    _read_routes(guarded, services)
+
+    @guarded.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics of this server (text exposition format)."""
+        return Response(generate_latest(services.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(guarded)
+    _health_routes(app, services)
+    return app
+
+
+def _task_routes(router: APIRouter, services: Services) -> None:
+    settings = services.settings
+
+    @router.post("/v1/tasks", status_code=202, tags=["tasks"],
+                 response_model=Accepted | BulkAccepted,
+                 responses={409: {"description": "the id was accepted with another text"},
+                            422: {"description": "invalid input"},
+                            429: {"description": "the queue is over its bound"},
+                            503: {"description": "Redis or the database is unreachable"}})
+    async def submit(body: Annotated[TaskIn | BulkIn, Body()]) -> Any:
+        """Queue one task (202 with its id) or many (202 with ids in input order)."""
+        if await run_in_threadpool(services.submitter.queue_full):
+            raise ApiError(429, "busy", "the queue is over its bound; retry later",
+                           {"Retry-After": "1"})
+        if isinstance(body, BulkIn):
+            return await run_in_threadpool(_submit_bulk, services, body)
+        raw = body.model_dump(exclude={"lane"}, exclude_none=True)
+        checked = ItemValidator(settings).check(0, raw)
+        lane = body.lane or LANE_INTERACTIVE
+        if isinstance(checked, ItemError):
+            services.metrics.items.labels(lane, "invalid").inc()
+            raise ApiError(422, "invalid_input", checked.reason)
+        outcome = await services.coalescer.submit(checked, lane, caller_id=body.id is not None)
+        services.metrics.items.labels(lane, outcome.status).inc()
+        if outcome.status == CONFLICT:
+            raise ApiError(409, "id_conflict", outcome.reason)
+        return Accepted(id=outcome.id, duplicate=outcome.status == DUPLICATE)
+
+    @router.get("/v1/tasks/{task_id}", tags=["tasks"],
+                responses={404: {"description": "no task with this id was accepted"}})
+    async def status(
+        task_id: Annotated[str, Path(max_length=settings.max_id_chars)],
+        wait: Annotated[float, Query(ge=0, description="Seconds to long-poll for the result "
+                                     "(at most BERTSTREAM_API_MAX_WAIT_S)")] = 0,
+    ) -> dict[str, Any]:
+        """``queued``, ``done`` (label, score, scores, model) or ``failed`` (reason)."""
+        record = await run_in_threadpool(services.client.get, task_id)
+        if record is not None:
+            return _view(record)
+        known = await run_in_threadpool(services.submitter.accepted_hash, task_id)
+        if known is None:
+            raise ApiError(404, "not_found", f"no task {task_id!r} was accepted")
+        if wait > 0:
+            record = await services.waiter.wait(task_id, min(wait, settings.api_max_wait_s))
+            if record is not None:
+                return _view(record)
+        return {"id": task_id, "status": "queued"}
+
+
+def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
+    settings = services.settings
+    if len(body.items) > settings.api_max_items:
+        raise ApiError(413, "too_many_items",
+                       f"{len(body.items)} items, over the limit of {settings.api_max_items}")
+    lane = body.lane or LANE_BULK
+    validator = ItemValidator(settings, body.source)
+    refused: list[ItemRefusal] = []
+    good: list[tuple[int, Any]] = []
+    for index, raw in enumerate(body.items):
+        checked = validator.check(index, raw)
+        if isinstance(checked, ItemError):
+            refused.append(ItemRefusal(index=index, id=checked.id, reason=checked.reason))
+        else:
+            good.append((index, checked))
+    caller = frozenset(it.id for i, it in good
+                       if isinstance(body.items[i], dict) and body.items[i].get("id") is not None)
+    outcomes: list[Outcome] = services.submitter.submit([it for _, it in good], lane=lane,
+                                                        caller_ids=caller)
+    ids: list[str | None] = [None] * len(body.items)
+    duplicates = 0
+    for (index, _item), outcome in zip(good, outcomes, strict=True):
+        services.metrics.items.labels(lane, outcome.status).inc()
+        if outcome.status == CONFLICT:
+            refused.append(ItemRefusal(index=index, id=outcome.id, reason=outcome.reason))
+            continue
+        ids[index] = outcome.id
+        duplicates += outcome.status == DUPLICATE
+    services.metrics.items.labels(lane, "invalid").inc(len(body.items) - len(good))
+    accepted = sum(1 for o in outcomes if o.status == ACCEPTED)
+    if body.items and all(i is None for i in ids):
+        first = min(refused, key=lambda r: r.index)
+        raise ApiError(422, "invalid_input", f"no item was accepted; item {first.index}: "
+                       f"{first.reason}")
+    refused.sort(key=lambda r: r.index)
+    return BulkAccepted(ids=ids, accepted=accepted, duplicates=duplicates, errors=refused)
+
+
+def _filters(source: str | None, label: str | None, status: str | None, model: str | None,
+             since: dt.datetime | None, until: dt.datetime | None) -> Filters:
+    def utc(value: dt.datetime | None) -> dt.datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=dt.timezone.utc)
+
+    return Filters(source=source, label=label, status=status, model=model,
+                   since=utc(since), until=utc(until))
+
+
+FilterParams = dict[str, Any]
+
+
+def _filter_params(
+    source: Annotated[str | None, Query(max_length=256)] = None,
+    label: Annotated[str | None, Query(max_length=64)] = None,
+    status: Status | None = None,
+    model: Annotated[str | None, Query(max_length=256)] = None,
+    since: Annotated[dt.datetime | None, Query(description="finished at or after (ISO 8601)")] = None,
+    until: Annotated[dt.datetime | None, Query(description="finished before (ISO 8601)")] = None,
+) -> Filters:
+    return _filters(source, label, status, model, since, until)
+
+
+def _read_routes(router: APIRouter, services: Services) -> None:
+    store = services.client.store
+
+    @router.get("/v1/results", tags=["results"])
+    def results_route(
+        filters: Annotated[Filters, Depends(_filter_params)],
+        format: Literal["json", "csv", "jsonl"] = "json",  # noqa: A002 - the API's name for it
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[str | None, Query(max_length=2048)] = None,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> Any:
+        """Stored results, filtered. ``json``: one page of ``limit`` rows and ``next_cursor``
+        (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed."""
+        newest = order == "newest"
+        if not services.has_table():
+            if format == "json":
+                return {"items": [], "next_cursor": None}
+            return StreamingResponse(iter(()), media_type=_MEDIA[format])
+        if format == "json":
+            got = page(store, filters, cursor=cursor, limit=limit, newest_first=newest)
+            return {"items": [_view(r) for r in got.records], "next_cursor": got.next_cursor}
+        if cursor is not None:
+            raise InvalidInput("cursor applies to format=json only; exports stream every row")
+        rows = iter_records(store, filters, newest_first=newest)
+        body = _csv_lines(rows) if format == "csv" else _jsonl_lines(rows)
+        return StreamingResponse(body, media_type=_MEDIA[format], headers={
+            "Content-Disposition": f'attachment; filename="bertstream-results.{format}"'})
+
+    @router.get("/v1/stats", tags=["results"])
+    def stats_route(
+        filters: Annotated[Filters, Depends(_filter_params)],
+        by: Literal["label", "source", "status", "model"] = "label",
+        bucket: Literal["1m", "1h", "1d"] | None = None,
+    ) -> dict[str, Any]:
+        """Counts and mean score per ``by``, and per time bucket of ``finished_at`` (UTC)."""
+        if not services.has_table():
+            return {"by": by, "bucket": bucket, "groups": []}
+        return {"by": by, "bucket": bucket, "groups": stats(store, filters, by=by, bucket=bucket)}
+
+
+_MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+
+
+def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(RECORD_FIELDS), extrasaction="ignore")
+    writer.writeheader()
+    count = 0
+    for record in rows:
+        row = record.to_json()
+        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list))
+                         else v for k, v in row.items()})
+        count += 1
+        if count % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _jsonl_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
+    for record in rows:
+        yield json.dumps(record.to_json(), ensure_ascii=False) + "\n"
+
+
+def _health_routes(app: FastAPI, services: Services) -> None:
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up (no dependency is checked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"],
+             responses={503: {"description": "a dependency is not ready; checks say which"}})
+    def readyz() -> JSONResponse:
+        """Redis and the database answer, and at least one worker is alive."""
+        checks: dict[str, str] = {}
+        try:
+            services.submitter.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        try:
+            with services.client.store.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        if checks["redis"] == "ok":
+            try:
+                alive = live_workers(services.submitter.redis, services.settings.queue)
+                checks["workers"] = (f"ok: {len(alive)} alive" if alive
+                                     else "none alive (no heartbeat)")
+            except (BertstreamError, Exception) as exc:  # noqa: BLE001
+                checks["workers"] = f"unknown: {type(exc).__name__}"
+        else:
+            checks["workers"] = "unknown: Redis unreachable"
+        ready = all(v == "ok" or v.startswith("ok:") for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory`` (settings from BERTSTREAM_* variables)."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,45 @@
+"""``bertstream serve``: run the HTTP API under uvicorn (the ``api`` extra)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import click
+
+from api.security import is_loopback
+from contract.constants import ENV_PREFIX
+from contract.settings import Settings
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes (each coalesces its own submits).")
+@click.option("--no-auth", is_flag=True,
+              help="Serve without bearer tokens on a non-loopback address (explicit opt-out).")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_auth: bool,
+                  log_level: str) -> None:
+    """Serve the HTTP API: submit texts, read results, /docs, /metrics."""
+    import uvicorn
+
+    obj = ctx.find_root().obj
+    settings = obj if isinstance(obj, Settings) else Settings.from_env()
+    tokens = settings.token_list()
+    if tokens and no_auth:
+        raise click.UsageError("--no-auth contradicts BERTSTREAM_API_TOKENS; unset one of them")
+    if not tokens and not no_auth and not is_loopback(host):
+        raise click.UsageError(
+            f"refusing to serve {host} without authentication: set BERTSTREAM_API_TOKENS, "
+            "bind to 127.0.0.1, or pass --no-auth")
+    # The server processes build their settings from the environment: hand
+    # them exactly this process's (command-line overrides included).
+    for field in dataclasses.fields(settings):
+        os.environ[ENV_PREFIX + field.name.upper()] = str(getattr(settings, field.name))
+    click.echo(f"bertstream API on http://{host}:{port} (docs: /docs; "
+               f"{'bearer tokens required' if tokens else 'no authentication'})", err=True)
+    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)

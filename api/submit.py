@@ -1,0 +1,246 @@
+"""Accepting tasks: idempotency by id, backpressure, and coalescing single submits.
+
+Hop 0 of the data path for web apps. :class:`Submitter` takes validated
+items and, in one Redis round trip, claims their ids (``SET NX`` of the
+text's SHA-256 under :data:`ACCEPTED_KEY_PREFIX`, with a TTL), so that
+
+- a resubmitted id with the same text is answered ``duplicate`` and not
+  queued again (the caller id is the idempotency key);
+- a resubmitted id with a different text is a ``conflict``, reported, never
+  silently answered with the old row;
+- ``GET /v1/tasks/{id}`` can say ``queued`` for an accepted id not yet stored.
+
+Ids whose claim has expired are checked against the stored rows' hashes too.
+Accepted items are published through :class:`producer.client.Client`, one
+message per ``bulk_chunk_size`` items; if publishing fails the claims are
+released, so a retry is not taken for a duplicate.
+
+:class:`Coalescer` gathers the single-text submits of concurrent requests
+for a few milliseconds and hands them to the submitter together: one message
+per lane per window instead of one per text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from contract.constants import ACCEPTED_KEY_PREFIX, LANE_BULK
+from contract.errors import BrokerUnavailable
+from contract.messages import TaskItem
+from contract.settings import Settings
+from producer.client import Client
+
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+CONFLICT = "conflict"
+
+#: How long a measured queue length is reused before Redis is asked again.
+QUEUE_LENGTH_TTL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one submitted item."""
+
+    id: str
+    status: str  # ACCEPTED, DUPLICATE or CONFLICT
+    reason: str = ""
+
+
+def text_sha256(text: str) -> str:
+    """The hex SHA-256 of a text's UTF-8 bytes (what the results table stores)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Submitter:
+    """Claims ids and publishes items; thread-safe (called from the server's threads)."""
+
+    def __init__(self, settings: Settings, client: Client) -> None:
+        self.settings = settings
+        self.client = client
+        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
+                                          socket_connect_timeout=5)
+        self._lock = threading.Lock()
+        self._queue_length: tuple[float, int] | None = None
+
+    def key(self, task_id: str) -> str:
+        """The Redis key remembering that ``task_id`` was accepted."""
+        return f"{ACCEPTED_KEY_PREFIX}{self.settings.queue}:{task_id}"
+
+    def accepted_hash(self, task_id: str) -> str | None:
+        """The text hash ``task_id`` was accepted with, while it is remembered."""
+        try:
+            value = self.redis.get(self.key(task_id))
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+        return value.decode("ascii") if isinstance(value, bytes) else None
+
+    def queue_full(self) -> bool:
+        """True while the queue holds more messages than ``max_queue_length``."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._queue_length
+        if cached is None or now - cached[0] > QUEUE_LENGTH_TTL_S:
+            cached = (now, self.client.queue_length())
+            with self._lock:
+                self._queue_length = cached
+        return cached[1] > self.settings.max_queue_length
+
+    def submit(self, items: Sequence[TaskItem], *, lane: str,
+               caller_ids: frozenset[str] = frozenset()) -> list[Outcome]:
+        """Claim, check and publish ``items`` on ``lane``; one :class:`Outcome` each, in order.
+
+        ``caller_ids``: the ids the caller chose (generated ids cannot collide,
+        so only these are looked up among the stored rows).
+        Raises :class:`BrokerUnavailable` (nothing published, no claim kept).
+        """
+        if not items:
+            return []
+        hashes = [text_sha256(it.text) for it in items]
+        ttl = self.settings.api_id_ttl_s
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for it, digest in zip(items, hashes, strict=True):
+                    pipe.set(self.key(it.id), digest, nx=True, ex=ttl)
+                claimed = pipe.execute()
+            taken = [i for i, ok in enumerate(claimed) if not ok]
+            earlier: list[bytes | None] = []
+            if taken:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for i in taken:
+                        pipe.get(self.key(items[i].id))
+                    earlier = pipe.execute()
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+        outcomes: list[Outcome | None] = [None] * len(items)
+        for i, previous in zip(taken, earlier, strict=True):
+            outcomes[i] = self._verdict(items[i].id, hashes[i], previous)
+        fresh = [i for i, ok in enumerate(claimed) if ok]
+        self._check_stored(items, hashes, fresh, caller_ids, outcomes)
+        publish = [i for i in fresh if outcomes[i] is None]
+        try:
+            self._publish([items[i] for i in publish], lane)
+        except BrokerUnavailable:
+            self._release([items[i].id for i in fresh])
+            raise
+        for i in publish:
+            outcomes[i] = Outcome(items[i].id, ACCEPTED)
+        return [o for o in outcomes if o is not None]
+
+    def _verdict(self, task_id: str, digest: str, previous: bytes | None) -> Outcome:
+        if previous is not None and previous.decode("ascii") != digest:
+            return Outcome(task_id, CONFLICT,
+                           f"id {task_id!r} was already accepted with a different text")
+        return Outcome(task_id, DUPLICATE, "already accepted with the same text")
+
+    def _check_stored(self, items: Sequence[TaskItem], hashes: list[str], fresh: list[int],
+                      caller_ids: frozenset[str], outcomes: list[Outcome | None]) -> None:
+        """Ids no longer remembered in Redis may still have a stored row: compare hashes."""
+        wanted = [i for i in fresh if items[i].id in caller_ids]
+        if not wanted:
+            return
+        stored = self.client.get_many([items[i].id for i in wanted])
+        conflicts = []
+        for i in wanted:
+            row = stored.get(items[i].id)
+            if row is None:
+                continue
+            if row.text_sha256 != hashes[i]:
+                outcomes[i] = Outcome(items[i].id, CONFLICT,
+                                      f"id {items[i].id!r} is stored with a different text")
+                conflicts.append(items[i].id)
+            else:
+                outcomes[i] = Outcome(items[i].id, DUPLICATE, "already stored with the same text")
+        # The claim just made holds the refused text's hash: drop it, so the
+        # stored row stays the only record of that id.
+        self._release(conflicts)
+
+    def _publish(self, items: list[TaskItem], lane: str) -> None:
+        size = self.settings.bulk_chunk_size
+        for start in range(0, len(items), size):
+            self.client.publish(items[start:start + size], bulk=lane == LANE_BULK)
+
+    def _release(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            self.redis.delete(*[self.key(i) for i in ids])
+        except redis.RedisError:
+            pass  # they expire on their own; the caller already gets the outage error
+
+    def close(self) -> None:
+        """Close the Redis connection."""
+        self.redis.close()
+
+
+@dataclass
+class _Pending:
+    item: TaskItem
+    caller_id: bool
+    future: asyncio.Future[Outcome]
+
+
+class Coalescer:
+    """Gathers single submits per lane for ``window_s``, then submits them together.
+
+    A lane's window opens with its first item and closes ``window_s`` later,
+    or at once when ``bulk_chunk_size`` items are waiting. Each caller awaits
+    its own :class:`Outcome`; a broker outage fails every caller of that window.
+    """
+
+    def __init__(self, submitter: Submitter, window_s: float, max_items: int) -> None:
+        self.submitter = submitter
+        self.window_s = window_s
+        self.max_items = max_items
+        self._pending: dict[str, list[_Pending]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.messages = 0
+
+    async def submit(self, item: TaskItem, lane: str, caller_id: bool) -> Outcome:
+        """Queue ``item`` for the next message of ``lane``; give its outcome once published."""
+        loop = asyncio.get_running_loop()
+        if self.window_s <= 0:
+            ids = frozenset({item.id}) if caller_id else frozenset()
+            outcomes = await loop.run_in_executor(
+                None, lambda: self.submitter.submit([item], lane=lane, caller_ids=ids))
+            return outcomes[0]
+        future: asyncio.Future[Outcome] = loop.create_future()
+        batch = self._pending.setdefault(lane, [])
+        batch.append(_Pending(item, caller_id, future))
+        if len(batch) >= self.max_items:
+            self._flush(lane)
+        elif lane not in self._timers:
+            self._timers[lane] = loop.call_later(self.window_s, self._flush, lane)
+        return await future
+
+    def _flush(self, lane: str) -> None:
+        timer = self._timers.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._pending.pop(lane, [])
+        if batch:
+            self.messages += 1
+            asyncio.get_running_loop().create_task(self._send(lane, batch))
+
+    async def _send(self, lane: str, batch: list[_Pending]) -> None:
+        items = [p.item for p in batch]
+        ids = frozenset(p.item.id for p in batch if p.caller_id)
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(
+                None, lambda: self.submitter.submit(items, lane=lane, caller_ids=ids))
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, outcome in zip(batch, outcomes, strict=True):
+            if not p.future.done():
+                p.future.set_result(outcome)

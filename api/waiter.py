@@ -1,0 +1,71 @@
+"""Long polls: many requests wait for their rows, one query asks for all of them.
+
+``GET /v1/tasks/{id}?wait=S`` must not hold a database connection per
+waiter. :class:`Waiter` keeps one future per waiting id; a single background
+task asks the store for every waited-for id at once, every ``interval_s``,
+in a worker thread, and resolves the futures whose rows exist. A waiter
+whose time runs out simply stops waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+from contract.errors import BertstreamError
+from contract.results import ResultRecord
+
+log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """Resolves waits on task ids from one polling loop (start with :meth:`run`)."""
+
+    def __init__(self, fetch: Callable[[Iterable[str]], dict[str, ResultRecord]],
+                 interval_s: float = 0.1) -> None:
+        self.fetch = fetch
+        self.interval_s = interval_s
+        self._waiting: dict[str, list[asyncio.Future[ResultRecord]]] = {}
+        self._wake = asyncio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """Ids being waited for now."""
+        return len(self._waiting)
+
+    async def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
+        """The row of ``task_id`` once stored, or None after ``timeout`` seconds."""
+        future: asyncio.Future[ResultRecord] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(task_id, []).append(future)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            futures = self._waiting.get(task_id, [])
+            with contextlib.suppress(ValueError):
+                futures.remove(future)
+            if not futures:
+                self._waiting.pop(task_id, None)
+
+    async def run(self) -> None:
+        """Poll for the waited-for ids until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            ids = list(self._waiting)
+            try:
+                found = await loop.run_in_executor(None, self.fetch, ids)
+            except BertstreamError as exc:  # an outage: waiters time out, keep polling
+                log.warning("long poll: %s", exc)
+                found = {}
+            for task_id, record in found.items():
+                for future in self._waiting.get(task_id, []):
+                    if not future.done():
+                        future.set_result(record)
+            await asyncio.sleep(self.interval_s)

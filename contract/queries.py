@@ -1,0 +1,177 @@
+"""Reading the results table in pages, in bounded memory, and as SQL aggregates.
+
+What the HTTP API and exports need beyond :class:`contract.results.ResultStore`:
+
+- keyset pages ordered by ``(finished_at, id)`` with an opaque cursor. A row
+  written after a page was read finishes later than every row already there,
+  so it never shifts a later page: the pages stay stable while rows are added;
+- an iterator over every matching row, one keyset page at a time, so an
+  export of a million rows holds one page in memory;
+- counts and mean score per label, source or time bucket, computed in SQL on
+  SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+
+from contract.errors import InvalidInput, StoreUnavailable
+from contract.results import ResultRecord, ResultStore, _record, results
+
+#: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
+BUCKETS = {
+    "1m": ("minute", "%Y-%m-%dT%H:%M:00Z"),
+    "1h": ("hour", "%Y-%m-%dT%H:00:00Z"),
+    "1d": ("day", "%Y-%m-%dT00:00:00Z"),
+}
+GROUPS = ("label", "source", "status", "model")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which rows: every given field must match (``since`` inclusive, ``until`` exclusive)."""
+
+    source: str | None = None
+    label: str | None = None
+    status: str | None = None
+    model: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    def clauses(self) -> list[Any]:
+        """The WHERE clauses (bound parameters only)."""
+        conds: list[Any] = []
+        for name in ("source", "label", "status", "model"):
+            value = getattr(self, name)
+            if value is not None:
+                conds.append(results.c[name] == value)
+        if self.since is not None:
+            conds.append(results.c.finished_at >= self.since)
+        if self.until is not None:
+            conds.append(results.c.finished_at < self.until)
+        return conds
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of rows and the cursor of the next (None at the end)."""
+
+    records: list[ResultRecord]
+    next_cursor: str | None
+
+
+def encode_cursor(record: ResultRecord, newest_first: bool) -> str:
+    """An opaque cursor that resumes after ``record``."""
+    finished = record.finished_at.isoformat() if record.finished_at else ""
+    raw = json.dumps([finished, record.id, "d" if newest_first else "a"])
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str, newest_first: bool) -> tuple[dt.datetime, str]:
+    """The ``(finished_at, id)`` a cursor resumes after; :class:`InvalidInput` when malformed."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        finished, task_id, order = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        when = dt.datetime.fromisoformat(finished)
+        if not isinstance(task_id, str) or order not in ("a", "d"):
+            raise ValueError("bad cursor fields")
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise InvalidInput("malformed cursor") from exc
+    if (order == "d") != newest_first:
+        raise InvalidInput("the cursor belongs to the other sort order")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when, task_id
+
+
+def _after(position: tuple[dt.datetime, str] | None, newest_first: bool) -> list[Any]:
+    if position is None:
+        return []
+    when, task_id = position
+    fin, rid = results.c.finished_at, results.c.id
+    if newest_first:
+        return [sa.or_(fin < when, sa.and_(fin == when, rid < task_id))]
+    return [sa.or_(fin > when, sa.and_(fin == when, rid > task_id))]
+
+
+def _select(filters: Filters, position: tuple[dt.datetime, str] | None, newest_first: bool,
+            limit: int) -> Any:
+    order = ((results.c.finished_at.desc(), results.c.id.desc()) if newest_first
+             else (results.c.finished_at.asc(), results.c.id.asc()))
+    return (sa.select(results).where(*filters.clauses(), *_after(position, newest_first))
+            .order_by(*order).limit(limit))
+
+
+def page(store: ResultStore, filters: Filters, *, cursor: str | None = None, limit: int = 100,
+         newest_first: bool = True) -> Page:
+    """Up to ``limit`` rows after ``cursor``, in ``(finished_at, id)`` order."""
+    position = decode_cursor(cursor, newest_first) if cursor else None
+    rows = _fetch(store, _select(filters, position, newest_first, limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1], newest_first) if more and rows else None)
+
+
+def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
+                 newest_first: bool = False) -> Iterator[ResultRecord]:
+    """Every matching row, one keyset page of ``chunk`` rows at a time (bounded memory)."""
+    position: tuple[dt.datetime, str] | None = None
+    while True:
+        rows = _fetch(store, _select(filters, position, newest_first, chunk))
+        yield from rows
+        if len(rows) < chunk:
+            return
+        last = rows[-1]
+        if last.finished_at is None:  # pragma: no cover - finished_at is NOT NULL
+            return
+        position = (last.finished_at, last.id)
+
+
+def stats(store: ResultStore, filters: Filters, *, by: str = "label",
+          bucket: str | None = None) -> list[dict[str, Any]]:
+    """Counts and mean score per ``by`` (label, source, status or model), and per time
+    ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given."""
+    if by not in GROUPS:
+        raise InvalidInput(f"cannot group by {by!r}; expected one of {', '.join(GROUPS)}")
+    if bucket is not None and bucket not in BUCKETS:
+        raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
+    keys: list[Any] = []
+    if bucket is not None:
+        keys.append(_bucket_expr(store, bucket).label("bucket"))
+    keys.append(results.c[by].label(by))
+    query = (sa.select(*keys, sa.func.count().label("count"),
+                       sa.func.avg(results.c.score).label("mean_score"))
+             .where(*filters.clauses()).group_by(*keys).order_by(*keys))
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return [{**{k: r[k] for k in ([("bucket")] if bucket else []) + [by]},
+             "count": int(r["count"]),
+             "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
+            for r in rows]
+
+
+def _bucket_expr(store: ResultStore, bucket: str) -> Any:
+    unit, fmt = BUCKETS[bucket]
+    if store.engine.dialect.name == "postgresql":
+        utc = sa.func.timezone("UTC", results.c.finished_at)
+        return sa.func.to_char(sa.func.date_trunc(unit, utc), 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+    return sa.func.strftime(fmt, results.c.finished_at)
+
+
+def _fetch(store: ResultStore, query: Any) -> list[ResultRecord]:
+    try:
+        with store.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query).mappings()]
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc

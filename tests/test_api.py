@@ -1,0 +1,280 @@
+"""The HTTP API over a real socket: a real ``bertstream serve``, real Redis, SQLite and
+PostgreSQL, real workers."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from click.testing import CliRunner
+
+from contract.results import ResultRecord, ResultStore
+from contract.settings import Settings
+from producer.cli import main
+from producer.client import Client
+from tests.api_server import ApiServer, free_port
+
+SEED = "这家酒店的服务很好,房间也很干净。"
+
+
+@pytest.fixture
+def api_factory(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
+    """Start ``bertstream serve`` processes; all are stopped at teardown."""
+    started: list[ApiServer] = []
+
+    def start(settings: Settings, *args: str) -> ApiServer:
+        server = ApiServer(settings, tmp_path / f"serve-{len(started)}.log", *args)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def model_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
+    return settings.replace(model=str(tiny_model_dir))
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return dict(body["error"])
+
+
+@pytest.mark.slow
+def test_submit_status_and_long_poll_end_to_end(model_settings: Settings, api_factory: Any,
+                                                worker_factory: Any) -> None:
+    api = api_factory(model_settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        r = http.post("/v1/tasks", json={"text": SEED, "id": "web-1", "source": "web"})
+        assert r.status_code == 202, r.text
+        assert r.json() == {"id": "web-1", "status": "queued", "duplicate": False}
+        assert http.get("/v1/tasks/web-1").json() == {"id": "web-1", "status": "queued"}
+        bulk = http.post("/v1/tasks", json={"items": ["good one", {"text": "second", "id": "b-2"},
+                                                      {"text": "  "}, {"txt": "typo"}, 7,
+                                                      {"text": "dup", "id": "b-2"}]})
+        assert bulk.status_code == 202, bulk.text
+        body = bulk.json()
+        assert body["accepted"] == 2 and body["duplicates"] == 0
+        assert body["ids"][1] == "b-2" and body["ids"][0] and body["ids"][2:] == [None] * 4
+        assert [e["index"] for e in body["errors"]] == [2, 3, 4, 5]
+        assert "empty" in body["errors"][0]["reason"] and "duplicate" in body["errors"][3]["reason"]
+
+        worker_factory(model_settings)
+        done = http.get("/v1/tasks/web-1", params={"wait": 30}).json()
+        assert done["status"] == "done" and done["label"] in ("negative", "positive")
+        assert set(done["scores"]) == {"negative", "positive"} and 0.5 <= done["score"] <= 1
+        assert done["model"] and done["source"] == "web"
+        # Every bulk id reaches its row too; an unknown id is a JSON 404.
+        for task_id in (i for i in body["ids"] if i):
+            assert http.get(f"/v1/tasks/{task_id}", params={"wait": 30}).json()["status"] == "done"
+        missing = http.get("/v1/tasks/never-submitted")
+        assert missing.status_code == 404 and _error(missing)["code"] == "not_found"
+
+
+def test_idempotency_conflict_and_validation(settings: Settings, api_factory: Any) -> None:
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        first = http.post("/v1/tasks", json={"text": "same text", "id": "idem-1"})
+        again = http.post("/v1/tasks", json={"text": "same text", "id": "idem-1"})
+        assert first.status_code == again.status_code == 202
+        assert again.json()["duplicate"] is True
+        other = http.post("/v1/tasks", json={"text": "another text", "id": "idem-1"})
+        assert other.status_code == 409 and _error(other)["code"] == "id_conflict"
+        # Only one message was queued for the three calls.
+        with Client(settings) as client:
+            assert client.queue_length() == 1
+        for bad, code in (({"text": ""}, "invalid_input"), ({"text": "x" * 20_001}, "invalid_input"),
+                          ({"text": "ok", "extra": 1}, "invalid_request"),
+                          ({"text": "ok", "meta": [1]}, "invalid_request"),
+                          ({"text": "ok", "id": "x" * 500}, "invalid_input")):
+            r = http.post("/v1/tasks", json=bad)
+            assert r.status_code == 422 and _error(r)["code"] == code, (bad, r.text)
+        broken = http.post("/v1/tasks", content=b"{not json", headers={"content-type": "application/json"})
+        assert broken.status_code == 422 and "error" in broken.json()
+        conflict_in_bulk = http.post("/v1/tasks", json={"items": [
+            {"text": "different", "id": "idem-1"}, {"text": "fresh", "id": "idem-2"}]})
+        assert conflict_in_bulk.status_code == 202
+        assert conflict_in_bulk.json()["ids"] == [None, "idem-2"]
+        assert "different text" in conflict_in_bulk.json()["errors"][0]["reason"]
+
+
+def test_stored_row_with_other_text_is_a_conflict(settings: Settings, api_factory: Any) -> None:
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    store.upsert([_record("old-1", "positive", 0.9, text_sha256="0" * 64)])
+    api = api_factory(settings)
+    r = httpx.post(api.url + "/v1/tasks", json={"text": "new text", "id": "old-1"}, timeout=10)
+    assert r.status_code == 409 and "stored with a different text" in _error(r)["message"]
+    store.close()
+
+
+def _record(task_id: str, label: str, score: float, *, source: str = "s",
+            finished: dt.datetime | None = None, text_sha256: str = "a" * 64) -> ResultRecord:
+    return ResultRecord(id=task_id, text_sha256=text_sha256, text_chars=4, model="m",
+                        status="done", label=label, score=score, source=source,
+                        finished_at=finished or dt.datetime.now(dt.timezone.utc),
+                        scores={label: score})
+
+
+def test_results_pages_are_stable_while_rows_are_added(settings: Settings,
+                                                       api_factory: Any) -> None:
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    store.upsert([_record(f"r{i:02d}", "positive" if i % 3 else "negative", i / 40,
+                          source="a" if i % 2 else "b", finished=t0 + dt.timedelta(minutes=i))
+                  for i in range(25)])
+    api = api_factory(settings)
+    seen: list[str] = []
+    cursor = None
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        for k in range(10):
+            params: dict[str, Any] = {"limit": 10, "until": "2026-11-30T00:00:00"}
+            if cursor:
+                params["cursor"] = cursor
+            body = http.get("/v1/results", params=params).json()
+            seen += [row["id"] for row in body["items"]]
+            # Rows written between pages (newer, and inside the filter) never shift them.
+            store.upsert([_record(f"new{k}", "positive", 0.5, finished=t0 + dt.timedelta(days=2))])
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen[:25] == [f"r{i:02d}" for i in reversed(range(25))]
+        assert len(seen) == len(set(seen))
+        oldest = http.get("/v1/results", params={"order": "oldest", "limit": 3, "source": "a"})
+        assert [r["id"] for r in oldest.json()["items"]] == ["r01", "r03", "r05"]
+        bad = http.get("/v1/results", params={"cursor": "not-a-cursor"})
+        assert bad.status_code == 422 and _error(bad)["code"] == "invalid_input"
+
+        export = http.get("/v1/results", params={"format": "csv", "source": "b"})
+        rows = list(csv.DictReader(io.StringIO(export.text)))
+        assert export.headers["content-type"].startswith("text/csv")
+        assert sorted(r["id"] for r in rows) == [f"r{i:02d}" for i in range(0, 25, 2)]
+        lines = http.get("/v1/results", params={"format": "jsonl"}).text.splitlines()
+        assert len(lines) == store.count() == 25 + len(seen) // 10 + 1
+        assert all(json.loads(line)["status"] == "done" for line in lines)
+
+        stats = http.get("/v1/stats", params={"by": "label", "until": "2026-11-02T00:00:00"}).json()
+        counts = {g["label"]: g["count"] for g in stats["groups"]}
+        assert counts == {"negative": 9, "positive": 16}
+        hourly = http.get("/v1/stats", params={"by": "source", "bucket": "1h",
+                                               "until": "2026-11-02T00:00:00"}).json()["groups"]
+        assert {(g["bucket"], g["source"]): g["count"] for g in hourly} == {
+            ("2026-11-01T00:00:00Z", "a"): 12, ("2026-11-01T00:00:00Z", "b"): 13}
+        by_minute = http.get("/v1/stats", params={"bucket": "1m", "source": "a"}).json()["groups"]
+        assert by_minute[0] == {"bucket": "2026-11-01T00:01:00Z", "label": "positive",
+                                "count": 1, "mean_score": pytest.approx(1 / 40)}
+    store.close()
+
+
+def test_backpressure_answers_429(settings: Settings, api_factory: Any) -> None:
+    tight = settings.replace(max_queue_length=2, api_coalesce_ms=0)
+    api = api_factory(tight)
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        codes = []
+        for i in range(4):
+            codes.append(http.post("/v1/tasks", json={"text": f"t{i}"}).status_code)
+        # The queue length is re-read every 0.2 s at most: wait until the 429 shows.
+        deadline = dt.datetime.now() + dt.timedelta(seconds=5)
+        while dt.datetime.now() < deadline:
+            r = http.post("/v1/tasks", json={"text": "one more"})
+            if r.status_code == 429:
+                break
+        assert codes[:3] == [202, 202, 202]
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert _error(r)["code"] == "busy"
+
+
+def test_tokens_cors_and_body_limit(settings: Settings, api_factory: Any) -> None:
+    guarded = settings.replace(api_tokens="s3cret,other-token", api_cors_origins="https://app.example",
+                               api_max_body_bytes=2048)
+    api = api_factory(guarded)
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        assert http.get("/healthz").status_code == 200  # open
+        assert http.get("/openapi.json").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            r = http.post("/v1/tasks", json={"text": "hi"}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        ok = {"Authorization": "Bearer other-token"}
+        assert http.post("/v1/tasks", json={"text": "hi"}, headers=ok).status_code == 202
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics", headers=ok).status_code == 200
+        big = http.post("/v1/tasks", json={"text": "x" * 4000}, headers=ok)
+        assert big.status_code == 413 and _error(big)["code"] == "too_large"
+        chunked = http.post("/v1/tasks", content=iter([b'{"text": "', b"y" * 3000, b'"}']),
+                            headers={**ok, "content-type": "application/json"})
+        assert chunked.status_code == 413
+        pre = http.options("/v1/tasks", headers={"Origin": "https://app.example",
+                                                 "Access-Control-Request-Method": "POST"})
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_serve_refuses_an_open_public_bind() -> None:
+    runner = CliRunner()
+    open_public = runner.invoke(main, ["serve", "--host", "0.0.0.0"],
+                                obj=Settings(api_tokens=""))
+    assert open_public.exit_code == 2 and "without authentication" in open_public.output
+    both = runner.invoke(main, ["serve", "--no-auth"], obj=Settings(api_tokens="t"))
+    assert both.exit_code == 2 and "contradicts" in both.output
+
+
+def test_outages_are_503_and_readyz_says_which(settings: Settings, api_factory: Any,
+                                               tmp_path: Path, worker_factory: Any,
+                                               tiny_model_dir: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    down = settings.replace(broker_url=dead,
+                            database_url=f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x")
+    api = api_factory(down)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        r = http.post("/v1/tasks", json={"text": "hi"})
+        assert r.status_code == 503 and _error(r)["code"] == "broker_unavailable"
+        assert "Traceback" not in r.text
+        r = http.get("/v1/results")
+        assert r.status_code == 503 and _error(r)["code"] == "database_unavailable"
+        ready = http.get("/readyz")
+        assert ready.status_code == 503
+        checks = ready.json()["checks"]
+        assert checks["redis"].startswith("unreachable") and checks["database"].startswith("unreachable")
+    healthy = api_factory(settings)
+    with httpx.Client(base_url=healthy.url, timeout=10) as http:
+        assert http.get("/readyz").json()["checks"]["workers"].startswith("none alive")
+        worker_factory(settings.replace(model=str(tiny_model_dir)))
+        ready = http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"redis": "ok", "database": "ok",
+                                          "workers": "ok: 1 alive"}
+        metrics = http.get("/metrics").text
+        assert 'bertstream_queue_depth{lane="interactive"}' in metrics
+        assert "bertstream_workers_alive 1.0" in metrics
+        assert "bertstream_api_requests_total" in metrics
+
+
+def test_coalescing_puts_concurrent_submits_in_one_message(settings: Settings,
+                                                           api_factory: Any) -> None:
+    import concurrent.futures
+
+    api = api_factory(settings.replace(api_coalesce_ms=200))
+    with httpx.Client(base_url=api.url, timeout=10) as http, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: http.post("/v1/tasks", json={"text": f"text {i}"}),
+                                range(8)))
+    assert all(a.status_code == 202 for a in answers)
+    with Client(settings) as client:
+        assert client.queue_length() < 8  # fewer messages than texts
+    raw = redis.Redis.from_url(settings.broker_url)
+    key = f"{settings.queue}.interactive"
+    bodies = [json.loads(m) for m in raw.lrange(key, 0, -1)]
+    raw.close()
+    assert sum(len(json.loads(__import__("base64").b64decode(b["body"]))[0][0])
+               for b in bodies) == 8

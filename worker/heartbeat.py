@@ -1,0 +1,60 @@
+"""The worker's heartbeat: a daemon thread refreshing its liveness key (contract.liveness)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from contract.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, worker_key
+from contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Refreshes ``worker_key(queue, hostname)`` every few seconds until :meth:`stop`.
+
+    A Redis outage is logged once and retried; the key is deleted on a clean stop.
+    """
+
+    def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
+        self.key = worker_key(settings.queue, hostname)
+        self.value = json.dumps({"pid": os.getpid(), "started_at": time.time(), **facts})
+        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
+                                           socket_connect_timeout=5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bertstream-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> Heartbeat:
+        """Write the key now and keep it fresh from a daemon thread."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.client.set(self.key, self.value, ex=HEARTBEAT_TTL_S)
+                failing = False
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("heartbeat: cannot reach Redis (%s); retrying", exc)
+                failing = True
+            self._stop.wait(HEARTBEAT_EVERY_S)
+
+    def stop(self) -> None:
+        """Stop refreshing and remove the key (a stopped worker is not alive)."""
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_EVERY_S + 1)
+        try:
+            self.client.delete(self.key)
+        except redis.RedisError:
+            pass  # it expires by itself
+        self.client.close()
