@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from contract.results import ResultStore, results
 from contract.settings import Settings
+from tests.api_server import ApiServer
 from tests.workers import WorkerProcess
 
 # Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
@@ -112,3 +113,18 @@ def poison_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tinybert import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("poison-bert"), poison="poisonpill")
+
+
+@pytest.fixture
+def api_factory(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
+    """Start ``bertstream serve`` processes; all are stopped at teardown."""
+    started: list[ApiServer] = []
+
+    def start(settings: Settings, *args: str) -> ApiServer:
+        server = ApiServer(settings, tmp_path / f"serve-{len(started)}.log", *args)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()

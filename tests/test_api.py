@@ -7,7 +7,6 @@ import csv
 import datetime as dt
 import io
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,9 @@ from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.cli import main
 from producer.client import Client
-from tests.api_server import ApiServer, free_port
+from tests.api_server import free_port
 
 SEED = "这家酒店的服务很好,房间也很干净。"
-
-
-@pytest.fixture
-def api_factory(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
-    """Start ``bertstream serve`` processes; all are stopped at teardown."""
-    started: list[ApiServer] = []
-
-    def start(settings: Settings, *args: str) -> ApiServer:
-        server = ApiServer(settings, tmp_path / f"serve-{len(started)}.log", *args)
-        started.append(server)
-        return server.wait_ready()
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
