@@ -23,11 +23,10 @@ import click
 
 from contract.errors import (
     BertstreamError,
-    BrokerUnavailable,
     ConfigError,
     InvalidInput,
     ResultTimeout,
-    StoreUnavailable,
+    exit_code,
 )
 from contract.messages import make_item
 from contract.settings import Settings
@@ -115,17 +114,7 @@ class BertstreamGroup(click.Group):
             return super().invoke(ctx)
         except BertstreamError as exc:
             click.echo(f"error: {_describe(exc)}", err=True)
-            ctx.exit(_exit_code(exc))
-
-
-def _exit_code(exc: BertstreamError) -> int:
-    if isinstance(exc, (InvalidInput, ConfigError)):
-        return 2
-    if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
-        return 3
-    if isinstance(exc, ResultTimeout):
-        return 4
-    return 1
+            ctx.exit(exit_code(exc))
 
 
 def _describe(exc: BertstreamError) -> str:

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.pools import ProducerPool
@@ -27,8 +26,8 @@ from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy.exc import SQLAlchemyError
 
-from contract.broker import lane_queue, make_celery
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, RESULTS_TABLE, TASK_ANALYZE
+from contract.broker import lane_queue, make_celery, redis_client
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout, StoreUnavailable
 from contract.messages import TaskItem, make_item
 from contract.results import ResultRecord, ResultStore
@@ -311,7 +310,9 @@ class Client:
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.settings.broker_url)
+            self._redis = redis_client(self.settings)
+            if self._redis is None:  # pragma: no cover - queue_length checks the scheme
+                raise InvalidInput(f"{mask_url(self.settings.broker_url)} is not a Redis URL")
         return self._redis
 
     # -- results --------------------------------------------------------
@@ -320,7 +321,7 @@ class Client:
     def store(self) -> ResultStore:
         """The results store, created on first use."""
         if self._store is None:
-            self._store = ResultStore.from_url(self.settings.database_url)
+            self._store = ResultStore.from_settings(self.settings)
         return self._store
 
     def _table_exists(self) -> bool:
@@ -328,8 +329,8 @@ class Client:
         # migrations' back, so before any worker ran there are simply no rows.
         if not self._table_seen:
             try:
-                self._table_seen = sa.inspect(self.store.engine).has_table(RESULTS_TABLE)
-            except SQLAlchemyError as exc:
+                self._table_seen = self.store.has_table()
+            except StoreUnavailable as exc:
                 url = mask_url(self.settings.database_url)
                 raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
         return self._table_seen
