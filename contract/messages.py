@@ -171,7 +171,7 @@ def validate_meta(meta: Any, settings: Settings) -> dict[str, Any] | None:
         raise InvalidInput(f"meta must be a JSON object, got {type(meta).__name__}")
     problem = _meta_problem(meta, 0)
     if problem is not None:
-        raise InvalidInput(f"meta {problem}")
+        raise InvalidInput(f"meta is not JSON-serialisable: it {problem}")
     try:
         encoded = json.dumps(meta, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
