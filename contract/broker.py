@@ -42,6 +42,11 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_routes": {TASK_ANALYZE: {"queue": lanes[0]}},
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # Messages a worker held when its connection broke sit in kombu's
+            # unacked index until a sweep finds them past the visibility
+            # timeout; kombu's default sweep runs about every 100 s.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 5)),
+            "unacked_restore_throttle": 1,
             **redis_socket_options(settings),
         },
         "broker_connection_retry_on_startup": True,

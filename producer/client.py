@@ -86,12 +86,19 @@ class ChunkPublisher:
         self._chunk_size = chunk_size
         self._before_send = before_send
         self._buffer: list[TaskItem] = []
+        self._lines: list[int | None] = []
         self.messages = 0
         self.published = 0
 
-    def add(self, item: TaskItem) -> None:
-        """Buffer ``item``; publishes the chunk once it is full."""
+    @property
+    def first_unsent_line(self) -> int | None:
+        """The source line of the first buffered (not yet published) item, when known."""
+        return self._lines[0] if self._lines else None
+
+    def add(self, item: TaskItem, line: int | None = None) -> None:
+        """Buffer ``item`` (from source ``line``); publishes the chunk once it is full."""
         self._buffer.append(item)
+        self._lines.append(line)
         if len(self._buffer) >= self._chunk_size:
             self.flush()
 
@@ -104,7 +111,7 @@ class ChunkPublisher:
         self._client.publish(self._buffer, bulk=self._bulk, producer=self._producer)
         self.messages += 1
         self.published += len(self._buffer)
-        self._buffer = []
+        self._buffer, self._lines = [], []
 
 
 class Client:
@@ -161,13 +168,15 @@ class Client:
         id: str | None = None,
         source: str | None = None,
         meta: dict[str, Any] | None = None,
+        ttl_s: float | None = None,
     ) -> str:
         """Validate one text and publish it on the interactive lane; return its id at once.
 
+        ``ttl_s``: seconds the task stays worth running (see :meth:`submit_many`).
         Raises :class:`InvalidInput` (with the reason) for bad input and
         :class:`BrokerUnavailable` when Redis cannot be reached.
         """
-        item = make_item(text, self.settings, id=id, source=source, meta=meta)
+        item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
         self.publish([item], bulk=False)
         return item.id
 
@@ -177,6 +186,7 @@ class Client:
         *,
         source: str | None = None,
         chunk_size: int | None = None,
+        ttl_s: float | None = None,
     ) -> SubmitReport:
         """Validate many items and publish the good ones on the bulk lane in chunks.
 
@@ -185,20 +195,28 @@ class Client:
         (default ``settings.bulk_chunk_size``) items per message, published
         over one reused producer. Bad items are reported by index and never
         stop the rest; ids supplied twice are refused the second time.
-        Raises :class:`BrokerUnavailable` when Redis cannot be reached
-        (chunks published before that stay queued).
+        ``ttl_s``: seconds the tasks stay worth running; a task still queued
+        after that is stored as ``expired`` without reaching the model.
+        Raises :class:`BrokerUnavailable` when Redis stays unreachable through
+        the publish retries; it says how many items were sent (those stay queued).
         """
         size = chunk_size or self.settings.bulk_chunk_size
-        validator = ItemValidator(self.settings, source)
+        validator = ItemValidator(self.settings, source, ttl_s=ttl_s)
         report = SubmitReport()
-        with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
-            for index, obj in enumerate(items):
-                checked = validator.check(index, obj)
-                if isinstance(checked, ItemError):
-                    report.errors.append(checked)
-                    continue
-                publisher.add(checked)
-                report.ids.append(checked.id)
+        sent = 0
+        try:
+            with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
+                for index, obj in enumerate(items):
+                    checked = validator.check(index, obj)
+                    if isinstance(checked, ItemError):
+                        report.errors.append(checked)
+                        continue
+                    publisher.add(checked, index)
+                    report.ids.append(checked.id)
+                    sent = publisher.published
+                sent = publisher.published
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(exc.reason, sent=sent) from exc
         report.messages = publisher.messages
         return report
 

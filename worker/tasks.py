@@ -92,8 +92,21 @@ class AnalyzeTask(Batches):
         self._buffered_tokens = 0
 
     def Strategy(self, task: Any, app: Celery, consumer: Any) -> Callable[..., None]:  # noqa: N802
-        """celery-batches' strategy plus a token-budget flush trigger."""
+        """celery-batches' strategy plus a token-budget flush trigger.
+
+        Built again each time the consumer (re)connects. celery-batches
+        starts its flush timer on the first request only, on the consumer's
+        timer; after a broker reconnect that timer is a new one and the old
+        entry is dead, so a stale reference would leave later requests
+        waiting for a count-triggered flush that may never come. The timer
+        is dropped here and restarted at once for requests still buffered.
+        """
         handler = super().Strategy(task, app, consumer)
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        if not self._buffer.empty():
+            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                        **kw: Any) -> None:
