@@ -332,7 +332,7 @@ def results(
         for value in values:
             problem = None if value is None else id_problem(value)
             if problem is not None:
-                raise InvalidInput(f"{what} {printable(value)!r} {problem}")
+                raise InvalidInput(f"{what} {printable(str(value))!r} {problem}")
     with Client(_settings(ctx)) as client:
         if group_by is not None:
             if ids or label is not None:

@@ -102,8 +102,9 @@ class AnalyzeTask(Batches):
         is dropped here and restarted at once for requests still buffered.
         """
         handler = super().Strategy(task, app, consumer)
-        if self._tref is not None:
-            self._tref.cancel()
+        tref: Any = self._tref
+        if tref is not None:
+            tref.cancel()
             self._tref = None
         if not self._buffer.empty():
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
