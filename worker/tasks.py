@@ -102,7 +102,7 @@ class AnalyzeTask(Batches):
         is dropped here and restarted at once for requests still buffered.
         """
         handler = super().Strategy(task, app, consumer)
-        tref: Any = self._tref
+        tref: Any = getattr(self, "_tref", None)
         if tref is not None:
             tref.cancel()
             self._tref = None
