@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from contract import kombu_redis
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.settings import Settings
 
@@ -20,9 +20,11 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     """A Celery app for ``settings``: JSON only, no result backend, late acks.
 
     Queues: ``<queue>.interactive`` (single submits) and ``<queue>.bulk``
-    (chunks from streams), both consumed by every worker.
+    (chunks from streams), both consumed by every worker. Redis connections
+    time out (``redis_*`` settings) and are health-checked; publishes are
+    retried with a bounded backoff (``publish_retries``, ``publish_retry_max_s``).
+    Celery's remote control is off unless ``remote_control`` is set.
     """
-    kombu_redis.install()
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
     lanes = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     exchange = Exchange(settings.queue, type="direct")
@@ -38,8 +40,19 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_default_exchange": settings.queue,
         "task_default_queue": lanes[0],
         "task_routes": {TASK_ANALYZE: {"queue": lanes[0]}},
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Messages a worker held when its connection broke sit in kombu's
+            # unacked index until a sweep finds them past the visibility
+            # timeout; kombu's default sweep runs about every 100 s.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 5)),
+            "unacked_restore_throttle": 1,
+            **redis_socket_options(settings),
+        },
         "broker_connection_retry_on_startup": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_retry_policy(settings),
+        "worker_enable_remote_control": settings.remote_control,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
@@ -50,6 +63,34 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         conf["broker_transport_options"]["polling_interval"] = 0.01
     app.conf.update(conf)
     return app
+
+
+def redis_socket_options(settings: Settings) -> dict[str, Any]:
+    """Timeouts, keepalive and health checks of every Redis connection (kombu's and ours)."""
+    return {
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": settings.redis_health_check_s,
+    }
+
+
+def publish_retry_policy(settings: Settings) -> dict[str, Any]:
+    """kombu's retry policy for a publish: no pause first, then 0.25 s more per retry,
+    capped at ``publish_retry_max_s``."""
+    return {
+        "max_retries": settings.publish_retries,
+        "interval_start": 0,
+        "interval_step": min(0.25, settings.publish_retry_max_s),
+        "interval_max": settings.publish_retry_max_s,
+    }
+
+
+def redis_client(settings: Settings) -> redis.Redis | None:
+    """A Redis client on the broker with :func:`redis_socket_options`; None for memory://."""
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(settings.broker_url, **redis_socket_options(settings))
 
 
 def lane_queue(settings: Settings, bulk: bool) -> str:

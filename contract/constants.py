@@ -26,10 +26,20 @@ WORKER_KEY_PREFIX = "bertstream:workers:"
 #: The name the bundled model is referred to by in BERTSTREAM_MODEL.
 DEFAULT_MODEL = "default"
 
-#: Result statuses as stored.
+#: Characters the ``id`` and ``source`` columns hold. Every id and source
+#: tag is checked against it on both sides; a larger
+#: ``BERTSTREAM_MAX_ID_CHARS`` is refused at start.
+ID_COLUMN_CHARS = 128
+
+#: Prefix of the row key an item gets when its own id cannot be stored.
+MALFORMED_PREFIX = "malformed-"
+
+#: Result statuses as stored. ``expired``: the task's deadline passed before
+#: it reached the model, so it was never run.
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
-STATUSES = (STATUS_DONE, STATUS_FAILED)
+STATUS_EXPIRED = "expired"
+STATUSES = (STATUS_DONE, STATUS_FAILED, STATUS_EXPIRED)
 
 #: Environment variable prefix of every setting.
 ENV_PREFIX = "BERTSTREAM_"

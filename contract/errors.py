@@ -47,7 +47,27 @@ class StoreUnavailable(RetryableError):
 
 
 class BrokerUnavailable(RetryableError):
-    """The message broker cannot be reached."""
+    """The message broker cannot be reached.
+
+    ``sent`` is how many items a submit or stream published before it
+    failed, and ``resume_line`` the first source line not known to be
+    handled (streams only), so a caller can resume where it stopped.
+    """
+
+    def __init__(self, reason: str, *, sent: int | None = None,
+                 resume_line: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.resume_line = resume_line
+
+    def __str__(self) -> str:
+        parts = [self.reason]
+        if self.sent is not None:
+            parts.append(f"{self.sent} item(s) were sent before the failure")
+        if self.resume_line is not None:
+            parts.append(f"resume from line {self.resume_line}")
+        return "; ".join(parts)
 
 
 class ResultTimeout(BertstreamError):
@@ -56,3 +76,23 @@ class ResultTimeout(BertstreamError):
     def __init__(self, missing: list[str]) -> None:
         super().__init__(f"{len(missing)} result(s) not ready before the timeout")
         self.missing = missing
+
+
+#: Process exit codes of the CLI and the worker, by error class.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_TIMEOUT = 4
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code for ``exc``: 2 bad input or settings, 3 Redis or the
+    database unreachable, 4 results not ready in time, 1 anything else."""
+    if isinstance(exc, (InvalidInput, ConfigError)):
+        return EXIT_USAGE
+    if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, ResultTimeout):
+        return EXIT_TIMEOUT
+    return EXIT_ERROR

@@ -7,7 +7,12 @@ second does not pay one broker round trip per text. The body is JSON only.
 Wire form of one item::
 
     {"id": "…", "text": "…", "source": "…" | null, "meta": {…} | null,
-     "submitted_at": 1764350000.123}
+     "submitted_at": 1764350000.123, "expires_at": 1764350060.0}
+
+``expires_at`` (UNIX seconds) is optional and only sent when set; a
+producer may send ``ttl_s`` (seconds after ``submitted_at``) instead. A task
+past its deadline when a worker takes it is stored as ``expired`` and never
+reaches the model.
 
 Validation lives here because both sides run it: the producer to refuse bad
 input at once, the worker because a message may come from any producer.
@@ -16,6 +21,7 @@ input at once, the worker because a message may come from any producer.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -23,8 +29,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.constants import ID_COLUMN_CHARS
 from contract.errors import InvalidInput
 from contract.settings import Settings
+
+#: Latest timestamp accepted (the end of year 9999, the last a datetime holds).
+MAX_TIMESTAMP = 253_402_300_799.0
+#: Deepest nesting of ``meta`` accepted.
+MAX_META_DEPTH = 32
+#: Fields a wire item may carry.
+WIRE_FIELDS = frozenset({"id", "text", "source", "meta", "submitted_at", "expires_at", "ttl_s"})
 
 
 @dataclass(frozen=True)
@@ -36,21 +50,51 @@ class TaskItem:
     source: str | None = None
     meta: dict[str, Any] | None = None
     submitted_at: float = field(default_factory=time.time)
+    #: UNIX seconds after which the task is not worth running (None: no deadline).
+    expires_at: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON-ready dict sent on the wire."""
-        return {
+        """The JSON-ready dict sent on the wire (``expires_at`` only when set)."""
+        wire: dict[str, Any] = {
             "id": self.id,
             "text": self.text,
             "source": self.source,
             "meta": self.meta,
             "submitted_at": self.submitted_at,
         }
+        if self.expires_at is not None:
+            wire["expires_at"] = self.expires_at
+        return wire
+
+    def expired(self, now: float) -> bool:
+        """True when the deadline has passed at ``now``."""
+        return self.expires_at is not None and now > self.expires_at
 
 
 def new_id() -> str:
     """A fresh task id (UUID4 hex)."""
     return uuid.uuid4().hex
+
+
+def storable(text: str) -> bool:
+    """True when ``text`` can be stored as it is: valid UTF-8, no NUL.
+
+    A lone surrogate (JSON allows ``"\\ud800"``) cannot be encoded; PostgreSQL
+    text cannot hold NUL.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def printable(text: str) -> str:
+    """``text`` made storable and safe on a terminal: surrogates, NUL and other
+    control characters (but newline and tab) become escapes such as ``\\x1b``."""
+    out = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                           text)
+    return out.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def validate_text(text: Any, settings: Settings) -> str:
@@ -82,35 +126,98 @@ def validate_text(text: Any, settings: Settings) -> str:
     return text
 
 
-_CONTROL = re.compile(r"[\x00-\x1f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 but newline and tab, DEL, C1 (0x9b is a one-byte CSI on some terminals).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def id_problem(value: Any, limit: int = ID_COLUMN_CHARS) -> str | None:
+    """Why ``value`` cannot be an id or source tag of at most ``limit`` characters, or None.
+
+    An id must be a non-blank string that the id column can hold on every
+    database: no control characters (NUL included), no lone surrogates.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "is empty"
+    limit = min(limit, ID_COLUMN_CHARS)
+    if len(value) > limit:
+        return f"is {len(value)} characters, over the limit of {limit}"
+    if _CONTROL.search(value):
+        return "contains control characters"
+    if not storable(value):
+        return "is not valid Unicode (lone surrogate)"
+    return None
 
 
 def validate_id(value: Any, settings: Settings, what: str = "id") -> str:
-    """Return a valid id/tag string or raise :class:`InvalidInput`."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
-    if not value or not value.strip():
-        raise InvalidInput(f"{what} is empty")
-    if len(value) > settings.max_id_chars:
-        raise InvalidInput(f"{what} is {len(value)} characters, over the limit of {settings.max_id_chars}")
-    if _CONTROL.search(value):
-        raise InvalidInput(f"{what} contains control characters")
-    return value
+    """Return a valid id/tag string or raise :class:`InvalidInput` (without ``item_id``)."""
+    problem = id_problem(value, settings.max_id_chars)
+    if problem is not None:
+        raise InvalidInput(f"{what} {problem}")
+    return str(value)
 
 
 def validate_meta(meta: Any, settings: Settings) -> dict[str, Any] | None:
-    """Return ``meta`` (a JSON object or None) or raise :class:`InvalidInput`."""
+    """Return ``meta`` (a JSON object or None) or raise :class:`InvalidInput`.
+
+    Every string in it (keys too) must be storable, numbers finite, nesting
+    at most :data:`MAX_META_DEPTH` levels, the JSON at most ``max_meta_bytes``.
+    """
     if meta is None:
         return None
     if not isinstance(meta, Mapping):
         raise InvalidInput(f"meta must be a JSON object, got {type(meta).__name__}")
+    problem = _meta_problem(meta, 0)
+    if problem is not None:
+        raise InvalidInput(f"meta is not JSON-serialisable: it {problem}")
     try:
         encoded = json.dumps(meta, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"meta is not JSON-serialisable: {exc}") from exc
-    if len(encoded.encode("utf-8", "surrogatepass")) > settings.max_meta_bytes:
+    if len(encoded.encode("utf-8")) > settings.max_meta_bytes:
         raise InvalidInput(f"meta is over the limit of {settings.max_meta_bytes} bytes")
     return dict(meta)
+
+
+def _meta_problem(value: Any, depth: int) -> str | None:
+    if depth > MAX_META_DEPTH:
+        return f"is nested deeper than {MAX_META_DEPTH} levels"
+    if isinstance(value, str):
+        return None if storable(value) else "holds a string with NUL or a lone surrogate"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "holds a number that is not finite"
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                return f"has a non-string key ({type(key).__name__})"
+            problem = _meta_problem(key, depth + 1) or _meta_problem(inner, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for inner in value:
+            problem = _meta_problem(inner, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    return f"holds a {type(value).__name__}, which is not JSON"
+
+
+def timestamp(value: Any, what: str) -> float:
+    """``value`` as UNIX seconds between 1970 and year 9999, or :class:`InvalidInput`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{what} must be a number of UNIX seconds, got {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError as exc:
+        raise InvalidInput(f"{what} is out of range") from exc
+    if not 0.0 <= seconds <= MAX_TIMESTAMP:  # NaN fails too
+        raise InvalidInput(f"{what} is out of range (1970 to 9999)")
+    return seconds
 
 
 def make_item(
@@ -121,46 +228,63 @@ def make_item(
     source: str | None = None,
     meta: Any = None,
     submitted_at: float | None = None,
+    expires_at: float | None = None,
+    ttl_s: float | None = None,
 ) -> TaskItem:
     """Validate the parts of one task and build a :class:`TaskItem`.
 
-    Raises :class:`InvalidInput` carrying ``item_id`` when an id is known.
+    ``ttl_s`` (seconds from now, or from ``submitted_at``) sets ``expires_at``
+    when that is not given. Raises :class:`InvalidInput`; it carries
+    ``item_id`` only when the id itself is valid, so a failure is never
+    recorded under an id the store cannot hold.
     """
-    item_id = new_id() if id is None else id
+    item_id = validate_id(new_id() if id is None else id, settings)
     try:
-        item_id = validate_id(item_id, settings)
         clean = validate_text(text, settings)
         src = None if source is None else validate_id(source, settings, "source")
         clean_meta = validate_meta(meta, settings)
+        sent = time.time() if submitted_at is None else timestamp(submitted_at, "submitted_at")
+        deadline = _deadline(expires_at, ttl_s, sent)
     except InvalidInput as exc:
-        exc.item_id = item_id if isinstance(item_id, str) else None
+        exc.item_id = item_id
         raise
-    return TaskItem(
-        id=item_id,
-        text=clean,
-        source=src,
-        meta=clean_meta,
-        submitted_at=time.time() if submitted_at is None else submitted_at,
-    )
+    return TaskItem(id=item_id, text=clean, source=src, meta=clean_meta, submitted_at=sent,
+                    expires_at=deadline)
+
+
+def _deadline(expires_at: Any, ttl_s: Any, submitted_at: float) -> float | None:
+    if expires_at is not None:
+        return timestamp(expires_at, "expires_at")
+    if ttl_s is None:
+        return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
+        raise InvalidInput(f"ttl_s must be a number of seconds, got {type(ttl_s).__name__}")
+    if not 0 < ttl_s <= MAX_TIMESTAMP:  # NaN fails too
+        raise InvalidInput("ttl_s must be > 0 seconds")
+    return min(submitted_at + float(ttl_s), MAX_TIMESTAMP)
 
 
 def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
     """Parse and validate one wire item (worker side).
 
-    Raises :class:`InvalidInput`; ``item_id`` is set when the object had a
-    usable id so the failure can be stored against it.
+    Raises :class:`InvalidInput`; ``item_id`` is set only when the object had
+    an id the store can hold, so the failure can be stored against it. A
+    ``submitted_at`` that is missing or not a plausible timestamp is replaced
+    by the time of parsing (it is informational); a bad deadline fails the item.
     """
     if not isinstance(obj, Mapping):
         raise InvalidInput(f"task item must be a JSON object, got {type(obj).__name__}")
     raw_id = obj.get("id")
-    if not isinstance(raw_id, str) or not raw_id.strip() or len(raw_id) > settings.max_id_chars:
-        raise InvalidInput("task item has no valid id")
-    submitted = obj.get("submitted_at")
-    if not isinstance(submitted, (int, float)) or isinstance(submitted, bool):
+    problem = id_problem(raw_id, settings.max_id_chars)
+    if problem is not None:
+        raise InvalidInput(f"task item has no valid id (the id {problem})")
+    try:
+        submitted = timestamp(obj.get("submitted_at"), "submitted_at")
+    except InvalidInput:
         submitted = time.time()
-    unknown = set(obj) - {"id", "text", "source", "meta", "submitted_at"}
+    unknown = set(obj) - WIRE_FIELDS
     if unknown:
-        raise InvalidInput(f"task item has unknown fields: {sorted(unknown)}", raw_id)
+        raise InvalidInput(f"task item has unknown fields: {sorted(map(str, unknown))}", raw_id)
     if "text" not in obj:
         raise InvalidInput("task item has no text", raw_id)
     return make_item(
@@ -169,5 +293,7 @@ def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
         id=raw_id,
         source=obj.get("source"),
         meta=obj.get("meta"),
-        submitted_at=float(submitted),
+        submitted_at=submitted,
+        expires_at=obj.get("expires_at"),
+        ttl_s=obj.get("ttl_s"),
     )

@@ -2,31 +2,50 @@
 
 The table is keyed by task id, so persisting is an idempotent upsert: a task
 redelivered after a crash never makes a second row. A ``done`` row is final;
-a ``failed`` row may be overwritten by a later successful attempt.
+a ``failed`` or ``expired`` row may be overwritten by a later attempt.
+
+Errors are classified where they happen. A row the database refuses (a
+value too long, a NUL, an unencodable string: ``DataError``,
+``IntegrityError``, encoding errors) is that row's failure: the write is
+bisected until the refused rows stand alone, and the rest commit. A lost,
+refused or silent connection (``OperationalError``, ``InterfaceError``, a
+timeout) is an outage: :class:`StoreUnavailable`, which callers retry.
+Every operation is bounded in time (:class:`DbTimeouts`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from contract.constants import RESULTS_TABLE, STATUS_DONE, STATUSES
+from contract.constants import ID_COLUMN_CHARS, RESULTS_TABLE, STATUS_DONE, STATUSES
 from contract.errors import InvalidInput, StoreUnavailable
+from contract.messages import id_problem
+from contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 metadata = sa.MetaData()
 
 results = sa.Table(
     RESULTS_TABLE,
     metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("source", sa.String(128), index=True),
+    sa.Column("id", sa.String(ID_COLUMN_CHARS), primary_key=True),
+    sa.Column("source", sa.String(ID_COLUMN_CHARS), index=True),
     sa.Column("meta", sa.JSON),
     sa.Column("text", sa.Text),
     sa.Column("text_sha256", sa.String(64), nullable=False),
@@ -111,14 +130,49 @@ def _as_utc(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.timezone.utc)
 
 
-def make_engine(database_url: str) -> Engine:
-    """An engine for ``database_url`` with sane pooling for both backends.
+@dataclass(frozen=True)
+class DbTimeouts:
+    """How long database work may take; defaults are :class:`Settings`' defaults.
+
+    ``connect_s`` bounds establishing a PostgreSQL connection; ``statement_s``
+    bounds one operation (PostgreSQL's ``statement_timeout``, SQLite's wait
+    for a lock, and on both a client-side guard that cuts a connection whose
+    server stopped answering); ``keepalive_s`` is the TCP keepalive idle time
+    on PostgreSQL connections (0: the OS default).
+    """
+
+    connect_s: float = Settings.db_connect_timeout_s
+    statement_s: float = Settings.db_statement_timeout_s
+    keepalive_s: int = Settings.db_keepalive_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DbTimeouts:
+        """The timeouts ``settings`` configure."""
+        return cls(settings.db_connect_timeout_s, settings.db_statement_timeout_s,
+                   settings.db_keepalive_s)
+
+    @property
+    def guard_s(self) -> float:
+        """When the client-side guard cuts: after the server had its chance to time out."""
+        return self.statement_s + max(1.0, self.statement_s / 10)
+
+
+def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine:
+    """An engine for ``database_url`` with bounded waits on both backends.
 
     SQLite gets WAL and a busy timeout so the worker writing and clients
-    reading at once do not fail with 'database is locked'.
+    reading at once do not fail with 'database is locked'; a new database
+    file is created readable by its owner only (it holds the texts).
+    PostgreSQL gets a connect timeout, a statement timeout and TCP keepalives.
+    Stale pooled connections are not pinged on checkout (a ping to a silent
+    server would hang before any guard is armed); :class:`ResultStore` retries
+    an operation once when its connection turns out to be dead.
     """
-    if database_url.startswith("sqlite"):
-        engine = sa.create_engine(database_url, connect_args={"timeout": 30})
+    t = timeouts or DbTimeouts()
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        _create_private(url.database)
+        engine = sa.create_engine(url, connect_args={"timeout": t.statement_s})
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -128,7 +182,108 @@ def make_engine(database_url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(database_url, pool_pre_ping=True)
+    args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
+        args = _libpq_args(t, url.query.get("options"))
+    return sa.create_engine(url, connect_args=args)
+
+
+def _libpq_args(t: DbTimeouts, options: Any) -> dict[str, Any]:
+    statement_ms = int(t.statement_s * 1000)
+    extra = f"-c statement_timeout={statement_ms}"
+    args: dict[str, Any] = {
+        # libpq counts whole seconds, at least 2
+        "connect_timeout": max(2, int(t.connect_s + 0.999)),
+        "options": f"{options} {extra}" if isinstance(options, str) else extra,
+        # unacknowledged data fails the connection instead of waiting for TCP's
+        # own retransmission timeout (minutes)
+        "tcp_user_timeout": int(t.guard_s * 1000),
+    }
+    if t.keepalive_s:
+        args.update(keepalives=1, keepalives_idle=t.keepalive_s,
+                    keepalives_interval=max(1, t.keepalive_s // 3), keepalives_count=3)
+    return args
+
+
+def _create_private(path: str | None) -> None:
+    """Create an SQLite database file as 0600 before SQLite creates it as 0644.
+
+    SQLite gives its -wal and -shm files the database file's mode. An
+    existing file keeps its mode; ``:memory:`` and URI paths are left alone.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """True when ``exc`` is about the data written, not the connection.
+
+    ``DataError`` (too long, NUL, out of range) and ``IntegrityError`` come
+    from the database; encoding and value errors come from the driver or a
+    bind processor before anything is sent.
+    """
+    if isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError)):
+        return True
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, DBAPIError):
+        return is_row_error(exc.orig) if isinstance(exc.orig, BaseException) else False
+    return isinstance(exc, (UnicodeError, ValueError, TypeError, OverflowError, InvalidInput))
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database cannot be used right now."""
+    return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) and not is_row_error(exc)
+
+
+class _Guard:
+    """Cuts the connection of an operation still running ``seconds`` after it began.
+
+    PostgreSQL's own statement timeout needs a server that answers. A server
+    that accepts TCP and then stays silent (a hung host, a proxy whose far
+    side is gone) would keep the caller in the driver's poll forever: the
+    guard shuts the socket down, so the driver raises and the operation ends
+    as an outage. On SQLite it interrupts the running statement.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, conn: Connection) -> Iterator[None]:
+        dbapi = conn.connection.dbapi_connection
+        timer = threading.Timer(self.seconds, _cut, (dbapi,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+def _cut(dbapi: Any) -> None:
+    interrupt = getattr(dbapi, "interrupt", None)  # sqlite3
+    if callable(interrupt):
+        interrupt()
+        return
+    fileno = getattr(dbapi, "fileno", None)  # psycopg 3 and psycopg2
+    if not callable(fileno):
+        return
+    log.error("database silent for too long: cutting the connection")
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=os.dup(fileno()))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record the database refused (a row error), and why."""
+
+    record: ResultRecord
+    reason: str
 
 
 class _BulkUpsert:
@@ -182,51 +337,111 @@ class _BulkUpsert:
 class ResultStore:
     """Reads and writes the results table. Takes an engine; owns no globals."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, timeouts: DbTimeouts | None = None) -> None:
         self.engine = engine
+        self.timeouts = timeouts or DbTimeouts()
+        self._guard = _Guard(self.timeouts.guard_s)
 
     @classmethod
-    def from_url(cls, database_url: str) -> ResultStore:
+    def from_url(cls, database_url: str, timeouts: DbTimeouts | None = None) -> ResultStore:
         """A store on a new engine for ``database_url``."""
-        return cls(make_engine(database_url))
+        return cls(make_engine(database_url, timeouts), timeouts)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResultStore:
+        """A store on ``settings.database_url`` with the timeouts ``settings`` configure."""
+        return cls.from_url(settings.database_url, DbTimeouts.from_settings(settings))
 
     def create_schema(self) -> None:
-        """Create the table and indexes when missing (idempotent)."""
-        try:
-            metadata.create_all(self.engine, checkfirst=True)
-        except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"cannot create schema: {exc}") from exc
+        """Create the table and indexes when missing (idempotent).
+
+        Raises :class:`StoreUnavailable` when the database cannot be reached.
+        """
+        def create(conn: Connection) -> None:
+            metadata.create_all(conn, checkfirst=True)
+
+        self._run(create, "cannot create schema", begin=True)
+
+    def has_table(self) -> bool:
+        """True when the results table exists (a reader must not create it)."""
+        return self._run(lambda conn: sa.inspect(conn).has_table(RESULTS_TABLE),
+                         "cannot reach the results database")
 
     def close(self) -> None:
         """Dispose of the engine's connections."""
         self.engine.dispose()
 
+    def _run(self, work: Callable[[Connection], T], what: str, *, begin: bool = False) -> T:
+        """``work`` on a guarded connection (in a transaction when ``begin``).
+
+        A connection found dead (a pooled one after a database restart) is
+        replaced and ``work`` tried once more. Outages raise
+        :class:`StoreUnavailable`; row errors propagate as they are.
+        """
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn, self._guard(conn):
+                    if not begin:
+                        return work(conn)
+                    with conn.begin():
+                        return work(conn)
+            except Exception as exc:
+                if is_row_error(exc):
+                    raise
+                if not is_outage(exc):
+                    raise
+                stale = isinstance(exc, DBAPIError) and exc.connection_invalidated
+                if attempt == 1 and stale:
+                    continue
+                raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- writing --------------------------------------------------------
 
-    def upsert(self, records: Sequence[ResultRecord]) -> None:
-        """Write ``records`` in one transaction, keyed by id.
+    def upsert(self, records: Sequence[ResultRecord]) -> list[Refused]:
+        """Write ``records`` keyed by id; gives the records the database refused.
 
-        Guarantees: all or nothing; a ``done`` row is never overwritten (a
-        redelivered task keeps its first result); a ``failed`` row is
-        replaced by the new attempt with ``attempts`` incremented.
-        Raises :class:`StoreUnavailable` when the database refuses.
+        Guarantees: a ``done`` row is never overwritten (a redelivered task
+        keeps its first result); a ``failed`` or ``expired`` row is replaced by
+        the new attempt with ``attempts`` incremented. Normally one
+        transaction; when a row is refused, the write is bisected into
+        smaller transactions until each refused row stands alone, so every
+        other row still commits.
+        Raises :class:`StoreUnavailable` on an outage: then none of the
+        transactions not yet committed are.
         """
-        if not records:
-            return
-        rows = [self._row(r) for r in records]
-        # Deduplicate within the batch: the same id twice in one flush keeps the first.
-        unique: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            unique.setdefault(row["id"], row)
+        unique: dict[str, ResultRecord] = {}
+        for r in records:
+            # Deduplicate within the batch: the same id twice in one flush keeps the first.
+            unique.setdefault(r.id if isinstance(r.id, str) else repr(r.id), r)
+        refused: list[Refused] = []
+        if unique:
+            self._write(list(unique.values()), refused)
+        return refused
+
+    def _write(self, records: list[ResultRecord], refused: list[Refused]) -> None:
         try:
-            with self.engine.begin() as conn:
-                writer = self._writer()
-                if writer is not None:
-                    writer.execute(conn, list(unique.values()))
-                else:
-                    conn.execute(self._upsert_statement(), list(unique.values()))
-        except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"cannot write {len(unique)} result(s): {exc}") from exc
+            rows = [self._row(r) for r in records]
+            self._run(lambda conn: self._execute(conn, rows), f"cannot write {len(rows)} result(s)",
+                      begin=True)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if not is_row_error(exc):
+                raise
+            if len(records) == 1:
+                refused.append(Refused(records[0], f"{type(exc).__name__}: {_first_line(exc)}"))
+                return
+            half = len(records) // 2
+            self._write(records[:half], refused)
+            self._write(records[half:], refused)
+
+    def _execute(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        writer = self._writer()
+        if writer is not None:
+            writer.execute(conn, rows)
+        else:
+            conn.execute(self._upsert_statement(), rows)
 
     def _writer(self) -> _BulkUpsert | None:
         if not hasattr(self, "_bulk"):
@@ -241,6 +456,11 @@ class ResultStore:
         row = vars(record).copy()
         if row["status"] not in STATUSES:
             raise InvalidInput(f"unknown status {row['status']!r}")
+        # SQLite does not enforce VARCHAR lengths: check here so both
+        # databases refuse the same rows.
+        for key in ("id", "source"):
+            if (key == "id" or row[key] is not None) and id_problem(row[key]) is not None:
+                raise InvalidInput(f"{key} {id_problem(row[key])}")
         return row
 
     def _upsert_statement(self) -> Any:
@@ -277,19 +497,30 @@ class ResultStore:
 
     def get_many(self, ids: Iterable[str]) -> dict[str, ResultRecord]:
         """Rows for the given ids that exist, keyed by id."""
-        wanted = list(dict.fromkeys(ids))
-        out: dict[str, ResultRecord] = {}
+        # an id no row can have (too long, NUL, lone surrogate) is simply absent
+        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+
+        def read(conn: Connection) -> dict[str, ResultRecord]:
+            out: dict[str, ResultRecord] = {}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                query = sa.select(results).where(results.c.id.in_(chunk))
+                for row in conn.execute(query).mappings():
+                    rec = _record(row)
+                    out[rec.id] = rec
+            return out
+
+        return self._read(read) if wanted else {}
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
         try:
-            with self.engine.connect() as conn:
-                for start in range(0, len(wanted), 500):
-                    chunk = wanted[start : start + 500]
-                    query = sa.select(results).where(results.c.id.in_(chunk))
-                    for row in conn.execute(query).mappings():
-                        rec = _record(row)
-                        out[rec.id] = rec
-        except OperationalError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
-        return out
+            return self._run(work, "cannot read results")
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if is_row_error(exc):
+                raise InvalidInput(f"a filter value cannot be looked up: {_first_line(exc)}") from exc
+            raise
 
     def query(
         self,
@@ -312,11 +543,7 @@ class ResultStore:
         query = query.order_by(order, results.c.id)
         if limit is not None:
             query = query.limit(limit)
-        try:
-            with self.engine.connect() as conn:
-                return [_record(row) for row in conn.execute(query).mappings()]
-        except OperationalError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        return self._read(lambda conn: [_record(row) for row in conn.execute(query).mappings()])
 
     def aggregate(
         self,
@@ -341,11 +568,7 @@ class ResultStore:
             .group_by(column)
             .order_by(sa.func.count().desc())
         )
-        try:
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).mappings().all()
-        except OperationalError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        rows = self._read(lambda conn: conn.execute(query).mappings().all())
         return [
             {by: r["key"], "count": int(r["count"]),
              "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
@@ -354,11 +577,8 @@ class ResultStore:
 
     def count(self) -> int:
         """Number of rows stored."""
-        try:
-            with self.engine.connect() as conn:
-                return int(conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one())
-        except OperationalError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        query = sa.select(sa.func.count()).select_from(results)
+        return self._read(lambda conn: int(conn.execute(query).scalar_one()))
 
 
 def _filters(
@@ -394,3 +614,9 @@ def _record(row: Any) -> ResultRecord:
         if isinstance(data[key], str):
             data[key] = json.loads(data[key])
     return ResultRecord(**data)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (SQLAlchemy appends the SQL and a link)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

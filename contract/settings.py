@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from contract.constants import DEFAULT_MODEL, DEFAULT_QUEUE, ENV_PREFIX
+from contract.constants import DEFAULT_MODEL, DEFAULT_QUEUE, ENV_PREFIX, ID_COLUMN_CHARS
 from contract.errors import ConfigError
 
 
@@ -50,8 +50,9 @@ class Settings:
     max_text_chars: int = 20_000
     #: Largest ``meta`` object accepted, in bytes of JSON.
     max_meta_bytes: int = 8_192
-    #: Longest id / source tag accepted, in characters.
-    max_id_chars: int = 128
+    #: Longest id / source tag accepted, in characters (at most the column's
+    #: 128: a larger value is refused at start).
+    max_id_chars: int = ID_COLUMN_CHARS
     #: Texts per broker message when submitting in bulk.
     bulk_chunk_size: int = 256
 
@@ -76,11 +77,40 @@ class Settings:
     #: (kombu's Redis visibility timeout); longer than any flush can take.
     visibility_timeout_s: int = 300
 
+    #: Let Celery's remote control (ping, shutdown, ...) reach the workers.
+    #: Off: any client of the Redis could otherwise broadcast ``shutdown``.
+    remote_control: bool = False
+
+    # -- timeouts (database and Redis, both sides) --
+    #: Seconds to establish a database connection (PostgreSQL connect_timeout;
+    #: SQLite's wait for a locked file).
+    db_connect_timeout_s: float = 10.0
+    #: Seconds one database operation may take: PostgreSQL's statement_timeout,
+    #: and a client-side guard that cuts a connection whose server went silent.
+    db_statement_timeout_s: float = 30.0
+    #: TCP keepalive idle seconds on database connections (0: the OS default).
+    db_keepalive_s: int = 30
+    #: Seconds a Redis command may wait for its reply.
+    redis_socket_timeout_s: float = 10.0
+    #: Seconds to establish a Redis connection.
+    redis_connect_timeout_s: float = 5.0
+    #: Seconds between health checks (PING) of an idle Redis connection.
+    redis_health_check_s: int = 25
+
     # -- producer --
+    #: Retries of a publish while Redis is unreachable, the pause growing by
+    #: 0.25 s per retry up to ``publish_retry_max_s``; then the submit fails.
+    publish_retries: int = 8
+    #: Longest pause between two publish retries, in seconds.
+    publish_retry_max_s: float = 2.0
     #: Stream backpressure: pause while the queue holds more messages than this.
     max_queue_length: int = 2_000
     #: Store the text itself next to its hash (off for privacy-sensitive data).
     store_text: bool = True
+
+    #: Port a worker serves its Prometheus metrics on (0: not served). The
+    #: launcher gives its children consecutive ports from this one.
+    metrics_port: int = 0
 
     # -- HTTP API (bertstream serve) --
     #: Bearer tokens the API accepts, comma-separated (a secret: from the environment only).
@@ -129,16 +159,23 @@ class Settings:
         positive = (
             "max_text_chars", "max_meta_bytes", "max_id_chars", "bulk_chunk_size",
             "token_budget", "max_batch_size", "flush_every", "max_attempts",
-            "max_queue_length", "visibility_timeout_s", "api_max_body_bytes", "api_max_items",
-            "api_max_wait_s", "api_id_ttl_s",
+            "max_queue_length", "visibility_timeout_s", "db_connect_timeout_s",
+            "db_statement_timeout_s", "redis_socket_timeout_s", "redis_connect_timeout_s",
+            "api_max_body_bytes", "api_max_items", "api_max_wait_s", "api_id_ttl_s",
         )
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not 0 < getattr(self, name) < float("inf"):  # NaN too
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        if self.max_id_chars > ID_COLUMN_CHARS:
+            raise ConfigError(
+                f"{ENV_PREFIX}MAX_ID_CHARS={self.max_id_chars} is larger than the id and "
+                f"source columns ({ID_COLUMN_CHARS} characters)")
         if not self.max_padding >= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
-        for name in ("max_wait_ms", "max_length", "torch_threads", "api_coalesce_ms"):
-            if getattr(self, name) < 0:
+        for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",
+                     "redis_health_check_s", "publish_retries", "publish_retry_max_s",
+                     "api_coalesce_ms", "metrics_port"):
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")

@@ -16,20 +16,21 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
+from contract.constants import STATUSES
 from contract.errors import (
     BertstreamError,
-    BrokerUnavailable,
     ConfigError,
     InvalidInput,
     ResultTimeout,
-    StoreUnavailable,
+    exit_code,
 )
-from contract.messages import make_item
+from contract.messages import id_problem, make_item, printable
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import FORMATS, render_results, render_rows
@@ -120,18 +121,8 @@ class BertstreamGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BertstreamError as exc:
-            click.echo(f"error: {_describe(exc)}", err=True)
-            ctx.exit(_exit_code(exc))
-
-
-def _exit_code(exc: BertstreamError) -> int:
-    if isinstance(exc, (InvalidInput, ConfigError)):
-        return 2
-    if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
-        return 3
-    if isinstance(exc, ResultTimeout):
-        return 4
-    return 1
+            click.echo(f"error: {printable(_describe(exc))}", err=True)
+            ctx.exit(exit_code(exc))
 
 
 def _describe(exc: BertstreamError) -> str:
@@ -192,6 +183,8 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
 @click.option("--meta", help="JSON object stored with the results.")
 @click.option("--wait", is_flag=True, help="Wait for the results and print them.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to --wait.")
+@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds the texts stay worth analysing; later they are stored as expired.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.pass_context
 def submit(
@@ -202,6 +195,7 @@ def submit(
     meta: str | None,
     wait: bool,
     timeout: float,
+    ttl_s: float | None,
     fmt: str,
 ) -> None:
     """Submit TEXTS for analysis; print their ids (or, with --wait, their results).
@@ -216,7 +210,8 @@ def submit(
     items, problems = [], []
     for n, text in enumerate(texts, 1):
         try:
-            items.append(make_item(text, settings, id=task_id, source=source, meta=meta_obj))
+            items.append(make_item(text, settings, id=task_id, source=source, meta=meta_obj,
+                                   ttl_s=ttl_s))
         except InvalidInput as exc:
             problems.append(f"text {n}: {exc.reason}" if len(texts) > 1 else exc.reason)
     if problems:
@@ -228,7 +223,7 @@ def submit(
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
             return
         found = client.wait(ids, timeout=timeout)
-        click.echo(render_results([found[i] for i in ids], fmt))
+        click.echo(render_results([found[i] for i in ids], fmt, terminal=_on_terminal()))
 
 
 @main.command("stream")
@@ -243,6 +238,8 @@ def submit(
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--wait", is_flag=True, help="Wait for every result and print counts by status.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to --wait.")
+@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds each text stays worth analysing; later it is stored as expired.")
 @click.pass_context
 def stream_command(
     ctx: click.Context,
@@ -254,6 +251,7 @@ def stream_command(
     no_progress: bool,
     wait: bool,
     timeout: float,
+    ttl_s: float | None,
 ) -> None:
     """Stream texts from FILE (or - for stdin) into the bulk lane with backpressure.
 
@@ -264,7 +262,7 @@ def stream_command(
         records = read_records(fh, fmt=fmt, max_line_bytes=default_line_limit(settings))
         report = stream(
             client, records, max_queue_length=max_queue, progress=not no_progress,
-            source=source, chunk_size=chunk_size, keep_ids=wait,
+            source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
         )
         click.echo(_summary(report))
         if wait and report.ids:
@@ -273,6 +271,11 @@ def stream_command(
             for record in found.values():
                 counts[record.status] = counts.get(record.status, 0) + 1
             click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def _on_terminal() -> bool:
+    """True when stdout is a terminal: CSV cells are then escaped like the table's."""
+    return sys.stdout.isatty()
 
 
 def _summary(report: StreamReport) -> str:
@@ -284,7 +287,8 @@ def _summary(report: StreamReport) -> str:
         lines.append(f"paused {report.waited_s:.2f} s for backpressure")
     if report.errors:
         lines.append(f"rejected lines (first {min(SHOWN_ERRORS, len(report.errors))}):")
-        lines.extend(f"  line {e.index}: {e.reason}" for e in report.errors[:SHOWN_ERRORS])
+        lines.extend(f"  line {e.index}: {printable(e.reason)}"
+                     for e in report.errors[:SHOWN_ERRORS])
     return "\n".join(lines)
 
 
@@ -307,7 +311,7 @@ def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--id", "ids", multiple=True, help="A task id (repeatable).")
 @click.option("--source", help="Only this source tag.")
 @click.option("--label", help="Only this label.")
-@click.option("--status", type=click.Choice(["done", "failed"]), help="Only this status.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
 @click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
@@ -330,15 +334,21 @@ def results(
     group_by: str | None,
 ) -> None:
     """Print stored results (newest first), filtered, or aggregated with --aggregate."""
+    for what, values in (("--id", ids), ("--source", [source]), ("--label", [label])):
+        for value in values:
+            problem = None if value is None else id_problem(value)
+            if problem is not None:
+                raise InvalidInput(f"{what} {printable(str(value))!r} {problem}")
     with Client(_settings(ctx)) as client:
         if group_by is not None:
             if ids or label is not None:
                 raise click.UsageError("--aggregate cannot be combined with --id or --label")
             rows = client.aggregate(by=group_by, source=source, status=status, since=since, until=until)
-            click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt))
+            click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
+                                   terminal=_on_terminal()))
             return
         records = client.query(
             ids=list(ids) or None, source=source, label=label, status=status,
             since=since, until=until, limit=limit,
         )
-        click.echo(render_results(records, fmt))
+        click.echo(render_results(records, fmt, terminal=_on_terminal()))

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.pools import ProducerPool
@@ -27,8 +26,8 @@ from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy.exc import SQLAlchemyError
 
-from contract.broker import lane_queue, make_celery
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, RESULTS_TABLE, TASK_ANALYZE
+from contract.broker import lane_queue, make_celery, redis_client
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout, StoreUnavailable
 from contract.messages import TaskItem, make_item
 from contract.results import ResultRecord, ResultStore
@@ -87,12 +86,19 @@ class ChunkPublisher:
         self._chunk_size = chunk_size
         self._before_send = before_send
         self._buffer: list[TaskItem] = []
+        self._lines: list[int | None] = []
         self.messages = 0
         self.published = 0
 
-    def add(self, item: TaskItem) -> None:
-        """Buffer ``item``; publishes the chunk once it is full."""
+    @property
+    def first_unsent_line(self) -> int | None:
+        """The source line of the first buffered (not yet published) item, when known."""
+        return self._lines[0] if self._lines else None
+
+    def add(self, item: TaskItem, line: int | None = None) -> None:
+        """Buffer ``item`` (from source ``line``); publishes the chunk once it is full."""
         self._buffer.append(item)
+        self._lines.append(line)
         if len(self._buffer) >= self._chunk_size:
             self.flush()
 
@@ -105,7 +111,7 @@ class ChunkPublisher:
         self._client.publish(self._buffer, bulk=self._bulk, producer=self._producer)
         self.messages += 1
         self.published += len(self._buffer)
-        self._buffer = []
+        self._buffer, self._lines = [], []
 
 
 class Client:
@@ -162,13 +168,15 @@ class Client:
         id: str | None = None,
         source: str | None = None,
         meta: dict[str, Any] | None = None,
+        ttl_s: float | None = None,
     ) -> str:
         """Validate one text and publish it on the interactive lane; return its id at once.
 
+        ``ttl_s``: seconds the task stays worth running (see :meth:`submit_many`).
         Raises :class:`InvalidInput` (with the reason) for bad input and
         :class:`BrokerUnavailable` when Redis cannot be reached.
         """
-        item = make_item(text, self.settings, id=id, source=source, meta=meta)
+        item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
         self.publish([item], bulk=False)
         return item.id
 
@@ -178,6 +186,7 @@ class Client:
         *,
         source: str | None = None,
         chunk_size: int | None = None,
+        ttl_s: float | None = None,
     ) -> SubmitReport:
         """Validate many items and publish the good ones on the bulk lane in chunks.
 
@@ -186,20 +195,28 @@ class Client:
         (default ``settings.bulk_chunk_size``) items per message, published
         over one reused producer. Bad items are reported by index and never
         stop the rest; ids supplied twice are refused the second time.
-        Raises :class:`BrokerUnavailable` when Redis cannot be reached
-        (chunks published before that stay queued).
+        ``ttl_s``: seconds the tasks stay worth running; a task still queued
+        after that is stored as ``expired`` without reaching the model.
+        Raises :class:`BrokerUnavailable` when Redis stays unreachable through
+        the publish retries; it says how many items were sent (those stay queued).
         """
         size = chunk_size or self.settings.bulk_chunk_size
-        validator = ItemValidator(self.settings, source)
+        validator = ItemValidator(self.settings, source, ttl_s=ttl_s)
         report = SubmitReport()
-        with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
-            for index, obj in enumerate(items):
-                checked = validator.check(index, obj)
-                if isinstance(checked, ItemError):
-                    report.errors.append(checked)
-                    continue
-                publisher.add(checked)
-                report.ids.append(checked.id)
+        sent = 0
+        try:
+            with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
+                for index, obj in enumerate(items):
+                    checked = validator.check(index, obj)
+                    if isinstance(checked, ItemError):
+                        report.errors.append(checked)
+                        continue
+                    publisher.add(checked, index)
+                    report.ids.append(checked.id)
+                    sent = publisher.published
+                sent = publisher.published
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(exc.reason, sent=sent) from exc
         report.messages = publisher.messages
         return report
 
@@ -311,7 +328,9 @@ class Client:
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.settings.broker_url)
+            self._redis = redis_client(self.settings)
+            if self._redis is None:  # pragma: no cover - queue_length checks the scheme
+                raise InvalidInput(f"{mask_url(self.settings.broker_url)} is not a Redis URL")
         return self._redis
 
     # -- results --------------------------------------------------------
@@ -320,7 +339,7 @@ class Client:
     def store(self) -> ResultStore:
         """The results store, created on first use."""
         if self._store is None:
-            self._store = ResultStore.from_url(self.settings.database_url)
+            self._store = ResultStore.from_settings(self.settings)
         return self._store
 
     def _table_exists(self) -> bool:
@@ -328,8 +347,8 @@ class Client:
         # migrations' back, so before any worker ran there are simply no rows.
         if not self._table_seen:
             try:
-                self._table_seen = sa.inspect(self.store.engine).has_table(RESULTS_TABLE)
-            except SQLAlchemyError as exc:
+                self._table_seen = self.store.has_table()
+            except StoreUnavailable as exc:
                 url = mask_url(self.settings.database_url)
                 raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
         return self._table_seen

@@ -1,6 +1,9 @@
 """Rendering results and rows as an aligned table, JSON or CSV (for the CLI).
 
 Pure functions from records to text; nothing here touches Redis or the DB.
+Stored texts come from anyone: output meant for a terminal never carries a
+raw control character or ANSI escape (they are shown as ``\\x1b``-style
+escapes), so a text cannot rewrite the screen or the terminal's title.
 """
 
 from __future__ import annotations
@@ -8,10 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
+from contract.messages import printable
 from contract.results import ResultRecord
 
 FORMATS = ("table", "json", "csv")
@@ -21,25 +26,35 @@ TABLE_COLUMNS = ("id", "source", "status", "label", "score", "finished_at", "tex
 #: Every field of a result, in the order ResultRecord declares them (JSON/CSV).
 RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
 
+_UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
+
 #: Longest cell of a table, in characters.
 MAX_CELL = 48
 
 
-def render_results(records: Sequence[ResultRecord], fmt: str) -> str:
+def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool = True) -> str:
     """``records`` as text: ``json`` (array of :meth:`ResultRecord.to_json`),
-    ``csv`` (every field; dicts as JSON) or ``table`` (aligned, truncated)."""
+    ``csv`` (every field; dicts as JSON) or ``table`` (aligned, truncated).
+
+    Table and JSON are always safe on a terminal (JSON escapes every control
+    character, which keeps it valid JSON); CSV carries texts as stored unless
+    ``terminal``, when control characters are escaped too.
+    """
     if fmt == "json":
         return _json([r.to_json() for r in records])
     if fmt == "csv":
-        return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv")
+        return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv",
+                           terminal=terminal)
     rows = [_table_row(r) for r in records]
     return render_rows(rows, TABLE_COLUMNS, "table") if rows else "(no results)"
 
 
-def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str) -> str:
+def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, *,
+                terminal: bool = True) -> str:
     """Plain rows (dicts) as ``table``, ``json`` (array of objects) or ``csv``.
 
-    JSON keeps every key of each row; table and CSV show ``columns`` only.
+    JSON keeps every key of each row; table and CSV show ``columns`` only;
+    ``terminal`` escapes control characters in CSV cells.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
@@ -50,13 +65,18 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+            cells = [_csv_cell(row.get(c)) for c in columns]
+            writer.writerow([printable(c) for c in cells] if terminal else cells)
         return out.getvalue().rstrip("\n")
     return _table(rows, columns)
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=2)
+    # json escapes C0 controls itself; DEL and C1 (0x9b is a one-byte CSI) are
+    # escaped here, and lone surrogates are written as \\udXXX escapes.
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    text = _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
 
 
 def _csv_cell(value: Any) -> str:
@@ -113,5 +133,5 @@ def _cell(value: Any) -> str:
         return f"{value:.3f}"
     if isinstance(value, (dict, list)):
         value = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    text = " ".join(str(value).split())
+    text = printable(" ".join(str(value).split()))
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"

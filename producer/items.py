@@ -41,14 +41,17 @@ class ItemError:
 class ItemValidator:
     """Validates a sequence of caller items, refusing ids seen earlier in it.
 
-    Takes settings (limits) and the default source tag; keeps only the
+    Takes settings (limits), the default source tag and a deadline
+    (``ttl_s``) for every item; keeps only the
     caller-supplied ids (generated ones cannot collide), so memory grows with
     explicit ids only.
     """
 
-    def __init__(self, settings: Settings, default_source: str | None = None) -> None:
+    def __init__(self, settings: Settings, default_source: str | None = None, *,
+                 ttl_s: float | None = None) -> None:
         self.settings = settings
         self.default_source = default_source
+        self.ttl_s = ttl_s
         self._seen: dict[str, int] = {}
 
     def check(self, index: int, obj: Any) -> TaskItem | ItemError:
@@ -70,7 +73,7 @@ class ItemValidator:
 
     def _build(self, obj: Any) -> TaskItem:
         if isinstance(obj, (str, bytes, bytearray)):
-            return make_item(obj, self.settings, source=self.default_source)
+            return make_item(obj, self.settings, source=self.default_source, ttl_s=self.ttl_s)
         if not isinstance(obj, Mapping):
             raise InvalidInput(
                 f"item must be a string or an object with 'text', got {type(obj).__name__}"
@@ -87,6 +90,7 @@ class ItemValidator:
             id=obj.get("id"),
             source=self.default_source if source is None else source,
             meta=obj.get("meta"),
+            ttl_s=self.ttl_s,
         )
 
 

@@ -22,8 +22,9 @@ from typing import cast
 
 from tqdm import tqdm
 
+from contract.errors import BrokerUnavailable
 from contract.messages import TaskItem
-from producer.client import Client
+from producer.client import ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
 from producer.sources import SourceRecord
 
@@ -141,6 +142,7 @@ def stream(
     max_backoff_s: float = 1.0,
     on_wait: Callable[[int], None] | None = None,
     linger_s: float | None = LINGER_S,
+    ttl_s: float | None = None,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
@@ -149,13 +151,15 @@ def stream(
     bar (tqdm, stderr) counts texts and shows the rate and rejections.
     ``linger_s``: send a partial chunk once the source has been quiet this
     long (None: only full chunks and the last one at the end).
+    ``ttl_s``: deadline of every item, in seconds from its submission.
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
-    Redis goes away (chunks already published stay queued).
+    Redis stays away through the publish retries; the error carries how many
+    items were sent (they stay queued) and the line to resume from.
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
-    validator = ItemValidator(client.settings, source)
+    validator = ItemValidator(client.settings, source, ttl_s=ttl_s)
     started = time.monotonic()
     bar = tqdm(
         unit=" texts", unit_scale=True, file=sys.stderr, disable=not progress,
@@ -174,6 +178,8 @@ def stream(
         bar.set_description("")
         bar.set_postfix(rejected=report.rejected, refresh=False)
 
+    publisher: ChunkPublisher | None = None
+    next_line = 1  # the line after the last one read
     try:
         with client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send
@@ -183,19 +189,26 @@ def stream(
                 if record is _TICK:
                     publisher.flush()
                     continue
-                checked = _check(validator, cast(SourceRecord, record))
+                rec = cast(SourceRecord, record)
+                next_line = rec.line + 1
+                checked = _check(validator, rec)
                 if isinstance(checked, ItemError):
                     report.rejected += 1
                     if len(report.errors) < max_errors:
                         report.errors.append(checked)
                 else:
-                    publisher.add(checked)
+                    publisher.add(checked, rec.line)
                     report.accepted += 1
                     if keep_ids:
                         report.ids.append(checked.id)
                 bar.update(1)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
+    except BrokerUnavailable as exc:
+        sent = publisher.published if publisher is not None else 0
+        unsent = publisher.first_unsent_line if publisher is not None else None
+        raise BrokerUnavailable(exc.reason, sent=sent,
+                                resume_line=unsent if unsent is not None else next_line) from exc
     finally:
         bar.close()
         report.elapsed_s = time.monotonic() - started

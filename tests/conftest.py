@@ -7,6 +7,8 @@ Fixtures flush before and after, and close what they open.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,6 +115,65 @@ def poison_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tinybert import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("poison-bert"), poison="poisonpill")
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, that the test may stop and restart.
+
+    Appendonly with fsync on every write, as a production broker would run:
+    a restart keeps the queues and kombu's unacked index.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        import socket
+
+        self.workdir = workdir
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) on the same port and data directory; returns once it answers."""
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Terminate the server (it writes nothing more; the AOF is already on disk)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (free port, temp dir) the test can restart; stopped at teardown."""
+    d = tmp_path / "redis"
+    d.mkdir()
+    server = RedisServer(d)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -2,8 +2,12 @@
 
 ``down()`` resets every open connection and refuses new ones (connection
 refused), exactly what a client sees when PostgreSQL restarts or the network
-drops; ``up()`` accepts again. The database server itself, shared with other
-tests, is never touched.
+drops; ``up()`` accepts again. ``freeze()`` keeps every connection open but
+forwards nothing more: a server that went silent (a hung host, a proxy whose
+far side is gone), which only a client-side timeout can detect. The database
+server itself, shared with other tests, is never touched.
+
+:class:`SilentListener` accepts TCP connections and never says a word.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._frozen = threading.Event()
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -58,6 +63,10 @@ class TcpProxy:
     def close(self) -> None:
         self.down()
 
+    def freeze(self) -> None:
+        """Forward nothing more, in either direction, on every connection (kept open)."""
+        self._frozen.set()
+
     def _accept(self, lst: socket.socket) -> None:
         while True:
             try:
@@ -79,14 +88,43 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._frozen.is_set():  # frozen: read (the kernel acks) and drop
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+class SilentListener:
+    """Accepts TCP connections on 127.0.0.1:<port> and never answers."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._held.append(conn)  # kept open, never read
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for c in self._held:
+            with contextlib.suppress(OSError):
+                c.close()

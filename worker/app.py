@@ -21,6 +21,7 @@ from contract.broker import make_celery
 from contract.constants import DEFAULT_MODEL, LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.results import ResultStore
 from contract.settings import Settings
+from worker import kombu_redis
 from worker.device import Placement, resolve_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
@@ -80,12 +81,21 @@ def build_worker_app(
     hostname: str | None = None,
 ) -> WorkerApp:
     """Wire the Celery app, the results store (schema created) and the task."""
-    store = store or ResultStore.from_url(settings.database_url)
+    store = store or ResultStore.from_settings(settings)
     store.create_schema()
+    # The transport patch belongs to worker processes, never to an app importing the client.
+    kombu_redis.install()
     app = make_celery(settings, name="bertstream-worker")
     name = hostname or f"bertstream@{socket.gethostname()}"
     processor = FlushProcessor(runner, store, settings, worker_name=name)
-    task = register_tasks(app, processor, settings)
+    metrics = None
+    if settings.metrics_port:
+        from worker.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(runner.name)
+        metrics.serve(settings.metrics_port, settings)
+        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
+    task = register_tasks(app, processor, settings, metrics)
     # Enough prefetched messages to fill a flush; celery-batches needs them
     # unacked in the buffer, and solo concurrency is 1.
     app.conf.worker_prefetch_multiplier = max(settings.flush_every * 2, 4)
@@ -93,9 +103,25 @@ def build_worker_app(
     return WorkerApp(app, task, processor, queues)
 
 
-def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = "INFO") -> None:
-    """Consume until stopped (SIGTERM/SIGINT: warm shutdown after the current flush)."""
+def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = "INFO",
+               ready_file: str | None = None) -> None:
+    """Consume until stopped.
+
+    SIGTERM/SIGINT: warm shutdown. The flush running finishes and commits;
+    buffered messages not yet flushed are unacked, and closing the channel
+    puts them back on the queue at once (kombu restores a channel's unacked
+    messages when it closes). ``ready_file`` is created once the worker
+    consumes: how a supervisor (or a test) knows it is ready without
+    Celery's remote control, which is off by default.
+    """
     hostname = hostname or wapp.processor.worker_name
+    if ready_file:
+        from celery import signals
+
+        def mark_ready(**_kw: Any) -> None:
+            Path(ready_file).write_text(hostname, encoding="utf-8")
+
+        signals.worker_ready.connect(mark_ready, weak=False)
     worker: Any = wapp.app.Worker(
         pool="solo",
         concurrency=1,

@@ -7,11 +7,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from contract.errors import BertstreamError
+from contract.errors import BertstreamError, exit_code
 from contract.settings import Settings
 
 
@@ -32,15 +32,30 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--max-wait-ms", type=int, default=None, help="Micro-batch max wait.")
 @click.option("--token-budget", type=int, default=None, help="Tokens per model batch.")
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics on this port (BERTSTREAM_METRICS_PORT; 0: off).")
 @click.option("--hostname", default=None, help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
+              help="Create this file once the worker consumes (readiness without remote "
+                   "control).")
 @click.pass_context
 def worker_command(ctx: click.Context, device: str | None, gpus: str | None, procs_per_gpu: int,
                    model: str | None, max_wait_ms: int | None, token_budget: int | None,
-                   torch_threads: int | None, hostname: str | None, loglevel: str) -> None:
-    """Run a micro-batching worker (one process; --gpus starts one per GPU)."""
-    settings = settings_from(ctx, model=model, max_wait_ms=max_wait_ms,
-                             token_budget=token_budget, torch_threads=torch_threads)
+                   torch_threads: int | None, metrics_port: int | None, hostname: str | None,
+                   loglevel: str, ready_file: str | None) -> None:
+    """Run a micro-batching worker (one process; --gpus starts one per GPU).
+
+    Exit codes: 2 bad settings or model, 3 Redis or the database unreachable.
+    """
+    try:
+        settings = settings_from(ctx, model=model, max_wait_ms=max_wait_ms,
+                                 token_budget=token_budget, torch_threads=torch_threads,
+                                 metrics_port=metrics_port)
+        if device:
+            settings = settings.replace(device=device)
+    except BertstreamError as exc:
+        _fail(exc)
     if gpus:
         from worker.launcher import launch, parse_gpus
 
@@ -48,8 +63,6 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
                         procs_per_gpu=procs_per_gpu))
     if procs_per_gpu != 1:
         raise click.UsageError("--procs-per-gpu needs --gpus")
-    if device:
-        settings = settings.replace(device=device)
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from worker.app import build_runner, build_worker_app, run_worker
@@ -58,9 +71,15 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         runner = build_runner(settings)
         wapp = build_worker_app(settings, runner, hostname=hostname)
     except BertstreamError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    run_worker(wapp, hostname=hostname, loglevel=loglevel)
+        _fail(exc)
+    run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
+
+
+def _fail(exc: BertstreamError) -> NoReturn:
+    """Exit with the documented code: 3 unreachable services, 2 anything else at start."""
+    click.echo(f"error: {exc}", err=True)
+    code = exit_code(exc)
+    sys.exit(code if code != 1 else 2)
 
 
 @click.command("demo")

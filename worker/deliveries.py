@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import redis
 
+from contract.broker import redis_client
 from contract.constants import DELIVERY_KEY_PREFIX
+from contract.settings import Settings
 
 #: Counters expire on their own; a day is longer than any redelivery chain.
 COUNTER_TTL_S = 86_400
@@ -23,12 +25,8 @@ COUNTER_TTL_S = 86_400
 class DeliveryCounter:
     """Delivery counts per Celery message id, in Redis (or in memory for memory://)."""
 
-    def __init__(self, broker_url: str) -> None:
-        self._redis = (
-            redis.Redis.from_url(broker_url)
-            if broker_url.startswith(("redis://", "rediss://", "unix://"))
-            else None
-        )
+    def __init__(self, settings: Settings) -> None:
+        self._redis: redis.Redis | None = redis_client(settings)
         self._local: dict[str, int] = {}
 
     def incr(self, message_ids: Sequence[str]) -> list[int]:

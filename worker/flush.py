@@ -1,24 +1,31 @@
-"""Hops 2-4 for one flush: prepare, infer, persist.
+"""Hops 2-4 for one flush: prepare, infer, persist, one record per item.
 
 Takes the payloads of the buffered messages; gives, per message, whether
 every item of it is now committed to the database. The caller (the Celery
 task) acks exactly those messages and requeues the rest, so a message is
 never acked before its rows are committed.
+
+Every item travels the flush as one :class:`Entry`: wire item → tokens →
+outcome → row. Whatever goes wrong with one item (parsing, validation, the
+tokenizer, the model, a row the database refuses) ends as that item's
+``failed`` row; only a database outage (:class:`StoreUnavailable`) leaves
+the flush, and then nothing of the unwritten messages is acked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from contract.constants import STATUS_DONE, STATUS_FAILED
+from contract.constants import MALFORMED_PREFIX, STATUS_DONE, STATUS_EXPIRED, STATUS_FAILED
 from contract.errors import InvalidInput, StoreUnavailable
-from contract.messages import TaskItem, item_from_wire
+from contract.messages import TaskItem, id_problem, item_from_wire, printable, storable
 from contract.results import ResultRecord, ResultStore, utc_from_timestamp, utcnow
 from contract.settings import Settings
 from worker.batching import plan_batches
@@ -27,16 +34,142 @@ from worker.runner import Encoded, Prediction, Runner
 
 log = logging.getLogger(__name__)
 
+#: Longest stored error reason; a reason quoting a huge value is cut.
+MAX_REASON_CHARS = 2_000
+
+_SAFE_MESSAGE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,100}")
+
+
+def derived_key(message_id: Any, n: int) -> str:
+    """``malformed-<message id>-<n>``: the row key of item ``n`` of a message when the
+    item has no id the store can hold.
+
+    A message id that is long or holds odd characters (Celery task ids are
+    whatever the sender put in the headers) is replaced by its SHA-256, so
+    the key always fits the id column.
+    """
+    mid = message_id if isinstance(message_id, str) else repr(message_id)
+    if not _SAFE_MESSAGE_ID.fullmatch(mid):
+        mid = hashlib.sha256(mid.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return f"{MALFORMED_PREFIX}{mid}-{n}"
+
 
 @dataclass
-class Failure:
-    """An item that failed validation before reaching the model."""
+class Entry:
+    """One item of a flush, from its wire form to its row.
 
-    id: str
-    reason: str
-    text: Any = None
-    source: str | None = None
-    submitted_at: float | None = None
+    ``key`` is the row id: the item's own id, or :func:`derived_key` when it
+    has none the store can hold. ``item`` is set once the wire item
+    validated; ``encoded`` once tokenized; ``outcome`` (a prediction) or
+    ``error`` once settled. ``status`` says which row it becomes.
+    """
+
+    message_id: str
+    n: int
+    key: str
+    item: TaskItem | None = None
+    raw: Any = None
+    encoded: Encoded | None = None
+    outcome: Prediction | None = None
+    status: str | None = None
+    error: str | None = None
+    batch_size: int | None = None
+    written: bool = False
+    unwritable: bool = False
+
+    @classmethod
+    def parse(cls, message_id: str, n: int, obj: Any, settings: Settings) -> Entry:
+        """Hop 2a for one wire item: a validated item, or a failure under a storable key."""
+        try:
+            item = item_from_wire(obj, settings)
+        except InvalidInput as exc:
+            key = exc.item_id if exc.item_id is not None else derived_key(message_id, n)
+            return cls(message_id, n, key, raw=obj).fail(exc.reason)
+        except Exception as exc:  # noqa: BLE001 - a validation bug must not cost the flush
+            log.exception("unexpected error parsing item %d of message %s", n,
+                          printable(str(message_id))[:200])
+            return cls(message_id, n, derived_key(message_id, n), raw=obj).fail(
+                f"internal error parsing this item: {type(exc).__name__}: {exc}")
+        return cls(message_id, n, item.id, item=item)
+
+    @property
+    def pending(self) -> bool:
+        """Still on its way to the model (valid, not settled)."""
+        return self.status is None
+
+    def fail(self, reason: str) -> Entry:
+        """Settle as ``failed`` with ``reason``."""
+        self.status, self.error, self.outcome = STATUS_FAILED, _reason(reason), None
+        return self
+
+    def expire(self, now: float) -> None:
+        """Settle as ``expired``: the deadline passed before the model ran it."""
+        assert self.item is not None and self.item.expires_at is not None
+        late = now - self.item.expires_at
+        self.status = STATUS_EXPIRED
+        self.error = f"expired {late:.3f} s before it reached the model"
+
+    def settle(self, out: Prediction | str) -> None:
+        """Hop 3's result: a prediction, or the reason the model failed on it."""
+        if not self.pending:
+            return
+        if isinstance(out, Prediction):
+            self.status, self.outcome = STATUS_DONE, out
+        else:
+            self.fail(out)
+
+    def record(self, base: dict[str, Any], store_text: bool, max_text: int) -> ResultRecord:
+        """Hop 4's row for this entry (``base``: model, worker, times, attempts)."""
+        assert self.status is not None
+        it = self.item
+        if it is None:
+            text = self.raw.get("text") if isinstance(self.raw, dict) else None
+            source = self.raw.get("source") if isinstance(self.raw, dict) else None
+            text = text if isinstance(text, str) else None
+            safe = text if text is not None and storable(text) and len(text) <= max_text else None
+            return ResultRecord(
+                id=self.key, status=self.status, error=self.error,
+                source=source if id_problem(source) is None else None,
+                text=safe if store_text else None,
+                text_sha256=_sha256(safe or ""), text_chars=len(text) if text else 0, **base)
+        enc = self.encoded
+        pred = self.outcome
+        return ResultRecord(
+            id=self.key, source=it.source, meta=it.meta, status=self.status, error=self.error,
+            text=it.text if store_text else None, text_sha256=_sha256(it.text),
+            text_chars=len(it.text), truncated=enc.truncated if enc else False,
+            tokens=len(enc.ids) if enc else None, batch_size=self.batch_size,
+            submitted_at=utc_from_timestamp(it.submitted_at),
+            label=pred.label if pred else None, score=pred.score if pred else None,
+            scores=pred.scores if pred else None, **base)
+
+    def fallback(self, reason: str, base: dict[str, Any], own_key: bool) -> ResultRecord:
+        """A minimal ``failed`` row for an entry whose row the database refused.
+
+        No text, meta or source (one of them may be what was refused); under
+        the entry's own key, or under :func:`derived_key` when the key itself
+        may be the problem.
+        """
+        if not own_key:
+            self.key = derived_key(self.message_id, self.n)
+        self.fail(f"the database refused this row ({reason}); stored without its text")
+        text = self.item.text if self.item is not None else ""
+        return ResultRecord(id=self.key, status=STATUS_FAILED, error=self.error,
+                            text_sha256=_sha256(text), text_chars=len(text), **base)
+
+
+def parse_message(message_id: str, args: Any, settings: Settings) -> list[Entry]:
+    """Hop 2a: one message's args (``[[item, ...]]``) to entries, never raising.
+
+    A malformed message still yields one failed entry under
+    ``malformed-<message id>-0``, so the problem is stored and visible
+    instead of silently dropped.
+    """
+    items = args[0] if isinstance(args, (list, tuple)) and len(args) == 1 else None
+    if not isinstance(items, list) or not items:
+        return [Entry(message_id, 0, derived_key(message_id, 0), raw=args).fail(
+            "malformed message: expected args [[item, ...]]")]
+    return [Entry.parse(message_id, n, obj, settings) for n, obj in enumerate(items)]
 
 
 @dataclass
@@ -55,7 +188,18 @@ class FlushStats:
     steps: InferTimings = field(default_factory=InferTimings)
     persist_s: float = 0.0
     commits: int = 0
+    expired: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    #: Padded tokens of each model batch, in the order they ran.
+    batch_tokens: list[int] = field(default_factory=list)
+    #: One (status, source, submitted_at, committed_at) per row written (for the metrics).
+    rows: list[tuple[str, str | None, float | None, float]] = field(default_factory=list)
+    #: When the flush began (UNIX time): queue wait = this - submitted_at.
+    began: float = 0.0
+    #: Rows refused by the database and stored as minimal failed rows instead.
+    refused: int = 0
+    #: Messages with an item that could not be stored at all: not acked.
+    unwritable: set[str] = field(default_factory=set)
 
 
 #: A partial commit is made when the rest of the flush is expected to take at
@@ -101,39 +245,6 @@ class _EarlyCommits:
         self._last = time.perf_counter()
 
 
-@dataclass
-class _Parsed:
-    items: list[TaskItem] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-
-
-def parse_payload(payload: Any, message_id: str, settings: Settings) -> _Parsed:
-    """Hop 2a: one message's args to valid items and failures.
-
-    A malformed message (args not ``[[item, …]]``) or an item without a
-    usable id still yields a failure row, keyed ``malformed-<message id>-<n>``,
-    so the problem is stored and visible instead of silently dropped.
-    """
-    out = _Parsed()
-    items = payload[0] if isinstance(payload, (list, tuple)) and len(payload) == 1 else None
-    if not isinstance(items, list) or not items:
-        out.failures.append(Failure(f"malformed-{message_id}-0",
-                                    "malformed message: expected args [[item, ...]]"))
-        return out
-    for n, obj in enumerate(items):
-        try:
-            out.items.append(item_from_wire(obj, settings))
-        except InvalidInput as exc:
-            fid = exc.item_id or f"malformed-{message_id}-{n}"
-            text = obj.get("text") if isinstance(obj, dict) else None
-            source = obj.get("source") if isinstance(obj, dict) else None
-            out.failures.append(Failure(
-                fid, exc.reason, text=text,
-                source=source if isinstance(source, str) and len(source) <= settings.max_id_chars else None,
-            ))
-    return out
-
-
 class FlushProcessor:
     """Runs prepare → infer → persist for a list of message payloads.
 
@@ -150,156 +261,154 @@ class FlushProcessor:
         self.last = FlushStats()
 
     def process(self, payloads: Sequence[tuple[str, Any]], attempt: int = 1) -> FlushStats:
-        """Process ``(message_id, args)`` pairs; all their rows commit together.
+        """Process ``(message_id, args)`` pairs; gives what the flush did.
 
-        ``attempt`` is the delivery count of these messages, stored on new rows.
-        Raises :class:`StoreUnavailable` when the commit still fails after
-        retries: nothing was written and nothing may be acked.
+        ``attempt`` is the delivery count of these messages, stored on new
+        rows. Every item ends as exactly one row (``done``, ``failed`` or
+        ``expired``), except the items of ``stats.unwritable`` messages, which
+        the database refused even as minimal rows: those messages must not
+        be acked. Raises :class:`StoreUnavailable` when the database stays
+        unreachable: the rows not yet committed are not, nothing may be acked.
         """
         started = utcnow()
-        stats = FlushStats(messages=len(payloads))
-        items: list[TaskItem] = []
-        failures: list[Failure] = []
-        for message_id, args in payloads:
-            parsed = parse_payload(args, message_id, self.settings)
-            items.extend(parsed.items)
-            failures.extend(parsed.failures)
+        stats = FlushStats(messages=len(payloads), began=time.time())
+        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
+        now = time.time()
+        for e in entries:
+            if e.item is not None and e.item.expired(now):
+                e.expire(now)
         t0 = time.perf_counter()
-        encoded = self._encode(items, failures)
+        live = self._encode([e for e in entries if e.pending])
         stats.encode_s = time.perf_counter() - t0
-        live = [i for i, e in enumerate(encoded) if e is not None]
-        outcomes: dict[int, Prediction | str] = {}
-        batch_of: dict[int, int] = {}
-        lengths = [len(encoded[i].ids) for i in live]  # type: ignore[union-attr]
-        dense: list[Encoded] = [encoded[i] for i in live]  # type: ignore[misc]
+        encoded: list[Encoded] = [e.encoded for e in live]  # type: ignore[misc]
+        lengths = [len(enc.ids) for enc in encoded]
         batches = plan_batches(lengths, token_budget=self.settings.token_budget,
                                max_batch_size=self.settings.max_batch_size,
                                max_padding=self.settings.max_padding)
         # padded tokens of each batch: the flush's stats and the early-commit estimate
         cost = [len(rows) * max(lengths[r] for r in rows) for rows in batches]
-        stats.batches = len(batches)
-        stats.padded_tokens = sum(cost)
+        stats.batches, stats.padded_tokens = len(batches), sum(cost)
+        stats.batch_tokens = cost
         for rows in batches:
             stats.batch_sizes.append(len(rows))
             stats.real_tokens += sum(lengths[r] for r in rows)
             for r in rows:
-                batch_of[live[r]] = len(rows)
+                live[r].batch_size = len(rows)
         early = _EarlyCommits(cost, t0)
-        written: set[int] = set()  # item indices already committed in this flush
-
-        def persist(done: dict[int, Prediction | str], flush_failures: list[Failure]) -> None:
-            t1 = time.perf_counter()
-            self._commit(self._records(items, encoded, done, batch_of, flush_failures, started,
-                                       attempt, only=set(done)))
-            written.update(done)
-            stats.persist_s += time.perf_counter() - t1
-            stats.commits += 1
 
         def on_batch(k: int, done: dict[int, Prediction | str]) -> None:
             if not early.due(k):
                 return
-            ready = {live[r]: out for r, out in done.items() if live[r] not in written}
+            for r, out in done.items():
+                live[r].settle(out)
+            ready = [e for e in live if not e.pending and not e.written]
             if ready:
-                persist(ready, [])
+                self._persist(ready, started, attempt, stats)
                 early.committed()
 
-        for r, out in infer_pipelined(self.runner, dense, batches, on_batch,
+        for r, out in infer_pipelined(self.runner, encoded, batches, on_batch,
                                       timings=stats.steps).items():
-            outcomes[live[r]] = out
+            live[r].settle(out)
         stats.infer_s = time.perf_counter() - t0 - stats.persist_s
-        stats.items = len(outcomes) + len(failures)
-        stats.failed = len(failures) + sum(
-            1 for out in outcomes.values() if not isinstance(out, Prediction))
-        persist({i: out for i, out in outcomes.items() if i not in written}, failures)
+        for e in entries:
+            if e.pending:  # the model gave nothing for it: must not happen, must not vanish
+                e.fail("internal error: the model returned no result for this text")
+        stats.items = len(entries)
+        stats.failed = sum(e.status == STATUS_FAILED for e in entries)
+        stats.expired = sum(e.status == STATUS_EXPIRED for e in entries)
+        self._persist([e for e in entries if not e.written], started, attempt, stats)
         self.last = stats
         return stats
 
-    def dead_letter(self, payloads: Sequence[tuple[str, Any]], reason: str, attempt: int) -> None:
+    def dead_letter(self, payloads: Sequence[tuple[str, Any]], reason: str,
+                    attempt: int) -> FlushStats:
         """Store every item of ``payloads`` as ``failed`` with ``reason``, without the model.
 
         For messages that were delivered too many times (their worker died
-        each time). Raises :class:`StoreUnavailable` like :meth:`process`.
+        each time, or their rows could not be written). Raises
+        :class:`StoreUnavailable` like :meth:`process`.
         """
-        started = utcnow()
-        failures: list[Failure] = []
-        for message_id, args in payloads:
-            parsed = parse_payload(args, message_id, self.settings)
-            failures.extend(parsed.failures)
-            failures.extend(Failure(it.id, reason, it.text, it.source, it.submitted_at)
-                            for it in parsed.items)
-        self._commit(self._records([], [], {}, {}, failures, started, attempt))
+        stats = FlushStats(messages=len(payloads))
+        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
+        for e in entries:
+            if e.pending:
+                e.fail(reason)
+        stats.items = stats.failed = len(entries)
+        self._persist(entries, utcnow(), attempt, stats)
+        return stats
 
-    def _encode(self, items: list[TaskItem], failures: list[Failure]) -> list[Encoded | None]:
-        """Hop 2b: tokenize; an item the tokenizer rejects fails alone."""
+    def _encode(self, entries: list[Entry]) -> list[Entry]:
+        """Hop 2b: tokenize; an item the tokenizer rejects fails alone. Gives the encoded."""
         try:
-            return list(self.runner.encode([it.text for it in items]))
+            for e, enc in zip(entries, self.runner.encode([e.item.text for e in entries]),  # type: ignore[union-attr]
+                              strict=True):
+                e.encoded = enc
         except Exception:  # noqa: BLE001 - isolate the text the tokenizer cannot take
-            out: list[Encoded | None] = []
-            for it in items:
+            for e in entries:
                 try:
-                    out.append(self.runner.encode([it.text])[0])
+                    e.encoded = self.runner.encode([e.item.text])[0]  # type: ignore[union-attr]
                 except Exception as exc:  # noqa: BLE001
-                    failures.append(Failure(it.id, f"tokenizer error: {type(exc).__name__}: {exc}",
-                                            it.text, it.source, it.submitted_at))
-                    out.append(None)
-            return out
+                    e.encoded = None
+                    e.fail(f"tokenizer error: {type(exc).__name__}: {exc}")
+        return [e for e in entries if e.encoded is not None and e.pending]
 
-    def _records(
-        self,
-        items: list[TaskItem],
-        encoded: list[Encoded | None],
-        outcomes: dict[int, Prediction | str],
-        batch_of: dict[int, int],
-        failures: list[Failure],
-        started: Any,
-        attempt: int,
-        only: set[int] | None = None,
-    ) -> list[ResultRecord]:
-        """Rows for the items in ``only`` (all when None) and for ``failures``.
+    def _persist(self, entries: list[Entry], started: Any, attempt: int,
+                 stats: FlushStats) -> None:
+        """Hop 4: commit the rows of ``entries``; marks them written or unwritable.
 
-        ``attempt`` is the delivery count stored on every row.
+        A row the database refuses is written again as a minimal failed row
+        under the entry's own key, then under a derived key; an entry refused
+        even so is unwritable (its message is not acked).
         """
-        finished = utcnow()
+        t1 = time.perf_counter()
         base = {"model": self.runner.name, "model_revision": self.runner.revision,
-                "started_at": started, "finished_at": finished, "worker": self.worker_name,
+                "started_at": started, "finished_at": utcnow(), "worker": self.worker_name,
                 "attempts": attempt}
-        records = []
-        for i, it in enumerate(items):
-            enc = encoded[i]
-            if enc is None or (only is not None and i not in only):
-                continue  # a tokenizer failure (in ``failures``), or not asked for
-            out = outcomes[i]
-            common = dict(
-                id=it.id, source=it.source, meta=it.meta,
-                text=it.text if self.settings.store_text else None,
-                text_sha256=_sha256(it.text), text_chars=len(it.text),
-                truncated=enc.truncated, tokens=len(enc.ids),
-                batch_size=batch_of[i], submitted_at=utc_from_timestamp(it.submitted_at), **base,
-            )
-            if isinstance(out, Prediction):
-                records.append(ResultRecord(status=STATUS_DONE, label=out.label, score=out.score,
-                                            scores=out.scores, **common))
-            else:
-                records.append(ResultRecord(status=STATUS_FAILED, error=out, **common))
-        for f in failures:
-            text = f.text if isinstance(f.text, str) else None
-            safe = text if text is not None and _encodable(text) else None
-            records.append(ResultRecord(
-                id=f.id, source=f.source, status=STATUS_FAILED, error=f.reason,
-                text=safe if self.settings.store_text and safe and len(safe) <= self.settings.max_text_chars else None,
-                text_sha256=_sha256(safe or ""), text_chars=len(text) if text else 0,
-                submitted_at=utc_from_timestamp(f.submitted_at) if f.submitted_at else None,
-                batch_size=None, **base,
-            ))
-        return records
+        rows: dict[int, ResultRecord] = {}
+        for e in entries:
+            try:
+                rows[id(e)] = e.record(base, self.settings.store_text,
+                                       self.settings.max_text_chars)
+            except Exception as exc:  # noqa: BLE001 - a row that cannot be built
+                rows[id(e)] = e.fallback(f"{type(exc).__name__}: {exc}", base,
+                                         own_key=id_problem(e.key) is None)
+        by_row = {id(rows[id(e)]): e for e in entries}
+        refused = self._commit(list(rows.values()))
+        for own_key in (True, False):
+            if not refused:
+                break
+            retry = []
+            for r in refused:
+                e = by_row.pop(id(r.record))
+                stats.refused += own_key
+                log.warning("row %r refused by the database: %s", printable(e.key)[:200],
+                            r.reason)
+                row = e.fallback(r.reason, base, own_key and id_problem(e.key) is None)
+                by_row[id(row)] = e
+                retry.append(row)
+            refused = self._commit(retry)
+        for r in refused:
+            e = by_row[id(r.record)]
+            e.unwritable = True
+            stats.unwritable.add(e.message_id)
+            log.error("item %d of message %s cannot be stored at all: %s",
+                      e.n, printable(str(e.message_id))[:200], r.reason)
+        committed = time.time()
+        for e in entries:
+            e.written = not e.unwritable
+            if e.written:
+                item = e.item
+                stats.rows.append((e.status or STATUS_FAILED, item.source if item else None,
+                                   item.submitted_at if item else None, committed))
+        stats.persist_s += time.perf_counter() - t1
+        stats.commits += 1
 
-    def _commit(self, records: list[ResultRecord]) -> None:
-        """Hop 4: one transaction; retried with backoff on a database outage."""
+    def _commit(self, records: list[ResultRecord]) -> list[Any]:
+        """One write, retried with backoff while the database is down; gives refused rows."""
         delay = 0.2
         for attempt in range(1, 6):
             try:
-                self.store.upsert(records)
-                return
+                return self.store.upsert(records)
             except StoreUnavailable as exc:
                 if attempt == 5:
                     raise
@@ -307,15 +416,14 @@ class FlushProcessor:
                             attempt, delay, exc)
                 time.sleep(delay)  # a real outage: back off instead of spinning
                 delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _reason(text: str) -> str:
+    """A reason fit to store and print: storable, escaped, bounded."""
+    clean = printable(text)
+    return clean if len(clean) <= MAX_REASON_CHARS else clean[: MAX_REASON_CHARS - 1] + "…"
 
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text

@@ -49,12 +49,14 @@ def child_commands(
     if procs_per_gpu < 1:
         raise ValueError(f"--procs-per-gpu must be at least 1 (got {procs_per_gpu})")
     host = host or socket.gethostname()
-    out = []
+    out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in gpus:
         for index in range(procs_per_gpu):
             env = dict(os.environ)
             for key, value in dataclasses.asdict(settings).items():
                 env[ENV_PREFIX + key.upper()] = str(value)
+            if settings.metrics_port:  # one port per child, counting up
+                env[ENV_PREFIX + "METRICS_PORT"] = str(settings.metrics_port + len(out))
             env["CUDA_VISIBLE_DEVICES"] = gpu
             cmd = [sys.executable, "-m", "worker", "--device", "cuda:0",
                    "--hostname", child_hostname(gpu, index, procs_per_gpu, host),

@@ -34,6 +34,8 @@ class WorkerProc:
     """A ``python -m <module>`` child configured by ``settings``; output to ``log_path``.
 
     ``module`` is ``worker`` for bertstream (or the benchmark's naive peer).
+    A bertstream worker reports readiness through a ready file (its remote
+    control is off by default); other modules are pinged.
     :meth:`stop` and :meth:`kill` are idempotent; the object is a context manager.
     """
 
@@ -44,6 +46,11 @@ class WorkerProc:
         self.hostname = f"{name}-{uuid.uuid4().hex[:6]}@localhost"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.ready_path: Path | None = None
+        if module == "worker":
+            self.ready_path = self.log_path.with_name(f"{self.log_path.name}.{self.hostname}.ready")
+            self.ready_path.unlink(missing_ok=True)
+            args = (*args, "--ready-file", str(self.ready_path))
         env = settings_env(settings)
         env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         # One tokenizer thread unless the caller chose (a GPU host has cores to spare).
@@ -64,9 +71,16 @@ class WorkerProc:
             raise RuntimeError(f"worker exited with code {self.proc.returncode}:\n{self.tail()}")
 
     def wait_ready(self, timeout: float = 180.0) -> WorkerProc:
-        """Block until the worker answers a control ping (model loaded, consuming)."""
-        app = make_celery(self.settings)
+        """Block until the worker is consuming (model loaded, database reached)."""
         deadline = time.monotonic() + timeout
+        if self.ready_path is not None:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                if self.ready_path.exists():
+                    return self
+                time.sleep(0.05)  # polling a condition, not waiting for time to pass
+            raise TimeoutError(f"worker not ready after {timeout:.0f}s:\n{self.tail()}")
+        app = make_celery(self.settings)
         try:
             while time.monotonic() < deadline:
                 self.check_alive()

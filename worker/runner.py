@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from contract.errors import ModelLoadError
+from contract.errors import ConfigError, ModelLoadError
 from worker.device import Placement
 
 #: On CUDA a batch's width is rounded up to a multiple of this (within max_length).
@@ -140,6 +140,13 @@ class HFRunner:
             self.revision = f"{self.revision}+int8"
         limit = _model_max_length(model.config, tokenizer)
         self.max_length = min(limit, max_length) if max_length else limit
+        special = int(tokenizer.num_special_tokens_to_add(pair=False))
+        if self.max_length <= special:
+            # The Rust tokenizer cannot cut below its special tokens and would
+            # silently not truncate at all; long texts would then fail the model.
+            raise ConfigError(
+                f"BERTSTREAM_MAX_LENGTH={max_length} leaves no room for text: the model adds "
+                f"{special} special tokens; use 0 (the model's maximum) or more than {special}")
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.labels = [
             str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)

@@ -9,6 +9,14 @@ and flushes on a count or a timer. Two things are changed:
 - acks after commit: celery-batches acks late requests when the batch
   function *returns*, even when it raised. Here each message is acked only
   after its rows are committed, and requeued when the database is down.
+
+And one rule: nothing raised while handling one message leaves
+:meth:`AnalyzeTask.flush`. It runs in the consumer's event loop, where an
+exception stops the worker (a count-triggered flush) or is logged by the
+timer and leaves the messages unacked until the visibility timeout (a
+timer-triggered one). A message whose rows cannot be written is requeued
+with its delivery count kept, so it is dead-lettered after
+``max_attempts`` deliveries instead of coming back forever.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ from celery_batches import Batches, SimpleRequest
 
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
-from contract.kombu_redis import deferred_acks
+from contract.messages import printable
 from contract.settings import Settings
 from worker.deliveries import DeliveryCounter
-from worker.flush import FlushProcessor
+from worker.flush import FlushProcessor, FlushStats
+from worker.kombu_redis import deferred_acks
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ def estimate_tokens(payload: Any) -> int:
     try:
         items = payload[0][0]
         return sum(min(len(it.get("text") or ""), 512) + 2 for it in items)
-    except (TypeError, KeyError, IndexError, AttributeError):
+    except Exception:  # noqa: BLE001 - any shape at all: a malformed message is small
         return 1
 
 
@@ -51,7 +60,7 @@ def ack_all(requests: list[Any]) -> None:
     (``call_soon``), one MULTI/EXEC per message. Here the flush runs on that
     loop's thread already, so the messages are acked directly, inside
     :func:`deferred_acks`, which sends their unacked-index removals as one
-    pipeline (contract/kombu_redis.py).
+    pipeline (worker/kombu_redis.py).
     """
     pending = [r for r in requests if not r.acknowledged]
     messages = [getattr(r, "message", None) for r in pending]
@@ -72,6 +81,8 @@ class AnalyzeTask(Batches):
     reject_on_worker_lost = True
     typing = False
     processor: FlushProcessor | None = None
+    #: Prometheus metrics updated after every flush (None: not served).
+    metrics: Any = None
     deliveries: DeliveryCounter | None = None
     max_attempts = 3
     flush_tokens = 32_768
@@ -83,8 +94,22 @@ class AnalyzeTask(Batches):
         self._buffered_tokens = 0
 
     def Strategy(self, task: Any, app: Celery, consumer: Any) -> Callable[..., None]:  # noqa: N802
-        """celery-batches' strategy plus a token-budget flush trigger."""
+        """celery-batches' strategy plus a token-budget flush trigger.
+
+        Built again each time the consumer (re)connects. celery-batches
+        starts its flush timer on the first request only, on the consumer's
+        timer; after a broker reconnect that timer is a new one and the old
+        entry is dead, so a stale reference would leave later requests
+        waiting for a count-triggered flush that may never come. The timer
+        is dropped here and restarted at once for requests still buffered.
+        """
         handler = super().Strategy(task, app, consumer)
+        tref: Any = getattr(self, "_tref", None)
+        if tref is not None:
+            tref.cancel()
+            self._tref = None
+        if not self._buffer.empty():
+            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                        **kw: Any) -> None:
@@ -99,11 +124,20 @@ class AnalyzeTask(Batches):
         """Process the buffered requests now; ack what committed, requeue the rest.
 
         First deliveries are processed together. A redelivered message (its
-        worker died mid-flush) is processed alone, and dead-lettered once it
-        has been delivered more than ``max_attempts`` times.
+        worker died mid-flush, or its rows could not be written) is processed
+        alone, and dead-lettered once it has been delivered more than
+        ``max_attempts`` times. Never raises.
         """
         self._buffered_tokens = 0
         reqs = list(requests)
+        try:
+            self._flush(reqs)
+        except Exception:  # noqa: BLE001 - the one rule: nothing leaves the flush
+            log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
+                          "(each delivery counts towards dead-lettering)", len(reqs))
+            _reject(reqs, requeue=True)
+
+    def _flush(self, reqs: list[Any]) -> None:
         simple = [SimpleRequest.from_request(r) for r in reqs]
         counts = (self.deliveries.incr([s.id for s in simple]) if self.deliveries is not None
                   else [1] * len(reqs))
@@ -117,25 +151,41 @@ class AnalyzeTask(Batches):
     def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> None:
         payloads = [(s.id, s.args) for _, s in group]
         ids = [s.id for _, s in group]
+        dead = attempt > self.max_attempts
         try:
-            if attempt > self.max_attempts:
-                log.error("dead-lettering message %s after %d deliveries", ids[0], attempt)
-                self._processor().dead_letter(
+            if dead:
+                log.error("dead-lettering message %s after %d deliveries",
+                          printable(str(ids[0]))[:200], attempt)
+                stats = self._processor().dead_letter(
                     payloads, f"dead-lettered after {attempt} deliveries: the worker "
-                    "processing this task died each time", attempt)
+                    "processing this task died or could not store it each time", attempt)
             else:
-                self._process(payloads, attempt)
+                stats = self._process(payloads, attempt)
         except StoreUnavailable as exc:
             log.error("database unavailable, requeueing %d message(s): %s", len(group), exc)
             if self.deliveries is not None:
                 self.deliveries.forget(ids)  # an outage is not the message's fault
             time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
-            for r, _ in group:
-                r.reject(requeue=True)
+            _reject([r for r, _ in group], requeue=True)
             return
-        ack_all([r for r, _ in group])
-        if self.deliveries is not None:
-            self.deliveries.forget(ids)
+        except Exception:
+            if not dead:
+                raise
+            log.exception("message %s dropped: dead-lettering it failed",
+                          printable(str(ids[0]))[:200])
+            stats = FlushStats(unwritable=set(ids))
+        stuck = set() if dead else stats.unwritable
+        if stuck:
+            # Keep the delivery count: the next delivery runs alone, the last is dead-lettered.
+            log.error("requeueing %d message(s) whose rows the database refuses", len(stuck))
+            _reject([r for r, s in group if s.id in stuck], requeue=True)
+        elif dead and stats.unwritable:
+            log.error("message %s dropped: even its dead-letter rows cannot be stored",
+                      printable(str(ids[0]))[:200])
+        done = [(r, s) for r, s in group if s.id not in stuck]
+        _ack([r for r, _ in done])
+        if self.deliveries is not None and done:
+            self.deliveries.forget([s.id for _, s in done])
 
     def run(self, requests: list[SimpleRequest]) -> None:
         """Eager path (``apply``): process without broker acks."""
@@ -146,21 +196,48 @@ class AnalyzeTask(Batches):
             raise RuntimeError("AnalyzeTask has no processor: build it with register_tasks()")
         return self.processor
 
-    def _process(self, payloads: list[tuple[str, Any]], attempt: int = 1) -> None:
+    def _process(self, payloads: list[tuple[str, Any]], attempt: int = 1) -> FlushStats:
         stats = self._processor().process(payloads, attempt)
         log.info(
-            "flush: %d msg, %d items (%d failed), %d batches, pad %.1f%%, infer %.3fs, "
-            "commit %.3fs (%d commits); tokenize %.3fs, collate %.3fs, launch %.3fs, "
-            "wait %.3fs, decode %.3fs",
-            stats.messages, stats.items, stats.failed, stats.batches,
+            "flush: %d msg, %d items (%d failed, %d expired), %d batches, pad %.1f%%, "
+            "infer %.3fs, commit %.3fs (%d commits); tokenize %.3fs, collate %.3fs, "
+            "launch %.3fs, wait %.3fs, decode %.3fs",
+            stats.messages, stats.items, stats.failed, stats.expired, stats.batches,
             100.0 * (stats.padded_tokens - stats.real_tokens) / max(stats.real_tokens, 1),
             stats.infer_s, stats.persist_s, stats.commits, stats.encode_s,
             stats.steps.collate_s, stats.steps.launch_s, stats.steps.wait_s, stats.steps.decode_s,
         )
+        if self.metrics is not None:
+            self.metrics.observe(stats)
+        return stats
 
 
-def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings) -> AnalyzeTask:
-    """Register the analysis task on ``app`` with the injected ``processor``."""
+def _ack(requests: list[Any]) -> None:
+    """Ack after commit; a lost broker connection only delays the ack.
+
+    The rows are committed, so a message whose ack is lost comes back after
+    the visibility timeout and finds its rows final: nothing is duplicated.
+    """
+    try:
+        ack_all(requests)
+    except Exception as exc:  # noqa: BLE001 - a Redis hiccup must not stop the worker
+        log.warning("ack of %d message(s) failed (they will be redelivered and find their "
+                    "rows stored): %s", len(requests), exc)
+
+
+def _reject(requests: list[Any], *, requeue: bool) -> None:
+    for r in requests:
+        try:
+            r.reject(requeue=requeue)
+        except Exception as exc:  # noqa: BLE001 - the broker restores unacked messages
+            log.warning("reject failed (the message comes back after the visibility "
+                        "timeout): %s", exc)
+
+
+def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
+                   metrics: Any = None) -> AnalyzeTask:
+    """Register the analysis task on ``app`` with the injected ``processor`` (and ``metrics``,
+    a :class:`worker.metrics.WorkerMetrics`, when served)."""
     task_cls = type(
         "AnalyzeTask",
         (AnalyzeTask,),
@@ -169,8 +246,9 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings) -
             "flush_every": settings.flush_every,
             "flush_interval": settings.max_wait_ms / 1000.0,
             "flush_tokens": settings.token_budget * 4,
-            "deliveries": DeliveryCounter(settings.broker_url),
+            "deliveries": DeliveryCounter(settings),
             "max_attempts": settings.max_attempts,
+            "metrics": metrics,
         },
     )
     task = app.register_task(task_cls())

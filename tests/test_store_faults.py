@@ -1,0 +1,142 @@
+"""The results store under faults: refused rows, silent servers, long statements, file modes.
+
+Row errors (a value the column cannot hold) fail that row alone; outages
+(nothing answers) raise StoreUnavailable within the configured timeouts.
+Everything runs on a real SQLite file and a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from contract.errors import ConfigError, StoreUnavailable
+from contract.results import DbTimeouts, ResultStore
+from contract.settings import Settings
+from tests.tcpproxy import SilentListener, TcpProxy
+from tests.test_results_store import record
+
+
+def test_refused_rows_fail_alone_and_the_rest_commit(store: ResultStore) -> None:
+    """Too long for String(128), NUL, a lone surrogate: each refused alone, on both databases."""
+    good = [record(f"good-{i}") for i in range(9)]
+    bad = [record("x" * 150), record("nul\x00id"), record("sur\ud800"),
+           record("ok-id", source="s" * 200)]
+    refused = store.upsert(good[:3] + bad[:2] + good[3:6] + bad[2:] + good[6:])
+    assert sorted(r.record.id for r in refused) == sorted(b.id for b in bad)
+    assert all(r.reason for r in refused)
+    assert store.count() == len(good)
+    assert set(store.get_many([g.id for g in good])) == {g.id for g in good}
+
+
+def test_unknown_ids_are_simply_absent(store: ResultStore) -> None:
+    """Looking up an id no row can have (NUL, surrogate, too long) finds nothing, no error."""
+    store.upsert([record("caf\u00e9")])
+    assert set(store.get_many(["caf\udce9", "caf\u00e9", "a\x00b", "y" * 300])) == {"caf\u00e9"}
+
+
+def test_a_setting_larger_than_its_column_is_refused() -> None:
+    with pytest.raises(ConfigError, match="MAX_ID_CHARS"):
+        Settings.from_env({"BERTSTREAM_MAX_ID_CHARS": "200"})
+
+
+@pytest.mark.parametrize("name", ["db_connect_timeout_s", "db_statement_timeout_s",
+                                  "redis_socket_timeout_s", "redis_connect_timeout_s"])
+def test_timeouts_must_be_positive_and_finite(name: str) -> None:
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match=name.upper()):
+            Settings.from_env({f"BERTSTREAM_{name.upper()}": bad})
+
+
+def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    """The results file holds the texts: created 0600, and SQLite's WAL follows it."""
+    path = tmp_path / "private.db"
+    s = ResultStore.from_url(f"sqlite:///{path}")
+    try:
+        s.create_schema()
+        s.upsert([record("a")])
+        for f in (path, Path(f"{path}-wal")):
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+    finally:
+        s.close()
+
+
+def _silent_url(pg_url: str, port: int) -> str:
+    url = sa.engine.make_url(pg_url)
+    return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def test_a_silent_server_is_an_outage_not_a_hang(pg_url: str) -> None:
+    """A listener that accepts TCP and never answers: connecting gives up after the timeout."""
+    silent = SilentListener()
+    store = ResultStore.from_url(_silent_url(pg_url, silent.port),
+                                 DbTimeouts(connect_s=2, statement_s=2))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.count()
+        assert time.monotonic() - t0 < 10
+    finally:
+        store.close()
+        silent.close()
+
+
+def test_a_connection_that_goes_silent_is_cut(pg_url: str) -> None:
+    """The server stops answering mid-session: the client-side guard ends the wait."""
+    direct = ResultStore.from_url(pg_url)
+    direct.create_schema()
+    direct.close()
+    url = sa.engine.make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    store = ResultStore.from_url(_silent_url(pg_url, proxy.port),
+                                 DbTimeouts(connect_s=2, statement_s=1))
+    try:
+        assert store.count() == 0  # a pooled connection, then the far side goes quiet
+        proxy.freeze()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.count()
+        assert time.monotonic() - t0 < 8
+    finally:
+        store.close()
+        proxy.close()
+
+
+def test_a_long_statement_is_stopped(db_url: str) -> None:
+    """A statement running past the statement timeout is stopped, on both databases."""
+    s = ResultStore.from_url(db_url, DbTimeouts(statement_s=1))
+    endless = ("SELECT pg_sleep(30)" if db_url.startswith("postgresql") else
+               "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT count(*) FROM c")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            s._run(lambda conn: conn.exec_driver_sql(endless).all(), "endless")
+        assert time.monotonic() - t0 < 8
+        s.create_schema()  # the store is still usable afterwards
+        assert s.count() == 0
+    finally:
+        s.close()
+
+
+def test_results_command_gives_up_on_a_silent_database(pg_url: str, redis_url: str) -> None:
+    """`bertstream results` against a server that never answers exits 3, it does not hang."""
+    silent = SilentListener()
+    env = dict(os.environ, BERTSTREAM_DATABASE_URL=_silent_url(pg_url, silent.port),
+               BERTSTREAM_BROKER_URL=redis_url, BERTSTREAM_DB_CONNECT_TIMEOUT_S="2")
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run([str(Path(sys.executable).with_name("bertstream")), "results"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 3, proc.stderr
+        assert time.monotonic() - t0 < 30
+        assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        silent.close()

@@ -1,0 +1,112 @@
+"""A worker's Prometheus metrics, served on ``--metrics-port`` (``BERTSTREAM_METRICS_PORT``).
+
+Updated once per flush from its :class:`worker.flush.FlushStats`: items by
+model, source and status; batch size, tokens per batch and padding ratio;
+queue wait (submitted → flush start), inference and commit time per flush,
+and end to end (submitted → committed) per item. Queue depth per lane and
+liveness are read at scrape time. Source tags are caller data, so only the
+first ``MAX_SOURCES`` distinct ones get a label of their own; the rest count
+as ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from contract.broker import lane_queue
+from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.settings import Settings
+
+MAX_SOURCES = 100
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class WorkerMetrics:
+    """The worker's metrics in their own registry; :meth:`observe` takes each flush."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.items = Counter("bertstream_items", "Items stored, by model, source and status",
+                             ["model", "source", "status"], registry=r)
+        self.batch_size = Histogram("bertstream_batch_size", "Texts per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.batch_tokens = Histogram(
+            "bertstream_batch_tokens", "Padded tokens per model batch",
+            buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
+        self.padding = Histogram("bertstream_padding_ratio",
+                                 "Padded tokens over real tokens - 1, per flush",
+                                 buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
+        self.queue_wait = Histogram("bertstream_queue_wait_seconds",
+                                    "Submitted to flush start, per item", buckets=_SECONDS,
+                                    registry=r)
+        self.infer = Histogram("bertstream_inference_seconds",
+                               "Tokenize + inference time per flush", buckets=_SECONDS,
+                               registry=r)
+        self.commit = Histogram("bertstream_commit_seconds", "Commit time per flush",
+                                buckets=_SECONDS, registry=r)
+        self.end_to_end = Histogram("bertstream_end_to_end_seconds",
+                                    "Submitted to committed row, per item", buckets=_SECONDS,
+                                    registry=r)
+        self.up = Gauge("bertstream_worker_up", "1 while this worker consumes", registry=r)
+        self._sources: set[str] = set()
+
+    def source_label(self, source: str | None) -> str:
+        """``source`` itself for the first MAX_SOURCES distinct tags, else ``other``."""
+        if source is None:
+            return ""
+        if source in self._sources:
+            return source
+        if len(self._sources) < MAX_SOURCES:
+            self._sources.add(source)
+            return source
+        return "other"
+
+    def observe(self, stats: Any) -> None:
+        """Record one flush (a :class:`worker.flush.FlushStats`)."""
+        for size in stats.batch_sizes:
+            self.batch_size.observe(size)
+        for tokens in stats.batch_tokens:
+            self.batch_tokens.observe(tokens)
+        if stats.real_tokens:
+            self.padding.observe(stats.padded_tokens / stats.real_tokens - 1)
+        self.infer.observe(stats.infer_s)
+        self.commit.observe(stats.persist_s)
+        for status, source, submitted, committed in stats.rows:
+            self.items.labels(self.model, self.source_label(source), status).inc()
+            if submitted is not None:
+                self.queue_wait.observe(max(stats.began - submitted, 0.0))
+                self.end_to_end.observe(max(committed - submitted, 0.0))
+
+    def serve(self, port: int, settings: Settings) -> None:
+        """Serve the registry over HTTP on ``port`` (all interfaces), with queue depth."""
+        self.registry.register(_QueueDepth(settings))
+        self.up.set(1)
+        start_http_server(port, registry=self.registry)
+
+
+class _QueueDepth(Collector):
+    """Messages waiting per lane of this worker's queue family, read at scrape time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
+                                           socket_connect_timeout=5)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
+                                  labels=["lane"])
+        try:
+            for lane in (LANE_INTERACTIVE, LANE_BULK):
+                depth.add_metric([lane], self.client.llen(
+                    lane_queue(self.settings, lane == LANE_BULK)))
+        except redis.RedisError:
+            return  # a scrape during an outage shows no depth rather than failing
+        yield depth
