@@ -194,7 +194,9 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             raise ApiError(429, "busy", "the queue is over its bound; retry later",
                            {"Retry-After": "1"})
         if isinstance(body, BulkIn):
-            return await run_in_threadpool(_submit_bulk, services, body)
+            answer = await run_in_threadpool(_submit_bulk, services, body)
+            # Already a BulkAccepted: skip the response model's second validation pass.
+            return JSONResponse(answer.model_dump(), status_code=202)
         raw = body.model_dump(exclude={"lane"}, exclude_none=True)
         checked = ItemValidator(settings).check(0, raw)
         lane = body.lane or LANE_INTERACTIVE

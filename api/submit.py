@@ -45,6 +45,28 @@ CONFLICT = "conflict"
 QUEUE_LENGTH_TTL_S = 0.2
 
 
+#: Claim every id of a batch at once: ``SET <prefix><id> <hash> NX EX <ttl>`` each. The
+#: ids travel NUL-separated in one argument and the hashes (64 hex characters each)
+#: concatenated in another: packing 2 arguments instead of 2 per id is what keeps this
+#: cheap in Python. The reply lists only the ids already taken, as (1-based index, the
+#: hash held, or "?" if it expired in between) pairs. Ids never hold NUL (refused by
+#: validation). Standalone Redis: the keys are not declared up front, as a cluster needs.
+_CLAIM = """
+local ttl, prefix, hashes = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+local i = 0
+for id in string.gmatch(ARGV[4], "[^%z]+") do
+  i = i + 1
+  local key = prefix .. id
+  if not redis.call('SET', key, string.sub(hashes, (i - 1) * 64 + 1, i * 64), 'NX', 'EX', ttl) then
+    out[#out + 1] = i
+    out[#out + 1] = redis.call('GET', key) or '?'
+  end
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What became of one submitted item."""
@@ -69,6 +91,7 @@ class Submitter:
                                           socket_connect_timeout=5)
         self._lock = threading.Lock()
         self._queue_length: tuple[float, int] | None = None
+        self._claim = self.redis.register_script(_CLAIM)
 
     def key(self, task_id: str) -> str:
         """The Redis key remembering that ``task_id`` was accepted."""
@@ -104,25 +127,17 @@ class Submitter:
         if not items:
             return []
         hashes = [text_sha256(it.text) for it in items]
-        ttl = self.settings.api_id_ttl_s
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for it, digest in zip(items, hashes, strict=True):
-                    pipe.set(self.key(it.id), digest, nx=True, ex=ttl)
-                claimed = pipe.execute()
-            taken = [i for i, ok in enumerate(claimed) if not ok]
-            earlier: list[bytes | None] = []
-            if taken:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for i in taken:
-                        pipe.get(self.key(items[i].id))
-                    earlier = pipe.execute()
+            # One command for the whole batch: SET NX each id, GET the ones taken.
+            previous = self._claim(args=[self.settings.api_id_ttl_s, self.key(""),
+                                         "".join(hashes), "\0".join(it.id for it in items)])
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
         outcomes: list[Outcome | None] = [None] * len(items)
-        for i, previous in zip(taken, earlier, strict=True):
-            outcomes[i] = self._verdict(items[i].id, hashes[i], previous)
-        fresh = [i for i, ok in enumerate(claimed) if ok]
+        for k in range(0, len(previous), 2):
+            i = int(previous[k]) - 1
+            outcomes[i] = self._verdict(items[i].id, hashes[i], previous[k + 1])
+        fresh = [i for i, o in enumerate(outcomes) if o is None]
         self._check_stored(items, hashes, fresh, caller_ids, outcomes)
         publish = [i for i in fresh if outcomes[i] is None]
         try:
@@ -134,8 +149,8 @@ class Submitter:
             outcomes[i] = Outcome(items[i].id, ACCEPTED)
         return [o for o in outcomes if o is not None]
 
-    def _verdict(self, task_id: str, digest: str, previous: bytes | None) -> Outcome:
-        if previous is not None and previous.decode("ascii") != digest:
+    def _verdict(self, task_id: str, digest: str, previous: bytes) -> Outcome:
+        if previous not in (b"?", digest.encode("ascii")):
             return Outcome(task_id, CONFLICT,
                            f"id {task_id!r} was already accepted with a different text")
         return Outcome(task_id, DUPLICATE, "already accepted with the same text")

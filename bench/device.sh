@@ -123,11 +123,11 @@ step gpu-tests 120 bash -c "set -o pipefail; $PYTHON -m pytest -m gpu -q -p no:c
 # Per shape: texts, rounds, skipped stages, and the step's time limit.
 if [ "$DEVICE" = cuda ]; then
   COMMON=(--device cuda:0 --texts 8000 --threads 4 --procs-per-gpu 1,2)
-  declare -A ARGS=([e5-small]="--rounds 3 --skip openloop" [bert-base]="--rounds 2 --skip openloop,naive")
+  declare -A ARGS=([e5-small]="--rounds 3 --skip openloop,http" [bert-base]="--rounds 2 --skip openloop,naive,http")
   declare -A LIMITS=([e5-small]=200 [bert-base]=140)
 else
   COMMON=(--device cpu --quick --texts 48 --threads 2 --procs-per-gpu 1,2)
-  declare -A ARGS=([tiny]="--rounds 1 --skip openloop")
+  declare -A ARGS=([tiny]="--rounds 1 --skip openloop,http")
   declare -A LIMITS=([tiny]=240)
 fi
 for shape in ${SHAPES//,/ }; do

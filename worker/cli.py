@@ -272,7 +272,7 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
               help="Results database (default: a temporary SQLite file).")
 @click.option("--skip", multiple=True,
               help="Stages to skip (repeat or comma-separate): "
-                   "padding, bare, pipeline, openloop, naive, null.")
+                   "padding, bare, pipeline, openloop, naive, null, http.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads for every stage (default: CPU count, at most 8).")

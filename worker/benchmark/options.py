@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Stage names, in the order they run (``--skip`` takes these).
-STAGES = ("padding", "bare", "pipeline", "openloop", "naive", "null")
+STAGES = ("padding", "bare", "pipeline", "openloop", "naive", "null", "http")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ class BenchOptions:
     fifo_size: int = 32
     #: Texts in the padding comparison (tokenizer only, cheap).
     padding_texts: int = 5000
+    #: HTTP stage: single-text POSTs (null model), with the real model, connections,
+    #: and rounds of the bulk POST / submit_many comparison.
+    http_single: int = 4000
+    http_real: int = 200
+    http_concurrency: int = 32
+    http_bulk_rounds: int = 20
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -67,10 +73,12 @@ class BenchOptions:
         if quick:
             return _replace(base, budgets=(1024, 4096), sweep_texts=min(60, n), rounds=rounds or 1,
                             naive_texts=min(60, n), null_single=1500, null_bulk=10_000,
-                            load_seconds=5.0, padding_texts=2000)
+                            load_seconds=5.0, padding_texts=2000, http_single=1000,
+                            http_real=min(60, n), http_bulk_rounds=8)
         if dev.startswith("cuda"):
             # A GPU runs the model ~100x faster: more texts so stages last long enough.
             return _replace(base, texts=texts or 20_000, sweep_texts=2000, naive_texts=300,
+                            http_real=4000,
                             budgets=(8192, 16384, 32768, 65536))
         return _replace(base, sweep_texts=min(base.sweep_texts, n),
                         naive_texts=min(base.naive_texts, n))

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = {
+    "http_vs_single": 1.5,
+    "bulk_post": 1.15,
     "vs_bare": 0.90,
     "vs_naive": 5.0,
     "null_single": 2_000.0,
@@ -76,6 +78,7 @@ def table(result: dict[str, Any]) -> str:
             f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)"
             + _rounds(p))
     lines.extend(_procs_rows(s, r))
+    after_table = _http_rows(s)
     if "vs_bare" in r:
         row("   bertstream / bare", f"{r['vs_bare']:.2f}x (tokens/s {r['vs_bare_tokens']:.2f}x)",
             f">= 0.90x{_mark(r['vs_bare'] >= TARGETS['vs_bare'])}")
@@ -111,7 +114,40 @@ def table(result: dict[str, Any]) -> str:
             f"p50 {_num(load['p50_ms'], '{:,.0f}')} ms, p99 {_num(load['p99_ms'], '{:,.0f}')} ms; "
             f"flush {_num(load['flush_p50_ms'], '{:,.0f}')} ms x {load['mean_flush_size']:.1f} texts",
             target)
+    lines.extend(after_table)
     return "\n".join(lines)
+
+
+def _http_rows(s: dict[str, Any]) -> list[str]:
+    """Rows of measurement 7 (the HTTP API), when it ran."""
+    h = s.get("http")
+    if not h:
+        return []
+    if "skipped" in h:
+        return [f"| 7. HTTP API | skipped: {h['skipped']} |  |"]
+    out = [f"| 7. HTTP server limit (GET /healthz, {h['concurrency']} connections) | "
+           f"{_num(h['noop_requests_per_s'], '{:,.0f}')} requests/s |  |"]
+    ceiling = (s.get("null_single") or {}).get("texts_per_s")
+    null = h.get("single_null") or {}
+    if null:
+        ratio = null["texts_per_s"] / ceiling if ceiling else None
+        target = (f">= 1.5x{_mark(ratio >= TARGETS['http_vs_single'])}" if ratio else "")
+        out.append(f"| 7. HTTP single-text POSTs end to end, null model | "
+                   f"{_num(null['texts_per_s'], '{:,.0f}')} texts/s"
+                   + (f" ({ratio:.2f}x the client's one message per text)" if ratio else "")
+                   + f"; p50/p99 {_num(null['p50_ms'], '{:,.0f}')}/"
+                   f"{_num(null['p99_ms'], '{:,.0f}')} ms | {target} |")
+    real = h.get("single_model") or {}
+    if real:
+        out.append(f"| 7. HTTP single-text POSTs end to end, real model | "
+                   f"{_num(real['texts_per_s'])} texts/s; p50/p99 {_num(real['p50_ms'], '{:,.0f}')}/"
+                   f"{_num(real['p99_ms'], '{:,.0f}')} ms |  |")
+    b = h.get("bulk") or {}
+    if b:
+        out.append(f"| 7. bulk POST of 256 items vs Client.submit_many | {b['http_ms']:.1f} ms vs "
+                   f"{b['client_ms']:.1f} ms ({b['ratio']:.2f}x) | <= 1.15x"
+                   f"{_mark(b['ratio'] <= TARGETS['bulk_post'])} |")
+    return out
 
 
 def _procs_rows(s: dict[str, Any], r: dict[str, Any]) -> list[str]:

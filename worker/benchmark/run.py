@@ -112,7 +112,7 @@ class BenchRun:
         self._open_services()
         self.settings = self.settings.replace(model=str(model.path))
         steps = (("padding", self._in_process), ("pipeline", self._pipeline),
-                 ("naive", self._naive), ("null", self._null))
+                 ("naive", self._naive), ("null", self._null), ("http", self._http))
         for stage, step in steps:
             if self.opts.runs(stage) or (stage == "padding" and self.opts.runs("bare")):
                 step()
@@ -242,6 +242,22 @@ class BenchRun:
             self.stages[f"null_{mode}"] = measure_null(
                 null, self.probe, self.start_worker, texts, self.prefix(f"null-{mode}"),
                 bulk=bulk, timeout=STAGE_TIMEOUT_S)
+
+
+    def _http(self) -> None:
+        try:
+            import api.app  # noqa: F401 - the api extra is optional for the benchmark
+        except ImportError as exc:
+            self.stages["http"] = {"skipped": f"the api extra is not installed ({exc})"}
+            self.log("http: skipped (pip install 'bertstream[api]')")
+            return
+        from worker.benchmark.http import measure_http
+
+        self.stages["http"] = measure_http(
+            self.settings, self.probe, self.workdir, self.start_worker, self.texts,
+            self.prefix("http"), single=self.opts.http_single, real=self.opts.http_real,
+            concurrency=self.opts.http_concurrency, bulk_rounds=self.opts.http_bulk_rounds,
+            timeout=STAGE_TIMEOUT_S, log=self.log)
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
