@@ -1,7 +1,7 @@
 """The Celery application both sides build from settings: names, routes, JSON only.
 
 The producer uses it to publish; the worker registers its tasks on it. Celery's
-result backend is disabled: results live in our own table (DESIGN.md).
+result backend is disabled: results live in our own table.
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ from __future__ import annotations
 TASK_ANALYZE = "bertstream.analyze"
 
 #: Default queue; the worker consumes it, the producer routes to it.
-#: A lane suffix separates interactive from bulk traffic (DESIGN.md).
+#: A lane suffix separates interactive from bulk traffic.
 DEFAULT_QUEUE = "bertstream"
 LANE_INTERACTIVE = "interactive"
 LANE_BULK = "bulk"
 
-#: The results table (our own, not Celery's result backend: DESIGN.md).
+#: The results table (our own, not Celery's result backend).
 RESULTS_TABLE = "bertstream_results"
 
 #: Redis key prefix of the per-message delivery counters (dead-lettering).

@@ -1,6 +1,6 @@
 """One settings object, built once from the environment and passed explicitly.
 
-Nothing else in bertstream reads ``os.environ`` (DESIGN.md, STYLE.md #2).
+Nothing else in bertstream reads ``os.environ``.
 Every field maps to ``BERTSTREAM_<FIELD NAME IN UPPER CASE>``.
 """
 

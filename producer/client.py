@@ -1,6 +1,6 @@
 """The light Python client: submit texts, watch the queue, fetch and wait for results.
 
-Hop 1 of the data path (DESIGN.md): validate, assign ids, publish JSON
+Hop 1 of the data path (docs/architecture.md): validate, assign ids, publish JSON
 messages to Redis through Celery. Reading results goes straight to the
 results table (``contract.results``), not through Celery.
 

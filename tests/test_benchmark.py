@@ -45,17 +45,26 @@ def test_figures_from_rows() -> None:
     assert figures.drain_rate(rows) == pytest.approx(3 / 2.0)
     assert sorted(figures.flush_durations_ms(rows)) == pytest.approx([500.0, 1000.0])
     assert figures.tokens(rows) == 35 and math.isnan(figures.percentile([], 50))
-    log = ("x flush: 2 msg, 300 items (0 failed), 3 batches, pad 4.0%, infer 0.250s, commit 0.010s"
-           " (1 commits); tokenize 0.050s, collate 0.020s, launch 0.100s, wait 0.060s,"
-           " decode 0.010s\n"
-           "y flush: 1 msg, 5 items (1 failed), 1 batches, pad 0.0%, infer 0.050s, commit 0.002s"
-           " (1 commits); tokenize 0.010s, collate 0.001s, launch 0.030s, wait 0.000s,"
-           " decode 0.001s\n"
-           "z an unrelated line, infer 9.0s\n")
-    assert figures.flush_log_totals(log) == pytest.approx(
+    from types import SimpleNamespace
+
+    from worker.inference import InferTimings
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics("m")
+    for n, (items, infer, commit) in enumerate(((300, 0.25, 0.010), (5, 0.05, 0.002))):
+        metrics.observe(SimpleNamespace(
+            messages=2 - n, batch_sizes=[items], batch_tokens=[items * 10], real_tokens=100,
+            padded_tokens=104, infer_s=infer, persist_s=commit, encode_s=0.05 - 0.04 * n,
+            steps=InferTimings(0.02, 0.1, 0.06, 0.01), began=0.0,
+            rows=[("done", "s", None, 1.0)] * items))
+    from prometheus_client import generate_latest
+
+    totals = figures.metrics_totals(generate_latest(metrics.registry).decode())
+    assert totals == pytest.approx(
         {"flushes": 2, "messages": 3, "items": 305, "infer_s": 0.3, "commit_s": 0.012,
-         "tokenize_s": 0.06, "collate_s": 0.021, "launch_s": 0.13, "wait_s": 0.06,
-         "decode_s": 0.011})
+         "tokenize_s": 0.06, "collate_s": 0.04, "launch_s": 0.2, "wait_s": 0.12,
+         "decode_s": 0.02})
+    assert figures.diff_totals({"items": 5.0}, {"items": 2.0}) == {"items": 3.0}
 
 
 def test_padding_plan_beats_fifo(tiny_model_dir: Path) -> None:
@@ -99,12 +108,19 @@ def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
         BenchOptions.build(quick=True, model="tiny", texts=40, threads=1,
                            out=str(tmp_path / "out.json")),
         sweep_texts=20, naive_texts=10, null_single=100, null_bulk=600, load_seconds=1.0,
-        padding_texts=200, rounds=2,
+        padding_texts=200, rounds=2, http_single=200, http_real=10, http_bulk_rounds=2,
     )
     result = run_bench(settings, opts, log=lambda _msg: None)
     stages = result["stages"]
     assert set(stages) == {"padding", "bare", "pipeline", "openloop", "naive",
-                           "null_single", "null_bulk"}
+                           "null_single", "null_bulk", "http"}
+    http = stages["http"]
+    assert http["noop_requests_per_s"] > 0 and http["bulk"]["ratio"] > 0
+    for name in ("single_null", "single_model"):
+        assert http[name]["texts_per_s"] > 0 and http[name]["p99_ms"] > 0, name
+    # The worker's figures come from its metrics: every text of the stage is counted.
+    worker = stages["pipeline"]["worker"]
+    assert worker["items"] == 40 and worker["flushes"] >= 1 and worker["tokenize_s"] > 0
     for name in ("bare", "pipeline", "naive", "null_single", "null_bulk"):
         assert stages[name]["texts_per_s"] > 0, name
     assert stages["pipeline"]["failed"] == 0 and stages["pipeline"]["p99_ms"] > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.benchmark.device_report import build, gpu_peaks, pytest_summary, read_steps
-from worker.benchmark.figures import flush_log_totals
 
 RUN = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-h200-2026-11-30"
 
@@ -30,10 +29,3 @@ def test_report_of_an_empty_out_dir(tmp_path: Path) -> None:
     text, doc = build(tmp_path)
     assert doc == {"steps": [], "gpu_tests": None, "nvidia_smi": None, "benchmarks": {}}
     assert "no summary line" in text and "no readings" in text
-
-
-def test_flush_log_without_step_figures_still_sums() -> None:
-    # Lines written before the steps were logged (e.g. the first device run's workers).
-    totals = flush_log_totals("flush: 1 msg, 5 items (0 failed), 1 batches, pad 0.0%, "
-                              "infer 0.050s, commit 0.002s (1 commits)\n")
-    assert totals["items"] == 5 and totals["tokenize_s"] == 0.0

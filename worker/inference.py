@@ -2,7 +2,7 @@
 
 An out-of-memory error halves the batch and retries, down to one item; any
 other exception from the model bisects the batch the same way, so one bad
-item fails alone while its batch-mates get their predictions (DESIGN.md).
+item fails alone while its batch-mates get their predictions.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def infer_pipelined(
     While the GPU runs batch i, the host pads batch i+1 (into pinned memory)
     and queues it, then turns batch i's probabilities into predictions: the
     device never waits for Python between batches (the pre/core/post overlap
-    of DESIGN.md). Runners that are not ``asynchronous`` (the CPU, which
+    of docs/architecture.md). Runners that are not ``asynchronous`` (the CPU, which
     computes at launch) or lack ``launch``/``fetch`` run one batch after
     another. A batch that fails, at launch or when its results
     are fetched (CUDA reports some errors late), is rerun through

@@ -55,6 +55,11 @@ class WorkerMetrics:
         self.end_to_end = Histogram("bertstream_end_to_end_seconds",
                                     "Submitted to committed row, per item", buckets=_SECONDS,
                                     registry=r)
+        self.messages = Counter("bertstream_flush_messages", "Broker messages flushed",
+                                registry=r)
+        self.steps = Counter("bertstream_flush_step_seconds",
+                             "Seconds spent in each step inside flushes: tokenize, collate, "
+                             "launch, wait (for the device), decode", ["step"], registry=r)
         self.up = Gauge("bertstream_worker_up", "1 while this worker consumes", registry=r)
         self._sources: set[str] = set()
 
@@ -79,6 +84,12 @@ class WorkerMetrics:
             self.padding.observe(stats.padded_tokens / stats.real_tokens - 1)
         self.infer.observe(stats.infer_s)
         self.commit.observe(stats.persist_s)
+        self.messages.inc(stats.messages)
+        steps = stats.steps
+        for name, seconds in (("tokenize", stats.encode_s), ("collate", steps.collate_s),
+                              ("launch", steps.launch_s), ("wait", steps.wait_s),
+                              ("decode", steps.decode_s)):
+            self.steps.labels(name).inc(seconds)
         for status, source, submitted, committed in stats.rows:
             self.items.labels(self.model, self.source_label(source), status).inc()
             if submitted is not None:

@@ -90,6 +90,16 @@ class WorkerProc:
         finally:
             app.close()
 
+    def metrics_text(self, timeout: float = 10.0) -> str:
+        """The worker's Prometheus metrics (it must run with ``metrics_port`` set)."""
+        import urllib.request
+
+        if not self.settings.metrics_port:
+            raise RuntimeError("this worker serves no metrics (metrics_port is 0)")
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+            return str(response.read().decode("utf-8"))
+
     def log_size(self) -> int:
         """Bytes of output so far (mark a stage's start for :meth:`log_since`)."""
         self._flush()

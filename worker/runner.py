@@ -1,4 +1,4 @@
-"""The model runner, split into pre / core / post (STYLE.md #5).
+"""The model runner, split into pre / core / post.
 
 - ``encode`` (pre, CPU): tokenize each text alone, truncated to the model's
   maximum, remembering which were truncated.

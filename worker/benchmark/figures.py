@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,30 +52,29 @@ def rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else math.nan
 
 
-_FLUSH_LINE = re.compile(
-    r"flush: (\d+) msg, (\d+) items .*? pad ([\d.]+)%, infer ([\d.]+)s, commit ([\d.]+)s")
+STEPS = ("tokenize", "collate", "launch", "wait", "decode")
 
 
-_STEPS = ("tokenize", "collate", "launch", "wait", "decode")
-_STEP_LINE = re.compile(", ".join(rf"{name} ([\d.]+)s" for name in _STEPS))
+def metrics_totals(text: str) -> dict[str, float]:
+    """A worker's flush figures from its Prometheus metrics (``/metrics`` text): flushes,
+    messages, items, infer and commit seconds, and the seconds of each step inside infer."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def flush_log_totals(log_text: str) -> dict[str, float]:
-    """Sum the worker's ``flush:`` log lines: flushes, messages, items, infer and commit
-    seconds, and the steps inside infer (tokenize, collate, launch, wait, decode)."""
     totals = {"flushes": 0.0, "messages": 0.0, "items": 0.0, "infer_s": 0.0, "commit_s": 0.0}
-    totals.update({f"{name}_s": 0.0 for name in _STEPS})
-    for line in log_text.splitlines():
-        m = _FLUSH_LINE.search(line)
-        if not m:
-            continue
-        totals["flushes"] += 1
-        totals["messages"] += int(m.group(1))
-        totals["items"] += int(m.group(2))
-        totals["infer_s"] += float(m.group(4))
-        totals["commit_s"] += float(m.group(5))
-        steps = _STEP_LINE.search(line)
-        if steps:
-            for name, value in zip(_STEPS, steps.groups(), strict=True):
-                totals[f"{name}_s"] += float(value)
+    totals.update({f"{name}_s": 0.0 for name in STEPS})
+    wanted = {"bertstream_inference_seconds_count": "flushes",
+              "bertstream_inference_seconds_sum": "infer_s",
+              "bertstream_commit_seconds_sum": "commit_s",
+              "bertstream_flush_messages_total": "messages", "bertstream_items_total": "items"}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                totals[wanted[sample.name]] += sample.value
+            elif sample.name == "bertstream_flush_step_seconds_total":
+                totals[f"{sample.labels['step']}_s"] += sample.value
     return totals
+
+
+def diff_totals(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """``after - before`` key by key: a stage's share of cumulative counters."""
+    return {k: after[k] - before.get(k, 0.0) for k in after}

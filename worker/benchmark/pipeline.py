@@ -35,7 +35,7 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, workers: WorkerG
     probe.wait_for(f"{prefix}warm-", len(warm), timeout=timeout, alive=workers.check_alive)
     prefix = f"{prefix}run-"
     items = [{"id": f"{prefix}{i}", "text": t} for i, t in enumerate(texts)]
-    mark = workers.log_size()
+    mark = workers.totals()
     with Client(settings) as client:
         t0 = time.time()
         report = client.submit_many(items)
@@ -56,8 +56,23 @@ def measure_bertstream(settings: Settings, probe: ResultsProbe, workers: WorkerG
         "publish_s": publish_s,
         "failed": sum(1 for r in rows if r["status"] != "done"),
         **figures.latency_ms(rows),
-        "worker": figures.flush_log_totals(workers.log_since(mark)),
+        "worker": _settled(workers, mark, len(items)),
     }
+
+
+def _settled(workers: WorkerGroup, mark: dict[str, float], items: int,
+             timeout: float = 10.0) -> dict[str, float]:
+    """The workers' flush figures since ``mark``, once they count ``items`` items.
+
+    A worker updates its metrics just after the commit that makes rows
+    visible, so the last flush may be missing from a scrape taken at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        totals = figures.diff_totals(workers.totals(), mark)
+        if totals["items"] >= items or time.monotonic() > deadline:
+            return totals
+        time.sleep(0.05)  # a poll interval: the last flush's metrics are moments away
 
 
 def publish_single(settings: Settings, texts: Sequence[str], prefix: str) -> float:
@@ -86,7 +101,7 @@ def measure_null(settings: Settings, probe: ResultsProbe,
     worker = start_worker(settings)
     try:
         probe.wait_for(prefix, len(texts), timeout=timeout, alive=worker.check_alive)
-        totals = figures.flush_log_totals(worker.log_since(0))
+        totals = _settled(WorkerGroup([worker]), {}, len(texts))
     finally:
         worker.stop()
     rows = probe.rows(prefix)

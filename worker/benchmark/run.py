@@ -35,6 +35,7 @@ from worker.benchmark.services import (
     WorkerProc,
     bench_broker_url,
     flush_redis,
+    free_port,
 )
 from worker.benchmark.workload import social_texts
 
@@ -80,6 +81,8 @@ class BenchRun:
     def start_worker(self, settings: Settings, module: str = "worker") -> WorkerProc:
         """Start a worker subprocess, registered for stopping, and wait until it answers."""
         name = module.rsplit(".", 1)[-1]
+        if module == "worker":  # bertstream workers report their flushes as metrics
+            settings = settings.replace(metrics_port=free_port())
         proc = WorkerProc(settings, self.workdir / f"{name}-{time.monotonic_ns()}.log",
                           module=module, name="bench")
         self.stack.callback(proc.stop)
@@ -93,7 +96,8 @@ class BenchRun:
         """
         if settings.device == "cpu" and count > 1:
             settings = settings.replace(torch_threads=max(1, self.opts.threads // count))
-        members = [WorkerProc(settings, self.workdir / f"worker-{time.monotonic_ns()}-{k}.log",
+        members = [WorkerProc(settings.replace(metrics_port=free_port()),
+                              self.workdir / f"worker-{time.monotonic_ns()}-{k}.log",
                               name="bench") for k in range(count)]
         for member in members:
             self.stack.callback(member.stop)

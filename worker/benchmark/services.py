@@ -15,13 +15,23 @@ import redis
 import sqlalchemy as sa
 
 from contract.results import ResultStore, results
+from worker.benchmark.figures import metrics_totals
 from worker.process import WorkerProc
 
 __all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerGroup", "WorkerProc", "bench_broker_url",
-           "flush_redis"]
+           "flush_redis", "free_port"]
 
 #: The Redis database the benchmark uses and flushes (apart from 0 and the tests' 9).
 BENCH_REDIS_DB = 8
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (each bench worker serves its metrics)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def bench_broker_url(broker_url: str) -> str:
@@ -99,7 +109,8 @@ class WorkerGroup:
     """Several worker processes on one queue and device, watched and stopped together.
 
     The same calls as one :class:`WorkerProc` where the stages need them:
-    ``check_alive``, ``log_size``/``log_since`` (over every member's log) and ``stop``.
+    ``check_alive``, ``totals`` (the flush figures of every member's metrics, summed)
+    and ``stop``.
     """
 
     def __init__(self, members: list[WorkerProc]) -> None:
@@ -110,13 +121,13 @@ class WorkerGroup:
         for member in self.members:
             member.check_alive()
 
-    def log_size(self) -> list[int]:
-        """One mark per member (give it back to :meth:`log_since`)."""
-        return [member.log_size() for member in self.members]
-
-    def log_since(self, marks: list[int]) -> str:
-        """Every member's output after its mark, one after another."""
-        return "".join(m.log_since(k) for m, k in zip(self.members, marks, strict=True))
+    def totals(self) -> dict[str, float]:
+        """The members' cumulative flush figures (from their Prometheus metrics), summed."""
+        out: dict[str, float] = {}
+        for member in self.members:
+            for key, value in metrics_totals(member.metrics_text()).items():
+                out[key] = out.get(key, 0.0) + value
+        return out
 
     def stop(self) -> None:
         """Stop every member (warm shutdown, SIGKILL after a timeout)."""
