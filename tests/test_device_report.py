@@ -27,5 +27,6 @@ def test_report_of_a_real_device_run() -> None:
 
 def test_report_of_an_empty_out_dir(tmp_path: Path) -> None:
     text, doc = build(tmp_path)
-    assert doc == {"steps": [], "gpu_tests": None, "nvidia_smi": None, "benchmarks": {}}
+    assert doc == {"steps": [], "gpu_tests": None, "nvidia_smi": None, "shape_cost": None,
+                   "benchmarks": {}}
     assert "no summary line" in text and "no readings" in text

@@ -2,7 +2,8 @@
 
 Reads ``steps.tsv`` (step, exit code, seconds), ``pytest.log`` (the GPU
 tests' closing line), ``nvidia-smi.csv`` (sampled once a second during the
-run) and every ``bench-*.json``; writes ``report.txt`` (the benchmark tables,
+run), ``shape-cost.json`` (first and second pass of new batch shapes) and
+every ``bench-*.json``; writes ``report.txt`` (the benchmark tables,
 one per model shape, with the steps and the device's peak readings) and
 ``report.json`` (the same figures, machine-readable).
 
@@ -112,8 +113,11 @@ def where_time_goes(stages: dict[str, Any]) -> list[str]:
 
 def build(out: Path) -> tuple[str, dict[str, Any]]:
     """The text report and its JSON twin for the run in ``out``."""
+    shape_path = out / "shape-cost.json"
+    shape_cost = json.loads(shape_path.read_text(encoding="utf-8")) if shape_path.is_file() else None
     doc: dict[str, Any] = {"steps": read_steps(out), "gpu_tests": pytest_summary(out),
-                           "nvidia_smi": gpu_peaks(out), "benchmarks": {}}
+                           "nvidia_smi": gpu_peaks(out), "shape_cost": shape_cost,
+                           "benchmarks": {}}
     lines = ["# bertstream device run", ""]
     for step in doc["steps"]:
         state = "ok" if step["rc"] == 0 else f"FAILED (exit {step['rc']})"
@@ -126,6 +130,12 @@ def build(out: Path) -> tuple[str, dict[str, Any]]:
                      f"{smi['peak_power_w']} W ({smi['samples']} one-second samples)")
     else:
         lines.append("- nvidia-smi: no readings (no NVIDIA device)")
+    if shape_cost:
+        first, second = shape_cost["first"], shape_cost["second"]
+        lines.append(f"- a new batch shape ({shape_cost['shapes']} random ones, median ms, "
+                     f"first / second pass): collate {first['collate']:.2f} / "
+                     f"{second['collate']:.2f}, launch {first['launch']:.2f} / "
+                     f"{second['launch']:.2f}, wait {first['wait']:.2f} / {second['wait']:.2f}")
     for path in sorted(out.glob("bench-*.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
         shape = path.stem.removeprefix("bench-")
