@@ -32,6 +32,7 @@ from worker.sentiment.evaluate import (
     calibration_record,
     evaluate_logits,
     format_report,
+    neutral_report,
     predict_logits,
 )
 
@@ -184,6 +185,10 @@ def test_eval_tables_match_a_direct_computation(tiny_model_dir: Path) -> None:
         ece(torch.softmax(direct / 2, -1), labels), abs=1e-5)
     assert report.suite is not None
     assert report.suite["en"]["acc"] == pytest.approx(sum(en[:3]) / 3)
+    report.neutral = neutral_report(examples, logits, logits[:2], 2.0, [0.6])
+    en = torch.tensor([e.lang == "en" for e in examples])
+    assert report.neutral["en"] == neutral_tradeoff(
+        torch.softmax(direct[en] / 2, -1), labels[en], torch.softmax(direct[:2] / 2, -1), [0.6])
     text = format_report(report, "test")
-    assert "max_len 512" in text and "behavioural suite" in text
+    assert "max_len 512" in text and "behavioural suite" in text and "neutral band vs zh" in text
     assert math.isclose(report.temperature, 2.0)

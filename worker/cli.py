@@ -207,14 +207,17 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True,
               help="Truncation length in tokens (the worker serves 512).")
 @click.option("--no-suite", is_flag=True, help="Skip the behavioural suite.")
+@click.option("--no-neutral", is_flag=True,
+              help="Skip the neutral band's trade-off (vader's near-neutral items).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
 @_with_vader
 @click.pass_context
 def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
-                       batch_size: int, max_len: int, no_suite: bool, threads: int | None,
-                       as_json: bool, vader_sdist: str | None, no_vader: bool) -> None:
-    """Print held-out accuracy, calibration error (ECE) and the behavioural suite."""
+                       batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
+                       threads: int | None, as_json: bool, vader_sdist: str | None,
+                       no_vader: bool) -> None:
+    """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
     from worker.sentiment.evaluate import eval_main
 
     settings = settings_from(ctx)
@@ -222,7 +225,7 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
                        cache_dir=Path(settings.cache_dir),
                        vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
                        batch_size=batch_size, max_len=max_len, threads=_threads(threads),
-                       suite=not no_suite)
+                       suite=not no_suite, neutral=not no_neutral)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
 

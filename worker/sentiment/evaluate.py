@@ -14,8 +14,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .behaviour import SuiteItem, format_suite_table, load_suite, suite_table
-from .calibration import ece, fit_temperature, load_temperature, nll
+from .calibration import ece, fit_temperature, load_temperature, neutral_tradeoff, nll
 from .data import Example
+
+NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 @torch.inference_mode()
@@ -92,6 +94,8 @@ class EvalReport:
     ece: dict[str, dict[str, float]]
     temperature: float
     suite: dict[str, dict[str, float]] | None = None
+    #: Per language of the held-out texts: :func:`neutral_tradeoff` rows.
+    neutral: dict[str, list[dict[str, float]]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able data."""
@@ -139,7 +143,27 @@ def format_report(report: EvalReport, split: str) -> str:
     if report.suite is not None:
         parts += ["", f"behavioural suite, max_len {report.max_len}, calibrated scores",
                   format_suite_table(report.suite)]
+    for lang, rows in (report.neutral or {}).items():
+        parts += ["", f"neutral band vs {lang} held-out texts (calibrated top probability < p)",
+                  f"{'p':>5} {'neutral caught':>15} {'polar made neutral':>19} {'acc on rest':>12}"]
+        parts += [f"{r['threshold']:>5.2f} {r['neutral_caught']:>15.3f} "
+                  f"{r['polar_neutralised']:>19.3f} {r['polar_acc_kept']:>12.4f}" for r in rows]
     return "\n".join(parts)
+
+
+def neutral_report(examples: Sequence[Example], logits: torch.Tensor,
+                   neutral_logits: torch.Tensor, temperature: float,
+                   thresholds: Sequence[float] = NEUTRAL_THRESHOLDS,
+                   ) -> dict[str, list[dict[str, float]]]:
+    """The neutral band's trade-off per language of ``examples`` (calibrated probabilities)."""
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    neutral = torch.softmax(neutral_logits / temperature, -1)
+    out = {}
+    for lang in sorted({e.lang for e in examples}):
+        mask = torch.tensor([e.lang == lang for e in examples], dtype=torch.bool)
+        out[lang] = neutral_tradeoff(torch.softmax(logits[mask] / temperature, -1),
+                                     labels[mask], neutral, thresholds)
+    return out
 
 
 def eval_main(
@@ -153,6 +177,7 @@ def eval_main(
     threads: int = 2,
     record_in: Path | None = None,
     suite: bool = True,
+    neutral: bool = True,
 ) -> EvalReport:
     """``bertstream model eval``: print and return held-out accuracy, ECE and the suite.
 
@@ -161,7 +186,9 @@ def eval_main(
     what the worker serves). ``split`` is "test" or "dev"; ``seed`` must be
     the training seed so the held-out texts are the ones training never saw.
     The model directory's ``calibration.json`` temperature, when present,
-    gives the calibrated ECE and the suite's scores. ``record_in``: an
+    gives the calibrated ECE and the suite's scores. ``neutral`` (with the
+    vader sdist): the neutral band's trade-off on vader's near-neutral
+    items (:func:`neutral_texts`). ``record_in``: an
     adapter directory whose meta.json gets the held-out table under
     ``split`` (this changes the adapter hash, hence the model revision).
     """
@@ -177,6 +204,11 @@ def eval_main(
     suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len)
                     if items else None)
     report = evaluate_logits(examples, logits, temperature, max_len, items, suite_logits)
+    if neutral and vader_sdist is not None:
+        texts = neutral_texts(vader_sdist, seed)
+        report.neutral = neutral_report(
+            examples, logits, predict_logits(model, tokenizer, texts, batch_size, max_len),
+            temperature)
     print(format_report(report, split))
     if record_in is not None:
         meta_path = record_in / "meta.json"
@@ -184,6 +216,15 @@ def eval_main(
         meta[split] = report.heldout
         meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def neutral_texts(vader_sdist: Path, seed: int = 13) -> list[str]:
+    """Vader's items rated within 0.5 of neutral, less any text that is in a split."""
+    from .data import SplitSpec, load_examples, normalise, read_vader_neutral
+
+    seen = {normalise(e.text) for split in load_examples(vader_sdist, SplitSpec(seed=seed)).values()
+            for e in split}
+    return [text for _, text, _ in read_vader_neutral(vader_sdist) if normalise(text) not in seen]
 
 
 def calibration_record(dev_logits: torch.Tensor, dev_labels: torch.Tensor,
