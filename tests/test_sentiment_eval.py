@@ -192,3 +192,14 @@ def test_eval_tables_match_a_direct_computation(tiny_model_dir: Path) -> None:
     text = format_report(report, "test")
     assert "max_len 512" in text and "behavioural suite" in text and "neutral band vs zh" in text
     assert math.isclose(report.temperature, 2.0)
+
+
+def test_reliability_png_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from worker.sentiment.evaluate import write_reliability
+
+    logits = torch.tensor([[2.0, -1.0], [-0.5, 0.5], [0.1, 0.0], [-3.0, 3.0]])
+    examples = [Example(str(i), i % 2, "en", "s") for i in range(4)]
+    out = tmp_path / "r.png"
+    write_reliability(examples, logits, 1.5, out, "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -209,14 +209,17 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--no-suite", is_flag=True, help="Skip the behavioural suite.")
 @click.option("--no-neutral", is_flag=True,
               help="Skip the neutral band's trade-off (vader's near-neutral items).")
+@click.option("--reliability-png", type=click.Path(dir_okay=False), default=None,
+              help="Write the reliability diagram (raw vs calibrated) to this PNG "
+                   "(needs matplotlib).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
 @_with_vader
 @click.pass_context
 def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
                        batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
-                       threads: int | None, as_json: bool, vader_sdist: str | None,
-                       no_vader: bool) -> None:
+                       reliability_png: str | None, threads: int | None, as_json: bool,
+                       vader_sdist: str | None, no_vader: bool) -> None:
     """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
     from worker.sentiment.evaluate import eval_main
 
@@ -225,7 +228,8 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
                        cache_dir=Path(settings.cache_dir),
                        vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
                        batch_size=batch_size, max_len=max_len, threads=_threads(threads),
-                       suite=not no_suite, neutral=not no_neutral)
+                       suite=not no_suite, neutral=not no_neutral,
+                       reliability_to=Path(reliability_png) if reliability_png else None)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
 

@@ -14,7 +14,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .behaviour import SuiteItem, format_suite_table, load_suite, suite_table
-from .calibration import ece, fit_temperature, load_temperature, neutral_tradeoff, nll
+from .calibration import (
+    ece,
+    fit_temperature,
+    load_temperature,
+    neutral_tradeoff,
+    nll,
+    reliability_bins,
+    reliability_png,
+)
 from .data import Example
 
 NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -178,6 +186,7 @@ def eval_main(
     record_in: Path | None = None,
     suite: bool = True,
     neutral: bool = True,
+    reliability_to: Path | None = None,
 ) -> EvalReport:
     """``bertstream model eval``: print and return held-out accuracy, ECE and the suite.
 
@@ -191,6 +200,7 @@ def eval_main(
     items (:func:`neutral_texts`). ``record_in``: an
     adapter directory whose meta.json gets the held-out table under
     ``split`` (this changes the adapter hash, hence the model revision).
+    ``reliability_to``: write the reliability diagram PNG there (matplotlib).
     """
     from .data import SplitSpec, load_examples
 
@@ -210,12 +220,28 @@ def eval_main(
             examples, logits, predict_logits(model, tokenizer, texts, batch_size, max_len),
             temperature)
     print(format_report(report, split))
+    if reliability_to is not None:
+        write_reliability(examples, logits, temperature, reliability_to,
+                          f"{model_dir.name}, split {split} ({len(examples)} texts), "
+                          f"max_len {max_len}")
     if record_in is not None:
         meta_path = record_in / "meta.json"
         meta = json.loads(meta_path.read_text())
         meta[split] = report.heldout
         meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def write_reliability(examples: Sequence[Example], logits: torch.Tensor, temperature: float,
+                      path: Path, title: str) -> None:
+    """Reliability diagrams of the raw and the calibrated probabilities, side by side."""
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    series = {}
+    for name, scaled in (("raw softmax", logits), (f"temperature {temperature:.2f}",
+                                                   logits / temperature)):
+        probs = torch.softmax(scaled, -1)
+        series[f"{name} (ECE {ece(probs, labels):.3f})"] = reliability_bins(probs, labels)
+    reliability_png(series, path, title)
 
 
 def neutral_texts(vader_sdist: Path, seed: int = 13) -> list[str]:
