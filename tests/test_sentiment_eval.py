@@ -203,3 +203,25 @@ def test_reliability_png_is_written(tmp_path: Path) -> None:
     out = tmp_path / "r.png"
     write_reliability(examples, logits, 1.5, out, "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_writes_the_temperature_into_the_adapter_meta(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from worker.sentiment import assemble, data
+    from worker.sentiment.evaluate import calibrate_main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "meta.json").write_text('{"name": "x"}')
+    dev = [Example(t, i % 2, "en", "s") for i, t in enumerate(["good", "bad", "fine", "awful"])]
+    monkeypatch.setattr(assemble, "ensure_model", lambda cache, adapter_dir: tiny_model_dir)
+    monkeypatch.setattr(data, "load_examples",
+                        lambda sdist, spec: {"train": [], "dev": dev, "test": []})
+    record = calibrate_main(adapter, tmp_path / "cache", None, threads=1)
+    meta = json.loads((adapter / "meta.json").read_text())
+    assert meta["name"] == "x" and meta["calibration"] == record
+    assert record["fitted_on"] == "dev" and record["max_len"] == 512
+    assert 0.05 <= record["temperature"] <= 20
+    assert record["dev_nll_calibrated"] <= record["dev_nll_raw"] + 1e-6
