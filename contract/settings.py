@@ -71,6 +71,9 @@ class Settings:
     max_padding: float = 0.10
     #: Token cut-off; 0 means the model's own maximum.
     max_length: int = 0
+    #: Neutral band: a text whose (calibrated) top probability is below this
+    #: is labelled ``neutral``; 0 turns the band off.
+    neutral_below: float = 0.0
     #: Deliveries of one task before it is dead-lettered as failed.
     max_attempts: int = 3
     #: Seconds before the unacked messages of a dead worker are redelivered
@@ -170,6 +173,8 @@ class Settings:
             raise ConfigError(
                 f"{ENV_PREFIX}MAX_ID_CHARS={self.max_id_chars} is larger than the id and "
                 f"source columns ({ID_COLUMN_CHARS} characters)")
+        if not 0 <= self.neutral_below <= 1:
+            raise ConfigError(f"{ENV_PREFIX}NEUTRAL_BELOW must be between 0 and 1")
         if not self.max_padding >= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
         for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",

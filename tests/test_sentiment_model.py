@@ -118,3 +118,14 @@ def test_model_path_cli_assembles_any_adapter(cache_dir: Path, model_dir: Path,
     path = Path(result.stdout.strip())
     assert path != model_dir and path.parent == cache_dir
     assert read_model_info(path).revision == model_revision(other)
+
+
+def test_assembled_model_carries_the_adapters_temperature(model_dir: Path) -> None:
+    from worker.device import resolve_placement
+    from worker.runner import HFRunner
+    from worker.sentiment.calibration import load_temperature
+
+    meta = json.loads((default_adapter_dir() / "meta.json").read_text())
+    assert load_temperature(model_dir) == meta["calibration"]["temperature"]
+    runner = HFRunner(model_dir, resolve_placement("cpu", "auto"))
+    assert runner.temperature == meta["calibration"]["temperature"]

@@ -56,7 +56,8 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     if placement.device.type == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path, name = resolve_model_dir(settings)
-    runner = HFRunner(path, placement, name=name, max_length=settings.max_length)
+    runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
+                      neutral_below=settings.neutral_below)
     log.info("model %s (rev %s) on %s, max_length %d",
              runner.name, runner.revision, placement.describe(), runner.max_length)
     if placement.is_cuda:

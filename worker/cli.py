@@ -204,23 +204,56 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--seed", type=int, default=13, show_default=True,
               help="The training seed (fixes which texts are held out).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Truncation length in tokens (the worker serves 512).")
+@click.option("--no-suite", is_flag=True, help="Skip the behavioural suite.")
+@click.option("--no-neutral", is_flag=True,
+              help="Skip the neutral band's trade-off (vader's near-neutral items).")
+@click.option("--reliability-png", type=click.Path(dir_okay=False), default=None,
+              help="Write the reliability diagram (raw vs calibrated) to this PNG "
+                   "(needs matplotlib).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@click.option("--json", "as_json", is_flag=True, help="Also print the table as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
 @_with_vader
 @click.pass_context
 def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
-                       batch_size: int, threads: int | None, as_json: bool,
+                       batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
+                       reliability_png: str | None, threads: int | None, as_json: bool,
                        vader_sdist: str | None, no_vader: bool) -> None:
-    """Print held-out accuracy per language and source (texts training never saw)."""
+    """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
     from worker.sentiment.evaluate import eval_main
 
     settings = settings_from(ctx)
-    table = eval_main(Path(model_dir) if model_dir else None,
-                      cache_dir=Path(settings.cache_dir),
-                      vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
-                      batch_size=batch_size, threads=_threads(threads))
+    report = eval_main(Path(model_dir) if model_dir else None,
+                       cache_dir=Path(settings.cache_dir),
+                       vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
+                       batch_size=batch_size, max_len=max_len, threads=_threads(threads),
+                       suite=not no_suite, neutral=not no_neutral,
+                       reliability_to=Path(reliability_png) if reliability_png else None)
     if as_json:
-        click.echo(json.dumps(table, indent=2))
+        click.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@model_group.command("calibrate")
+@click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, exists=True),
+              default=None, help="Adapter directory to calibrate (default: the bundled one).")
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="The training seed (fixes which texts are dev).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@_with_vader
+@click.pass_context
+def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: int,
+                            batch_size: int, max_len: int, threads: int | None,
+                            vader_sdist: str | None, no_vader: bool) -> None:
+    """Fit the temperature on dev and store it in the adapter's meta.json."""
+    from worker.sentiment.assemble import default_adapter_dir
+    from worker.sentiment.evaluate import calibrate_main
+
+    calibrate_main(Path(adapter_dir) if adapter_dir else default_adapter_dir(),
+                   Path(settings_from(ctx).cache_dir), _vader(ctx, vader_sdist, no_vader),
+                   seed=seed, batch_size=batch_size, max_len=max_len, threads=_threads(threads))
 
 
 @model_group.command("path")

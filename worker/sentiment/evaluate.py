@@ -1,35 +1,50 @@
-"""Held-out accuracy of a sequence classifier, per language and per source."""
+"""Held-out accuracy, calibration error and the behavioural suite of a sequence classifier."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .behaviour import SuiteItem, format_suite_table, load_suite, suite_table
+from .calibration import (
+    ece,
+    fit_temperature,
+    load_temperature,
+    neutral_tradeoff,
+    nll,
+    reliability_bins,
+    reliability_png,
+)
 from .data import Example
+
+NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 @torch.inference_mode()
-def predict(
+def predict_logits(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     batch_size: int = 32,
-    max_len: int = 128,
-) -> list[int]:
-    """Give the arg-max label of each text, in input order.
+    max_len: int = 512,
+) -> torch.Tensor:
+    """Give the float32 logits of each text, ``(len(texts), num_labels)``, in input order.
 
     Texts are sorted by length before batching so padding stays small; the
-    model is put in eval mode (and left there).
+    model is put in eval mode (and left there). ``max_len`` is the truncation
+    length: the worker serves the model's maximum (512).
     """
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    preds = [0] * len(texts)
+    out: torch.Tensor | None = None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
@@ -39,10 +54,23 @@ def predict(
             max_length=max_len,
             return_tensors="pt",
         )
-        logits = model(**enc).logits
-        for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
-            preds[i] = p
-    return preds
+        logits = model(**enc).logits.float()
+        if out is None:
+            out = torch.zeros((len(texts), logits.shape[-1]))
+        out[torch.tensor(idx)] = logits
+    return out if out is not None else torch.zeros((0, 2))
+
+
+def predict(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    max_len: int = 128,
+) -> list[int]:
+    """Give the arg-max label of each text, in input order (see :func:`predict_logits`)."""
+    logits = predict_logits(model, tokenizer, texts, batch_size, max_len)
+    return [int(p) for p in logits.argmax(-1).tolist()]
 
 
 def accuracy_table(
@@ -64,6 +92,88 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class EvalReport:
+    """What ``bertstream model eval`` measures, at one truncation length."""
+
+    max_len: int
+    heldout: dict[str, dict[str, float]]
+    #: ECE (15 bins) per language and "all", raw softmax and after temperature.
+    ece: dict[str, dict[str, float]]
+    temperature: float
+    suite: dict[str, dict[str, float]] | None = None
+    #: Per language of the held-out texts: :func:`neutral_tradeoff` rows.
+    neutral: dict[str, list[dict[str, float]]] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-able data."""
+        return asdict(self)
+
+
+def evaluate_logits(
+    examples: Sequence[Example],
+    logits: torch.Tensor,
+    temperature: float,
+    max_len: int,
+    suite_items: Sequence[SuiteItem] = (),
+    suite_logits: torch.Tensor | None = None,
+) -> EvalReport:
+    """Build the report from logits already computed (held-out texts, then the suite).
+
+    Accuracy is the arg-max's (temperature never changes it); ECE is given
+    before and after dividing the logits by ``temperature``; the suite's
+    confident errors use the calibrated probabilities, as the worker serves.
+    """
+    preds = [int(p) for p in logits.argmax(-1).tolist()]
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    ece_table: dict[str, dict[str, float]] = {}
+    for group in ("all", *sorted({e.lang for e in examples})):
+        mask = torch.tensor([group in ("all", e.lang) for e in examples], dtype=torch.bool)
+        ece_table[group] = {
+            "n": int(mask.sum()),
+            "raw": ece(torch.softmax(logits[mask], -1), labels[mask]),
+            "calibrated": ece(torch.softmax(logits[mask] / temperature, -1), labels[mask]),
+        }
+    suite = None
+    if suite_items and suite_logits is not None:
+        suite = suite_table(suite_items, torch.softmax(suite_logits / temperature, -1))
+    return EvalReport(max_len, accuracy_table(examples, preds), ece_table, temperature, suite)
+
+
+def format_report(report: EvalReport, split: str) -> str:
+    """The held-out table, the ECE lines and the suite table, as ``model eval`` prints them."""
+    parts = [f"held-out split {split!r}, max_len {report.max_len}",
+             format_table(report.heldout), "",
+             f"expected calibration error (15 bins), temperature {report.temperature:.4f}",
+             f"{'group':<22} {'n':>6} {'raw':>9} {'calibrated':>11}"]
+    parts += [f"{k:<22} {int(v['n']):>6} {v['raw']:>9.4f} {v['calibrated']:>11.4f}"
+              for k, v in report.ece.items()]
+    if report.suite is not None:
+        parts += ["", f"behavioural suite, max_len {report.max_len}, calibrated scores",
+                  format_suite_table(report.suite)]
+    for lang, rows in (report.neutral or {}).items():
+        parts += ["", f"neutral band vs {lang} held-out texts (calibrated top probability < p)",
+                  f"{'p':>5} {'neutral caught':>15} {'polar made neutral':>19} {'acc on rest':>12}"]
+        parts += [f"{r['threshold']:>5.2f} {r['neutral_caught']:>15.3f} "
+                  f"{r['polar_neutralised']:>19.3f} {r['polar_acc_kept']:>12.4f}" for r in rows]
+    return "\n".join(parts)
+
+
+def neutral_report(examples: Sequence[Example], logits: torch.Tensor,
+                   neutral_logits: torch.Tensor, temperature: float,
+                   thresholds: Sequence[float] = NEUTRAL_THRESHOLDS,
+                   ) -> dict[str, list[dict[str, float]]]:
+    """The neutral band's trade-off per language of ``examples`` (calibrated probabilities)."""
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    neutral = torch.softmax(neutral_logits / temperature, -1)
+    out = {}
+    for lang in sorted({e.lang for e in examples}):
+        mask = torch.tensor([e.lang == lang for e in examples], dtype=torch.bool)
+        out[lang] = neutral_tradeoff(torch.softmax(logits[mask] / temperature, -1),
+                                     labels[mask], neutral, thresholds)
+    return out
+
+
 def eval_main(
     model_dir: Path | None = None,
     cache_dir: Path | None = None,
@@ -71,37 +181,136 @@ def eval_main(
     split: str = "test",
     seed: int = 13,
     batch_size: int = 32,
-    max_len: int = 128,
+    max_len: int = 512,
     threads: int = 2,
     record_in: Path | None = None,
-) -> dict[str, dict[str, float]]:
-    """``bertstream model eval``: print and return held-out accuracy per language and source.
+    suite: bool = True,
+    neutral: bool = True,
+    reliability_to: Path | None = None,
+) -> EvalReport:
+    """``bertstream model eval``: print and return held-out accuracy, ECE and the suite.
 
     Evaluates ``model_dir`` (an HF directory) or, when None, the default model
-    assembled into ``cache_dir``. ``split`` is "test" or "dev"; ``seed`` must
-    be the training seed so the held-out texts are the ones training never saw.
-    ``record_in``: an adapter directory whose meta.json gets the table under
+    assembled into ``cache_dir``, truncating at ``max_len`` tokens (512 is
+    what the worker serves). ``split`` is "test" or "dev"; ``seed`` must be
+    the training seed so the held-out texts are the ones training never saw.
+    The model directory's ``calibration.json`` temperature, when present,
+    gives the calibrated ECE and the suite's scores. ``neutral`` (with the
+    vader sdist): the neutral band's trade-off on vader's near-neutral
+    items (:func:`neutral_texts`). ``record_in``: an
+    adapter directory whose meta.json gets the held-out table under
     ``split`` (this changes the adapter hash, hence the model revision).
+    ``reliability_to``: write the reliability diagram PNG there (matplotlib).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .assemble import ensure_default_model
     from .data import SplitSpec, load_examples
 
-    if model_dir is None:
-        if cache_dir is None:
-            raise ValueError("give model_dir or cache_dir")
-        model_dir = ensure_default_model(cache_dir)
+    model_dir = _resolve(model_dir, cache_dir)
     torch.set_num_threads(threads)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = _load(model_dir)
+    temperature = load_temperature(model_dir) or 1.0
     examples = load_examples(vader_sdist, SplitSpec(seed=seed))[split]
-    preds = predict(model, tokenizer, [e.text for e in examples], batch_size, max_len)
-    table = accuracy_table(examples, preds)
-    print(format_table(table))
+    logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size, max_len)
+    items = load_suite() if suite else []
+    suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len)
+                    if items else None)
+    report = evaluate_logits(examples, logits, temperature, max_len, items, suite_logits)
+    if neutral and vader_sdist is not None:
+        texts = neutral_texts(vader_sdist, seed)
+        report.neutral = neutral_report(
+            examples, logits, predict_logits(model, tokenizer, texts, batch_size, max_len),
+            temperature)
+    print(format_report(report, split))
+    if reliability_to is not None:
+        write_reliability(examples, logits, temperature, reliability_to,
+                          f"{model_dir.name}, split {split} ({len(examples)} texts), "
+                          f"max_len {max_len}")
     if record_in is not None:
         meta_path = record_in / "meta.json"
         meta = json.loads(meta_path.read_text())
-        meta[split] = table
+        meta[split] = report.heldout
         meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return table
+    return report
+
+
+def write_reliability(examples: Sequence[Example], logits: torch.Tensor, temperature: float,
+                      path: Path, title: str) -> None:
+    """Reliability diagrams of the raw and the calibrated probabilities, side by side."""
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    series = {}
+    for name, scaled in (("raw softmax", logits), (f"temperature {temperature:.2f}",
+                                                   logits / temperature)):
+        probs = torch.softmax(scaled, -1)
+        series[f"{name} (ECE {ece(probs, labels):.3f})"] = reliability_bins(probs, labels)
+    reliability_png(series, path, title)
+
+
+def neutral_texts(vader_sdist: Path, seed: int = 13) -> list[str]:
+    """Vader's items rated within 0.5 of neutral, less any text that is in a split."""
+    from .data import SplitSpec, load_examples, normalise, read_vader_neutral
+
+    seen = {normalise(e.text) for split in load_examples(vader_sdist, SplitSpec(seed=seed)).values()
+            for e in split}
+    return [text for _, text, _ in read_vader_neutral(vader_sdist) if normalise(text) not in seen]
+
+
+def calibration_record(dev_logits: torch.Tensor, dev_labels: torch.Tensor,
+                       max_len: int) -> dict[str, Any]:
+    """Fit the temperature on dev and give the ``calibration`` entry of an adapter's meta.json."""
+    temperature = fit_temperature(dev_logits, dev_labels)
+    return {
+        "temperature": round(temperature, 4),
+        "fitted_on": "dev",
+        "method": "temperature scaling, NLL, golden-section search on log T in [0.05, 20]",
+        "max_len": max_len,
+        "dev_nll_raw": round(nll(dev_logits, dev_labels, 1.0), 4),
+        "dev_nll_calibrated": round(nll(dev_logits, dev_labels, temperature), 4),
+    }
+
+
+def calibrate_main(
+    adapter_dir: Path,
+    cache_dir: Path,
+    vader_sdist: Path | None = None,
+    seed: int = 13,
+    batch_size: int = 32,
+    max_len: int = 512,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """``bertstream model calibrate``: fit the temperature on dev, store it in the adapter.
+
+    Assembles the model from ``adapter_dir``, computes the dev logits at
+    ``max_len`` and writes :func:`calibration_record` under ``calibration``
+    in its meta.json (a new adapter hash, hence a new model revision; the
+    assembled directory then carries ``calibration.json``). Test is not read.
+    """
+    from .assemble import ensure_model
+    from .data import SplitSpec, load_examples
+
+    torch.set_num_threads(threads)
+    model, tokenizer = _load(ensure_model(cache_dir, adapter_dir))
+    dev = load_examples(vader_sdist, SplitSpec(seed=seed))["dev"]
+    logits = predict_logits(model, tokenizer, [e.text for e in dev], batch_size, max_len)
+    record = calibration_record(logits, torch.tensor([e.label for e in dev]), max_len)
+    meta_path = adapter_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["calibration"] = record
+    meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def _resolve(model_dir: Path | None, cache_dir: Path | None) -> Path:
+    from .assemble import ensure_default_model
+
+    if model_dir is not None:
+        return model_dir
+    if cache_dir is None:
+        raise ValueError("give model_dir or cache_dir")
+    return ensure_default_model(cache_dir)
+
+
+def _load(model_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return (AutoModelForSequenceClassification.from_pretrained(model_dir),
+            AutoTokenizer.from_pretrained(model_dir))
