@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import errors
+from api import dashboard, errors
 from api.errors import ApiError
 from api.metrics import ApiMetrics
 from api.security import BodyLimit, TokenCheck
@@ -167,6 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
     _task_routes(guarded, services)
     _read_routes(guarded, services)
+    dashboard.install(app, guarded, services, _filter_params)
 
     @guarded.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
