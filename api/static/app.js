@@ -52,6 +52,14 @@
     ((navigator.language || "").toLowerCase().indexOf("zh") === 0 ? "zh" : "en");
   var timer = null;
   var labelsSeen = {};
+  var drawn = {};  // what each part last drew: an unchanged answer is not redrawn
+
+  function changed(part, data) {
+    var key = lang + JSON.stringify(data);
+    if (drawn[part] === key) return false;
+    drawn[part] = key;
+    return true;
+  }
 
   function t(key) { return (TEXT[lang] && TEXT[lang][key]) || TEXT.en[key] || key; }
 
@@ -81,10 +89,12 @@
     });
     var url = path + (query.toString() ? "?" + query : "");
     var headers = { Accept: "application/json" };
-    if (token()) headers.Authorization = "Bearer " + token();
+    var sent = token();
+    if (sent) headers.Authorization = "Bearer " + sent;
     return fetch(url, { headers: headers }).then(function (r) {
       if (r.status === 401) {
-        $("token-form").hidden = false;
+        // An answer to a token replaced meanwhile says nothing about the new one.
+        if (sent === token()) $("token-form").hidden = false;
         throw new Error(t("unauthorized"));
       }
       return r.json().then(function (body) {
@@ -235,7 +245,7 @@
     });
     var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source })
       .then(function (s) {
-        drawChart(s.groups, r);
+        if (changed("chart", [s.groups, r.sinceMs])) drawChart(s.groups, r);
         var labels = {};
         s.groups.forEach(function (g) { if (g.label !== null) labels[g.label] = 1; });
         keepOptions($("label"), Object.keys(labels).sort(), "all_labels");
@@ -259,6 +269,7 @@
     return api("/v1/search", { q: $("q").value.trim(), id: $("id").value.trim(),
       label: $("label").value, source: $("source").value, since: r.since, limit: 50 })
       .then(function (body) {
+        if (!changed("table", body.items)) return;
         var tbody = $("results").tBodies[0];
         tbody.replaceChildren();
         body.items.forEach(function (row) {
