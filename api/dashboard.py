@@ -7,6 +7,8 @@ stays bounded on a large table:
 - ``/v1/live``: queue depth per lane and live workers from Redis, and a
   count of the rows finished in the last ``window`` seconds (a range on the
   ``finished_at`` index), with per-minute counts over the last half hour;
+- ``/v1/sources``: the distinct sources for the page's filter, one index
+  probe per source (not a scan of the time range);
 - ``/v1/search``: an id looks up the primary key (exact, then a key range
   for the prefix); a text search reads at most ``scan`` of the newest rows
   that match the other filters (an index page) and filters those, so its
@@ -26,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
 from contract.errors import StoreUnavailable
 from contract.liveness import live_workers
-from contract.queries import Filters, stats
+from contract.queries import Filters, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow
 
 if TYPE_CHECKING:
@@ -137,6 +139,13 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
         """Queue depth per lane, live workers, rows finished in the last ``window`` seconds
         and per minute over the last half hour."""
         return live(services, window)
+
+    @router.get("/v1/sources", tags=["dashboard"])
+    def sources_route(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
+        """Up to ``limit`` distinct sources, in order."""
+        if not services.has_table():
+            return {"sources": []}
+        return {"sources": distinct_sources(store, limit)}
 
     @router.get("/v1/search", tags=["dashboard"])
     def search_route(

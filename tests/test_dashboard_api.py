@@ -52,6 +52,9 @@ def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
         assert sum(p["count"] for p in live["per_minute"]) == 3
         assert http.get("/v1/live", params={"window": 0}).status_code == 422
 
+        assert http.get("/v1/sources").json() == {"sources": ["news", "web", "weibo"]}
+        assert http.get("/v1/sources", params={"limit": 2}).json() == {"sources": ["news", "web"]}
+
         def search(**params: Any) -> list[str]:
             r = http.get("/v1/search", params=params)
             assert r.status_code == 200, r.text
@@ -82,9 +85,10 @@ def test_empty_store_and_tokens(settings: Settings, api_factory: Any) -> None:
     with httpx.Client(base_url=api.url, timeout=10) as http:
         assert http.get("/").status_code == 200  # the page is public
         assert http.get("/static/app.js").status_code == 200
-        for path in ("/v1/live", "/v1/search"):
+        for path in ("/v1/live", "/v1/search", "/v1/sources"):
             assert http.get(path).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
         live = http.get("/v1/live", headers=auth).json()
         assert live["finished"] == 0 and live["per_minute"] == []
         assert http.get("/v1/search", headers=auth).json()["items"] == []
+        assert http.get("/v1/sources", headers=auth).json() == {"sources": []}

@@ -236,13 +236,18 @@
     select.value = current;
   }
 
-  function refreshChart() {
+  // Long ranges aggregate many rows and change slowly: their chart is redrawn less often
+  // (every tick for minute bars, every 6th for hour bars, every 12th for day bars).
+  var EVERY = { "1m": 1, "1h": 6, "1d": 12 };
+  var ticks = 0;
+
+  function refreshChart(force) {
     var r = range();
     var source = $("source").value;
-    var sources = api("/v1/stats", { by: "source", since: r.since }).then(function (s) {
-      keepOptions($("source"), s.groups.map(function (g) { return g.source; })
-        .filter(function (v) { return v !== null; }), "all_sources");
+    var sources = api("/v1/sources", { limit: 200 }).then(function (s) {
+      keepOptions($("source"), s.sources, "all_sources");
     });
+    if (!force && ticks % EVERY[r.bucket] !== 0) return sources;
     var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source })
       .then(function (s) {
         if (changed("chart", [s.groups, r.sinceMs])) drawChart(s.groups, r);
@@ -299,9 +304,10 @@
   }
 
   // ---- polling ------------------------------------------------------------
-  function refresh() {
+  function refresh(force) {
     clearTimeout(timer);
-    return Promise.all([refreshLive(), refreshChart(), refreshTable()]).then(function () {
+    ticks += 1;
+    return Promise.all([refreshLive(), refreshChart(force === true), refreshTable()]).then(function () {
       showError("");
       $("updated").textContent = t("updated") + " " + new Date().toLocaleTimeString();
       document.body.setAttribute("data-refreshed", String(Date.now()));
@@ -310,13 +316,14 @@
     });
   }
 
-  function tick() { if (document.hidden) { timer = setTimeout(tick, REFRESH_MS); } else { refresh(); } }
+  function tick() { if (document.hidden) { timer = setTimeout(tick, REFRESH_MS); } else { refresh(false); } }
+  function now() { refresh(true); }
 
   $("lang").addEventListener("click", function () {
     lang = lang === "zh" ? "en" : "zh";
     localStorage.setItem(LANG_KEY, lang);
     applyLang();
-    refresh();
+    now();
   });
   $("token-toggle").addEventListener("click", function () {
     $("token-form").hidden = !$("token-form").hidden;
@@ -326,13 +333,13 @@
     localStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
     $("token-input").value = "";
     $("token-form").hidden = true;
-    refresh();
+    now();
   });
-  $("token-clear").addEventListener("click", function () { localStorage.removeItem(TOKEN_KEY); refresh(); });
-  $("search").addEventListener("submit", function (e) { e.preventDefault(); refresh(); });
-  ["source", "range", "label"].forEach(function (id) { $(id).addEventListener("change", refresh); });
-  document.addEventListener("visibilitychange", function () { if (!document.hidden) refresh(); });
+  $("token-clear").addEventListener("click", function () { localStorage.removeItem(TOKEN_KEY); now(); });
+  $("search").addEventListener("submit", function (e) { e.preventDefault(); now(); });
+  ["source", "range", "label"].forEach(function (id) { $(id).addEventListener("change", now); });
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) now(); });
 
   applyLang();
-  refresh();
+  now();
 })();
