@@ -4,8 +4,9 @@
 
 Inserts ``--rows`` rows (ids ``dashbench-*``) with one ``INSERT ... SELECT
 generate_series``, spread over ``--days`` days up to now across 20 sources,
-ANALYZEs, then times each query of one dashboard refresh for every time range
-the page offers (median and max of ``--repeat`` runs, after one warm-up).
+ANALYZEs, then times each query of the dashboard for every time range the page
+offers (the label mix's first read of the whole range, and the read of each
+later refresh, from the current bucket on) (median and max of ``--repeat`` runs, after one warm-up).
 Finally deletes its rows (or drops the table when the script created it),
 unless ``--keep``. Prints a Markdown table; ``--out`` also writes it as JSON.
 """
@@ -35,6 +36,7 @@ PREFIX = "dashbench-"
 # The page's ranges: name -> (seconds, stats bucket).
 RANGES = {"15m": (900, "1m"), "1h": (3600, "1m"), "24h": (86400, "1h"),
           "7d": (604800, "1h"), "30d": (2592000, "1d")}
+STEP = {"1m": 60, "1h": 3600, "1d": 86400}
 
 FILL = f"""
 INSERT INTO {RESULTS_TABLE} (id, source, text, text_sha256, text_chars, model, status, label,
@@ -63,6 +65,11 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
     return statistics.median(runs), max(runs), answer
 
 
+def _bucket_start(now: dt.datetime, bucket: str) -> dt.datetime:
+    step = STEP[bucket]
+    return dt.datetime.fromtimestamp(now.timestamp() // step * step, dt.timezone.utc)
+
+
 def queries(store: ResultStore, now: dt.datetime) -> list[tuple[str, str, Callable[[], Any]]]:
     """(range, query, call) for one refresh of the page per range, plus the searches."""
     out: list[tuple[str, str, Callable[[], Any]]] = [
@@ -80,6 +87,9 @@ def queries(store: ResultStore, now: dt.datetime) -> list[tuple[str, str, Callab
              lambda f=every, b=bucket: stats(store, f, by="label", bucket=b)),
             (name, f"label mix, one source (bucket={bucket})",
              lambda f=one, b=bucket: stats(store, f, by="label", bucket=b)),
+            (name, "label mix, each later refresh (from the current bucket)",
+             lambda b=bucket: stats(store, Filters(since=_bucket_start(now, b)), by="label",
+                                    bucket=b)),
             (name, "latest 50, all sources", lambda f=every: search(store, f)),
             (name, "latest 50, one source + label",
              lambda s=since: search(store, Filters(since=s, source="src-8", label="negative"))),

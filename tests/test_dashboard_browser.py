@@ -216,8 +216,14 @@ def test_dashboard_shows_live_rows_and_filters(pg_settings: Settings, api_factor
     body = _until(driver, lambda: driver.find_element(By.ID, "json-body").text, "the row's JSON")
     assert f'"id": "{first}"' in body and '"status": "done"' in body
 
-    # Chinese labels; a phone-sized window still shows the table as cards.
+    # Another time range: hour bars of the same rows.
     driver.find_element(By.CSS_SELECTOR, "#json-view button").click()
+    Select(driver.find_element(By.ID, "range")).select_by_value("24h")
+    _until(driver, lambda: _bars(driver) == _counts(rows) and len(driver.execute_script(
+        "return new Set(Array.from(document.querySelectorAll('#chart rect.bar'),"
+        " b => b.dataset.bucket))")) <= 2, "the chart in hour bars")
+
+    # Chinese labels; a phone-sized window still shows the table as cards.
     driver.find_element(By.ID, "lang").click()
     _until(driver, lambda: driver.find_element(By.CSS_SELECTOR, "[data-i18n=latest]").text
            == "最新结果", "the Chinese labels")

@@ -52,6 +52,7 @@
     ((navigator.language || "").toLowerCase().indexOf("zh") === 0 ? "zh" : "en");
   var timer = null;
   var labelsSeen = {};
+  var skew = 0;  // server clock - this browser's clock, from /v1/live
   var drawn = {};  // what each part last drew: an unchanged answer is not redrawn
 
   function changed(part, data) {
@@ -120,7 +121,7 @@
 
   function range() {
     var spec = RANGES[$("range").value] || RANGES["1h"];
-    var until = Date.now();
+    var until = Date.now() + skew;
     var since = Math.floor((until - spec[0] * 1000) / (spec[2] * 1000)) * spec[2] * 1000;
     return { since: new Date(since).toISOString(), sinceMs: since, untilMs: until,
       bucket: spec[1], step: spec[2] * 1000 };
@@ -130,7 +131,7 @@
   function drawTrend(perMinute) {
     var svg = $("trend");
     svg.replaceChildren();
-    var now = Math.floor(Date.now() / 60000) * 60000;
+    var now = Math.floor((Date.now() + skew) / 60000) * 60000;
     var counts = {};
     perMinute.forEach(function (p) { counts[Date.parse(p.bucket)] = p.count; });
     var max = Math.max.apply(null, [1].concat(perMinute.map(function (p) { return p.count; })));
@@ -144,6 +145,7 @@
 
   function refreshLive() {
     return api("/v1/live", { window: 60 }).then(function (live) {
+      skew = Date.parse(live.now) - Date.now();
       $("per-s").textContent = live.per_s.toFixed(live.per_s < 10 ? 2 : 0);
       $("finished").textContent = live.finished;
       var depth = live.queue_depth;
@@ -236,10 +238,12 @@
     select.value = current;
   }
 
-  // Long ranges aggregate many rows and change slowly: their chart is redrawn less often
-  // (every tick for minute bars, every 6th for hour bars, every 12th for day bars).
-  var EVERY = { "1m": 1, "1h": 6, "1d": 12 };
-  var ticks = 0;
+  // A bucket that has ended never changes (finished_at is the time a row is written), so
+  // after one full read of the range each refresh asks only for the buckets from the one
+  // that was current at the last read: its cost is one bucket's rows, not the range's.
+  // A filter change, or every FULL_MS, reads the whole range again.
+  var FULL_MS = 10 * 60 * 1000;
+  var mixCache = null;
 
   function refreshChart(force) {
     var r = range();
@@ -247,12 +251,22 @@
     var sources = api("/v1/sources", { limit: 200 }).then(function (s) {
       keepOptions($("source"), s.sources, "all_sources");
     });
-    if (!force && ticks % EVERY[r.bucket] !== 0) return sources;
-    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source })
+    var key = [source, r.bucket, r.step].join("|");
+    var fresh = force || !mixCache || mixCache.key !== key || r.untilMs - mixCache.full > FULL_MS;
+    var since = fresh ? r.sinceMs : Math.floor(mixCache.at / r.step) * r.step;
+    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: new Date(since).toISOString(),
+      source: source })
       .then(function (s) {
-        if (changed("chart", [s.groups, r.sinceMs])) drawChart(s.groups, r);
+        var kept = fresh ? [] : mixCache.groups.filter(function (g) {
+          var b = Date.parse(g.bucket);
+          return b >= r.sinceMs && b < since;
+        });
+        var groups = kept.concat(s.groups);
+        mixCache = { key: key, at: r.untilMs, full: fresh ? r.untilMs : mixCache.full,
+          groups: groups };
+        if (changed("chart", [groups, r.sinceMs])) drawChart(groups, r);
         var labels = {};
-        s.groups.forEach(function (g) { if (g.label !== null) labels[g.label] = 1; });
+        groups.forEach(function (g) { if (g.label !== null) labels[g.label] = 1; });
         keepOptions($("label"), Object.keys(labels).sort(), "all_labels");
       });
     return Promise.all([sources, mix]);
@@ -306,7 +320,6 @@
   // ---- polling ------------------------------------------------------------
   function refresh(force) {
     clearTimeout(timer);
-    ticks += 1;
     return Promise.all([refreshLive(), refreshChart(force === true), refreshTable()]).then(function () {
       showError("");
       $("updated").textContent = t("updated") + " " + new Date().toLocaleTimeString();
