@@ -128,8 +128,10 @@ def live(services: "Services", window_s: int) -> dict[str, Any]:
 
 
 def install(app: FastAPI, router: APIRouter, services: "Services",
-            filter_params: Any) -> None:
-    """Add the JSON routes to the guarded ``router`` and the page and its files to ``app``."""
+            filter_params: Any, no_nul: str) -> None:
+    """Add the JSON routes to the guarded ``router`` and the page and its files to ``app``
+    (``filter_params``: the dependency that reads the results filters; ``no_nul``: the
+    pattern texts that reach SQL must match)."""
     store = services.client.store
 
     @router.get("/v1/live", tags=["dashboard"])
@@ -150,9 +152,11 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
     @router.get("/v1/search", tags=["dashboard"])
     def search_route(
         filters: Annotated[Filters, Depends(filter_params)],
-        q: Annotated[str | None, Query(max_length=200, description="text contains "
+        q: Annotated[str | None, Query(max_length=200, pattern=no_nul,
+                                       description="text contains "
                                        "(case-insensitive), among the newest `scan` rows")] = None,
         id: Annotated[str | None, Query(max_length=services.settings.max_id_chars,  # noqa: A002
+                                        pattern=no_nul,
                                         description="id or id prefix")] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         scan: Annotated[int, Query(ge=1, le=MAX_SCAN)] = 5000,

@@ -76,6 +76,10 @@ def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
         assert search(id="nothing") == []
         assert search(label="negative") == ["doc-003"]
         assert http.get("/v1/search", params={"limit": 0}).status_code == 422
+        # PostgreSQL text cannot hold NUL: a 422, not a 500.
+        for path, params in (("/v1/search", {"q": "a\x00"}), ("/v1/search", {"id": "\x00"}),
+                             ("/v1/stats", {"model": "m\x00"}), ("/v1/results", {"source": "\x00"})):
+            assert http.get(path, params=params).status_code == 422, (path, params)
         assert http.get("/v1/search", params={"scan": 10**6}).status_code == 422
     store.close()
 
