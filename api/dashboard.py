@@ -69,28 +69,43 @@ def _prefix_range(prefix: str) -> list[Any]:
             results.c.id.startswith(prefix, autoescape=True)]
 
 
+def _clauses_on(sub: Any, filters: Filters, q: str | None) -> list[Any]:
+    """``filters`` and the text search on the columns of the subquery ``sub``."""
+    conds = [sub.c[name] == getattr(filters, name)
+             for name in ("source", "label", "status", "model")
+             if getattr(filters, name) is not None]
+    if filters.since is not None:
+        conds.append(sub.c.finished_at >= filters.since)
+    if filters.until is not None:
+        conds.append(sub.c.finished_at < filters.until)
+    if q:
+        conds.append(sa.func.lower(sub.c.text).contains(q.lower(), autoescape=True))
+    return conds
+
+
 def search(store: ResultStore, filters: Filters, *, q: str | None = None,
            task_id: str | None = None, limit: int = 50,
            scan: int = MAX_SCAN) -> list[ResultRecord]:
     """Up to ``limit`` rows matching ``filters``, newest first.
 
-    ``task_id``: rows whose id is it or starts with it (primary key).
+    ``task_id``: rows whose id is it or starts with it, among the first ``scan``
+    such ids (a primary-key range), in id order.
     ``q``: rows whose text contains it, case-insensitively, among the ``scan``
     newest rows matching ``filters``.
     """
     order = (results.c.finished_at.desc(), results.c.id.desc())
     conds = filters.clauses()
     if task_id:
-        query = (sa.select(results).where(*conds, *_prefix_range(task_id))
-                 .order_by(results.c.id).limit(limit))
-        if q:
-            query = query.where(sa.func.lower(results.c.text).contains(q.lower(),
-                                                                       autoescape=True))
+        # The first `scan` ids with the prefix, then the other filters: bounded even when
+        # the filters reject most of a wide prefix.
+        ids = (sa.select(results).where(*_prefix_range(task_id)).order_by(results.c.id)
+               .limit(scan).subquery("ids"))
+        query = (sa.select(ids).where(*_clauses_on(ids, filters, q))
+                 .order_by(ids.c.id).limit(limit))
     elif q:
         recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
                   .subquery("recent"))
-        query = (sa.select(recent)
-                 .where(sa.func.lower(recent.c.text).contains(q.lower(), autoescape=True))
+        query = (sa.select(recent).where(*_clauses_on(recent, Filters(), q))
                  .order_by(recent.c.finished_at.desc(), recent.c.id.desc()).limit(limit))
     else:
         query = sa.select(results).where(*conds).order_by(*order).limit(limit)

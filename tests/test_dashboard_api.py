@@ -10,31 +10,29 @@ import httpx
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 
-T0 = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(minutes=5)
 
-
-def _row(i: int, text: str, *, source: str = "web", label: str = "positive",
+def _row(now: dt.datetime, i: int, text: str, *, source: str = "web", label: str = "positive",
          minutes_ago: float = 0.0) -> ResultRecord:
     return ResultRecord(id=f"doc-{i:03d}", text_sha256="a" * 64, text_chars=len(text), model="m",
                         status="done", label=label, score=0.75, source=source, text=text,
                         scores={label: 0.75},
-                        finished_at=T0 + dt.timedelta(minutes=5 - minutes_ago))
+                        finished_at=now - dt.timedelta(minutes=minutes_ago))
 
 
 def _ids(body: dict[str, Any]) -> list[str]:
     return [row["id"] for row in body["items"]]
 
 
-def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
-    store = ResultStore.from_url(settings.database_url)
-    store.create_schema()
+def test_live_figures_and_search(settings: Settings, store: ResultStore,
+                                 api_factory: Any) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
     store.upsert([
-        _row(1, "The room was SPOTLESS.", minutes_ago=0.1),
-        _row(2, "这家酒店的服务很好", source="weibo", minutes_ago=0.2),
-        _row(3, "100% sure_thing", label="negative", minutes_ago=3),
-        _row(4, "old spotless news", source="news", minutes_ago=40),
-        _row(10, "ten", minutes_ago=50),
-        _row(11, "eleven", minutes_ago=50),
+        _row(now, 1, "The room was SPOTLESS.", minutes_ago=0.1),
+        _row(now, 2, "这家酒店的服务很好", source="weibo", minutes_ago=0.2),
+        _row(now, 3, "100% sure_thing", label="negative", minutes_ago=3),
+        _row(now, 4, "old spotless news", source="news", minutes_ago=40),
+        _row(now, 10, "ten", minutes_ago=50),
+        _row(now, 11, "eleven", minutes_ago=50),
     ])
     api = api_factory(settings)
     with httpx.Client(base_url=api.url, timeout=10) as http:
@@ -65,7 +63,7 @@ def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
         assert search(q="酒店") == ["doc-002"]
         assert search(q="%") == ["doc-003"] and search(q="_") == ["doc-003"]  # literal
         assert search(q="spotless", source="news") == ["doc-004"]
-        assert search(q="spotless", since=(T0 - dt.timedelta(minutes=10)).isoformat()) == [
+        assert search(q="spotless", since=(now - dt.timedelta(minutes=10)).isoformat()) == [
             "doc-001"]
         # The text search reads only the newest `scan` rows of the filter.
         assert search(q="spotless", scan=3) == ["doc-001"]
@@ -74,6 +72,10 @@ def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
         assert search(id="doc-0", label="negative") == ["doc-003"]
         assert search(id="doc-0", q="spot") == ["doc-001", "doc-004"]
         assert search(id="nothing") == []
+        # An id prefix reads at most the first `scan` ids, then applies the other filters.
+        assert search(id="doc-", scan=2) == ["doc-001", "doc-002"]
+        assert search(id="doc-", scan=2, label="negative") == []
+        assert search(id="doc-", scan=3, label="negative") == ["doc-003"]
         assert search(label="negative") == ["doc-003"]
         assert http.get("/v1/search", params={"limit": 0}).status_code == 422
         # PostgreSQL text cannot hold NUL: a 422, not a 500.
@@ -81,7 +83,6 @@ def test_live_figures_and_search(settings: Settings, api_factory: Any) -> None:
                              ("/v1/stats", {"model": "m\x00"}), ("/v1/results", {"source": "\x00"})):
             assert http.get(path, params=params).status_code == 422, (path, params)
         assert http.get("/v1/search", params={"scan": 10**6}).status_code == 422
-    store.close()
 
 
 def test_empty_store_and_tokens(settings: Settings, api_factory: Any) -> None:

@@ -54,6 +54,7 @@
   var labelsSeen = {};
   var skew = 0;  // server clock - this browser's clock, from /v1/live
   var drawn = {};  // what each part last drew: an unchanged answer is not redrawn
+  var asked = { chart: 0, table: 0 };  // the latest request of each part: older answers are dropped
 
   function changed(part, data) {
     var key = lang + JSON.stringify(data);
@@ -254,9 +255,11 @@
     var key = [source, r.bucket, r.step].join("|");
     var fresh = force || !mixCache || mixCache.key !== key || r.untilMs - mixCache.full > FULL_MS;
     var since = fresh ? r.sinceMs : Math.floor(mixCache.at / r.step) * r.step;
+    var mine = ++asked.chart;
     var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: new Date(since).toISOString(),
       source: source })
       .then(function (s) {
+        if (mine !== asked.chart) return;  // a filter changed meanwhile
         var kept = fresh ? [] : mixCache.groups.filter(function (g) {
           var b = Date.parse(g.bucket);
           return b >= r.sinceMs && b < since;
@@ -285,10 +288,13 @@
 
   function refreshTable() {
     var r = range();
-    return api("/v1/search", { q: $("q").value.trim(), id: $("id").value.trim(),
-      label: $("label").value, source: $("source").value, since: r.since, limit: 50 })
+    var id = $("id").value.trim();
+    var mine = ++asked.table;
+    // An id is looked up whatever the time range.
+    return api("/v1/search", { q: $("q").value.trim(), id: id, label: $("label").value,
+      source: $("source").value, since: id ? "" : r.since, limit: 50 })
       .then(function (body) {
-        if (!changed("table", body.items)) return;
+        if (mine !== asked.table || !changed("table", body.items)) return;
         var tbody = $("results").tBodies[0];
         tbody.replaceChildren();
         body.items.forEach(function (row) {
