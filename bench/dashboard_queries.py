@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +85,17 @@ def queries(store: ResultStore, now: dt.datetime) -> list[tuple[str, str, Callab
         one = Filters(since=since, source="src-8")
         out += [
             (name, f"label mix, all sources (stats by=label bucket={bucket})",
-             lambda f=every, b=bucket: stats(store, f, by="label", bucket=b)),
+             partial(stats, store, every, by="label", bucket=bucket)),
             (name, f"label mix, one source (bucket={bucket})",
-             lambda f=one, b=bucket: stats(store, f, by="label", bucket=b)),
+             partial(stats, store, one, by="label", bucket=bucket)),
             (name, "label mix, each later refresh (from the current bucket)",
-             lambda b=bucket: stats(store, Filters(since=_bucket_start(now, b)), by="label",
-                                    bucket=b)),
-            (name, "latest 50, all sources", lambda f=every: search(store, f)),
+             partial(stats, store, Filters(since=_bucket_start(now, bucket)), by="label",
+                     bucket=bucket)),
+            (name, "latest 50, all sources", partial(search, store, every)),
             (name, "latest 50, one source + label",
-             lambda s=since: search(store, Filters(since=s, source="src-8", label="negative"))),
+             partial(search, store, Filters(since=since, source="src-8", label="negative"))),
             (name, "text search (newest 5,000 rows)",
-             lambda f=every: search(store, f, q="PARCEL came late #1", scan=5000)),
+             partial(search, store, every, q="PARCEL came late #1", scan=5000)),
         ]
     out += [
         ("30d", "id exact", lambda: search(store, Filters(), task_id=f"{PREFIX}00500000")),
