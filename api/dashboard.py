@@ -1,4 +1,4 @@
-"""The dashboard: a static page at ``/`` and the two JSON routes it polls besides ``/v1/stats``.
+"""The dashboard: a static page at ``/`` and the JSON routes it polls besides ``/v1/stats``.
 
 The page (``api/static/``) is public; its data calls are ``/v1`` calls, so
 they need the bearer token whenever tokens are configured. Every query here
@@ -9,10 +9,10 @@ stays bounded on a large table:
   ``finished_at`` index), with per-minute counts over the last half hour;
 - ``/v1/sources``: the distinct sources for the page's filter, one index
   probe per source (not a scan of the time range);
-- ``/v1/search``: an id looks up the primary key (exact, then a key range
-  for the prefix); a text search reads at most ``scan`` of the newest rows
-  that match the other filters (an index page) and filters those, so its
-  cost does not grow with the table.
+- ``/v1/search``: an id or id prefix reads at most ``scan`` ids of a
+  primary-key range, then applies the filters; a text search reads at most
+  ``scan`` of the newest rows that match the filters (an index page) and
+  filters those, so neither cost grows with the table.
 """
 
 import datetime as dt
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: Minutes of per-minute throughput that ``/v1/live`` returns.
 TREND_MINUTES = 30
-#: Most of the newest matching rows a text search reads.
+#: Most rows a search reads (the newest matching ones for a text, the first ids for an id).
 MAX_SCAN = 20_000
 
 
