@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import errors
+from api import dashboard, errors
 from api.errors import ApiError
 from api.metrics import ApiMetrics
 from api.security import BodyLimit, TokenCheck
@@ -167,6 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
     _task_routes(guarded, services)
     _read_routes(guarded, services)
+    dashboard.install(app, guarded, services, _filter_params, NO_NUL)
 
     @guarded.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
@@ -280,13 +281,15 @@ def _filters(source: str | None, label: str | None, status: str | None, model: s
 
 
 FilterParams = dict[str, Any]
+#: Query texts that reach SQL: PostgreSQL text cannot hold NUL, so it is a 422, not a 500.
+NO_NUL = r"^[^\x00]*$"
 
 
 def _filter_params(
-    source: Annotated[str | None, Query(max_length=256)] = None,
-    label: Annotated[str | None, Query(max_length=64)] = None,
+    source: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
+    label: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     status: Status | None = None,
-    model: Annotated[str | None, Query(max_length=256)] = None,
+    model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
     since: Annotated[dt.datetime | None, Query(description="finished at or after (ISO 8601)")] = None,
     until: Annotated[dt.datetime | None, Query(description="finished before (ISO 8601)")] = None,
 ) -> Filters:

@@ -8,7 +8,8 @@ What the HTTP API and exports need beyond :class:`contract.results.ResultStore`:
 - an iterator over every matching row, one keyset page at a time, so an
   export of a million rows holds one page in memory;
 - counts and mean score per label, source or time bucket, computed in SQL on
-  SQLite and PostgreSQL alike.
+  SQLite and PostgreSQL alike;
+- the distinct sources, along the source index.
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     if bucket is not None and bucket not in BUCKETS:
         raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
     keys: list[Any] = []
+    shown: list[Any] = []
     if bucket is not None:
-        keys.append(_bucket_expr(store, bucket).label("bucket"))
-    keys.append(results.c[by].label(by))
-    query = (sa.select(*keys, sa.func.count().label("count"),
+        key, text = _bucket_expr(store, bucket)
+        keys.append(key)
+        shown.append(text.label("bucket"))
+    keys.append(results.c[by])
+    shown.append(results.c[by].label(by))
+    query = (sa.select(*shown, sa.func.count().label("count"),
                        sa.func.avg(results.c.score).label("mean_score"))
              .where(*filters.clauses()).group_by(*keys).order_by(*keys))
     try:
@@ -161,12 +166,38 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
             for r in rows]
 
 
-def _bucket_expr(store: ResultStore, bucket: str) -> Any:
+def _bucket_expr(store: ResultStore, bucket: str) -> tuple[Any, Any]:
+    """The bucket to group on and its ISO text. PostgreSQL groups on the truncated timestamp
+    and formats only the groups: formatting every row first made the aggregate a third slower."""
     unit, fmt = BUCKETS[bucket]
     if store.engine.dialect.name == "postgresql":
-        utc = sa.func.timezone("UTC", results.c.finished_at)
-        return sa.func.to_char(sa.func.date_trunc(unit, utc), 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-    return sa.func.strftime(fmt, results.c.finished_at)
+        key = sa.func.date_trunc(unit, sa.func.timezone("UTC", results.c.finished_at))
+        return key, sa.func.to_char(key, 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+    text = sa.func.strftime(fmt, results.c.finished_at)
+    return text, text
+
+
+def distinct_sources(store: ResultStore, limit: int = 200) -> list[str]:
+    """Up to ``limit`` distinct sources in order. On PostgreSQL a recursive query hops along
+    the source index (one probe per source), so its cost does not grow with the rows."""
+    src = results.c.source
+    query: Any
+    if store.engine.dialect.name == "postgresql":
+        query = sa.text(
+            f"WITH RECURSIVE s(source) AS ("
+            f" (SELECT source FROM {results.name} WHERE source IS NOT NULL"
+            f"  ORDER BY source LIMIT 1)"
+            f" UNION ALL SELECT (SELECT r.source FROM {results.name} r WHERE r.source > s.source"
+            f"  ORDER BY r.source LIMIT 1) FROM s WHERE s.source IS NOT NULL)"
+            f" SELECT source FROM s WHERE source IS NOT NULL LIMIT :limit")
+    else:
+        query = sa.select(src).where(src.is_not(None)).distinct().order_by(src).limit(
+            sa.bindparam("limit"))
+    try:
+        with store.engine.connect() as conn:
+            return [str(v) for v in conn.execute(query, {"limit": limit}).scalars()]
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
 
 
 def _fetch(store: ResultStore, query: Any) -> list[ResultRecord]:
