@@ -18,6 +18,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -31,9 +32,11 @@ from contract.errors import (
     exit_code,
 )
 from contract.messages import id_problem, make_item, printable
+from contract.queries import BUCKETS
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import FORMATS, render_results, render_rows
+from producer.report import IMAGE_SUFFIXES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
 from producer.sources import default_line_limit, open_source, read_records
 from producer.stream import StreamReport, stream
@@ -352,3 +355,47 @@ def results(
             since=since, until=until, limit=limit,
         )
         click.echo(render_results(records, fmt, terminal=_on_terminal()))
+
+
+@main.command("report")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Picture to write: FILE.png or FILE.svg.")
+@click.option("--source", help="Only this source tag.")
+@click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
+@click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
+@click.option("--bucket", type=click.Choice(list(BUCKETS)), default="1h", show_default=True,
+              help="Time bucket (UTC).")
+@click.option("--positive-label", default="positive", show_default=True,
+              help="The label whose share is drawn.")
+@click.option("--title", help="Title of the picture.")
+@click.pass_context
+def report_command(
+    ctx: click.Context,
+    out: Path,
+    source: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    bucket: str,
+    positive_label: str,
+    title: str | None,
+) -> None:
+    """Draw sentiment over time per source (share of positive and volume) to a PNG or SVG.
+
+    Computed from SQL aggregates over the done rows; needs the plot extra (matplotlib).
+    """
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise click.BadParameter(f"must end in {' or '.join(IMAGE_SUFFIXES)}", param_hint="--out")
+    if source is not None and id_problem(source) is not None:
+        raise InvalidInput(f"--source {printable(source)!r} {id_problem(source)}")
+    with Client(_settings(ctx)) as client:
+        series = (collect(client.store, source=source, since=since, until=until, bucket=bucket,
+                          positive_label=positive_label)
+                  if client.has_results_table() else [])
+    try:
+        draw(series, out, bucket=bucket, title=title, positive_label=positive_label)
+    except ImportError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(2)
+    texts = sum(sum(s.volume) for s in series)
+    buckets = len({b for s in series for b in s.buckets})
+    click.echo(f"wrote {out}: {len(series)} source(s), {buckets} bucket(s), {texts} done text(s)")

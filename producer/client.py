@@ -353,6 +353,10 @@ class Client:
                 raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
         return self._table_seen
 
+    def has_results_table(self) -> bool:
+        """True once a worker created the results table (before that there are no rows)."""
+        return self._table_exists()
+
     def get(self, id: str) -> ResultRecord | None:
         """The result of task ``id``, or None while it is not stored."""
         return self.get_many([id]).get(id)
