@@ -13,16 +13,18 @@ the database unreachable, 4 results not ready before the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from contract.broker import redis_client
 from contract.constants import STATUSES
 from contract.errors import (
     BertstreamError,
@@ -36,10 +38,19 @@ from contract.queries import BUCKETS
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import FORMATS, render_results, render_rows
+from producer.ids_out import IdsOut
+from producer.items import ItemError
+from producer.redis_stream import RedisStreamSource
 from producer.report import IMAGE_SUFFIXES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
-from producer.sources import default_line_limit, open_source, read_records
-from producer.stream import StreamReport, stream
+from producer.sources import (
+    FieldMap,
+    SourceRecord,
+    default_line_limit,
+    open_source,
+    read_records,
+)
+from producer.stream import StreamReport, Tracker, stream
 
 #: Commands implemented in ``worker.cli`` (attribute, one-line help shown
 #: without importing it).
@@ -230,12 +241,27 @@ def submit(
 
 
 @main.command("stream")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--source", help="Source tag for lines without their own.")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), required=False)
+@click.option("--source", help="Source tag for records without their own.")
 @click.option(
     "--format", "fmt", type=click.Choice(SOURCE_FORMATS), default="auto", show_default=True,
-    help="jsonl: one object per line with 'text'; lines: one text per line; auto: guess from the first line.",
+    help="jsonl: one object per line with 'text'; csv: a header line, then records; "
+         "lines: one text per line; auto: jsonl when the first line starts with '{', else lines.",
 )
+@click.option("--from-redis-stream", "stream_key", metavar="KEY",
+              help="Read this Redis Stream (on the broker's Redis) instead of FILE.")
+@click.option("--group", help="Consumer group for --from-redis-stream (created when missing).")
+@click.option("--consumer", help="Consumer name in the group [default: the host name].")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None,
+              help="With --from-redis-stream: stop after this many seconds without a new entry.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--id-field", default="id", show_default=True,
+              help="Field holding the task id (a stream entry's id when absent).")
+@click.option("--source-field", default="source", show_default=True,
+              help="Field holding the source tag.")
+@click.option("--time-field", help="Field holding the post's time; stored as meta.time.")
+@click.option("--ids-out", type=click.Path(dir_okay=False),
+              help="Append one JSON line per input: line (and stream entry) -> task id.")
 @click.option("--max-queue", type=click.IntRange(min=1), help="Backpressure bound in messages.")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Texts per broker message.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -244,36 +270,61 @@ def submit(
 @click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds each text stays worth analysing; later it is stored as expired.")
 @click.pass_context
-def stream_command(
-    ctx: click.Context,
-    file: str,
-    source: str | None,
-    fmt: str,
-    max_queue: int | None,
-    chunk_size: int | None,
-    no_progress: bool,
-    wait: bool,
-    timeout: float,
-    ttl_s: float | None,
-) -> None:
-    """Stream texts from FILE (or - for stdin) into the bulk lane with backpressure.
+def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
+                   group: str | None, consumer: str | None, idle_exit: float | None,
+                   ids_out: str | None, **opts: Any) -> None:
+    """Stream texts from FILE (or - for stdin), or a Redis Stream, into the bulk lane.
 
-    Bad lines are reported with their line numbers and skipped.
+    Backpressure keeps the queue bounded. Bad records are reported by line
+    (or entry) and skipped. A Redis Stream entry is acknowledged only once
+    its task is queued; a restarted reader resends its pending entries first.
     """
+    if (file is None) == (stream_key is None):
+        raise click.UsageError("give either FILE or --from-redis-stream KEY")
+    if stream_key is not None and not group:
+        raise click.UsageError("--from-redis-stream needs --group")
+    if stream_key is None and (group or consumer or idle_exit is not None):
+        raise click.UsageError("--group, --consumer and --idle-exit go with --from-redis-stream")
+    fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
+                      opts.pop("time_field"))
     settings = _settings(ctx)
-    with Client(settings) as client, open_source(file) as fh:
-        records = read_records(fh, fmt=fmt, max_line_bytes=default_line_limit(settings))
-        report = stream(
-            client, records, max_queue_length=max_queue, progress=not no_progress,
-            source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
-        )
-        click.echo(_summary(report))
-        if wait and report.ids:
-            found = client.wait(report.ids, timeout=timeout)
-            counts: dict[str, int] = {}
-            for record in found.values():
-                counts[record.status] = counts.get(record.status, 0) + 1
-            click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(Client(settings))
+        trackers: list[Tracker] = []
+        if ids_out is not None:
+            trackers.append(stack.enter_context(IdsOut(ids_out)))
+        if stream_key is not None:
+            redis = redis_client(settings)
+            if redis is None:
+                raise ConfigError("--from-redis-stream needs a redis:// broker URL")
+            stack.callback(redis.close)
+            reader = RedisStreamSource(redis, stream_key, str(group), consumer, fields=fields,
+                                       idle_exit_s=idle_exit)
+            trackers.append(reader)  # acks after the ids file has the line
+            records: Iterable[SourceRecord] = reader.records()
+        else:
+            fh = stack.enter_context(open_source(str(file)))
+            records = read_records(fh, fmt=opts["fmt"], fields=fields,
+                                   max_line_bytes=default_line_limit(settings))
+        _run_stream(client, records, trackers, redis_source=stream_key is not None, **opts)
+
+
+def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[Tracker], *,
+                redis_source: bool, fmt: str, source: str | None, max_queue: int | None,
+                chunk_size: int | None, no_progress: bool, wait: bool, timeout: float,
+                ttl_s: float | None) -> None:
+    report = stream(
+        client, records, max_queue_length=max_queue, progress=not no_progress,
+        source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
+        trackers=trackers, track_ids=not redis_source,
+    )
+    click.echo(_summary(report, "entry #" if redis_source else "line "))
+    if wait and report.ids:
+        found = client.wait(report.ids, timeout=timeout)
+        counts: dict[str, int] = {}
+        for record in found.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
 
 
 def _on_terminal() -> bool:
@@ -281,7 +332,7 @@ def _on_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _summary(report: StreamReport) -> str:
+def _summary(report: StreamReport, unit: str = "line ") -> str:
     lines = [
         f"accepted {report.accepted}, rejected {report.rejected} in {report.elapsed_s:.2f} s "
         f"({report.rate:.1f} texts/s, {report.messages} message(s))"
@@ -289,10 +340,14 @@ def _summary(report: StreamReport) -> str:
     if report.waited_s > 0:
         lines.append(f"paused {report.waited_s:.2f} s for backpressure")
     if report.errors:
-        lines.append(f"rejected lines (first {min(SHOWN_ERRORS, len(report.errors))}):")
-        lines.extend(f"  line {e.index}: {printable(e.reason)}"
+        lines.append(f"rejected {unit.strip(' #')}s (first {min(SHOWN_ERRORS, len(report.errors))}):")
+        lines.extend(f"  {unit}{e.index}{_id_note(e, unit)}: {printable(e.reason)}"
                      for e in report.errors[:SHOWN_ERRORS])
     return "\n".join(lines)
+
+
+def _id_note(error: ItemError, unit: str) -> str:
+    return f" (id {printable(error.id)})" if error.id and unit != "line " else ""
 
 
 def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:

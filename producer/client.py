@@ -64,7 +64,9 @@ class ChunkPublisher:
     """Buffers validated items and publishes them as one message per chunk.
 
     Takes the client, the lane and the chunk size; ``before_send`` (if given)
-    runs before each message is published (streams hook backpressure there).
+    runs before each message is published (streams hook backpressure there);
+    ``after_send`` (if given) runs after it with the items sent and the
+    ``origin`` each was added with (a Redis Stream source acks its entries there).
     Guarantees: every item added is published by :meth:`flush` or raises
     :class:`BrokerUnavailable`; one producer (one connection) is reused.
     """
@@ -77,6 +79,7 @@ class ChunkPublisher:
         bulk: bool,
         chunk_size: int,
         before_send: Callable[[], None] | None = None,
+        after_send: Callable[[list[TaskItem], list[Any]], None] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise InvalidInput(f"chunk_size must be > 0, got {chunk_size}")
@@ -85,8 +88,10 @@ class ChunkPublisher:
         self._bulk = bulk
         self._chunk_size = chunk_size
         self._before_send = before_send
+        self._after_send = after_send
         self._buffer: list[TaskItem] = []
         self._lines: list[int | None] = []
+        self._origins: list[Any] = []
         self.messages = 0
         self.published = 0
 
@@ -95,10 +100,12 @@ class ChunkPublisher:
         """The source line of the first buffered (not yet published) item, when known."""
         return self._lines[0] if self._lines else None
 
-    def add(self, item: TaskItem, line: int | None = None) -> None:
-        """Buffer ``item`` (from source ``line``); publishes the chunk once it is full."""
+    def add(self, item: TaskItem, line: int | None = None, origin: Any = None) -> None:
+        """Buffer ``item`` (from source ``line``, and ``origin`` for ``after_send``);
+        publishes the chunk once it is full."""
         self._buffer.append(item)
         self._lines.append(line)
+        self._origins.append(origin)
         if len(self._buffer) >= self._chunk_size:
             self.flush()
 
@@ -111,7 +118,10 @@ class ChunkPublisher:
         self._client.publish(self._buffer, bulk=self._bulk, producer=self._producer)
         self.messages += 1
         self.published += len(self._buffer)
-        self._buffer, self._lines = [], []
+        sent, origins = self._buffer, self._origins
+        self._buffer, self._lines, self._origins = [], [], []
+        if self._after_send is not None:
+            self._after_send(sent, origins)
 
 
 class Client:
@@ -227,6 +237,7 @@ class Client:
         bulk: bool = True,
         chunk_size: int | None = None,
         before_send: Callable[[], None] | None = None,
+        after_send: Callable[[list[TaskItem], list[Any]], None] | None = None,
     ) -> Iterator[ChunkPublisher]:
         """A :class:`ChunkPublisher` over one pooled producer; flushes the last chunk on exit.
 
@@ -237,7 +248,8 @@ class Client:
         try:
             with self._acquire_producer(producer=None) as producer:
                 publisher = ChunkPublisher(
-                    self, producer, bulk=bulk, chunk_size=size, before_send=before_send
+                    self, producer, bulk=bulk, chunk_size=size, before_send=before_send,
+                    after_send=after_send,
                 )
                 yield publisher
                 publisher.flush()

@@ -16,9 +16,9 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
@@ -66,6 +66,20 @@ def with_ticks(records: Iterable[SourceRecord], linger_s: float) -> Iterator[obj
         if isinstance(got, BaseException):
             raise got
         yield got
+
+
+class Tracker(Protocol):
+    """Told what became of each source record: sent (enqueued) or rejected.
+
+    ``sent`` runs after the chunk holding the records was published, in
+    source order within the chunk; ``rejected`` runs as the record is refused.
+    """
+
+    def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
+        """``pairs`` (record, its task) are in the queue."""
+
+    def rejected(self, record: SourceRecord, error: ItemError) -> None:
+        """``record`` was refused for ``error`` and will not be sent."""
 
 
 @dataclass
@@ -143,6 +157,8 @@ def stream(
     on_wait: Callable[[int], None] | None = None,
     linger_s: float | None = LINGER_S,
     ttl_s: float | None = None,
+    trackers: Sequence[Tracker] = (),
+    track_ids: bool = True,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
@@ -152,6 +168,9 @@ def stream(
     ``linger_s``: send a partial chunk once the source has been quiet this
     long (None: only full chunks and the last one at the end).
     ``ttl_s``: deadline of every item, in seconds from its submission.
+    ``trackers`` are told, in order, what became of every record (an ids file,
+    the Redis Stream acks); ``track_ids=False`` stops refusing ids repeated
+    within the run (an endless source would remember every one).
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
@@ -159,7 +178,7 @@ def stream(
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
-    validator = ItemValidator(client.settings, source, ttl_s=ttl_s)
+    validator = ItemValidator(client.settings, source, ttl_s=ttl_s, track_ids=track_ids)
     started = time.monotonic()
     bar = tqdm(
         unit=" texts", unit_scale=True, file=sys.stderr, disable=not progress,
@@ -178,11 +197,17 @@ def stream(
         bar.set_description("")
         bar.set_postfix(rejected=report.rejected, refresh=False)
 
+    def after_send(items: list[TaskItem], origins: list[Any]) -> None:
+        pairs = list(zip(origins, items, strict=True))
+        for tracker in trackers:
+            tracker.sent(pairs)
+
     publisher: ChunkPublisher | None = None
     next_line = 1  # the line after the last one read
     try:
         with client.chunk_publisher(
-            bulk=True, chunk_size=chunk_size, before_send=before_send
+            bulk=True, chunk_size=chunk_size, before_send=before_send,
+            after_send=after_send if trackers else None,
         ) as publisher:
             feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger_s)
             for record in feed:
@@ -191,16 +216,8 @@ def stream(
                     continue
                 rec = cast(SourceRecord, record)
                 next_line = rec.line + 1
-                checked = _check(validator, rec)
-                if isinstance(checked, ItemError):
-                    report.rejected += 1
-                    if len(report.errors) < max_errors:
-                        report.errors.append(checked)
-                else:
-                    publisher.add(checked, rec.line)
-                    report.accepted += 1
-                    if keep_ids:
-                        report.ids.append(checked.id)
+                _take(rec, _check(validator, rec), publisher, report, trackers,
+                      keep_ids=keep_ids, max_errors=max_errors)
                 bar.update(1)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
@@ -213,6 +230,23 @@ def stream(
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _take(rec: SourceRecord, checked: TaskItem | ItemError, publisher: ChunkPublisher,
+          report: StreamReport, trackers: Sequence[Tracker], *, keep_ids: bool,
+          max_errors: int) -> None:
+    """Count one record; buffer its task, or tell the trackers it was refused."""
+    if isinstance(checked, ItemError):
+        report.rejected += 1
+        if len(report.errors) < max_errors:
+            report.errors.append(checked)
+        for tracker in trackers:
+            tracker.rejected(rec, checked)
+        return
+    publisher.add(checked, rec.line, rec)
+    report.accepted += 1
+    if keep_ids:
+        report.ids.append(checked.id)
 
 
 def _check(validator: ItemValidator, record: SourceRecord) -> TaskItem | ItemError:

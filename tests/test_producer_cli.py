@@ -286,3 +286,19 @@ def test_stream_wait_counts_results(filled: Settings, tmp_path: Path) -> None:
     result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "5"], filled)
     assert result.exit_code == 0, result.output
     assert "results: 1 done, 1 failed" in result.stdout
+
+
+def test_stream_ids_out_ties_every_line_to_its_task(
+    bsettings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("n,body\n1,first\n2,\n\n3,third\n", encoding="utf-8")
+    ids_out = tmp_path / "ids.jsonl"
+    result = invoke(["stream", str(path), "--format", "csv", "--text-field", "body",
+                     "--id-field", "n", "--ids-out", str(ids_out), "--no-progress"], bsettings)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
+    assert lines == [{"line": 3, "id": None, "error": "text is empty or whitespace only"},
+                     {"line": 2, "id": "1"}, {"line": 5, "id": "3"}]
+    [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
+    assert [(it["id"], it["text"]) for it in msg["items"]] == [("1", "first"), ("3", "third")]
