@@ -73,9 +73,11 @@ class BrokerUnavailable(RetryableError):
 class ResultTimeout(BertstreamError):
     """Waiting for results ran past its timeout; the tasks may still finish."""
 
-    def __init__(self, missing: list[str]) -> None:
+    def __init__(self, missing: list[str], hint: str | None = None) -> None:
         super().__init__(f"{len(missing)} result(s) not ready before the timeout")
         self.missing = missing
+        #: What the caller may do about it (e.g. no worker is alive), when known.
+        self.hint = hint
 
 
 #: Process exit codes of the CLI and the worker, by error class.

@@ -33,8 +33,10 @@ from contract.errors import (
     ResultTimeout,
     exit_code,
 )
+from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import id_problem, make_item, printable
 from contract.queries import BUCKETS
+from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import FORMATS, render_results, render_rows
@@ -67,6 +69,8 @@ WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstrea
 OTHER_MODULES = {"serve": ("api.cli", "this command needs the api extra: "
                                       "pip install 'bertstream[api]'")}
 
+#: Rows ``results`` shows unless --limit or --all says otherwise.
+DEFAULT_LIMIT = 100
 #: Rejected lines shown in a stream summary.
 SHOWN_ERRORS = 10
 #: Missing ids shown when a wait times out.
@@ -131,6 +135,9 @@ class BertstreamGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -139,11 +146,45 @@ class BertstreamGroup(click.Group):
             ctx.exit(exit_code(exc))
 
 
+#: Options of the group that may also be written after the command.
+GLOBAL_OPTIONS = ("--broker-url", "--database-url")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with every :data:`GLOBAL_OPTIONS` (and its value) moved to the front.
+
+    So ``bertstream submit hi --broker-url URL`` means ``bertstream
+    --broker-url URL submit hi``, for every command, the lazily loaded ones
+    too. Nothing after ``--`` is touched.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            if "=" in arg or i + 1 >= len(args):
+                front.append(arg)
+                i += 1
+            else:
+                front.extend(args[i:i + 2])
+                i += 2
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def _describe(exc: BertstreamError) -> str:
     if isinstance(exc, ResultTimeout):
         shown = ", ".join(exc.missing[:SHOWN_MISSING])
         more = f" and {len(exc.missing) - SHOWN_MISSING} more" if len(exc.missing) > SHOWN_MISSING else ""
-        return f"{exc} (they may still finish); missing: {shown}{more}"
+        hint = f"; {exc.hint}" if exc.hint else ""
+        return f"{exc} (they may still finish); missing: {shown}{more}{hint}"
     if isinstance(exc, InvalidInput) and exc.item_id:
         return f"{exc.reason} (id {exc.item_id})"
     return str(exc)
@@ -159,8 +200,9 @@ def _describe(exc: BertstreamError) -> str:
 def main(ctx: click.Context, broker_url: str | None, database_url: str | None) -> None:
     """Streaming, micro-batched BERT text analysis on Celery + Redis.
 
-    Settings come from BERTSTREAM_* environment variables; the options
-    above override them.
+    Settings come from BERTSTREAM_* environment variables; --broker-url and
+    --database-url (listed below; also accepted after the command) override
+    them. Run `bertstream COMMAND --help` for a command's options.
     """
     overrides: dict[str, Any] = {
         k: v for k, v in (("broker_url", broker_url), ("database_url", database_url)) if v
@@ -236,7 +278,7 @@ def submit(
         if not wait:
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
             return
-        found = client.wait(ids, timeout=timeout)
+        found = _wait(client, ids, timeout)
         click.echo(render_results([found[i] for i in ids], fmt, terminal=_on_terminal()))
 
 
@@ -320,11 +362,34 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
     )
     click.echo(_summary(report, "entry #" if redis_source else "line "))
     if wait and report.ids:
-        found = client.wait(report.ids, timeout=timeout)
+        found = _wait(client, report.ids, timeout)
         counts: dict[str, int] = {}
         for record in found.values():
             counts[record.status] = counts.get(record.status, 0) + 1
         click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def _no_worker_note(client: Client) -> str | None:
+    """Why no result will come (no worker alive on the queue), or None."""
+    if client.live_workers() != []:
+        return None
+    return (f"no worker is alive on queue {client.settings.queue!r} (no heartbeat in the "
+            f"last {HEARTBEAT_TTL_S} s): start one with `bertstream worker`")
+
+
+def _wait(client: Client, ids: list[str], timeout: float) -> dict[str, ResultRecord]:
+    """``client.wait`` that says at once when no worker is alive, and again on a timeout."""
+    done = len(client.get_many(ids)) == len(set(ids))
+    note = None if done else _no_worker_note(client)
+    if note is not None:
+        click.echo(f"warning: {note}; waiting {timeout:g} s anyway", err=True)
+    try:
+        return client.wait(ids, timeout=timeout)
+    except ResultTimeout as exc:
+        note = _no_worker_note(client)
+        if note is not None:
+            exc.hint = note
+        raise
 
 
 def _on_terminal() -> bool:
@@ -372,7 +437,9 @@ def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
 @click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=DEFAULT_LIMIT, show_default=True,
+              help="Rows shown at most (stderr says when more matched).")
+@click.option("--all", "show_all", is_flag=True, help="Every matching row (no --limit).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
     "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model"]),
@@ -388,6 +455,7 @@ def results(
     since: dt.datetime | None,
     until: dt.datetime | None,
     limit: int,
+    show_all: bool,
     fmt: str,
     group_by: str | None,
 ) -> None:
@@ -405,11 +473,14 @@ def results(
             click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
                                    terminal=_on_terminal()))
             return
-        records = client.query(
-            ids=list(ids) or None, source=source, label=label, status=status,
-            since=since, until=until, limit=limit,
-        )
+        filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
+                                       status=status, since=since, until=until)
+        records = client.query(**filters, limit=None if show_all else limit)
         click.echo(render_results(records, fmt, terminal=_on_terminal()))
+        if not show_all and len(records) == limit:
+            matched = client.count(**filters)
+            if matched > limit:
+                click.echo(f"{limit} of {matched} shown; --limit N or --all", err=True)
 
 
 @main.command("report")

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from contract.broker import lane_queue, make_celery, redis_client
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout, StoreUnavailable
+from contract.liveness import live_workers
 from contract.messages import TaskItem, make_item
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings, mask_url
@@ -430,6 +431,32 @@ class Client:
             ids=ids, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
         )
+
+    def count(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> int:
+        """Rows matching every given filter (0 before any worker created the table)."""
+        if not self._table_exists():
+            return 0
+        return self.store.count(ids=ids, source=source, label=label, status=status,
+                                since=since, until=until)
+
+    def live_workers(self) -> list[dict[str, Any]] | None:
+        """Workers of this queue whose heartbeat is fresh; None when that cannot be known
+        (a broker other than Redis)."""
+        if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
+            return None
+        try:
+            return live_workers(self._redis_client(), self.settings.queue)
+        except redis.RedisError as exc:
+            raise self._broker_error(exc) from exc
 
     def aggregate(
         self,
