@@ -86,6 +86,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_TIMEOUT = 4
+#: A stream sent its good records but refused some (they are listed).
+EXIT_REJECTED = 5
 
 
 def exit_code(exc: BaseException) -> int:

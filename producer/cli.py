@@ -8,7 +8,8 @@ only when invoked, so ``bertstream --help`` and the producer commands work
 on the light install.
 
 Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
-the database unreachable, 4 results not ready before the timeout.
+the database unreachable, 4 results not ready before the timeout, 5 a stream
+refused some records (after sending the good ones).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import click
 from contract.broker import redis_client
 from contract.constants import STATUSES
 from contract.errors import (
+    EXIT_REJECTED,
     BertstreamError,
+    BrokerUnavailable,
     ConfigError,
     InvalidInput,
     ResultTimeout,
@@ -346,20 +349,34 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
             records: Iterable[SourceRecord] = reader.records()
         else:
             fh = stack.enter_context(open_source(str(file)))
-            records = read_records(fh, fmt=opts["fmt"], fields=fields,
+            records = read_records(fh, fmt=opts["fmt"], fields=fields, keep_blank=True,
                                    max_line_bytes=default_line_limit(settings))
-        _run_stream(client, records, trackers, redis_source=stream_key is not None, **opts)
+        note = (f"entries not yet sent stay pending in group {group!r}: rerun with --consumer "
+                f"{reader.consumer!r} to resend them") if stream_key is not None else None
+        rejected = _run_stream(client, records, trackers, pending_note=note, **opts)
+    if rejected:
+        ctx.exit(EXIT_REJECTED)
 
 
 def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[Tracker], *,
-                redis_source: bool, fmt: str, source: str | None, max_queue: int | None,
-                chunk_size: int | None, no_progress: bool, wait: bool, timeout: float,
-                ttl_s: float | None) -> None:
-    report = stream(
-        client, records, max_queue_length=max_queue, progress=not no_progress,
-        source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
-        trackers=trackers, track_ids=not redis_source,
-    )
+                pending_note: str | None, fmt: str, source: str | None,
+                max_queue: int | None, chunk_size: int | None, no_progress: bool, wait: bool,
+                timeout: float, ttl_s: float | None) -> int:
+    """Stream, print the summary (and the results with ``wait``); give the rejected count.
+
+    ``pending_note`` (Redis Streams) replaces the resume line of a broker failure.
+    """
+    redis_source = pending_note is not None
+    try:
+        report = stream(
+            client, records, max_queue_length=max_queue, progress=not no_progress,
+            source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
+            trackers=trackers, track_ids=not redis_source,
+        )
+    except BrokerUnavailable as exc:
+        if pending_note is None:
+            raise
+        raise BrokerUnavailable(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
     click.echo(_summary(report, "entry #" if redis_source else "line "))
     if wait and report.ids:
         found = _wait(client, report.ids, timeout)
@@ -367,6 +384,7 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         for record in found.values():
             counts[record.status] = counts.get(record.status, 0) + 1
         click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return report.rejected
 
 
 def _no_worker_note(client: Client) -> str | None:
@@ -399,7 +417,8 @@ def _on_terminal() -> bool:
 
 def _summary(report: StreamReport, unit: str = "line ") -> str:
     lines = [
-        f"accepted {report.accepted}, rejected {report.rejected} in {report.elapsed_s:.2f} s "
+        f"accepted {report.accepted}, rejected {report.rejected}, blank {report.blank} "
+        f"in {report.elapsed_s:.2f} s "
         f"({report.rate:.1f} texts/s, {report.messages} message(s))"
     ]
     if report.waited_s > 0:

@@ -7,7 +7,8 @@ Formats: ``jsonl`` (one object per line with ``text`` and optional ``id``,
 record per line; a quoted field cannot span lines), ``lines`` (each line is
 a text) and ``auto`` (the first non-blank line decides for the whole file:
 ``{`` means jsonl).
-Blank lines are skipped (trailing newlines are common in every format).
+Blank lines carry no record (trailing newlines are common in every format);
+with ``keep_blank`` they are yielded, marked, so a stream's report counts them.
 A :class:`FieldMap` says which field holds the text, id, source and time, for
 JSONL, CSV and Redis Stream entries alike (:mod:`producer.redis_stream`).
 """
@@ -49,6 +50,8 @@ class SourceRecord:
     item: dict[str, Any] | None = None
     error: str | None = None
     ref: str | None = None
+    #: A blank line (only with ``read_records(keep_blank=True)``): neither item nor error.
+    blank: bool = False
 
     @property
     def where(self) -> str:
@@ -134,9 +137,10 @@ def open_source(path: str | Path) -> Iterator[IO[bytes]]:
 
 def read_records(
     stream: IO[bytes], *, fmt: str = "auto", max_line_bytes: int = 1 << 20,
-    fields: FieldMap | None = None,
+    fields: FieldMap | None = None, keep_blank: bool = False,
 ) -> Iterator[SourceRecord]:
-    """Yield a :class:`SourceRecord` per non-blank line of ``stream``.
+    """Yield a :class:`SourceRecord` per non-blank line of ``stream``
+    (and per blank one, marked ``blank``, with ``keep_blank``: a stream counts them).
 
     Reads at most ``max_line_bytes + 1`` bytes per line, so a giant line
     never sits in memory whole: its rest is skipped and the line refused.
@@ -159,6 +163,8 @@ def read_records(
             yield SourceRecord(number, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
             continue
         if not text.strip():
+            if keep_blank:
+                yield SourceRecord(number, blank=True)
             continue
         if mode is None:
             mode = "jsonl" if text.lstrip().startswith("{") else "lines"

@@ -93,6 +93,8 @@ class StreamReport:
 
     accepted: int = 0
     rejected: int = 0
+    #: Blank lines read (no text, not sent, not an error).
+    blank: int = 0
     messages: int = 0
     elapsed_s: float = 0.0
     #: Seconds spent paused by backpressure.
@@ -216,6 +218,9 @@ def stream(
                     continue
                 rec = cast(SourceRecord, record)
                 next_line = rec.line + 1
+                if rec.blank:
+                    report.blank += 1
+                    continue
                 _take(rec, _check(validator, rec), publisher, report, trackers,
                       keep_ids=keep_ids, max_errors=max_errors)
                 bar.update(1)

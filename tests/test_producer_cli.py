@@ -254,10 +254,11 @@ def test_submit_wait_times_out_with_exit_4(filled: Settings) -> None:
 
 def test_stream_file_prints_a_summary(bsettings: Settings, redis_url: str, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    path.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two", "id": "t2"}\n{"text": "  "}\n')
+    path.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two", "id": "t2"}\n{"text": "  "}\n'
+                     b"\n  \n")
     result = invoke(["stream", str(path), "--no-progress", "--source", "f"], bsettings)
-    assert result.exit_code == 0, result.output
-    assert "accepted 2, rejected 2" in result.stdout
+    assert result.exit_code == 5, result.output  # the good lines went; some were refused
+    assert "accepted 2, rejected 2, blank 2 in" in result.stdout
     assert "line 2: invalid JSON" in result.stdout
     assert "line 4: text is empty" in result.stdout
     [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
@@ -270,7 +271,7 @@ def test_stream_stdin_lines(bsettings: Settings, redis_url: str) -> None:
         bsettings, input="a\nb\nc\n",
     )
     assert result.exit_code == 0, result.output
-    assert "accepted 3, rejected 0" in result.stdout
+    assert "accepted 3, rejected 0, blank 0" in result.stdout
     assert len(lane_messages(redis_url, f"{bsettings.queue}.bulk")) == 2
 
 
@@ -297,7 +298,8 @@ def test_stream_ids_out_ties_every_line_to_its_task(
     ids_out = tmp_path / "ids.jsonl"
     result = invoke(["stream", str(path), "--format", "csv", "--text-field", "body",
                      "--id-field", "n", "--ids-out", str(ids_out), "--no-progress"], bsettings)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output
+    assert "accepted 2, rejected 1, blank 1 in" in result.stdout
     lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
     assert lines == [{"line": 3, "id": None, "error": "text is empty or whitespace only"},
                      {"line": 2, "id": "1"}, {"line": 5, "id": "3"}]

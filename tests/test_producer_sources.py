@@ -145,3 +145,10 @@ def test_jsonl_field_mapping_takes_mapped_fields_only() -> None:
     assert recs[1].error == "missing 'content'"
     # the default map keeps JSONL strict: an unknown key reaches the validator as it is
     assert _read(b'{"text": "a", "txt": "b"}\n')[0].item == {"text": "a", "txt": "b"}
+
+
+def test_blank_lines_are_yielded_marked_when_asked() -> None:
+    assert _read(b"a\n\n  \nb\n", keep_blank=True) == [
+        SourceRecord(1, {"text": "a"}), SourceRecord(2, blank=True), SourceRecord(3, blank=True),
+        SourceRecord(4, {"text": "b"})]
+    assert len(_read(b"a\n\n  \nb\n")) == 2

@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import producer.cli as cli
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
+from tests.conftest import RedisServer
 from tests.producer_helpers import broker_settings, lane_messages
 from tests.workers import WorkerProcess
 from worker.process import settings_env
@@ -62,7 +64,7 @@ def test_entries_become_tasks_keyed_by_entry_id_and_are_acked(
     result = invoke(["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
                      "--idle-exit", "0.3", "--no-progress", "--chunk-size", "2",
                      "--ids-out", str(ids_out)], bsettings)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output  # refused entries: a distinct exit code
     assert "accepted 5, rejected 2" in result.stdout
     assert f"entry #6 (id {bad}): text is empty" in result.stdout
     assert "entry #7: missing 'text'" in result.stdout
@@ -81,7 +83,7 @@ def test_entries_become_tasks_keyed_by_entry_id_and_are_acked(
     # A second run of the group finds nothing new: no task is sent twice.
     again = invoke(["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
                     "--idle-exit", "0.2", "--no-progress"], bsettings)
-    assert "accepted 0, rejected 0" in again.stdout
+    assert again.exit_code == 0 and "accepted 0, rejected 0" in again.stdout
     assert len(_queued_items(redis_url, bsettings)) == 5
 
 
@@ -115,7 +117,7 @@ def test_field_mapping_for_stream_entries(bsettings: Settings, r: redis.Redis,
                      "--no-progress", "--text-field", "body", "--id-field", "post_id",
                      "--source-field", "site", "--time-field", "at", "--source", "default"],
                     bsettings)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output
     assert "'meta' is not valid JSON" in result.stdout
     first, second = _queued_items(redis_url, bsettings)
     assert first["id"] == "p-1" and first["source"] == "weibo" and first["text"] == "好极了"
@@ -210,3 +212,31 @@ def test_reader_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     for n, entry in enumerate(entry_ids):
         assert by_id[entry].text == f"entry number {n} is {'good' if n % 2 else 'bad'}"
         assert by_id[entry].status == "done" and by_id[entry].source == "xs"
+
+
+def test_a_broker_failure_says_what_was_sent_and_that_the_rest_stays_pending(
+    redis_server: RedisServer, sqlite_url: str
+) -> None:
+    s = Settings(broker_url=redis_server.url, database_url=sqlite_url, queue="bst-rs-fail",
+                 redis_socket_timeout_s=2, redis_connect_timeout_s=1, publish_retries=0)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        for i in range(40):
+            r.xadd("posts", {"text": f"t{i}"})
+    finally:
+        r.close()
+    out: dict[str, Result] = {}
+    reader = threading.Thread(target=lambda: out.setdefault("r", invoke(
+        ["stream", "--from-redis-stream", "posts", "--group", "g", "--consumer", "c1",
+         "--chunk-size", "5", "--max-queue", "1", "--no-progress"], s)))
+    reader.start()
+    with Client(s) as client:  # two chunks queued: the reader now waits on backpressure
+        _poll(lambda: client.queue_length() >= 2, 30, "two chunks in the queue")
+    redis_server.stop()
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    result = out["r"]
+    assert result.exit_code == 3, result.output
+    assert "10 item(s) were sent before the failure" in result.stderr
+    assert "stay pending in group 'g': rerun with --consumer 'c1' to resend them" in result.stderr
+    assert "resume from line" not in result.stderr
