@@ -34,6 +34,10 @@ class InvalidInput(FatalError):
         self.item_id = item_id
 
 
+class IdConflict(InvalidInput):
+    """A caller id is already stored (or accepted) with a different text."""
+
+
 class ModelError(FatalError):
     """The model cannot process an item (it raised on that item alone)."""
 

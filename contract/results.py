@@ -513,6 +513,21 @@ class ResultStore:
 
         return self._read(read) if wanted else {}
 
+    def done_ids(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` whose row is ``done`` (batched IN queries on the key)."""
+        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+
+        def read(conn: Connection) -> set[str]:
+            out: set[str] = set()
+            for start in range(0, len(wanted), 500):
+                query = sa.select(results.c.id).where(
+                    results.c.id.in_(wanted[start:start + 500]),
+                    results.c.status == STATUS_DONE)
+                out.update(conn.execute(query).scalars())
+            return out
+
+        return self._read(read) if wanted else set()
+
     def _read(self, work: Callable[[Connection], T]) -> T:
         try:
             return self._run(work, "cannot read results")

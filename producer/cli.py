@@ -276,6 +276,8 @@ def submit(
     if problems:
         raise InvalidInput("; ".join(problems))
     with Client(settings) as client:
+        if task_id is not None:
+            client.check_conflicts(items)
         client.publish(items, bulk=False)
         ids = [item.id for item in items]
         if not wait:

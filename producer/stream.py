@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from contract.errors import BrokerUnavailable
 from contract.messages import TaskItem
-from producer.client import ChunkPublisher, Client
+from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
 from producer.sources import SourceRecord
 
@@ -204,12 +204,19 @@ def stream(
         for tracker in trackers:
             tracker.sent(pairs)
 
+    def on_conflict(b: Buffered, reason: str) -> None:
+        # counted as accepted when it was buffered; the stored row has another text
+        report.accepted -= 1
+        if keep_ids:
+            report.ids.remove(b.item.id)
+        _refuse(b.origin, ItemError(b.line or 0, b.item.id, reason), report, trackers, max_errors)
+
     publisher: ChunkPublisher | None = None
     next_line = 1  # the line after the last one read
     try:
         with client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send,
-            after_send=after_send if trackers else None,
+            after_send=after_send if trackers else None, on_conflict=on_conflict,
         ) as publisher:
             feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger_s)
             for record in feed:
@@ -242,16 +249,22 @@ def _take(rec: SourceRecord, checked: TaskItem | ItemError, publisher: ChunkPubl
           max_errors: int) -> None:
     """Count one record; buffer its task, or tell the trackers it was refused."""
     if isinstance(checked, ItemError):
-        report.rejected += 1
-        if len(report.errors) < max_errors:
-            report.errors.append(checked)
-        for tracker in trackers:
-            tracker.rejected(rec, checked)
+        _refuse(rec, checked, report, trackers, max_errors)
         return
-    publisher.add(checked, rec.line, rec)
+    caller_id = rec.item is not None and rec.item.get("id") is not None
+    publisher.add(checked, rec.line, rec, caller_id=caller_id)
     report.accepted += 1
     if keep_ids:
         report.ids.append(checked.id)
+
+
+def _refuse(rec: SourceRecord, error: ItemError, report: StreamReport,
+            trackers: Sequence[Tracker], max_errors: int) -> None:
+    report.rejected += 1
+    if len(report.errors) < max_errors:
+        report.errors.append(error)
+    for tracker in trackers:
+        tracker.rejected(rec, error)
 
 
 def _check(validator: ItemValidator, record: SourceRecord) -> TaskItem | ItemError:

@@ -237,7 +237,8 @@ def test_results_on_an_empty_store(redis_url: str, tmp_path: Path) -> None:
 
 def test_submit_wait_prints_results(filled: Settings, store: ResultStore) -> None:
     # The row exists already (a worker finished it): --wait returns at once.
-    result = invoke(["submit", "again", "--id", "r1", "--wait", "--format", "json"], filled)
+    result = invoke(["submit", "a very long text " * 10, "--id", "r1", "--wait", "--format",
+                     "json"], filled)
     [row] = json.loads(result.stdout)
     assert row["id"] == "r1" and row["label"] == "positive"
     assert "no worker" not in result.stderr  # nothing to wait for: no warning
@@ -284,7 +285,8 @@ def test_stream_missing_file_exits_2(bsettings: Settings, tmp_path: Path) -> Non
 def test_stream_wait_counts_results(filled: Settings, tmp_path: Path) -> None:
     # Rows for these ids exist already (a worker finished them): --wait returns at once.
     path = tmp_path / "in.jsonl"
-    path.write_text('{"text": "a", "id": "r1"}\n{"text": "b", "id": "r4"}\n')
+    path.write_text(json.dumps({"text": "a very long text " * 10, "id": "r1"}) + "\n"
+                    + json.dumps({"text": "some text", "id": "r4"}) + "\n")
     result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "5"], filled)
     assert result.exit_code == 0, result.output
     assert "results: 1 done, 1 failed" in result.stdout
@@ -419,3 +421,26 @@ def test_bench_quick_help_gives_its_real_duration() -> None:
     result = invoke(["bench", "--help"])
     assert result.exit_code == 0, result.output
     assert "about 100 s on 2 CPU cores" in " ".join(result.stdout.split())
+
+
+def test_a_caller_id_stored_with_another_text_is_a_conflict(
+    filled: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    result = invoke(["submit", "another text", "--id", "r2", "--wait"], filled)
+    assert result.exit_code == 2
+    assert ("id 'r2' is already stored with a different text (the stored result stands; "
+            "use a new id)") in result.stderr
+    assert lane_messages(redis_url, f"{filled.queue}.interactive") == []
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "some text", "id": "r2"}\n{"text": "changed", "id": "r3"}\n'
+                    '{"text": "fresh", "id": "r9"}\n')
+    ids_out = tmp_path / "ids.jsonl"
+    streamed = invoke(["stream", str(path), "--no-progress", "--ids-out", str(ids_out)], filled)
+    assert streamed.exit_code == 5, streamed.output
+    assert "accepted 2, rejected 1" in streamed.stdout
+    assert "line 2: id 'r3' is already stored with a different text" in streamed.stdout
+    [msg] = lane_messages(redis_url, f"{filled.queue}.bulk")
+    assert [it["id"] for it in msg["items"]] == ["r2", "r9"]  # the same text again is harmless
+    lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
+    assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: None, 3: "r9"}
