@@ -5,8 +5,9 @@ its task is in the queue (``{"line": 7, "id": "..."}``; a Redis Stream entry
 adds ``"entry": "1700000000000-0"``) and for each refused one, with ``id``
 null and the ``error``. Lines follow the order records were sent, so a
 refused record may come before the accepted ones read just ahead of it.
-Each chunk is flushed to the file as it is sent: after a crash the file
-lists exactly what reached the queue.
+Each chunk's lines are flushed to the file right after it is sent: after a
+crash the file lists what reached the queue, less at most the chunk sent in
+the last instant (a Redis Stream resends those entries).
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ class RedisStreamSource:
             raise BrokerUnavailable(f"cannot read the Redis Stream {self.key!r}: {exc}") from exc
         if not reply:
             return []
-        entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        return [(_text(entry_id), fields or {}) for entry_id, fields in entries]
+        # RESP2 (redis-py's default): [[key, [(entry id, {field: value}), ...]]]
+        return [(_text(entry_id), fields or {}) for entry_id, fields in reply[0][1]]
 
     def record(self, position: int, entry_id: str, fields: dict[bytes, bytes]) -> SourceRecord:
         """The :class:`SourceRecord` of one entry; the entry id is the default task id."""

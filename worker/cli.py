@@ -192,6 +192,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
     BERTSTREAM_MODEL at an assembled directory).
     """
+    repeats = _parse_repeat(repeat)  # a bad option is a usage error first
     _require_train_extra(ctx, "model train")
     from worker.sentiment.train import train_main
 
@@ -199,7 +200,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
                eval_every=eval_every, frozen_layers=frozen_layers,
                threads=_threads(threads), warmup_steps=warmup_steps,
-               repeat=_parse_repeat(repeat), select=select,
+               repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema)
 
 

@@ -352,7 +352,12 @@ class FlushProcessor:
         pending = {e.key: e for e in entries if e.pending}
         if not pending:
             return 0
-        done = self.store.done_ids(list(pending))
+        try:
+            done = self.store.done_ids(list(pending))
+        except StoreUnavailable as exc:
+            # Only a saving: run them all; the commit's retries deal with the outage.
+            log.warning("cannot look up done ids, running every item: %s", exc)
+            return 0
         for key in done:
             e = pending[key]
             e.status, e.written = STATUS_DONE, True
