@@ -323,8 +323,9 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
     """Stream texts from FILE (or - for stdin), or a Redis Stream, into the bulk lane.
 
     Backpressure keeps the queue bounded. Bad records are reported by line
-    (or entry) and skipped. A Redis Stream entry is acknowledged only once
-    its task is queued; a restarted reader resends its pending entries first.
+    (or entry) and skipped; the run then exits 5, after sending the good
+    ones. A Redis Stream entry is acknowledged only once its task is queued;
+    a restarted reader resends its pending entries first.
     """
     if (file is None) == (stream_key is None):
         raise click.UsageError("give either FILE or --from-redis-stream KEY")
