@@ -34,6 +34,10 @@ class InvalidInput(FatalError):
         self.item_id = item_id
 
 
+class IdConflict(InvalidInput):
+    """A caller id is already stored (or accepted) with a different text."""
+
+
 class ModelError(FatalError):
     """The model cannot process an item (it raised on that item alone)."""
 
@@ -73,9 +77,11 @@ class BrokerUnavailable(RetryableError):
 class ResultTimeout(BertstreamError):
     """Waiting for results ran past its timeout; the tasks may still finish."""
 
-    def __init__(self, missing: list[str]) -> None:
+    def __init__(self, missing: list[str], hint: str | None = None) -> None:
         super().__init__(f"{len(missing)} result(s) not ready before the timeout")
         self.missing = missing
+        #: What the caller may do about it (e.g. no worker is alive), when known.
+        self.hint = hint
 
 
 #: Process exit codes of the CLI and the worker, by error class.
@@ -84,6 +90,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_TIMEOUT = 4
+#: A stream sent its good records but refused some (they are listed).
+EXIT_REJECTED = 5
 
 
 def exit_code(exc: BaseException) -> int:

@@ -20,6 +20,7 @@ input at once, the worker because a message may come from any producer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -69,6 +70,11 @@ class TaskItem:
     def expired(self, now: float) -> bool:
         """True when the deadline has passed at ``now``."""
         return self.expires_at is not None and now > self.expires_at
+
+
+def text_sha256(text: str) -> str:
+    """The hex SHA-256 of a text's UTF-8 bytes, as the results table stores it."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_id() -> str:

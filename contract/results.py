@@ -46,7 +46,8 @@ results = sa.Table(
     metadata,
     sa.Column("id", sa.String(ID_COLUMN_CHARS), primary_key=True),
     sa.Column("source", sa.String(ID_COLUMN_CHARS), index=True),
-    sa.Column("meta", sa.JSON),
+    # none_as_null: a missing meta is SQL NULL, not the JSON text 'null'.
+    sa.Column("meta", sa.JSON(none_as_null=True)),
     sa.Column("text", sa.Text),
     sa.Column("text_sha256", sa.String(64), nullable=False),
     sa.Column("text_chars", sa.Integer, nullable=False),
@@ -55,7 +56,7 @@ results = sa.Table(
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("label", sa.String(64), index=True),
     sa.Column("score", sa.Float),
-    sa.Column("scores", sa.JSON),
+    sa.Column("scores", sa.JSON(none_as_null=True)),
     sa.Column("error", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=1),
     sa.Column("truncated", sa.Boolean, nullable=False, default=False),
@@ -512,6 +513,21 @@ class ResultStore:
 
         return self._read(read) if wanted else {}
 
+    def done_ids(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` whose row is ``done`` (batched IN queries on the key)."""
+        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+
+        def read(conn: Connection) -> set[str]:
+            out: set[str] = set()
+            for start in range(0, len(wanted), 500):
+                query = sa.select(results.c.id).where(
+                    results.c.id.in_(wanted[start:start + 500]),
+                    results.c.status == STATUS_DONE)
+                out.update(conn.execute(query).scalars())
+            return out
+
+        return self._read(read) if wanted else set()
+
     def _read(self, work: Callable[[Connection], T]) -> T:
         try:
             return self._run(work, "cannot read results")
@@ -575,9 +591,19 @@ class ResultStore:
             for r in rows
         ]
 
-    def count(self) -> int:
-        """Number of rows stored."""
-        query = sa.select(sa.func.count()).select_from(results)
+    def count(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> int:
+        """Number of rows stored, or matching every given filter (as :meth:`query`)."""
+        query = (sa.select(sa.func.count()).select_from(results)
+                 .where(*_filters(ids, source, label, status, since, until)))
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
 
 

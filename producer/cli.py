@@ -8,35 +8,54 @@ only when invoked, so ``bertstream --help`` and the producer commands work
 on the light install.
 
 Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
-the database unreachable, 4 results not ready before the timeout.
+the database unreachable, 4 results not ready before the timeout, 5 a stream
+refused some records (after sending the good ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
+from contract.broker import redis_client
 from contract.constants import STATUSES
 from contract.errors import (
+    EXIT_REJECTED,
     BertstreamError,
+    BrokerUnavailable,
     ConfigError,
     InvalidInput,
     ResultTimeout,
     exit_code,
 )
+from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import id_problem, make_item, printable
+from contract.queries import BUCKETS
+from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import FORMATS, render_results, render_rows
+from producer.ids_out import IdsOut
+from producer.items import ItemError
+from producer.redis_stream import RedisStreamSource
+from producer.report import IMAGE_SUFFIXES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
-from producer.sources import default_line_limit, open_source, read_records
-from producer.stream import StreamReport, stream
+from producer.sources import (
+    FieldMap,
+    SourceRecord,
+    default_line_limit,
+    open_source,
+    read_records,
+)
+from producer.stream import StreamReport, Tracker, stream
 
 #: Commands implemented in ``worker.cli`` (attribute, one-line help shown
 #: without importing it).
@@ -53,6 +72,8 @@ WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstrea
 OTHER_MODULES = {"serve": ("api.cli", "this command needs the api extra: "
                                       "pip install 'bertstream[api]'")}
 
+#: Rows ``results`` shows unless --limit or --all says otherwise.
+DEFAULT_LIMIT = 100
 #: Rejected lines shown in a stream summary.
 SHOWN_ERRORS = 10
 #: Missing ids shown when a wait times out.
@@ -117,6 +138,9 @@ class BertstreamGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -125,11 +149,45 @@ class BertstreamGroup(click.Group):
             ctx.exit(exit_code(exc))
 
 
+#: Options of the group that may also be written after the command.
+GLOBAL_OPTIONS = ("--broker-url", "--database-url")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with every :data:`GLOBAL_OPTIONS` (and its value) moved to the front.
+
+    So ``bertstream submit hi --broker-url URL`` means ``bertstream
+    --broker-url URL submit hi``, for every command, the lazily loaded ones
+    too. Nothing after ``--`` is touched.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            if "=" in arg or i + 1 >= len(args):
+                front.append(arg)
+                i += 1
+            else:
+                front.extend(args[i:i + 2])
+                i += 2
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def _describe(exc: BertstreamError) -> str:
     if isinstance(exc, ResultTimeout):
         shown = ", ".join(exc.missing[:SHOWN_MISSING])
         more = f" and {len(exc.missing) - SHOWN_MISSING} more" if len(exc.missing) > SHOWN_MISSING else ""
-        return f"{exc} (they may still finish); missing: {shown}{more}"
+        hint = f"; {exc.hint}" if exc.hint else ""
+        return f"{exc} (they may still finish); missing: {shown}{more}{hint}"
     if isinstance(exc, InvalidInput) and exc.item_id:
         return f"{exc.reason} (id {exc.item_id})"
     return str(exc)
@@ -145,8 +203,9 @@ def _describe(exc: BertstreamError) -> str:
 def main(ctx: click.Context, broker_url: str | None, database_url: str | None) -> None:
     """Streaming, micro-batched BERT text analysis on Celery + Redis.
 
-    Settings come from BERTSTREAM_* environment variables; the options
-    above override them.
+    Settings come from BERTSTREAM_* environment variables; --broker-url and
+    --database-url (listed below; also accepted after the command) override
+    them. Run `bertstream COMMAND --help` for a command's options.
     """
     overrides: dict[str, Any] = {
         k: v for k, v in (("broker_url", broker_url), ("database_url", database_url)) if v
@@ -217,22 +276,39 @@ def submit(
     if problems:
         raise InvalidInput("; ".join(problems))
     with Client(settings) as client:
+        if task_id is not None:
+            client.check_conflicts(items)
         client.publish(items, bulk=False)
         ids = [item.id for item in items]
         if not wait:
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
             return
-        found = client.wait(ids, timeout=timeout)
+        found = _wait(client, ids, timeout)
         click.echo(render_results([found[i] for i in ids], fmt, terminal=_on_terminal()))
 
 
 @main.command("stream")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--source", help="Source tag for lines without their own.")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), required=False)
+@click.option("--source", help="Source tag for records without their own.")
 @click.option(
     "--format", "fmt", type=click.Choice(SOURCE_FORMATS), default="auto", show_default=True,
-    help="jsonl: one object per line with 'text'; lines: one text per line; auto: guess from the first line.",
+    help="jsonl: one object per line with 'text'; csv: a header line, then records; "
+         "lines: one text per line; auto: jsonl when the first line starts with '{', else lines.",
 )
+@click.option("--from-redis-stream", "stream_key", metavar="KEY",
+              help="Read this Redis Stream (on the broker's Redis) instead of FILE.")
+@click.option("--group", help="Consumer group for --from-redis-stream (created when missing).")
+@click.option("--consumer", help="Consumer name in the group [default: the host name].")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None,
+              help="With --from-redis-stream: stop after this many seconds without a new entry.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--id-field", default="id", show_default=True,
+              help="Field holding the task id (a stream entry's id when absent).")
+@click.option("--source-field", default="source", show_default=True,
+              help="Field holding the source tag.")
+@click.option("--time-field", help="Field holding the post's time; stored as meta.time.")
+@click.option("--ids-out", type=click.Path(dir_okay=False),
+              help="Append one JSON line per input: line (and stream entry) -> task id.")
 @click.option("--max-queue", type=click.IntRange(min=1), help="Backpressure bound in messages.")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Texts per broker message.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -241,36 +317,100 @@ def submit(
 @click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds each text stays worth analysing; later it is stored as expired.")
 @click.pass_context
-def stream_command(
-    ctx: click.Context,
-    file: str,
-    source: str | None,
-    fmt: str,
-    max_queue: int | None,
-    chunk_size: int | None,
-    no_progress: bool,
-    wait: bool,
-    timeout: float,
-    ttl_s: float | None,
-) -> None:
-    """Stream texts from FILE (or - for stdin) into the bulk lane with backpressure.
+def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
+                   group: str | None, consumer: str | None, idle_exit: float | None,
+                   ids_out: str | None, **opts: Any) -> None:
+    """Stream texts from FILE (or - for stdin), or a Redis Stream, into the bulk lane.
 
-    Bad lines are reported with their line numbers and skipped.
+    Backpressure keeps the queue bounded. Bad records are reported by line
+    (or entry) and skipped; the run then exits 5, after sending the good
+    ones. A Redis Stream entry is acknowledged only once its task is queued;
+    a restarted reader resends its pending entries first.
     """
+    if (file is None) == (stream_key is None):
+        raise click.UsageError("give either FILE or --from-redis-stream KEY")
+    if stream_key is not None and not group:
+        raise click.UsageError("--from-redis-stream needs --group")
+    if stream_key is None and (group or consumer or idle_exit is not None):
+        raise click.UsageError("--group, --consumer and --idle-exit go with --from-redis-stream")
+    fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
+                      opts.pop("time_field"))
     settings = _settings(ctx)
-    with Client(settings) as client, open_source(file) as fh:
-        records = read_records(fh, fmt=fmt, max_line_bytes=default_line_limit(settings))
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(Client(settings))
+        trackers: list[Tracker] = []
+        if ids_out is not None:
+            trackers.append(stack.enter_context(IdsOut(ids_out)))
+        if stream_key is not None:
+            redis = redis_client(settings)
+            if redis is None:
+                raise ConfigError("--from-redis-stream needs a redis:// broker URL")
+            stack.callback(redis.close)
+            reader = RedisStreamSource(redis, stream_key, str(group), consumer, fields=fields,
+                                       idle_exit_s=idle_exit)
+            trackers.append(reader)  # acks after the ids file has the line
+            records: Iterable[SourceRecord] = reader.records()
+        else:
+            fh = stack.enter_context(open_source(str(file)))
+            records = read_records(fh, fmt=opts["fmt"], fields=fields, keep_blank=True,
+                                   max_line_bytes=default_line_limit(settings))
+        note = (f"entries not yet sent stay pending in group {group!r}: rerun with --consumer "
+                f"{reader.consumer!r} to resend them") if stream_key is not None else None
+        rejected = _run_stream(client, records, trackers, pending_note=note, **opts)
+    if rejected:
+        ctx.exit(EXIT_REJECTED)
+
+
+def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[Tracker], *,
+                pending_note: str | None, fmt: str, source: str | None,
+                max_queue: int | None, chunk_size: int | None, no_progress: bool, wait: bool,
+                timeout: float, ttl_s: float | None) -> int:
+    """Stream, print the summary (and the results with ``wait``); give the rejected count.
+
+    ``pending_note`` (Redis Streams) replaces the resume line of a broker failure.
+    """
+    redis_source = pending_note is not None
+    try:
         report = stream(
             client, records, max_queue_length=max_queue, progress=not no_progress,
             source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
+            trackers=trackers, track_ids=not redis_source,
         )
-        click.echo(_summary(report))
-        if wait and report.ids:
-            found = client.wait(report.ids, timeout=timeout)
-            counts: dict[str, int] = {}
-            for record in found.values():
-                counts[record.status] = counts.get(record.status, 0) + 1
-            click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    except BrokerUnavailable as exc:
+        if pending_note is None:
+            raise
+        raise BrokerUnavailable(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
+    click.echo(_summary(report, "entry #" if redis_source else "line "))
+    if wait and report.ids:
+        found = _wait(client, report.ids, timeout)
+        counts: dict[str, int] = {}
+        for record in found.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return report.rejected
+
+
+def _no_worker_note(client: Client) -> str | None:
+    """Why no result will come (no worker alive on the queue), or None."""
+    if client.live_workers() != []:
+        return None
+    return (f"no worker is alive on queue {client.settings.queue!r} (no heartbeat in the "
+            f"last {HEARTBEAT_TTL_S} s): start one with `bertstream worker`")
+
+
+def _wait(client: Client, ids: list[str], timeout: float) -> dict[str, ResultRecord]:
+    """``client.wait`` that says at once when no worker is alive, and again on a timeout."""
+    done = len(client.get_many(ids)) == len(set(ids))
+    note = None if done else _no_worker_note(client)
+    if note is not None:
+        click.echo(f"warning: {note}; waiting {timeout:g} s anyway", err=True)
+    try:
+        return client.wait(ids, timeout=timeout)
+    except ResultTimeout as exc:
+        note = _no_worker_note(client)
+        if note is not None:
+            exc.hint = note
+        raise
 
 
 def _on_terminal() -> bool:
@@ -278,18 +418,23 @@ def _on_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _summary(report: StreamReport) -> str:
+def _summary(report: StreamReport, unit: str = "line ") -> str:
     lines = [
-        f"accepted {report.accepted}, rejected {report.rejected} in {report.elapsed_s:.2f} s "
+        f"accepted {report.accepted}, rejected {report.rejected}, blank {report.blank} "
+        f"in {report.elapsed_s:.2f} s "
         f"({report.rate:.1f} texts/s, {report.messages} message(s))"
     ]
     if report.waited_s > 0:
         lines.append(f"paused {report.waited_s:.2f} s for backpressure")
     if report.errors:
-        lines.append(f"rejected lines (first {min(SHOWN_ERRORS, len(report.errors))}):")
-        lines.extend(f"  line {e.index}: {printable(e.reason)}"
+        lines.append(f"rejected {unit.strip(' #')}s (first {min(SHOWN_ERRORS, len(report.errors))}):")
+        lines.extend(f"  {unit}{e.index}{_id_note(e, unit)}: {printable(e.reason)}"
                      for e in report.errors[:SHOWN_ERRORS])
     return "\n".join(lines)
+
+
+def _id_note(error: ItemError, unit: str) -> str:
+    return f" (id {printable(error.id)})" if error.id and unit != "line " else ""
 
 
 def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
@@ -314,7 +459,9 @@ def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
 @click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=DEFAULT_LIMIT, show_default=True,
+              help="Rows shown at most (stderr says when more matched).")
+@click.option("--all", "show_all", is_flag=True, help="Every matching row (no --limit).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
     "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model"]),
@@ -330,6 +477,7 @@ def results(
     since: dt.datetime | None,
     until: dt.datetime | None,
     limit: int,
+    show_all: bool,
     fmt: str,
     group_by: str | None,
 ) -> None:
@@ -347,8 +495,55 @@ def results(
             click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
                                    terminal=_on_terminal()))
             return
-        records = client.query(
-            ids=list(ids) or None, source=source, label=label, status=status,
-            since=since, until=until, limit=limit,
-        )
+        filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
+                                       status=status, since=since, until=until)
+        records = client.query(**filters, limit=None if show_all else limit)
         click.echo(render_results(records, fmt, terminal=_on_terminal()))
+        if not show_all and len(records) == limit:
+            matched = client.count(**filters)
+            if matched > limit:
+                click.echo(f"{limit} of {matched} shown; --limit N or --all", err=True)
+
+
+@main.command("report")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Picture to write: FILE.png or FILE.svg.")
+@click.option("--source", help="Only this source tag.")
+@click.option("--since", callback=_parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
+@click.option("--until", callback=_parse_time, help="Finished before (ISO 8601, UTC if naive).")
+@click.option("--bucket", type=click.Choice(list(BUCKETS)), default="1h", show_default=True,
+              help="Time bucket (UTC).")
+@click.option("--positive-label", default="positive", show_default=True,
+              help="The label whose share is drawn.")
+@click.option("--title", help="Title of the picture.")
+@click.pass_context
+def report_command(
+    ctx: click.Context,
+    out: Path,
+    source: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    bucket: str,
+    positive_label: str,
+    title: str | None,
+) -> None:
+    """Draw sentiment over time per source (share of positive and volume) to a PNG or SVG.
+
+    Computed from SQL aggregates over the done rows; needs the plot extra (matplotlib).
+    """
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise click.BadParameter(f"must end in {' or '.join(IMAGE_SUFFIXES)}", param_hint="--out")
+    if source is not None and id_problem(source) is not None:
+        raise InvalidInput(f"--source {printable(source)!r} {id_problem(source)}")
+    with Client(_settings(ctx)) as client:
+        series = (collect(client.store, source=source, since=since, until=until, bucket=bucket,
+                          positive_label=positive_label)
+                  if client.has_results_table() else [])
+    try:
+        draw(series, out, bucket=bucket, title=title, positive_label=positive_label)
+    except ImportError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(2)
+    texts = sum(sum(s.volume) for s in series)
+    buckets = len({b for s in series for b in s.buckets})
+    click.echo(f"wrote {out}: {len(series)} source(s), {buckets} bucket(s), {texts} done text(s)")

@@ -28,8 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from contract.broker import lane_queue, make_celery, redis_client
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
-from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout, StoreUnavailable
-from contract.messages import TaskItem, make_item
+from contract.errors import (
+    BrokerUnavailable,
+    IdConflict,
+    InvalidInput,
+    ResultTimeout,
+    StoreUnavailable,
+)
+from contract.liveness import live_workers
+from contract.messages import TaskItem, make_item, text_sha256
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings, mask_url
 from producer.items import ItemError, ItemValidator
@@ -60,13 +67,30 @@ class SubmitReport:
         return len(self.errors)
 
 
+@dataclass
+class Buffered:
+    """One item waiting in a :class:`ChunkPublisher`: where it came from, and whether its
+    id is the caller's (then it is checked against the stored rows before it is sent)."""
+
+    item: TaskItem
+    line: int | None = None
+    origin: Any = None
+    caller_id: bool = False
+
+
 class ChunkPublisher:
     """Buffers validated items and publishes them as one message per chunk.
 
     Takes the client, the lane and the chunk size; ``before_send`` (if given)
-    runs before each message is published (streams hook backpressure there).
-    Guarantees: every item added is published by :meth:`flush` or raises
-    :class:`BrokerUnavailable`; one producer (one connection) is reused.
+    runs before each message is published (streams hook backpressure there);
+    ``after_send`` (if given) runs after it with the items sent and the
+    ``origin`` each was added with (a Redis Stream source acks its entries there).
+    Items added with ``caller_id`` are checked first (:meth:`Client.conflicts`,
+    one query per chunk): one whose id is stored with a different text is not
+    sent but handed to ``on_conflict(buffered, reason)``.
+    Guarantees: every item added is published by :meth:`flush`, refused as a
+    conflict, or :class:`BrokerUnavailable` is raised; one producer (one
+    connection) is reused.
     """
 
     def __init__(
@@ -77,6 +101,8 @@ class ChunkPublisher:
         bulk: bool,
         chunk_size: int,
         before_send: Callable[[], None] | None = None,
+        after_send: Callable[[list[TaskItem], list[Any]], None] | None = None,
+        on_conflict: Callable[[Buffered, str], None] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise InvalidInput(f"chunk_size must be > 0, got {chunk_size}")
@@ -85,33 +111,54 @@ class ChunkPublisher:
         self._bulk = bulk
         self._chunk_size = chunk_size
         self._before_send = before_send
-        self._buffer: list[TaskItem] = []
-        self._lines: list[int | None] = []
+        self._after_send = after_send
+        self._on_conflict = on_conflict
+        self._buffer: list[Buffered] = []
         self.messages = 0
         self.published = 0
 
     @property
     def first_unsent_line(self) -> int | None:
         """The source line of the first buffered (not yet published) item, when known."""
-        return self._lines[0] if self._lines else None
+        return self._buffer[0].line if self._buffer else None
 
-    def add(self, item: TaskItem, line: int | None = None) -> None:
-        """Buffer ``item`` (from source ``line``); publishes the chunk once it is full."""
-        self._buffer.append(item)
-        self._lines.append(line)
+    def add(self, item: TaskItem, line: int | None = None, origin: Any = None, *,
+            caller_id: bool = False) -> None:
+        """Buffer ``item`` (from source ``line``, and ``origin`` for ``after_send``);
+        publishes the chunk once it is full."""
+        self._buffer.append(Buffered(item, line, origin, caller_id))
         if len(self._buffer) >= self._chunk_size:
             self.flush()
 
     def flush(self) -> None:
-        """Publish what is buffered (nothing when empty)."""
+        """Publish what is buffered (nothing when empty), less the conflicting ids."""
+        self._drop_conflicts()
         if not self._buffer:
             return
         if self._before_send is not None:
             self._before_send()
-        self._client.publish(self._buffer, bulk=self._bulk, producer=self._producer)
+        items = [b.item for b in self._buffer]
+        self._client.publish(items, bulk=self._bulk, producer=self._producer)
         self.messages += 1
-        self.published += len(self._buffer)
-        self._buffer, self._lines = [], []
+        self.published += len(items)
+        origins = [b.origin for b in self._buffer]
+        self._buffer = []
+        if self._after_send is not None:
+            self._after_send(items, origins)
+
+    def _drop_conflicts(self) -> None:
+        if self._on_conflict is None or not any(b.caller_id for b in self._buffer):
+            return
+        conflicts = self._client.conflicts([b.item for b in self._buffer if b.caller_id])
+        if not conflicts:
+            return
+        keep = []
+        for b in self._buffer:
+            if b.caller_id and b.item.id in conflicts:
+                self._on_conflict(b, conflicts[b.item.id])
+            else:
+                keep.append(b)
+        self._buffer = keep
 
 
 class Client:
@@ -173,10 +220,13 @@ class Client:
         """Validate one text and publish it on the interactive lane; return its id at once.
 
         ``ttl_s``: seconds the task stays worth running (see :meth:`submit_many`).
-        Raises :class:`InvalidInput` (with the reason) for bad input and
+        Raises :class:`InvalidInput` (with the reason) for bad input,
+        :class:`IdConflict` when ``id`` is stored with a different text, and
         :class:`BrokerUnavailable` when Redis cannot be reached.
         """
         item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
+        if id is not None:
+            self.check_conflicts([item])
         self.publish([item], bulk=False)
         return item.id
 
@@ -204,20 +254,32 @@ class Client:
         validator = ItemValidator(self.settings, source, ttl_s=ttl_s)
         report = SubmitReport()
         sent = 0
+        conflicted: list[tuple[int, str, str]] = []
+
+        def on_conflict(b: Buffered, reason: str) -> None:
+            conflicted.append((b.line or 0, b.item.id, reason))
+
         try:
-            with self.chunk_publisher(bulk=True, chunk_size=size) as publisher:
+            with self.chunk_publisher(bulk=True, chunk_size=size,
+                                      on_conflict=on_conflict) as publisher:
                 for index, obj in enumerate(items):
                     checked = validator.check(index, obj)
                     if isinstance(checked, ItemError):
                         report.errors.append(checked)
                         continue
-                    publisher.add(checked, index)
+                    publisher.add(checked, index,
+                                  caller_id=isinstance(obj, dict) and obj.get("id") is not None)
                     report.ids.append(checked.id)
                     sent = publisher.published
                 sent = publisher.published
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(exc.reason, sent=sent) from exc
         report.messages = publisher.messages
+        if conflicted:
+            refused = {task_id for _, task_id, _ in conflicted}
+            report.ids = [i for i in report.ids if i not in refused]
+            report.errors.extend(ItemError(n, task_id, why) for n, task_id, why in conflicted)
+            report.errors.sort(key=lambda e: e.index)
         return report
 
     @contextmanager
@@ -227,6 +289,8 @@ class Client:
         bulk: bool = True,
         chunk_size: int | None = None,
         before_send: Callable[[], None] | None = None,
+        after_send: Callable[[list[TaskItem], list[Any]], None] | None = None,
+        on_conflict: Callable[[Buffered, str], None] | None = None,
     ) -> Iterator[ChunkPublisher]:
         """A :class:`ChunkPublisher` over one pooled producer; flushes the last chunk on exit.
 
@@ -237,7 +301,8 @@ class Client:
         try:
             with self._acquire_producer(producer=None) as producer:
                 publisher = ChunkPublisher(
-                    self, producer, bulk=bulk, chunk_size=size, before_send=before_send
+                    self, producer, bulk=bulk, chunk_size=size, before_send=before_send,
+                    after_send=after_send, on_conflict=on_conflict,
                 )
                 yield publisher
                 publisher.flush()
@@ -353,6 +418,37 @@ class Client:
                 raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
         return self._table_seen
 
+    def conflicts(self, items: Sequence[TaskItem]) -> dict[str, str]:
+        """Ids among ``items`` already stored with a different text -> why (one query).
+
+        A caller id is an idempotency key: the same text again is harmless
+        (the stored row stands, and a worker does not run it again), another
+        text under it would silently get the old row. When the database
+        cannot be read the check is skipped: submitting needs only Redis.
+        """
+        try:
+            stored = self.get_many([it.id for it in items])
+        except StoreUnavailable:
+            return {}
+        out = {}
+        for it in items:
+            row = stored.get(it.id)
+            if row is not None and row.text_sha256 != text_sha256(it.text):
+                out[it.id] = (f"id {it.id!r} is already stored with a different text "
+                              "(the stored result stands; use a new id)")
+        return out
+
+    def check_conflicts(self, items: Sequence[TaskItem]) -> None:
+        """Raise :class:`IdConflict` for the first id of ``items`` stored with another text."""
+        found = self.conflicts(items)
+        if found:
+            task_id, reason = next(iter(found.items()))
+            raise IdConflict(reason, item_id=task_id)
+
+    def has_results_table(self) -> bool:
+        """True once a worker created the results table (before that there are no rows)."""
+        return self._table_exists()
+
     def get(self, id: str) -> ResultRecord | None:
         """The result of task ``id``, or None while it is not stored."""
         return self.get_many([id]).get(id)
@@ -414,6 +510,32 @@ class Client:
             ids=ids, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
         )
+
+    def count(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> int:
+        """Rows matching every given filter (0 before any worker created the table)."""
+        if not self._table_exists():
+            return 0
+        return self.store.count(ids=ids, source=source, label=label, status=status,
+                                since=since, until=until)
+
+    def live_workers(self) -> list[dict[str, Any]] | None:
+        """Workers of this queue whose heartbeat is fresh; None when that cannot be known
+        (a broker other than Redis)."""
+        if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
+            return None
+        try:
+            return live_workers(self._redis_client(), self.settings.queue)
+        except redis.RedisError as exc:
+            raise self._broker_error(exc) from exc
 
     def aggregate(
         self,

@@ -44,14 +44,17 @@ class ItemValidator:
     Takes settings (limits), the default source tag and a deadline
     (``ttl_s``) for every item; keeps only the
     caller-supplied ids (generated ones cannot collide), so memory grows with
-    explicit ids only.
+    explicit ids only; ``track_ids=False`` keeps none (for endless sources).
     """
 
     def __init__(self, settings: Settings, default_source: str | None = None, *,
-                 ttl_s: float | None = None) -> None:
+                 ttl_s: float | None = None, track_ids: bool = True) -> None:
         self.settings = settings
         self.default_source = default_source
         self.ttl_s = ttl_s
+        # An endless source (a Redis Stream) must not remember every id it saw;
+        # a repeated id there is left to the store's idempotent upsert.
+        self.track_ids = track_ids
         self._seen: dict[str, int] = {}
 
     def check(self, index: int, obj: Any) -> TaskItem | ItemError:
@@ -65,7 +68,7 @@ class ItemValidator:
         except InvalidInput as exc:
             item_id = exc.item_id if exc.item_id is not None else _raw_id(obj)
             return ItemError(index, item_id, exc.reason)
-        if isinstance(obj, Mapping) and obj.get("id") is not None:
+        if self.track_ids and isinstance(obj, Mapping) and obj.get("id") is not None:
             first = self._seen.setdefault(item.id, index)
             if first != index:
                 return ItemError(index, item.id, f"duplicate id {item.id!r} (first at {first})")

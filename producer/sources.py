@@ -3,16 +3,22 @@
 Files are read in binary and each line decoded as UTF-8 on its own, so one
 undecodable or oversized line is refused alone and the rest go through.
 Formats: ``jsonl`` (one object per line with ``text`` and optional ``id``,
-``source``, ``meta``), ``lines`` (each line is a text) and ``auto`` (the first
-non-blank line decides for the whole file: ``{`` means jsonl).
-Blank lines are skipped silently (trailing newlines are common in both formats).
+``source``, ``meta``), ``csv`` (a header line naming the columns, then one
+record per line; a quoted field cannot span lines), ``lines`` (each line is
+a text) and ``auto`` (the first non-blank line decides for the whole file:
+``{`` means jsonl).
+Blank lines carry no record (trailing newlines are common in every format);
+with ``keep_blank`` they are yielded, marked, so a stream's report counts them.
+A :class:`FieldMap` says which field holds the text, id, source and time, for
+JSONL, CSV and Redis Stream entries alike (:mod:`producer.redis_stream`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,10 @@ from typing import IO, Any
 from contract.errors import InvalidInput
 from contract.settings import Settings
 
-FORMATS = ("auto", "jsonl", "lines")
+FORMATS = ("auto", "jsonl", "csv", "lines")
+
+#: The key of ``meta`` that receives the value of ``--time-field``.
+TIME_META_KEY = "time"
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -30,14 +39,75 @@ _BOM = b"\xef\xbb\xbf"
 class SourceRecord:
     """One line of a source: a raw item to validate, or why the line is unusable.
 
-    ``line`` is 1-based. Exactly one of ``item`` and ``error`` is set; an
-    ``item`` is a dict with ``text`` and maybe ``id``/``source``/``meta``,
-    not yet validated (see :class:`producer.items.ItemValidator`).
+    ``line`` is 1-based (for a Redis Stream: the entry's position in this
+    run); ``ref`` is the Redis Stream entry id (None for files). Exactly one
+    of ``item`` and ``error`` is set; an ``item`` is a dict with ``text`` and
+    maybe ``id``/``source``/``meta``, not yet validated (see
+    :class:`producer.items.ItemValidator`).
     """
 
     line: int
     item: dict[str, Any] | None = None
     error: str | None = None
+    ref: str | None = None
+    #: A blank line (only with ``read_records(keep_blank=True)``): neither item nor error.
+    blank: bool = False
+
+    @property
+    def where(self) -> str:
+        """How a report names this record: ``line 7`` or ``entry 1700000000000-0``."""
+        return f"entry {self.ref}" if self.ref is not None else f"line {self.line}"
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which field of a source record holds the text, id, source tag and time.
+
+    ``time`` (unset by default) is copied into ``meta["time"]`` as given. A
+    ``meta`` field, when present, must be a JSON object (JSON text in CSV
+    and stream entries). With the default map a JSONL object passes through
+    as it is (so a misspelt key is refused); with another map only the
+    mapped fields (and ``meta``) are taken and the rest ignored.
+    """
+
+    text: str = "text"
+    id: str = "id"
+    source: str = "source"
+    time: str | None = None
+
+    @property
+    def is_default(self) -> bool:
+        """True for the default map (text, id, source; no time)."""
+        return self == FieldMap()
+
+    def apply(self, obj: Mapping[str, Any], *, strings: bool = False) -> dict[str, Any] | str:
+        """The raw item for ``obj``, or why it has none.
+
+        ``strings``: every value is text (CSV cells, stream fields), so an
+        empty one means absent and ``meta`` is parsed from JSON.
+        """
+        if self.text not in obj:
+            return f"missing {self.text!r}"
+        item: dict[str, Any] = {"text": obj[self.text]}
+        for key, name in (("id", self.id), ("source", self.source)):
+            value = obj.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # numeric post ids are common in JSON exports
+            if value is not None and not (strings and value == ""):
+                item[key] = value
+        meta = obj.get("meta")
+        if strings and isinstance(meta, str) and meta:
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError as exc:
+                return f"'meta' is not valid JSON ({exc.msg} at column {exc.colno})"
+        if self.time is not None and obj.get(self.time) not in (None, ""):
+            if meta is not None and not isinstance(meta, dict):
+                return "'meta' must be a JSON object"
+            meta = {**(meta or {}), TIME_META_KEY: obj[self.time]}
+        if meta not in (None, ""):
+            item["meta"] = meta
+        return item
 
 
 def default_line_limit(settings: Settings) -> int:
@@ -66,16 +136,21 @@ def open_source(path: str | Path) -> Iterator[IO[bytes]]:
 
 
 def read_records(
-    stream: IO[bytes], *, fmt: str = "auto", max_line_bytes: int = 1 << 20
+    stream: IO[bytes], *, fmt: str = "auto", max_line_bytes: int = 1 << 20,
+    fields: FieldMap | None = None, keep_blank: bool = False,
 ) -> Iterator[SourceRecord]:
-    """Yield a :class:`SourceRecord` per non-blank line of ``stream``.
+    """Yield a :class:`SourceRecord` per non-blank line of ``stream``
+    (and per blank one, marked ``blank``, with ``keep_blank``: a stream counts them).
 
     Reads at most ``max_line_bytes + 1`` bytes per line, so a giant line
     never sits in memory whole: its rest is skipped and the line refused.
+    ``fields`` maps JSONL and CSV fields (see :class:`FieldMap`).
     """
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    mapping = fields or FieldMap()
     mode = None if fmt == "auto" else fmt
+    header: list[str] | None = None
     for number, raw in _lines(stream, max_line_bytes):
         if raw is None:
             yield SourceRecord(number, error=f"line is over the limit of {max_line_bytes} bytes")
@@ -88,10 +163,21 @@ def read_records(
             yield SourceRecord(number, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
             continue
         if not text.strip():
+            if keep_blank:
+                yield SourceRecord(number, blank=True)
             continue
         if mode is None:
             mode = "jsonl" if text.lstrip().startswith("{") else "lines"
-        yield _parse_json(number, text) if mode == "jsonl" else SourceRecord(number, {"text": text})
+        if mode == "csv":
+            row = next(csv.reader([text]))
+            if header is None:
+                header = row
+                continue
+            yield _csv_record(number, header, row, mapping)
+        elif mode == "jsonl":
+            yield _parse_json(number, text, mapping)
+        else:
+            yield SourceRecord(number, {"text": text})
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -110,13 +196,23 @@ def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
         yield number, raw.rstrip(b"\r\n")
 
 
-def _parse_json(number: int, text: str) -> SourceRecord:
+def _csv_record(number: int, header: list[str], row: list[str], mapping: FieldMap) -> SourceRecord:
+    if len(row) != len(header):
+        return SourceRecord(number, error=f"expected {len(header)} CSV fields, got {len(row)}")
+    item = mapping.apply(dict(zip(header, row, strict=True)), strings=True)
+    return SourceRecord(number, error=item) if isinstance(item, str) else SourceRecord(number, item)
+
+
+def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return SourceRecord(number, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return SourceRecord(number, error=f"expected a JSON object, got {type(obj).__name__}")
-    if "text" not in obj:
-        return SourceRecord(number, error="missing 'text'")
-    return SourceRecord(number, obj)
+    if mapping.is_default:
+        if "text" not in obj:
+            return SourceRecord(number, error="missing 'text'")
+        return SourceRecord(number, obj)
+    item = mapping.apply(obj)
+    return SourceRecord(number, error=item) if isinstance(item, str) else SourceRecord(number, item)

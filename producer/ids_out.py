@@ -1,0 +1,64 @@
+"""``stream --ids-out FILE``: one JSON line per input, tying it to its task id.
+
+A :class:`producer.stream.Tracker`: a line is written for each record once
+its task is in the queue (``{"line": 7, "id": "..."}``; a Redis Stream entry
+adds ``"entry": "1700000000000-0"``) and for each refused one, with ``id``
+null and the ``error``. Lines follow the order records were sent, so a
+refused record may come before the accepted ones read just ahead of it.
+Each chunk's lines are flushed to the file right after it is sent: after a
+crash the file lists what reached the queue, less at most the chunk sent in
+the last instant (a Redis Stream resends those entries).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from contract.errors import InvalidInput
+from contract.messages import TaskItem
+from producer.items import ItemError
+from producer.sources import SourceRecord
+
+
+class IdsOut:
+    """Writes the ids file; a context manager that closes it."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self.written = 0
+
+    def __enter__(self) -> IdsOut:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._fh.close()
+
+    def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
+        """One line per record now in the queue."""
+        for record, item in pairs:
+            self._write(record, {"id": item.id})
+        self._fh.flush()
+
+    def rejected(self, record: SourceRecord, error: ItemError) -> None:
+        """One line for a refused record: ``id`` null, and why."""
+        self._write(record, {"id": None, "error": error.reason})
+        self._fh.flush()
+
+    def _write(self, record: SourceRecord, fields: dict[str, Any]) -> None:
+        head: dict[str, Any] = {"line": record.line}
+        if record.ref is not None:
+            head["entry"] = record.ref
+        self._fh.write(json.dumps({**head, **fields}, ensure_ascii=False) + "\n")
+        self.written += 1

@@ -1,0 +1,137 @@
+"""``bertstream report``: sentiment over time per source, drawn with matplotlib.
+
+Two bounded SQL aggregates (:func:`contract.queries.stats`) give, per source
+and time bucket, the ``done`` rows and the positive ones among them; the
+picture has the share of positive on top and the volume below. matplotlib
+is imported inside :func:`draw` only (the ``plot`` extra), with the Agg
+backend, so the light client and servers without a display never load it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contract.constants import STATUS_DONE
+from contract.errors import InvalidInput
+from contract.queries import BUCKETS, Filters, stats
+from contract.results import ResultStore
+
+#: Picture formats ``report`` writes (by the file's suffix).
+IMAGE_SUFFIXES = (".png", ".svg")
+#: Sources drawn at most; the rest are summed under ``OTHER``.
+MAX_SOURCES = 8
+OTHER = "(other)"
+NO_SOURCE = "(none)"
+PLOT_EXTRA_HINT = "report needs the plot extra: pip install 'bertstream[plot]'"
+
+
+@dataclass
+class Series:
+    """One source's line: bucket starts (UTC), rows done and positive rows per bucket."""
+
+    source: str
+    buckets: list[dt.datetime] = field(default_factory=list)
+    volume: list[int] = field(default_factory=list)
+    positive: list[int] = field(default_factory=list)
+
+    @property
+    def share(self) -> list[float]:
+        """Positive rows / done rows, per bucket."""
+        return [p / v for p, v in zip(self.positive, self.volume, strict=True)]
+
+
+def collect(store: ResultStore, *, source: str | None = None, since: dt.datetime | None = None,
+            until: dt.datetime | None = None, bucket: str = "1h",
+            positive_label: str = "positive") -> list[Series]:
+    """The series to draw, one per source (most rows first), from two SQL aggregates.
+
+    Only ``done`` rows count. Beyond :data:`MAX_SOURCES` sources the smallest
+    are summed into one ``(other)`` series, so the picture stays readable.
+    """
+    if bucket not in BUCKETS:
+        raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
+    base = Filters(source=source, status=STATUS_DONE, since=since, until=until)
+    done = stats(store, base, by="source", bucket=bucket)
+    pos = stats(store, Filters(source=source, status=STATUS_DONE, label=positive_label,
+                               since=since, until=until), by="source", bucket=bucket)
+    positives = {(r["bucket"], r["source"]): r["count"] for r in pos}
+    totals: dict[str, int] = {}
+    for r in done:
+        name = r["source"] if r["source"] is not None else NO_SOURCE
+        totals[name] = totals.get(name, 0) + r["count"]
+    ranked = sorted(totals, key=lambda s: (-totals[s], s))
+    kept = set(ranked[:MAX_SOURCES]) if len(ranked) > MAX_SOURCES else set(ranked)
+    cells: dict[str, dict[str, list[int]]] = {}
+    for r in done:
+        name = r["source"] if r["source"] is not None else NO_SOURCE
+        name = name if name in kept else OTHER
+        cell = cells.setdefault(name, {}).setdefault(r["bucket"], [0, 0])
+        cell[0] += r["count"]
+        cell[1] += positives.get((r["bucket"], r["source"]), 0)
+    order = [s for s in ranked if s in kept] + ([OTHER] if OTHER in cells else [])
+    out = []
+    for name in order:
+        series = Series(name)
+        for start in sorted(cells[name]):
+            series.buckets.append(_parse_bucket(start))
+            series.volume.append(cells[name][start][0])
+            series.positive.append(cells[name][start][1])
+        out.append(series)
+    return out
+
+
+def _parse_bucket(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def draw(series: list[Series], out: Path, *, bucket: str = "1h", title: str | None = None,
+         positive_label: str = "positive") -> list[Series]:
+    """Write the picture of ``series`` to ``out`` (.png or .svg); give back what it drew.
+
+    Raises :class:`InvalidInput` for another suffix and :class:`ImportError`
+    (with :data:`PLOT_EXTRA_HINT`) without matplotlib.
+    """
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InvalidInput(f"--out must end in {' or '.join(IMAGE_SUFFIXES)}, got {out.name!r}")
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    try:
+        for s in series:
+            line = top.plot(s.buckets, [100 * x for x in s.share], marker="o", markersize=3,
+                            linewidth=1.5, label=s.source)[0]
+            bottom.plot(s.buckets, s.volume, marker="o", markersize=3, linewidth=1.5,
+                        color=line.get_color(), label=s.source)
+        top.set_ylabel(f"{positive_label} (% of done)")
+        top.set_ylim(-2, 102)
+        top.grid(True, alpha=0.3)
+        bottom.set_ylabel(f"texts per {bucket}")
+        bottom.set_ylim(bottom=0)
+        bottom.grid(True, alpha=0.3)
+        bottom.set_xlabel("time (UTC)")
+        if series:
+            top.legend(loc="upper left", fontsize="small", ncols=min(4, len(series)))
+        else:
+            top.text(0.5, 0.5, "no results match", ha="center", va="center",
+                     transform=top.transAxes)
+        top.set_title(title or f"Sentiment per source ({positive_label} share and volume)")
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return series
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(PLOT_EXTRA_HINT) from exc
+    matplotlib.use("Agg")  # no display needed; also right on servers
+    import matplotlib.pyplot as plt
+
+    return plt
