@@ -26,17 +26,25 @@ from worker.flush import derived_key
 pytestmark = pytest.mark.slow
 
 
-def wait_broker_idle(settings: Settings, timeout: float = 60.0) -> None:
-    """Until no message of ``settings``' queues is waiting or unacked (fails after ``timeout``)."""
+def wait_broker_idle(settings: Settings, timeout: float = 60.0, stable_s: float = 1.0) -> None:
+    """Until no message of ``settings``' queues is waiting or unacked for ``stable_s`` in a row
+    (fails after ``timeout``). One empty reading is not enough: a message being requeued,
+    or just popped by the worker, is briefly in neither place."""
     client = redis.Redis.from_url(settings.broker_url)
     queues = [lane_queue(settings, bulk) for bulk in (True, False)]
     deadline = time.monotonic() + timeout
+    idle_since: float | None = None
     try:
         while True:
             waiting = sum(client.llen(q) for q in queues)
             unacked = client.hlen("unacked")
+            now = time.monotonic()
             if waiting == 0 and unacked == 0:
-                return
+                idle_since = idle_since if idle_since is not None else now
+                if now - idle_since >= stable_s:
+                    return
+            else:
+                idle_since = None
             if time.monotonic() > deadline:
                 raise AssertionError(f"{waiting} message(s) waiting, {unacked} unacked")
             time.sleep(0.1)
@@ -90,6 +98,9 @@ def test_every_poison_kind_leaves_the_worker_running_and_the_queue_empty(
     assert rows["huge-time"].status == STATUS_DONE
     assert rows[derived_key("t" * 300, 0)].status == STATUS_FAILED
     assert "unwritable" not in rows  # refused in every form: dead-lettered, then dropped
+    deadline = time.monotonic() + 60
+    while "dead-lettering message poison-2" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.1)  # a poll interval: the last redelivery may still be on its way
     log = worker.log()
     assert "dead-lettering message poison-2 after 4 deliveries" in log
     assert "Unrecoverable error" not in log and "Error in timer" not in log
