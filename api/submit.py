@@ -23,7 +23,6 @@ per lane per window instead of one per text.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import redis
 
 from contract.constants import ACCEPTED_KEY_PREFIX, LANE_BULK
 from contract.errors import BrokerUnavailable
-from contract.messages import TaskItem
+from contract.messages import TaskItem, text_sha256
 from contract.settings import Settings
 from producer.client import Client
 
@@ -74,11 +73,6 @@ class Outcome:
     id: str
     status: str  # ACCEPTED, DUPLICATE or CONFLICT
     reason: str = ""
-
-
-def text_sha256(text: str) -> str:
-    """The hex SHA-256 of a text's UTF-8 bytes (what the results table stores)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class Submitter:

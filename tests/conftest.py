@@ -19,8 +19,8 @@ import sqlalchemy as sa
 
 from contract.results import ResultStore, results
 from contract.settings import Settings
-from tests.api_server import ApiServer
 from tests.workers import WorkerProcess
+from worker.process import ServeProc, free_port
 
 # Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
 REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -125,13 +125,8 @@ class RedisServer:
     """
 
     def __init__(self, workdir: Path) -> None:
-        import socket
-
         self.workdir = workdir
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -177,12 +172,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def api_factory(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
+def api_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProc]]:
     """Start ``bertstream serve`` processes; all are stopped at teardown."""
-    started: list[ApiServer] = []
+    started: list[ServeProc] = []
 
-    def start(settings: Settings, *args: str) -> ApiServer:
-        server = ApiServer(settings, tmp_path / f"serve-{len(started)}.log", *args)
+    def start(settings: Settings, *args: str) -> ServeProc:
+        server = ServeProc(settings, tmp_path / f"serve-{len(started)}.log", *args)
         started.append(server)
         return server.wait_ready()
 

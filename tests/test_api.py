@@ -19,7 +19,7 @@ from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.cli import main
 from producer.client import Client
-from tests.api_server import free_port
+from worker.process import free_port
 
 SEED = "这家酒店的服务很好,房间也很干净。"
 

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contract.settings import Settings
 from producer.client import Client
-from tests.api_server import free_port
 from worker.launcher import child_commands
 from worker.metrics import MAX_SOURCES, WorkerMetrics
+from worker.process import free_port
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

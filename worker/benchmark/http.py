@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,52 +26,7 @@ from contract.settings import Settings
 from producer.client import Client
 from worker.benchmark import figures
 from worker.benchmark.services import ResultsProbe, WorkerProc, flush_redis
-from worker.process import settings_env
-
-
-class ApiProc:
-    """``bertstream serve`` on a free loopback port, output to ``log_path``."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from producer.cli import main; main()", "serve",
-             "--port", str(self.port), "--log-level", "warning"],
-            env=settings_env(settings), stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60.0) -> ApiProc:
-        """Block until ``/healthz`` answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited {self.proc.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                status, _ = asyncio.run(_one("127.0.0.1", self.port, "GET", "/healthz", None))
-                if status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)  # a poll interval while the server starts
-        raise TimeoutError("serve did not start")
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 10 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if not self._log.closed:
-            self._log.close()
+from worker.process import ServeProc
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
@@ -139,7 +92,8 @@ def measure_http(settings: Settings, probe: ResultsProbe, workdir: Path,
                  prefix: str, *, single: int, real: int, concurrency: int, bulk_rounds: int,
                  timeout: float, log: Any = print) -> dict[str, Any]:
     """The HTTP stage's figures (see the module docstring)."""
-    api = ApiProc(settings.replace(max_queue_length=1_000_000), workdir / "serve.log")
+    api = ServeProc(settings.replace(max_queue_length=1_000_000), workdir / "serve.log",
+                    "--log-level", "warning")
     try:
         api.wait_ready()
         out: dict[str, Any] = {"concurrency": concurrency,

@@ -16,22 +16,13 @@ import sqlalchemy as sa
 
 from contract.results import ResultStore, results
 from worker.benchmark.figures import metrics_totals
-from worker.process import WorkerProc
+from worker.process import WorkerProc, free_port
 
 __all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerGroup", "WorkerProc", "bench_broker_url",
            "flush_redis", "free_port"]
 
 #: The Redis database the benchmark uses and flushes (apart from 0 and the tests' 9).
 BENCH_REDIS_DB = 8
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now (each bench worker serves its metrics)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bench_broker_url(broker_url: str) -> str:
