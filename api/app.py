@@ -36,7 +36,7 @@ from contract.constants import LANE_BULK, LANE_INTERACTIVE
 from contract.errors import BertstreamError, InvalidInput
 from contract.liveness import live_workers
 from contract.queries import Filters, iter_records, page, stats
-from contract.results import ResultRecord, results
+from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS
@@ -110,19 +110,6 @@ class Services:
         self.waiter = Waiter(self.client.get_many)
         self.metrics = ApiMetrics()
         self.metrics.watch(self.client, self.submitter.redis, settings.queue)
-
-        self._table = False
-
-    def has_table(self) -> bool:
-        """True once the results table exists (a reader never creates it: migrations do)."""
-        if not self._table:
-            try:
-                self._table = sa.inspect(self.client.store.engine).has_table(results.name)
-            except sa.exc.OperationalError as exc:
-                from contract.errors import StoreUnavailable
-
-                raise StoreUnavailable(f"cannot read results: {exc}") from exc
-        return self._table
 
     def close(self) -> None:
         self.submitter.close()
@@ -310,7 +297,7 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         """Stored results, filtered. ``json``: one page of ``limit`` rows and ``next_cursor``
         (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed."""
         newest = order == "newest"
-        if not services.has_table():
+        if not services.client.has_results_table():
             if format == "json":
                 return {"items": [], "next_cursor": None}
             return StreamingResponse(iter(()), media_type=_MEDIA[format])
@@ -331,7 +318,7 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         bucket: Literal["1m", "1h", "1d"] | None = None,
     ) -> dict[str, Any]:
         """Counts and mean score per ``by``, and per time bucket of ``finished_at`` (UTC)."""
-        if not services.has_table():
+        if not services.client.has_results_table():
             return {"by": by, "bucket": bucket, "groups": []}
         return {"by": by, "bucket": bucket, "groups": stats(store, filters, by=by, bucket=bucket)}
 

@@ -132,7 +132,7 @@ def live(services: "Services", window_s: int) -> dict[str, Any]:
         out.update(queue_depth=None, workers=None, workers_alive=None,
                    redis=f"unreachable: {type(exc).__name__}")
     store = services.client.store
-    if services.has_table():
+    if services.client.has_results_table():
         finished = finished_since(store, now - dt.timedelta(seconds=window_s))
         out["per_minute"] = trend(store, now)
     else:
@@ -160,7 +160,7 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
     @router.get("/v1/sources", tags=["dashboard"])
     def sources_route(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
         """Up to ``limit`` distinct sources, in order."""
-        if not services.has_table():
+        if not services.client.has_results_table():
             return {"sources": []}
         return {"sources": distinct_sources(store, limit)}
 
@@ -177,7 +177,7 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
         scan: Annotated[int, Query(ge=1, le=MAX_SCAN)] = 5000,
     ) -> dict[str, Any]:
         """Rows matching the filters, a text and an id prefix, newest first (bounded reads)."""
-        if not services.has_table():
+        if not services.client.has_results_table():
             return {"items": [], "scan": scan}
         rows = search(store, filters, q=q or None, task_id=id or None, limit=limit, scan=scan)
         return {"items": [_json(r) for r in rows], "scan": scan}
