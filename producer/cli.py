@@ -62,15 +62,17 @@ from producer.stream import StreamReport, Tracker, stream
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench_command", "Measure throughput and latency of the worker."),
     "demo": ("demo_command", "Run a worker and a sample stream end to end."),
-    "model": ("model_group", "Train or evaluate the sentiment model."),
+    "model": ("model_group", "Assemble, train or evaluate the sentiment model."),
     "serve": ("serve_command", "Serve the HTTP API (submit, results, stats, metrics)."),
     "worker": ("worker_command", "Run a worker (one per GPU, or on the CPU)."),
 }
 WORKER_MODULE = "worker.cli"
 WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstream[worker]'"
 #: Lazy commands that live elsewhere than ``worker.cli``: name -> (module, extra hint).
-OTHER_MODULES = {"serve": ("api.cli", "this command needs the api extra: "
-                                      "pip install 'bertstream[api]'")}
+OTHER_MODULES = {
+    "serve": ("api.cli", "this command needs the api extra: pip install 'bertstream[api]'"),
+    "bench": ("bench.cli", "this command needs the bench extra: pip install 'bertstream[bench]'"),
+}
 
 #: Rows ``results`` shows unless --limit or --all says otherwise.
 DEFAULT_LIMIT = 100

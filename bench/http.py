@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import figures
+from bench.services import ResultsProbe, WorkerProc, flush_redis
 from contract.settings import Settings
 from producer.client import Client
-from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerProc, flush_redis
 from worker.process import ServeProc
 
 #: Errors of a connection the server closed under a request, and how often one
