@@ -13,6 +13,8 @@ LANE_BULK = "bulk"
 
 #: The results table (our own, not Celery's result backend).
 RESULTS_TABLE = "bertstream_results"
+#: Alembic's revision table (its own name, so a shared database's alembic_version is left alone).
+MIGRATIONS_TABLE = "bertstream_alembic_version"
 
 #: Redis key prefix of the per-message delivery counters (dead-lettering).
 DELIVERY_KEY_PREFIX = "bertstream:deliveries:"

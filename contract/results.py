@@ -354,14 +354,14 @@ class ResultStore:
         return cls.from_url(settings.database_url, DbTimeouts.from_settings(settings))
 
     def create_schema(self) -> None:
-        """Create the table and indexes when missing (idempotent).
+        """Bring the schema to the code's revision: the migrations, as ``db upgrade``.
 
-        Raises :class:`StoreUnavailable` when the database cannot be reached.
+        Idempotent. Raises :class:`StoreUnavailable` when the database cannot
+        be reached.
         """
-        def create(conn: Connection) -> None:
-            metadata.create_all(conn, checkfirst=True)
+        from contract import migrate
 
-        self._run(create, "cannot create schema", begin=True)
+        migrate.upgrade(self)
 
     def has_table(self) -> bool:
         """True when the results table exists (a reader must not create it)."""
@@ -371,6 +371,10 @@ class ResultStore:
     def close(self) -> None:
         """Dispose of the engine's connections."""
         self.engine.dispose()
+
+    def run(self, work: Callable[[Connection], T], what: str) -> T:
+        """``work`` on a guarded connection, outages as :class:`StoreUnavailable`."""
+        return self._run(work, what)
 
     def _run(self, work: Callable[[Connection], T], what: str, *, begin: bool = False) -> T:
         """``work`` on a guarded connection (in a transaction when ``begin``).

@@ -42,6 +42,7 @@ from contract.queries import BUCKETS
 from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
+from producer.db_cli import db_group
 from producer.formatting import FORMATS, render_results, render_rows
 from producer.ids_out import IdsOut
 from producer.items import ItemError
@@ -549,3 +550,6 @@ def report_command(
     texts = sum(sum(s.volume) for s in series)
     buckets = len({b for s in series for b in s.buckets})
     click.echo(f"wrote {out}: {len(series)} source(s), {buckets} bucket(s), {texts} done text(s)")
+
+
+main.add_command(db_group)

@@ -63,11 +63,16 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from contract import migrate
+    from contract.results import ResultStore
     from worker.app import build_runner, build_worker_app, run_worker
 
     try:
+        # The schema first: an outdated database refuses before the model loads.
+        store = ResultStore.from_settings(settings)
+        migrate.ensure(store)
         runner = build_runner(settings)
-        wapp = build_worker_app(settings, runner, hostname=hostname)
+        wapp = build_worker_app(settings, runner, store=store, hostname=hostname)
     except BertstreamError as exc:
         _fail(exc)
     run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
