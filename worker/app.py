@@ -8,6 +8,7 @@ unreachable database fails at start, loudly, not on the first task.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def build_worker_app(
     # The transport patch belongs to worker processes, never to an app importing the client.
     kombu_redis.install()
     app = make_celery(settings, name="bertstream-worker")
-    name = hostname or f"bertstream@{socket.gethostname()}"
+    # The pid keeps two workers on one host apart (rows, heartbeats, Celery's
+    # node names); containers differ by their host names already.
+    name = hostname or f"bertstream-{os.getpid()}@{socket.gethostname()}"
     processor = FlushProcessor(runner, store, settings, worker_name=name)
     metrics = None
     if settings.metrics_port:

@@ -32,7 +32,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port (BERTSTREAM_METRICS_PORT; 0: off).")
-@click.option("--hostname", default=None, help="Celery node name.")
+@click.option("--hostname", default=None,
+              help="Celery node name (default bertstream-PID@HOST), stored in each row's worker "
+                   "column.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
               help="Create this file once the worker consumes (readiness without remote "
