@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE
+from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
 from contract.errors import SchemaMismatch
 
 if TYPE_CHECKING:
@@ -145,6 +145,19 @@ def upgrade(store: ResultStore, revision: str = "head") -> tuple[str | None, str
     return _locked(store, apply, "cannot upgrade the schema")
 
 
+def downgrade(store: ResultStore, revision: str) -> tuple[str | None, str | None]:
+    """Undo migrations down to ``revision`` (a rollback; each revision says what it drops)."""
+    from alembic import command
+
+    def apply(conn: Connection) -> tuple[str | None, str | None]:
+        before = _current(conn)
+        command.downgrade(_config(conn), revision)
+        conn.commit()
+        return before, _current(conn)
+
+    return _locked(store, apply, "cannot downgrade the schema")
+
+
 def ensure(store: ResultStore) -> SchemaState:
     """What a worker runs at start: set up an empty database, refuse an outdated one."""
     current = state(store)
@@ -158,7 +171,8 @@ def ensure(store: ResultStore) -> SchemaState:
 
 
 def drop_all(conn: Connection) -> None:
-    """Drop the results table and the revision table (tests and benchmarks start clean)."""
+    """Drop bertstream's tables and the revision table (tests and benchmarks start clean)."""
+    conn.execute(sa.text(f"DROP TABLE IF EXISTS {WINDOWS_TABLE}"))
     conn.execute(sa.text(f"DROP TABLE IF EXISTS {RESULTS_TABLE}"))
     conn.execute(sa.text(f"DROP TABLE IF EXISTS {MIGRATIONS_TABLE}"))
 

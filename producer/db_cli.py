@@ -1,4 +1,4 @@
-"""``bertstream db upgrade|current|history``: the results database's schema revisions."""
+"""``bertstream db upgrade|downgrade|current|history``: the results database's schema revisions."""
 
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ def upgrade_command(ctx: click.Context, revision: str) -> None:
     else:
         start = before or ("empty" if prior.empty else "a table from before migrations")
         click.echo(f"{shown}: upgraded {start} -> {after}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision")
+@click.pass_context
+def downgrade_command(ctx: click.Context, revision: str) -> None:
+    """Roll the schema back to REVISION (see `db history`; each revision's note says
+    what a rollback drops). Stop the workers and the API first."""
+    store, shown = _store(ctx)
+    try:
+        before, after = migrate.downgrade(store, revision)
+    finally:
+        store.close()
+    click.echo(f"{shown}: downgraded {before} -> {after or 'empty'}")
 
 
 @db_group.command("current")

@@ -199,3 +199,25 @@ def test_readyz_reports_the_schema(sqlite_url: str, redis_url: str,
     assert database_check(api).startswith("schema: the results database is at schema revision "
                                           "f00dfeed")
     store.close()
+
+
+def test_downgrade_to_one_row_per_task_keeps_the_latest_and_upgrades_again(
+        store_url: str) -> None:
+    store = ResultStore.from_url(store_url)
+    migrate.upgrade(store)
+    later = NOW + dt.timedelta(minutes=5)
+    with store.engine.begin() as conn:
+        for task_id, model, at in (("t1", "old", NOW), ("t1", "new", later), ("t2", "old", NOW)):
+            conn.execute(sa.text(
+                f"INSERT INTO {RESULTS_TABLE} (id, model, text_sha256, text_chars, status, "
+                "attempts, truncated, finished_at) VALUES (:id, :m, :sha, 4, 'done', 1, :f, :at)"),
+                {"id": task_id, "m": model, "sha": "0" * 64, "f": False, "at": at})
+    out = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001")
+    assert out.returncode == 0, out.stderr
+    assert migrate.state(store).current == "0001"
+    with store.engine.connect() as conn:
+        kept = sorted(conn.execute(sa.text(f"SELECT id, model FROM {RESULTS_TABLE}")).all())
+    assert [tuple(r) for r in kept] == [("t1", "new"), ("t2", "old")]
+    migrate.upgrade(store)
+    assert migrate.check(store).up_to_date and ids(store) == ["t1", "t2"]
+    store.close()
