@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
-from contract.results import ResultRecord, ResultStore, _record, results
+from contract.results import ResultRecord, ResultStore, _record, latest_only, results
 
 #: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
 BUCKETS = {
@@ -33,7 +33,7 @@ BUCKETS = {
     "1h": ("hour", "%Y-%m-%dT%H:00:00Z"),
     "1d": ("day", "%Y-%m-%dT00:00:00Z"),
 }
-GROUPS = ("label", "source", "status", "model")
+GROUPS = ("label", "source", "status", "model", "lang")
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,21 @@ class Filters:
     source: str | None = None
     label: str | None = None
     status: str | None = None
+    #: One model's rows; without it, each task's latest result (of any model).
     model: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+    lang: str | None = None
 
-    def clauses(self) -> list[Any]:
-        """The WHERE clauses (bound parameters only)."""
+    def clauses(self, *, every_model: bool = False) -> list[Any]:
+        """The WHERE clauses (bound parameters only); ``every_model``: no latest-only rule."""
         conds: list[Any] = []
-        for name in ("source", "label", "status", "model"):
+        for name in ("source", "label", "status", "model", "lang"):
             value = getattr(self, name)
             if value is not None:
                 conds.append(results.c[name] == value)
+        if self.model is None and not every_model:
+            conds.append(latest_only())
         if self.since is not None:
             conds.append(results.c.finished_at >= self.since)
         if self.until is not None:
@@ -138,8 +142,10 @@ def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
 
 def stats(store: ResultStore, filters: Filters, *, by: str = "label",
           bucket: str | None = None) -> list[dict[str, Any]]:
-    """Counts and mean score per ``by`` (label, source, status or model), and per time
-    ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given."""
+    """Counts and mean score per ``by`` (label, source, status, model or lang), and per time
+    ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given.
+
+    Each task counts once, by its latest result; grouped by model, each model's rows."""
     if by not in GROUPS:
         raise InvalidInput(f"cannot group by {by!r}; expected one of {', '.join(GROUPS)}")
     if bucket is not None and bucket not in BUCKETS:
@@ -154,7 +160,7 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     shown.append(results.c[by].label(by))
     query = (sa.select(*shown, sa.func.count().label("count"),
                        sa.func.avg(results.c.score).label("mean_score"))
-             .where(*filters.clauses()).group_by(*keys).order_by(*keys))
+             .where(*filters.clauses(every_model=by == "model")).group_by(*keys).order_by(*keys))
     try:
         with store.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()

@@ -397,7 +397,7 @@ def _no_worker_note(client: Client) -> str | None:
     """Why no result will come (no worker alive on the queue), or None."""
     if client.live_workers() != []:
         return None
-    return (f"no worker is alive on queue {client.settings.queue!r} (no heartbeat in the "
+    return (f"no worker is alive on queue {client.settings.family!r} (no heartbeat in the "
             f"last {HEARTBEAT_TTL_S} s): start one with `bertstream worker`")
 
 

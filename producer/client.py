@@ -533,7 +533,7 @@ class Client:
         if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
             return None
         try:
-            return live_workers(self._redis_client(), self.settings.queue)
+            return live_workers(self._redis_client(), self.settings.family)
         except redis.RedisError as exc:
             raise self._broker_error(exc) from exc
 
