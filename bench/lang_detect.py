@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from contract.lang import detect_lang
 
@@ -43,11 +44,11 @@ def load() -> list[tuple[str, str]]:
     return rows
 
 
-def score(name: str, detect: Callable[[str], str], rows: list[tuple[str, str]]) -> dict:
+def score(name: str, detect: Callable[[str], str], rows: list[tuple[str, str]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     got = [detect(text) for text, _ in rows]
     us = (time.perf_counter() - t0) / len(rows) * 1e6
-    hits = Counter()
+    hits: Counter[str] = Counter()
     totals = Counter(lang for _, lang in rows)
     errors = []
     for (text, want), have in zip(rows, got, strict=True):
