@@ -36,7 +36,7 @@ from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
-from contract.queries import Filters, iter_records, page, stats
+from contract.queries import Comparison, Filters, compare, iter_records, page, stats
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.client import Client
@@ -386,6 +386,27 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         if not services.client.has_results_table():
             return {"by": by, "bucket": bucket, "groups": []}
         return {"by": by, "bucket": bucket, "groups": stats(store, filters, by=by, bucket=bucket)}
+
+
+    model_name = Annotated[str, Query(pattern=f"^{MODEL_NAME_PATTERN}$")]
+
+    @router.get("/v1/compare", tags=["results"])
+    def compare_route(
+        a: model_name,
+        b: model_name,
+        filters: Annotated[Filters, Depends(_filter_params)],
+        top: Annotated[int, Query(ge=0, le=1000)] = 10,
+    ) -> dict[str, Any]:
+        """Model ``b`` against model ``a`` on the texts both scored: agreement, label flips,
+        the mean change of b's probability of a's label, the texts b moved most (in SQL).
+        ``source``, ``label`` (a's), ``lang`` and the time range select a's rows."""
+        if a == b:
+            raise InvalidInput("compare two different models")
+        if filters.model is not None or filters.status is not None:
+            raise InvalidInput("compare takes a and b, not model or status")
+        if not services.client.has_results_table():
+            return Comparison(a, b, 0, 0, [], None, []).as_dict()
+        return compare(store, a, b, filters, top=top).as_dict()
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}

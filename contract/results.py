@@ -443,10 +443,12 @@ class ResultStore:
         Raises :class:`StoreUnavailable` on an outage: then none of the
         transactions not yet committed are.
         """
-        unique: dict[str, ResultRecord] = {}
+        unique: dict[tuple[str, str], ResultRecord] = {}
         for r in records:
-            # Deduplicate within the batch: the same id twice in one flush keeps the first.
-            unique.setdefault(r.id if isinstance(r.id, str) else repr(r.id), r)
+            # Deduplicate within the batch: the same (id, model) twice in one flush keeps the first.
+            key = (r.id if isinstance(r.id, str) else repr(r.id),
+                   r.model if isinstance(r.model, str) else repr(r.model))
+            unique.setdefault(key, r)
         refused: list[Refused] = []
         if unique:
             self._write(list(unique.values()), refused)

@@ -44,8 +44,10 @@ from contract.settings import Settings
 from producer.client import Client
 from producer.db_cli import db_group
 from producer.formatting import FORMATS, render_results, render_rows
+from producer.history_cli import compare_command, rescore_command
 from producer.ids_out import IdsOut
 from producer.items import ItemError
+from producer.options import parse_time as _parse_time
 from producer.redis_stream import RedisStreamSource
 from producer.report import IMAGE_SUFFIXES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
@@ -451,21 +453,6 @@ def _id_note(error: ItemError, unit: str) -> str:
     return f" (id {printable(error.id)})" if error.id and unit != "line " else ""
 
 
-def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 date/time") from exc
-    if parsed.tzinfo is None:  # naive means UTC: everything is stored in UTC
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
-
-
 @main.command()
 @click.option("--id", "ids", multiple=True, help="A task id (repeatable).")
 @click.option("--source", help="Only this source tag.")
@@ -573,3 +560,5 @@ def report_command(
 
 
 main.add_command(db_group)
+main.add_command(rescore_command)
+main.add_command(compare_command)
