@@ -43,9 +43,11 @@ RUN --mount=type=secret,id=pip_cert --mount=type=cache,target=/root/.cache/pip \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels /src \
  && /opt/venv/bin/pip install --no-deps /wheels/*.whl
+# Built as root into private temp directories: made readable by the runtime user.
 RUN HF_HUB_OFFLINE=1 /opt/venv/bin/python -c "from pathlib import Path; \
 from worker.sentiment.assemble import ensure_default_model; \
-ensure_default_model(Path('/var/cache/bertstream'), progress=False)"
+ensure_default_model(Path('/var/cache/bertstream'), progress=False)" \
+ && chmod -R a+rX /var/cache/bertstream
 
 # -- runtime: the interpreter, the environment, the model; no compiler, no pip cache.
 FROM ${PYTHON_IMAGE} AS runtime

@@ -22,7 +22,12 @@ server=
 cleanup() { if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ]; then
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A fixed port: the URL is a build argument, and a new value would miss the layer cache.
+  port=${WHEELS_PORT:-38517}
+  if ! python3 -c "import socket; socket.socket().bind(('127.0.0.1', $port))" 2>/dev/null; then
+    echo "port $port is taken: set WHEELS_PORT to a free one" >&2
+    exit 1
+  fi
   python3 -m http.server "$port" --bind 127.0.0.1 --directory "$PIP_FIND_LINKS" >/dev/null 2>&1 &
   server=$!
   for _ in $(seq 50); do
