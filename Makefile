@@ -26,8 +26,8 @@ test-deploy:
 	bash deploy/test-deploy.sh
 
 lint: install
-	$(VENV)/bin/ruff check api contract producer worker tests bench
-	$(VENV)/bin/mypy api contract producer worker
+	$(VENV)/bin/ruff check api contract producer worker training bench tests
+	$(VENV)/bin/mypy api contract producer worker training bench
 
 bench: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream bench

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
@@ -32,11 +31,12 @@ from api.metrics import ApiMetrics
 from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
+from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
-from contract.errors import BertstreamError, InvalidInput
+from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
 from contract.queries import Filters, iter_records, page, stats
-from contract.results import ResultRecord
+from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS
@@ -116,12 +116,28 @@ class Services:
         self.client.close()
 
 
+def refuse_outdated_schema(store: ResultStore) -> None:
+    """Raise :class:`SchemaMismatch` when the database holds an outdated schema.
+
+    An empty database is fine (the API never creates the schema; a worker or
+    ``db upgrade`` does); an unreachable one is reported by ``/readyz``.
+    """
+    try:
+        schema = migrate.state(store)
+    except StoreUnavailable:
+        return
+    problem = schema.problem()
+    if problem and not schema.empty:
+        raise SchemaMismatch(problem)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application for ``settings`` (tokens, limits and CORS from it)."""
     services = Services(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(refuse_outdated_schema, services.client.store)
         poller = asyncio.create_task(services.waiter.run())
         try:
             yield
@@ -365,9 +381,11 @@ def _health_routes(app: FastAPI, services: Services) -> None:
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["redis"] = f"unreachable: {type(exc).__name__}"
         try:
-            with services.client.store.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-            checks["database"] = "ok"
+            schema = migrate.state(services.client.store)
+            problem = schema.problem()
+            checks["database"] = ("ok" if problem is None else
+                                  "ok: no schema yet (a worker or `bertstream db upgrade` "
+                                  "creates it)" if schema.empty else f"schema: {problem}")
         except Exception as exc:  # noqa: BLE001
             checks["database"] = f"unreachable: {type(exc).__name__}"
         if checks["redis"] == "ok":

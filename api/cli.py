@@ -35,6 +35,18 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
         raise click.UsageError(
             f"refusing to serve {host} without authentication: set BERTSTREAM_API_TOKENS, "
             "bind to 127.0.0.1, or pass --no-auth")
+    from api.app import refuse_outdated_schema
+    from contract.errors import SchemaMismatch
+    from contract.results import ResultStore
+
+    store = ResultStore.from_settings(settings)
+    try:
+        refuse_outdated_schema(store)
+    except SchemaMismatch as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    finally:
+        store.close()
     # The server processes build their settings from the environment: hand
     # them exactly this process's (command-line overrides included).
     for field in dataclasses.fields(settings):

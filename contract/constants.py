@@ -13,6 +13,12 @@ LANE_BULK = "bulk"
 
 #: The results table (our own, not Celery's result backend).
 RESULTS_TABLE = "bertstream_results"
+#: Per-window scores of texts scored in windows (long texts), child of the results table.
+WINDOWS_TABLE = "bertstream_windows"
+#: Language codes stored per row.
+LANGS = ("zh", "en", "mixed", "other")
+#: Alembic's revision table (its own name, so a shared database's alembic_version is left alone).
+MIGRATIONS_TABLE = "bertstream_alembic_version"
 
 #: Redis key prefix of the per-message delivery counters (dead-lettering).
 DELIVERY_KEY_PREFIX = "bertstream:deliveries:"

@@ -17,6 +17,10 @@ class ConfigError(BertstreamError):
     """A setting is missing, malformed or out of range."""
 
 
+class SchemaMismatch(ConfigError):
+    """The results database is not at the schema revision this bertstream needs."""
+
+
 class FatalError(BertstreamError):
     """Retrying the same work cannot succeed."""
 

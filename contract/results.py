@@ -30,7 +30,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from contract.constants import ID_COLUMN_CHARS, RESULTS_TABLE, STATUS_DONE, STATUSES
+from contract.constants import (
+    ID_COLUMN_CHARS,
+    RESULTS_TABLE,
+    STATUS_DONE,
+    STATUSES,
+    WINDOWS_TABLE,
+)
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.messages import id_problem
 from contract.settings import Settings
@@ -44,14 +50,15 @@ metadata = sa.MetaData()
 results = sa.Table(
     RESULTS_TABLE,
     metadata,
+    # Keyed by (task id, model): one text can hold a result from each model.
     sa.Column("id", sa.String(ID_COLUMN_CHARS), primary_key=True),
+    sa.Column("model", sa.String(256), primary_key=True),
     sa.Column("source", sa.String(ID_COLUMN_CHARS), index=True),
     # none_as_null: a missing meta is SQL NULL, not the JSON text 'null'.
     sa.Column("meta", sa.JSON(none_as_null=True)),
     sa.Column("text", sa.Text),
     sa.Column("text_sha256", sa.String(64), nullable=False),
     sa.Column("text_chars", sa.Integer, nullable=False),
-    sa.Column("model", sa.String(256), nullable=False),
     sa.Column("model_revision", sa.String(64)),
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("label", sa.String(64), index=True),
@@ -66,6 +73,25 @@ results = sa.Table(
     sa.Column("submitted_at", sa.DateTime(timezone=True)),
     sa.Column("started_at", sa.DateTime(timezone=True)),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # zh, en, mixed or other (contract.constants.LANGS); NULL on rows older than revision 0002.
+    sa.Column("lang", sa.String(8), index=True),
+    # How many windows a long text was scored in (NULL: one pass).
+    sa.Column("windows", sa.Integer),
+)
+
+#: The scores of each window of a text scored in windows (the sentence-level view).
+windows = sa.Table(
+    WINDOWS_TABLE,
+    metadata,
+    sa.Column("id", sa.String(ID_COLUMN_CHARS), primary_key=True),
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("window", sa.Integer, primary_key=True),
+    sa.Column("start_char", sa.Integer, nullable=False),
+    sa.Column("end_char", sa.Integer, nullable=False),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("label", sa.String(64)),
+    sa.Column("score", sa.Float),
+    sa.Column("scores", sa.JSON(none_as_null=True)),
 )
 
 
@@ -94,6 +120,8 @@ class ResultRecord:
     worker: str | None = None
     submitted_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
+    lang: str | None = None
+    windows: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (datetimes as ISO 8601 strings)."""
@@ -354,14 +382,14 @@ class ResultStore:
         return cls.from_url(settings.database_url, DbTimeouts.from_settings(settings))
 
     def create_schema(self) -> None:
-        """Create the table and indexes when missing (idempotent).
+        """Bring the schema to the code's revision: the migrations, as ``db upgrade``.
 
-        Raises :class:`StoreUnavailable` when the database cannot be reached.
+        Idempotent. Raises :class:`StoreUnavailable` when the database cannot
+        be reached.
         """
-        def create(conn: Connection) -> None:
-            metadata.create_all(conn, checkfirst=True)
+        from contract import migrate
 
-        self._run(create, "cannot create schema", begin=True)
+        migrate.upgrade(self)
 
     def has_table(self) -> bool:
         """True when the results table exists (a reader must not create it)."""
@@ -371,6 +399,10 @@ class ResultStore:
     def close(self) -> None:
         """Dispose of the engine's connections."""
         self.engine.dispose()
+
+    def run(self, work: Callable[[Connection], T], what: str) -> T:
+        """``work`` on a guarded connection, outages as :class:`StoreUnavailable`."""
+        return self._run(work, what)
 
     def _run(self, work: Callable[[Connection], T], what: str, *, begin: bool = False) -> T:
         """``work`` on a guarded connection (in a transaction when ``begin``).
@@ -480,11 +512,11 @@ class ResultStore:
         updates = {
             c.name: getattr(excluded, c.name)
             for c in results.columns
-            if c.name not in ("id", "attempts", "submitted_at")
+            if c.name not in ("id", "model", "attempts", "submitted_at")
         }
         updates["attempts"] = results.c.attempts + 1
         return ins.on_conflict_do_update(
-            index_elements=[results.c.id],
+            index_elements=[results.c.id, results.c.model],
             set_=updates,
             where=results.c.status != STATUS_DONE,
         )

@@ -42,6 +42,7 @@ from contract.queries import BUCKETS
 from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
+from producer.db_cli import db_group
 from producer.formatting import FORMATS, render_results, render_rows
 from producer.ids_out import IdsOut
 from producer.items import ItemError
@@ -62,15 +63,17 @@ from producer.stream import StreamReport, Tracker, stream
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench_command", "Measure throughput and latency of the worker."),
     "demo": ("demo_command", "Run a worker and a sample stream end to end."),
-    "model": ("model_group", "Train or evaluate the sentiment model."),
+    "model": ("model_group", "Assemble, train or evaluate the sentiment model."),
     "serve": ("serve_command", "Serve the HTTP API (submit, results, stats, metrics)."),
     "worker": ("worker_command", "Run a worker (one per GPU, or on the CPU)."),
 }
 WORKER_MODULE = "worker.cli"
 WORKER_EXTRA_HINT = "this command needs the worker extra: pip install 'bertstream[worker]'"
 #: Lazy commands that live elsewhere than ``worker.cli``: name -> (module, extra hint).
-OTHER_MODULES = {"serve": ("api.cli", "this command needs the api extra: "
-                                      "pip install 'bertstream[api]'")}
+OTHER_MODULES = {
+    "serve": ("api.cli", "this command needs the api extra: pip install 'bertstream[api]'"),
+    "bench": ("bench.cli", "this command needs the bench extra: pip install 'bertstream[bench]'"),
+}
 
 #: Rows ``results`` shows unless --limit or --all says otherwise.
 DEFAULT_LIMIT = 100
@@ -547,3 +550,6 @@ def report_command(
     texts = sum(sum(s.volume) for s in series)
     buckets = len({b for s in series for b in s.buckets})
     click.echo(f"wrote {out}: {len(series)} source(s), {buckets} bucket(s), {texts} done text(s)")
+
+
+main.add_command(db_group)

@@ -17,7 +17,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from contract.results import ResultStore, results
+from contract import migrate
+from contract.results import ResultStore
 from contract.settings import Settings
 from tests.workers import WorkerProcess
 from worker.process import ServeProc, free_port
@@ -45,10 +46,10 @@ def pg_url() -> Iterator[str]:
     """The test PostgreSQL database with an empty results table."""
     engine = sa.create_engine(PG_URL)
     with engine.begin() as conn:
-        results.drop(conn, checkfirst=True)
+        migrate.drop_all(conn)
     yield PG_URL
     with engine.begin() as conn:
-        results.drop(conn, checkfirst=True)
+        migrate.drop_all(conn)
     engine.dispose()
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from bench import figures
+from bench.bare import measure_bare
+from bench.options import BenchOptions
+from bench.padding import measure_padding
+from bench.report import ratios, table, write_json
+from bench.workload import social_lengths, social_texts
 from contract.settings import Settings
 from worker.app import build_runner
-from worker.benchmark import figures
-from worker.benchmark.bare import measure_bare
-from worker.benchmark.options import BenchOptions
-from worker.benchmark.padding import measure_padding
-from worker.benchmark.report import ratios, table, write_json
-from worker.benchmark.workload import social_lengths, social_texts
 
 
 def test_workload_is_deterministic_mixed_and_long_tailed() -> None:
@@ -101,7 +101,7 @@ def test_bare_and_report(tiny_model_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
     """Every stage on real Redis, a temp SQLite and real worker processes, tiny sizes."""
-    from worker.benchmark.run import run_bench
+    from bench.run import run_bench
 
     settings = Settings(broker_url=redis_url, cache_dir=str(tmp_path / "cache"))
     opts = dataclasses.replace(

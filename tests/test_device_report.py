@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.benchmark.device_report import build, gpu_peaks, pytest_summary, read_steps
+from bench.device_report import build, gpu_peaks, pytest_summary, read_steps
 
 RUN = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu-h200-2026-11-30"
 

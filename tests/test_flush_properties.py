@@ -42,14 +42,14 @@ def prop_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     url = (f"sqlite:///{tmp_path_factory.mktemp('prop') / 'p.db'}"
            if request.param == "sqlite" else PG_URL)
     store = ResultStore.from_url(url)
-    from contract.results import results
+    from contract import migrate
 
     with store.engine.begin() as conn:
-        results.drop(conn, checkfirst=True)
+        migrate.drop_all(conn)
     store.create_schema()
     yield store
     with store.engine.begin() as conn:
-        results.drop(conn, checkfirst=True)
+        migrate.drop_all(conn)
     store.close()
 
 

@@ -12,29 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.sentiment.behaviour import (
+from training.behaviour import (
     CATEGORIES,
     SuiteItem,
     format_suite_table,
     load_suite,
     suite_table,
 )
-from worker.sentiment.calibration import (
-    ece,
-    fit_temperature,
-    load_temperature,
-    neutral_tradeoff,
-    reliability_bins,
-    write_temperature,
-)
-from worker.sentiment.data import Example, SplitSpec, normalise, split_examples, split_of
-from worker.sentiment.evaluate import (
+from training.calibration import ece, fit_temperature, neutral_tradeoff, reliability_bins
+from training.data import Example, SplitSpec, normalise, split_examples, split_of
+from training.evaluate import (
     calibration_record,
     evaluate_logits,
     format_report,
     neutral_report,
     predict_logits,
 )
+from worker.sentiment.calibration import load_temperature, write_temperature
 
 
 def test_suite_has_300_items_per_language_and_every_category() -> None:
@@ -196,7 +190,7 @@ def test_eval_tables_match_a_direct_computation(tiny_model_dir: Path) -> None:
 
 def test_reliability_png_is_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from worker.sentiment.evaluate import write_reliability
+    from training.evaluate import write_reliability
 
     logits = torch.tensor([[2.0, -1.0], [-0.5, 0.5], [0.1, 0.0], [-3.0, 3.0]])
     examples = [Example(str(i), i % 2, "en", "s") for i in range(4)]
@@ -209,8 +203,8 @@ def test_calibrate_writes_the_temperature_into_the_adapter_meta(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
+    from training.evaluate import calibrate_main
     from worker.sentiment import assemble, data
-    from worker.sentiment.evaluate import calibrate_main
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

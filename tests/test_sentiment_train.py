@@ -24,11 +24,12 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from producer.cli import main
 from tests.tinybert import write_tiny_bert
-from worker.sentiment import frozen_prefix, lora
+from training import frozen_prefix, lora
+from training.data import Example
+from training.evaluate import accuracy_table, predict
+from training.train import Recipe, _batches, _Ema, _score, train_classifier
 from worker.sentiment.adapter_file import load_adapter
-from worker.sentiment.data import Example
-from worker.sentiment.evaluate import accuracy_table, predict
-from worker.sentiment.train import Recipe, _batches, _Ema, _score, train_classifier
+from worker.sentiment.lora import merge_into
 
 torch.set_num_threads(1)
 
@@ -94,7 +95,7 @@ def test_lora_merges_into_plain_weights_without_changing_outputs(tiny_dir: Path)
                 model.get_parameter(name).copy_(torch.randn_like(tensor) * 0.05)
     model.eval()
     state = plain.state_dict()
-    lora.merge_into(state, lora.lora_tensors(model), 8.0 / 4)
+    merge_into(state, lora.lora_tensors(model), 8.0 / 4)
     plain.load_state_dict(state)
     enc = tokenizer(["great hotel", "这家酒店很差"], padding=True, return_tensors="pt")  # type: ignore[operator]
     with torch.inference_mode():
@@ -117,7 +118,7 @@ def test_train_learns_writes_adapter_and_continues_where_it_stopped(
     adapter = load_adapter(tmp_path / "a")
     rebuilt, _ = _load(tiny_dir)
     state = rebuilt.state_dict()
-    lora.merge_into(state, adapter.lora, adapter.scale)
+    merge_into(state, adapter.lora, adapter.scale)
     state.update(adapter.full)
     rebuilt.load_state_dict(state)
     preds = predict(rebuilt, tokenizer, [e.text for e in splits["dev"]], 16, 32)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ unreachable database fails at start, loudly, not on the first task.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from celery import Celery
 
+from contract import migrate
 from contract.broker import make_celery
 from contract.constants import DEFAULT_MODEL, LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.results import ResultStore
@@ -81,13 +83,19 @@ def build_worker_app(
     settings: Settings, runner: Runner, *, store: ResultStore | None = None,
     hostname: str | None = None,
 ) -> WorkerApp:
-    """Wire the Celery app, the results store (schema created) and the task."""
+    """Wire the Celery app, the results store and the task.
+
+    An empty database gets the schema; an outdated one raises
+    :class:`SchemaMismatch` (``bertstream db upgrade`` fixes it).
+    """
     store = store or ResultStore.from_settings(settings)
-    store.create_schema()
+    migrate.ensure(store)
     # The transport patch belongs to worker processes, never to an app importing the client.
     kombu_redis.install()
     app = make_celery(settings, name="bertstream-worker")
-    name = hostname or f"bertstream@{socket.gethostname()}"
+    # The pid keeps two workers on one host apart (rows, heartbeats, Celery's
+    # node names); containers differ by their host names already.
+    name = hostname or f"bertstream-{os.getpid()}@{socket.gethostname()}"
     processor = FlushProcessor(runner, store, settings, worker_name=name)
     metrics = None
     if settings.metrics_port:

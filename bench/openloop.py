@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from bench import figures
+from bench.services import ResultsProbe, WorkerGroup
 from contract.settings import Settings
 from producer.client import Client
-from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerGroup
 
 
 def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:

@@ -13,17 +13,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .behaviour import SuiteItem, format_suite_table, load_suite, suite_table
-from .calibration import (
+from training.behaviour import SuiteItem, format_suite_table, load_suite, suite_table
+from training.calibration import (
     ece,
     fit_temperature,
-    load_temperature,
     neutral_tradeoff,
     nll,
     reliability_bins,
     reliability_png,
 )
-from .data import Example
+from training.data import Example
+from worker.sentiment.calibration import load_temperature
 
 NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
@@ -202,7 +202,7 @@ def eval_main(
     ``split`` (this changes the adapter hash, hence the model revision).
     ``reliability_to``: write the reliability diagram PNG there (matplotlib).
     """
-    from .data import SplitSpec, load_examples
+    from training.data import SplitSpec, load_examples
 
     model_dir = _resolve(model_dir, cache_dir)
     torch.set_num_threads(threads)
@@ -246,7 +246,7 @@ def write_reliability(examples: Sequence[Example], logits: torch.Tensor, tempera
 
 def neutral_texts(vader_sdist: Path, seed: int = 13) -> list[str]:
     """Vader's items rated within 0.5 of neutral, less any text that is in a split."""
-    from .data import SplitSpec, load_examples, normalise, read_vader_neutral
+    from training.data import SplitSpec, load_examples, normalise, read_vader_neutral
 
     seen = {normalise(e.text) for split in load_examples(vader_sdist, SplitSpec(seed=seed)).values()
             for e in split}
@@ -283,8 +283,8 @@ def calibrate_main(
     in its meta.json (a new adapter hash, hence a new model revision; the
     assembled directory then carries ``calibration.json``). Test is not read.
     """
-    from .assemble import ensure_model
-    from .data import SplitSpec, load_examples
+    from training.data import SplitSpec, load_examples
+    from worker.sentiment.assemble import ensure_model
 
     torch.set_num_threads(threads)
     model, tokenizer = _load(ensure_model(cache_dir, adapter_dir))
@@ -300,7 +300,7 @@ def calibrate_main(
 
 
 def _resolve(model_dir: Path | None, cache_dir: Path | None) -> Path:
-    from .assemble import ensure_default_model
+    from worker.sentiment.assemble import ensure_default_model
 
     if model_dir is not None:
         return model_dir

@@ -19,17 +19,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from contract.results import ResultStore
-from contract.settings import Settings
-from worker.benchmark import figures
-from worker.benchmark.bare import measure_bare, run_once
-from worker.benchmark.models import BenchModel, resolve_model
-from worker.benchmark.naive import publish_naive
-from worker.benchmark.openloop import measure_load
-from worker.benchmark.options import BenchOptions
-from worker.benchmark.padding import measure_padding
-from worker.benchmark.pipeline import measure_bertstream, measure_null
-from worker.benchmark.services import (
+from bench import figures
+from bench.bare import measure_bare, run_once
+from bench.models import BenchModel, resolve_model
+from bench.naive import publish_naive
+from bench.openloop import measure_load
+from bench.options import BenchOptions
+from bench.padding import measure_padding
+from bench.pipeline import measure_bertstream, measure_null
+from bench.services import (
     ResultsProbe,
     WorkerGroup,
     WorkerProc,
@@ -37,7 +35,9 @@ from worker.benchmark.services import (
     flush_redis,
     free_port,
 )
-from worker.benchmark.workload import social_texts
+from bench.workload import social_texts
+from contract.results import ResultStore
+from contract.settings import Settings
 
 #: Longest any one stage may wait for its rows.
 STAGE_TIMEOUT_S = 900.0
@@ -213,7 +213,7 @@ class BenchRun:
         step = max(len(self.texts) // self.opts.naive_texts, 1)
         texts = self.texts[::step][: self.opts.naive_texts]
         self.log(f"naive: starting a worker; {len(texts)} texts one per message")
-        worker = self.start_worker(self.settings, "worker.benchmark.naive")
+        worker = self.start_worker(self.settings, "bench.naive")
         prefix = self.prefix("naive")
         warm = [{"id": f"{prefix}warm-{i}", "text": t, "submitted_at": time.time()}
                 for i, t in enumerate(texts[:4])]
@@ -255,7 +255,7 @@ class BenchRun:
             self.stages["http"] = {"skipped": f"the api extra is not installed ({exc})"}
             self.log("http: skipped (pip install 'bertstream[api]')")
             return
-        from worker.benchmark.http import measure_http
+        from bench.http import measure_http
 
         self.stages["http"] = measure_http(
             self.settings, self.probe, self.workdir, self.start_worker, self.texts,

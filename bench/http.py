@@ -22,11 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import figures
+from bench.services import ResultsProbe, WorkerProc, flush_redis
 from contract.settings import Settings
 from producer.client import Client
-from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerProc, flush_redis
 from worker.process import ServeProc
+
+#: Errors of a connection the server closed under a request, and how often one
+#: request is resent on a fresh connection after one.
+_DROPPED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+            asyncio.IncompleteReadError)
+_RESENDS = 2
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
@@ -63,20 +69,38 @@ async def _load(port: int, requests: Sequence[tuple[str, str, bytes | None]],
     statuses = [0] * len(requests)
     next_index = 0
 
+    reconnects = 0
+
     async def connection() -> None:
-        nonlocal next_index
+        nonlocal next_index, reconnects
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while next_index < len(requests):
                 k = next_index
                 next_index += 1
                 method, path, body = requests[k]
-                statuses[k], _ = await _request(reader, writer, method, path, body)
+                for attempt in range(_RESENDS + 1):
+                    try:
+                        statuses[k], _ = await _request(reader, writer, method, path, body)
+                        break
+                    except _DROPPED:
+                        # The server may close a keep-alive connection as the next
+                        # request arrives (its idle timer fired while a loaded host
+                        # stalled it). Every request here is idempotent: resend it
+                        # on a fresh connection.
+                        writer.close()
+                        if attempt == _RESENDS:
+                            raise
+                        reconnects += 1
+                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         finally:
             writer.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(connection() for _ in range(concurrency)))
+    if reconnects > max(1, len(requests) // 100):
+        raise RuntimeError(f"{reconnects} connections dropped by the server "
+                           f"in {len(requests)} requests")
     return time.perf_counter() - t0, statuses
 
 
@@ -95,31 +119,43 @@ def measure_http(settings: Settings, probe: ResultsProbe, workdir: Path,
     api = ServeProc(settings.replace(max_queue_length=1_000_000), workdir / "serve.log",
                     "--log-level", "warning")
     try:
-        api.wait_ready()
-        out: dict[str, Any] = {"concurrency": concurrency,
-                               "coalesce_ms": settings.api_coalesce_ms}
-        n = max(single, 1)
-        log(f"http: server limit, {n} GET /healthz over {concurrency} connections")
-        seconds, statuses = asyncio.run(_load(api.port, [("GET", "/healthz", None)] * n,
-                                              concurrency))
-        _check(statuses, 200, "GET /healthz")
-        out["noop_requests_per_s"] = n / seconds
-        null = settings.replace(model="null")
-        for name, model_settings, count in (("null", null, single), ("model", settings, real)):
-            log(f"http: {count} single-text POSTs end to end, {name} worker")
-            worker = start_worker(model_settings)
-            try:
-                out[f"single_{name}"] = _single_e2e(api.port, probe, worker, texts,
-                                                    f"{prefix}{name}-", count, concurrency,
-                                                    timeout)
-            finally:
-                worker.stop()
-        log(f"http: bulk POST of 256 items vs Client.submit_many, {bulk_rounds} rounds each")
-        out["bulk"] = _bulk_vs_client(api.port, settings, texts, f"{prefix}bulk-", bulk_rounds)
-        return out
+        return _measure(api, settings, probe, start_worker, texts, prefix, single=single,
+                        real=real, concurrency=concurrency, bulk_rounds=bulk_rounds,
+                        timeout=timeout, log=log)
+    except (OSError, RuntimeError) as exc:
+        raise RuntimeError(f"http stage: {exc!r}; server log:\n{api.log()}") from exc
     finally:
         api.stop()
         flush_redis(settings.broker_url)
+
+
+def _measure(api: ServeProc, settings: Settings, probe: ResultsProbe,
+             start_worker: Callable[[Settings], WorkerProc], texts: Sequence[str], prefix: str,
+             *, single: int, real: int, concurrency: int, bulk_rounds: int, timeout: float,
+             log: Any) -> dict[str, Any]:
+    """The figures, from a server that ``measure_http`` started and stops."""
+    api.wait_ready()
+    out: dict[str, Any] = {"concurrency": concurrency,
+                           "coalesce_ms": settings.api_coalesce_ms}
+    n = max(single, 1)
+    log(f"http: server limit, {n} GET /healthz over {concurrency} connections")
+    seconds, statuses = asyncio.run(_load(api.port, [("GET", "/healthz", None)] * n,
+                                          concurrency))
+    _check(statuses, 200, "GET /healthz")
+    out["noop_requests_per_s"] = n / seconds
+    null = settings.replace(model="null")
+    for name, model_settings, count in (("null", null, single), ("model", settings, real)):
+        log(f"http: {count} single-text POSTs end to end, {name} worker")
+        worker = start_worker(model_settings)
+        try:
+            out[f"single_{name}"] = _single_e2e(api.port, probe, worker, texts,
+                                                f"{prefix}{name}-", count, concurrency,
+                                                timeout)
+        finally:
+            worker.stop()
+    log(f"http: bulk POST of 256 items vs Client.submit_many, {bulk_rounds} rounds each")
+    out["bulk"] = _bulk_vs_client(api.port, settings, texts, f"{prefix}bulk-", bulk_rounds)
+    return out
 
 
 def _single_e2e(port: int, probe: ResultsProbe, worker: WorkerProc, texts: Sequence[str],

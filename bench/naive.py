@@ -5,7 +5,7 @@ tokenizes ONE text, runs the model on it, and INSERTs one row in its own
 transaction, on a solo worker with prefetch 1 and late acks. Same Redis,
 same database, same model, same torch threads as the bertstream worker.
 
-``python -m worker.benchmark.naive --hostname NAME`` runs that worker,
+``python -m bench.naive --hostname NAME`` runs that worker,
 configured from ``BERTSTREAM_*`` like the real one.
 """
 
@@ -89,7 +89,7 @@ def publish_naive(settings: Settings, items: list[dict[str, Any]]) -> float:
 
 def main() -> None:
     """Run the naive worker (solo pool, prefetch 1) until SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m worker.benchmark.naive")
+    parser = argparse.ArgumentParser(prog="python -m bench.naive")
     parser.add_argument("--hostname", required=True)
     args = parser.parse_args()
     settings = Settings.from_env()

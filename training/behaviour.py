@@ -5,7 +5,7 @@
 ``intensifier``, ``hedge``, ``domain_word``, ``emoji_short``, ``contrast``),
 ``lang`` (``zh``/``en``) and, for plain items, ``domain``. The items were
 written for bertstream (Apache-2.0, see ``suite/README.md``).
-:func:`worker.sentiment.data.load_examples` drops any training text equal
+:func:`training.data.load_examples` drops any training text equal
 to a suite item, so the suite stays a test.
 """
 

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bench import figures
+from bench.services import ResultsProbe, WorkerGroup, WorkerProc
 from contract.settings import Settings
 from producer.client import Client
-from worker.benchmark import figures
-from worker.benchmark.services import ResultsProbe, WorkerGroup, WorkerProc
 
 
 def measure_bertstream(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,

@@ -65,8 +65,8 @@ def speed_main(
     """
     import random
 
-    from .data import SplitSpec, load_examples
-    from .evaluate import accuracy_table, format_table, predict
+    from training.data import SplitSpec, load_examples
+    from training.evaluate import accuracy_table, format_table, predict
 
     torch.set_num_threads(threads)
     model, tokenizer = load(model_dir)

@@ -1,0 +1,221 @@
+"""The results database's schema revision: upgrade it, read it, check it.
+
+Migrations are Alembic revisions in ``contract/migrations/versions``.
+``bertstream db upgrade`` applies them; the worker and the API check the
+revision at start and refuse an outdated (or unknown, newer) schema with a
+message that names the command to run. An empty database is the one case a
+worker sets up by itself (to head, exactly as ``db upgrade`` would), so the
+embedded demo needs no extra step.
+
+Concurrent upgrades (several workers or ``migrate`` containers at once) are
+serialised: a PostgreSQL advisory lock, or a lock file next to a SQLite
+database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
+from contract.errors import SchemaMismatch
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from contract.results import ResultStore
+
+T = TypeVar("T")
+
+#: What an operator runs to bring the schema up to date.
+UPGRADE_COMMAND = "bertstream db upgrade"
+#: Key of the PostgreSQL advisory lock held while migrating.
+_LOCK_KEY = zlib.crc32(b"bertstream-migrations")
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database stands: its revision (None: unstamped), the code's head, the table."""
+
+    current: str | None
+    head: str
+    has_results: bool
+
+    @property
+    def empty(self) -> bool:
+        """Nothing of bertstream's there yet."""
+        return self.current is None and not self.has_results
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    def problem(self, script: ScriptDirectory | None = None) -> str | None:
+        """Why a worker or the API must not run on this database, or None."""
+        if self.up_to_date and self.has_results:
+            return None
+        if self.empty:
+            return f"the results database has no schema yet: run `{UPGRADE_COMMAND}`"
+        if not self.has_results:
+            return (f"the schema is stamped {self.current} but the results table is missing "
+                    f"(dropped by hand?): drop {MIGRATIONS_TABLE} too, then run "
+                    f"`{UPGRADE_COMMAND}`")
+        if self.current is None:
+            return (f"the results table predates schema migrations: run `{UPGRADE_COMMAND}` "
+                    "(it adopts the table, rows kept)")
+        known = {rev.revision for rev in (script or _script()).walk_revisions()}
+        if self.current not in known:
+            return (f"the results database is at schema revision {self.current}, which this "
+                    f"bertstream does not know (newer code migrated it?): upgrade bertstream "
+                    f"to a version whose `bertstream db history` lists it")
+        return (f"the results database is at schema revision {self.current}, this bertstream "
+                f"needs {self.head}: run `{UPGRADE_COMMAND}`")
+
+
+def _config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "contract:migrations")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config())
+
+
+@functools.cache
+def head_revision() -> str:
+    """The revision this code's schema is at."""
+    head = _script().get_current_head()
+    if head is None:  # pragma: no cover - the package ships its revisions
+        raise RuntimeError("no migrations found in contract/migrations/versions")
+    return head
+
+
+def _current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    context = MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_TABLE})
+    return context.get_current_revision()
+
+
+def state(store: ResultStore) -> SchemaState:
+    """The database's :class:`SchemaState` (raises StoreUnavailable on an outage)."""
+    def read(conn: Connection) -> SchemaState:
+        return SchemaState(_current(conn), head_revision(),
+                           sa.inspect(conn).has_table(RESULTS_TABLE))
+
+    return store.run(read, "cannot read the schema revision")
+
+
+def check(store: ResultStore) -> SchemaState:
+    """The state, or :class:`SchemaMismatch` naming what to run when it is not head."""
+    current = state(store)
+    problem = current.problem()
+    if problem:
+        raise SchemaMismatch(problem)
+    return current
+
+
+def upgrade(store: ResultStore, revision: str = "head") -> tuple[str | None, str | None]:
+    """Apply the migrations up to ``revision``; give (revision before, revision after)."""
+    from alembic import command
+
+    def apply(conn: Connection) -> tuple[str | None, str | None]:
+        before = _current(conn)
+        command.upgrade(_config(conn), revision)
+        conn.commit()
+        return before, _current(conn)
+
+    return _locked(store, apply, "cannot upgrade the schema")
+
+
+def downgrade(store: ResultStore, revision: str) -> tuple[str | None, str | None]:
+    """Undo migrations down to ``revision`` (a rollback; each revision says what it drops)."""
+    from alembic import command
+
+    def apply(conn: Connection) -> tuple[str | None, str | None]:
+        before = _current(conn)
+        command.downgrade(_config(conn), revision)
+        conn.commit()
+        return before, _current(conn)
+
+    return _locked(store, apply, "cannot downgrade the schema")
+
+
+def ensure(store: ResultStore) -> SchemaState:
+    """What a worker runs at start: set up an empty database, refuse an outdated one."""
+    current = state(store)
+    if current.empty:
+        upgrade(store)
+        current = state(store)
+    problem = current.problem()
+    if problem:
+        raise SchemaMismatch(problem)
+    return current
+
+
+def drop_all(conn: Connection) -> None:
+    """Drop bertstream's tables and the revision table (tests and benchmarks start clean)."""
+    conn.execute(sa.text(f"DROP TABLE IF EXISTS {WINDOWS_TABLE}"))
+    conn.execute(sa.text(f"DROP TABLE IF EXISTS {RESULTS_TABLE}"))
+    conn.execute(sa.text(f"DROP TABLE IF EXISTS {MIGRATIONS_TABLE}"))
+
+
+def history() -> list[tuple[str, str | None, str]]:
+    """Every revision, oldest first: (revision, the one it revises, its first doc line)."""
+    revisions = list(_script().walk_revisions())
+    revisions.reverse()
+    out = []
+    for rev in revisions:
+        down = rev.down_revision
+        down_text = down if isinstance(down, str) or down is None else ",".join(down)
+        out.append((rev.revision, down_text, (rev.doc or "").strip().splitlines()[0]))
+    return out
+
+
+def _locked(store: ResultStore, work: Callable[[Connection], T], what: str) -> T:
+    """``work`` on one connection while no other bertstream migrates this database."""
+    def run(conn: Connection) -> T:
+        with _lock(conn, store.engine.url):
+            return work(conn)
+
+    return store.run(run, what)
+
+
+@contextlib.contextmanager
+def _lock(conn: Connection, url: sa.engine.URL) -> Iterator[None]:
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+            conn.commit()
+        return
+    if conn.dialect.name == "sqlite" and url.database and url.database != ":memory:":
+        with open(Path(url.database).with_name(Path(url.database).name + ".migrate-lock"),
+                  "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    yield

@@ -1,0 +1,223 @@
+"""Schema migrations on SQLite and PostgreSQL: from empty, from every earlier
+revision and from a pre-migration table, rows kept; outdated schemas refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from contract import migrate
+from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE
+from contract.errors import SchemaMismatch
+from contract.results import ResultStore, metadata
+from contract.settings import Settings
+from worker.process import ServeProc, settings_env
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def bertstream(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def insert_row(store: ResultStore, task_id: str) -> None:
+    """A row with only the columns every revision has had (the baseline's NOT NULLs)."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(
+            f"INSERT INTO {RESULTS_TABLE} (id, text_sha256, text_chars, model, status, "
+            "attempts, truncated, finished_at, label, score) VALUES (:id, :sha, 4, 'm', 'done', "
+            "1, :f, :at, 'positive', 0.9)"),
+            {"id": task_id, "sha": "0" * 64, "f": False, "at": NOW})
+
+
+def ids(store: ResultStore) -> list[str]:
+    with store.engine.connect() as conn:
+        return sorted(conn.execute(sa.text(f"SELECT id FROM {RESULTS_TABLE}")).scalars())
+
+
+def test_upgrade_from_empty_matches_the_tables_the_code_uses(store_url: str) -> None:
+    store = ResultStore.from_url(store_url)
+    assert migrate.state(store).empty
+    before, after = migrate.upgrade(store)
+    assert (before, after) == (None, migrate.head_revision())
+    assert migrate.check(store).up_to_date
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_TABLE})
+        diffs = compare_metadata(context, metadata)
+    # The migrations build exactly the table the code reads and writes.
+    assert diffs == []
+    store.create_schema()  # idempotent: a second upgrade changes nothing
+    assert migrate.state(store).current == after
+    store.close()
+
+
+def test_upgrade_from_every_earlier_revision_keeps_rows(store_url: str) -> None:
+    revisions = [rev for rev, _down, _doc in migrate.history()]
+    assert revisions and revisions[-1] == migrate.head_revision()
+    for start in revisions[:-1] or revisions:
+        store = ResultStore.from_url(store_url)
+        with store.engine.begin() as conn:
+            migrate.drop_all(conn)
+        migrate.upgrade(store, start)
+        assert migrate.state(store).current == start
+        insert_row(store, f"kept-{start}")
+        migrate.upgrade(store)
+        assert migrate.check(store).up_to_date
+        assert ids(store) == [f"kept-{start}"]
+        store.close()
+
+
+def test_a_table_from_before_migrations_is_adopted_with_its_rows(store_url: str) -> None:
+    store = ResultStore.from_url(store_url)
+    migrate.upgrade(store, "0001")
+    with store.engine.begin() as conn:  # what bertstream 0.1 left: the table, no revision
+        conn.execute(sa.text(f"DROP TABLE {MIGRATIONS_TABLE}"))
+    insert_row(store, "legacy-1")
+    insert_row(store, "legacy-2")
+    state = migrate.state(store)
+    assert state.current is None and state.has_results
+    with pytest.raises(SchemaMismatch, match="predates schema migrations.*bertstream db upgrade"):
+        migrate.ensure(store)  # a worker refuses it instead of creating anything
+    out = bertstream(Settings(database_url=store_url), "db", "upgrade")
+    assert out.returncode == 0, out.stderr
+    assert "upgraded a table from before migrations -> " in out.stdout
+    assert migrate.check(store).up_to_date
+    assert ids(store) == ["legacy-1", "legacy-2"]
+    store.close()
+
+
+def test_db_commands_report_and_check_the_revision(store_url: str) -> None:
+    settings = Settings(database_url=store_url)
+    head = migrate.head_revision()
+    out = bertstream(settings, "db", "current", "--check")
+    assert out.returncode == 1
+    assert "revision none (empty)" in out.stdout and "bertstream db upgrade" in out.stderr
+    assert bertstream(settings, "db", "upgrade").returncode == 0
+    out = bertstream(settings, "db", "upgrade")
+    assert out.returncode == 0 and f"already at revision {head}" in out.stdout
+    out = bertstream(settings, "db", "current", "--check")
+    assert out.returncode == 0, out.stderr
+    assert f"revision {head}; this bertstream needs {head}" in out.stdout
+    history = bertstream(settings, "db", "history")
+    assert history.returncode == 0 and f"-> {head} (head)" in history.stdout
+
+
+def test_password_is_never_printed(pg_url: str) -> None:
+    url = pg_url.replace("postgres@", "postgres:s3cret-pw@")
+    out = bertstream(Settings(database_url=url), "db", "current")
+    assert "s3cret-pw" not in out.stdout + out.stderr
+    assert "***" in out.stdout
+
+
+def test_concurrent_upgrades_all_succeed_once(pg_url: str) -> None:
+    settings = Settings(database_url=pg_url)
+    procs = [subprocess.Popen([sys.executable, "-c", "from producer.cli import main; main()",
+                               "db", "upgrade"], env=settings_env(settings), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    upgraded = [o for o, _ in outputs if "upgraded" in o]
+    assert len(upgraded) == 1, outputs  # the others found it done
+    store = ResultStore.from_url(pg_url)
+    assert migrate.check(store).up_to_date
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {MIGRATIONS_TABLE}")).scalar() == 1
+    store.close()
+
+
+def _stamp(store: ResultStore, revision: str) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {MIGRATIONS_TABLE} SET version_num = :r"), {"r": revision})
+
+
+@pytest.mark.parametrize("stamp, message", [
+    (None, "predates schema migrations"),
+    ("f00dfeed", "revision f00dfeed, which this bertstream does not know"),
+])
+def test_worker_and_api_refuse_an_outdated_schema_before_loading_anything(
+        sqlite_url: str, redis_url: str, tmp_path: Path, stamp: str | None, message: str) -> None:
+    store = ResultStore.from_url(sqlite_url)
+    migrate.upgrade(store)
+    if stamp is None:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE {MIGRATIONS_TABLE}"))
+    else:
+        _stamp(store, stamp)
+    store.close()
+    # A model path that does not exist: the schema check must come first.
+    settings = Settings(database_url=sqlite_url, broker_url=redis_url,
+                        model=str(tmp_path / "no-model"), cache_dir=str(tmp_path / "cache"))
+    started = time.monotonic()
+    worker = bertstream(settings, "worker", "--device", "cpu")
+    assert worker.returncode == 2, worker.stderr
+    assert message in worker.stderr
+    assert time.monotonic() - started < 30
+    api = bertstream(settings, "serve", "--port", "1")
+    assert api.returncode == 2, api.stderr
+    assert message in api.stderr and "Traceback" not in api.stderr
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """An empty database (no results table, no revision) on each engine."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
+def test_readyz_reports_the_schema(sqlite_url: str, redis_url: str,
+                                   api_factory: Callable[..., ServeProc]) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    def database_check(api: ServeProc) -> str:
+        try:
+            with urllib.request.urlopen(api.url + "/readyz", timeout=10) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+        return str(json.loads(body)["checks"]["database"])
+
+    api = api_factory(Settings(database_url=sqlite_url, broker_url=redis_url))
+    assert database_check(api).startswith("ok: no schema yet")
+    store = ResultStore.from_url(sqlite_url)
+    migrate.upgrade(store)
+    assert database_check(api) == "ok"
+    _stamp(store, "f00dfeed")  # newer code migrated the database under this API
+    assert database_check(api).startswith("schema: the results database is at schema revision "
+                                          "f00dfeed")
+    store.close()
+
+
+def test_downgrade_to_one_row_per_task_keeps_the_latest_and_upgrades_again(
+        store_url: str) -> None:
+    store = ResultStore.from_url(store_url)
+    migrate.upgrade(store)
+    later = NOW + dt.timedelta(minutes=5)
+    with store.engine.begin() as conn:
+        for task_id, model, at in (("t1", "old", NOW), ("t1", "new", later), ("t2", "old", NOW)):
+            conn.execute(sa.text(
+                f"INSERT INTO {RESULTS_TABLE} (id, model, text_sha256, text_chars, status, "
+                "attempts, truncated, finished_at) VALUES (:id, :m, :sha, 4, 'done', 1, :f, :at)"),
+                {"id": task_id, "m": model, "sha": "0" * 64, "f": False, "at": at})
+    out = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001")
+    assert out.returncode == 0, out.stderr
+    assert migrate.state(store).current == "0001"
+    with store.engine.connect() as conn:
+        kept = sorted(conn.execute(sa.text(f"SELECT id, model FROM {RESULTS_TABLE}")).all())
+    assert [tuple(r) for r in kept] == [("t1", "new"), ("t2", "old")]
+    migrate.upgrade(store)
+    assert migrate.check(store).up_to_date and ids(store) == ["t1", "t2"]
+    store.close()
