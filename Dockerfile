@@ -34,7 +34,9 @@ print('\n'.join(p['dependencies'] + [d for e in sys.argv[1].split(',') for d in 
 
 # -- build: bertstream itself as a wheel, and the bundled model assembled once.
 FROM deps AS build
-COPY README.md /src/
+# pyproject.toml names README.md as the long description; a stub keeps README
+# edits from rebuilding the package and the model.
+RUN echo "bertstream: streaming, micro-batched BERT text analysis" > /src/README.md
 COPY contract /src/contract
 COPY producer /src/producer
 COPY worker /src/worker

@@ -109,8 +109,9 @@ wait_healthy "$worker" 300
 migrate=$(dc ps -q migrate)
 [ "$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$migrate")" = "exited 0" ] \
   || fail "migrate did not exit 0"
-dc logs --no-color migrate | tail -5
+dc logs --no-color migrate | tail -3
 dc ps
+dc run --rm -T cli db current
 
 say "submit through the cli service"
 out=$(dc run --rm -T cli submit "这家酒店的服务很好,房间也很干净。" "The staff were rude and the room was dirty." \
@@ -221,14 +222,17 @@ echo "worker after docker kill: $(docker inspect -f '{{.State.Status}} (exit {{.
 say "Redis restart with tasks queued and no worker"
 M=200
 texts queued "$M" > "$workdir/queued.jsonl"
-dc run --rm -T cli stream - --source queued --no-progress < "$workdir/queued.jsonl"
-before=$(queued)
-[ "$before" -gt 0 ] || fail "nothing queued"
+dc run --rm -T -e BERTSTREAM_BULK_CHUNK_SIZE=$CHUNK cli stream - --source queued --no-progress \
+  < "$workdir/queued.jsonl"
+queue_digest() { redis_q --raw LRANGE bertstream.bulk 0 -1 | sha256sum | cut -c1-16; }
+before=$(queued) digest=$(queue_digest)
+[ "$before" -eq $(( M / CHUNK + (M % CHUNK > 0) )) ] || fail "expected $(( M / CHUNK + 1 )) queued messages, found $before"
 dc restart redis
 wait_healthy "$redis" 60
 after=$(queued)
-echo "queued messages: $before before the Redis restart, $after after"
-[ "$after" = "$before" ] || fail "the queue lost messages across the Redis restart"
+echo "queued messages: $before before the Redis restart ($digest), $after after ($(queue_digest))"
+[ "$after" = "$before" ] && [ "$(queue_digest)" = "$digest" ] \
+  || fail "the queue changed across the Redis restart"
 dc start worker-cpu
 wait_healthy "$worker" 300
 wait_rows queued "$M" 300
