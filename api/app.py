@@ -14,6 +14,7 @@ import csv
 import datetime as dt
 import io
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
@@ -32,10 +33,10 @@ from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
-from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
-from contract.queries import Filters, iter_records, page, stats
+from contract.queries import Comparison, Filters, compare, iter_records, page, stats
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.client import Client
@@ -44,6 +45,7 @@ from producer.items import ItemError, ItemValidator
 
 Lane = Literal["interactive", "bulk"]
 Status = Literal["done", "failed", "expired"]
+Lang = Literal["zh", "en", "mixed", "other"]
 
 
 class TaskIn(BaseModel):
@@ -55,6 +57,9 @@ class TaskIn(BaseModel):
     source: str | None = Field(None, description="A source tag to filter and group by")
     meta: dict[str, Any] | None = Field(None, description="Any JSON object, stored with the row")
     lane: Lane | None = Field(None, description="interactive (default) or bulk")
+    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$",
+                              description="A named model (a worker started with --model "
+                                          "NAME=PATH); default: the default model")
 
 
 class BulkIn(BaseModel):
@@ -64,6 +69,9 @@ class BulkIn(BaseModel):
     items: list[Any] = Field(description="Texts or {text, id?, source?, meta?} objects")
     source: str | None = Field(None, description="Source tag for items without their own")
     lane: Lane | None = Field(None, description="bulk (default) or interactive")
+    model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$",
+                              description="A named model for every item (default: the default "
+                                          "model)")
 
 
 class Accepted(BaseModel):
@@ -98,21 +106,54 @@ def _view(record: ResultRecord) -> dict[str, Any]:
     return out
 
 
+class ModelLane:
+    """Submitting to one model: its settings, id claims, coalescing and queue bound."""
+
+    def __init__(self, settings: Settings, client: Client) -> None:
+        self.settings = settings
+        self.submitter = Submitter(settings, client)
+        self.coalescer = Coalescer(self.submitter, settings.api_coalesce_ms / 1000.0,
+                                   settings.bulk_chunk_size)
+
+    def close(self) -> None:
+        self.submitter.close()
+
+
+#: Distinct models one API process submits to at most (each holds a Redis connection).
+MAX_MODELS = 32
+
+
 class Services:
     """What the routes share; built in the app's lifespan."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = Client(settings)
-        self.submitter = Submitter(settings, self.client)
-        self.coalescer = Coalescer(self.submitter, settings.api_coalesce_ms / 1000.0,
-                                   settings.bulk_chunk_size)
+        self._lanes = {settings.model_name: ModelLane(settings, self.client)}
+        self._lanes_lock = threading.Lock()
+        self.submitter = self._lanes[settings.model_name].submitter
+        self.coalescer = self._lanes[settings.model_name].coalescer
         self.waiter = Waiter(self.client.get_many)
         self.metrics = ApiMetrics()
         self.metrics.watch(self.client, self.submitter.redis, settings.queue)
 
+    def lane(self, model: str | None) -> ModelLane:
+        """Submitting to the model named ``model`` (None: the default one)."""
+        name = model or self.settings.model_name
+        with self._lanes_lock:
+            lane = self._lanes.get(name)
+            if lane is None:
+                if len(self._lanes) >= MAX_MODELS:
+                    raise ApiError(422, "too_many_models",
+                                   f"this server already submits to {MAX_MODELS} models")
+                lane = ModelLane(self.settings.replace(model_name=name),
+                                 self.client.for_model(name))
+                self._lanes[name] = lane
+            return lane
+
     def close(self) -> None:
-        self.submitter.close()
+        for lane in self._lanes.values():
+            lane.close()
         self.client.close()
 
 
@@ -194,20 +235,21 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                             503: {"description": "Redis or the database is unreachable"}})
     async def submit(body: Annotated[TaskIn | BulkIn, Body()]) -> Any:
         """Queue one task (202 with its id) or many (202 with ids in input order)."""
-        if await run_in_threadpool(services.submitter.queue_full):
+        target = services.lane(body.model)
+        if await run_in_threadpool(target.submitter.queue_full):
             raise ApiError(429, "busy", "the queue is over its bound; retry later",
                            {"Retry-After": "1"})
         if isinstance(body, BulkIn):
-            answer = await run_in_threadpool(_submit_bulk, services, body)
+            answer = await run_in_threadpool(_submit_bulk, services, target, body)
             # Already a BulkAccepted: skip the response model's second validation pass.
             return JSONResponse(answer.model_dump(), status_code=202)
-        raw = body.model_dump(exclude={"lane"}, exclude_none=True)
-        checked = ItemValidator(settings).check(0, raw)
+        raw = body.model_dump(exclude={"lane", "model"}, exclude_none=True)
+        checked = ItemValidator(target.settings).check(0, raw)
         lane = body.lane or LANE_INTERACTIVE
         if isinstance(checked, ItemError):
             services.metrics.items.labels(lane, "invalid").inc()
             raise ApiError(422, "invalid_input", checked.reason)
-        outcome = await services.coalescer.submit(checked, lane, caller_id=body.id is not None)
+        outcome = await target.coalescer.submit(checked, lane, caller_id=body.id is not None)
         services.metrics.items.labels(lane, outcome.status).inc()
         if outcome.status == CONFLICT:
             raise ApiError(409, "id_conflict", outcome.reason)
@@ -219,28 +261,33 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         task_id: Annotated[str, Path(max_length=settings.max_id_chars)],
         wait: Annotated[float, Query(ge=0, description="Seconds to long-poll for the result "
                                      "(at most BERTSTREAM_API_MAX_WAIT_S)")] = 0,
+        model: Annotated[str | None, Query(pattern=f"^{MODEL_NAME_PATTERN}$",
+                                           description="This model's result (default: the "
+                                                       "task's latest)")] = None,
     ) -> dict[str, Any]:
         """``queued``, ``done`` (label, score, scores, model) or ``failed`` (reason)."""
-        record = await run_in_threadpool(services.client.get, task_id)
+        record = await run_in_threadpool(services.client.get, task_id, model)
         if record is not None:
             return _view(record)
-        known = await run_in_threadpool(services.submitter.accepted_hash, task_id)
+        known = await run_in_threadpool(services.lane(model).submitter.accepted_hash, task_id)
         if known is None:
-            raise ApiError(404, "not_found", f"no task {task_id!r} was accepted")
+            raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
+                           + (f" for model {model!r}" if model else ""))
         if wait > 0:
-            record = await services.waiter.wait(task_id, min(wait, settings.api_max_wait_s))
+            record = await services.waiter.wait(task_id, min(wait, settings.api_max_wait_s),
+                                                model)
             if record is not None:
                 return _view(record)
         return {"id": task_id, "status": "queued"}
 
 
-def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
+def _submit_bulk(services: Services, target: ModelLane, body: BulkIn) -> BulkAccepted:
     settings = services.settings
     if len(body.items) > settings.api_max_items:
         raise ApiError(413, "too_many_items",
                        f"{len(body.items)} items, over the limit of {settings.api_max_items}")
     lane = body.lane or LANE_BULK
-    validator = ItemValidator(settings, body.source)
+    validator = ItemValidator(target.settings, body.source)
     refused: list[ItemRefusal] = []
     good: list[tuple[int, Any]] = []
     for index, raw in enumerate(body.items):
@@ -251,8 +298,8 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
             good.append((index, checked))
     caller = frozenset(it.id for i, it in good
                        if isinstance(body.items[i], dict) and body.items[i].get("id") is not None)
-    outcomes: list[Outcome] = services.submitter.submit([it for _, it in good], lane=lane,
-                                                        caller_ids=caller)
+    outcomes: list[Outcome] = target.submitter.submit([it for _, it in good], lane=lane,
+                                                      caller_ids=caller)
     ids: list[str | None] = [None] * len(body.items)
     duplicates = 0
     for (index, _item), outcome in zip(good, outcomes, strict=True):
@@ -273,14 +320,15 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
 
 
 def _filters(source: str | None, label: str | None, status: str | None, model: str | None,
-             since: dt.datetime | None, until: dt.datetime | None) -> Filters:
+             since: dt.datetime | None, until: dt.datetime | None,
+             lang: str | None = None) -> Filters:
     def utc(value: dt.datetime | None) -> dt.datetime | None:
         if value is None or value.tzinfo is not None:
             return value
         return value.replace(tzinfo=dt.timezone.utc)
 
     return Filters(source=source, label=label, status=status, model=model,
-                   since=utc(since), until=utc(until))
+                   since=utc(since), until=utc(until), lang=lang)
 
 
 FilterParams = dict[str, Any]
@@ -295,8 +343,9 @@ def _filter_params(
     model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
     since: Annotated[dt.datetime | None, Query(description="finished at or after (ISO 8601)")] = None,
     until: Annotated[dt.datetime | None, Query(description="finished before (ISO 8601)")] = None,
+    lang: Annotated[Lang | None, Query(description="the detected language")] = None,
 ) -> Filters:
-    return _filters(source, label, status, model, since, until)
+    return _filters(source, label, status, model, since, until, lang)
 
 
 def _read_routes(router: APIRouter, services: Services) -> None:
@@ -330,13 +379,34 @@ def _read_routes(router: APIRouter, services: Services) -> None:
     @router.get("/v1/stats", tags=["results"])
     def stats_route(
         filters: Annotated[Filters, Depends(_filter_params)],
-        by: Literal["label", "source", "status", "model"] = "label",
+        by: Literal["label", "source", "status", "model", "lang"] = "label",
         bucket: Literal["1m", "1h", "1d"] | None = None,
     ) -> dict[str, Any]:
         """Counts and mean score per ``by``, and per time bucket of ``finished_at`` (UTC)."""
         if not services.client.has_results_table():
             return {"by": by, "bucket": bucket, "groups": []}
         return {"by": by, "bucket": bucket, "groups": stats(store, filters, by=by, bucket=bucket)}
+
+
+    model_name = Annotated[str, Query(pattern=f"^{MODEL_NAME_PATTERN}$")]
+
+    @router.get("/v1/compare", tags=["results"])
+    def compare_route(
+        a: model_name,
+        b: model_name,
+        filters: Annotated[Filters, Depends(_filter_params)],
+        top: Annotated[int, Query(ge=0, le=1000)] = 10,
+    ) -> dict[str, Any]:
+        """Model ``b`` against model ``a`` on the texts both scored: agreement, label flips,
+        the mean change of b's probability of a's label, the texts b moved most (in SQL).
+        ``source``, ``label`` (a's), ``lang`` and the time range select a's rows."""
+        if a == b:
+            raise InvalidInput("compare two different models")
+        if filters.model is not None or filters.status is not None:
+            raise InvalidInput("compare takes a and b, not model or status")
+        if not services.client.has_results_table():
+            return Comparison(a, b, 0, 0, [], None, []).as_dict()
+        return compare(store, a, b, filters, top=top).as_dict()
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}

@@ -88,8 +88,8 @@ class Submitter:
         self._claim = self.redis.register_script(_CLAIM)
 
     def key(self, task_id: str) -> str:
-        """The Redis key remembering that ``task_id`` was accepted."""
-        return f"{ACCEPTED_KEY_PREFIX}{self.settings.queue}:{task_id}"
+        """The Redis key remembering that ``task_id`` was accepted (for this model)."""
+        return f"{ACCEPTED_KEY_PREFIX}{self.settings.family}:{task_id}"
 
     def accepted_hash(self, task_id: str) -> str | None:
         """The text hash ``task_id`` was accepted with, while it is remembered."""
@@ -155,7 +155,9 @@ class Submitter:
         wanted = [i for i in fresh if items[i].id in caller_ids]
         if not wanted:
             return
-        stored = self.client.get_many([items[i].id for i in wanted])
+        # Any model's row: an id names one text, whichever model scores it.
+        stored = (self.client.store.get_many([items[i].id for i in wanted])
+                  if self.client.has_results_table() else {})
         conflicts = []
         for i in wanted:
             row = stored.get(items[i].id)

@@ -3,8 +3,8 @@
 ``GET /v1/tasks/{id}?wait=S`` must not hold a database connection per
 waiter. :class:`Waiter` keeps one future per waiting id; a single background
 task asks the store for every waited-for id at once, every ``interval_s``,
-in a worker thread, and resolves the futures whose rows exist. A waiter
-whose time runs out simply stops waiting.
+in a worker thread (one query per model waited on), and resolves the
+futures whose rows exist. A waiter whose time runs out simply stops waiting.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 class Waiter:
     """Resolves waits on task ids from one polling loop (start with :meth:`run`)."""
 
-    def __init__(self, fetch: Callable[[Iterable[str]], dict[str, ResultRecord]],
+    def __init__(self, fetch: Callable[[Iterable[str], str | None], dict[str, ResultRecord]],
                  interval_s: float = 0.1) -> None:
+        """``fetch(ids, model)``: the stored rows among ``ids`` (``model``'s, or the latest)."""
         self.fetch = fetch
         self.interval_s = interval_s
-        self._waiting: dict[str, list[asyncio.Future[ResultRecord]]] = {}
+        self._waiting: dict[tuple[str, str | None], list[asyncio.Future[ResultRecord]]] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -35,21 +36,23 @@ class Waiter:
         """Ids being waited for now."""
         return len(self._waiting)
 
-    async def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
-        """The row of ``task_id`` once stored, or None after ``timeout`` seconds."""
+    async def wait(self, task_id: str, timeout: float,
+                   model: str | None = None) -> ResultRecord | None:
+        """The row of ``task_id`` (``model``'s, or any) once stored, or None after ``timeout``."""
+        key = (task_id, model)
         future: asyncio.Future[ResultRecord] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(task_id, []).append(future)
+        self._waiting.setdefault(key, []).append(future)
         self._wake.set()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
             return None
         finally:
-            futures = self._waiting.get(task_id, [])
+            futures = self._waiting.get(key, [])
             with contextlib.suppress(ValueError):
                 futures.remove(future)
             if not futures:
-                self._waiting.pop(task_id, None)
+                self._waiting.pop(key, None)
 
     async def run(self) -> None:
         """Poll for the waited-for ids until cancelled."""
@@ -58,14 +61,17 @@ class Waiter:
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
-            ids = list(self._waiting)
-            try:
-                found = await loop.run_in_executor(None, self.fetch, ids)
-            except BertstreamError as exc:  # an outage: waiters time out, keep polling
-                log.warning("long poll: %s", exc)
-                found = {}
-            for task_id, record in found.items():
-                for future in self._waiting.get(task_id, []):
-                    if not future.done():
-                        future.set_result(record)
+            by_model: dict[str | None, list[str]] = {}
+            for task_id, model in list(self._waiting):
+                by_model.setdefault(model, []).append(task_id)
+            for model, ids in by_model.items():
+                try:
+                    found = await loop.run_in_executor(None, self.fetch, ids, model)
+                except BertstreamError as exc:  # an outage: waiters time out, keep polling
+                    log.warning("long poll: %s", exc)
+                    found = {}
+                for task_id, record in found.items():
+                    for future in self._waiting.get((task_id, model), []):
+                        if not future.done():
+                            future.set_result(record)
             await asyncio.sleep(self.interval_s)

@@ -24,6 +24,16 @@ def _num(value: Any, fmt: str = "{:,.1f}") -> str:
     return fmt.format(value)
 
 
+def _lang_rows(pipeline: dict[str, Any]) -> list[str]:
+    """The language detector's cost, as a share of the end-to-end time."""
+    d = pipeline.get("lang_detect")
+    if not d:
+        return []
+    return [f"| language detection in the flush | {d['us_per_text']:.1f} µs a text = "
+            f"{100 * d['share_of_e2e']:.2f}% of the end-to-end time | "
+            f"<= 5%{_mark(d['share_of_e2e'] <= 0.05)} |"]
+
+
 def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("  ok" if ok else "  MISS")
 
@@ -77,6 +87,7 @@ def table(result: dict[str, Any]) -> str:
             f"{_num(p['p50_ms'], '{:,.0f}')}/{_num(p['p95_ms'], '{:,.0f}')}/"
             f"{_num(p['p99_ms'], '{:,.0f}')} ms (all {p['texts']} submitted at once)"
             + _rounds(p))
+        lines.extend(_lang_rows(p))
     lines.extend(_procs_rows(s, r))
     after_table = _http_rows(s)
     if "vs_bare" in r:

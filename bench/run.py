@@ -15,6 +15,7 @@ import platform
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,8 @@ class BenchRun:
                 self._openloop(workers, result["texts_per_s"])
             workers.stop()
         self.stages["pipeline"] = by_procs[self.opts.procs[0]]
+        self.stages["pipeline"]["lang_detect"] = lang_detect_cost(
+            self.texts, self.stages["pipeline"]["texts_per_s"])
         if len(by_procs) > 1 or self.opts.procs != (1,):
             self.stages["pipeline_procs"] = {str(n): r for n, r in by_procs.items()}
 
@@ -332,3 +335,16 @@ def run_bench(settings: Settings, opts: BenchOptions, *, command: str = "bertstr
 
 def _ignore(_stages: dict[str, Any]) -> None:
     return None
+
+
+def lang_detect_cost(texts: Sequence[str], e2e_texts_per_s: float) -> dict[str, float]:
+    """What the worker's language detection costs: microseconds a text, and its
+    share of the end-to-end time a text takes (the detector runs inside the flush)."""
+    from contract.lang import detect_lang
+
+    t0 = time.perf_counter()
+    for text in texts:
+        detect_lang(text)
+    per_text = (time.perf_counter() - t0) / max(len(texts), 1)
+    share = per_text * e2e_texts_per_s if e2e_texts_per_s else float("nan")
+    return {"us_per_text": round(per_text * 1e6, 2), "share_of_e2e": share}

@@ -26,7 +26,7 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     Celery's remote control is off unless ``remote_control`` is set.
     """
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
-    lanes = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
+    lanes = [queue_name(settings.family, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     exchange = Exchange(settings.queue, type="direct")
     conf: dict[str, Any] = {
         "task_serializer": "json",
@@ -95,4 +95,4 @@ def redis_client(settings: Settings) -> redis.Redis | None:
 
 def lane_queue(settings: Settings, bulk: bool) -> str:
     """The queue a submit goes to: bulk streams apart from interactive submits."""
-    return queue_name(settings.queue, LANE_BULK if bulk else LANE_INTERACTIVE)
+    return queue_name(settings.family, LANE_BULK if bulk else LANE_INTERACTIVE)

@@ -51,6 +51,15 @@ STATUSES = (STATUS_DONE, STATUS_FAILED, STATUS_EXPIRED)
 ENV_PREFIX = "BERTSTREAM_"
 
 
+#: What a model name may look like (``worker --model NAME=PATH``, ``submit --model NAME``).
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+
+
+def model_family(base: str, model_name: str) -> str:
+    """The queue family of the model named ``model_name`` ("": the default model's, ``base``)."""
+    return f"{base}-{model_name}" if model_name else base
+
+
 def queue_name(base: str, lane: str) -> str:
     """The Redis/Celery queue for ``lane`` of the queue family ``base``."""
     return f"{base}.{lane}"

@@ -39,7 +39,8 @@ MAX_TIMESTAMP = 253_402_300_799.0
 #: Deepest nesting of ``meta`` accepted.
 MAX_META_DEPTH = 32
 #: Fields a wire item may carry.
-WIRE_FIELDS = frozenset({"id", "text", "source", "meta", "submitted_at", "expires_at", "ttl_s"})
+WIRE_FIELDS = frozenset({"id", "text", "source", "meta", "submitted_at", "expires_at", "ttl_s",
+                         "model"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class TaskItem:
     submitted_at: float = field(default_factory=time.time)
     #: UNIX seconds after which the task is not worth running (None: no deadline).
     expires_at: float | None = None
+    #: The named model the task is for (None: the default model).
+    model: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready dict sent on the wire (``expires_at`` only when set)."""
@@ -65,6 +68,8 @@ class TaskItem:
         }
         if self.expires_at is not None:
             wire["expires_at"] = self.expires_at
+        if self.model is not None:
+            wire["model"] = self.model
         return wire
 
     def expired(self, now: float) -> bool:
@@ -255,7 +260,7 @@ def make_item(
         exc.item_id = item_id
         raise
     return TaskItem(id=item_id, text=clean, source=src, meta=clean_meta, submitted_at=sent,
-                    expires_at=deadline)
+                    expires_at=deadline, model=settings.model_name or None)
 
 
 def _deadline(expires_at: Any, ttl_s: Any, submitted_at: float) -> float | None:
@@ -293,6 +298,11 @@ def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
         raise InvalidInput(f"task item has unknown fields: {sorted(map(str, unknown))}", raw_id)
     if "text" not in obj:
         raise InvalidInput("task item has no text", raw_id)
+    named = obj.get("model")
+    if named is not None and named != (settings.model_name or None):
+        served = settings.model_name or "the default model"
+        raise InvalidInput(f"task item is for model {printable(str(named))[:100]!r}, but this "
+                           f"queue family serves {served}", raw_id)
     return make_item(
         obj["text"],
         settings,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,6 +88,10 @@ def _config(connection: Connection | None = None) -> Config:
 
     config = Config()
     config.set_main_option("script_location", "contract:migrations")
+    # Alembic's INFO lines (plugins, contexts) would fill every worker's start-up log.
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:
+        alembic_log.setLevel(logging.WARNING)
     if connection is not None:
         config.attributes["connection"] = connection
     return config
@@ -159,11 +164,28 @@ def downgrade(store: ResultStore, revision: str) -> tuple[str | None, str | None
 
 
 def ensure(store: ResultStore) -> SchemaState:
-    """What a worker runs at start: set up an empty database, refuse an outdated one."""
+    """What a worker runs at start: set up an empty database, refuse an outdated one.
+
+    When the schema is not plainly current, it is read again under the
+    migration lock: another process may be migrating right now (several
+    workers starting at once on an empty database).
+    """
     current = state(store)
-    if current.empty:
-        upgrade(store)
-        current = state(store)
+    if current.problem() is None:
+        return current
+
+    def settle(conn: Connection) -> SchemaState:
+        now = SchemaState(_current(conn), head_revision(),
+                          sa.inspect(conn).has_table(RESULTS_TABLE))
+        if now.empty:
+            from alembic import command
+
+            command.upgrade(_config(conn), "head")
+            conn.commit()
+            now = SchemaState(_current(conn), head_revision(), True)
+        return now
+
+    current = _locked(store, settle, "cannot set up the schema")
     problem = current.problem()
     if problem:
         raise SchemaMismatch(problem)

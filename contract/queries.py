@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
-from contract.results import ResultRecord, ResultStore, _record, results
+from contract.results import ResultRecord, ResultStore, _record, latest_only, results
 
 #: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
 BUCKETS = {
@@ -33,7 +34,7 @@ BUCKETS = {
     "1h": ("hour", "%Y-%m-%dT%H:00:00Z"),
     "1d": ("day", "%Y-%m-%dT00:00:00Z"),
 }
-GROUPS = ("label", "source", "status", "model")
+GROUPS = ("label", "source", "status", "model", "lang")
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,21 @@ class Filters:
     source: str | None = None
     label: str | None = None
     status: str | None = None
+    #: One model's rows; without it, each task's latest result (of any model).
     model: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+    lang: str | None = None
 
-    def clauses(self) -> list[Any]:
-        """The WHERE clauses (bound parameters only)."""
+    def clauses(self, *, every_model: bool = False) -> list[Any]:
+        """The WHERE clauses (bound parameters only); ``every_model``: no latest-only rule."""
         conds: list[Any] = []
-        for name in ("source", "label", "status", "model"):
+        for name in ("source", "label", "status", "model", "lang"):
             value = getattr(self, name)
             if value is not None:
                 conds.append(results.c[name] == value)
+        if self.model is None and not every_model:
+            conds.append(latest_only())
         if self.since is not None:
             conds.append(results.c.finished_at >= self.since)
         if self.until is not None:
@@ -138,8 +143,10 @@ def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
 
 def stats(store: ResultStore, filters: Filters, *, by: str = "label",
           bucket: str | None = None) -> list[dict[str, Any]]:
-    """Counts and mean score per ``by`` (label, source, status or model), and per time
-    ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given."""
+    """Counts and mean score per ``by`` (label, source, status, model or lang), and per time
+    ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given.
+
+    Each task counts once, by its latest result; grouped by model, each model's rows."""
     if by not in GROUPS:
         raise InvalidInput(f"cannot group by {by!r}; expected one of {', '.join(GROUPS)}")
     if bucket is not None and bucket not in BUCKETS:
@@ -154,7 +161,7 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     shown.append(results.c[by].label(by))
     query = (sa.select(*shown, sa.func.count().label("count"),
                        sa.func.avg(results.c.score).label("mean_score"))
-             .where(*filters.clauses()).group_by(*keys).order_by(*keys))
+             .where(*filters.clauses(every_model=by == "model")).group_by(*keys).order_by(*keys))
     try:
         with store.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
@@ -206,3 +213,108 @@ def _fetch(store: ResultStore, query: Any) -> list[ResultRecord]:
             return [_record(row) for row in conn.execute(query).mappings()]
     except OperationalError as exc:
         raise StoreUnavailable(f"cannot read results: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models' results on the texts both scored (``done`` rows of each)."""
+
+    model_a: str
+    model_b: str
+    texts: int
+    agree: int
+    #: (label by A, label by B, count) for every pair of labels that differ.
+    flips: list[tuple[str, str, int]]
+    #: Mean of P_B(A's label) - P_A(A's label): how far B moved from A's answer.
+    mean_change: float | None
+    #: The texts B moved most, largest |change| first.
+    largest: list[dict[str, Any]]
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.texts if self.texts else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_a": self.model_a, "model_b": self.model_b, "texts": self.texts,
+                "agree": self.agree, "agreement": self.agreement,
+                "flips": [{"from": a, "to": b, "count": n} for a, b, n in self.flips],
+                "mean_change": self.mean_change, "largest": self.largest}
+
+
+def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
+            top: int = 10) -> Comparison:
+    """Compare ``model_b`` with ``model_a`` on the tasks both scored, in SQL.
+
+    ``filters`` (source, label, lang, time range) select A's rows; a label
+    filter means A's label. The change of a text is B's probability of A's
+    label minus A's (read from B's ``scores``), so a flipped label counts as
+    a large move whatever the label set.
+    """
+    a, b = results.alias("a"), results.alias("b")
+    conds = [a.c.model == model_a, b.c.model == model_b, a.c.status == "done",
+             b.c.status == "done"]
+    for name in ("source", "label", "lang"):
+        value = getattr(filters, name)
+        if value is not None:
+            conds.append(a.c[name] == value)
+    if filters.since is not None:
+        conds.append(a.c.finished_at >= filters.since)
+    if filters.until is not None:
+        conds.append(a.c.finished_at < filters.until)
+    joined = a.join(b, a.c.id == b.c.id)
+    change = (sa.cast(_score_of(store, b.c.scores, a.c.label), sa.Float) - a.c.score).label("change")
+    totals = sa.select(sa.func.count(), sa.func.sum(sa.case((a.c.label == b.c.label, 1), else_=0)),
+                       sa.func.avg(change)).select_from(joined).where(*conds)
+    flips = (sa.select(a.c.label, b.c.label, sa.func.count()).select_from(joined)
+             .where(*conds, a.c.label != b.c.label).group_by(a.c.label, b.c.label)
+             .order_by(sa.func.count().desc()))
+    largest = (sa.select(a.c.id, a.c.text, a.c.label.label("label_a"),
+                         a.c.score.label("score_a"), b.c.label.label("label_b"),
+                         b.c.score.label("score_b"), change)
+               .select_from(joined).where(*conds)
+               .order_by(sa.func.abs(change).desc(), a.c.id).limit(top))
+    try:
+        with store.engine.connect() as conn:
+            n, agree, mean = conn.execute(totals).one()
+            flip_rows = [(str(x), str(y), int(c)) for x, y, c in conn.execute(flips)]
+            top_rows = [dict(r) for r in conn.execute(largest).mappings()]
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return Comparison(model_a, model_b, int(n or 0), int(agree or 0), flip_rows,
+                      None if mean is None else float(mean), top_rows)
+
+
+def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:
+    """``scores[label]`` in SQL: the JSON member named by another column."""
+    if store.engine.dialect.name == "postgresql":
+        return sa.cast(scores, JSONB).op("->>")(label)
+    return sa.func.json_extract(scores, sa.literal('$."') + label + sa.literal('"'))
+
+
+def stored_texts(store: ResultStore, filters: Filters, *,
+                 batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """``{id, text, source, meta}`` of each matching task's row that kept its text, oldest
+    first, read through a server-side cursor ``batch`` rows at a time (bounded memory)."""
+    query = (sa.select(results.c.id, results.c.text, results.c.source, results.c.meta)
+             .where(*filters.clauses(), results.c.text.is_not(None))
+             .order_by(results.c.finished_at, results.c.id))
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
+            for row in rows.mappings():
+                meta = row["meta"]
+                yield {"id": row["id"], "text": row["text"], "source": row["source"],
+                       "meta": json.loads(meta) if isinstance(meta, str) else meta}
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+
+
+def text_counts(store: ResultStore, filters: Filters) -> tuple[int, int]:
+    """(matching tasks, those whose text was stored)."""
+    query = sa.select(sa.func.count(), sa.func.count(results.c.text)).where(*filters.clauses())
+    try:
+        with store.engine.connect() as conn:
+            total, with_text = conn.execute(query).one()
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return int(total), int(with_text)

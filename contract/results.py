@@ -443,10 +443,12 @@ class ResultStore:
         Raises :class:`StoreUnavailable` on an outage: then none of the
         transactions not yet committed are.
         """
-        unique: dict[str, ResultRecord] = {}
+        unique: dict[tuple[str, str], ResultRecord] = {}
         for r in records:
-            # Deduplicate within the batch: the same id twice in one flush keeps the first.
-            unique.setdefault(r.id if isinstance(r.id, str) else repr(r.id), r)
+            # Deduplicate within the batch: the same (id, model) twice in one flush keeps the first.
+            key = (r.id if isinstance(r.id, str) else repr(r.id),
+                   r.model if isinstance(r.model, str) else repr(r.model))
+            unique.setdefault(key, r)
         refused: list[Refused] = []
         if unique:
             self._write(list(unique.values()), refused)
@@ -523,13 +525,13 @@ class ResultStore:
 
     # -- reading --------------------------------------------------------
 
-    def get(self, task_id: str) -> ResultRecord | None:
-        """The row for ``task_id``, or None when it is not (yet) stored."""
-        found = self.get_many([task_id])
+    def get(self, task_id: str, model: str | None = None) -> ResultRecord | None:
+        """The row of ``task_id`` (for ``model``; else its latest), or None while not stored."""
+        found = self.get_many([task_id], model=model)
         return found.get(task_id)
 
-    def get_many(self, ids: Iterable[str]) -> dict[str, ResultRecord]:
-        """Rows for the given ids that exist, keyed by id."""
+    def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
+        """Rows for the given ids that exist, keyed by id: ``model``'s, else each id's latest."""
         # an id no row can have (too long, NUL, lone surrogate) is simply absent
         wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
 
@@ -538,15 +540,35 @@ class ResultStore:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
                 query = sa.select(results).where(results.c.id.in_(chunk))
+                if model is not None:
+                    query = query.where(results.c.model == model)
                 for row in conn.execute(query).mappings():
                     rec = _record(row)
-                    out[rec.id] = rec
+                    held = out.get(rec.id)
+                    if held is None or (rec.finished_at, rec.model) > (held.finished_at, held.model):
+                        out[rec.id] = rec
             return out
 
         return self._read(read) if wanted else {}
 
-    def done_ids(self, ids: Iterable[str]) -> set[str]:
-        """The ids among ``ids`` whose row is ``done`` (batched IN queries on the key)."""
+    def models_of(self, ids: Iterable[str]) -> dict[str, list[str]]:
+        """The models that hold a row of each id, keyed by id (ids without one left out)."""
+        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+
+        def read(conn: Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for start in range(0, len(wanted), 500):
+                query = (sa.select(results.c.id, results.c.model)
+                         .where(results.c.id.in_(wanted[start:start + 500]))
+                         .order_by(results.c.id, results.c.model))
+                for task_id, name in conn.execute(query):
+                    out.setdefault(task_id, []).append(name)
+            return out
+
+        return self._read(read) if wanted else {}
+
+    def done_ids(self, ids: Iterable[str], model: str | None = None) -> set[str]:
+        """The ids among ``ids`` with a ``done`` row (``model``'s, or any model's)."""
         wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
 
         def read(conn: Connection) -> set[str]:
@@ -555,6 +577,8 @@ class ResultStore:
                 query = sa.select(results.c.id).where(
                     results.c.id.in_(wanted[start:start + 500]),
                     results.c.status == STATUS_DONE)
+                if model is not None:
+                    query = query.where(results.c.model == model)
                 out.update(conn.execute(query).scalars())
             return out
 
@@ -581,12 +605,16 @@ class ResultStore:
         until: dt.datetime | None = None,
         limit: int | None = 100,
         newest_first: bool = True,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> list[ResultRecord]:
         """Rows matching every given filter, by ``finished_at``.
 
         ``since``/``until`` bound ``finished_at`` (inclusive / exclusive).
+        Without ``model``, each task's latest result (of any model).
         """
-        query = sa.select(results).where(*_filters(ids, source, label, status, since, until))
+        query = sa.select(results).where(
+            *_filters(ids, source, label, status, since, until, model, lang))
         order = results.c.finished_at.desc() if newest_first else results.c.finished_at.asc()
         query = query.order_by(order, results.c.id)
         if limit is not None:
@@ -601,9 +629,12 @@ class ResultStore:
         status: str | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Counts and mean score grouped by ``label``, ``source``, ``status`` or ``model``."""
-        if by not in ("label", "source", "status", "model"):
+        """Counts and mean score grouped by ``label``, ``source``, ``status``, ``model`` or
+        ``lang`` (each task once: its latest result, unless ``model`` is given)."""
+        if by not in ("label", "source", "status", "model", "lang"):
             raise InvalidInput(f"cannot group by {by!r}")
         column = results.c[by]
         query = (
@@ -612,7 +643,8 @@ class ResultStore:
                 sa.func.count().label("count"),
                 sa.func.avg(results.c.score).label("mean_score"),
             )
-            .where(*_filters(None, source, None, status, since, until))
+            .where(*_filters(None, source, None, status, since, until, model, lang,
+                             every_model=by == "model"))
             .group_by(column)
             .order_by(sa.func.count().desc())
         )
@@ -632,11 +664,27 @@ class ResultStore:
         status: str | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> int:
-        """Number of rows stored, or matching every given filter (as :meth:`query`)."""
+        """Number of tasks stored, or matching every given filter (as :meth:`query`)."""
         query = (sa.select(sa.func.count()).select_from(results)
-                 .where(*_filters(ids, source, label, status, since, until)))
+                 .where(*_filters(ids, source, label, status, since, until, model, lang)))
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
+
+
+def latest_only() -> Any:
+    """Rows that are their task's latest result, of whichever model (the default views).
+
+    The latest: the last finished; of two finished at once, the greater
+    model name. A lookup on the primary key per row.
+    """
+    newer = results.alias("newer")
+    return ~sa.exists().where(
+        newer.c.id == results.c.id,
+        sa.or_(newer.c.finished_at > results.c.finished_at,
+               sa.and_(newer.c.finished_at == results.c.finished_at,
+                       newer.c.model > results.c.model)))
 
 
 def _filters(
@@ -646,16 +694,22 @@ def _filters(
     status: str | None,
     since: dt.datetime | None,
     until: dt.datetime | None,
+    model: str | None = None,
+    lang: str | None = None,
+    *,
+    every_model: bool = False,
 ) -> list[Any]:
     conds: list[Any] = []
     if ids:
         conds.append(results.c.id.in_(list(ids)))
-    if source is not None:
-        conds.append(results.c.source == source)
-    if label is not None:
-        conds.append(results.c.label == label)
-    if status is not None:
-        conds.append(results.c.status == status)
+    for name, value in (("source", source), ("label", label), ("status", status),
+                        ("lang", lang)):
+        if value is not None:
+            conds.append(results.c[name] == value)
+    if model is not None:
+        conds.append(results.c.model == model)
+    elif not every_model:
+        conds.append(latest_only())
     if since is not None:
         conds.append(results.c.finished_at >= since)
     if until is not None:

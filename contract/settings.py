@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from contract.constants import DEFAULT_MODEL, DEFAULT_QUEUE, ENV_PREFIX, ID_COLUMN_CHARS
+from contract.constants import (
+    DEFAULT_MODEL,
+    DEFAULT_QUEUE,
+    ENV_PREFIX,
+    ID_COLUMN_CHARS,
+    MODEL_NAME_PATTERN,
+    model_family,
+)
 from contract.errors import ConfigError
 
 
@@ -38,6 +46,10 @@ class Settings:
     cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
     #: Queue family name; lanes are ``<queue>.interactive`` and ``<queue>.bulk``.
     queue: str = DEFAULT_QUEUE
+    #: A named model's tasks: producers send to, and a worker serves, the queue
+    #: family ``<queue>-<name>``, and rows are stored under the name. Empty:
+    #: the default model (rows under the model's own name).
+    model_name: str = ""
     #: ``auto`` (cuda:0 when available, else cpu), ``cpu`` or ``cuda:N``.
     device: str = "auto"
     #: ``auto`` (fp16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``.
@@ -182,10 +194,19 @@ class Settings:
                      "api_coalesce_ms", "metrics_port"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if self.model_name and not re.fullmatch(MODEL_NAME_PATTERN, self.model_name):
+            raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={self.model_name!r}: a model name is "
+                              "letters, digits, '.', '_' and '-' (at most 100, starting with a "
+                              "letter or digit)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"{ENV_PREFIX}DEVICE: expected auto, cpu or cuda:N")
+
+    @property
+    def family(self) -> str:
+        """The queue family this model's tasks travel on (see ``model_name``)."""
+        return model_family(self.queue, self.model_name)
 
     def public(self) -> dict[str, Any]:
         """The settings as a dict with passwords in URLs masked, for display."""

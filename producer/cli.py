@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from contract.broker import redis_client
-from contract.constants import STATUSES
+from contract.constants import LANGS, STATUSES
 from contract.errors import (
     EXIT_REJECTED,
     BertstreamError,
@@ -44,8 +44,10 @@ from contract.settings import Settings
 from producer.client import Client
 from producer.db_cli import db_group
 from producer.formatting import FORMATS, render_results, render_rows
+from producer.history_cli import compare_command, rescore_command
 from producer.ids_out import IdsOut
 from producer.items import ItemError
+from producer.options import parse_time as _parse_time
 from producer.redis_stream import RedisStreamSource
 from producer.report import IMAGE_SUFFIXES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
@@ -247,6 +249,9 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to --wait.")
 @click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the texts stay worth analysing; later they are stored as expired.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="The named model to run them (a worker started with --model NAME=PATH); "
+                   "default: the default model.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.pass_context
 def submit(
@@ -258,6 +263,7 @@ def submit(
     wait: bool,
     timeout: float,
     ttl_s: float | None,
+    model_name: str | None,
     fmt: str,
 ) -> None:
     """Submit TEXTS for analysis; print their ids (or, with --wait, their results).
@@ -268,6 +274,8 @@ def submit(
     if task_id is not None and len(texts) != 1:
         raise click.UsageError("--id needs exactly one text")
     settings = _settings(ctx)
+    if model_name:
+        settings = settings.replace(model_name=model_name)
     meta_obj = _parse_meta(meta)
     items, problems = [], []
     for n, text in enumerate(texts, 1):
@@ -319,10 +327,13 @@ def submit(
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to --wait.")
 @click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds each text stays worth analysing; later it is stored as expired.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="The named model to run them (a worker started with --model NAME=PATH); "
+                   "default: the default model.")
 @click.pass_context
 def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
                    group: str | None, consumer: str | None, idle_exit: float | None,
-                   ids_out: str | None, **opts: Any) -> None:
+                   ids_out: str | None, model_name: str | None, **opts: Any) -> None:
     """Stream texts from FILE (or - for stdin), or a Redis Stream, into the bulk lane.
 
     Backpressure keeps the queue bounded. Bad records are reported by line
@@ -339,6 +350,8 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
     fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
                       opts.pop("time_field"))
     settings = _settings(ctx)
+    if model_name:
+        settings = settings.replace(model_name=model_name)
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(settings))
         trackers: list[Tracker] = []
@@ -397,7 +410,7 @@ def _no_worker_note(client: Client) -> str | None:
     """Why no result will come (no worker alive on the queue), or None."""
     if client.live_workers() != []:
         return None
-    return (f"no worker is alive on queue {client.settings.queue!r} (no heartbeat in the "
+    return (f"no worker is alive on queue {client.settings.family!r} (no heartbeat in the "
             f"last {HEARTBEAT_TTL_S} s): start one with `bertstream worker`")
 
 
@@ -440,21 +453,6 @@ def _id_note(error: ItemError, unit: str) -> str:
     return f" (id {printable(error.id)})" if error.id and unit != "line " else ""
 
 
-def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 date/time") from exc
-    if parsed.tzinfo is None:  # naive means UTC: everything is stored in UTC
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
-
-
 @main.command()
 @click.option("--id", "ids", multiple=True, help="A task id (repeatable).")
 @click.option("--source", help="Only this source tag.")
@@ -466,8 +464,10 @@ def _parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Rows shown at most (stderr says when more matched).")
 @click.option("--all", "show_all", is_flag=True, help="Every matching row (no --limit).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--model", help="Only this model's results (default: each task's latest).")
+@click.option("--lang", type=click.Choice(LANGS), help="Only texts detected in this language.")
 @click.option(
-    "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model"]),
+    "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model", "lang"]),
     help="Print counts and mean score per group instead of rows.",
 )
 @click.pass_context
@@ -482,9 +482,14 @@ def results(
     limit: int,
     show_all: bool,
     fmt: str,
+    model: str | None,
+    lang: str | None,
     group_by: str | None,
 ) -> None:
-    """Print stored results (newest first), filtered, or aggregated with --aggregate."""
+    """Print stored results (newest first), filtered, or aggregated with --aggregate.
+
+    A task scored by several models shows its latest result; --model picks one.
+    """
     for what, values in (("--id", ids), ("--source", [source]), ("--label", [label])):
         for value in values:
             problem = None if value is None else id_problem(value)
@@ -494,12 +499,14 @@ def results(
         if group_by is not None:
             if ids or label is not None:
                 raise click.UsageError("--aggregate cannot be combined with --id or --label")
-            rows = client.aggregate(by=group_by, source=source, status=status, since=since, until=until)
+            rows = client.aggregate(by=group_by, source=source, status=status, since=since,
+                                    until=until, model=model, lang=lang)
             click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
                                    terminal=_on_terminal()))
             return
         filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
-                                       status=status, since=since, until=until)
+                                       status=status, since=since, until=until, model=model,
+                                       lang=lang)
         records = client.query(**filters, limit=None if show_all else limit)
         click.echo(render_results(records, fmt, terminal=_on_terminal()))
         if not show_all and len(records) == limit:
@@ -553,3 +560,5 @@ def report_command(
 
 
 main.add_command(db_group)
+main.add_command(rescore_command)
+main.add_command(compare_command)

@@ -167,6 +167,11 @@ class Client:
     Takes a :class:`Settings`; builds its Celery app at once (no connection
     until the first publish) and its database engine and Redis client on
     first use. Use as a context manager, or call :meth:`close`.
+
+    Models: tasks go to the default model unless ``settings.model_name`` (or
+    a ``model=`` argument) names another; reads give each task's latest
+    result unless a model is named (a client bound to a named model reads
+    that model's rows).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -178,6 +183,7 @@ class Client:
         self._store: ResultStore | None = None
         self._redis: redis.Redis | None = None
         self._table_seen = False
+        self._for_models: dict[str, Client] = {}
 
     # -- lifecycle ------------------------------------------------------
 
@@ -194,6 +200,9 @@ class Client:
 
     def close(self) -> None:
         """Release broker connections, the Redis client and the DB engine. Idempotent."""
+        for other in self._for_models.values():
+            other.close()
+        self._for_models.clear()
         if self._producers is not None:
             self._producers.force_close_all()
             self._connections.force_close_all()
@@ -206,6 +215,20 @@ class Client:
             self._store.close()
             self._store = None
 
+    def for_model(self, model: str | None) -> Client:
+        """A client for the model named ``model`` (this one when it already is; None: the
+        default model), closed with this one."""
+        name = model or ""
+        if name == self.settings.model_name:
+            return self
+        if name not in self._for_models:
+            self._for_models[name] = Client(self.settings.replace(model_name=name))
+        return self._for_models[name]
+
+    def _model(self, model: str | None) -> str | None:
+        """The model a read is for: the one named, else this client's, else None (latest)."""
+        return model or self.settings.model_name or None
+
     # -- submitting -----------------------------------------------------
 
     def submit(
@@ -216,14 +239,19 @@ class Client:
         source: str | None = None,
         meta: dict[str, Any] | None = None,
         ttl_s: float | None = None,
+        model: str | None = None,
     ) -> str:
         """Validate one text and publish it on the interactive lane; return its id at once.
 
         ``ttl_s``: seconds the task stays worth running (see :meth:`submit_many`).
+        ``model``: the named model to run it (default: this client's).
         Raises :class:`InvalidInput` (with the reason) for bad input,
         :class:`IdConflict` when ``id`` is stored with a different text, and
         :class:`BrokerUnavailable` when Redis cannot be reached.
         """
+        if model is not None and model != self.settings.model_name:
+            return self.for_model(model).submit(text, id=id, source=source, meta=meta,
+                                                ttl_s=ttl_s)
         item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
         if id is not None:
             self.check_conflicts([item])
@@ -237,6 +265,7 @@ class Client:
         source: str | None = None,
         chunk_size: int | None = None,
         ttl_s: float | None = None,
+        model: str | None = None,
     ) -> SubmitReport:
         """Validate many items and publish the good ones on the bulk lane in chunks.
 
@@ -250,6 +279,9 @@ class Client:
         Raises :class:`BrokerUnavailable` when Redis stays unreachable through
         the publish retries; it says how many items were sent (those stay queued).
         """
+        if model is not None and model != self.settings.model_name:
+            return self.for_model(model).submit_many(items, source=source, chunk_size=chunk_size,
+                                                     ttl_s=ttl_s)
         size = chunk_size or self.settings.bulk_chunk_size
         validator = ItemValidator(self.settings, source, ttl_s=ttl_s)
         report = SubmitReport()
@@ -427,7 +459,9 @@ class Client:
         cannot be read the check is skipped: submitting needs only Redis.
         """
         try:
-            stored = self.get_many([it.id for it in items])
+            # Any model's row: an id names one text, whichever model scores it.
+            stored = (self.store.get_many([it.id for it in items])
+                      if self._table_exists() else {})
         except StoreUnavailable:
             return {}
         out = {}
@@ -449,16 +483,16 @@ class Client:
         """True once a worker created the results table (before that there are no rows)."""
         return self._table_exists()
 
-    def get(self, id: str) -> ResultRecord | None:
-        """The result of task ``id``, or None while it is not stored."""
-        return self.get_many([id]).get(id)
+    def get(self, id: str, model: str | None = None) -> ResultRecord | None:
+        """The result of task ``id`` (``model``'s, else its latest), or None while not stored."""
+        return self.get_many([id], model=model).get(id)
 
-    def get_many(self, ids: Iterable[str]) -> dict[str, ResultRecord]:
+    def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
         """Stored results among ``ids``, keyed by id (batched IN queries)."""
         wanted = list(ids)
         if not wanted or not self._table_exists():
             return {}
-        return self.store.get_many(wanted)
+        return self.store.get_many(wanted, model=self._model(model))
 
     def wait(
         self,
@@ -466,6 +500,7 @@ class Client:
         *,
         timeout: float = 30.0,
         poll_interval: float = 0.05,
+        model: str | None = None,
     ) -> dict[str, ResultRecord]:
         """Block until every id has a result; return them all, keyed by id.
 
@@ -481,7 +516,7 @@ class Client:
         while True:
             missing = [i for i in wanted if i not in found]
             if missing:
-                found.update(self.get_many(missing))
+                found.update(self.get_many(missing, model=model))
                 missing = [i for i in wanted if i not in found]
             if not missing:
                 return {i: found[i] for i in wanted}
@@ -502,6 +537,8 @@ class Client:
         until: dt.datetime | None = None,
         limit: int | None = 100,
         newest_first: bool = True,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> list[ResultRecord]:
         """Results matching every given filter (see :meth:`ResultStore.query`)."""
         if not self._table_exists():
@@ -509,6 +546,7 @@ class Client:
         return self.store.query(
             ids=ids, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
+            model=self._model(model), lang=lang,
         )
 
     def count(
@@ -520,12 +558,14 @@ class Client:
         status: str | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> int:
-        """Rows matching every given filter (0 before any worker created the table)."""
+        """Tasks matching every given filter (0 before any worker created the table)."""
         if not self._table_exists():
             return 0
         return self.store.count(ids=ids, source=source, label=label, status=status,
-                                since=since, until=until)
+                                since=since, until=until, model=self._model(model), lang=lang)
 
     def live_workers(self) -> list[dict[str, Any]] | None:
         """Workers of this queue whose heartbeat is fresh; None when that cannot be known
@@ -533,7 +573,7 @@ class Client:
         if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
             return None
         try:
-            return live_workers(self._redis_client(), self.settings.queue)
+            return live_workers(self._redis_client(), self.settings.family)
         except redis.RedisError as exc:
             raise self._broker_error(exc) from exc
 
@@ -545,15 +585,18 @@ class Client:
         status: str | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        model: str | None = None,
+        lang: str | None = None,
     ) -> list[dict[str, Any]]:
         """Counts and mean score per group (see :meth:`ResultStore.aggregate`)."""
-        if by not in ("label", "source", "status", "model"):
+        if by not in ("label", "source", "status", "model", "lang"):
             raise InvalidInput(f"cannot group by {by!r}")
         if not self._table_exists():
             return []
         try:
             return self.store.aggregate(
-                by=by, source=source, status=status, since=since, until=until
+                by=by, source=source, status=status, since=since, until=until,
+                model=self._model(model), lang=lang,
             )
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot read results: {exc}") from exc

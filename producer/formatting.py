@@ -22,7 +22,7 @@ from contract.results import ResultRecord
 FORMATS = ("table", "json", "csv")
 
 #: Columns of the results table view; texts (or errors) are truncated.
-TABLE_COLUMNS = ("id", "source", "status", "label", "score", "finished_at", "text")
+TABLE_COLUMNS = ("id", "source", "status", "label", "score", "lang", "finished_at", "text")
 #: Every field of a result, in the order ResultRecord declares them (JSON/CSV).
 RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
 
@@ -46,7 +46,10 @@ def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool 
         return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv",
                            terminal=terminal)
     rows = [_table_row(r) for r in records]
-    return render_rows(rows, TABLE_COLUMNS, "table") if rows else "(no results)"
+    columns: tuple[str, ...] = TABLE_COLUMNS
+    if len({r.model for r in records}) > 1:  # several models: say whose each result is
+        columns = (*TABLE_COLUMNS[:2], "model", *TABLE_COLUMNS[2:])
+    return render_rows(rows, columns, "table") if rows else "(no results)"
 
 
 def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, *,
@@ -95,6 +98,8 @@ def _table_row(record: ResultRecord) -> dict[str, Any]:
         "status": record.status,
         "label": record.label,
         "score": record.score,
+        "lang": record.lang,
+        "model": record.model,
         "finished_at": record.finished_at.strftime("%Y-%m-%d %H:%M:%S"),
         "text": shown,
     }

@@ -108,7 +108,7 @@ def build_worker_app(
     # Enough prefetched messages to fill a flush; celery-batches needs them
     # unacked in the buffer, and solo concurrency is 1.
     app.conf.worker_prefetch_multiplier = max(settings.flush_every * 2, 4)
-    queues = [queue_name(settings.queue, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
+    queues = [queue_name(settings.family, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     return WorkerApp(app, task, processor, queues)
 
 

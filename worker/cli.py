@@ -26,7 +26,10 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--gpus", default=None, help="Start one worker process per GPU, e.g. 0,1.")
 @click.option("--procs-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --gpus: worker processes per GPU (each loads its own model copy).")
-@click.option("--model", default=None, help="Model directory or 'default' (BERTSTREAM_MODEL).")
+@click.option("--model", "models", multiple=True, metavar="[NAME=]PATH",
+              help="Model directory or 'default' (BERTSTREAM_MODEL); NAME=PATH serves the "
+                   "named model's tasks (submit --model NAME). Repeat to serve several "
+                   "models, one process each.")
 @click.option("--max-wait-ms", type=int, default=None, help="Micro-batch max wait.")
 @click.option("--token-budget", type=int, default=None, help="Tokens per model batch.")
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch.")
@@ -41,26 +44,34 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
                    "control).")
 @click.pass_context
 def worker_command(ctx: click.Context, device: str | None, gpus: str | None, procs_per_gpu: int,
-                   model: str | None, max_wait_ms: int | None, token_budget: int | None,
+                   models: tuple[str, ...], max_wait_ms: int | None, token_budget: int | None,
                    torch_threads: int | None, metrics_port: int | None, hostname: str | None,
                    loglevel: str, ready_file: str | None) -> None:
-    """Run a micro-batching worker (one process; --gpus starts one per GPU).
+    """Run a micro-batching worker (one process; --gpus or several --model start one each).
 
     Exit codes: 2 bad settings or model, 3 Redis or the database unreachable.
     """
+    from worker.launcher import launch, parse_gpus, parse_models
+
     try:
-        settings = settings_from(ctx, model=model, max_wait_ms=max_wait_ms,
-                                 token_budget=token_budget, torch_threads=torch_threads,
-                                 metrics_port=metrics_port)
+        served = parse_models(models)
+        gpu_list = parse_gpus(gpus) if gpus else []
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        settings = settings_from(ctx, max_wait_ms=max_wait_ms, token_budget=token_budget,
+                                 torch_threads=torch_threads, metrics_port=metrics_port)
+        if len(served) == 1:
+            settings = settings.replace(model_name=served[0][0], model=served[0][1])
         if device:
             settings = settings.replace(device=device)
     except BertstreamError as exc:
         _fail(exc)
-    if gpus:
-        from worker.launcher import launch, parse_gpus
-
-        sys.exit(launch(parse_gpus(gpus), settings, loglevel=loglevel,
-                        procs_per_gpu=procs_per_gpu))
+    if gpus or len(served) > 1:
+        if procs_per_gpu != 1 and not gpus:
+            raise click.UsageError("--procs-per-gpu needs --gpus")
+        sys.exit(launch(gpu_list, settings, loglevel=loglevel,
+                        procs_per_gpu=procs_per_gpu, models=served or None))
     if procs_per_gpu != 1:
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),

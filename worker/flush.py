@@ -25,6 +25,7 @@ from typing import Any
 
 from contract.constants import MALFORMED_PREFIX, STATUS_DONE, STATUS_EXPIRED, STATUS_FAILED
 from contract.errors import InvalidInput, StoreUnavailable
+from contract.lang import detect_lang
 from contract.messages import TaskItem, id_problem, item_from_wire, printable, storable
 from contract.results import ResultRecord, ResultStore, utc_from_timestamp, utcnow
 from contract.settings import Settings
@@ -130,13 +131,14 @@ class Entry:
             return ResultRecord(
                 id=self.key, status=self.status, error=self.error,
                 source=source if id_problem(source) is None else None,
-                text=safe if store_text else None,
+                text=safe if store_text else None, lang=detect_lang(safe) if safe else None,
                 text_sha256=_sha256(safe or ""), text_chars=len(text) if text else 0, **base)
         enc = self.encoded
         pred = self.outcome
         return ResultRecord(
             id=self.key, source=it.source, meta=it.meta, status=self.status, error=self.error,
             text=it.text if store_text else None, text_sha256=_sha256(it.text),
+            lang=detect_lang(it.text),
             text_chars=len(it.text), truncated=enc.truncated if enc else False,
             tokens=len(enc.ids) if enc else None, batch_size=self.batch_size,
             submitted_at=utc_from_timestamp(it.submitted_at),
@@ -260,6 +262,8 @@ class FlushProcessor:
         self.store = store
         self.settings = settings
         self.worker_name = worker_name
+        #: The model column of this worker's rows: a named model's name, else the model's own.
+        self.model_key = settings.model_name or runner.name
         self.last = FlushStats()
 
     def process(self, payloads: Sequence[tuple[str, Any]], attempt: int = 1) -> FlushStats:
@@ -341,7 +345,7 @@ class FlushProcessor:
         return stats
 
     def _skip_done(self, entries: list[Entry]) -> int:
-        """Settle the pending entries whose id already has a ``done`` row, without the model.
+        """Settle the pending entries that already have a ``done`` row of this model, unrun.
 
         A done row is final (the upsert would keep it), so running the model
         again would be wasted: a redelivered message, or a caller id sent
@@ -353,7 +357,7 @@ class FlushProcessor:
         if not pending:
             return 0
         try:
-            done = self.store.done_ids(list(pending))
+            done = self.store.done_ids(list(pending), model=self.model_key)
         except StoreUnavailable as exc:
             # Only a saving: run them all; the commit's retries deal with the outage.
             log.warning("cannot look up done ids, running every item: %s", exc)
@@ -389,7 +393,9 @@ class FlushProcessor:
         even so is unwritable (its message is not acked).
         """
         t1 = time.perf_counter()
-        base = {"model": self.runner.name, "model_revision": self.runner.revision,
+        # A named model's rows carry its name; the default model's, its own.
+        base = {"model": self.model_key,
+                "model_revision": self.runner.revision,
                 "started_at": started, "finished_at": utcnow(), "worker": self.worker_name,
                 "attempts": attempt}
         rows: dict[int, ResultRecord] = {}

@@ -24,7 +24,7 @@ class Heartbeat:
     """
 
     def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
-        self.key = worker_key(settings.queue, hostname)
+        self.key = worker_key(settings.family, hostname)
         self.value = json.dumps({"pid": os.getpid(), "started_at": time.time(), **facts})
         self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
                                            socket_connect_timeout=5)

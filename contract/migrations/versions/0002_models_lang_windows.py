@@ -12,6 +12,8 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -24,7 +26,7 @@ TABLE = "bertstream_results"
 WINDOWS = "bertstream_windows"
 
 
-def _columns(pk: tuple[str, ...]) -> list[sa.Column]:
+def _columns(pk: tuple[str, ...]) -> list[sa.Column[Any]]:
     """The results table's columns at this revision (primary key ``pk``)."""
     return [
         sa.Column("id", sa.String(128), primary_key="id" in pk),
@@ -55,7 +57,7 @@ OLD_COLUMNS = [c.name for c in _columns(("id",))]
 INDEXED = ("source", "status", "label", "finished_at")
 
 
-def _rebuild_sqlite(pk: tuple[str, ...], extra: list[sa.Column]) -> None:
+def _rebuild_sqlite(pk: tuple[str, ...], extra: list[sa.Column[Any]]) -> None:
     """SQLite cannot change a primary key in place: copy into a new table."""
     op.create_table("_bertstream_results_new", *_columns(pk), *extra)
     names = ", ".join(OLD_COLUMNS)
@@ -68,7 +70,8 @@ def _rebuild_sqlite(pk: tuple[str, ...], extra: list[sa.Column]) -> None:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    new_columns = [sa.Column("lang", sa.String(8)), sa.Column("windows", sa.Integer)]
+    new_columns: list[sa.Column[Any]] = [sa.Column("lang", sa.String(8)),
+                                         sa.Column("windows", sa.Integer)]
     if bind.dialect.name == "sqlite":
         _rebuild_sqlite(("id", "model"), new_columns)
     else:
