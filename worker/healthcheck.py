@@ -1,7 +1,8 @@
 """``python -m worker.healthcheck``: is a worker of this host alive? (a container's health check).
 
 Healthy when a worker on this host (Celery node name ``…@<hostname>``, so
-every child of ``--gpus`` counts) has a fresh heartbeat in Redis
+every child of ``--gpus`` or of several ``--model`` counts, whatever its
+queue family) has a fresh heartbeat in Redis
 (contract.liveness) and, with ``--ready-file``, once that file exists: the
 worker has started consuming since the file's directory was last emptied.
 The heartbeat proves the process is alive and reaches Redis; the ready file
@@ -30,7 +31,8 @@ def check(settings: Settings, host: str, ready_file: str | None) -> str | None:
     if client is None:
         return f"the broker is not Redis ({settings.broker_url})"
     try:
-        mine = [w for w in live_workers(client, settings.queue)
+        # Every queue family: a host may run one worker process per model.
+        mine = [w for w in live_workers(client, "*")
                 if str(w.get("hostname", "")).endswith("@" + host)]
     except redis.RedisError as exc:
         return f"cannot reach Redis: {exc}"
