@@ -29,6 +29,10 @@ secret() { python3 -c 'import secrets; print(secrets.token_urlsafe(18))'; }
 command -v docker-compose >/dev/null || fail "docker-compose is not installed"
 docker info >/dev/null 2>&1 || fail "dockerd is not running (.ci/run starts it)"
 
+# The shell's environment outranks the env file in docker-compose: clear what the test sets.
+unset REDIS_PASSWORD POSTGRES_PASSWORD BERTSTREAM_API_TOKENS BERTSTREAM_IMAGE PYTHON_IMAGE \
+  REDIS_IMAGE POSTGRES_IMAGE API_PORT REDIS_PORT POSTGRES_PORT PUBLISH_ADDR \
+  BERTSTREAM_VISIBILITY_TIMEOUT_S BERTSTREAM_TORCH_THREADS
 PROJECT=bertstream-deploy-test-$$
 workdir=$(mktemp -d)
 envfile=$workdir/env
