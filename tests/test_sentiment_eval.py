@@ -71,7 +71,7 @@ def test_training_never_sees_a_suite_item() -> None:
 
 def test_training_loader_excludes_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_examples passes the packaged suite to split_examples."""
-    from worker.sentiment import data
+    from training import data
 
     seen: dict[str, object] = {}
 
@@ -203,8 +203,9 @@ def test_calibrate_writes_the_temperature_into_the_adapter_meta(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
+    from training import data
     from training.evaluate import calibrate_main
-    from worker.sentiment import assemble, data
+    from worker.sentiment import assemble
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
