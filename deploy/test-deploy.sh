@@ -14,7 +14,8 @@
 #  5. docker kill is a manual stop: no restart. With the worker down, tasks
 #     are queued, Redis restarts, the queue is intact, the worker is started
 #     and processes them
-#  6. down -v, also on failure
+#  6. --scale worker-cpu=2: two healthy workers, two heartbeats
+#  7. down -v, also on failure
 # Published ports are free ones picked here (the host's Redis and PostgreSQL
 # keep 6379 and 5432). Exits non-zero on the first failed check.
 set -euo pipefail
@@ -88,6 +89,7 @@ grep -A5 "devices:" "$workdir/worker-gpu.yml"
 grep -q 'driver: nvidia' "$workdir/worker-gpu.yml" || fail "worker-gpu reserves no NVIDIA device"
 grep -Eq -- '- gpu$' "$workdir/worker-gpu.yml" || fail "worker-gpu lacks the gpu capability"
 grep -Eq -- '- --gpus$' "$workdir/worker-gpu.yml" || fail "worker-gpu does not run --gpus"
+dc --profile monitoring --profile cli config -q || fail "the monitoring and cli profiles do not validate"
 
 # Polling goes through docker, not docker-compose: each docker-compose call
 # costs a second of CPU that the worker under test would miss.
@@ -242,6 +244,15 @@ wait_healthy "$worker" 300
 wait_rows queued "$M" 300
 check_rows queued "$M"
 [ "$(queued)" = 0 ] || fail "messages left in the queue"
+
+say "scale out: docker-compose up -d --scale worker-cpu=2"
+dc up -d --no-build --scale worker-cpu=2 worker-cpu
+mapfile -t workers < <(dc ps -q worker-cpu)
+[ "${#workers[@]}" -eq 2 ] || fail "expected 2 worker-cpu containers, found ${#workers[@]}"
+for w in "${workers[@]}"; do wait_healthy "$w" 300; done
+beats=$(redis_q --scan --pattern 'bertstream:workers:*' | wc -l)
+echo "worker-cpu containers: 2 healthy; heartbeats in Redis: $beats"
+[ "$beats" -eq 2 ] || fail "expected 2 worker heartbeats, found $beats"
 
 say "results through the cli service"
 dc run --rm -T cli results --aggregate label
