@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 
-.PHONY: install test test-fast lint typecheck bench bench-quick demo clean device-pack device-rehearsal
+.PHONY: install test test-fast test-deploy lint typecheck bench bench-quick demo clean device-pack device-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# docker-compose.yml brought up here on locally built images (needs dockerd, root).
+test-deploy:
+	bash deploy/test-deploy.sh
 
 lint: install
 	$(VENV)/bin/ruff check api contract producer worker training bench tests
