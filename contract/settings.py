@@ -13,7 +13,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from contract.constants import DEFAULT_MODEL, DEFAULT_QUEUE, ENV_PREFIX, ID_COLUMN_CHARS
+from contract.constants import (
+    DEFAULT_MODEL,
+    DEFAULT_QUEUE,
+    ENV_PREFIX,
+    ID_COLUMN_CHARS,
+    LONG_TEXT_MODES,
+)
 from contract.errors import ConfigError
 
 
@@ -71,6 +77,13 @@ class Settings:
     max_padding: float = 0.10
     #: Token cut-off; 0 means the model's own maximum.
     max_length: int = 0
+    #: What happens to a text longer than ``max_length`` tokens: ``chunk``
+    #: scores it whole in windows cut at sentence boundaries; ``truncate``
+    #: scores its first ``max_length`` tokens only.
+    long_texts: str = "chunk"
+    #: Most windows of long texts one flush scores; the rest wait for the next
+    #: flush, so short texts arriving meanwhile are not held up (0: no limit).
+    windows_per_flush: int = 4
     #: Neutral band: a text whose (calibrated) top probability is below this
     #: is labelled ``neutral``; 0 turns the band off.
     neutral_below: float = 0.0
@@ -179,9 +192,12 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
         for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",
                      "redis_health_check_s", "publish_retries", "publish_retry_max_s",
-                     "api_coalesce_ms", "metrics_port"):
+                     "api_coalesce_ms", "metrics_port", "windows_per_flush"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if self.long_texts not in LONG_TEXT_MODES:
+            raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
+                              f"{', '.join(LONG_TEXT_MODES)} (got {self.long_texts!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

@@ -68,7 +68,7 @@ def _rebuild_sqlite(pk: tuple[str, ...], extra: list[sa.Column]) -> None:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    new_columns = [sa.Column("lang", sa.String(8)), sa.Column("windows", sa.Integer)]
+    new_columns: list[sa.Column] = [sa.Column("lang", sa.String(8)), sa.Column("windows", sa.Integer)]
     if bind.dialect.name == "sqlite":
         _rebuild_sqlite(("id", "model"), new_columns)
     else:
