@@ -365,6 +365,7 @@ class FlushProcessor:
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])
         stats.encode_s = time.perf_counter() - t0
+        waiting = self.backlog + [e for e in live if e.windows]
         units = self._units(live)
         active = list(dict.fromkeys([u.entry for u in units] + live))
         encoded = [u.encoded for u in units]
@@ -387,7 +388,7 @@ class FlushProcessor:
                                           timings=stats.steps).items():
                 units[r].settle(out, neutral)
             stats.infer_s = time.perf_counter() - t0 - stats.persist_s
-            self._finish(entries, active, started, attempt, stats)
+            self._finish(entries, active, waiting, started, attempt, stats)
         except StoreUnavailable:
             self.backlog = []
             raise
@@ -412,11 +413,14 @@ class FlushProcessor:
                 e.batch_size = max(e.batch_size or 0, len(rows))
         return batches
 
-    def _finish(self, entries: list[Entry], active: list[Entry], started: Any, attempt: int,
-                stats: FlushStats) -> None:
-        """Keep the long texts with windows left in the backlog; store everything settled."""
-        self.backlog = [e for e in active
-                        if e.pending and e.windows and any(w.outcome is None for w in e.windows)]
+    def _finish(self, entries: list[Entry], active: list[Entry], long: list[Entry],
+                started: Any, attempt: int, stats: FlushStats) -> None:
+        """Keep the long texts with windows left in the backlog; store everything settled.
+
+        ``long``: the backlog at the start of the flush and the flush's new long texts.
+        """
+        self.backlog = [e for e in long
+                        if e.pending and any(w.outcome is None for w in e.windows or ())]
         waiting = set(self.backlog)
         for e in entries:
             if e.pending and e not in waiting:
