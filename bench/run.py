@@ -218,7 +218,7 @@ class BenchRun:
             "share": self.opts.long_share, "tokens": list(self.opts.long_tokens),
             "load": self.opts.long_load, "seconds": self.opts.long_seconds,
             "long_texts": self.settings.long_texts,
-            "windows_per_flush": self.settings.windows_per_flush,
+            "window_slice_ms": self.settings.window_slice_ms,
             "mixes": mixes, "short_p99_ratio": with_long / base if base else None,
         }
 

@@ -81,9 +81,12 @@ class Settings:
     #: scores it whole in windows cut at sentence boundaries; ``truncate``
     #: scores its first ``max_length`` tokens only.
     long_texts: str = "chunk"
-    #: Most windows of long texts one flush scores; the rest wait for the next
-    #: flush, so short texts arriving meanwhile are not held up (0: no limit).
-    windows_per_flush: int = 4
+    #: Milliseconds one flush may spend on windows of long texts, estimated
+    #: from the worker's measured speed (at least one window per flush); the
+    #: rest wait for the next flushes, so short texts arriving meanwhile are
+    #: not held up behind a long text. 0: every window in the flush that
+    #: received its text.
+    window_slice_ms: int = 200
     #: Neutral band: a text whose (calibrated) top probability is below this
     #: is labelled ``neutral``; 0 turns the band off.
     neutral_below: float = 0.0
@@ -192,7 +195,7 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
         for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",
                      "redis_health_check_s", "publish_retries", "publish_retry_max_s",
-                     "api_coalesce_ms", "metrics_port", "windows_per_flush"):
+                     "api_coalesce_ms", "metrics_port", "window_slice_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
         if self.long_texts not in LONG_TEXT_MODES:

@@ -56,8 +56,8 @@ def test_setting_is_validated() -> None:
     assert Settings.from_env({"BERTSTREAM_LONG_TEXTS": "truncate"}).long_texts == "truncate"
     with pytest.raises(ConfigError, match="LONG_TEXTS"):
         Settings.from_env({"BERTSTREAM_LONG_TEXTS": "split"})
-    with pytest.raises(ConfigError, match="WINDOWS_PER_FLUSH"):
-        Settings.from_env({"BERTSTREAM_WINDOWS_PER_FLUSH": "-1"})
+    with pytest.raises(ConfigError, match="WINDOW_SLICE_MS"):
+        Settings.from_env({"BERTSTREAM_WINDOW_SLICE_MS": "-1"})
 
 
 def test_sentences_tile_the_text() -> None:
@@ -245,10 +245,10 @@ def test_a_window_row_the_database_refuses_fails_only_its_task(
     assert all(r.status == "done" for r in store.query(limit=None) if r.id.startswith("s"))
 
 
-def test_windows_per_flush_holds_a_long_text_for_later_flushes(
+def test_a_flush_slices_long_texts_and_holds_them_for_later_flushes(
     tiny_settings: Settings, runner: HFRunner, store: ResultStore
 ) -> None:
-    s = tiny_settings.replace(windows_per_flush=2)
+    s = tiny_settings.replace(window_slice_ms=1)
     proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
     now = time.time()
     first = proc.process([("m-long", [[{"id": "long", "text": long_text(), "submitted_at": now}]]),
@@ -259,6 +259,7 @@ def test_windows_per_flush_holds_a_long_text_for_later_flushes(
     assert store.get("short") is not None and store.get("long") is None
     flushes = 1
     while proc.held():
+        proc.token_cost = 1.0  # as if a window took 30 s: one window per flush
         proc.process([("m-next", [[{"id": f"n{flushes}", "text": "ok", "submitted_at": now}]])])
         flushes += 1
         assert store.get(f"n{flushes - 1}") is not None  # short texts never wait for it
@@ -266,14 +267,29 @@ def test_windows_per_flush_holds_a_long_text_for_later_flushes(
     assert row is not None and row.status == "done" and row.windows == len(windows)
     row2, windows2 = store.get_windows("long2")
     assert row2 is not None and row2.status == "done" and row2.windows == len(windows2)
-    assert flushes == -(-(len(windows) + len(windows2)) // 2)  # the oldest text first
+    assert flushes == len(windows) + len(windows2)
+
+
+def test_the_slice_fits_windows_to_the_measured_speed(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    proc = FlushProcessor(runner, store, tiny_settings.replace(window_slice_ms=100), "t@h",
+                          hold_windows=True)
+    proc.token_cost = 1e-3  # 1 ms per token: ~30 ms per window
+    proc.process([("m", [[{"id": "long", "text": long_text(60), "submitted_at": time.time()}]])])
+    windows = proc.backlog[0].windows or []
+    scored = [w for w in windows if w.outcome is not None]
+    assert 0 < len(scored) < len(windows)
+    assert sum(w.tokens for w in scored) * 1e-3 <= 0.1
+    assert sum(w.tokens for w in windows[:len(scored) + 1]) * 1e-3 > 0.1
+    assert proc.token_cost is not None and proc.token_cost != 1e-3  # learnt from the flush
 
 
 @pytest.mark.slow
 def test_a_worker_scores_long_texts_whole(settings: Settings, tiny_model_dir: Path,
                                           worker_factory: Any, api_factory: Any) -> None:
     """A real worker holding long texts over several flushes; the client and HTTP reads."""
-    s = settings.replace(model=str(tiny_model_dir), max_length=MAX_LENGTH, windows_per_flush=3)
+    s = settings.replace(model=str(tiny_model_dir), max_length=MAX_LENGTH, window_slice_ms=5)
     texts = {f"long-{i}": long_text(20 + 7 * i) for i in range(4)}
     texts.update({f"short-{i}": "the hotel is good" for i in range(40)})
     worker_factory(s)

@@ -310,11 +310,12 @@ class FlushProcessor:
     """Runs prepare → infer → persist for a list of message payloads.
 
     Built once per worker process with its runner and store (injected).
-    With ``hold_windows`` (the Celery task), a flush scores at most
-    ``settings.windows_per_flush`` windows of long texts; the long texts
-    with windows left wait in :attr:`backlog` for the next flush, and their
-    messages are reported by :meth:`held` (not to be acked yet). Without
-    it every window is scored in the flush that received its text.
+    With ``hold_windows`` (the Celery task), a flush scores the windows of
+    long texts that fit ``settings.window_slice_ms`` at the speed measured
+    over the last flushes (at least one); the long texts with windows left
+    wait in :attr:`backlog` for the next flush, and their messages are
+    reported by :meth:`held` (not to be acked yet). Without it every window
+    is scored in the flush that received its text.
     """
 
     def __init__(
@@ -329,6 +330,9 @@ class FlushProcessor:
         self.last = FlushStats()
         #: Long texts whose windows are not all scored yet, oldest first.
         self.backlog: list[Entry] = []
+        #: Seconds per padded token of inference, averaged over recent flushes
+        #: (None until a flush ran the model).
+        self.token_cost: float | None = None
 
     def held(self) -> set[str]:
         """Ids of the messages with a long text still in the backlog: not to be acked yet."""
@@ -388,6 +392,7 @@ class FlushProcessor:
                                           timings=stats.steps).items():
                 units[r].settle(out, neutral)
             stats.infer_s = time.perf_counter() - t0 - stats.persist_s
+            self._learn_speed(stats)
             self._finish(entries, active, waiting, started, attempt, stats)
         except StoreUnavailable:
             self.backlog = []
@@ -432,17 +437,29 @@ class FlushProcessor:
         finished = [e for e in dict.fromkeys(entries + active) if not e.written and not e.pending]
         self._persist(finished, started, attempt, stats)
 
+    def _learn_speed(self, stats: FlushStats) -> None:
+        """Update :attr:`token_cost` from this flush's inference time."""
+        if stats.padded_tokens:
+            cost = (stats.infer_s - stats.encode_s) / stats.padded_tokens
+            old = self.token_cost
+            self.token_cost = cost if old is None else 0.7 * old + 0.3 * cost
+
     def _units(self, live: list[Entry]) -> list[_Unit]:
         """The rows for the model: every whole text of ``live``, and the windows of long
-        texts (the backlog's first, oldest first) up to ``windows_per_flush``."""
+        texts (the backlog's first, oldest first) that fit the flush's slice of time."""
         units = [_Unit(e) for e in live if not e.windows]
-        quota = self.settings.windows_per_flush if self.hold_windows else 0
-        taken = 0
+        slice_s = self.settings.window_slice_ms / 1000 if self.hold_windows else 0.0
+        spent, taken = 0.0, 0
         for e in self.backlog + [e for e in live if e.windows]:
             for w in e.windows or ():
-                if w.outcome is None and (not quota or taken < quota):
-                    units.append(_Unit(e, w))
-                    taken += 1
+                if w.outcome is not None:
+                    continue
+                cost = w.tokens * self.token_cost if self.token_cost is not None else None
+                if slice_s and taken and (cost is None or spent + cost > slice_s):
+                    return units
+                units.append(_Unit(e, w))
+                spent += cost or 0.0
+                taken += 1
         return units
 
     def dead_letter(self, payloads: Sequence[tuple[str, Any]], reason: str,
