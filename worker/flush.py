@@ -8,10 +8,11 @@ never acked before its rows are committed.
 Every item travels the flush as one :class:`Entry`: wire item → tokens →
 outcome → row. A text longer than the model's maximum travels as its
 windows (worker/windows.py), planned into the batches like any other text;
-its outcome is their combined score, and its row carries their scores. Whatever goes wrong with one item (parsing, validation, the
-tokenizer, the model, a row the database refuses) ends as that item's
-``failed`` row; only a database outage (:class:`StoreUnavailable`) leaves
-the flush, and then nothing of the unwritten messages is acked.
+its outcome is their combined score, and its row carries their scores.
+Whatever goes wrong with one item (parsing, validation, the tokenizer, the
+model, a row the database refuses) ends as that item's ``failed`` row; only
+a database outage (:class:`StoreUnavailable`) leaves the flush, and then
+nothing of the unwritten messages is acked.
 """
 
 from __future__ import annotations
@@ -338,12 +339,6 @@ class FlushProcessor:
         """Ids of the messages with a long text still in the backlog: not to be acked yet."""
         return {e.message_id for e in self.backlog}
 
-    def drop_backlog(self) -> set[str]:
-        """Forget the backlog (its messages are being requeued); gives their message ids."""
-        held = self.held()
-        self.backlog = []
-        return held
-
     def process(self, payloads: Sequence[tuple[str, Any]], attempt: int = 1) -> FlushStats:
         """Process ``(message_id, args)`` pairs and windows of the backlog; gives what the
         flush did.
@@ -550,6 +545,7 @@ class FlushProcessor:
         rows: dict[int, ResultRecord] = {}
         # the windows of the first row of each key: the store keeps that row
         windows: dict[tuple[str, str], list[WindowRecord]] = {}
+        seen: set[tuple[str, str]] = set()
         for e in entries:
             own = base if e.attempt == attempt else {**base, "attempts": e.attempt}
             try:
@@ -560,8 +556,10 @@ class FlushProcessor:
                                  own_key=id_problem(e.key) is None)
                 found = []
             rows[id(e)] = row
-            if found and (row.id, row.model) not in windows:
-                windows[(row.id, row.model)] = found
+            if (row.id, row.model) not in seen:
+                seen.add((row.id, row.model))
+                if found:
+                    windows[(row.id, row.model)] = found
         by_row = {id(rows[id(e)]): e for e in entries}
         refused = self._commit(list(rows.values()), windows)
         for own_key in (True, False):
