@@ -197,17 +197,20 @@ class BenchRun:
         mixed, places = with_long_texts(self.texts, long, seed=self.opts.seed)
         self.log(f"long: starting a worker; {count} of {len(self.texts)} texts long "
                  f"({self.opts.long_tokens[0]}-{self.opts.long_tokens[1]} tokens)")
-        workers = self.start_workers(self.settings, 1)
+        # 5,000 English tokens are ~23,000 characters: room for the longest text
+        settings = self.settings.replace(
+            max_text_chars=max(self.settings.max_text_chars, max(map(len, long))))
+        workers = self.start_workers(settings, 1)
         mixes: dict[str, Any] = {}
         plain: set[int] = set()
         for name, texts, where in (("base", self.texts, plain), ("long", mixed, places)):
             self.log(f"long: {name} mix, maximum rate ({len(texts)} texts end to end)")
-            cap = measure_bertstream(self.settings, self.probe, workers, texts,
+            cap = measure_bertstream(settings, self.probe, workers, texts,
                                      self.prefix(f"long-{name}-max"), STAGE_TIMEOUT_S)
             rate = self.opts.long_load * cap["texts_per_s"]
             self.log(f"long: {name} mix at {100 * self.opts.long_load:.0f}% = {rate:.1f} "
                      f"texts/s for {self.opts.long_seconds:.0f} s")
-            load = measure_load(self.settings, self.probe, workers, texts,
+            load = measure_load(settings, self.probe, workers, texts,
                                 self.prefix(f"long-{name}-load"), rate=rate,
                                 seconds=self.opts.long_seconds, seed=self.opts.seed,
                                 long=where)
