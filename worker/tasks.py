@@ -98,12 +98,22 @@ class AnalyzeTask(Batches):
         self._buffered_tokens = 0
         #: Messages whose long texts wait in the processor's backlog, by message id.
         self._held: dict[str, Any] = {}
+        self._flushed_at = 0.0
 
     def _do_flush(self) -> None:
-        """celery-batches' timer flush, which also continues the backlog of long texts."""
-        if self._buffer.empty() and self.processor is not None and self.processor.backlog:
-            self.flush([])
-            return
+        """celery-batches' timer flush, which also continues the backlog of long texts.
+
+        While long texts wait, flushes follow each other; between two, the
+        event loop is left one flush interval to read the messages that came
+        meanwhile (it reads one message per turn, so back-to-back flushes
+        would take in one message per flush).
+        """
+        if self.processor is not None and self.processor.backlog:
+            if time.monotonic() - self._flushed_at < self.flush_interval:
+                return
+            if self._buffer.empty():
+                self.flush([])
+                return
         super()._do_flush()
 
     def Strategy(self, task: Any, app: Celery, consumer: Any) -> Callable[..., None]:  # noqa: N802
@@ -149,6 +159,7 @@ class AnalyzeTask(Batches):
             log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                           "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
+        self._flushed_at = time.monotonic()
 
     def _flush(self, reqs: list[Any]) -> None:
         if not reqs:
