@@ -210,6 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
     _task_routes(guarded, services)
+    _window_routes(guarded, services)
     _read_routes(guarded, services)
     dashboard.install(app, guarded, services, _filter_params, NO_NUL)
 
@@ -279,6 +280,27 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             if record is not None:
                 return _view(record)
         return {"id": task_id, "status": "queued"}
+
+
+def _window_routes(router: APIRouter, services: Services) -> None:
+    settings = services.settings
+
+    @router.get("/v1/tasks/{task_id}/windows", tags=["tasks"],
+                responses={404: {"description": "no stored result for this id (and model)"}})
+    async def windows_route(
+        task_id: Annotated[str, Path(max_length=settings.max_id_chars)],
+        model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL,
+                                           description="The model whose result to show "
+                                           "(default: the task's latest)")] = None,
+    ) -> dict[str, Any]:
+        """The windows a long text was scored in, in order, with their character spans
+        and scores; ``windows`` is empty for a text scored in one pass."""
+        record, found = await run_in_threadpool(services.client.windowed, task_id, model)
+        if record is None:
+            raise ApiError(404, "not_found", f"no stored result for task {task_id!r}"
+                           + (f" under model {model!r}" if model is not None else ""))
+        return {"id": record.id, "model": record.model, "status": record.status,
+                "count": record.windows, "windows": [w.to_json() for w in found]}
 
 
 def _submit_bulk(services: Services, target: ModelLane, body: BulkIn) -> BulkAccepted:

@@ -22,7 +22,7 @@ from worker.cli import settings_from
               help="Results database (default: a temporary SQLite file).")
 @click.option("--skip", multiple=True,
               help="Stages to skip (repeat or comma-separate): "
-                   "padding, bare, pipeline, openloop, naive, null, http.")
+                   "padding, bare, pipeline, openloop, long, naive, null, http.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--threads", type=int, default=None,
               help="Torch threads for every stage (default: CPU count, at most 8).")

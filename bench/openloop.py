@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from bench import figures
@@ -49,8 +49,12 @@ def _produce(settings: Settings, texts: Sequence[str], schedule: Sequence[float]
 
 def measure_load(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,
                  texts: Sequence[str], prefix: str, *, rate: float, seconds: float,
-                 seed: int = 0) -> dict[str, Any]:
-    """Run one open-loop load of ``rate`` texts/s for ``seconds``; give latency figures."""
+                 seed: int = 0, long: Collection[int] | None = None) -> dict[str, Any]:
+    """Run one open-loop load of ``rate`` texts/s for ``seconds``; give latency figures.
+
+    ``long``, when given: the places in ``texts`` of long texts; the latency
+    of the others is reported apart (``short``), and the long ones' (``long``).
+    """
     schedule = poisson_schedule(rate, seconds, seed)
     lag: list[float] = []
     _produce(settings, texts, schedule, prefix, lag)
@@ -60,6 +64,16 @@ def measure_load(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,
     batch_ms = figures.percentile(flush_ms, 50)
     bound = settings.max_wait_ms + 3 * batch_ms
     lat = figures.latency_ms(rows)
+    split: dict[str, Any] = {}
+    if long is not None:
+        def is_long(row: dict[str, Any]) -> bool:
+            return int(row["id"][len(prefix):]) % len(texts) in long
+
+        split = {"short": {"texts": sum(not is_long(r) for r in rows),
+                           **figures.latency_ms([r for r in rows if not is_long(r)])},
+                 "long": {"texts": sum(is_long(r) for r in rows),
+                          "tokens": sorted(int(r["tokens"] or 0) for r in rows if is_long(r)),
+                          **figures.latency_ms([r for r in rows if is_long(r)])}}
     return {
         "rate": rate,
         "texts": len(schedule),
@@ -72,4 +86,5 @@ def measure_load(settings: Settings, probe: ResultsProbe, workers: WorkerGroup,
         "flush_p99_ms": figures.percentile(flush_ms, 99),
         "bound_ms": bound,
         "p99_within_bound": lat["p99_ms"] <= bound,
+        **split,
     }

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Stage names, in the order they run (``--skip`` takes these).
-STAGES = ("padding", "bare", "pipeline", "openloop", "naive", "null", "http")
+STAGES = ("padding", "bare", "pipeline", "openloop", "long", "naive", "null", "http")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class BenchOptions:
     #: Open-loop loads (fractions of measured max) and seconds per load.
     loads: tuple[float, ...] = (0.25, 0.5, 0.75)
     load_seconds: float = 12.0
+    #: Long texts: their share of the mix, their length in model tokens, the load
+    #: (a fraction of each mix's own measured maximum) and its seconds per mix.
+    long_share: float = 0.05
+    long_tokens: tuple[int, int] = (500, 5_000)
+    long_load: float = 0.5
+    long_seconds: float = 60.0
     #: Fixed-count FIFO batch size compared with plan_batches.
     fifo_size: int = 32
     #: Texts in the padding comparison (tokenizer only, cheap).
@@ -73,7 +79,7 @@ class BenchOptions:
         if quick:
             return _replace(base, budgets=(1024, 4096), sweep_texts=min(60, n), rounds=rounds or 1,
                             naive_texts=min(60, n), null_single=1500, null_bulk=10_000,
-                            load_seconds=5.0, padding_texts=2000, http_single=1000,
+                            load_seconds=5.0, long_seconds=15.0, padding_texts=2000, http_single=1000,
                             http_real=min(60, n), http_bulk_rounds=8)
         if dev.startswith("cuda"):
             # A GPU runs the model ~100x faster: more texts so stages last long enough.

@@ -125,8 +125,24 @@ def table(result: dict[str, Any]) -> str:
             f"p50 {_num(load['p50_ms'], '{:,.0f}')} ms, p99 {_num(load['p99_ms'], '{:,.0f}')} ms; "
             f"flush {_num(load['flush_p50_ms'], '{:,.0f}')} ms x {load['mean_flush_size']:.1f} texts",
             target)
+    lines.extend(_long_rows(s))
     lines.extend(after_table)
     return "\n".join(lines)
+
+
+def _long_rows(s: dict[str, Any]) -> list[str]:
+    """The row of the long-text stage, when it ran."""
+    long = s.get("long")
+    if not long:
+        return []
+    base, mixed = long["mixes"]["base"], long["mixes"]["long"]
+    ratio = long["short_p99_ratio"]
+    return [f"| long texts: short texts' p99 at {100 * long['load']:.0f}% load, no long / "
+            f"{100 * long['share']:.0f}% long ({long['tokens'][0]}-{long['tokens'][1]} tokens) | "
+            f"{_num(base['short']['p99_ms'], '{:,.0f}')} / "
+            f"{_num(mixed['short']['p99_ms'], '{:,.0f}')} ms = {_num(ratio, '{:.2f}')}x "
+            f"({base['rate']:.1f} / {mixed['rate']:.1f} texts/s) | "
+            f"<= 1.5x{_mark(ratio is not None and ratio <= 1.5)} |"]
 
 
 def _http_rows(s: dict[str, Any]) -> list[str]:

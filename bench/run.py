@@ -36,7 +36,7 @@ from bench.services import (
     flush_redis,
     free_port,
 )
-from bench.workload import social_texts
+from bench.workload import long_texts, social_texts, with_long_texts
 from contract.results import ResultStore
 from contract.settings import Settings
 
@@ -117,7 +117,8 @@ class BenchRun:
         self._open_services()
         self.settings = self.settings.replace(model=str(model.path))
         steps = (("padding", self._in_process), ("pipeline", self._pipeline),
-                 ("naive", self._naive), ("null", self._null), ("http", self._http))
+                 ("long", self._long), ("naive", self._naive), ("null", self._null),
+                 ("http", self._http))
         for stage, step in steps:
             if self.opts.runs(stage) or (stage == "padding" and self.opts.runs("bare")):
                 step()
@@ -182,6 +183,50 @@ class BenchRun:
                                 seconds=self.opts.load_seconds, seed=self.opts.seed + k)
             loads.append({"fraction": fraction, **load})
         self.stages["openloop"] = {"max_wait_ms": self.settings.max_wait_ms, "loads": loads}
+
+    def _long(self) -> None:
+        """Short texts' latency with and without 5% long texts in the mix, side by side.
+
+        Each mix runs at ``long_load`` of its own maximum (measured first,
+        closed loop, on the same worker), so both loads keep the worker
+        equally busy; the long texts take most of its time in the second.
+        """
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
+        count = max(1, round(self.opts.long_share * len(self.texts)))
+        long = long_texts(count, lambda t: len(tokenizer(t, add_special_tokens=False).input_ids),
+                          seed=self.opts.seed, tokens=self.opts.long_tokens)
+        mixed, places = with_long_texts(self.texts, long, seed=self.opts.seed)
+        self.log(f"long: starting a worker; {count} of {len(self.texts)} texts long "
+                 f"({self.opts.long_tokens[0]}-{self.opts.long_tokens[1]} tokens)")
+        # 5,000 English tokens are ~23,000 characters: room for the longest text
+        settings = self.settings.replace(
+            max_text_chars=max(self.settings.max_text_chars, max(map(len, long))))
+        workers = self.start_workers(settings, 1)
+        mixes: dict[str, Any] = {}
+        plain: set[int] = set()
+        for name, texts, where in (("base", self.texts, plain), ("long", mixed, places)):
+            self.log(f"long: {name} mix, maximum rate ({len(texts)} texts end to end)")
+            cap = measure_bertstream(settings, self.probe, workers, texts,
+                                     self.prefix(f"long-{name}-max"), STAGE_TIMEOUT_S)
+            rate = self.opts.long_load * cap["texts_per_s"]
+            self.log(f"long: {name} mix at {100 * self.opts.long_load:.0f}% = {rate:.1f} "
+                     f"texts/s for {self.opts.long_seconds:.0f} s")
+            load = measure_load(settings, self.probe, workers, texts,
+                                self.prefix(f"long-{name}-load"), rate=rate,
+                                seconds=self.opts.long_seconds, seed=self.opts.seed,
+                                long=where)
+            mixes[name] = {"max_texts_per_s": cap["texts_per_s"], **load}
+        workers.stop()
+        base, with_long = mixes["base"]["short"]["p99_ms"], mixes["long"]["short"]["p99_ms"]
+        self.stages["long"] = {
+            "share": self.opts.long_share, "tokens": list(self.opts.long_tokens),
+            "load": self.opts.long_load, "seconds": self.opts.long_seconds,
+            "long_texts": self.settings.long_texts,
+            "window_slice_ms": self.settings.window_slice_ms,
+            "mixes": mixes, "short_p99_ratio": with_long / base if base else None,
+        }
 
     def _rounds(self, workers: WorkerGroup, tag: str) -> dict[str, Any]:
         """bertstream end to end, alternating with the bare model, ``opts.rounds`` times.

@@ -15,7 +15,7 @@ import redis
 import sqlalchemy as sa
 
 from bench.figures import metrics_totals
-from contract.results import ResultStore, results
+from contract.results import ResultStore, results, windows
 from worker.process import WorkerProc, free_port
 
 __all__ = ["BENCH_REDIS_DB", "ResultsProbe", "WorkerGroup", "WorkerProc", "bench_broker_url",
@@ -93,6 +93,7 @@ class ResultsProbe:
     def delete(self, prefix: str) -> None:
         """Remove the rows of ``prefix`` (the benchmark's own, on a shared database)."""
         with self.store.engine.begin() as conn:
+            conn.execute(windows.delete().where(windows.c.id.like(prefix + "%")))
             conn.execute(results.delete().where(results.c.id.like(prefix + "%")))
 
 

@@ -9,6 +9,7 @@ every stage of one run, see the same texts.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
 _EN = (
     "the new update broke my battery life again and support is not answering "
@@ -65,3 +66,45 @@ def social_texts(n: int, seed: int = 0, zh_share: float = 0.4) -> list[str]:
             text += " " + rng.choice(_TAGS)
         texts.append(text)
     return texts
+
+
+def long_texts(n: int, count_tokens: Callable[[str], int], seed: int = 0,
+               tokens: tuple[int, int] = (500, 5_000), zh_share: float = 0.4) -> list[str]:
+    """``n`` long posts (articles, threads) of ``tokens`` model tokens (a uniform draw per
+    text, counted with ``count_tokens``), in sentences: English ending in ``.``, ``!``
+    or ``?``, Chinese in ``。``, ``！`` or ``？``, with a paragraph break now and then."""
+    rng = random.Random(seed + 2)
+    out = []
+    for _ in range(n):
+        target = rng.randint(*tokens)
+        zh = rng.random() < zh_share
+        parts: list[str] = []
+        used = 0
+        while used < target:
+            size = rng.randint(6, 40)
+            if zh:
+                start = rng.randrange(len(_ZH))
+                sentence = "".join(_ZH[(start + k) % len(_ZH)] for k in range(size))
+                sentence += rng.choice("。。。！？")
+            else:
+                start = rng.randrange(len(_EN))
+                sentence = " ".join(_EN[(start + k) % len(_EN)] for k in range(size))
+                sentence = sentence.capitalize() + rng.choice("...!?") + " "
+            if rng.random() < 0.1:
+                sentence += "\n\n"
+            parts.append(sentence)
+            used += count_tokens(sentence)
+        out.append("".join(parts).strip())
+    return out
+
+
+def with_long_texts(texts: Sequence[str], long: Sequence[str],
+                    seed: int = 0) -> tuple[list[str], set[int]]:
+    """``texts`` with ``len(long)`` of them, at seeded places, replaced by ``long``;
+    gives the new list and the places of the long texts."""
+    rng = random.Random(seed + 3)
+    places = rng.sample(range(len(texts)), len(long))
+    mixed = list(texts)
+    for place, text in zip(places, long, strict=True):
+        mixed[place] = text
+    return mixed, set(places)

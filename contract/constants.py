@@ -15,6 +15,10 @@ LANE_BULK = "bulk"
 RESULTS_TABLE = "bertstream_results"
 #: Per-window scores of texts scored in windows (long texts), child of the results table.
 WINDOWS_TABLE = "bertstream_windows"
+#: ``BERTSTREAM_LONG_TEXTS``: score a text past the model's maximum in windows, or cut it.
+LONG_TEXTS_CHUNK = "chunk"
+LONG_TEXTS_TRUNCATE = "truncate"
+LONG_TEXT_MODES = (LONG_TEXTS_CHUNK, LONG_TEXTS_TRUNCATE)
 #: Language codes stored per row.
 LANGS = ("zh", "en", "mixed", "other")
 #: Alembic's revision table (its own name, so a shared database's alembic_version is left alone).

@@ -142,6 +142,29 @@ class ResultRecord:
 _RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
 
 
+@dataclass
+class WindowRecord:
+    """One row of the windows table: one window of a text scored in windows."""
+
+    id: str
+    model: str
+    window: int
+    start_char: int
+    end_char: int
+    tokens: int
+    label: str | None = None
+    score: float | None = None
+    scores: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+#: A result row's windows, keyed by the row's (id, model).
+Windows = dict[tuple[str, str], list[WindowRecord]]
+
+
 def utc_from_timestamp(ts: float) -> dt.datetime:
     """An aware UTC datetime from a UNIX timestamp."""
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
@@ -431,8 +454,15 @@ class ResultStore:
 
     # -- writing --------------------------------------------------------
 
-    def upsert(self, records: Sequence[ResultRecord]) -> list[Refused]:
+    def upsert(self, records: Sequence[ResultRecord],
+               windows: Windows | None = None) -> list[Refused]:
         """Write ``records`` keyed by id; gives the records the database refused.
+
+        ``windows`` holds the window rows of records scored in windows, keyed
+        by the record's (id, model). They are written in the transaction of
+        their record and follow its rules: a ``done`` row keeps the windows
+        it has (none are added), a row replaced by a new attempt gets the new
+        attempt's windows; a refused window refuses its record.
 
         Guarantees: a ``done`` row is never overwritten (a redelivered task
         keeps its first result); a ``failed`` or ``expired`` row is replaced by
@@ -451,14 +481,22 @@ class ResultStore:
             unique.setdefault(key, r)
         refused: list[Refused] = []
         if unique:
-            self._write(list(unique.values()), refused)
+            self._write(list(unique.values()), refused, windows or {})
         return refused
 
-    def _write(self, records: list[ResultRecord], refused: list[Refused]) -> None:
+    def _write(self, records: list[ResultRecord], refused: list[Refused],
+               windows: Windows) -> None:
         try:
             rows = [self._row(r) for r in records]
-            self._run(lambda conn: self._execute(conn, rows), f"cannot write {len(rows)} result(s)",
-                      begin=True)
+            children = {(r.id, r.model): windows[(r.id, r.model)] for r in records
+                        if (r.id, r.model) in windows}
+
+            def work(conn: Connection) -> None:
+                if children:
+                    self._write_windows(conn, children)
+                self._execute(conn, rows)
+
+            self._run(work, f"cannot write {len(rows)} result(s)", begin=True)
         except StoreUnavailable:
             raise
         except Exception as exc:
@@ -468,8 +506,57 @@ class ResultStore:
                 refused.append(Refused(records[0], f"{type(exc).__name__}: {_first_line(exc)}"))
                 return
             half = len(records) // 2
-            self._write(records[:half], refused)
-            self._write(records[half:], refused)
+            self._write(records[:half], refused, windows)
+            self._write(records[half:], refused, windows)
+
+    def _write_windows(self, conn: Connection, children: Windows) -> None:
+        """Replace the windows of the rows about to be written, except ``done`` rows'.
+
+        Runs before the results upsert, so ``done`` means done before this
+        write. The delete and the insert each check it again in SQL: a
+        concurrent writer that made a row done since leaves its windows, and
+        a window already there is kept (ON CONFLICT DO NOTHING).
+        """
+        keys = list(children)
+        is_done = sa.and_(results.c.status == STATUS_DONE,
+                          results.c.id == sa.bindparam("rid"),
+                          results.c.model == sa.bindparam("rmodel"))
+        done: set[tuple[str, str]] = set()
+        for start in range(0, len(keys), 500):
+            ids = sorted({k[0] for k in keys[start:start + 500]})
+            query = sa.select(results.c.id, results.c.model).where(
+                results.c.id.in_(ids), results.c.status == STATUS_DONE)
+            done.update((r.id, r.model) for r in conn.execute(query))
+        todo = [k for k in keys if k not in done]
+        if not todo:
+            return
+        delete = windows.delete().where(
+            windows.c.id == sa.bindparam("rid"), windows.c.model == sa.bindparam("rmodel"),
+            ~sa.exists().where(is_done))
+        conn.execute(delete, [{"rid": i, "rmodel": m} for i, m in todo])
+        rows = [self._window_row(w) for k in todo for w in children[k]]
+        if rows:
+            conn.execute(self._insert(windows).on_conflict_do_nothing(), rows)
+
+    @staticmethod
+    def _window_row(w: WindowRecord) -> dict[str, Any]:
+        row = vars(w).copy()
+        if id_problem(row["id"]) is not None:
+            raise InvalidInput(f"id {id_problem(row['id'])}")
+        return row
+
+    def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT for ``table`` (it has ON CONFLICT)."""
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table)
+        raise StoreUnavailable(f"unsupported database dialect {dialect!r}")
 
     def _execute(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         writer = self._writer()
@@ -499,17 +586,7 @@ class ResultStore:
         return row
 
     def _upsert_statement(self) -> Any:
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            ins: Any = pg_insert(results)
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            ins = sqlite_insert(results)
-        else:
-            raise StoreUnavailable(f"unsupported database dialect {dialect!r}")
+        ins = self._insert(results)
         excluded = ins.excluded
         updates = {
             c.name: getattr(excluded, c.name)
@@ -550,6 +627,36 @@ class ResultStore:
             return out
 
         return self._read(read) if wanted else {}
+
+    def get_windows(self, task_id: str, model: str | None = None) -> tuple[ResultRecord | None,
+                                                                       list[WindowRecord]]:
+        """The row of ``task_id`` under ``model`` (default: its latest row) and its windows
+        in order; ``(None, [])`` when there is no such row, no windows for a text scored
+        in one pass."""
+        if id_problem(task_id) is not None:
+            return None, []
+
+        def read(conn: Connection) -> tuple[ResultRecord | None, list[WindowRecord]]:
+            query = sa.select(results).where(results.c.id == task_id)
+            if model is not None:
+                query = query.where(results.c.model == model)
+            query = query.order_by(results.c.finished_at.desc(), results.c.model.desc()).limit(1)
+            found = conn.execute(query).mappings().first()
+            if found is None:
+                return None, []
+            row = _record(found)
+            query = (sa.select(windows)
+                     .where(windows.c.id == row.id, windows.c.model == row.model)
+                     .order_by(windows.c.window))
+            out = []
+            for w in conn.execute(query).mappings():
+                data = dict(w)
+                if isinstance(data["scores"], str):
+                    data["scores"] = json.loads(data["scores"])
+                out.append(WindowRecord(**data))
+            return row, out
+
+        return self._read(read)
 
     def models_of(self, ids: Iterable[str]) -> dict[str, list[str]]:
         """The models that hold a row of each id, keyed by id (ids without one left out)."""

@@ -19,6 +19,7 @@ from contract.constants import (
     DEFAULT_QUEUE,
     ENV_PREFIX,
     ID_COLUMN_CHARS,
+    LONG_TEXT_MODES,
     MODEL_NAME_PATTERN,
     model_family,
 )
@@ -83,6 +84,16 @@ class Settings:
     max_padding: float = 0.10
     #: Token cut-off; 0 means the model's own maximum.
     max_length: int = 0
+    #: What happens to a text longer than ``max_length`` tokens: ``chunk``
+    #: scores it whole in windows cut at sentence boundaries; ``truncate``
+    #: scores its first ``max_length`` tokens only.
+    long_texts: str = "chunk"
+    #: Milliseconds one flush may spend on windows of long texts, estimated
+    #: from the worker's measured speed (at least one window per flush); the
+    #: rest wait for the next flushes, so short texts arriving meanwhile are
+    #: not held up behind a long text. 0: every window in the flush that
+    #: received its text.
+    window_slice_ms: int = 200
     #: Neutral band: a text whose (calibrated) top probability is below this
     #: is labelled ``neutral``; 0 turns the band off.
     neutral_below: float = 0.0
@@ -191,13 +202,16 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
         for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",
                      "redis_health_check_s", "publish_retries", "publish_retry_max_s",
-                     "api_coalesce_ms", "metrics_port"):
+                     "api_coalesce_ms", "metrics_port", "window_slice_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
         if self.model_name and not re.fullmatch(MODEL_NAME_PATTERN, self.model_name):
             raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={self.model_name!r}: a model name is "
                               "letters, digits, '.', '_' and '-' (at most 100, starting with a "
                               "letter or digit)")
+        if self.long_texts not in LONG_TEXT_MODES:
+            raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
+                              f"{', '.join(LONG_TEXT_MODES)} (got {self.long_texts!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

@@ -37,7 +37,7 @@ from contract.errors import (
 )
 from contract.liveness import live_workers
 from contract.messages import TaskItem, make_item, text_sha256
-from contract.results import ResultRecord, ResultStore
+from contract.results import ResultRecord, ResultStore, WindowRecord
 from contract.settings import Settings, mask_url
 from producer.items import ItemError, ItemValidator
 
@@ -486,6 +486,22 @@ class Client:
     def get(self, id: str, model: str | None = None) -> ResultRecord | None:
         """The result of task ``id`` (``model``'s, else its latest), or None while not stored."""
         return self.get_many([id], model=model).get(id)
+
+    def windows(self, id: str, model: str | None = None) -> list[WindowRecord]:
+        """The windows a long text was scored in, in order: each one's character span
+        (``start_char``, ``end_char``), tokens, label, score and scores.
+
+        Of the row under ``model``, or of the task's latest row when no model
+        is given. Empty for a text scored in one pass, or not stored yet.
+        """
+        return self.windowed(id, model)[1]
+
+    def windowed(self, id: str,
+                 model: str | None = None) -> tuple[ResultRecord | None, list[WindowRecord]]:
+        """The row of task ``id`` (under ``model``, default its latest) and its windows."""
+        if not self._table_exists():
+            return None, []
+        return self.store.get_windows(id, model)
 
     def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
         """Stored results among ``ids``, keyed by id (batched IN queries)."""

@@ -109,11 +109,17 @@ def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
                            out=str(tmp_path / "out.json")),
         sweep_texts=20, naive_texts=10, null_single=100, null_bulk=600, load_seconds=1.0,
         padding_texts=200, rounds=2, http_single=200, http_real=10, http_bulk_rounds=2,
+        long_seconds=2.0, long_share=0.1, long_tokens=(200, 600),
     )
     result = run_bench(settings, opts, log=lambda _msg: None)
     stages = result["stages"]
-    assert set(stages) == {"padding", "bare", "pipeline", "openloop", "naive",
+    assert set(stages) == {"padding", "bare", "pipeline", "openloop", "long", "naive",
                            "null_single", "null_bulk", "http"}
+    long = stages["long"]
+    assert long["mixes"]["base"]["long"]["texts"] == 0 and long["short_p99_ratio"] > 0
+    mixed = long["mixes"]["long"]
+    assert mixed["short"]["texts"] > 0 and mixed["short"]["p99_ms"] > 0
+    assert all(t > 128 for t in mixed["long"]["tokens"])  # scored whole, past the maximum
     http = stages["http"]
     assert http["noop_requests_per_s"] > 0 and http["bulk"]["ratio"] > 0
     for name in ("single_null", "single_model"):

@@ -17,8 +17,9 @@ from worker.tasks import estimate_tokens
 
 @pytest.fixture
 def processor(tiny_model_dir: Path, store: ResultStore) -> FlushProcessor:
+    # long_texts=truncate: the cut-off behaviour (tests/test_long_texts.py covers chunking)
     s = Settings(model=str(tiny_model_dir), database_url="sqlite://", max_text_chars=1000,
-                 token_budget=200)
+                 token_budget=200, long_texts="truncate")
     return FlushProcessor(build_runner(s), store, s, worker_name="t@h")
 
 
@@ -37,7 +38,7 @@ def test_flush_mixes_good_and_bad(processor: FlushProcessor, store: ResultStore)
     rows = {r.id: r for r in store.query(limit=None)}
     assert rows["ok1"].status == "done" and rows["ok1"].source == "x"
     assert rows["ok2"].status == "done" and rows["ok2"].truncated  # cut at 128 tokens
-    assert rows["ok2"].tokens == 128
+    assert rows["ok2"].tokens == 128 and rows["ok2"].windows is None
     assert "empty" in (rows["empty"].error or "")
     assert "unknown fields" in (rows["extra"].error or "")
     assert (rows["malformed-m1-4"].error or "").startswith("task item has no valid id")

@@ -224,8 +224,9 @@ def test_batched_equals_unbatched(
     """The worker's probabilities for mixed-length texts equal each text run alone (1e-4)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    # the long text cut at 128 tokens (chunked texts: tests/test_long_texts.py)
     s = Settings(broker_url=redis_url, database_url=sqlite_url, model=str(tiny_model_dir),
-                 queue="bst-test-eq", cache_dir=str(tmp_path))
+                 queue="bst-test-eq", cache_dir=str(tmp_path), long_texts="truncate")
     worker_factory(s)
     with Client(s) as client:
         report = client.submit_many(MIXED)

@@ -96,7 +96,7 @@ def build_worker_app(
     # The pid keeps two workers on one host apart (rows, heartbeats, Celery's
     # node names); containers differ by their host names already.
     name = hostname or f"bertstream-{os.getpid()}@{socket.gethostname()}"
-    processor = FlushProcessor(runner, store, settings, worker_name=name)
+    processor = FlushProcessor(runner, store, settings, worker_name=name, hold_windows=True)
     metrics = None
     if settings.metrics_port:
         from worker.metrics import WorkerMetrics

@@ -6,10 +6,13 @@ task) acks exactly those messages and requeues the rest, so a message is
 never acked before its rows are committed.
 
 Every item travels the flush as one :class:`Entry`: wire item → tokens →
-outcome → row. Whatever goes wrong with one item (parsing, validation, the
-tokenizer, the model, a row the database refuses) ends as that item's
-``failed`` row; only a database outage (:class:`StoreUnavailable`) leaves
-the flush, and then nothing of the unwritten messages is acked.
+outcome → row. A text longer than the model's maximum travels as its
+windows (worker/windows.py), planned into the batches like any other text;
+its outcome is their combined score, and its row carries their scores.
+Whatever goes wrong with one item (parsing, validation, the tokenizer, the
+model, a row the database refuses) ends as that item's ``failed`` row; only
+a database outage (:class:`StoreUnavailable`) leaves the flush, and then
+nothing of the unwritten messages is acked.
 """
 
 from __future__ import annotations
@@ -23,15 +26,28 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from contract.constants import MALFORMED_PREFIX, STATUS_DONE, STATUS_EXPIRED, STATUS_FAILED
+from contract.constants import (
+    LONG_TEXTS_CHUNK,
+    MALFORMED_PREFIX,
+    STATUS_DONE,
+    STATUS_EXPIRED,
+    STATUS_FAILED,
+)
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.lang import detect_lang
 from contract.messages import TaskItem, id_problem, item_from_wire, printable, storable
-from contract.results import ResultRecord, ResultStore, utc_from_timestamp, utcnow
+from contract.results import (
+    ResultRecord,
+    ResultStore,
+    WindowRecord,
+    utc_from_timestamp,
+    utcnow,
+)
 from contract.settings import Settings
 from worker.batching import plan_batches
 from worker.inference import InferTimings, infer_pipelined
 from worker.runner import Encoded, Prediction, Runner
+from worker.windows import Window, combine, split_windows
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +71,16 @@ def derived_key(message_id: Any, n: int) -> str:
     return f"{MALFORMED_PREFIX}{mid}-{n}"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one per item
 class Entry:
     """One item of a flush, from its wire form to its row.
 
     ``key`` is the row id: the item's own id, or :func:`derived_key` when it
     has none the store can hold. ``item`` is set once the wire item
     validated; ``encoded`` once tokenized; ``outcome`` (a prediction) or
-    ``error`` once settled. ``status`` says which row it becomes.
+    ``error`` once settled. ``status`` says which row it becomes. A long
+    text scored in windows has ``windows`` (its outcome is their combined
+    score) and ``tokens``, the tokens of the whole text.
     """
 
     message_id: str
@@ -77,6 +95,10 @@ class Entry:
     batch_size: int | None = None
     written: bool = False
     unwritable: bool = False
+    windows: list[Window] | None = None
+    tokens: int | None = None
+    #: The delivery count of its message (a long text may be stored a flush later).
+    attempt: int = 1
 
     @classmethod
     def parse(cls, message_id: str, n: int, obj: Any, settings: Settings) -> Entry:
@@ -135,15 +157,29 @@ class Entry:
                 text_sha256=_sha256(safe or ""), text_chars=len(text) if text else 0, **base)
         enc = self.encoded
         pred = self.outcome
+        truncated = enc.truncated if enc else False
+        tokens = len(enc.ids) if enc else None
+        if self.windows:
+            truncated = any(w.encoded.truncated for w in self.windows)
+            tokens = self.tokens
         return ResultRecord(
             id=self.key, source=it.source, meta=it.meta, status=self.status, error=self.error,
             text=it.text if store_text else None, text_sha256=_sha256(it.text),
             lang=detect_lang(it.text),
-            text_chars=len(it.text), truncated=enc.truncated if enc else False,
-            tokens=len(enc.ids) if enc else None, batch_size=self.batch_size,
+            text_chars=len(it.text), truncated=truncated, tokens=tokens,
+            windows=len(self.windows) if self.windows else None, batch_size=self.batch_size,
             submitted_at=utc_from_timestamp(it.submitted_at),
             label=pred.label if pred else None, score=pred.score if pred else None,
             scores=pred.scores if pred else None, **base)
+
+    def window_records(self, model: str) -> list[WindowRecord]:
+        """The rows of this entry's windows: a ``done`` text scored in windows only."""
+        if not self.windows or self.status != STATUS_DONE:
+            return []
+        return [WindowRecord(id=self.key, model=model, window=w.n, start_char=w.start,
+                             end_char=w.end, tokens=w.tokens, label=w.outcome.label,
+                             score=w.outcome.score, scores=w.outcome.scores)
+                for w in self.windows if isinstance(w.outcome, Prediction)]
 
     def fallback(self, reason: str, base: dict[str, Any], own_key: bool) -> ResultRecord:
         """A minimal ``failed`` row for an entry whose row the database refused.
@@ -249,14 +285,45 @@ class _EarlyCommits:
         self._last = time.perf_counter()
 
 
+@dataclass
+class _Unit:
+    """One row of a model batch: a whole text, or one window of a long text."""
+
+    entry: Entry
+    window: Window | None = None
+
+    @property
+    def encoded(self) -> Encoded:
+        enc = self.window.encoded if self.window is not None else self.entry.encoded
+        assert enc is not None
+        return enc
+
+    def settle(self, out: Prediction | str, neutral_below: float) -> None:
+        """Record the model's outcome; a long text settles once all its windows have one."""
+        e = self.entry
+        if self.window is None:
+            e.settle(out)
+            return
+        self.window.outcome = out
+        if e.pending and all(w.outcome is not None for w in e.windows or ()):
+            e.settle(combine(e.windows or [], neutral_below))
+
+
 class FlushProcessor:
     """Runs prepare → infer → persist for a list of message payloads.
 
     Built once per worker process with its runner and store (injected).
+    With ``hold_windows`` (the Celery task), a flush scores the windows of
+    long texts that fit ``settings.window_slice_ms`` at the speed measured
+    over the last flushes (at least one); the long texts with windows left
+    wait in :attr:`backlog` for the next flush, and their messages are
+    reported by :meth:`held` (not to be acked yet). Without it every window
+    is scored in the flush that received its text.
     """
 
     def __init__(
-        self, runner: Runner, store: ResultStore, settings: Settings, worker_name: str = ""
+        self, runner: Runner, store: ResultStore, settings: Settings, worker_name: str = "",
+        *, hold_windows: bool = False,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -264,31 +331,77 @@ class FlushProcessor:
         self.worker_name = worker_name
         #: The model column of this worker's rows: a named model's name, else the model's own.
         self.model_key = settings.model_name or runner.name
+        self.hold_windows = hold_windows
         self.last = FlushStats()
+        #: Long texts whose windows are not all scored yet, oldest first.
+        self.backlog: list[Entry] = []
+        #: Seconds per padded token of inference, averaged over recent flushes
+        #: (None until a flush ran the model).
+        self.token_cost: float | None = None
+
+    def held(self) -> set[str]:
+        """Ids of the messages with a long text still in the backlog: not to be acked yet."""
+        return {e.message_id for e in self.backlog}
 
     def process(self, payloads: Sequence[tuple[str, Any]], attempt: int = 1) -> FlushStats:
-        """Process ``(message_id, args)`` pairs; gives what the flush did.
+        """Process ``(message_id, args)`` pairs and windows of the backlog; gives what the
+        flush did.
 
         ``attempt`` is the delivery count of these messages, stored on new
         rows. Every item ends as exactly one row (``done``, ``failed`` or
         ``expired``), except the items of ``stats.unwritable`` messages, which
         the database refused even as minimal rows: those messages must not
-        be acked. Raises :class:`StoreUnavailable` when the database stays
-        unreachable: the rows not yet committed are not, nothing may be acked.
+        be acked; and long texts left in the backlog (:meth:`held`), stored
+        by a later flush. Raises :class:`StoreUnavailable` when the database
+        stays unreachable: the rows not yet committed are not, nothing may be
+        acked, and the backlog is dropped.
         """
         started = utcnow()
         stats = FlushStats(messages=len(payloads), began=time.time())
         entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
         now = time.time()
         for e in entries:
+            e.attempt = attempt
             if e.item is not None and e.item.expired(now):
                 e.expire(now)
         stats.skipped = self._skip_done(entries)
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])
         stats.encode_s = time.perf_counter() - t0
-        encoded: list[Encoded] = [e.encoded for e in live]  # type: ignore[misc]
-        lengths = [len(enc.ids) for enc in encoded]
+        waiting = self.backlog + [e for e in live if e.windows]
+        units = self._units(live)
+        active = list(dict.fromkeys([u.entry for u in units] + live))
+        encoded = [u.encoded for u in units]
+        batches = self._plan(units, stats)
+        early = _EarlyCommits(stats.batch_tokens, t0)
+        neutral = self.settings.neutral_below
+
+        def on_batch(k: int, done: dict[int, Prediction | str]) -> None:
+            if not early.due(k):
+                return
+            for r, out in done.items():
+                units[r].settle(out, neutral)
+            ready = [e for e in active if not e.pending and not e.written]
+            if ready:
+                self._persist(ready, started, attempt, stats)
+                early.committed()
+
+        try:
+            for r, out in infer_pipelined(self.runner, encoded, batches, on_batch,
+                                          timings=stats.steps).items():
+                units[r].settle(out, neutral)
+            stats.infer_s = time.perf_counter() - t0 - stats.persist_s
+            self._learn_speed(stats)
+            self._finish(entries, active, waiting, started, attempt, stats)
+        except StoreUnavailable:
+            self.backlog = []
+            raise
+        self.last = stats
+        return stats
+
+    def _plan(self, units: list[_Unit], stats: FlushStats) -> list[list[int]]:
+        """Hop 2c: the units in token-budget batches (worker/batching.py), with their stats."""
+        lengths = [len(u.encoded.ids) for u in units]
         batches = plan_batches(lengths, token_budget=self.settings.token_budget,
                                max_batch_size=self.settings.max_batch_size,
                                max_padding=self.settings.max_padding)
@@ -300,32 +413,53 @@ class FlushProcessor:
             stats.batch_sizes.append(len(rows))
             stats.real_tokens += sum(lengths[r] for r in rows)
             for r in rows:
-                live[r].batch_size = len(rows)
-        early = _EarlyCommits(cost, t0)
+                e = units[r].entry
+                e.batch_size = max(e.batch_size or 0, len(rows))
+        return batches
 
-        def on_batch(k: int, done: dict[int, Prediction | str]) -> None:
-            if not early.due(k):
-                return
-            for r, out in done.items():
-                live[r].settle(out)
-            ready = [e for e in live if not e.pending and not e.written]
-            if ready:
-                self._persist(ready, started, attempt, stats)
-                early.committed()
+    def _finish(self, entries: list[Entry], active: list[Entry], long: list[Entry],
+                started: Any, attempt: int, stats: FlushStats) -> None:
+        """Keep the long texts with windows left in the backlog; store everything settled.
 
-        for r, out in infer_pipelined(self.runner, encoded, batches, on_batch,
-                                      timings=stats.steps).items():
-            live[r].settle(out)
-        stats.infer_s = time.perf_counter() - t0 - stats.persist_s
+        ``long``: the backlog at the start of the flush and the flush's new long texts.
+        """
+        self.backlog = [e for e in long
+                        if e.pending and any(w.outcome is None for w in e.windows or ())]
+        waiting = set(self.backlog)
         for e in entries:
-            if e.pending:  # the model gave nothing for it: must not happen, must not vanish
+            if e.pending and e not in waiting:
+                # the model gave nothing for it: must not happen, must not vanish
                 e.fail("internal error: the model returned no result for this text")
         stats.items = len(entries)
         stats.failed = sum(e.status == STATUS_FAILED for e in entries)
         stats.expired = sum(e.status == STATUS_EXPIRED for e in entries)
-        self._persist([e for e in entries if not e.written], started, attempt, stats)
-        self.last = stats
-        return stats
+        finished = [e for e in dict.fromkeys(entries + active) if not e.written and not e.pending]
+        self._persist(finished, started, attempt, stats)
+
+    def _learn_speed(self, stats: FlushStats) -> None:
+        """Update :attr:`token_cost` from this flush's inference time."""
+        if stats.padded_tokens:
+            cost = (stats.infer_s - stats.encode_s) / stats.padded_tokens
+            old = self.token_cost
+            self.token_cost = cost if old is None else 0.7 * old + 0.3 * cost
+
+    def _units(self, live: list[Entry]) -> list[_Unit]:
+        """The rows for the model: every whole text of ``live``, and the windows of long
+        texts (the backlog's first, oldest first) that fit the flush's slice of time."""
+        units = [_Unit(e) for e in live if not e.windows]
+        slice_s = self.settings.window_slice_ms / 1000 if self.hold_windows else 0.0
+        spent, taken = 0.0, 0
+        for e in self.backlog + [e for e in live if e.windows]:
+            for w in e.windows or ():
+                if w.outcome is not None:
+                    continue
+                cost = w.tokens * self.token_cost if self.token_cost is not None else None
+                if slice_s and taken and (cost is None or spent + cost > slice_s):
+                    return units
+                units.append(_Unit(e, w))
+                spent += cost or 0.0
+                taken += 1
+        return units
 
     def dead_letter(self, payloads: Sequence[tuple[str, Any]], reason: str,
                     attempt: int) -> FlushStats:
@@ -382,7 +516,23 @@ class FlushProcessor:
                 except Exception as exc:  # noqa: BLE001
                     e.encoded = None
                     e.fail(f"tokenizer error: {type(exc).__name__}: {exc}")
-        return [e for e in entries if e.encoded is not None and e.pending]
+        live = [e for e in entries if e.encoded is not None and e.pending]
+        if self.settings.long_texts == LONG_TEXTS_CHUNK and hasattr(self.runner, "offsets"):
+            for e in live:
+                if e.encoded is not None and e.encoded.truncated:
+                    self._split(e)
+        return [e for e in live if e.pending]
+
+    def _split(self, e: Entry) -> None:
+        """Hop 2b for a long text: its windows; a text the tokenizer cannot split fails alone."""
+        text = e.item.text  # type: ignore[union-attr]
+        try:
+            offsets = self.runner.offsets(text)
+            e.windows = split_windows(self.runner, text, offsets)
+            e.tokens = len(offsets) + self.runner.special_tokens
+        except Exception as exc:  # noqa: BLE001
+            e.windows = None
+            e.fail(f"tokenizer error splitting a long text: {type(exc).__name__}: {exc}")
 
     def _persist(self, entries: list[Entry], started: Any, attempt: int,
                  stats: FlushStats) -> None:
@@ -399,15 +549,25 @@ class FlushProcessor:
                 "started_at": started, "finished_at": utcnow(), "worker": self.worker_name,
                 "attempts": attempt}
         rows: dict[int, ResultRecord] = {}
+        # the windows of the first row of each key: the store keeps that row
+        windows: dict[tuple[str, str], list[WindowRecord]] = {}
+        seen: set[tuple[str, str]] = set()
         for e in entries:
+            own = base if e.attempt == attempt else {**base, "attempts": e.attempt}
             try:
-                rows[id(e)] = e.record(base, self.settings.store_text,
-                                       self.settings.max_text_chars)
+                row = e.record(own, self.settings.store_text, self.settings.max_text_chars)
+                found = e.window_records(row.model)
             except Exception as exc:  # noqa: BLE001 - a row that cannot be built
-                rows[id(e)] = e.fallback(f"{type(exc).__name__}: {exc}", base,
-                                         own_key=id_problem(e.key) is None)
+                row = e.fallback(f"{type(exc).__name__}: {exc}", own,
+                                 own_key=id_problem(e.key) is None)
+                found = []
+            rows[id(e)] = row
+            if (row.id, row.model) not in seen:
+                seen.add((row.id, row.model))
+                if found:
+                    windows[(row.id, row.model)] = found
         by_row = {id(rows[id(e)]): e for e in entries}
-        refused = self._commit(list(rows.values()))
+        refused = self._commit(list(rows.values()), windows)
         for own_key in (True, False):
             if not refused:
                 break
@@ -417,7 +577,8 @@ class FlushProcessor:
                 stats.refused += own_key
                 log.warning("row %r refused by the database: %s", printable(e.key)[:200],
                             r.reason)
-                row = e.fallback(r.reason, base, own_key and id_problem(e.key) is None)
+                own = base if e.attempt == attempt else {**base, "attempts": e.attempt}
+                row = e.fallback(r.reason, own, own_key and id_problem(e.key) is None)
                 by_row[id(row)] = e
                 retry.append(row)
             refused = self._commit(retry)
@@ -437,12 +598,13 @@ class FlushProcessor:
         stats.persist_s += time.perf_counter() - t1
         stats.commits += 1
 
-    def _commit(self, records: list[ResultRecord]) -> list[Any]:
+    def _commit(self, records: list[ResultRecord],
+                windows: dict[tuple[str, str], list[WindowRecord]] | None = None) -> list[Any]:
         """One write, retried with backoff while the database is down; gives refused rows."""
         delay = 0.2
         for attempt in range(1, 6):
             try:
-                return self.store.upsert(records)
+                return self.store.upsert(records, windows)
             except StoreUnavailable as exc:
                 if attempt == 5:
                     raise

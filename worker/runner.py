@@ -1,7 +1,9 @@
 """The model runner, split into pre / core / post.
 
 - ``encode`` (pre, CPU): tokenize each text alone, truncated to the model's
-  maximum, remembering which were truncated.
+  maximum, remembering which were truncated; ``offsets`` gives the character
+  span of every token of a whole text (the windows of a long text are cut
+  from them, worker/windows.py).
 - ``collate`` (pre): pad one planned batch into a typed :class:`PaddedBatch`.
 - ``forward`` (core, device): one batched forward pass, probabilities back
   (logits divided by the model's calibration temperature when it has one).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +75,12 @@ class Runner(Protocol):
     name: str
     revision: str | None
     max_length: int
+    #: Special tokens encode adds to every text ([CLS] and [SEP]: 2).
+    special_tokens: int
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]: ...
+
+    def offsets(self, text: str) -> list[tuple[int, int]]: ...
 
     def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch: ...
 
@@ -158,6 +165,7 @@ class HFRunner:
         limit = _model_max_length(model.config, tokenizer)
         self.max_length = min(limit, max_length) if max_length else limit
         special = int(tokenizer.num_special_tokens_to_add(pair=False))
+        self.special_tokens = special
         if self.max_length <= special:
             # The Rust tokenizer cannot cut below its special tokens and would
             # silently not truncate at all; long texts would then fail the model.
@@ -176,11 +184,19 @@ class HFRunner:
         self._tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._tok.no_padding()
         self._tok.enable_truncation(self.max_length)
+        self._whole = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._whole.no_padding()
+        self._whole.no_truncation()
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Tokenize each text alone (no padding); flags texts cut at max_length."""
         encodings = self._tok.encode_batch(list(texts))
         return [Encoded(list(e.ids), bool(e.overflowing)) for e in encodings]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span of every token of ``text``, uncut, without special tokens."""
+        return [(int(a), int(b)) for a, b in
+                self._whole.encode(text, add_special_tokens=False).offsets]
 
     def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch:
         """Pad ``rows`` of ``encoded`` to their longest into CPU tensors (pinned on CUDA)."""
@@ -315,6 +331,7 @@ class NullRunner:
     name = "null"
     revision: str | None = "0"
     max_length = 512
+    special_tokens = 2
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Whitespace words stand in for tokens (bounded by max_length)."""
@@ -323,6 +340,10 @@ class NullRunner:
             n = len(t.split()) + 2
             out.append(Encoded([0] * min(n, self.max_length), n > self.max_length))
         return out
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The span of every whitespace word."""
+        return [m.span() for m in re.finditer(r"\S+", text)]
 
     def collate(self, encoded: Sequence[Encoded], rows: list[int]) -> PaddedBatch:
         """No tensors are built; only the row bookkeeping."""

@@ -8,7 +8,11 @@ and flushes on a count or a timer. Two things are changed:
   wait for 63 more messages;
 - acks after commit: celery-batches acks late requests when the batch
   function *returns*, even when it raised. Here each message is acked only
-  after its rows are committed, and requeued when the database is down.
+  after its rows are committed, and requeued when the database is down;
+- long texts over several flushes: a message whose long text still has
+  windows to score is held (not acked) and acked by the flush that stores
+  it; while such texts wait, the flush timer keeps flushing even with no
+  new message.
 
 And one rule: nothing raised while handling one message leaves
 :meth:`AnalyzeTask.flush`. It runs in the consumer's event loop, where an
@@ -92,6 +96,25 @@ class AnalyzeTask(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._buffered_tokens = 0
+        #: Messages whose long texts wait in the processor's backlog, by message id.
+        self._held: dict[str, Any] = {}
+        self._flushed_at = 0.0
+
+    def _do_flush(self) -> None:
+        """celery-batches' timer flush, which also continues the backlog of long texts.
+
+        While long texts wait, flushes follow each other; between two, the
+        event loop is left one flush interval to read the messages that came
+        meanwhile (it reads one message per turn, so back-to-back flushes
+        would take in one message per flush).
+        """
+        if self.processor is not None and self.processor.backlog:
+            if time.monotonic() - self._flushed_at < self.flush_interval:
+                return
+            if self._buffer.empty():
+                self.flush([])
+                return
+        super()._do_flush()
 
     def Strategy(self, task: Any, app: Celery, consumer: Any) -> Callable[..., None]:  # noqa: N802
         """celery-batches' strategy plus a token-budget flush trigger.
@@ -108,7 +131,7 @@ class AnalyzeTask(Batches):
         if tref is not None:
             tref.cancel()
             self._tref = None
-        if not self._buffer.empty():
+        if not self._buffer.empty() or self._held:
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
@@ -136,8 +159,12 @@ class AnalyzeTask(Batches):
             log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                           "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
+        self._flushed_at = time.monotonic()
 
     def _flush(self, reqs: list[Any]) -> None:
+        if not reqs:
+            self._commit_group([], attempt=1)  # the backlog of long texts alone
+            return
         simple = [SimpleRequest.from_request(r) for r in reqs]
         counts = (self.deliveries.incr([s.id for s in simple]) if self.deliveries is not None
                   else [1] * len(reqs))
@@ -162,11 +189,15 @@ class AnalyzeTask(Batches):
             else:
                 stats = self._process(payloads, attempt)
         except StoreUnavailable as exc:
-            log.error("database unavailable, requeueing %d message(s): %s", len(group), exc)
+            held = list(self._held.items())
+            self._held.clear()
+            log.error("database unavailable, requeueing %d message(s): %s",
+                      len(group) + len(held), exc)
             if self.deliveries is not None:
-                self.deliveries.forget(ids)  # an outage is not the message's fault
+                # an outage is not the message's fault
+                self.deliveries.forget(ids + [mid for mid, _ in held])
             time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
-            _reject([r for r, _ in group], requeue=True)
+            _reject([r for r, _ in group] + [r for _, r in held], requeue=True)
             return
         except Exception:
             if not dead:
@@ -182,14 +213,33 @@ class AnalyzeTask(Batches):
         elif dead and stats.unwritable:
             log.error("message %s dropped: even its dead-letter rows cannot be stored",
                       printable(str(ids[0]))[:200])
-        done = [(r, s) for r, s in group if s.id not in stuck]
+        waiting = set() if dead else self._processor().held()
+        for r, s in group:
+            if s.id in waiting and s.id not in stuck:
+                self._held[s.id] = r
+        done = [(r, s) for r, s in group if s.id not in stuck and s.id not in waiting]
+        self._release(waiting, stuck)
         _ack([r for r, _ in done])
         if self.deliveries is not None and done:
             self.deliveries.forget([s.id for _, s in done])
 
+    def _release(self, waiting: set[str], stuck: set[str]) -> None:
+        """Ack the held messages whose long texts are stored now (requeue the unwritable)."""
+        ready = [mid for mid in self._held if mid not in waiting]
+        if not ready:
+            return
+        requests = {mid: self._held.pop(mid) for mid in ready}
+        _reject([r for mid, r in requests.items() if mid in stuck], requeue=True)
+        acked = [mid for mid in ready if mid not in stuck]
+        _ack([requests[mid] for mid in acked])
+        if self.deliveries is not None and acked:
+            self.deliveries.forget(acked)
+
     def run(self, requests: list[SimpleRequest]) -> None:
-        """Eager path (``apply``): process without broker acks."""
+        """Eager path (``apply``): process without broker acks, long texts included."""
         self._process([(r.id, r.args) for r in requests])
+        while self._processor().backlog:
+            self._process([])
 
     def _processor(self) -> FlushProcessor:
         if self.processor is None:

@@ -1,0 +1,180 @@
+"""Long texts scored whole: windows cut at sentence boundaries, and their scores combined.
+
+A text longer than the model's maximum is not cut at the maximum (its
+ending would never count). It is split into windows that fit, and every
+window is scored like any other text; the flush plans the windows into
+its token-budget batches with the rest (worker/flush.py).
+
+The rules (docs/architecture.md, "Long texts"):
+
+- Sentences end after a run of ``。！？``, after ``!``, ``?`` or ``.`` when
+  followed by whitespace or the end of the text, and at line breaks; the
+  whitespace after the end belongs to the sentence it ends.
+- A window is a run of whole sentences of at most ``max_length`` tokens
+  with the special tokens. A sentence longer than that is cut at token
+  boundaries into pieces that fit.
+- Overlap: a window starts with the last sentence of the window before it
+  when that sentence has at most :func:`overlap_tokens` tokens and leaves
+  room for the next sentence (pieces of a cut sentence never overlap).
+- A window's tokens are those of its text encoded alone, so scoring
+  ``text[start_char:end_char]`` alone gives exactly the window's scores.
+- Combined score: the mean of the windows' probabilities weighted by each
+  window's tokens (the stored ``tokens``); the label is the arg-max of that
+  mean (``neutral`` below the neutral band, as for one pass).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.runner import NEUTRAL, Encoded, Prediction, Runner
+
+#: A sentence repeated at the start of the next window has at most this many tokens...
+OVERLAP_MAX_TOKENS = 64
+#: ... and at most this fraction of a window, so most of each window is new text.
+OVERLAP_MAX_SHARE = 0.25
+#: How many times a window whose text re-tokenizes longer than planned is re-cut.
+_MAX_RECUTS = 3
+
+# A run of Chinese terminators, or of ! ? . before whitespace or the end, or a
+# line break; with the whitespace that follows.
+_SENTENCE_END = re.compile(r"[。！？]+\s*|[!?.]+(?:\s+|$)|\n\s*")
+
+
+@dataclass
+class Window:
+    """One window of a long text: its character span, tokens, and outcome once scored."""
+
+    n: int
+    start: int
+    end: int
+    encoded: Encoded
+    #: A prediction, or the reason the model failed on this window; None until scored.
+    outcome: Prediction | str | None = None
+    batch_size: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the window with its special tokens (the weight of its scores)."""
+        return len(self.encoded.ids)
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the sentences of ``text``; they tile the text."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() > start:
+            spans.append((start, m.end()))
+            start = m.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return spans
+
+
+def overlap_tokens(budget: int) -> int:
+    """The most tokens of a sentence repeated from one window into the next."""
+    return min(OVERLAP_MAX_TOKENS, int(budget * OVERLAP_MAX_SHARE))
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A sentence, or a piece of one too long for a window."""
+
+    start: int
+    end: int
+    tokens: int
+    piece: bool
+
+
+def _units(text: str, offsets: Sequence[tuple[int, int]], budget: int) -> list[_Unit]:
+    starts = [a for a, _ in offsets]
+    units = []
+    for a, b in sentence_spans(text):
+        first, last = bisect_left(starts, a), bisect_left(starts, b)
+        count = last - first
+        if count <= budget:
+            units.append(_Unit(a, b, count, False))
+            continue
+        for t in range(first, last, budget):
+            nxt = t + budget
+            units.append(_Unit(a if t == first else starts[t],
+                               starts[nxt] if nxt < last else b, min(budget, last - t), True))
+    return units
+
+
+def plan_windows(text: str, offsets: Sequence[tuple[int, int]],
+                 budget: int) -> list[tuple[int, int]]:
+    """Character spans of the windows of ``text`` (``budget``: text tokens a window holds).
+
+    ``offsets`` are the character spans of the text's tokens (no special
+    tokens). Windows follow the rules of this module's docstring; together
+    they cover the whole text, and only an overlap sentence is in two.
+    """
+    overlap = overlap_tokens(budget)
+    windows: list[tuple[int, int]] = []
+    current: list[_Unit] = []
+    used = 0
+    for unit in _units(text, offsets, budget):
+        if current and used + unit.tokens > budget:
+            windows.append((current[0].start, current[-1].end))
+            last = current[-1]
+            keep = (not last.piece and not unit.piece and last.tokens <= overlap
+                    and last.tokens + unit.tokens <= budget and len(current) > 1)
+            current, used = ([last], last.tokens) if keep else ([], 0)
+        current.append(unit)
+        used += unit.tokens
+    if current:
+        windows.append((current[0].start, current[-1].end))
+    return windows
+
+
+def split_windows(runner: Runner, text: str,
+                  offsets: Sequence[tuple[int, int]] | None = None) -> list[Window]:
+    """The windows of ``text``, each encoded alone and fitting ``runner.max_length``.
+
+    ``offsets``: the text's token spans when already known (``runner.offsets``).
+    A window whose text, encoded alone, comes out longer than planned (a
+    tokenizer that merges differently at the window's edge) is planned again
+    on its own tokens; after a few tries it is kept cut (``encoded.truncated``).
+    """
+    budget = runner.max_length - runner.special_tokens
+    if offsets is None:
+        offsets = runner.offsets(text)
+    spans = _fit(runner, text, 0, plan_windows(text, offsets, budget), budget, 0)
+    return [Window(n, a, b, enc) for n, (a, b, enc) in enumerate(spans)]
+
+
+def _fit(runner: Runner, text: str, base: int, spans: list[tuple[int, int]], budget: int,
+         depth: int) -> list[tuple[int, int, Encoded]]:
+    """Encode the ``spans`` of ``text`` (offset by ``base``), re-cutting any that overflow."""
+    out: list[tuple[int, int, Encoded]] = []
+    encoded = runner.encode([text[a:b] for a, b in spans])
+    for (a, b), enc in zip(spans, encoded, strict=True):
+        if not enc.truncated or depth >= _MAX_RECUTS:
+            out.append((base + a, base + b, enc))
+            continue
+        sub = text[a:b]
+        again = plan_windows(sub, runner.offsets(sub), budget - depth - 1)
+        out.extend(_fit(runner, sub, base + a, again, budget, depth + 1))
+    return out
+
+
+def combine(windows: Sequence[Window], neutral_below: float = 0.0) -> Prediction | str:
+    """The text's result from its windows' outcomes: the token-weighted mean of their
+    probabilities, labelled by its arg-max; or the first window's failure reason."""
+    for w in windows:
+        if not isinstance(w.outcome, Prediction):
+            reason = w.outcome if w.outcome is not None else "not scored"
+            return f"window {w.n + 1} of {len(windows)} failed: {reason}"
+    scored = [(w.tokens, w.outcome.scores) for w in windows
+              if isinstance(w.outcome, Prediction)]
+    total = sum(t for t, _ in scored)
+    labels = list(scored[0][1])
+    mean = {label: sum(t * scores[label] for t, scores in scored) / total for label in labels}
+    best = max(labels, key=mean.__getitem__)
+    label = NEUTRAL if mean[best] < neutral_below else best
+    return Prediction(label, mean[best], mean)
