@@ -472,6 +472,7 @@ class FlushProcessor:
         stats = FlushStats(messages=len(payloads))
         entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
         for e in entries:
+            e.attempt = attempt
             if e.pending:
                 e.fail(reason)
         stats.items = stats.failed = len(entries)
