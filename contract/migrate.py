@@ -139,28 +139,27 @@ def check(store: ResultStore) -> SchemaState:
 
 def upgrade(store: ResultStore, revision: str = "head") -> tuple[str | None, str | None]:
     """Apply the migrations up to ``revision``; give (revision before, revision after)."""
-    from alembic import command
-
-    def apply(conn: Connection) -> tuple[str | None, str | None]:
-        before = _current(conn)
-        command.upgrade(_config(conn), revision)
-        conn.commit()
-        return before, _current(conn)
-
-    return _locked(store, apply, "cannot upgrade the schema")
+    return _move(store, "upgrade", revision)
 
 
 def downgrade(store: ResultStore, revision: str) -> tuple[str | None, str | None]:
     """Undo migrations down to ``revision`` (a rollback; each revision says what it drops)."""
+    return _move(store, "downgrade", revision)
+
+
+def _move(store: ResultStore, direction: str, revision: str) -> tuple[str | None, str | None]:
+    """Alembic's ``upgrade`` or ``downgrade`` to ``revision`` under the migration lock."""
     from alembic import command
+
+    step = command.upgrade if direction == "upgrade" else command.downgrade
 
     def apply(conn: Connection) -> tuple[str | None, str | None]:
         before = _current(conn)
-        command.downgrade(_config(conn), revision)
+        step(_config(conn), revision)
         conn.commit()
         return before, _current(conn)
 
-    return _locked(store, apply, "cannot downgrade the schema")
+    return _locked(store, apply, f"cannot {direction} the schema")
 
 
 def ensure(store: ResultStore) -> SchemaState:

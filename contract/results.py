@@ -658,22 +658,6 @@ class ResultStore:
 
         return self._read(read)
 
-    def models_of(self, ids: Iterable[str]) -> dict[str, list[str]]:
-        """The models that hold a row of each id, keyed by id (ids without one left out)."""
-        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
-
-        def read(conn: Connection) -> dict[str, list[str]]:
-            out: dict[str, list[str]] = {}
-            for start in range(0, len(wanted), 500):
-                query = (sa.select(results.c.id, results.c.model)
-                         .where(results.c.id.in_(wanted[start:start + 500]))
-                         .order_by(results.c.id, results.c.model))
-                for task_id, name in conn.execute(query):
-                    out.setdefault(task_id, []).append(name)
-            return out
-
-        return self._read(read) if wanted else {}
-
     def done_ids(self, ids: Iterable[str], model: str | None = None) -> set[str]:
         """The ids among ``ids`` with a ``done`` row (``model``'s, or any model's)."""
         wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
