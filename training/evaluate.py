@@ -178,6 +178,7 @@ def eval_main(
     model_dir: Path | None = None,
     cache_dir: Path | None = None,
     vader_sdist: Path | None = None,
+    more_data: Path | None = None,
     split: str = "test",
     seed: int = 13,
     batch_size: int = 32,
@@ -208,7 +209,7 @@ def eval_main(
     torch.set_num_threads(threads)
     model, tokenizer = _load(model_dir)
     temperature = load_temperature(model_dir) or 1.0
-    examples = load_examples(vader_sdist, SplitSpec(seed=seed))[split]
+    examples = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)[split]
     logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size, max_len)
     items = load_suite() if suite else []
     suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len)
@@ -271,6 +272,7 @@ def calibrate_main(
     adapter_dir: Path,
     cache_dir: Path,
     vader_sdist: Path | None = None,
+    more_data: Path | None = None,
     seed: int = 13,
     batch_size: int = 32,
     max_len: int = 512,
@@ -288,7 +290,7 @@ def calibrate_main(
 
     torch.set_num_threads(threads)
     model, tokenizer = _load(ensure_model(cache_dir, adapter_dir))
-    dev = load_examples(vader_sdist, SplitSpec(seed=seed))["dev"]
+    dev = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)["dev"]
     logits = predict_logits(model, tokenizer, [e.text for e in dev], batch_size, max_len)
     record = calibration_record(logits, torch.tensor([e.label for e in dev]), max_len)
     meta_path = adapter_dir / "meta.json"

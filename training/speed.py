@@ -52,6 +52,7 @@ def load(model_dir: Path):  # noqa: ANN201 - (model, tokenizer)
 def speed_main(
     model_dir: Path,
     vader_sdist: Path | None = None,
+    more_data: Path | None = None,
     n_texts: int = 1024,
     batch_size: int = 32,
     seed: int = 13,
@@ -70,7 +71,7 @@ def speed_main(
 
     torch.set_num_threads(threads)
     model, tokenizer = load(model_dir)
-    test = load_examples(vader_sdist, SplitSpec(seed=seed))["test"]
+    test = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)["test"]
     sample = list(test)
     random.Random(seed).shuffle(sample)
     texts = [e.text for e in sample[:n_texts]]

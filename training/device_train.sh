@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The sentiment model's GPU training run: one call on a lent device.
+#
+#   make device-train-pack                         # here: .devpack-train/ (~25 MiB)
+#   run (device tool): bash training/device_train.sh   carry: [".devpack-train"]
+#
+# Trains every layer of the encoder (full fine-tuning and all-layer LoRA,
+# several seeds, a weight soup), picks on dev, calibrates on dev, evaluates
+# the pick once on test, the behavioural suite and vader's neutral items, and
+# writes adapter/, report.json, train.log, env.txt and reliability.png under
+# $OUT. Needs only torch and transformers there; BUDGET_S bounds the wall time.
+# `make device-train-rehearsal` runs the same steps on the CPU at toy sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACK=${PACK:-.devpack-train}
+OUT=${OUT:-$(mktemp -d)}
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-420}
+mkdir -p "$OUT"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PYTHON" -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "transformers", transformers.__version__)'
+} 2>&1 | tee "$OUT/env.txt"
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+"$PYTHON" -m training.full_train --pack "$PACK" --out "$OUT" --budget-s "$BUDGET_S" "$@" 2>&1 \
+  | tee "$OUT/train.log"
+ls -la "$OUT" "$OUT/adapter"
