@@ -27,7 +27,7 @@ from tests.tinybert import write_tiny_bert
 from training import frozen_prefix, lora
 from training.data import Example
 from training.evaluate import accuracy_table, predict
-from training.train import Recipe, length_batches, _Ema, _score, train_classifier
+from training.train import Recipe, _Ema, _score, length_batches, train_classifier
 from worker.sentiment.adapter_file import load_adapter
 from worker.sentiment.lora import merge_into
 
