@@ -140,19 +140,32 @@ def test_train_learns_writes_adapter_and_continues_where_it_stopped(
     assert second["recipe"]["repeat"] == (("zh", 1.5),)
 
 
-def test_continuing_from_a_different_layout_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+def test_continuing_unfreezes_lower_layers_but_refuses_a_misfit(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
     splits = {"train": _examples(32, 1), "dev": _examples(16, 2)}
     model, tokenizer = _load(tiny_dir)
-    train_classifier(tmp_path / "a", _recipe(steps=1, eval_every=1), splits, model, tokenizer,
-                     tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    first = train_classifier(tmp_path / "a", _recipe(steps=2, eval_every=1, frozen_layers=1),
+                             splits, model, tokenizer, tokenizer.pad_token_id, {},
+                             progress=False)  # type: ignore[attr-defined]
+    # Fewer frozen layers: the adapter's modules are a subset; the new ones start
+    # at B = 0, so step 0 is the adapter exactly and a zero learning rate keeps it.
+    model, tokenizer = _load(tiny_dir)
+    wider = train_classifier(tmp_path / "b", _recipe(steps=2, lr=0.0, frozen_layers=0,
+                                                     init_adapter=str(tmp_path / "a")),
+                             splits, model, tokenizer, tokenizer.pad_token_id, {},
+                             progress=False)  # type: ignore[attr-defined]
+    assert wider["steps"] == 0 and wider["dev"] == first["dev"]
+    assert wider["lora"]["modules"] > first["lora"]["modules"]
+    # More frozen layers: the adapter has modules this layout lacks.
     model, tokenizer = _load(tiny_dir)
     with pytest.raises(ValueError, match="LoRA layout"):
-        train_classifier(tmp_path / "b", _recipe(steps=1, frozen_layers=2,
+        train_classifier(tmp_path / "c", _recipe(steps=1, frozen_layers=2,
                                                  init_adapter=str(tmp_path / "a")),
                          splits, model, tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
     model, tokenizer = _load(tiny_dir)
     with pytest.raises(ValueError, match=r"adapter \("):
-        train_classifier(tmp_path / "c", _recipe(steps=1, rank=8,
+        train_classifier(tmp_path / "d", _recipe(steps=1, rank=8, frozen_layers=1,
                                                  init_adapter=str(tmp_path / "a")),
                          splits, model, tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
 

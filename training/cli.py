@@ -107,8 +107,9 @@ def _with_vader(f: Any) -> Any:
               help="Dev score that picks the saved adapter: mean of zh/en accuracy, or the "
                    "smaller margin over the targets (zh 0.88, en 0.85).")
 @click.option("--init", "init_adapter", type=click.Path(file_okay=False, exists=True),
-              default=None, help="Continue from this adapter directory (same --rank and "
-                                 "--frozen-layers), e.g. worker/sentiment/adapter.")
+              default=None, help="Continue from this adapter directory (same --rank; "
+                                 "--frozen-layers equal or lower: newly trained layers "
+                                 "start as the identity), e.g. worker/sentiment/adapter.")
 @click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
               show_default=True,
               help="Evaluate and save an exponential moving average of the weights with this "

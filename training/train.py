@@ -143,16 +143,20 @@ def _score(table: dict[str, dict[str, float]], select: str) -> float:
 def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path) -> dict:
     """Load an adapter's LoRA pairs and full tensors into the injected ``model``; give its meta.
 
-    The adapter must have been trained with the same LoRA layout (the same
-    wrapped modules and rank): anything missing or extra is an error.
+    The adapter's tensors must all exist in this recipe's layout, with equal
+    shapes (the same rank). The layout may be larger: with fewer frozen layers
+    the newly trained layers keep their fresh LoRA (B = 0, so the model starts
+    exactly as the adapter left it) and their own LayerNorms. An adapter
+    tensor this layout lacks is an error.
     """
     adapter = load_adapter(directory)
     current = lora.lora_tensors(model)
-    if set(adapter.lora) != set(current) or set(adapter.full) != set(full):
+    if not set(adapter.lora) <= set(current) or not set(adapter.full) <= set(full):
         raise ValueError(
-            f"adapter in {directory} does not match this recipe's LoRA layout "
-            f"({len(adapter.lora)} vs {len(current)} LoRA tensors, "
-            f"{len(adapter.full)} vs {len(full)} full tensors)"
+            f"adapter in {directory} does not fit this recipe's LoRA layout "
+            f"({len(adapter.lora)} LoRA tensors for {len(current)} places, "
+            f"{len(set(adapter.lora) - set(current))} without one; "
+            f"{len(set(adapter.full) - set(full))} full tensors without one)"
         )
     modules = dict(model.named_modules())
     targets = {key: getattr(modules[key.rpartition(".")[0]], key.rpartition(".")[2])
