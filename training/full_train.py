@@ -417,6 +417,11 @@ def _data_counts(pack: Pack) -> dict[str, dict[str, int]]:
     return out
 
 
+def _runs_json(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    return [{"spec": asdict(r.spec), "best_step": r.step, "steps_done": r.steps_done,
+             "seconds": round(r.seconds, 1), "dev": r.dev, "curve": r.curve} for r in runs]
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -431,7 +436,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall time for the whole job; runs that would not fit are skipped")
-    ap.add_argument("--reserve-s", type=float, default=120.0,
+    ap.add_argument("--reserve-s", type=float, default=150.0,
                     help="part of the budget kept for scoring, calibration and the evaluation")
     ap.add_argument("--modes", default="full,lora", help="run kinds to include (full, lora)")
     ap.add_argument("--ranks", default="16,32,64",
@@ -560,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs, skipped = run_plan(pack, plan, device, t0 + args.budget_s - args.reserve_s, log)
     if not runs:
         raise SystemExit("no run finished a dev evaluation")
+    # Written now and replaced at the end: a call cut short still brings back the runs' curves.
+    (args.out / "report.json").write_text(json.dumps(
+        {"partial": True, "runs": _runs_json(runs), "skipped": skipped}, indent=1) + "\n")
     candidates = candidates_of(pack, runs, args.ranks, device, log)
     best = max(candidates, key=lambda c: (round(c.score, 6), -c.params))
     log(f"picked on dev: {best.name} (mean {best.score:.4f})")
@@ -584,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": {"type": device.type, "name": _device_name(device),
                    "torch": torch.__version__, "python": sys.version.split()[0]},
         "pack": {k: pack.meta[k] for k in ("counts", "tokens", "vocab_rows", "data_sha256", "max_len")},
-        "runs": [{"spec": asdict(r.spec), "best_step": r.step, "steps_done": r.steps_done,
-                  "seconds": round(r.seconds, 1), "dev": r.dev, "curve": r.curve} for r in runs],
+        "runs": _runs_json(runs),
         "skipped": skipped,
         "candidates": [{"name": c.name, "rank": c.rank, "params": c.params, "dev_score": c.score,
                         "dev": {k: v for k, v in c.dev.items() if "/" not in k}} for c in candidates],
