@@ -221,9 +221,10 @@ class Client:
         name = model or ""
         if name == self.settings.model_name:
             return self
-        if name not in self._for_models:
-            self._for_models[name] = Client(self.settings.replace(model_name=name))
-        return self._for_models[name]
+        with self._lock:
+            if name not in self._for_models:
+                self._for_models[name] = Client(self.settings.replace(model_name=name))
+            return self._for_models[name]
 
     def _model(self, model: str | None) -> str | None:
         """The model a read is for: the one named, else this client's, else None (latest)."""
@@ -424,20 +425,24 @@ class Client:
         return sum(int(size) for size in sizes)
 
     def _redis_client(self) -> redis.Redis:
-        if self._redis is None:
-            self._redis = redis_client(self.settings)
-            if self._redis is None:  # pragma: no cover - queue_length checks the scheme
-                raise InvalidInput(f"{mask_url(self.settings.broker_url)} is not a Redis URL")
-        return self._redis
+        # Under the lock: two threads building a client each would leave one
+        # unreferenced, and its finaliser closes the connection the other is using.
+        with self._lock:
+            if self._redis is None:
+                self._redis = redis_client(self.settings)
+                if self._redis is None:  # pragma: no cover - queue_length checks the scheme
+                    raise InvalidInput(f"{mask_url(self.settings.broker_url)} is not a Redis URL")
+            return self._redis
 
     # -- results --------------------------------------------------------
 
     @property
     def store(self) -> ResultStore:
-        """The results store, created on first use."""
-        if self._store is None:
-            self._store = ResultStore.from_settings(self.settings)
-        return self._store
+        """The results store, created on first use (once, whichever thread asks first)."""
+        with self._lock:
+            if self._store is None:
+                self._store = ResultStore.from_settings(self.settings)
+            return self._store
 
     def _table_exists(self) -> bool:
         # A client only reads: it must not create the table behind the

@@ -204,6 +204,47 @@ def test_queue_length_counts_both_lanes_and_priority_lists(
         client.queue_length("nope")
 
 
+def test_threads_share_one_lazily_built_redis_client_and_store(
+    bsettings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API asks for the queue length from a thread pool. Two threads that built a
+    Redis client each left one unreferenced, and its finaliser closed the connection
+    the other thread was reading ("I/O operation on closed file")."""
+    from producer import client as client_module
+
+    built: list[object] = []
+    real = client_module.redis_client
+
+    def slow_redis_client(settings: Settings) -> object:
+        time.sleep(0.05)  # widen the window a race needs
+        made = real(settings)
+        built.append(made)
+        return made
+
+    monkeypatch.setattr(client_module, "redis_client", slow_redis_client)
+    with Client(bsettings) as c:
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+        seen: list[tuple[object, object]] = []
+
+        def ask() -> None:
+            start.wait()
+            try:
+                assert c.queue_length() >= 0
+                seen.append((c._redis_client(), c.store))
+            except BaseException as exc:  # noqa: BLE001 - collected for the assert below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len(built) == 1
+        assert len({id(r) for r, _ in seen}) == 1 and len({id(st) for _, st in seen}) == 1
+
+
 def test_queue_length_is_zero_for_memory_broker(sqlite_url: str) -> None:
     with Client(Settings(broker_url="memory://", database_url=sqlite_url)) as c:
         assert c.queue_length() == 0
