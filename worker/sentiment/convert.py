@@ -85,8 +85,9 @@ def tensor_layout(header: Header) -> list[tuple[str, str, tuple[int, ...]]]:
                 out.append((f"{base}.weight", f"l{i}.{short}.w", (h.hidden,)))
                 out.append((f"{base}.bias", f"l{i}.{short}.b", (h.hidden,)))
             else:
-                out.append((f"{base}.weight", f"l{i}.{short}.w", shapes.get(short, (h.hidden, h.hidden))))
-                out.append((f"{base}.bias", f"l{i}.{short}.b", (shapes.get(short, (h.hidden,))[0],)))
+                rows, cols = shapes.get(short, (h.hidden, h.hidden))
+                out.append((f"{base}.weight", f"l{i}.{short}.w", (rows, cols)))
+                out.append((f"{base}.bias", f"l{i}.{short}.b", (rows,)))
     return out
 
 

