@@ -38,7 +38,6 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from training import lora
 from training.behaviour import SuiteItem
 from training.data import Example
 from training.device_pack import PACK_FORMAT, WORD_EMBEDDINGS
@@ -52,14 +51,11 @@ from training.evaluate import (
     neutral_report,
     write_reliability,
 )
-from training.train import Recipe, _prepare, length_batches
+from training.train import Recipe, _counts, _prepare, _score, length_batches
 from worker.sentiment.adapter_file import save_adapter
 from worker.sentiment.lora import merge_into
 
 MODES = ("full", "lora")
-#: The encoder matrices whose change a ``full`` run stores as a low-rank pair.
-LINEAR_SUFFIXES = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
-                   "output.dense")
 
 
 @dataclass(frozen=True)
@@ -188,12 +184,6 @@ class Candidate:
         return sum(t.numel() for t in (*self.lora.values(), *self.full.values()))
 
 
-def dev_score(table: dict[str, dict[str, float]]) -> float:
-    """The selection score: the mean of the languages' dev accuracies."""
-    langs = [k for k in table if "/" not in k]
-    return sum(table[k]["acc"] for k in langs) / len(langs)
-
-
 def _cut(seq: torch.Tensor, max_len: int) -> torch.Tensor:
     """Truncate like the tokenizer does: the first ``max_len - 1`` tokens, then ``</s>``."""
     return seq if len(seq) <= max_len else torch.cat([seq[: max_len - 1], seq[-1:]])
@@ -238,31 +228,22 @@ def build_model(pack: Pack, seed: int) -> BertForSequenceClassification:
 def _trainable(model: BertForSequenceClassification, spec: RunSpec) -> dict[str, nn.Parameter]:
     """Set up ``model`` for ``spec`` and give the parameters a checkpoint keeps, by state name."""
     if spec.mode == "full":
-        out = {}
         for name, p in model.named_parameters():
             p.requires_grad_(name != f"bert.{WORD_EMBEDDINGS}")
-            if p.requires_grad:
-                out[name] = p
-        return out
-    recipe = Recipe(rank=spec.rank, alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                    frozen_layers=0, seed=spec.seed)
-    _, full, _ = _prepare(model, recipe)
-    modules = dict(model.named_modules())
-    params = dict(full)
-    for key in lora.lora_tensors(model):
-        module, _, attr = key.rpartition(".")
-        params[key] = getattr(modules[module], attr)
-    return params
+    else:
+        _prepare(model, Recipe(rank=spec.rank, alpha=spec.alpha, lora_dropout=spec.lora_dropout,
+                               frozen_layers=0, seed=spec.seed))
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def train_run(pack: Pack, spec: RunSpec, device: torch.device, deadline: float,
               log: Callable[[str], None]) -> RunResult:
     """Train one run; stop at ``spec.steps`` or ``deadline`` (time.time()), keep the best dev."""
     model = build_model(pack, spec.seed)
-    names = list(_trainable(model, spec))
+    _trainable(model, spec)
     nn.Module.to(model, device)  # transformers types .to() for itself only
-    live = dict(model.named_parameters())
-    params = {k: live[k] for k in names}  # the moved parameters, whatever .to() did to the objects
+    # Collected after the move, whatever .to() did to the parameter objects.
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
@@ -285,7 +266,7 @@ def train_run(pack: Pack, spec: RunSpec, device: torch.device, deadline: float,
 
     def evaluate(step: int) -> None:
         table = accuracy_table(dev_examples, split_logits(model, dev, pad, device).argmax(-1).tolist())
-        score = dev_score(table)
+        score = _score(table, "mean")
         result.curve.append({"step": step, "loss": loss_ema, "dev": score,
                              **{k: v["acc"] for k, v in table.items() if "/" not in k}})
         langs = " ".join(f"{k} {v['acc']:.4f}" for k, v in table.items() if "/" not in k)
@@ -346,7 +327,7 @@ def export_full(run: RunResult | None, state: dict[str, torch.Tensor],
     whole: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module is not None and ".encoder.layer." in key and module.endswith(LINEAR_SUFFIXES):
+        if module is not None and ".encoder.layer." in key and module.endswith(Recipe.targets):
             delta = tensor.to(base[key].device) - base[key]
             for rank, (a, b) in svd_pairs(delta, ranks).items():
                 pairs[rank][f"{module}.lora_a"], pairs[rank][f"{module}.lora_b"] = a, b
@@ -381,7 +362,7 @@ def score_candidate(pack: Pack, cand: Candidate, device: torch.device,
     dev = pack.splits["dev"]
     preds = split_logits(model, dev, pack.pad_id, device).argmax(-1).tolist()
     cand.dev = accuracy_table(dev.examples(), preds)
-    cand.score = dev_score(cand.dev)
+    cand.score = _score(cand.dev, "mean")
     langs = " ".join(f"{k} {v['acc']:.4f}" for k, v in cand.dev.items() if "/" not in k)
     log(f"candidate {cand.name}: dev {langs} mean {cand.score:.4f} ({cand.params / 1e6:.2f} M params)")
 
@@ -403,18 +384,6 @@ def rehearsal_plan() -> list[RunSpec]:
     return [RunSpec("full", 13, 4, 1e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2),
             RunSpec("lora", 13, 4, 6e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2),
             RunSpec("full", 14, 4, 1e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2)]
-
-
-def _data_counts(pack: Pack) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for name in ("train", "dev"):
-        counts: dict[str, int] = {}
-        split = pack.splits[name]
-        for label, group in zip(split.labels.tolist(), split.groups, strict=True):
-            key = f"{group}/{'pos' if label else 'neg'}"
-            counts[key] = counts.get(key, 0) + 1
-        out[name] = dict(sorted(counts.items()))
-    return out
 
 
 def _runs_json(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -501,12 +470,13 @@ def evaluate_pick(pack: Pack, model: nn.Module, device: torch.device,
                                      pack.meta["max_len"])
     temperature = calibration["temperature"]
     test = pack.splits["test"]
+    examples = test.examples()
     test_logits = split_logits(model, test, pad, device)
     suite_logits = split_logits(model, pack.splits["suite"], pad, device)
-    report = evaluate_logits(test.examples(), test_logits, temperature, pack.meta["max_len"],
+    report = evaluate_logits(examples, test_logits, temperature, pack.meta["max_len"],
                              pack.suite, suite_logits)
     if len(pack.splits["neutral"].ids):
-        report.neutral = neutral_report(test.examples(), test_logits,
+        report.neutral = neutral_report(examples, test_logits,
                                         split_logits(model, pack.splits["neutral"], pad, device),
                                         temperature)
     return report, calibration, test_logits
@@ -530,7 +500,7 @@ def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report:
             "selection": "best dev mean accuracy (zh, en) over every candidate, as exported",
         },
         "lora": {"rank": best.rank, "alpha": best.alpha, "modules": len(best.lora) // 2},
-        "data": _data_counts(pack),
+        "data": {name: _counts(pack.splits[name].examples()) for name in ("train", "dev")},
         "data_sha256": pack.meta["data_sha256"],
         "labels": {"0": "negative", "1": "positive"},
         "steps": src.step if src is not None else None,
