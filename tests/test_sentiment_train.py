@@ -27,7 +27,7 @@ from tests.tinybert import write_tiny_bert
 from training import frozen_prefix, lora
 from training.data import Example
 from training.evaluate import accuracy_table, predict
-from training.train import Recipe, _Ema, _score, length_batches, train_classifier
+from training.train import LAST_DIR, Recipe, _Ema, _score, length_batches, train_classifier
 from worker.sentiment.adapter_file import load_adapter
 from worker.sentiment.lora import merge_into
 
@@ -138,6 +138,11 @@ def test_train_learns_writes_adapter_and_continues_where_it_stopped(
     assert second["init"]["steps"] == first["steps"]
     assert second["init"]["recipe"] == json.loads(json.dumps(first["recipe"]))
     assert second["recipe"]["repeat"] == (("zh", 1.5),)
+    # The final step is kept beside the pick, marked as not selected.
+    last = json.loads((tmp_path / "b" / LAST_DIR / "meta.json").read_text())
+    assert last["steps"] == 20 and last["selected"] is False
+    assert last["dev"] == first["dev"]  # lr 0: the end point is the start
+    assert (tmp_path / "a" / LAST_DIR / "adapter.safetensors").is_file()
 
 
 def test_continuing_unfreezes_lower_layers_but_refuses_a_misfit(

@@ -68,6 +68,8 @@ class Recipe:
 
 
 TARGETS = {"zh": 0.88, "en": 0.85}
+#: Sub-directory of a run's output with its final step's adapter (see train_classifier).
+LAST_DIR = "last"
 SELECTIONS = ("mean", "targets")
 
 
@@ -282,7 +284,7 @@ def train_classifier(
 
     The adapter is written at each evaluation on the dev split that improves
     the dev score (``recipe.select``), so an interrupted run leaves the best
-    adapter so far. ``splits`` holds "train" and "dev"; test examples are
+    adapter so far; the final step's adapter also goes to ``out_dir/last``. ``splits`` holds "train" and "dev"; test examples are
     never read here. ``base`` describes the encoder in meta.json. LoRA
     matrices are initialised from torch's global generator: seed it (as
     :func:`train` does) before building the model for a repeatable run.
@@ -336,6 +338,13 @@ def train_classifier(
             tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
                        file=sys.stdout)
             sys.stdout.flush()
+            if step == recipe.steps and step > 0:
+                # The final weights, kept whether or not they win on dev, so a run's
+                # end point can still be studied (never the selected adapter).
+                last = {**meta, "steps": step, "train_seconds": round(elapsed), "dev": table,
+                        "selected": False}
+                save_adapter(out_dir / LAST_DIR, lora.lora_tensors(model),
+                             {name: v.detach() for name, v in full.items()}, last)
             if score > best:
                 best = score
                 meta.update(steps=step, train_seconds=round(elapsed), dev=table)
