@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.tinybert import write_tiny_bert
-from training.compose import CONNECTIVES, clause_of, compose, model_judge
+from training.compose import CONNECTIVES, clause_of, compose, model_judge, with_composed
 from training.data import Example, normalise
 from worker.sentiment.calibration import write_temperature
 
@@ -123,3 +123,15 @@ def test_model_judge_reads_a_model_directory_and_its_temperature(tmp_path: Path)
     for p, q in zip(raw, flat, strict=True):
         assert abs(q - 0.5) < abs(p - 0.5) or p == pytest.approx(0.5, abs=1e-3)
         assert (q - 0.5) * (p - 0.5) >= 0
+
+
+def test_with_composed_adds_judged_texts_to_train(tmp_path: Path) -> None:
+    # Through the real loader: a random tiny model's judgement lets every
+    # clause through at min_agree 0, and none at 1.
+    judge = write_tiny_bert(tmp_path / "m", layers=1, hidden=32)
+    train = _train()
+    out = with_composed(train, 20, judge, seed=3, threads=1, min_agree=0.0)
+    assert out[: len(train)] == train
+    added = out[len(train):]
+    assert len(added) == 40 and all(e.source.startswith("composed_") for e in added)
+    assert with_composed(train, 20, judge, seed=3, threads=1, min_agree=1.0) == train

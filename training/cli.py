@@ -86,6 +86,13 @@ _vader_options = [
 ]
 
 
+_compose_option = click.option(
+    "--compose", "compose_per_lang", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Add this many two-clause texts per language to train (contrast: 'A，但是B', "
+         "'Although a, b'; additive: 'A，而且B'), composed from the train split's short texts "
+         "whose labels the bundled model agrees with. 0: off.")
+
+
 def _with_vader(f: Any) -> Any:
     for option in reversed(_vader_options):
         f = option(f)
@@ -121,11 +128,7 @@ def _with_vader(f: Any) -> Any:
               show_default=True,
               help="Evaluate and save an exponential moving average of the weights with this "
                    "decay (e.g. 0.998); 0: the raw weights.")
-@click.option("--compose", "compose_per_lang", type=click.IntRange(min=0), default=0,
-              show_default=True,
-              help="Add this many two-clause texts per language (contrast: 'A，但是B', "
-                   "'Although a, b'; additive: 'A，而且B'), composed from the train split's "
-                   "short texts whose labels the bundled model agrees with. 0: off.")
+@_compose_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -261,10 +264,11 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
               help="At most this many texts per split: a pack for the CPU rehearsal.")
 @click.option("--limit-mb", type=float, default=56.0, show_default=True,
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
+@_compose_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
-                              limit_mb: float, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                              limit_mb: float, compose_per_lang: int, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 
@@ -274,7 +278,8 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
-                     seed=seed, limit=limit)
+                     seed=seed, limit=limit, compose_per_lang=compose_per_lang,
+                     judge_dir=_default_model(ctx) if compose_per_lang else None)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

