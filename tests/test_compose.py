@@ -135,3 +135,6 @@ def test_with_composed_adds_judged_texts_to_train(tmp_path: Path) -> None:
     added = out[len(train):]
     assert len(added) == 40 and all(e.source.startswith("composed_") for e in added)
     assert with_composed(train, 20, judge, seed=3, threads=1, min_agree=1.0) == train
+    assert with_composed(train, 0, None) == train  # off: no judge needed
+    with pytest.raises(ValueError, match="judge"):
+        with_composed(train, 20, None)

@@ -247,10 +247,7 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
                         threads: int | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy."""
     from training.speed import speed_main
-    from worker.sentiment.assemble import ensure_default_model
-
-    path = Path(model_dir) if model_dir else ensure_default_model(
-        Path(settings_from(ctx).cache_dir))
+    path = Path(model_dir) if model_dir else _default_model(ctx)
     speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
                n_texts=texts, batch_size=batch_size, threads=_threads(threads))
 
@@ -268,7 +265,8 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
-                              limit_mb: float, compose_per_lang: int, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                              limit_mb: float, compose_per_lang: int, vader_sdist: str | None,
+                              no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 

