@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from tests.tinybert import write_tiny_bert
-from training.compose import CONNECTIVES, clause_of, compose, model_judge, with_composed
+from training.compose import (
+    CONNECTIVES,
+    clause_of,
+    compose,
+    composed_from,
+    model_judge,
+    with_composed,
+)
 from training.data import Example, normalise
 from worker.sentiment.calibration import write_temperature
 
@@ -138,3 +145,6 @@ def test_with_composed_adds_judged_texts_to_train(tmp_path: Path) -> None:
     assert with_composed(train, 0, None) == train  # off: no judge needed
     with pytest.raises(ValueError, match="judge"):
         with_composed(train, 20, None)
+    # The same texts alone, e.g. from the dev split's clauses for --compose-dev.
+    assert composed_from(train, 20, judge, seed=3, threads=1, min_agree=0.0) == added
+    assert composed_from(train, 0, None) == []

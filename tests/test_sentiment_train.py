@@ -27,7 +27,16 @@ from tests.tinybert import write_tiny_bert
 from training import frozen_prefix, lora
 from training.data import Example
 from training.evaluate import accuracy_table, predict
-from training.train import LAST_DIR, Recipe, _Ema, _score, length_batches, train_classifier
+from training.train import (
+    GUARD,
+    LAST_DIR,
+    Recipe,
+    _Ema,
+    _score,
+    dev_mean,
+    length_batches,
+    train_classifier,
+)
 from worker.sentiment.adapter_file import load_adapter
 from worker.sentiment.lora import merge_into
 
@@ -201,6 +210,53 @@ def test_dev_score_for_selection() -> None:
         _score(table, "best")
     with pytest.raises(ValueError, match="unknown select"):
         Recipe(select="best")
+    # "guarded": the composed texts' mean decides, among steps at or above the floor.
+    composed = {"zh": {"n": 10, "acc": 0.7}, "en": {"n": 10, "acc": 0.8}}
+    assert _score(table, "guarded", composed, floor=0.915) == pytest.approx(0.75)
+    assert _score(table, "guarded", composed, floor=0.921) is None
+    assert _score(table, "guarded", composed) == pytest.approx(0.75)  # step 0 sets the floor
+    with pytest.raises(ValueError, match="composed"):
+        _score(table, "guarded")
+    with pytest.raises(ValueError, match="init_adapter"):
+        Recipe(select="guarded")
+
+
+def test_guarded_selection_picks_on_composed_dev_within_the_guard(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    # Train an adapter, then continue from it with select "guarded" on a dev
+    # set of hard "composed" texts: sentiment word first, then the other one.
+    splits = {"train": _examples(256, 1), "dev": _examples(64, 2)}
+    model, tokenizer = _load(tiny_dir)
+    train_classifier(tmp_path / "a", _recipe(), splits, model, tokenizer,
+                     tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    start = json.loads((tmp_path / "a" / "meta.json").read_text())["dev"]
+    hard = [Example(f"{e.text} {'terrible' if e.label else 'great'}", e.label, e.lang, "c")
+            for e in _examples(32, 3)]
+    recipe = _recipe(steps=40, eval_every=10, init_adapter=str(tmp_path / "a"), select="guarded")
+    model, tokenizer = _load(tiny_dir)
+    meta = train_classifier(tmp_path / "b", recipe, {**splits, "dev_composed": hard}, model,
+                            tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    assert set(meta["dev_composed"]) >= {"zh", "en"} and meta["dev_composed"]["en"]["n"] == 16
+    assert dev_mean(meta["dev"]) >= dev_mean(start) - GUARD
+    last = json.loads((tmp_path / "b" / LAST_DIR / "meta.json").read_text())
+    assert "dev_composed" in last and last["steps"] == 40
+    # The pick is the best composed-dev score among the steps the guard admits,
+    # so the final step cannot beat it there unless the guard shut it out.
+    if dev_mean(last["dev"]) >= dev_mean(start) - GUARD:
+        assert _score(last["dev"], "guarded", last["dev_composed"]) <= _score(
+            meta["dev"], "guarded", meta["dev_composed"])
+    model, tokenizer = _load(tiny_dir)
+    with pytest.raises(ValueError, match="dev_composed"):
+        train_classifier(tmp_path / "c", recipe, splits, model, tokenizer,
+                         tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+
+
+def test_train_cli_guarded_needs_init_and_composed_dev(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"),
+                                       "--no-vader", "--select", "guarded"])
+    assert result.exit_code == 2, result.output
+    assert "--init and --compose-dev" in result.output
 
 
 @pytest.mark.parametrize("value", ["zh", "zh=", "zh=abc", "fr=2", "en=0", "en=11"])

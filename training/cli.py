@@ -116,10 +116,12 @@ def _with_vader(f: Any) -> Any:
 @click.option("--repeat", "repeat", multiple=True, metavar="LANG=X",
               help="Show LANG's training texts X times per pass on average, e.g. zh=1.5 "
                    "(repeatable).")
-@click.option("--select", type=click.Choice(["mean", "targets"]), default="mean",
+@click.option("--select", type=click.Choice(["mean", "targets", "guarded"]), default="mean",
               show_default=True,
-              help="Dev score that picks the saved adapter: mean of zh/en accuracy, or the "
-                   "smaller margin over the targets (zh 0.88, en 0.85).")
+              help="Dev score that picks the saved adapter: mean of zh/en accuracy; the "
+                   "smaller margin over the targets (zh 0.88, en 0.85); or 'guarded': the "
+                   "accuracy on the --compose-dev texts, among steps whose dev mean stays "
+                   "within half a point of the --init adapter's.")
 @click.option("--init", "init_adapter", type=click.Path(file_okay=False, exists=True),
               default=None, help="Continue from this adapter directory (same --rank; "
                                  "--frozen-layers equal or lower: newly trained layers "
@@ -129,6 +131,10 @@ def _with_vader(f: Any) -> Any:
               help="Evaluate and save an exponential moving average of the weights with this "
                    "decay (e.g. 0.998); 0: the raw weights.")
 @_compose_option
+@click.option("--compose-dev", "compose_dev_per_lang", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="Compose this many two-clause texts per language from the dev split's "
+                   "clauses, as a separate dev set (needed by --select guarded). 0: none.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -136,14 +142,16 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         max_len: int, lr: float, rank: int, frozen_layers: int, seed: int,
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
-                        compose_per_lang: int, threads: int | None,
-                        vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                        compose_per_lang: int, compose_dev_per_lang: int,
+                        threads: int | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
     BERTSTREAM_MODEL at an assembled directory).
     """
     repeats = _parse_repeat(repeat)  # a bad option is a usage error first
+    if select == "guarded" and not (init_adapter and compose_dev_per_lang):
+        raise click.UsageError("--select guarded needs --init and --compose-dev")
     _require_train_extra(ctx, "model train")
     from training.train import train_main
 
@@ -154,8 +162,9 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                threads=_threads(threads), warmup_steps=warmup_steps,
                repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
-               compose_per_lang=compose_per_lang,
-               judge_dir=_default_model(ctx) if compose_per_lang else None)
+               compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
+               judge_dir=_default_model(ctx) if compose_per_lang or compose_dev_per_lang
+               else None)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -12,9 +12,10 @@ alone.
 
 What keeps it honest:
 
-- clauses come from the **train split only**, and composed texts only ever
-  train: dev, test and the behavioural suite never see them, and a composed
-  text equal to a suite item is dropped;
+- training texts are composed from the **train split's** clauses only, and
+  test and the behavioural suite never see composed texts (a composed text
+  equal to a suite item is dropped); texts composed from the **dev split's**
+  clauses form a separate dev set that a run may pick its adapter on;
 - the connectives are the language's ordinary ones (listed in
   :data:`CONNECTIVES`), not the suite's sentences;
 - a clause is used only if it is short, one sentence, holds no connective of
@@ -152,19 +153,27 @@ def compose(
 
 def with_composed(train: list[Example], per_lang: int, judge_dir: Path | None, seed: int = 13,
                   threads: int = 2, min_agree: float = 0.85) -> list[Example]:
-    """``train`` plus :func:`compose`'s texts, judged by ``judge_dir``; suite texts excluded.
+    """``train`` plus :func:`composed_from` its own clauses."""
+    return train + composed_from(train, per_lang, judge_dir, seed, threads, min_agree)
 
-    ``per_lang`` 0 gives ``train`` itself (no judge needed).
+
+def composed_from(examples: Sequence[Example], per_lang: int, judge_dir: Path | None,
+                  seed: int = 13, threads: int = 2, min_agree: float = 0.85) -> list[Example]:
+    """:func:`compose`'s texts from ``examples``' clauses, judged by ``judge_dir``; suite texts excluded.
+
+    Used on the train split (texts to train on) and on the dev split (texts
+    that let a run pick its adapter by how it reads contrast, ``--select
+    guarded``). ``per_lang`` 0 gives none (no judge needed).
     """
     if per_lang <= 0:
-        return train
+        return []
     if judge_dir is None:
-        raise ValueError("composing training texts needs a judge model directory")
+        raise ValueError("composing texts needs a judge model directory")
     from training.behaviour import load_suite
 
     exclude = {normalise(i.text) for i in load_suite()}
-    return train + compose(train, per_lang, model_judge(judge_dir, threads), seed=seed,
-                           min_agree=min_agree, exclude=exclude)
+    return compose(examples, per_lang, model_judge(judge_dir, threads), seed=seed,
+                   min_agree=min_agree, exclude=exclude)
 
 
 def model_judge(model_dir: Path, threads: int = 2,

@@ -51,7 +51,7 @@ from training.evaluate import (
     neutral_report,
     write_reliability,
 )
-from training.train import Recipe, _counts, _prepare, _score, length_batches
+from training.train import Recipe, _counts, _prepare, dev_mean, length_batches
 from worker.sentiment.adapter_file import save_adapter
 from worker.sentiment.lora import merge_into
 
@@ -266,7 +266,7 @@ def train_run(pack: Pack, spec: RunSpec, device: torch.device, deadline: float,
 
     def evaluate(step: int) -> None:
         table = accuracy_table(dev_examples, split_logits(model, dev, pad, device).argmax(-1).tolist())
-        score = _score(table, "mean")
+        score = dev_mean(table)
         result.curve.append({"step": step, "loss": loss_ema, "dev": score,
                              **{k: v["acc"] for k, v in table.items() if "/" not in k}})
         langs = " ".join(f"{k} {v['acc']:.4f}" for k, v in table.items() if "/" not in k)
@@ -362,7 +362,7 @@ def score_candidate(pack: Pack, cand: Candidate, device: torch.device,
     dev = pack.splits["dev"]
     preds = split_logits(model, dev, pack.pad_id, device).argmax(-1).tolist()
     cand.dev = accuracy_table(dev.examples(), preds)
-    cand.score = _score(cand.dev, "mean")
+    cand.score = dev_mean(cand.dev)
     langs = " ".join(f"{k} {v['acc']:.4f}" for k, v in cand.dev.items() if "/" not in k)
     log(f"candidate {cand.name}: dev {langs} mean {cand.score:.4f} ({cand.params / 1e6:.2f} M params)")
 

