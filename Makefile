@@ -45,10 +45,10 @@ device-rehearsal: device-pack
 
 # The sentiment model's GPU training run (training/device_train.sh): its pack, and the CPU rehearsal.
 device-train-pack: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data --compose 4000
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data --compose 4000 --compose-dev 1000
 
 device-train-rehearsal: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train-rehearsal --limit 48 --compose 200
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train-rehearsal --limit 48 --compose 200 --compose-dev 50
 	PYTHON=$(PY) PACK=.devpack-train-rehearsal OUT=bench/results/device-train-rehearsal \
 		bash training/device_train.sh --device cpu --rehearse --threads 2
 

