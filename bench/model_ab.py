@@ -1,0 +1,48 @@
+"""Serving speed of two sentiment model directories, side by side (fp32, CPU).
+
+    python -m bench.model_ab OLD_MODEL_DIR NEW_MODEL_DIR [--rounds 3] [--texts 512]
+
+Both models score the same held-out test texts (seed 13, shuffled) in
+alternating rounds, so the machine's noise hits both alike; prints texts/s
+per round and the new/old ratio per round. Needs the ``train`` extra. Use
+``bertstream model path --adapter DIR`` to assemble an adapter's directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """Measure and print; gives {"old": [...], "new": [...]} texts/s per round."""
+    import torch
+
+    from training.data import SplitSpec, load_examples
+    from training.speed import load, texts_per_second
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("old", type=Path)
+    ap.add_argument("new", type=Path)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--texts", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    test = list(load_examples(None, SplitSpec(seed=13))["test"])
+    random.Random(13).shuffle(test)
+    texts = [e.text for e in test[: args.texts]]
+    models = {"old": load(args.old), "new": load(args.new)}
+    out: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, (model, tokenizer) in models.items():
+            out[name].append(texts_per_second(model, tokenizer, texts, 32))
+    print({name: [round(x, 1) for x in xs] for name, xs in out.items()})
+    print("new/old per round:", [round(n / o, 3) for n, o in zip(out["new"], out["old"], strict=True)])
+    return out
+
+
+if __name__ == "__main__":
+    main()
