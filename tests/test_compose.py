@@ -148,3 +148,18 @@ def test_with_composed_adds_judged_texts_to_train(tmp_path: Path) -> None:
     # The same texts alone, e.g. from the dev split's clauses for --compose-dev.
     assert composed_from(train, 20, judge, seed=3, threads=1, min_agree=0.0) == added
     assert composed_from(train, 0, None) == []
+
+
+def test_judge_option_names_the_model_that_vets_clauses(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import main
+    from training.cli import _judge
+
+    # Nothing composed: no judge (nothing assembled); a named one is used as given.
+    assert _judge(None, None, 0, 0) is None  # type: ignore[arg-type]
+    assert _judge(None, str(tmp_path), 0, 5) == tmp_path  # type: ignore[arg-type]
+    for command in (["train", "--out", str(tmp_path / "o")], ["device-pack"]):
+        result = CliRunner().invoke(main, ["model", *command, "--compose", "10",
+                                           "--judge", str(tmp_path / "missing")])
+        assert result.exit_code == 2 and "--judge" in result.output, result.output

@@ -101,6 +101,20 @@ _compose_dev_option = click.option(
          "with --select guarded). 0: none.")
 
 
+_judge_option = click.option(
+    "--judge", "judge_dir", type=click.Path(file_okay=False, exists=True), default=None,
+    help="Model directory that vets the clauses of --compose/--compose-dev (default: the "
+         "bundled model; to repeat a past run, the model it used, e.g. "
+         "\"$(bertstream model path --adapter OLD)\").")
+
+
+def _judge(ctx: click.Context, judge_dir: str | None, *counts: int) -> Path | None:
+    """The judge for composing texts: ``judge_dir``, else the bundled model; None if none are composed."""
+    if not any(counts):
+        return None
+    return Path(judge_dir) if judge_dir else _default_model(ctx)
+
+
 def _with_vader(f: Any) -> Any:
     for option in reversed(_vader_options):
         f = option(f)
@@ -140,6 +154,7 @@ def _with_vader(f: Any) -> Any:
                    "decay (e.g. 0.998); 0: the raw weights.")
 @_compose_option
 @_compose_dev_option
+@_judge_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -148,7 +163,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
-                        threads: int | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                        judge_dir: str | None, threads: int | None, vader_sdist: str | None,
+                        no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
@@ -168,8 +184,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
-               judge_dir=_default_model(ctx) if compose_per_lang or compose_dev_per_lang
-               else None)
+               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang))
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -277,11 +292,12 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
 @_compose_option
 @_compose_dev_option
+@_judge_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
-                              vader_sdist: str | None,
+                              judge_dir: str | None, vader_sdist: str | None,
                               no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
@@ -294,8 +310,7 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
                      seed=seed, limit=limit, compose_per_lang=compose_per_lang,
                      compose_dev_per_lang=compose_dev_per_lang,
-                     judge_dir=(_default_model(ctx) if compose_per_lang or compose_dev_per_lang
-                                else None))
+                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")
