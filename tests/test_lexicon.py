@@ -1,0 +1,155 @@
+"""Lexicon template texts (training/lexicon.py): which words qualify, the label of each form."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from training.data import Example, normalise
+from training.lexicon import (
+    CNTEXT_WHEEL,
+    JIEBA_SDIST,
+    TEXTBLOB_WHEEL,
+    en_words,
+    lexicon_texts,
+    with_lexicon,
+    zh_words,
+)
+
+HOWNET = """Name: HowNet
+Dictionary:
+    pos:
+    - 干净
+    - 热情
+    - 贵
+    - 好
+    - 漂亮
+    - 稀罕
+    neg:
+    - 脏
+    - 贵
+    - 差
+"""
+TSINGHUA = """Name: Tsinghua
+Dictionary:
+    praise:
+    - 干净
+    - 方便
+    degrade:
+    - 差
+    - 混乱
+"""
+# word, frequency, part of speech (as jieba's dict.txt)
+JIEBA = ["干净 1860 a", "热情 2818 n", "贵 4478 a", "好 92543 a", "漂亮 5000 a", "稀罕 10 a",
+         "脏 962 a", "差 7254 a", "方便 3000 a", "混乱 500 a"]
+SENTIMENT_XML = """<sentiment>
+<word form="clean" pos="JJ" polarity="0.4" />
+<word form="rude" pos="JJ" polarity="-0.5" />
+<word form="rude" pos="JJ" polarity="0.0" />
+<word form="awesome" pos="JJ" polarity="1.0" />
+<word form="impressed" pos="JJ" polarity="0.7" />
+<word form="sick" pos="JJ" polarity="0.3" />
+<word form="love" pos="VB" polarity="0.5" />
+<word form="meh" pos="JJ" polarity="-0.2" />
+</sentiment>"""
+VADER = "\n".join([
+    "clean\t1.7\t0.6\t[2, 2, 1, 2, 2, 1, 2, 2, 1, 2]",
+    "rude\t-2.0\t0.4\t[-2, -1, -3, -2, -2, -2, -2, -2, -2, -2]",
+    "awesome\t3.1\t0.8\t[3, 4, 3, 3, 4, 2, 3, 3, 3, 3]",
+    "impressed\t2.1\t0.5\t[2, 2, 2, 2, 3, 2, 2, 2, 2, 2]",
+    "sick\t-1.6\t0.7\t[-2, -1, -2, -2, -1, -2, -1, -2, -2, -1]",  # textblob disagrees
+    "love\t3.2\t0.4\t[3, 3, 3, 3, 3, 3, 4, 3, 3, 3]",  # not an adjective
+    "meh\t-1.1\t1.5\t[-2, 1, 0, -2, 1, -2, -1, -2, 1, -2]",  # raters split
+])
+
+
+def _archives(folder: Path) -> Path:
+    """The three archives download_lexicons fetches, with the files it reads inside."""
+    with zipfile.ZipFile(folder / CNTEXT_WHEEL, "w") as whl:
+        whl.writestr("cntext/io/data/zh_common_HowNet.yaml", HOWNET)
+        whl.writestr("cntext/io/data/zh_common_TsinghuaPraiseDegrade.yaml", TSINGHUA)
+    with zipfile.ZipFile(folder / TEXTBLOB_WHEEL, "w") as whl:
+        whl.writestr("textblob/en/en-sentiment.xml", SENTIMENT_XML)
+    with tarfile.open(folder / JIEBA_SDIST, "w:gz") as tar:
+        body = ("\n".join(JIEBA) + "\n").encode()
+        info = tarfile.TarInfo("jieba-0.42.1/jieba/dict.txt")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    (folder / "vader_lexicon.txt").write_text(VADER, encoding="utf-8")
+    return folder
+
+
+def test_zh_words_are_adjectives_both_lexicons_do_not_contradict(tmp_path: Path) -> None:
+    words = zh_words(_archives(tmp_path))
+    # 热情: a noun to jieba; 贵: in both HowNet lists; 稀罕: rare; 好/脏: one
+    # character in one lexicon only; 差: one character in both
+    assert words == {"干净": 1, "漂亮": 1, "方便": 1, "差": 0, "混乱": 0}
+
+
+def test_en_words_need_vader_and_textblob_to_agree(tmp_path: Path) -> None:
+    folder = _archives(tmp_path)
+    assert en_words(folder, folder / "vader_lexicon.txt") == {"awesome": 1, "clean": 1, "rude": 0}
+
+
+def test_en_words_read_the_installed_vader_lexicon(tmp_path: Path) -> None:
+    pytest.importorskip("vaderSentiment")
+    words = en_words(_archives(tmp_path))  # the real vader_lexicon.txt, the fixture's adjectives
+    assert words["awesome"] == 1 and words["rude"] == 0
+
+
+def test_each_form_carries_the_right_label() -> None:
+    words = {"干净": 1, "方便": 1, "差": 0, "混乱": 0}
+    texts = lexicon_texts(words, "zh", 200, seed=3)
+    assert len(texts) == 200 and len({normalise(t.text) for t in texts}) == 200
+    assert sum(t.label for t in texts) == 100
+    for t in texts:
+        word = next(w for w in words if w in t.text)
+        negated = "不" in t.text
+        assert t.label == (1 - words[word] if negated else words[word]), t.text
+        assert t.source == "lexicon" and t.lang == "zh"
+    en = lexicon_texts({"clean": 1, "awesome": 1, "rude": 0, "awful": 0}, "en", 120, seed=3)
+    for t in en:
+        word = next(w for w in ("clean", "awesome", "rude", "awful") if w in t.text.lower())
+        negated = any(n in t.text for n in ("not ", "n't ", "Not ", "never "))
+        assert t.label == (int(word in ("rude", "awful")) if negated
+                           else int(word in ("clean", "awesome"))), t.text
+    assert en[0].text[0].isupper()
+
+
+def test_texts_are_seeded_and_exclusions_hold() -> None:
+    words = {"干净": 1, "方便": 1, "差": 0, "混乱": 0}
+    first = lexicon_texts(words, "zh", 50, seed=1)
+    assert first == lexicon_texts(words, "zh", 50, seed=1)
+    assert first != lexicon_texts(words, "zh", 50, seed=2)
+    banned = {normalise(t.text) for t in first[:10]}
+    again = lexicon_texts(words, "zh", 50, seed=1, exclude=banned)
+    assert not banned & {normalise(t.text) for t in again}
+    assert lexicon_texts({"干净": 1}, "zh", 10) == []  # one polarity only: nothing balanced to make
+
+
+def test_with_lexicon_adds_to_train_only_and_never_a_dev_test_or_suite_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.behaviour as behaviour
+    import training.lexicon as lexicon
+
+    folder = _archives(tmp_path)
+    monkeypatch.setattr(lexicon, "en_words", lambda f: en_words(f, f / "vader_lexicon.txt"))
+    probe = lexicon_texts(zh_words(folder), "zh", 40, seed=13)
+    suite_item = behaviour.SuiteItem(text=probe[2].text, label="positive", category="plain",
+                                     lang="zh", domain="hotel")
+    monkeypatch.setattr(behaviour, "load_suite", lambda: [suite_item])
+    splits = {"train": [Example("原有的句子", 1, "zh", "t")],
+              "dev": [probe[0]], "test": [probe[1]]}
+    out = with_lexicon(splits, 40, folder, seed=13)
+    added = out["train"][1:]
+    assert out["train"][0] == splits["train"][0] and out["dev"] == splits["dev"]
+    assert {t.lang for t in added} == {"zh", "en"} and len(added) == 80
+    keys = {normalise(t.text) for t in added}
+    assert not {normalise(p.text) for p in probe[:3]} & keys
+    assert with_lexicon(splits, 0, None) is splits
+    with pytest.raises(ValueError):
+        with_lexicon(splits, 5, None)

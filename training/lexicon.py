@@ -1,0 +1,223 @@
+"""Short template texts built from sentiment lexicons (``--lexicon N``).
+
+The training sources are reviews of a few domains (hotels, books, laptops,
+films); a word of praise or blame that they rarely hold is a word the model
+has to guess. ``--lexicon N`` adds N texts per language of the form
+"<aspect> <degree> <word>" (``配送非常及时``, ``The seat was really
+comfortable.``) and their negations, where each word and its polarity come
+from published lexicons, and the aspects are the service domains a review
+stream carries (delivery, shopping, apps, transport, customer service,
+hotels, films).
+
+Words (both lexicons must agree, and the word must be an adjective):
+
+- zh: HowNet's sentiment word set and Tsinghua's (Li Jun) praise/degrade
+  lexicon, as shipped in cntext 2.2.1 (``cntext/io/data/*.yaml``). A word is
+  positive when it is in a positive list and in no negative list (and the
+  reverse); jieba 0.42.1's dictionary must tag it ``a`` (adjective).
+- en: vaderSentiment 3.3.2's ``vader_lexicon.txt`` (mean valence ≥ 1.0 or
+  ≤ −1.0, at least 8 of its 10 raters on that side) and textblob 0.20.1's
+  ``en-sentiment.xml`` (an adjective whose senses with a polarity agree in
+  sign with vader's); words ending in "-ed" are left out.
+
+Forms and labels: the plain form carries the word's label; "not <positive
+word>" is negative; "not <negative word> at all" (``一点也不脏``) is
+positive. Texts equal to a dev, test or behavioural-suite text are dropped;
+the templates and aspect lists are written here, not taken from the suite.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import xml.etree.ElementTree as ET  # noqa: S405 - a file from a pinned wheel, not untrusted input
+import zipfile
+from collections.abc import Container
+from pathlib import Path
+
+from training.data import DataSourceError, Example, _pip_download, normalise, package_dir
+
+CNTEXT_WHEEL = "cntext-2.2.1-py3-none-any.whl"
+TEXTBLOB_WHEEL = "textblob-0.20.1-py3-none-any.whl"
+JIEBA_SDIST = "jieba-0.42.1.tar.gz"
+
+#: Aspects by domain; ``{a}`` in a template.
+ASPECTS: dict[str, tuple[str, ...]] = {
+    "zh": ("房间", "前台", "早餐", "卫生间", "味道", "配送", "骑手", "分量", "包装", "质量",
+           "物流", "做工", "卖家", "商品", "界面", "软件", "更新", "操作", "司机", "车厢",
+           "航班", "列车", "座位", "客服", "售后", "服务", "态度", "工作人员", "剧情", "演员",
+           "画面", "这家店", "这次体验", "环境"),
+    "en": ("room", "staff", "breakfast", "bathroom", "food", "delivery", "driver", "portion",
+           "packaging", "quality", "seller", "product", "app", "interface", "update", "train",
+           "flight", "bus", "seat", "customer service", "support team", "agent", "service",
+           "movie", "plot", "acting", "place", "experience", "whole thing", "order"),
+}
+#: (kind, template) per language: "plain" carries the word's label, "negated"
+#: (only with positive words) is negative, "negated_neg" (only with negative
+#: words) is positive. ``{d}`` is a degree word, ``{w}`` the word.
+FORMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "zh": (
+        ("plain", "{a}{d}{w}。"), ("plain", "{a}{d}{w}！"), ("plain", "{a}{d}{w}"),
+        ("plain", "觉得{a}{d}{w}。"),
+        ("negated", "{a}不{w}。"), ("negated", "{a}不太{w}。"), ("negated", "{a}一点也不{w}。"),
+        ("negated", "{a}不够{w}"),
+        ("negated_neg", "{a}一点也不{w}。"), ("negated_neg", "{a}一点都不{w}！"),
+        ("negated_neg", "{a}完全不{w}。"),
+    ),
+    "en": (
+        ("plain", "The {a} was {d}{w}."), ("plain", "The {a} is {d}{w}!"),
+        ("plain", "{D}{w} {a}."), ("plain", "Found the {a} {d}{w}."),
+        ("negated", "The {a} was not {w}."), ("negated", "The {a} wasn't {d}{w}."),
+        ("negated", "The {a} is not {w} at all."), ("negated", "Not a {w} {a}."),
+        ("negated_neg", "The {a} was not {w} at all."), ("negated_neg", "The {a} wasn't {w} at all."),
+        ("negated_neg", "The {a} is never {w}."),
+    ),
+}
+DEGREES: dict[str, tuple[str, ...]] = {
+    "zh": ("", "很", "非常", "特别", "真", "挺", "相当", "十分"),
+    "en": ("", "very ", "really ", "so ", "quite ", "extremely "),
+}
+#: Share of texts per kind; labels come out balanced.
+SHARES = {"plain": 0.6, "negated": 0.2, "negated_neg": 0.2}
+
+
+def download_lexicons(dest: Path) -> Path:
+    """Fetch the lexicon archives (cntext and textblob wheels, jieba's sdist) into ``dest`` once."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _pip_download("cntext==2.2.1", "--only-binary", dest / CNTEXT_WHEEL)
+    _pip_download("textblob==0.20.1", "--only-binary", dest / TEXTBLOB_WHEEL)
+    _pip_download("jieba==0.42.1", "--no-binary", dest / JIEBA_SDIST)
+    return dest
+
+
+def zh_words(folder: Path, min_freq: int = 300, min_freq_single: int = 900) -> dict[str, int]:
+    """Chinese adjectives with their polarity (1/0) where HowNet and Tsinghua's lexicon agree.
+
+    Rare words are left out (jieba's frequency below ``min_freq``, or
+    ``min_freq_single`` for one character, where rare ones are mostly
+    literary); one character must be in both lexicons.
+    """
+    import tarfile
+
+    import yaml
+
+    try:
+        with zipfile.ZipFile(folder / CNTEXT_WHEEL) as whl:
+            hownet = yaml.safe_load(whl.read("cntext/io/data/zh_common_HowNet.yaml"))["Dictionary"]
+            tsinghua = yaml.safe_load(
+                whl.read("cntext/io/data/zh_common_TsinghuaPraiseDegrade.yaml"))["Dictionary"]
+        with tarfile.open(folder / JIEBA_SDIST) as tar:
+            member = tar.extractfile("jieba-0.42.1/jieba/dict.txt")
+            assert member is not None
+            jieba_dict = member.read().decode("utf-8")
+    except (OSError, KeyError, TypeError, zipfile.BadZipFile, tarfile.TarError, yaml.YAMLError) as exc:
+        raise DataSourceError(f"cannot read the zh lexicons in {folder}: {exc}") from exc
+    adjectives = set()
+    for line in jieba_dict.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "a" and int(parts[1]) >= (
+                min_freq_single if len(parts[0]) == 1 else min_freq):
+            adjectives.add(parts[0])
+    pos = set(hownet["pos"]) | set(tsinghua["praise"])
+    neg = set(hownet["neg"]) | set(tsinghua["degrade"])
+    both = pos & neg
+    words = {w: 1 for w in pos - both} | {w: 0 for w in neg - both}
+    # one character is ambiguous more often: both lexicons must list it
+    agreed = (set(hownet["pos"]) & set(tsinghua["praise"])) | (set(hownet["neg"]) & set(tsinghua["degrade"]))
+    return {w: label for w, label in sorted(words.items())
+            if w in adjectives and len(w) <= 4 and (len(w) > 1 or w in agreed)}
+
+
+def en_words(folder: Path, vader_lexicon: Path | None = None, min_valence: float = 1.0,
+             min_raters: int = 8) -> dict[str, int]:
+    """English adjectives with their polarity (1/0) where vader and textblob agree.
+
+    ``vader_lexicon``: default, the installed vaderSentiment's ``vader_lexicon.txt``.
+    """
+    try:
+        with zipfile.ZipFile(folder / TEXTBLOB_WHEEL) as whl:
+            root = ET.fromstring(whl.read("textblob/en/en-sentiment.xml"))  # noqa: S314 - pinned wheel
+        vader_file = vader_lexicon or package_dir("vaderSentiment") / "vader_lexicon.txt"
+        vader = vader_file.read_text(encoding="utf-8")
+    except (OSError, KeyError, ET.ParseError, zipfile.BadZipFile) as exc:
+        raise DataSourceError(f"cannot read the en lexicons: {exc}") from exc
+    polarity: dict[str, list[float]] = {}
+    for node in root:
+        if node.get("pos") == "JJ" and float(node.get("polarity", "0")):
+            polarity.setdefault(node.get("form", ""), []).append(float(node.get("polarity", "0")))
+    words: dict[str, int] = {}
+    for line in vader.splitlines():
+        parts = line.split("\t")
+        # participles ("impressed", "annoyed") describe the writer, not the aspect
+        if (len(parts) < 4 or not parts[0].isalpha() or parts[0] not in polarity
+                or parts[0].endswith("ed")):
+            continue
+        mean, ratings = float(parts[1]), ast.literal_eval(parts[3])
+        textblob_sign = sum(polarity[parts[0]]) > 0
+        if mean >= min_valence and sum(r > 0 for r in ratings) >= min_raters and textblob_sign:
+            words[parts[0]] = 1
+        elif mean <= -min_valence and sum(r < 0 for r in ratings) >= min_raters and not textblob_sign:
+            words[parts[0]] = 0
+    return dict(sorted(words.items()))
+
+
+def lexicon_texts(words: dict[str, int], lang: str, n: int, seed: int = 13,
+                  exclude: Container[str] = ()) -> list[Example]:
+    """``n`` distinct template texts for ``lang`` from ``words`` (word -> 1/0), seeded.
+
+    Fewer come back when the words and forms cannot make ``n`` distinct texts.
+    """
+    rng = random.Random(f"lexicon-{lang}-{seed}")
+    by_label = {label: sorted(w for w, lab in words.items() if lab == label) for label in (0, 1)}
+    if not by_label[0] or not by_label[1]:
+        return []
+    forms: dict[str, list[str]] = {}
+    for kind, template in FORMS[lang]:
+        forms.setdefault(kind, []).append(template)
+    # (kind, word label, text label): plain splits its share evenly between labels
+    plan = [("plain", 1, 1, SHARES["plain"] / 2), ("plain", 0, 0, SHARES["plain"] / 2),
+            ("negated", 1, 0, SHARES["negated"]), ("negated_neg", 0, 1, SHARES["negated_neg"])]
+    out: list[Example] = []
+    seen: set[str] = set()
+    for kind, word_label, label, share in plan:
+        want, tries, made = round(n * share), 0, 0
+        while made < want and tries < want * 20:
+            tries += 1
+            word = rng.choice(by_label[word_label])
+            template = rng.choice(forms[kind])
+            degree = rng.choice(DEGREES[lang]) if "{d}" in template or "{D}" in template else ""
+            text = template.format(a=rng.choice(ASPECTS[lang]), d=degree, D=degree.capitalize(),
+                                   w=word)
+            text = text[0].upper() + text[1:]
+            key = normalise(text)
+            if key in seen or key in exclude:
+                continue
+            seen.add(key)
+            out.append(Example(text, label, lang, "lexicon"))
+            made += 1
+    rng.shuffle(out)
+    return out
+
+
+def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path | None,
+                 seed: int = 13) -> dict[str, list[Example]]:
+    """``splits`` with ``per_lang`` lexicon texts per language added to "train".
+
+    ``folder`` holds the archives of :func:`download_lexicons`. Texts equal to
+    a dev, test or suite text are left out.
+    """
+    if per_lang <= 0:
+        return splits
+    if folder is None:
+        raise ValueError("lexicon texts need the folder of download_lexicons")
+    from training.behaviour import load_suite
+
+    exclude = {normalise(i.text) for i in load_suite()}
+    for name in ("dev", "test"):
+        exclude |= {normalise(ex.text) for ex in splits.get(name, [])}
+    out = dict(splits)
+    added = []
+    for lang, words in (("zh", zh_words(folder)), ("en", en_words(folder))):
+        added += lexicon_texts(words, lang, per_lang, seed=seed, exclude=exclude)
+    out["train"] = splits["train"] + added
+    return out
