@@ -103,7 +103,7 @@ _compose_dev_option = click.option(
 
 _lexicon_option = click.option(
     "--lexicon", "lexicon_per_lang", type=click.IntRange(min=0), default=0, show_default=True,
-    help="Add this many short template texts per language to train ('配送非常及时', "
+    help="Add this many short template texts per language to train ('客服十分有效！', "
          "'The seat was not comfortable.'), with words and polarities from sentiment "
          "lexicons (HowNet + Tsinghua via cntext 2.2.1, vader + textblob), fetched once "
          "into the cache dir. 0: off.")
@@ -183,8 +183,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
-                        lexicon_per_lang: int, judge_dir: str | None, threads: int | None, vader_sdist: str | None,
-                        no_vader: bool, more_data: bool) -> None:
+                        lexicon_per_lang: int, judge_dir: str | None, threads: int | None,
+                        vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
     Use it as the default with: cp OUT/* worker/sentiment/adapter/ (or point
@@ -319,8 +319,8 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
-                              lexicon_per_lang: int, judge_dir: str | None, vader_sdist: str | None,
-                              no_vader: bool, more_data: bool) -> None:
+                              lexicon_per_lang: int, judge_dir: str | None,
+                              vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 

@@ -3,25 +3,27 @@
 The training sources are reviews of a few domains (hotels, books, laptops,
 films); a word of praise or blame that they rarely hold is a word the model
 has to guess. ``--lexicon N`` adds N texts per language of the form
-"<aspect> <degree> <word>" (``配送非常及时``, ``The seat was really
+"<aspect> <degree> <word>" (``客服十分有效！``, ``The seat was really
 comfortable.``) and their negations, where each word and its polarity come
 from published lexicons, and the aspects are the service domains a review
 stream carries (delivery, shopping, apps, transport, customer service,
 hotels, films).
 
-Words (both lexicons must agree, and the word must be an adjective):
+Words (the lexicons must not contradict each other, and the word must be an
+adjective):
 
 - zh: HowNet's sentiment word set and Tsinghua's (Li Jun) praise/degrade
   lexicon, as shipped in cntext 2.2.1 (``cntext/io/data/*.yaml``). A word is
   positive when it is in a positive list and in no negative list (and the
-  reverse); jieba 0.42.1's dictionary must tag it ``a`` (adjective).
+  reverse; one character must be in both lexicons); jieba 0.42.1's
+  dictionary must tag it ``a`` (adjective).
 - en: vaderSentiment 3.3.2's ``vader_lexicon.txt`` (mean valence ≥ 1.0 or
   ≤ −1.0, at least 8 of its 10 raters on that side) and textblob 0.20.1's
   ``en-sentiment.xml`` (an adjective whose senses with a polarity agree in
   sign with vader's); words ending in "-ed" are left out.
 
 Forms and labels: the plain form carries the word's label; "not <positive
-word>" is negative; "not <negative word> at all" (``一点也不脏``) is
+word>" is negative; "not <negative word> at all" (``一点也不粗糙``) is
 positive. Texts equal to a dev, test or behavioural-suite text are dropped;
 the templates and aspect lists are written here, not taken from the suite.
 """
@@ -66,7 +68,7 @@ FORMS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "en": (
         ("plain", "The {a} was {d}{w}."), ("plain", "The {a} is {d}{w}!"),
-        ("plain", "{D}{w} {a}."), ("plain", "Found the {a} {d}{w}."),
+        ("plain", "{d}{w} {a}."), ("plain", "Found the {a} {d}{w}."),
         ("negated", "The {a} was not {w}."), ("negated", "The {a} wasn't {d}{w}."),
         ("negated", "The {a} is not {w} at all."), ("negated", "Not a {w} {a}."),
         ("negated_neg", "The {a} was not {w} at all."), ("negated_neg", "The {a} wasn't {w} at all."),
@@ -91,7 +93,7 @@ def download_lexicons(dest: Path) -> Path:
 
 
 def zh_words(folder: Path, min_freq: int = 300, min_freq_single: int = 900) -> dict[str, int]:
-    """Chinese adjectives with their polarity (1/0) where HowNet and Tsinghua's lexicon agree.
+    """Chinese adjectives with their polarity (1/0) where HowNet and Tsinghua's lexicon do not contradict.
 
     Rare words are left out (jieba's frequency below ``min_freq``, or
     ``min_freq_single`` for one character, where rare ones are mostly
@@ -118,12 +120,12 @@ def zh_words(folder: Path, min_freq: int = 300, min_freq_single: int = 900) -> d
         if len(parts) == 3 and parts[2] == "a" and int(parts[1]) >= (
                 min_freq_single if len(parts[0]) == 1 else min_freq):
             adjectives.add(parts[0])
-    pos = set(hownet["pos"]) | set(tsinghua["praise"])
-    neg = set(hownet["neg"]) | set(tsinghua["degrade"])
-    both = pos & neg
-    words = {w: 1 for w in pos - both} | {w: 0 for w in neg - both}
+    h_pos, h_neg = set(hownet["pos"]), set(hownet["neg"])
+    t_pos, t_neg = set(tsinghua["praise"]), set(tsinghua["degrade"])
+    pos, neg = h_pos | t_pos, h_neg | t_neg
+    words = {w: 1 for w in pos - neg} | {w: 0 for w in neg - pos}
     # one character is ambiguous more often: both lexicons must list it
-    agreed = (set(hownet["pos"]) & set(tsinghua["praise"])) | (set(hownet["neg"]) & set(tsinghua["degrade"]))
+    agreed = (h_pos & t_pos) | (h_neg & t_neg)
     return {w: label for w, label in sorted(words.items())
             if w in adjectives and len(w) <= 4 and (len(w) > 1 or w in agreed)}
 
@@ -185,10 +187,9 @@ def lexicon_texts(words: dict[str, int], lang: str, n: int, seed: int = 13,
             tries += 1
             word = rng.choice(by_label[word_label])
             template = rng.choice(forms[kind])
-            degree = rng.choice(DEGREES[lang]) if "{d}" in template or "{D}" in template else ""
-            text = template.format(a=rng.choice(ASPECTS[lang]), d=degree, D=degree.capitalize(),
-                                   w=word)
-            text = text[0].upper() + text[1:]
+            degree = rng.choice(DEGREES[lang]) if "{d}" in template else ""
+            text = template.format(a=rng.choice(ASPECTS[lang]), d=degree, w=word)
+            text = text[0].upper() + text[1:]  # "{d}{w} {a}." starts lower-case
             key = normalise(text)
             if key in seen or key in exclude:
                 continue
