@@ -285,6 +285,46 @@ def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: i
                    seed=seed, batch_size=batch_size, max_len=max_len, threads=_threads(threads))
 
 
+@click.command("interpolate")
+@click.option("--from", "from_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="The adapter at alpha 0 (default: the bundled one).")
+@click.option("--to", "to_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              help="The adapter at alpha 1, e.g. a run continued from --from "
+                   "(its `model train --out`, or that directory's last/).")
+@click.option("--alpha", "alphas", type=click.FloatRange(0.0, 1.0), multiple=True,
+              default=(0.0, 0.25, 0.5, 0.75, 1.0), show_default=True,
+              help="Candidate weights of --to (repeatable); the one with the lowest calibrated "
+                   "dev NLL is kept.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory for the picked adapter (calibrated; rank = the sum of the two).")
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="The training seed (fixes which texts are dev).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@_with_vader
+@click.pass_context
+def model_interpolate_command(ctx: click.Context, from_dir: str | None, to_dir: str,
+                              alphas: tuple[float, ...], out_dir: str, seed: int, batch_size: int,
+                              max_len: int, threads: int | None, vader_sdist: str | None,
+                              no_vader: bool, more_data: bool) -> None:
+    """Interpolate two adapters' weights, (1 - alpha)*FROM + alpha*TO; pick alpha on dev.
+
+    Each candidate is assembled and scored on dev at the serving length
+    (test is not read); the pick is written calibrated, with the whole grid in
+    its meta.json. Example: bertstream model interpolate --to /tmp/run/last
+    --out /tmp/mix --more-data
+    """
+    _require_train_extra(ctx, "model interpolate")
+    from training.interpolate import interpolate_main
+    from worker.sentiment.assemble import default_adapter_dir
+
+    interpolate_main(Path(from_dir) if from_dir else default_adapter_dir(), Path(to_dir), alphas,
+                     Path(out_dir), _vader(ctx, vader_sdist, no_vader),
+                     more_data=_more(ctx, more_data), seed=seed, batch_size=batch_size,
+                     max_len=max_len, threads=_threads(threads))
+
+
 @click.command("speed")
 @click.option("--model", "model_dir", default=None,
               help="A Hugging Face model directory (default: the bundled model).")
@@ -348,6 +388,7 @@ COMMANDS: dict[str, click.Command] = {
     "train": model_train_command,
     "eval": model_eval_command,
     "calibrate": model_calibrate_command,
+    "interpolate": model_interpolate_command,
     "speed": model_speed_command,
     "device-pack": model_device_pack_command,
 }
