@@ -184,6 +184,35 @@ def test_continuing_unfreezes_lower_layers_but_refuses_a_misfit(
                          splits, model, tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
 
 
+def test_continuing_an_interpolated_adapter_starts_at_its_merged_model(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """An interpolated adapter has scale 1; a recipe of the summed rank has scale 2."""
+    from training.interpolate import write_interpolated
+    from training.train import _prepare
+
+    splits = {"train": _examples(32, 1), "dev": _examples(16, 2)}
+    model, tokenizer = _load(tiny_dir)
+    train_classifier(tmp_path / "a", _recipe(steps=3, eval_every=3, lr=5e-3), splits, model,
+                     tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    model, _ = _load(tiny_dir)
+    train_classifier(tmp_path / "b", _recipe(steps=3, eval_every=3, lr=5e-3, seed=4), splits,
+                     model, tokenizer, tokenizer.pad_token_id, {}, progress=False)  # type: ignore[attr-defined]
+    mix = write_interpolated(tmp_path / "a", tmp_path / "b", 0.4, tmp_path / "mix")
+    adapter = load_adapter(mix)
+    plain, _ = _load(tiny_dir)
+    state = plain.state_dict()
+    merge_into(state, adapter.lora, adapter.scale)
+    state.update(adapter.full)
+    plain.load_state_dict(state)
+    model, _ = _load(tiny_dir)
+    _prepare(model, _recipe(rank=8, alpha=16.0, init_adapter=str(mix)))
+    enc = tokenizer(["great hotel", "这家酒店很差"], padding=True, return_tensors="pt")  # type: ignore[operator]
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval()(**enc).logits, plain.eval()(**enc).logits,
+                                   atol=1e-4, rtol=1e-3)
+
+
 def test_repeat_weights_set_how_often_a_text_comes_up() -> None:
     lengths = [5] * 40
     weights = [2.0] * 10 + [1.5] * 10 + [1.0] * 10 + [0.5] * 10

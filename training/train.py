@@ -174,7 +174,7 @@ def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path
     """Load an adapter's LoRA pairs and full tensors into the injected ``model``; give its meta.
 
     The adapter's tensors must all exist in this recipe's layout, with equal
-    shapes (the same rank). The layout may be larger: with fewer frozen layers
+    shapes (the same rank); a different LoRA scale (alpha / rank) is allowed. The layout may be larger: with fewer frozen layers
     the newly trained layers keep their fresh LoRA (B = 0, so the model starts
     exactly as the adapter left it) and their own LayerNorms. An adapter
     tensor this layout lacks is an error.
@@ -191,7 +191,13 @@ def _warm_start(model: nn.Module, full: dict[str, nn.Parameter], directory: Path
     modules = dict(model.named_modules())
     targets = {key: getattr(modules[key.rpartition(".")[0]], key.rpartition(".")[2])
                for key in adapter.lora}
-    pairs = [(key, targets[key], t) for key, t in adapter.lora.items()]
+    # B carries the ratio of the scales, so that scale * B @ A is the adapter's
+    # update even when its alpha / rank differs from this recipe's (an
+    # interpolated adapter has scale 1).
+    pairs = [(key, targets[key],
+              t * (adapter.scale / modules[key.rpartition(".")[0]].scale)
+              if key.endswith(".lora_b") else t)
+             for key, t in adapter.lora.items()]
     pairs += [(key, full[key], t) for key, t in adapter.full.items()]
     with torch.no_grad():
         for key, target, tensor in pairs:
