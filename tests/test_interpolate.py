@@ -170,3 +170,16 @@ def test_interpolate_main_refuses_a_bad_alpha_before_reading_data(tmp_path: Path
         interpolate_main(tmp_path, tmp_path, [0.5, 2.0], tmp_path / "out")
     with pytest.raises(ValueError, match="at least one"):
         interpolate_main(tmp_path, tmp_path, [], tmp_path / "out")
+
+
+def test_the_command_is_served_under_model_and_checks_its_options(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["model", "--help"])
+    assert result.exit_code == 0 and "interpolate" in result.output
+    result = runner.invoke(main, ["model", "interpolate", "--to", str(tmp_path), "--out",
+                                  str(tmp_path / "o"), "--alpha", "1.5"])
+    assert result.exit_code == 2 and "1.5" in result.output

@@ -140,6 +140,21 @@ def _with_vader(f: Any) -> Any:
     return f
 
 
+def _dev_options(f: Any) -> Any:
+    """The options of the commands that score dev at the serving length (and the data's)."""
+    f = _with_vader(f)
+    for option in reversed([
+        click.option("--seed", type=int, default=13, show_default=True,
+                     help="The training seed (fixes which texts are dev)."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True),
+        click.option("--threads", type=int, default=None,
+                     help="Torch threads (default: CPU count)."),
+    ]):
+        f = option(f)
+    return f
+
+
 @click.command("train")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Directory for the adapter (adapter.safetensors + meta.json).")
@@ -265,12 +280,7 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
 @click.command("calibrate")
 @click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, exists=True),
               default=None, help="Adapter directory to calibrate (default: the bundled one).")
-@click.option("--seed", type=int, default=13, show_default=True,
-              help="The training seed (fixes which texts are dev).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@_with_vader
+@_dev_options
 @click.pass_context
 def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: int,
                             batch_size: int, max_len: int, threads: int | None,
@@ -297,12 +307,7 @@ def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: i
                    "dev NLL is kept.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Directory for the picked adapter (calibrated; rank = the sum of the two).")
-@click.option("--seed", type=int, default=13, show_default=True,
-              help="The training seed (fixes which texts are dev).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
-@_with_vader
+@_dev_options
 @click.pass_context
 def model_interpolate_command(ctx: click.Context, from_dir: str | None, to_dir: str,
                               alphas: tuple[float, ...], out_dir: str, seed: int, batch_size: int,
