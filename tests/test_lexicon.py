@@ -11,9 +11,12 @@ import pytest
 
 from training.data import Example, normalise
 from training.lexicon import (
+    ABSENCE_FORMS,
     CNTEXT_WHEEL,
     JIEBA_SDIST,
+    NOUNS,
     TEXTBLOB_WHEEL,
+    absence_texts,
     en_words,
     lexicon_texts,
     with_lexicon,
@@ -176,3 +179,63 @@ def test_model_train_adds_lexicon_texts_but_not_one_equal_to_a_test_text(
     assert set(seen) == {"train", "dev"}
     keys = {normalise(t.text) for t in seen["train"]}
     assert len(seen["train"]) == 61 and not {normalise(p.text) for p in probe[:2]} & keys
+
+
+def _noun_label(text: str, lang: str) -> int:
+    """The polarity of the (longest) noun of NOUNS in ``text``."""
+    found = [(len(n), label) for label, nouns in NOUNS[lang].items() for n in nouns if n in text]
+    assert found, text
+    return max(found)[1]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_absence_texts_read_no_fault_as_praise_and_no_merit_as_blame(lang: str) -> None:
+    texts = absence_texts(lang, 301, seed=5)
+    assert len(texts) == 301 and len({normalise(t.text) for t in texts}) == 301
+    assert sum(t.label for t in texts) == 150  # 150 faults absent (positive), 151 merits absent
+    for t in texts:
+        assert t.label == 1 - _noun_label(t.text, lang), t.text
+        assert t.source == "absence" and t.lang == lang
+    assert texts == absence_texts(lang, 301, seed=5) and texts != absence_texts(lang, 301, seed=6)
+    banned = {normalise(t.text) for t in texts[:20]}
+    assert not banned & {normalise(t.text) for t in absence_texts(lang, 301, seed=5, exclude=banned)}
+    assert absence_texts(lang, 0) == []
+
+
+def test_absence_texts_leave_the_suites_own_double_negatives_unseen() -> None:
+    """The suite's 找不到差评的理由 / 挑不出什么毛病 / "no complaints" must stay a test, not a template."""
+    from training.behaviour import load_suite
+
+    zh_nouns = {n for nouns in NOUNS["zh"].values() for n in nouns}
+    en_nouns = {n for nouns in NOUNS["en"].values() for n in nouns}
+    assert not {"毛病", "问题", "差评", "不满", "可取之处"} & zh_nouns
+    assert not {"complaint", "issue", "problem", "fault"} & en_nouns
+    assert not any("找不到" in f or "挑不出" in f or "没有任何" in f for f in ABSENCE_FORMS["zh"])
+    suite = {normalise(i.text) for i in load_suite()}
+    for lang in ("zh", "en"):
+        assert not suite & {normalise(t.text) for t in absence_texts(lang, 2000)}
+
+
+def test_with_lexicon_adds_absence_texts_without_the_lexicon_archives() -> None:
+    probe = absence_texts("zh", 30, seed=13)
+    splits = {"train": [Example("原有的句子", 1, "zh", "t")], "dev": [probe[0]], "test": [probe[1]]}
+    out = with_lexicon(splits, 0, None, seed=13, absence_per_lang=30)
+    added = out["train"][1:]
+    assert len(added) == 60 and {t.source for t in added} == {"absence"}
+    assert {t.lang for t in added} == {"zh", "en"} and out["dev"] == splits["dev"]
+    assert not {normalise(probe[0].text), normalise(probe[1].text)} & {normalise(t.text) for t in added}
+
+
+def test_model_train_cli_passes_absence_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``bertstream model train --absence N`` reaches train_main, and needs no lexicon download."""
+    from click.testing import CliRunner
+
+    import training.train as train_module
+    from producer.cli import main
+
+    seen: dict = {}
+    monkeypatch.setattr(train_module, "train_main", lambda *a, **k: seen.update(k))
+    result = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"), "--no-vader",
+                                      "--absence", "40", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen["absence_per_lang"] == 40 and seen["lexicon_dir"] is None

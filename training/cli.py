@@ -109,6 +109,13 @@ _lexicon_option = click.option(
          "into the cache dir. 0: off.")
 
 
+_absence_option = click.option(
+    "--absence", "absence_per_lang", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Add this many texts per language to train that say a fault or a merit is absent "
+         "('房间找不出一点瑕疵。' positive, 'The movie had not one highlight.' negative), from "
+         "hand-written nouns and frames kept apart from the behavioural suite's. 0: off.")
+
+
 def _lexicons(ctx: click.Context, per_lang: int) -> Path | None:
     """The lexicon archives' folder (fetched once into the cache dir) when ``--lexicon`` is on."""
     if per_lang <= 0:
@@ -189,6 +196,7 @@ def _dev_options(f: Any) -> Any:
 @_compose_option
 @_compose_dev_option
 @_lexicon_option
+@_absence_option
 @_judge_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
@@ -198,7 +206,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
-                        lexicon_per_lang: int, judge_dir: str | None, threads: int | None,
+                        lexicon_per_lang: int, absence_per_lang: int, judge_dir: str | None,
+                        threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -220,7 +229,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
                judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
-               lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang))
+               lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
+               absence_per_lang=absence_per_lang)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -359,13 +369,14 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @_compose_option
 @_compose_dev_option
 @_lexicon_option
+@_absence_option
 @_judge_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
-                              lexicon_per_lang: int, judge_dir: str | None,
-                              vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                              lexicon_per_lang: int, absence_per_lang: int,
+                              judge_dir: str | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 
@@ -379,7 +390,8 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
                      compose_dev_per_lang=compose_dev_per_lang,
                      judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
                      lexicon_per_lang=lexicon_per_lang,
-                     lexicon_dir=_lexicons(ctx, lexicon_per_lang))
+                     lexicon_dir=_lexicons(ctx, lexicon_per_lang),
+                     absence_per_lang=absence_per_lang)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

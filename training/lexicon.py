@@ -26,6 +26,13 @@ Forms and labels: the plain form carries the word's label; "not <positive
 word>" is negative; "not <negative word> at all" (``一点也不粗糙``) is
 positive. Texts equal to a dev, test or behavioural-suite text are dropped;
 the templates and aspect lists are written here, not taken from the suite.
+
+``--absence N`` adds N texts per language that say a thing is absent
+(``房间找不出一点瑕疵。``, ``Couldn't find a single highlight in the movie.``):
+no fault is praise, no merit is blame, so the label is the opposite of the
+noun's. The nouns and frames are hand-written here; nouns and verbs of the
+suite's own double negatives (毛病, 问题, 差评, 找不到; "complaints",
+"issue", "fault") are left out so that those items stay unseen.
 """
 
 from __future__ import annotations
@@ -81,6 +88,26 @@ DEGREES: dict[str, tuple[str, ...]] = {
 }
 #: Share of texts per kind; labels come out balanced.
 SHARES = {"plain": 0.6, "negated": 0.2, "negated_neg": 0.2}
+
+#: Nouns of faults (0) and merits (1) a review names; ``{n}`` in ABSENCE_FORMS.
+NOUNS: dict[str, dict[int, tuple[str, ...]]] = {
+    "zh": {0: ("缺点", "瑕疵", "差错", "故障", "噪音", "污渍", "破损", "漏洞", "槽点", "隐患",
+               "失误", "纰漏", "短板", "疏漏"),
+           1: ("优点", "亮点", "诚意", "惊喜", "新意", "长处", "耐心", "效率", "性价比", "特色",
+               "责任心", "品质")},
+    "en": {0: ("flaw", "defect", "glitch", "stain", "scratch", "delay", "bug", "mistake",
+               "hiccup", "weakness", "drawback", "downside", "shortcoming"),
+           1: ("highlight", "strength", "upside", "redeeming quality", "charm", "improvement",
+               "effort", "perk", "selling point", "bright spot")},
+}
+#: Frames that say the noun is absent: the text's label is the opposite of the noun's.
+ABSENCE_FORMS: dict[str, tuple[str, ...]] = {
+    "zh": ("{a}找不出一点{n}。", "{a}完全看不到{n}。", "{a}压根没发现什么{n}。",
+           "说实话，{a}看不出有什么{n}。", "{a}没有半点{n}。", "{a}谈不上有什么{n}。"),
+    "en": ("Couldn't find a single {n} in the {a}.", "I saw no {n} in the {a} at all.",
+           "Didn't notice any {n} with the {a}.", "The {a} had not one {n}.",
+           "There's no {n} to speak of in the {a}.", "Honestly, the {a} showed no {n}."),
+}
 
 
 def download_lexicons(dest: Path) -> Path:
@@ -200,16 +227,42 @@ def lexicon_texts(words: dict[str, int], lang: str, n: int, seed: int = 13,
     return out
 
 
+def absence_texts(lang: str, n: int, seed: int = 13,
+                  exclude: Container[str] = ()) -> list[Example]:
+    """``n`` distinct texts for ``lang`` saying a fault or a merit is absent, balanced and seeded.
+
+    No fault (``{a}找不出一点瑕疵。``) is positive; no merit is negative.
+    """
+    rng = random.Random(f"absence-{lang}-{seed}")
+    out: list[Example] = []
+    seen: set[str] = set()
+    for noun_label in (0, 1):
+        want, tries, made = n // 2 + (n % 2 if noun_label else 0), 0, 0
+        while made < want and tries < want * 20:
+            tries += 1
+            text = rng.choice(ABSENCE_FORMS[lang]).format(
+                a=rng.choice(ASPECTS[lang]), n=rng.choice(NOUNS[lang][noun_label]))
+            key = normalise(text)
+            if key in seen or key in exclude:
+                continue
+            seen.add(key)
+            out.append(Example(text, 1 - noun_label, lang, "absence"))
+            made += 1
+    rng.shuffle(out)
+    return out
+
+
 def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path | None,
-                 seed: int = 13) -> dict[str, list[Example]]:
+                 seed: int = 13, absence_per_lang: int = 0) -> dict[str, list[Example]]:
     """``splits`` with ``per_lang`` lexicon texts per language added to "train".
 
-    ``folder`` holds the archives of :func:`download_lexicons`. Texts equal to
-    a dev, test or suite text are left out.
+    ``folder`` holds the archives of :func:`download_lexicons`.
+    ``absence_per_lang``: as many :func:`absence_texts` per language too (they
+    need no archive). Texts equal to a dev, test or suite text are left out.
     """
-    if per_lang <= 0:
+    if per_lang <= 0 and absence_per_lang <= 0:
         return splits
-    if folder is None:
+    if per_lang > 0 and folder is None:
         raise ValueError("lexicon texts need the folder of download_lexicons")
     from training.behaviour import load_suite
 
@@ -218,7 +271,10 @@ def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path |
         exclude |= {normalise(ex.text) for ex in splits.get(name, [])}
     out = dict(splits)
     added = []
-    for lang, words in (("zh", zh_words(folder)), ("en", en_words(folder))):
-        added += lexicon_texts(words, lang, per_lang, seed=seed, exclude=exclude)
+    if per_lang > 0 and folder is not None:
+        for lang, words in (("zh", zh_words(folder)), ("en", en_words(folder))):
+            added += lexicon_texts(words, lang, per_lang, seed=seed, exclude=exclude)
+    for lang in ("zh", "en"):
+        added += absence_texts(lang, absence_per_lang, seed=seed, exclude=exclude)
     out["train"] = splits["train"] + added
     return out

