@@ -15,6 +15,7 @@ import torch
 from training.behaviour import (
     CATEGORIES,
     SuiteItem,
+    confident_errors,
     format_suite_table,
     load_suite,
     suite_table,
@@ -151,6 +152,25 @@ def test_suite_table_counts_accuracy_and_confident_errors() -> None:
     assert table["en/negation"] == {"n": 1, "acc": 1.0, "confident_errors": 0}
     assert table["zh"] == {"n": 1, "acc": 0.0, "confident_errors": 1}
     assert "errors>=0.9" in format_suite_table(table)
+    assert confident_errors(items, probs) == [
+        {"lang": "en", "category": "plain", "text": "b", "label": "negative", "score": 0.95},
+        {"lang": "zh", "category": "negation", "text": "d", "label": "positive", "score": 0.91}]
+
+
+def test_format_report_names_the_suite_items_read_wrong_and_sure() -> None:
+    from training.evaluate import EvalReport
+
+    items = [SuiteItem("找不到差评的理由。", "positive", "negation", "zh"),
+             SuiteItem("The room was spotless.", "positive", "domain_word", "en"),
+             SuiteItem("Meh.", "negative", "hedge", "en")]
+    probs = torch.tensor([[0.92, 0.08], [0.97, 0.03], [0.3, 0.7]])  # the third: wrong, unsure
+    report = EvalReport(512, {}, {}, 1.5, suite_table(items, probs),
+                        suite_confident=confident_errors(items, probs))
+    text = format_report(report, "test")
+    assert "en domain_word  0.970 The room was spotless. (is positive)" in text
+    assert "zh negation     0.920 找不到差评的理由。 (is positive)" in text
+    assert "Meh." not in text
+    assert "read wrong" not in format_report(EvalReport(512, {}, {}, 1.5), "test")
 
 
 def test_ece_on_a_hand_example() -> None:
@@ -234,6 +254,9 @@ def test_eval_tables_match_a_direct_computation(tiny_model_dir: Path) -> None:
     assert report.neutral["en"] == neutral_tradeoff(
         torch.softmax(direct[en] / 2, -1), labels[en], torch.softmax(direct[:2] / 2, -1), [0.6])
     text = format_report(report, "test")
+    assert report.suite_confident == confident_errors(items, torch.softmax(direct[:3] / 2, -1))
+    for wrong in report.suite_confident:  # named, so that a reader can see what the count counts
+        assert f"{wrong['text']} (is {wrong['label']})" in text
     assert "max_len 512" in text and "behavioural suite" in text and "neutral band vs zh" in text
     assert math.isclose(report.temperature, 2.0)
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +84,20 @@ def suite_table(items: Sequence[SuiteItem], probs: torch.Tensor) -> dict[str, di
             "confident_errors": sum(c for _, c in v)}
         for k, v in sorted(groups.items())
     }
+
+
+def confident_errors(items: Sequence[SuiteItem], probs: torch.Tensor) -> list[dict[str, Any]]:
+    """The items read wrong at probability >= :data:`CONFIDENT`, surest first.
+
+    Each is ``{"lang", "category", "text", "label", "score"}`` (``score``: the
+    probability of the wrong label), so a report can name what it counts.
+    """
+    top, pred = probs.max(dim=-1)
+    out = [{"lang": item.lang, "category": item.category, "text": item.text,
+            "label": item.label, "score": round(conf, 4)}
+           for item, p, conf in zip(items, pred.tolist(), top.tolist(), strict=True)
+           if p != item.label_id and conf >= CONFIDENT]
+    return sorted(out, key=lambda e: (e["lang"], -e["score"]))
 
 
 def format_suite_table(table: dict[str, dict[str, float]]) -> str:

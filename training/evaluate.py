@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from training.behaviour import SuiteItem, format_suite_table, load_suite, suite_table
+from training.behaviour import (
+    CONFIDENT,
+    SuiteItem,
+    confident_errors,
+    format_suite_table,
+    load_suite,
+    suite_table,
+)
 from training.calibration import (
     ece,
     fit_temperature,
@@ -104,6 +111,8 @@ class EvalReport:
     suite: dict[str, dict[str, float]] | None = None
     #: Per language of the held-out texts: :func:`neutral_tradeoff` rows.
     neutral: dict[str, list[dict[str, float]]] | None = None
+    #: The suite items read wrong at a calibrated score >= CONFIDENT (confident_errors).
+    suite_confident: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able data."""
@@ -134,10 +143,12 @@ def evaluate_logits(
             "raw": ece(torch.softmax(logits[mask], -1), labels[mask]),
             "calibrated": ece(torch.softmax(logits[mask] / temperature, -1), labels[mask]),
         }
-    suite = None
+    suite = sure_wrong = None
     if suite_items and suite_logits is not None:
-        suite = suite_table(suite_items, torch.softmax(suite_logits / temperature, -1))
-    return EvalReport(max_len, accuracy_table(examples, preds), ece_table, temperature, suite)
+        probs = torch.softmax(suite_logits / temperature, -1)
+        suite, sure_wrong = suite_table(suite_items, probs), confident_errors(suite_items, probs)
+    return EvalReport(max_len, accuracy_table(examples, preds), ece_table, temperature, suite,
+                      suite_confident=sure_wrong)
 
 
 def format_report(report: EvalReport, split: str) -> str:
@@ -151,6 +162,10 @@ def format_report(report: EvalReport, split: str) -> str:
     if report.suite is not None:
         parts += ["", f"behavioural suite, max_len {report.max_len}, calibrated scores",
                   format_suite_table(report.suite)]
+    if report.suite_confident:
+        parts += ["", f"suite items read wrong at a calibrated score >= {CONFIDENT}"]
+        parts += [f"{e['lang']} {e['category']:<12} {e['score']:.3f} {e['text']} "
+                  f"(is {e['label']})" for e in report.suite_confident]
     for lang, rows in (report.neutral or {}).items():
         parts += ["", f"neutral band vs {lang} held-out texts (calibrated top probability < p)",
                   f"{'p':>5} {'neutral caught':>15} {'polar made neutral':>19} {'acc on rest':>12}"]
