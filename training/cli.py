@@ -376,7 +376,8 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
                               lexicon_per_lang: int, absence_per_lang: int,
-                              judge_dir: str | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                              judge_dir: str | None, vader_sdist: str | None,
+                              no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 
