@@ -230,10 +230,13 @@ def test_model_train_cli_passes_absence_through(monkeypatch: pytest.MonkeyPatch,
     """``bertstream model train --absence N`` reaches train_main, and needs no lexicon download."""
     from click.testing import CliRunner
 
+    import training.cli as train_cli
     import training.train as train_module
     from producer.cli import main
 
     seen: dict = {}
+    # the train extra's data packages are not needed: train_main itself is replaced
+    monkeypatch.setattr(train_cli, "_require_train_extra", lambda ctx, command: None)
     monkeypatch.setattr(train_module, "train_main", lambda *a, **k: seen.update(k))
     result = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"), "--no-vader",
                                       "--absence", "40", "--steps", "1"])
