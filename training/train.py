@@ -498,8 +498,8 @@ def train_main(
     "guarded" picks on. ``lexicon_per_lang``: add that many lexicon template
     texts per language (``training.lexicon``; ``lexicon_dir`` holds the
     archives); ``absence_per_lang``: as many texts saying a fault or a merit
-    is absent (``training.lexicon.absence_texts``). Gives the meta dict that is also written to
-    ``out_dir/meta.json``.
+    is absent (``training.lexicon.absence_texts``). Gives the meta dict that
+    is also written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
     recipe = Recipe(
