@@ -22,6 +22,9 @@ def test_kombu_patch_applies_to_this_kombu() -> None:
     assert kombu_redis.install() is True
     assert kredis.Channel.conn_or_acquire.__module__ == "worker.kombu_redis"
     assert kredis.QoS.ack.__module__ == "worker.kombu_redis"
+    assert kredis.QoS.append.__module__ == "worker.kombu_redis"
+    assert kredis.Channel._brpop_start is kombu_redis._receive_start
+    assert kredis.Channel._brpop_read is kombu_redis._receive_read
 
 
 def test_bulk_writer_path_is_available(tmp_path: Path) -> None:
