@@ -102,6 +102,11 @@ class Settings:
     #: Seconds before the unacked messages of a dead worker are redelivered
     #: (kombu's Redis visibility timeout); longer than any flush can take.
     visibility_timeout_s: int = 300
+    #: Workers take a message off Redis and record it as unacked in one atomic
+    #: step (a Lua script; Redis >= 6.2). Off: kombu's ``BRPOP``, for a
+    #: Redis-compatible server without scripting or ``BLMOVE``; a message
+    #: that arrives while a worker flushes is then lost if the worker dies.
+    atomic_receive: bool = True
 
     #: Let Celery's remote control (ping, shutdown, ...) reach the workers.
     #: Off: any client of the Redis could otherwise broadcast ``shutdown``.

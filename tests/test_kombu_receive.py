@@ -87,19 +87,20 @@ def test_an_unread_pop_keeps_the_message_in_the_unacked_index(broker: Any) -> No
     assert r.llen(FIRST) == 1 and r.hlen("unacked") == 0
 
 
-def test_kombu_brpop_loses_the_same_message(broker: Any,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The control: kombu's own BRPOP, same steps, leaves the message nowhere."""
-    from kombu.transport import redis as kredis
-
-    monkeypatch.setattr(kredis.Channel, "_brpop_start", kombu_redis._ORIGINAL["start"])
+def test_kombu_brpop_loses_the_same_message(broker: Any) -> None:
+    """The control: kombu's own BRPOP (``atomic_receive=False``), same steps, leaves
+    the message nowhere."""
     conn, r = broker
-    got: list[Any] = []
-    channel = _consumer(conn, got)
-    _publish(conn, "hello")
-    _send_receive(conn, channel)
-    time.sleep(0.2)
-    channel.client.connection.disconnect()
+    assert kombu_redis.install(atomic_receive=False)
+    try:
+        got: list[Any] = []
+        channel = _consumer(conn, got)
+        _publish(conn, "hello")
+        _send_receive(conn, channel)
+        time.sleep(0.2)
+        channel.client.connection.disconnect()
+    finally:
+        kombu_redis.install()
     assert r.llen(FIRST) == 0 and r.hlen("unacked") == 0
 
 

@@ -9,6 +9,7 @@ step on 2 cores at k=4, which buys more epochs in the same CPU budget.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
 
@@ -21,14 +22,23 @@ def _mask(
     model: BertForSequenceClassification, hidden: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     # Let the model build the mask in the form its attention implementation wants.
-    attn, _ = model.bert._create_attention_masks(
+    # A private method: later transformers 5.x releases added ``position_ids``
+    # (tests/test_sentiment_train.py runs this path on the installed release).
+    build = model.bert._create_attention_masks
+    extra = {"position_ids": None} if "position_ids" in _parameters(build) else {}
+    attn, _ = build(
         attention_mask=mask,
         encoder_attention_mask=None,
         embedding_output=hidden,
         encoder_hidden_states=None,
         cache=None,
+        **extra,
     )
     return attn
+
+
+def _parameters(fn: object) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)  # type: ignore[arg-type]
 
 
 def _pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def build_worker_app(
     store = store or ResultStore.from_settings(settings)
     migrate.ensure(store)
     # The transport patch belongs to worker processes, never to an app importing the client.
-    kombu_redis.install()
+    kombu_redis.install(atomic_receive=settings.atomic_receive)
     app = make_celery(settings, name="bertstream-worker")
     # The pid keeps two workers on one host apart (rows, heartbeats, Celery's
     # node names); containers differ by their host names already.

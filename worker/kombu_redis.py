@@ -89,8 +89,26 @@ return false
 """
 
 
-def install() -> bool:
-    """Patch kombu's Redis Channel and QoS (idempotent); True when patched."""
+def install(*, atomic_receive: bool = True) -> bool:
+    """Patch kombu's Redis Channel and QoS (idempotent); True when patched.
+
+    ``atomic_receive=False`` keeps kombu's own ``BRPOP`` receive (for a
+    Redis-compatible server without Lua scripting or ``BLMOVE``); the last
+    call decides, for every channel created after it.
+    """
+    if not _patch():
+        return False
+    from kombu.transport import redis as kredis
+
+    kredis.Channel._brpop_start = (  # type: ignore[method-assign]
+        _receive_start if atomic_receive else _ORIGINAL["start"])
+    kredis.Channel._brpop_read = (  # type: ignore[method-assign]
+        _receive_read if atomic_receive else _ORIGINAL["read"])
+    return True
+
+
+def _patch() -> bool:
+    """The speed-ups and the recorded-append, once; False when kombu does not look as expected."""
     global _INSTALLED
     if _INSTALLED:
         return True
@@ -145,8 +163,6 @@ def install() -> bool:
     channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
     qos.ack = ack  # type: ignore[method-assign]
     qos.append = append  # type: ignore[method-assign]
-    channel._brpop_start = _receive_start  # type: ignore[method-assign]
-    channel._brpop_read = _receive_read  # type: ignore[method-assign]
     _INSTALLED = True
     return True
 
