@@ -176,11 +176,10 @@ wait_rows() {  # prefix count seconds
 }
 
 say "stream through the cli service; SIGKILL the worker mid-stream (a crash)"
-# The kill lands while the worker runs a flush and holds every message of the
-# stream unacked, the queue empty. Killed while messages are still queued, it
-# loses the one message its pending BRPOP has already taken off the list
-# (kombu's Redis transport records a message as unacked only after reading it,
-# and a flush keeps it from reading): the open gap of docs/guarantees.md.
+# The kill lands as the first rows are stored: the worker is in a flush, and
+# the rest of the stream is queued or held unacked. A message that reached
+# Redis during the flush stays queued (the worker takes a message and records
+# it as unacked in one step), so nothing is lost (docs/guarantees.md).
 N=480 CHUNK=16
 MESSAGES=$(( N / CHUNK ))
 texts crash "$N" > "$workdir/crash.jsonl"
@@ -198,12 +197,12 @@ deadline=$(( $(date +%s) + 300 ))
 while :; do
   IFS='|' read -r queued_now unacked rows full <<<"$(held)"
   [ "$rows" -lt "$N" ] || fail "the stream finished before the kill; send more texts"
-  if [ "$queued_now" = 0 ] && [ "$rows" -gt 0 ] && [ $(( unacked + full )) -eq "$MESSAGES" ]; then break; fi
-  [ "$(date +%s)" -lt "$deadline" ] || fail "the worker never held the whole stream (last: $(held))"
-  sleep 0.2
+  if [ "$rows" -gt 0 ]; then break; fi
+  [ "$(date +%s)" -lt "$deadline" ] || fail "no rows stored (last: $(held))"
+  sleep 0.1
 done
 done_before=$rows
-echo "queued 0, unacked $unacked messages, $rows of $N rows stored"
+echo "at the kill: $queued_now messages queued, $unacked unacked, $full of $MESSAGES done; $rows of $N rows stored"
 pid=$(docker inspect -f '{{.State.Pid}}' "$worker")
 kill -KILL "$pid"
 echo "killed worker pid $pid with $done_before of $N rows stored"
