@@ -45,7 +45,8 @@ device-rehearsal: device-pack
 
 # The sentiment model's GPU training run (training/device_train.sh): its pack, and the CPU rehearsal.
 device-train-pack: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data --compose 4000 --compose-dev 1000
+	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data --compose 4000 --compose-dev 1000 \
+		--lexicon 1000 --absence 400
 
 device-train-rehearsal: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train-rehearsal --limit 48 --compose 200 --compose-dev 50
