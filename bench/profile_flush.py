@@ -1,11 +1,13 @@
 """Profile one worker flush in-process with the null model (no Redis, no model).
 
-Usage: python bench/profile_flush.py [--db URL] [--flushes N] [--top K]
+Usage: python -m bench.profile_flush [--db URL] [--flushes N] [--top K] [--prefill ROWS]
 
 Prints flushes/s and texts/s of FlushProcessor.process on bulk-sized
 payloads (4 messages x 256 texts), then the cProfile top functions. This is
 where the null pipeline's per-text cost lives once Celery is taken away
-(bench/README.md, "Where the time goes").
+(bench/README.md, "Where the time goes"). ``--prefill`` first stores that
+many rows through the same flushes, to show what a full results table costs
+each flush (the done-ids lookup and the upsert search the table's indexes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--db", default=None)
     parser.add_argument("--flushes", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--prefill", type=int, default=0, metavar="ROWS")
     args = parser.parse_args()
     url = args.db or f"sqlite:///{tempfile.mkdtemp()}/profile.db"
     settings = Settings(database_url=url, model="null")
@@ -42,7 +45,10 @@ def main() -> None:
                                  "source": None, "meta": None, "submitted_at": now}
                                 for i in range(256)]]) for j in range(4)]
 
-    proc.process(payloads(-1))
+    t0 = time.perf_counter()
+    for k in range(-(args.prefill // 1024) - 1, 0):
+        proc.process(payloads(k))
+    print(f"table: {store.count(model=proc.model_key):,} rows (prefilled in {time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
     for k in range(args.flushes):
         proc.process(payloads(k))

@@ -23,11 +23,15 @@ MIXED_SHARE = 0.15
 #: Han characters per Chinese word (on average), to weigh them against English words.
 HAN_PER_WORD = 1.5
 
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df]")
+#: Runs of Han characters (counted by their lengths: one string a run, not a character).
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df]+")
 _KANA_HANGUL = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uac00-\ud7af\u1100-\u11ff]")
 _OTHER_SCRIPT = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u05ff\u0600-\u06ff"
                            r"\u0900-\u097f\u0e00-\u0e7f]")
 _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+(?:'[A-Za-z]+)?")
+_ASCII_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")  # _LATIN_WORD on lowercased ASCII text
+#: ASCII letters to lowercase, every other ASCII character to a space.
+_ASCII_LOWER_LETTERS = {c: (c | 0x20 if chr(c).isalpha() else 0x20) for c in range(128)}
 _ACCENTED = re.compile(r"[\u00c0-\u024f]")
 #: Frequent English words that are rarely words of other Latin-script languages.
 _ENGLISH = frozenset("""
@@ -56,9 +60,17 @@ def detect_lang(text: str) -> str:
     loanword does not make a text mixed).
     """
     text = unicodedata.normalize("NFKC", text)
+    if text.isascii():  # no Han, kana, hangul, accents or other scripts: skip their scans
+        # Without an apostrophe the words are the runs of letters: one translate and a split.
+        lowered = (_ASCII_WORD.findall(text.lower()) if "'" in text
+                   else text.translate(_ASCII_LOWER_LETTERS).split())
+        if not lowered:
+            return LANG_OTHER
+        foreign = sum(map(_FOREIGN.__contains__, lowered))
+        return LANG_EN if foreign <= sum(map(_ENGLISH.__contains__, lowered)) else LANG_OTHER
     if len(_KANA_HANGUL.findall(text)) >= 2:
         return LANG_OTHER
-    han = len(_HAN.findall(text))
+    han = sum(map(len, _HAN.findall(text)))
     words = _LATIN_WORD.findall(text)
     others = len(_OTHER_SCRIPT.findall(text))
     if han == 0 and not words:
@@ -79,9 +91,9 @@ def detect_lang(text: str) -> str:
 def _english(words: list[str]) -> bool:
     """Latin words read as English: no more foreign function words than English
     ones, and no accented letters unless an English word is there too."""
-    lowered = [w.lower() for w in words]
-    english = sum(w in _ENGLISH for w in lowered)
-    foreign = sum(w in _FOREIGN for w in lowered)
+    lowered = " ".join(words).lower().split()  # one C call, not one per word
+    english = sum(map(_ENGLISH.__contains__, lowered))
+    foreign = sum(map(_FOREIGN.__contains__, lowered))
     if foreign > english:
         return False
     return english > 0 or not any(_ACCENTED.search(w) for w in words)

@@ -107,3 +107,45 @@ def test_count_takes_the_query_filters(store: ResultStore) -> None:
     assert store.count(status="done", source="b") == 4
     assert store.count(ids=["k1", "k2", "nope"]) == 2
     assert store.count(label="positive", status="failed") == 0
+
+
+def test_done_ids_finds_done_rows_only(store: ResultStore) -> None:
+    ids = [f"t{i}" for i in range(1_200)]  # over one 500-id chunk
+    store.upsert([record(i, status="done" if n % 3 else "failed") for n, i in enumerate(ids)])
+    store.upsert([record("other-model", model="m2")])
+    done = store.done_ids(ids + ["other-model", "absent"], model="m")
+    assert done == {i for n, i in enumerate(ids) if n % 3}
+    assert store.done_ids(["other-model", "t1", "t0"]) == {"other-model", "t1"}
+    assert store.done_ids(["other-model"], model="m") == set()
+
+
+def test_the_flush_lookups_search_the_key_not_the_status_index(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite's planner, given ``status = 'done'`` beside a long IN list, walked the status
+    index (every done row) instead of the primary key: each flush's lookup grew with the
+    table. The plan of every SELECT the done-ids lookup and the windows' write send."""
+    import sqlalchemy as sa
+
+    from contract.results import WindowRecord
+
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/plan.db")
+    store.create_schema()
+    store.upsert([record(f"r{i}") for i in range(600)])
+    selects: list[tuple[str, object]] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "bertstream_results" in statement:
+            selects.append((statement, parameters))
+
+    store.done_ids([f"r{i}" for i in range(600)], model="m")
+    store.done_ids([f"r{i}" for i in range(600)])
+    win = WindowRecord(id="w", model="m", window=0, start_char=0, end_char=4, tokens=3,
+                       label="positive", score=0.9, scores={"positive": 0.9, "negative": 0.1})
+    store.upsert([record("w", windows=1)], windows={("w", "m"): [win]})
+    assert len(selects) >= 5
+    with store.engine.connect() as conn:
+        for statement, params in selects:
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, params))
+            assert "sqlite_autoindex_bertstream_results_1" in plan, (statement[:120], plan)
+    store.close()
