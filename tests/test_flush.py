@@ -104,6 +104,35 @@ def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: Re
     assert stats.commits == 1 and stats.items == 6
 
 
+class SlowTokenizer:
+    """The tiny model, but tokenizing a flush takes 0.3 s; the batches are quick."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def encode(self, texts: object) -> object:
+        time.sleep(0.3)
+        return self.inner.encode(texts)  # type: ignore[attr-defined]
+
+
+def test_tokenizing_time_does_not_count_as_batch_time(
+    tiny_model_dir: Path, store: ResultStore
+) -> None:
+    """The rest of a flush is estimated from the batches run so far, not from the time spent
+    tokenizing the whole flush before them: slow tokenizing and quick batches, one commit."""
+    s = Settings(model=str(tiny_model_dir), database_url="sqlite://", token_budget=64)
+    proc = FlushProcessor(SlowTokenizer(build_runner(s)), store, s,  # type: ignore[arg-type]
+                          worker_name="t@h")
+    now = time.time()
+    items = [{"id": f"t{i}", "text": "good " * (1 + i), "submitted_at": now} for i in range(12)]
+    stats = proc.process([("m1", [items])])
+    assert stats.items == 12 and stats.batches >= 3
+    assert stats.commits == 1
+
+
 def test_early_commit_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     """A partial commit when the rest of the flush should take >= 0.1 s, not too often."""
     monkeypatch.setattr(flush, "EARLY_COMMIT_EVERY_S", 60.0)  # no timing race in the test

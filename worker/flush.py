@@ -373,7 +373,8 @@ class FlushProcessor:
         active = list(dict.fromkeys([u.entry for u in units] + live))
         encoded = [u.encoded for u in units]
         batches = self._plan(units, stats)
-        early = _EarlyCommits(stats.batch_tokens, t0)
+        # the rate is measured from here: tokenizing and planning are not per batch
+        early = _EarlyCommits(stats.batch_tokens, time.perf_counter())
         neutral = self.settings.neutral_below
 
         def on_batch(k: int, done: dict[int, Prediction | str]) -> None:
