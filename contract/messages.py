@@ -155,6 +155,8 @@ def id_problem(value: Any, limit: int = ID_COLUMN_CHARS) -> str | None:
     limit = min(limit, ID_COLUMN_CHARS)
     if len(value) > limit:
         return f"is {len(value)} characters, over the limit of {limit}"
+    if value.isascii() and value.isprintable():
+        return None  # the usual id: printable ASCII has no control character or surrogate
     if _CONTROL.search(value):
         return "contains control characters"
     if not storable(value):

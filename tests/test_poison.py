@@ -188,3 +188,35 @@ def _refuse_rows(store: ResultStore, *, text: str | None = None, sha: str | None
             conn.execute(sa.text(
                 "CREATE TRIGGER refuse BEFORE INSERT ON bertstream_results "
                 "FOR EACH ROW EXECUTE FUNCTION refuse()"))
+
+
+def test_id_check_fast_path_agrees_with_the_full_check() -> None:
+    """Printable ASCII ids skip the regex and the UTF-8 encode; every other id is checked in
+    full. Random ids over control characters, Latin-1, surrogates and CJK give the same
+    answer as the full check alone."""
+    import random
+    import re
+
+    from contract.messages import ID_COLUMN_CHARS, id_problem, storable
+
+    control = re.compile(r"[\x00-\x1f\x7f]")
+
+    def full(value: str, limit: int) -> str | None:
+        if not value.strip():
+            return "is empty"
+        limit = min(limit, ID_COLUMN_CHARS)
+        if len(value) > limit:
+            return f"is {len(value)} characters, over the limit of {limit}"
+        if control.search(value):
+            return "contains control characters"
+        if not storable(value):
+            return "is not valid Unicode (lone surrogate)"
+        return None
+
+    rng = random.Random(3)
+    pool = [chr(c) for c in range(0x100)] + ["\ud800", "好", "\u2028", "\u00a0", "𠀀"]
+    values = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(50_000)]
+    values += ["a" * ID_COLUMN_CHARS, "a" * (ID_COLUMN_CHARS + 1), "ok id", "tab\there"]
+    for limit in (8, ID_COLUMN_CHARS):
+        differ = [v for v in values if id_problem(v, limit) != full(v, limit)]
+        assert not differ, differ[:5]
