@@ -1,6 +1,6 @@
 """Time every query the dashboard runs against a results table of N rows (PostgreSQL).
 
-    python bench/dashboard_queries.py --database-url postgresql+psycopg://postgres@host/db
+    python -m bench.dashboard_queries --database-url postgresql+psycopg://postgres@host/db
 
 Inserts ``--rows`` rows (ids ``dashbench-*``) with one ``INSERT ... SELECT
 generate_series``, spread over ``--days`` days up to now across 20 sources,
