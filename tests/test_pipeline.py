@@ -235,8 +235,12 @@ def _kill_during_a_flush_after_a_late_message(
     try:
         ids = client.submit_many(texts).ids  # one message: one long flush
         deadline = time.monotonic() + 120
-        while client.store.count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the flush is committing its first rows
+        while not (r.hlen("unacked") == 1 and client.queue_length() == 0):
+            assert time.monotonic() < deadline, "the worker never took the message"
+            time.sleep(0.01)  # polling a condition: the worker has taken the message
+        # The worker asked Redis for its next message as it took this one (kombu's BRPOP
+        # waits 1 s); its 200 ms timer then starts the flush. Publish inside both.
+        time.sleep(0.5)
         ids += client.submit_many(["the late message", "its second text"]).ids
         time.sleep(0.3)  # Redis answers whatever the worker asked for
         assert client.store.count() < len(texts), "the kill must land in the flush"
