@@ -66,8 +66,8 @@ def detect_lang(text: str) -> str:
                    else text.translate(_ASCII_LOWER_LETTERS).split())
         if not lowered:
             return LANG_OTHER
-        foreign = sum(map(_FOREIGN.__contains__, lowered))
-        return LANG_EN if foreign <= sum(map(_ENGLISH.__contains__, lowered)) else LANG_OTHER
+        english, foreign = _function_words(lowered)
+        return LANG_EN if foreign <= english else LANG_OTHER
     if len(_KANA_HANGUL.findall(text)) >= 2:
         return LANG_OTHER
     han = sum(map(len, _HAN.findall(text)))
@@ -91,9 +91,13 @@ def detect_lang(text: str) -> str:
 def _english(words: list[str]) -> bool:
     """Latin words read as English: no more foreign function words than English
     ones, and no accented letters unless an English word is there too."""
-    lowered = " ".join(words).lower().split()  # one C call, not one per word
-    english = sum(map(_ENGLISH.__contains__, lowered))
-    foreign = sum(map(_FOREIGN.__contains__, lowered))
+    english, foreign = _function_words(" ".join(words).lower().split())  # one lower() call
     if foreign > english:
         return False
     return english > 0 or not any(_ACCENTED.search(w) for w in words)
+
+
+def _function_words(lowered: list[str]) -> tuple[int, int]:
+    """How many of the lowercased ``lowered`` words are English, and how many foreign,
+    function words."""
+    return sum(map(_ENGLISH.__contains__, lowered)), sum(map(_FOREIGN.__contains__, lowered))

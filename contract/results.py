@@ -521,13 +521,7 @@ class ResultStore:
         is_done = sa.and_(results.c.status == STATUS_DONE,
                           results.c.id == sa.bindparam("rid"),
                           results.c.model == sa.bindparam("rmodel"))
-        done: set[tuple[str, str]] = set()
-        for start in range(0, len(keys), 500):
-            ids = sorted({k[0] for k in keys[start:start + 500]})
-            # status is checked here, not in SQL (see done_ids)
-            query = sa.select(results.c.id, results.c.model, results.c.status).where(
-                results.c.id.in_(ids))
-            done.update((r.id, r.model) for r in conn.execute(query) if r.status == STATUS_DONE)
+        done = _done_keys(conn, sorted({k[0] for k in keys}))
         todo = [k for k in keys if k not in done]
         if not todo:
             return
@@ -660,26 +654,11 @@ class ResultStore:
         return self._read(read)
 
     def done_ids(self, ids: Iterable[str], model: str | None = None) -> set[str]:
-        """The ids among ``ids`` with a ``done`` row (``model``'s, or any model's).
-
-        The status is checked on the rows read, not in SQL: beside a long IN
-        list, ``status = 'done'`` made SQLite's planner walk the status index
-        (every done row in the table) instead of the key, so each flush's
-        lookup grew with the table.
-        """
+        """The ids among ``ids`` with a ``done`` row (``model``'s, or any model's)."""
         wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
-
-        def read(conn: Connection) -> set[str]:
-            out: set[str] = set()
-            for start in range(0, len(wanted), 500):
-                query = sa.select(results.c.id, results.c.status).where(
-                    results.c.id.in_(wanted[start:start + 500]))
-                if model is not None:
-                    query = query.where(results.c.model == model)
-                out.update(r.id for r in conn.execute(query) if r.status == STATUS_DONE)
-            return out
-
-        return self._read(read) if wanted else set()
+        if not wanted:
+            return set()
+        return self._read(lambda conn: {i for i, _ in _done_keys(conn, wanted, model)})
 
     def _read(self, work: Callable[[Connection], T]) -> T:
         try:
@@ -768,6 +747,25 @@ class ResultStore:
         query = (sa.select(sa.func.count()).select_from(results)
                  .where(*_filters(ids, source, label, status, since, until, model, lang)))
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
+
+
+def _done_keys(conn: Connection, ids: Sequence[str],
+               model: str | None = None) -> set[tuple[str, str]]:
+    """The (id, model) keys among ``ids`` (of ``model``, or of any model) with a ``done`` row.
+
+    The status is checked on the rows read, not in SQL: beside a long IN
+    list, ``status = 'done'`` made SQLite's planner walk the status index
+    (every done row in the table) instead of the key, so each flush's
+    lookup grew with the table.
+    """
+    out: set[tuple[str, str]] = set()
+    for start in range(0, len(ids), 500):
+        query = sa.select(results.c.id, results.c.model, results.c.status).where(
+            results.c.id.in_(ids[start:start + 500]))
+        if model is not None:
+            query = query.where(results.c.model == model)
+        out.update((r.id, r.model) for r in conn.execute(query) if r.status == STATUS_DONE)
+    return out
 
 
 def latest_only() -> Any:
