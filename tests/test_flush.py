@@ -54,14 +54,18 @@ def test_estimate_tokens_is_robust() -> None:
     assert estimate_tokens(([["nonsense"]], {}, {})) == 1
 
 
-class SlowLongTexts:
-    """The tiny model, but a batch wider than 40 tokens takes 0.6 s (like a long text on CPU)."""
+class Wrapped:
+    """The tiny model's runner, every attribute passed through; subclasses change one step."""
 
     def __init__(self, inner: object) -> None:
         self.inner = inner
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+
+class SlowLongTexts(Wrapped):
+    """The tiny model, but a batch wider than 40 tokens takes 0.6 s (like a long text on CPU)."""
 
     def forward(self, batch: object) -> object:
         if batch.input_ids.shape[1] > 40:  # type: ignore[attr-defined]
@@ -104,14 +108,8 @@ def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: Re
     assert stats.commits == 1 and stats.items == 6
 
 
-class SlowTokenizer:
+class SlowTokenizer(Wrapped):
     """The tiny model, but tokenizing a flush takes 0.3 s; the batches are quick."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def encode(self, texts: object) -> object:
         time.sleep(0.3)
@@ -148,15 +146,12 @@ def test_early_commit_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not quick.due(0)
 
 
-class RecordingRunner:
+class RecordingRunner(Wrapped):
     """The tiny model, remembering every text it tokenized."""
 
     def __init__(self, inner: object) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.texts: list[str] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
     def encode(self, texts: list[str]) -> object:
         self.texts.extend(texts)
