@@ -77,6 +77,8 @@ results = sa.Table(
     sa.Column("lang", sa.String(8), index=True),
     # How many windows a long text was scored in (NULL: one pass).
     sa.Column("windows", sa.Integer),
+    # Is this row its task's latest result (the default views)? Kept by ResultStore.upsert.
+    sa.Column("latest", sa.Boolean, nullable=False, server_default=sa.true(), default=True),
 )
 
 #: The scores of each window of a text scored in windows (the sentence-level view).
@@ -122,6 +124,8 @@ class ResultRecord:
     started_at: dt.datetime | None = None
     lang: str | None = None
     windows: int | None = None
+    #: This row is its task's latest result, of any model (what the default views show).
+    latest: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (datetimes as ISO 8601 strings)."""
@@ -482,7 +486,34 @@ class ResultStore:
         refused: list[Refused] = []
         if unique:
             self._write(list(unique.values()), refused, windows or {})
+            if self.engine.dialect.name == "postgresql":
+                self._settle_committed(list(unique.values()), refused)
         return refused
+
+    def _settle_committed(self, records: list[ResultRecord], refused: list[Refused]) -> None:
+        """PostgreSQL: the written tasks' ``latest`` flags, settled after their commit.
+
+        Inside the write's transaction another model's row for the same task,
+        written at the same moment and not yet committed, is invisible, and
+        the other writer cannot see this one's: both rows would stay flagged.
+        After the commit, whichever of the two settles last sees both. (SQLite
+        has one writer at a time: it settles inside the transaction.) Until
+        then, for a few milliseconds, a task that has just gained a row of
+        another model shows both rows in the default views.
+        """
+        skip = {id(r.record) for r in refused}
+        self.settle_latest([r.id for r in records if id(r) not in skip])
+
+    def settle_latest(self, ids: Iterable[str]) -> None:
+        """Put the ``latest`` flags of these tasks right (cheap when each has one row).
+
+        The upsert does it for what it writes; a worker calls it for
+        redelivered tasks whose write may have committed just before a crash.
+        """
+        wanted = sorted({i for i in ids if id_problem(i) is None})
+        if wanted:
+            self._run(lambda conn: _settle_latest(conn, wanted),
+                      f"cannot settle the latest flags of {len(wanted)} task(s)", begin=True)
 
     def _write(self, records: list[ResultRecord], refused: list[Refused],
                windows: Windows) -> None:
@@ -495,6 +526,8 @@ class ResultStore:
                 if children:
                     self._write_windows(conn, children)
                 self._execute(conn, rows)
+                if conn.dialect.name != "postgresql":  # one writer at a time: exact here
+                    _settle_latest(conn, sorted({row["id"] for row in rows}))
 
             self._run(work, f"cannot write {len(rows)} result(s)", begin=True)
         except StoreUnavailable:
@@ -571,6 +604,8 @@ class ResultStore:
         # vars() holds exactly the dataclass fields (no slots, no extras): a
         # C-level copy, 10x cheaper than a getattr per field.
         row = vars(record).copy()
+        # Every write is its task's newest row until _settle_latest finds a newer one.
+        row["latest"] = True
         if row["status"] not in STATUSES:
             raise InvalidInput(f"unknown status {row['status']!r}")
         # SQLite does not enforce VARCHAR lengths: check here so both
@@ -768,18 +803,59 @@ def _done_keys(conn: Connection, ids: Sequence[str],
     return out
 
 
-def latest_only() -> Any:
-    """Rows that are their task's latest result, of whichever model (the default views).
+def _has_newer() -> Any:
+    """The task of this row has a newer row (of another model).
 
-    The latest: the last finished; of two finished at once, the greater
-    model name. A lookup on the primary key per row.
+    Newer: finished later; of two finished at once, the greater model name.
     """
     newer = results.alias("newer")
-    return ~sa.exists().where(
+    return sa.exists().where(
         newer.c.id == results.c.id,
         sa.or_(newer.c.finished_at > results.c.finished_at,
                sa.and_(newer.c.finished_at == results.c.finished_at,
                        newer.c.model > results.c.model)))
+
+
+def latest_only() -> Any:
+    """Rows that are their task's latest result, of whichever model (the default views).
+
+    Reads the ``latest`` flag that :meth:`ResultStore.upsert` keeps, so a
+    view's cost follows the rows it asks for, not the table: asked as a
+    ``NOT EXISTS`` per row, PostgreSQL answered with an anti-join over the
+    whole table whatever the time range.
+    """
+    return results.c.latest == sa.true()
+
+
+def _settle_latest(conn: Connection, ids: Sequence[str]) -> None:
+    """Make ``latest`` true on each task's newest row among ``ids`` and false on its other rows.
+
+    One key search reads the tasks' rows; only rows whose flag is wrong are
+    written, so a task with one row (the common case) costs its share of
+    that search. Each write checks the rule again in SQL, against what is
+    committed by then, so a concurrent settler's newer view is never undone.
+    """
+    wrong: list[tuple[str, str]] = []
+    for start in range(0, len(ids), 500):
+        rows = conn.execute(sa.select(results.c.id, results.c.model, results.c.finished_at,
+                                      results.c.latest)
+                            .where(results.c.id.in_(ids[start:start + 500]))).all()
+        newest: dict[str, tuple[Any, str]] = {}
+        for r in rows:
+            key = (r.finished_at, r.model)
+            if r.id not in newest or key > newest[r.id]:
+                newest[r.id] = key
+        wrong.extend((r.id, r.model) for r in rows
+                     if bool(r.latest) != (newest[r.id] == (r.finished_at, r.model)))
+    if wrong:
+        # The newer-row test sits inside a comparison, which keeps it a probe per row:
+        # as a bare EXISTS, PostgreSQL may plan a join over the whole table.
+        conn.execute(results.update()
+                     .where(results.c.id == sa.bindparam("rid"),
+                            results.c.model == sa.bindparam("rmodel"),
+                            results.c.latest == _has_newer())
+                     .values(latest=~results.c.latest),
+                     [{"rid": i, "rmodel": m} for i, m in wrong])
 
 
 def _filters(

@@ -503,6 +503,12 @@ class FlushProcessor:
             e.status, e.written = STATUS_DONE, True
         if done:
             log.info("%d item(s) already done: not run again", len(done))
+            try:
+                # A worker killed between its commit and settling the latest flags
+                # (PostgreSQL settles after the commit) left them to this redelivery.
+                self.store.settle_latest(done)
+            except StoreUnavailable as exc:
+                log.warning("cannot settle the latest flags of done items: %s", exc)
         return len(done)
 
     def _encode(self, entries: list[Entry]) -> list[Entry]:

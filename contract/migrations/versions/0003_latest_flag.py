@@ -1,0 +1,39 @@
+"""A ``latest`` flag on each result row: is it its task's latest result?
+
+The default views (each task's latest result, of whichever model) read the
+flag instead of asking, for every row, whether the same task has a newer
+row. PostgreSQL ran that question as an anti-join over the whole table
+whatever the time range asked for. The upsert keeps the flag; this
+revision sets it on the rows already stored (one pass over the table).
+A rollback drops the column; nothing else changes.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+TABLE = "bertstream_results"
+
+
+def upgrade() -> None:
+    # A constant default: PostgreSQL adds the column without rewriting the table.
+    op.add_column(TABLE, sa.Column("latest", sa.Boolean, nullable=False,
+                                   server_default=sa.true()))
+    # The rule the views used before this revision, once, for the rows already there.
+    op.execute(f"UPDATE {TABLE} SET latest = false WHERE EXISTS (SELECT 1 FROM {TABLE} AS newer "
+               f"WHERE newer.id = {TABLE}.id AND (newer.finished_at > {TABLE}.finished_at OR "
+               f"(newer.finished_at = {TABLE}.finished_at AND newer.model > {TABLE}.model)))")
+
+
+def downgrade() -> None:
+    op.drop_column(TABLE, "latest")
