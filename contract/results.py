@@ -29,6 +29,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from contract.constants import (
     ID_COLUMN_CHARS,
@@ -858,6 +861,34 @@ def _settle_latest(conn: Connection, ids: Sequence[str]) -> None:
                      [{"rid": i, "rmodel": m} for i, m in wrong])
 
 
+class _Unindexed(ColumnElement[Any]):
+    """A column that SQLite must not search by its own index (``+column``).
+
+    Beside a list of ids, SQLite's planner (it keeps no statistics) prefers
+    the index of an equality filter such as ``status = 'done'`` to the
+    primary key, and walks every row with that status. The unary ``+``
+    takes the column out of the choice; other databases see the column.
+    """
+
+    inherit_cache = True
+    # the wrapped column is part of the statement cache's key
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: Any) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _unindexed_default(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column, **kw))
+
+
+@compiles(_Unindexed, "sqlite")
+def _unindexed_sqlite(element: _Unindexed, compiler: Any, **kw: Any) -> str:
+    return "+" + str(compiler.process(element.column, **kw))
+
+
 def _filters(
     ids: Sequence[str] | None,
     source: str | None,
@@ -871,20 +902,25 @@ def _filters(
     every_model: bool = False,
 ) -> list[Any]:
     conds: list[Any] = []
+
+    def col(name: str) -> Any:
+        # given ids, the primary key is the way in: no other index may compete
+        return _Unindexed(results.c[name]) if ids else results.c[name]
+
     if ids:
         conds.append(results.c.id.in_(list(ids)))
     for name, value in (("source", source), ("label", label), ("status", status),
                         ("lang", lang)):
         if value is not None:
-            conds.append(results.c[name] == value)
+            conds.append(col(name) == value)
     if model is not None:
         conds.append(results.c.model == model)
     elif not every_model:
         conds.append(latest_only())
     if since is not None:
-        conds.append(results.c.finished_at >= since)
+        conds.append(col("finished_at") >= since)
     if until is not None:
-        conds.append(results.c.finished_at < until)
+        conds.append(col("finished_at") < until)
     return conds
 
 

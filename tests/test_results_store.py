@@ -149,3 +149,46 @@ def test_the_flush_lookups_search_the_key_not_the_status_index(tmp_path) -> None
                 "EXPLAIN QUERY PLAN " + statement, params))
             assert "sqlite_autoindex_bertstream_results_1" in plan, (statement[:120], plan)
     store.close()
+
+
+def test_reads_by_ids_search_the_key_whatever_else_filters(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite: given ids, a read that also filters by status, label, source, lang or time
+    searched that column's index (every row with the status, say) instead of the ids'
+    keys. The plan of each such query and count, and their answers."""
+    import sqlalchemy as sa
+
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/plan.db")
+    store.create_schema()
+    t0 = utcnow()
+    store.upsert([record(f"r{i}", status="done" if i % 4 else "failed", lang="en",
+                         label="positive" if i % 3 else "negative",
+                         finished_at=t0 - dt.timedelta(seconds=i)) for i in range(800)])
+    ids = [f"r{i}" for i in range(0, 800, 8)] + ["absent"]
+    sent: list[tuple[str, object]] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    since = t0 - dt.timedelta(seconds=400)
+
+    def matches(i: int, kw: dict[str, object]) -> bool:
+        row = {"status": "done" if i % 4 else "failed", "label": "positive" if i % 3 else "negative",
+               "source": "s1", "lang": "en"}
+        return (all(row[k] == v for k, v in kw.items() if k != "since")
+                and ("since" not in kw or i <= 400))
+
+    for kw in ({"status": "failed"}, {"label": "negative"}, {"source": "s1"}, {"lang": "en"},
+               {"since": since}, {"status": "done", "label": "positive", "since": since}):
+        want = {f"r{i}" for i in range(0, 800, 8) if matches(i, kw)}
+        assert {r.id for r in store.query(ids=ids, limit=None, **kw)} == want, kw  # type: ignore[arg-type]
+        assert store.count(ids=ids, **kw) == len(want), kw  # type: ignore[arg-type]
+    sa.event.remove(store.engine, "before_cursor_execute", capture)
+    assert len(sent) == 12
+    with store.engine.connect() as conn:
+        for statement, params in sent:
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, params))
+            assert "sqlite_autoindex_bertstream_results_1 (id=?)" in plan, (statement[-160:], plan)
+    store.close()
