@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
@@ -303,21 +305,55 @@ class _Guard:
     side is gone) would keep the caller in the driver's poll forever: the
     guard shuts the socket down, so the driver raises and the operation ends
     as an outage. On SQLite it interrupts the running statement.
+
+    One watcher thread per guard holds the deadlines of the operations in
+    flight (every deadline is ``seconds`` after its start, so the earliest
+    is the oldest). A thread started per operation, as a ``threading.Timer``
+    does, cost more than a small read itself.
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._running: dict[int, tuple[float, Any]] = {}  # token -> (deadline, dbapi)
+        self._tokens = itertools.count()
+        self._watcher: threading.Thread | None = None
 
     @contextlib.contextmanager
     def __call__(self, conn: Connection) -> Iterator[None]:
+        if self._pid != os.getpid():  # a forked child: the parent's watcher is not here
+            self._reset()
         dbapi = conn.connection.dbapi_connection
-        timer = threading.Timer(self.seconds, _cut, (dbapi,))
-        timer.daemon = True
-        timer.start()
+        token = next(self._tokens)
+        with self._cond:
+            idle = not self._running
+            self._running[token] = (time.monotonic() + self.seconds, dbapi)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                 name="bertstream-db-guard")
+                self._watcher.start()
+            elif idle:
+                self._cond.notify()  # the watcher sleeps without a deadline
         try:
             yield
         finally:
-            timer.cancel()
+            with self._cond:
+                self._running.pop(token, None)
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, dbapi) in list(self._running.items()):
+                    if deadline <= now:
+                        del self._running[token]
+                        _cut(dbapi)
+                earliest = min((d for d, _ in self._running.values()), default=None)
+                self._cond.wait(None if earliest is None else earliest - now)
 
 
 def _cut(dbapi: Any) -> None:
@@ -690,6 +726,24 @@ class ResultStore:
             return row, out
 
         return self._read(read)
+
+    def text_hashes(self, ids: Iterable[str]) -> dict[str, set[str]]:
+        """The ``text_sha256`` of every row (any model) of the given ids that exist.
+
+        What an id-conflict check needs, read by key: lighter than whole rows.
+        """
+        wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+
+        def read(conn: Connection) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for start in range(0, len(wanted), 500):
+                query = sa.select(results.c.id, results.c.text_sha256).where(
+                    results.c.id.in_(wanted[start:start + 500]))
+                for task_id, sha in conn.execute(query):
+                    out.setdefault(task_id, set()).add(sha)
+            return out
+
+        return self._read(read) if wanted else {}
 
     def done_ids(self, ids: Iterable[str], model: str | None = None) -> set[str]:
         """The ids among ``ids`` with a ``done`` row (``model``'s, or any model's)."""

@@ -465,14 +465,14 @@ class Client:
         """
         try:
             # Any model's row: an id names one text, whichever model scores it.
-            stored = (self.store.get_many([it.id for it in items])
+            stored = (self.store.text_hashes([it.id for it in items])
                       if self._table_exists() else {})
         except StoreUnavailable:
             return {}
         out = {}
         for it in items:
-            row = stored.get(it.id)
-            if row is not None and row.text_sha256 != text_sha256(it.text):
+            hashes = stored.get(it.id)
+            if hashes and hashes != {text_sha256(it.text)}:
                 out[it.id] = (f"id {it.id!r} is already stored with a different text "
                               "(the stored result stands; use a new id)")
         return out

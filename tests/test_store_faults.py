@@ -140,3 +140,35 @@ def test_results_command_gives_up_on_a_silent_database(pg_url: str, redis_url: s
         assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         silent.close()
+
+
+def test_the_guard_cuts_only_the_operation_past_its_deadline(tmp_path: Path) -> None:
+    """SQLite: an endless statement in one thread is cut by the guard's one watcher while
+    hundreds of quick reads start and finish beside it, none of them cut; the watcher
+    then keeps serving (a second endless statement is cut too)."""
+    import threading
+
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
+    store.create_schema()
+    endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT count(*) FROM c")
+
+    def run_endless(outcome: list[float]) -> None:
+        t0 = time.monotonic()
+        try:
+            store._run(lambda conn: conn.exec_driver_sql(endless).all(), "endless")
+        except StoreUnavailable:
+            outcome.append(time.monotonic() - t0)
+
+    for _ in range(2):
+        outcome: list[float] = []
+        thread = threading.Thread(target=run_endless, args=(outcome,))
+        thread.start()
+        quick = 0
+        while thread.is_alive() and quick < 100_000:
+            assert store.count() == 0  # registered and released beside the stuck one
+            quick += 1
+        thread.join(10)
+        assert quick > 100 and len(outcome) == 1
+        assert store.timeouts.guard_s - 0.5 < outcome[0] < store.timeouts.guard_s + 3
+    store.close()
