@@ -75,6 +75,23 @@ def store(db_url: str) -> Iterator[ResultStore]:
     s.close()
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_store(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResultStore]:
+    """One store per test module on each database, for property tests (hypothesis runs
+    many examples in one test call; a function-scoped store would not be renewed)."""
+    url = (f"sqlite:///{tmp_path_factory.mktemp('module') / 'm.db'}"
+           if request.param == "sqlite" else PG_URL)
+    store = ResultStore.from_url(url)
+    with store.engine.begin() as conn:
+        migrate.drop_all(conn)
+    store.create_schema()
+    yield store
+    with store.engine.begin() as conn:
+        migrate.drop_all(conn)
+    store.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT classifier directory (2 layers, hidden 64)."""

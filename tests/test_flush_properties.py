@@ -35,22 +35,9 @@ args = st.one_of(json_values, st.lists(st.lists(items, min_size=1, max_size=6), 
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def prop_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.conftest import PG_URL
-
-    url = (f"sqlite:///{tmp_path_factory.mktemp('prop') / 'p.db'}"
-           if request.param == "sqlite" else PG_URL)
-    store = ResultStore.from_url(url)
-    from contract import migrate
-
-    with store.engine.begin() as conn:
-        migrate.drop_all(conn)
-    store.create_schema()
-    yield store
-    with store.engine.begin() as conn:
-        migrate.drop_all(conn)
-    store.close()
+@pytest.fixture
+def prop_store(module_store: ResultStore) -> ResultStore:
+    return module_store
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

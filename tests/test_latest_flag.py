@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -56,23 +55,6 @@ def assert_views_agree(store: ResultStore) -> None:
     assert sum(by_model.values()) == len(want)  # grouped by model: every model's rows
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def prop_store(request: pytest.FixtureRequest,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ResultStore]:
-    from tests.conftest import PG_URL
-
-    url = (f"sqlite:///{tmp_path_factory.mktemp('latest') / 'l.db'}"
-           if request.param == "sqlite" else PG_URL)
-    store = ResultStore.from_url(url)
-    with store.engine.begin() as conn:
-        migrate.drop_all(conn)
-    store.create_schema()
-    yield store
-    with store.engine.begin() as conn:
-        migrate.drop_all(conn)
-    store.close()
-
-
 writes = st.tuples(st.sampled_from("abc"), st.sampled_from(["m1", "m2", "m3"]),
                    st.integers(min_value=0, max_value=4), st.sampled_from(["done", "failed"]))
 
@@ -80,15 +62,15 @@ writes = st.tuples(st.sampled_from("abc"), st.sampled_from(["m1", "m2", "m3"]),
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flushes=st.lists(st.lists(writes, min_size=1, max_size=4), min_size=1, max_size=6))
-def test_the_flag_follows_the_rule_after_every_write(prop_store: ResultStore,
+def test_the_flag_follows_the_rule_after_every_write(module_store: ResultStore,
                                                      flushes: list[list[Any]]) -> None:
     """Writes in any order, with ties, retries of failed rows and clocks that go back (a
     newer write that finished "earlier"): after each, exactly the rule's rows are flagged."""
-    with prop_store.engine.begin() as conn:
+    with module_store.engine.begin() as conn:
         conn.execute(sa.text(f"DELETE FROM {RESULTS_TABLE}"))
     for flush in flushes:
-        prop_store.upsert([record(*w) for w in flush])
-        assert_views_agree(prop_store)
+        module_store.upsert([record(*w) for w in flush])
+        assert_views_agree(module_store)
 
 
 def test_a_retry_that_finished_earlier_hands_the_flag_back(store: ResultStore) -> None:
