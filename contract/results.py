@@ -297,6 +297,10 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) and not is_row_error(exc)
 
 
+#: How long a guard's watcher thread waits with nothing to watch before it ends.
+_GUARD_IDLE_S = 30.0
+
+
 class _Guard:
     """Cuts the connection of an operation still running ``seconds`` after it began.
 
@@ -353,7 +357,13 @@ class _Guard:
                         del self._running[token]
                         _cut(dbapi)
                 earliest = min((d for d, _ in self._running.values()), default=None)
-                self._cond.wait(None if earliest is None else earliest - now)
+                if earliest is not None:
+                    self._cond.wait(earliest - now)
+                elif not self._cond.wait(_GUARD_IDLE_S) and not self._running:
+                    # Idle: end, so a store no longer used holds no thread; the next
+                    # operation starts a watcher again.
+                    self._watcher = None
+                    return
 
 
 def _cut(dbapi: Any) -> None:

@@ -172,3 +172,25 @@ def test_the_guard_cuts_only_the_operation_past_its_deadline(tmp_path: Path) -> 
         assert quick > 100 and len(outcome) == 1
         assert store.timeouts.guard_s - 0.5 < outcome[0] < store.timeouts.guard_s + 3
     store.close()
+
+
+def test_an_idle_guard_lets_its_watcher_go_and_starts_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store no longer used holds no thread; its next operation is guarded again."""
+    import contract.results as results_module
+
+    monkeypatch.setattr(results_module, "_GUARD_IDLE_S", 0.2)
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
+    store.create_schema()
+    first = store._guard._watcher
+    assert first is not None and first.is_alive()
+    time.sleep(store.timeouts.guard_s + 1)  # it wakes at the last deadline, then idles
+    assert not first.is_alive() and store._guard._watcher is None
+    endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT count(*) FROM c")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        store._run(lambda conn: conn.exec_driver_sql(endless).all(), "endless")
+    assert time.monotonic() - t0 < store.timeouts.guard_s + 3
+    assert store.count() == 0
+    store.close()
