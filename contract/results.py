@@ -336,7 +336,7 @@ class _Guard:
         with self._cond:
             idle = not self._running
             self._running[token] = (time.monotonic() + self.seconds, dbapi)
-            if self._watcher is None:
+            if self._watcher is None or not self._watcher.is_alive():
                 self._watcher = threading.Thread(target=self._watch, daemon=True,
                                                  name="bertstream-db-guard")
                 self._watcher.start()
@@ -355,7 +355,10 @@ class _Guard:
                 for token, (deadline, dbapi) in list(self._running.items()):
                     if deadline <= now:
                         del self._running[token]
-                        _cut(dbapi)
+                        try:
+                            _cut(dbapi)
+                        except Exception:  # noqa: BLE001 - the watcher must outlive any one cut
+                            log.exception("cannot cut a database connection")
                 earliest = min((d for d, _ in self._running.values()), default=None)
                 if earliest is not None:
                     self._cond.wait(earliest - now)

@@ -194,3 +194,29 @@ def test_an_idle_guard_lets_its_watcher_go_and_starts_another(
     assert time.monotonic() - t0 < store.timeouts.guard_s + 3
     assert store.count() == 0
     store.close()
+
+
+def test_a_cut_that_fails_does_not_stop_the_guard() -> None:
+    """One connection's cut raising (a driver error) leaves the watcher guarding the rest.
+    A stand-in connection: the fault is the driver's, not one a real database gives on cue."""
+    from types import SimpleNamespace
+
+    from contract.results import _Guard
+
+    calls: list[str] = []
+
+    class Driver:
+        def __init__(self, name: str, fails: bool) -> None:
+            self.name, self.fails = name, fails
+
+        def interrupt(self) -> None:
+            calls.append(self.name)
+            if self.fails:
+                raise RuntimeError("the driver refused")
+
+    guard = _Guard(0.2)
+    for name, fails in (("first", True), ("second", False)):
+        conn = SimpleNamespace(connection=SimpleNamespace(dbapi_connection=Driver(name, fails)))
+        with guard(conn):  # type: ignore[arg-type]
+            time.sleep(0.6)
+    assert calls == ["first", "second"]
