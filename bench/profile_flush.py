@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from bench.workload import social_texts
+from contract.constants import RESULTS_TABLE
 from contract.results import ResultStore
 from contract.settings import Settings
 from worker.flush import FlushProcessor
@@ -53,7 +54,7 @@ def main() -> None:
         # What autovacuum does within a minute or so: without statistics the planner
         # guesses, and scans the table for a 500-id IN list.
         with store.engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE bertstream_results")
+            conn.exec_driver_sql(f"ANALYZE {RESULTS_TABLE}")
     print(f"table: {store.count(model=proc.model_key):,} rows (prefilled in {time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
     for k in range(args.flushes):

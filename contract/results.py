@@ -696,9 +696,8 @@ class ResultStore:
 
         def read(conn: Connection) -> dict[str, ResultRecord]:
             out: dict[str, ResultRecord] = {}
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                query = sa.select(results).where(results.c.id.in_(chunk))
+            for match in _id_chunks(wanted):
+                query = sa.select(results).where(match)
                 if model is not None:
                     query = query.where(results.c.model == model)
                 for row in conn.execute(query).mappings():
@@ -749,9 +748,8 @@ class ResultStore:
 
         def read(conn: Connection) -> dict[str, set[str]]:
             out: dict[str, set[str]] = {}
-            for start in range(0, len(wanted), 500):
-                query = sa.select(results.c.id, results.c.text_sha256).where(
-                    results.c.id.in_(wanted[start:start + 500]))
+            for match in _id_chunks(wanted):
+                query = sa.select(results.c.id, results.c.text_sha256).where(match)
                 for task_id, sha in conn.execute(query):
                     out.setdefault(task_id, set()).add(sha)
             return out
@@ -854,6 +852,12 @@ class ResultStore:
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
 
 
+def _id_chunks(ids: Sequence[str]) -> Iterator[Any]:
+    """``id IN (...)`` clauses over ``ids``, 500 at a time (bounded statements, key searches)."""
+    for start in range(0, len(ids), 500):
+        yield results.c.id.in_(ids[start:start + 500])
+
+
 def _done_keys(conn: Connection, ids: Sequence[str],
                model: str | None = None) -> set[tuple[str, str]]:
     """The (id, model) keys among ``ids`` (of ``model``, or of any model) with a ``done`` row.
@@ -864,9 +868,8 @@ def _done_keys(conn: Connection, ids: Sequence[str],
     lookup grew with the table.
     """
     out: set[tuple[str, str]] = set()
-    for start in range(0, len(ids), 500):
-        query = sa.select(results.c.id, results.c.model, results.c.status).where(
-            results.c.id.in_(ids[start:start + 500]))
+    for match in _id_chunks(ids):
+        query = sa.select(results.c.id, results.c.model, results.c.status).where(match)
         if model is not None:
             query = query.where(results.c.model == model)
         out.update((r.id, r.model) for r in conn.execute(query) if r.status == STATUS_DONE)
@@ -906,10 +909,9 @@ def _settle_latest(conn: Connection, ids: Sequence[str]) -> None:
     committed by then, so a concurrent settler's newer view is never undone.
     """
     wrong: list[tuple[str, str]] = []
-    for start in range(0, len(ids), 500):
+    for match in _id_chunks(ids):
         rows = conn.execute(sa.select(results.c.id, results.c.model, results.c.finished_at,
-                                      results.c.latest)
-                            .where(results.c.id.in_(ids[start:start + 500]))).all()
+                                      results.c.latest).where(match)).all()
         newest: dict[str, tuple[Any, str]] = {}
         for r in rows:
             key = (r.finished_at, r.model)
