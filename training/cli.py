@@ -116,6 +116,12 @@ _absence_option = click.option(
          "hand-written nouns and frames kept apart from the behavioural suite's. 0: off.")
 
 
+_wide_lexicon_option = click.option(
+    "--wide-lexicon", is_flag=True,
+    help="With --lexicon: English words also from NRC and LSD2015 (the same cntext wheel) "
+         "where both agree, less the behavioural suite's words.")
+
+
 def _lexicons(ctx: click.Context, per_lang: int) -> Path | None:
     """The lexicon archives' folder (fetched once into the cache dir) when ``--lexicon`` is on."""
     if per_lang <= 0:
@@ -196,6 +202,7 @@ def _dev_options(f: Any) -> Any:
 @_compose_option
 @_compose_dev_option
 @_lexicon_option
+@_wide_lexicon_option
 @_absence_option
 @_judge_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
@@ -206,8 +213,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         eval_every: int, warmup_steps: int, repeat: tuple[str, ...],
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
-                        lexicon_per_lang: int, absence_per_lang: int, judge_dir: str | None,
-                        threads: int | None,
+                        lexicon_per_lang: int, wide_lexicon: bool, absence_per_lang: int,
+                        judge_dir: str | None, threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -230,7 +237,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
                judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
                lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-               absence_per_lang=absence_per_lang)
+               absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -27,6 +27,14 @@ word>" is negative; "not <negative word> at all" (``一点也不粗糙``) is
 positive. Texts equal to a dev, test or behavioural-suite text are dropped;
 the templates and aspect lists are written here, not taken from the suite.
 
+``--wide-lexicon`` adds English adjectives from two more lexicons shipped
+in the same cntext wheel, NRC's emotion lexicon (Mohammad & Turney 2013)
+and the Lexicoder Sentiment Dictionary 2015 (Young & Soroka): a word both
+list with the same polarity, tagged ``JJ`` first by textblob's tagger
+lexicon (``en-lexicon.txt``), not ending in "-ed", not already a vader
+word, and not a word of any English suite item (so the suite's words stay
+unseen).
+
 ``--absence N`` adds N texts per language that say a thing is absent
 (``房间找不出一点瑕疵。``, ``Couldn't find a single highlight in the movie.``):
 no fault is praise, no merit is blame, so the label is the opposite of the
@@ -190,6 +198,47 @@ def en_words(folder: Path, vader_lexicon: Path | None = None, min_valence: float
     return dict(sorted(words.items()))
 
 
+def en_wide_words(folder: Path, base: Container[str] = ()) -> dict[str, int]:
+    """English adjectives NRC and LSD2015 agree on (1/0), less ``base`` and the suite's words.
+
+    See the module docstring (``--wide-lexicon``).
+    """
+    import re
+
+    import yaml
+
+    from training.behaviour import load_suite
+
+    try:
+        with zipfile.ZipFile(folder / CNTEXT_WHEEL) as whl:
+            nrc = yaml.safe_load(whl.read("cntext/io/data/en_common_NRC.yaml"))["Dictionary"]
+            lsd = yaml.safe_load(whl.read("cntext/io/data/en_common_LSD2015.yaml"))["Dictionary"]
+        with zipfile.ZipFile(folder / TEXTBLOB_WHEEL) as whl:
+            tagged = whl.read("textblob/en/en-lexicon.txt").decode("utf-8")
+    except (OSError, KeyError, TypeError, zipfile.BadZipFile, yaml.YAMLError) as exc:
+        raise DataSourceError(f"cannot read the wide en lexicons in {folder}: {exc}") from exc
+    first_tag: dict[str, str] = {}
+    for line in tagged.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            first_tag.setdefault(parts[0], parts[1])
+    votes: dict[str, set[tuple[str, int]]] = {}
+    for name, lexicon in (("nrc", nrc), ("lsd", lsd)):
+        for key, label in (("positive", 1), ("negative", 0)):
+            for word in lexicon[key]:
+                if isinstance(word, str) and word.isalpha():
+                    votes.setdefault(word.lower(), set()).add((name, label))
+    suite = {w for item in load_suite() if item.lang == "en"
+             for w in re.findall(r"[a-z]+", item.text.lower())}
+    out = {}
+    for word, cast in sorted(votes.items()):
+        labels = {label for _, label in cast}
+        if (len(cast) == 2 and len(labels) == 1 and first_tag.get(word) == "JJ"
+                and not word.endswith("ed") and word not in base and word not in suite):
+            out[word] = labels.pop()
+    return out
+
+
 def _distinct(draw: Callable[[], str], want: int, seen: set[str],
               exclude: Container[str]) -> list[str]:
     """Up to ``want`` texts from ``draw()`` whose normalised form is neither in ``seen`` nor ``exclude``.
@@ -265,12 +314,14 @@ def absence_texts(lang: str, n: int, seed: int = 13,
 
 
 def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path | None,
-                 seed: int = 13, absence_per_lang: int = 0) -> dict[str, list[Example]]:
+                 seed: int = 13, absence_per_lang: int = 0,
+                 wide: bool = False) -> dict[str, list[Example]]:
     """``splits`` with ``per_lang`` lexicon texts per language added to "train".
 
     ``folder`` holds the archives of :func:`download_lexicons`.
     ``absence_per_lang``: as many :func:`absence_texts` per language too (they
-    need no archive). Texts equal to a dev, test or suite text are left out.
+    need no archive). ``wide``: the English words include :func:`en_wide_words`.
+    Texts equal to a dev, test or suite text are left out.
     """
     if per_lang <= 0 and absence_per_lang <= 0:
         return splits
@@ -284,7 +335,10 @@ def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path |
     out = dict(splits)
     added = []
     if per_lang > 0 and folder is not None:
-        for lang, words in (("zh", zh_words(folder)), ("en", en_words(folder))):
+        en = en_words(folder)
+        if wide:
+            en |= en_wide_words(folder, en)
+        for lang, words in (("zh", zh_words(folder)), ("en", en)):
             added += lexicon_texts(words, lang, per_lang, seed=seed, exclude=exclude)
     for lang in ("zh", "en"):
         added += absence_texts(lang, absence_per_lang, seed=seed, exclude=exclude)
