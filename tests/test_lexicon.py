@@ -17,6 +17,7 @@ from training.lexicon import (
     NOUNS,
     TEXTBLOB_WHEEL,
     absence_texts,
+    en_wide_words,
     en_words,
     lexicon_texts,
     with_lexicon,
@@ -69,14 +70,50 @@ VADER = "\n".join([
     "meh\t-1.1\t1.5\t[-2, 1, 0, -2, 1, -2, -1, -2, 1, -2]",  # raters split
 ])
 
+NRC = """Name: NRC
+Dictionary:
+    positive:
+    - restful
+    - tidy
+    - clean
+    - spotless
+    - amused
+    - cheer
+    - grand
+    negative:
+    - tiresome
+    - grand
+    - gritty
+"""
+LSD = """Name: LSD2015
+Dictionary:
+    positive:
+    - restful
+    - tidy
+    - clean
+    - spotless
+    - amused
+    - cheer
+    - grand
+    - well*
+    negative:
+    - tiresome
+"""
+# word and its tags, most frequent first (textblob's en-lexicon.txt)
+TAGGER = ["restful JJ", "tidy JJ VB", "clean JJ VB", "spotless JJ", "amused JJ VBN",
+          "cheer NN VB", "grand JJ", "tiresome JJ", "gritty JJ"]
+
 
 def _archives(folder: Path) -> Path:
     """The three archives download_lexicons fetches, with the files it reads inside."""
     with zipfile.ZipFile(folder / CNTEXT_WHEEL, "w") as whl:
         whl.writestr("cntext/io/data/zh_common_HowNet.yaml", HOWNET)
         whl.writestr("cntext/io/data/zh_common_TsinghuaPraiseDegrade.yaml", TSINGHUA)
+        whl.writestr("cntext/io/data/en_common_NRC.yaml", NRC)
+        whl.writestr("cntext/io/data/en_common_LSD2015.yaml", LSD)
     with zipfile.ZipFile(folder / TEXTBLOB_WHEEL, "w") as whl:
         whl.writestr("textblob/en/en-sentiment.xml", SENTIMENT_XML)
+        whl.writestr("textblob/en/en-lexicon.txt", "\n".join(TAGGER) + "\n")
     with tarfile.open(folder / JIEBA_SDIST, "w:gz") as tar:
         body = ("\n".join(JIEBA) + "\n").encode()
         info = tarfile.TarInfo("jieba-0.42.1/jieba/dict.txt")
@@ -96,6 +133,19 @@ def test_zh_words_are_adjectives_both_lexicons_do_not_contradict(tmp_path: Path)
 def test_en_words_need_vader_and_textblob_to_agree(tmp_path: Path) -> None:
     folder = _archives(tmp_path)
     assert en_words(folder, folder / "vader_lexicon.txt") == {"awesome": 1, "clean": 1, "rude": 0}
+
+
+def test_wide_en_words_need_nrc_and_lsd_to_agree_and_leave_the_suites_words_out(
+        tmp_path: Path) -> None:
+    folder = _archives(tmp_path)
+    # clean: already a vader word; spotless: a word of the suite; amused: "-ed" and a participle;
+    # cheer: not an adjective; grand: NRC says both; gritty: NRC only; well*: a pattern
+    assert en_wide_words(folder, base={"clean"}) == {"restful": 1, "tidy": 1, "tiresome": 0}
+    with_wide = with_lexicon({"train": [], "dev": [], "test": []}, 200, folder, wide=True)
+    plain = with_lexicon({"train": [], "dev": [], "test": []}, 200, folder)
+    words = ("restful", "tidy", "tiresome")
+    assert any(w in t.text for t in with_wide["train"] for w in words)
+    assert not any(w in t.text for t in plain["train"] for w in words)
 
 
 def test_en_words_read_the_installed_vader_lexicon(tmp_path: Path) -> None:
