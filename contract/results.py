@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import logging
@@ -567,6 +568,103 @@ class ResultStore:
             self._run(lambda conn: _settle_latest(conn, wanted),
                       f"cannot settle the latest flags of {len(wanted)} task(s)", begin=True)
 
+    def settle_all(self, batch: int = 500) -> int:
+        """Put every task's ``latest`` flag right; gives the number of flags that were wrong.
+
+        For a table edited by hand (rows inserted, deleted or re-dated outside
+        bertstream): bertstream's own writes and deletes keep the flags. Walks
+        the tasks in key order, ``batch`` tasks a transaction, so it holds no
+        lock for long and can run beside the workers.
+        """
+        fixed, after = 0, None
+        while True:
+
+            def work(conn: Connection, after: str | None = after) -> tuple[list[str], int]:
+                query = sa.select(results.c.id).distinct().order_by(results.c.id).limit(batch)
+                if after is not None:
+                    query = query.where(results.c.id > after)
+                ids = list(conn.execute(query).scalars())
+                return ids, _settle_latest(conn, ids) if ids else 0
+
+            ids, wrong = self._run(work, "cannot settle the latest flags", begin=True)
+            fixed += wrong
+            if len(ids) < batch:
+                return fixed
+            after = ids[-1]
+
+    def delete(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        status: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        model: str | None = None,
+        lang: str | None = None,
+        dry_run: bool = False,
+        batch: int = 500,
+    ) -> DeleteCount:
+        """Delete the stored rows matching every given filter, with their windows.
+
+        Unlike the reads, the filters select rows of every model (``model``:
+        that model's only), so deleting a task by id removes all its results.
+        At least one filter is required. ``dry_run``: count, delete nothing.
+        Rows go ``batch`` at a time, each batch in its own transaction with
+        the ``latest`` flags of its tasks settled (the newest row left is
+        flagged), so a large retention delete holds no long lock; an outage
+        stops it with the batches done so far deleted.
+        A task still queued or being scored writes its row when it finishes.
+        """
+        given = (ids, source, label, status, since, until, model, lang)
+        if all(v is None for v in given):
+            raise InvalidInput("give at least one filter: deleting every row is not a filter")
+        id_sets: list[list[str] | None] = [None]
+        if ids is not None:
+            wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
+            id_sets = [wanted[k:k + batch] for k in range(0, len(wanted), batch)]
+        counted = DeleteCount(0, 0)
+        for chunk in id_sets:
+            conds = _filters(chunk, source, label, status, since, until, model, lang,
+                             every_model=True)
+            if dry_run:
+                counted += self._read(functools.partial(_count_rows, conds=conds))
+            else:
+                counted += self._delete_rows(conds, batch)
+        return counted
+
+    def _delete_rows(self, conds: list[Any], batch: int) -> DeleteCount:
+        """Delete the rows matching ``conds``, ``batch`` tasks a transaction."""
+        done = DeleteCount(0, 0)
+        while True:
+
+            def work(conn: Connection) -> tuple[list[str], int]:
+                tasks = list(conn.execute(
+                    sa.select(results.c.id).where(*conds).distinct().limit(batch)).scalars())
+                if not tasks:
+                    return [], 0
+                keys = conn.execute(sa.select(results.c.id, results.c.model)
+                                    .where(results.c.id.in_(tasks), *conds)).all()
+                params = [{"rid": r.id, "rmodel": r.model} for r in keys]
+                for table in (windows, results):
+                    conn.execute(table.delete().where(table.c.id == sa.bindparam("rid"),
+                                                      table.c.model == sa.bindparam("rmodel")),
+                                 params)
+                if conn.dialect.name != "postgresql":  # one writer at a time: exact here
+                    _settle_latest(conn, sorted(tasks))
+                return tasks, len(keys)
+
+            tasks, rows = self._run(work, "cannot delete results", begin=True)
+            if not tasks:
+                return done
+            if self.engine.dialect.name == "postgresql":
+                # after the commit, as for a write (see _settle_committed)
+                self.settle_latest(tasks)
+            done += DeleteCount(rows, len(tasks))
+            if len(tasks) < batch:
+                return done
+
     def _write(self, records: list[ResultRecord], refused: list[Refused],
                windows: Windows) -> None:
         try:
@@ -852,6 +950,24 @@ class ResultStore:
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
 
 
+@dataclass(frozen=True)
+class DeleteCount:
+    """Rows deleted (or that a dry run would delete) and the tasks they belonged to."""
+
+    rows: int
+    tasks: int
+
+    def __add__(self, other: DeleteCount) -> DeleteCount:
+        return DeleteCount(self.rows + other.rows, self.tasks + other.tasks)
+
+
+def _count_rows(conn: Connection, conds: list[Any]) -> DeleteCount:
+    """Rows and distinct tasks matching ``conds`` (every model's rows)."""
+    row = conn.execute(sa.select(sa.func.count(), sa.func.count(sa.distinct(results.c.id)))
+                       .select_from(results).where(*conds)).one()
+    return DeleteCount(int(row[0]), int(row[1]))
+
+
 def _id_chunks(ids: Sequence[str]) -> Iterator[Any]:
     """``id IN (...)`` clauses over ``ids``, 500 at a time (bounded statements, key searches)."""
     for start in range(0, len(ids), 500):
@@ -900,8 +1016,10 @@ def latest_only() -> Any:
     return results.c.latest == sa.true()
 
 
-def _settle_latest(conn: Connection, ids: Sequence[str]) -> None:
+def _settle_latest(conn: Connection, ids: Sequence[str]) -> int:
     """Make ``latest`` true on each task's newest row among ``ids`` and false on its other rows.
+
+    Gives the number of rows whose flag was found wrong (and put right).
 
     One key search reads the tasks' rows; only rows whose flag is wrong are
     written, so a task with one row (the common case) costs its share of
@@ -928,6 +1046,7 @@ def _settle_latest(conn: Connection, ids: Sequence[str]) -> None:
                             results.c.latest == _has_newer())
                      .values(latest=~results.c.latest),
                      [{"rid": i, "rmodel": m} for i, m in wrong])
+    return len(wrong)
 
 
 class _Unindexed(ColumnElement[Any]):

@@ -1,13 +1,25 @@
-"""``bertstream db upgrade|downgrade|current|history``: the results database's schema revisions."""
+"""``bertstream db``: the results database's schema revisions (upgrade, downgrade, current,
+history), deleting stored results (delete) and repairing the latest flags (settle)."""
 
 from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import IO
 
 import click
 import sqlalchemy as sa
 
 from contract import migrate
+from contract.constants import LANGS, STATUSES
+from contract.errors import InvalidInput
+from contract.messages import id_problem, printable
 from contract.results import ResultStore
 from contract.settings import Settings
+from producer.options import parse_time
+
+#: ``--older-than`` units.
+AGE_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def _store(ctx: click.Context) -> tuple[ResultStore, str]:
@@ -18,7 +30,7 @@ def _store(ctx: click.Context) -> tuple[ResultStore, str]:
 
 @click.group("db")
 def db_group() -> None:
-    """Create or upgrade the results database's schema (Alembic migrations).
+    """The results database: its schema (Alembic migrations), deleting results, repairs.
 
     Run `db upgrade` after installing a new bertstream, before its workers and
     API start: they refuse an outdated schema. It is safe to run any number
@@ -85,3 +97,86 @@ def history_command() -> None:
     for revision, down, doc in migrate.history():
         mark = " (head)" if revision == head else ""
         click.echo(f"{down or '<base>'} -> {revision}{mark}: {doc}")
+
+
+def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.timedelta | None:
+    """A click callback: ``90d``, ``12h`` or ``30m`` as a timedelta."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", value)
+    if match is None or int(match.group(1)) > 100 * 365 * 24 * 60:
+        raise click.BadParameter(f"{value!r} is not an age such as 90d, 12h or 30m")
+    return dt.timedelta(**{AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@db_group.command("delete")
+@click.option("--id", "ids", multiple=True, help="A task id (repeatable): all its rows go.")
+@click.option("--ids-file", type=click.File("r", encoding="utf-8"),
+              help="Task ids, one per line ('-': standard input).")
+@click.option("--source", help="Only this source tag.")
+@click.option("--model", help="Only this model's rows (default: every model's).")
+@click.option("--label", help="Only rows with this label.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only rows with this status.")
+@click.option("--lang", type=click.Choice(LANGS), help="Only texts detected in this language.")
+@click.option("--since", callback=parse_time, help="Finished at or after (ISO 8601, UTC if naive).")
+@click.option("--until", callback=parse_time, help="Finished before (ISO 8601, UTC if naive).")
+@click.option("--older-than", callback=_age,
+              help="Finished more than this long ago (90d, 12h, 30m): a retention rule.")
+@click.option("--yes", is_flag=True, help="Delete. Without it, only count what would go.")
+@click.pass_context
+def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] | None,
+                   source: str | None, model: str | None, label: str | None,
+                   status: str | None, lang: str | None, since: dt.datetime | None,
+                   until: dt.datetime | None, older_than: dt.timedelta | None,
+                   yes: bool) -> None:
+    """Delete stored results matching every given filter (a dry run without --yes).
+
+    Rows of every model go unless --model is given, with their long-text
+    windows; a task that keeps a row of another model shows that one next.
+    Batches of 500 tasks, each its own transaction, so a large delete can
+    run beside the workers. A task still queued writes its row when it is
+    scored: delete after it finished. At least one filter is required.
+    """
+    if older_than is not None:
+        if until is not None:
+            raise click.UsageError("give --until or --older-than, not both")
+        until = dt.datetime.now(dt.timezone.utc) - older_than
+    wanted = list(ids)
+    if ids_file is not None:
+        wanted += [line.strip() for line in ids_file if line.strip()]
+    for what, values in (("--id", wanted), ("--source", [source]), ("--label", [label]),
+                         ("--model", [model])):
+        for value in values:
+            problem = None if value is None else id_problem(value)
+            if problem is not None:
+                raise InvalidInput(f"{what} {printable(str(value))!r} {problem}")
+    id_filter = wanted if (ids or ids_file is not None) else None
+    if all(v is None for v in (id_filter, source, model, label, status, lang, since, until)):
+        raise click.UsageError("give at least one filter (--id, --ids-file, --source, --model, "
+                               "--label, --status, --lang, --since, --until, --older-than)")
+    store, shown = _store(ctx)
+    try:
+        count = store.delete(ids=id_filter, source=source, model=model, label=label,
+                             status=status, lang=lang, since=since, until=until,
+                             dry_run=not yes)
+    finally:
+        store.close()
+    if yes:
+        click.echo(f"{shown}: deleted {count.rows} row(s) of {count.tasks} task(s)")
+    else:
+        click.echo(f"{shown}: would delete {count.rows} row(s) of {count.tasks} task(s); "
+                   "run again with --yes to delete them")
+
+
+@db_group.command("settle")
+@click.pass_context
+def settle_command(ctx: click.Context) -> None:
+    """Put every task's latest flag right after rows were inserted, deleted or re-dated by
+    hand (bertstream's own writes and `db delete` keep them). Safe beside the workers."""
+    store, shown = _store(ctx)
+    try:
+        fixed = store.settle_all()
+    finally:
+        store.close()
+    click.echo(f"{shown}: {fixed} latest flag(s) were wrong and are now right" if fixed
+               else f"{shown}: every latest flag was right")
