@@ -192,3 +192,38 @@ def test_reads_by_ids_search_the_key_whatever_else_filters(tmp_path) -> None:  #
                 "EXPLAIN QUERY PLAN " + statement, params))
             assert "sqlite_autoindex_bertstream_results_1 (id=?)" in plan, (statement[-160:], plan)
     store.close()
+
+
+def test_id_lookups_send_one_array_and_search_the_key_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL: reads by ids (get_many, text_hashes, done_ids, the flag settling) send
+    ``id = ANY(array)``, one parameter whatever the count, not an IN list of placeholders,
+    and the primary key can serve it (a cast on the column would rule the index out; the
+    table is small, so the test turns sequential scans off to ask whether the key applies)."""
+    import sqlalchemy as sa
+
+    store = ResultStore.from_url(pg_url)
+    store.create_schema()
+    store.upsert([record(f"k{i}") for i in range(10_000)])
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE bertstream_results")
+    seen: list[tuple[str, object]] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and "bertstream_results" in statement:
+            seen.append((statement, parameters))
+
+    ids = [f"k{i}" for i in range(0, 10_000, 53)] + ["absent"]
+    assert len(store.get_many(ids)) == len(ids) - 1
+    assert len(store.text_hashes(ids)) == len(ids) - 1
+    assert len(store.done_ids(ids)) == len(ids) - 1
+    store.settle_latest(ids)
+    sa.event.remove(store.engine, "before_cursor_execute", capture)
+    assert len(seen) >= 4
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        for statement, params in seen:
+            assert "ANY (" in statement and " IN (" not in statement, statement
+            plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+            assert "bertstream_results_pkey" in plan, (statement, plan)
+    store.close()
