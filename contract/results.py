@@ -612,8 +612,8 @@ class ResultStore:
         Unlike the reads, the filters select rows of every model (``model``:
         that model's only), so deleting a task by id removes all its results.
         At least one filter is required. ``dry_run``: count, delete nothing.
-        Rows go ``batch`` at a time, each batch in its own transaction with
-        the ``latest`` flags of its tasks settled (the newest row left is
+        Rows go ``batch`` tasks at a time, each batch in its own transaction
+        with the ``latest`` flags of its tasks settled (the newest row left is
         flagged), so a large retention delete holds no long lock; an outage
         stops it with the batches done so far deleted.
         A task still queued or being scored writes its row when it finishes.
