@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -294,6 +295,19 @@ def is_row_error(exc: BaseException) -> bool:
     return isinstance(exc, (UnicodeError, ValueError, TypeError, OverflowError, InvalidInput))
 
 
+#: SQLSTATEs of a transaction the server aborted to break a lock cycle (40P01) or a
+#: serialization conflict (40001): running it again is the remedy.
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+#: How many times :meth:`ResultStore._run` runs such a transaction again.
+CONFLICT_RETRIES = 5
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """True when ``exc`` is a deadlock or serialization failure the server rolled back."""
+    return (isinstance(exc, DBAPIError)
+            and getattr(exc.orig, "sqlstate", None) in CONFLICT_SQLSTATES)
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` means the database cannot be used right now."""
     return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) and not is_row_error(exc)
@@ -489,10 +503,15 @@ class ResultStore:
         """``work`` on a guarded connection (in a transaction when ``begin``).
 
         A connection found dead (a pooled one after a database restart) is
-        replaced and ``work`` tried once more. Outages raise
+        replaced and ``work`` tried once more. A transaction the server
+        aborted to break a deadlock or a serialization conflict is run again,
+        up to :data:`CONFLICT_RETRIES` times after a short random pause: the
+        remedy PostgreSQL documents, where a worker would otherwise take it
+        for an outage and requeue its whole flush. Outages raise
         :class:`StoreUnavailable`; row errors propagate as they are.
         """
-        for attempt in (1, 2):
+        stale_retried, conflicts = False, 0
+        while True:
             try:
                 with self.engine.connect() as conn, self._guard(conn):
                     if not begin:
@@ -504,11 +523,17 @@ class ResultStore:
                     raise
                 if not is_outage(exc):
                     raise
+                if _is_conflict(exc) and conflicts < CONFLICT_RETRIES:
+                    conflicts += 1
+                    log.info("%s: %s; running the transaction again (%d)", what,
+                             _first_line(exc), conflicts)
+                    time.sleep(random.uniform(0.005, 0.05) * conflicts)
+                    continue
                 stale = isinstance(exc, DBAPIError) and exc.connection_invalidated
-                if attempt == 1 and stale:
+                if stale and not stale_retried:
+                    stale_retried = True
                     continue
                 raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- writing --------------------------------------------------------
 
@@ -539,7 +564,9 @@ class ResultStore:
             unique.setdefault(key, r)
         refused: list[Refused] = []
         if unique:
-            self._write(list(unique.values()), refused, windows or {})
+            # in key order: two writers of overlapping rows then lock them in one order,
+            # which is what keeps concurrent transactions from deadlocking
+            self._write([unique[k] for k in sorted(unique)], refused, windows or {})
             if self.engine.dialect.name == "postgresql":
                 self._settle_committed(list(unique.values()), refused)
         return refused
@@ -703,7 +730,7 @@ class ResultStore:
         concurrent writer that made a row done since leaves its windows, and
         a window already there is kept (ON CONFLICT DO NOTHING).
         """
-        keys = list(children)
+        keys = sorted(children)
         is_done = sa.and_(results.c.status == STATUS_DONE,
                           results.c.id == sa.bindparam("rid"),
                           results.c.model == sa.bindparam("rmodel"))
@@ -960,8 +987,12 @@ def _delete_batch_pg(conn: Connection, pick: Any, conds: list[Any]) -> tuple[lis
     Two statements, the id lists kept in the server (a subquery, then arrays): the
     500-id IN lists of a statement built in Python cost more than the delete itself.
     """
+    # the rows locked in key order first, as the writes lock them (no lock cycle)
+    doomed = (sa.select(results.c.id, results.c.model)
+              .where(results.c.id.in_(pick.correlate(None)), *conds)
+              .order_by(results.c.id, results.c.model).with_for_update().cte("doomed"))
     keys = conn.execute(results.delete()
-                        .where(results.c.id.in_(pick.correlate(None)), *conds)
+                        .where(results.c.id == doomed.c.id, results.c.model == doomed.c.model)
                         .returning(results.c.id, results.c.model)).all()
     if keys:
         conn.execute(sa.text(f"DELETE FROM {WINDOWS_TABLE} WHERE (id, model) IN "
@@ -1066,6 +1097,7 @@ def _settle_latest(conn: Connection, ids: Sequence[str]) -> int:
         wrong.extend((r.id, r.model) for r in rows
                      if bool(r.latest) != (newest[r.id] == (r.finished_at, r.model)))
     if wrong:
+        wrong.sort()  # key order, as the writes lock rows
         # The newer-row test sits inside a comparison, which keeps it a probe per row:
         # as a bare EXISTS, PostgreSQL may plan a join over the whole table.
         conn.execute(results.update()

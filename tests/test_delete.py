@@ -175,3 +175,49 @@ def test_db_delete_counts_first_and_deletes_with_yes(db_url: str) -> None:
     assert "1 latest flag(s) were wrong" in out.stdout, out.stderr
     assert "every latest flag was right" in bertstream(db_url, "db", "settle").stdout
     store.close()
+
+
+def test_deletes_beside_concurrent_writes_leave_the_rule(db_url: str) -> None:
+    """Two writers and a deleter on the same few tasks at once, each with its own store
+    (connections): when they stop, every flag follows the rule and the views agree."""
+    import random
+    import threading
+
+    stores = [ResultStore.from_url(db_url) for _ in range(3)]
+    stores[0].create_schema()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer(store: ResultStore, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                store.upsert([record(rng.choice("abcd"), rng.choice(["m1", "m2", "m3"]),
+                                     rng.randrange(6)) for _ in range(3)])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    def deleter(store: ResultStore) -> None:
+        rng = random.Random(99)
+        try:
+            while not stop.is_set():
+                if rng.random() < 0.5:
+                    store.delete(model=rng.choice(["m1", "m2", "m3"]), batch=2)
+                else:
+                    store.delete(ids=[rng.choice("abcd")])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(stores[0], 1)),
+               threading.Thread(target=writer, args=(stores[1], 2)),
+               threading.Thread(target=deleter, args=(stores[2],))]
+    for t in threads:
+        t.start()
+    stop.wait(4)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not failures, failures
+    assert_views_agree(stores[0])
+    for store in stores:
+        store.close()

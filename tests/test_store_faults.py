@@ -220,3 +220,54 @@ def test_a_cut_that_fails_does_not_stop_the_guard() -> None:
         with guard(conn):  # type: ignore[arg-type]
             time.sleep(0.6)
     assert calls == ["first", "second"]
+
+
+@pytest.mark.parametrize("retries", [5, 0])
+def test_a_deadlock_victim_runs_its_transaction_again(pg_url: str, retries: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a store transaction locks y then waits for x, held by another session,
+    which then waits for y: a real lock cycle. The store's transaction waited first, so the
+    server aborts it; it runs again and succeeds. The control (no retries) fails as before,
+    with the deadlock taken for an outage."""
+    import threading
+
+    import contract.results as results_module
+
+    monkeypatch.setattr(results_module, "CONFLICT_RETRIES", retries)
+    store = ResultStore.from_url(pg_url)
+    store.create_schema()
+    store.upsert([record("x"), record("y")])
+    other = sa.create_engine(pg_url)
+    held = threading.Event()
+    update = sa.text("UPDATE bertstream_results SET score = :s WHERE id = :id")
+    runs: list[int] = []
+
+    def work(conn: sa.Connection) -> None:
+        runs.append(1)
+        conn.execute(update, {"s": 0.1, "id": "y"})
+        if len(runs) == 1:
+            assert held.wait(10)
+        conn.execute(update, {"s": 0.1, "id": "x"})  # waits for the other session
+
+    def other_session() -> None:
+        with other.begin() as conn:
+            conn.execute(update, {"s": 0.2, "id": "x"})
+            held.set()
+            time.sleep(0.3)  # the store's transaction is waiting for x by now
+            conn.execute(update, {"s": 0.2, "id": "y"})
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    try:
+        if retries:
+            store._run(work, "swap scores", begin=True)
+            assert len(runs) == 2
+            assert {r.id: r.score for r in store.query()} == {"x": 0.1, "y": 0.1}
+        else:
+            with pytest.raises(StoreUnavailable, match="deadlock"):
+                store._run(work, "swap scores", begin=True)
+            assert len(runs) == 1
+    finally:
+        thread.join(30)
+        other.dispose()
+        store.close()
