@@ -26,7 +26,9 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -431,11 +433,19 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-runs", type=int, default=None)
     ap.add_argument("--rehearse", action="store_true", help="toy sizes: the CPU rehearsal")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="train the plan's first N runs at once, one process each (N > 1)")
+    # A --parallel child: one named run of the plan, its checkpoint to a file, by a deadline.
+    ap.add_argument("--child-run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     if set(args.modes) - set(MODES):
         ap.error(f"unknown mode in {args.modes}: use {MODES}")
     args.ranks = sorted({int(r) for r in args.ranks.split(",") if r})
+    if args.child_run is not None and args.child_out is None:
+        ap.error("--child-run needs --child-out")
     return args
 
 
@@ -457,6 +467,64 @@ def run_plan(pack: Pack, plan: Sequence[RunSpec], device: torch.device, deadline
             f"of {run.steps_done}, {run.seconds:.0f}s")
     if skipped:
         log(f"not run (time budget): {', '.join(skipped)}")
+    return runs, skipped
+
+
+def save_run(run: RunResult, path: Path) -> None:
+    """Write a run's best checkpoint and record (a ``--parallel`` child hands it to its parent)."""
+    torch.save({"spec": asdict(run.spec), "state": run.state, "dev": run.dev, "score": run.score,
+                "step": run.step, "seconds": run.seconds, "steps_done": run.steps_done,
+                "curve": run.curve}, path)
+
+
+def load_run(path: Path) -> RunResult:
+    """Read what :func:`save_run` wrote (tensors and plain values only)."""
+    raw = torch.load(path, weights_only=True)
+    return RunResult(RunSpec(**raw["spec"]), raw["state"], raw["dev"], raw["score"], raw["step"],
+                     raw["seconds"], raw["steps_done"], raw["curve"])
+
+
+def run_parallel(args: argparse.Namespace, plan: Sequence[RunSpec], deadline: float,
+                 log: Callable[[str], None]) -> tuple[list[RunResult], list[str]]:
+    """The first ``args.parallel`` runs of ``plan`` at once, one process each, on the same device.
+
+    A small model leaves a large GPU mostly idle (each step waits on the
+    Python side), so several processes train side by side in about the time
+    of one. Each child stops at ``deadline`` like a sequential run and hands
+    back its best checkpoint through a file; a child that fails is logged and
+    left out.
+    """
+    chosen = list(plan[: args.parallel])
+    skipped = [s.name for s in plan[args.parallel:]]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(chosen)))
+    runs: list[RunResult] = []
+    with tempfile.TemporaryDirectory(prefix="full-train-") as tmp:
+        procs = []
+        for spec in chosen:
+            path = Path(tmp) / f"{spec.name}.pt"
+            cmd = [sys.executable, "-m", "training.full_train", "--pack", str(args.pack),
+                   "--out", tmp, "--device", args.device, "--threads", str(threads),
+                   "--child-run", spec.name, "--child-out", str(path), "--deadline", repr(deadline)]
+            if args.rehearse:
+                cmd.append("--rehearse")
+            log(f"run {spec.name} (process {len(procs) + 1} of {len(chosen)}): {json.dumps(asdict(spec))}")
+            procs.append((spec, path, subprocess.Popen(cmd)))
+        for spec, path, proc in procs:
+            try:  # a child past its deadline by a minute is hung, not slow
+                code = proc.wait(timeout=max(1.0, deadline + 60 - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0 or not path.exists():
+                log(f"run {spec.name}: process exited {code}; left out")
+                continue
+            run = load_run(path)
+            if run.state:
+                runs.append(run)
+            log(f"run {spec.name} done: best dev {run.score:.4f} at step {run.step} "
+                f"of {run.steps_done}, {run.seconds:.0f}s")
+    if skipped:
+        log(f"not run (beyond --parallel): {', '.join(skipped)}")
     return runs, skipped
 
 
@@ -554,7 +622,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"device {device} ({_device_name(device)})")
     plan = rehearsal_plan() if args.rehearse else default_plan(len(pack.splits["train"].ids))
     plan = [s for s in plan if s.mode in args.modes][: args.max_runs]
-    runs, skipped = run_plan(pack, plan, device, t0 + args.budget_s - args.reserve_s, log)
+    deadline = t0 + args.budget_s - args.reserve_s
+    if args.child_run is not None:
+        spec = next(s for s in plan if s.name == args.child_run)
+        run = train_run(pack, spec, device, args.deadline or deadline, log)
+        save_run(run, args.child_out)
+        return {}
+    if args.parallel > 1:
+        runs, skipped = run_parallel(args, plan, deadline, log)
+    else:
+        runs, skipped = run_plan(pack, plan, device, deadline, log)
     if not runs:
         raise SystemExit("no run finished a dev evaluation")
     # Written now and replaced at the end: a call cut short still brings back the runs' curves.
