@@ -499,7 +499,7 @@ def run_parallel(args: argparse.Namespace, plan: Sequence[RunSpec], deadline: fl
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(chosen)))
     runs: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="full-train-") as tmp:
-        procs = []
+        procs: list[tuple[RunSpec, Path, subprocess.Popen[bytes]]] = []
         for spec in chosen:
             path = Path(tmp) / f"{spec.name}.pt"
             cmd = [sys.executable, "-m", "training.full_train", "--pack", str(args.pack),
