@@ -26,6 +26,7 @@ from training.full_train import (
     RunSpec,
     _trainable,
     build_model,
+    default_plan,
     export_full,
     export_lora,
     exported_model,
@@ -232,3 +233,19 @@ def test_trainer_imports_only_what_the_device_machine_has() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_runs_of_a_soup_share_their_head_and_differ_in_dropout(pack_dir: Path) -> None:
+    """A soup averages heads drawn from one seed; the run's own seed still drives dropout."""
+    pack = load_pack(pack_dir)
+    head = ("classifier.weight", "bert.pooler.dense.weight")
+    own, shared, other = (build_model(pack, 13), build_model(pack, 14, head_seed=13),
+                          build_model(pack, 14))
+    for name in head:
+        assert torch.equal(own.state_dict()[name], shared.state_dict()[name])
+        assert not torch.equal(own.state_dict()[name], other.state_dict()[name])
+    build_model(pack, 14, head_seed=13)
+    after = torch.rand(4)
+    torch.manual_seed(14)
+    assert torch.equal(after, torch.rand(4))  # dropout draws from the run's own seed
+    assert all(s.head_seed == 13 for s in default_plan(1000) if s.mode == "full")
