@@ -255,4 +255,6 @@ def test_runs_of_a_soup_share_their_head_and_differ_in_dropout(pack_dir: Path) -
     after = torch.rand(4)
     torch.manual_seed(14)
     assert torch.equal(after, torch.rand(4))  # dropout draws from the run's own seed
-    assert all(s.head_seed is None for s in default_plan(1000))  # measured: no better soup
+    plan = default_plan(1000)
+    assert all(s.head_seed is None for s in plan)  # measured: no better soup
+    assert len({s.seed for s in plan if s.mode == "full"}) == 8  # --parallel 8 trains them all

@@ -4,13 +4,14 @@
 #   make device-train-pack                         # here: .devpack-train/ (~27 MiB)
 #   run (device tool): bash training/device_train.sh   carry: [".devpack-train"], timeout_s 570
 #   or, several full runs side by side (one process each, then their soup):
-#     BUDGET_S=380 bash training/device_train.sh --modes full --parallel 4 --reserve-s 60
+#     BUDGET_S=400 bash training/device_train.sh --modes full --parallel 8 --reserve-s 70
 #
 # Arguments after the script go to `python -m training.full_train` (--modes,
-# --parallel, --reserve-s, --ranks, --max-runs). One full run of the pack
-# (3 epochs, 4,510 steps) takes about 230 s on an H200 by itself, so a
-# sequential call of 450 s holds one of them (the next would not fit and is
-# skipped); --parallel is what gets a seed soup into one call.
+# --parallel, --reserve-s, --ranks, --max-runs, --head-seed). One full run of
+# the pack (3 epochs, 4,510 steps) takes about 230 s on an H200 by itself, so
+# a sequential call of 450 s holds one of them (the next would not fit and is
+# skipped); --parallel is what gets a seed soup into one call (four runs side
+# by side took as long as one; eight is not measured yet).
 #
 # Trains every layer of the encoder (full fine-tuning and all-layer LoRA,
 # several seeds, a weight soup), picks on dev, calibrates on dev, evaluates

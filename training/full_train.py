@@ -395,10 +395,11 @@ def pick(candidates: Sequence[Candidate]) -> Candidate:
 
 
 def default_plan(n_train: int, epochs: float = 3.0) -> list[RunSpec]:
-    """The GPU plan: full runs (two learning rates) interleaved with all-layer LoRA runs."""
+    """The GPU plan: eight full runs (two learning rates; ``--parallel 8`` trains them
+    at once) interleaved with all-layer LoRA runs."""
     steps = max(1, math.ceil(epochs * n_train / 32))
     full = [RunSpec("full", seed, steps, lr, warmup_steps=steps // 16)
-            for seed, lr in ((13, 5e-5), (14, 1e-4), (15, 5e-5), (16, 1e-4), (17, 5e-5))]
+            for seed, lr in zip(range(13, 21), (5e-5, 1e-4) * 4, strict=True)]
     lora_runs = [RunSpec("lora", seed, 3000, 6e-4) for seed in (13, 14, 15)]
     plan = []
     for i in range(max(len(full), len(lora_runs))):
