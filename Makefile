@@ -44,9 +44,12 @@ device-rehearsal: device-pack
 	PYTHON=$(PY) bash bench/device.sh --device cpu --rehearse --out bench/results/device-rehearsal
 
 # The sentiment model's GPU training run (training/device_train.sh): its pack, and the CPU rehearsal.
+# DEVPACK_EXTRA: more pack options for one experiment, e.g. DEVPACK_EXTRA="--deeds 400".
+DEVPACK_EXTRA ?=
+
 device-train-pack: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train --more-data --compose 4000 --compose-dev 1000 \
-		--lexicon 1000 --absence 400
+		--lexicon 1000 --absence 400 $(DEVPACK_EXTRA)
 
 device-train-rehearsal: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bertstream model device-pack --out .devpack-train-rehearsal --limit 48 --compose 200 --compose-dev 50

