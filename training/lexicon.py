@@ -122,6 +122,56 @@ ABSENCE_FORMS: dict[str, tuple[str, ...]] = {
            "Didn't notice any {n} with the {a}.", "The {a} had not one {n}.",
            "There's no {n} to speak of in the {a}.", "Honestly, the {a} showed no {n}."),
 }
+#: Who acts; ``{a}`` in DEED_FORMS (English: lower case, capitalised at the start).
+AGENTS: dict[str, tuple[str, ...]] = {
+    "zh": ("司机", "房东", "卖家", "快递员", "服务员", "前台", "导游", "客服", "店家",
+           "收银员", "骑手", "乘务员"),
+    "en": ("the host", "the driver", "the seller", "the courier", "the waiter",
+           "the receptionist", "our guide", "the cashier", "the landlord", "the crew",
+           "the shop assistant", "the rider"),
+}
+#: (done, not done) forms of good (1) and bad (0) deeds; ``{p}`` and ``{b}`` in DEED_FORMS.
+DEEDS: dict[str, dict[int, tuple[tuple[str, str], ...]]] = {
+    "zh": {
+        1: (("主动打了招呼", "主动打招呼"), ("给我们升级了房型", "给我们升级房型"),
+            ("耐心听完了我们的意见", "耐心听完我们的意见"), ("给我们打了折", "给我们打折"),
+            ("记住了我们的名字", "记住我们的名字"), ("仔细核对了一遍", "仔细核对一遍"),
+            ("帮我们把行李搬上了楼", "帮我们把行李搬上楼"), ("额外赠送了一份小菜", "额外赠送小菜"),
+            ("提醒了我们带好证件", "提醒我们带好证件"), ("当场调换了坏掉的零件", "当场调换坏掉的零件")),
+        0: (("对我们甩了脸色", "对我们甩脸色"), ("冲顾客发了脾气", "冲顾客发脾气"),
+            ("临时取消了订单", "临时取消订单"), ("把责任推给了我们", "把责任推给我们"),
+            ("把订单搞混了", "把订单搞混"), ("偷偷加了价", "偷偷加价"), ("在车里抽了烟", "在车里抽烟"),
+            ("把座位弄脏了", "把座位弄脏"), ("弄坏了箱子", "弄坏箱子"), ("撒了谎", "撒谎")),
+    },
+    "en": {
+        1: (("thanked us", "thank us"), ("greeted us by name", "greet us by name"),
+            ("upgraded our booking", "upgrade our booking"),
+            ("listened to every concern", "listen to every concern"),
+            ("honoured the warranty", "honour the warranty"),
+            ("followed up the next morning", "follow up the next morning"),
+            ("remembered our usual order", "remember our usual order"),
+            ("warned us about the traffic", "warn us about the traffic"),
+            ("offered us a free drink", "offer us a free drink"),
+            ("carried our bags upstairs", "carry our bags upstairs"),
+            ("double-checked everything", "double-check everything")),
+        0: (("overcharged us", "overcharge us"), ("hung up on me", "hang up on me"),
+            ("ignored our messages", "ignore our messages"),
+            ("cancelled without warning", "cancel without warning"),
+            ("scratched the screen", "scratch the screen"),
+            ("shouted at the customers", "shout at the customers"),
+            ("blamed us for their error", "blame us for their error"),
+            ("misplaced our booking", "misplace our booking"),
+            ("mixed up the orders", "mix up the orders"), ("lied about the price", "lie about the price"),
+            ("ripped the box open", "rip the box open"), ("insulted my friend", "insult my friend")),
+    },
+}
+#: Frames by whether the deed was done: {a} agent, {p} done form, {b} base form.
+DEED_FORMS: dict[str, dict[bool, tuple[str, ...]]] = {
+    "zh": {True: ("{a}{p}。", "这次{a}{p}。", "那天{a}{p}。"),
+           False: ("{a}没{b}。", "{a}没有{b}。", "{a}并没有{b}。")},
+    "en": {True: ("{a} {p}.", "{a} {p} this time.", "On our last trip {a} {p}."),
+           False: ("{a} didn't {b}.", "{a} did not {b}.", "{a} never {p}.")},
+}
 
 
 def download_lexicons(dest: Path) -> Path:
@@ -243,57 +293,6 @@ def en_wide_words(folder: Path, base: Container[str] = ()) -> dict[str, int]:
                 and not word.endswith("ed") and word not in base and word not in suite):
             out[word] = labels.pop()
     return out
-
-#: Who acts; ``{a}`` in DEED_FORMS (English: lower case, capitalised at the start).
-AGENTS: dict[str, tuple[str, ...]] = {
-    "zh": ("司机", "房东", "卖家", "快递员", "服务员", "前台", "导游", "客服", "店家",
-           "收银员", "骑手", "乘务员"),
-    "en": ("the host", "the driver", "the seller", "the courier", "the waiter",
-           "the receptionist", "our guide", "the cashier", "the landlord", "the crew",
-           "the shop assistant", "the rider"),
-}
-#: (done, not done) forms of good (1) and bad (0) deeds; ``{p}`` and ``{b}`` in DEED_FORMS.
-DEEDS: dict[str, dict[int, tuple[tuple[str, str], ...]]] = {
-    "zh": {
-        1: (("主动打了招呼", "主动打招呼"), ("给我们升级了房型", "给我们升级房型"),
-            ("耐心听完了我们的意见", "耐心听完我们的意见"), ("给我们打了折", "给我们打折"),
-            ("记住了我们的名字", "记住我们的名字"), ("仔细核对了一遍", "仔细核对一遍"),
-            ("帮我们把行李搬上了楼", "帮我们把行李搬上楼"), ("额外赠送了一份小菜", "额外赠送小菜"),
-            ("提醒了我们带好证件", "提醒我们带好证件"), ("当场调换了坏掉的零件", "当场调换坏掉的零件")),
-        0: (("对我们甩了脸色", "对我们甩脸色"), ("冲顾客发了脾气", "冲顾客发脾气"),
-            ("临时取消了订单", "临时取消订单"), ("把责任推给了我们", "把责任推给我们"),
-            ("把订单搞混了", "把订单搞混"), ("偷偷加了价", "偷偷加价"), ("在车里抽了烟", "在车里抽烟"),
-            ("把座位弄脏了", "把座位弄脏"), ("弄坏了箱子", "弄坏箱子"), ("撒了谎", "撒谎")),
-    },
-    "en": {
-        1: (("thanked us", "thank us"), ("greeted us by name", "greet us by name"),
-            ("upgraded our booking", "upgrade our booking"),
-            ("listened to every concern", "listen to every concern"),
-            ("honoured the warranty", "honour the warranty"),
-            ("followed up the next morning", "follow up the next morning"),
-            ("remembered our usual order", "remember our usual order"),
-            ("warned us about the traffic", "warn us about the traffic"),
-            ("offered us a free drink", "offer us a free drink"),
-            ("carried our bags upstairs", "carry our bags upstairs"),
-            ("double-checked everything", "double-check everything")),
-        0: (("overcharged us", "overcharge us"), ("hung up on me", "hang up on me"),
-            ("ignored our messages", "ignore our messages"),
-            ("cancelled without warning", "cancel without warning"),
-            ("scratched the screen", "scratch the screen"),
-            ("shouted at the customers", "shout at the customers"),
-            ("blamed us for their error", "blame us for their error"),
-            ("misplaced our booking", "misplace our booking"),
-            ("mixed up the orders", "mix up the orders"), ("lied about the price", "lie about the price"),
-            ("ripped the box open", "rip the box open"), ("insulted my friend", "insult my friend")),
-    },
-}
-#: Frames by whether the deed was done: {a} agent, {p} done form, {b} base form.
-DEED_FORMS: dict[str, dict[bool, tuple[str, ...]]] = {
-    "zh": {True: ("{a}{p}。", "这次{a}{p}。", "那天{a}{p}。"),
-           False: ("{a}没{b}。", "{a}没有{b}。", "{a}并没有{b}。")},
-    "en": {True: ("{a} {p}.", "{a} {p} this time.", "On our last trip {a} {p}."),
-           False: ("{a} didn't {b}.", "{a} did not {b}.", "{a} never {p}.")},
-}
 
 
 def _distinct(draw: Callable[[], str], want: int, seen: set[str],
