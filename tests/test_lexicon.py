@@ -375,3 +375,6 @@ def test_with_lexicon_adds_deed_texts_and_the_cli_passes_them(
         result = CliRunner().invoke(main, [*args, "--no-vader", "--deeds", "40"])
         assert result.exit_code == 0, result.output
     assert seen["train"]["deeds_per_lang"] == 40 and seen["pack"]["deeds_per_lang"] == 40
+    from worker.sentiment.assemble import default_adapter_dir
+
+    assert seen["pack"]["baseline"] == default_adapter_dir()  # the run is judged against it

@@ -281,12 +281,15 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
                    "(needs matplotlib).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON to this file (for `model verdict --report`).")
 @_with_vader
 @click.pass_context
 def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, seed: int,
                        batch_size: int, max_len: int, no_suite: bool, no_neutral: bool,
                        reliability_png: str | None, threads: int | None, as_json: bool,
-                       vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
+                       json_out: str | None, vader_sdist: str | None, no_vader: bool,
+                       more_data: bool) -> None:
     """Print held-out accuracy, calibration error (ECE), the behavioural suite and the neutral band."""
     _require_train_extra(ctx, "model eval")
     from training.evaluate import eval_main
@@ -301,6 +304,77 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
                        reliability_to=Path(reliability_png) if reliability_png else None)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _report_file(path: str) -> dict[str, Any]:
+    """An eval report from a JSON file: `model eval --json-out`'s, or a GPU run's report.json."""
+    data = json.loads(Path(path).read_text())
+    report = data.get("eval", data) if isinstance(data, dict) else None
+    if not isinstance(report, dict) or "heldout" not in report:
+        raise click.BadParameter(f"{path} holds no eval report (no 'heldout')")
+    return report
+
+
+@click.command("verdict")
+@click.option("--model", "model_dir", default=None,
+              help="The candidate, a Hugging Face model directory (e.g. "
+                   "\"$(bertstream model path --adapter DIR)\").")
+@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Or the candidate's eval report (`model eval --json-out`, "
+                                 "or a GPU run's report.json).")
+@click.option("--baseline", "baseline_dir", default=None,
+              help="The model to beat, a model directory (default: the bundled model).")
+@click.option("--baseline-report", "baseline_report_path",
+              type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Or the baseline's eval report as JSON.")
+@click.option("--seed", type=int, default=13, show_default=True,
+              help="The training seed (fixes which texts are held out).")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@click.option("--json", "as_json", is_flag=True, help="Also print the verdict as JSON.")
+@_with_vader
+@click.pass_context
+def model_verdict_command(ctx: click.Context, model_dir: str | None, report_path: str | None,
+                          baseline_dir: str | None, baseline_report_path: str | None, seed: int,
+                          threads: int | None, as_json: bool, vader_sdist: str | None,
+                          no_vader: bool, more_data: bool) -> None:
+    """Hold a candidate model to the adoption rule against the bundled one; exit 1 unless adopted.
+
+    Evaluates both (test split at 512 tokens and the behavioural suite; a
+    side given as a report is not re-evaluated), prints the figures side by
+    side and each check: neither suite lower, no language with more
+    confident suite errors, neither held-out figure more than half a point
+    lower, the suites together at least four errors fewer. Example:
+    bertstream model verdict --more-data --model "$(bertstream model path --adapter /tmp/mix)"
+    """
+    if (model_dir is None) == (report_path is None):
+        raise click.UsageError("give the candidate as --model or as --report (one of them)")
+    if baseline_dir is not None and baseline_report_path is not None:
+        raise click.UsageError("give the baseline as --baseline or --baseline-report, not both")
+    from training.verdict import format_verdict, judge
+
+    reports: list[dict[str, Any]] = []
+    for directory, path in ((baseline_dir, baseline_report_path), (model_dir, report_path)):
+        if path is not None:
+            reports.append(_report_file(path))
+            continue
+        _require_train_extra(ctx, "model verdict")
+        from training.evaluate import eval_main
+
+        click.echo(f"evaluating {directory or 'the bundled model'} ...", err=True)
+        reports.append(eval_main(
+            Path(directory) if directory else None, cache_dir=Path(settings_from(ctx).cache_dir),
+            vader_sdist=_vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+            seed=seed, threads=_threads(threads), neutral=False).as_dict())
+    try:
+        verdict = judge(reports[0], reports[1])
+    except ValueError as exc:
+        raise click.ClickException(f"cannot apply the rule: {exc}") from exc
+    click.echo(format_verdict(verdict, "baseline", "candidate"))
+    if as_json:
+        click.echo(json.dumps(verdict.as_dict(), indent=2))
+    ctx.exit(0 if verdict.adopt else 1)
 
 
 @click.command("calibrate")
@@ -382,6 +456,9 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
               help="At most this many texts per split: a pack for the CPU rehearsal.")
 @click.option("--limit-mb", type=float, default=56.0, show_default=True,
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
+@click.option("--baseline", "baseline_dir", type=click.Path(file_okay=False, exists=True),
+              default=None, help="The adapter the run is held against and interpolated with "
+                                 "on the device (default: the bundled one).")
 @_compose_option
 @_compose_dev_option
 @_lexicon_option
@@ -391,7 +468,8 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
-                              limit_mb: float, compose_per_lang: int, compose_dev_per_lang: int,
+                              limit_mb: float, baseline_dir: str | None, compose_per_lang: int,
+                              compose_dev_per_lang: int,
                               lexicon_per_lang: int, absence_per_lang: int,
                               deeds_per_lang: int, judge_dir: str | None, vader_sdist: str | None,
                               no_vader: bool, more_data: bool) -> None:
@@ -399,6 +477,7 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
     import shutil
 
     from training.device_pack import pack_main
+    from worker.sentiment.assemble import default_adapter_dir
 
     _require_train_extra(ctx, "model device-pack")
     out = Path(out_dir)
@@ -409,8 +488,9 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
                      judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
                      lexicon_per_lang=lexicon_per_lang,
                      lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-                     absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang)
-    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+                     absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang,
+                     baseline=Path(baseline_dir) if baseline_dir else default_adapter_dir())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")
     if size > limit_mb:
@@ -424,6 +504,7 @@ COMMANDS: dict[str, click.Command] = {
     "eval": model_eval_command,
     "calibrate": model_calibrate_command,
     "interpolate": model_interpolate_command,
+    "verdict": model_verdict_command,
     "speed": model_speed_command,
     "device-pack": model_device_pack_command,
 }

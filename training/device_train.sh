@@ -17,7 +17,10 @@
 # several seeds, a weight soup), picks on dev, calibrates on dev, evaluates
 # the pick once on test, the behavioural suite and vader's neutral items, and
 # writes adapter/, report.json, train.log, env.txt and reliability.png under
-# $OUT. Needs only torch and transformers there; BUDGET_S bounds the wall time.
+# $OUT. With the pack's baseline/ (the bundled adapter) it also applies the
+# adoption rule (training/verdict.py) to the pick and, if the pick fails it, to
+# the interpolation towards it: report.json "rule", and the verdicts in
+# train.log. Needs only torch and transformers there; BUDGET_S bounds the wall time.
 # `make device-train-rehearsal` runs the same steps on the CPU at toy sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

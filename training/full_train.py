@@ -42,7 +42,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from training.behaviour import SuiteItem
 from training.data import Example
-from training.device_pack import PACK_FORMAT, WORD_EMBEDDINGS
+from training.device_pack import BASELINE, PACK_FORMAT, WORD_EMBEDDINGS
 from training.evaluate import (
     EvalReport,
     accuracy_table,
@@ -53,8 +53,10 @@ from training.evaluate import (
     neutral_report,
     write_reliability,
 )
+from training.interpolate import dev_scores, interpolate, pick_alpha
 from training.train import GUARD, Recipe, _counts, _prepare, dev_mean, length_batches
-from worker.sentiment.adapter_file import save_adapter
+from training.verdict import format_verdict, judge
+from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
 from worker.sentiment.lora import merge_into
 
 MODES = ("full", "lora")
@@ -85,6 +87,8 @@ class Pack:
     config: BertConfig
     base: dict[str, torch.Tensor]  # "bert.*" fp32, word embedding rows of the compact vocabulary
     splits: dict[str, Split]
+    #: The adapter the run is held against (the pack's ``baseline/``), if it has one.
+    baseline: Adapter | None = None
 
     @property
     def pad_id(self) -> int:
@@ -129,7 +133,8 @@ def load_pack(directory: Path) -> Pack:
             data[f"{name}.labels"].long(),
             [names[g] for g in data[f"{name}.groups"].tolist()],
         )
-    return Pack(meta, BertConfig.from_dict(meta["config"]), base, splits)
+    baseline = load_adapter(directory / BASELINE) if (directory / BASELINE).is_dir() else None
+    return Pack(meta, BertConfig.from_dict(meta["config"]), base, splits, baseline)
 
 
 @dataclass(frozen=True)
@@ -581,6 +586,110 @@ def evaluate_pick(pack: Pack, model: nn.Module, device: torch.device,
     return report, calibration, test_logits
 
 
+#: The interpolation grid of the second chance (``model interpolate``'s default).
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def baseline_report(pack: Pack, device: torch.device) -> EvalReport:
+    """The baseline adapter on test and the suite, at the temperature it serves with
+    (its stored one; fitted on dev when it has none), as ``model eval`` measures it."""
+    assert pack.baseline is not None
+    adapter = pack.baseline
+    cand = Candidate("baseline", adapter.lora, adapter.full, int(adapter.meta["lora"]["rank"]),
+                     float(adapter.meta["lora"]["alpha"]))
+    model = nn.Module.to(exported_model(pack, cand), device)
+    stored = (adapter.meta.get("calibration") or {}).get("temperature")
+    if stored is None:
+        return evaluate_pick(pack, model, device)[0]
+    test = pack.splits["test"]
+    return evaluate_logits(test.examples(), split_logits(model, test, pack.pad_id, device),
+                           float(stored), pack.meta["max_len"], pack.suite,
+                           split_logits(model, pack.splits["suite"], pack.pad_id, device))
+
+
+def as_adapter(pack: Pack, cand: Candidate) -> Adapter:
+    """``cand`` as the runtime would load it (fp16-rounded), for :func:`interpolate`."""
+    base = {k: v for k, v in pack.meta["base"].items() if k != "vocab"}
+    return Adapter({k: v.half().float() for k, v in cand.lora.items()},
+                   {k: v.half().float() for k, v in cand.full.items()},
+                   {"base": base, "labels": {"0": "negative", "1": "positive"},
+                    "lora": {"rank": cand.rank, "alpha": cand.alpha}})
+
+
+def second_chance(pack: Pack, best: Candidate, device: torch.device,
+                  log: Callable[[str], None], alphas: Sequence[float] = ALPHAS,
+                  ) -> tuple[float, dict[str, dict[str, float]], Candidate | None]:
+    """The interpolation from the baseline towards ``best`` (``model interpolate``'s rule).
+
+    Each α of ``alphas`` is scored on dev (calibrated NLL, mean of the
+    languages; the lowest wins, ties to the smaller α). Gives α, the grid and
+    the interpolated candidate (None at α 0, the baseline itself).
+    """
+    assert pack.baseline is not None
+    target = as_adapter(pack, best)
+    dev = pack.splits["dev"]
+    grid: dict[float, dict[str, float]] = {}
+    mixes: dict[float, Candidate] = {}
+    for alpha in alphas:
+        lora, full = interpolate(pack.baseline, target, alpha, pack.base)
+        rank = {t.shape[0] for k, t in lora.items() if k.endswith(".lora_a")}.pop()
+        mixes[alpha] = Candidate(f"baseline→{best.name} α={alpha:g}", lora, full, rank, float(rank))
+        model = nn.Module.to(exported_model(pack, mixes[alpha]), device)
+        grid[alpha] = dev_scores(dev.examples(), split_logits(model, dev, pack.pad_id, device))
+        log(f"interpolation α {alpha:g}: dev " + json.dumps(grid[alpha]))
+    alpha = pick_alpha(grid)
+    return alpha, {f"{a:g}": v for a, v in grid.items()}, (mixes[alpha] if alpha > 0 else None)
+
+
+def apply_rule(pack: Pack, best: Candidate, report: EvalReport, device: torch.device,
+               log: Callable[[str], None], alphas: Sequence[float] = ALPHAS) -> dict[str, Any]:
+    """The adoption rule on the device: the pick, then (if it fails) its one second chance.
+
+    The baseline is evaluated as it serves; the pick is judged against it
+    (training.verdict); a pick that fails gets the interpolation towards it,
+    evaluated once and judged the same way. What is adopted is still decided
+    on the CPU, where ``bertstream model verdict`` repeats the evaluation.
+    """
+    base_meta = {k: v for k, v in pack.meta["base"].items() if k != "vocab"}
+    assert pack.baseline is not None
+    if pack.baseline.meta.get("base") != base_meta:
+        log(f"rule not applied: the baseline adapter is for {pack.baseline.meta.get('base')}")
+        return {"applied": False, "reason": "the baseline adapter is for another base model"}
+    baseline = baseline_report(pack, device)
+    out: dict[str, Any] = {"applied": True, "baseline": baseline.as_dict(),
+                           "baseline_sha256": pack.meta.get("baseline", {}).get("adapter_sha256")}
+    try:
+        verdict = judge(baseline.as_dict(), report.as_dict())
+    except ValueError as exc:  # e.g. a rehearsal pack without the original English sources
+        log(f"rule not applied: {exc}")
+        return {**out, "applied": False, "reason": str(exc)}
+    out["pick"] = verdict.as_dict()
+    log(f"the rule, {best.name} against the baseline:\n"
+        + format_verdict(verdict, "baseline", "pick"))
+    if verdict.adopt:
+        return out
+    alpha, grid, mix = second_chance(pack, best, device, log, alphas)
+    chance: dict[str, Any] = {"alpha": alpha, "dev": grid,
+                              "select": "lowest calibrated dev NLL, mean of the languages; "
+                                        "ties: the smaller alpha"}
+    if mix is None:
+        log("second chance: α 0 (the baseline itself); nothing to judge")
+    elif alpha == 1.0:
+        chance["verdict"] = verdict.as_dict()
+        log("second chance: α 1 (the pick itself), judged above")
+    else:
+        model = nn.Module.to(exported_model(pack, mix), device)
+        mixed, calibration, _ = evaluate_pick(pack, model, device)
+        second = judge(baseline.as_dict(), mixed.as_dict())
+        chance.update(verdict=second.as_dict(), eval=mixed.as_dict(), calibration=calibration,
+                      rebuild=f"bertstream model interpolate --to OUT/adapter --alpha {alpha:g} "
+                              "--out MIX --more-data")
+        log(f"second chance, α {alpha:g}, against the baseline:\n"
+            + format_verdict(second, "baseline", f"α {alpha:g}"))
+    out["second_chance"] = chance
+    return out
+
+
 def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report: EvalReport,
                  calibration: dict[str, Any]) -> dict[str, Any]:
     """The picked adapter's meta.json: recipe, data, dev, calibration and the test figures."""
@@ -672,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     suite = pack.splits["suite"]
     probe = split_logits(model, Split(suite.ids[:8], suite.labels[:8], suite.groups[:8]),
                          pack.pad_id, device)
-    out = {
+    out: dict[str, Any] = {
         "device": {"type": device.type, "name": _device_name(device),
                    "torch": torch.__version__, "python": sys.version.split()[0]},
         "pack": {k: pack.meta[k] for k in ("counts", "tokens", "vocab_rows", "data_sha256", "max_len")},
@@ -686,8 +795,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "eval": report.as_dict(),
         # Logits of the first suite texts: the assembled model must give the same (a test checks).
         "probe_suite_logits": probe.tolist(),
-        "seconds": round(time.time() - t0, 1),
     }
+    if pack.baseline is not None:
+        out["rule"] = apply_rule(pack, best, report, device, log)
+    out["seconds"] = round(time.time() - t0, 1)
     (args.out / "report.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     log(f"wrote {args.out / 'adapter'} and report.json ({time.time() - t0:.0f}s in all); "
         f"dev of the pick:\n{format_table(best.dev)}")

@@ -113,6 +113,7 @@ TRAINING_COMMANDS = {
     "eval": "Held-out accuracy, calibration error, the behavioural suite, the neutral band.",
     "calibrate": "Fit the temperature on dev and store it with the adapter.",
     "interpolate": "Interpolate two adapters' weights; pick the weight on dev.",
+    "verdict": "Hold a candidate model to the adoption rule against the bundled one.",
     "speed": "Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy.",
     "device-pack": "Pack the encoder and tokenised data for a GPU training run.",
 }
