@@ -632,7 +632,7 @@ def second_chance(pack: Pack, best: Candidate, device: torch.device,
     mixes: dict[float, Candidate] = {}
     for alpha in alphas:
         lora, full = interpolate(pack.baseline, target, alpha, pack.base)
-        rank = {t.shape[0] for k, t in lora.items() if k.endswith(".lora_a")}.pop()
+        rank = max((t.shape[0] for k, t in lora.items() if k.endswith(".lora_a")), default=1)
         mixes[alpha] = Candidate(f"baseline→{best.name} α={alpha:g}", lora, full, rank, float(rank))
         model = nn.Module.to(exported_model(pack, mixes[alpha]), device)
         grid[alpha] = dev_scores(dev.examples(), split_logits(model, dev, pack.pad_id, device))
