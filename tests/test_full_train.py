@@ -30,6 +30,7 @@ from training.full_train import (
     _trainable,
     apply_rule,
     build_model,
+    calibrated_dev,
     default_plan,
     evaluate_pick,
     export_full,
@@ -166,6 +167,7 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
     assert (out / "reliability.png").stat().st_size > 1000
     # The pack's composed dev texts are scored for every candidate and weigh in the pick.
     assert all(c["dev_composed"]["en"]["n"] == 4 for c in report["candidates"])
+    assert all(c["dev_calibrated"]["nll_mean"] > 0 for c in report["candidates"])
     assert meta["dev_composed"]["zh"]["n"] == 4 and "composed" in meta["recipe"]["selection"]
     # The rehearsal pick is judged against the bundled adapter (and cannot pass).
     rule = report["rule"]
@@ -206,13 +208,40 @@ def test_pick_weighs_composed_dev_within_the_guard() -> None:
     assert pick([cand("a", 0.91, 0.8), cand("b", 0.908, 0.8)]).name == "a"  # tie: dev mean
 
 
+def test_pick_on_calibrated_nll_and_the_dev_confident_errors() -> None:
+    def cand(name: str, dev: float, nll: float) -> Candidate:
+        table = {lang: {"n": 100, "acc": dev} for lang in ("zh", "en")}
+        return Candidate(name, {}, {}, 1, 1.0, dev=table, score=dev,
+                         calibrated={"nll_mean": nll})
+
+    cands = [cand("sure", 0.92, 0.30), cand("doubtful", 0.90, 0.25), cand("tie", 0.91, 0.25)]
+    assert pick(cands).name == "sure"                  # accuracy
+    assert pick(cands, "nll").name == "tie"            # lowest NLL, then the higher dev mean
+    with pytest.raises(ValueError, match="unknown selection"):
+        pick(cands, "suite")
+
+    examples = [Example("", label, lang, "s") for label, lang in
+                ((1, "en"), (0, "en"), (1, "en"), (1, "zh"), (0, "zh"), (0, "zh"))]
+    # en: one error with a margin of 6, zh: one error with a margin of 0.5; the rest right.
+    logits = torch.tensor([[0.0, 4.0], [0.0, 6.0], [0.0, 3.0],
+                           [0.0, 2.0], [3.0, 0.0], [0.0, 0.5]])
+    scores = calibrated_dev(examples, logits)
+    p_en = torch.softmax(torch.tensor([0.0, 6.0]) / scores["temperature"], -1).max()
+    p_zh = torch.softmax(torch.tensor([0.0, 0.5]) / scores["temperature"], -1).max()
+    assert scores["confident_en"] == int(p_en >= 0.9) and scores["confident_zh"] == int(p_zh >= 0.9)
+    assert {"nll_mean", "acc_en", "acc_zh"} <= set(scores)
+
+
 def test_time_budget_stops_a_run_and_skips_the_rest(pack_dir: Path, tmp_path: Path) -> None:
     report = main(["--pack", str(pack_dir), "--out", str(tmp_path), "--device", "cpu",
                    "--rehearse", "--modes", "full", "--ranks", "8", "--budget-s", "0.01",
-                   "--reserve-s", "0", "--threads", "2"])
+                   "--reserve-s", "0", "--threads", "2", "--select", "nll"])
     (run,) = report["runs"]
     assert run["steps_done"] == 1 and run["best_step"] == 1  # stopped, still evaluated
     assert report["skipped"] == ["full-seed14-lr0.0001"]
+    assert report["select"] == "nll"
+    meta = json.loads((tmp_path / "adapter" / "meta.json").read_text())
+    assert "calibrated dev NLL" in meta["recipe"]["selection"] and meta["dev_calibrated"]
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
 
 

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from training.behaviour import SuiteItem
+from training.behaviour import CONFIDENT, SuiteItem
 from training.data import Example
 from training.device_pack import BASELINE, PACK_FORMAT, WORD_EMBEDDINGS
 from training.evaluate import (
@@ -60,6 +60,7 @@ from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
 from worker.sentiment.lora import merge_into
 
 MODES = ("full", "lora")
+SELECTIONS = ("accuracy", "nll")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ class Candidate:
     score: float = -1.0
     #: Accuracy table on the pack's "dev_composed" split, when it has one.
     composed: dict[str, dict[str, float]] | None = None
+    #: Dev at the temperature fitted there (:func:`calibrated_dev`): NLL, confident errors.
+    calibrated: dict[str, float] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -372,14 +375,30 @@ def exported_model(pack: Pack, cand: Candidate) -> BertForSequenceClassification
     return model
 
 
+def calibrated_dev(examples: Sequence[Example], logits: torch.Tensor) -> dict[str, float]:
+    """Dev at its own fitted temperature: :func:`dev_scores` (accuracy, NLL per language and
+    their mean) and per language the errors at a calibrated score >= CONFIDENT."""
+    out = dev_scores(examples, logits)
+    probs = torch.softmax(logits / out["temperature"], -1)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    wrong_and_sure = (probs.argmax(-1) != labels) & (probs.max(-1).values >= CONFIDENT)
+    for lang in sorted({e.lang for e in examples}):
+        mask = torch.tensor([e.lang == lang for e in examples])
+        out[f"confident_{lang}"] = int((wrong_and_sure & mask).sum())
+    return out
+
+
 def score_candidate(pack: Pack, cand: Candidate, device: torch.device,
                     log: Callable[[str], None]) -> None:
     model = nn.Module.to(exported_model(pack, cand), device)
     dev = pack.splits["dev"]
-    preds = split_logits(model, dev, pack.pad_id, device).argmax(-1).tolist()
-    cand.dev = accuracy_table(dev.examples(), preds)
+    logits = split_logits(model, dev, pack.pad_id, device)
+    cand.dev = accuracy_table(dev.examples(), logits.argmax(-1).tolist())
     cand.score = dev_mean(cand.dev)
+    cand.calibrated = calibrated_dev(dev.examples(), logits)
     langs = " ".join(f"{k} {v['acc']:.4f}" for k, v in cand.dev.items() if "/" not in k)
+    langs += (f"; calibrated NLL {cand.calibrated['nll_mean']:.4f}, errors >= {CONFIDENT} "
+              + "/".join(str(v) for k, v in cand.calibrated.items() if k.startswith("confident_")))
     if "dev_composed" in pack.splits:
         composed = pack.splits["dev_composed"]
         cand.composed = accuracy_table(
@@ -389,10 +408,20 @@ def score_candidate(pack: Pack, cand: Candidate, device: torch.device,
     log(f"candidate {cand.name}: dev {langs} mean {cand.score:.4f} ({cand.params / 1e6:.2f} M params)")
 
 
-def pick(candidates: Sequence[Candidate]) -> Candidate:
+def pick(candidates: Sequence[Candidate], select: str = "accuracy") -> Candidate:
     """The adapter to keep: the best dev mean, or, when the pack has composed dev
     texts, the best of those among the candidates within GUARD of the best dev
-    mean (ties: the higher dev mean, then the smaller adapter)."""
+    mean (ties: the higher dev mean, then the smaller adapter).
+
+    ``select="nll"``: the lowest calibrated dev NLL (mean of the languages), a
+    proper score that charges a sure wrong answer more than a hesitant one, as
+    ``model interpolate`` picks α (ties: the higher dev mean, then the smaller adapter).
+    """
+    if select == "nll":
+        return min(candidates, key=lambda c: (round(c.calibrated["nll_mean"], 6),
+                                              -round(c.score, 6), c.params))
+    if select != "accuracy":
+        raise ValueError(f"unknown selection {select!r}: accuracy or nll")
     top = max(round(c.score, 6) for c in candidates)
     near = [c for c in candidates if c.composed is None or round(c.score, 6) >= top - GUARD]
     return max(near, key=lambda c: (round(dev_mean(c.composed), 6) if c.composed else 0.0,
@@ -444,6 +473,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ranks", default="16,32,64",
                     help="ranks a full run's matrix changes are stored at (each scored on dev)")
     ap.add_argument("--max-runs", type=int, default=None)
+    ap.add_argument("--select", choices=SELECTIONS, default="accuracy",
+                    help="what picks the candidate on dev: accuracy (with the composed dev "
+                         "texts' guard) or the calibrated NLL")
     ap.add_argument("--head-seed", type=int, default=None,
                     help="draw every full run's pooler and classifier from this seed "
                          "(default: each run's own seed)")
@@ -691,7 +723,7 @@ def apply_rule(pack: Pack, best: Candidate, report: EvalReport, device: torch.de
 
 
 def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report: EvalReport,
-                 calibration: dict[str, Any]) -> dict[str, Any]:
+                 calibration: dict[str, Any], select: str = "accuracy") -> dict[str, Any]:
     """The picked adapter's meta.json: recipe, data, dev, calibration and the test figures."""
     src = best.source
     return {
@@ -705,7 +737,9 @@ def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report:
             "frozen_layers": 0,
             "word_embeddings": "frozen",
             "stored_rank": best.rank,
-            "selection": ("best mean accuracy on the composed dev texts among the candidates "
+            "selection": ("lowest calibrated dev NLL (mean of zh, en) over every candidate, "
+                          "as exported" if select == "nll" else
+                          "best mean accuracy on the composed dev texts among the candidates "
                           f"within {GUARD} of the best dev mean (zh, en), as exported"
                           if best.composed is not None else
                           "best dev mean accuracy (zh, en) over every candidate, as exported"),
@@ -718,6 +752,7 @@ def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report:
         "train_seconds": round(sum(r.seconds for r in runs)),
         "dev": best.dev,
         **({"dev_composed": best.composed} if best.composed is not None else {}),
+        "dev_calibrated": best.calibrated,
         "calibration": calibration,
         "test": report.heldout,
         "eval_max_len": pack.meta["max_len"],
@@ -762,8 +797,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (args.out / "report.json").write_text(json.dumps(
         {"partial": True, "runs": _runs_json(runs), "skipped": skipped}, indent=1) + "\n")
     candidates = candidates_of(pack, runs, args.ranks, device, log)
-    best = pick(candidates)
-    log(f"picked on dev: {best.name} (mean {best.score:.4f})")
+    best = pick(candidates, args.select)
+    log(f"picked on dev ({args.select}): {best.name} (mean {best.score:.4f}, "
+        f"calibrated NLL {best.calibrated['nll_mean']:.4f})")
 
     model = nn.Module.to(exported_model(pack, best), device)
     report, calibration, test_logits = evaluate_pick(pack, model, device)
@@ -777,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ImportError as exc:  # matplotlib is optional
         log(f"no reliability diagram: {exc}")
     save_adapter(args.out / "adapter", best.lora, best.full,
-                 adapter_meta(pack, best, runs, report, calibration))
+                 adapter_meta(pack, best, runs, report, calibration, args.select))
     suite = pack.splits["suite"]
     probe = split_logits(model, Split(suite.ids[:8], suite.labels[:8], suite.groups[:8]),
                          pack.pad_id, device)
@@ -787,7 +823,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pack": {k: pack.meta[k] for k in ("counts", "tokens", "vocab_rows", "data_sha256", "max_len")},
         "runs": _runs_json(runs),
         "skipped": skipped,
+        "select": args.select,
         "candidates": [{"name": c.name, "rank": c.rank, "params": c.params, "dev_score": c.score,
+                        "dev_calibrated": c.calibrated,
                         "dev": {k: v for k, v in c.dev.items() if "/" not in k},
                         **({"dev_composed": c.composed} if c.composed is not None else {})}
                        for c in candidates],
