@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sentiment model's GPU training run: one call on a lent device.
 #
-#   make device-train-pack                         # here: .devpack-train/ (~27 MiB)
+#   make device-train-pack                         # here: .devpack-train/ (~32 MiB)
 #   run (device tool): bash training/device_train.sh   carry: [".devpack-train"], timeout_s 570
 #   or, several full runs side by side (one process each, then their soup):
 #     BUDGET_S=400 bash training/device_train.sh --modes full --parallel 8 --reserve-s 70
