@@ -342,6 +342,7 @@ def test_rule_judges_the_second_chance_when_the_pick_fails(pack_dir: Path) -> No
     assert [c["holds"] for c in rule["pick"]["checks"]] == [True, True, True, False]
     chance = rule["second_chance"]
     assert chance["alpha"] == 0.5 and "0.5" in chance["dev"] and "--alpha 0.5" in chance["rebuild"]
+    assert f"--from {default_adapter_dir()} " in chance["rebuild"]
     assert chance["verdict"]["adopt"] is False
     assert chance["eval"]["suite"]["en"]["acc"] == rule["baseline"]["suite"]["en"]["acc"]
     assert chance["eval"]["heldout"]["zh"] == rule["baseline"]["heldout"]["zh"]

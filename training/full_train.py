@@ -712,10 +712,11 @@ def apply_rule(pack: Pack, best: Candidate, report: EvalReport, device: torch.de
     else:
         model = nn.Module.to(exported_model(pack, mix), device)
         mixed, calibration, _ = evaluate_pick(pack, model, device)
+        origin = pack.meta.get("baseline", {}).get("from", "BASELINE")
         second = judge(baseline.as_dict(), mixed.as_dict())
         chance.update(verdict=second.as_dict(), eval=mixed.as_dict(), calibration=calibration,
-                      rebuild=f"bertstream model interpolate --to OUT/adapter --alpha {alpha:g} "
-                              "--out MIX --more-data")
+                      rebuild=f"bertstream model interpolate --from {origin} --to OUT/adapter "
+                              f"--alpha {alpha:g} --out MIX --more-data")
         log(f"second chance, α {alpha:g}, against the baseline:\n"
             + format_verdict(second, "baseline", f"α {alpha:g}"))
     out["second_chance"] = chance
