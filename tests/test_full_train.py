@@ -346,3 +346,24 @@ def test_rule_judges_the_second_chance_when_the_pick_fails(pack_dir: Path) -> No
     assert chance["verdict"]["adopt"] is False
     assert chance["eval"]["suite"]["en"]["acc"] == rule["baseline"]["suite"]["en"]["acc"]
     assert chance["eval"]["heldout"]["zh"] == rule["baseline"]["heldout"]["zh"]
+
+
+def test_a_failing_rule_step_still_brings_back_the_adapter_and_report(
+        pack_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from worker.sentiment.adapter_file import load_adapter, save_adapter
+
+    broken = tmp_path / "pack"
+    shutil.copytree(pack_dir, broken)
+    adapter = load_adapter(broken / "baseline")
+    lora = dict(adapter.lora)
+    lora.pop(next(k for k in lora if k.endswith(".lora_b")))  # an A without its B
+    save_adapter(broken / "baseline", lora, adapter.full, adapter.meta)
+    out = tmp_path / "out"
+    report = main(["--pack", str(broken), "--out", str(out), "--device", "cpu", "--rehearse",
+                   "--modes", "full", "--ranks", "8", "--budget-s", "0.01", "--reserve-s", "0",
+                   "--threads", "2"])
+    assert report["rule"]["applied"] is False and "Error(" in report["rule"]["reason"]
+    assert report["eval"]["suite"] and (out / "adapter" / "adapter.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text())["rule"]["applied"] is False

@@ -836,7 +836,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "probe_suite_logits": probe.tolist(),
     }
     if pack.baseline is not None:
-        out["rule"] = apply_rule(pack, best, report, device, log)
+        try:
+            out["rule"] = apply_rule(pack, best, report, device, log)
+        except Exception as exc:  # the call's adapter and report must come back regardless
+            log(f"rule not applied: {exc!r}")
+            out["rule"] = {"applied": False, "reason": repr(exc)}
     out["seconds"] = round(time.time() - t0, 1)
     (args.out / "report.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     log(f"wrote {args.out / 'adapter'} and report.json ({time.time() - t0:.0f}s in all); "
