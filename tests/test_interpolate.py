@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.data import Example
-from training.interpolate import dev_scores, interpolate, pick_alpha, write_interpolated
+from training.interpolate import ALPHAS, dev_scores, interpolate, pick_alpha, write_interpolated
 from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
 from worker.sentiment.assemble import default_adapter_dir
 from worker.sentiment.lora import merge_into
@@ -131,6 +131,15 @@ def test_pick_alpha_takes_the_lowest_nll_and_on_a_tie_the_smaller_alpha() -> Non
     assert pick_alpha({0.0: {"nll_mean": 0.30}, 0.5: {"nll_mean": 0.28},
                        1.0: {"nll_mean": 0.29}}) == 0.5
     assert pick_alpha({1.0: {"nll_mean": 0.28}, 0.25: {"nll_mean": 0.28}}) == 0.25
+
+
+def test_the_cli_grid_is_the_modules_grid() -> None:
+    # The CLI keeps its default as a literal (it imports no torch at start-up); the GPU
+    # trainer's second chance uses ALPHAS: both must be the same grid.
+    from training.cli import model_interpolate_command
+
+    option = next(p for p in model_interpolate_command.params if p.name == "alphas")
+    assert tuple(option.default) == ALPHAS  # type: ignore[arg-type]
 
 
 def test_dev_scores_per_language() -> None:

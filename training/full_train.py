@@ -53,7 +53,7 @@ from training.evaluate import (
     neutral_report,
     write_reliability,
 )
-from training.interpolate import dev_scores, interpolate, pick_alpha
+from training.interpolate import ALPHAS, _rank, dev_scores, interpolate, pick_alpha
 from training.train import GUARD, Recipe, _counts, _prepare, dev_mean, length_batches
 from training.verdict import format_verdict, judge
 from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
@@ -90,6 +90,11 @@ class Pack:
     splits: dict[str, Split]
     #: The adapter the run is held against (the pack's ``baseline/``), if it has one.
     baseline: Adapter | None = None
+
+    @property
+    def base_meta(self) -> dict[str, Any]:
+        """The base model as an adapter's meta.json names it (the pack's, less its vocabulary size)."""
+        return {k: v for k, v in self.meta["base"].items() if k != "vocab"}
 
     @property
     def pad_id(self) -> int:
@@ -598,13 +603,20 @@ def candidates_of(pack: Pack, runs: Sequence[RunResult], ranks: Sequence[int],
 
 
 def evaluate_pick(pack: Pack, model: nn.Module, device: torch.device,
+                  temperature: float | None = None,
                   ) -> tuple[EvalReport, dict[str, Any], torch.Tensor]:
-    """Calibrate on dev, then the one look at test, the suite and the neutral items."""
+    """Calibrate on dev, then the one look at test, the suite and the neutral items.
+
+    ``temperature``: use this one (e.g. the one an adapter serves with) instead
+    of fitting; the calibration record is then empty.
+    """
     pad = pack.pad_id
-    dev = pack.splits["dev"]
-    calibration = calibration_record(split_logits(model, dev, pad, device), dev.labels,
-                                     pack.meta["max_len"])
-    temperature = calibration["temperature"]
+    calibration: dict[str, Any] = {}
+    if temperature is None:
+        dev = pack.splits["dev"]
+        calibration = calibration_record(split_logits(model, dev, pad, device), dev.labels,
+                                         pack.meta["max_len"])
+        temperature = float(calibration["temperature"])
     test = pack.splits["test"]
     examples = test.examples()
     test_logits = split_logits(model, test, pad, device)
@@ -618,10 +630,6 @@ def evaluate_pick(pack: Pack, model: nn.Module, device: torch.device,
     return report, calibration, test_logits
 
 
-#: The interpolation grid of the second chance (``model interpolate``'s default).
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
 def baseline_report(pack: Pack, device: torch.device) -> EvalReport:
     """The baseline adapter on test and the suite, at the temperature it serves with
     (its stored one; fitted on dev when it has none), as ``model eval`` measures it."""
@@ -631,20 +639,14 @@ def baseline_report(pack: Pack, device: torch.device) -> EvalReport:
                      float(adapter.meta["lora"]["alpha"]))
     model = nn.Module.to(exported_model(pack, cand), device)
     stored = (adapter.meta.get("calibration") or {}).get("temperature")
-    if stored is None:
-        return evaluate_pick(pack, model, device)[0]
-    test = pack.splits["test"]
-    return evaluate_logits(test.examples(), split_logits(model, test, pack.pad_id, device),
-                           float(stored), pack.meta["max_len"], pack.suite,
-                           split_logits(model, pack.splits["suite"], pack.pad_id, device))
+    return evaluate_pick(pack, model, device, None if stored is None else float(stored))[0]
 
 
 def as_adapter(pack: Pack, cand: Candidate) -> Adapter:
     """``cand`` as the runtime would load it (fp16-rounded), for :func:`interpolate`."""
-    base = {k: v for k, v in pack.meta["base"].items() if k != "vocab"}
     return Adapter({k: v.half().float() for k, v in cand.lora.items()},
                    {k: v.half().float() for k, v in cand.full.items()},
-                   {"base": base, "labels": {"0": "negative", "1": "positive"},
+                   {"base": pack.base_meta, "labels": {"0": "negative", "1": "positive"},
                     "lora": {"rank": cand.rank, "alpha": cand.alpha}})
 
 
@@ -660,11 +662,11 @@ def second_chance(pack: Pack, best: Candidate, device: torch.device,
     assert pack.baseline is not None
     target = as_adapter(pack, best)
     dev = pack.splits["dev"]
+    rank = max(_rank(pack.baseline) + _rank(target), 1)  # scale 1, as write_interpolated
     grid: dict[float, dict[str, float]] = {}
     mixes: dict[float, Candidate] = {}
     for alpha in alphas:
         lora, full = interpolate(pack.baseline, target, alpha, pack.base)
-        rank = max((t.shape[0] for k, t in lora.items() if k.endswith(".lora_a")), default=1)
         mixes[alpha] = Candidate(f"baseline→{best.name} α={alpha:g}", lora, full, rank, float(rank))
         model = nn.Module.to(exported_model(pack, mixes[alpha]), device)
         grid[alpha] = dev_scores(dev.examples(), split_logits(model, dev, pack.pad_id, device))
@@ -682,16 +684,15 @@ def apply_rule(pack: Pack, best: Candidate, report: EvalReport, device: torch.de
     evaluated once and judged the same way. What is adopted is still decided
     on the CPU, where ``bertstream model verdict`` repeats the evaluation.
     """
-    base_meta = {k: v for k, v in pack.meta["base"].items() if k != "vocab"}
     assert pack.baseline is not None
-    if pack.baseline.meta.get("base") != base_meta:
+    if pack.baseline.meta.get("base") != pack.base_meta:
         log(f"rule not applied: the baseline adapter is for {pack.baseline.meta.get('base')}")
         return {"applied": False, "reason": "the baseline adapter is for another base model"}
-    baseline = baseline_report(pack, device)
-    out: dict[str, Any] = {"applied": True, "baseline": baseline.as_dict(),
+    baseline = baseline_report(pack, device).as_dict()
+    out: dict[str, Any] = {"applied": True, "baseline": baseline,
                            "baseline_sha256": pack.meta.get("baseline", {}).get("adapter_sha256")}
     try:
-        verdict = judge(baseline.as_dict(), report.as_dict())
+        verdict = judge(baseline, report.as_dict())
     except ValueError as exc:  # e.g. a rehearsal pack without the original English sources
         log(f"rule not applied: {exc}")
         return {**out, "applied": False, "reason": str(exc)}
@@ -713,7 +714,7 @@ def apply_rule(pack: Pack, best: Candidate, report: EvalReport, device: torch.de
         model = nn.Module.to(exported_model(pack, mix), device)
         mixed, calibration, _ = evaluate_pick(pack, model, device)
         origin = pack.meta.get("baseline", {}).get("from", "BASELINE")
-        second = judge(baseline.as_dict(), mixed.as_dict())
+        second = judge(baseline, mixed.as_dict())
         chance.update(verdict=second.as_dict(), eval=mixed.as_dict(), calibration=calibration,
                       rebuild=f"bertstream model interpolate --from {origin} --to OUT/adapter "
                               f"--alpha {alpha:g} --out MIX --more-data")
@@ -729,7 +730,7 @@ def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report:
     src = best.source
     return {
         "name": "bertstream-sentiment-e5small",
-        "base": {k: v for k, v in pack.meta["base"].items() if k != "vocab"},
+        "base": pack.base_meta,
         "recipe": {
             "trainer": "training/full_train.py",
             "candidate": best.name,

@@ -36,6 +36,8 @@ from training.calibration import fit_temperature, nll
 from training.data import Example
 from worker.sentiment.adapter_file import Adapter, adapter_hash, load_adapter, save_adapter
 
+#: The α grid ``model interpolate`` scores by default (and the GPU trainer's second chance).
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: The meta.json keys of an endpoint that the interpolated adapter records.
 LINEAGE_KEYS = ("name", "recipe", "steps", "train_seconds", "dev", "dev_composed", "calibration",
                 "test", "eval", "interpolation")
