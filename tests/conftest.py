@@ -21,7 +21,7 @@ from contract import migrate
 from contract.results import ResultStore
 from contract.settings import Settings
 from tests.workers import WorkerProcess
-from worker.process import ServeProc, free_port
+from worker.process import ServeProc, die_with_parent, free_port
 
 # Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
 REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -45,12 +45,33 @@ def redis_url() -> Iterator[str]:
 def pg_url() -> Iterator[str]:
     """The test PostgreSQL database with an empty results table."""
     engine = sa.create_engine(PG_URL)
-    with engine.begin() as conn:
-        migrate.drop_all(conn)
+    _drop_tables(engine)
     yield PG_URL
-    with engine.begin() as conn:
-        migrate.drop_all(conn)
+    _drop_tables(engine)
     engine.dispose()
+
+
+def _drop_tables(engine: sa.Engine, lock_timeout: str = "20s") -> None:
+    """Drop bertstream's tables; fail within seconds, naming the sessions that hold them.
+
+    Without a lock timeout a leftover connection (a worker outliving an
+    interrupted run, a shell in an open transaction) makes every later
+    fixture wait until pytest's own timeout, test after test.
+    """
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT set_config('lock_timeout', :t, true)"),
+                         {"t": lock_timeout})
+            migrate.drop_all(conn)
+    except sa.exc.OperationalError as exc:
+        with engine.connect() as conn:
+            others = conn.execute(sa.text(
+                "SELECT pid, application_name, state, backend_start, left(query, 100)"
+                " FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()")).all()
+        listing = "\n".join(f"  {tuple(row)}" for row in others) or "  (none now)"
+        raise RuntimeError(f"could not drop the test tables; other sessions on this database:"
+                           f"\n{listing}") from exc
 
 
 @pytest.fixture
@@ -155,7 +176,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", ""], stdout=log, stderr=subprocess.STDOUT)
+             "--save", ""], stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         log.close()
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20

@@ -26,7 +26,7 @@ from producer.client import Client
 from worker.device import Placement
 from worker.inference import infer_isolating
 from worker.launcher import child_hostname
-from worker.process import settings_env
+from worker.process import die_with_parent, settings_env
 from worker.runner import HFRunner, PaddedBatch
 
 pytestmark = [
@@ -140,7 +140,8 @@ def test_gpus_launcher_pins_each_process_and_serves(tiny_model_dir: Path, redis_
         proc = subprocess.Popen(
             [sys.executable, "-c", "from producer.cli import main; main()", "worker",
              "--gpus", "0", "--procs-per-gpu", "2"],
-            env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+            env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent())
     host = socket.gethostname()
     names = [child_hostname("0", k, 2, host) for k in range(2)]
     beats = redis.Redis.from_url(redis_url)

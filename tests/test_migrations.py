@@ -221,3 +221,27 @@ def test_downgrade_to_one_row_per_task_keeps_the_latest_and_upgrades_again(
     migrate.upgrade(store)
     assert migrate.check(store).up_to_date and ids(store) == ["t1", "t2"]
     store.close()
+
+
+def test_a_session_holding_the_tables_fails_the_fixture_fast_and_is_named(pg_url: str) -> None:
+    """A leftover connection in an open transaction fails the next test's table reset within
+    the lock timeout, naming that session, instead of every test waiting out pytest's
+    timeout."""
+    from tests.conftest import _drop_tables
+
+    store = ResultStore.from_url(pg_url)
+    store.create_schema()
+    store.close()
+    engine = sa.create_engine(pg_url, connect_args={"application_name": "leftover-shell"})
+    try:
+        with engine.connect() as holder:
+            holder.execute(sa.text(f"SELECT count(*) FROM {RESULTS_TABLE}"))  # a read lock
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="leftover-shell"):
+                _drop_tables(engine, lock_timeout="1s")
+            assert time.monotonic() - started < 15
+            holder.rollback()
+        _drop_tables(engine, lock_timeout="1s")  # nothing holds them now
+        assert RESULTS_TABLE not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

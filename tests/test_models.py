@@ -23,7 +23,7 @@ from contract.settings import Settings
 from producer import cli
 from producer.client import Client
 from worker.flush import FlushProcessor
-from worker.process import ServeProc, settings_env
+from worker.process import ServeProc, die_with_parent, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
@@ -53,7 +53,7 @@ class ModelWorkers:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--device", "cpu", *args],
             env={**settings_env(settings.replace(torch_threads=1)), "HF_HUB_OFFLINE": "1"},
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -26,7 +26,7 @@ from producer.client import Client
 from tests.conftest import RedisServer
 from tests.producer_helpers import broker_settings, lane_messages
 from tests.workers import WorkerProcess
-from worker.process import settings_env
+from worker.process import die_with_parent, settings_env
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def _reader(settings: Settings, key: str, log: Path, *extra: str) -> subprocess.
             *extra]
     with open(log, "ab") as fh:
         return subprocess.Popen(args, env=settings_env(settings), stdout=fh,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
 
 
 def _poll(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,3 +139,53 @@ def test_worker_rides_out_a_redis_restart_mid_stream(redis_server: RedisServer,
     finally:
         store.close()
     assert len(rows) == len(ids) == 600
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an orphan's zombie waits for init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+_PARENT = """
+import json, subprocess, sys, time
+from contract.settings import Settings
+from worker.process import WorkerProc
+settings = Settings(**json.loads(sys.argv[1]))
+worker = WorkerProc(settings, sys.argv[2], args=("--device", "cpu"), name="orphan").wait_ready()
+bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(worker.pid, bare.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_does_not_outlive_the_process_that_started_it(
+        settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A test run or benchmark killed with -9 leaves no worker consuming its queues; a child
+    started without ``die_with_parent`` (the control) does outlive it."""
+    s = settings.replace(model=str(tiny_model_dir))
+    fields = {"broker_url": s.broker_url, "database_url": s.database_url, "queue": s.queue,
+              "model": s.model, "cache_dir": s.cache_dir}
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, json.dumps(fields),
+                               str(tmp_path / "orphan.log")], stdout=subprocess.PIPE, text=True)
+    bare = 0
+    try:
+        assert parent.stdout is not None
+        worker_pid, bare = (int(x) for x in parent.stdout.readline().split())
+        assert _running(worker_pid) and _running(bare)
+        parent.kill()
+        parent.wait(timeout=10)
+        until(lambda: not _running(worker_pid), 15, "the worker ends with its parent")
+        time.sleep(0.5)
+        assert _running(bare), "the control child outlives its parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if bare and _running(bare):
+            os.kill(bare, signal.SIGKILL)

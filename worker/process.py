@@ -15,11 +15,38 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from contract.broker import make_celery
 from contract.constants import ENV_PREFIX
 from contract.settings import Settings
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when this process dies (Linux; elsewhere none).
+
+    A test run or benchmark that is itself killed would otherwise leave its
+    workers running: they keep consuming the queues and hold database
+    connections (and locks) that the next run's fixtures wait on. The signal
+    follows the forking *thread*, so start children from a thread that
+    outlives them (the main thread, as every caller here does).
+    """
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -58,7 +85,7 @@ class WorkerProc:
         self._log = open(self.log_path, "wb" if truncate_log else "ab")  # noqa: SIM115 - stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--hostname", self.hostname, *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
         )
 
     @property
@@ -175,7 +202,8 @@ class ServeProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from producer.cli import main; main()", "serve",
              "--port", str(self.port), *args],
-            env=settings_env(settings), stdout=self._log, stderr=subprocess.STDOUT)
+            env=settings_env(settings), stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent())
 
     def wait_ready(self, timeout: float = 60.0) -> ServeProc:
         """Block until ``/healthz`` answers 200."""
