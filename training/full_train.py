@@ -54,6 +54,7 @@ from training.evaluate import (
     write_reliability,
 )
 from training.interpolate import ALPHAS, _rank, dev_scores, interpolate, pick_alpha
+from training.parts import DEFAULT_LIMIT, split_large
 from training.train import GUARD, Recipe, _counts, _prepare, dev_mean, length_batches
 from training.verdict import format_verdict, judge
 from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
@@ -475,8 +476,11 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--reserve-s", type=float, default=150.0,
                     help="part of the budget kept for scoring, calibration and the evaluation")
     ap.add_argument("--modes", default="full,lora", help="run kinds to include (full, lora)")
-    ap.add_argument("--ranks", default="16,32,64",
+    ap.add_argument("--ranks", default="16,32,64,128",
                     help="ranks a full run's matrix changes are stored at (each scored on dev)")
+    ap.add_argument("--split-mib", type=float, default=DEFAULT_LIMIT / 2**20,
+                    help="a written file larger than this comes back in parts "
+                         "(`bertstream model join` puts them together)")
     ap.add_argument("--max-runs", type=int, default=None)
     ap.add_argument("--select", choices=SELECTIONS, default="accuracy",
                     help="what picks the candidate on dev: accuracy (with the composed dev "
@@ -842,6 +846,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except Exception as exc:  # the call's adapter and report must come back regardless
             log(f"rule not applied: {exc!r}")
             out["rule"] = {"applied": False, "reason": repr(exc)}
+    split = split_large(args.out / "adapter", int(args.split_mib * 2**20))
+    if split:
+        out["split"] = [str(p.relative_to(args.out)) for p in split]
+        log(f"split into parts of at most {args.split_mib:g} MiB (join them with `bertstream "
+            f"model join DIR`): {', '.join(out['split'])}")
     out["seconds"] = round(time.time() - t0, 1)
     (args.out / "report.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     log(f"wrote {args.out / 'adapter'} and report.json ({time.time() - t0:.0f}s in all); "

@@ -116,6 +116,7 @@ TRAINING_COMMANDS = {
     "verdict": "Hold a candidate model to the adoption rule against the bundled one.",
     "speed": "Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy.",
     "device-pack": "Pack the encoder and tokenised data for a GPU training run.",
+    "join": "Join a file a GPU call brought back in parts (sha256 checked).",
 }
 TRAIN_EXTRA_HINT = "pip install 'bertstream[train]'"
 

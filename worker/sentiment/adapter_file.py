@@ -69,7 +69,7 @@ def load_adapter(directory: Path) -> Adapter:
         tensors = load_file(str(directory / WEIGHTS))
         meta = json.loads((directory / META).read_text())
     except (OSError, ValueError) as exc:
-        raise AdapterError(f"cannot read adapter in {directory}") from exc
+        raise AdapterError(f"cannot read adapter in {directory}{_parts_hint(directory)}") from exc
     lora = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("lora.")}
     full = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("full.")}
     return Adapter(lora, full, meta)
@@ -82,8 +82,15 @@ def adapter_hash(directory: Path) -> str:
         try:
             digest.update((directory / name).read_bytes())
         except OSError as exc:
-            raise AdapterError(f"cannot read {directory / name}") from exc
+            raise AdapterError(f"cannot read {directory / name}{_parts_hint(directory)}") from exc
     return digest.hexdigest()
+
+
+def _parts_hint(directory: Path) -> str:
+    """The way out when the weights came back from a GPU call in parts."""
+    if (directory / f"{WEIGHTS}.parts.json").exists():
+        return f" (it is in parts: run `bertstream model join {directory}` first)"
+    return ""
 
 
 def _atomic(target: Path, write: Any) -> None:

@@ -1,0 +1,101 @@
+"""Files too large for one transfer, split into parts and joined again with a checked hash.
+
+A lent device brings back files of at most 16 MB each; a rank-128 adapter is
+about 23 MB. :func:`split_large` (on the device) replaces each file above the
+limit with ``NAME.part001``, ``NAME.part002``, ... and ``NAME.parts.json``
+(the whole file's size and sha256, and each part's); :func:`join_parts` (here)
+puts them back together and refuses a missing, truncated or altered part.
+Standard library only: it runs on the device machine as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIX = ".parts.json"
+DEFAULT_LIMIT = 15 * 1024 * 1024  # under the 16 MB a device call brings back per file
+
+
+class PartsError(RuntimeError):
+    """A split file cannot be joined: a part is missing, has the wrong size or hash."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_path(path: Path) -> Path:
+    """Where the manifest of ``path``'s parts lies."""
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def split_file(path: Path, limit: int = DEFAULT_LIMIT) -> list[Path]:
+    """Replace ``path`` by parts of at most ``limit`` bytes and a manifest; give the parts."""
+    if limit < 1:
+        raise ValueError("limit must be at least one byte")
+    data = path.read_bytes()
+    parts: list[dict[str, Any]] = []
+    written: list[Path] = []
+    for index, start in enumerate(range(0, len(data), limit), start=1):
+        chunk = data[start:start + limit]
+        part = path.with_name(f"{path.name}.part{index:03d}")
+        part.write_bytes(chunk)
+        written.append(part)
+        parts.append({"name": part.name, "bytes": len(chunk), "sha256": _sha256(chunk)})
+    manifest = {"name": path.name, "bytes": len(data), "sha256": _sha256(data), "parts": parts}
+    manifest_path(path).write_text(json.dumps(manifest, indent=1) + "\n")
+    path.unlink()
+    return written
+
+
+def split_large(directory: Path, limit: int = DEFAULT_LIMIT) -> list[Path]:
+    """Split every file under ``directory`` larger than ``limit``; give the files split."""
+    large = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.stat().st_size > limit]
+    for path in large:
+        split_file(path, limit)
+    return large
+
+
+def join_file(manifest: Path) -> Path:
+    """Join the parts a manifest names (checked), write the file, remove parts and manifest."""
+    try:
+        spec = json.loads(manifest.read_text())
+        name, parts = str(spec["name"]), list(spec["parts"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PartsError(f"{manifest}: not a parts manifest ({exc})") from exc
+    if Path(name).name != name:
+        raise PartsError(f"{manifest}: the file name {name!r} is not a plain name")
+    chunks = []
+    for part in parts:
+        part_path = manifest.with_name(Path(str(part["name"])).name)
+        try:
+            chunk = part_path.read_bytes()
+        except OSError as exc:
+            raise PartsError(f"{part_path}: missing ({exc.strerror})") from exc
+        if len(chunk) != part["bytes"] or _sha256(chunk) != part["sha256"]:
+            raise PartsError(f"{part_path}: {len(chunk)} bytes, not the {part['bytes']} bytes "
+                             "with the hash the manifest names")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if len(data) != spec["bytes"] or _sha256(data) != spec["sha256"]:
+        raise PartsError(f"{manifest}: the joined parts do not give the file it names")
+    target = manifest.with_name(name)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    for part in parts:
+        manifest.with_name(Path(str(part["name"])).name).unlink()
+    manifest.unlink()
+    return target
+
+
+def join_parts(directory: Path) -> list[Path]:
+    """Join every split file under ``directory``; give the files written."""
+    return [join_file(m) for m in sorted(directory.rglob("*" + MANIFEST_SUFFIX))]
