@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
+from worker.process import die_with_parent
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +191,19 @@ def test_a_worker_does_not_outlive_the_process_that_started_it(
             parent.stdout.close()
         if bare and _running(bare):
             os.kill(bare, signal.SIGKILL)
+
+
+def test_a_child_started_from_another_thread_outlives_that_thread() -> None:
+    """The kernel ties the signal to the forking thread: a child that a timer thread starts
+    (a server restarted mid-test) must not die when that thread ends."""
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], preexec_fn=die_with_parent())))
+    thread.start()
+    thread.join()
+    try:
+        time.sleep(1.0)
+        assert started[0].poll() is None, "the child died with the thread that started it"
+    finally:
+        started[0].kill()
+        started[0].wait(timeout=10)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,14 +29,16 @@ def die_with_parent() -> Callable[[], None]:
 
     A test run or benchmark that is itself killed would otherwise leave its
     workers running: they keep consuming the queues and hold database
-    connections (and locks) that the next run's fixtures wait on. The signal
-    follows the forking *thread*, so start children from a thread that
-    outlives them (the main thread, as every caller here does).
+    connections (and locks) that the next run's fixtures wait on. The kernel
+    sends the signal when the forking *thread* ends, so a child started from
+    any other thread than the main one (a timer restarting a server, say)
+    gets none: it would die with that thread.
     """
     parent = os.getpid()
+    armed = threading.current_thread() is threading.main_thread()
 
     def preexec() -> None:
-        if not sys.platform.startswith("linux"):
+        if not armed or not sys.platform.startswith("linux"):
             return
         import ctypes
 
