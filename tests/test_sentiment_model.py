@@ -118,6 +118,16 @@ def test_model_path_cli_assembles_any_adapter(cache_dir: Path, model_dir: Path,
     path = Path(result.stdout.strip())
     assert path != model_dir and path.parent == cache_dir
     assert read_model_info(path).revision == model_revision(other)
+    # Back from a GPU call in parts: refused with the way out, the same model once joined.
+    from training.parts import split_file
+
+    split_file(other / "adapter.safetensors", 2**20)
+    refused = CliRunner().invoke(main, ["model", "path", "--adapter", str(other)])
+    assert refused.exit_code == 1 and "bertstream model join" in refused.output
+    assert isinstance(refused.exception, SystemExit), refused.exception  # no traceback
+    assert CliRunner().invoke(main, ["model", "join", str(other)]).exit_code == 0
+    again = CliRunner().invoke(main, ["model", "path", "--adapter", str(other)])
+    assert again.exit_code == 0 and Path(again.stdout.strip()) == path
 
 
 def test_assembled_model_carries_the_adapters_temperature(model_dir: Path) -> None:

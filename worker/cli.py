@@ -178,9 +178,13 @@ def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
     With --adapter, the model built from that adapter: pass the printed
     directory to `model eval --model` or BERTSTREAM_MODEL.
     """
+    from worker.sentiment.adapter_file import AdapterError
     from worker.sentiment.assemble import default_adapter_dir, ensure_model
 
     adapter = Path(adapter_dir) if adapter_dir else default_adapter_dir()
-    click.echo(str(ensure_model(Path(settings_from(ctx).cache_dir), adapter)))
+    try:
+        click.echo(str(ensure_model(Path(settings_from(ctx).cache_dir), adapter)))
+    except AdapterError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
