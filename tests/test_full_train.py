@@ -184,6 +184,10 @@ def test_trained_adapter_assembles_into_the_model_it_evaluated(
     assert report["split"] == ["adapter/adapter.safetensors"]
     parts = sorted((out / "adapter").glob("adapter.safetensors.part[0-9]*"))
     assert len(parts) > 1 and all(p.stat().st_size <= 2**19 for p in parts)
+    # A call brings back at most 8 files: the rest of $OUT (with device_train.sh's train.log)
+    # and the two parts of a rank-128 adapter (22 MB at the default 15 MiB) must fit in them.
+    others = [p for p in out.rglob("*") if p.is_file() and p not in parts]
+    assert len(others) + 1 + 2 <= 8, others
     with pytest.raises(AdapterError, match="bertstream model join"):
         ensure_model(tmp_path / "cache", out / "adapter", progress=False)
     joined = CliRunner().invoke(cli_main, ["model", "join", str(out / "adapter")])

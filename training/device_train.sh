@@ -16,8 +16,9 @@
 # Trains every layer of the encoder (full fine-tuning and all-layer LoRA,
 # several seeds, a weight soup), picks on dev, calibrates on dev, evaluates
 # the pick once on test, the behavioural suite and vader's neutral items, and
-# writes adapter/, report.json, train.log, env.txt and reliability.png under
-# $OUT. With the pack's baseline/ (the bundled adapter) it also applies the
+# writes adapter/, report.json, train.log (the machine and versions first) and
+# reliability.png under $OUT: seven files with a split adapter, of the eight a
+# call brings back. With the pack's baseline/ (the bundled adapter) it also applies the
 # adoption rule (training/verdict.py) to the pick and, if the pick fails it, to
 # the interpolation towards it: report.json "rule", and the verdicts in
 # train.log. An adapter file above 15 MiB (a rank-128 pick: ~23 MB) comes back
@@ -35,8 +36,8 @@ mkdir -p "$OUT"
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PYTHON" -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "transformers", transformers.__version__)'
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/train.log"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 "$PYTHON" -m training.full_train --pack "$PACK" --out "$OUT" --budget-s "$BUDGET_S" "$@" 2>&1 \
-  | tee "$OUT/train.log"
+  | tee -a "$OUT/train.log"
 ls -la "$OUT" "$OUT/adapter"
