@@ -24,27 +24,28 @@ from contract.constants import ENV_PREFIX
 from contract.settings import Settings
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGKILL when this process dies (Linux; elsewhere none).
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets SIGKILL when this process dies (Linux; elsewhere None).
 
     A test run or benchmark that is itself killed would otherwise leave its
     workers running: they keep consuming the queues and hold database
     connections (and locks) that the next run's fixtures wait on. The kernel
     sends the signal when the forking *thread* ends, so a child started from
     any other thread than the main one (a timer restarting a server, say)
-    gets none: it would die with that thread.
+    gets none (None: it would die with that thread).
     """
     parent = os.getpid()
-    armed = threading.current_thread() is threading.main_thread()
+    if threading.current_thread() is not threading.main_thread() \
+            or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    # Looked up here, before the fork: the child only calls it (no dlopen after fork).
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        if not armed or not sys.platform.startswith("linux"):
-            return
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        if prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
