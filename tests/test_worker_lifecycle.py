@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
-from worker.process import die_with_parent
+from worker.process import die_with_parent, settings_env
 
 pytestmark = pytest.mark.slow
 
@@ -153,11 +152,11 @@ def _running(pid: int) -> bool:
 
 
 _PARENT = """
-import json, subprocess, sys, time
+import subprocess, sys, time
 from contract.settings import Settings
 from worker.process import WorkerProc
-settings = Settings(**json.loads(sys.argv[1]))
-worker = WorkerProc(settings, sys.argv[2], args=("--device", "cpu"), name="orphan").wait_ready()
+worker = WorkerProc(Settings.from_env(), sys.argv[1], args=("--device", "cpu"),
+                    name="orphan").wait_ready()
 bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 print(worker.pid, bare.pid, flush=True)
 time.sleep(300)
@@ -169,11 +168,9 @@ def test_a_worker_does_not_outlive_the_process_that_started_it(
         settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> None:
     """A test run or benchmark killed with -9 leaves no worker consuming its queues; a child
     started without ``die_with_parent`` (the control) does outlive it."""
-    s = settings.replace(model=str(tiny_model_dir))
-    fields = {"broker_url": s.broker_url, "database_url": s.database_url, "queue": s.queue,
-              "model": s.model, "cache_dir": s.cache_dir}
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, json.dumps(fields),
-                               str(tmp_path / "orphan.log")], stdout=subprocess.PIPE, text=True)
+    env = settings_env(settings.replace(model=str(tiny_model_dir)))
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path / "orphan.log")],
+                              env=env, stdout=subprocess.PIPE, text=True)
     bare = 0
     try:
         assert parent.stdout is not None

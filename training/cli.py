@@ -498,7 +498,6 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
         ctx.exit(1)
 
 
-#: The commands ``worker.cli.ModelGroup`` serves under ``model``.
 @click.command("join")
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 def model_join_command(directory: str) -> None:
@@ -520,6 +519,7 @@ def model_join_command(directory: str) -> None:
         click.echo(f"joined {path} ({path.stat().st_size} bytes, sha256 checked)")
 
 
+#: The commands ``worker.cli.ModelGroup`` serves under ``model``.
 COMMANDS: dict[str, click.Command] = {
     "train": model_train_command,
     "eval": model_eval_command,

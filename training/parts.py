@@ -71,8 +71,8 @@ def join_file(manifest: Path) -> Path:
     if Path(name).name != name:
         raise PartsError(f"{manifest}: the file name {name!r} is not a plain name")
     chunks = []
-    for part in parts:
-        part_path = manifest.with_name(Path(str(part["name"])).name)
+    paths = [manifest.with_name(Path(str(part["name"])).name) for part in parts]
+    for part, part_path in zip(parts, paths, strict=True):
         try:
             chunk = part_path.read_bytes()
         except OSError as exc:
@@ -90,8 +90,8 @@ def join_file(manifest: Path) -> Path:
         fh.write(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, target)
-    for part in parts:
-        manifest.with_name(Path(str(part["name"])).name).unlink()
+    for part_path in paths:
+        part_path.unlink()
     manifest.unlink()
     return target
 
