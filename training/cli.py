@@ -142,13 +142,15 @@ def _lexicons(ctx: click.Context, per_lang: int) -> Path | None:
 
 _judge_option = click.option(
     "--judge", "judge_dir", type=click.Path(file_okay=False, exists=True), default=None,
-    help="Model directory that vets the clauses of --compose/--compose-dev (default: the "
+    help="Model directory that vets the clauses of --compose/--compose-dev and the texts "
+         "of --drop-contradicted (default: the "
          "bundled model; to repeat a past run, the model it used, e.g. "
          "\"$(bertstream model path --adapter OLD)\").")
 
 
 def _judge(ctx: click.Context, judge_dir: str | None, *counts: int) -> Path | None:
-    """The judge for composing texts: ``judge_dir``, else the bundled model; None if none are composed."""
+    """The judge of composed texts and dropped ones: ``judge_dir``, else the bundled model;
+    None if no count asks for one."""
     if not any(counts):
         return None
     return Path(judge_dir) if judge_dir else _default_model(ctx)
@@ -213,6 +215,11 @@ def _dev_options(f: Any) -> Any:
 @_absence_option
 @_deeds_option
 @_judge_option
+@click.option("--drop-contradicted", type=click.FloatRange(0.5, 1.0, min_open=True),
+              default=None,
+              help="Leave out the train texts whose other label the judge (--judge) gives this "
+                   "probability or more, e.g. 0.9 (mislabelled or undecidable source lines); "
+                   "they are listed in OUT/dropped.jsonl. Default: keep every text.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -222,7 +229,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         select: str, init_adapter: str | None, ema: float,
                         compose_per_lang: int, compose_dev_per_lang: int,
                         lexicon_per_lang: int, wide_lexicon: bool, absence_per_lang: int,
-                        deeds_per_lang: int, judge_dir: str | None, threads: int | None,
+                        deeds_per_lang: int, judge_dir: str | None,
+                        drop_contradicted: float | None, threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -243,10 +251,11 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                repeat=repeats, select=select,
                init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
                compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
-               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
+               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang,
+                                int(drop_contradicted is not None)),
                lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
                absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon,
-               deeds_per_lang=deeds_per_lang)
+               deeds_per_lang=deeds_per_lang, drop_contradicted=drop_contradicted or 0.0)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

