@@ -56,9 +56,16 @@ class TcpProxy:
             lst.close()
         for c in conns:
             with contextlib.suppress(OSError):
-                # RST instead of FIN: the client sees "connection reset".
+                # RST: the client sees "connection reset".
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                c.close()
+            # A pipe thread blocked in recv() holds the socket: close() alone only
+            # drops the descriptor, and the socket (with a server session in the
+            # middle of a transaction, holding its locks) would live on with no
+            # descriptor at all until data arrives, which for an idle server is
+            # never. shutdown() acts on the socket itself and wakes that recv().
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
 
     def close(self) -> None:
         self.down()

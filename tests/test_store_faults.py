@@ -109,6 +109,47 @@ def test_a_connection_that_goes_silent_is_cut(pg_url: str) -> None:
         proxy.close()
 
 
+def test_an_outage_ends_the_servers_session_even_mid_transaction(pg_url: str) -> None:
+    """When the proxy goes down, the server's side ends too, so a session cut in
+    the middle of a transaction does not keep holding its locks (the tables the
+    next tests drop). The proxy's pipe thread sits in recv() on the server's
+    socket while the server waits for the client; closing the descriptor alone
+    left that socket, and the session, alive for good."""
+    import contextlib
+    import uuid
+
+    direct = ResultStore.from_url(pg_url)
+    direct.create_schema()
+    direct.close()
+    url = sa.engine.make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    cut = sa.create_engine(url.set(port=proxy.port).update_query_dict({"application_name": name}))
+    watcher = sa.create_engine(pg_url)
+
+    def state() -> str | None:
+        with watcher.connect() as w:
+            return w.execute(sa.text("SELECT state FROM pg_stat_activity WHERE application_name = :n"),
+                             {"n": name}).scalar()
+
+    conn = cut.connect()
+    try:
+        conn.begin()
+        conn.execute(sa.text("SELECT count(*) FROM bertstream_results")).scalar()
+        assert state() == "idle in transaction"
+        proxy.down()
+        deadline = time.monotonic() + 10
+        while state() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state() is None, "the server still holds the cut session"
+    finally:
+        with contextlib.suppress(Exception):
+            conn.invalidate()
+        cut.dispose()
+        watcher.dispose()
+        proxy.close()
+
+
 def test_a_long_statement_is_stopped(db_url: str) -> None:
     """A statement running past the statement timeout is stopped, on both databases."""
     s = ResultStore.from_url(db_url, DbTimeouts(statement_s=1))
