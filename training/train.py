@@ -26,7 +26,7 @@ from transformers import BertForSequenceClassification, PreTrainedTokenizerBase
 from training import frozen_prefix, lora
 from training.clean import with_cleaned
 from training.compose import with_composed
-from training.data import Example, SplitSpec, load_examples
+from training.data import Example, SplitSpec, group_counts, load_examples
 from training.evaluate import accuracy_table, format_table
 from training.lexicon import with_lexicon
 from worker.sentiment.adapter_file import load_adapter, save_adapter
@@ -365,7 +365,7 @@ def train_classifier(
         "base": base,
         "recipe": asdict(recipe),
         "lora": {"rank": recipe.rank, "alpha": recipe.alpha, "modules": len(wrapped)},
-        "data": {s: _counts(xs) for s, xs in splits.items()},
+        "data": {s: group_counts(xs) for s, xs in splits.items()},
         "labels": {"0": "negative", "1": "positive"},
         **(extra or {}),
     }
@@ -464,13 +464,6 @@ def _predict_cached(
             preds[i] = p
     return preds
 
-
-def _counts(examples: Sequence[Example]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in examples:
-        key = f"{e.lang}/{e.source}/{'pos' if e.label else 'neg'}"
-        out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items()))
 
 
 def train_main(
