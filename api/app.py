@@ -161,10 +161,11 @@ def refuse_outdated_schema(store: ResultStore) -> None:
     """Raise :class:`SchemaMismatch` when the database holds an outdated schema.
 
     An empty database is fine (the API never creates the schema; a worker or
-    ``db upgrade`` does); an unreachable one is reported by ``/readyz``.
+    ``db upgrade`` does); an unreachable one is reported by ``/readyz``. One a
+    worker is migrating right now is waited for, not refused.
     """
     try:
-        schema = migrate.state(store)
+        schema = migrate.settled(store)
     except StoreUnavailable:
         return
     problem = schema.problem()

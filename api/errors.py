@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract.errors import BrokerUnavailable, InvalidInput, StoreUnavailable
+from contract.errors import BrokerUnavailable, InvalidInput, SchemaMismatch, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StoreUnavailable)
     async def store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:
         return _json(503, "database_unavailable", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(SchemaMismatch)
+    async def schema_mismatch(_request: Request, exc: SchemaMismatch) -> JSONResponse:
+        return _json(503, "schema_mismatch", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -61,6 +61,12 @@ class SchemaState:
     def up_to_date(self) -> bool:
         return self.current == self.head
 
+    def newer(self, script: ScriptDirectory | None = None) -> bool:
+        """Stamped with a revision this code does not know (newer code migrated it)."""
+        if self.current is None or self.current == self.head:
+            return False
+        return self.current not in {rev.revision for rev in (script or _script()).walk_revisions()}
+
     def problem(self, script: ScriptDirectory | None = None) -> str | None:
         """Why a worker or the API must not run on this database, or None."""
         if self.up_to_date and self.has_results:
@@ -74,8 +80,7 @@ class SchemaState:
         if self.current is None:
             return (f"the results table predates schema migrations: run `{UPGRADE_COMMAND}` "
                     "(it adopts the table, rows kept)")
-        known = {rev.revision for rev in (script or _script()).walk_revisions()}
-        if self.current not in known:
+        if self.newer(script):
             return (f"the results database is at schema revision {self.current}, which this "
                     f"bertstream does not know (newer code migrated it?): upgrade bertstream "
                     f"to a version whose `bertstream db history` lists it")
@@ -119,13 +124,27 @@ def _current(conn: Connection) -> str | None:
     return context.get_current_revision()
 
 
+def _read(conn: Connection) -> SchemaState:
+    return SchemaState(_current(conn), head_revision(), sa.inspect(conn).has_table(RESULTS_TABLE))
+
+
 def state(store: ResultStore) -> SchemaState:
     """The database's :class:`SchemaState` (raises StoreUnavailable on an outage)."""
-    def read(conn: Connection) -> SchemaState:
-        return SchemaState(_current(conn), head_revision(),
-                           sa.inspect(conn).has_table(RESULTS_TABLE))
+    return store.run(_read, "cannot read the schema revision")
 
-    return store.run(read, "cannot read the schema revision")
+
+def settled(store: ResultStore) -> SchemaState:
+    """The state as a reader must see it: never part-way through a migration.
+
+    A worker setting up an empty database commits its migrations one by one,
+    so for a moment the results table exists without its later columns. A
+    state that is neither current nor empty is read again under the
+    migration lock, which waits for a running migration to end.
+    """
+    current = state(store)
+    if current.empty or current.problem() is None:
+        return current
+    return _locked(store, _read, "cannot read the schema revision", reader=True)
 
 
 def check(store: ResultStore) -> SchemaState:
@@ -174,8 +193,7 @@ def ensure(store: ResultStore) -> SchemaState:
         return current
 
     def settle(conn: Connection) -> SchemaState:
-        now = SchemaState(_current(conn), head_revision(),
-                          sa.inspect(conn).has_table(RESULTS_TABLE))
+        now = _read(conn)
         if now.empty:
             from alembic import command
 
@@ -210,17 +228,22 @@ def history() -> list[tuple[str, str | None, str]]:
     return out
 
 
-def _locked(store: ResultStore, work: Callable[[Connection], T], what: str) -> T:
-    """``work`` on one connection while no other bertstream migrates this database."""
+def _locked(store: ResultStore, work: Callable[[Connection], T], what: str, *,
+            reader: bool = False) -> T:
+    """``work`` on one connection while no other bertstream migrates this database.
+
+    A ``reader`` that cannot create a SQLite lock file (a directory it may
+    only read) goes on without the lock: it only waits, never migrates.
+    """
     def run(conn: Connection) -> T:
-        with _lock(conn, store.engine.url):
+        with _lock(conn, store.engine.url, reader):
             return work(conn)
 
     return store.run(run, what)
 
 
 @contextlib.contextmanager
-def _lock(conn: Connection, url: sa.engine.URL) -> Iterator[None]:
+def _lock(conn: Connection, url: sa.engine.URL, reader: bool = False) -> Iterator[None]:
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
         conn.commit()
@@ -231,8 +254,15 @@ def _lock(conn: Connection, url: sa.engine.URL) -> Iterator[None]:
             conn.commit()
         return
     if conn.dialect.name == "sqlite" and url.database and url.database != ":memory:":
-        with open(Path(url.database).with_name(Path(url.database).name + ".migrate-lock"),
-                  "a") as handle:
+        path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")
+        try:
+            handle = open(path, "a")  # noqa: SIM115 - closed by the with below
+        except OSError:
+            if not reader:
+                raise
+            yield
+            return
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

@@ -26,6 +26,7 @@ from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy.exc import SQLAlchemyError
 
+from contract import migrate
 from contract.broker import lane_queue, make_celery, redis_client
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import (
@@ -33,6 +34,7 @@ from contract.errors import (
     IdConflict,
     InvalidInput,
     ResultTimeout,
+    SchemaMismatch,
     StoreUnavailable,
 )
 from contract.liveness import live_workers
@@ -447,12 +449,20 @@ class Client:
     def _table_exists(self) -> bool:
         # A client only reads: it must not create the table behind the
         # migrations' back, so before any worker ran there are simply no rows.
+        # While a worker is still migrating an empty database the table is
+        # there without its later columns: settled() waits that out. A schema
+        # left behind the code is refused with the command to run; one newer
+        # code migrated is read as before (the API refuses it at start).
         if not self._table_seen:
             try:
-                self._table_seen = self.store.has_table()
+                schema = migrate.settled(self.store)
             except StoreUnavailable as exc:
                 url = mask_url(self.settings.database_url)
                 raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
+            problem = schema.problem()
+            if problem and not schema.empty and not schema.newer():
+                raise SchemaMismatch(problem)
+            self._table_seen = schema.has_results
         return self._table_seen
 
     def conflicts(self, items: Sequence[TaskItem]) -> dict[str, str]:
@@ -467,7 +477,7 @@ class Client:
             # Any model's row: an id names one text, whichever model scores it.
             stored = (self.store.text_hashes([it.id for it in items])
                       if self._table_exists() else {})
-        except StoreUnavailable:
+        except (StoreUnavailable, SchemaMismatch):
             return {}
         out = {}
         for it in items:

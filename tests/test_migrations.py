@@ -3,11 +3,13 @@ revision and from a pre-migration table, rows kept; outdated schemas refused."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 
 from contract import migrate
 from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE
-from contract.errors import SchemaMismatch
+from contract.errors import SchemaMismatch, StoreUnavailable
 from contract.results import ResultStore, metadata
 from contract.settings import Settings
 from worker.process import ServeProc, settings_env
@@ -245,3 +247,106 @@ def test_a_session_holding_the_tables_fails_the_fixture_fast_and_is_named(pg_url
         assert RESULTS_TABLE not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def _first_setup_paused(store: ResultStore, pause_s: float) -> Iterator[threading.Thread]:
+    """A worker's first set-up of an empty database, caught between two migrations.
+
+    Revision 0001 is committed (the results table exists, without the later
+    columns) while the migration lock is held for ``pause_s`` more seconds,
+    then the rest is applied. Yields once the half-built table is visible.
+    """
+    from alembic import command
+
+    halfway = threading.Event()
+
+    def setup(conn: sa.Connection) -> None:
+        command.upgrade(migrate._config(conn), "0001")
+        conn.commit()
+        halfway.set()
+        time.sleep(pause_s)
+        command.upgrade(migrate._config(conn), "head")
+        conn.commit()
+
+    thread = threading.Thread(target=migrate._locked, args=(store, setup, "set up"))
+    thread.start()
+    try:
+        assert halfway.wait(30)
+        yield thread
+    finally:
+        thread.join(60)
+
+
+def test_readers_wait_out_a_first_setup_instead_of_reading_a_half_built_table(
+        store_url: str, redis_url: str) -> None:
+    """A client (and so the API and the dashboard) polling while a worker is still
+    migrating an empty database waits for the migration, instead of querying columns
+    that are not there yet; the API's start-up check waits too instead of refusing."""
+    from api.app import refuse_outdated_schema
+    from producer.client import Client
+
+    store = ResultStore.from_url(store_url)
+    for reader in ("client", "api start-up"):
+        with _first_setup_paused(store, pause_s=1.0) as setup:
+            partial = migrate.state(store)
+            assert (partial.current, partial.has_results) == ("0001", True)
+            started = time.monotonic()
+            if reader == "client":
+                with Client(Settings(database_url=store_url, broker_url=redis_url)) as client:
+                    assert client.get_many(["t1"]) == {}
+                    assert client.query(source="web") == []
+            else:
+                refuse_outdated_schema(store)
+            assert time.monotonic() - started > 0.5  # it waited for the lock
+            assert not setup.is_alive()
+        assert migrate.check(store).up_to_date
+        with store.engine.begin() as conn:
+            migrate.drop_all(conn)
+    store.close()
+
+
+def test_a_reader_of_an_outdated_schema_is_told_the_command(
+        sqlite_url: str, redis_url: str, api_factory: Callable[..., ServeProc]) -> None:
+    """A schema left behind (no migration running) is a clear error naming the command:
+    on the client, and as a 503 ``schema_mismatch`` from an API that started on an empty
+    database; submitting, which needs only Redis, still works."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from producer.client import Client
+
+    settings = Settings(database_url=sqlite_url, broker_url=redis_url)
+    api = api_factory(settings)  # an empty database: the API starts
+    store = ResultStore.from_url(sqlite_url)
+    migrate.upgrade(store, "0001")
+    with Client(settings) as client:
+        with pytest.raises(SchemaMismatch, match="bertstream db upgrade"):
+            client.get_many(["t1"])
+        assert client.submit("still accepted", id="s1") == "s1"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(api.url + "/v1/results", timeout=10)
+    assert caught.value.code == 503
+    error = json.loads(caught.value.read())["error"]
+    assert error["code"] == "schema_mismatch" and "bertstream db upgrade" in error["message"]
+    store.close()
+
+
+def test_a_reader_that_cannot_create_the_lock_file_reads_without_it(
+        sqlite_url: str, redis_url: str, tmp_path: Path) -> None:
+    """Waiting on the SQLite lock file is for readers a courtesy, not a need: where the
+    file cannot be created (here a directory stands in its place, which stops root too)
+    the reader goes on, while a migration still refuses to run unlocked."""
+    from producer.client import Client
+
+    store = ResultStore.from_url(sqlite_url)
+    migrate.upgrade(store, "0001")
+    (tmp_path / "results.db.migrate-lock").unlink()
+    (tmp_path / "results.db.migrate-lock").mkdir()
+    with Client(Settings(database_url=sqlite_url, broker_url=redis_url)) as client:
+        with pytest.raises(SchemaMismatch, match=f"needs {migrate.head_revision()}"):
+            client.get_many(["t1"])
+    with pytest.raises(StoreUnavailable):
+        migrate.upgrade(store)
+    store.close()
