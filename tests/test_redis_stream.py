@@ -20,6 +20,7 @@ import redis
 from click.testing import CliRunner, Result
 
 import producer.cli as cli
+from contract import migrate
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
@@ -202,7 +203,9 @@ def test_reader_killed_mid_stream_loses_nothing_and_duplicates_nothing(
 
     store = ResultStore.from_url(s.database_url)
     try:
-        _poll(lambda: store.has_table() and store.count() >= ENTRIES, 120, "every row")
+        # up_to_date: the worker has finished setting the schema up, not just begun.
+        _poll(lambda: migrate.state(store).up_to_date and store.count() >= ENTRIES, 120,
+              "every row")
         rows = store.query(limit=None)
     finally:
         store.close()
