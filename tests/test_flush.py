@@ -101,7 +101,12 @@ def test_short_rows_commit_before_a_long_text_finishes(
     assert waited >= 0.5, "the short rows must not wait for the long text"
 
 
-def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: ResultStore) -> None:
+def test_one_commit_when_the_flush_is_quick(processor: FlushProcessor, store: ResultStore,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny model's batches take milliseconds; a threshold of 1 s (not 0.1 s) keeps a
+    # GC pause or a loaded CI machine from making this flush look slow, while an estimate
+    # gone wrong by orders of magnitude still trips it.
+    monkeypatch.setattr(flush, "EARLY_COMMIT_MIN_WAIT_S", 1.0)
     now = time.time()
     items = [{"id": f"q{i}", "text": "good " * (1 + i * 5), "submitted_at": now} for i in range(6)]
     stats = processor.process([("m1", [items])])
@@ -117,10 +122,14 @@ class SlowTokenizer(Wrapped):
 
 
 def test_tokenizing_time_does_not_count_as_batch_time(
-    tiny_model_dir: Path, store: ResultStore
+    tiny_model_dir: Path, store: ResultStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rest of a flush is estimated from the batches run so far, not from the time spent
     tokenizing the whole flush before them: slow tokenizing and quick batches, one commit."""
+    # Counting the 0.3 s of tokenizing would estimate the rest at >= 0.6 s after the first
+    # of three batches; quick batches estimate milliseconds. 0.3 s lies between, with room
+    # for a loaded machine.
+    monkeypatch.setattr(flush, "EARLY_COMMIT_MIN_WAIT_S", 0.3)
     s = Settings(model=str(tiny_model_dir), database_url="sqlite://", token_budget=64)
     proc = FlushProcessor(SlowTokenizer(build_runner(s)), store, s,  # type: ignore[arg-type]
                           worker_name="t@h")

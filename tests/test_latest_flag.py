@@ -130,10 +130,12 @@ def test_two_models_writing_one_task_at_once_leave_one_latest_row(
     thread = threading.Thread(target=write_paused)
     writer["thread"] = thread
     thread.start()
-    assert held.wait(30)
-    other.upsert([record("t", "m2", 3)])  # commits and settles while the first is held
-    go.set()
-    thread.join(30)
+    try:
+        assert held.wait(30)
+        other.upsert([record("t", "m2", 3)])  # commits and settles while the first is held
+    finally:
+        go.set()  # never leave the paused transaction open for the next test's reset
+        thread.join(30)
     assert not failures
     got = flags(other)
     if pause == "no settling (control)":

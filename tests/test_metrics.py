@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,15 @@ def test_worker_serves_flush_metrics(settings: Settings, tiny_model_dir: Path,
                                      for i in range(30)] + ["   x   ", "plain"], source="feed")
         bad = client.submit_many([{"text": "ok", "source": "web"}])  # a valid one more
         client.wait(report.ids + bad.ids, timeout=60)
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    samples = _samples(text)
+    # A flush counts its items after its rows are committed (and, on PostgreSQL, after
+    # the latest flags are settled in a second transaction): poll past that gap.
+    deadline = time.monotonic() + 30
+    while True:
+        samples = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        if (samples.get(("bertstream_end_to_end_seconds_count", ())) == 33
+                or time.monotonic() > deadline):
+            break
+        time.sleep(0.05)
     model = tiny_model_dir.name
     assert samples[("bertstream_items_total", (("model", model), ("source", "web"),
                                                ("status", "done")))] == 31

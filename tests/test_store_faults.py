@@ -263,6 +263,22 @@ def test_a_cut_that_fails_does_not_stop_the_guard() -> None:
     assert calls == ["first", "second"]
 
 
+def _wait_for_a_lock_wait(engine: sa.Engine, timeout: float = 20) -> None:
+    """Until some session of this database waits on a lock (a fixed sleep races a loaded
+    machine: the wrong session would wait first and be the one aborted)."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as watcher:
+        while True:
+            waiting = watcher.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")).scalar()
+            watcher.rollback()
+            if waiting:
+                return
+            assert time.monotonic() < deadline, "the store's transaction never waited for x"
+            time.sleep(0.01)
+
+
 @pytest.mark.parametrize("retries", [5, 0])
 def test_a_deadlock_victim_runs_its_transaction_again(pg_url: str, retries: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,7 +310,7 @@ def test_a_deadlock_victim_runs_its_transaction_again(pg_url: str, retries: int,
         with other.begin() as conn:
             conn.execute(update, {"s": 0.2, "id": "x"})
             held.set()
-            time.sleep(0.3)  # the store's transaction is waiting for x by now
+            _wait_for_a_lock_wait(other)  # the store's transaction is waiting for x
             conn.execute(update, {"s": 0.2, "id": "y"})
 
     thread = threading.Thread(target=other_session)

@@ -204,3 +204,50 @@ def test_a_child_started_from_another_thread_outlives_that_thread() -> None:
     finally:
         started[0].kill()
         started[0].wait(timeout=10)
+
+
+_LAUNCHER = """
+import sys
+
+import worker.launcher as launcher
+from contract.settings import Settings
+
+CHILD = '''
+import os, signal, sys, time
+def term(*_):
+    open(sys.argv[1], "w").write("TERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print(os.getpid(), flush=True)
+time.sleep(300)
+'''
+launcher.child_commands = lambda *a, **k: [
+    ([sys.executable, "-c", CHILD, f"{sys.argv[1]}.{i}"], None) for i in range(2)]
+sys.exit(launcher.launch(["cpu"], Settings()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_outright_leaves_its_children_a_warm_shutdown(tmp_path: Path) -> None:
+    """kill -9 of the per-GPU launcher (the OOM killer, say): each child gets SIGTERM, its
+    warm shutdown, instead of running on unsupervised beside the launcher's restart."""
+    marker = tmp_path / "term"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(marker)],
+                                stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        assert launcher.stdout is not None
+        pids = [int(launcher.stdout.readline()) for _ in range(2)]
+        assert all(_running(p) for p in pids)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        until(lambda: not any(_running(p) for p in pids), 15, "the children end with it")
+        assert [(tmp_path / f"term.{i}").read_text() for i in range(2)] == ["TERM", "TERM"]
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -24,6 +24,7 @@ from types import FrameType
 
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX, MODEL_NAME_PATTERN
 from contract.settings import Settings
+from worker.process import die_with_parent
 
 
 def parse_gpus(spec: str) -> list[str]:
@@ -88,9 +89,16 @@ def child_commands(
 def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO",
            procs_per_gpu: int = 1, models: Sequence[tuple[str, str]] | None = None) -> int:
     """Start the children (see :func:`child_commands`) and wait; gives the first non-zero
-    exit code."""
+    exit code.
+
+    A signal that stops the launcher is passed on to every child; a launcher
+    killed outright (OOM killer, kill -9) leaves each child a SIGTERM, its
+    warm shutdown, so that a restarted launcher never runs beside orphans on
+    the same GPU.
+    """
     commands = child_commands(gpus, settings, loglevel, procs_per_gpu, models=models)
-    children = [subprocess.Popen(cmd, env=env) for cmd, env in commands]
+    children = [subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
+                for cmd, env in commands]
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for child in children:

@@ -24,8 +24,8 @@ from contract.constants import ENV_PREFIX
 from contract.settings import Settings
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn``: the child gets SIGKILL when this process dies (Linux; elsewhere None).
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``sig`` when this process dies (Linux; elsewhere None).
 
     A test run or benchmark that is itself killed would otherwise leave its
     workers running: they keep consuming the queues and hold database
@@ -45,7 +45,7 @@ def die_with_parent() -> Callable[[], None] | None:
     pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        if prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        if prctl(pr_set_pdeathsig, sig, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
