@@ -9,10 +9,17 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 import torch
 
 from contract.broker import lane_queue, make_celery
-from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
+from contract.constants import (
+    DELIVERY_KEY_PREFIX,
+    RESULTS_TABLE,
+    STATUS_DONE,
+    STATUS_FAILED,
+    TASK_ANALYZE,
+)
 from contract.messages import make_item
 from contract.results import ResultStore
 from contract.settings import Settings
@@ -277,12 +284,25 @@ def test_kombu_brpop_loses_a_message_that_comes_during_a_flush(
     settings: Settings, tiny_model_dir: Path, worker_factory: Any
 ) -> None:
     """The control, with ``BERTSTREAM_ATOMIC_RECEIVE=false`` (kombu's own receive): the
-    late message is neither queued nor unacked at the kill. If a kombu release closes
-    this gap, this test says so."""
+    late message is neither queued nor unacked at the kill. A try whose timing missed the
+    window (the message still queued, or taken before the flush) is run again, up to three
+    times. If a kombu release closes this gap, this test says so."""
     s = settings.replace(model=str(tiny_model_dir), atomic_receive=False)
-    at_kill, client, _, _ = _kill_during_a_flush_after_a_late_message(s, worker_factory)
-    client.close()
-    assert at_kill == (0, 1)
+    seen = []
+    for _attempt in range(3):
+        at_kill, client, _, _ = _kill_during_a_flush_after_a_late_message(s, worker_factory)
+        seen.append(at_kill)
+        try:
+            if at_kill == (0, 1):
+                break  # the loss, shown
+            # Still queued, or taken before the flush: the late message missed the window
+            # (a loaded machine delayed the publish or the flush). Start clean and try again.
+            with client.store.engine.begin() as conn:
+                conn.execute(sa.text(f"DELETE FROM {RESULTS_TABLE}"))
+            redis.Redis.from_url(s.broker_url).flushdb()
+        finally:
+            client.close()
+    assert seen[-1] == (0, 1), f"kombu's receive lost nothing in {len(seen)} tries: {seen}"
 
 
 def test_batched_equals_unbatched(
