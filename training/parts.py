@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-MANIFEST_SUFFIX = ".parts.json"
+from worker.sentiment.adapter_file import PARTS_MANIFEST_SUFFIX, atomic_write
+
+MANIFEST_SUFFIX = PARTS_MANIFEST_SUFFIX
 DEFAULT_LIMIT = 15 * 1024 * 1024  # under the 16 MB a device call brings back per file
 
 
@@ -85,11 +85,7 @@ def join_file(manifest: Path) -> Path:
     if len(data) != spec["bytes"] or _sha256(data) != spec["sha256"]:
         raise PartsError(f"{manifest}: the joined parts do not give the file it names")
     target = manifest.with_name(name)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: tmp.write_bytes(data))
     for part_path in paths:
         part_path.unlink()
     manifest.unlink()

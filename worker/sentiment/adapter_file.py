@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,8 @@ def save_adapter(
     tensors.update(
         {f"full.{k}": v.detach().to(torch.float16).contiguous() for k, v in full.items()}
     )
-    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(
+    atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    atomic_write(
         directory / META,
         lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n"),
     )
@@ -88,17 +89,27 @@ def adapter_hash(directory: Path) -> str:
 
 def _parts_hint(directory: Path) -> str:
     """The way out when the weights came back from a GPU call in parts."""
-    if (directory / f"{WEIGHTS}.parts.json").exists():
+    if (directory / f"{WEIGHTS}{PARTS_MANIFEST_SUFFIX}").exists():
         return f" (it is in parts: run `bertstream model join {directory}` first)"
     return ""
 
 
-def _atomic(target: Path, write: Any) -> None:
+#: Beside a file that came back from a GPU call in parts: the manifest naming them
+#: (``training.parts`` writes and joins them).
+PARTS_MANIFEST_SUFFIX = ".parts.json"
+
+
+def atomic_write(target: Path, write: Callable[[Path], object], mode: int = 0o644) -> None:
+    """Write ``target`` by ``write(tmp)`` on a temporary file beside it, then rename it over.
+
+    A reader (or a crash) never meets half a file. ``mode``: mkstemp makes
+    0600, and these files are committed and shipped.
+    """
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are committed and shipped
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
