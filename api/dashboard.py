@@ -69,11 +69,14 @@ def _prefix_range(prefix: str) -> list[Any]:
             results.c.id.startswith(prefix, autoescape=True)]
 
 
-def _clauses_on(sub: Any, filters: Filters, q: str | None) -> list[Any]:
-    """``filters`` and the text search on the columns of the subquery ``sub``."""
+def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> list[Any]:
+    """``filters`` and the text search on the columns of the subquery ``sub``; ``latest``:
+    with no model named, each task's latest row only (the rule of the default views)."""
     conds = [sub.c[name] == getattr(filters, name)
-             for name in ("source", "label", "status", "model")
+             for name in ("source", "label", "status", "model", "lang")
              if getattr(filters, name) is not None]
+    if latest and filters.model is None:
+        conds.append(sub.c.latest == sa.true())
     if filters.since is not None:
         conds.append(sub.c.finished_at >= filters.since)
     if filters.until is not None:
@@ -100,12 +103,12 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
         # the filters reject most of a wide prefix.
         ids = (sa.select(results).where(*_prefix_range(task_id)).order_by(results.c.id)
                .limit(scan).subquery("ids"))
-        query = (sa.select(ids).where(*_clauses_on(ids, filters, q))
+        query = (sa.select(ids).where(*_clauses_on(ids, filters, q, latest=True))
                  .order_by(ids.c.id).limit(limit))
     elif q:
         recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
                   .subquery("recent"))
-        query = (sa.select(recent).where(*_clauses_on(recent, Filters(), q))
+        query = (sa.select(recent).where(*_clauses_on(recent, Filters(), q, latest=False))
                  .order_by(recent.c.finished_at.desc(), recent.c.id.desc()).limit(limit))
     else:
         query = sa.select(results).where(*conds).order_by(*order).limit(limit)

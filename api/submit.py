@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import redis
 
-from contract.constants import ACCEPTED_KEY_PREFIX, LANE_BULK
+from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX, LANE_BULK
 from contract.errors import BrokerUnavailable
 from contract.messages import TaskItem, text_sha256
 from contract.settings import Settings
@@ -49,15 +49,20 @@ QUEUE_LENGTH_TTL_S = 0.2
 #: concatenated in another: packing 2 arguments instead of 2 per id is what keeps this
 #: cheap in Python. The reply lists only the ids already taken, as (1-based index, the
 #: hash held, or "?" if it expired in between) pairs. Ids never hold NUL (refused by
-#: validation). Standalone Redis: the keys are not declared up front, as a cluster needs.
+#: validation). Each id claimed also records its model's queue family under
+#: :data:`ACCEPTED_ANY_KEY_PREFIX` (a status asked without a model reads it). Standalone
+#: Redis: the keys are not declared up front, as a cluster needs.
 _CLAIM = """
 local ttl, prefix, hashes = ARGV[1], ARGV[2], ARGV[3]
+local any_prefix, family = ARGV[5], ARGV[6]
 local out = {}
 local i = 0
 for id in string.gmatch(ARGV[4], "[^%z]+") do
   i = i + 1
   local key = prefix .. id
-  if not redis.call('SET', key, string.sub(hashes, (i - 1) * 64 + 1, i * 64), 'NX', 'EX', ttl) then
+  if redis.call('SET', key, string.sub(hashes, (i - 1) * 64 + 1, i * 64), 'NX', 'EX', ttl) then
+    redis.call('SET', any_prefix .. id, family, 'EX', ttl)
+  else
     out[#out + 1] = i
     out[#out + 1] = redis.call('GET', key) or '?'
   end
@@ -87,17 +92,31 @@ class Submitter:
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
 
-    def key(self, task_id: str) -> str:
-        """The Redis key remembering that ``task_id`` was accepted (for this model)."""
-        return f"{ACCEPTED_KEY_PREFIX}{self.settings.family}:{task_id}"
+    def key(self, task_id: str, family: str | None = None) -> str:
+        """The Redis key remembering that ``task_id`` was accepted for this model (or for
+        the model of queue ``family``)."""
+        return f"{ACCEPTED_KEY_PREFIX}{family or self.settings.family}:{task_id}"
 
-    def accepted_hash(self, task_id: str) -> str | None:
-        """The text hash ``task_id`` was accepted with, while it is remembered."""
+    def accepted_hash(self, task_id: str, family: str | None = None) -> str | None:
+        """The text hash ``task_id`` was accepted with for this model (or ``family``'s),
+        while it is remembered."""
+        return self._get(self.key(task_id, family))
+
+    def accepted_anywhere(self, task_id: str) -> str | None:
+        """The text hash ``task_id`` was accepted with for this model, else for the model
+        it was last accepted for, while remembered."""
+        mine = self.accepted_hash(task_id)
+        if mine is not None:
+            return mine
+        family = self._get(f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:{task_id}")
+        return self.accepted_hash(task_id, family) if family else None
+
+    def _get(self, key: str) -> str | None:
         try:
-            value = self.redis.get(self.key(task_id))
+            value = self.redis.get(key)
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
-        return value.decode("ascii") if isinstance(value, bytes) else None
+        return value.decode("utf-8") if isinstance(value, bytes) else None
 
     def queue_full(self) -> bool:
         """True while the queue holds more messages than ``max_queue_length``."""
@@ -116,7 +135,8 @@ class Submitter:
 
         ``caller_ids``: the ids the caller chose (generated ids cannot collide,
         so only these are looked up among the stored rows).
-        Raises :class:`BrokerUnavailable` (nothing published, no claim kept).
+        Raises :class:`BrokerUnavailable`, or :class:`StoreUnavailable` when the
+        stored rows cannot be compared: nothing published, no claim kept.
         """
         if not items:
             return []
@@ -124,7 +144,9 @@ class Submitter:
         try:
             # One command for the whole batch: SET NX each id, GET the ones taken.
             previous = self._claim(args=[self.settings.api_id_ttl_s, self.key(""),
-                                         "".join(hashes), "\0".join(it.id for it in items)])
+                                         "".join(hashes), "\0".join(it.id for it in items),
+                                         f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+                                         self.settings.family])
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
         outcomes: list[Outcome | None] = [None] * len(items)
@@ -132,7 +154,13 @@ class Submitter:
             i = int(previous[k]) - 1
             outcomes[i] = self._verdict(items[i].id, hashes[i], previous[k + 1])
         fresh = [i for i, o in enumerate(outcomes) if o is None]
-        self._check_stored(items, hashes, fresh, caller_ids, outcomes)
+        try:
+            self._check_stored(items, hashes, fresh, caller_ids, outcomes)
+        except BaseException:
+            # Nothing is published: the caller's retry must not meet these claims and be
+            # told "duplicate" for a task that was never queued.
+            self._release([items[i].id for i in fresh])
+            raise
         publish = [i for i in fresh if outcomes[i] is None]
         try:
             self._publish([items[i] for i in publish], lane)

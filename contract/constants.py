@@ -29,6 +29,9 @@ DELIVERY_KEY_PREFIX = "bertstream:deliveries:"
 
 #: Redis key prefix of the ids the HTTP API accepted (value: the text's SHA-256).
 ACCEPTED_KEY_PREFIX = "bertstream:accepted:"
+#: ... and of the same ids whichever model they went to (value: that model's queue
+#: family), so that a status asked without a model finds a task sent to a named one.
+ACCEPTED_ANY_KEY_PREFIX = "bertstream:accepted-any:"
 
 #: Redis key prefix of worker heartbeats (one key per live worker, with a TTL).
 WORKER_KEY_PREFIX = "bertstream:workers:"

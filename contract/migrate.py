@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
-from contract.errors import SchemaMismatch
+from contract.errors import InvalidInput, SchemaMismatch
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -178,7 +178,13 @@ def _move(store: ResultStore, direction: str, revision: str) -> tuple[str | None
         conn.commit()
         return before, _current(conn)
 
-    return _locked(store, apply, f"cannot {direction} the schema")
+    from alembic.util import CommandError
+
+    try:
+        return _locked(store, apply, f"cannot {direction} the schema")
+    except CommandError as exc:  # an unknown revision, say
+        raise InvalidInput(f"cannot {direction} the schema to {revision!r}: {exc} "
+                           "(`bertstream db history` lists the revisions)") from exc
 
 
 def ensure(store: ResultStore) -> SchemaState:

@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
+from contract.messages import id_problem
 from contract.results import ResultRecord, ResultStore, _record, latest_only, results
 
 #: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
@@ -87,8 +88,8 @@ def decode_cursor(cursor: str, newest_first: bool) -> tuple[dt.datetime, str]:
         padded = cursor + "=" * (-len(cursor) % 4)
         finished, task_id, order = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         when = dt.datetime.fromisoformat(finished)
-        if not isinstance(task_id, str) or order not in ("a", "d"):
-            raise ValueError("bad cursor fields")
+        if not isinstance(task_id, str) or order not in ("a", "d") or id_problem(task_id):
+            raise ValueError("bad cursor fields")  # an id no row can have: NUL, too long
     except (ValueError, TypeError, UnicodeError) as exc:
         raise InvalidInput("malformed cursor") from exc
     if (order == "d") != newest_first:

@@ -39,15 +39,16 @@ from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from contract.constants import (
+    ENV_PREFIX,
     ID_COLUMN_CHARS,
     RESULTS_TABLE,
     STATUS_DONE,
     STATUSES,
     WINDOWS_TABLE,
 )
-from contract.errors import InvalidInput, StoreUnavailable
+from contract.errors import ConfigError, InvalidInput, StoreUnavailable
 from contract.messages import id_problem
-from contract.settings import Settings
+from contract.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     an operation once when its connection turns out to be dead.
     """
     t = timeouts or DbTimeouts()
-    url = sa.engine.make_url(database_url)
+    url = _parse_url(database_url)
     if url.get_backend_name() == "sqlite":
         _create_private(url.database)
         engine = sa.create_engine(url, connect_args={"timeout": t.statement_s})
@@ -249,7 +250,33 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     args: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
         args = _libpq_args(t, url.query.get("options"))
-    return sa.create_engine(url, connect_args=args)
+    try:
+        return sa.create_engine(url, connect_args=args)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(database_url)}: {exc}; "
+                          f"{_SUPPORTED}") from exc
+
+
+#: What a database URL may name.
+_SUPPORTED = ("bertstream stores results in PostgreSQL (postgresql://USER@HOST/DB, "
+              "on the psycopg 3 it installs) or SQLite (sqlite:///PATH)")
+
+
+def _parse_url(database_url: str) -> sa.engine.URL:
+    """The URL, with ``postgres://`` and a bare ``postgresql://`` on psycopg 3.
+
+    The driver bertstream installs is psycopg 3; SQLAlchemy's default for a
+    bare ``postgresql://`` is psycopg2 on some versions, and ``postgres://``
+    (the form many hosts hand out) is no dialect name of its own.
+    """
+    try:
+        url = sa.engine.make_url(database_url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(database_url)} is not a "
+                          f"database URL; {_SUPPORTED}") from exc
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
 
 
 def _libpq_args(t: DbTimeouts, options: Any) -> dict[str, Any]:

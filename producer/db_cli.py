@@ -111,8 +111,8 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.ti
 
 @db_group.command("delete")
 @click.option("--id", "ids", multiple=True, help="A task id (repeatable): all its rows go.")
-@click.option("--ids-file", type=click.File("r", encoding="utf-8"),
-              help="Task ids, one per line ('-': standard input).")
+@click.option("--ids-file", type=click.File("r", encoding="utf-8-sig"),
+              help="Task ids, one per line, UTF-8 ('-': standard input).")
 @click.option("--source", help="Only this source tag.")
 @click.option("--model", help="Only this model's rows (default: every model's).")
 @click.option("--label", help="Only rows with this label.")
@@ -143,7 +143,11 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
         until = dt.datetime.now(dt.timezone.utc) - older_than
     wanted = list(ids)
     if ids_file is not None:
-        wanted += [line.strip() for line in ids_file if line.strip()]
+        try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first id
+            wanted += [line.strip() for line in ids_file if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     param_hint="--ids-file") from exc
     for what, values in (("--id", wanted), ("--source", [source]), ("--label", [label]),
                          ("--model", [model])):
         for value in values:

@@ -150,17 +150,15 @@ def read_records(
         raise InvalidInput(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
     mapping = fields or FieldMap()
     mode = None if fmt == "auto" else fmt
+    _allow_csv_fields(fmt, max_line_bytes)
     header: list[str] | None = None
     for number, raw in _lines(stream, max_line_bytes):
         if raw is None:
             yield SourceRecord(number, error=f"line is over the limit of {max_line_bytes} bytes")
             continue
-        if number == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield SourceRecord(number, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+        text = _decode(number, raw)
+        if isinstance(text, SourceRecord):
+            yield text
             continue
         if not text.strip():
             if keep_blank:
@@ -169,7 +167,10 @@ def read_records(
         if mode is None:
             mode = "jsonl" if text.lstrip().startswith("{") else "lines"
         if mode == "csv":
-            row = next(csv.reader([text]))
+            row = _csv_cells(number, text)
+            if isinstance(row, SourceRecord):
+                yield row
+                continue
             if header is None:
                 header = row
                 continue
@@ -178,6 +179,35 @@ def read_records(
             yield _parse_json(number, text, mapping)
         else:
             yield SourceRecord(number, {"text": text})
+
+
+def _allow_csv_fields(fmt: str, max_line_bytes: int) -> None:
+    """For CSV, let a field be as long as a line may be.
+
+    The line limit bounds a field already; csv's own limit (128 KiB) would
+    refuse a long text that the line and text limits allow. It is
+    process-wide, so it is only ever raised.
+    """
+    if fmt == "csv" and csv.field_size_limit() < max_line_bytes:
+        csv.field_size_limit(max_line_bytes)
+
+
+def _decode(number: int, raw: bytes) -> str | SourceRecord:
+    """The line as text (a byte-order mark off the first), or the record of why not."""
+    if number == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return SourceRecord(number, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+
+
+def _csv_cells(number: int, text: str) -> list[str] | SourceRecord:
+    """One line's CSV cells, or the record of why it is not a CSV row."""
+    try:
+        return next(csv.reader([text]))
+    except csv.Error as exc:
+        return SourceRecord(number, error=f"not a CSV row ({exc})")
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:

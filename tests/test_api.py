@@ -244,6 +244,55 @@ def test_outages_are_503_and_readyz_says_which(settings: Settings, api_factory: 
         assert "bertstream_api_requests_total" in metrics
 
 
+def test_a_database_outage_keeps_no_claim_so_a_retry_is_not_a_duplicate(
+        settings: Settings, api_factory: Any) -> None:
+    """Redis up, the database down: a submit with the caller's id cannot be compared with
+    the stored rows, so it is refused (503) with nothing queued and no id kept; the
+    retry the 503 asks for must meet the same answer, never "duplicate" for a task that
+    was never queued."""
+    down = settings.replace(
+        database_url=f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x")
+    api = api_factory(down)
+    r = redis.Redis.from_url(settings.broker_url)
+    with httpx.Client(base_url=api.url, timeout=30) as http, Client(settings) as client:
+        for _try in range(2):
+            single = http.post("/v1/tasks", json={"text": "hi", "id": "r1"})
+            assert single.status_code == 503, single.text
+            assert _error(single)["code"] == "database_unavailable"
+            bulk = http.post("/v1/tasks", json={"items": [{"text": "a", "id": "b1"},
+                                                          {"text": "b", "id": "b2"}]})
+            assert bulk.status_code == 503, bulk.text
+        assert client.queue_length() == 0
+        assert not r.keys("bertstream:accepted:*")
+        # Generated ids cannot collide with a stored row: they need no database.
+        assert http.post("/v1/tasks", json={"text": "no id"}).status_code == 202
+    r.close()
+
+
+def test_a_task_sent_to_a_named_model_is_queued_for_a_status_asked_without_one(
+        settings: Settings, api_factory: Any) -> None:
+    """``?model=`` is optional on a status: a task sent to a named model reads ``queued``
+    without it, not 404. Status requests for unknown models open no submitting lane, so
+    many of them (typos) never use up the server's lanes for real submits."""
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        sent = http.post("/v1/tasks", json={"text": "for beta", "id": "n1", "model": "beta"})
+        assert sent.status_code == 202, sent.text
+        plain = http.post("/v1/tasks", json={"text": "for the default", "id": "n2"})
+        assert plain.status_code == 202, plain.text
+        for query in ("", "?model=beta"):
+            status = http.get(f"/v1/tasks/n1{query}")
+            assert status.status_code == 200 and status.json()["status"] == "queued", status.text
+        assert http.get("/v1/tasks/n2").json()["status"] == "queued"
+        assert http.get("/v1/tasks/n1?model=gamma").status_code == 404  # not sent to gamma
+        assert http.get("/v1/tasks/n2?model=beta").status_code == 404
+        assert http.get("/v1/tasks/never").status_code == 404
+        for i in range(40):
+            assert http.get(f"/v1/tasks/n1?model=typo{i}").status_code == 404
+        late = http.post("/v1/tasks", json={"text": "a new model", "model": "delta"})
+        assert late.status_code == 202, late.text
+
+
 def test_coalescing_puts_concurrent_submits_in_one_message(settings: Settings,
                                                            api_factory: Any) -> None:
     import concurrent.futures

@@ -97,3 +97,27 @@ def test_empty_store_and_tokens(settings: Settings, api_factory: Any) -> None:
         assert live["finished"] == 0 and live["per_minute"] == []
         assert http.get("/v1/search", headers=auth).json()["items"] == []
         assert http.get("/v1/sources", headers=auth).json() == {"sources": []}
+
+
+def test_an_id_search_keeps_the_rules_of_the_other_views(store: ResultStore) -> None:
+    """Searching by id applies every filter of /v1/results, ``lang`` included, and shows
+    each task once, its latest row, unless a model is named."""
+    from api.dashboard import search
+    from contract.queries import Filters
+
+    now = dt.datetime.now(dt.timezone.utc)
+    first = _row(now, 1, "The room was spotless.", minutes_ago=2)
+    rescored = _row(now, 1, "The room was spotless.", minutes_ago=1)
+    rescored.model = "m2"
+    chinese = _row(now, 2, "房间很干净")
+    first.lang, rescored.lang, chinese.lang = "en", "en", "zh"
+    store.upsert([first])
+    store.upsert([rescored, chinese])
+
+    def found(filters: Filters, prefix: str = "doc-0") -> list[tuple[str, str]]:
+        return [(r.id, r.model) for r in search(store, filters, task_id=prefix)]
+
+    assert found(Filters()) == [("doc-001", "m2"), ("doc-002", "m")]
+    assert found(Filters(lang="zh")) == [("doc-002", "m")]
+    assert found(Filters(lang="en")) == [("doc-001", "m2")]
+    assert found(Filters(model="m"), "doc-001") == [("doc-001", "m")]

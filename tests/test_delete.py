@@ -177,6 +177,26 @@ def test_db_delete_counts_first_and_deletes_with_yes(db_url: str) -> None:
     store.close()
 
 
+def test_an_ids_file_from_a_windows_editor_deletes_every_id(sqlite_url: str,
+                                                            tmp_path: Path) -> None:
+    """An erasure list saved with a byte-order mark and CRLF ends deletes its first id too;
+    one in UTF-16 (PowerShell's default) is refused in one line, with nothing deleted."""
+    store = ResultStore.from_url(sqlite_url)
+    store.create_schema()
+    store.upsert([record("gdpr-1", "m", 0), record("gdpr-2", "m", 0), record("keep", "m", 0)])
+    listed = tmp_path / "ids.txt"
+    listed.write_bytes("\ufeffgdpr-1\r\ngdpr-2\r\n".encode())
+    utf16 = tmp_path / "ids16.txt"
+    utf16.write_bytes("keep\r\n".encode("utf-16"))
+    refused = bertstream(sqlite_url, "db", "delete", "--ids-file", str(utf16), "--yes")
+    assert refused.returncode == 2 and "not UTF-8" in refused.stderr
+    assert "Traceback" not in refused.stderr and store.count() == 3
+    out = bertstream(sqlite_url, "db", "delete", "--ids-file", str(listed), "--yes")
+    assert "deleted 2 row(s) of 2 task(s)" in out.stdout, out.stderr
+    assert [r.id for r in store.query()] == ["keep"]
+    store.close()
+
+
 def test_deletes_beside_concurrent_writes_leave_the_rule(db_url: str) -> None:
     """Two writers and a deleter on the same few tasks at once, each with its own store
     (connections): when they stop, every flag follows the rule and the views agree."""

@@ -354,3 +354,15 @@ def test_a_reader_that_cannot_create_the_lock_file_reads_without_it(
     with pytest.raises(StoreUnavailable):
         migrate.upgrade(store)
     store.close()
+
+
+@pytest.mark.parametrize("command", [("downgrade", "0009"), ("upgrade", "zz")])
+def test_an_unknown_revision_exits_2_with_the_command_that_lists_them(
+        sqlite_url: str, command: tuple[str, str]) -> None:
+    settings = Settings(database_url=sqlite_url)
+    assert bertstream(settings, "db", "upgrade").returncode == 0
+    out = bertstream(settings, "db", *command)
+    assert out.returncode == 2, out.stderr
+    assert f"Can't locate revision identified by '{command[1]}'" in out.stderr
+    assert "bertstream db history" in out.stderr and "Traceback" not in out.stderr
+    assert migrate.check(ResultStore.from_url(sqlite_url)).up_to_date  # untouched

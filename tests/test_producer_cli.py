@@ -138,6 +138,33 @@ def test_unreachable_database_exits_3(redis_url: str) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("url, says", [
+    ("nonsense", "is not a database URL"),
+    ("mysql://me:s3cret@127.0.0.1/db", "No module named"),
+    ("foo+bar://x", "Can't load plugin"),
+])
+@pytest.mark.parametrize("command", [["results"], ["submit", "hi", "--id", "x1"], ["serve"]])
+def test_a_database_url_bertstream_cannot_use_exits_2_naming_what_it_can(
+        url: str, says: str, command: list[str]) -> None:
+    """A typo or an unsupported database is a setting to fix, said in one line, not a
+    traceback (submit too: a bad URL is no outage to skip the id check for)."""
+    result = invoke(["--broker-url", "redis://127.0.0.1:1/0", "--database-url", url, *command])
+    assert result.exit_code == 2, result.output
+    assert says in result.stderr and "PostgreSQL" in result.stderr and "SQLite" in result.stderr
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+
+
+def test_postgres_urls_use_the_driver_bertstream_installs() -> None:
+    """``postgres://`` (as many hosts hand it out) and a bare ``postgresql://`` run on
+    psycopg 3, which bertstream installs, on every SQLAlchemy it allows."""
+    from contract.results import make_engine
+
+    for url in ("postgres://u@h/db", "postgresql://u@h/db", "postgresql+psycopg://u@h/db"):
+        engine = make_engine(url)
+        assert engine.url.drivername == "postgresql+psycopg" and engine.url.database == "db"
+        engine.dispose()
+
+
 def test_bad_setting_in_the_environment_exits_2(sqlite_url: str) -> None:
     result = invoke(["results"], env={"BERTSTREAM_MAX_TEXT_CHARS": "lots"})
     assert result.exit_code == 2

@@ -137,6 +137,14 @@ def test_csv_records_with_a_header_and_field_mapping() -> None:
     assert _read(b"body\nhello\n", fmt="csv")[0].error == "missing 'text'"
 
 
+def test_a_csv_cell_longer_than_csvs_own_limit_is_read_whole() -> None:
+    """csv refuses a field over 128 KiB by default; the line limit (1 MiB) is the bound
+    that counts, so a long text in a cell is read, not a traceback that ends the stream."""
+    long = "好" * 150_000  # 450,000 bytes, under the line limit
+    recs = _read(f"text,id\n{long},a\nshort,b\n".encode(), fmt="csv")
+    assert [r.item for r in recs] == [{"text": long, "id": "a"}, {"text": "short", "id": "b"}]
+
+
 def test_jsonl_field_mapping_takes_mapped_fields_only() -> None:
     data = (b'{"content": "hi", "tweet_id": 12345, "user": "u", "ts": 1700000000}\n'
             b'{"text": "no content"}\n')

@@ -227,3 +227,21 @@ def test_id_lookups_send_one_array_and_search_the_key_on_postgresql(pg_url: str)
             plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
             assert "bertstream_results_pkey" in plan, (statement, plan)
     store.close()
+
+
+@pytest.mark.parametrize("task_id", ["a\u0000b", "x" * 300, "", 7])
+def test_a_cursor_naming_an_id_no_row_can_have_is_malformed(task_id: object) -> None:
+    """A crafted cursor is a 422 ``malformed cursor``, never an id with a NUL that the
+    database refuses mid-query (a 500)."""
+    import base64
+    import json
+
+    from contract.errors import InvalidInput
+    from contract.queries import decode_cursor
+
+    raw = json.dumps(["2026-01-01T00:00:00", task_id, "d"]).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    with pytest.raises(InvalidInput, match="malformed cursor"):
+        decode_cursor(cursor, newest_first=True)
+    good = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00", "t-1", "d"]).encode())
+    assert decode_cursor(good.decode().rstrip("="), newest_first=True)[1] == "t-1"
