@@ -49,8 +49,9 @@ QUEUE_LENGTH_TTL_S = 0.2
 #: concatenated in another: packing 2 arguments instead of 2 per id is what keeps this
 #: cheap in Python. The reply lists only the ids already taken, as (1-based index, the
 #: hash held, or "?" if it expired in between) pairs. Ids never hold NUL (refused by
-#: validation). Each id claimed also records its model's queue family under
-#: :data:`ACCEPTED_ANY_KEY_PREFIX` (a status asked without a model reads it). Standalone
+#: validation). An id claimed for a named model also records that model's queue family
+#: under :data:`ACCEPTED_ANY_KEY_PREFIX` (a status asked without a model reads it; the
+#: default model's claims, the common case, need no second key). Standalone
 #: Redis: the keys are not declared up front, as a cluster needs.
 _CLAIM = """
 local ttl, prefix, hashes = ARGV[1], ARGV[2], ARGV[3]
@@ -61,7 +62,9 @@ for id in string.gmatch(ARGV[4], "[^%z]+") do
   i = i + 1
   local key = prefix .. id
   if redis.call('SET', key, string.sub(hashes, (i - 1) * 64 + 1, i * 64), 'NX', 'EX', ttl) then
-    redis.call('SET', any_prefix .. id, family, 'EX', ttl)
+    if family ~= '' then
+      redis.call('SET', any_prefix .. id, family, 'EX', ttl)
+    end
   else
     out[#out + 1] = i
     out[#out + 1] = redis.call('GET', key) or '?'
@@ -146,7 +149,8 @@ class Submitter:
             previous = self._claim(args=[self.settings.api_id_ttl_s, self.key(""),
                                          "".join(hashes), "\0".join(it.id for it in items),
                                          f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
-                                         self.settings.family])
+                                         self.settings.family if self.settings.model_name
+                                         else ""])
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
         outcomes: list[Outcome | None] = [None] * len(items)

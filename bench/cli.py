@@ -18,8 +18,6 @@ from worker.cli import settings_from
               help="'default' (bundled model), 'tiny' (4-layer random BERT) or a directory.")
 @click.option("--out", default="bench/results/latest.json", show_default=True,
               help="Where to write the JSON results.")
-@click.option("--database-url", default=None,
-              help="Results database (default: a temporary SQLite file).")
 @click.option("--skip", multiple=True,
               help="Stages to skip (repeat or comma-separate): "
                    "padding, bare, pipeline, openloop, long, naive, null, http.")
@@ -34,10 +32,18 @@ from worker.cli import settings_from
                    "(what `worker --gpus 0 --procs-per-gpu N` starts on one device).")
 @click.pass_context
 def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str, out: str,
-                  database_url: str | None, skip: tuple[str, ...], device: str,
+                  skip: tuple[str, ...], device: str,
                   threads: int | None, rounds: int | None, procs: str) -> None:
-    """Benchmark the pipeline against the bare model and a naive Celery task, side by side."""
+    """Benchmark the pipeline against the bare model and a naive Celery task, side by side.
+
+    The results go to a temporary SQLite file unless --database-url is given on
+    the command line (BERTSTREAM_DATABASE_URL is not used: a benchmark never
+    writes into the results database unasked).
+    """
     from bench import main as bench_main
+
+    # --database-url is the group's option (accepted after the command too).
+    database_url = ctx.find_root().params.get("database_url")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -53,7 +53,8 @@ class Settings:
     model_name: str = ""
     #: ``auto`` (cuda:0 when available, else cpu), ``cpu`` or ``cuda:N``.
     device: str = "auto"
-    #: ``auto`` (fp16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``.
+    #: ``auto`` (fp16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``, or
+    #: ``int8`` (dynamic int8 on CPU).
     dtype: str = "auto"
     #: Torch intra-op threads on CPU; 0 lets torch decide.
     torch_threads: int = 0
@@ -114,7 +115,7 @@ class Settings:
 
     # -- timeouts (database and Redis, both sides) --
     #: Seconds to establish a database connection (PostgreSQL connect_timeout;
-    #: SQLite's wait for a locked file).
+    #: SQLite waits for a locked file up to ``db_statement_timeout_s``).
     db_connect_timeout_s: float = 10.0
     #: Seconds one database operation may take: PostgreSQL's statement_timeout,
     #: and a client-side guard that cuts a connection whose server went silent.

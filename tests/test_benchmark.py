@@ -135,3 +135,28 @@ def test_full_run_tiny(redis_url: str, tmp_path: Path) -> None:
     assert stages["pipeline"]["texts_per_s"] == min(stages["pipeline"]["rounds"])
     assert [load["fraction"] for load in stages["openloop"]["loads"]] == [0.25, 0.5, 0.75]
     assert all(load["bound_ms"] > 0 for load in stages["openloop"]["loads"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--database-url", "sqlite:////tmp/b.db", "bench", "--quick"], "sqlite:////tmp/b.db"),
+    (["bench", "--quick", "--database-url", "sqlite:////tmp/b.db"], "sqlite:////tmp/b.db"),
+    (["bench", "--quick"], None),  # the environment's database is never the bench's
+])
+def test_bench_writes_where_the_command_line_says_only(
+        monkeypatch: pytest.MonkeyPatch, args: list[str], expected: str | None) -> None:
+    from click.testing import CliRunner
+
+    import bench
+    from producer.cli import main
+
+    seen: dict[str, object] = {}
+
+    def fake_main(_settings: Settings, **options: object) -> int:
+        seen.update(options)
+        return 0
+
+    monkeypatch.setattr(bench, "main", fake_main)
+    result = CliRunner().invoke(main, args,
+                                env={"BERTSTREAM_DATABASE_URL": "sqlite:////tmp/prod.db"})
+    assert result.exit_code == 0, result.output
+    assert seen["database_url"] == expected
