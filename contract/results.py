@@ -585,10 +585,14 @@ class ResultStore:
         """
         unique: dict[tuple[str, str], ResultRecord] = {}
         for r in records:
-            # Deduplicate within the batch: the same (id, model) twice in one flush keeps the first.
+            # The same (id, model) twice in one batch follows the rule between batches: a
+            # done record stands, any other is replaced by the later one (an expired copy
+            # and its resubmission in one flush keep the resubmission's result).
             key = (r.id if isinstance(r.id, str) else repr(r.id),
                    r.model if isinstance(r.model, str) else repr(r.model))
-            unique.setdefault(key, r)
+            kept = unique.get(key)
+            if kept is None or kept.status != STATUS_DONE:
+                unique[key] = r
         refused: list[Refused] = []
         if unique:
             # in key order: two writers of overlapping rows then lock them in one order,

@@ -318,3 +318,58 @@ def test_a_worker_scores_long_texts_whole(settings: Settings, tiny_model_dir: Pa
         assert http.get("/v1/tasks/short-1/windows").json()["windows"] == []
         assert http.get("/v1/tasks/nope/windows").status_code == 404
         assert http.get("/v1/tasks/long-1/windows", params={"model": "x"}).status_code == 404
+
+
+class _FakeRequest:
+    """What the task's ack and reject paths touch of a Celery request."""
+
+    def __init__(self) -> None:
+        self.acknowledged = False
+        self.rejected: bool | None = None
+        self.message = None
+
+    def acknowledge(self) -> None:
+        self.acknowledged = True
+
+    def reject(self, requeue: bool = False) -> None:
+        self.rejected = requeue
+
+
+def test_a_dead_lettered_message_leaves_the_held_ones_held(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """Dead-lettering one message must not ack another whose long text is still in the
+    backlog: its rows are not stored yet, so a crash after that ack would lose the text.
+    A dead-lettered copy of the held message itself is acked; the original stays held."""
+    from celery import Celery
+    from celery_batches import SimpleRequest
+
+    from worker.tasks import register_tasks
+
+    s = tiny_settings.replace(window_slice_ms=1, max_attempts=1)
+    proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
+    task = register_tasks(Celery("t", broker="memory://"), proc, s)
+    task.deliveries = None
+
+    def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, SimpleRequest]:
+        return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None,
+                                             None, {})
+
+    now = time.time()
+    held = delivered("m-long", [{"id": "long", "text": long_text(), "submitted_at": now}])
+    task._commit_group([held], attempt=1)
+    assert proc.held() == {"m-long"} and not held[0].acknowledged
+    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
+    other = delivered("m-dead", [{"id": "dead", "text": "fine", "submitted_at": now}])
+    copy = delivered("m-long", [{"id": "long", "text": long_text(), "submitted_at": now}])
+    task._commit_group([other], attempt=2)
+    task._commit_group([copy], attempt=2)
+    assert other[0].acknowledged and copy[0].acknowledged  # their failed rows are stored
+    assert not held[0].acknowledged and held[0].rejected is None
+    row = store.get("dead")
+    assert row is not None and row.status == "failed" and "dead-lettered" in (row.error or "")
+    while proc.held():
+        task.flush([])
+    assert held[0].acknowledged
+    final = store.get("long")
+    assert final is not None and final.status == "done"

@@ -7,6 +7,7 @@ process keeps running, and nothing stays queued or unacked.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from contract.broker import lane_queue, make_celery
-from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, STATUS_FAILED
+from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
@@ -111,6 +112,60 @@ def test_every_poison_kind_leaves_the_worker_running_and_the_queue_empty(
         r.close()
     # sent: 400 healthy, 8 + 1 + 2 in the poison messages; stored: all but the unwritable one
     assert len(rows) == 400 + 8 + 1 + 2 - 1
+
+
+def _publish_message(settings: Settings, body: Any, headers: dict[str, Any]) -> None:
+    """A message on the bulk lane with this body and these headers, whatever they are: what
+    a foreign or broken producer could put there, below Celery's own send."""
+    app = make_celery(settings)
+    try:
+        queue = app.amqp.queues[lane_queue(settings, bulk=True)]
+        with app.connection_for_write() as conn:
+            conn.Producer(serializer="json").publish(
+                body, exchange=queue.exchange, routing_key=queue.routing_key,
+                declare=[queue], headers=headers)
+    finally:
+        app.close()
+
+
+def test_messages_that_are_no_task_request_fail_alone_and_the_worker_runs_on(
+        settings: Settings, tiny_model_dir: Any, worker_factory: Any) -> None:
+    """Celery cannot build a task request from these; before, the exception left the event
+    loop and stopped the worker, and every worker the message was redelivered to. Each is
+    now one failed row, acked, and the traffic around it is stored. A message with a
+    Celery eta a day ahead runs now (it used to wait unacked for ever)."""
+    s = settings.replace(model=str(tiny_model_dir))
+    worker = worker_factory(s)
+    items = [{"id": "inside", "text": "good", "submitted_at": time.time()}]
+    later = [{"id": "eta-item", "text": "good", "submitted_at": time.time()}]
+    tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
+    task = {"task": TASK_ANALYZE}
+    with Client(s) as client:
+        before = client.submit_many([f"before {i}" for i in range(10)]).ids
+        for body, headers in (
+            ([items], {**task, "id": "args-only"}),          # no kwargs, no embed
+            (None, {**task, "id": "null-body"}),
+            ([[items], {}, {}], {**task, "id": 7}),          # a task id that is no string
+            ([[items], {}, {}], dict(task)),                 # no task id at all
+            ([[later], {}, {}], {**task, "id": "with-eta", "eta": tomorrow}),  # run now
+        ):
+            _publish_message(s, body, headers)
+        after = client.submit_many([f"after {i}" for i in range(10)]).ids
+        done = client.wait(before + after + ["eta-item"], timeout=120)
+    wait_broker_idle(s)
+    worker.check_alive()  # the same process, never restarted
+    assert all(r.status == STATUS_DONE for r in done.values()) and len(done) == 21
+    store = ResultStore.from_url(s.database_url)
+    try:
+        refused = [r for r in store.query(limit=None)
+                   if "not a Celery task request" in (r.error or "")]
+        assert len(refused) == 4 and all(r.status == STATUS_FAILED for r in refused)
+        row = store.get(derived_key("args-only", 0))
+        assert row is not None and "ValueError" in (row.error or "")
+        assert store.get("inside") is None  # a message that is no request is not run
+    finally:
+        store.close()
+    assert "Unrecoverable error" not in worker.log()
 
 
 def test_remote_control_is_off_by_default(settings: Settings, tiny_model_dir: Any,

@@ -245,3 +245,22 @@ def test_a_cursor_naming_an_id_no_row_can_have_is_malformed(task_id: object) -> 
         decode_cursor(cursor, newest_first=True)
     good = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00", "t-1", "d"]).encode())
     assert decode_cursor(good.decode().rstrip("="), newest_first=True)[1] == "t-1"
+
+
+def test_one_task_twice_in_a_batch_follows_the_rule_between_batches(store: ResultStore) -> None:
+    """An expired copy and its resubmission can meet in one flush: the done record is kept
+    whichever comes first, as a later batch would have replaced the expired row; two done
+    records keep the first, as a done row is never overwritten."""
+    expired = record("k", status="expired", label=None, score=None, scores=None,
+                     error="its deadline passed")
+    store.upsert([expired, record("k", label="negative", score=0.8,
+                                  scores={"negative": 0.8, "positive": 0.2})])
+    row = store.get("k")
+    assert row is not None and row.status == "done" and row.label == "negative"
+    store.upsert([record("j", status="failed", label=None, score=None, scores=None,
+                         error="first"),
+                  record("j", status="failed", label=None, score=None, scores=None,
+                         error="second")])
+    assert (store.get("j") or record("x")).error == "second"
+    store.upsert([record("d", label="positive"), record("d", label="negative")])
+    assert (store.get("d") or record("x")).label == "positive"

@@ -480,6 +480,17 @@ class FlushProcessor:
         self._persist(entries, utcnow(), attempt, stats)
         return stats
 
+    def refuse(self, message_id: Any, raw: Any, reason: str) -> FlushStats:
+        """Store one ``failed`` row with ``reason`` for a message that is no task request
+        at all (its body or headers are not Celery's), under :func:`derived_key`.
+
+        Raises :class:`StoreUnavailable` like :meth:`process`.
+        """
+        stats = FlushStats(messages=1, items=1, failed=1)
+        entry = Entry(str(message_id), 0, derived_key(message_id, 0), raw=raw).fail(reason)
+        self._persist([entry], utcnow(), 1, stats)
+        return stats
+
     def _skip_done(self, entries: list[Entry]) -> int:
         """Settle the pending entries that already have a ``done`` row of this model, unrun.
 

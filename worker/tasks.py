@@ -136,12 +136,43 @@ class AnalyzeTask(Batches):
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                        **kw: Any) -> None:
-            handler(message, body, ack, reject, callbacks, **kw)
+            problem = _header_problem(message)
+            _drop_eta(message)
+            if problem is None:
+                try:
+                    handler(message, body, ack, reject, callbacks, **kw)
+                except Exception as exc:  # noqa: BLE001 - Celery cannot read it as a task
+                    problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                self._refuse(message, problem, body)
+                return
             self._buffered_tokens += estimate_tokens(message.payload)
             if self._buffered_tokens >= self.flush_tokens and not self._buffer.empty():
                 self._do_flush()
 
         return on_message
+
+    def _refuse(self, message: Any, problem: str, body: Any) -> None:
+        """A message Celery cannot take as a task request: stored as one failed row and
+        acked, instead of an exception that would stop the worker (and then every worker
+        the message is redelivered to). During a database outage it is requeued."""
+        headers = getattr(message, "headers", None)
+        task_id = headers.get("id") if isinstance(headers, dict) else None
+        mid = task_id if _header_problem(message) is None else f"tag-{message.delivery_tag}"
+        reason = f"malformed task message (not a Celery task request): {problem}"
+        log.error("refusing message %s: %s", printable(str(mid))[:200], printable(reason)[:500])
+        try:
+            # ``body``: the payload Celery decoded (JSON only), kept as the row's raw item.
+            self._processor().refuse(mid, body, reason)
+        except StoreUnavailable as exc:
+            log.error("database unavailable, requeueing the refused message: %s", exc)
+            time.sleep(self.requeue_pause_s)
+            _settle(message.reject, requeue=True)
+            return
+        except Exception:  # noqa: BLE001 - never out of the event loop
+            log.exception("storing the refusal of message %s failed; dropping it",
+                          printable(str(mid))[:200])
+        _settle(message.ack)
 
     def flush(self, requests: Collection[Any]) -> None:
         """Process the buffered requests now; ack what committed, requeue the rest.
@@ -213,11 +244,16 @@ class AnalyzeTask(Batches):
         elif dead and stats.unwritable:
             log.error("message %s dropped: even its dead-letter rows cannot be stored",
                       printable(str(ids[0]))[:200])
-        waiting = set() if dead else self._processor().held()
-        for r, s in group:
-            if s.id in waiting and s.id not in stuck:
-                self._held[s.id] = r
-        done = [(r, s) for r, s in group if s.id not in stuck and s.id not in waiting]
+        # Long texts still in the backlog keep their messages held, whatever this group was.
+        waiting = self._processor().held()
+        if not dead:
+            for r, s in group:
+                if s.id in waiting and s.id not in stuck:
+                    self._held[s.id] = r
+        # A dead-lettered copy is acked: its failed rows are stored, and when the original
+        # delivery is still held for its long texts, that one carries the work.
+        done = [(r, s) for r, s in group
+                if s.id not in stuck and (dead or s.id not in waiting)]
         self._release(waiting, stuck)
         _ack([r for r, _ in done])
         if self.deliveries is not None and done:
@@ -303,3 +339,40 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
     )
     task = app.register_task(task_cls())
     return task
+
+
+def _header_problem(message: Any) -> str | None:
+    """Why ``message``'s task id cannot key a delivery (Celery protocol 2 puts it in the
+    headers; a sender may put anything there), or None."""
+    headers = getattr(message, "headers", None)
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if not isinstance(task_id, str) or not task_id:
+        return f"the task id header is {type(task_id).__name__}, not a non-empty string"
+    try:
+        task_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the task id header is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _settle(action: Callable[..., Any], **kw: Any) -> None:
+    """Ack or reject a message; a broker error is logged (the message comes back)."""
+    try:
+        action(**kw)
+    except Exception:  # noqa: BLE001
+        log.exception("could not settle a refused message; the broker redelivers it")
+
+
+def _drop_eta(message: Any) -> None:
+    """Run a message whatever its Celery ``eta`` header says.
+
+    bertstream's producers never set one (an item's own deadline is
+    ``expires_at``). celery-batches would hold a message with an eta unacked
+    in its pending queue, comparing a timestamp with a monotonic clock, so
+    such a message would wait forever and hold a prefetch slot.
+    """
+    headers = getattr(message, "headers", None)
+    if isinstance(headers, dict) and headers.get("eta") is not None:
+        log.warning("ignoring the eta header of message %s: a task runs when it arrives",
+                    printable(str(headers.get("id")))[:200])
+        headers["eta"] = None
