@@ -72,15 +72,7 @@ def _prefix_range(prefix: str) -> list[Any]:
 def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> list[Any]:
     """``filters`` and the text search on the columns of the subquery ``sub``; ``latest``:
     with no model named, each task's latest row only (the rule of the default views)."""
-    conds = [sub.c[name] == getattr(filters, name)
-             for name in ("source", "label", "status", "model", "lang")
-             if getattr(filters, name) is not None]
-    if latest and filters.model is None:
-        conds.append(sub.c.latest == sa.true())
-    if filters.since is not None:
-        conds.append(sub.c.finished_at >= filters.since)
-    if filters.until is not None:
-        conds.append(sub.c.finished_at < filters.until)
+    conds = filters.clauses(every_model=not latest, columns=sub.c)
     if q:
         conds.append(sa.func.lower(sub.c.text).contains(q.lower(), autoescape=True))
     return conds

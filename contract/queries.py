@@ -51,19 +51,21 @@ class Filters:
     until: dt.datetime | None = None
     lang: str | None = None
 
-    def clauses(self, *, every_model: bool = False) -> list[Any]:
-        """The WHERE clauses (bound parameters only); ``every_model``: no latest-only rule."""
+    def clauses(self, *, every_model: bool = False, columns: Any = None) -> list[Any]:
+        """The WHERE clauses (bound parameters only); ``every_model``: no latest-only rule;
+        ``columns``: those of a subquery of the results table (default: the table's)."""
+        cols = results.c if columns is None else columns
         conds: list[Any] = []
         for name in ("source", "label", "status", "model", "lang"):
             value = getattr(self, name)
             if value is not None:
-                conds.append(results.c[name] == value)
+                conds.append(cols[name] == value)
         if self.model is None and not every_model:
-            conds.append(latest_only())
+            conds.append(latest_only(cols))
         if self.since is not None:
-            conds.append(results.c.finished_at >= self.since)
+            conds.append(cols.finished_at >= self.since)
         if self.until is not None:
-            conds.append(results.c.finished_at < self.until)
+            conds.append(cols.finished_at < self.until)
         return conds
 
 

@@ -1095,15 +1095,15 @@ def _has_newer() -> Any:
                        newer.c.model > results.c.model)))
 
 
-def latest_only() -> Any:
+def latest_only(columns: Any = None) -> Any:
     """Rows that are their task's latest result, of whichever model (the default views).
 
     Reads the ``latest`` flag that :meth:`ResultStore.upsert` keeps, so a
     view's cost follows the rows it asks for, not the table: asked as a
     ``NOT EXISTS`` per row, PostgreSQL answered with an anti-join over the
-    whole table whatever the time range.
+    whole table whatever the time range. ``columns``: a subquery's (default: the table's).
     """
-    return results.c.latest == sa.true()
+    return (results.c if columns is None else columns).latest == sa.true()
 
 
 def _settle_latest(conn: Connection, ids: Sequence[str]) -> int:
