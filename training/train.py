@@ -465,7 +465,6 @@ def _predict_cached(
     return preds
 
 
-
 def train_main(
     out_dir: Path,
     vader_sdist: Path | None = None,
