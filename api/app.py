@@ -33,7 +33,7 @@ from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, model_family
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
 from contract.queries import Comparison, Filters, compare, iter_records, page, stats
@@ -273,12 +273,7 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             return _view(record)
         # Looked up without opening a lane: a status request never counts as a model
         # this server submits to. Without a model, any model's claim will do.
-        submitter = services.submitter
-        if model:
-            known = await run_in_threadpool(submitter.accepted_hash, task_id,
-                                            model_family(settings.queue, model))
-        else:
-            known = await run_in_threadpool(submitter.accepted_anywhere, task_id)
+        known = await run_in_threadpool(services.submitter.accepted_for, task_id, model)
         if known is None:
             raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
                            + (f" for model {model!r}" if model else ""))

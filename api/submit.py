@@ -30,8 +30,14 @@ from dataclasses import dataclass
 
 import redis
 
-from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX, LANE_BULK
+from contract.constants import (
+    ACCEPTED_ANY_KEY_PREFIX,
+    ACCEPTED_KEY_PREFIX,
+    LANE_BULK,
+    model_family,
+)
 from contract.errors import BrokerUnavailable
+from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
 from contract.settings import Settings
 from producer.client import Client
@@ -113,6 +119,33 @@ class Submitter:
             return mine
         family = self._get(f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:{task_id}")
         return self.accepted_hash(task_id, family) if family else None
+
+    def accepted_for(self, task_id: str, model: str | None) -> str | None:
+        """The text hash ``task_id`` was accepted with for ``model`` (a name, or the stored
+        name of the default model), or for any model when ``model`` is None."""
+        if not model:
+            return self.accepted_anywhere(task_id)
+        known = self.accepted_hash(task_id, model_family(self.settings.queue, model))
+        return known if known is not None else self.accepted_as_stored_name(task_id, model)
+
+    def accepted_as_stored_name(self, task_id: str, model: str) -> str | None:
+        """The text hash ``task_id`` was accepted with for the default model, when ``model``
+        is the name that model's live workers store their rows under (the ``model`` a
+        done result shows, which a client may pass back while the task is still queued).
+
+        Only for a default model without a name of its own: a named model's rows carry
+        its name. Reads the workers' heartbeats, so a task asked for this way while no
+        worker is alive is not found.
+        """
+        if self.settings.model_name:
+            return None
+        try:
+            alive = live_workers(self.redis, self.settings.family)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+        if not any(w.get("model") == model for w in alive):
+            return None
+        return self.accepted_hash(task_id)
 
     def _get(self, key: str) -> str | None:
         try:

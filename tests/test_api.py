@@ -7,6 +7,7 @@ import csv
 import datetime as dt
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,34 @@ def test_a_task_sent_to_a_named_model_is_queued_for_a_status_asked_without_one(
             assert http.get(f"/v1/tasks/n1?model=typo{i}").status_code == 404
         late = http.post("/v1/tasks", json={"text": "a new model", "model": "delta"})
         assert late.status_code == 202, late.text
+
+
+def test_a_queued_default_task_is_found_under_its_stored_model_name(
+        settings: Settings, api_factory: Any) -> None:
+    """A done result shows the model its rows are stored under (the default model's own
+    name); a client that passes that name back as ``?model=`` while the task is still
+    queued reads ``queued``, not 404, as long as a worker of the default model announces
+    that name. Another name, or no live worker, is still a 404."""
+    from worker.heartbeat import Heartbeat
+
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        sent = http.post("/v1/tasks", json={"text": "for the default", "id": "d1"})
+        assert sent.status_code == 202, sent.text
+        assert http.get("/v1/tasks/d1?model=stored-default").status_code == 404  # no worker
+        beat = Heartbeat(settings, "w1@test", {"model": "stored-default"}).start()
+        try:
+            deadline = time.monotonic() + 10
+            while http.get("/v1/tasks/d1?model=stored-default").status_code == 404:
+                assert time.monotonic() < deadline, "the heartbeat never showed"
+                time.sleep(0.1)
+            status = http.get("/v1/tasks/d1?model=stored-default")
+            assert status.json() == {"id": "d1", "status": "queued"}, status.text
+            assert http.get("/v1/tasks/d1?model=other").status_code == 404
+            assert http.get("/v1/tasks/never?model=stored-default").status_code == 404
+        finally:
+            beat.stop()
+        assert http.get("/v1/tasks/d1?model=stored-default").status_code == 404
 
 
 def test_coalescing_puts_concurrent_submits_in_one_message(settings: Settings,

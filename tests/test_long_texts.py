@@ -373,3 +373,46 @@ def test_a_dead_lettered_message_leaves_the_held_ones_held(
     assert held[0].acknowledged
     final = store.get("long")
     assert final is not None and final.status == "done"
+
+
+def test_a_restored_copy_of_a_held_message_joins_it(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """A message held for its long text outlasts the visibility timeout: the broker restores
+    a copy (delivery 2, not dead). The copy's long text is not queued a second time, and the
+    original and the copy are both acked once the text is stored (the copy used to replace
+    the original, which then stayed unacked until the worker restarted)."""
+    from celery import Celery
+    from celery_batches import SimpleRequest
+
+    from worker.tasks import register_tasks
+
+    s = tiny_settings.replace(window_slice_ms=1, max_attempts=3)
+    proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
+    task = register_tasks(Celery("t", broker="memory://"), proc, s)
+    task.deliveries = None
+
+    def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, SimpleRequest]:
+        return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None,
+                                             None, {})
+
+    now = time.time()
+    items = [{"id": "long", "text": long_text(), "submitted_at": now},
+             {"id": "short", "text": "fine", "submitted_at": now}]
+    original = delivered("m-long", items)
+    task._commit_group([original], attempt=1)
+    assert proc.held() == {"m-long"} and not original[0].acknowledged
+    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
+    left = sum(w.outcome is None for w in proc.backlog[0].windows or ())
+    copy = delivered("m-long", items)
+    task._commit_group([copy], attempt=2)
+    assert [e.key for e in proc.backlog] == ["long"]  # not queued twice
+    assert sum(w.outcome is None for w in proc.backlog[0].windows or ()) == left - 1
+    assert not original[0].acknowledged and not copy[0].acknowledged
+    assert original[0].rejected is None and copy[0].rejected is None
+    while proc.held():
+        task.flush([])
+    assert original[0].acknowledged and copy[0].acknowledged
+    final, short = store.get("long"), store.get("short")
+    assert final is not None and final.status == "done"
+    assert short is not None and short.status == "done"

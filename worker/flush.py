@@ -358,7 +358,11 @@ class FlushProcessor:
         """
         started = utcnow()
         stats = FlushStats(messages=len(payloads), began=time.time())
-        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
+        # A long text already in the backlog (its message's copy, restored by the visibility
+        # sweep while the original is held) is in progress: not queued a second time.
+        in_progress = {e.key for e in self.backlog}
+        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)
+                   if e.key not in in_progress]
         now = time.time()
         for e in entries:
             e.attempt = attempt

@@ -96,8 +96,9 @@ class AnalyzeTask(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._buffered_tokens = 0
-        #: Messages whose long texts wait in the processor's backlog, by message id.
-        self._held: dict[str, Any] = {}
+        #: Deliveries whose long texts wait in the processor's backlog, by message id: a
+        #: copy the visibility sweep restored joins its original, and both are acked together.
+        self._held: dict[str, list[Any]] = {}
         self._flushed_at = 0.0
 
     def _do_flush(self) -> None:
@@ -222,13 +223,14 @@ class AnalyzeTask(Batches):
         except StoreUnavailable as exc:
             held = list(self._held.items())
             self._held.clear()
+            held_requests = [r for _, rs in held for r in rs]
             log.error("database unavailable, requeueing %d message(s): %s",
-                      len(group) + len(held), exc)
+                      len(group) + len(held_requests), exc)
             if self.deliveries is not None:
                 # an outage is not the message's fault
                 self.deliveries.forget(ids + [mid for mid, _ in held])
             time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
-            _reject([r for r, _ in group] + [r for _, r in held], requeue=True)
+            _reject([r for r, _ in group] + held_requests, requeue=True)
             return
         except Exception:
             if not dead:
@@ -249,7 +251,7 @@ class AnalyzeTask(Batches):
         if not dead:
             for r, s in group:
                 if s.id in waiting and s.id not in stuck:
-                    self._held[s.id] = r
+                    self._held.setdefault(s.id, []).append(r)
         # A dead-lettered copy is acked: its failed rows are stored, and when the original
         # delivery is still held for its long texts, that one carries the work.
         done = [(r, s) for r, s in group
@@ -265,9 +267,9 @@ class AnalyzeTask(Batches):
         if not ready:
             return
         requests = {mid: self._held.pop(mid) for mid in ready}
-        _reject([r for mid, r in requests.items() if mid in stuck], requeue=True)
+        _reject([r for mid, rs in requests.items() if mid in stuck for r in rs], requeue=True)
         acked = [mid for mid in ready if mid not in stuck]
-        _ack([requests[mid] for mid in acked])
+        _ack([r for mid in acked for r in requests[mid]])
         if self.deliveries is not None and acked:
             self.deliveries.forget(acked)
 
