@@ -199,11 +199,13 @@ class Submitter:
             self._release([items[i].id for i in fresh])
             raise
         publish = [i for i in fresh if outcomes[i] is None]
-        try:
-            self._publish([items[i] for i in publish], lane)
-        except BrokerUnavailable:
-            self._release([items[i].id for i in fresh])
-            raise
+        sent, error = self._publish([items[i] for i in publish], lane)
+        if error is not None:
+            # The chunks already queued keep their claims: the caller's retry of the whole
+            # request reads them as duplicates instead of queueing them a second time.
+            queued = {items[i].id for i in publish[:sent]}
+            self._release([items[i].id for i in fresh if items[i].id not in queued])
+            raise error
         for i in publish:
             outcomes[i] = Outcome(items[i].id, ACCEPTED)
         return [o for o in outcomes if o is not None]
@@ -238,10 +240,16 @@ class Submitter:
         # stored row stays the only record of that id.
         self._release(conflicts)
 
-    def _publish(self, items: list[TaskItem], lane: str) -> None:
+    def _publish(self, items: list[TaskItem], lane: str) -> tuple[int, BrokerUnavailable | None]:
+        """Publish ``items`` in messages of ``bulk_chunk_size``: how many were sent, and the
+        outage that stopped the rest (None when all were)."""
         size = self.settings.bulk_chunk_size
         for start in range(0, len(items), size):
-            self.client.publish(items[start:start + size], bulk=lane == LANE_BULK)
+            try:
+                self.client.publish(items[start:start + size], bulk=lane == LANE_BULK)
+            except BrokerUnavailable as exc:
+                return start, exc
+        return len(items), None
 
     def _release(self, ids: list[str]) -> None:
         if not ids:

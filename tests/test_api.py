@@ -270,6 +270,42 @@ def test_a_database_outage_keeps_no_claim_so_a_retry_is_not_a_duplicate(
     r.close()
 
 
+def test_an_outage_between_chunks_keeps_the_claims_of_the_chunks_queued(
+        settings: Settings) -> None:
+    """Redis fails after the first message of a submit was published: the submit raises
+    (the API answers 503), the first chunk's ids keep their claims, so the retry of the
+    whole request reads them as duplicates instead of queueing them twice, and the rest is
+    queued by the retry. (The failure between two publishes is injected: it cannot be
+    timed for real.)"""
+    from api.submit import ACCEPTED, DUPLICATE, Submitter
+    from contract.errors import BrokerUnavailable
+    from contract.messages import TaskItem
+
+    s = settings.replace(bulk_chunk_size=2)
+    with Client(s) as client:
+        submitter = Submitter(s, client)
+        items = [TaskItem(id=f"c{i}", text=f"text {i}") for i in range(5)]
+        real, calls = client.publish, []
+
+        def failing_second(chunk: Any, **kw: Any) -> None:
+            calls.append(len(chunk))
+            if len(calls) == 2:
+                raise BrokerUnavailable("injected: Redis went away")
+            real(chunk, **kw)
+
+        client.publish = failing_second  # type: ignore[method-assign]
+        with pytest.raises(BrokerUnavailable):
+            submitter.submit(items, lane="bulk", caller_ids=frozenset(i.id for i in items))
+        assert client.queue_length() == 1  # the first chunk's message
+        client.publish = real  # type: ignore[method-assign]
+        retry = submitter.submit(items, lane="bulk", caller_ids=frozenset(i.id for i in items))
+        assert [(o.id, o.status) for o in retry] == [
+            ("c0", DUPLICATE), ("c1", DUPLICATE), ("c2", ACCEPTED), ("c3", ACCEPTED),
+            ("c4", ACCEPTED)]
+        assert client.queue_length() == 3
+        submitter.close()
+
+
 def test_a_task_sent_to_a_named_model_is_queued_for_a_status_asked_without_one(
         settings: Settings, api_factory: Any) -> None:
     """``?model=`` is optional on a status: a task sent to a named model reads ``queued``
