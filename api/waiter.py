@@ -70,6 +70,9 @@ class Waiter:
                 except BertstreamError as exc:  # an outage: waiters time out, keep polling
                     log.warning("long poll: %s", exc)
                     found = {}
+                except Exception:  # noqa: BLE001 - the loop serves every later long poll too
+                    log.exception("long poll: reading %d id(s) failed", len(ids))
+                    found = {}
                 for task_id, record in found.items():
                     for future in self._waiting.get((task_id, model), []):
                         if not future.done():
