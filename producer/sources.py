@@ -125,7 +125,12 @@ def open_source(path: str | Path) -> Iterator[IO[bytes]]:
     Raises :class:`InvalidInput` when the file cannot be opened.
     """
     if str(path) == "-":
-        yield sys.stdin.buffer
+        # A reader of its own on fd 0, never closed, not ``sys.stdin.buffer``: a stream
+        # reads its source in a daemon thread, and when the run ends early (Redis gone)
+        # that thread is still blocked in a read holding the buffer's lock. Closing a
+        # buffer waits for that lock (for ever on a quiet pipe), and the interpreter's
+        # shutdown, closing ``sys.stdin``, aborted on it ("Fatal Python error", exit 134).
+        yield open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
         return
     try:
         fh = open(path, "rb")

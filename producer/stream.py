@@ -129,9 +129,25 @@ class Backpressure:
         self.max_backoff_s = max_backoff_s
         self.on_wait = on_wait
 
+    def _length(self) -> int:
+        """The queue length, asked again through a Redis restart as a publish would be
+        (``publish_retries`` tries, 0.25 s more pause each, capped at
+        ``publish_retry_max_s``); then :class:`BrokerUnavailable` is raised."""
+        settings = self.client.settings
+        tries, pause = settings.publish_retries, 0.0
+        while True:
+            try:
+                return self.client.queue_length()
+            except BrokerUnavailable:
+                if tries <= 0:
+                    raise
+                tries -= 1
+            time.sleep(pause)
+            pause = min(pause + 0.25, settings.publish_retry_max_s)
+
     def wait_for_room(self) -> float:
         """Return once the queue is at or below the bound; give the seconds paused."""
-        length = self.client.queue_length()
+        length = self._length()
         if length <= self.max_queue_length:
             return 0.0
         if self.on_wait is not None:
@@ -141,7 +157,7 @@ class Backpressure:
         while length > self.max_queue_length:
             time.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
-            length = self.client.queue_length()
+            length = self._length()
         return time.monotonic() - started
 
 

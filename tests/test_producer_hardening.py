@@ -147,3 +147,75 @@ def test_publishes_ride_out_a_redis_restart(redis_server: RedisServer, sqlite_ur
     sent = [it["id"] for m in lane_messages(redis_server.url, "bst-restart-p.bulk")
             for it in m["items"]]
     assert sorted(sent) == sorted(first + second)
+
+
+def test_a_stream_rides_out_a_redis_restart(redis_server: RedisServer,
+                                            sqlite_url: str) -> None:
+    """The backpressure check before each chunk asks Redis for the queue length; while
+    Redis restarts it is asked again as a publish would be, so the stream goes on and
+    every record is queued (it used to fail at the first chunk after the stop)."""
+    s = Settings(broker_url=redis_server.url, database_url=sqlite_url, queue="bst-restart-s",
+                 publish_retries=20, publish_retry_max_s=0.5, redis_connect_timeout_s=1,
+                 redis_socket_timeout_s=1)
+    restart = threading.Timer(1.0, redis_server.start)
+
+    def records() -> object:
+        lines = [json.dumps({"text": f"text {i}"}) for i in range(1, 301)]
+        for n, rec in enumerate(read_records(io.BytesIO("\n".join(lines).encode())), 1):
+            if n == 151:
+                redis_server.stop()  # back within a second, while the next chunk waits
+                restart.start()
+            yield rec
+
+    try:
+        with Client(s) as client:
+            report = stream(client, records(), chunk_size=50, progress=False,  # type: ignore[arg-type]
+                            linger_s=None)
+    finally:
+        restart.join()
+    assert report.accepted == 300 and report.messages == 6
+    sent = [it["text"] for m in lane_messages(redis_server.url, "bst-restart-s.bulk")
+            for it in m["items"]]
+    assert sorted(sent) == sorted(f"text {i}" for i in range(1, 301))
+
+
+def test_a_stream_from_an_open_stdin_exits_cleanly_when_redis_goes(
+        redis_server: RedisServer, sqlite_url: str, tmp_path: Path) -> None:
+    """``tail -f log | bertstream stream -`` with Redis gone for good: the command says how
+    far it got and exits 3 at once, while stdin is still open. The source is read in a
+    daemon thread blocked on stdin; the interpreter's shutdown used to abort on stdin's
+    lock ("Fatal Python error", exit 134)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "BERTSTREAM_BROKER_URL": redis_server.url,
+           "BERTSTREAM_DATABASE_URL": sqlite_url, "BERTSTREAM_QUEUE": "bst-stdin",
+           "BERTSTREAM_PUBLISH_RETRIES": "1", "BERTSTREAM_PUBLISH_RETRY_MAX_S": "0.1",
+           "BERTSTREAM_REDIS_CONNECT_TIMEOUT_S": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import main; main()", "stream", "-",
+         "--no-progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    assert proc.stdin is not None
+    try:
+        for i in range(40):  # lines keep coming, as from tail -f
+            if i == 10:
+                redis_server.stop()
+            if proc.poll() is not None:
+                break
+            try:
+                proc.stdin.write(f"line {i}\n".encode())
+                proc.stdin.flush()
+            except BrokenPipeError:
+                break
+            time.sleep(0.2)
+        proc.wait(timeout=60)  # stdin still open: a hang here is the bug
+        assert proc.stdout is not None
+        text = proc.stdout.read().decode("utf-8", "replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, text
+    assert "Fatal Python error" not in text and "resume from line" in text
