@@ -347,13 +347,10 @@ def _submit_bulk(services: Services, target: ModelLane, body: BulkIn) -> BulkAcc
 def _filters(source: str | None, label: str | None, status: str | None, model: str | None,
              since: dt.datetime | None, until: dt.datetime | None,
              lang: str | None = None) -> Filters:
-    def utc(value: dt.datetime | None) -> dt.datetime | None:
-        if value is None or value.tzinfo is not None:
-            return value
-        return value.replace(tzinfo=dt.timezone.utc)
-
-    return Filters(source=source, label=label, status=status, model=model,
-                   since=utc(since), until=utc(until), lang=lang)
+    # Filters reads a time bound as UTC (naive = UTC); an empty text means no filter:
+    # HTML forms send every field, the empty ones as `name=`.
+    return Filters(source=source or None, label=label or None, status=status or None,
+                   model=model or None, since=since, until=until, lang=lang or None)
 
 
 FilterParams = dict[str, Any]
@@ -364,11 +361,11 @@ NO_NUL = r"^[^\x00]*$"
 def _filter_params(
     source: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
     label: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
-    status: Status | None = None,
+    status: Status | Literal[""] | None = None,
     model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
     since: Annotated[dt.datetime | None, Query(description="finished at or after (ISO 8601)")] = None,
     until: Annotated[dt.datetime | None, Query(description="finished before (ISO 8601)")] = None,
-    lang: Annotated[Lang | None, Query(description="the detected language")] = None,
+    lang: Annotated[Lang | Literal[""] | None, Query(description="the detected language")] = None,
 ) -> Filters:
     return _filters(source, label, status, model, since, until, lang)
 
@@ -437,15 +434,27 @@ def _read_routes(router: APIRouter, services: Services) -> None:
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
+#: First characters that make a spreadsheet read a cell as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: dicts and lists as JSON; a text a spreadsheet would run as a formula
+    gets a leading ``'`` (numbers are left alone: -0.5 is a number, not a formula)."""
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(RECORD_FIELDS), extrasaction="ignore")
     writer.writeheader()
     count = 0
     for record in rows:
-        row = record.to_json()
-        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list))
-                         else v for k, v in row.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in record.to_json().items()})
         count += 1
         if count % 500 == 0:
             yield buffer.getvalue()

@@ -10,9 +10,12 @@ stays bounded on a large table:
 - ``/v1/sources``: the distinct sources for the page's filter, one index
   probe per source (not a scan of the time range);
 - ``/v1/search``: an id or id prefix reads at most ``scan`` ids of a
-  primary-key range, then applies the filters; a text search reads at most
-  ``scan`` of the newest rows that match the filters (an index page) and
-  filters those, so neither cost grows with the table.
+  primary-key range in code point order, then applies the filters; a text
+  search reads at most ``scan`` of the newest rows that match the filters
+  (an index page) and filters those, so neither cost grows with the table.
+  On a PostgreSQL database whose collation is not C (ICU, en_US) the index
+  does not sort by code point: the prefix range is then compared under
+  COLLATE "C", which is right but reads the table.
 """
 
 import datetime as dt
@@ -61,12 +64,52 @@ def trend(store: ResultStore, now: dt.datetime, minutes: int = TREND_MINUTES) ->
     return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
 
 
-def _prefix_range(prefix: str) -> list[Any]:
-    """``id`` starts with ``prefix``, as a primary-key range (code point order) and a LIKE
-    that keeps the answer right under any collation."""
-    upper = prefix[:-1] + chr(min(ord(prefix[-1]) + 1, 0x10FFFF))
-    return [results.c.id >= prefix, results.c.id < upper,
-            results.c.id.startswith(prefix, autoescape=True)]
+def _successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``, in code point
+    order; None when there is none (``prefix`` is all U+10FFFF)."""
+    stem = prefix.rstrip("\U0010ffff")
+    if not stem:
+        return None
+    after = ord(stem[-1]) + 1
+    if 0xD800 <= after <= 0xDFFF:  # no text holds a surrogate: step over the block
+        after = 0xE000
+    return stem[:-1] + chr(after)
+
+
+def _sorts_by_code_point(conn: Any) -> bool:
+    """Whether ``results.id`` compares by code point, so its primary-key index serves a
+    prefix range. True on SQLite (BINARY); on PostgreSQL, under a C or POSIX collation."""
+    if conn.dialect.name != "postgresql":
+        return True
+    row = conn.execute(sa.text(
+        "SELECT c.collname, c.collprovider, c.collcollate FROM pg_attribute a"
+        " JOIN pg_collation c ON c.oid = a.attcollation"
+        " WHERE a.attrelid = to_regclass(:table) AND a.attname = 'id'"),
+        {"table": results.name}).one_or_none()
+    if row is None:
+        return False
+    name, provider, collate = row
+    if name != "default":
+        return bool(provider == "c" and collate in ("C", "POSIX") or name in ("C", "POSIX"))
+    # The database's own collation; datlocprovider exists from PostgreSQL 15 (ICU before
+    # it could not be a database's default).
+    collate, provider = conn.execute(sa.text(
+        "SELECT d.datcollate, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d"
+        " WHERE d.datname = current_database()")).one()
+    return provider in (None, "c") and (collate in ("C", "POSIX") or collate.startswith("C."))
+
+
+def _prefix_range(prefix: str, by_index: bool) -> tuple[Any, list[Any]]:
+    """The id column to order on and the clauses ``id`` starts with ``prefix``: a range in
+    code point order and a LIKE. ``by_index``: the column's own collation is code point
+    order, so the primary-key index serves the range; else it compares under COLLATE "C"
+    (right under any collation, but then a scan of the table)."""
+    col = results.c.id if by_index else results.c.id.collate("C")
+    conds = [col >= prefix, results.c.id.startswith(prefix, autoescape=True)]
+    upper = _successor(prefix)
+    if upper is not None:
+        conds.append(col < upper)
+    return col, conds
 
 
 def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> list[Any]:
@@ -84,19 +127,32 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
     """Up to ``limit`` rows matching ``filters``, newest first.
 
     ``task_id``: rows whose id is it or starts with it, among the first ``scan``
-    such ids (a primary-key range), in id order.
+    such ids in code point order (a primary-key range where the collation allows), in
+    that order.
     ``q``: rows whose text contains it, case-insensitively, among the ``scan``
     newest rows matching ``filters``.
     """
+    try:
+        with store.engine.connect() as conn:
+            query = _search_query(conn, filters, q, task_id, limit, scan)
+            return [_record(row) for row in conn.execute(query).mappings()]
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+
+
+def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | None,
+                  limit: int, scan: int) -> Any:
     order = (results.c.finished_at.desc(), results.c.id.desc())
     conds = filters.clauses()
     if task_id:
         # The first `scan` ids with the prefix, then the other filters: bounded even when
         # the filters reject most of a wide prefix.
-        ids = (sa.select(results).where(*_prefix_range(task_id)).order_by(results.c.id)
+        id_col, in_range = _prefix_range(task_id, _sorts_by_code_point(conn))
+        ids = (sa.select(results, id_col.label("id_order")).where(*in_range).order_by(id_col)
                .limit(scan).subquery("ids"))
-        query = (sa.select(ids).where(*_clauses_on(ids, filters, q, latest=True))
-                 .order_by(ids.c.id).limit(limit))
+        query = (sa.select(*[ids.c[c.name] for c in results.columns])
+                 .where(*_clauses_on(ids, filters, q, latest=True))
+                 .order_by(ids.c.id_order).limit(limit))
     elif q:
         recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
                   .subquery("recent"))
@@ -104,11 +160,7 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
                  .order_by(recent.c.finished_at.desc(), recent.c.id.desc()).limit(limit))
     else:
         query = sa.select(results).where(*conds).order_by(*order).limit(limit)
-    try:
-        with store.engine.connect() as conn:
-            return [_record(row) for row in conn.execute(query).mappings()]
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return query
 
 
 def live(services: "Services", window_s: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.messages import id_problem
-from contract.results import ResultRecord, ResultStore, _record, latest_only, results
+from contract.results import ResultRecord, ResultStore, _record, as_utc, latest_only, results
 
 #: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
 BUCKETS = {
@@ -36,6 +36,10 @@ BUCKETS = {
     "1d": ("day", "%Y-%m-%dT00:00:00Z"),
 }
 GROUPS = ("label", "source", "status", "model", "lang")
+#: Most time buckets one :func:`stats` call may span: a 1m bucket over all history would
+#: return a group per minute ever.
+MAX_BUCKETS = 10_000
+_BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class Filters:
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     lang: str | None = None
+
+    def __post_init__(self) -> None:
+        # One reading of a time bound on every backend: aware UTC, a naive one taken as UTC.
+        object.__setattr__(self, "since", as_utc(self.since))
+        object.__setattr__(self, "until", as_utc(self.until))
 
     def clauses(self, *, every_model: bool = False, columns: Any = None) -> list[Any]:
         """The WHERE clauses (bound parameters only); ``every_model``: no latest-only rule;
@@ -157,6 +166,7 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     keys: list[Any] = []
     shown: list[Any] = []
     if bucket is not None:
+        _check_span(store, filters, bucket)
         key, text = _bucket_expr(store, bucket)
         keys.append(key)
         shown.append(text.label("bucket"))
@@ -174,6 +184,31 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
              "count": int(r["count"]),
              "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
             for r in rows]
+
+
+def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
+    """:class:`InvalidInput` when ``since``..``until`` holds more than :data:`MAX_BUCKETS`
+    buckets; a missing bound is the oldest or newest row's time (two index probes)."""
+    since, until = filters.since, filters.until
+    if since is None or until is None:
+        fin = results.c.finished_at
+        query = sa.select(sa.select(sa.func.min(fin)).scalar_subquery(),
+                          sa.select(sa.func.max(fin)).scalar_subquery())
+        try:
+            with store.engine.connect() as conn:
+                oldest, newest = conn.execute(query).one()
+        except OperationalError as exc:
+            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        if oldest is None:
+            return  # no rows, no buckets
+        since = since or as_utc(oldest)
+        until = until or as_utc(newest)
+    span = (until - since).total_seconds() / _BUCKET_SECONDS[bucket]
+    if span > MAX_BUCKETS:
+        raise InvalidInput(
+            f"bucket={bucket} over {since.isoformat()} .. {until.isoformat()} is "
+            f"{int(span):,} buckets, over the limit of {MAX_BUCKETS:,}: narrow since/until "
+            f"or take a wider bucket")
 
 
 def _bucket_expr(store: ResultStore, bucket: str) -> tuple[Any, Any]:
@@ -250,8 +285,8 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
 
     ``filters`` (source, label, lang, time range) select A's rows; a label
     filter means A's label. The change of a text is B's probability of A's
-    label minus A's (read from B's ``scores``), so a flipped label counts as
-    a large move whatever the label set.
+    label minus A's (read from B's ``scores``; 0 where B has no such label),
+    so a flipped label counts as a large move whatever the label set.
     """
     a, b = results.alias("a"), results.alias("b")
     conds = [a.c.model == model_a, b.c.model == model_b, a.c.status == "done",
@@ -265,7 +300,10 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     if filters.until is not None:
         conds.append(a.c.finished_at < filters.until)
     joined = a.join(b, a.c.id == b.c.id)
-    change = (sa.cast(_score_of(store, b.c.scores, a.c.label), sa.Float) - a.c.score).label("change")
+    # B without a score for A's label gave it nothing: a full move, never a NULL that one
+    # backend sorts first and the other last, and that the mean would leave out.
+    b_prob = sa.func.coalesce(sa.cast(_score_of(store, b.c.scores, a.c.label), sa.Float), 0.0)
+    change = (b_prob - a.c.score).label("change")
     totals = sa.select(sa.func.count(), sa.func.sum(sa.case((a.c.label == b.c.label, 1), else_=0)),
                        sa.func.avg(change)).select_from(joined).where(*conds)
     flips = (sa.select(a.c.label, b.c.label, sa.func.count()).select_from(joined)

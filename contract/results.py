@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_types
@@ -188,11 +188,23 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _as_utc(value: dt.datetime | None) -> dt.datetime | None:
-    # SQLite hands naive datetimes back; everything we write is UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.timezone.utc)
+@overload
+def as_utc(value: dt.datetime) -> dt.datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """``value`` as an aware UTC datetime; a naive one is taken to be UTC already.
+
+    Every time bound goes through this before it reaches SQL: SQLite compares
+    the clock text (an offset would be ignored), and PostgreSQL reads a naive
+    value in the session's TimeZone, not UTC. SQLite hands naive values back,
+    and everything we write is UTC.
+    """
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,9 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+            # SQLite's own lower() folds ASCII only; PostgreSQL's folds every script, and a
+            # case-insensitive search must find the same rows on both.
+            dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
         return engine
     args: dict[str, Any] = {}
@@ -271,12 +286,16 @@ def _parse_url(database_url: str) -> sa.engine.URL:
     """
     try:
         url = sa.engine.make_url(database_url)
-    except sa.exc.ArgumentError as exc:
+    except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a port that is no number
         raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(database_url)} is not a "
                           f"database URL; {_SUPPORTED}") from exc
     if url.drivername in ("postgres", "postgresql"):
         url = url.set(drivername="postgresql+psycopg")
     return url
+
+
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 def _libpq_args(t: DbTimeouts, options: Any) -> dict[str, Any]:
@@ -1197,16 +1216,16 @@ def _filters(
     elif not every_model:
         conds.append(latest_only())
     if since is not None:
-        conds.append(col("finished_at") >= since)
+        conds.append(col("finished_at") >= as_utc(since))
     if until is not None:
-        conds.append(col("finished_at") < until)
+        conds.append(col("finished_at") < as_utc(until))
     return conds
 
 
 def _record(row: Any) -> ResultRecord:
     data = dict(row)
     for key in ("submitted_at", "started_at", "finished_at"):
-        data[key] = _as_utc(data[key])
+        data[key] = as_utc(data[key])
     for key in ("meta", "scores"):
         # Some drivers hand JSON back as text.
         if isinstance(data[key], str):

@@ -239,12 +239,12 @@
     select.value = current;
   }
 
-  // A bucket that has ended never changes (finished_at is the time a row is written), so
-  // after one full read of the range each refresh asks only for the buckets from the one
-  // that was current at the last read: its cost is one bucket's rows, not the range's.
-  // A filter change, or every FULL_MS, reads the whole range again.
-  var FULL_MS = 10 * 60 * 1000;
-  var mixCache = null;
+  // Every chart read covers the whole range: an ended bucket can still change (a re-score
+  // moves a task's latest row to a later bucket, a retried failure turns done, `db delete`
+  // removes rows), so counts kept from an earlier read would be counted twice or stale.
+  // A range in hourly or daily buckets is a larger aggregate, read at most every SLOW_MS.
+  var SLOW_MS = 60 * 1000;
+  var mixRead = null;
 
   function refreshChart(force) {
     var r = range();
@@ -253,20 +253,14 @@
       keepOptions($("source"), s.sources, "all_sources");
     });
     var key = [source, r.bucket, r.step].join("|");
-    var fresh = force || !mixCache || mixCache.key !== key || r.untilMs - mixCache.full > FULL_MS;
-    var since = fresh ? r.sinceMs : Math.floor(mixCache.at / r.step) * r.step;
+    if (!force && mixRead && mixRead.key === key && r.step > 60000 &&
+        r.untilMs - mixRead.at < SLOW_MS) return sources;
     var mine = ++asked.chart;
-    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: new Date(since).toISOString(),
-      source: source })
+    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source })
       .then(function (s) {
         if (mine !== asked.chart) return;  // a filter changed meanwhile
-        var kept = fresh ? [] : mixCache.groups.filter(function (g) {
-          var b = Date.parse(g.bucket);
-          return b >= r.sinceMs && b < since;
-        });
-        var groups = kept.concat(s.groups);
-        mixCache = { key: key, at: r.untilMs, full: fresh ? r.untilMs : mixCache.full,
-          groups: groups };
+        mixRead = { key: key, at: r.untilMs };
+        var groups = s.groups;
         if (changed("chart", [groups, r.sinceMs])) drawChart(groups, r);
         var labels = {};
         groups.forEach(function (g) { if (g.label !== null) labels[g.label] = 1; });
