@@ -78,6 +78,28 @@ class BrokerUnavailable(RetryableError):
         return "; ".join(parts)
 
 
+class Interrupted(BertstreamError):
+    """A stream was stopped (Ctrl-C, SIGTERM); its unsent buffer was not published.
+
+    ``sent`` and ``resume_line`` mean what they mean for :class:`BrokerUnavailable`.
+    """
+
+    def __init__(self, reason: str = "interrupted", *, sent: int | None = None,
+                 resume_line: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.resume_line = resume_line
+
+    def __str__(self) -> str:
+        parts = [self.reason]
+        if self.sent is not None:
+            parts.append(f"{self.sent} item(s) were sent before it stopped")
+        if self.resume_line is not None:
+            parts.append(f"resume from line {self.resume_line}")
+        return "; ".join(parts)
+
+
 class ResultTimeout(BertstreamError):
     """Waiting for results ran past its timeout; the tasks may still finish."""
 
@@ -96,15 +118,19 @@ EXIT_UNREACHABLE = 3
 EXIT_TIMEOUT = 4
 #: A stream sent its good records but refused some (they are listed).
 EXIT_REJECTED = 5
+#: Stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report Ctrl-C).
+EXIT_INTERRUPTED = 130
 
 
 def exit_code(exc: BaseException) -> int:
     """The documented exit code for ``exc``: 2 bad input or settings, 3 Redis or the
-    database unreachable, 4 results not ready in time, 1 anything else."""
+    database unreachable, 4 results not ready in time, 130 interrupted, 1 anything else."""
     if isinstance(exc, (InvalidInput, ConfigError)):
         return EXIT_USAGE
     if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
         return EXIT_UNREACHABLE
     if isinstance(exc, ResultTimeout):
         return EXIT_TIMEOUT
+    if isinstance(exc, Interrupted):
+        return EXIT_INTERRUPTED
     return EXIT_ERROR

@@ -9,7 +9,8 @@ on the light install.
 
 Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
 the database unreachable, 4 results not ready before the timeout, 5 a stream
-refused some records (after sending the good ones).
+refused some records (after sending the good ones), 130 a stream stopped by
+Ctrl-C or SIGTERM (it says how many items were sent and where to resume).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from contract.broker import redis_client
 from contract.constants import LANGS, STATUSES
@@ -32,6 +36,7 @@ from contract.errors import (
     BertstreamError,
     BrokerUnavailable,
     ConfigError,
+    Interrupted,
     InvalidInput,
     ResultTimeout,
     exit_code,
@@ -40,8 +45,8 @@ from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import id_problem, make_item, printable
 from contract.queries import BUCKETS
 from contract.results import ResultRecord
-from contract.settings import Settings
-from producer.client import Client
+from contract.settings import Settings, mask_url
+from producer.client import REDIS_SCHEMES, Client
 from producer.db_cli import db_group
 from producer.formatting import FORMATS, render_results, render_rows
 from producer.history_cli import compare_command, rescore_command
@@ -228,6 +233,41 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
+def _publishing_settings(ctx: click.Context, model_name: str | None = None) -> Settings:
+    """The settings of a command that publishes: the broker must be Redis.
+
+    Another Celery transport (``memory://``) would take the messages and lose
+    them at exit; an unknown scheme would fail deep inside kombu.
+    """
+    settings = _settings(ctx)
+    if not settings.broker_url.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"broker URL {mask_url(settings.broker_url)!r} is not a Redis URL "
+            f"({', '.join(REDIS_SCHEMES)}): set BERTSTREAM_BROKER_URL or --broker-url")
+    return settings.replace(model_name=model_name) if model_name else settings
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt as Ctrl-C does.
+
+    So a stream stopped by a supervisor reports what it sent, like one
+    stopped from the keyboard. Only the main thread can install handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def _parse_meta(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -273,9 +313,7 @@ def submit(
     """
     if task_id is not None and len(texts) != 1:
         raise click.UsageError("--id needs exactly one text")
-    settings = _settings(ctx)
-    if model_name:
-        settings = settings.replace(model_name=model_name)
+    settings = _publishing_settings(ctx, model_name)
     meta_obj = _parse_meta(meta)
     items, problems = [], []
     for n, text in enumerate(texts, 1):
@@ -348,11 +386,10 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
     if stream_key is None and (group or consumer or idle_exit is not None):
         raise click.UsageError("--group, --consumer and --idle-exit go with --from-redis-stream")
     fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
-                      opts.pop("time_field"))
-    settings = _settings(ctx)
-    if model_name:
-        settings = settings.replace(model_name=model_name)
+                      opts.pop("time_field"), given=_given_fields(ctx))
+    settings = _publishing_settings(ctx, model_name)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_interrupts())
         client = stack.enter_context(Client(settings))
         trackers: list[Tracker] = []
         if ids_out is not None:
@@ -377,6 +414,14 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
         ctx.exit(EXIT_REJECTED)
 
 
+def _given_fields(ctx: click.Context) -> frozenset[str]:
+    """The :class:`FieldMap` fields whose ``--*-field`` option the user set (not defaulted)."""
+    return frozenset(
+        name for name in ("text", "id", "source", "time")
+        if ctx.get_parameter_source(f"{name}_field") not in (None, ParameterSource.DEFAULT)
+    )
+
+
 def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[Tracker], *,
                 pending_note: str | None, fmt: str, source: str | None,
                 max_queue: int | None, chunk_size: int | None, no_progress: bool, wait: bool,
@@ -391,11 +436,16 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
             client, records, max_queue_length=max_queue, progress=not no_progress,
             source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
             trackers=trackers, track_ids=not redis_source,
+            on_wait=_say_paused if no_progress else None,
         )
     except BrokerUnavailable as exc:
         if pending_note is None:
             raise
         raise BrokerUnavailable(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
+    except Interrupted as exc:
+        if pending_note is None:
+            raise
+        raise Interrupted(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
     click.echo(_summary(report, "entry #" if redis_source else "line "))
     if wait and report.ids:
         found = _wait(client, report.ids, timeout)
@@ -404,6 +454,11 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
             counts[record.status] = counts.get(record.status, 0) + 1
         click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return report.rejected
+
+
+def _say_paused(length: int) -> None:
+    """Without a progress bar, say once per pause why the stream stopped sending."""
+    click.echo(f"queue full ({length} messages), waiting...", err=True)
 
 
 def _no_worker_note(client: Client) -> str | None:
@@ -443,14 +498,21 @@ def _summary(report: StreamReport, unit: str = "line ") -> str:
     if report.waited_s > 0:
         lines.append(f"paused {report.waited_s:.2f} s for backpressure")
     if report.errors:
-        lines.append(f"rejected {unit.strip(' #')}s (first {min(SHOWN_ERRORS, len(report.errors))}):")
+        what = "lines" if unit == "line " else "entries"
+        lines.append(f"rejected {what} (first {min(SHOWN_ERRORS, len(report.errors))}):")
         lines.extend(f"  {unit}{e.index}{_id_note(e, unit)}: {printable(e.reason)}"
                      for e in report.errors[:SHOWN_ERRORS])
     return "\n".join(lines)
 
 
 def _id_note(error: ItemError, unit: str) -> str:
-    return f" (id {printable(error.id)})" if error.id and unit != "line " else ""
+    """A stream entry's id, and its task id when that differs (``--id-field``)."""
+    if unit == "line ":
+        return ""
+    notes = [f"id {printable(error.ref)}"] if error.ref else []
+    if error.id and error.id != error.ref:
+        notes.append(f"task id {printable(error.id)}")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 @main.command()

@@ -10,6 +10,7 @@ Imports neither torch nor transformers: a web app installs this alone.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +47,15 @@ from producer.items import ItemError, ItemValidator
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
 MAX_POLL_INTERVAL_S = 1.0
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: Seconds the caller-id check is skipped after the database could not be read, so a
+#: stream does not wait out a connect timeout for every chunk while it is away.
+CONFLICT_CHECK_BACKOFF_S = 60.0
+
+log = logging.getLogger(__name__)
+
+#: Broker URL schemes of a Redis broker (queues that can be counted, and that outlive
+#: the process; the CLI publishes to no other).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass
@@ -186,6 +195,9 @@ class Client:
         self._redis: redis.Redis | None = None
         self._table_seen = False
         self._for_models: dict[str, Client] = {}
+        #: monotonic time until which :meth:`conflicts` skips the database (None: it is
+        #: read); set on a failure, which is logged once per outage.
+        self._conflicts_off_until: float | None = None
 
     # -- lifecycle ------------------------------------------------------
 
@@ -280,8 +292,13 @@ class Client:
         ``ttl_s``: seconds the tasks stay worth running; a task still queued
         after that is stored as ``expired`` without reaching the model.
         Raises :class:`BrokerUnavailable` when Redis stays unreachable through
-        the publish retries; it says how many items were sent (those stay queued).
+        the publish retries; it says how many items were sent (those stay queued),
+        and :class:`TypeError` for one text instead of many (a string is an
+        iterable of characters: each would become a task).
         """
+        if isinstance(items, (str, bytes, bytearray)):
+            raise TypeError(f"submit_many takes an iterable of items, not one "
+                            f"{type(items).__name__}: use submit(text) or submit_many([text])")
         if model is not None and model != self.settings.model_name:
             return self.for_model(model).submit_many(items, source=source, chunk_size=chunk_size,
                                                      ttl_s=ttl_s)
@@ -414,7 +431,7 @@ class Client:
         countable queues: for others (``memory://``) this returns 0.
         Raises :class:`BrokerUnavailable` when Redis cannot be reached.
         """
-        if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
+        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return 0
         names = self.queue_names(lane)
         try:
@@ -471,14 +488,27 @@ class Client:
         A caller id is an idempotency key: the same text again is harmless
         (the stored row stands, and a worker does not run it again), another
         text under it would silently get the old row. When the database
-        cannot be read the check is skipped: submitting needs only Redis.
+        cannot be read the check is skipped: submitting needs only Redis. After
+        such a failure it is skipped without trying for
+        :data:`CONFLICT_CHECK_BACKOFF_S`, and one warning is logged per outage.
         """
+        off_until = self._conflicts_off_until
+        if off_until is not None and time.monotonic() < off_until:
+            return {}
         try:
             # Any model's row: an id names one text, whichever model scores it.
             stored = (self.store.text_hashes([it.id for it in items])
                       if self._table_exists() else {})
-        except (StoreUnavailable, SchemaMismatch):
+        except SchemaMismatch:
             return {}
+        except StoreUnavailable as exc:
+            if off_until is None:
+                log.warning("caller ids are not checked against stored rows (the results "
+                            "database cannot be read; tried again in %g s): %s",
+                            CONFLICT_CHECK_BACKOFF_S, exc)
+            self._conflicts_off_until = time.monotonic() + CONFLICT_CHECK_BACKOFF_S
+            return {}
+        self._conflicts_off_until = None
         out = {}
         for it in items:
             hashes = stored.get(it.id)
@@ -601,7 +631,7 @@ class Client:
     def live_workers(self) -> list[dict[str, Any]] | None:
         """Workers of this queue whose heartbeat is fresh; None when that cannot be known
         (a broker other than Redis)."""
-        if not self.settings.broker_url.startswith(_REDIS_SCHEMES):
+        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return None
         try:
             return live_workers(self._redis_client(), self.settings.family)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -28,7 +29,7 @@ RECORD_FIELDS = tuple(f.name for f in fields(ResultRecord))
 
 _UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
 
-#: Longest cell of a table, in characters.
+#: Widest cell of a table, in terminal columns.
 MAX_CELL = 48
 
 
@@ -107,18 +108,49 @@ def _table_row(record: ResultRecord) -> dict[str, Any]:
 
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    widths = [max([width(c)] + [width(r[i]) for r in cells]) for i, c in enumerate(columns)]
     numeric = [_is_numeric([row.get(c) for row in rows]) for c in columns]
 
     def line(values: Sequence[str]) -> str:
         parts = [
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+            _pad(v, w, right=num) for v, w, num in zip(values, widths, numeric, strict=True)
         ]
         return "  ".join(parts).rstrip()
 
     head = line([c.upper() for c in columns])
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([head, rule, *(line(r) for r in cells)])
+
+
+def width(text: str) -> int:
+    """Terminal columns ``text`` takes: 2 for a wide or full-width character (CJK), 0 for
+    a combining mark, else 1."""
+    return sum(_char_width(ch) for ch in text)
+
+
+def _char_width(ch: str) -> int:
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _pad(text: str, columns: int, *, right: bool) -> str:
+    """``text`` padded with spaces to ``columns`` terminal columns (on the left if ``right``)."""
+    fill = " " * max(0, columns - width(text))
+    return fill + text if right else text + fill
+
+
+def _truncate(text: str, columns: int) -> str:
+    """``text`` cut to at most ``columns`` terminal columns, an ellipsis marking a cut."""
+    if width(text) <= columns:
+        return text
+    used, out = 1, []  # the ellipsis takes one column
+    for ch in text:
+        used += _char_width(ch)
+        if used > columns:
+            break
+        out.append(ch)
+    return "".join(out) + "…"
 
 
 def _is_numeric(values: Sequence[Any]) -> bool:
@@ -139,4 +171,4 @@ def _cell(value: Any) -> str:
     if isinstance(value, (dict, list)):
         value = json.dumps(value, ensure_ascii=False, sort_keys=True)
     text = printable(" ".join(str(value).split()))
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+    return _truncate(text, MAX_CELL)

@@ -26,12 +26,13 @@ class ItemError:
     """One refused item: where it was, its id when known, and why.
 
     ``index`` is the 0-based position for :meth:`producer.Client.submit_many`
-    and the 1-based line number for streams.
+    and the 1-based line number for streams; ``ref`` is a Redis Stream entry's id.
     """
 
     index: int
     id: str | None
     reason: str
+    ref: str | None = None
 
     def __str__(self) -> str:
         ident = f" (id {self.id})" if self.id else ""

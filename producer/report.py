@@ -25,6 +25,12 @@ IMAGE_SUFFIXES = (".png", ".svg")
 MAX_SOURCES = 8
 OTHER = "(other)"
 NO_SOURCE = "(none)"
+#: Sans-serif fonts in order of preference: matplotlib takes each glyph from the first
+#: that has it, so Chinese or Japanese source names render where a CJK font is
+#: installed; fonts that are missing are passed over.
+FONTS = ["DejaVu Sans", "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC",
+         "Source Han Sans SC", "WenQuanYi Zen Hei", "Microsoft YaHei", "SimHei",
+         "PingFang SC"]
 PLOT_EXTRA_HINT = "report needs the plot extra: pip install 'bertstream[plot]'"
 
 
@@ -91,12 +97,19 @@ def draw(series: list[Series], out: Path, *, bucket: str = "1h", title: str | No
          positive_label: str = "positive") -> list[Series]:
     """Write the picture of ``series`` to ``out`` (.png or .svg); give back what it drew.
 
-    Raises :class:`InvalidInput` for another suffix and :class:`ImportError`
-    (with :data:`PLOT_EXTRA_HINT`) without matplotlib.
+    Raises :class:`InvalidInput` for another suffix or a file that cannot be
+    written, and :class:`ImportError` (with :data:`PLOT_EXTRA_HINT`) without matplotlib.
     """
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise InvalidInput(f"--out must end in {' or '.join(IMAGE_SUFFIXES)}, got {out.name!r}")
     plt = _pyplot()
+    with plt.rc_context({"font.sans-serif": FONTS}):
+        _plot(plt, series, out, bucket=bucket, title=title, positive_label=positive_label)
+    return series
+
+
+def _plot(plt: Any, series: list[Series], out: Path, *, bucket: str, title: str | None,
+          positive_label: str) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     try:
@@ -120,10 +133,12 @@ def draw(series: list[Series], out: Path, *, bucket: str = "1h", title: str | No
         top.set_title(title or f"Sentiment per source ({positive_label} share and volume)")
         fig.autofmt_xdate()
         fig.tight_layout()
-        fig.savefig(out, dpi=100)
+        try:
+            fig.savefig(out, dpi=100)
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {out}: {exc.strerror or exc}") from exc
     finally:
         plt.close(fig)
-    return series
 
 
 def _pyplot() -> Any:

@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,11 +74,27 @@ class FieldMap:
     id: str = "id"
     source: str = "source"
     time: str | None = None
+    #: The fields the user named (``{"id", "time"}``): a CSV header must have those
+    #: columns, while a default one may be missing. Not part of equality.
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def is_default(self) -> bool:
         """True for the default map (text, id, source; no time)."""
         return self == FieldMap()
+
+    def check_header(self, header: list[str]) -> None:
+        """Raise :class:`InvalidInput` when a column named on purpose is not in ``header``.
+
+        Without this a misspelt ``--id-field`` would be ignored row after row:
+        random ids, and a re-run would store every text twice.
+        """
+        for name in ("text", "id", "source", "time"):
+            column = getattr(self, name)
+            if name in self.given and column is not None and column not in header:
+                raise InvalidInput(
+                    f"--{name}-field {column!r} is not a column of the CSV header "
+                    f"(its columns: {', '.join(repr(c) for c in header)})")
 
     def apply(self, obj: Mapping[str, Any], *, strings: bool = False) -> dict[str, Any] | str:
         """The raw item for ``obj``, or why it has none.
@@ -90,9 +106,7 @@ class FieldMap:
             return f"missing {self.text!r}"
         item: dict[str, Any] = {"text": obj[self.text]}
         for key, name in (("id", self.id), ("source", self.source)):
-            value = obj.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)  # numeric post ids are common in JSON exports
+            value = _numeric_as_text(obj.get(name))
             if value is not None and not (strings and value == ""):
                 item[key] = value
         meta = obj.get("meta")
@@ -110,12 +124,22 @@ class FieldMap:
         return item
 
 
+def _numeric_as_text(value: Any) -> Any:
+    """An int id or source as text (numeric post ids are common in JSON exports);
+    anything else (floats and booleans too) as it is, for validation to judge."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 def default_line_limit(settings: Settings) -> int:
     """Bytes one line may take: room for the longest valid text JSON-escaped, meta and ids.
 
-    A guard against unbounded reads; the exact limits are checked per item.
+    A guard against unbounded reads; the exact limits are checked per item. A
+    character JSON-escapes to at most 12 bytes (an astral one is a surrogate
+    pair, ``\\ud83d\\ude00``).
     """
-    return 6 * settings.max_text_chars + 2 * settings.max_meta_bytes + 12 * settings.max_id_chars + 1024
+    return 12 * settings.max_text_chars + 2 * settings.max_meta_bytes + 12 * settings.max_id_chars + 1024
 
 
 @contextmanager
@@ -130,7 +154,13 @@ def open_source(path: str | Path) -> Iterator[IO[bytes]]:
         # that thread is still blocked in a read holding the buffer's lock. Closing a
         # buffer waits for that lock (for ever on a quiet pipe), and the interpreter's
         # shutdown, closing ``sys.stdin``, aborted on it ("Fatal Python error", exit 134).
-        yield open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
+        # (An stdin with no file descriptor, as a test runner's, is read as it is.)
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            yield sys.stdin.buffer
+            return
+        yield open(fd, "rb", closefd=False)  # noqa: SIM115
         return
     try:
         fh = open(path, "rb")
@@ -149,7 +179,8 @@ def read_records(
 
     Reads at most ``max_line_bytes + 1`` bytes per line, so a giant line
     never sits in memory whole: its rest is skipped and the line refused.
-    ``fields`` maps JSONL and CSV fields (see :class:`FieldMap`).
+    ``fields`` maps JSONL and CSV fields (see :class:`FieldMap`). Raises
+    :class:`InvalidInput` when a CSV header lacks a column ``fields`` names on purpose.
     """
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -177,6 +208,7 @@ def read_records(
                 yield row
                 continue
             if header is None:
+                mapping.check_header(row)
                 header = row
                 continue
             yield _csv_record(number, header, row, mapping)
@@ -248,6 +280,9 @@ def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
     if mapping.is_default:
         if "text" not in obj:
             return SourceRecord(number, error="missing 'text'")
+        for key in ("id", "source"):
+            if key in obj:
+                obj[key] = _numeric_as_text(obj[key])
         return SourceRecord(number, obj)
     item = mapping.apply(obj)
     return SourceRecord(number, error=item) if isinstance(item, str) else SourceRecord(number, item)

@@ -17,12 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
-from contract.errors import BrokerUnavailable
+from contract.errors import BrokerUnavailable, Interrupted
 from contract.messages import TaskItem
 from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
@@ -192,7 +192,9 @@ def stream(
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
-    items were sent (they stay queued) and the line to resume from.
+    items were sent (they stay queued) and the line to resume from. A
+    KeyboardInterrupt becomes :class:`Interrupted`, carrying the same; the
+    buffered items are not published.
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
@@ -249,15 +251,25 @@ def stream(
                 bar.update(1)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
-    except BrokerUnavailable as exc:
-        sent = publisher.published if publisher is not None else 0
-        unsent = publisher.first_unsent_line if publisher is not None else None
-        raise BrokerUnavailable(exc.reason, sent=sent,
-                                resume_line=unsent if unsent is not None else next_line) from exc
+    except (BrokerUnavailable, KeyboardInterrupt) as exc:
+        raise _stopped(exc, publisher, next_line) from exc
     finally:
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _stopped(exc: BaseException, publisher: ChunkPublisher | None,
+             next_line: int) -> BrokerUnavailable | Interrupted:
+    """The error a stream stopped by ``exc`` raises: how many items were published and
+    the first line not sent (the first buffered one, which was dropped, else the next
+    to read)."""
+    sent = publisher.published if publisher is not None else 0
+    unsent = publisher.first_unsent_line if publisher is not None else None
+    resume = unsent if unsent is not None else next_line
+    if isinstance(exc, BrokerUnavailable):
+        return BrokerUnavailable(exc.reason, sent=sent, resume_line=resume)
+    return Interrupted(sent=sent, resume_line=resume)
 
 
 def _take(rec: SourceRecord, checked: TaskItem | ItemError, publisher: ChunkPublisher,
@@ -276,6 +288,8 @@ def _take(rec: SourceRecord, checked: TaskItem | ItemError, publisher: ChunkPubl
 
 def _refuse(rec: SourceRecord, error: ItemError, report: StreamReport,
             trackers: Sequence[Tracker], max_errors: int) -> None:
+    if rec.ref is not None:
+        error = replace(error, ref=rec.ref)
     report.rejected += 1
     if len(report.errors) < max_errors:
         report.errors.append(error)

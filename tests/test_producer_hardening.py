@@ -217,5 +217,9 @@ def test_a_stream_from_an_open_stdin_exits_cleanly_when_redis_goes(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)
+        proc.stdin.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.returncode == 3, text
     assert "Fatal Python error" not in text and "resume from line" in text

@@ -68,7 +68,8 @@ def test_entries_become_tasks_keyed_by_entry_id_and_are_acked(
     assert result.exit_code == 5, result.output  # refused entries: a distinct exit code
     assert "accepted 5, rejected 2" in result.stdout
     assert f"entry #6 (id {bad}): text is empty" in result.stdout
-    assert "entry #7: missing 'text'" in result.stdout
+    assert f"entry #7 (id {nofield}): missing 'text'" in result.stdout
+    assert "rejected entries (first 2):" in result.stdout
 
     items = _queued_items(redis_url, bsettings)
     assert [it["id"] for it in items] == ids  # the entry id is the task id
