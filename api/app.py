@@ -40,7 +40,7 @@ from contract.queries import Comparison, Filters, compare, iter_records, page, s
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.client import Client
-from producer.formatting import RECORD_FIELDS
+from producer.formatting import RECORD_FIELDS, csv_cell
 from producer.items import ItemError, ItemValidator
 
 Lane = Literal["interactive", "bulk"]
@@ -434,27 +434,13 @@ def _read_routes(router: APIRouter, services: Services) -> None:
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
-#: First characters that make a spreadsheet read a cell as a formula.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _csv_cell(value: Any) -> Any:
-    """A CSV cell: dicts and lists as JSON; a text a spreadsheet would run as a formula
-    gets a leading ``'`` (numbers are left alone: -0.5 is a number, not a formula)."""
-    if isinstance(value, (dict, list)):
-        value = json.dumps(value, ensure_ascii=False)
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
-
-
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(RECORD_FIELDS), extrasaction="ignore")
     writer.writeheader()
     count = 0
     for record in rows:
-        writer.writerow({k: _csv_cell(v) for k, v in record.to_json().items()})
+        writer.writerow({k: csv_cell(v) for k, v in record.to_json().items()})
         count += 1
         if count % 500 == 0:
             yield buffer.getvalue()

@@ -69,7 +69,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            cells = [_csv_cell(row.get(c)) for c in columns]
+            cells = [csv_cell(row.get(c)) for c in columns]
             writer.writerow([printable(c) for c in cells] if terminal else cells)
         return out.getvalue().rstrip("\n")
     return _table(rows, columns)
@@ -83,11 +83,19 @@ def _json(value: Any) -> str:
     return text
 
 
-def _csv_cell(value: Any) -> str:
+#: First characters that make a spreadsheet read a cell as a formula.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """A CSV cell: dicts and lists as JSON; a text a spreadsheet would run as a formula
+    gets a leading ``'`` (numbers are left alone: -0.5 is a number, not a formula)."""
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+        value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
     return str(value)
 
 

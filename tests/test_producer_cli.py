@@ -471,3 +471,17 @@ def test_a_caller_id_stored_with_another_text_is_a_conflict(
     assert [it["id"] for it in msg["items"]] == ["r2", "r9"]  # the same text again is harmless
     lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
     assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: None, 3: "r9"}
+
+
+def test_results_csv_defuses_formula_cells(store: ResultStore, redis_url: str,
+                                           db_url: str) -> None:
+    """A stored text or source starting with = + - @ would run as a spreadsheet formula
+    when the CSV is opened: such cells get a leading quote; numbers stay numbers."""
+    store.upsert([record("f1", source="@feed", text='=HYPERLINK("http://x","y")'),
+                  record("f2", source="-web", text="+1 fine", score=0.5)])
+    out = invoke(["results", "--format", "csv"], broker_settings(redis_url, db_url))
+    assert out.exit_code == 0, out.output
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
+    assert rows["f1"]["text"] == "'=HYPERLINK(\"http://x\",\"y\")"
+    assert rows["f1"]["source"] == "'@feed" and rows["f2"]["source"] == "'-web"
+    assert rows["f2"]["text"] == "'+1 fine" and rows["f2"]["score"] == "0.5"
