@@ -11,6 +11,9 @@ from api.security import is_loopback
 from contract.constants import ENV_PREFIX
 from contract.settings import Settings
 
+#: ``serve --log-level`` choices (any case): uvicorn's levels.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
@@ -19,7 +22,8 @@ from contract.settings import Settings
               help="Server processes (each coalesces its own submits).")
 @click.option("--no-auth", is_flag=True,
               help="Serve without bearer tokens on a non-loopback address (explicit opt-out).")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="info", show_default=True)
 @click.pass_context
 def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_auth: bool,
                   log_level: str) -> None:

@@ -25,6 +25,16 @@ from contract.constants import (
 )
 from contract.errors import ConfigError
 
+MAX_PORT = 65_535
+_INT32_MAX = 2**31 - 1
+#: Shortest statement timeout: PostgreSQL counts whole milliseconds, and 0 means none.
+MIN_DB_STATEMENT_TIMEOUT_S = 0.001
+#: Longest statement timeout whose client-side guard (the timeout plus a tenth,
+#: contract.results) still fits libpq's int32 milliseconds.
+MAX_DB_STATEMENT_TIMEOUT_S = _INT32_MAX // 1100
+#: Longest TCP keepalive idle time Linux accepts (TCP_KEEPIDLE).
+MAX_DB_KEEPALIVE_S = 32_767
+
 
 def _default_cache_dir() -> str:
     # XDG convention; evaluated when Settings is built, not at import.
@@ -206,7 +216,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}NEUTRAL_BELOW must be between 0 and 1")
         if not self.max_padding >= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
-        for name in ("max_wait_ms", "max_length", "torch_threads", "db_keepalive_s",
+        self._validate_ranges()
+        for name in ("max_length", "torch_threads", "db_keepalive_s",
                      "redis_health_check_s", "publish_retries", "publish_retry_max_s",
                      "api_coalesce_ms", "metrics_port", "window_slice_ms"):
             if not getattr(self, name) >= 0:
@@ -222,6 +233,29 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}DTYPE: unknown dtype {self.dtype!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"{ENV_PREFIX}DEVICE: expected auto, cpu or cuda:N")
+
+    def _validate_ranges(self) -> None:
+        """Bounds beyond the sign: values the flush timer, a TCP port or libpq can take."""
+        if not self.max_wait_ms >= 1:  # a 0 ms flush timer never fires: a lone text waits
+            raise ConfigError(f"{ENV_PREFIX}MAX_WAIT_MS must be >= 1 (got {self.max_wait_ms})")
+        if not 0 <= self.metrics_port <= MAX_PORT:
+            raise ConfigError(f"{ENV_PREFIX}METRICS_PORT must be between 0 (off) and {MAX_PORT} "
+                              f"(got {self.metrics_port})")
+        # PostgreSQL takes statement_timeout (and the guard's tcp_user_timeout,
+        # a little later) in int32 milliseconds; below 1 ms it would round to 0,
+        # which PostgreSQL reads as no limit at all.
+        if not MIN_DB_STATEMENT_TIMEOUT_S <= self.db_statement_timeout_s \
+                <= MAX_DB_STATEMENT_TIMEOUT_S:
+            raise ConfigError(
+                f"{ENV_PREFIX}DB_STATEMENT_TIMEOUT_S must be between "
+                f"{MIN_DB_STATEMENT_TIMEOUT_S} and {MAX_DB_STATEMENT_TIMEOUT_S} seconds "
+                f"(got {self.db_statement_timeout_s})")
+        if not self.db_connect_timeout_s <= _INT32_MAX:
+            raise ConfigError(f"{ENV_PREFIX}DB_CONNECT_TIMEOUT_S must be at most "
+                              f"{_INT32_MAX} seconds (got {self.db_connect_timeout_s})")
+        if not 0 <= self.db_keepalive_s <= MAX_DB_KEEPALIVE_S:
+            raise ConfigError(f"{ENV_PREFIX}DB_KEEPALIVE_S must be between 0 (the OS default) "
+                              f"and {MAX_DB_KEEPALIVE_S} (got {self.db_keepalive_s})")
 
     @property
     def family(self) -> str:
@@ -243,13 +277,19 @@ class Settings:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password replaced by ``***``: the one in its credentials and the
+    value of every query parameter whose name contains ``password``
+    (``?password=``, ``&sslpassword=``)."""
+    url = _PASSWORD_PARAM.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+_PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)
 
 
 def _parse(key: str, raw: str, type_name: Any) -> Any:

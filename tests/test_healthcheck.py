@@ -63,3 +63,8 @@ def test_unreachable_redis_is_unhealthy() -> None:
     settings = Settings(broker_url="redis://127.0.0.1:1/0", redis_connect_timeout_s=0.5)
     reason = check(settings, "h", None)
     assert reason is not None and reason.startswith("cannot reach Redis")
+
+
+def test_a_broker_password_is_not_shown() -> None:
+    reason = check(Settings(broker_url="sentinel://:secretpw@sentinel:26379/0"), "h", None)
+    assert reason is not None and "secretpw" not in reason and ":***@" in reason

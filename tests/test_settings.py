@@ -41,3 +41,48 @@ def test_passwords_are_masked() -> None:
     assert mask_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert "secret" not in str(Settings(database_url="postgresql://u:secret@h/db").public())
+
+
+@pytest.mark.parametrize("env", [
+    {"BERTSTREAM_MAX_WAIT_MS": "0"},  # a 0 ms flush timer never fires
+    {"BERTSTREAM_METRICS_PORT": "70000"},
+    {"BERTSTREAM_METRICS_PORT": "-1"},
+    {"BERTSTREAM_DB_STATEMENT_TIMEOUT_S": "0.0004"},  # 0 ms: no limit on PostgreSQL
+    {"BERTSTREAM_DB_STATEMENT_TIMEOUT_S": "10000000"},  # past int32 milliseconds
+    {"BERTSTREAM_DB_CONNECT_TIMEOUT_S": "1e12"},
+    {"BERTSTREAM_DB_KEEPALIVE_S": "100000"},
+])
+def test_out_of_range_values_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(env))):
+        Settings.from_env(env)
+
+
+def test_range_limits_are_inclusive() -> None:
+    s = Settings.from_env({"BERTSTREAM_MAX_WAIT_MS": "1", "BERTSTREAM_METRICS_PORT": "65535",
+                           "BERTSTREAM_DB_STATEMENT_TIMEOUT_S": "0.001",
+                           "BERTSTREAM_DB_KEEPALIVE_S": "32767"})
+    assert (s.max_wait_ms, s.metrics_port, s.db_keepalive_s) == (1, 65535, 32767)
+    from contract.results import DbTimeouts, _libpq_args
+
+    longest = Settings.from_env({"BERTSTREAM_DB_STATEMENT_TIMEOUT_S": "1952257"})
+    args = _libpq_args(DbTimeouts.from_settings(longest), None)
+    assert args["tcp_user_timeout"] <= 2**31 - 1  # libpq's int32 milliseconds
+
+
+def test_out_of_range_setting_exits_2_without_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, ["worker"], env={"BERTSTREAM_MAX_WAIT_MS": "0"})
+    assert result.exit_code == 2, result.output
+    assert "BERTSTREAM_MAX_WAIT_MS must be >= 1" in result.output
+
+
+def test_passwords_in_query_strings_are_masked() -> None:
+    url = "postgresql://h/db?sslmode=require&password=secret&sslpassword=s2;x=1"
+    masked = mask_url(url)
+    assert "secret" not in masked and "s2" not in masked
+    assert masked == "postgresql://h/db?sslmode=require&password=***&sslpassword=***;x=1"
+    assert mask_url("redis://:pw@h:6379/0?Password=pw2") == "redis://:***@h:6379/0?Password=***"
+    assert "secret" not in str(Settings(database_url=url).public())

@@ -9,8 +9,12 @@ from typing import Any, NoReturn
 
 import click
 
-from contract.errors import BertstreamError, exit_code
+from contract.constants import DEFAULT_MODEL, ENV_PREFIX
+from contract.errors import BertstreamError, ConfigError, exit_code
 from contract.settings import Settings
+
+#: ``worker --loglevel`` choices (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
@@ -36,12 +40,14 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port (BERTSTREAM_METRICS_PORT; 0: off).")
 @click.option("--hostname", default=None,
-              help="Celery node name (default bertstream-PID@HOST), stored in each row's worker "
-                   "column.")
-@click.option("--loglevel", default="INFO", show_default=True)
+              help="Celery node name NAME@HOST (default bertstream-PID@HOST; %h, %n, %d expand "
+                   "as in Celery), stored in each row's worker column. With --gpus or several "
+                   "--model, each process is named NAME-<model>-gpuN@HOST.")
+@click.option("--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="INFO", show_default=True)
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
               help="Create this file once the worker consumes (readiness without remote "
-                   "control).")
+                   "control); with --gpus or several --model, once every process consumes.")
 @click.pass_context
 def worker_command(ctx: click.Context, device: str | None, gpus: str | None, procs_per_gpu: int,
                    models: tuple[str, ...], max_wait_ms: int | None, token_budget: int | None,
@@ -51,6 +57,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
 
     Exit codes: 2 bad settings or model, 3 Redis or the database unreachable.
     """
+    from worker.heartbeat import node_name
     from worker.launcher import launch, parse_gpus, parse_models
 
     try:
@@ -67,28 +74,51 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
             settings = settings.replace(device=device)
     except BertstreamError as exc:
         _fail(exc)
+    # Expanded once, so that Celery, the rows and the heartbeat share one name.
+    hostname = node_name(hostname) if hostname else None
     if gpus or len(served) > 1:
         if procs_per_gpu != 1 and not gpus:
             raise click.UsageError("--procs-per-gpu needs --gpus")
-        sys.exit(launch(gpu_list, settings, loglevel=loglevel,
-                        procs_per_gpu=procs_per_gpu, models=served or None))
+        try:
+            code = launch(gpu_list, settings, loglevel=loglevel, procs_per_gpu=procs_per_gpu,
+                          models=served or None, node=hostname, ready_file=ready_file)
+        except BertstreamError as exc:
+            _fail(exc)
+        sys.exit(code)
     if procs_per_gpu != 1:
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from contract import migrate
     from contract.results import ResultStore
-    from worker.app import build_runner, build_worker_app, run_worker
+    from worker.app import build_worker_app, run_worker
 
     try:
         # The schema first: an outdated database refuses before the model loads.
         store = ResultStore.from_settings(settings)
         migrate.ensure(store)
-        runner = build_runner(settings)
+        runner = _build_runner(settings)
         wapp = build_worker_app(settings, runner, store=store, hostname=hostname)
     except BertstreamError as exc:
         _fail(exc)
     run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
+
+
+def _build_runner(settings: Settings) -> Any:
+    """``build_runner``; a cache directory that cannot be written is a setting to fix."""
+    from worker.app import build_runner
+
+    try:
+        return build_runner(settings)
+    except OSError as exc:
+        if settings.model != DEFAULT_MODEL:
+            raise
+        raise _cache_error(settings, exc) from exc
+
+
+def _cache_error(settings: Settings, exc: OSError) -> ConfigError:
+    return ConfigError(f"{ENV_PREFIX}CACHE_DIR={settings.cache_dir}: cannot assemble the "
+                       f"bundled model there ({exc})")
 
 
 def _fail(exc: BertstreamError) -> NoReturn:
@@ -182,9 +212,12 @@ def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
     from worker.sentiment.assemble import default_adapter_dir, ensure_model
 
     adapter = Path(adapter_dir) if adapter_dir else default_adapter_dir()
+    settings = settings_from(ctx)
     try:
-        click.echo(str(ensure_model(Path(settings_from(ctx).cache_dir), adapter)))
+        click.echo(str(ensure_model(Path(settings.cache_dir), adapter)))
     except AdapterError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        _fail(_cache_error(settings, exc))
 
 

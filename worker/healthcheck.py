@@ -1,10 +1,13 @@
 """``python -m worker.healthcheck``: is a worker of this host alive? (a container's health check).
 
-Healthy when a worker on this host (Celery node name ``…@<hostname>``, so
+Healthy when a worker on this host (Celery node name ``…@<hostname>`` or
+``…@<its first label>``, as ``--hostname NAME@%h`` / ``NAME@%n`` give; so
 every child of ``--gpus`` or of several ``--model`` counts, whatever its
 queue family) has a fresh heartbeat in Redis
 (contract.liveness) and, with ``--ready-file``, once that file exists: the
-worker has started consuming since the file's directory was last emptied.
+worker has started consuming since the file's directory was last emptied
+(with ``--gpus`` or several ``--model``, the launcher creates it once every
+child has created its own).
 The heartbeat proves the process is alive and reaches Redis; the ready file
 proves the model loaded and the consumer started. Exit 0 healthy, 1 not.
 """
@@ -20,7 +23,7 @@ import redis
 
 from contract.broker import redis_client
 from contract.liveness import live_workers
-from contract.settings import Settings
+from contract.settings import Settings, mask_url
 
 
 def check(settings: Settings, host: str, ready_file: str | None) -> str | None:
@@ -29,11 +32,13 @@ def check(settings: Settings, host: str, ready_file: str | None) -> str | None:
         return f"not consuming yet ({ready_file} missing)"
     client = redis_client(settings)
     if client is None:
-        return f"the broker is not Redis ({settings.broker_url})"
+        return f"the broker is not Redis ({mask_url(settings.broker_url)})"
+    # A node name ends in this host, or in its first label (``--hostname NAME@%n``).
+    suffixes = ("@" + host, "@" + host.partition(".")[0])
     try:
         # Every queue family: a host may run one worker process per model.
         mine = [w for w in live_workers(client, "*")
-                if str(w.get("hostname", "")).endswith("@" + host)]
+                if str(w.get("hostname", "")).endswith(suffixes)]
     except redis.RedisError as exc:
         return f"cannot reach Redis: {exc}"
     finally:

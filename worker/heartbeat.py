@@ -17,6 +17,15 @@ from contract.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def node_name(spec: str) -> str:
+    """``worker --hostname`` as Celery expands it: ``NAME@HOST``, ``%h`` (this host),
+    ``%n`` (its first label) and ``%d`` (its domain) filled in; a bare ``HOST`` is
+    ``celery@HOST``. The heartbeat, the rows and Celery's node name all use this."""
+    from celery.utils.nodenames import default_nodename, host_format
+
+    return str(host_format(default_nodename(spec)))
+
+
 class Heartbeat:
     """Refreshes ``worker_key(queue, hostname)`` every few seconds until :meth:`stop`.
 

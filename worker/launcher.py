@@ -6,8 +6,11 @@ through CUDA_VISIBLE_DEVICES (so inside it the device is always ``cuda:0``);
 each gets its own Celery hostname. Several models on one machine run as
 separate processes, so each has its own batches and its own queues. Several
 processes per GPU let one process tokenize, pad and commit while another's
-batch runs on the device, at the cost of one model copy each. Signals are
-forwarded so Ctrl-C / SIGTERM shut all children down warmly.
+batch runs on the device, at the cost of one model copy each.
+
+The children are one set: when one of them leaves, the launcher stops the
+others and exits, so that a supervisor (docker's restart policy, systemd)
+restarts the whole set; see :func:`launch`.
 """
 
 from __future__ import annotations
@@ -19,28 +22,42 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX, MODEL_NAME_PATTERN
-from contract.settings import Settings
+from contract.errors import ConfigError
+from contract.settings import MAX_PORT, Settings
 from worker.process import die_with_parent
+
+#: Seconds the other children get for their warm shutdown when one child left.
+STOP_TIMEOUT_S = 30.0
+#: How often the launcher looks at its children and their ready files.
+_POLL_S = 0.1
 
 
 def parse_gpus(spec: str) -> list[str]:
-    """``"0,1"`` → ``["0", "1"]``; rejects empty or non-numeric entries."""
+    """``"0,1"`` → ``["0", "1"]``; rejects empty, non-numeric or repeated entries."""
     gpus = [g.strip() for g in spec.split(",") if g.strip()]
     if not gpus or not all(g.isdigit() for g in gpus):
         raise ValueError(f"--gpus expects indices like 0,1 (got {spec!r})")
+    twice = sorted({g for g in gpus if gpus.count(g) > 1}, key=int)
+    if twice:
+        # Two children on one GPU would share a node name and a heartbeat.
+        raise ValueError(f"--gpus: {', '.join(twice)} given more than once; use "
+                         "--procs-per-gpu N for several processes per GPU")
     return gpus
 
 
 def child_hostname(gpu: str | None, index: int, procs_per_gpu: int, host: str,
-                   model_name: str = "") -> str:
+                   model_name: str = "", prefix: str = "bertstream") -> str:
     """Celery node name of child ``index`` on ``gpu`` (``bertstream-gpu0@host``, or
     ``bertstream-gpu0-1@host`` when a GPU has several processes; a named model's
-    children carry its name: ``bertstream-NAME-gpu0@host``, ``bertstream-NAME@host``)."""
-    parts = ["bertstream"]
+    children carry its name: ``bertstream-NAME-gpu0@host``, ``bertstream-NAME@host``).
+    ``prefix`` replaces ``bertstream`` (the name part of ``worker --hostname``)."""
+    parts = [prefix]
     if model_name:
         parts.append(model_name)
     if gpu is not None:
@@ -50,22 +67,41 @@ def child_hostname(gpu: str | None, index: int, procs_per_gpu: int, host: str,
     return "-".join(parts) + f"@{host}"
 
 
+def child_ready_file(ready_file: str, node: str) -> str:
+    """The ready file of the child named ``node`` when the launcher's is ``ready_file``."""
+    return f"{ready_file}.{node}"
+
+
 def child_commands(
     gpus: Sequence[str], settings: Settings, loglevel: str = "INFO", procs_per_gpu: int = 1,
     host: str | None = None, models: Sequence[tuple[str, str]] | None = None,
+    node: str | None = None, ready_file: str | None = None,
 ) -> list[tuple[list[str], dict[str, str]]]:
     """The command line and environment of each child worker: for every GPU (or once,
     without GPUs) and every ``(name, path)`` model, ``procs_per_gpu`` children.
 
     The parent's resolved settings travel as ``BERTSTREAM_*`` variables, so
-    command-line overrides given to the parent reach every child.
+    command-line overrides given to the parent reach every child. ``node``
+    (``NAME@HOST``, from ``worker --hostname``) names the children
+    ``NAME-<suffix>@HOST`` instead of ``bertstream-<suffix>@<this host>``; with
+    ``ready_file`` each child gets its own (:func:`child_ready_file`). Raises
+    :class:`ConfigError` when the children's metrics ports would pass 65535.
     """
     if procs_per_gpu < 1:
         raise ValueError(f"--procs-per-gpu must be at least 1 (got {procs_per_gpu})")
+    prefix = "bertstream"
+    if node:
+        prefix, _, host = node.rpartition("@")
+        prefix = prefix or "bertstream"
     host = host or socket.gethostname()
     served = list(models) if models else [(settings.model_name, settings.model)]
-    out: list[tuple[list[str], dict[str, str]]] = []
     slots: list[str | None] = [*gpus] or [None]
+    count = len(slots) * len(served) * procs_per_gpu
+    if settings.metrics_port and settings.metrics_port + count - 1 > MAX_PORT:
+        raise ConfigError(
+            f"{ENV_PREFIX}METRICS_PORT={settings.metrics_port}: {count} workers serve metrics "
+            f"on consecutive ports from it, past {MAX_PORT}")
+    out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in slots:
         for name, path in served:
             for index in range(procs_per_gpu):
@@ -80,35 +116,112 @@ def child_commands(
                 if gpu is not None:
                     env["CUDA_VISIBLE_DEVICES"] = gpu
                     cmd += ["--device", "cuda:0"]
-                cmd += ["--hostname", child_hostname(gpu, index, procs_per_gpu, host, name),
-                        "--loglevel", loglevel]
+                hostname = child_hostname(gpu, index, procs_per_gpu, host, name, prefix)
+                cmd += ["--hostname", hostname, "--loglevel", loglevel]
+                if ready_file:
+                    cmd += ["--ready-file", child_ready_file(ready_file, hostname)]
                 out.append((cmd, env))
     return out
 
 
-def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO",
-           procs_per_gpu: int = 1, models: Sequence[tuple[str, str]] | None = None) -> int:
-    """Start the children (see :func:`child_commands`) and wait; gives the first non-zero
-    exit code.
+def exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell reports it: killed by signal N → 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
-    A signal that stops the launcher is passed on to every child; a launcher
-    killed outright (OOM killer, kill -9) leaves each child a SIGTERM, its
-    warm shutdown, so that a restarted launcher never runs beside orphans on
-    the same GPU.
+
+def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO",
+           procs_per_gpu: int = 1, models: Sequence[tuple[str, str]] | None = None, *,
+           node: str | None = None, ready_file: str | None = None,
+           stop_timeout: float = STOP_TIMEOUT_S) -> int:
+    """Start the children (see :func:`child_commands`), wait, and give the exit code.
+
+    The children run in a session (process group) of their own, so a Ctrl-C in a
+    terminal (which signals the whole foreground group) reaches the launcher
+    only; the launcher turns SIGINT and SIGTERM into one SIGTERM per child,
+    Celery's warm shutdown (a second Ctrl-C sends SIGQUIT, its cold shutdown),
+    waits for them all and exits with the first non-zero code, else 0.
+
+    When a child leaves unasked (its model fails to load, the OOM killer,
+    kill -9, or even a clean exit) the set is incomplete: the other children
+    get a SIGTERM and ``stop_timeout`` seconds before a SIGKILL, and the
+    launcher exits with that child's code (128 + N for signal N). A child
+    that exited 0 makes it exit 1: a worker missing is a failure, and only a
+    non-zero code fires an ``on-failure`` restart policy. A launcher killed
+    outright (OOM killer, kill -9) leaves each child a SIGTERM, so that a
+    restarted launcher never runs beside orphans on the same GPU.
+
+    With ``ready_file``, the launcher creates it once every child has created
+    its own (:func:`child_ready_file`): a health check sees the whole set.
     """
-    commands = child_commands(gpus, settings, loglevel, procs_per_gpu, models=models)
-    children = [subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
+    commands = child_commands(gpus, settings, loglevel, procs_per_gpu, models=models,
+                              node=node, ready_file=ready_file)
+    ready = _ReadyFiles(ready_file, [cmd[cmd.index("--ready-file") + 1]
+                                     for cmd, _ in commands] if ready_file else [])
+    children = [subprocess.Popen(cmd, env=env, start_new_session=True,
+                                 preexec_fn=die_with_parent(signal.SIGTERM))
                 for cmd, env in commands]
+    asked: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        cold = bool(asked) and signum == signal.SIGINT
+        asked.append(signum)
+        _signal_all(children, signal.SIGQUIT if cold else signal.SIGTERM)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
-    return next((c for c in codes if c), 0)
+    first = _first_exit(children, ready)
+    if asked:
+        codes = [exit_status(child.wait()) for child in children]
+        return next((c for c in codes if c), 0)
+    _stop(children, stop_timeout)
+    return exit_status(first.returncode) or 1
+
+
+class _ReadyFiles:
+    """The launcher's ready file, created once every child's exists."""
+
+    def __init__(self, path: str | None, children: list[str]) -> None:
+        self.path = Path(path) if path else None
+        self.children = [Path(c) for c in children]
+        for stale in ([self.path] if self.path else []) + self.children:
+            stale.unlink(missing_ok=True)
+        self.done = self.path is None
+
+    def update(self) -> None:
+        if self.path is not None and not self.done \
+                and all(c.is_file() for c in self.children):
+            self.path.write_text("\n".join(c.read_text(encoding="utf-8")
+                                           for c in self.children), encoding="utf-8")
+            self.done = True
+
+
+def _first_exit(children: list[subprocess.Popen[bytes]],
+                ready: _ReadyFiles) -> subprocess.Popen[bytes]:
+    """Block until a child exits (keeping the ready file current); give that child."""
+    while True:
+        for child in children:
+            if child.poll() is not None:
+                return child
+        ready.update()
+        time.sleep(_POLL_S)  # polling the children, not waiting for time to pass
+
+
+def _signal_all(children: list[subprocess.Popen[bytes]], sig: int) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(sig)
+
+
+def _stop(children: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM every child still running; SIGKILL those not gone after ``timeout``."""
+    _signal_all(children, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def parse_models(specs: Sequence[str]) -> list[tuple[str, str]]:

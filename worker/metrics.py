@@ -20,7 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from contract.broker import lane_queue
-from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE
+from contract.errors import ConfigError
 from contract.settings import Settings
 
 MAX_SOURCES = 100
@@ -97,10 +98,17 @@ class WorkerMetrics:
                 self.end_to_end.observe(max(committed - submitted, 0.0))
 
     def serve(self, port: int, settings: Settings) -> None:
-        """Serve the registry over HTTP on ``port`` (all interfaces), with queue depth."""
+        """Serve the registry over HTTP on ``port`` (all interfaces), with queue depth.
+
+        Raises :class:`ConfigError` when the port cannot be bound (in use, privileged).
+        """
+        try:
+            start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on port {port} "
+                              f"({ENV_PREFIX}METRICS_PORT): {exc}") from exc
         self.registry.register(_QueueDepth(settings))
         self.up.set(1)
-        start_http_server(port, registry=self.registry)
 
 
 class _QueueDepth(Collector):
