@@ -72,3 +72,17 @@ def test_procs_per_gpu_without_gpus_is_refused() -> None:
 
     result = CliRunner().invoke(main, ["worker", "--procs-per-gpu", "2"])
     assert result.exit_code == 2 and "--procs-per-gpu needs --gpus" in result.output
+
+
+def test_gpus_count_among_the_devices_the_launcher_was_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA_VISIBLE_DEVICES=2,3 set for the launcher (a shared host), --gpus 0,1 are
+    devices 2 and 3, as inside any CUDA process; an index past the mask is refused (each
+    child was pinned to the bare index, a GPU the launcher was kept from)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    children = child_commands(["0", "1"], Settings(), host="h")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in children] == ["2", "3"]
+    with pytest.raises(ConfigError, match="leaves this launcher 2 device"):
+        child_commands(["2"], Settings(), host="h")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in child_commands(["1"], Settings())] == ["1"]

@@ -101,6 +101,7 @@ def child_commands(
         raise ConfigError(
             f"{ENV_PREFIX}METRICS_PORT={settings.metrics_port}: {count} workers serve metrics "
             f"on consecutive ports from it, past {MAX_PORT}")
+    visible = _visible_devices(gpus)
     out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in slots:
         for name, path in served:
@@ -114,7 +115,7 @@ def child_commands(
                     env[ENV_PREFIX + "METRICS_PORT"] = str(settings.metrics_port + len(out))
                 cmd = [sys.executable, "-m", "worker"]
                 if gpu is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = gpu
+                    env["CUDA_VISIBLE_DEVICES"] = visible[int(gpu)] if visible else gpu
                     cmd += ["--device", "cuda:0"]
                 hostname = child_hostname(gpu, index, procs_per_gpu, host, name, prefix)
                 cmd += ["--hostname", hostname, "--loglevel", loglevel]
@@ -122,6 +123,24 @@ def child_commands(
                     cmd += ["--ready-file", child_ready_file(ready_file, hostname)]
                 out.append((cmd, env))
     return out
+
+
+def _visible_devices(gpus: Sequence[str]) -> list[str]:
+    """The devices the launcher itself was given in ``CUDA_VISIBLE_DEVICES`` (empty: all).
+
+    ``--gpus`` counts among them, as CUDA does inside the process: with
+    ``CUDA_VISIBLE_DEVICES=2,3``, ``--gpus 0,1`` means the devices 2 and 3,
+    never a GPU the launcher was kept from.
+    """
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None or not mask.strip():
+        return []
+    visible = [d.strip() for d in mask.split(",") if d.strip()]
+    beyond = [g for g in gpus if int(g) >= len(visible)]
+    if beyond:
+        raise ConfigError(f"--gpus {','.join(beyond)}: CUDA_VISIBLE_DEVICES={mask} leaves "
+                          f"this launcher {len(visible)} device(s), numbered from 0")
+    return visible
 
 
 def exit_status(returncode: int) -> int:
