@@ -57,6 +57,10 @@ class TokenCheck:
                            {"WWW-Authenticate": "Bearer"})
 
 
+class _BodyOverLimit(Exception):
+    """A chunked request body passed the limit while the app was reading it."""
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
 
@@ -84,9 +88,11 @@ class BodyLimit:
             if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    # End the body here; the app's answer is replaced by the 413 below.
+                    # The body read fails: a body cut short here could still be a valid
+                    # request, which the route would carry out before its answer was
+                    # replaced. The app's answer (its error) is replaced by the 413 below.
                     refused = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    raise _BodyOverLimit
             return message
 
         answered = False
@@ -102,7 +108,11 @@ class BodyLimit:
                 answered = True
             await send(message)
 
-        await self.app(scope, counting, replacing)
+        try:
+            await self.app(scope, counting, replacing)
+        except _BodyOverLimit:
+            if not answered:
+                await self._refuse(send)
 
     def _declared(self, scope: Scope) -> int:
         """The Content-Length header (0 when absent; over the limit when unreadable)."""

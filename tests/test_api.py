@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,20 @@ def test_tokens_cors_and_body_limit(settings: Settings, api_factory: Any) -> Non
         chunked = http.post("/v1/tasks", content=iter([b'{"text": "', b"y" * 3000, b'"}']),
                             headers={**ok, "content-type": "application/json"})
         assert chunked.status_code == 413
+        # A valid request in the first chunk, then padding past the limit: refused, and
+        # not carried out (the body used to end at the limit, and the submit ran).
+        with Client(guarded) as client:
+            before = client.queue_length()
+            def slow_body() -> Iterator[bytes]:
+                yield b'{"text": "kept out", "id": "p1"}'
+                time.sleep(0.3)  # the server reads the first chunk alone
+                yield b" " * 3000
+
+            padded = http.post("/v1/tasks", content=slow_body(),
+                               headers={**ok, "content-type": "application/json"})
+            assert padded.status_code == 413 and _error(padded)["code"] == "too_large"
+            assert client.queue_length() == before
+        assert http.get("/v1/tasks/p1", headers=ok).status_code == 404
         pre = http.options("/v1/tasks", headers={"Origin": "https://app.example",
                                                  "Access-Control-Request-Method": "POST"})
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
