@@ -39,6 +39,7 @@ from contract.constants import (
 from contract.errors import BrokerUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
+from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import Client
 
@@ -192,12 +193,13 @@ class Submitter:
             outcomes[i] = self._verdict(items[i].id, hashes[i], previous[k + 1])
         fresh = [i for i, o in enumerate(outcomes) if o is None]
         try:
-            self._check_stored(items, hashes, fresh, caller_ids, outcomes)
+            stored = self._check_stored(items, hashes, fresh, caller_ids, outcomes)
         except BaseException:
             # Nothing is published: the caller's retry must not meet these claims and be
             # told "duplicate" for a task that was never queued.
             self._release([items[i].id for i in fresh])
             raise
+        self._judge_repeats(items, hashes, stored, outcomes)
         publish = [i for i in fresh if outcomes[i] is None]
         sent, error = self._publish([items[i] for i in publish], lane)
         if error is not None:
@@ -217,11 +219,13 @@ class Submitter:
         return Outcome(task_id, DUPLICATE, "already accepted with the same text")
 
     def _check_stored(self, items: Sequence[TaskItem], hashes: list[str], fresh: list[int],
-                      caller_ids: frozenset[str], outcomes: list[Outcome | None]) -> None:
-        """Ids no longer remembered in Redis may still have a stored row: compare hashes."""
+                      caller_ids: frozenset[str],
+                      outcomes: list[Outcome | None]) -> dict[str, ResultRecord]:
+        """Ids no longer remembered in Redis may still have a stored row: compare hashes.
+        Gives the stored rows found."""
         wanted = [i for i in fresh if items[i].id in caller_ids]
         if not wanted:
-            return
+            return {}
         # Any model's row: an id names one text, whichever model scores it.
         stored = (self.client.store.get_many([items[i].id for i in wanted])
                   if self.client.has_results_table() else {})
@@ -239,6 +243,26 @@ class Submitter:
         # The claim just made holds the refused text's hash: drop it, so the
         # stored row stays the only record of that id.
         self._release(conflicts)
+        return stored
+
+    @staticmethod
+    def _judge_repeats(items: Sequence[TaskItem], hashes: list[str],
+                       stored: dict[str, ResultRecord], outcomes: list[Outcome | None]) -> None:
+        """An id given twice in one batch whose row is stored: the later copies are judged
+        against the stored row too. (Redis judged them against the first copy's claim,
+        which the stored row may have just refused: "duplicate" of a text never queued.)"""
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.id not in seen:
+                seen.add(item.id)
+                continue
+            row = stored.get(item.id)
+            if row is None:
+                continue
+            outcomes[i] = (Outcome(item.id, DUPLICATE, "already stored with the same text")
+                           if row.text_sha256 == hashes[i] else
+                           Outcome(item.id, CONFLICT,
+                                   f"id {item.id!r} is stored with a different text"))
 
     def _publish(self, items: list[TaskItem], lane: str) -> tuple[int, BrokerUnavailable | None]:
         """Publish ``items`` in messages of ``bulk_chunk_size``: how many were sent, and the

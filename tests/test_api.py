@@ -321,6 +321,33 @@ def test_an_outage_between_chunks_keeps_the_claims_of_the_chunks_queued(
         submitter.close()
 
 
+def test_an_id_repeated_in_one_batch_is_judged_against_its_stored_row(
+        settings: Settings) -> None:
+    """Two concurrent submits of a stored id land in one coalesced batch. Each copy is
+    judged against the stored row: a different text is a conflict for both (the second
+    used to be "duplicate" of the first copy's claim, which the stored row then refused,
+    so that caller was told its text was accepted), the stored text is a duplicate."""
+    from api.submit import CONFLICT, DUPLICATE, Submitter
+    from contract.messages import TaskItem, text_sha256
+
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    store.upsert([_record("stored-1", "positive", 0.9,
+                          text_sha256=text_sha256("original text"))])
+    with Client(settings) as client:
+        submitter = Submitter(settings, client)
+        other = [TaskItem(id="stored-1", text="different text") for _ in range(2)]
+        out = submitter.submit(other, lane="interactive", caller_ids=frozenset({"stored-1"}))
+        assert [o.status for o in out] == [CONFLICT, CONFLICT], out
+        mixed = [TaskItem(id="stored-1", text="different text"),
+                 TaskItem(id="stored-1", text="original text")]
+        out = submitter.submit(mixed, lane="interactive", caller_ids=frozenset({"stored-1"}))
+        assert [o.status for o in out] == [CONFLICT, DUPLICATE], out
+        assert client.queue_length() == 0
+        submitter.close()
+    store.close()
+
+
 def test_a_task_sent_to_a_named_model_is_queued_for_a_status_asked_without_one(
         settings: Settings, api_factory: Any) -> None:
     """``?model=`` is optional on a status: a task sent to a named model reads ``queued``
