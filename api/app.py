@@ -36,6 +36,7 @@ from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
+from contract.messages import text_sha256
 from contract.queries import Comparison, Filters, compare, iter_records, page, stats
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
@@ -137,6 +138,14 @@ class Services:
         self.metrics = ApiMetrics()
         self.metrics.watch(self.client, self.submitter.redis, settings.queue)
 
+    def settings_for(self, model: str | None) -> Settings:
+        """The settings of submitting to ``model`` (None: the default), without opening a
+        lane: a request is validated with them before it may use one up."""
+        name = model or self.settings.model_name
+        with self._lanes_lock:
+            lane = self._lanes.get(name)
+        return lane.settings if lane is not None else self.settings.replace(model_name=name)
+
     def lane(self, model: str | None) -> ModelLane:
         """Submitting to the model named ``model`` (None: the default one)."""
         name = model or self.settings.model_name
@@ -236,21 +245,28 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                             429: {"description": "the queue is over its bound"},
                             503: {"description": "Redis or the database is unreachable"}})
     async def submit(body: Annotated[TaskIn | BulkIn, Body()]) -> Any:
-        """Queue one task (202 with its id) or many (202 with ids in input order)."""
-        target = services.lane(body.model)
-        if await run_in_threadpool(target.submitter.queue_full):
-            raise ApiError(429, "busy", "the queue is over its bound; retry later",
-                           {"Retry-After": "1"})
+        """Queue one task (202 with its id) or many (202 with ids in input order).
+
+        Input is validated first (an invalid request is a 422, never a 429, and opens no
+        model lane); the queue bound comes next, except for the repeat of a task already
+        accepted with the same text, which is answered ``duplicate`` even then.
+        """
         if isinstance(body, BulkIn):
-            answer = await run_in_threadpool(_submit_bulk, services, target, body)
+            answer = await run_in_threadpool(_submit_bulk, services, body)
             # Already a BulkAccepted: skip the response model's second validation pass.
             return JSONResponse(answer.model_dump(), status_code=202)
         raw = body.model_dump(exclude={"lane", "model"}, exclude_none=True)
-        checked = ItemValidator(target.settings).check(0, raw)
+        checked = ItemValidator(services.settings_for(body.model)).check(0, raw)
         lane = body.lane or LANE_INTERACTIVE
         if isinstance(checked, ItemError):
             services.metrics.items.labels(lane, "invalid").inc()
             raise ApiError(422, "invalid_input", checked.reason)
+        target = services.lane(body.model)
+        if await run_in_threadpool(target.submitter.queue_full):
+            if body.id is not None and await run_in_threadpool(
+                    target.submitter.accepted_hash, checked.id) == text_sha256(checked.text):
+                return Accepted(id=checked.id, duplicate=True)
+            raise _busy()
         outcome = await target.coalescer.submit(checked, lane, caller_id=body.id is not None)
         services.metrics.items.labels(lane, outcome.status).inc()
         if outcome.status == CONFLICT:
@@ -306,25 +322,40 @@ def _window_routes(router: APIRouter, services: Services) -> None:
                 "count": record.windows, "windows": [w.to_json() for w in found]}
 
 
-def _submit_bulk(services: Services, target: ModelLane, body: BulkIn) -> BulkAccepted:
+def _busy() -> ApiError:
+    return ApiError(429, "busy", "the queue is over its bound; retry later",
+                    {"Retry-After": "1"})
+
+
+def _caller_id(raw: Any) -> str | None:
+    """The id a bulk item's caller gave (None: the id is generated)."""
+    given = raw.get("id") if isinstance(raw, dict) else None
+    return given if isinstance(given, str) else None
+
+
+def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
     settings = services.settings
     if len(body.items) > settings.api_max_items:
         raise ApiError(413, "too_many_items",
                        f"{len(body.items)} items, over the limit of {settings.api_max_items}")
     lane = body.lane or LANE_BULK
-    validator = ItemValidator(target.settings, body.source)
+    validator = ItemValidator(services.settings_for(body.model), body.source)
     refused: list[ItemRefusal] = []
     good: list[tuple[int, Any]] = []
     for index, raw in enumerate(body.items):
         checked = validator.check(index, raw)
         if isinstance(checked, ItemError):
-            refused.append(ItemRefusal(index=index, id=checked.id, reason=checked.reason))
+            # A generated id names nothing the caller could ask about: shown as null.
+            refused.append(ItemRefusal(index=index, id=_caller_id(raw), reason=checked.reason))
         else:
             good.append((index, checked))
-    caller = frozenset(it.id for i, it in good
-                       if isinstance(body.items[i], dict) and body.items[i].get("id") is not None)
-    outcomes: list[Outcome] = target.submitter.submit([it for _, it in good], lane=lane,
-                                                      caller_ids=caller)
+    outcomes: list[Outcome] = []
+    if good:
+        target = services.lane(body.model)
+        if target.submitter.queue_full():
+            raise _busy()
+        caller = frozenset(it.id for i, it in good if _caller_id(body.items[i]) is not None)
+        outcomes = target.submitter.submit([it for _, it in good], lane=lane, caller_ids=caller)
     ids: list[str | None] = [None] * len(body.items)
     duplicates = 0
     for (index, _item), outcome in zip(good, outcomes, strict=True):

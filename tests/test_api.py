@@ -17,6 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from contract.messages import TaskItem
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.cli import main
@@ -180,6 +181,41 @@ def test_backpressure_answers_429(settings: Settings, api_factory: Any) -> None:
         assert codes[:3] == [202, 202, 202]
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert _error(r)["code"] == "busy"
+        # While full: an invalid request is still a 422 (a retry cannot fix it), and the
+        # repeat of a task already accepted is answered duplicate, not refused.
+        assert http.post("/v1/tasks", json={"text": ""}).status_code == 422
+        assert http.post("/v1/tasks", json={"items": [{"text": ""}]}).status_code == 422
+        again = http.post("/v1/tasks", json={"text": "t-known", "id": "known"})
+        assert again.status_code == 429  # not accepted before: the bound holds
+        with Client(tight) as client:
+            from api.submit import Submitter
+            sub = Submitter(tight, client)  # another API process accepts it meanwhile
+            sub.submit([TaskItem(id="known", text="t-known")], lane="interactive",
+                       caller_ids=frozenset({"known"}))
+            sub.close()
+        dup = http.post("/v1/tasks", json={"text": "t-known", "id": "known"})
+        assert dup.status_code == 202 and dup.json()["duplicate"] is True, dup.text
+
+
+def test_invalid_submits_open_no_model_lane_and_refusals_show_only_caller_ids(
+        settings: Settings, api_factory: Any) -> None:
+    """Invalid requests for made-up models are 422s that open no lane, so they cannot use
+    up the server's lanes for the models real submits go to; a refused bulk item shows
+    its id only when the caller gave one (a generated id names nothing to ask about)."""
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        for i in range(40):
+            r = http.post("/v1/tasks", json={"text": "", "model": f"junk{i}"})
+            assert r.status_code == 422, r.text
+            b = http.post("/v1/tasks", json={"items": [{"text": ""}], "model": f"bulk{i}"})
+            assert b.status_code == 422, b.text
+        ok = http.post("/v1/tasks", json={"text": "hello", "model": "sentiment-v2"})
+        assert ok.status_code == 202, ok.text
+        bulk = http.post("/v1/tasks", json={"items": [{"text": "  "}, {"text": "", "id": "mine"},
+                                                      {"text": "fine"}]})
+        assert bulk.status_code == 202, bulk.text
+        errors = {e["index"]: e["id"] for e in bulk.json()["errors"]}
+        assert errors == {0: None, 1: "mine"}
 
 
 def test_tokens_cors_and_body_limit(settings: Settings, api_factory: Any) -> None:
