@@ -40,6 +40,10 @@ T = TypeVar("T")
 
 #: What an operator runs to bring the schema up to date.
 UPGRADE_COMMAND = "bertstream db upgrade"
+#: Seconds a migration (with its wait for another process's) may take: far beyond the
+#: statement timeout, which bounds ordinary operations, not rewriting a large table.
+MIGRATION_TIMEOUT_S = 3600.0
+
 #: Key of the PostgreSQL advisory lock held while migrating.
 _LOCK_KEY = zlib.crc32(b"bertstream-migrations")
 
@@ -222,6 +226,31 @@ def drop_all(conn: Connection) -> None:
     conn.execute(sa.text(f"DROP TABLE IF EXISTS {MIGRATIONS_TABLE}"))
 
 
+def rollback_plan(store: ResultStore, revision: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """What ``downgrade(store, revision)`` would undo: the current revision, and each
+    revision rolled back (newest first) with what its rollback drops."""
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    current = state(store).current
+    if current is None:
+        return None, []
+    try:
+        undone = list(_script().iterate_revisions(current, revision))
+    except (CommandError, RevisionError) as exc:
+        raise InvalidInput(f"cannot downgrade the schema to {revision!r}: Can't locate "
+                           f"revision identified by {revision!r} below {current} ({exc}; "
+                           "`bertstream db history` lists the revisions)") from exc
+    return current, [(rev.revision, rollback_drops(rev.revision))
+                     for rev in undone if rev.revision != revision]
+
+
+def rollback_drops(revision: str) -> str:
+    """What rolling back ``revision`` drops, as its migration module says."""
+    script = _script().get_revision(revision)
+    return str(getattr(script.module, "rollback_drops", "unknown")) if script else "unknown"
+
+
 def history() -> list[tuple[str, str | None, str]]:
     """Every revision, oldest first: (revision, the one it revises, its first doc line)."""
     revisions = list(_script().walk_revisions())
@@ -245,7 +274,7 @@ def _locked(store: ResultStore, work: Callable[[Connection], T], what: str, *,
         with _lock(conn, store.engine.url, reader):
             return work(conn)
 
-    return store.run(run, what)
+    return store.run_long(run, what, MIGRATION_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -253,11 +282,12 @@ def _lock(conn: Connection, url: sa.engine.URL, reader: bool = False) -> Iterato
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
         conn.commit()
-        try:
-            yield
-        finally:
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
-            conn.commit()
+        # Unlocked only after a success: after a failure the transaction is aborted, and
+        # an unlock there would fail and hide the error. The connection is closed then
+        # (ResultStore.run_long), which ends the session and its lock.
+        yield
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+        conn.commit()
         return
     if conn.dialect.name == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")

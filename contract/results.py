@@ -545,7 +545,28 @@ class ResultStore:
         """``work`` on a guarded connection, outages as :class:`StoreUnavailable`."""
         return self._run(work, what)
 
-    def _run(self, work: Callable[[Connection], T], what: str, *, begin: bool = False) -> T:
+    def run_long(self, work: Callable[[Connection], T], what: str, seconds: float) -> T:
+        """:meth:`run` with ``seconds`` instead of the statement timeout, for schema
+        migrations (waiting for another process's migration; rewriting a large table).
+
+        PostgreSQL's statement timeout is lifted to ``seconds`` for the session, and
+        the guard cuts at ``seconds``. The connection is closed afterwards, not pooled:
+        its session settings (and any lock a failed ``work`` left) end with it.
+        """
+        def long(conn: Connection) -> T:
+            try:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT set_config('statement_timeout', :ms, false)"),
+                                 {"ms": str(int(seconds * 1000))})
+                    conn.commit()
+                return work(conn)
+            finally:
+                conn.invalidate()
+
+        return self._run(long, what, guard=_Guard(seconds))
+
+    def _run(self, work: Callable[[Connection], T], what: str, *, begin: bool = False,
+             guard: _Guard | None = None) -> T:
         """``work`` on a guarded connection (in a transaction when ``begin``).
 
         A connection found dead (a pooled one after a database restart) is
@@ -559,7 +580,7 @@ class ResultStore:
         stale_retried, conflicts = False, 0
         while True:
             try:
-                with self.engine.connect() as conn, self._guard(conn):
+                with self.engine.connect() as conn, (guard or self._guard)(conn):
                     if not begin:
                         return work(conn)
                     with conn.begin():

@@ -58,12 +58,24 @@ def upgrade_command(ctx: click.Context, revision: str) -> None:
 
 @db_group.command("downgrade")
 @click.argument("revision")
+@click.option("--yes", is_flag=True, help="Roll back. Without it, only say what would go.")
 @click.pass_context
-def downgrade_command(ctx: click.Context, revision: str) -> None:
-    """Roll the schema back to REVISION (see `db history`; each revision's note says
-    what a rollback drops). Stop the workers and the API first."""
+def downgrade_command(ctx: click.Context, revision: str, yes: bool) -> None:
+    """Roll the schema back to REVISION ('base': nothing left); a dry run without --yes,
+    listing what each rollback drops (`db history` lists them too). Stop the workers
+    and the API first."""
     store, shown = _store(ctx)
     try:
+        current, plan = migrate.rollback_plan(store, revision)
+        if not plan:
+            click.echo(f"{shown}: at revision {current or 'none'}; nothing to roll back")
+            return
+        if not yes:
+            click.echo(f"{shown}: would roll back {current} -> {revision}, dropping:")
+            for rev, drops in plan:
+                click.echo(f"  {rev}: {drops}")
+            click.echo("run again with --yes to roll back")
+            return
         before, after = migrate.downgrade(store, revision)
     finally:
         store.close()
@@ -97,6 +109,11 @@ def history_command() -> None:
     for revision, down, doc in migrate.history():
         mark = " (head)" if revision == head else ""
         click.echo(f"{down or '<base>'} -> {revision}{mark}: {doc}")
+        click.echo(f"    a rollback drops {migrate.rollback_drops(revision)}")
+
+
+#: The longest ``--older-than``.
+MAX_AGE = dt.timedelta(days=100 * 365)
 
 
 def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.timedelta | None:
@@ -104,9 +121,12 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.ti
     if value is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", value)
-    if match is None or int(match.group(1)) > 100 * 365 * 24 * 60:
+    if match is None or len(match.group(1)) > 12:
         raise click.BadParameter(f"{value!r} is not an age such as 90d, 12h or 30m")
-    return dt.timedelta(**{AGE_UNITS[match.group(2)]: int(match.group(1))})
+    age = dt.timedelta(**{AGE_UNITS[match.group(2)]: int(match.group(1))})
+    if age > MAX_AGE:  # further back than any row, and than a date can go from now
+        raise click.BadParameter(f"{value!r} is over {MAX_AGE.days // 365} years")
+    return age
 
 
 @db_group.command("delete")
@@ -160,6 +180,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
                                "--label, --status, --lang, --since, --until, --older-than)")
     store, shown = _store(ctx)
     try:
+        migrate.check(store)  # an outdated schema: deleting would half work, then fail
         count = store.delete(ids=id_filter, source=source, model=model, label=label,
                              status=status, lang=lang, since=since, until=until,
                              dry_run=not yes)
@@ -179,6 +200,7 @@ def settle_command(ctx: click.Context) -> None:
     hand (bertstream's own writes and `db delete` keep them). Safe beside the workers."""
     store, shown = _store(ctx)
     try:
+        migrate.check(store)
         fixed = store.settle_all()
     finally:
         store.close()

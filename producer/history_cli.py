@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from contract.constants import LANGS, MODEL_NAME_PATTERN
-from contract.errors import ConfigError, InvalidInput
+from contract.errors import EXIT_REJECTED, ConfigError, InvalidInput
 from contract.messages import printable
 from contract.queries import Comparison, Filters, compare, stored_texts, text_counts
 from contract.settings import Settings
@@ -67,7 +67,8 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
     Each matching task (its latest result) is sent under its own id with its
     source and meta; the new model's rows are stored beside the old ones.
     Tasks the model already scored are skipped, so a second run sends
-    nothing. Reads in bounded memory (a server-side cursor); the stream's
+    nothing once the first run's tasks are scored (tasks still queued are
+    sent again). Exits 5 when some tasks were refused. Reads in bounded memory (a server-side cursor); the stream's
     backpressure and progress bar apply.
     """
     _model_name(model)
@@ -96,6 +97,8 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
                f"{report.rejected} refused")
     for error in report.errors[:10]:
         click.echo(f"  {printable(str(error.id))}: {printable(error.reason)}", err=True)
+    if report.rejected:
+        ctx.exit(EXIT_REJECTED)  # as a stream that refused some lines: scripts must see it
 
 
 def _not_done(client: Client, rows: Iterable[dict[str, Any]], model: str,

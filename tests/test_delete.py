@@ -241,3 +241,29 @@ def test_deletes_beside_concurrent_writes_leave_the_rule(db_url: str) -> None:
     assert_views_agree(stores[0])
     for store in stores:
         store.close()
+
+
+def test_delete_and_settle_refuse_an_outdated_schema_and_touch_nothing(
+        store: ResultStore, db_url: str) -> None:
+    """On a schema behind the code, `db delete --yes` deleted the rows (PostgreSQL), then
+    failed on the missing latest column and exited 3 as if the database were down; now
+    delete and settle say which command to run (exit 2) before touching anything."""
+    from contract import migrate
+
+    store.upsert([record("t1", "m1", 0), record("t2", "m1", 1)])
+    migrate.downgrade(store, "0002")
+    for args in (("db", "delete", "--id", "t2", "--yes"), ("db", "settle")):
+        out = bertstream(db_url, *args)
+        assert out.returncode == 2, out.stderr
+        assert "run `bertstream db upgrade`" in out.stderr, out.stderr
+    with store.engine.connect() as conn:
+        assert sorted(conn.execute(sa.text(f"SELECT id FROM {RESULTS_TABLE}")).scalars()) \
+            == ["t1", "t2"]
+    migrate.upgrade(store)
+
+
+def test_an_age_past_what_a_date_can_hold_is_a_usage_error(tmp_path: Path) -> None:
+    out = bertstream(f"sqlite:///{tmp_path / 'r.db'}", "db", "delete", "--older-than",
+                     "1000000d")
+    assert out.returncode == 2 and "over 100 years" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

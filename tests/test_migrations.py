@@ -214,7 +214,12 @@ def test_downgrade_to_one_row_per_task_keeps_the_latest_and_upgrades_again(
                 f"INSERT INTO {RESULTS_TABLE} (id, model, text_sha256, text_chars, status, "
                 "attempts, truncated, finished_at) VALUES (:id, :m, :sha, 4, 'done', 1, :f, :at)"),
                 {"id": task_id, "m": model, "sha": "0" * 64, "f": False, "at": at})
-    out = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001")
+    dry = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001")
+    assert dry.returncode == 0, dry.stderr
+    assert "would roll back 0003 -> 0001" in dry.stdout and "--yes" in dry.stdout
+    assert "0002: every row but each task's latest" in dry.stdout, dry.stdout
+    assert migrate.state(store).current == "0003"  # a dry run: nothing dropped
+    out = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001", "--yes")
     assert out.returncode == 0, out.stderr
     assert migrate.state(store).current == "0001"
     with store.engine.connect() as conn:
@@ -366,3 +371,50 @@ def test_an_unknown_revision_exits_2_with_the_command_that_lists_them(
     assert f"Can't locate revision identified by '{command[1]}'" in out.stderr
     assert "bertstream db history" in out.stderr and "Traceback" not in out.stderr
     assert migrate.check(ResultStore.from_url(sqlite_url)).up_to_date  # untouched
+
+
+def test_an_upgrade_waits_out_another_migration_longer_than_the_statement_timeout(
+        pg_url: str) -> None:
+    """Another host holds the migration lock for longer than the statement timeout (a
+    large table being rewritten): `db upgrade` waits for it instead of being cancelled by
+    that timeout ("canceling statement due to statement timeout", exit 3)."""
+    settings = Settings(database_url=pg_url, db_statement_timeout_s=1.0)
+    holder = sa.create_engine(pg_url)
+    conn = holder.connect()
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": migrate._LOCK_KEY})
+        conn.commit()
+        release = threading.Timer(3.0, lambda: (
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": migrate._LOCK_KEY}),
+            conn.commit()))
+        release.start()
+        try:
+            done = bertstream(settings, "db", "upgrade")
+        finally:
+            release.join()
+    finally:
+        conn.close()
+        holder.dispose()
+    assert done.returncode == 0, done.stderr
+    assert "upgraded" in done.stdout
+
+
+def test_a_failed_migration_reports_its_own_error(pg_url: str) -> None:
+    """A migration step fails (here a table of the next revision is already there): the
+    error names that failure, not the unlock that followed inside the aborted
+    transaction ("current transaction is aborted"), and the lock is not left held."""
+    store = ResultStore.from_url(pg_url)
+    migrate.upgrade(store, "0001")
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE bertstream_windows (x integer)"))
+    settings = Settings(database_url=pg_url)
+    failed = bertstream(settings, "db", "upgrade")
+    assert failed.returncode != 0
+    assert "already exists" in failed.stderr and "aborted" not in failed.stderr, failed.stderr
+    with store.engine.connect() as conn:  # nobody holds the migration lock now
+        assert conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"),
+                            {"k": migrate._LOCK_KEY}).scalar()
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": migrate._LOCK_KEY})
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE bertstream_windows"))
+    store.close()

@@ -197,3 +197,17 @@ def test_an_item_for_another_model_fails_alone(tiny_model_dir: Path, store: Resu
     assert rows["unnamed"].status == "done" and rows["unnamed"].model == "alpha"
     assert rows["theirs"].status == "failed"
     assert "is for model 'beta', but this queue family serves alpha" in rows["theirs"].error
+
+
+def test_rescore_exits_5_when_tasks_are_refused(store: ResultStore, redis_url: str,
+                                                db_url: str) -> None:
+    """A stored text whose row holds another text's hash (a row edited by hand) is refused
+    as a conflict: rescore says so and exits 5, as a stream that refused some lines,
+    instead of 0 with nothing sent."""
+    store.upsert([_record("h1", "A", "positive", 0.9, NOW, text="hello")])
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {RESULTS_TABLE} SET text_sha256 = :h"), {"h": "0" * 64})
+    out = invoke(["rescore", "--model", "B", "--no-progress"],
+                 Settings(broker_url=redis_url, database_url=db_url))
+    assert out.exit_code == 5, out.output
+    assert "1 refused" in out.stdout

@@ -18,6 +18,9 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+#: What a rollback of this revision drops (`bertstream db downgrade` shows it first).
+rollback_drops = "the results table, with every row"
+
 TABLE = "bertstream_results"
 INDEXED = ("source", "status", "label", "finished_at")
 

@@ -22,6 +22,9 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
+#: What a rollback of this revision drops (`bertstream db downgrade` shows it first).
+rollback_drops = "every row but each task's latest (of any model), the long-text windows and the detected language"
+
 TABLE = "bertstream_results"
 WINDOWS = "bertstream_windows"
 

@@ -22,6 +22,9 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+#: What a rollback of this revision drops (`bertstream db downgrade` shows it first).
+rollback_drops = "the latest flags (an upgrade sets them again); no rows"
+
 TABLE = "bertstream_results"
 
 
