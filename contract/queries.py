@@ -27,7 +27,15 @@ from sqlalchemy.exc import OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.messages import id_problem
-from contract.results import ResultRecord, ResultStore, _record, as_utc, latest_only, results
+from contract.results import (
+    ResultRecord,
+    ResultStore,
+    _record,
+    as_utc,
+    latest_only,
+    results,
+    utcnow,
+)
 
 #: Time buckets of :func:`stats`: name -> (PostgreSQL date_trunc unit, SQLite strftime format).
 BUCKETS = {
@@ -188,21 +196,20 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
 
 def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
     """:class:`InvalidInput` when ``since``..``until`` holds more than :data:`MAX_BUCKETS`
-    buckets; a missing bound is the oldest or newest row's time (two index probes)."""
+    buckets. Without ``since`` both missing bounds are the oldest and newest rows' times
+    (one query, two index probes); with ``since`` alone, ``until`` is now and nothing is
+    read (the dashboard's case)."""
     since, until = filters.since, filters.until
-    if since is None or until is None:
+    if since is None:
         fin = results.c.finished_at
         query = sa.select(sa.select(sa.func.min(fin)).scalar_subquery(),
                           sa.select(sa.func.max(fin)).scalar_subquery())
-        try:
-            with store.engine.connect() as conn:
-                oldest, newest = conn.execute(query).one()
-        except OperationalError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        oldest, newest = store.run(lambda conn: tuple(conn.execute(query).one()),
+                                   "cannot read results")
         if oldest is None:
             return  # no rows, no buckets
-        since = since or as_utc(oldest)
-        until = until or as_utc(newest)
+        since, until = as_utc(oldest), until or as_utc(newest)
+    until = until or utcnow()
     span = (until - since).total_seconds() / _BUCKET_SECONDS[bucket]
     if span > MAX_BUCKETS:
         raise InvalidInput(

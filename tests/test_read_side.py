@@ -185,5 +185,9 @@ def test_api_csv_empty_filters_offsets_and_bucket_cap(settings: Settings, store:
         store.upsert([_rec("old", finished_at=dt.datetime(2020, 1, 1, tzinfo=UTC))])
         assert http.get("/v1/stats", params={"bucket": "1h"}).status_code == 422
         assert http.get("/v1/stats", params={"bucket": "1d"}).status_code == 200
-        r = http.get("/v1/stats", params={"bucket": "1h", "since": "2026-01-01T00:00:00Z"})
+        r = http.get("/v1/stats", params={"bucket": "1h", "since": "2026-01-01T00:00:00Z",
+                                          "until": "2026-01-02T00:00:00Z"})
         assert r.status_code == 200 and sum(g["count"] for g in r.json()["groups"]) == 3
+        # since alone: the span runs to now, read without a query
+        r = http.get("/v1/stats", params={"bucket": "1m", "since": "2026-01-01T00:00:00Z"})
+        assert r.status_code == 422, r.text
