@@ -50,13 +50,19 @@ def install(app: FastAPI) -> None:
     async def invalid(_request: Request, exc: InvalidInput) -> JSONResponse:
         return _json(422, "invalid_input", str(exc))
 
+    # An outage's details (hosts, ports, database and user names) are for the server's
+    # log; a client is told what is down and when to retry.
     @app.exception_handler(BrokerUnavailable)
     async def broker_down(_request: Request, exc: BrokerUnavailable) -> JSONResponse:
-        return _json(503, "broker_unavailable", str(exc), {"Retry-After": "5"})
+        log.warning("answering 503: %s", exc)
+        return _json(503, "broker_unavailable", "the queue (Redis) cannot be reached; retry "
+                     "later", {"Retry-After": "5"})
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:
-        return _json(503, "database_unavailable", str(exc), {"Retry-After": "5"})
+        log.warning("answering 503: %s", exc)
+        return _json(503, "database_unavailable", "the results database cannot be reached; "
+                     "retry later", {"Retry-After": "5"})
 
     @app.exception_handler(SchemaMismatch)
     async def schema_mismatch(_request: Request, exc: SchemaMismatch) -> JSONResponse:
