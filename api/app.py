@@ -219,8 +219,10 @@ def create_app(settings: Settings) -> FastAPI:
         return response
 
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
-    _task_routes(guarded, services)
+    # Ids may hold "/" (a URL, "orders/17"): the routes take the rest of the path, so the
+    # windows route, the more specific, goes first.
     _window_routes(guarded, services)
+    _task_routes(guarded, services)
     _read_routes(guarded, services)
     dashboard.install(app, guarded, services, _filter_params, NO_NUL)
 
@@ -273,7 +275,7 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             raise ApiError(409, "id_conflict", outcome.reason)
         return Accepted(id=outcome.id, duplicate=outcome.status == DUPLICATE)
 
-    @router.get("/v1/tasks/{task_id}", tags=["tasks"],
+    @router.get("/v1/tasks/{task_id:path}", tags=["tasks"],
                 responses={404: {"description": "no task with this id was accepted"}})
     async def status(
         task_id: Annotated[str, Path(max_length=settings.max_id_chars)],
@@ -304,7 +306,7 @@ def _task_routes(router: APIRouter, services: Services) -> None:
 def _window_routes(router: APIRouter, services: Services) -> None:
     settings = services.settings
 
-    @router.get("/v1/tasks/{task_id}/windows", tags=["tasks"],
+    @router.get("/v1/tasks/{task_id:path}/windows", tags=["tasks"],
                 responses={404: {"description": "no stored result for this id (and model)"}})
     async def windows_route(
         task_id: Annotated[str, Path(max_length=settings.max_id_chars)],

@@ -438,6 +438,27 @@ def test_a_queued_default_task_is_found_under_its_stored_model_name(
         assert http.get("/v1/tasks/d1?model=stored-default").status_code == 404
 
 
+def test_ids_with_a_slash_are_read_back(settings: Settings, api_factory: Any) -> None:
+    """An id may hold "/" (a post's URL, "orders/17"): its status and windows are read
+    back with the slash as it is or encoded (both were a 404 route miss)."""
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        task_id = "https://example.com/posts/17"
+        assert http.post("/v1/tasks", json={"text": "slash id", "id": task_id}).status_code == 202
+        for path in (f"/v1/tasks/{task_id}", "/v1/tasks/" + task_id.replace("/", "%2F")):
+            r = http.get(path)
+            assert r.status_code == 200 and r.json() == {"id": task_id, "status": "queued"}, r.text
+        store = ResultStore.from_url(settings.database_url)
+        store.create_schema()
+        store.upsert([_record("orders/17", "positive", 0.9)])
+        store.close()
+        r = http.get("/v1/tasks/orders/17")
+        assert r.status_code == 200 and r.json()["id"] == "orders/17", r.text
+        w = http.get("/v1/tasks/orders/17/windows")
+        assert w.status_code == 200 and w.json()["id"] == "orders/17", w.text
+        assert http.get("/v1/tasks/nope/windows").status_code == 404
+
+
 def test_coalescing_puts_concurrent_submits_in_one_message(settings: Settings,
                                                            api_factory: Any) -> None:
     import concurrent.futures
