@@ -222,7 +222,8 @@ def test_an_idle_guard_lets_its_watcher_go_and_starts_another(
 
     monkeypatch.setattr(results_module, "_GUARD_IDLE_S", 0.2)
     store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
-    store.create_schema()
+    store.create_schema()  # a migration: its own, longer guard
+    assert store.count() == 0  # an ordinary operation, under the store's guard
     first = store._guard._watcher
     assert first is not None and first.is_alive()
     time.sleep(store.timeouts.guard_s + 1)  # it wakes at the last deadline, then idles
