@@ -54,13 +54,12 @@ class StoreUnavailable(RetryableError):
     """The results database cannot be reached or refused the transaction."""
 
 
-class BrokerUnavailable(RetryableError):
-    """The message broker cannot be reached.
+class _StreamProgress(Exception):
+    """How far a submit or stream got before it stopped: ``sent`` items published, and
+    ``resume_line`` the first source line not known to be handled (streams only)."""
 
-    ``sent`` is how many items a submit or stream published before it
-    failed, and ``resume_line`` the first source line not known to be
-    handled (streams only), so a caller can resume where it stopped.
-    """
+    #: How the message words the stop ("before the failure", "before it stopped").
+    stopped = "before the failure"
 
     def __init__(self, reason: str, *, sent: int | None = None,
                  resume_line: int | None = None) -> None:
@@ -72,32 +71,30 @@ class BrokerUnavailable(RetryableError):
     def __str__(self) -> str:
         parts = [self.reason]
         if self.sent is not None:
-            parts.append(f"{self.sent} item(s) were sent before the failure")
+            parts.append(f"{self.sent} item(s) were sent {self.stopped}")
         if self.resume_line is not None:
             parts.append(f"resume from line {self.resume_line}")
         return "; ".join(parts)
 
 
-class Interrupted(BertstreamError):
+class BrokerUnavailable(_StreamProgress, RetryableError):
+    """The message broker cannot be reached.
+
+    ``sent`` and ``resume_line`` say where a caller can resume (:class:`_StreamProgress`).
+    """
+
+
+class Interrupted(_StreamProgress, BertstreamError):
     """A stream was stopped (Ctrl-C, SIGTERM); its unsent buffer was not published.
 
     ``sent`` and ``resume_line`` mean what they mean for :class:`BrokerUnavailable`.
     """
 
+    stopped = "before it stopped"
+
     def __init__(self, reason: str = "interrupted", *, sent: int | None = None,
                  resume_line: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.sent = sent
-        self.resume_line = resume_line
-
-    def __str__(self) -> str:
-        parts = [self.reason]
-        if self.sent is not None:
-            parts.append(f"{self.sent} item(s) were sent before it stopped")
-        if self.resume_line is not None:
-            parts.append(f"resume from line {self.resume_line}")
-        return "; ".join(parts)
+        super().__init__(reason, sent=sent, resume_line=resume_line)
 
 
 class ResultTimeout(BertstreamError):

@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 
 from tqdm import tqdm
 
+from contract.broker import publish_retry_policy
 from contract.errors import BrokerUnavailable, Interrupted
 from contract.messages import TaskItem
 from producer.client import Buffered, ChunkPublisher, Client
@@ -133,8 +134,8 @@ class Backpressure:
         """The queue length, asked again through a Redis restart as a publish would be
         (``publish_retries`` tries, 0.25 s more pause each, capped at
         ``publish_retry_max_s``); then :class:`BrokerUnavailable` is raised."""
-        settings = self.client.settings
-        tries, pause = settings.publish_retries, 0.0
+        policy = publish_retry_policy(self.client.settings)
+        tries, pause = policy["max_retries"], policy["interval_start"]
         while True:
             try:
                 return self.client.queue_length()
@@ -143,7 +144,7 @@ class Backpressure:
                     raise
                 tries -= 1
             time.sleep(pause)
-            pause = min(pause + 0.25, settings.publish_retry_max_s)
+            pause = min(pause + policy["interval_step"], policy["interval_max"])
 
     def wait_for_room(self) -> float:
         """Return once the queue is at or below the bound; give the seconds paused."""
