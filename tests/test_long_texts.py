@@ -335,25 +335,35 @@ class _FakeRequest:
         self.rejected = requeue
 
 
+def _holding_task(s: Settings, runner: HFRunner,
+                  store: ResultStore) -> tuple[FlushProcessor, Any]:
+    """A processor that holds long texts, and the Celery task on it (no delivery counter:
+    each test gives the attempt itself)."""
+    from celery import Celery
+
+    from worker.tasks import register_tasks
+
+    proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
+    task = register_tasks(Celery("t", broker="memory://"), proc, s)
+    task.deliveries = None
+    return proc, task
+
+
+def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """A delivery of message ``mid`` carrying ``items``: its request and what the task reads."""
+    from celery_batches import SimpleRequest
+
+    return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None, None, {})
+
+
 def test_a_dead_lettered_message_leaves_the_held_ones_held(
     tiny_settings: Settings, runner: HFRunner, store: ResultStore
 ) -> None:
     """Dead-lettering one message must not ack another whose long text is still in the
     backlog: its rows are not stored yet, so a crash after that ack would lose the text.
     A dead-lettered copy of the held message itself is acked; the original stays held."""
-    from celery import Celery
-    from celery_batches import SimpleRequest
-
-    from worker.tasks import register_tasks
-
-    s = tiny_settings.replace(window_slice_ms=1, max_attempts=1)
-    proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
-    task = register_tasks(Celery("t", broker="memory://"), proc, s)
-    task.deliveries = None
-
-    def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, SimpleRequest]:
-        return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None,
-                                             None, {})
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
+                               runner, store)
 
     now = time.time()
     held = delivered("m-long", [{"id": "long", "text": long_text(), "submitted_at": now}])
@@ -382,19 +392,8 @@ def test_a_restored_copy_of_a_held_message_joins_it(
     a copy (delivery 2, not dead). The copy's long text is not queued a second time, and the
     original and the copy are both acked once the text is stored (the copy used to replace
     the original, which then stayed unacked until the worker restarted)."""
-    from celery import Celery
-    from celery_batches import SimpleRequest
-
-    from worker.tasks import register_tasks
-
-    s = tiny_settings.replace(window_slice_ms=1, max_attempts=3)
-    proc = FlushProcessor(runner, store, s, "t@h", hold_windows=True)
-    task = register_tasks(Celery("t", broker="memory://"), proc, s)
-    task.deliveries = None
-
-    def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, SimpleRequest]:
-        return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None,
-                                             None, {})
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=3),
+                               runner, store)
 
     now = time.time()
     items = [{"id": "long", "text": long_text(), "submitted_at": now},
