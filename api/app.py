@@ -207,7 +207,8 @@ def create_app(settings: Settings) -> FastAPI:
     origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"])
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
@@ -286,21 +287,35 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                                                        "task's latest)")] = None,
     ) -> dict[str, Any]:
         """``queued``, ``done`` (label, score, scores, model) or ``failed`` (reason)."""
-        record = await run_in_threadpool(services.client.get, task_id, model)
+        return await _status(services, task_id, min(wait, settings.api_max_wait_s), model)
+
+
+async def _status(services: Services, task_id: str, wait: float,
+                  model: str | None) -> dict[str, Any]:
+    """The answer of ``GET /v1/tasks/{id}``, after up to ``wait`` seconds of long poll."""
+    record = await run_in_threadpool(services.client.get, task_id, model)
+    if record is not None:
+        if not await run_in_threadpool(services.submitter.retrying, record, model):
+            return _view(record)
+        # A failed or expired row queued again: queued until the new attempt is stored.
+        if wait > 0:
+            again = await services.waiter.wait(task_id, wait, model, replacing=record)
+            if again is not None:
+                return _view(again)
+        return {"id": task_id, "status": "queued",
+                "retry_of": {"status": record.status, "reason": record.error,
+                             "attempts": record.attempts}}
+    # Looked up without opening a lane: a status request never counts as a model
+    # this server submits to. Without a model, any model's claim will do.
+    known = await run_in_threadpool(services.submitter.accepted_for, task_id, model)
+    if known is None:
+        raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
+                       + (f" for model {model!r}" if model else ""))
+    if wait > 0:
+        record = await services.waiter.wait(task_id, wait, model)
         if record is not None:
             return _view(record)
-        # Looked up without opening a lane: a status request never counts as a model
-        # this server submits to. Without a model, any model's claim will do.
-        known = await run_in_threadpool(services.submitter.accepted_for, task_id, model)
-        if known is None:
-            raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
-                           + (f" for model {model!r}" if model else ""))
-        if wait > 0:
-            record = await services.waiter.wait(task_id, min(wait, settings.api_max_wait_s),
-                                                model)
-            if record is not None:
-                return _view(record)
-        return {"id": task_id, "status": "queued"}
+    return {"id": task_id, "status": "queued"}
 
 
 def _window_routes(router: APIRouter, services: Services) -> None:

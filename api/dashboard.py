@@ -56,10 +56,11 @@ def finished_since(store: ResultStore, since: dt.datetime) -> int:
 
 def trend(store: ResultStore, now: dt.datetime, minutes: int = TREND_MINUTES) -> list[dict[str, Any]]:
     """Rows finished per minute (UTC bucket start) over the last ``minutes``; empty minutes
-    are left out."""
+    are left out. Every model's rows count, as in :func:`finished_since`: both are the
+    work done, a re-score included."""
     since = (now - dt.timedelta(minutes=minutes)).replace(second=0, microsecond=0)
     per: dict[str, int] = {}
-    for group in stats(store, Filters(since=since), by="status", bucket="1m"):
+    for group in stats(store, Filters(since=since), by="model", bucket="1m"):
         per[group["bucket"]] = per.get(group["bucket"], 0) + group["count"]
     return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
 

@@ -4,7 +4,8 @@
 waiter. :class:`Waiter` keeps one future per waiting id; a single background
 task asks the store for every waited-for id at once, every ``interval_s``,
 in a worker thread (one query per model waited on), and resolves the
-futures whose rows exist. A waiter whose time runs out simply stops waiting.
+futures whose rows exist (a waiter on a queued retry, once its row is the
+new attempt's). A waiter whose time runs out simply stops waiting.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from contract.errors import BertstreamError
 from contract.results import ResultRecord
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Wait:
+    future: asyncio.Future[ResultRecord]
+    #: (attempts, model) of a row that does not end this wait (None: any row does)
+    stale: tuple[int, str] | None
 
 
 class Waiter:
@@ -28,7 +37,7 @@ class Waiter:
         """``fetch(ids, model)``: the stored rows among ``ids`` (``model``'s, or the latest)."""
         self.fetch = fetch
         self.interval_s = interval_s
-        self._waiting: dict[tuple[str, str | None], list[asyncio.Future[ResultRecord]]] = {}
+        self._waiting: dict[tuple[str, str | None], list[_Wait]] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -36,22 +45,27 @@ class Waiter:
         """Ids being waited for now."""
         return len(self._waiting)
 
-    async def wait(self, task_id: str, timeout: float,
-                   model: str | None = None) -> ResultRecord | None:
-        """The row of ``task_id`` (``model``'s, or any) once stored, or None after ``timeout``."""
+    async def wait(self, task_id: str, timeout: float, model: str | None = None,
+                   replacing: ResultRecord | None = None) -> ResultRecord | None:
+        """The row of ``task_id`` (``model``'s, or any) once stored, or None after ``timeout``.
+
+        ``replacing``: a stored row being retried; only a row of another attempt or model
+        (the retry's) ends the wait."""
         key = (task_id, model)
         future: asyncio.Future[ResultRecord] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, []).append(future)
+        stale = None if replacing is None else (replacing.attempts, replacing.model)
+        entry = _Wait(future, stale)
+        self._waiting.setdefault(key, []).append(entry)
         self._wake.set()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
             return None
         finally:
-            futures = self._waiting.get(key, [])
+            entries = self._waiting.get(key, [])
             with contextlib.suppress(ValueError):
-                futures.remove(future)
-            if not futures:
+                entries.remove(entry)
+            if not entries:
                 self._waiting.pop(key, None)
 
     async def run(self) -> None:
@@ -74,7 +88,8 @@ class Waiter:
                     log.exception("long poll: reading %d id(s) failed", len(ids))
                     found = {}
                 for task_id, record in found.items():
-                    for future in self._waiting.get((task_id, model), []):
-                        if not future.done():
-                            future.set_result(record)
+                    for entry in self._waiting.get((task_id, model), []):
+                        if (not entry.future.done()
+                                and entry.stale != (record.attempts, record.model)):
+                            entry.future.set_result(record)
             await asyncio.sleep(self.interval_s)

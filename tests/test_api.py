@@ -254,6 +254,9 @@ def test_tokens_cors_and_body_limit(settings: Settings, api_factory: Any) -> Non
         pre = http.options("/v1/tasks", headers={"Origin": "https://app.example",
                                                  "Access-Control-Request-Method": "POST"})
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        # A browser app may read a 429's Retry-After only when it is exposed to it.
+        cross = http.get("/v1/tasks/p1", headers={**ok, "Origin": "https://app.example"})
+        assert "retry-after" in cross.headers["access-control-expose-headers"].lower()
 
 
 def test_serve_refuses_an_open_public_bind() -> None:
@@ -477,3 +480,87 @@ def test_coalescing_puts_concurrent_submits_in_one_message(settings: Settings,
     raw.close()
     assert sum(len(json.loads(__import__("base64").b64decode(b["body"]))[0][0])
                for b in bodies) == 8
+
+
+def _failed(task_id: str, text: str, status: str = "failed") -> ResultRecord:
+    from contract.messages import text_sha256
+
+    return ResultRecord(id=task_id, text_sha256=text_sha256(text), text_chars=len(text),
+                        model="m", status=status, error=f"it {status}",
+                        finished_at=dt.datetime.now(dt.timezone.utc))
+
+
+def test_a_failed_or_expired_task_sent_again_is_queued_once_per_attempt(
+        settings: Settings, api_factory: Any) -> None:
+    """The same id and text again, after its row was stored ``failed`` or ``expired``, is
+    queued again (it used to be answered ``duplicate`` for good, so a web app could never
+    retry it); its status reads ``queued`` until the new attempt is stored. A second send
+    of the same attempt is a duplicate, a done row stays final, another text a conflict."""
+    import concurrent.futures
+
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    done = _failed("d1", "text d")
+    done.status, done.label, done.score, done.error = "done", "positive", 0.9, None
+    store.upsert([_failed("f1", "text f"), _failed("e1", "text e", "expired"), done])
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=30) as http, Client(settings) as client:
+        first = http.post("/v1/tasks", json={"text": "text f", "id": "f1"})
+        assert first.status_code == 202 and first.json()["duplicate"] is False, first.text
+        again = http.post("/v1/tasks", json={"text": "text f", "id": "f1"})
+        assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
+        other = http.post("/v1/tasks", json={"text": "other text", "id": "f1"})
+        assert other.status_code == 409, other.text
+        status = http.get("/v1/tasks/f1").json()
+        assert status == {"id": "f1", "status": "queued",
+                          "retry_of": {"status": "failed", "reason": "it failed", "attempts": 1}}
+        items = [{"text": "text e", "id": "e1"}, {"text": "text d", "id": "d1"}]
+        bulk = http.post("/v1/tasks", json={"items": items}).json()
+        assert (bulk["accepted"], bulk["duplicates"]) == (1, 1), bulk
+        bulk = http.post("/v1/tasks", json={"items": items}).json()
+        assert (bulk["accepted"], bulk["duplicates"]) == (0, 2), bulk
+        assert http.get("/v1/tasks/e1").json()["status"] == "queued"
+        assert http.get("/v1/tasks/d1").json()["status"] == "done"
+        assert client.queue_length() == 2  # f1's single submit, e1's bulk
+
+        # The new attempt fails too: the status shows it, and the id may be retried again.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.get, "/v1/tasks/f1", params={"wait": 20})
+            time.sleep(0.5)  # the long poll sees the old row and keeps waiting
+            assert not waiting.done()
+            store.upsert([_failed("f1", "text f")])
+            second = waiting.result(timeout=25).json()
+        assert (second["status"], second["attempts"]) == ("failed", 2), second
+        retry = http.post("/v1/tasks", json={"text": "text f", "id": "f1"})
+        assert retry.json()["duplicate"] is False, retry.text
+        assert http.get("/v1/tasks/f1").json()["retry_of"]["attempts"] == 2
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_web_app_retries_an_expired_and_a_failed_task_end_to_end(
+        settings: Settings, poison_model_dir: Path, api_factory: Any,
+        worker_factory: Any) -> None:
+    """Real worker: a task that expired in the queue, and one the model failed, are sent
+    again through the API under their ids; each long poll returns the new attempt."""
+    model_settings = settings.replace(model=str(poison_model_dir))
+    api = api_factory(model_settings)
+    with Client(model_settings) as client:
+        client.submit("late but fine", id="x1", ttl_s=0.05)
+    time.sleep(0.3)
+    with httpx.Client(base_url=api.url, timeout=60) as http:
+        assert http.post("/v1/tasks", json={"text": "a poisonpill here",
+                                            "id": "p1"}).status_code == 202
+        worker_factory(model_settings)
+        with Client(model_settings) as client:  # not sent through the API: no claim to wait on
+            client.wait(["x1"], timeout=30)
+        expired = http.get("/v1/tasks/x1").json()
+        failed = http.get("/v1/tasks/p1", params={"wait": 30}).json()
+        assert expired["status"] == "expired" and failed["status"] == "failed", (expired, failed)
+        for task_id, text in (("x1", "late but fine"), ("p1", "a poisonpill here")):
+            r = http.post("/v1/tasks", json={"text": text, "id": task_id})
+            assert r.status_code == 202 and r.json()["duplicate"] is False, r.text
+        done = http.get("/v1/tasks/x1", params={"wait": 30}).json()
+        assert (done["status"], done["attempts"]) == ("done", 2), done
+        again = http.get("/v1/tasks/p1", params={"wait": 30}).json()
+        assert (again["status"], again["attempts"]) == ("failed", 2), again

@@ -83,6 +83,12 @@ def test_live_figures_and_search(settings: Settings, store: ResultStore,
                              ("/v1/stats", {"model": "m\x00"}), ("/v1/results", {"source": "\x00"})):
             assert http.get(path, params=params).status_code == 422, (path, params)
         assert http.get("/v1/search", params={"scan": 10**6}).status_code == 422
+        # A re-score's row is work done too: the trend counts it, as `finished` does.
+        rescored = _row(now, 1, "The room was SPOTLESS.", minutes_ago=0.05)
+        rescored.model = "m2"
+        store.upsert([rescored])
+        live = http.get("/v1/live", params={"window": 60}).json()
+        assert live["finished"] == 3 and sum(p["count"] for p in live["per_minute"]) == 4
 
 
 def test_empty_store_and_tokens(settings: Settings, api_factory: Any) -> None:
