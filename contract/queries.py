@@ -6,7 +6,8 @@ What the HTTP API and exports need beyond :class:`contract.results.ResultStore`:
   written after a page was read finishes later than every row already there,
   so it never shifts a later page: the pages stay stable while rows are added;
 - an iterator over every matching row, one keyset page at a time, so an
-  export of a million rows holds one page in memory;
+  export of a million rows holds one page in memory, all pages read in one
+  transaction, so an export is one snapshot of the table;
 - counts and mean score per label, source or time bucket, computed in SQL on
   SQLite and PostgreSQL alike;
 - the distinct sources, along the source index.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,18 +148,47 @@ def page(store: ResultStore, filters: Filters, *, cursor: str | None = None, lim
 
 
 def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
-                 newest_first: bool = False) -> Iterator[ResultRecord]:
-    """Every matching row, one keyset page of ``chunk`` rows at a time (bounded memory)."""
-    position: tuple[dt.datetime, str] | None = None
-    while True:
-        rows = _fetch(store, _select(filters, position, newest_first, chunk))
-        yield from rows
-        if len(rows) < chunk:
-            return
-        last = rows[-1]
-        if last.finished_at is None:  # pragma: no cover - finished_at is NOT NULL
-            return
-        position = (last.finished_at, last.id)
+                 newest_first: bool = False) -> Generator[ResultRecord, None, None]:
+    """Every matching row, one keyset page of ``chunk`` rows at a time (bounded memory),
+    as one snapshot: the rows as they were when the first page was read.
+
+    Every page is read on one connection in one read-only transaction
+    (REPEATABLE READ on PostgreSQL; on SQLite, a read transaction, which sees
+    one WAL snapshot), so a row written during the export (a task's latest
+    row moving to another model's row or to a retry) can neither drop a task
+    nor export it twice. The connection is held until the generator ends:
+    it is given back when the generator is exhausted, closed or collected
+    (a client that disconnects mid-export). Outages raise
+    :class:`StoreUnavailable`.
+    """
+    try:
+        with store.engine.connect() as conn:
+            _read_snapshot(conn)
+            with conn.begin():
+                if conn.dialect.name == "sqlite":
+                    # pysqlite starts no transaction before a SELECT: without BEGIN every
+                    # page would be its own read transaction, with its own snapshot
+                    conn.exec_driver_sql("BEGIN")
+                position: tuple[dt.datetime, str] | None = None
+                while True:
+                    query = _select(filters, position, newest_first, chunk)
+                    rows = [_record(row) for row in conn.execute(query).mappings()]
+                    yield from rows
+                    if len(rows) < chunk:
+                        return
+                    last = rows[-1]
+                    if last.finished_at is None:  # pragma: no cover - finished_at is NOT NULL
+                        return
+                    position = (last.finished_at, last.id)
+    except OperationalError as exc:
+        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+
+
+def _read_snapshot(conn: sa.Connection) -> None:
+    """Make ``conn``'s next transaction read one snapshot, read-only, on PostgreSQL (the
+    pool puts its isolation level and read-only flag back when it is returned)."""
+    if conn.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
 
 
 def stats(store: ResultStore, filters: Filters, *, by: str = "label",
@@ -339,13 +369,31 @@ def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:
     return sa.func.json_extract(scores, sa.literal('$."') + label + sa.literal('"'))
 
 
+def _kept_text(task: Any) -> Any:
+    """The text of the task of ``task`` (a row of the results table, aliased) from any of
+    its rows that kept it: its own, else another model's row of the same id and text hash
+    (a worker run with BERTSTREAM_STORE_TEXT=false keeps none). NULL when no row kept it.
+
+    One probe of the primary key (id, model) per row that kept no text; COALESCE skips
+    the probe on both backends when the row kept its own."""
+    other = results.alias("other")
+    from_other = (sa.select(other.c.text)
+                  .where(other.c.id == task.c.id, other.c.text_sha256 == task.c.text_sha256,
+                         other.c.text.is_not(None))
+                  .limit(1).scalar_subquery())
+    return sa.func.coalesce(task.c.text, from_other)
+
+
 def stored_texts(store: ResultStore, filters: Filters, *,
                  batch: int = 1000) -> Iterator[dict[str, Any]]:
-    """``{id, text, source, meta}`` of each matching task's row that kept its text, oldest
-    first, read through a server-side cursor ``batch`` rows at a time (bounded memory)."""
-    query = (sa.select(results.c.id, results.c.text, results.c.source, results.c.meta)
-             .where(*filters.clauses(), results.c.text.is_not(None))
-             .order_by(results.c.finished_at, results.c.id))
+    """``{id, text, source, meta}`` of each matching task (its latest row's id, source and
+    meta) whose text some row of it kept (see :func:`_kept_text`), oldest first, read
+    through a server-side cursor ``batch`` rows at a time (bounded memory)."""
+    task = results.alias("task")
+    text = _kept_text(task).label("text")
+    query = (sa.select(task.c.id, text, task.c.source, task.c.meta)
+             .where(*filters.clauses(columns=task.c), text.is_not(None))
+             .order_by(task.c.finished_at, task.c.id))
     try:
         with store.engine.connect() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
@@ -358,8 +406,10 @@ def stored_texts(store: ResultStore, filters: Filters, *,
 
 
 def text_counts(store: ResultStore, filters: Filters) -> tuple[int, int]:
-    """(matching tasks, those whose text was stored)."""
-    query = sa.select(sa.func.count(), sa.func.count(results.c.text)).where(*filters.clauses())
+    """(matching tasks, those whose text some row kept: what :func:`stored_texts` gives)."""
+    task = results.alias("task")
+    query = (sa.select(sa.func.count(), sa.func.count(_kept_text(task)))
+             .where(*filters.clauses(columns=task.c)))
     try:
         with store.engine.connect() as conn:
             total, with_text = conn.execute(query).one()

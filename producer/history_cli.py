@@ -65,7 +65,9 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
     """Re-enqueue stored texts for another model, on the bulk lane.
 
     Each matching task (its latest result) is sent under its own id with its
-    source and meta; the new model's rows are stored beside the old ones.
+    source and meta, and the text any of its rows kept (a model's worker run
+    with BERTSTREAM_STORE_TEXT=false keeps none); the new model's rows are
+    stored beside the old ones.
     Tasks the model already scored are skipped, so a second run sends
     nothing once the first run's tasks are scored (tasks still queued are
     sent again). Exits 5 when some tasks were refused. Reads in bounded memory (a server-side cursor); the stream's
@@ -146,6 +148,8 @@ def compare_command(ctx: click.Context, models: tuple[str, ...], source: str | N
     """
     if len(models) != 2 or models[0] == models[1]:
         raise click.UsageError("give --model twice, with two different models: A then B")
+    for name in models:
+        _model_name(name)  # as rescore and the API's /v1/compare: a name no model can have
     filters = Filters(source=source, label=label, lang=lang, since=since, until=until)
     with Client(_settings(ctx)) as client:
         if not client.has_results_table():

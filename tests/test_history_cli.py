@@ -1,0 +1,106 @@
+"""``bertstream rescore`` and ``bertstream compare`` (producer/history_cli.py): the model
+names they take, and the texts rescore finds, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from contract.broker import lane_queue
+from contract.queries import Filters, stored_texts, text_counts
+from contract.results import ResultRecord, ResultStore
+from contract.settings import Settings
+from producer import cli
+from tests.producer_helpers import lane_messages
+
+NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def invoke(args: list[str], settings: Settings) -> Any:
+    return CliRunner().invoke(cli.main, args, obj=settings)
+
+
+def row(task_id: str, model: str, minutes: int, text: str, *, kept: bool,
+        meta: dict[str, Any] | None = None) -> ResultRecord:
+    """A done row of ``text``; ``kept``: its worker stored the text (else only its hash)."""
+    return ResultRecord(
+        id=task_id, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        text_chars=len(text), model=model, status="done",
+        finished_at=NOW + dt.timedelta(minutes=minutes), text=text if kept else None,
+        label="positive", score=0.9, scores={"positive": 0.9, "negative": 0.1},
+        source=f"src-{model}", meta=meta, lang="en")
+
+
+@pytest.fixture
+def cli_settings(redis_url: str, db_url: str) -> Settings:
+    return Settings(broker_url=redis_url, database_url=db_url,
+                    queue=f"bst-hist-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.parametrize("models", [("a b", "B"), ("A", "b/c"), ("-A", "B"), ("A", "x" * 101),
+                                    ("A", "B\n")])
+def test_compare_refuses_a_name_that_is_no_model_name(sqlite_url: str, redis_url: str,
+                                                      models: tuple[str, str]) -> None:
+    """As rescore does: a usage error (exit 2) naming the value, before any query."""
+    ResultStore.from_url(sqlite_url).create_schema()
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url)
+    out = invoke(["compare", "--model", models[0], "--model", models[1]], settings)
+    assert out.exit_code == 2, out.output
+    bad = next(m for m in models if m not in ("A", "B"))
+    assert f"{bad!r} is not a model name" in out.stderr
+    assert "Traceback" not in out.output
+    # rescore says the same of the same name
+    refused = invoke(["rescore", "--model", bad, "--no-progress"], settings)
+    assert refused.exit_code == 2 and f"{bad!r} is not a model name" in refused.stderr
+
+
+def test_compare_takes_valid_names(sqlite_url: str, redis_url: str) -> None:
+    ResultStore.from_url(sqlite_url).create_schema()
+    out = invoke(["compare", "--model", "a.1_x-y", "--model", "B"],
+                 Settings(broker_url=redis_url, database_url=sqlite_url))
+    assert out.exit_code == 0, out.output
+    assert "no task has a done result from both a.1_x-y and B" in out.stdout
+
+
+def test_rescore_takes_the_text_from_an_older_row_of_another_model(
+        store: ResultStore, cli_settings: Settings, redis_url: str) -> None:
+    """Task k1's latest row (model A) kept no text, its older row of model B did: rescore
+    sends k1 with that text, under the latest row's source and meta. k2 kept its text in
+    its latest row; k3 kept none anywhere, and a row of another text under k3's id does not
+    count."""
+    store.upsert([
+        row("k1", "B", 0, "first text", kept=True, meta={"from": "B"}),
+        row("k1", "A", 1, "first text", kept=False, meta={"from": "A"}),
+        row("k2", "A", 2, "second text", kept=True),
+        row("k3", "B", 3, "another text", kept=True),  # not k3's text (another hash)
+        row("k3", "A", 4, "third text", kept=False),
+    ])
+    assert text_counts(store, Filters()) == (3, 2)
+    assert [(r["id"], r["text"], r["source"], r["meta"]) for r in stored_texts(store, Filters())
+            ] == [("k1", "first text", "src-A", {"from": "A"}),
+                  ("k2", "second text", "src-A", None)]
+    assert text_counts(store, Filters(source="src-B")) == (0, 0)  # by the latest row
+
+    out = invoke(["rescore", "--model", "C", "--no-progress"], cli_settings)
+    assert out.exit_code == 0, out.output
+    assert "sent 2 task(s)" in out.stdout
+    assert "1 of 3 matching tasks did not keep their text" in out.stderr
+    queue = lane_queue(cli_settings.replace(model_name="C"), True)
+    items = [it for m in lane_messages(redis_url, queue) for it in m["items"]]
+    assert [(it["id"], it["text"], it.get("source")) for it in items] == [
+        ("k1", "first text", "src-A"), ("k2", "second text", "src-A")]
+    assert items[0]["meta"] == {"from": "A"}
+
+
+def test_rescore_refuses_when_no_row_of_any_task_kept_its_text(
+        store: ResultStore, cli_settings: Settings) -> None:
+    store.upsert([row("n1", "B", 0, "a text", kept=False),
+                  row("n1", "A", 1, "a text", kept=False)])
+    out = invoke(["rescore", "--model", "C", "--no-progress"], cli_settings)
+    assert out.exit_code == 2
+    assert "none of the 1 matching tasks kept its text" in out.stderr
