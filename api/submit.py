@@ -12,9 +12,8 @@ text's SHA-256 under :data:`ACCEPTED_KEY_PREFIX`, with a TTL), so that
 
 Ids whose claim has expired are checked against the stored rows' hashes too.
 A caller id sent again with the same text whose stored row is ``failed`` or
-``expired`` is queued again, once per stored attempt (a marker under
-:data:`RETRYING_KEY_PREFIX`): the new attempt replaces that row, as the
-Python client's resubmission does.
+``expired`` is queued again, once per stored attempt (see
+:mod:`contract.retries`).
 Accepted items are published through :class:`producer.client.Client`, one
 message per ``bulk_chunk_size`` items; if publishing fails the claims are
 released, so a retry is not taken for a duplicate.
@@ -39,14 +38,13 @@ from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
     LANE_BULK,
-    RETRYING_KEY_PREFIX,
-    STATUS_DONE,
     model_family,
 )
 from contract.errors import BrokerUnavailable, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
 from contract.results import ResultRecord
+from contract.retries import MARK_RETRIES, is_retrying, retriable, retry_key, retry_marker
 from contract.settings import Settings
 from producer.client import Client
 
@@ -90,32 +88,6 @@ return out
 """
 
 
-#: Mark each failed or expired row to retry unless it is marked already: ``SET <key> <value>
-#: EX <ttl>`` where the key does not already hold that value. Keys and values travel
-#: NUL-separated (neither holds NUL); the reply lists the 1-based indexes marked now.
-_MARK_RETRIES = """
-local ttl = ARGV[1]
-local keys, values = {}, {}
-for k in string.gmatch(ARGV[2], "[^%z]+") do keys[#keys + 1] = k end
-for v in string.gmatch(ARGV[3], "[^%z]+") do values[#values + 1] = v end
-local out = {}
-for i = 1, #keys do
-  if redis.call('GET', keys[i]) ~= values[i] then
-    redis.call('SET', keys[i], values[i], 'EX', ttl)
-    out[#out + 1] = i
-  end
-end
-return out
-"""
-
-
-def retry_marker(record: ResultRecord, target: str) -> str:
-    """What the retry marker of ``record``'s task holds while a retry of this very row is
-    queued for the model named ``target`` ('' for the default model): the row's attempts
-    and model (the new attempt changes one of them), and the target."""
-    return f"{record.attempts}\t{record.model}\t{target}"
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What became of one submitted item."""
@@ -136,7 +108,7 @@ class Submitter:
         self._lock = threading.Lock()
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
-        self._mark_retries = self.redis.register_script(_MARK_RETRIES)
+        self._mark_retries = self.redis.register_script(MARK_RETRIES)
 
     def key(self, task_id: str, family: str | None = None) -> str:
         """The Redis key remembering that ``task_id`` was accepted for this model (or for
@@ -251,28 +223,20 @@ class Submitter:
         return [o for o in outcomes if o is not None]
 
     def retry_key(self, task_id: str) -> str:
-        """The Redis key of ``task_id``'s retry marker (one per task, whichever model)."""
-        return f"{RETRYING_KEY_PREFIX}{self.settings.queue}:{task_id}"
+        """The Redis key of ``task_id``'s retry marker."""
+        return retry_key(self.settings.queue, task_id)
 
     def retrying(self, record: ResultRecord, model: str | None) -> bool:
-        """Whether a retry of ``record`` (a stored ``failed`` or ``expired`` row) is queued,
-        so that a status read of it (asked with ``model``, or without one) is ``queued``.
-
-        Asked for a named model, only a retry sent to that model counts; a retry sent to the
-        default model is taken for the row's own model (its stored name is the workers')."""
-        if record.status == STATUS_DONE:
+        """Whether a retry of ``record`` (a stored row) is queued, so that a status read of
+        it (asked with ``model``, or without one) is ``queued``."""
+        if not retriable(record.status):
             return False
         try:
             marker = self._get(self.retry_key(record.id))
         except BrokerUnavailable as exc:  # the stored row is still the best answer
             log.warning("status of %r read without its retry marker: %s", record.id, exc)
             return False
-        if marker is None:
-            return False
-        attempts, row_model, target = (marker.split("\t") + ["", ""])[:3]
-        if attempts != str(record.attempts) or row_model != record.model:
-            return False
-        return model is None or target in (model, "")
+        return is_retrying(marker, record.attempts, record.model, model)
 
     def _retries(self, items: Sequence[TaskItem], hashes: list[str],
                  stored: dict[str, ResultRecord], caller_ids: frozenset[str],
@@ -298,7 +262,7 @@ class Submitter:
                             "retry: %s", exc)
                 return {}
         candidates = [(i, rows[task_id]) for task_id, i in first.items()
-                      if task_id in rows and rows[task_id].status != STATUS_DONE
+                      if task_id in rows and retriable(rows[task_id].status)
                       and rows[task_id].text_sha256 == hashes[i]]
         if not candidates:
             return {}
@@ -307,7 +271,8 @@ class Submitter:
             marked = self._mark_retries(args=[
                 self.settings.api_id_ttl_s,
                 "\0".join(self.retry_key(items[i].id) for i, _ in candidates),
-                "\0".join(retry_marker(row, target) for _, row in candidates)])
+                "\0".join(retry_marker(row.attempts, row.model, target)
+                          for _, row in candidates)])
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
         now_marked = {int(m) - 1 for m in marked}

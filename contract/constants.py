@@ -32,9 +32,8 @@ ACCEPTED_KEY_PREFIX = "bertstream:accepted:"
 #: ... and of the same ids whichever model they went to (value: that model's queue
 #: family), so that a status asked without a model finds a task sent to a named one.
 ACCEPTED_ANY_KEY_PREFIX = "bertstream:accepted-any:"
-#: ... and of the ids whose failed or expired row the HTTP API queued again (value: the
-#: row it replaces, see :func:`api.submit.retry_marker`), so the retry is queued once and
-#: a status read says ``queued`` until the new attempt is stored.
+#: Redis key prefix of the retry markers of tasks whose failed or expired row was queued
+#: again (see :mod:`contract.retries`).
 RETRYING_KEY_PREFIX = "bertstream:retrying:"
 
 #: Redis key prefix of worker heartbeats (one key per live worker, with a TTL).

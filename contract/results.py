@@ -106,6 +106,18 @@ windows = sa.Table(
 )
 
 
+@dataclass(frozen=True)
+class IdState:
+    """A stored task id as an id check sees it: every row's text hash, and its latest
+    row's hash, status, attempts and model."""
+
+    hashes: frozenset[str]
+    text_sha256: str
+    status: str
+    attempts: int
+    model: str
+
+
 @dataclass
 class ResultRecord:
     """One row of the results table as Python values."""
@@ -939,18 +951,29 @@ class ResultStore:
         return self._read(read)
 
     def text_hashes(self, ids: Iterable[str]) -> dict[str, set[str]]:
-        """The ``text_sha256`` of every row (any model) of the given ids that exist.
+        """The ``text_sha256`` of every row (any model) of the given ids that exist."""
+        return {i: set(s.hashes) for i, s in self.id_states(ids).items()}
 
-        What an id-conflict check needs, read by key: lighter than whole rows.
-        """
+    def id_states(self, ids: Iterable[str]) -> dict[str, IdState]:
+        """What an id check needs of the given ids that exist, read by key (lighter than
+        whole rows): every row's text hash and the latest row's status."""
         wanted = [i for i in dict.fromkeys(ids) if id_problem(i) is None]
 
-        def read(conn: Connection) -> dict[str, set[str]]:
-            out: dict[str, set[str]] = {}
+        def read(conn: Connection) -> dict[str, IdState]:
+            rows: dict[str, list[Any]] = {}
             for match in _id_chunks(conn, wanted):
-                query = sa.select(results.c.id, results.c.text_sha256).where(match)
-                for task_id, sha in conn.execute(query):
-                    out.setdefault(task_id, set()).add(sha)
+                query = sa.select(results.c.id, results.c.text_sha256, results.c.status,
+                                  results.c.attempts, results.c.model,
+                                  results.c.finished_at).where(match)
+                for row in conn.execute(query):
+                    rows.setdefault(row.id, []).append(row)
+            out = {}
+            for task_id, found in rows.items():
+                # the latest as get_many picks it: last finished, then by model
+                last = max(found, key=lambda r: (as_utc(r.finished_at), r.model))
+                out[task_id] = IdState(frozenset(r.text_sha256 for r in found),
+                                       last.text_sha256, last.status, last.attempts,
+                                       last.model)
             return out
 
         return self._read(read) if wanted else {}

@@ -325,9 +325,9 @@ def submit(
     if problems:
         raise InvalidInput("; ".join(problems))
     with Client(settings) as client:
-        if task_id is not None:
-            client.check_conflicts(items)
+        retrying = client.check_conflicts(items) if task_id is not None else {}
         client.publish(items, bulk=False)
+        client.mark_retries(retrying)
         ids = [item.id for item in items]
         if not wait:
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))

@@ -41,6 +41,7 @@ from contract.errors import (
 from contract.liveness import live_workers
 from contract.messages import TaskItem, make_item, text_sha256
 from contract.results import ResultRecord, ResultStore, WindowRecord
+from contract.retries import is_retrying, retriable, retry_key, retry_marker
 from contract.settings import Settings, mask_url
 from producer.items import ItemError, ItemValidator
 
@@ -79,6 +80,15 @@ class SubmitReport:
 
 
 @dataclass
+class IdCheck:
+    """Caller ids checked against the stored rows: the conflicts (id -> why) and the
+    retries of failed or expired rows (id -> retry marker)."""
+
+    conflicts: dict[str, str] = field(default_factory=dict)
+    retries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Buffered:
     """One item waiting in a :class:`ChunkPublisher`: where it came from, and whether its
     id is the caller's (then it is checked against the stored rows before it is sent)."""
@@ -96,9 +106,10 @@ class ChunkPublisher:
     runs before each message is published (streams hook backpressure there);
     ``after_send`` (if given) runs after it with the items sent and the
     ``origin`` each was added with (a Redis Stream source acks its entries there).
-    Items added with ``caller_id`` are checked first (:meth:`Client.conflicts`,
+    Items added with ``caller_id`` are checked first (:meth:`Client.id_check`,
     one query per chunk): one whose id is stored with a different text is not
-    sent but handed to ``on_conflict(buffered, reason)``.
+    sent but handed to ``on_conflict(buffered, reason)``; one that retries a
+    failed or expired row gets its retry marker once its chunk is published.
     Guarantees: every item added is published by :meth:`flush`, refused as a
     conflict, or :class:`BrokerUnavailable` is raised; one producer (one
     connection) is reused.
@@ -125,6 +136,8 @@ class ChunkPublisher:
         self._after_send = after_send
         self._on_conflict = on_conflict
         self._buffer: list[Buffered] = []
+        #: the retry markers of the buffered items that retry a failed or expired row
+        self._retries: dict[str, str] = {}
         self.messages = 0
         self.published = 0
 
@@ -154,13 +167,18 @@ class ChunkPublisher:
         self.published += len(items)
         origins = [b.origin for b in self._buffer]
         self._buffer = []
+        if self._retries:
+            self._client.mark_retries(self._retries)
+            self._retries = {}
         if self._after_send is not None:
             self._after_send(items, origins)
 
     def _drop_conflicts(self) -> None:
         if self._on_conflict is None or not any(b.caller_id for b in self._buffer):
             return
-        conflicts = self._client.conflicts([b.item for b in self._buffer if b.caller_id])
+        check = self._client.id_check([b.item for b in self._buffer if b.caller_id])
+        self._retries = check.retries
+        conflicts = check.conflicts
         if not conflicts:
             return
         keep = []
@@ -268,9 +286,9 @@ class Client:
             return self.for_model(model).submit(text, id=id, source=source, meta=meta,
                                                 ttl_s=ttl_s)
         item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
-        if id is not None:
-            self.check_conflicts([item])
+        retrying = self.check_conflicts([item]) if id is not None else {}
         self.publish([item], bulk=False)
+        self.mark_retries(retrying)
         return item.id
 
     def submit_many(
@@ -483,46 +501,78 @@ class Client:
         return self._table_seen
 
     def conflicts(self, items: Sequence[TaskItem]) -> dict[str, str]:
-        """Ids among ``items`` already stored with a different text -> why (one query).
+        """Ids among ``items`` already stored with a different text -> why (one query)."""
+        return self.id_check(items).conflicts
+
+    def id_check(self, items: Sequence[TaskItem]) -> IdCheck:
+        """Caller ids among ``items`` checked against the stored rows (one query).
 
         A caller id is an idempotency key: the same text again is harmless
         (the stored row stands, and a worker does not run it again), another
-        text under it would silently get the old row. When the database
-        cannot be read the check is skipped: submitting needs only Redis. After
-        such a failure it is skipped without trying for
-        :data:`CONFLICT_CHECK_BACKOFF_S`, and one warning is logged per outage.
+        text under it would silently get the old row: a conflict. The same text
+        after a ``failed`` or ``expired`` row is a retry: the new attempt
+        replaces the row, and its retry marker (:meth:`mark_retries`, once sent)
+        makes :meth:`wait` wait for it. When the database cannot be read the
+        check is skipped: submitting needs only Redis. After such a failure it
+        is skipped without trying for :data:`CONFLICT_CHECK_BACKOFF_S`, and one
+        warning is logged per outage.
         """
         off_until = self._conflicts_off_until
         if off_until is not None and time.monotonic() < off_until:
-            return {}
+            return IdCheck()
         try:
             # Any model's row: an id names one text, whichever model scores it.
-            stored = (self.store.text_hashes([it.id for it in items])
+            stored = (self.store.id_states([it.id for it in items])
                       if self._table_exists() else {})
         except SchemaMismatch:
-            return {}
+            return IdCheck()
         except StoreUnavailable as exc:
             if off_until is None:
                 log.warning("caller ids are not checked against stored rows (the results "
                             "database cannot be read; tried again in %g s): %s",
                             CONFLICT_CHECK_BACKOFF_S, exc)
             self._conflicts_off_until = time.monotonic() + CONFLICT_CHECK_BACKOFF_S
-            return {}
+            return IdCheck()
         self._conflicts_off_until = None
-        out = {}
+        check = IdCheck()
         for it in items:
-            hashes = stored.get(it.id)
-            if hashes and hashes != {text_sha256(it.text)}:
-                out[it.id] = (f"id {it.id!r} is already stored with a different text "
-                              "(the stored result stands; use a new id)")
-        return out
+            state = stored.get(it.id)
+            if state is None:
+                continue
+            digest = text_sha256(it.text)
+            if state.hashes != {digest}:
+                check.conflicts[it.id] = (f"id {it.id!r} is already stored with a different "
+                                          "text (the stored result stands; use a new id)")
+            elif retriable(state.status):
+                check.retries[it.id] = retry_marker(state.attempts, state.model,
+                                                    self.settings.model_name)
+        return check
 
-    def check_conflicts(self, items: Sequence[TaskItem]) -> None:
-        """Raise :class:`IdConflict` for the first id of ``items`` stored with another text."""
-        found = self.conflicts(items)
-        if found:
-            task_id, reason = next(iter(found.items()))
+    def check_conflicts(self, items: Sequence[TaskItem]) -> dict[str, str]:
+        """Raise :class:`IdConflict` for the first id of ``items`` stored with another text;
+        else give the retry markers of those that retry a failed or expired row (for
+        :meth:`mark_retries` once they are sent)."""
+        check = self.id_check(items)
+        if check.conflicts:
+            task_id, reason = next(iter(check.conflicts.items()))
             raise IdConflict(reason, item_id=task_id)
+        return check.retries
+
+    def mark_retries(self, markers: dict[str, str]) -> None:
+        """Record that these tasks (id -> retry marker) were queued again, so that
+        :meth:`wait` waits for their new attempt instead of returning the old row. Best
+        effort: the tasks are queued already, so a Redis error is logged, not raised."""
+        if not markers or not self.settings.broker_url.startswith(REDIS_SCHEMES):
+            return
+        try:
+            with self._redis_client().pipeline(transaction=False) as pipe:
+                for task_id, marker in markers.items():
+                    pipe.set(retry_key(self.settings.queue, task_id), marker,
+                             ex=self.settings.api_id_ttl_s)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("%d retried task(s) queued without their retry marker (a wait may "
+                        "return the old row): %s", len(markers), exc)
 
     def has_results_table(self) -> bool:
         """True once a worker created the results table (before that there are no rows)."""
@@ -565,6 +615,10 @@ class Client:
     ) -> dict[str, ResultRecord]:
         """Block until every id has a result; return them all, keyed by id.
 
+        A failed or expired row whose retry is queued (the same id and text sent
+        again, see :meth:`id_check`) is not a result yet: the wait goes on for
+        the new attempt.
+
         Polls the table for the still-missing ids only, starting every
         ``poll_interval`` seconds and backing off (x1.5) to at most
         :data:`MAX_POLL_INTERVAL_S`. Raises :class:`ResultTimeout` carrying
@@ -572,12 +626,15 @@ class Client:
         """
         wanted = list(dict.fromkeys(ids))
         found: dict[str, ResultRecord] = {}
+        #: rows being retried (id -> their attempts and model): a new attempt ends the wait
+        stale: dict[str, tuple[int, str]] = {}
         deadline = time.monotonic() + timeout
         interval = max(poll_interval, 0.001)
         while True:
             missing = [i for i in wanted if i not in found]
             if missing:
-                found.update(self.get_many(missing, model=model))
+                rows = self.get_many(missing, model=model)
+                found.update(self._not_retrying(rows, stale, model))
                 missing = [i for i in wanted if i not in found]
             if not missing:
                 return {i: found[i] for i in wanted}
@@ -586,6 +643,33 @@ class Client:
                 raise ResultTimeout(missing)
             time.sleep(min(interval, left))
             interval = min(interval * 1.5, max(MAX_POLL_INTERVAL_S, poll_interval))
+
+    def _not_retrying(self, rows: dict[str, ResultRecord], stale: dict[str, tuple[int, str]],
+                      model: str | None) -> dict[str, ResultRecord]:
+        """``rows`` less those a queued retry replaces (remembered in ``stale``)."""
+        out = {}
+        ask = []
+        for task_id, row in rows.items():
+            if stale.get(task_id) == (row.attempts, row.model):
+                continue
+            if retriable(row.status) and self.settings.broker_url.startswith(REDIS_SCHEMES):
+                ask.append(row)
+            else:
+                out[task_id] = row
+        if ask:
+            try:
+                markers = self._redis_client().mget(
+                    [retry_key(self.settings.queue, r.id) for r in ask])
+            except redis.RedisError as exc:
+                log.warning("waiting without the retry markers: %s", exc)
+                markers = [None] * len(ask)
+            for row, raw in zip(ask, markers, strict=True):
+                marker = raw.decode("utf-8") if isinstance(raw, bytes) else None
+                if is_retrying(marker, row.attempts, row.model, self._model(model)):
+                    stale[row.id] = (row.attempts, row.model)
+                else:
+                    out[row.id] = row
+        return out
 
     def query(
         self,

@@ -538,11 +538,12 @@ def test_a_failed_or_expired_task_sent_again_is_queued_once_per_attempt(
 
 
 @pytest.mark.slow
-def test_a_web_app_retries_an_expired_and_a_failed_task_end_to_end(
+def test_a_web_app_and_the_client_retry_an_expired_and_a_failed_task_end_to_end(
         settings: Settings, poison_model_dir: Path, api_factory: Any,
         worker_factory: Any) -> None:
     """Real worker: a task that expired in the queue, and one the model failed, are sent
-    again through the API under their ids; each long poll returns the new attempt."""
+    again through the API under their ids; each long poll returns the new attempt. So
+    does the Python client's wait after its own retry."""
     model_settings = settings.replace(model=str(poison_model_dir))
     api = api_factory(model_settings)
     with Client(model_settings) as client:
@@ -564,3 +565,8 @@ def test_a_web_app_retries_an_expired_and_a_failed_task_end_to_end(
         assert (done["status"], done["attempts"]) == ("done", 2), done
         again = http.get("/v1/tasks/p1", params={"wait": 30}).json()
         assert (again["status"], again["attempts"]) == ("failed", 2), again
+    # The Python client's retry is waited for the same way.
+    with Client(model_settings) as client:
+        assert client.submit("a poisonpill here", id="p1") == "p1"
+        third = client.wait(["p1"], timeout=30)["p1"]
+        assert (third.status, third.attempts) == ("failed", 3)

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -309,14 +310,31 @@ def test_stream_missing_file_exits_2(bsettings: Settings, tmp_path: Path) -> Non
     assert "cannot open" in result.stderr
 
 
-def test_stream_wait_counts_results(filled: Settings, tmp_path: Path) -> None:
-    # Rows for these ids exist already (a worker finished them): --wait returns at once.
+def test_stream_wait_counts_results(filled: Settings, store: ResultStore,
+                                    tmp_path: Path) -> None:
+    """r1 is stored done: --wait counts it at once. r4 is stored failed: sent again it is a
+    retry, and --wait waits for the new attempt (written here as a worker would)."""
+    import threading
+
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"text": "a very long text " * 10, "id": "r1"}) + "\n"
                     + json.dumps({"text": "some text", "id": "r4"}) + "\n")
-    result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "5"], filled)
+
+    def second_attempt() -> None:
+        time.sleep(1.0)
+        store.upsert([record("r4", source="batch", status="failed", error="failed again")])
+
+    writer = threading.Thread(target=second_attempt)
+    writer.start()
+    try:
+        result = invoke(["stream", str(path), "--no-progress", "--wait", "--timeout", "15"],
+                        filled)
+    finally:
+        writer.join()
     assert result.exit_code == 0, result.output
     assert "results: 1 done, 1 failed" in result.stdout
+    stored = store.get("r4")
+    assert stored is not None and (stored.attempts, stored.error) == (2, "failed again")
 
 
 def test_stream_ids_out_ties_every_line_to_its_task(

@@ -374,3 +374,40 @@ def test_caller_ids_stored_with_another_text_are_conflicts(
     sent = [it["id"] for msg in lane_messages(redis_url, f"{rclient.settings.queue}.bulk")
             for it in msg["items"]]
     assert sent == report.ids
+
+
+def test_a_failed_task_sent_again_is_waited_for_anew(rclient: Client,
+                                                     store: ResultStore) -> None:
+    """The same id and text after a ``failed`` or ``expired`` row is a retry: ``wait``
+    waits for the new attempt instead of returning the old row at once (it used to, so a
+    caller that retried read its old failure back as the retry's outcome). A done row,
+    or a failed row nobody retried, is returned as before."""
+    store.upsert([record("f1", text="text f", status="failed", label=None, score=None,
+                         error="boom"),
+                  record("e1", text="text e", status="expired", label=None, score=None),
+                  record("d1", text="text d"),
+                  record("left", text="text l", status="failed", label=None, score=None)])
+    assert rclient.submit("text f", id="f1") == "f1"
+    report = rclient.submit_many([{"text": "text e", "id": "e1"},
+                                  {"text": "text d", "id": "d1"}])
+    assert report.ids == ["e1", "d1"] and not report.errors
+    assert rclient.wait(["d1", "left"], timeout=1)["left"].status == "failed"
+    with pytest.raises(ResultTimeout) as waited:
+        rclient.wait(["f1", "e1", "d1"], timeout=0.5)
+    assert sorted(waited.value.missing) == ["e1", "f1"]
+
+    def attempt_later() -> None:
+        time.sleep(0.3)
+        store.upsert([record("f1", text="text f", status="failed", label=None, score=None,
+                             error="boom again"),
+                      record("e1", text="text e")])
+
+    writer = threading.Thread(target=attempt_later)
+    writer.start()
+    try:
+        found = rclient.wait(["f1", "e1"], timeout=20)
+    finally:
+        writer.join()
+    assert (found["f1"].status, found["f1"].attempts, found["f1"].error) == (
+        "failed", 2, "boom again")
+    assert (found["e1"].status, found["e1"].attempts) == ("done", 2)
