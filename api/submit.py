@@ -43,7 +43,7 @@ from contract.constants import (
 from contract.errors import BrokerUnavailable, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
-from contract.results import ResultRecord
+from contract.results import IdState, ResultRecord
 from contract.retries import MARK_RETRIES, is_retrying, retriable, retry_key, retry_marker
 from contract.settings import Settings
 from producer.client import Client
@@ -239,7 +239,7 @@ class Submitter:
         return is_retrying(marker, record.attempts, record.model, model)
 
     def _retries(self, items: Sequence[TaskItem], hashes: list[str],
-                 stored: dict[str, ResultRecord], caller_ids: frozenset[str],
+                 stored: dict[str, IdState], caller_ids: frozenset[str],
                  outcomes: list[Outcome | None]) -> dict[int, str]:
         """The duplicates to queue again because their stored row is ``failed`` or
         ``expired`` (index -> why), each id once, each stored attempt once; the others stay
@@ -256,14 +256,14 @@ class Submitter:
         if unread:
             try:
                 if self.client.has_results_table():
-                    rows.update(self.client.store.get_many(unread))
+                    rows.update(self.client.store.id_states(unread))
             except StoreUnavailable as exc:
                 log.warning("duplicates answered without checking for failed rows to "
                             "retry: %s", exc)
                 return {}
         candidates = [(i, rows[task_id]) for task_id, i in first.items()
                       if task_id in rows and retriable(rows[task_id].status)
-                      and rows[task_id].text_sha256 == hashes[i]]
+                      and rows[task_id].hashes == {hashes[i]}]
         if not candidates:
             return {}
         target = self.settings.model_name
@@ -302,21 +302,21 @@ class Submitter:
 
     def _check_stored(self, items: Sequence[TaskItem], hashes: list[str], fresh: list[int],
                       caller_ids: frozenset[str],
-                      outcomes: list[Outcome | None]) -> dict[str, ResultRecord]:
+                      outcomes: list[Outcome | None]) -> dict[str, IdState]:
         """Ids no longer remembered in Redis may still have a stored row: compare hashes.
         Gives the stored rows found."""
         wanted = [i for i in fresh if items[i].id in caller_ids]
         if not wanted:
             return {}
         # Any model's row: an id names one text, whichever model scores it.
-        stored = (self.client.store.get_many([items[i].id for i in wanted])
+        stored = (self.client.store.id_states([items[i].id for i in wanted])
                   if self.client.has_results_table() else {})
         conflicts = []
         for i in wanted:
             row = stored.get(items[i].id)
             if row is None:
                 continue
-            if row.text_sha256 != hashes[i]:
+            if row.hashes != {hashes[i]}:
                 outcomes[i] = Outcome(items[i].id, CONFLICT,
                                       f"id {items[i].id!r} is stored with a different text")
                 conflicts.append(items[i].id)
@@ -329,7 +329,7 @@ class Submitter:
 
     @staticmethod
     def _judge_repeats(items: Sequence[TaskItem], hashes: list[str],
-                       stored: dict[str, ResultRecord], outcomes: list[Outcome | None]) -> None:
+                       stored: dict[str, IdState], outcomes: list[Outcome | None]) -> None:
         """An id given twice in one batch whose row is stored: the later copies are judged
         against the stored row too. (Redis judged them against the first copy's claim,
         which the stored row may have just refused: "duplicate" of a text never queued.)"""
@@ -342,7 +342,7 @@ class Submitter:
             if row is None:
                 continue
             outcomes[i] = (Outcome(item.id, DUPLICATE, "already stored with the same text")
-                           if row.text_sha256 == hashes[i] else
+                           if row.hashes == {hashes[i]} else
                            Outcome(item.id, CONFLICT,
                                    f"id {item.id!r} is stored with a different text"))
 
