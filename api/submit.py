@@ -216,7 +216,8 @@ class Submitter:
             # request reads them as duplicates instead of queueing them a second time.
             queued = {items[i].id for i in publish[:sent]}
             self._release([items[i].id for i in fresh if items[i].id not in queued])
-            self._unmark([items[i].id for i in retries if items[i].id not in queued])
+            self._delete([self.retry_key(items[i].id) for i in retries
+                          if items[i].id not in queued])
             raise error
         for i in publish:
             outcomes[i] = Outcome(items[i].id, ACCEPTED, retries.get(i, ""))
@@ -286,14 +287,6 @@ class Submitter:
                                       f"a retry of its {row.status} attempt is already queued")
         return retries
 
-    def _unmark(self, ids: list[str]) -> None:
-        if not ids:
-            return
-        try:
-            self.redis.delete(*[self.retry_key(i) for i in ids])
-        except redis.RedisError:
-            pass  # they expire on their own; the caller already gets the outage error
-
     def _verdict(self, task_id: str, digest: str, previous: bytes) -> Outcome:
         if previous not in (b"?", digest.encode("ascii")):
             return Outcome(task_id, CONFLICT,
@@ -358,10 +351,14 @@ class Submitter:
         return len(items), None
 
     def _release(self, ids: list[str]) -> None:
-        if not ids:
+        """Drop the claims of ``ids``."""
+        self._delete([self.key(i) for i in ids])
+
+    def _delete(self, keys: list[str]) -> None:
+        if not keys:
             return
         try:
-            self.redis.delete(*[self.key(i) for i in ids])
+            self.redis.delete(*keys)
         except redis.RedisError:
             pass  # they expire on their own; the caller already gets the outage error
 

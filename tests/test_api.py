@@ -362,6 +362,44 @@ def test_an_outage_between_chunks_keeps_the_claims_of_the_chunks_queued(
         submitter.close()
 
 
+def test_an_outage_between_chunks_keeps_only_the_queued_retries(settings: Settings) -> None:
+    """Retries of failed rows in a submit that Redis cuts after its first message: the
+    retry in the queued chunk keeps its marker (sent again, it is a duplicate), the one in
+    the chunk never sent loses it (sent again, it is queued). Injected, as above."""
+    from api.submit import ACCEPTED, DUPLICATE, Submitter
+    from contract.errors import BrokerUnavailable
+    from contract.messages import TaskItem
+
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    store.upsert([_failed("c1", "text 1"), _failed("c3", "text 3")])
+    s = settings.replace(bulk_chunk_size=2)
+    with Client(s) as client:
+        submitter = Submitter(s, client)
+        items = [TaskItem(id=f"c{i}", text=f"text {i}") for i in range(5)]
+        ids = frozenset(i.id for i in items)
+        real, calls = client.publish, []
+
+        def failing_second(chunk: Any, **kw: Any) -> None:
+            calls.append(len(chunk))
+            if len(calls) == 2:
+                raise BrokerUnavailable("injected: Redis went away")
+            real(chunk, **kw)
+
+        client.publish = failing_second  # type: ignore[method-assign]
+        with pytest.raises(BrokerUnavailable):
+            submitter.submit(items, lane="bulk", caller_ids=ids)
+        client.publish = real  # type: ignore[method-assign]
+        retry = submitter.submit(items, lane="bulk", caller_ids=ids)
+        assert [(o.id, o.status) for o in retry] == [
+            ("c0", DUPLICATE), ("c1", DUPLICATE), ("c2", ACCEPTED), ("c3", ACCEPTED),
+            ("c4", ACCEPTED)]
+        assert "retry" in retry[1].reason and retry[3].reason.startswith("queued again")
+        assert client.queue_length() == 3
+        submitter.close()
+    store.close()
+
+
 def test_an_id_repeated_in_one_batch_is_judged_against_its_stored_row(
         settings: Settings) -> None:
     """Two concurrent submits of a stored id land in one coalesced batch. Each copy is
