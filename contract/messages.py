@@ -25,6 +25,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,8 +113,10 @@ def validate_text(text: Any, settings: Settings) -> str:
     """Return ``text`` as a valid ``str`` or raise :class:`InvalidInput`.
 
     Bytes are decoded as UTF-8; undecodable bytes, lone surrogates (which
-    JSON allows but UTF-8 cannot store), empty or whitespace-only texts and
-    texts over ``settings.max_text_chars`` are refused with a readable reason.
+    JSON allows but UTF-8 cannot store), empty or whitespace-only texts,
+    texts with no visible character (zero-width spaces, a BOM, control
+    characters: :func:`has_visible`) and texts over
+    ``settings.max_text_chars`` are refused with a readable reason.
     """
     if isinstance(text, (bytes, bytearray)):
         try:
@@ -130,11 +133,31 @@ def validate_text(text: Any, settings: Settings) -> str:
         raise InvalidInput("text is empty or whitespace only")
     if "\x00" in text:
         raise InvalidInput("text contains a NUL character")
+    if not has_visible(text):
+        raise InvalidInput("text has no visible characters (only control, format or "
+                           "space characters)")
     if len(text) > settings.max_text_chars:
         raise InvalidInput(
             f"text is {len(text)} characters, over the limit of {settings.max_text_chars}"
         )
     return text
+
+
+#: Unicode categories that show nothing: controls, format characters (zero-width spaces
+#: and joiners, the BOM, direction marks), separators. Unassigned code points (``Cn``)
+#: count as visible: an emoji newer than Python's Unicode tables is one.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def has_visible(text: str) -> bool:
+    """True when ``text`` has a character that is no space, control or format character.
+
+    ``str.strip`` keeps ``"\\u200b"`` or ``"\\ufeff"``: such a text is empty to a
+    reader and to the model, which would still give it a confident label.
+    Stops at the first visible character (usually the first).
+    """
+    return any(not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE
+               for ch in text)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

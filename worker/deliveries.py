@@ -6,6 +6,10 @@ the deliveries of its messages in Redis (one pipelined round trip). A
 message seen before is processed alone, so a poison message takes no
 batch-mates down with it again, and past ``max_attempts`` deliveries it is
 dead-lettered: its items are stored as ``failed`` with the reason, and acked.
+
+A delivery handed back by a warm shutdown (a message held for its long
+text's windows) did not kill its worker: :meth:`DeliveryCounter.undo` takes
+its count back, so rolling restarts never dead-letter it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,21 @@ from contract.settings import Settings
 
 #: Counters expire on their own; a day is longer than any redelivery chain.
 COUNTER_TTL_S = 86_400
+
+#: Take one delivery off each key (a key named twice loses two); a count that reaches
+#: zero is deleted, and a missing key stays missing (never negative: a count of 0 or
+#: below would make the next delivery look like no first delivery at all).
+_UNDO = """
+for _, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('GET', key) or '0')
+  if n > 1 then
+    redis.call('DECR', key)
+  elseif n == 1 then
+    redis.call('DEL', key)
+  end
+end
+return 0
+"""
 
 
 class DeliveryCounter:
@@ -53,6 +72,22 @@ class DeliveryCounter:
             return
         if message_ids:
             self._redis.delete(*[DELIVERY_KEY_PREFIX + mid for mid in message_ids])
+
+    def undo(self, message_ids: Sequence[str]) -> None:
+        """Take back one counted delivery per id (an id given twice, two): for deliveries
+        whose flush ran to its end and that go back to the queue unacked (a warm shutdown),
+        so they count as no death of their worker. One atomic script."""
+        if self._redis is None:
+            for mid in message_ids:
+                n = self._local.get(mid, 0) - 1
+                if n > 0:
+                    self._local[mid] = n
+                else:
+                    self._local.pop(mid, None)
+            return
+        if message_ids:
+            self._redis.eval(_UNDO, len(message_ids),
+                             *[DELIVERY_KEY_PREFIX + mid for mid in message_ids])
 
     def close(self) -> None:
         """Release the Redis connection."""

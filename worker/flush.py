@@ -474,7 +474,7 @@ class FlushProcessor:
         each time, or their rows could not be written). Raises
         :class:`StoreUnavailable` like :meth:`process`.
         """
-        stats = FlushStats(messages=len(payloads))
+        stats = FlushStats(messages=len(payloads), began=time.time())
         entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
         for e in entries:
             e.attempt = attempt
@@ -490,7 +490,7 @@ class FlushProcessor:
 
         Raises :class:`StoreUnavailable` like :meth:`process`.
         """
-        stats = FlushStats(messages=1, items=1, failed=1)
+        stats = FlushStats(messages=1, items=1, failed=1, began=time.time())
         entry = Entry(str(message_id), 0, derived_key(message_id, 0), raw=raw).fail(reason)
         self._persist([entry], utcnow(), 1, stats)
         return stats
@@ -502,9 +502,13 @@ class FlushProcessor:
         again would be wasted: a redelivered message, or a caller id sent
         again (with the same text, or a different one the producer should
         have refused). They count as written: their message may be acked.
-        One indexed query per flush.
+        One indexed query per flush. Every copy of a done id is settled (two
+        copies in one flush: neither runs). Gives the number of entries settled.
         """
-        pending = {e.key: e for e in entries if e.pending}
+        pending: dict[str, list[Entry]] = {}
+        for e in entries:
+            if e.pending:
+                pending.setdefault(e.key, []).append(e)
         if not pending:
             return 0
         try:
@@ -513,18 +517,20 @@ class FlushProcessor:
             # Only a saving: run them all; the commit's retries deal with the outage.
             log.warning("cannot look up done ids, running every item: %s", exc)
             return 0
+        skipped = 0
         for key in done:
-            e = pending[key]
-            e.status, e.written = STATUS_DONE, True
+            for e in pending[key]:
+                e.status, e.written = STATUS_DONE, True
+                skipped += 1
         if done:
-            log.info("%d item(s) already done: not run again", len(done))
+            log.info("%d item(s) already done: not run again", skipped)
             try:
                 # A worker killed between its commit and settling the latest flags
                 # (PostgreSQL settles after the commit) left them to this redelivery.
                 self.store.settle_latest(done)
             except StoreUnavailable as exc:
                 log.warning("cannot settle the latest flags of done items: %s", exc)
-        return len(done)
+        return skipped
 
     def _encode(self, entries: list[Entry]) -> list[Entry]:
         """Hop 2b: tokenize; an item the tokenizer rejects fails alone. Gives the encoded."""
@@ -539,6 +545,14 @@ class FlushProcessor:
                 except Exception as exc:  # noqa: BLE001
                     e.encoded = None
                     e.fail(f"tokenizer error: {type(exc).__name__}: {exc}")
+        special = getattr(self.runner, "special_tokens", None)
+        for e in entries:
+            if (e.encoded is not None and e.pending and isinstance(special, int)
+                    and len(e.encoded.ids) <= special):
+                # the tokenizer dropped every character: the model would score an empty
+                # text (its special tokens alone) with a label that means nothing
+                e.fail("text has no content tokens: the tokenizer drops every character "
+                       "of it")
         live = [e for e in entries if e.encoded is not None and e.pending]
         if self.settings.long_texts == LONG_TEXTS_CHUNK and hasattr(self.runner, "offsets"):
             for e in live:
@@ -572,9 +586,10 @@ class FlushProcessor:
                 "started_at": started, "finished_at": utcnow(), "worker": self.worker_name,
                 "attempts": attempt}
         rows: dict[int, ResultRecord] = {}
-        # the windows of the first row of each key: the store keeps that row
+        # Per (id, model), the entry whose row the store keeps, by upsert's rule (the first
+        # done row, else the last one): only its windows are written, only its row counted.
+        kept: dict[tuple[str, str], Entry] = {}
         windows: dict[tuple[str, str], list[WindowRecord]] = {}
-        seen: set[tuple[str, str]] = set()
         for e in entries:
             own = base if e.attempt == attempt else {**base, "attempts": e.attempt}
             try:
@@ -585,10 +600,13 @@ class FlushProcessor:
                                  own_key=id_problem(e.key) is None)
                 found = []
             rows[id(e)] = row
-            if (row.id, row.model) not in seen:
-                seen.add((row.id, row.model))
+            key = _upsert_key(row)
+            first = kept.get(key)
+            if first is None or rows[id(first)].status != STATUS_DONE:
+                kept[key] = e
+                windows.pop(key, None)
                 if found:
-                    windows[(row.id, row.model)] = found
+                    windows[key] = found
         by_row = {id(rows[id(e)]): e for e in entries}
         refused = self._commit(list(rows.values()), windows)
         for own_key in (True, False):
@@ -613,7 +631,9 @@ class FlushProcessor:
                       e.n, printable(str(e.message_id))[:200], r.reason)
         committed = time.time()
         for e in entries:
+            # a copy the store dropped for another of its id is settled all the same
             e.written = not e.unwritable
+        for e in kept.values():
             if e.written:
                 item = e.item
                 stats.rows.append((e.status or STATUS_FAILED, item.source if item else None,
@@ -636,6 +656,12 @@ class FlushProcessor:
                 time.sleep(delay)  # a real outage: back off instead of spinning
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _upsert_key(row: ResultRecord) -> tuple[str, str]:
+    """The key ``ResultStore.upsert`` tells two records of one batch apart by."""
+    return (row.id if isinstance(row.id, str) else repr(row.id),
+            row.model if isinstance(row.model, str) else repr(row.model))
 
 
 def _reason(text: str) -> str:

@@ -75,15 +75,21 @@ class WorkerMetrics:
             return source
         return "other"
 
-    def observe(self, stats: Any) -> None:
-        """Record one flush (a :class:`worker.flush.FlushStats`)."""
+    def observe(self, stats: Any, *, inference: bool = True) -> None:
+        """Record one flush (a :class:`worker.flush.FlushStats`): ``stats.rows`` holds one
+        entry per row the store kept.
+
+        ``inference`` False: rows stored without the model's path (a refused message, a
+        dead-lettered one), not a sample of inference time.
+        """
         for size in stats.batch_sizes:
             self.batch_size.observe(size)
         for tokens in stats.batch_tokens:
             self.batch_tokens.observe(tokens)
         if stats.real_tokens:
             self.padding.observe(stats.padded_tokens / stats.real_tokens - 1)
-        self.infer.observe(stats.infer_s)
+        if inference:
+            self.infer.observe(stats.infer_s)
         self.commit.observe(stats.persist_s)
         self.messages.inc(stats.messages)
         steps = stats.steps

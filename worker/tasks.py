@@ -12,7 +12,9 @@ and flushes on a count or a timer. Two things are changed:
 - long texts over several flushes: a message whose long text still has
   windows to score is held (not acked) and acked by the flush that stores
   it; while such texts wait, the flush timer keeps flushing even with no
-  new message.
+  new message. A warm shutdown hands the held messages back to the queue
+  and takes back their delivery counts: their flushes ran to the end, so
+  a rolling restart is no death of their worker (a kill -9 still counts).
 
 And one rule: nothing raised while handling one message leaves
 :meth:`AnalyzeTask.flush`. It runs in the consumer's event loop, where an
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery_batches import Batches, SimpleRequest
 
 from contract.constants import TASK_ANALYZE
@@ -164,7 +166,7 @@ class AnalyzeTask(Batches):
         log.error("refusing message %s: %s", printable(str(mid))[:200], printable(reason)[:500])
         try:
             # ``body``: the payload Celery decoded (JSON only), kept as the row's raw item.
-            self._processor().refuse(mid, body, reason)
+            stats = self._processor().refuse(mid, body, reason)
         except StoreUnavailable as exc:
             log.error("database unavailable, requeueing the refused message: %s", exc)
             time.sleep(self.requeue_pause_s)
@@ -173,6 +175,8 @@ class AnalyzeTask(Batches):
         except Exception:  # noqa: BLE001 - never out of the event loop
             log.exception("storing the refusal of message %s failed; dropping it",
                           printable(str(mid))[:200])
+        else:
+            self._observe(stats, inference=False)
         _settle(message.ack)
 
     def flush(self, requests: Collection[Any]) -> None:
@@ -218,6 +222,7 @@ class AnalyzeTask(Batches):
                 stats = self._processor().dead_letter(
                     payloads, f"dead-lettered after {attempt} deliveries: the worker "
                     "processing this task died or could not store it each time", attempt)
+                self._observe(stats, inference=False)
             else:
                 stats = self._process(payloads, attempt)
         except StoreUnavailable as exc:
@@ -273,6 +278,30 @@ class AnalyzeTask(Batches):
         if self.deliveries is not None and acked:
             self.deliveries.forget(acked)
 
+    def hand_back_held(self) -> None:
+        """Warm shutdown: take back the delivery counts of the held messages.
+
+        Called before the consumer's channel closes, which puts these
+        unacked messages back on the queue. Their flushes ran to the end
+        without killing the worker, so their next delivery must not count
+        as a redelivery (after ``max_attempts`` rolling restarts it would be
+        dead-lettered). One count per held delivery: a restored copy that
+        joined its original was counted too. A crash runs none of this.
+        """
+        held = [mid for mid, requests in self._held.items() for _ in requests]
+        self._held.clear()
+        if not held:
+            return
+        log.info("warm shutdown: %d message(s) held for their long texts go back to the "
+                 "queue, their deliveries not counted", len(held))
+        if self.deliveries is None:
+            return
+        try:
+            self.deliveries.undo(held)
+        except Exception as exc:  # noqa: BLE001 - the shutdown goes on
+            log.warning("could not take back the delivery counts of %d held message(s) (each "
+                        "counts as one delivery): %s", len(held), exc)
+
     def run(self, requests: list[SimpleRequest]) -> None:
         """Eager path (``apply``): process without broker acks, long texts included."""
         self._process([(r.id, r.args) for r in requests])
@@ -295,9 +324,18 @@ class AnalyzeTask(Batches):
             stats.infer_s, stats.persist_s, stats.commits, stats.encode_s,
             stats.steps.collate_s, stats.steps.launch_s, stats.steps.wait_s, stats.steps.decode_s,
         )
-        if self.metrics is not None:
-            self.metrics.observe(stats)
+        self._observe(stats)
         return stats
+
+    def _observe(self, stats: FlushStats, *, inference: bool = True) -> None:
+        """Count what ``stats`` stored in the metrics (``inference``: it ran the model's
+        path; a refusal or a dead-letter stores rows without it)."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe(stats, inference=inference)
+        except Exception:  # noqa: BLE001 - metrics must not cost a flush
+            log.exception("updating the metrics failed")
 
 
 def _ack(requests: list[Any]) -> None:
@@ -322,10 +360,27 @@ def _reject(requests: list[Any], *, requeue: bool) -> None:
                         "timeout): %s", exc)
 
 
+class _HandBackHeld(bootsteps.StartStopStep):
+    """Consumer step: at shutdown, :meth:`AnalyzeTask.hand_back_held`.
+
+    It starts after the task consumer's step, so it shuts down before it:
+    the counts are taken back before the channel closes and the messages
+    are queued again, where another worker may take them at once.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def shutdown(self, parent: Any) -> None:
+        task = parent.app.tasks.get(TASK_ANALYZE)
+        if isinstance(task, AnalyzeTask):
+            task.hand_back_held()
+
+
 def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
                    metrics: Any = None) -> AnalyzeTask:
     """Register the analysis task on ``app`` with the injected ``processor`` (and ``metrics``,
-    a :class:`worker.metrics.WorkerMetrics`, when served)."""
+    a :class:`worker.metrics.WorkerMetrics`, when served), and the consumer step that hands
+    its held messages back at a warm shutdown."""
     task_cls = type(
         "AnalyzeTask",
         (AnalyzeTask,),
@@ -340,6 +395,7 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
         },
     )
     task = app.register_task(task_cls())
+    app.steps["consumer"].add(_HandBackHeld)
     return task
 
 
