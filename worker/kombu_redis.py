@@ -30,6 +30,14 @@ Celery or bertstream:
    first queue it consumes holds a message, and leaves it there); its other
    queues are looked at every :data:`WAIT_S` while it waits. Redis >= 6.2.
 
+   A list item kombu cannot make a message of (not JSON, a body its
+   encoding cannot decode, an envelope it cannot record) would make kombu
+   raise out of the worker's event loop; recorded by the script, it would
+   come back after the visibility timeout and stop the next worker too.
+   Such an item is moved to ``<queue>.undeliverable`` (the newest
+   :data:`UNDELIVERABLE_KEEP`) and out of the unacked index, with an error
+   in the log, and the worker goes on.
+
 :func:`install` applies them, once, only when kombu's internals look as
 expected (otherwise kombu is left alone and a debug line says why).
 """
@@ -51,11 +59,16 @@ _WAITING = "_bertstream_waiting"  # the last pop found every queue empty: wait n
 _PAUSE = "_bertstream_pause"  # Redis refused the last command: pause WAIT_S, then again
 _WARNED = "_bertstream_warned_at"
 _RECORDED = "_bertstream_recorded"  # the delivery tag the script already recorded
+_HANDED = "_bertstream_handed"  # kombu built and recorded the message being delivered
 
 #: Longest an idle worker takes to see a message on a queue other than its first.
 WAIT_S = 0.1
 #: A list nothing is ever pushed to: a blocking pop on it is a server-side pause.
 PAUSE_KEY = "bertstream.receive.pause"
+#: An item kombu cannot read from queue Q is kept on the list Q + this suffix...
+UNDELIVERABLE_SUFFIX = ".undeliverable"
+#: ... which holds the newest this many (older ones are dropped).
+UNDELIVERABLE_KEEP = 1000
 
 # KEYS: unacked index, unacked hash, then the lists in BRPOP's order. ARGV: now.
 # The message is recorded before it is popped, so a write refused half-way
@@ -123,7 +136,8 @@ def _patch() -> bool:
               (qos, "ack"), (qos, "_remove_from_indices"), (virtual.QoS, "ack"),
               (channel, "_brpop_start"), (channel, "_brpop_read"), (channel, "_q_for_pri"),
               (channel, "_in_poll"), (channel, "_brpop_sent_at"), (channel, "sep"),
-              (qos, "append"), (virtual.QoS, "append")]
+              (qos, "append"), (virtual.QoS, "append"),
+              (virtual.Transport, "_deliver")]
     missing = [f"{cls.__name__}.{name}" for cls, name in needed if not hasattr(cls, name)]
     if missing:
         log.debug("kombu redis speed-ups not installed: kombu lacks %s", missing)
@@ -157,8 +171,13 @@ def _patch() -> bool:
         if delivery_tag is not None and self.__dict__.get(_RECORDED) == delivery_tag:
             del self.__dict__[_RECORDED]
             virtual.QoS.append(self, message, delivery_tag)  # Redis has it already
-            return
-        original_append(self, message, delivery_tag)
+        else:
+            original_append(self, message, delivery_tag)
+        # What fails from here on is the consumer's, not the item's (a flag on the
+        # transport: the consuming channel may not be the one that received it).
+        receiving = self.channel.connection.__dict__
+        if _HANDED in receiving:
+            receiving[_HANDED] = True
 
     channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
     qos.ack = ack  # type: ignore[method-assign]
@@ -200,7 +219,12 @@ def _receive_start(self: Any, timeout: float | None = None) -> None:
 
 
 def _receive_read(self: Any, **options: Any) -> bool:
-    """Read the reply of :func:`_receive_start`; deliver a popped message (already recorded)."""
+    """Read the reply of :func:`_receive_start`; deliver a popped message (already recorded).
+
+    An item kombu cannot make a message of is parked (:func:`_park`) and the
+    read ends as an empty pop; what the consumer raises, once kombu handed it
+    the message, propagates as before.
+    """
     from queue import Empty
 
     from kombu.utils.encoding import bytes_to_str
@@ -241,13 +265,57 @@ def _receive_read(self: Any, **options: Any) -> bool:
     key, item, *tag = reply
     dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
     self._queue_cycle.rotate(dest)
-    if tag:
-        self.qos.__dict__[_RECORDED] = bytes_to_str(tag[0])
+    recorded = bytes_to_str(tag[0]) if tag else None
     try:
-        self.connection._deliver(loads(bytes_to_str(item)), dest)
+        payload = loads(bytes_to_str(item))
+    except Exception as exc:  # not JSON, or nested past the parser's depth
+        _park(self, dest, item, recorded, exc)
+        raise Empty() from exc
+    if recorded is not None:
+        self.qos.__dict__[_RECORDED] = recorded
+    transport = self.connection.__dict__
+    transport[_HANDED] = False
+    try:
+        self.connection._deliver(payload, dest)
+    except Exception as exc:
+        if transport.get(_HANDED) or isinstance(exc, self.connection_errors):
+            raise  # kombu made a message of it and handed it on, or Redis went away
+        _park(self, dest, item, recorded, exc)
+        raise Empty() from exc
     finally:
         self.qos.__dict__.pop(_RECORDED, None)
+        transport.pop(_HANDED, None)
     return True
+
+
+def _park(self: Any, dest: str, item: bytes, recorded: str | None, exc: Exception) -> None:
+    """Move an item kombu cannot deliver to ``dest`` + :data:`UNDELIVERABLE_SUFFIX`.
+
+    In one transaction it is pushed there (the list trimmed to the newest
+    :data:`UNDELIVERABLE_KEEP`) and its record, if the receive script made
+    one, leaves the unacked index: it is neither redelivered nor lost
+    silently. A full noeviction server refuses the copy: the item is dropped.
+    """
+    from redis.exceptions import ResponseError
+
+    side = dest + UNDELIVERABLE_SUFFIX
+    reason = f"{type(exc).__name__}: {exc}"[:300]
+    with self.conn_or_acquire() as client:
+        for keep in (True, False):
+            pipe = client.pipeline()
+            if keep:
+                pipe.lpush(side, item).ltrim(side, 0, UNDELIVERABLE_KEEP - 1)
+            if recorded is not None:
+                self.qos._remove_from_indices(recorded, pipe)
+            try:
+                pipe.execute()
+                break
+            except ResponseError as refused:
+                if not keep:
+                    raise
+                reason = f"{reason}; not kept: {refused}"
+    log.error("queue %s: an item that is not a message kombu can read (%s) was %s",
+              dest, reason, f"moved to {side}" if keep else "dropped")
 
 
 @contextmanager

@@ -162,7 +162,7 @@ class HFRunner:
             self.revision = f"{self.revision}+int8"
         if neutral_below > 0:
             self.revision = f"{self.revision}+neutral{neutral_below:g}"
-        limit = _model_max_length(model.config, tokenizer)
+        limit = _model_max_length(model, tokenizer)
         self.max_length = min(limit, max_length) if max_length else limit
         special = int(tokenizer.num_special_tokens_to_add(pair=False))
         self.special_tokens = special
@@ -361,10 +361,33 @@ class NullRunner:
         return [Prediction("positive", 1.0, {"negative": 0.0, "positive": 1.0})] * len(probs)
 
 
-def _model_max_length(config: Any, tokenizer: Any) -> int:
-    limit = int(getattr(config, "max_position_embeddings", 512) or 512)
+def _model_max_length(model: Any, tokenizer: Any) -> int:
+    """The most tokens (with special tokens) one text may have for ``model``.
+
+    The position table's size, less the positions it never uses, capped by
+    the tokenizer's ``model_max_length`` when that is a real limit.
+    """
+    positions = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+    limit = positions - _unused_positions(model, positions)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     # Tokenizers without a limit report a huge sentinel (int(1e30)).
     if isinstance(tok_limit, int) and 0 < tok_limit < 100_000:
         limit = min(limit, tok_limit)
     return limit
+
+
+def _unused_positions(model: Any, positions: int) -> int:
+    """How many rows at the start of the model's position table no token ever takes.
+
+    RoBERTa and its kin (XLM-R, CamemBERT, ...) number positions from
+    ``padding_idx + 1``: their position embedding, an ``nn.Embedding`` with
+    a ``padding_idx``, has ``padding_idx + 1`` fewer usable rows than
+    ``max_position_embeddings`` (roberta-base: 514, 512 tokens). BERT's has
+    no ``padding_idx`` and numbers positions from 0.
+    """
+    for name, module in model.named_modules():
+        if (name.rsplit(".", 1)[-1] == "position_embeddings"
+                and isinstance(module, torch.nn.Embedding)
+                and module.num_embeddings == positions and module.padding_idx is not None):
+            return int(module.padding_idx) + 1
+    return 0

@@ -99,10 +99,17 @@ def _units(text: str, offsets: Sequence[tuple[int, int]], budget: int) -> list[_
         if count <= budget:
             units.append(_Unit(a, b, count, False))
             continue
+        start, tokens = a, 0
         for t in range(first, last, budget):
-            nxt = t + budget
-            units.append(_Unit(a if t == first else starts[t],
-                               starts[nxt] if nxt < last else b, min(budget, last - t), True))
+            nxt = min(t + budget, last)
+            end = starts[nxt] if nxt < last else b
+            tokens += nxt - t
+            # Tokens that share a start (SentencePiece's lone "▁" and the word
+            # after it, a character's byte tokens) cannot be cut apart: a piece
+            # between them would be empty, so they go to the next piece.
+            if end > start:
+                units.append(_Unit(start, end, tokens, True))
+                start, tokens = end, 0
     return units
 
 
@@ -158,7 +165,8 @@ def _fit(runner: Runner, text: str, base: int, spans: list[tuple[int, int]], bud
             out.append((base + a, base + b, enc))
             continue
         sub = text[a:b]
-        again = plan_windows(sub, runner.offsets(sub), budget - depth - 1)
+        # One token less each time, down to one: a budget of 0 could plan nothing.
+        again = plan_windows(sub, runner.offsets(sub), max(1, budget - depth - 1))
         out.extend(_fit(runner, sub, base + a, again, budget, depth + 1))
     return out
 
