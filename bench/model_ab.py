@@ -16,20 +16,42 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _positive(value: str) -> int:
+    """An argparse type: an integer of at least one."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return number
+
+
+def _model_dir(value: str) -> Path:
+    """An argparse type: a model directory (one with config.json)."""
+    path = Path(value)
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{value} holds no config.json, so it is not a model directory (an adapter? use "
+            f"`bertstream model path --adapter {value}`)")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Measure and print; gives {"old": [...], "new": [...]} texts/s per round."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("old", type=_model_dir)
+    ap.add_argument("new", type=_model_dir)
+    ap.add_argument("--rounds", type=_positive, default=3)
+    ap.add_argument("--texts", type=_positive, default=512)
+    ap.add_argument("--threads", type=_positive, default=2)
+    args = ap.parse_args(argv)  # a bad argument exits 2 before the slow imports
+
     import torch
 
     from training.data import SplitSpec, load_examples
     from training.speed import load, texts_per_second
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("old", type=Path)
-    ap.add_argument("new", type=Path)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--texts", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     test = list(load_examples(None, SplitSpec(seed=13))["test"])
     random.Random(13).shuffle(test)

@@ -215,6 +215,10 @@ def test_the_command_is_served_under_model_and_checks_its_options(tmp_path: Path
     runner = CliRunner()
     result = runner.invoke(main, ["model", "--help"])
     assert result.exit_code == 0 and "interpolate" in result.output
-    result = runner.invoke(main, ["model", "interpolate", "--to", str(tmp_path), "--out",
-                                  str(tmp_path / "o"), "--alpha", "1.5"])
+    result = runner.invoke(main, ["model", "interpolate", "--to", str(default_adapter_dir()),
+                                  "--out", str(tmp_path / "o"), "--alpha", "1.5"])
     assert result.exit_code == 2 and "1.5" in result.output
+    # An empty folder is no adapter: refused before anything loads.
+    result = runner.invoke(main, ["model", "interpolate", "--to", str(tmp_path), "--out",
+                                  str(tmp_path / "o")])
+    assert result.exit_code == 2 and "cannot read adapter" in result.output

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,94 @@ def _require_train_extra(ctx: click.Context, command: str) -> None:
         click.echo(f"{command} needs the train extra ({', '.join(missing)} missing): "
                    f"{TRAIN_EXTRA_HINT}", err=True)
         ctx.exit(2)
+
+
+class InputError(click.ClickException):
+    """A bad input found by the library code (an adapter, a data file): one line, exit 2."""
+
+    exit_code = 2
+
+
+@contextmanager
+def _reported(*extra: type[Exception]) -> Iterator[None]:
+    """Report the library's input errors (and ``extra``) as one line with exit 2, not a traceback.
+
+    An unreadable adapter (:class:`AdapterError`, with its hint such as "in
+    parts: run `model join`") or data source (:class:`DataSourceError`, e.g.
+    a bogus --vader-sdist) or model directory (:class:`ModelLoadError`) is the
+    user's input, not a bug of the command.
+    """
+    from contract.errors import ModelLoadError
+    from training.data import DataSourceError
+    from worker.sentiment.adapter_file import AdapterError
+
+    caught: tuple[type[Exception], ...] = (AdapterError, DataSourceError, ModelLoadError, *extra)
+    try:
+        yield
+    except caught as exc:
+        raise InputError(str(exc)) from exc
+
+
+#: Numbers that must be at least one (a batch, a thread count, a step count, a rank).
+_positive = click.IntRange(min=1)
+
+
+def _model_dir_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``--model``/``--baseline`` value: a model directory that holds config.json."""
+    if value is not None and not (Path(value) / "config.json").is_file():
+        raise click.BadParameter(
+            f"{value} holds no config.json, so it is not a model directory (an adapter? use "
+            f"`bertstream model path --adapter {value}`)", ctx=ctx, param=param)
+    return value
+
+
+def _model_option(*names: str, help: str) -> Any:  # noqa: A002 - click's keyword
+    return click.option(*names, type=click.Path(exists=True, file_okay=False), default=None,
+                        callback=_model_dir_option, help=help)
+
+
+def _out_file_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An output file's option: its folder must exist (checked before the slow part)."""
+    if value is not None:
+        parent = Path(value).parent
+        if not parent.is_dir():
+            raise click.BadParameter(f"{value}: the folder {parent} does not exist or is not "
+                                     "a folder", ctx=ctx, param=param)
+        if not os.access(parent, os.W_OK):
+            raise click.BadParameter(f"{value}: the folder {parent} is not writable",
+                                     ctx=ctx, param=param)
+    return value
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent."""
+    path = path.absolute()
+    return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor))
+
+
+def _out_dir_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An output folder's option: it, or its nearest existing parent (it is created with its
+    parents), must be a writable folder (checked before the slow part)."""
+    if value is not None:
+        existing = _nearest_existing(Path(value))
+        if not existing.is_dir():
+            raise click.BadParameter(f"{value}: {existing} is not a folder", ctx=ctx, param=param)
+        if not os.access(existing, os.W_OK):
+            raise click.BadParameter(f"{value}: {existing} is not writable", ctx=ctx, param=param)
+    return value
+
+
+def _adapter_dir_option(ctx: click.Context, param: click.Parameter,
+                        value: str | None) -> str | None:
+    """An adapter directory's option: readable as an adapter (checked before the slow part)."""
+    if value is not None:
+        from worker.sentiment.adapter_file import AdapterError, load_adapter
+
+        try:
+            load_adapter(Path(value))
+        except AdapterError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+    return value
 
 
 def _threads(threads: int | None) -> int:
@@ -186,9 +278,9 @@ def _dev_options(f: Any) -> Any:
     for option in reversed([
         click.option("--seed", type=int, default=13, show_default=True,
                      help="The training seed (fixes which texts are dev)."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--batch-size", type=_positive, default=32, show_default=True),
         click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True),
-        click.option("--threads", type=int, default=None,
+        click.option("--threads", type=_positive, default=None,
                      help="Torch threads (default: CPU count)."),
     ]):
         f = option(f)
@@ -197,18 +289,19 @@ def _dev_options(f: Any) -> Any:
 
 @click.command("train")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              callback=_out_dir_option,
               help="Directory for the adapter (adapter.safetensors + meta.json).")
-@click.option("--steps", type=int, default=3000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-len", type=int, default=128, show_default=True)
+@click.option("--steps", type=_positive, default=3000, show_default=True)
+@click.option("--batch-size", type=_positive, default=32, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--lr", type=float, default=6e-4, show_default=True)
-@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--frozen-layers", type=int, default=4, show_default=True,
+@click.option("--rank", type=_positive, default=16, show_default=True, help="LoRA rank.")
+@click.option("--frozen-layers", type=click.IntRange(min=0), default=4, show_default=True,
               help="Bottom encoder layers kept frozen (their outputs are cached once).")
 @click.option("--seed", type=int, default=13, show_default=True,
               help="Training seed; also fixes the train/dev/test split.")
-@click.option("--eval-every", type=int, default=250, show_default=True)
-@click.option("--warmup-steps", type=int, default=150, show_default=True)
+@click.option("--eval-every", type=_positive, default=250, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=150, show_default=True)
 @click.option("--repeat", "repeat", multiple=True, metavar="LANG=X",
               help="Show LANG's training texts X times per pass on average, e.g. zh=1.5 "
                    "(repeatable).")
@@ -219,7 +312,7 @@ def _dev_options(f: Any) -> Any:
                    "accuracy on the --compose-dev texts, among steps whose dev mean stays "
                    "within half a point of the --init adapter's.")
 @click.option("--init", "init_adapter", type=click.Path(file_okay=False, exists=True),
-              default=None, help="Continue from this adapter directory (same --rank; "
+              default=None, callback=_adapter_dir_option, help="Continue from this adapter directory (same --rank; "
                                  "--frozen-layers equal or lower: newly trained layers "
                                  "start as the identity), e.g. worker/sentiment/adapter.")
 @click.option("--ema", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
@@ -235,7 +328,8 @@ def _dev_options(f: Any) -> Any:
 @_judge_option
 @_drop_option
 @_drop_lang_option
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@click.option("--threads", type=_positive, default=None,
+              help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
 def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size: int,
@@ -260,20 +354,21 @@ def model_train_command(ctx: click.Context, out_dir: str, steps: int, batch_size
     _require_train_extra(ctx, "model train")
     from training.train import train_main
 
-    train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
-               steps=steps,
-               batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
-               eval_every=eval_every, frozen_layers=frozen_layers,
-               threads=_threads(threads), warmup_steps=warmup_steps,
-               repeat=repeats, select=select,
-               init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
-               compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
-               judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang,
-                                int(drop_contradicted is not None)),
-               lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-               absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon,
-               deeds_per_lang=deeds_per_lang, drop_contradicted=drop_contradicted or 0.0,
-               drop_langs=drop_langs)
+    with _reported():
+        train_main(Path(out_dir), _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+                   steps=steps,
+                   batch_size=batch_size, max_len=max_len, lr=lr, rank=rank, seed=seed,
+                   eval_every=eval_every, frozen_layers=frozen_layers,
+                   threads=_threads(threads), warmup_steps=warmup_steps,
+                   repeat=repeats, select=select,
+                   init_adapter=Path(init_adapter) if init_adapter else None, ema=ema,
+                   compose_per_lang=compose_per_lang, compose_dev_per_lang=compose_dev_per_lang,
+                   judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang,
+                                    int(drop_contradicted is not None)),
+                   lexicon_per_lang=lexicon_per_lang, lexicon_dir=_lexicons(ctx, lexicon_per_lang),
+                   absence_per_lang=absence_per_lang, wide_lexicon=wide_lexicon,
+                   deeds_per_lang=deeds_per_lang, drop_contradicted=drop_contradicted or 0.0,
+                   drop_langs=drop_langs)
 
 
 def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -292,23 +387,26 @@ def _parse_repeat(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 
 
 @click.command("eval")
-@click.option("--model", "model_dir", default=None,
-              help="A Hugging Face model directory (default: the bundled model).")
+@_model_option("--model", "model_dir",
+               help="A Hugging Face model directory (default: the bundled model).")
 @click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
 @click.option("--seed", type=int, default=13, show_default=True,
               help="The training seed (fixes which texts are held out).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=_positive, default=32, show_default=True)
 @click.option("--max-len", type=click.IntRange(min=8), default=512, show_default=True,
               help="Truncation length in tokens (the worker serves 512).")
 @click.option("--no-suite", is_flag=True, help="Skip the behavioural suite.")
 @click.option("--no-neutral", is_flag=True,
               help="Skip the neutral band's trade-off (vader's near-neutral items).")
 @click.option("--reliability-png", type=click.Path(dir_okay=False), default=None,
+              callback=_out_file_option,
               help="Write the reliability diagram (raw vs calibrated) to this PNG "
                    "(needs matplotlib).")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@click.option("--threads", type=_positive, default=None,
+              help="Torch threads (default: CPU count).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              callback=_out_file_option,
               help="Also write the report as JSON to this file (for `model verdict --report`).")
 @_with_vader
 @click.pass_context
@@ -322,13 +420,14 @@ def model_eval_command(ctx: click.Context, model_dir: str | None, split: str, se
     from training.evaluate import eval_main
 
     settings = settings_from(ctx)
-    report = eval_main(Path(model_dir) if model_dir else None,
-                       cache_dir=Path(settings.cache_dir),
-                       vader_sdist=_vader(ctx, vader_sdist, no_vader),
-                       more_data=_more(ctx, more_data), split=split, seed=seed,
-                       batch_size=batch_size, max_len=max_len, threads=_threads(threads),
-                       suite=not no_suite, neutral=not no_neutral,
-                       reliability_to=Path(reliability_png) if reliability_png else None)
+    with _reported():
+        report = eval_main(Path(model_dir) if model_dir else None,
+                           cache_dir=Path(settings.cache_dir),
+                           vader_sdist=_vader(ctx, vader_sdist, no_vader),
+                           more_data=_more(ctx, more_data), split=split, seed=seed,
+                           batch_size=batch_size, max_len=max_len, threads=_threads(threads),
+                           suite=not no_suite, neutral=not no_neutral,
+                           reliability_to=Path(reliability_png) if reliability_png else None)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     if json_out:
@@ -345,20 +444,21 @@ def _report_file(path: str) -> dict[str, Any]:
 
 
 @click.command("verdict")
-@click.option("--model", "model_dir", default=None,
-              help="The candidate, a Hugging Face model directory (e.g. "
-                   "\"$(bertstream model path --adapter DIR)\").")
+@_model_option("--model", "model_dir",
+               help="The candidate, a Hugging Face model directory (e.g. "
+                    "\"$(bertstream model path --adapter DIR)\").")
 @click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Or the candidate's eval report (`model eval --json-out`, "
                                  "or a GPU run's report.json).")
-@click.option("--baseline", "baseline_dir", default=None,
-              help="The model to beat, a model directory (default: the bundled model).")
+@_model_option("--baseline", "baseline_dir",
+               help="The model to beat, a model directory (default: the bundled model).")
 @click.option("--baseline-report", "baseline_report_path",
               type=click.Path(exists=True, dir_okay=False), default=None,
               help="Or the baseline's eval report as JSON.")
 @click.option("--seed", type=int, default=13, show_default=True,
               help="The training seed (fixes which texts are held out).")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@click.option("--threads", type=_positive, default=None,
+              help="Torch threads (default: CPU count).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the verdict as JSON.")
 @_with_vader
 @click.pass_context
@@ -390,10 +490,12 @@ def model_verdict_command(ctx: click.Context, model_dir: str | None, report_path
         from training.evaluate import eval_main
 
         click.echo(f"evaluating {directory or 'the bundled model'} ...", err=True)
-        reports.append(eval_main(
-            Path(directory) if directory else None, cache_dir=Path(settings_from(ctx).cache_dir),
-            vader_sdist=_vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
-            seed=seed, threads=_threads(threads), neutral=False).as_dict())
+        with _reported():
+            reports.append(eval_main(
+                Path(directory) if directory else None,
+                cache_dir=Path(settings_from(ctx).cache_dir),
+                vader_sdist=_vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+                seed=seed, threads=_threads(threads), neutral=False).as_dict())
     try:
         verdict = judge(reports[0], reports[1])
     except ValueError as exc:
@@ -406,26 +508,31 @@ def model_verdict_command(ctx: click.Context, model_dir: str | None, report_path
 
 @click.command("calibrate")
 @click.option("--adapter", "adapter_dir", type=click.Path(file_okay=False, exists=True),
-              default=None, help="Adapter directory to calibrate (default: the bundled one).")
+              default=None, callback=_adapter_dir_option,
+              help="Adapter directory to calibrate (default: the bundled one).")
 @_dev_options
 @click.pass_context
 def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: int,
                             batch_size: int, max_len: int, threads: int | None,
                             vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Fit the temperature on dev and store it in the adapter's meta.json."""
+    _require_train_extra(ctx, "model calibrate")
     from training.evaluate import calibrate_main
     from worker.sentiment.assemble import default_adapter_dir
 
-    calibrate_main(Path(adapter_dir) if adapter_dir else default_adapter_dir(),
-                   Path(settings_from(ctx).cache_dir), _vader(ctx, vader_sdist, no_vader),
-                   more_data=_more(ctx, more_data),
-                   seed=seed, batch_size=batch_size, max_len=max_len, threads=_threads(threads))
+    with _reported():
+        calibrate_main(Path(adapter_dir) if adapter_dir else default_adapter_dir(),
+                       Path(settings_from(ctx).cache_dir), _vader(ctx, vader_sdist, no_vader),
+                       more_data=_more(ctx, more_data), seed=seed, batch_size=batch_size,
+                       max_len=max_len, threads=_threads(threads))
 
 
 @click.command("interpolate")
 @click.option("--from", "from_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              callback=_adapter_dir_option,
               help="The adapter at alpha 0 (default: the bundled one).")
 @click.option("--to", "to_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              callback=_adapter_dir_option,
               help="The adapter at alpha 1, e.g. a run continued from --from "
                    "(its `model train --out`, or that directory's last/).")
 @click.option("--alpha", "alphas", type=click.FloatRange(0.0, 1.0), multiple=True,
@@ -433,6 +540,7 @@ def model_calibrate_command(ctx: click.Context, adapter_dir: str | None, seed: i
               help="Candidate weights of --to (repeatable); the one with the lowest calibrated "
                    "dev NLL is kept.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              callback=_out_dir_option,
               help="Directory for the picked adapter (calibrated; rank = the sum of the two).")
 @_dev_options
 @click.pass_context
@@ -449,42 +557,89 @@ def model_interpolate_command(ctx: click.Context, from_dir: str | None, to_dir: 
     """
     _require_train_extra(ctx, "model interpolate")
     from training.interpolate import interpolate_main
+    from worker.sentiment.adapter_file import load_adapter
     from worker.sentiment.assemble import default_adapter_dir
 
-    interpolate_main(Path(from_dir) if from_dir else default_adapter_dir(), Path(to_dir), alphas,
-                     Path(out_dir), _vader(ctx, vader_sdist, no_vader),
-                     more_data=_more(ctx, more_data), seed=seed, batch_size=batch_size,
-                     max_len=max_len, threads=_threads(threads))
+    start = Path(from_dir) if from_dir else default_adapter_dir()
+    with _reported(ValueError):
+        ends = load_adapter(start).meta, load_adapter(Path(to_dir)).meta
+        for key in ("base", "labels"):  # fail before the data and the models load
+            if ends[0].get(key) != ends[1].get(key):
+                raise ValueError(f"the adapters differ in {key!r}: {ends[0].get(key)} vs "
+                                 f"{ends[1].get(key)}")
+        interpolate_main(start, Path(to_dir), alphas, Path(out_dir),
+                         _vader(ctx, vader_sdist, no_vader),
+                         more_data=_more(ctx, more_data), seed=seed, batch_size=batch_size,
+                         max_len=max_len, threads=_threads(threads))
 
 
 @click.command("speed")
-@click.option("--model", "model_dir", default=None,
-              help="A Hugging Face model directory (default: the bundled model).")
-@click.option("--texts", type=int, default=1024, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: CPU count).")
+@_model_option("--model", "model_dir",
+               help="A Hugging Face model directory (default: the bundled model).")
+@click.option("--texts", type=_positive, default=1024, show_default=True)
+@click.option("--batch-size", type=_positive, default=32, show_default=True)
+@click.option("--threads", type=_positive, default=None,
+              help="Torch threads (default: CPU count).")
 @_with_vader
 @click.pass_context
 def model_speed_command(ctx: click.Context, model_dir: str | None, texts: int, batch_size: int,
                         threads: int | None, vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Texts/s of fp32 and dynamic int8 on CPU, and int8's held-out accuracy."""
+    _require_train_extra(ctx, "model speed")
     from training.speed import speed_main
+
     path = Path(model_dir) if model_dir else _default_model(ctx)
-    speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
-               n_texts=texts, batch_size=batch_size, threads=_threads(threads))
+    with _reported():
+        speed_main(path, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
+                   n_texts=texts, batch_size=batch_size, threads=_threads(threads))
+
+
+#: The file every device pack holds: a folder with it may be replaced by a new pack.
+PACK_FILE = "pack.json"
+
+
+def _check_pack_out(out: Path) -> None:
+    """Refuse a device-pack --out that is a file, or a non-empty folder other than a pack."""
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is not a folder", param_hint="--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / PACK_FILE).is_file():
+        raise click.BadParameter(f"{out} is not empty and holds no {PACK_FILE} (not a previous "
+                                 "pack): give a new or empty folder", param_hint="--out")
+    existing = _nearest_existing(out)
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise click.BadParameter(f"{out}: {existing} is not a writable folder", param_hint="--out")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` in place of ``out`` (a previous pack, or empty)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        try:
+            new.rename(out)
+        except OSError:
+            (old / out.name).rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
 
 
 @click.command("device-pack")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".devpack-train",
-              show_default=True, help="Folder to write (replaced).")
+              show_default=True,
+              help="Folder to write: a new or empty one, or a previous pack (replaced, "
+                   "once the new one is complete).")
 @click.option("--seed", type=int, default=13, show_default=True,
               help="The split seed (fixes which texts are dev and test).")
 @click.option("--limit", type=click.IntRange(min=4), default=None,
               help="At most this many texts per split: a pack for the CPU rehearsal.")
-@click.option("--limit-mb", type=float, default=56.0, show_default=True,
+@click.option("--limit-mb", type=click.FloatRange(min=0, min_open=True), default=56.0,
+              show_default=True,
               help="Fail when the pack is larger (one device call carries 64 MiB in all).")
 @click.option("--baseline", "baseline_dir", type=click.Path(file_okay=False, exists=True),
-              default=None, help="The adapter the run is held against and interpolated with "
+              default=None, callback=_adapter_dir_option,
+              help="The adapter the run is held against and interpolated with "
                                  "on the device (default: the bundled one).")
 @_compose_option
 @_compose_dev_option
@@ -504,25 +659,35 @@ def model_device_pack_command(ctx: click.Context, out_dir: str, seed: int, limit
                               drop_contradicted: float | None, drop_langs: tuple[str, ...],
                               vader_sdist: str | None, no_vader: bool, more_data: bool) -> None:
     """Pack the encoder and the tokenised data for a GPU training run (training/device_train.sh)."""
-    import shutil
-
     from training.device_pack import pack_main
     from worker.sentiment.assemble import default_adapter_dir
 
     _check_drop(drop_contradicted, drop_langs)
-    _require_train_extra(ctx, "model device-pack")
     out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    meta = pack_main(out, _vader(ctx, vader_sdist, no_vader), more_data=_more(ctx, more_data),
-                     seed=seed, limit=limit, compose_per_lang=compose_per_lang,
-                     compose_dev_per_lang=compose_dev_per_lang,
-                     judge_dir=_judge(ctx, judge_dir, compose_per_lang, compose_dev_per_lang,
-                                      int(drop_contradicted is not None)),
-                     lexicon_per_lang=lexicon_per_lang,
-                     lexicon_dir=_lexicons(ctx, lexicon_per_lang),
-                     absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang,
-                     drop_contradicted=drop_contradicted or 0.0, drop_langs=drop_langs,
-                     baseline=Path(baseline_dir) if baseline_dir else default_adapter_dir())
+    _check_pack_out(out)
+    _require_train_extra(ctx, "model device-pack")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside OUT and renamed over it only when complete: a failed run leaves OUT as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    building = staging / out.name  # a new folder, as pack_main expects
+    try:
+        with _reported():
+            meta = pack_main(building, _vader(ctx, vader_sdist, no_vader),
+                             more_data=_more(ctx, more_data),
+                             seed=seed, limit=limit, compose_per_lang=compose_per_lang,
+                             compose_dev_per_lang=compose_dev_per_lang,
+                             judge_dir=_judge(ctx, judge_dir, compose_per_lang,
+                                              compose_dev_per_lang,
+                                              int(drop_contradicted is not None)),
+                             lexicon_per_lang=lexicon_per_lang,
+                             lexicon_dir=_lexicons(ctx, lexicon_per_lang),
+                             absence_per_lang=absence_per_lang, deeds_per_lang=deeds_per_lang,
+                             drop_contradicted=drop_contradicted or 0.0, drop_langs=drop_langs,
+                             baseline=Path(baseline_dir) if baseline_dir
+                             else default_adapter_dir())
+        _replace_dir(building, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     click.echo(f"pack in {out}: {size:.1f} MiB; texts {meta['counts']}; "
                f"vocabulary rows {meta['vocab_rows']} of {meta['base']['vocab']}")

@@ -61,28 +61,46 @@ def split_large(directory: Path, limit: int = DEFAULT_LIMIT) -> list[Path]:
     return large
 
 
+def _check_entry(manifest: Path, entry: Any, what: str) -> tuple[str, int, str]:
+    """An entry's name, byte count and sha256, each of the right type, else PartsError."""
+    if not isinstance(entry, dict):
+        raise PartsError(f"{manifest}: not a parts manifest ({what} is not an object)")
+    name, size, digest = entry.get("name"), entry.get("bytes"), entry.get("sha256")
+    if not isinstance(name, str) or not name:
+        raise PartsError(f"{manifest}: not a parts manifest ({what} has no 'name' string)")
+    if Path(name).name != name or name in (".", ".."):
+        raise PartsError(f"{manifest}: the file name {name!r} is not a plain name")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise PartsError(f"{manifest}: not a parts manifest ({what} has no 'bytes' count)")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise PartsError(f"{manifest}: not a parts manifest ({what} has no 'sha256' hash)")
+    return name, size, digest
+
+
 def join_file(manifest: Path) -> Path:
     """Join the parts a manifest names (checked), write the file, remove parts and manifest."""
     try:
         spec = json.loads(manifest.read_text())
-        name, parts = str(spec["name"]), list(spec["parts"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise PartsError(f"{manifest}: not a parts manifest ({exc})") from exc
-    if Path(name).name != name:
-        raise PartsError(f"{manifest}: the file name {name!r} is not a plain name")
+    name, size, digest = _check_entry(manifest, spec, "the manifest")
+    parts = spec.get("parts")
+    if not isinstance(parts, list):
+        raise PartsError(f"{manifest}: not a parts manifest ('parts' is not a list of parts)")
+    entries = [_check_entry(manifest, part, f"part {i}") for i, part in enumerate(parts, 1)]
     chunks = []
-    paths = [manifest.with_name(Path(str(part["name"])).name) for part in parts]
-    for part, part_path in zip(parts, paths, strict=True):
+    paths = [manifest.with_name(part_name) for part_name, _, _ in entries]
+    for (_, part_bytes, part_sha), part_path in zip(entries, paths, strict=True):
         try:
             chunk = part_path.read_bytes()
         except OSError as exc:
             raise PartsError(f"{part_path}: missing ({exc.strerror})") from exc
-        if len(chunk) != part["bytes"] or _sha256(chunk) != part["sha256"]:
-            raise PartsError(f"{part_path}: {len(chunk)} bytes, not the {part['bytes']} bytes "
+        if len(chunk) != part_bytes or _sha256(chunk) != part_sha:
+            raise PartsError(f"{part_path}: {len(chunk)} bytes, not the {part_bytes} bytes "
                              "with the hash the manifest names")
         chunks.append(chunk)
     data = b"".join(chunks)
-    if len(data) != spec["bytes"] or _sha256(data) != spec["sha256"]:
+    if len(data) != size or _sha256(data) != digest:
         raise PartsError(f"{manifest}: the joined parts do not give the file it names")
     target = manifest.with_name(name)
     atomic_write(target, lambda tmp: tmp.write_bytes(data))
