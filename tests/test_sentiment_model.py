@@ -123,7 +123,7 @@ def test_model_path_cli_assembles_any_adapter(cache_dir: Path, model_dir: Path,
 
     split_file(other / "adapter.safetensors", 2**20)
     refused = CliRunner().invoke(main, ["model", "path", "--adapter", str(other)])
-    assert refused.exit_code == 1 and "bertstream model join" in refused.output
+    assert refused.exit_code == 2 and "bertstream model join" in refused.output
     assert isinstance(refused.exception, SystemExit), refused.exception  # no traceback
     assert CliRunner().invoke(main, ["model", "join", str(other)]).exit_code == 0
     again = CliRunner().invoke(main, ["model", "path", "--adapter", str(other)])

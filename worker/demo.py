@@ -21,13 +21,23 @@ from typing import Any
 
 import redis
 
-from contract.constants import WORKER_KEY_PREFIX
-from contract.results import ResultRecord
+from contract.constants import DEFAULT_MODEL, WORKER_KEY_PREFIX
+from contract.errors import BertstreamError
+from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings, mask_url
 from producer.client import Client
 from worker.process import WorkerProc
 
 Echo = Callable[[str], None]
+
+
+class DemoWorkerFailed(BertstreamError):
+    """The demo's worker process exited before it was ready; ``code`` is its exit code
+    (2 bad settings or model, 3 Redis or the database unreachable), the demo's too."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def load_samples() -> list[dict[str, str]]:
@@ -58,12 +68,27 @@ def subprocess_worker(settings: Settings, echo: Echo, timeout: float = 300.0) ->
     try:
         try:
             proc.wait_ready(timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(f"the demo {exc}") from None
+        except (RuntimeError, TimeoutError) as exc:
+            raise _worker_failure(proc, log_path, exc, timeout) from None
         echo(f"worker {proc.hostname} ready (pid {proc.pid}, log: {log_path})")
         yield
     finally:
         proc.stop(timeout=30)
+
+
+def _worker_failure(proc: WorkerProc, log_path: Path, exc: Exception,
+                    timeout: float) -> DemoWorkerFailed:
+    """One line for a demo worker that did not start: its own ``error:`` line and exit code."""
+    code = proc.proc.poll()
+    if code is None:
+        return DemoWorkerFailed(f"the demo worker was not ready after {timeout:.0f}s "
+                                f"(log: {log_path})", 1)
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    reason = (errors or lines or ["(no output)"])[-1]
+    reason = reason.removeprefix("error:").strip()
+    return DemoWorkerFailed(f"the demo worker exited with code {code}: {reason} "
+                            f"(log: {log_path})", code if code > 0 else 1)
 
 
 @contextmanager
@@ -73,11 +98,16 @@ def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
 
     from worker.app import build_runner, build_worker_app
 
-    wapp = build_worker_app(settings, build_runner(settings))
-    with start_worker(wapp.app, pool="solo", perform_ping_check=False, queues=wapp.queues,
-                      hostname="demo@localhost", loglevel="WARNING", shutdown_timeout=60):
-        echo("in-process worker ready")
-        yield
+    runner = build_runner(settings)
+    store = ResultStore.from_settings(settings)
+    try:
+        wapp = build_worker_app(settings, runner, store=store)
+        with start_worker(wapp.app, pool="solo", perform_ping_check=False, queues=wapp.queues,
+                          hostname="demo@localhost", loglevel="WARNING", shutdown_timeout=60):
+            echo("in-process worker ready")
+            yield
+    finally:
+        store.close()
 
 
 def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
@@ -94,7 +124,14 @@ def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
     from worker.app import resolve_model_dir
 
     echo("preparing the model (first use assembles and caches it) ...")
-    resolve_model_dir(settings, progress=True)
+    try:
+        resolve_model_dir(settings, progress=True)
+    except OSError as exc:
+        if settings.model != DEFAULT_MODEL:
+            raise
+        from worker.cli import _cache_error
+
+        raise _cache_error(settings, exc) from exc
     echo(f"database: {mask_url(settings.database_url)}")
     samples = load_samples()
     items = [
@@ -113,8 +150,33 @@ def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
     finally:
         if not in_memory:
             remove_queue_keys(settings)
+        checkpoint(settings)
     print_summary([rows[i] for i in report.ids], elapsed, echo)
     return 0 if len(rows) == len(report.ids) else 1
+
+
+def checkpoint(settings: Settings) -> None:
+    """Fold an SQLite database's write-ahead log into the database file.
+
+    The demo's workers are gone by now, and a worker stopped by a signal leaves
+    its rows in ``<db>-wal``: a copy of the database file alone would hold none.
+    Other databases: nothing to do. A failure here is no reason to fail the demo.
+    """
+    if not settings.database_url.startswith("sqlite"):
+        return
+    import sqlalchemy as sa
+
+    try:
+        store = ResultStore.from_settings(settings)
+    except BertstreamError:
+        return
+    try:
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    except sa.exc.SQLAlchemyError:
+        pass
+    finally:
+        store.close()  # the last connection closed: SQLite removes the -wal and -shm files
 
 
 def remove_queue_keys(settings: Settings) -> int:

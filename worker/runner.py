@@ -137,11 +137,27 @@ class HFRunner:
         self.model_dir = Path(model_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), dtype=placement.dtype
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=placement.dtype, output_loading_info=True
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - transformers raises anything (RuntimeError
+            # for a size mismatch, SafetensorError for a cut file); all mean "cannot load"
+            raise ModelLoadError(f"cannot load a model from {model_dir}: "
+                                 f"{_one_line(exc)}{_rebuild_hint(self.model_dir)}") from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            # transformers fills them with random values and only logs it: a worker
+            # would serve random labels. A headless encoder is the usual case.
+            prefix = f"{getattr(model, 'base_model_prefix', '')}."
+            head = [k for k in missing if not k.startswith(prefix)]
+            shown = (head or missing)[:6]
+            more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+            what = ("has no trained classification head" if head
+                    else "lacks weights of its encoder")
+            raise ModelLoadError(
+                f"{model_dir} {what} (missing: {', '.join(shown)}{more}): it is not a "
+                f"sequence-classification model; its random weights would give random "
+                f"labels{_rebuild_hint(self.model_dir)}")
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{model_dir}: a fast (Rust) tokenizer is required")
         try:
@@ -298,6 +314,19 @@ class HFRunner:
                            {label: float(p) for label, p in zip(self.labels, row, strict=True)})
             )
         return out
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line: its class when the message is empty, newlines folded."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _rebuild_hint(model_dir: Path) -> str:
+    """For a model assembled into the cache (its ``.complete`` marker), how to get a fresh one."""
+    if (model_dir / ".complete").is_file() and (model_dir / "bertstream_model.json").is_file():
+        return f"; it was assembled into the cache: delete {model_dir} to rebuild it"
+    return ""
 
 
 def quantize_int8(model: Any) -> Any:

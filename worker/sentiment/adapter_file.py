@@ -23,12 +23,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from contract.errors import ConfigError
+
 WEIGHTS = "adapter.safetensors"
 META = "meta.json"
 
 
-class AdapterError(RuntimeError):
-    """The adapter directory is missing, incomplete or unreadable."""
+class AdapterError(ConfigError, RuntimeError):
+    """The adapter directory is missing, incomplete, unreadable or does not fit the base.
+
+    A :class:`ConfigError`: every command reports it in one line and exits 2.
+    """
 
 
 @dataclass(frozen=True)

