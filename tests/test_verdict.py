@@ -16,7 +16,13 @@ import pytest
 from click.testing import CliRunner
 
 from producer.cli import main as cli
-from training.verdict import ORIGINAL_EN, figures, format_verdict, judge
+from training.verdict import (
+    ORIGINAL_EN,
+    IncomparableReports,
+    figures,
+    format_verdict,
+    judge,
+)
 
 
 def _report(suite_acc: dict[str, float] | None = None, confident: dict[str, int] | None = None,
@@ -33,7 +39,9 @@ def _report(suite_acc: dict[str, float] | None = None, confident: dict[str, int]
     suite = {lang: {"n": 325, "acc": suite_acc[lang], "confident_errors": confident[lang]}
              for lang in ("en", "zh")}
     suite["en/negation"] = {"n": 50, "acc": 0.5, "confident_errors": 40}  # categories: ignored
-    return {"max_len": 512, "heldout": heldout, "ece": {}, "temperature": 1.7, "suite": suite}
+    sources = {k: int(v["n"]) for k, v in heldout.items() if "/" in k}
+    return {"max_len": 512, "heldout": heldout, "ece": {}, "temperature": 1.7, "suite": suite,
+            "split": "test", "seed": 13, "sources": sources}
 
 
 BASE = _report()
@@ -121,3 +129,39 @@ def test_model_verdict_on_saved_reports(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["model", "verdict", "--baseline-report", base,
                                  "--report", no_suite])
     assert result.exit_code == 1 and "cannot apply the rule" in result.output
+
+
+BETTER = _report({"en": 0.95, "zh": 0.90}, {"en": 3, "zh": 1}, 0.87, 0.90)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"split": "dev"}, "'dev' split"),
+    ({"max_len": 16}, "max_len 512 vs 16"),
+    ({"seed": 14}, "seed 13 vs 14"),
+    ({"sources": {**BASE["sources"], "en/uci_yelp": 90}}, "en/uci_yelp 87 vs 90"),
+])
+def test_reports_measured_differently_get_no_verdict(change: dict[str, Any], words: str) -> None:
+    assert judge(BASE, BETTER).adopt  # measured alike: adopted
+    with pytest.raises(IncomparableReports, match=words):
+        judge(BASE, {**BETTER, **change})
+    if "split" in change:  # a dev report cannot be the baseline either, not even against itself
+        with pytest.raises(IncomparableReports, match="'dev' split"):
+            judge({**BASE, **change}, {**BETTER, **change})
+
+
+@pytest.mark.parametrize("field", ["split", "seed", "sources"])
+def test_an_old_report_without_how_it_was_measured_is_refused(field: str) -> None:
+    old = {k: v for k, v in BETTER.items() if k != field}
+    with pytest.raises(IncomparableReports, match=f"candidate report does not record its {field}.*"
+                                                  "re-run `bertstream model eval"):
+        judge(BASE, old)
+
+
+def test_model_verdict_refuses_a_dev_report_at_another_max_len(tmp_path: Path) -> None:
+    """The reviewer's case: dev at max_len 16 against dev at 64 was "verdict: adopt"."""
+    dev64 = _write(tmp_path / "dev64.json", {**BASE, "split": "dev", "max_len": 64})
+    dev16 = _write(tmp_path / "dev16.json", {**BETTER, "split": "dev", "max_len": 16})
+    result = CliRunner().invoke(cli, ["model", "verdict", "--baseline-report", dev64,
+                                      "--report", dev16])
+    assert result.exit_code == 1 and "cannot apply the rule" in result.output
+    assert "'dev' split" in result.output and "verdict:" not in result.output

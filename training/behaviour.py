@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+#: The class order everything here reads: column 0 negative, column 1 positive.
+#: A model's own order (its config's id2label) is mapped to this one before any
+#: figure is computed (``training.evaluate.predict_logits``).
 LABELS = ("negative", "positive")
 CATEGORIES = (
     "plain", "negation", "intensifier", "hedge", "domain_word", "emoji_short", "contrast",
@@ -40,7 +43,11 @@ class SuiteItem:
 
     @property
     def label_id(self) -> int:
-        """The class index (0 negative, 1 positive) of :attr:`label`."""
+        """The column of :attr:`label` in :data:`LABELS` order (0 negative, 1 positive).
+
+        That is the order of ``training.evaluate.predict_logits``' columns,
+        whatever order the model lists its labels in.
+        """
         return LABELS.index(self.label)
 
 
@@ -66,7 +73,8 @@ def load_suite(path: Path | None = None) -> list[SuiteItem]:
 
 
 def suite_table(items: Sequence[SuiteItem], probs: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Score the suite from per-item class probabilities ``(len(items), 2)``.
+    """Score the suite from per-item class probabilities ``(len(items), 2)``, columns in
+    :data:`LABELS` order (as ``training.evaluate.predict_logits`` gives them).
 
     Gives ``{group: {"n", "acc", "confident_errors"}}`` for each language and
     each ``lang/category``; a confident error is a wrong label whose

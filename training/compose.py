@@ -183,9 +183,16 @@ def with_composed(splits: dict[str, list[Example]], per_lang: int, dev_per_lang:
 
 def model_judge(model_dir: Path, threads: int = 2,
                 max_len: int = 64) -> Callable[[list[str]], list[float]]:
-    """A ``prob_positive`` from a Hugging Face classifier directory (calibrated when it says so)."""
+    """A ``prob_positive`` from a Hugging Face classifier directory (calibrated when it says so).
+
+    The "positive" column is found by label name (``predict_logits`` puts
+    the model's columns in [negative, positive] order from its config); a
+    model without exactly those two labels is refused when loaded
+    (``training.evaluate.UnusableModel``), so a topic model never judges.
+    """
     import torch
 
+    from training.behaviour import LABELS
     from training.evaluate import _load, predict_logits
     from worker.sentiment.calibration import load_temperature
 
@@ -195,6 +202,7 @@ def model_judge(model_dir: Path, threads: int = 2,
 
     def prob_positive(texts: list[str]) -> list[float]:
         logits = predict_logits(model, tokenizer, texts, batch_size=64, max_len=max_len)
-        return torch.softmax(logits / temperature, -1)[:, 1].tolist()
+        positive = LABELS.index("positive")
+        return torch.softmax(logits / temperature, -1)[:, positive].tolist()
 
     return prob_positive

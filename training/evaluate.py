@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from training.behaviour import (
     CONFIDENT,
+    LABELS,
     SuiteItem,
     confident_errors,
     format_suite_table,
@@ -34,6 +35,69 @@ from worker.sentiment.calibration import load_temperature
 
 NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
+try:
+    from contract.errors import ModelLoadError
+except ImportError:  # the lent GPU machine (training.full_train) has no contract package
+    ModelLoadError = RuntimeError  # type: ignore[misc,assignment]
+
+
+class UnusableModel(ModelLoadError):
+    """The model folder cannot be measured as a negative/positive sentiment classifier.
+
+    Its labels are not exactly "negative" and "positive", or its weights lack
+    parameters (the classification head) that loading would fill at random.
+    The CLI prints it as one ``error:`` line.
+    """
+
+
+def label_columns(config: Any) -> list[int]:
+    """The logit columns of "negative" and "positive", in that order, from a model config.
+
+    Everything here (accuracy, ECE, the suite, the judge of composed texts)
+    reads column 0 as negative and column 1 as positive, so
+    :func:`predict_logits` reorders a model's logits with these columns
+    first; a model whose config lists ``{0: "positive", 1: "negative"}`` is
+    then measured as the worker (which reads ``id2label``) serves it.
+
+    Names are matched case-insensitively in ``id2label`` (the worker's source
+    of truth); ``label2id``, when it names the same labels, must agree. The
+    model must have exactly these two labels: any other label, including a
+    third "neutral" column, is refused (:class:`UnusableModel`) rather than
+    dropped, because the worker would serve that column and a figure measured
+    without it would not be the served model's. A topic model or an unnamed
+    head (``LABEL_0``/``LABEL_1``) is refused the same way.
+    """
+    id2label = {int(i): str(name).strip().lower()
+                for i, name in (getattr(config, "id2label", None) or {}).items()}
+    num_labels = int(getattr(config, "num_labels", len(id2label)) or len(id2label))
+    names = [id2label.get(i, f"label_{i}") for i in range(max(num_labels, len(id2label)))]
+    if sorted(names) != sorted(LABELS):
+        raise UnusableModel(
+            f"the model's labels are {names} (config id2label); evaluation needs exactly "
+            f"{list(LABELS)} (any order, any case): a model with other labels, or with a "
+            f"third one such as 'neutral', is not measured as a sentiment classifier")
+    columns = [names.index(label) for label in LABELS]
+    label2id = {str(k).strip().lower(): v
+                for k, v in (getattr(config, "label2id", None) or {}).items()}
+    for label, column in zip(LABELS, columns, strict=True):
+        if label in label2id and int(label2id[label]) != column:
+            raise UnusableModel(
+                f"the model's config disagrees with itself: id2label puts {label!r} at "
+                f"{column}, label2id at {label2id[label]}")
+    return columns
+
+
+def _in_label_order(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with columns [negative, positive] (:func:`label_columns` of the model's config).
+
+    A module without a ``config`` (not a Hugging Face model) is taken as
+    giving them in that order already.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return logits
+    return logits[:, label_columns(config)]
+
 
 @torch.inference_mode()
 def predict_logits(
@@ -43,9 +107,11 @@ def predict_logits(
     batch_size: int = 32,
     max_len: int = 512,
 ) -> torch.Tensor:
-    """Give the float32 logits of each text, ``(len(texts), num_labels)``, in input order.
+    """Give the float32 logits of each text, ``(len(texts), 2)``, in input order.
 
-    Texts are sorted by length before batching so padding stays small; the
+    The columns are [negative, positive] whatever order the model's config
+    lists its labels in (:func:`label_columns`; a model without exactly
+    these two labels is refused). Texts are sorted by length before batching so padding stays small; the
     model is put in eval mode (and left there). ``max_len`` is the truncation
     length: the worker serves the model's maximum (512).
     """
@@ -61,7 +127,7 @@ def predict_logits(
             max_length=max_len,
             return_tensors="pt",
         )
-        logits = model(**enc).logits.float()
+        logits = _in_label_order(model, model(**enc).logits.float())
         if out is None:
             out = torch.zeros((len(texts), logits.shape[-1]))
         out[torch.tensor(idx)] = logits
@@ -75,7 +141,10 @@ def predict(
     batch_size: int = 32,
     max_len: int = 128,
 ) -> list[int]:
-    """Give the arg-max label of each text, in input order (see :func:`predict_logits`)."""
+    """Give the arg-max label of each text (0 negative, 1 positive), in input order.
+
+    See :func:`predict_logits`: the model's own label order is mapped first.
+    """
     logits = predict_logits(model, tokenizer, texts, batch_size, max_len)
     return [int(p) for p in logits.argmax(-1).tolist()]
 
@@ -113,6 +182,12 @@ class EvalReport:
     neutral: dict[str, list[dict[str, float]]] | None = None
     #: The suite items read wrong at a calibrated score >= CONFIDENT (confident_errors).
     suite_confident: list[dict[str, Any]] | None = None
+    #: The held-out split measured ("test" or "dev"); None: not recorded.
+    split: str | None = None
+    #: The split seed (the training seed) that chose the held-out texts; None: not recorded.
+    seed: int | None = None
+    #: The held-out texts' sources: ``{"lang/source": count}`` (which data, how many texts).
+    sources: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able data."""
@@ -126,9 +201,16 @@ def evaluate_logits(
     max_len: int,
     suite_items: Sequence[SuiteItem] = (),
     suite_logits: torch.Tensor | None = None,
+    *,
+    split: str | None = None,
+    seed: int | None = None,
 ) -> EvalReport:
     """Build the report from logits already computed (held-out texts, then the suite).
 
+    ``logits`` columns are [negative, positive] (as :func:`predict_logits`
+    gives them). ``split`` and ``seed`` say which held-out texts these are
+    (recorded, with the texts' sources, so that ``model verdict`` compares
+    only reports measured alike; a report without them is refused there).
     Accuracy is the arg-max's (temperature never changes it); ECE is given
     before and after dividing the logits by ``temperature``; the suite's
     confident errors use the calibrated probabilities, as the worker serves.
@@ -147,8 +229,12 @@ def evaluate_logits(
     if suite_items and suite_logits is not None:
         probs = torch.softmax(suite_logits / temperature, -1)
         suite, sure_wrong = suite_table(suite_items, probs), confident_errors(suite_items, probs)
+    sources: dict[str, int] = defaultdict(int)
+    for e in examples:
+        sources[f"{e.lang}/{e.source}"] += 1
     return EvalReport(max_len, accuracy_table(examples, preds), ece_table, temperature, suite,
-                      suite_confident=sure_wrong)
+                      suite_confident=sure_wrong, split=split, seed=seed,
+                      sources=dict(sorted(sources.items())))
 
 
 def format_report(report: EvalReport, split: str) -> str:
@@ -229,7 +315,8 @@ def eval_main(
     items = load_suite() if suite else []
     suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len)
                     if items else None)
-    report = evaluate_logits(examples, logits, temperature, max_len, items, suite_logits)
+    report = evaluate_logits(examples, logits, temperature, max_len, items, suite_logits,
+                             split=split, seed=seed)
     if neutral and vader_sdist is not None:
         texts = neutral_texts(vader_sdist, seed)
         report.neutral = neutral_report(
@@ -327,7 +414,29 @@ def _resolve(model_dir: Path | None, cache_dir: Path | None) -> Path:
 
 
 def _load(model_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The classifier and tokenizer of a local model folder (never the hub), checked.
+
+    Refuses (:class:`UnusableModel`) a folder whose weights lack parameters
+    the model has (loading would draw them at random: a folder saved without
+    its classification head measures differently on every run) and one whose
+    labels are not negative/positive (:func:`label_columns`).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return (AutoModelForSequenceClassification.from_pretrained(model_dir),
-            AutoTokenizer.from_pretrained(model_dir))
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, output_loading_info=True, local_files_only=True)
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k)
+                        for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        prefix = f"{model.base_model_prefix}."
+        head = sorted(k for k in missing if not k.startswith(prefix))
+        rest = sorted(set(missing) - set(head)) + mismatched
+        what = (f"has no classification head ({', '.join(head)} not in its weights"
+                + (f"; nor {', '.join(rest)}" if rest else "") + ")" if head
+                else f"lacks weights ({', '.join(rest)})")
+        raise UnusableModel(
+            f"{model_dir} {what}: loading would fill them at random, so its figures "
+            f"would mean nothing; give a folder saved with its whole classifier")
+    label_columns(model.config)
+    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

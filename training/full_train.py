@@ -626,7 +626,8 @@ def evaluate_pick(pack: Pack, model: nn.Module, device: torch.device,
     test_logits = split_logits(model, test, pad, device)
     suite_logits = split_logits(model, pack.splits["suite"], pad, device)
     report = evaluate_logits(examples, test_logits, temperature, pack.meta["max_len"],
-                             pack.suite, suite_logits)
+                             pack.suite, suite_logits, split="test",
+                             seed=pack.meta.get("split_seed"))
     if len(pack.splits["neutral"].ids):
         report.neutral = neutral_report(examples, test_logits,
                                         split_logits(model, pack.splits["neutral"], pad, device),

@@ -12,7 +12,10 @@ one look at test and the suite:
 - (e) the two suites together have at least four errors fewer.
 
 Only a candidate that passes all four is adopted (then its serving speed is
-measured side by side). Here the rule is code, so ``bertstream model
+measured side by side). The two reports must be measured alike: both on the
+test split, at the same truncation length (``max_len``), with the same split
+seed and the same held-out sources (:func:`comparable`); otherwise there is
+no verdict. Here the rule is code, so ``bertstream model
 verdict`` and the GPU trainer apply it the same way and a verdict is never a
 judgement made by eye.
 """
@@ -32,6 +35,46 @@ HELDOUT_SLACK = 0.005
 #: Check (e): how many suite errors fewer, both languages together.
 FEWER_ERRORS = 4
 _EPS = 1e-9
+#: What a report must record, and both reports share, for the rule to compare them.
+MEASURED_ALIKE = ("split", "max_len", "seed", "sources")
+
+
+class IncomparableReports(ValueError):
+    """The two reports were not measured alike (or one does not say how it was)."""
+
+
+def comparable(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> None:
+    """Raise :class:`IncomparableReports` unless both reports are test-split reports
+    measured at the same ``max_len``, split seed and held-out sources.
+
+    A report without these fields (written by a ``model eval`` before they
+    were recorded) is refused: re-run ``bertstream model eval --json-out``.
+    """
+    sides = (("baseline", baseline), ("candidate", candidate))
+    for name, report in sides:
+        absent = [k for k in MEASURED_ALIKE if report.get(k) is None]
+        if absent:
+            raise IncomparableReports(
+                f"the {name} report does not record its {', '.join(absent)} (written before "
+                f"reports recorded how they were measured): re-run `bertstream model eval "
+                f"--json-out FILE` for it")
+    for name, report in sides:
+        if report["split"] != "test":
+            raise IncomparableReports(
+                f"the {name} report is on the {report['split']!r} split; the rule reads test "
+                f"(`bertstream model eval --split test`)")
+    for key in MEASURED_ALIKE[1:]:
+        if baseline[key] != candidate[key]:
+            shown = ((f"{baseline[key]} vs {candidate[key]}") if key != "sources"
+                     else _sources_differ(baseline[key], candidate[key]))
+            raise IncomparableReports(
+                f"the reports were measured differently: {key} {shown} (baseline vs "
+                f"candidate); evaluate both the same way")
+
+
+def _sources_differ(b: Mapping[str, int], c: Mapping[str, int]) -> str:
+    keys = sorted(set(b) | set(c))
+    return "; ".join(f"{k} {b.get(k, 0)} vs {c.get(k, 0)}" for k in keys if b.get(k) != c.get(k))
 
 
 @dataclass(frozen=True)
@@ -91,7 +134,12 @@ def figures(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 def judge(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> Verdict:
-    """Apply checks (b)-(e) to two eval reports (``EvalReport.as_dict()`` each)."""
+    """Apply checks (b)-(e) to two eval reports (``EvalReport.as_dict()`` each).
+
+    Raises :class:`IncomparableReports` (a ValueError) unless they were
+    measured alike (:func:`comparable`), ValueError when one lacks a figure.
+    """
+    comparable(baseline, candidate)
     b, c = figures(baseline), figures(candidate)
 
     def pair(key: str, fmt: str = ".4f") -> str:

@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from contract.errors import ConfigError
+from worker.sentiment.errors import ReportedError
 
 WEIGHTS = "adapter.safetensors"
 META = "meta.json"
 
 
-class AdapterError(ConfigError, RuntimeError):
+class AdapterError(ReportedError, RuntimeError):
     """The adapter directory is missing, incomplete, unreadable or does not fit the base.
 
-    A :class:`ConfigError`: every command reports it in one line and exits 2.
+    A ``ConfigError`` (:mod:`worker.sentiment.errors`): every command reports it in one line and exits 2.
     """
 
 

