@@ -120,8 +120,12 @@ def test_labels_by_name_and_a_config_that_disagrees_with_itself() -> None:
         label_columns(config({0: "positive", 1: "negative"}, {"positive": 1, "negative": 0}))
 
 
-def test_model_eval_refuses_a_topic_model_in_one_line(tmp_path: Path) -> None:
+def test_model_eval_refuses_a_topic_model_in_one_line(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from producer.cli import main as cli
+
+    # The model is refused as it loads, before any data: with or without the train extra.
+    monkeypatch.setattr("training.cli.TRAIN_DATA_PACKAGES", ())
 
     folder = _tiny(tmp_path / "topic", ("sports", "politics"))
     result = CliRunner().invoke(cli, ["model", "eval", "--model", str(folder), "--no-vader",

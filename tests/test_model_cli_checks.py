@@ -47,6 +47,8 @@ def stubs(monkeypatch: pytest.MonkeyPatch) -> dict[str, Calls]:
 
     out = {"eval": Calls(Report()), "calibrate": Calls(), "speed": Calls(),
            "train": Calls(), "interpolate": Calls(), "pack": Calls(PACK_META)}
+    # The checks come before the data: they hold whether the train extra is installed.
+    monkeypatch.setattr("training.cli.TRAIN_DATA_PACKAGES", ())
     for target, key in (("training.evaluate.eval_main", "eval"),
                         ("training.evaluate.calibrate_main", "calibrate"),
                         ("training.speed.speed_main", "speed"),
