@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
-from contract.errors import InvalidInput, SchemaMismatch
+from contract.errors import InvalidInput, SchemaMismatch, StoreUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from contract.results import ResultStore
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: What an operator runs to bring the schema up to date.
 UPGRADE_COMMAND = "bertstream db upgrade"
@@ -198,7 +201,7 @@ def ensure(store: ResultStore) -> SchemaState:
     migration lock: another process may be migrating right now (several
     workers starting at once on an empty database).
     """
-    current = state(store)
+    current = _state_once_free(store)
     if current.problem() is None:
         return current
 
@@ -217,6 +220,41 @@ def ensure(store: ResultStore) -> SchemaState:
     if problem:
         raise SchemaMismatch(problem)
     return current
+
+
+#: Attempts of :func:`_state_once_free` while SQLite reports the file locked.
+SQLITE_LOCKED_TRIES = 5
+
+
+def _state_once_free(store: ResultStore) -> SchemaState:
+    """:func:`state`, read again after another process's migration of a SQLite file.
+
+    SQLite may answer "database is locked" at once (without its busy wait) to a
+    reader while another process changes the schema: several workers starting
+    on one new file. That is no outage: wait for the migration lock, then read
+    again, a few times.
+    """
+    for attempt in range(SQLITE_LOCKED_TRIES):
+        try:
+            return state(store)
+        except StoreUnavailable as exc:
+            if (store.engine.dialect.name != "sqlite" or "database is locked" not in str(exc)
+                    or attempt == SQLITE_LOCKED_TRIES - 1):
+                raise
+            log.info("the SQLite file is locked (another process sets it up?): waiting "
+                     "for its migration lock, then reading the schema again")
+            _wait_unlocked(store.engine.url)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _wait_unlocked(url: sa.engine.URL) -> None:
+    """Wait until no process holds the migration lock of SQLite file ``url``."""
+    if url.database and url.database != ":memory:":
+        path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")
+        with contextlib.suppress(OSError), open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    time.sleep(0.05)
 
 
 def drop_all(conn: Connection) -> None:

@@ -418,3 +418,46 @@ def test_a_failed_migration_reports_its_own_error(pg_url: str) -> None:
     with store.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE bertstream_windows"))
     store.close()
+
+
+def test_a_worker_meeting_a_locked_new_sqlite_file_waits_for_its_migration(
+        tmp_path: Path) -> None:
+    """Several workers starting on one new SQLite file: one holds the file's lock and the
+    migration lock while it sets the file up; another's first read is answered "database
+    is locked". That is no outage: it waits for the migration lock and reads again (it
+    used to exit 3, which stopped its launcher's whole set of workers)."""
+    import fcntl
+    import sqlite3
+    import threading
+
+    from contract import migrate
+    from contract.results import DbTimeouts
+
+    db = tmp_path / "new.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # rollback journal: readers are locked out
+    lock = open(tmp_path / "new.db.migrate-lock", "a")  # noqa: SIM115 - closed below
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    store = ResultStore.from_url(f"sqlite:///{db}", DbTimeouts(statement_s=0.2))
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(migrate.ensure(store))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    try:
+        time.sleep(1.0)  # past the busy wait: the first read has met the lock
+        assert not outcome, outcome
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+        worker.join(timeout=30)
+    store.close()
+    [state] = outcome
+    assert isinstance(state, migrate.SchemaState) and state.problem() is None, state
