@@ -326,6 +326,28 @@ def test_a_database_outage_keeps_no_claim_so_a_retry_is_not_a_duplicate(
     r.close()
 
 
+def _submit_cut_after_one_message(client: Client, submitter: Any, items: list[Any]) -> None:
+    """Submit ``items`` (caller ids) while Redis "fails" at the second publish: the submit
+    raises after one message was queued. Injected: a failure between two publishes
+    cannot be timed for real."""
+    from contract.errors import BrokerUnavailable
+
+    real, calls = client.publish, []
+
+    def failing_second(chunk: Any, **kw: Any) -> None:
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise BrokerUnavailable("injected: Redis went away")
+        real(chunk, **kw)
+
+    client.publish = failing_second  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(BrokerUnavailable):
+            submitter.submit(items, lane="bulk", caller_ids=frozenset(i.id for i in items))
+    finally:
+        client.publish = real  # type: ignore[method-assign]
+
+
 def test_an_outage_between_chunks_keeps_the_claims_of_the_chunks_queued(
         settings: Settings) -> None:
     """Redis fails after the first message of a submit was published: the submit raises
@@ -334,26 +356,14 @@ def test_an_outage_between_chunks_keeps_the_claims_of_the_chunks_queued(
     queued by the retry. (The failure between two publishes is injected: it cannot be
     timed for real.)"""
     from api.submit import ACCEPTED, DUPLICATE, Submitter
-    from contract.errors import BrokerUnavailable
     from contract.messages import TaskItem
 
     s = settings.replace(bulk_chunk_size=2)
     with Client(s) as client:
         submitter = Submitter(s, client)
         items = [TaskItem(id=f"c{i}", text=f"text {i}") for i in range(5)]
-        real, calls = client.publish, []
-
-        def failing_second(chunk: Any, **kw: Any) -> None:
-            calls.append(len(chunk))
-            if len(calls) == 2:
-                raise BrokerUnavailable("injected: Redis went away")
-            real(chunk, **kw)
-
-        client.publish = failing_second  # type: ignore[method-assign]
-        with pytest.raises(BrokerUnavailable):
-            submitter.submit(items, lane="bulk", caller_ids=frozenset(i.id for i in items))
+        _submit_cut_after_one_message(client, submitter, items)
         assert client.queue_length() == 1  # the first chunk's message
-        client.publish = real  # type: ignore[method-assign]
         retry = submitter.submit(items, lane="bulk", caller_ids=frozenset(i.id for i in items))
         assert [(o.id, o.status) for o in retry] == [
             ("c0", DUPLICATE), ("c1", DUPLICATE), ("c2", ACCEPTED), ("c3", ACCEPTED),
@@ -367,7 +377,6 @@ def test_an_outage_between_chunks_keeps_only_the_queued_retries(settings: Settin
     retry in the queued chunk keeps its marker (sent again, it is a duplicate), the one in
     the chunk never sent loses it (sent again, it is queued). Injected, as above."""
     from api.submit import ACCEPTED, DUPLICATE, Submitter
-    from contract.errors import BrokerUnavailable
     from contract.messages import TaskItem
 
     store = ResultStore.from_url(settings.database_url)
@@ -378,18 +387,7 @@ def test_an_outage_between_chunks_keeps_only_the_queued_retries(settings: Settin
         submitter = Submitter(s, client)
         items = [TaskItem(id=f"c{i}", text=f"text {i}") for i in range(5)]
         ids = frozenset(i.id for i in items)
-        real, calls = client.publish, []
-
-        def failing_second(chunk: Any, **kw: Any) -> None:
-            calls.append(len(chunk))
-            if len(calls) == 2:
-                raise BrokerUnavailable("injected: Redis went away")
-            real(chunk, **kw)
-
-        client.publish = failing_second  # type: ignore[method-assign]
-        with pytest.raises(BrokerUnavailable):
-            submitter.submit(items, lane="bulk", caller_ids=ids)
-        client.publish = real  # type: ignore[method-assign]
+        _submit_cut_after_one_message(client, submitter, items)
         retry = submitter.submit(items, lane="bulk", caller_ids=ids)
         assert [(o.id, o.status) for o in retry] == [
             ("c0", DUPLICATE), ("c1", DUPLICATE), ("c2", ACCEPTED), ("c3", ACCEPTED),
