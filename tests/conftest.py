@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -39,6 +40,24 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[tuple[Any, redis.Redis]]:
+    """A kombu connection to the test Redis with bertstream's receive installed (a short
+    visibility timeout), and a plain Redis client to look at the lists."""
+    from kombu import Connection
+
+    from worker import kombu_redis
+
+    assert kombu_redis.install()
+    conn = Connection(redis_url, transport_options={"visibility_timeout": 1})
+    r = redis.Redis.from_url(redis_url)
+    try:
+        yield conn, r
+    finally:
+        conn.release()
+        r.close()
 
 
 @pytest.fixture

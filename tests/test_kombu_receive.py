@@ -8,7 +8,6 @@ the worker's socket; these tests leave replies unread on purpose (what a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
@@ -20,18 +19,6 @@ from tests.conftest import RedisServer
 from worker import kombu_redis
 
 FIRST, SECOND = "bst-recv.interactive", "bst-recv.bulk"
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[tuple[Connection, redis.Redis]]:
-    assert kombu_redis.install()
-    conn = Connection(redis_url, transport_options={"visibility_timeout": 1})
-    r = redis.Redis.from_url(redis_url)
-    try:
-        yield conn, r
-    finally:
-        conn.release()
-        r.close()
 
 
 def _consumer(conn: Connection, got: list[Any]) -> Any:

@@ -13,7 +13,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -43,18 +42,6 @@ def bad_body(queue: str, exchange: str, tag: str) -> bytes:
                        "delivery_mode": 2,
                        "delivery_info": {"exchange": exchange, "routing_key": queue}},
     }).encode()
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[tuple[Connection, redis.Redis]]:
-    assert kombu_redis.install()
-    conn = Connection(redis_url, transport_options={"visibility_timeout": 1})
-    r = redis.Redis.from_url(redis_url)
-    try:
-        yield conn, r
-    finally:
-        conn.release()
-        r.close()
 
 
 def test_unreadable_items_are_parked_and_the_next_message_delivered(broker: Any) -> None:
