@@ -950,10 +950,6 @@ class ResultStore:
 
         return self._read(read)
 
-    def text_hashes(self, ids: Iterable[str]) -> dict[str, set[str]]:
-        """The ``text_sha256`` of every row (any model) of the given ids that exist."""
-        return {i: set(s.hashes) for i, s in self.id_states(ids).items()}
-
     def id_states(self, ids: Iterable[str]) -> dict[str, IdState]:
         """What an id check needs of the given ids that exist, read by key (lighter than
         whole rows): every row's text hash and the latest row's status."""

@@ -500,10 +500,6 @@ class Client:
             self._table_seen = schema.has_results
         return self._table_seen
 
-    def conflicts(self, items: Sequence[TaskItem]) -> dict[str, str]:
-        """Ids among ``items`` already stored with a different text -> why (one query)."""
-        return self.id_check(items).conflicts
-
     def id_check(self, items: Sequence[TaskItem]) -> IdCheck:
         """Caller ids among ``items`` checked against the stored rows (one query).
 

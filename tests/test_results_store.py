@@ -195,7 +195,7 @@ def test_reads_by_ids_search_the_key_whatever_else_filters(tmp_path) -> None:  #
 
 
 def test_id_lookups_send_one_array_and_search_the_key_on_postgresql(pg_url: str) -> None:
-    """PostgreSQL: reads by ids (get_many, text_hashes, done_ids, the flag settling) send
+    """PostgreSQL: reads by ids (get_many, id_states, done_ids, the flag settling) send
     ``id = ANY(array)``, one parameter whatever the count, not an IN list of placeholders,
     and the primary key can serve it (a cast on the column would rule the index out; the
     table is small, so the test turns sequential scans off to ask whether the key applies)."""
@@ -215,7 +215,7 @@ def test_id_lookups_send_one_array_and_search_the_key_on_postgresql(pg_url: str)
 
     ids = [f"k{i}" for i in range(0, 10_000, 53)] + ["absent"]
     assert len(store.get_many(ids)) == len(ids) - 1
-    assert len(store.text_hashes(ids)) == len(ids) - 1
+    assert len(store.id_states(ids)) == len(ids) - 1
     assert len(store.done_ids(ids)) == len(ids) - 1
     store.settle_latest(ids)
     sa.event.remove(store.engine, "before_cursor_execute", capture)
