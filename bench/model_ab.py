@@ -2,18 +2,23 @@
 
     python -m bench.model_ab OLD_MODEL_DIR NEW_MODEL_DIR [--rounds 3] [--texts 512]
 
-Both models score the same held-out test texts (seed 13, shuffled) in
-alternating rounds, so the machine's noise hits both alike; prints texts/s
-per round and the new/old ratio per round. Needs the ``train`` extra. Use
-``bertstream model path --adapter DIR`` to assemble an adapter's directory.
+Both models score the same held-out test texts (seed 13, shuffled). Each
+first makes one untimed warm-up pass (the first pass pays one-off costs);
+then every round times both, the order reversed each round (old new, new
+old, ...), so neither the warm-up nor a drift of the machine favours one
+side; an even ``--rounds`` puts each first equally often. Prints texts/s
+per round with its order and the new/old ratio per round. Needs the
+``train`` extra. Use ``bertstream model path --adapter DIR`` to assemble an
+adapter's directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _positive(value: str) -> int:
@@ -37,6 +42,29 @@ def _model_dir(value: str) -> Path:
     return path
 
 
+def side_by_side(models: Mapping[str, tuple[Any, Any]], texts: Sequence[str],
+                 rounds: int) -> list[dict[str, Any]]:
+    """Texts/s of each (model, tokenizer) per round, after one untimed warm-up pass each.
+
+    The order is reversed every round (A B, B A, A B, ...). Gives one record per
+    round: ``{"round": 1, "order": ["old", "new"], "old": texts/s, "new": texts/s}``.
+    """
+    from training.speed import texts_per_second
+
+    for model, tokenizer in models.values():
+        texts_per_second(model, tokenizer, texts, 32)  # warm-up, not timed
+    names = list(models)
+    records: list[dict[str, Any]] = []
+    for index in range(rounds):
+        order = names if index % 2 == 0 else names[::-1]
+        record: dict[str, Any] = {"round": index + 1, "order": order}
+        for name in order:
+            model, tokenizer = models[name]
+            record[name] = texts_per_second(model, tokenizer, texts, 32)
+        records.append(record)
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     """Measure and print; gives {"old": [...], "new": [...]} texts/s per round."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -50,17 +78,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     import torch
 
     from training.data import SplitSpec, load_examples
-    from training.speed import load, texts_per_second
+    from training.speed import load
 
     torch.set_num_threads(args.threads)
     test = list(load_examples(None, SplitSpec(seed=13))["test"])
     random.Random(13).shuffle(test)
     texts = [e.text for e in test[: args.texts]]
     models = {"old": load(args.old), "new": load(args.new)}
-    out: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, (model, tokenizer) in models.items():
-            out[name].append(texts_per_second(model, tokenizer, texts, 32))
+    print("one untimed warm-up pass per model; the order alternates each round")
+    records = side_by_side(models, texts, args.rounds)
+    for record in records:
+        print(f"round {record['round']} ({' then '.join(record['order'])}): "
+              + ", ".join(f"{name} {record[name]:.1f}" for name in models) + " texts/s")
+    out = {name: [record[name] for record in records] for name in models}
     print({name: [round(x, 1) for x in xs] for name, xs in out.items()})
     print("new/old per round:", [round(n / o, 3) for n, o in zip(out["new"], out["old"], strict=True)])
     return out

@@ -47,7 +47,7 @@ class ModelError(FatalError):
 
 
 class ModelLoadError(FatalError):
-    """The model directory cannot be loaded."""
+    """The model directory cannot be loaded (a setting to fix: exit 2, as a ConfigError)."""
 
 
 class StoreUnavailable(RetryableError):
@@ -120,9 +120,10 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code(exc: BaseException) -> int:
-    """The documented exit code for ``exc``: 2 bad input or settings, 3 Redis or the
-    database unreachable, 4 results not ready in time, 130 interrupted, 1 anything else."""
-    if isinstance(exc, (InvalidInput, ConfigError)):
+    """The documented exit code for ``exc``: 2 bad input or settings (a model folder that
+    cannot be loaded included), 3 Redis or the database unreachable, 4 results not ready
+    in time, 130 interrupted, 1 anything else."""
+    if isinstance(exc, (InvalidInput, ConfigError, ModelLoadError)):
         return EXIT_USAGE
     if isinstance(exc, (BrokerUnavailable, StoreUnavailable)):
         return EXIT_UNREACHABLE

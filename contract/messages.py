@@ -115,7 +115,7 @@ def validate_text(text: Any, settings: Settings) -> str:
     Bytes are decoded as UTF-8; undecodable bytes, lone surrogates (which
     JSON allows but UTF-8 cannot store), empty or whitespace-only texts,
     texts with no visible character (zero-width spaces, a BOM, control
-    characters: :func:`has_visible`) and texts over
+    characters, Hangul fillers: :func:`has_visible`) and texts over
     ``settings.max_text_chars`` are refused with a readable reason.
     """
     if isinstance(text, (bytes, bytearray)):
@@ -134,8 +134,8 @@ def validate_text(text: Any, settings: Settings) -> str:
     if "\x00" in text:
         raise InvalidInput("text contains a NUL character")
     if not has_visible(text):
-        raise InvalidInput("text has no visible characters (only control, format or "
-                           "space characters)")
+        raise InvalidInput("text has no visible characters (only control, format, space or "
+                           "blank characters such as U+3164 HANGUL FILLER)")
     if len(text) > settings.max_text_chars:
         raise InvalidInput(
             f"text is {len(text)} characters, over the limit of {settings.max_text_chars}"
@@ -145,19 +145,43 @@ def validate_text(text: Any, settings: Settings) -> str:
 
 #: Unicode categories that show nothing: controls, format characters (zero-width spaces
 #: and joiners, the BOM, direction marks), separators. Unassigned code points (``Cn``)
-#: count as visible: an emoji newer than Python's Unicode tables is one.
+#: count as visible: an emoji newer than Python's Unicode tables is one (the ranges
+#: Unicode reserves as ignorable, in ``_BLANK``, excepted).
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+#: Code points of other categories that show nothing: Unicode's Default_Ignorable_Code_Point
+#: list (DerivedCoreProperties.txt) but for the ``Cf`` runs the categories cover. Hangul
+#: fillers (``Lo``), variation selectors and other marks that stand for no glyph (``Mn``),
+#: and the ranges Unicode reserves as ignorable (``Cn``: whatever is assigned there later
+#: shows nothing). Then two symbols (``So``) drawn blank: BRAILLE PATTERN BLANK and
+#: MUSICAL SYMBOL NULL NOTEHEAD.
+_BLANK_RANGES = (
+    (0x034F, 0x034F),    # COMBINING GRAPHEME JOINER
+    (0x115F, 0x1160),    # HANGUL CHOSEONG FILLER, HANGUL JUNGSEONG FILLER
+    (0x17B4, 0x17B5),    # KHMER VOWEL INHERENT AQ, AA
+    (0x180B, 0x180D),    # MONGOLIAN FREE VARIATION SELECTOR ONE..THREE
+    (0x180F, 0x180F),    # MONGOLIAN FREE VARIATION SELECTOR FOUR
+    (0x2065, 0x2065),    # reserved
+    (0x3164, 0x3164),    # HANGUL FILLER
+    (0xFE00, 0xFE0F),    # VARIATION SELECTOR-1..16
+    (0xFFA0, 0xFFA0),    # HALFWIDTH HANGUL FILLER
+    (0xFFF0, 0xFFF8),    # reserved
+    (0xE0000, 0xE0FFF),  # tags (Cf), VARIATION SELECTOR-17..256, reserved
+    (0x2800, 0x2800),    # BRAILLE PATTERN BLANK
+    (0x1D159, 0x1D159),  # MUSICAL SYMBOL NULL NOTEHEAD
+)
+_BLANK = frozenset(chr(c) for low, high in _BLANK_RANGES for c in range(low, high + 1))
 
 
 def has_visible(text: str) -> bool:
-    """True when ``text`` has a character that is no space, control or format character.
+    """True when ``text`` has a character that is no space, control, format or blank character.
 
-    ``str.strip`` keeps ``"\\u200b"`` or ``"\\ufeff"``: such a text is empty to a
+    ``str.strip`` keeps ``"\\u200b"`` or ``"\\ufeff"``, and a Hangul filler
+    (``"\\u3164"``) is a letter by its category: such a text is empty to a
     reader and to the model, which would still give it a confident label.
     Stops at the first visible character (usually the first).
     """
-    return any(not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE
-               for ch in text)
+    return any(not ch.isspace() and ch not in _BLANK
+               and unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -86,6 +86,7 @@ def test_a_truncated_weights_file_names_the_cache_entry_to_delete(tiny_model_dir
     with pytest.raises(ModelLoadError, match="cannot load a model from") as info:
         HFRunner(cut, CPU)
     assert "delete" not in str(info.value)  # not an assembled cache entry
+    assert exit_code(info.value) == 2  # a model folder that cannot be used is a setting to fix
     (cut / ".complete").write_text("0123\n")
     (cut / "bertstream_model.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=f"delete {cut} to rebuild it"):

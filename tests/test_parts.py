@@ -82,4 +82,15 @@ def test_the_join_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "sha256 checked" in result.output and path.read_bytes() == data_parts
     result = CliRunner().invoke(cli_main, ["model", "join", str(tmp_path)])
-    assert result.exit_code == 1 and "nothing to join" in result.output
+    assert result.exit_code == 2 and "nothing to join" in result.output
+
+
+def test_the_join_command_reports_a_missing_part_in_one_line_exit_2(tmp_path: Path) -> None:
+    """As every other model command reports a bad input: exit 2, one line, no traceback."""
+    path, parts = _split(tmp_path)
+    parts[1].unlink()
+    result = CliRunner().invoke(cli_main, ["model", "join", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {parts[1]}: missing (No such file or directory)"]
+    assert not path.exists() and parts[0].exists()

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from contract.errors import ConfigError, ModelLoadError
 from contract.settings import Settings
+from producer.cli import main
 from worker.device import resolve_placement
 from worker.runner import NEUTRAL, HFRunner
 from worker.sentiment.calibration import write_temperature
@@ -62,6 +64,46 @@ def test_neutral_band_labels_low_confidence_texts(tiny_model_dir: Path) -> None:
     # End to end: a band of 1.0 makes every text neutral.
     everything = HFRunner(tiny_model_dir, placement, neutral_below=1.0)
     assert {p.label for p in everything.decode(_probs(everything))} == {NEUTRAL}
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 1e-9])
+def test_a_neutral_band_no_top_probability_can_fall_below_is_refused(tiny_model_dir: Path,
+                                                                     p: float) -> None:
+    """Two labels: the top probability is at least 0.5, so a band at or below it would
+    label nothing neutral while every row said ``+neutral<p>``."""
+    with pytest.raises(ConfigError, match=(
+            rf"BERTSTREAM_NEUTRAL_BELOW={p:g} can never label a text neutral: the top "
+            r"probability of 2 labels is at least 0\.5; use a value above 0\.5, or 0 to "
+            r"turn the band off")):
+        HFRunner(tiny_model_dir, resolve_placement("cpu", "auto"), neutral_below=p)
+
+
+def test_the_neutral_band_floor_is_one_over_the_number_of_labels(tmp_path: Path) -> None:
+    from tests.tinybert import write_tiny_bert
+
+    three = write_tiny_bert(tmp_path / "three", labels=("negative", "neutral-ish", "positive"))
+    placement = resolve_placement("cpu", "auto")
+    with pytest.raises(ConfigError, match=r"of 3 labels is at least 0\.333"):
+        HFRunner(three, placement, neutral_below=1 / 3)
+    runner = HFRunner(three, placement, neutral_below=0.4)
+    assert runner.revision is not None and runner.revision.endswith("+neutral0.4")
+    preds = runner.decode(torch.tensor([[0.38, 0.3, 0.32], [0.1, 0.2, 0.7]]))
+    assert [p.label for p in preds] == [NEUTRAL, "positive"]
+
+
+def test_the_worker_exits_2_in_one_line_for_a_band_that_does_nothing(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Refused at the model load, before the broker (unreachable here) is needed."""
+    result = CliRunner().invoke(main, ["worker", "--device", "cpu"], env={
+        "BERTSTREAM_MODEL": str(tiny_model_dir), "BERTSTREAM_NEUTRAL_BELOW": "0.5",
+        "BERTSTREAM_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}",
+        "BERTSTREAM_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: BERTSTREAM_NEUTRAL_BELOW=0.5 can never label a text neutral: the top "
+        "probability of 2 labels is at least 0.5; use a value above 0.5, or 0 to turn the "
+        "band off")
+    assert "Traceback" not in result.output and not isinstance(result.exception, Exception)
 
 
 def test_neutral_below_setting() -> None:

@@ -703,16 +703,15 @@ def model_join_command(directory: str) -> None:
 
     A device call returns files of at most 16 MB, so a larger adapter comes
     as adapter.safetensors.part001, .part002, ... and adapter.safetensors.parts.json.
+    A missing, damaged or malformed part or manifest exits 2 with one line.
     Example: bertstream model join OUT/adapter
     """
     from training.parts import PartsError, join_parts
 
-    try:
+    with _reported(PartsError):
         joined = join_parts(Path(directory))
-    except PartsError as exc:
-        raise click.ClickException(str(exc)) from exc
     if not joined:
-        raise click.ClickException(f"no *.parts.json under {directory}: nothing to join")
+        raise InputError(f"no *.parts.json under {directory}: nothing to join")
     for path in joined:
         click.echo(f"joined {path} ({path.stat().st_size} bytes, sha256 checked)")
 

@@ -129,7 +129,9 @@ class HFRunner:
         probability is below it is labelled ``neutral``. Raises
         :class:`ModelLoadError` when the directory is not a loadable
         sequence-classification model with a fast tokenizer, or its
-        calibration file is unreadable.
+        calibration file is unreadable; :class:`ConfigError` when
+        ``neutral_below`` is at most 1/(number of labels), a band no top
+        probability can fall below.
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -192,6 +194,14 @@ class HFRunner:
         self.labels = [
             str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)
         ]
+        floor = 1 / len(self.labels)
+        if 0 < neutral_below <= floor:
+            # The top of n probabilities is at least 1/n: such a band labels nothing
+            # neutral, yet every row would say +neutral<p> in its model_revision.
+            raise ConfigError(
+                f"BERTSTREAM_NEUTRAL_BELOW={neutral_below:g} can never label a text neutral: "
+                f"the top probability of {len(self.labels)} labels is at least {floor:.3g}; "
+                f"use a value above {floor:.3g}, or 0 to turn the band off")
         self.uses_token_types = getattr(model.config, "type_vocab_size", 0) > 1
         self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
         # A private copy: truncation is a setting of the Rust tokenizer object.
