@@ -10,7 +10,8 @@ on the light install.
 Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
 the database unreachable, 4 results not ready before the timeout, 5 a stream
 refused some records (after sending the good ones), 130 a stream stopped by
-Ctrl-C or SIGTERM (it says how many items were sent and where to resume).
+Ctrl-C or SIGTERM (it says how many items were sent and where to resume), or
+a ``--wait`` stopped so (everything was sent).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -39,10 +41,11 @@ from contract.errors import (
     Interrupted,
     InvalidInput,
     ResultTimeout,
+    StoreUnavailable,
     exit_code,
 )
 from contract.liveness import HEARTBEAT_TTL_S
-from contract.messages import id_problem, make_item, printable
+from contract.messages import MAX_META_DEPTH, MAX_TIMESTAMP, id_problem, make_item, printable
 from contract.queries import BUCKETS
 from contract.results import ResultRecord
 from contract.settings import Settings, mask_url
@@ -192,12 +195,20 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+class _ListedTimeout(ResultTimeout):
+    """A :class:`ResultTimeout` whose missing ids were printed already, one per line."""
+
+
 def _describe(exc: BertstreamError) -> str:
     if isinstance(exc, ResultTimeout):
-        shown = ", ".join(exc.missing[:SHOWN_MISSING])
-        more = f" and {len(exc.missing) - SHOWN_MISSING} more" if len(exc.missing) > SHOWN_MISSING else ""
+        if isinstance(exc, _ListedTimeout):
+            missing = "missing: the ids listed above"
+        else:
+            shown = ", ".join(exc.missing[:SHOWN_MISSING])
+            more = f" and {len(exc.missing) - SHOWN_MISSING} more" if len(exc.missing) > SHOWN_MISSING else ""
+            missing = f"missing: {shown}{more}"
         hint = f"; {exc.hint}" if exc.hint else ""
-        return f"{exc} (they may still finish); missing: {shown}{more}{hint}"
+        return f"{exc} (they may still finish); {missing}{hint}"
     if isinstance(exc, InvalidInput) and exc.item_id:
         return f"{exc.reason} (id {exc.item_id})"
     return str(exc)
@@ -275,9 +286,31 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--meta is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise InvalidInput(f"--meta is nested deeper than {MAX_META_DEPTH} levels") from exc
+    except ValueError as exc:  # an integer over Python's digit limit
+        raise InvalidInput(f"--meta cannot be read: {str(exc).split(':')[0]}") from exc
     if not isinstance(value, dict):
         raise InvalidInput(f"--meta must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _check_options(settings: Settings, source: str | None, ttl_s: float | None,
+                   timeout: float) -> None:
+    """Refuse a bad ``--source``, ``--ttl`` or ``--timeout`` before anything is read or sent.
+
+    Otherwise every text would be refused alone for the same reason (a Redis
+    Stream entry acknowledged with it), and a NaN timeout would wait for ever.
+    """
+    problem = None if source is None else id_problem(source, settings.max_id_chars)
+    if problem is not None:
+        raise InvalidInput(f"--source {printable(str(source))!r} {problem}")
+    if ttl_s is not None and not 0 < ttl_s <= MAX_TIMESTAMP:  # NaN fails too
+        raise InvalidInput(f"--ttl must be more than 0 and at most {MAX_TIMESTAMP:.0f} seconds, "
+                           f"got {ttl_s:g}")
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise InvalidInput(f"--timeout must be a finite number of seconds, 0 or more, "
+                           f"got {timeout:g}")
 
 
 @main.command()
@@ -287,7 +320,7 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
 @click.option("--meta", help="JSON object stored with the results.")
 @click.option("--wait", is_flag=True, help="Wait for the results and print them.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to --wait.")
-@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--ttl", "ttl_s", type=float, default=None,
               help="Seconds the texts stay worth analysing; later they are stored as expired.")
 @click.option("--model", "model_name", metavar="NAME",
               help="The named model to run them (a worker started with --model NAME=PATH); "
@@ -310,10 +343,16 @@ def submit(
 
     All texts are validated before anything is sent; they travel as one
     message on the interactive lane.
+
+    A --wait cut short (by --timeout, Ctrl-C or SIGTERM, or Redis or the
+    database gone) still prints the results that are ready on stdout, in
+    the --format, and every other id on stderr as a line `missing: ID`,
+    before the error line; it exits 4, 130 or 3.
     """
     if task_id is not None and len(texts) != 1:
         raise click.UsageError("--id needs exactly one text")
     settings = _publishing_settings(ctx, model_name)
+    _check_options(settings, source, ttl_s, timeout)
     meta_obj = _parse_meta(meta)
     items, problems = [], []
     for n, text in enumerate(texts, 1):
@@ -332,8 +371,14 @@ def submit(
         if not wait:
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
             return
-        found = _wait(client, ids, timeout)
-        click.echo(render_results([found[i] for i in ids], fmt, terminal=_on_terminal()))
+        found, stop = _wait_or_stop(client, ids, timeout)
+        click.echo(render_results([found[i] for i in ids if i in found], fmt,
+                                  terminal=_on_terminal()))
+        if stop is not None:
+            missing = [i for i in ids if i not in found]
+            for i in missing:
+                click.echo(f"missing: {printable(i)}", err=True)
+            raise _with_missing(stop, missing, listed=True)
 
 
 @main.command("stream")
@@ -363,7 +408,7 @@ def submit(
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--wait", is_flag=True, help="Wait for every result and print counts by status.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to --wait.")
-@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--ttl", "ttl_s", type=float, default=None,
               help="Seconds each text stays worth analysing; later it is stored as expired.")
 @click.option("--model", "model_name", metavar="NAME",
               help="The named model to run them (a worker started with --model NAME=PATH); "
@@ -388,6 +433,7 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
     fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
                       opts.pop("time_field"), given=_given_fields(ctx))
     settings = _publishing_settings(ctx, model_name)
+    _check_options(settings, opts["source"], opts["ttl_s"], opts["timeout"])
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_interrupts())
         client = stack.enter_context(Client(settings))
@@ -448,11 +494,14 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         raise Interrupted(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
     click.echo(_summary(report, "entry #" if redis_source else "line "))
     if wait and report.ids:
-        found = _wait(client, report.ids, timeout)
+        found, stop = _wait_or_stop(client, report.ids, timeout)
         counts: dict[str, int] = {}
         for record in found.values():
             counts[record.status] = counts.get(record.status, 0) + 1
-        click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        if counts:
+            click.echo("results: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        if stop is not None:
+            raise _with_missing(stop, [i for i in report.ids if i not in found], listed=False)
     return report.rejected
 
 
@@ -482,6 +531,61 @@ def _wait(client: Client, ids: list[str], timeout: float) -> dict[str, ResultRec
         if note is not None:
             exc.hint = note
         raise
+
+
+def _wait_or_stop(client: Client, ids: list[str],
+                  timeout: float) -> tuple[dict[str, ResultRecord], BertstreamError | None]:
+    """``_wait``; cut short, the results ready so far and the error to end with.
+
+    The wait stops on its timeout, on Ctrl-C or SIGTERM (:class:`Interrupted`)
+    and on a store or broker outage. Everything was sent by then, so the
+    caller can name each id: among the results, or missing.
+    """
+    sent = f"all {len(ids)} item(s) were sent"
+    with _sigterm_interrupts():
+        try:
+            return _wait(client, ids, timeout), None
+        except ResultTimeout as exc:
+            return _ready(client, ids, exc.missing), exc
+        except StoreUnavailable as exc:
+            return {}, StoreUnavailable(f"{exc}; {sent}")
+        except BrokerUnavailable as exc:
+            stop: BertstreamError = BrokerUnavailable(f"{exc.reason}; {sent}")
+        except KeyboardInterrupt:
+            stop = Interrupted(f"interrupted: {sent}; waiting stopped")
+        return _ready(client, ids), stop
+
+
+def _ready(client: Client, ids: list[str],
+           missing: list[str] | None = None) -> dict[str, ResultRecord]:
+    """The results of ``ids`` stored by now, less the ``missing`` ones (unknown: looked up).
+
+    Best effort: a store that cannot be read, or a second Ctrl-C, gives none.
+    """
+    try:
+        if missing is None:
+            try:
+                return client.wait(ids, timeout=0)  # one look, retried rows excluded
+            except ResultTimeout as exc:
+                missing = exc.missing
+        skip = set(missing)
+        return client.get_many([i for i in ids if i not in skip])
+    except (StoreUnavailable, BrokerUnavailable, KeyboardInterrupt):
+        return {}
+
+
+def _with_missing(stop: BertstreamError, missing: list[str], *, listed: bool) -> BertstreamError:
+    """``stop`` saying which results are missing: the ids ``listed`` above, or the first few."""
+    if isinstance(stop, ResultTimeout):
+        return (_ListedTimeout if listed else ResultTimeout)(missing, stop.hint)
+    if listed:
+        note = f"{len(missing)} result(s) missing, listed above"
+    else:
+        more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
+        note = f"{len(missing)} result(s) missing: {', '.join(missing[:SHOWN_MISSING])}{more}"
+    if isinstance(stop, (BrokerUnavailable, Interrupted)):
+        return type(stop)(f"{stop.reason}; {note}")
+    return type(stop)(f"{stop}; {note}")
 
 
 def _on_terminal() -> bool:

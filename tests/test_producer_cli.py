@@ -278,6 +278,78 @@ def test_submit_wait_times_out_with_exit_4(filled: Settings) -> None:
     assert "not ready" in result.stderr and "missing:" in result.stderr
 
 
+@pytest.mark.parametrize("meta", [
+    '{"a": ' + "[" * 3000 + "]" * 3000 + "}",  # deeper than the interpreter's recursion limit
+    '{"a": ' + "1" * 5000 + "}",  # over Python's 4,300-digit limit for int()
+], ids=["deep", "long-number"])
+def test_meta_that_python_cannot_read_is_one_line_exit_2(bsettings: Settings, redis_url: str,
+                                                         meta: str) -> None:
+    """Both used to end in a traceback (exit 1)."""
+    result = invoke(["submit", "hello", "--meta", meta], bsettings)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: --meta ")
+    assert lane_messages(redis_url, f"{bsettings.queue}.interactive") == []
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--source", ""], "--source '' is empty"),
+    (["--source", "x" * 129], "--source 'xxx"),
+    (["--ttl", "1e400"], "--ttl must be"),
+    (["--ttl", "nan"], "--ttl must be"),
+    (["--ttl", "0"], "--ttl must be"),
+    (["--timeout", "nan"], "--timeout must be"),
+    (["--timeout", "inf"], "--timeout must be"),
+    (["--timeout", "-1"], "--timeout must be"),
+], ids=["source-empty", "source-129", "ttl-inf", "ttl-nan", "ttl-0", "timeout-nan",
+        "timeout-inf", "timeout-negative"])
+@pytest.mark.parametrize("command", ["submit", "stream"])
+def test_a_bad_source_ttl_or_timeout_is_one_line_exit_2_before_anything_is_read_or_sent(
+        bsettings: Settings, redis_url: str, tmp_path: Path, command: str, option: list[str],
+        says: str) -> None:
+    """Each text (or line) used to be refused alone for a bad --source or --ttl (a stream
+    exited 5 after N identical rejections); --ttl 1e400 (inf), --timeout nan (a wait
+    for ever) and --timeout -1 were taken."""
+    path = tmp_path / "in.txt"
+    path.write_text("one\ntwo\n", encoding="utf-8")
+    args = ["submit", "one", "two"] if command == "submit" else ["stream", str(path),
+                                                                "--no-progress"]
+    result = invoke([*args, *option], bsettings)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {says}"), line
+    assert result.stdout == ""
+    for lane in ("interactive", "bulk"):
+        assert lane_messages(redis_url, f"{bsettings.queue}.{lane}") == []
+
+
+def test_a_bad_source_leaves_redis_stream_entries_for_the_next_run(bsettings: Settings,
+                                                                   redis_url: str) -> None:
+    """`--source "$SOURCE"` with SOURCE unset used to refuse every entry and acknowledge
+    it: a rerun with a good tag found nothing left."""
+    import redis as redis_lib
+
+    key = f"{bsettings.queue}:posts"
+    r = redis_lib.Redis.from_url(redis_url)
+    try:
+        for i in range(3):
+            r.xadd(key, {"text": f"post number {i}"})
+        run = ["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
+               "--idle-exit", "0.5", "--no-progress", "--source"]
+        bad = invoke([*run, ""], bsettings)
+        assert bad.exit_code == 2, bad.output
+        assert bad.stderr.splitlines() == ["error: --source '' is empty"]
+        good = invoke([*run, "web"], bsettings)
+        assert good.exit_code == 0, good.output
+        assert "accepted 3, rejected 0" in good.stdout
+        queued = [it for m in lane_messages(redis_url, f"{bsettings.queue}.bulk")
+                  for it in m["items"]]
+        assert [it["source"] for it in queued] == ["web"] * 3
+    finally:
+        r.delete(key)
+        r.close()
+
+
 # -- stream --------------------------------------------------------------
 
 
@@ -405,7 +477,8 @@ def test_results_says_when_more_rows_matched(store: ResultStore, redis_url: str,
 def test_submit_wait_with_no_worker_alive_says_so(filled: Settings) -> None:
     result = invoke(["submit", "nobody works", "--wait", "--timeout", "0.2"], filled)
     assert result.exit_code == 4
-    first, last = result.stderr.strip().splitlines()
+    first, missing, last = result.stderr.strip().splitlines()
+    assert missing.startswith("missing: ")  # the one id sent, not ready
     assert first.startswith(f"warning: no worker is alive on queue {filled.queue!r}")
     assert "bertstream worker" in first and "waiting 0.2 s anyway" in first
     assert "not ready" in last and last.endswith("start one with `bertstream worker`")
@@ -491,15 +564,27 @@ def test_a_caller_id_stored_with_another_text_is_a_conflict(
     assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: None, 3: "r9"}
 
 
-def test_results_csv_defuses_formula_cells(store: ResultStore, redis_url: str,
-                                           db_url: str) -> None:
-    """A stored text or source starting with = + - @ would run as a spreadsheet formula
-    when the CSV is opened: such cells get a leading quote; numbers stay numbers."""
+def test_results_csv_keeps_values_as_stored(store: ResultStore, redis_url: str,
+                                            db_url: str) -> None:
+    """CSV to a file or a pipe keeps every value as stored (README), ids and texts that
+    start with = + - @ included: it gave them a leading quote, so an id exported this
+    way and fed to `db delete --ids-file` matched nothing. The formula guard is opt-in
+    (formatting's ``excel_safe``)."""
     store.upsert([record("f1", source="@feed", text='=HYPERLINK("http://x","y")'),
-                  record("f2", source="-web", text="+1 fine", score=0.5)])
-    out = invoke(["results", "--format", "csv"], broker_settings(redis_url, db_url))
+                  record("-100123", source="-web", text="@united lost my bag", score=0.5)])
+    settings = broker_settings(redis_url, db_url)
+    out = invoke(["results", "--format", "csv"], settings)
     assert out.exit_code == 0, out.output
     rows = {r["id"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
-    assert rows["f1"]["text"] == "'=HYPERLINK(\"http://x\",\"y\")"
-    assert rows["f1"]["source"] == "'@feed" and rows["f2"]["source"] == "'-web"
-    assert rows["f2"]["text"] == "'+1 fine" and rows["f2"]["score"] == "0.5"
+    assert rows["f1"]["text"] == '=HYPERLINK("http://x","y")'
+    assert rows["f1"]["source"] == "@feed" and rows["-100123"]["source"] == "-web"
+    assert rows["-100123"]["text"] == "@united lost my bag"
+    assert rows["-100123"]["score"] == "0.5"
+    by_source = invoke(["results", "--format", "csv", "--aggregate", "source"], settings)
+    assert {r["source"] for r in csv.DictReader(io.StringIO(by_source.stdout))
+            } == {"@feed", "-web"}
+    # the exported ids name their tasks
+    exported = "".join(f"{task_id}\n" for task_id in rows)
+    deleted = invoke(["db", "delete", "--ids-file", "-"], settings, input=exported)
+    assert deleted.exit_code == 0, deleted.output
+    assert "would delete 2 row(s) of 2 task(s)" in deleted.stdout
