@@ -36,6 +36,9 @@ def bench_command(ctx: click.Context, quick: bool, texts: int | None, model: str
                   threads: int | None, rounds: int | None, procs: str) -> None:
     """Benchmark the pipeline against the bare model and a naive Celery task, side by side.
 
+    WARNING: it empties Redis database 8 on BERTSTREAM_BROKER_URL's host
+    (FLUSHDB) at the start and again at exit; keep nothing of yours there.
+
     The results go to a temporary SQLite file unless --database-url is given on
     the command line (BERTSTREAM_DATABASE_URL is not used: a benchmark never
     writes into the results database unasked).

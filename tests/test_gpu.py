@@ -143,7 +143,7 @@ def test_gpus_launcher_pins_each_process_and_serves(tiny_model_dir: Path, redis_
             env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent())
     host = socket.gethostname()
-    names = [child_hostname("0", k, 2, host) for k in range(2)]
+    names = [child_hostname("0", k, 2, host, prefix=f"bertstream-{proc.pid}") for k in range(2)]
     beats = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 120

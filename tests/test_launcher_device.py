@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,8 +61,9 @@ def test_procs_per_gpu_starts_several_pinned_children() -> None:
     children = child_commands(["0", "1"], Settings(), procs_per_gpu=2, host="h")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in children] == ["0", "0", "1", "1"]
     names = [cmd[cmd.index("--hostname") + 1] for cmd, _ in children]
-    assert names == ["bertstream-gpu0-0@h", "bertstream-gpu0-1@h",
-                     "bertstream-gpu1-0@h", "bertstream-gpu1-1@h"]
+    pid = os.getpid()  # the launcher's: two launchers on one host name theirs apart
+    assert names == [f"bertstream-{pid}-gpu0-0@h", f"bertstream-{pid}-gpu0-1@h",
+                     f"bertstream-{pid}-gpu1-0@h", f"bertstream-{pid}-gpu1-1@h"]
     with pytest.raises(ValueError, match="at least 1"):
         child_commands(["0"], Settings(), procs_per_gpu=0)
 

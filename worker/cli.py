@@ -42,7 +42,8 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--hostname", default=None,
               help="Celery node name NAME@HOST (default bertstream-PID@HOST; %h, %n, %d expand "
                    "as in Celery), stored in each row's worker column. With --gpus or several "
-                   "--model, each process is named NAME-<model>-gpuN@HOST.")
+                   "--model, each process is named NAME[-<model>][-gpuN][-K]@HOST (<model> "
+                   "for a named model; -K with --procs-per-gpu above 1; PID the launcher's).")
 @click.option("--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="INFO", show_default=True)
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),

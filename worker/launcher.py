@@ -56,7 +56,8 @@ def child_hostname(gpu: str | None, index: int, procs_per_gpu: int, host: str,
     """Celery node name of child ``index`` on ``gpu`` (``bertstream-gpu0@host``, or
     ``bertstream-gpu0-1@host`` when a GPU has several processes; a named model's
     children carry its name: ``bertstream-NAME-gpu0@host``, ``bertstream-NAME@host``).
-    ``prefix`` replaces ``bertstream`` (the name part of ``worker --hostname``)."""
+    ``prefix`` replaces ``bertstream`` (:func:`child_commands` passes
+    ``bertstream-<its pid>``, or the name part of ``worker --hostname``)."""
     parts = [prefix]
     if model_name:
         parts.append(model_name)
@@ -83,16 +84,18 @@ def child_commands(
     The parent's resolved settings travel as ``BERTSTREAM_*`` variables, so
     command-line overrides given to the parent reach every child. ``node``
     (``NAME@HOST``, from ``worker --hostname``) names the children
-    ``NAME-<suffix>@HOST`` instead of ``bertstream-<suffix>@<this host>``; with
+    ``NAME-<suffix>@HOST`` instead of ``bertstream-<pid>-<suffix>@<this host>``
+    (the launcher's pid, as in a single worker's default name, so that two
+    launchers on one host keep apart their node names and heartbeat keys); with
     ``ready_file`` each child gets its own (:func:`child_ready_file`). Raises
     :class:`ConfigError` when the children's metrics ports would pass 65535.
     """
     if procs_per_gpu < 1:
         raise ValueError(f"--procs-per-gpu must be at least 1 (got {procs_per_gpu})")
-    prefix = "bertstream"
+    prefix = ""
     if node:
         prefix, _, host = node.rpartition("@")
-        prefix = prefix or "bertstream"
+    prefix = prefix or f"bertstream-{os.getpid()}"
     host = host or socket.gethostname()
     served = list(models) if models else [(settings.model_name, settings.model)]
     slots: list[str | None] = [*gpus] or [None]

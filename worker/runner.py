@@ -127,8 +127,8 @@ class HFRunner:
         A ``calibration.json`` in ``model_dir`` gives the temperature the
         logits are divided by. ``neutral_below`` > 0: a text whose top
         probability is below it is labelled ``neutral``. Raises
-        :class:`ModelLoadError` when the directory is not a loadable
-        sequence-classification model with a fast tokenizer, or its
+        :class:`ModelLoadError` when ``model_dir`` is no directory or not a
+        loadable sequence-classification model with a fast tokenizer, or its
         calibration file is unreadable; :class:`ConfigError` when
         ``neutral_below`` is at most 1/(number of labels), a band no top
         probability can fall below.
@@ -137,6 +137,11 @@ class HFRunner:
 
         self.placement = placement
         self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            # transformers would read the path as a Hub repo id and quote the id rules.
+            what = "not a directory" if self.model_dir.exists() else "no such directory"
+            raise ModelLoadError(f"cannot load a model from {model_dir}: {what} (a model is a "
+                                 f"sequence-classification directory, or 'default')")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             model, info = AutoModelForSequenceClassification.from_pretrained(
