@@ -210,13 +210,19 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
     Every time bound goes through this before it reaches SQL: SQLite compares
     the clock text (an offset would be ignored), and PostgreSQL reads a naive
     value in the session's TimeZone, not UTC. SQLite hands naive values back,
-    and everything we write is UTC.
+    and everything we write is UTC. A time whose UTC falls outside years 1 to
+    9999 (``0001-01-01T00:00+05:00``) is :class:`InvalidInput`, not an
+    ``OverflowError``: a bound a caller typed, refused as such.
     """
     if value is None:
         return None
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+    try:
+        return value.astimezone(dt.timezone.utc)
+    except OverflowError as exc:
+        raise InvalidInput(f"time {value.isoformat()} is out of range: in UTC it falls "
+                           "before year 1 or after year 9999") from exc
 
 
 @dataclass(frozen=True)
@@ -468,6 +474,26 @@ class Refused:
     reason: str
 
 
+class Upserted(list[Refused]):
+    """What :meth:`ResultStore.upsert` did: the records the database refused (the list
+    itself) and :attr:`written`, the records it wrote.
+
+    A record it did not write is one whose id already had a ``done`` row (kept, also
+    when another worker committed it a moment before), or another copy of its (id,
+    model) in the same call that the store kept instead.
+    """
+
+    def __init__(self, refused: Iterable[Refused] = (),
+                 written: Iterable[ResultRecord] = ()) -> None:
+        super().__init__(refused)
+        self.written: list[ResultRecord] = list(written)
+
+
+class _DoneRowKept(Exception):
+    """The fast upsert wrote fewer rows than it was given: a ``done`` row stood in the
+    way of one. The transaction is rolled back and written again, row by row told."""
+
+
 class _BulkUpsert:
     """The upsert statement compiled once, its rows converted by SQLAlchemy's own bind
     processors and sent with the driver's ``executemany``.
@@ -504,7 +530,8 @@ class _BulkUpsert:
             return None
         return cls(str(comp), names, defaults, processors, positional)
 
-    def execute(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+    def execute(self, conn: Any, rows: list[dict[str, Any]]) -> int:
+        """Write ``rows``; gives how many the database wrote (the driver's row count)."""
         procs, defaults = self.processors, self.defaults
         params: list[Any] = []
         for row in rows:
@@ -513,7 +540,7 @@ class _BulkUpsert:
             for name, proc in procs.items():  # None too, exactly as SQLAlchemy does
                 values[name] = proc(values[name])
             params.append(tuple(values[n] for n in self.names) if self.positional else values)
-        conn.exec_driver_sql(self.sql, params)
+        return int(conn.exec_driver_sql(self.sql, params).rowcount)
 
 
 class ResultStore:
@@ -617,8 +644,9 @@ class ResultStore:
     # -- writing --------------------------------------------------------
 
     def upsert(self, records: Sequence[ResultRecord],
-               windows: Windows | None = None) -> list[Refused]:
-        """Write ``records`` keyed by id; gives the records the database refused.
+               windows: Windows | None = None) -> Upserted:
+        """Write ``records`` keyed by id; gives the records the database refused, a list
+        whose ``written`` holds the records it wrote (:class:`Upserted`).
 
         ``windows`` holds the window rows of records scored in windows, keyed
         by the record's (id, model). They are written in the transaction of
@@ -646,13 +674,14 @@ class ResultStore:
             if kept is None or kept.status != STATUS_DONE:
                 unique[key] = r
         refused: list[Refused] = []
+        written: list[ResultRecord] = []
         if unique:
             # in key order: two writers of overlapping rows then lock them in one order,
             # which is what keeps concurrent transactions from deadlocking
-            self._write([unique[k] for k in sorted(unique)], refused, windows or {})
+            self._write([unique[k] for k in sorted(unique)], refused, windows or {}, written)
             if self.engine.dialect.name == "postgresql":
                 self._settle_committed(list(unique.values()), refused)
-        return refused
+        return Upserted(refused, written)
 
     def _settle_committed(self, records: list[ResultRecord], refused: list[Refused]) -> None:
         """PostgreSQL: the written tasks' ``latest`` flags, settled after their commit.
@@ -779,20 +808,26 @@ class ResultStore:
                 return done
 
     def _write(self, records: list[ResultRecord], refused: list[Refused],
-               windows: Windows) -> None:
+               windows: Windows, written: list[ResultRecord]) -> None:
         try:
             rows = [self._row(r) for r in records]
             children = {(r.id, r.model): windows[(r.id, r.model)] for r in records
                         if (r.id, r.model) in windows}
 
-            def work(conn: Connection) -> None:
+            def work(conn: Connection, exact: bool = False) -> list[int]:
                 if children:
                     self._write_windows(conn, children)
-                self._execute(conn, rows)
+                wrote = self._execute(conn, rows, exact)
                 if conn.dialect.name != "postgresql":  # one writer at a time: exact here
                     _settle_latest(conn, sorted({row["id"] for row in rows}))
+                return wrote
 
-            self._run(work, f"cannot write {len(rows)} result(s)", begin=True)
+            what = f"cannot write {len(rows)} result(s)"
+            try:
+                wrote = self._run(work, what, begin=True)
+            except _DoneRowKept:
+                wrote = self._run(functools.partial(work, exact=True), what, begin=True)
+            written.extend(records[i] for i in wrote)
         except StoreUnavailable:
             raise
         except Exception as exc:
@@ -802,8 +837,8 @@ class ResultStore:
                 refused.append(Refused(records[0], f"{type(exc).__name__}: {_first_line(exc)}"))
                 return
             half = len(records) // 2
-            self._write(records[:half], refused, windows)
-            self._write(records[half:], refused, windows)
+            self._write(records[:half], refused, windows, written)
+            self._write(records[half:], refused, windows, written)
 
     def _write_windows(self, conn: Connection, children: Windows) -> None:
         """Replace the windows of the rows about to be written, except ``done`` rows'.
@@ -849,12 +884,32 @@ class ResultStore:
             return sqlite_insert(table)
         raise StoreUnavailable(f"unsupported database dialect {dialect!r}")
 
-    def _execute(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def _execute(self, conn: Connection, rows: list[dict[str, Any]],
+                 exact: bool = False) -> list[int]:
+        """Upsert ``rows``; gives the positions of those written (not kept out by a
+        ``done`` row).
+
+        The fast write tells only how many rows it wrote: all of them, nearly always.
+        When fewer, it raises :class:`_DoneRowKept`, and the caller runs the
+        transaction again with ``exact``: the upsert then returns the key of each row
+        it writes (an SQLite older than RETURNING: one row a statement, each counted).
+        """
+        if exact:
+            if not conn.dialect.insert_executemany_returning:
+                stmt = self._upsert_statement().execution_options(preserve_rowcount=True)
+                return [n for n, row in enumerate(rows) if conn.execute(stmt, row).rowcount > 0]
+            at = {(row["id"], row["model"]): n for n, row in enumerate(rows)}
+            stmt = self._upsert_statement().returning(results.c.id, results.c.model)
+            return sorted(at[(key.id, key.model)] for key in conn.execute(stmt, rows))
         writer = self._writer()
         if writer is not None:
-            writer.execute(conn, rows)
+            count = writer.execute(conn, rows)
         else:
-            conn.execute(self._upsert_statement(), rows)
+            stmt = self._upsert_statement().execution_options(preserve_rowcount=True)
+            count = conn.execute(stmt, rows).rowcount
+        if count != len(rows):
+            raise _DoneRowKept(f"{count} of {len(rows)} rows written")
+        return list(range(len(rows)))
 
     def _writer(self) -> _BulkUpsert | None:
         if not hasattr(self, "_bulk"):

@@ -112,9 +112,10 @@ def test_two_models_writing_one_task_at_once_leave_one_latest_row(
     else:
         real_execute = ResultStore._execute
 
-        def execute_then_hold(self: ResultStore, conn: Any, rows: Any) -> None:
-            real_execute(self, conn, rows)  # inserted, not committed
+        def execute_then_hold(self: ResultStore, conn: Any, rows: Any, *args: Any) -> Any:
+            wrote = real_execute(self, conn, rows, *args)  # inserted, not committed
             hold()
+            return wrote
 
         monkeypatch.setattr(ResultStore, "_execute", execute_then_hold)
     if pause == "no settling (control)":

@@ -27,6 +27,7 @@ from worker import kombu_redis
 from worker.device import Placement, resolve_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
+from worker.process import close_store
 from worker.runner import HFRunner, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
 
@@ -105,6 +106,8 @@ def build_worker_app(
         metrics.serve(settings.metrics_port, settings)
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     task = register_tasks(app, processor, settings, metrics)
+    # Items the transport cannot deliver: the task fails those whose ids it can read.
+    kombu_redis.on_undeliverable(task.fail_undeliverable)
     # Enough prefetched messages to fill a flush; celery-batches needs them
     # unacked in the buffer, and solo concurrency is 1.
     app.conf.worker_prefetch_multiplier = max(settings.flush_every * 2, 4)
@@ -121,7 +124,9 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     puts them back on the queue at once (kombu restores a channel's unacked
     messages when it closes). ``ready_file`` is created once the worker
     consumes: how a supervisor (or a test) knows it is ready without
-    Celery's remote control, which is off by default.
+    Celery's remote control, which is off by default. At the end the
+    results store is closed (:func:`worker.process.close_store`): on SQLite
+    the stopped worker's rows are then in the database file itself.
     """
     hostname = hostname or wapp.processor.worker_name
     if ready_file:
@@ -151,6 +156,7 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
         worker.start()
     finally:
         beat.stop()
+        close_store(wapp.processor.store)
     code = getattr(worker, "exitcode", 0) or 0
     if code:
         raise SystemExit(code)

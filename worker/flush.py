@@ -39,6 +39,7 @@ from contract.messages import TaskItem, id_problem, item_from_wire, printable, s
 from contract.results import (
     ResultRecord,
     ResultStore,
+    Upserted,
     WindowRecord,
     utc_from_timestamp,
     utcnow,
@@ -230,8 +231,11 @@ class FlushStats:
     batch_sizes: list[int] = field(default_factory=list)
     #: Padded tokens of each model batch, in the order they ran.
     batch_tokens: list[int] = field(default_factory=list)
-    #: One (status, source, submitted_at, committed_at) per row written (for the metrics).
-    rows: list[tuple[str, str | None, float | None, float]] = field(default_factory=list)
+    #: Per (id, model) written, its (status, source, submitted_at, committed_at) as last
+    #: written: a row written twice in one flush (a failed copy committed early, then
+    #: replaced by a done one) is one row, with its final status.
+    written: dict[tuple[str, str], tuple[str, str | None, float | None, float]] = field(
+        default_factory=dict)
     #: When the flush began (UNIX time): queue wait = this - submitted_at.
     began: float = 0.0
     #: Rows refused by the database and stored as minimal failed rows instead.
@@ -240,6 +244,11 @@ class FlushStats:
     unwritable: set[str] = field(default_factory=set)
     #: Items whose id already had a done row: not run (a done row is final).
     skipped: int = 0
+
+    @property
+    def rows(self) -> list[tuple[str, str | None, float | None, float]]:
+        """One (status, source, submitted_at, committed_at) per row written (the metrics)."""
+        return list(self.written.values())
 
 
 #: A partial commit is made when the rest of the flush is expected to take at
@@ -587,7 +596,7 @@ class FlushProcessor:
                 "attempts": attempt}
         rows: dict[int, ResultRecord] = {}
         # Per (id, model), the entry whose row the store keeps, by upsert's rule (the first
-        # done row, else the last one): only its windows are written, only its row counted.
+        # done row, else the last one): only its windows are written.
         kept: dict[tuple[str, str], Entry] = {}
         windows: dict[tuple[str, str], list[WindowRecord]] = {}
         for e in entries:
@@ -609,6 +618,8 @@ class FlushProcessor:
                     windows[key] = found
         by_row = {id(rows[id(e)]): e for e in entries}
         refused = self._commit(list(rows.values()), windows)
+        # the rows the store wrote: not a copy it dropped, not one a done row kept out
+        written = list(refused.written)
         for own_key in (True, False):
             if not refused:
                 break
@@ -623,6 +634,7 @@ class FlushProcessor:
                 by_row[id(row)] = e
                 retry.append(row)
             refused = self._commit(retry)
+            written += refused.written
         for r in refused:
             e = by_row[id(r.record)]
             e.unwritable = True
@@ -633,17 +645,17 @@ class FlushProcessor:
         for e in entries:
             # a copy the store dropped for another of its id is settled all the same
             e.written = not e.unwritable
-        for e in kept.values():
-            if e.written:
-                item = e.item
-                stats.rows.append((e.status or STATUS_FAILED, item.source if item else None,
-                                   item.submitted_at if item else None, committed))
+        for row in written:
+            item = by_row[id(row)].item
+            stats.written[_upsert_key(row)] = (row.status, item.source if item else None,
+                                               item.submitted_at if item else None, committed)
         stats.persist_s += time.perf_counter() - t1
         stats.commits += 1
 
     def _commit(self, records: list[ResultRecord],
-                windows: dict[tuple[str, str], list[WindowRecord]] | None = None) -> list[Any]:
-        """One write, retried with backoff while the database is down; gives refused rows."""
+                windows: dict[tuple[str, str], list[WindowRecord]] | None = None) -> Upserted:
+        """One write, retried with backoff while the database is down; gives the refused
+        rows (a list whose ``written`` holds the rows written)."""
         delay = 0.2
         for attempt in range(1, 6):
             try:

@@ -36,7 +36,13 @@ Celery or bertstream:
    come back after the visibility timeout and stop the next worker too.
    Such an item is moved to ``<queue>.undeliverable`` (the newest
    :data:`UNDELIVERABLE_KEEP`) and out of the unacked index, with an error
-   in the log, and the worker goes on.
+   in the log (at most one line per queue every :data:`PARK_LOG_EVERY_S`),
+   and the worker goes on. What of it can be read (the envelope's headers,
+   the body) goes to the handler the worker registered
+   (:func:`on_undeliverable`), which fails the tasks whose ids it finds: the
+   transport knows no database. kombu's own ``BRPOP`` receive
+   (``atomic_receive=False``, or a ``global_keyprefix``) parks such an item
+   the same way (it used to stop the worker, and the item was lost).
 
 :func:`install` applies them, once, only when kombu's internals look as
 expected (otherwise kombu is left alone and a debug line says why).
@@ -44,9 +50,12 @@ expected (otherwise kombu is left alone and a debug line says why).
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from time import monotonic, time
 from typing import Any
 
@@ -60,6 +69,7 @@ _PAUSE = "_bertstream_pause"  # Redis refused the last command: pause WAIT_S, th
 _WARNED = "_bertstream_warned_at"
 _RECORDED = "_bertstream_recorded"  # the delivery tag the script already recorded
 _HANDED = "_bertstream_handed"  # kombu built and recorded the message being delivered
+_PARK_LOG = "_bertstream_park_log"  # per queue: when the last parking was logged, and since
 
 #: Longest an idle worker takes to see a message on a queue other than its first.
 WAIT_S = 0.1
@@ -69,6 +79,40 @@ PAUSE_KEY = "bertstream.receive.pause"
 UNDELIVERABLE_SUFFIX = ".undeliverable"
 #: ... which holds the newest this many (older ones are dropped).
 UNDELIVERABLE_KEEP = 1000
+#: At most one error line per queue this often about parked items (the others are counted).
+PARK_LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Undeliverable:
+    """A list item :func:`_park` took out of ``queue``, and what of it can be read.
+
+    ``headers``: the kombu envelope's headers (None when the item is no JSON
+    object with a headers object); ``body``: its body decoded as JSON (None
+    when it cannot be); ``side``: the list that keeps it (None: dropped).
+    """
+
+    queue: str
+    item: bytes
+    reason: str
+    side: str | None
+    headers: dict[str, Any] | None
+    body: Any
+
+
+#: Gives what it did with a parked item (for the log line), or None; never raises.
+UndeliverableHandler = Callable[[Undeliverable], str | None]
+_HANDLER: UndeliverableHandler | None = None
+
+
+def on_undeliverable(handler: UndeliverableHandler | None) -> UndeliverableHandler | None:
+    """Hand every item parked from now on in this process to ``handler``; gives the one before.
+
+    The worker registers one that fails the tasks it can read (worker/tasks.py).
+    """
+    global _HANDLER
+    previous, _HANDLER = _HANDLER, handler
+    return previous
 
 # KEYS: unacked index, unacked hash, then the lists in BRPOP's order. ARGV: now.
 # The message is recorded before it is popped, so a write refused half-way
@@ -105,9 +149,10 @@ return false
 def install(*, atomic_receive: bool = True) -> bool:
     """Patch kombu's Redis Channel and QoS (idempotent); True when patched.
 
-    ``atomic_receive=False`` keeps kombu's own ``BRPOP`` receive (for a
-    Redis-compatible server without Lua scripting or ``BLMOVE``); the last
-    call decides, for every channel created after it.
+    ``atomic_receive=False`` keeps kombu's own ``BRPOP`` command (for a
+    Redis-compatible server without Lua scripting or ``BLMOVE``); its reply
+    is read by :func:`_receive_read` all the same, which parks what kombu
+    cannot read. The last call decides, for every channel.
     """
     if not _patch():
         return False
@@ -115,8 +160,7 @@ def install(*, atomic_receive: bool = True) -> bool:
 
     kredis.Channel._brpop_start = (  # type: ignore[method-assign]
         _receive_start if atomic_receive else _ORIGINAL["start"])
-    kredis.Channel._brpop_read = (  # type: ignore[method-assign]
-        _receive_read if atomic_receive else _ORIGINAL["read"])
+    kredis.Channel._brpop_read = _receive_read  # type: ignore[method-assign]
     return True
 
 
@@ -145,7 +189,7 @@ def _patch() -> bool:
 
     original_ack = qos.ack
     original_append = qos.append
-    _ORIGINAL.update(start=channel._brpop_start, read=channel._brpop_read)
+    _ORIGINAL.update(start=channel._brpop_start)
 
     @contextmanager
     def conn_or_acquire(self: Any, client: Any = None) -> Iterator[Any]:
@@ -219,7 +263,8 @@ def _receive_start(self: Any, timeout: float | None = None) -> None:
 
 
 def _receive_read(self: Any, **options: Any) -> bool:
-    """Read the reply of :func:`_receive_start`; deliver a popped message (already recorded).
+    """Read the reply of :func:`_receive_start` (or of kombu's own ``BRPOP``); deliver a
+    popped message (the script's is recorded already, ``BRPOP``'s is not).
 
     An item kombu cannot make a message of is parked (:func:`_park`) and the
     read ends as an empty pop; what the consumer raises, once kombu handed it
@@ -229,39 +274,18 @@ def _receive_read(self: Any, **options: Any) -> bool:
 
     from kombu.utils.encoding import bytes_to_str
     from kombu.utils.json import loads
-    from redis.exceptions import ResponseError
 
-    sent = self.__dict__.pop(_SENT, "BRPOP")
-    if sent == "BRPOP":
-        return bool(_ORIGINAL["read"](self, **options))
-    try:
-        try:
-            reply = self.client.parse_response(self.client.connection, sent, **options)
-        except self.connection_errors:
-            self.client.connection.disconnect()
-            raise
-        except ResponseError as exc:
-            # A full noeviction server refuses the script's writes (nothing
-            # was popped), a Redis older than 6.2 has no BLMOVE: pause, then
-            # pop again. kombu's BRPOP would pop and then fail to record.
-            now = monotonic()
-            if now - self.__dict__.get(_WARNED, -600.0) >= 60:
-                self.__dict__[_WARNED] = now
-                log.warning("Redis refused %s (%s); messages stay queued, trying again "
-                            "every %.1f s", sent, exc, WAIT_S)
-            self.__dict__[_PAUSE] = True
-            self.__dict__[_WAITING] = False
-            raise Empty() from exc
-    finally:
-        self._in_poll = None
-        flush_reauth = getattr(self, "_flush_brpop_reauth", None)
-        if flush_reauth is not None:
-            flush_reauth()
-    if sent != "EVAL" or not reply:
+    sent = self.__dict__.pop(_SENT, "BRPOP")  # kombu's own start sends BRPOP
+    reply = _read_reply(self, sent, options)
+    if sent == "BRPOP":  # kombu's command: what it popped is unrecorded
+        if not reply:
+            raise Empty()
+    elif sent != "EVAL" or not reply:
         # After a wait or a pause, pop (something may have come); after an empty pop, wait.
         self.__dict__[_WAITING] = sent == "EVAL"
         raise Empty()
-    self.__dict__[_WAITING] = False
+    else:
+        self.__dict__[_WAITING] = False
     key, item, *tag = reply
     dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
     self._queue_cycle.rotate(dest)
@@ -278,7 +302,10 @@ def _receive_read(self: Any, **options: Any) -> bool:
     try:
         self.connection._deliver(payload, dest)
     except Exception as exc:
-        if transport.get(_HANDED) or isinstance(exc, self.connection_errors):
+        # kombu counts KeyError among the Redis connection errors; raised while kombu
+        # builds the message, it is a field the item lacks (its delivery tag, say).
+        redis_gone = isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
+        if transport.get(_HANDED) or redis_gone:
             raise  # kombu made a message of it and handed it on, or Redis went away
         _park(self, dest, item, recorded, exc)
         raise Empty() from exc
@@ -288,6 +315,38 @@ def _receive_read(self: Any, **options: Any) -> bool:
     return True
 
 
+def _read_reply(self: Any, sent: str, options: dict[str, Any]) -> Any:
+    """The reply to the receive command ``sent``, read off the channel's connection."""
+    from queue import Empty
+
+    from redis.exceptions import ResponseError
+
+    try:
+        return self.client.parse_response(self.client.connection, sent, **options)
+    except self.connection_errors:
+        self.client.connection.disconnect()
+        raise
+    except ResponseError as exc:
+        if sent == "BRPOP":
+            raise  # as kombu's own read
+        # A full noeviction server refuses the script's writes (nothing
+        # was popped), a Redis older than 6.2 has no BLMOVE: pause, then
+        # pop again. kombu's BRPOP would pop and then fail to record.
+        now = monotonic()
+        if now - self.__dict__.get(_WARNED, -600.0) >= 60:
+            self.__dict__[_WARNED] = now
+            log.warning("Redis refused %s (%s); messages stay queued, trying again "
+                        "every %.1f s", sent, exc, WAIT_S)
+        self.__dict__[_PAUSE] = True
+        self.__dict__[_WAITING] = False
+        raise Empty() from exc
+    finally:
+        self._in_poll = None
+        flush_reauth = getattr(self, "_flush_brpop_reauth", None)
+        if flush_reauth is not None:
+            flush_reauth()
+
+
 def _park(self: Any, dest: str, item: bytes, recorded: str | None, exc: Exception) -> None:
     """Move an item kombu cannot deliver to ``dest`` + :data:`UNDELIVERABLE_SUFFIX`.
 
@@ -295,16 +354,22 @@ def _park(self: Any, dest: str, item: bytes, recorded: str | None, exc: Exceptio
     :data:`UNDELIVERABLE_KEEP`) and its record, if the receive script made
     one, leaves the unacked index: it is neither redelivered nor lost
     silently. A full noeviction server refuses the copy: the item is dropped.
+    Either way the registered handler (:func:`on_undeliverable`) gets it.
     """
     from redis.exceptions import ResponseError
 
     side = dest + UNDELIVERABLE_SUFFIX
-    reason = f"{type(exc).__name__}: {exc}"[:300]
+    kind = type(exc)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    reason = f"{name}: {exc}"[:300]
     with self.conn_or_acquire() as client:
+        # kombu's prefixing client (global_keyprefix) prefixes LPUSH but not LTRIM.
+        prefixes_ltrim = "LTRIM" in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ("LTRIM",))
+        trimmed = side if prefixes_ltrim else f"{self.global_keyprefix or ''}{side}"
         for keep in (True, False):
             pipe = client.pipeline()
             if keep:
-                pipe.lpush(side, item).ltrim(side, 0, UNDELIVERABLE_KEEP - 1)
+                pipe.lpush(side, item).ltrim(trimmed, 0, UNDELIVERABLE_KEEP - 1)
             if recorded is not None:
                 self.qos._remove_from_indices(recorded, pipe)
             try:
@@ -314,8 +379,54 @@ def _park(self: Any, dest: str, item: bytes, recorded: str | None, exc: Exceptio
                 if not keep:
                     raise
                 reason = f"{reason}; not kept: {refused}"
-    log.error("queue %s: an item that is not a message kombu can read (%s) was %s",
-              dest, reason, f"moved to {side}" if keep else "dropped")
+    raw = item.encode() if isinstance(item, str) else bytes(item)
+    done = _hand_over(Undeliverable(dest, raw, reason, side if keep else None, *_readable(raw)))
+    # One line per queue per PARK_LOG_EVERY_S: a flood of bad items must not flood the log.
+    logged = self.__dict__.setdefault(_PARK_LOG, {})
+    now = monotonic()
+    last, since = logged.get(dest, (None, 0))
+    if last is not None and now - last < PARK_LOG_EVERY_S:
+        logged[dest] = (last, since + 1)
+        return
+    logged[dest] = (now, 0)
+    log.error("queue %s: an item that is not a message kombu can read (%s) was %s%s%s",
+              dest, reason, f"moved to {side}" if keep else "dropped",
+              f"; {done}" if done else "",
+              f" ({since} more parked since the last such line, not logged)" if since else "")
+
+
+def _readable(item: bytes) -> tuple[dict[str, Any] | None, Any]:
+    """The envelope's headers and its body decoded as JSON, as far as they read (else None)."""
+    try:
+        envelope = json.loads(item)
+    except Exception:  # noqa: BLE001 - not JSON at all
+        return None, None
+    if not isinstance(envelope, dict):
+        return None, None
+    headers = envelope.get("headers")
+    headers = headers if isinstance(headers, dict) else None
+    body, properties = envelope.get("body"), envelope.get("properties")
+    encoding = properties.get("body_encoding") if isinstance(properties, dict) else None
+    try:
+        if isinstance(body, str) and encoding == "base64":
+            return headers, json.loads(base64.b64decode(body, validate=True))
+        if isinstance(body, str) and str(encoding or "utf-8").lower() == "utf-8":
+            return headers, json.loads(body)
+    except Exception:  # noqa: BLE001 - a body that does not decode
+        pass
+    return headers, None
+
+
+def _hand_over(parked: Undeliverable) -> str | None:
+    """Give ``parked`` to the registered handler; gives what it did, never raises."""
+    handler = _HANDLER
+    if handler is None:
+        return None
+    try:
+        return handler(parked)
+    except Exception as exc:  # noqa: BLE001 - never out of the event loop
+        log.exception("the handler of undeliverable items failed")
+        return f"its handler failed: {type(exc).__name__}"
 
 
 @contextmanager

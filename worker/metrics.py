@@ -77,7 +77,8 @@ class WorkerMetrics:
 
     def observe(self, stats: Any, *, inference: bool = True) -> None:
         """Record one flush (a :class:`worker.flush.FlushStats`): ``stats.rows`` holds one
-        entry per row the store kept.
+        entry per row the flush wrote, with the status it was last written with (not a
+        row a ``done`` one kept out).
 
         ``inference`` False: rows stored without the model's path (a refused message, a
         dead-lettered one), not a sample of inference time.

@@ -3,12 +3,14 @@
 One implementation for everything that runs ``python -m worker`` (or another
 worker module) as a subprocess: the demo, the benchmark and the tests. The
 child gets its settings through ``BERTSTREAM_*`` variables, exactly as an
-operator's worker would.
+operator's worker would. And :func:`close_store`, how a stopping worker (and
+the demo, after its workers) leaves an SQLite database whole in its file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -18,10 +20,20 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contract.broker import make_celery
 from contract.constants import ENV_PREFIX
 from contract.settings import Settings
+
+if TYPE_CHECKING:
+    from contract.results import ResultStore
+
+log = logging.getLogger(__name__)
+
+#: How long closing an SQLite store waits for a busy database before it gives up folding
+#: the write-ahead log in (a shutdown must not hang on a reader's long transaction).
+CHECKPOINT_BUSY_MS = 2_000
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
@@ -51,6 +63,30 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def close_store(store: ResultStore) -> None:
+    """Close ``store``; on SQLite, first fold the write-ahead log into the database file.
+
+    A worker stopped while another process (the API, a reader) holds the database open
+    leaves its rows in ``<db>-wal``: readers see them, but a copy of the database file
+    alone (a backup, the file handed on) holds none. A busy database is no reason to fail
+    a shutdown: the rows then stay in the log for a later checkpoint.
+    """
+    if store.engine.dialect.name == "sqlite":
+        import sqlalchemy as sa
+
+        try:
+            with store.engine.connect() as conn:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_MS}")
+                # (busy, frames in the log, frames copied into the database file)
+                done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            if done is not None and done[2] < done[1]:
+                log.warning("the database is busy: %d of %d pages stay in its write-ahead "
+                            "log until a later checkpoint", done[1] - done[2], done[1])
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("cannot fold the write-ahead log into the database file: %s", exc)
+    store.close()  # the last connection closed: SQLite removes the -wal and -shm files
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:

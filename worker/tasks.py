@@ -27,6 +27,7 @@ with its delivery count kept, so it is dead-lettered after
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -41,7 +42,7 @@ from contract.messages import printable
 from contract.settings import Settings
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor, FlushStats
-from worker.kombu_redis import deferred_acks
+from worker.kombu_redis import Undeliverable, deferred_acks
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,43 @@ class AnalyzeTask(Batches):
         else:
             self._observe(stats, inference=False)
         _settle(message.ack)
+
+    def fail_undeliverable(self, parked: Undeliverable) -> str | None:
+        """A list item the transport parked (worker/kombu_redis.py): the tasks it names get
+        ``failed`` rows, so no caller waits on them for ever. Gives what it did.
+
+        A body that reads as ``[[item, ...]]`` fails its items under their own ids (as
+        a dead-lettered message's); else a readable task id header gives one row under
+        ``malformed-<task id>-0`` (as a refused message's); else nothing is stored.
+        During a database outage nothing is stored (the item stays on the side list).
+        Never raises: it runs in the consumer's event loop.
+        """
+        body = parked.body
+        args = body[0] if isinstance(body, list) and body else None
+        items = (args[0] if isinstance(args, list) and len(args) == 1
+                 and isinstance(args[0], list) else None)
+        has_id = _header_problem(parked) is None
+        if not items and not has_id:
+            return None
+        mid = str((parked.headers or {}).get("id")) if has_id else (
+            "undeliverable-" + hashlib.sha256(parked.item).hexdigest()[:32])
+        where = f"kept on {parked.side}" if parked.side else "dropped (Redis refused to keep it)"
+        reason = (f"undeliverable message: kombu cannot make a message of it "
+                  f"({parked.reason}); the raw item is {where}")
+        try:
+            if items:
+                stats = self._processor().dead_letter([(mid, args)], reason, 1)
+            else:
+                stats = self._processor().refuse(mid, body, reason)
+        except StoreUnavailable as exc:
+            return f"its failed row(s) not stored, the database is unavailable: {exc}"
+        except Exception:  # noqa: BLE001 - never out of the event loop
+            log.exception("storing the failed rows of an undeliverable item failed")
+            return "storing its failed row(s) failed"
+        self._observe(stats, inference=False)
+        if stats.unwritable:
+            return "the database refused even its minimal failed rows"
+        return f"{stats.items} task(s) stored as failed"
 
     def flush(self, requests: Collection[Any]) -> None:
         """Process the buffered requests now; ack what committed, requeue the rest.
