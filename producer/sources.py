@@ -1,12 +1,14 @@
 """Stream sources: a file or stdin, read line by line into raw items.
 
-Files are read in binary and each line decoded as UTF-8 on its own, so one
-undecodable or oversized line is refused alone and the rest go through.
+Files are read in binary and each line (CSV: each record) decoded as UTF-8
+on its own, so one undecodable or oversized line is refused alone and the
+rest go through.
 Formats: ``jsonl`` (one object per line with ``text`` and optional ``id``,
-``source``, ``meta``), ``csv`` (a header line naming the columns, then one
-record per line; a quoted field cannot span lines), ``lines`` (each line is
-a text) and ``auto`` (the first non-blank line decides for the whole file:
-``{`` means jsonl).
+``source``, ``meta``), ``csv`` (a header record naming the columns, then one
+record per line, or more where a quoted field holds line breaks: the record
+is then bounded and refused as a whole and numbered by its first line),
+``lines`` (each line is a text) and ``auto`` (the first non-blank line
+decides for the whole file: ``{`` means jsonl).
 Blank lines carry no record (trailing newlines are common in every format);
 with ``keep_blank`` they are yielded, marked, so a stream's report counts them.
 A :class:`FieldMap` says which field holds the text, id, source and time, for
@@ -26,6 +28,7 @@ from typing import IO, Any
 
 from contract.errors import InvalidInput
 from contract.settings import Settings
+from producer.items import ITEM_KEYS
 
 FORMATS = ("auto", "jsonl", "csv", "lines")
 
@@ -33,6 +36,7 @@ FORMATS = ("auto", "jsonl", "csv", "lines")
 TIME_META_KEY = "time"
 
 _BOM = b"\xef\xbb\xbf"
+_QUOTE, _COMMA = ord('"'), ord(",")
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,19 @@ class SourceRecord:
     ref: str | None = None
     #: A blank line (only with ``read_records(keep_blank=True)``): neither item nor error.
     blank: bool = False
+    #: The last line of a record that spans lines (a CSV quoted field with line
+    #: breaks); None when it is ``line``.
+    last: int | None = None
 
     @property
     def where(self) -> str:
         """How a report names this record: ``line 7`` or ``entry 1700000000000-0``."""
         return f"entry {self.ref}" if self.ref is not None else f"line {self.line}"
+
+    @property
+    def next_line(self) -> int:
+        """The first line after this record: where a run stopped after it resumes."""
+        return (self.last if self.last is not None else self.line) + 1
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,10 @@ class FieldMap:
 
     ``time`` (unset by default) is copied into ``meta["time"]`` as given. A
     ``meta`` field, when present, must be a JSON object (JSON text in CSV
-    and stream entries). With the default map a JSONL object passes through
-    as it is (so a misspelt key is refused); with another map only the
-    mapped fields (and ``meta``) are taken and the rest ignored.
+    and stream entries). With the default map, no field option given, a
+    JSONL object passes through as it is (so a misspelt key is refused);
+    with another map, or any field named on purpose, only the mapped fields
+    (and ``meta``) are taken and the rest ignored.
     """
 
     text: str = "text"
@@ -80,21 +93,31 @@ class FieldMap:
 
     @property
     def is_default(self) -> bool:
-        """True for the default map (text, id, source; no time)."""
-        return self == FieldMap()
+        """True for the default map (text, id, source; no time) with no field named on
+        purpose: naming one (even as its default) says other keys are to be ignored."""
+        return self == FieldMap() and not self.given
 
     def check_header(self, header: list[str]) -> None:
-        """Raise :class:`InvalidInput` when a column named on purpose is not in ``header``.
+        """Raise :class:`InvalidInput` when the text column, or a column named on
+        purpose, is not in ``header``.
 
-        Without this a misspelt ``--id-field`` would be ignored row after row:
-        random ids, and a re-run would store every text twice.
+        Without this every row would be refused alone for its missing text, and a
+        misspelt ``--id-field`` ignored row after row: random ids, and a re-run
+        would store every text twice.
         """
+        columns = ", ".join(repr(c) for c in header)
         for name in ("text", "id", "source", "time"):
             column = getattr(self, name)
-            if name in self.given and column is not None and column not in header:
+            if column is None or column in header:
+                continue
+            if name in self.given:
                 raise InvalidInput(
                     f"--{name}-field {column!r} is not a column of the CSV header "
-                    f"(its columns: {', '.join(repr(c) for c in header)})")
+                    f"(its columns: {columns})")
+            if name == "text":
+                raise InvalidInput(
+                    f"the CSV header has no {column!r} column (its columns: {columns}); "
+                    "name the text column with --text-field")
 
     def apply(self, obj: Mapping[str, Any], *, strings: bool = False) -> dict[str, Any] | str:
         """The raw item for ``obj``, or why it has none.
@@ -113,8 +136,8 @@ class FieldMap:
         if strings and isinstance(meta, str) and meta:
             try:
                 meta = json.loads(meta)
-            except json.JSONDecodeError as exc:
-                return f"'meta' is not valid JSON ({exc.msg} at column {exc.colno})"
+            except (ValueError, RecursionError) as exc:
+                return f"'meta' is not valid JSON ({_json_problem(exc)})"
         if self.time is not None and obj.get(self.time) not in (None, ""):
             if meta is not None and not isinstance(meta, dict):
                 return "'meta' must be a JSON object"
@@ -122,6 +145,20 @@ class FieldMap:
         if meta not in (None, ""):
             item["meta"] = meta
         return item
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` refused a text, in a few words.
+
+    Besides malformed JSON it raises ValueError for an integer of more digits
+    than Python converts, and RecursionError for deep nesting: one bad record
+    must be refused alone, not end the stream.
+    """
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]  # drop the advice to call sys.set_int_max_str_digits
 
 
 def _numeric_as_text(value: Any) -> Any:
@@ -178,16 +215,19 @@ def read_records(
     (and per blank one, marked ``blank``, with ``keep_blank``: a stream counts them).
 
     Reads at most ``max_line_bytes + 1`` bytes per line, so a giant line
-    never sits in memory whole: its rest is skipped and the line refused.
-    ``fields`` maps JSONL and CSV fields (see :class:`FieldMap`). Raises
-    :class:`InvalidInput` when a CSV header lacks a column ``fields`` names on purpose.
+    never sits in memory whole: its rest is skipped and the line refused (a
+    CSV record spanning lines is bounded as a whole). ``fields`` maps JSONL
+    and CSV fields (see :class:`FieldMap`). Raises :class:`InvalidInput` when
+    the CSV header cannot be read or lacks the text column or a column
+    ``fields`` names on purpose.
     """
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown source format {fmt!r}; expected one of {', '.join(FORMATS)}")
     mapping = fields or FieldMap()
+    if fmt == "csv":
+        yield from _read_csv(stream, max_line_bytes, mapping, keep_blank)
+        return
     mode = None if fmt == "auto" else fmt
-    _allow_csv_fields(fmt, max_line_bytes)
-    header: list[str] | None = None
     for number, raw in _lines(stream, max_line_bytes):
         if raw is None:
             yield SourceRecord(number, error=f"line is over the limit of {max_line_bytes} bytes")
@@ -202,30 +242,56 @@ def read_records(
             continue
         if mode is None:
             mode = "jsonl" if text.lstrip().startswith("{") else "lines"
-        if mode == "csv":
-            row = _csv_cells(number, text)
-            if isinstance(row, SourceRecord):
-                yield row
-                continue
-            if header is None:
-                mapping.check_header(row)
-                header = row
-                continue
-            yield _csv_record(number, header, row, mapping)
-        elif mode == "jsonl":
+        if mode == "jsonl":
             yield _parse_json(number, text, mapping)
         else:
             yield SourceRecord(number, {"text": text})
 
 
-def _allow_csv_fields(fmt: str, max_line_bytes: int) -> None:
-    """For CSV, let a field be as long as a line may be.
+def _read_csv(stream: IO[bytes], limit: int, mapping: FieldMap,
+              keep_blank: bool) -> Iterator[SourceRecord]:
+    """The records of a CSV source: the first non-blank record is the header.
 
-    The line limit bounds a field already; csv's own limit (128 KiB) would
-    refuse a long text that the line and text limits allow. It is
+    A record spanning lines is numbered by its first line (``last`` is its
+    last). The header is checked at once: a header that cannot be read would
+    otherwise make the first data row the header, and one without the text
+    column would refuse every row alone.
+    """
+    _allow_csv_fields(limit)
+    header: list[str] | None = None
+    for first, last, raw, problem in _csv_spans(stream, limit):
+        row: list[str] | str = problem or ""  # the cells, or why there are none
+        if raw is not None:
+            text = _decode(first, raw)
+            if isinstance(text, SourceRecord):
+                row = text.error or ""
+            elif not text.strip():
+                if keep_blank:
+                    yield SourceRecord(first, blank=True)
+                continue
+            else:
+                row = _csv_cells(text)
+        if header is None:
+            if isinstance(row, str):
+                raise InvalidInput(f"the CSV header (line {first}) cannot be read: {row}")
+            mapping.check_header(row)
+            header = row
+            continue
+        end = last if last != first else None
+        if isinstance(row, str):
+            yield SourceRecord(first, error=row, last=end)
+        else:
+            yield _csv_record(first, end, header, row, mapping)
+
+
+def _allow_csv_fields(max_line_bytes: int) -> None:
+    """For CSV, let a field be as long as a record may be.
+
+    The record limit bounds a field already; csv's own limit (128 KiB) would
+    refuse a long text that the record and text limits allow. It is
     process-wide, so it is only ever raised.
     """
-    if fmt == "csv" and csv.field_size_limit() < max_line_bytes:
+    if csv.field_size_limit() < max_line_bytes:
         csv.field_size_limit(max_line_bytes)
 
 
@@ -239,12 +305,12 @@ def _decode(number: int, raw: bytes) -> str | SourceRecord:
         return SourceRecord(number, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
 
 
-def _csv_cells(number: int, text: str) -> list[str] | SourceRecord:
-    """One line's CSV cells, or the record of why it is not a CSV row."""
+def _csv_cells(text: str) -> list[str] | str:
+    """One record's CSV cells, or why it is not a CSV row."""
     try:
         return next(csv.reader([text]))
     except csv.Error as exc:
-        return SourceRecord(number, error=f"not a CSV row ({exc})")
+        return f"not a CSV row ({exc})"
 
 
 def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -263,23 +329,113 @@ def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
         yield number, raw.rstrip(b"\r\n")
 
 
-def _csv_record(number: int, header: list[str], row: list[str], mapping: FieldMap) -> SourceRecord:
+def _csv_spans(stream: IO[bytes], limit: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:
+    """Lines joined into CSV records: a line that ends inside a quoted field goes on.
+
+    Yields (first line, last line, the record's bytes without its line end or
+    None, and then why it is refused). At most ``limit + 2`` bytes of a record
+    are kept: a longer one is read to its end (its quotes followed, so the
+    next record starts where it should) and refused; so is one whose quoted
+    field is still open at the end of the input.
+    """
+    number = 0
+    while True:
+        raw = stream.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        first = number
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        state = _csv_state(raw, _START)
+        parts: list[bytes] | None = [raw]
+        size = len(raw)
+        while state == _QUOTED or not raw.endswith(b"\n"):  # the record goes on
+            line_ended = raw.endswith(b"\n")
+            raw = stream.readline(limit + 3 - size if parts is not None else 1 << 16)
+            if not raw:
+                break
+            number += line_ended
+            state = _csv_state(raw, state)
+            size += len(raw)
+            if parts is not None:
+                parts.append(raw)
+                if size > limit + 2:  # over the limit whatever its line end
+                    parts = None
+        where = f"line {first}" if number == first else f"lines {first}-{number}"
+        if state == _QUOTED:
+            yield first, number, None, (
+                f"a quoted field opened on line {first} is not closed at the end of the input "
+                f"({where})")
+            continue
+        data = b"".join(parts).rstrip(b"\r\n") if parts is not None else None
+        if data is None or len(data) > limit:
+            what = "line" if number == first else f"record ({where})"
+            yield first, number, None, f"{what} is over the limit of {limit} bytes"
+            continue
+        yield first, number, data, None
+
+
+#: Where a CSV record is, byte by byte (see :func:`_csv_state`).
+_START, _FIELD, _QUOTED = range(3)
+
+
+def _csv_state(data: bytes, state: int) -> int:
+    """Where a CSV record is after ``data``, its next bytes, from ``state``: at a field's
+    start (or just after a closing quote), in an unquoted field, or in a quoted one.
+
+    csv's default dialect: a field that starts with ``"`` is quoted up to a
+    lone ``"`` (``""`` inside is a quote); elsewhere ``"`` is an ordinary
+    character. Commas and quotes are ASCII, so the bytes are followed before
+    they are decoded, chunk by chunk.
+    """
+    if state != _QUOTED and b'"' not in data:  # the common line: no quotes
+        return state if not data else _START if data.endswith(b",") else _FIELD
+    pos, end = 0, len(data)
+    while pos < end:
+        if state == _QUOTED:  # up to the next quote: it closes, or starts a ""
+            pos = data.find(b'"', pos)
+            if pos < 0:
+                break
+            state, pos = _START, pos + 1
+        elif state == _FIELD:  # an unquoted field runs to the next comma
+            pos = data.find(b",", pos)
+            if pos < 0:
+                break
+            state, pos = _START, pos + 1
+        else:  # a field's start, or just after a closing quote
+            char = data[pos]
+            state = _QUOTED if char == _QUOTE else _START if char == _COMMA else _FIELD
+            pos += 1
+    return state
+
+
+def _csv_record(number: int, last: int | None, header: list[str], row: list[str],
+                mapping: FieldMap) -> SourceRecord:
     if len(row) != len(header):
-        return SourceRecord(number, error=f"expected {len(header)} CSV fields, got {len(row)}")
+        return SourceRecord(number, error=f"expected {len(header)} CSV fields, got {len(row)}",
+                            last=last)
     item = mapping.apply(dict(zip(header, row, strict=True)), strings=True)
-    return SourceRecord(number, error=item) if isinstance(item, str) else SourceRecord(number, item)
+    if isinstance(item, str):
+        return SourceRecord(number, error=item, last=last)
+    return SourceRecord(number, item, last=last)
 
 
 def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return SourceRecord(number, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
+    except (ValueError, RecursionError) as exc:
+        return SourceRecord(number, error=f"invalid JSON ({_json_problem(exc)})")
     if not isinstance(obj, dict):
         return SourceRecord(number, error=f"expected a JSON object, got {type(obj).__name__}")
     if mapping.is_default:
         if "text" not in obj:
             return SourceRecord(number, error="missing 'text'")
+        unknown = sorted(str(k) for k in obj if k not in ITEM_KEYS)
+        if unknown:
+            return SourceRecord(number, error=(
+                f"unknown field(s) {unknown}; expected {sorted(ITEM_KEYS)} (name the fields "
+                "with --text-field/--id-field to ignore other keys)"))
         for key in ("id", "source"):
             if key in obj:
                 obj[key] = _numeric_as_text(obj[key])

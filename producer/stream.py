@@ -5,9 +5,10 @@ publishes the good ones in bulk chunks and, before every chunk, waits while
 Redis already holds more than ``max_queue_length`` messages, so a fast
 reader cannot flood Redis memory while workers lag behind.
 
-Items are buffered until a chunk is full, the source ends, or the source
-has been quiet for ``linger_s`` (a slow source such as a tail -f pipe still
-gets its texts analysed within a fraction of a second).
+Items are buffered until a chunk is full, the source ends, or the oldest
+buffered item has waited ``linger_s`` (a slow source such as a tail -f pipe,
+quiet or steady, still gets its texts analysed within a fraction of a
+second).
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ from producer.sources import SourceRecord
 #: First pause while the queue is full, in seconds; doubles up to the cap.
 BACKPRESSURE_START_S = 0.02
 
-#: Default quiet time after which a partial chunk is sent, in seconds.
+#: Default longest wait of a buffered item before its partial chunk is sent, in seconds.
 LINGER_S = 0.25
 
 _TICK = object()
 _END = object()
 
 
-def with_ticks(records: Iterable[SourceRecord], linger_s: float) -> Iterator[object]:
-    """``records``, plus a tick object whenever none arrived for ``linger_s``.
+def with_ticks(records: Iterable[SourceRecord],
+               due: Callable[[], float | None]) -> Iterator[object]:
+    """``records``, plus a tick object whenever the time ``due()`` gives has come
+    (``time.monotonic``; None: no tick is due), records waiting or not.
 
     The source is read in a daemon thread (a blocking read of a quiet pipe
     must not hold back the chunk already buffered); its exceptions re-raise here.
@@ -57,8 +60,13 @@ def with_ticks(records: Iterable[SourceRecord], linger_s: float) -> Iterator[obj
 
     threading.Thread(target=pump, name="bertstream-source", daemon=True).start()
     while True:
+        deadline = due()
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            yield _TICK
+            continue
         try:
-            got = pipe.get(timeout=linger_s)
+            got = pipe.get(timeout=wait)
         except queue.Empty:
             yield _TICK
             continue
@@ -184,8 +192,9 @@ def stream(
     ``max_queue_length`` defaults to ``settings.max_queue_length`` (messages,
     both lanes); ``source`` tags records without their own; the progress
     bar (tqdm, stderr) counts texts and shows the rate and rejections.
-    ``linger_s``: send a partial chunk once the source has been quiet this
-    long (None: only full chunks and the last one at the end).
+    ``linger_s``: send a partial chunk once its oldest item has waited this
+    long, however fast or slow the source (None: only full chunks and the
+    last one at the end).
     ``ttl_s``: deadline of every item, in seconds from its submission.
     ``trackers`` are told, in order, what became of every record (an ids file,
     the Redis Stream acks); ``track_ids=False`` stops refusing ids repeated
@@ -232,24 +241,27 @@ def stream(
 
     publisher: ChunkPublisher | None = None
     next_line = 1  # the line after the last one read
+    linger = _Linger(linger_s)
     try:
         with client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send,
             after_send=after_send if trackers else None, on_conflict=on_conflict,
         ) as publisher:
-            feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger_s)
+            feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger.due)
             for record in feed:
                 if record is _TICK:
                     publisher.flush()
+                    linger.update(publisher)
                     continue
                 rec = cast(SourceRecord, record)
-                next_line = rec.line + 1
+                next_line = rec.next_line
                 if rec.blank:
                     report.blank += 1
                     continue
                 _take(rec, _check(validator, rec), publisher, report, trackers,
                       keep_ids=keep_ids, max_errors=max_errors)
                 bar.update(1)
+                linger.update(publisher)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
     except (BrokerUnavailable, KeyboardInterrupt) as exc:
@@ -258,6 +270,26 @@ def stream(
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+class _Linger:
+    """When the oldest item in a publisher's buffer was buffered: it is sent once it has
+    waited ``linger_s`` (None: never for its age)."""
+
+    def __init__(self, linger_s: float | None) -> None:
+        self.linger_s = linger_s
+        self.since: float | None = None
+
+    def due(self) -> float | None:
+        """The monotonic time by which the buffer must be sent; None: nothing is due."""
+        return None if self.since is None or self.linger_s is None else self.since + self.linger_s
+
+    def update(self, publisher: ChunkPublisher) -> None:
+        """Note what is buffered now (a stream adds every item with its line number)."""
+        if publisher.first_unsent_line is None:
+            self.since = None
+        elif self.since is None:
+            self.since = time.monotonic()
 
 
 def _stopped(exc: BaseException, publisher: ChunkPublisher | None,

@@ -68,6 +68,44 @@ def test_default_csv_columns_may_be_missing(bsettings: Settings, tmp_path: Path)
     assert "accepted 1, rejected 0" in result.stdout
 
 
+@pytest.mark.parametrize(("data", "error"), [
+    (b"id,t\xe9xt\n1,first post\n2,second post\n",
+     "error: the CSV header (line 1) cannot be read: not valid UTF-8 (invalid continuation "
+     "byte at byte 4)"),
+    (b"id,body\n1,first post\n2,second post\n",
+     "error: the CSV header has no 'text' column (its columns: 'id', 'body'); name the text "
+     "column with --text-field"),
+])
+def test_a_bad_csv_header_is_one_error_up_front(bsettings: Settings, tmp_path: Path,
+                                                 data: bytes, error: str) -> None:
+    """Not a first data row taken for the header, nor every row refused one by one."""
+    src = tmp_path / "posts.csv"
+    src.write_bytes(data)
+    result = invoke(["stream", str(src), "--format", "csv", "--no-progress"], bsettings)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == error
+    assert result.stdout == ""
+    assert lane_messages(bsettings.broker_url, f"{bsettings.queue}.bulk") == []
+
+
+def test_a_csv_text_spanning_lines_is_one_text(bsettings: Settings, tmp_path: Path) -> None:
+    """It used to be cut at the line break, its second half sent as a task of its own."""
+    src = tmp_path / "posts.csv"
+    src.write_bytes(b'id,text\r\n101,"Great hotel.\r\nBut the breakfast, was awful."\r\n'
+                    b"102,plain post\r\n")
+    ids = tmp_path / "ids.jsonl"
+    result = invoke(["stream", str(src), "--format", "csv", "--no-progress",
+                     "--ids-out", str(ids)], bsettings)
+    assert result.exit_code == 0, result.output
+    assert "accepted 2, rejected 0" in result.stdout
+    items = [it for m in lane_messages(bsettings.broker_url, f"{bsettings.queue}.bulk")
+             for it in m["items"]]
+    assert [(it["id"], it["text"]) for it in items] == [
+        ("101", "Great hotel.\r\nBut the breakfast, was awful."), ("102", "plain post")]
+    assert [json.loads(x) for x in ids.read_text().splitlines()] == [
+        {"line": 2, "id": "101"}, {"line": 4, "id": "102"}]
+
+
 def test_a_field_named_explicitly_as_its_default_must_be_a_column() -> None:
     fields = FieldMap(text="body", given=frozenset({"text", "id"}))
     assert fields == FieldMap(text="body")  # what was given does not change the mapping
@@ -104,6 +142,38 @@ def test_the_line_limit_leaves_room_for_a_text_of_astral_characters() -> None:
     assert len(line.encode()) <= default_line_limit(settings)
     (rec,) = _read(line.encode(), max_line_bytes=default_line_limit(settings))
     assert rec.error is None and rec.item is not None
+
+
+def test_jsonl_with_extra_keys_streams_once_a_field_is_named(bsettings: Settings,
+                                                             tmp_path: Path) -> None:
+    src = tmp_path / "posts.jsonl"
+    src.write_bytes(b'{"id":"x1","text":"nice phone","user":"bob","created_at":"2026-12-01"}\n')
+    strict = invoke(["stream", str(src), "--no-progress"], bsettings)
+    assert strict.exit_code == 5, strict.output
+    assert "(name the fields with --text-field/--id-field to ignore other keys)" in strict.stdout
+    named = invoke(["stream", str(src), "--no-progress", "--text-field", "text",
+                    "--id-field", "id"], bsettings)
+    assert named.exit_code == 0, named.output
+    items = [it for m in lane_messages(bsettings.broker_url, f"{bsettings.queue}.bulk")
+             for it in m["items"]]
+    assert [(it["id"], it["text"]) for it in items] == [("x1", "nice phone")]
+
+
+def test_a_line_json_cannot_read_is_refused_alone(bsettings: Settings, tmp_path: Path) -> None:
+    """Deep nesting (RecursionError) or a 5,000-digit number (ValueError) used to end the
+    stream with a traceback (exit 1), the buffered lines before it dropped."""
+    good = b"".join(b'{"text":"good %d"}\n' % i for i in range(300))
+    src = tmp_path / "posts.jsonl"
+    src.write_bytes(good + b'{"text":"x","meta":{"a":' + b"[" * 100_000 + b"]" * 100_000
+                    + b'}}\n{"text":"y","id":' + b"1" * 5000 + b'}\n{"text":"after"}\n')
+    result = invoke(["stream", str(src), "--no-progress"], bsettings)
+    assert result.exit_code == 5, result.output
+    assert "accepted 301, rejected 2" in result.stdout
+    assert "line 301: invalid JSON (nested too deeply)" in result.stdout
+    assert "line 302: invalid JSON (Exceeds the limit (4300 digits)" in result.stdout
+    items = [it for m in lane_messages(bsettings.broker_url, f"{bsettings.queue}.bulk")
+             for it in m["items"]]
+    assert len(items) == 301 and items[-1]["text"] == "after"
 
 
 # -- CLI guards ------------------------------------------------------------

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +20,7 @@ from producer import Client, StreamReport, stream
 from producer.sources import read_records
 from producer.stream import Backpressure
 from tests.producer_helpers import broker_settings, lane_messages
+from worker.process import die_with_parent, settings_env
 
 
 @pytest.fixture
@@ -157,3 +163,75 @@ def test_a_quiet_source_still_sends_its_partial_chunk(
         release.set()
         runner.join(timeout=30)
     assert result and result[0].accepted == 3 and result[0].messages == 1
+
+
+# -- a real bertstream process fed through a pipe --------------------------------
+
+
+def _cli_stream(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    """``bertstream stream - ARGS`` in a process of its own, reading a pipe the test writes."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import main; main()", "stream", "-", *args,
+         "--no-progress"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=settings_env(settings), preexec_fn=die_with_parent())
+
+
+def _write(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(data)
+    proc.stdin.flush()
+
+
+def test_a_steady_trickle_is_sent_while_it_flows(bsettings: Settings, redis_url: str) -> None:
+    """Like `tail -f busy.log | bertstream stream -`: a line every 0.1 s never leaves the
+    source quiet for the linger time, yet texts go out while it flows, not once a chunk
+    (256) has piled up or the input ends."""
+    bulk = f"{bsettings.queue}.bulk"
+    proc = _cli_stream(bsettings)
+    r = redis.Redis.from_url(redis_url)
+    written = 0
+    try:
+        while written < 200 and r.llen(bulk) < 3:  # at most 20 s of input, under a chunk
+            written += 1
+            _write(proc, f"trickle text {written}\n".encode())
+            time.sleep(0.1)
+        while_flowing = r.llen(bulk)
+        out, _ = proc.communicate(timeout=60)  # the input ends
+    finally:
+        r.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert while_flowing >= 3, f"{while_flowing} message(s) sent while {written} lines flowed"
+    assert proc.returncode == 0, out.decode()
+    items = [it for m in lane_messages(redis_url, bulk) for it in m["items"]]
+    assert [it["text"] for it in items] == [f"trickle text {i}" for i in range(1, written + 1)]
+
+
+def test_a_csv_record_spanning_lines_resumes_after_its_last_line(
+        bsettings: Settings, redis_url: str, tmp_path: Path) -> None:
+    """Stopped after the record on lines 3-4 was sent, the run says to resume from line 5
+    (not 4, the middle of that record)."""
+    bulk = f"{bsettings.queue}.bulk"
+    ids = tmp_path / "ids.jsonl"
+    proc = _cli_stream(bsettings, "--format", "csv", "--ids-out", str(ids))
+    try:
+        _write(proc, b'id,text\n1,one line\n2,"two\nlines"\n')  # the pipe stays open
+        deadline = time.monotonic() + 60
+        # the ids file is written once the chunk's publish has returned
+        while not ids.exists() or len(ids.read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "nothing sent"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    output = out.decode()
+    assert proc.returncode == 130, output
+    assert "2 item(s) were sent" in output and "resume from line 5" in output, output
+    items = [it for m in lane_messages(redis_url, bulk) for it in m["items"]]
+    assert [(it["id"], it["text"]) for it in items] == [("1", "one line"), ("2", "two\nlines")]
+    assert [json.loads(x)["line"] for x in ids.read_text().splitlines()] == [2, 3]

@@ -127,6 +127,57 @@ def test_field_mapping_for_stream_entries(bsettings: Settings, r: redis.Redis,
     assert second["source"] == "default" and second["meta"] is None and "-" in second["id"]
 
 
+@pytest.mark.parametrize("meta", ['{"a": ' + "[" * 5000 + "]" * 5000 + "}",
+                                  '{"a": ' + "1" * 5000 + "}"], ids=["deep", "huge-number"])
+def test_an_entry_whose_meta_json_cannot_be_read_is_refused_and_acked(
+        bsettings: Settings, r: redis.Redis, redis_url: str, meta: str) -> None:
+    """json.loads raises RecursionError / ValueError for these: the entry used to crash
+    the reader and stay pending, so every restart crashed on it again."""
+    key = f"{bsettings.queue}:posts"
+    r.xadd(key, {"text": "good one"})
+    poison = r.xadd(key, {"text": "poison", "meta": meta}).decode()
+    r.xadd(key, {"text": "good two"})
+    args = ["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
+            "--idle-exit", "0.3", "--no-progress"]
+    result = invoke(args, bsettings)
+    assert result.exit_code == 5, result.output
+    assert f"entry #2 (id {poison}): 'meta' is not valid JSON (" in result.stdout
+    assert [it["text"] for it in _queued_items(redis_url, bsettings)] == ["good one", "good two"]
+    assert _pending(r, key, "g") == 0
+    again = invoke(args, bsettings)
+    assert again.exit_code == 0 and "accepted 0, rejected 0" in again.stdout, again.output
+
+
+def test_a_steady_trickle_of_entries_is_sent_and_acked_while_it_flows(
+        bsettings: Settings, r: redis.Redis, redis_url: str) -> None:
+    """An entry every 0.1 s never leaves the stream quiet for the linger time, yet each
+    is sent (and acked) within a fraction of a second, not once 256 have piled up."""
+    key = f"{bsettings.queue}:posts"
+    bulk = f"{bsettings.queue}.bulk"
+    args = [sys.executable, "-c", "from producer.cli import main; main()", "stream",
+            "--from-redis-stream", key, "--group", "g", "--consumer", "c1", "--idle-exit", "2",
+            "--no-progress"]
+    proc = subprocess.Popen(args, env=settings_env(bsettings), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    added: list[str] = []
+    try:
+        while len(added) < 200 and r.llen(bulk) < 3:  # at most 20 s of entries
+            added.append(r.xadd(key, {"text": f"entry {len(added)}"}).decode())
+            time.sleep(0.1)
+        while_flowing = r.llen(bulk)
+        acked_while_flowing = len(added) - _pending(r, key, "g")
+        out, _ = proc.communicate(timeout=60)  # no entry for 2 s: it stops
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert while_flowing >= 3, f"{while_flowing} message(s) sent for {len(added)} entries"
+    assert acked_while_flowing >= 3
+    assert proc.returncode == 0, out.decode()
+    assert [it["id"] for it in _queued_items(redis_url, bsettings)] == added
+    assert _pending(r, key, "g") == 0
+
+
 def test_usage_errors(bsettings: Settings, tmp_path: Path) -> None:
     both = invoke(["stream", str(tmp_path / "x"), "--from-redis-stream", "k", "--group", "g"],
                   bsettings)
