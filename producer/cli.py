@@ -636,6 +636,11 @@ def _id_note(error: ItemError, unit: str) -> str:
     "--aggregate", "group_by", type=click.Choice(["label", "source", "status", "model", "lang"]),
     help="Print counts and mean score per group instead of rows.",
 )
+@click.option("--excel-safe", is_flag=True,
+              help="CSV to open in a spreadsheet: a text, source or error cell starting with "
+                   "= + - @ (or a tab or CR) gets a leading ' so it is shown, not run as a "
+                   "formula. Off by default: CSV keeps every value as stored, and ids are "
+                   "never changed, so they can be fed back to `db delete --ids-file`.")
 @click.pass_context
 def results(
     ctx: click.Context,
@@ -651,6 +656,7 @@ def results(
     model: str | None,
     lang: str | None,
     group_by: str | None,
+    excel_safe: bool,
 ) -> None:
     """Print stored results (newest first), filtered, or aggregated with --aggregate.
 
@@ -668,13 +674,14 @@ def results(
             rows = client.aggregate(by=group_by, source=source, status=status, since=since,
                                     until=until, model=model, lang=lang)
             click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
-                                   terminal=_on_terminal()))
+                                   terminal=_on_terminal(), excel_safe=excel_safe))
             return
         filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
                                        status=status, since=since, until=until, model=model,
                                        lang=lang)
         records = client.query(**filters, limit=None if show_all else limit)
-        click.echo(render_results(records, fmt, terminal=_on_terminal()))
+        click.echo(render_results(records, fmt, terminal=_on_terminal(),
+                                  excel_safe=excel_safe))
         if not show_all and len(records) == limit:
             matched = client.count(**filters)
             if matched > limit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,13 +26,15 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.pools import ProducerPool
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import lane_queue, make_celery, redis_client
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import (
     BrokerUnavailable,
+    ConfigError,
     IdConflict,
     InvalidInput,
     ResultTimeout,
@@ -57,6 +60,21 @@ log = logging.getLogger(__name__)
 #: Broker URL schemes of a Redis broker (queues that can be counted, and that outlive
 #: the process; the CLI publishes to no other).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _missing_sqlite_file(database_url: str) -> bool:
+    """True when ``database_url`` names an SQLite file that does not exist: it has no rows,
+    and a reader must not create it (a producer-only host with the default URL would get
+    an empty ``bertstream.db`` wherever it runs). PostgreSQL, ``:memory:`` and SQLite
+    URI paths are opened as before; a URL that is no URL is left to the store to refuse."""
+    try:
+        url = make_url(database_url)
+    except (ArgumentError, ValueError):
+        return False
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return False
+    return not path.startswith("file:") and not os.path.exists(path)
 
 
 @dataclass
@@ -411,10 +429,18 @@ class Client:
         with self._lock:
             if self._producers is None:
                 limit = self.app.conf.broker_pool_limit
-                self._connections = self.app.connection_for_write().Pool(limit=limit)
+                try:
+                    connection = self.app.connection_for_write()
+                except ValueError as exc:  # kombu parses the URL here: a port that is no number
+                    raise self._url_error(exc) from exc
+                self._connections = connection.Pool(limit=limit)
                 self._producers = ProducerPool(self._connections, limit=limit)
             pool = self._producers
         return pool.acquire(block=True)
+
+    def _url_error(self, exc: ValueError) -> ConfigError:
+        return ConfigError(f"broker URL {mask_url(self.settings.broker_url)!r} cannot be "
+                           f"parsed ({exc}): set BERTSTREAM_BROKER_URL or --broker-url")
 
     def _broker_error(self, exc: BaseException) -> BrokerUnavailable:
         url = mask_url(self.settings.broker_url)
@@ -466,7 +492,10 @@ class Client:
         # unreferenced, and its finaliser closes the connection the other is using.
         with self._lock:
             if self._redis is None:
-                self._redis = redis_client(self.settings)
+                try:
+                    self._redis = redis_client(self.settings)
+                except ValueError as exc:
+                    raise self._url_error(exc) from exc
                 if self._redis is None:  # pragma: no cover - queue_length checks the scheme
                     raise InvalidInput(f"{mask_url(self.settings.broker_url)} is not a Redis URL")
             return self._redis
@@ -489,6 +518,8 @@ class Client:
         # left behind the code is refused with the command to run; one newer
         # code migrated is read as before (the API refuses it at start).
         if not self._table_seen:
+            if _missing_sqlite_file(self.settings.database_url):
+                return False  # opening it would create it, empty (./bertstream.db by default)
             try:
                 schema = migrate.settled(self.store)
             except StoreUnavailable as exc:

@@ -23,9 +23,12 @@ AGE_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def _store(ctx: click.Context) -> tuple[ResultStore, str]:
+    """The store and its URL as shown (no password). The store is built first: it checks
+    the URL, so one that is not a database URL is a ConfigError (one line, exit 2)."""
     settings = ctx.find_object(Settings) or Settings.from_env()
+    store = ResultStore.from_settings(settings)
     shown = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
-    return ResultStore.from_settings(settings), shown
+    return store, shown
 
 
 @click.group("db")

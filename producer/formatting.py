@@ -33,19 +33,21 @@ _UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
 MAX_CELL = 48
 
 
-def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool = True) -> str:
+def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool = True,
+                   excel_safe: bool = False) -> str:
     """``records`` as text: ``json`` (array of :meth:`ResultRecord.to_json`),
     ``csv`` (every field; dicts as JSON) or ``table`` (aligned, truncated).
 
     Table and JSON are always safe on a terminal (JSON escapes every control
-    character, which keeps it valid JSON); CSV carries texts as stored unless
-    ``terminal``, when control characters are escaped too.
+    character, which keeps it valid JSON); CSV carries every value as stored
+    unless ``terminal``, when control characters are escaped too, and
+    ``excel_safe`` (see :func:`render_rows`).
     """
     if fmt == "json":
         return _json([r.to_json() for r in records])
     if fmt == "csv":
         return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv",
-                           terminal=terminal)
+                           terminal=terminal, excel_safe=excel_safe)
     rows = [_table_row(r) for r in records]
     columns: tuple[str, ...] = TABLE_COLUMNS
     if len({r.model for r in records}) > 1:  # several models: say whose each result is
@@ -54,11 +56,13 @@ def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool 
 
 
 def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, *,
-                terminal: bool = True) -> str:
+                terminal: bool = True, excel_safe: bool = False) -> str:
     """Plain rows (dicts) as ``table``, ``json`` (array of objects) or ``csv``.
 
     JSON keeps every key of each row; table and CSV show ``columns`` only;
-    ``terminal`` escapes control characters in CSV cells.
+    ``terminal`` escapes control characters in CSV cells. CSV keeps every
+    value as stored (an id read back must match); ``excel_safe`` guards the
+    :data:`FREE_TEXT_COLUMNS` against running as spreadsheet formulas.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
@@ -68,8 +72,9 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
+        guarded = [excel_safe and c in FREE_TEXT_COLUMNS for c in columns]
         for row in rows:
-            cells = [csv_cell(row.get(c)) for c in columns]
+            cells = [csv_cell(row.get(c), guard=g) for c, g in zip(columns, guarded, strict=True)]
             writer.writerow([printable(c) for c in cells] if terminal else cells)
         return out.getvalue().rstrip("\n")
     return _table(rows, columns)
@@ -85,16 +90,20 @@ def _json(value: Any) -> str:
 
 #: First characters that make a spreadsheet read a cell as a formula.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: Columns of free text (anyone's texts, tags and error messages) that ``excel_safe``
+#: guards; ids never are: an id changed in the file no longer names its task.
+FREE_TEXT_COLUMNS = frozenset({"text", "source", "error"})
 
 
-def csv_cell(value: Any) -> str:
-    """A CSV cell: dicts and lists as JSON; a text a spreadsheet would run as a formula
-    gets a leading ``'`` (numbers are left alone: -0.5 is a number, not a formula)."""
+def csv_cell(value: Any, *, guard: bool = True) -> str:
+    """A CSV cell: dicts and lists as JSON; with ``guard``, a text a spreadsheet would run
+    as a formula gets a leading ``'`` (numbers are left alone: -0.5 is a number, not a
+    formula). Without it the value is written as stored."""
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
         value = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    if isinstance(value, str) and value.startswith(FORMULA_START):
+    if guard and isinstance(value, str) and value.startswith(FORMULA_START):
         return "'" + value
     return str(value)
 

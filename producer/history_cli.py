@@ -10,7 +10,13 @@ from typing import Any
 import click
 
 from contract.constants import LANGS, MODEL_NAME_PATTERN
-from contract.errors import EXIT_REJECTED, ConfigError, InvalidInput
+from contract.errors import (
+    EXIT_REJECTED,
+    BrokerUnavailable,
+    ConfigError,
+    Interrupted,
+    InvalidInput,
+)
 from contract.messages import printable
 from contract.queries import Comparison, Filters, compare, stored_texts, text_counts
 from contract.settings import Settings
@@ -71,29 +77,42 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
     Tasks the model already scored are skipped, so a second run sends
     nothing once the first run's tasks are scored (tasks still queued are
     sent again). Exits 5 when some tasks were refused. Reads in bounded memory (a server-side cursor); the stream's
-    backpressure and progress bar apply.
+    backpressure and progress bar apply. Needs a Redis broker URL, as submit and
+    stream do. Stopped by Ctrl-C or SIGTERM it exits 130 saying how many tasks
+    were sent; a rerun skips those the model has done.
     """
+    # cli imports this module: its helpers are imported once it is loaded
+    from producer.cli import _publishing_settings, _say_paused, _sigterm_interrupts
+
     _model_name(model)
-    settings = _settings(ctx).replace(model_name=model)
+    settings = _publishing_settings(ctx, model)  # as submit and stream: a Redis broker only
     filters = Filters(source=source, label=label, lang=lang, since=since, until=until)
-    with Client(settings) as client:
-        if not client.has_results_table():
-            raise InvalidInput("nothing is stored yet")
-        total, with_text = text_counts(client.store, filters)
-        if total == 0:
-            click.echo("no stored task matches: nothing to re-score")
-            return
-        if with_text == 0:
-            raise InvalidInput(
-                f"none of the {total} matching tasks kept its text (they were analysed with "
-                "BERTSTREAM_STORE_TEXT=false): nothing can be re-scored")
-        if with_text < total:
-            click.echo(f"{total - with_text} of {total} matching tasks did not keep their "
-                       "text: they are skipped", err=True)
-        skipped = [0]
-        records = _not_done(client, stored_texts(client.store, filters), model, skipped)
-        report = stream(client, records, max_queue_length=max_queue, progress=not no_progress,
-                        keep_ids=False, linger_s=None)
+    rerun = f"rerun rescore: tasks already done by {model} are skipped"
+    with _sigterm_interrupts(), Client(settings) as client:
+        try:
+            if not client.has_results_table():
+                raise InvalidInput("nothing is stored yet")
+            total, with_text = text_counts(client.store, filters)
+            if total == 0:
+                click.echo("no stored task matches: nothing to re-score")
+                return
+            if with_text == 0:
+                raise InvalidInput(
+                    f"none of the {total} matching tasks kept its text (they were analysed "
+                    "with BERTSTREAM_STORE_TEXT=false): nothing can be re-scored")
+            if with_text < total:
+                click.echo(f"{total - with_text} of {total} matching tasks did not keep "
+                           "their text: they are skipped", err=True)
+            skipped = [0]
+            records = _not_done(client, stored_texts(client.store, filters), model, skipped)
+            report = stream(client, records, max_queue_length=max_queue,
+                            progress=not no_progress, keep_ids=False, linger_s=None,
+                            on_wait=_say_paused if no_progress else None)
+        except KeyboardInterrupt as exc:  # before the stream began: nothing was sent
+            raise Interrupted(f"interrupted; {rerun}", sent=0) from exc
+        except (BrokerUnavailable, Interrupted) as exc:
+            # the stream's "resume from line N" means nothing here: rescore reads no lines
+            raise type(exc)(f"{exc.reason}; {rerun}", sent=exc.sent) from exc
     click.echo(f"re-scoring with {model}: sent {report.accepted} task(s) in "
                f"{report.messages} message(s), {skipped[0]} already scored by it, "
                f"{report.rejected} refused")

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from contract.broker import lane_queue
@@ -17,6 +24,7 @@ from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer import cli
 from tests.producer_helpers import lane_messages
+from tests.test_producer_interrupt import PAUSE_LINE, Run, _stop_during_the_pause
 
 NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -104,3 +112,91 @@ def test_rescore_refuses_when_no_row_of_any_task_kept_its_text(
     out = invoke(["rescore", "--model", "C", "--no-progress"], cli_settings)
     assert out.exit_code == 2
     assert "none of the 1 matching tasks kept its text" in out.stderr
+
+
+def test_rescore_needs_a_redis_broker(store: ResultStore, cli_settings: Settings) -> None:
+    """As submit and stream: another transport (memory://) would take the tasks and lose
+    them at exit, with no backpressure; rescore said "sent 1 task(s)" and exited 0."""
+    store.upsert([row("m1", "A", 0, "a text", kept=True)])
+    out = invoke(["rescore", "--model", "C", "--no-progress", "--broker-url", "memory://"],
+                 cli_settings)
+    assert out.exit_code == 2, out.output
+    assert "'memory://' is not a Redis URL" in out.stderr and "sent" not in out.output
+
+
+@pytest.mark.parametrize("option", [["--since", "0001-01-01T00:00+01:00"],
+                                    ["--until", "9999-12-31T23:00-05:00"]])
+def test_a_time_out_of_range_in_utc_is_one_line_exit_2(
+        sqlite_url: str, redis_url: str, option: list[str]) -> None:
+    """UTC cannot hold these times: each command that takes --since/--until says so in one
+    line, exit 2 (it was an OverflowError traceback, exit 1)."""
+    ResultStore.from_url(sqlite_url).create_schema()
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url)
+    for args in (["results"], ["db", "delete"], ["rescore", "--model", "C", "--no-progress"],
+                 ["compare", "--model", "A", "--model", "B"], ["report", "--out", "x.png"]):
+        out = invoke([*args, *option], settings)
+        assert out.exit_code == 2, (args, out.output)
+        assert "out of range" in out.stderr and "Traceback" not in out.output, args
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def _rescore_process(redis_url: str, sqlite_url: str, queue: str, cwd: Path) -> Run:
+    """``bertstream rescore --model C`` with chunks of 2 and at most 1 message queued."""
+    env = {**os.environ, "BERTSTREAM_BROKER_URL": redis_url,
+           "BERTSTREAM_DATABASE_URL": sqlite_url, "BERTSTREAM_QUEUE": queue,
+           "BERTSTREAM_BULK_CHUNK_SIZE": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from producer.cli import main; main()", "rescore",
+         "--model", "C", "--no-progress", "--max-queue", "1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env, cwd=cwd)
+    run = Run(proc)
+    threading.Thread(target=run.read, daemon=True).start()
+    return run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_rescore_says_what_was_sent_and_that_a_rerun_skips_it(
+        sqlite_url: str, redis_url: str, tmp_path: Path, signum: int) -> None:
+    """Stopped while backpressure holds its third chunk: exit 130, 4 tasks sent, and no
+    "resume from line" (rescore reads no lines and has no such option). With --no-progress
+    the pause says so on stderr, as stream's does. It used to name a line to resume
+    from on SIGINT, and die silently on SIGTERM.
+
+    The rerun the message advises is checked too: once model C did the 4 sent tasks,
+    a second run sends only the 2 others."""
+    store = ResultStore.from_url(sqlite_url)
+    store.create_schema()
+    store.upsert([row(f"t{i}", "A", i, f"text {i}", kept=True) for i in range(1, 7)])
+    queue = f"bst-hist-{uuid.uuid4().hex[:8]}"
+    lane = lane_queue(Settings(queue=queue, model_name="C"), True)
+    run = _rescore_process(redis_url, sqlite_url, queue, tmp_path)
+    try:
+        _stop_during_the_pause(run, redis_url, f"{queue}-C", signum)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(timeout=30)
+        assert run.proc.stdout is not None
+        run.proc.stdout.close()
+
+    assert run.proc.returncode == 130, run.output
+    assert run.lines.count(PAUSE_LINE) == 1, run.output
+    assert "4 item(s) were sent" in run.output, run.output
+    assert "rerun rescore: tasks already done by C are skipped" in run.output
+    assert "resume from line" not in run.output and "Traceback" not in run.output
+    sent = [it["id"] for m in lane_messages(redis_url, lane) for it in m["items"]]
+    assert sent == ["t1", "t2", "t3", "t4"]
+
+    # model C's worker did the 4 sent tasks; the queue is drained
+    store.upsert([row(i, "C", 10, f"text {i[1:]}", kept=True) for i in sent])
+    client = redis.Redis.from_url(redis_url)
+    client.delete(lane)
+    client.close()
+    out = invoke(["rescore", "--model", "C", "--no-progress"],
+                 Settings(broker_url=redis_url, database_url=sqlite_url, queue=queue))
+    assert out.exit_code == 0, out.output
+    assert "sent 2 task(s)" in out.stdout and "4 already scored by it" in out.stdout
+    assert [it["id"] for m in lane_messages(redis_url, lane) for it in m["items"]
+            ] == ["t5", "t6"]
+    store.close()

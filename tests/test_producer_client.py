@@ -7,13 +7,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 import sqlalchemy as sa
 
 from contract.constants import TASK_ANALYZE
-from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout
+from contract.errors import BrokerUnavailable, ConfigError, IdConflict, InvalidInput, ResultTimeout
 from contract.messages import item_from_wire
 from contract.results import ResultStore
 from contract.settings import Settings
@@ -259,6 +260,46 @@ def test_unreachable_broker_is_one_clear_error(sqlite_url: str) -> None:
             c.submit_many(["a", "b"])
         with pytest.raises(BrokerUnavailable):
             c.queue_length()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:notaport/0", "redis://127.0.0.1:99999/0"])
+def test_a_broker_url_that_does_not_parse_is_a_config_error(sqlite_url: str, url: str) -> None:
+    """kombu (publishing) and redis-py (the queue length) parse the URL only when they
+    connect: a port that is no port was a ValueError from deep inside them (exit 1 with a
+    traceback); it is a ConfigError naming the URL and the setting (exit 2)."""
+    with Client(Settings(broker_url=url, database_url=sqlite_url)) as c:
+        with pytest.raises(ConfigError, match="cannot be parsed.*BERTSTREAM_BROKER_URL"):
+            c.submit("hello")
+        with pytest.raises(ConfigError, match="cannot be parsed"):
+            c.submit_many(["a", "b"])
+        with pytest.raises(ConfigError, match="cannot be parsed"):
+            c.queue_length()
+
+
+def test_a_missing_sqlite_file_is_read_as_empty_and_not_created(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer-only host with no BERTSTREAM_DATABASE_URL (the default: ./bertstream.db):
+    the caller-id check and the reads found no rows, as they should, but opening the
+    database created an empty file in the current directory."""
+    monkeypatch.chdir(tmp_path)
+    settings = broker_settings(redis_url, Settings().database_url)  # the default URL
+    assert settings.database_url == "sqlite:///bertstream.db"
+    with Client(settings) as c:
+        assert c.submit("hello", id="k1") == "k1"  # checks the caller id first
+        report = c.submit_many([{"text": "hi", "id": "k2"}])
+        assert report.ids == ["k2"] and not report.errors
+        assert c.get("k1") is None and c.query() == [] and c.count() == 0
+        assert not c.has_results_table()
+    assert list(tmp_path.iterdir()) == []
+
+    # once a worker created it, the same client reads it: a conflict is found
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    store.upsert([record("k1", text="another text")])
+    store.close()
+    with Client(settings) as c:
+        with pytest.raises(IdConflict):
+            c.submit("hello", id="k1")
 
 
 # -- results (each test runs on SQLite and PostgreSQL) -------------------
