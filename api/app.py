@@ -19,12 +19,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, errors
 from api.errors import ApiError
@@ -37,8 +38,17 @@ from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import text_sha256
-from contract.queries import Comparison, Filters, compare, iter_records, page, stats
-from contract.results import ResultRecord, ResultStore
+from contract.queries import (
+    MAX_STATS_LIMIT,
+    STATS_LIMIT,
+    Comparison,
+    Filters,
+    compare,
+    iter_records,
+    page,
+    top_stats,
+)
+from contract.results import ResultRecord, ResultStore, as_utc
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS, csv_cell
@@ -108,19 +118,33 @@ def _view(record: ResultRecord) -> dict[str, Any]:
 
 
 class ModelLane:
-    """Submitting to one model: its settings, id claims, coalescing and queue bound."""
+    """Submitting to one model: its settings, id claims, coalescing and queue bound.
 
-    def __init__(self, settings: Settings, client: Client) -> None:
+    ``owned``: a client of its own, closed with the lane (a named model's lane
+    may be closed while the server runs, see :meth:`Services.lane`).
+    """
+
+    def __init__(self, settings: Settings, client: Client, *, owned: bool = False) -> None:
         self.settings = settings
+        self.client, self.owned = client, owned
         self.submitter = Submitter(settings, client)
         self.coalescer = Coalescer(self.submitter, settings.api_coalesce_ms / 1000.0,
                                    settings.bulk_chunk_size)
+        #: Requests submitting through the lane now, and when it was last taken.
+        self.users = 0
+        self.used_at = time.monotonic()
+
+    def idle(self) -> bool:
+        """No request is using the lane and its coalescer holds nothing unsent."""
+        return self.users == 0 and self.coalescer.idle()
 
     def close(self) -> None:
         self.submitter.close()
+        if self.owned:
+            self.client.close()
 
 
-#: Distinct models one API process submits to at most (each holds a Redis connection).
+#: Distinct models one API process holds lanes for at most (each holds a Redis connection).
 MAX_MODELS = 32
 
 
@@ -146,19 +170,41 @@ class Services:
             lane = self._lanes.get(name)
         return lane.settings if lane is not None else self.settings.replace(model_name=name)
 
-    def lane(self, model: str | None) -> ModelLane:
-        """Submitting to the model named ``model`` (None: the default one)."""
+    @contextlib.contextmanager
+    def lane(self, model: str | None) -> Iterator[ModelLane]:
+        """Submitting to the model named ``model`` (None: the default one), for the ``with``
+        block. With :data:`MAX_MODELS` lanes open, the least recently used idle one is
+        closed to make room (made-up model names must not use the lanes up for good); a
+        429 when none is idle."""
         name = model or self.settings.model_name
+        evicted = None
         with self._lanes_lock:
             lane = self._lanes.get(name)
             if lane is None:
                 if len(self._lanes) >= MAX_MODELS:
-                    raise ApiError(422, "too_many_models",
-                                   f"this server already submits to {MAX_MODELS} models")
-                lane = ModelLane(self.settings.replace(model_name=name),
-                                 self.client.for_model(name))
+                    evicted = self._evict_idle()
+                settings = self.settings.replace(model_name=name)
+                lane = ModelLane(settings, Client(settings), owned=True)
                 self._lanes[name] = lane
-            return lane
+            lane.users += 1
+            lane.used_at = time.monotonic()
+        if evicted is not None:
+            evicted.close()
+        try:
+            yield lane
+        finally:
+            with self._lanes_lock:
+                lane.users -= 1
+
+    def _evict_idle(self) -> ModelLane:
+        """Take the least recently used idle lane out (never the default model's); under
+        the lanes lock. Its claims live in Redis, so nothing of it is lost."""
+        idle = [(lane.used_at, name) for name, lane in self._lanes.items()
+                if name != self.settings.model_name and lane.idle()]
+        if not idle:
+            raise ApiError(429, "too_many_models", f"this server is submitting to "
+                           f"{MAX_MODELS} models at once; retry later", {"Retry-After": "1"})
+        return self._lanes.pop(min(idle)[1])
 
     def close(self) -> None:
         for lane in self._lanes.values():
@@ -180,6 +226,45 @@ def refuse_outdated_schema(store: ResultStore) -> None:
     problem = schema.problem()
     if problem and not schema.empty:
         raise SchemaMismatch(problem)
+
+
+class CountRequests:
+    """ASGI middleware: counts each HTTP request by route and status, and times it to its
+    last body message.
+
+    Plain ASGI, not Starlette's ``BaseHTTPMiddleware``: that one ends a streamed body
+    cleanly when the route fails mid-stream, so a broken export reached the client as a
+    whole 200 with rows missing. Here the failure goes on to the server, which breaks
+    the transfer (the client sees an incomplete body). A request whose app raises counts
+    as a 500: the 500 of an unexpected error is built outside this middleware, and one
+    raised mid-stream is a failed request whatever status had been sent.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -210,14 +295,7 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"])
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        response: Response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        services.metrics.requests.labels(route, str(response.status_code)).inc()
-        services.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(CountRequests, metrics=services.metrics)
 
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
     # Ids may hold "/" (a URL, "orders/17"): the routes take the rest of the path, so the
@@ -264,13 +342,14 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         if isinstance(checked, ItemError):
             services.metrics.items.labels(lane, "invalid").inc()
             raise ApiError(422, "invalid_input", checked.reason)
-        target = services.lane(body.model)
-        if await run_in_threadpool(target.submitter.queue_full):
-            if body.id is not None and await run_in_threadpool(
-                    target.submitter.accepted_hash, checked.id) == text_sha256(checked.text):
-                return Accepted(id=checked.id, duplicate=True)
-            raise _busy()
-        outcome = await target.coalescer.submit(checked, lane, caller_id=body.id is not None)
+        with services.lane(body.model) as target:
+            if await run_in_threadpool(target.submitter.queue_full):
+                if body.id is not None and await run_in_threadpool(
+                        target.submitter.accepted_hash, checked.id) == text_sha256(checked.text):
+                    return Accepted(id=checked.id, duplicate=True)
+                raise _busy()
+            outcome = await target.coalescer.submit(checked, lane,
+                                                    caller_id=body.id is not None)
         services.metrics.items.labels(lane, outcome.status).inc()
         if outcome.status == CONFLICT:
             raise ApiError(409, "id_conflict", outcome.reason)
@@ -368,11 +447,12 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
             good.append((index, checked))
     outcomes: list[Outcome] = []
     if good:
-        target = services.lane(body.model)
-        if target.submitter.queue_full():
-            raise _busy()
-        caller = frozenset(it.id for i, it in good if _caller_id(body.items[i]) is not None)
-        outcomes = target.submitter.submit([it for _, it in good], lane=lane, caller_ids=caller)
+        with services.lane(body.model) as target:
+            if target.submitter.queue_full():
+                raise _busy()
+            caller = frozenset(it.id for i, it in good if _caller_id(body.items[i]) is not None)
+            outcomes = target.submitter.submit([it for _, it in good], lane=lane,
+                                               caller_ids=caller)
     ids: list[str | None] = [None] * len(body.items)
     duplicates = 0
     for (index, _item), outcome in zip(good, outcomes, strict=True):
@@ -384,7 +464,9 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
         duplicates += outcome.status == DUPLICATE
     services.metrics.items.labels(lane, "invalid").inc(len(body.items) - len(good))
     accepted = sum(1 for o in outcomes if o.status == ACCEPTED)
-    if body.items and all(i is None for i in ids):
+    if body.items and not good:
+        # 422 only when every item is invalid; an id conflict is an item error of a 202
+        # even when every item has one (a single submit's 409 is no invalid input either).
         first = min(refused, key=lambda r: r.index)
         raise ApiError(422, "invalid_input", f"no item was accepted; item {first.index}: "
                        f"{first.reason}")
@@ -396,7 +478,13 @@ def _filters(source: str | None, label: str | None, status: str | None, model: s
              since: dt.datetime | None, until: dt.datetime | None,
              lang: str | None = None) -> Filters:
     # Filters reads a time bound as UTC (naive = UTC); an empty text means no filter:
-    # HTML forms send every field, the empty ones as `name=`.
+    # HTML forms send every field, the empty ones as `name=`. A time bound whose UTC is
+    # out of range is a bad query parameter, as a malformed one is (invalid_request).
+    for name, value in (("since", since), ("until", until)):
+        try:
+            as_utc(value)
+        except InvalidInput as exc:
+            raise ApiError(422, "invalid_request", f"query.{name}: {exc}") from exc
     return Filters(source=source or None, label=label or None, status=status or None,
                    model=model or None, since=since, until=until, lang=lang or None)
 
@@ -451,11 +539,20 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         filters: Annotated[Filters, Depends(_filter_params)],
         by: Literal["label", "source", "status", "model", "lang"] = "label",
         bucket: Literal["1m", "1h", "1d"] | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_STATS_LIMIT,
+                                    description="the values of `by` with the most rows that "
+                                    "get groups of their own; the rows of the others are "
+                                    "summed in `other`")] = STATS_LIMIT,
     ) -> dict[str, Any]:
-        """Counts and mean score per ``by``, and per time bucket of ``finished_at`` (UTC)."""
+        """Counts and mean score per ``by``, and per time bucket of ``finished_at`` (UTC).
+
+        Groups for the ``limit`` values of ``by`` with the most rows; when there are more
+        values, ``other`` sums the rest per bucket (``values``, ``count``, ``mean_score``)."""
         if not services.client.has_results_table():
             return {"by": by, "bucket": bucket, "groups": []}
-        return {"by": by, "bucket": bucket, "groups": stats(store, filters, by=by, bucket=bucket)}
+        got = top_stats(store, filters, by=by, bucket=bucket, limit=limit)
+        return {"by": by, "bucket": bucket, "groups": got.groups,
+                **({"other": got.other} if got.other else {})}
 
 
     model_name = Annotated[str, Query(pattern=f"^{MODEL_NAME_PATTERN}$")]

@@ -26,10 +26,8 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import OperationalError
 
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
-from contract.errors import StoreUnavailable
 from contract.liveness import live_workers
 from contract.queries import Filters, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow
@@ -47,11 +45,7 @@ def finished_since(store: ResultStore, since: dt.datetime) -> int:
     """Rows whose ``finished_at`` is at or after ``since`` (a range count on its index)."""
     query = sa.select(sa.func.count()).select_from(results).where(
         results.c.finished_at >= since)
-    try:
-        with store.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return store.run(lambda conn: int(conn.execute(query).scalar_one()), "cannot read results")
 
 
 def trend(store: ResultStore, now: dt.datetime, minutes: int = TREND_MINUTES) -> list[dict[str, Any]]:
@@ -113,12 +107,32 @@ def _prefix_range(prefix: str, by_index: bool) -> tuple[Any, list[Any]]:
     return col, conds
 
 
+#: What SQL ``lower()`` still leaves different after it: SQLite's is Python's ``str.lower``
+#: (a final sigma becomes ``ς``, ``İ`` becomes ``i`` and a combining dot), PostgreSQL's maps
+#: each character alone (``σ``, ``i``); and ``ß``, whose capital is ``SS``.
+_FOLDS = (("i\u0307", "i"), ("ς", "σ"), ("ß", "ss"))
+
+
+def _folded(text: Any) -> Any:
+    """The SQL expression of ``text`` with its case folded the same way on every backend."""
+    folded = sa.func.lower(text)
+    for before, after in _FOLDS:
+        folded = sa.func.replace(folded, before, after)
+    return folded
+
+
 def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> list[Any]:
     """``filters`` and the text search on the columns of the subquery ``sub``; ``latest``:
-    with no model named, each task's latest row only (the rule of the default views)."""
+    with no model named, each task's latest row only (the rule of the default views).
+
+    ``q`` is folded in SQL like the column, so both sides get the database's own
+    ``lower()``; its LIKE wildcards are escaped first (folding leaves them alone).
+    """
     conds = filters.clauses(every_model=not latest, columns=sub.c)
     if q:
-        conds.append(sa.func.lower(sub.c.text).contains(q.lower(), autoescape=True))
+        pattern = q.replace("/", "//").replace("%", "/%").replace("_", "/_")
+        conds.append(_folded(sub.c.text).contains(_folded(sa.literal(pattern, sa.Text)),
+                                                  escape="/"))
     return conds
 
 
@@ -133,12 +147,11 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
     ``q``: rows whose text contains it, case-insensitively, among the ``scan``
     newest rows matching ``filters``.
     """
-    try:
-        with store.engine.connect() as conn:
-            query = _search_query(conn, filters, q, task_id, limit, scan)
-            return [_record(row) for row in conn.execute(query).mappings()]
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    def read(conn: Any) -> list[ResultRecord]:
+        query = _search_query(conn, filters, q, task_id, limit, scan)
+        return [_record(row) for row in conn.execute(query).mappings()]
+
+    return store.run(read, "cannot read results")
 
 
 def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | None,

@@ -1,7 +1,8 @@
 """The API's Prometheus metrics: requests, submitted items, coalescing, queue depth, workers.
 
 One registry per app (tests build several). Queue depth per lane and live
-workers are read from Redis when Prometheus scrapes, not polled.
+workers are read from Redis when Prometheus scrapes, not polled; whether that
+read worked is ``bertstream_redis_up``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class _QueueCollector(Collector):
         self.client, self.redis, self.queue = client, redis_client, queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
+        and ``bertstream_redis_up`` always: an alert on no live workers goes quiet while
+        Redis is down, so that outage needs its own signal."""
         depth = GaugeMetricFamily("bertstream_queue_depth",
                                   "Messages waiting in Redis per lane", labels=["lane"])
         workers = GaugeMetricFamily("bertstream_workers_alive",
@@ -56,7 +60,11 @@ class _QueueCollector(Collector):
             for lane in (LANE_INTERACTIVE, LANE_BULK):
                 depth.add_metric([lane], self.client.queue_length(lane))
             workers.add_metric([], len(live_workers(self.redis, self.queue)))
+            up = 1
         except (BertstreamError, OSError, Exception):  # noqa: BLE001 - a scrape never fails
-            return
-        yield depth
-        yield workers
+            up = 0
+        yield GaugeMetricFamily("bertstream_redis_up", "1 when this scrape could read the "
+                                "queues and worker heartbeats from Redis, else 0", value=up)
+        if up:
+            yield depth
+            yield workers

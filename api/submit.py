@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
+#: A caller id that could not be compared with the stored rows (``partial`` submits only).
+UNAVAILABLE = "unavailable"
 
 #: How long a measured queue length is reused before Redis is asked again.
 QUEUE_LENGTH_TTL_S = 0.2
@@ -93,7 +95,7 @@ class Outcome:
     """What became of one submitted item."""
 
     id: str
-    status: str  # ACCEPTED, DUPLICATE or CONFLICT
+    status: str  # ACCEPTED, DUPLICATE or CONFLICT (UNAVAILABLE: partial submits only)
     reason: str = ""
 
 
@@ -175,13 +177,16 @@ class Submitter:
         return cached[1] > self.settings.max_queue_length
 
     def submit(self, items: Sequence[TaskItem], *, lane: str,
-               caller_ids: frozenset[str] = frozenset()) -> list[Outcome]:
+               caller_ids: frozenset[str] = frozenset(), partial: bool = False) -> list[Outcome]:
         """Claim, check and publish ``items`` on ``lane``; one :class:`Outcome` each, in order.
 
         ``caller_ids``: the ids the caller chose (generated ids cannot collide,
         so only these are looked up among the stored rows).
         Raises :class:`BrokerUnavailable`, or :class:`StoreUnavailable` when the
         stored rows cannot be compared: nothing published, no claim kept.
+        ``partial`` (items of separate requests): that database error fails only
+        the caller ids it left unchecked, as :data:`UNAVAILABLE` outcomes with
+        no claim kept, and the rest are published.
         """
         if not items:
             return []
@@ -202,11 +207,13 @@ class Submitter:
         fresh = [i for i, o in enumerate(outcomes) if o is None]
         try:
             stored = self._check_stored(items, hashes, fresh, caller_ids, outcomes)
-        except BaseException:
-            # Nothing is published: the caller's retry must not meet these claims and be
-            # told "duplicate" for a task that was never queued.
-            self._release([items[i].id for i in fresh])
-            raise
+        except BaseException as exc:
+            if not (partial and isinstance(exc, StoreUnavailable)):
+                # Nothing is published: the caller's retry must not meet these claims and
+                # be told "duplicate" for a task that was never queued.
+                self._release([items[i].id for i in fresh])
+                raise
+            stored = self._unchecked(items, fresh, caller_ids, outcomes, str(exc))
         self._judge_repeats(items, hashes, stored, outcomes)
         retries = self._retries(items, hashes, stored, caller_ids, outcomes)
         publish = sorted([i for i in fresh if outcomes[i] is None] + list(retries))
@@ -286,6 +293,18 @@ class Submitter:
                 outcomes[i] = Outcome(items[i].id, DUPLICATE,
                                       f"a retry of its {row.status} attempt is already queued")
         return retries
+
+    def _unchecked(self, items: Sequence[TaskItem], fresh: list[int], caller_ids: frozenset[str],
+                   outcomes: list[Outcome | None], reason: str) -> dict[str, IdState]:
+        """The stored rows could not be read: each fresh caller id (every copy of it in the
+        batch) becomes :data:`UNAVAILABLE` and loses its claim, as a whole submit would.
+        Gives the stored rows known (none)."""
+        unchecked = {items[i].id for i in fresh if items[i].id in caller_ids}
+        self._release(sorted(unchecked))
+        for i, item in enumerate(items):
+            if item.id in unchecked:
+                outcomes[i] = Outcome(item.id, UNAVAILABLE, reason)
+        return {}
 
     def _verdict(self, task_id: str, digest: str, previous: bytes) -> Outcome:
         if previous not in (b"?", digest.encode("ascii")):
@@ -379,7 +398,8 @@ class Coalescer:
 
     A lane's window opens with its first item and closes ``window_s`` later,
     or at once when ``bulk_chunk_size`` items are waiting. Each caller awaits
-    its own :class:`Outcome`; a broker outage fails every caller of that window.
+    its own :class:`Outcome`; a broker outage fails every caller of that window,
+    a database outage only the callers whose id had to be checked against it.
     """
 
     def __init__(self, submitter: Submitter, window_s: float, max_items: int) -> None:
@@ -388,7 +408,12 @@ class Coalescer:
         self.max_items = max_items
         self._pending: dict[str, list[_Pending]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self.messages = 0
+
+    def idle(self) -> bool:
+        """No item waits for its window and no window is being submitted."""
+        return not self._pending and not self._sending
 
     async def submit(self, item: TaskItem, lane: str, caller_id: bool) -> Outcome:
         """Queue ``item`` for the next message of ``lane``; give its outcome once published."""
@@ -414,7 +439,9 @@ class Coalescer:
         batch = self._pending.pop(lane, [])
         if batch:
             self.messages += 1
-            asyncio.get_running_loop().create_task(self._send(lane, batch))
+            task = asyncio.get_running_loop().create_task(self._send(lane, batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, lane: str, batch: list[_Pending]) -> None:
         items = [p.item for p in batch]
@@ -422,12 +449,17 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(
-                None, lambda: self.submitter.submit(items, lane=lane, caller_ids=ids))
+                None, lambda: self.submitter.submit(items, lane=lane, caller_ids=ids,
+                                                    partial=True))
         except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
         for p, outcome in zip(batch, outcomes, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if outcome.status == UNAVAILABLE:
+                p.future.set_exception(StoreUnavailable(outcome.reason))
+            else:
                 p.future.set_result(outcome)

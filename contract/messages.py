@@ -189,11 +189,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def id_problem(value: Any, limit: int = ID_COLUMN_CHARS) -> str | None:
+def id_problem(value: Any, limit: int = ID_COLUMN_CHARS, *, new: bool = False) -> str | None:
     """Why ``value`` cannot be an id or source tag of at most ``limit`` characters, or None.
 
     An id must be a non-blank string that the id column can hold on every
     database: no control characters (NUL included), no lone surrogates.
+    ``new``: the id of a task being submitted, which must also be one that
+    ``GET /v1/tasks/{id}`` can reach (:func:`_route_problem`); without it (a
+    read, a delete) an id stored before that rule still passes.
     """
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
@@ -202,6 +205,8 @@ def id_problem(value: Any, limit: int = ID_COLUMN_CHARS) -> str | None:
     limit = min(limit, ID_COLUMN_CHARS)
     if len(value) > limit:
         return f"is {len(value)} characters, over the limit of {limit}"
+    if new and (unreachable := _route_problem(value)) is not None:
+        return unreachable
     if value.isascii() and value.isprintable():
         return None  # the usual id: printable ASCII has no control character or surrogate
     if _CONTROL.search(value):
@@ -211,9 +216,27 @@ def id_problem(value: Any, limit: int = ID_COLUMN_CHARS) -> str | None:
     return None
 
 
+def _route_problem(value: str) -> str | None:
+    """Why ``GET /v1/tasks/{id}`` could not reach the task ``value``, or None.
+
+    An id may hold ``/``, so the route ``/v1/tasks/{id}/windows`` takes
+    ``x/windows`` for the windows of ``x``; and a browser or HTTP client
+    resolves a ``.`` or ``..`` path segment before sending (``/v1/tasks/..``
+    asks for ``/v1/``).
+    """
+    if value.endswith("/windows"):
+        return ("ends in '/windows', which GET /v1/tasks/{id}/windows reads as the windows "
+                "of another id")
+    if "." in value and any(part in (".", "..") for part in value.split("/")):
+        return ("has a '.' or '..' path segment, which URLs resolve away (GET /v1/tasks/{id} "
+                "could not reach it)")
+    return None
+
+
 def validate_id(value: Any, settings: Settings, what: str = "id") -> str:
-    """Return a valid id/tag string or raise :class:`InvalidInput` (without ``item_id``)."""
-    problem = id_problem(value, settings.max_id_chars)
+    """Return a valid id/tag string or raise :class:`InvalidInput` (without ``item_id``);
+    an ``id`` (not a source tag) is a new task's, so it must also be reachable by URL."""
+    problem = id_problem(value, settings.max_id_chars, new=what == "id")
     if problem is not None:
         raise InvalidInput(f"{what} {problem}")
     return str(value)
@@ -335,7 +358,7 @@ def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
     if not isinstance(obj, Mapping):
         raise InvalidInput(f"task item must be a JSON object, got {type(obj).__name__}")
     raw_id = obj.get("id")
-    problem = id_problem(raw_id, settings.max_id_chars)
+    problem = id_problem(raw_id, settings.max_id_chars, new=True)
     if problem is not None:
         raise InvalidInput(f"task item has no valid id (the id {problem})")
     try:

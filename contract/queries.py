@@ -24,15 +24,18 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.messages import id_problem
 from contract.results import (
     ResultRecord,
     ResultStore,
+    _first_line,
     _record,
     as_utc,
+    is_outage,
+    is_row_error,
     latest_only,
     results,
     utcnow,
@@ -49,6 +52,10 @@ GROUPS = ("label", "source", "status", "model", "lang")
 #: return a group per minute ever.
 MAX_BUCKETS = 10_000
 _BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
+#: Values of ``by`` that :func:`top_stats` keeps by default, and the most it may be asked
+#: to keep (``GET /v1/stats?limit=``); the others are summed into one ``other`` group.
+STATS_LIMIT = 100
+MAX_STATS_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -158,30 +165,46 @@ def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
     row moving to another model's row or to a retry) can neither drop a task
     nor export it twice. The connection is held until the generator ends:
     it is given back when the generator is exhausted, closed or collected
-    (a client that disconnects mid-export). Outages raise
-    :class:`StoreUnavailable`.
+    (a client that disconnects mid-export). Each page's read is bounded as
+    every store operation is (the store's guard).
+
+    A pooled connection found dead by the first page (the database restarted)
+    is replaced and the export begun again, as :meth:`ResultStore.run` does;
+    once rows were given, a failure ends the export: a new snapshot could
+    repeat or skip rows. Outages raise :class:`StoreUnavailable`.
     """
-    try:
-        with store.engine.connect() as conn:
-            _read_snapshot(conn)
-            with conn.begin():
-                if conn.dialect.name == "sqlite":
-                    # pysqlite starts no transaction before a SELECT: without BEGIN every
-                    # page would be its own read transaction, with its own snapshot
-                    conn.exec_driver_sql("BEGIN")
-                position: tuple[dt.datetime, str] | None = None
-                while True:
-                    query = _select(filters, position, newest_first, chunk)
-                    rows = [_record(row) for row in conn.execute(query).mappings()]
-                    yield from rows
-                    if len(rows) < chunk:
-                        return
-                    last = rows[-1]
-                    if last.finished_at is None:  # pragma: no cover - finished_at is NOT NULL
-                        return
-                    position = (last.finished_at, last.id)
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    retried = False
+    while True:
+        given = False
+        try:
+            with store.engine.connect() as conn:
+                _read_snapshot(conn)
+                with conn.begin():
+                    if conn.dialect.name == "sqlite":
+                        # pysqlite starts no transaction before a SELECT: without BEGIN
+                        # every page would be its own read transaction, its own snapshot
+                        conn.exec_driver_sql("BEGIN")
+                    position: tuple[dt.datetime, str] | None = None
+                    while True:
+                        query = _select(filters, position, newest_first, chunk)
+                        with store._guard(conn):
+                            rows = [_record(row) for row in conn.execute(query).mappings()]
+                        given = given or bool(rows)
+                        yield from rows
+                        if len(rows) < chunk:
+                            return
+                        last = rows[-1]
+                        if last.finished_at is None:  # pragma: no cover - NOT NULL
+                            return
+                        position = (last.finished_at, last.id)
+        except Exception as exc:
+            if is_row_error(exc) or not is_outage(exc):
+                raise
+            stale = isinstance(exc, DBAPIError) and exc.connection_invalidated
+            if stale and not given and not retried:
+                retried = True
+                continue
+            raise StoreUnavailable(f"cannot read results: {_first_line(exc)}") from exc
 
 
 def _read_snapshot(conn: sa.Connection) -> None:
@@ -197,15 +220,11 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given.
 
     Each task counts once, by its latest result; grouped by model, each model's rows."""
-    if by not in GROUPS:
-        raise InvalidInput(f"cannot group by {by!r}; expected one of {', '.join(GROUPS)}")
-    if bucket is not None and bucket not in BUCKETS:
-        raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
     keys: list[Any] = []
     shown: list[Any] = []
-    if bucket is not None:
-        _check_span(store, filters, bucket)
-        key, text = _bucket_expr(store, bucket)
+    grouping = _grouping(store, filters, by, bucket)
+    if grouping is not None:
+        key, text = grouping
         keys.append(key)
         shown.append(text.label("bucket"))
     keys.append(results.c[by])
@@ -213,15 +232,92 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     query = (sa.select(*shown, sa.func.count().label("count"),
                        sa.func.avg(results.c.score).label("mean_score"))
              .where(*filters.clauses(every_model=by == "model")).group_by(*keys).order_by(*keys))
-    try:
-        with store.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
     return [{**{k: r[k] for k in ([("bucket")] if bucket else []) + [by]},
              "count": int(r["count"]),
              "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
             for r in rows]
+
+
+def _grouping(store: ResultStore, filters: Filters, by: str,
+              bucket: str | None) -> tuple[Any, Any] | None:
+    """Check ``by`` and ``bucket`` (and the span of buckets, :func:`_check_span`); the
+    bucket's group key and ISO text (:func:`_bucket_expr`), None without a bucket."""
+    if by not in GROUPS:
+        raise InvalidInput(f"cannot group by {by!r}; expected one of {', '.join(GROUPS)}")
+    if bucket is None:
+        return None
+    if bucket not in BUCKETS:
+        raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
+    _check_span(store, filters, bucket)
+    return _bucket_expr(store, bucket)
+
+
+@dataclass(frozen=True)
+class TopGroups:
+    """What :func:`top_stats` gives: the groups of the top values, as :func:`stats` gives
+    them, and the rows of the other values summed."""
+
+    groups: list[dict[str, Any]]
+    #: Per bucket (one entry without a bucket): ``values`` (how many values of ``by`` were
+    #: summed there), the ``count`` and ``mean_score`` of their rows. Empty when no value
+    #: was left out.
+    other: list[dict[str, Any]]
+
+
+def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
+              bucket: str | None = None, limit: int = STATS_LIMIT) -> TopGroups:
+    """:func:`stats` for the ``limit`` values of ``by`` with the most rows over the whole
+    range (ties in value order); the rows of every other value are summed per bucket.
+    With ``limit`` values or fewer, ``groups`` is what :func:`stats` gives (a mean may
+    differ in its last digits: the database sums in the order its plan reads).
+
+    A group per source is unbounded (a source per customer, per feed); ranked in SQL,
+    the answer holds at most ``limit`` + 1 groups per bucket however many there are.
+    """
+    if limit < 1:
+        raise InvalidInput(f"limit must be at least 1, not {limit}")
+    grouping = _grouping(store, filters, by, bucket)
+    value, score = results.c[by], results.c.score
+    keys: list[Any] = []
+    shown: list[Any] = []
+    if grouping is not None:
+        key, text = grouping
+        keys.append(key)
+        shown += [key.label("bucket_key"), text.label("bucket")]
+    per = (sa.select(*shown, value.label("value"), sa.func.count().label("n"),
+                     sa.func.avg(score).label("mean"), sa.func.sum(score).label("total"),
+                     sa.func.count(score).label("scored"))
+           .where(*filters.clauses(every_model=by == "model")).group_by(*keys, value)
+           .subquery("per"))
+    # The rows of each value over every bucket, then its rank: one per distinct value.
+    totals = sa.select(per, sa.func.sum(per.c.n).over(partition_by=per.c.value)
+                       .label("value_n")).subquery("totals")
+    ranked = sa.select(totals, sa.func.dense_rank().over(
+        order_by=(totals.c.value_n.desc(), totals.c.value)).label("rank")).subquery("ranked")
+    rank = sa.func.min(ranked.c.rank)
+    bucket_cols = [ranked.c.bucket_key, ranked.c.bucket] if grouping is not None else []
+    query = (sa.select(*bucket_cols, rank.label("rank"), sa.func.min(ranked.c.value).label("value"),
+                       sa.func.sum(ranked.c.n).label("n"),
+                       sa.func.max(ranked.c.mean).label("mean"),
+                       sa.func.sum(ranked.c.total).label("total"),
+                       sa.func.sum(ranked.c.scored).label("scored"),
+                       sa.func.count().label("n_values"))
+             .group_by(*bucket_cols, sa.case((ranked.c.rank <= limit, ranked.c.rank), else_=0))
+             .order_by(*bucket_cols[:1], rank > limit, sa.func.min(ranked.c.value)))
+    rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
+    groups: list[dict[str, Any]] = []
+    other: list[dict[str, Any]] = []
+    for r in rows:
+        head = {"bucket": r["bucket"]} if grouping is not None else {}
+        if r["rank"] <= limit:  # one value: its mean as stats() computes it
+            groups.append({**head, by: r["value"], "count": int(r["n"]),
+                           "mean_score": None if r["mean"] is None else float(r["mean"])})
+        else:
+            scored = int(r["scored"])
+            other.append({**head, "values": int(r["n_values"]), "count": int(r["n"]),
+                          "mean_score": float(r["total"]) / scored if scored else None})
+    return TopGroups(groups, other)
 
 
 def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
@@ -275,19 +371,13 @@ def distinct_sources(store: ResultStore, limit: int = 200) -> list[str]:
     else:
         query = sa.select(src).where(src.is_not(None)).distinct().order_by(src).limit(
             sa.bindparam("limit"))
-    try:
-        with store.engine.connect() as conn:
-            return [str(v) for v in conn.execute(query, {"limit": limit}).scalars()]
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return store.run(lambda conn: [str(v) for v in conn.execute(query, {"limit": limit})
+                                   .scalars()], "cannot read results")
 
 
 def _fetch(store: ResultStore, query: Any) -> list[ResultRecord]:
-    try:
-        with store.engine.connect() as conn:
-            return [_record(row) for row in conn.execute(query).mappings()]
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    return store.run(lambda conn: [_record(row) for row in conn.execute(query).mappings()],
+                     "cannot read results")
 
 
 @dataclass(frozen=True)
@@ -351,13 +441,12 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
                          b.c.score.label("score_b"), change)
                .select_from(joined).where(*conds)
                .order_by(sa.func.abs(change).desc(), a.c.id).limit(top))
-    try:
-        with store.engine.connect() as conn:
-            n, agree, mean = conn.execute(totals).one()
-            flip_rows = [(str(x), str(y), int(c)) for x, y, c in conn.execute(flips)]
-            top_rows = [dict(r) for r in conn.execute(largest).mappings()]
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    def read(conn: sa.Connection) -> tuple[Any, list[tuple[str, str, int]], list[dict[str, Any]]]:
+        return (conn.execute(totals).one(),
+                [(str(x), str(y), int(c)) for x, y, c in conn.execute(flips)],
+                [dict(r) for r in conn.execute(largest).mappings()])
+
+    (n, agree, mean), flip_rows, top_rows = store.run(read, "cannot read results")
     return Comparison(model_a, model_b, int(n or 0), int(agree or 0), flip_rows,
                       None if mean is None else float(mean), top_rows)
 
