@@ -29,14 +29,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, errors
 from api.errors import ApiError
-from api.metrics import ApiMetrics
+from api.metrics import ApiMetrics, family_workers
 from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
-from contract.liveness import live_workers
 from contract.messages import text_sha256
 from contract.queries import (
     MAX_STATS_LIMIT,
@@ -51,7 +50,7 @@ from contract.queries import (
 from contract.results import ResultRecord, ResultStore, as_utc
 from contract.settings import Settings
 from producer.client import Client
-from producer.formatting import RECORD_FIELDS, csv_cell
+from producer.formatting import FREE_TEXT_COLUMNS, RECORD_FIELDS, csv_cell
 from producer.items import ItemError, ItemValidator
 
 Lane = Literal["interactive", "bulk"]
@@ -124,10 +123,11 @@ class ModelLane:
     may be closed while the server runs, see :meth:`Services.lane`).
     """
 
-    def __init__(self, settings: Settings, client: Client, *, owned: bool = False) -> None:
+    def __init__(self, settings: Settings, client: Client, metrics: ApiMetrics, *,
+                 owned: bool = False) -> None:
         self.settings = settings
         self.client, self.owned = client, owned
-        self.submitter = Submitter(settings, client)
+        self.submitter = Submitter(settings, client, on_message=metrics.published)
         self.coalescer = Coalescer(self.submitter, settings.api_coalesce_ms / 1000.0,
                                    settings.bulk_chunk_size)
         #: Requests submitting through the lane now, and when it was last taken.
@@ -154,13 +154,13 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = Client(settings)
-        self._lanes = {settings.model_name: ModelLane(settings, self.client)}
+        self.metrics = ApiMetrics()
+        self._lanes = {settings.model_name: ModelLane(settings, self.client, self.metrics)}
         self._lanes_lock = threading.Lock()
         self.submitter = self._lanes[settings.model_name].submitter
         self.coalescer = self._lanes[settings.model_name].coalescer
         self.waiter = Waiter(self.client.get_many)
-        self.metrics = ApiMetrics()
-        self.metrics.watch(self.client, self.submitter.redis, settings.queue)
+        self.metrics.watch(self.client, self.submitter.redis, settings)
 
     def settings_for(self, model: str | None) -> Settings:
         """The settings of submitting to ``model`` (None: the default), without opening a
@@ -184,7 +184,7 @@ class Services:
                 if len(self._lanes) >= MAX_MODELS:
                     evicted = self._evict_idle()
                 settings = self.settings.replace(model_name=name)
-                lane = ModelLane(settings, Client(settings), owned=True)
+                lane = ModelLane(settings, Client(settings), self.metrics, owned=True)
                 self._lanes[name] = lane
             lane.users += 1
             lane.used_at = time.monotonic()
@@ -577,6 +577,10 @@ def _read_routes(router: APIRouter, services: Services) -> None:
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+#: CSV columns whose text cells get the formula guard: free text, and the label (a name
+#: from the model's own config). Ids and the other identifiers (model, worker, hashes)
+#: are written as stored, so an exported id can be sent back as it is.
+CSV_GUARDED = FREE_TEXT_COLUMNS | {"label"}
 
 
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
@@ -585,7 +589,8 @@ def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
     writer.writeheader()
     count = 0
     for record in rows:
-        writer.writerow({k: csv_cell(v) for k, v in record.to_json().items()})
+        writer.writerow({k: csv_cell(v, guard=k in CSV_GUARDED)
+                         for k, v in record.to_json().items()})
         count += 1
         if count % 500 == 0:
             yield buffer.getvalue()
@@ -608,7 +613,8 @@ def _health_routes(app: FastAPI, services: Services) -> None:
     @app.get("/readyz", tags=["health"],
              responses={503: {"description": "a dependency is not ready; checks say which"}})
     def readyz() -> JSONResponse:
-        """Redis and the database answer, and at least one worker is alive."""
+        """Redis and the database answer, and at least one worker is alive (of any model:
+        the default one's queue family or a named model's)."""
         checks: dict[str, str] = {}
         try:
             services.submitter.redis.ping()
@@ -625,7 +631,7 @@ def _health_routes(app: FastAPI, services: Services) -> None:
             checks["database"] = f"unreachable: {type(exc).__name__}"
         if checks["redis"] == "ok":
             try:
-                alive = live_workers(services.submitter.redis, services.settings.queue)
+                alive = family_workers(services.submitter.redis, services.settings.queue)
                 checks["workers"] = (f"ok: {len(alive)} alive" if alive
                                      else "none alive (no heartbeat)")
             except (BertstreamError, Exception) as exc:  # noqa: BLE001

@@ -4,7 +4,7 @@ The page (``api/static/``) is public; its data calls are ``/v1`` calls, so
 they need the bearer token whenever tokens are configured. Every query here
 stays bounded on a large table:
 
-- ``/v1/live``: queue depth per lane and live workers from Redis, and a
+- ``/v1/live``: queue depth per lane and live workers (every model's) from Redis, and a
   count of the rows finished in the last ``window`` seconds (a range on the
   ``finished_at`` index), with per-minute counts over the last half hour;
 - ``/v1/sources``: the distinct sources for the page's filter, one index
@@ -27,8 +27,8 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.metrics import by_family, family_workers
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
-from contract.liveness import live_workers
 from contract.queries import Filters, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow
 
@@ -178,19 +178,21 @@ def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | Non
 
 
 def live(services: "Services", window_s: int) -> dict[str, Any]:
-    """Queue depth per lane, live workers and recent throughput; Redis figures are null
-    (with ``redis`` saying why) when Redis cannot be read, so the page still shows the rest."""
+    """Queue depth per lane, live workers (of every model, and their count per queue
+    family) and recent throughput; Redis figures are null (with ``redis`` saying why) when
+    Redis cannot be read, so the page still shows the rest."""
     now = utcnow()
     out: dict[str, Any] = {"now": now.isoformat(), "window_s": window_s}
     try:
         out["queue_depth"] = {lane: services.client.queue_length(lane)
                               for lane in (LANE_INTERACTIVE, LANE_BULK)}
-        workers = live_workers(services.submitter.redis, services.settings.queue)
+        workers = family_workers(services.submitter.redis, services.settings.queue)
         out["workers"] = workers
         out["workers_alive"] = len(workers)
+        out["workers_by_family"] = by_family(workers)
         out["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported in the answer, not raised
-        out.update(queue_depth=None, workers=None, workers_alive=None,
+        out.update(queue_depth=None, workers=None, workers_alive=None, workers_by_family=None,
                    redis=f"unreachable: {type(exc).__name__}")
     store = services.client.store
     if services.client.has_results_table():

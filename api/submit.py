@@ -29,7 +29,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -102,9 +102,12 @@ class Outcome:
 class Submitter:
     """Claims ids and publishes items; thread-safe (called from the server's threads)."""
 
-    def __init__(self, settings: Settings, client: Client) -> None:
+    def __init__(self, settings: Settings, client: Client, *,
+                 on_message: Callable[[str, int], None] | None = None) -> None:
+        """``on_message(lane, items)`` is called for each message published (metrics)."""
         self.settings = settings
         self.client = client
+        self.on_message = on_message
         self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
                                           socket_connect_timeout=5)
         self._lock = threading.Lock()
@@ -363,10 +366,13 @@ class Submitter:
         outage that stopped the rest (None when all were)."""
         size = self.settings.bulk_chunk_size
         for start in range(0, len(items), size):
+            chunk = items[start:start + size]
             try:
-                self.client.publish(items[start:start + size], bulk=lane == LANE_BULK)
+                self.client.publish(chunk, bulk=lane == LANE_BULK)
             except BrokerUnavailable as exc:
                 return start, exc
+            if self.on_message is not None:
+                self.on_message(lane, len(chunk))
         return len(items), None
 
     def _release(self, ids: list[str]) -> None:

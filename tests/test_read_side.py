@@ -191,3 +191,27 @@ def test_api_csv_empty_filters_offsets_and_bucket_cap(settings: Settings, store:
         # since alone: the span runs to now, read without a query
         r = http.get("/v1/stats", params={"bucket": "1m", "since": "2026-01-01T00:00:00Z"})
         assert r.status_code == 422, r.text
+
+
+def test_api_csv_keeps_ids_and_other_identifiers_as_stored(settings: Settings,
+                                                           store: ResultStore,
+                                                           api_factory: Any) -> None:
+    """Only free text is guarded against formulas: an id (or a model, a worker) that starts
+    with ``-``, ``@``, ``+`` or ``=`` is exported as stored, so it can be sent back."""
+    ids = ["-100123", "@user1", "+44 20", "=x"]
+    store.upsert([_rec(task_id, model="@m", worker="-w@host", text=task_id, source=task_id,
+                       finished_at=T0 + dt.timedelta(minutes=n))
+                  for n, task_id in enumerate(ids)])
+    api = api_factory(settings)
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        r = http.get("/v1/results", params={"format": "csv", "order": "oldest"})
+        assert r.status_code == 200, r.text
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert [c["id"] for c in rows] == ids
+        assert {(c["model"], c["worker"]) for c in rows} == {("@m", "-w@host")}
+        assert [(c["text"], c["source"]) for c in rows] == [("'" + i, "'" + i) for i in ids]
+        for row in rows:  # each exported id reads its row back, the model its rows
+            got = http.get(f"/v1/tasks/{row['id']}")
+            assert got.status_code == 200 and got.json()["id"] == row["id"], got.text
+        again = http.get("/v1/results", params={"model": rows[0]["model"], "limit": 10})
+        assert len(again.json()["items"]) == len(ids), again.text
