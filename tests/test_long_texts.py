@@ -415,3 +415,55 @@ def test_a_restored_copy_of_a_held_message_joins_it(
     final, short = store.get("long"), store.get("short")
     assert final is not None and final.status == "done"
     assert short is not None and short.status == "done"
+
+
+class _QueuedRequest(_FakeRequest):
+    """A fake request as the task's flush reads it (``SimpleRequest.from_request``)."""
+
+    def __init__(self, mid: str, items: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.id, self.name, self.hostname, self.reply_to, self.correlation_id = (
+            mid, "t", "h", None, None)
+        self._payload: tuple[Any, ...] = ((items,), {}, {})
+        self.delivery_info: dict[str, Any] = {}
+        self.request_dict: dict[str, Any] = {}
+
+
+def test_copies_of_a_held_message_are_no_new_deliveries(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """Through the task's flush with a delivery counter: a copy of a held message, in a later
+    flush or in the flush that took the original, is not counted (with ``max_attempts=1``
+    it used to be dead-lettered: a failed row while the text was still being scored), is
+    acked with the original, and a warm shutdown takes back one count per held message."""
+    from worker.deliveries import DeliveryCounter
+
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
+                               runner, store)
+    counter = DeliveryCounter(Settings(broker_url="memory://"))
+    task.deliveries = counter
+    now = time.time()
+
+    def request(mid: str, task_id: str) -> _QueuedRequest:
+        return _QueuedRequest(mid, [{"id": task_id, "text": long_text(), "submitted_at": now}])
+
+    first = request("m-1", "long-1")
+    task.flush([first])
+    assert proc.held() == {"m-1"} and counter._local == {"m-1": 1}
+    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
+    later = request("m-1", "long-1")
+    second, same_flush = request("m-2", "long-2"), request("m-2", "long-2")
+    task.flush([later, second, same_flush])
+    assert proc.held() == {"m-1", "m-2"} and counter._local == {"m-1": 1, "m-2": 1}
+    assert store.get("long-1") is None and store.get("long-2") is None  # not dead-lettered
+    everyone = [first, later, second, same_flush]
+    assert not any(r.acknowledged or r.rejected is not None for r in everyone)
+    task.hand_back_held()
+    assert counter._local == {}
+    task.flush([first, later, second, same_flush])  # the same, delivered again after a restart
+    while proc.held():
+        task.flush([])
+    assert all(r.acknowledged for r in everyone)
+    for task_id in ("long-1", "long-2"):
+        row = store.get(task_id)
+        assert row is not None and (row.status, row.attempts) == ("done", 1)

@@ -36,6 +36,24 @@ def test_undo_takes_back_one_delivery_per_id(redis_url: str, memory: bool) -> No
         counter.close()
 
 
+@pytest.mark.parametrize("visibility_timeout_s", [300, 200_000])
+def test_a_count_outlives_the_visibility_timeout(redis_url: str,
+                                                 visibility_timeout_s: int) -> None:
+    """A dead worker's message comes back after the visibility timeout (then waits in its
+    queue): its count must still be there, a day longer. A fixed day let a poison message
+    come back uncounted, for ever, when the timeout was longer than a day."""
+    counter = DeliveryCounter(Settings(broker_url=redis_url,
+                                       visibility_timeout_s=visibility_timeout_s))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert counter.incr(["m"]) == [1]
+        ttl = r.ttl(DELIVERY_KEY_PREFIX + "m")
+        assert visibility_timeout_s + 86_400 - 60 <= ttl <= visibility_timeout_s + 86_400
+    finally:
+        counter.close()
+        r.close()
+
+
 def _counts(r: redis.Redis) -> list[int]:
     return [int(r.get(k) or 0) for k in r.scan_iter(DELIVERY_KEY_PREFIX + "*")]
 

@@ -22,7 +22,8 @@ from contract.broker import redis_client
 from contract.constants import DELIVERY_KEY_PREFIX
 from contract.settings import Settings
 
-#: Counters expire on their own; a day is longer than any redelivery chain.
+#: Counters expire on their own, this long after the visibility timeout (a dead worker's
+#: message comes back after it, then may wait in its queue): see :func:`counter_ttl`.
 COUNTER_TTL_S = 86_400
 
 #: Take one delivery off each key (a key named twice loses two); a count that reaches
@@ -41,12 +42,20 @@ return 0
 """
 
 
+def counter_ttl(settings: Settings) -> int:
+    """Seconds a count lives after the delivery that set it: a day more than the visibility
+    timeout, however long that is (with a fixed day, a timeout longer than a day brought a
+    dead worker's message back uncounted, so a poison message was never dead-lettered)."""
+    return COUNTER_TTL_S + settings.visibility_timeout_s
+
+
 class DeliveryCounter:
     """Delivery counts per Celery message id, in Redis (or in memory for memory://)."""
 
     def __init__(self, settings: Settings) -> None:
         self._redis: redis.Redis | None = redis_client(settings)
         self._local: dict[str, int] = {}
+        self._ttl = counter_ttl(settings)
 
     def incr(self, message_ids: Sequence[str]) -> list[int]:
         """Count one more delivery of each id; gives the new counts, in order."""
@@ -60,7 +69,7 @@ class DeliveryCounter:
         for mid in message_ids:
             key = DELIVERY_KEY_PREFIX + mid
             pipe.incr(key)
-            pipe.expire(key, COUNTER_TTL_S)
+            pipe.expire(key, self._ttl)
         replies = pipe.execute()
         return [int(n) for n in replies[::2]]
 

@@ -44,6 +44,10 @@ Celery or bertstream:
    (``atomic_receive=False``, or a ``global_keyprefix``) parks such an item
    the same way (it used to stop the worker, and the item was lost).
 
+A worker holding a message on purpose renews its place in the unacked
+index with :func:`keep_visible`, so the sweep does not take it for a dead
+worker's.
+
 :func:`install` applies them, once, only when kombu's internals look as
 expected (otherwise kombu is left alone and a debug line says why).
 """
@@ -180,7 +184,7 @@ def _patch() -> bool:
               (qos, "ack"), (qos, "_remove_from_indices"), (virtual.QoS, "ack"),
               (channel, "_brpop_start"), (channel, "_brpop_read"), (channel, "_q_for_pri"),
               (channel, "_in_poll"), (channel, "_brpop_sent_at"), (channel, "sep"),
-              (qos, "append"), (virtual.QoS, "append"),
+              (qos, "append"), (virtual.QoS, "append"), (qos, "unacked_index_key"),
               (virtual.Transport, "_deliver")]
     missing = [f"{cls.__name__}.{name}" for cls, name in needed if not hasattr(cls, name)]
     if missing:
@@ -427,6 +431,29 @@ def _hand_over(parked: Undeliverable) -> str | None:
     except Exception as exc:  # noqa: BLE001 - never out of the event loop
         log.exception("the handler of undeliverable items failed")
         return f"its handler failed: {type(exc).__name__}"
+
+
+def keep_visible(messages: list[Any]) -> None:
+    """Score these unacked messages at the current time in kombu's unacked index.
+
+    kombu's visibility sweep (any worker's) restores every unacked message
+    recorded longer ago than the visibility timeout, as if its worker had
+    died. A worker that holds a message on purpose (a long text scored over
+    many flushes) renews it here. ``ZADD XX``: a message no longer recorded
+    (acked, or restored already) is not recorded again. One round trip per
+    channel; channels of other transports (memory://) are left alone.
+    """
+    tags: dict[int, tuple[Any, dict[Any, float]]] = {}
+    now = time()
+    for m in messages:
+        qos = getattr(getattr(m, "channel", None), "qos", None)
+        tag = getattr(m, "delivery_tag", None)
+        if tag is None or not _INSTALLED or not hasattr(qos, "_remove_from_indices"):
+            continue
+        tags.setdefault(id(qos), (qos, {}))[1][tag] = now
+    for qos, scores in tags.values():
+        with qos.channel.conn_or_acquire() as client:
+            client.zadd(qos.unacked_index_key, scores, xx=True)
 
 
 @contextmanager

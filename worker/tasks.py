@@ -12,9 +12,13 @@ and flushes on a count or a timer. Two things are changed:
 - long texts over several flushes: a message whose long text still has
   windows to score is held (not acked) and acked by the flush that stores
   it; while such texts wait, the flush timer keeps flushing even with no
-  new message. A warm shutdown hands the held messages back to the queue
-  and takes back their delivery counts: their flushes ran to the end, so
-  a rolling restart is no death of their worker (a kill -9 still counts).
+  new message. Each flush renews the held messages in kombu's unacked
+  index, so the visibility sweep does not restore them as a dead worker's;
+  a copy restored all the same (another worker's sweep, a flush longer
+  than the timeout) joins its original, uncounted. A warm shutdown hands
+  the held messages back to the queue and takes back their delivery
+  counts: their flushes ran to the end, so a rolling restart is no death
+  of their worker (a kill -9 still counts).
 
 And one rule: nothing raised while handling one message leaves
 :meth:`AnalyzeTask.flush`. It runs in the consumer's event loop, where an
@@ -42,7 +46,7 @@ from contract.messages import printable
 from contract.settings import Settings
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor, FlushStats
-from worker.kombu_redis import Undeliverable, deferred_acks
+from worker.kombu_redis import Undeliverable, deferred_acks, keep_visible
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,10 @@ class AnalyzeTask(Batches):
         self._buffered_tokens = 0
         #: Deliveries whose long texts wait in the processor's backlog, by message id: a
         #: copy the visibility sweep restored joins its original, and both are acked together.
+        #: Only the first of each id's deliveries is counted (:meth:`hand_back_held`).
         self._held: dict[str, list[Any]] = {}
         self._flushed_at = 0.0
+        self._renew_warned_at = float("-inf")
 
     def _do_flush(self) -> None:
         """celery-batches' timer flush, which also continues the backlog of long texts.
@@ -233,21 +239,56 @@ class AnalyzeTask(Batches):
             log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                           "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
+        if self._held:
+            self._keep_held_visible()
         self._flushed_at = time.monotonic()
 
     def _flush(self, reqs: list[Any]) -> None:
-        if not reqs:
+        new = []
+        for r in reqs:
+            s = SimpleRequest.from_request(r)
+            if s.id in self._held:
+                self._join(r, s.id)
+            else:
+                new.append((r, s))
+        if not new:
             self._commit_group([], attempt=1)  # the backlog of long texts alone
             return
-        simple = [SimpleRequest.from_request(r) for r in reqs]
-        counts = (self.deliveries.incr([s.id for s in simple]) if self.deliveries is not None
-                  else [1] * len(reqs))
-        fresh = [(r, s) for r, s, n in zip(reqs, simple, counts, strict=True) if n == 1]
+        counts = (self.deliveries.incr([s.id for _, s in new]) if self.deliveries is not None
+                  else [1] * len(new))
+        fresh = [(r, s) for (r, s), n in zip(new, counts, strict=True) if n == 1]
         if fresh:
             self._commit_group(fresh, attempt=1)
-        for r, s, n in zip(reqs, simple, counts, strict=True):
-            if n > 1:
+        for (r, s), n in zip(new, counts, strict=True):
+            if n > 1 and s.id in self._held:  # a copy of a delivery this flush took and holds
+                self._join(r, s.id)
+                if self.deliveries is not None:
+                    self.deliveries.undo([s.id])
+            elif n > 1:
                 self._commit_group([(r, s)], attempt=n)
+
+    def _join(self, request: Any, message_id: str) -> None:
+        """A copy of a held delivery (the visibility sweep restored it while its long texts
+        wait) joins its original: no new delivery, so neither counted nor dead-lettered
+        (its worker did not die); both are acked, or requeued, together. Acking the copy
+        alone would drop the original's record from Redis: they share a delivery tag."""
+        log.warning("message %s came back while held for its long texts (restored by a "
+                    "visibility sweep: a flush longer than the visibility timeout?); it "
+                    "joins its original, not counted", printable(str(message_id))[:200])
+        self._held[message_id].append(request)
+
+    def _keep_held_visible(self) -> None:
+        """Renew the held deliveries in kombu's unacked index (worker/kombu_redis.py), so no
+        visibility sweep restores them while their long texts wait. Never raises; a failure
+        is logged at most once a minute (it runs every flush)."""
+        messages = [getattr(r, "message", None) for rs in self._held.values() for r in rs]
+        try:
+            keep_visible(messages)
+        except Exception as exc:  # noqa: BLE001 - a copy the sweep restores joins its original
+            if time.monotonic() - self._renew_warned_at >= 60:
+                self._renew_warned_at = time.monotonic()
+                log.warning("could not renew %d held message(s) in the unacked index (the "
+                            "visibility sweep may restore them): %s", len(messages), exc)
 
     def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> None:
         payloads = [(s.id, s.args) for _, s in group]
@@ -323,10 +364,11 @@ class AnalyzeTask(Batches):
         unacked messages back on the queue. Their flushes ran to the end
         without killing the worker, so their next delivery must not count
         as a redelivery (after ``max_attempts`` rolling restarts it would be
-        dead-lettered). One count per held delivery: a restored copy that
-        joined its original was counted too. A crash runs none of this.
+        dead-lettered). One count per held message: a restored copy that
+        joined its original was not counted (:meth:`_join`). A crash runs
+        none of this.
         """
-        held = [mid for mid, requests in self._held.items() for _ in requests]
+        held = list(self._held)
         self._held.clear()
         if not held:
             return
