@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
-from contract.settings import Settings
+from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings
 
 
 def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
@@ -58,7 +58,7 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
-    if settings.broker_url.startswith("memory://"):
+    if settings.broker_url.startswith(MEMORY_BROKER):
         # The in-memory transport polls; its default 1 s would dominate latency.
         conf["broker_transport_options"]["polling_interval"] = 0.01
     app.conf.update(conf)
@@ -87,8 +87,11 @@ def publish_retry_policy(settings: Settings) -> dict[str, Any]:
 
 
 def redis_client(settings: Settings) -> redis.Redis | None:
-    """A Redis client on the broker with :func:`redis_socket_options`; None for memory://."""
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    """A Redis client on the broker with :func:`redis_socket_options`; None for memory://.
+
+    Raises ValueError for a Redis URL that does not parse (a port that is no port).
+    """
+    if not settings.broker_url.startswith(REDIS_SCHEMES):
         return None
     return redis.Redis.from_url(settings.broker_url, **redis_socket_options(settings))
 

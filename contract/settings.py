@@ -34,6 +34,33 @@ MIN_DB_STATEMENT_TIMEOUT_S = 0.001
 MAX_DB_STATEMENT_TIMEOUT_S = _INT32_MAX // 1100
 #: Longest TCP keepalive idle time Linux accepts (TCP_KEEPIDLE).
 MAX_DB_KEEPALIVE_S = 32_767
+#: Longest Redis timeout, health-check interval, publish pause or wait (one day):
+#: far past any real need, and far below what overflows (a socket timeout past
+#: time_t) or parks a text or a request for good.
+MAX_DURATION_S = 86_400
+#: Most torch threads (far more than any machine's cores; torch overflows past int32).
+MAX_TORCH_THREADS = 1_024
+#: Longest API coalescing window: every single submit waits up to this long for its answer.
+MAX_API_COALESCE_MS = 1_000
+#: Longest time the API remembers an accepted id (ten years): Redis refuses an expiry
+#: whose milliseconds overflow, and then every submit failed.
+MAX_API_ID_TTL_S = 10 * 365 * 86_400
+#: Upper bounds of numeric settings: name -> (the lower bound as said, the most, unit).
+_UPPER_BOUNDS: dict[str, tuple[str, int, str]] = {
+    "torch_threads": (">= 0", MAX_TORCH_THREADS, ""),
+    "max_wait_ms": (">= 1", MAX_DURATION_S * 1000, " ms"),
+    "redis_socket_timeout_s": ("> 0", MAX_DURATION_S, " seconds"),
+    "redis_connect_timeout_s": ("> 0", MAX_DURATION_S, " seconds"),
+    "redis_health_check_s": (">= 0", MAX_DURATION_S, " seconds"),
+    "publish_retry_max_s": (">= 0", MAX_DURATION_S, " seconds"),
+    "api_coalesce_ms": (">= 0", MAX_API_COALESCE_MS, " ms"),
+    "api_max_wait_s": ("> 0", MAX_DURATION_S, " seconds"),
+    "api_id_ttl_s": ("> 0", MAX_API_ID_TTL_S, " seconds"),
+}
+#: Broker URLs a worker, the API and the publishing commands run on.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: Celery's in-memory transport: one process only (the demo's fallback, embedding callers).
+MEMORY_BROKER = "memory://"
 
 
 def _default_cache_dir() -> str:
@@ -46,7 +73,8 @@ def _default_cache_dir() -> str:
 class Settings:
     """Every knob of bertstream. Build with :meth:`from_env`; pass it on."""
 
-    #: Celery broker (Redis). ``memory://`` runs everything in one process.
+    #: Celery broker: a Redis URL (:data:`REDIS_SCHEMES`), or ``memory://``, which
+    #: runs everything in one process (the demo); anything else is refused.
     broker_url: str = "redis://localhost:6379/0"
     #: SQLAlchemy URL of the results store.
     database_url: str = "sqlite:///bertstream.db"
@@ -66,7 +94,7 @@ class Settings:
     #: ``auto`` (fp16 on CUDA, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``, or
     #: ``int8`` (dynamic int8 on CPU).
     dtype: str = "auto"
-    #: Torch intra-op threads on CPU; 0 lets torch decide.
+    #: Torch intra-op threads on CPU; 0 lets torch decide (at most :data:`MAX_TORCH_THREADS`).
     torch_threads: int = 0
 
     # -- input limits (enforced by the producer and again by the worker) --
@@ -81,7 +109,8 @@ class Settings:
     bulk_chunk_size: int = 256
 
     # -- micro-batching (worker) --
-    #: Longest a request waits in the buffer before a flush, in milliseconds.
+    #: Longest a request waits in the buffer before a flush, in milliseconds
+    #: (1 to a day).
     max_wait_ms: int = 20
     #: Tokens (padded length x rows) one model batch may hold.
     token_budget: int = 8_192
@@ -132,7 +161,8 @@ class Settings:
     db_statement_timeout_s: float = 30.0
     #: TCP keepalive idle seconds on database connections (0: the OS default).
     db_keepalive_s: int = 30
-    #: Seconds a Redis command may wait for its reply.
+    #: Seconds a Redis command may wait for its reply (this and the next two: at
+    #: most :data:`MAX_DURATION_S`).
     redis_socket_timeout_s: float = 10.0
     #: Seconds to establish a Redis connection.
     redis_connect_timeout_s: float = 5.0
@@ -143,7 +173,7 @@ class Settings:
     #: Retries of a publish while Redis is unreachable, the pause growing by
     #: 0.25 s per retry up to ``publish_retry_max_s``; then the submit fails.
     publish_retries: int = 8
-    #: Longest pause between two publish retries, in seconds.
+    #: Longest pause between two publish retries, in seconds (at most a day).
     publish_retry_max_s: float = 2.0
     #: Stream backpressure: pause while the queue holds more messages than this.
     max_queue_length: int = 2_000
@@ -163,12 +193,13 @@ class Settings:
     api_max_body_bytes: int = 8_388_608
     #: Most items in one bulk POST.
     api_max_items: int = 1_000
-    #: Single-text submits arriving within this many milliseconds share one message.
+    #: Single-text submits arriving within this many milliseconds share one message
+    #: (at most :data:`MAX_API_COALESCE_MS`).
     api_coalesce_ms: int = 5
-    #: Longest ``?wait=`` a status request may long-poll, in seconds.
+    #: Longest ``?wait=`` a status request may long-poll, in seconds (at most a day).
     api_max_wait_s: int = 30
     #: How long the API remembers an accepted id (its status ``queued`` and
-    #: the text it was submitted with), in seconds.
+    #: the text it was submitted with), in seconds (at most :data:`MAX_API_ID_TTL_S`).
     api_id_ttl_s: int = 604_800
 
     @classmethod
@@ -208,6 +239,7 @@ class Settings:
         for name in positive:
             if not 0 < getattr(self, name) < float("inf"):  # NaN too
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        self._validate_broker_url()
         if self.max_id_chars > ID_COLUMN_CHARS:
             raise ConfigError(
                 f"{ENV_PREFIX}MAX_ID_CHARS={self.max_id_chars} is larger than the id and "
@@ -234,8 +266,17 @@ class Settings:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"{ENV_PREFIX}DEVICE: expected auto, cpu or cuda:N")
 
+    def _validate_broker_url(self) -> None:
+        """Redis or memory://: any other URL (an empty one included) failed deep inside
+        redis-py or kombu, with a traceback, in whatever command first used it."""
+        if not self.broker_url.startswith((*REDIS_SCHEMES, MEMORY_BROKER)):
+            raise ConfigError(
+                f"{ENV_PREFIX}BROKER_URL={mask_url(self.broker_url)!r} is not a Redis URL "
+                f"({', '.join(REDIS_SCHEMES)}) nor {MEMORY_BROKER} (one process)")
+
     def _validate_ranges(self) -> None:
-        """Bounds beyond the sign: values the flush timer, a TCP port or libpq can take."""
+        """Bounds beyond the sign: values the flush timer, a TCP port, libpq, the socket layer,
+        torch and Redis expiries can take."""
         if not self.max_wait_ms >= 1:  # a 0 ms flush timer never fires: a lone text waits
             raise ConfigError(f"{ENV_PREFIX}MAX_WAIT_MS must be >= 1 (got {self.max_wait_ms})")
         if not 0 <= self.metrics_port <= MAX_PORT:
@@ -256,6 +297,14 @@ class Settings:
         if not 0 <= self.db_keepalive_s <= MAX_DB_KEEPALIVE_S:
             raise ConfigError(f"{ENV_PREFIX}DB_KEEPALIVE_S must be between 0 (the OS default) "
                               f"and {MAX_DB_KEEPALIVE_S} (got {self.db_keepalive_s})")
+        # Larger values were taken, then overflowed where they were used (a traceback
+        # at the first connection or when the model loaded, Redis refusing every
+        # expiry) or held a text or a request for good. NaN fails here too.
+        for name, (lowest, most, unit) in _UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if not value <= most:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be {lowest} and at most "
+                                  f"{most}{unit} (got {value})")
 
     @property
     def family(self) -> str:

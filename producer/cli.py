@@ -46,7 +46,7 @@ from contract.errors import (
 )
 from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import MAX_META_DEPTH, MAX_TIMESTAMP, id_problem, make_item, printable
-from contract.queries import BUCKETS
+from contract.queries import BUCKETS, MAX_STATS_LIMIT
 from contract.results import ResultRecord
 from contract.settings import Settings, mask_url
 from producer.client import REDIS_SCHEMES, Client
@@ -57,7 +57,7 @@ from producer.ids_out import IdsOut
 from producer.items import ItemError
 from producer.options import parse_time as _parse_time
 from producer.redis_stream import RedisStreamSource
-from producer.report import IMAGE_SUFFIXES, collect, draw
+from producer.report import IMAGE_SUFFIXES, MAX_SOURCES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
 from producer.sources import (
     FieldMap,
@@ -381,6 +381,14 @@ def submit(
             raise _with_missing(stop, missing, listed=True)
 
 
+def _finite_idle_exit(value: float | None) -> float | None:
+    """``--idle-exit``: click.FloatRange lets NaN (and inf) through, and the reader never stopped."""
+    if value is not None and not math.isfinite(value):
+        raise InvalidInput(f"--idle-exit must be a finite number of seconds, 0 or more, "
+                           f"got {value:g}")
+    return value
+
+
 @main.command("stream")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), required=False)
 @click.option("--source", help="Source tag for records without their own.")
@@ -393,8 +401,10 @@ def submit(
               help="Read this Redis Stream (on the broker's Redis) instead of FILE.")
 @click.option("--group", help="Consumer group for --from-redis-stream (created when missing).")
 @click.option("--consumer", help="Consumer name in the group [default: the host name].")
-@click.option("--idle-exit", type=click.FloatRange(min=0), default=None,
-              help="With --from-redis-stream: stop after this many seconds without a new entry.")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              callback=lambda _ctx, _param, value: _finite_idle_exit(value),
+              help="With --from-redis-stream: stop after this many seconds without a new entry "
+                   "(a finite number; without it, read until stopped).")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
 @click.option("--id-field", default="id", show_default=True,
               help="Field holding the task id (a stream entry's id when absent).")
@@ -699,6 +709,10 @@ def results(
 @click.option("--positive-label", default="positive", show_default=True,
               help="The label whose share is drawn.")
 @click.option("--title", help="Title of the picture.")
+@click.option("--limit", type=click.IntRange(1, MAX_STATS_LIMIT), default=MAX_SOURCES,
+              show_default=True,
+              help="Sources drawn with a line of their own, those with the most rows; the "
+                   "rest are summed as one (other) line.")
 @click.pass_context
 def report_command(
     ctx: click.Context,
@@ -709,10 +723,12 @@ def report_command(
     bucket: str,
     positive_label: str,
     title: str | None,
+    limit: int,
 ) -> None:
     """Draw sentiment over time per source (share of positive and volume) to a PNG or SVG.
 
-    Computed from SQL aggregates over the done rows; needs the plot extra (matplotlib).
+    Computed from SQL aggregates over the done rows, bounded however many sources there
+    are (--limit); needs the plot extra (matplotlib).
     """
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise click.BadParameter(f"must end in {' or '.join(IMAGE_SUFFIXES)}", param_hint="--out")
@@ -720,7 +736,7 @@ def report_command(
         raise InvalidInput(f"--source {printable(source)!r} {id_problem(source)}")
     with Client(_settings(ctx)) as client:
         series = (collect(client.store, source=source, since=since, until=until, bucket=bucket,
-                          positive_label=positive_label)
+                          positive_label=positive_label, limit=limit)
                   if client.has_results_table() else [])
     try:
         draw(series, out, bucket=bucket, title=title, positive_label=positive_label)

@@ -350,6 +350,29 @@ def test_a_bad_source_leaves_redis_stream_entries_for_the_next_run(bsettings: Se
         r.close()
 
 
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_idle_exit_must_be_finite(bsettings: Settings, redis_url: str, value: str) -> None:
+    """click.FloatRange lets NaN through: `--idle-exit nan` was taken and the reader never
+    stopped (nor with inf, which meant the same as no --idle-exit). A real process, so a
+    run that does not stop fails the test instead of hanging it."""
+    from worker.process import settings_env
+
+    key = f"{bsettings.queue}:posts"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "from producer.cli import main; main()", "stream",
+             "--from-redis-stream", key, "--group", "g", "--idle-exit", value, "--no-progress"],
+            env=settings_env(bsettings), capture_output=True, text=True, timeout=30,
+            cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--idle-exit {value} was taken: the stream did not stop")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: --idle-exit must be a finite number of seconds, 0 or more, got {value}"]
+    assert "--idle-exit SECONDS" in invoke(["stream", "--help"]).output
+
+
 # -- stream --------------------------------------------------------------
 
 

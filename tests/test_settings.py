@@ -86,3 +86,58 @@ def test_passwords_in_query_strings_are_masked() -> None:
     assert masked == "postgresql://h/db?sslmode=require&password=***&sslpassword=***;x=1"
     assert mask_url("redis://:pw@h:6379/0?Password=pw2") == "redis://:***@h:6379/0?Password=***"
     assert "secret" not in str(Settings(database_url=url).public())
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    # past time_t in the socket layer (Celery: OverflowError at the first connect)
+    ({"BERTSTREAM_REDIS_SOCKET_TIMEOUT_S": "1e12"}, "> 0 and at most 86400 seconds"),
+    ({"BERTSTREAM_REDIS_CONNECT_TIMEOUT_S": "1e12"}, "> 0 and at most 86400 seconds"),
+    ({"BERTSTREAM_REDIS_HEALTH_CHECK_S": "99999999999999"}, ">= 0 and at most 86400 seconds"),
+    # torch.set_num_threads: ValueError (Overflow) when the model loads
+    ({"BERTSTREAM_TORCH_THREADS": "10000000000"}, ">= 0 and at most 1024"),
+    # a lone text would wait for days in the worker's buffer
+    ({"BERTSTREAM_MAX_WAIT_MS": "10000000000"}, ">= 1 and at most 86400000 ms"),
+    ({"BERTSTREAM_API_MAX_WAIT_S": "99999999999"}, "> 0 and at most 86400 seconds"),
+    ({"BERTSTREAM_PUBLISH_RETRY_MAX_S": "inf"}, ">= 0 and at most 86400 seconds"),
+    ({"BERTSTREAM_PUBLISH_RETRY_MAX_S": "nan"}, ">= 0 and at most 86400 seconds"),
+    # every single submit to the API would wait that long for its window
+    ({"BERTSTREAM_API_COALESCE_MS": "99999999999"}, ">= 0 and at most 1000 ms"),
+    # Redis refuses the expiry ("invalid expire time"): every POST was a 503
+    ({"BERTSTREAM_API_ID_TTL_S": str(10**17)}, "> 0 and at most 315360000 seconds"),
+])
+def test_values_that_overflow_later_are_refused_naming_the_range(env: dict[str, str],
+                                                                 says: str) -> None:
+    """Each was accepted at start and failed later: a traceback (exit 1), a 503 on every
+    submit, or a wait of years."""
+    [key] = env
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(f"{key} must be {says} (got ")
+
+
+def test_upper_bounds_are_inclusive() -> None:
+    s = Settings.from_env({
+        "BERTSTREAM_REDIS_SOCKET_TIMEOUT_S": "86400", "BERTSTREAM_REDIS_CONNECT_TIMEOUT_S": "86400",
+        "BERTSTREAM_REDIS_HEALTH_CHECK_S": "86400", "BERTSTREAM_TORCH_THREADS": "1024",
+        "BERTSTREAM_MAX_WAIT_MS": "86400000", "BERTSTREAM_API_MAX_WAIT_S": "86400",
+        "BERTSTREAM_PUBLISH_RETRY_MAX_S": "86400", "BERTSTREAM_API_COALESCE_MS": "1000",
+        "BERTSTREAM_API_ID_TTL_S": "315360000"})
+    assert (s.torch_threads, s.api_coalesce_ms, s.api_id_ttl_s) == (1024, 1000, 315_360_000)
+
+
+@pytest.mark.parametrize("url", ["", "  ", "amqp://guest@h//", "localhost:6379",
+                                 "sentinel://:pw@h:26379/0"])
+def test_a_broker_url_bertstream_cannot_run_on_is_refused(url: str) -> None:
+    """An empty URL crashed the worker (redis-py's ValueError, a traceback) and the API."""
+    with pytest.raises(ConfigError, match=r"BERTSTREAM_BROKER_URL=.* is not a Redis URL "
+                                          r"\(redis://, rediss://, unix://\) nor memory://") as info:
+        Settings.from_env({"BERTSTREAM_BROKER_URL": url})
+    assert "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h/1", "unix:///tmp/r.sock",
+                                 "memory://"])
+def test_broker_urls_bertstream_runs_on_are_accepted(url: str) -> None:
+    """memory:// stays: the demo falls back to it (one process) and embedding callers use it."""
+    assert Settings.from_env({"BERTSTREAM_BROKER_URL": url}).broker_url == url
+    assert Settings().replace(broker_url=url).broker_url == url

@@ -11,7 +11,7 @@ import click
 
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX
 from contract.errors import BertstreamError, ConfigError, exit_code
-from contract.settings import Settings
+from contract.settings import Settings, mask_url
 
 #: ``worker --loglevel`` choices (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -73,6 +73,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
             settings = settings.replace(model_name=served[0][0], model=served[0][1])
         if device:
             settings = settings.replace(device=device)
+        _check_broker(settings)
     except BertstreamError as exc:
         _fail(exc)
     # Expanded once, so that Celery, the rows and the heartbeat share one name.
@@ -103,6 +104,27 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
     except BertstreamError as exc:
         _fail(exc)
     run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
+
+
+def _check_broker(settings: Settings) -> None:
+    """Refuse, before the model loads, a broker URL the worker cannot consume from.
+
+    ``memory://`` lives in one process: a worker alone on it would wait for ever
+    (the demo, which falls back to it, runs its worker in the same process). A Redis URL
+    that does not parse (a port that is no port) failed in the heartbeat, after
+    the model loaded, with a traceback.
+    """
+    from contract.broker import redis_client
+
+    url = f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r}"
+    try:
+        client = redis_client(settings)
+    except ValueError as exc:
+        raise ConfigError(f"{url} cannot be parsed ({exc})") from exc
+    if client is None:
+        raise ConfigError(f"the worker needs a Redis broker: {url} reaches no other process "
+                          "(only `bertstream demo` runs on it, its worker in the same process)")
+    client.close()
 
 
 def _build_runner(settings: Settings) -> Any:

@@ -11,8 +11,10 @@ from typing import Any
 
 import redis
 
+from contract.broker import redis_client
+from contract.errors import ConfigError
 from contract.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, worker_key
-from contract.settings import Settings
+from contract.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,18 @@ class Heartbeat:
     """Refreshes ``worker_key(queue, hostname)`` every few seconds until :meth:`stop`.
 
     A Redis outage is logged once and retried; the key is deleted on a clean stop.
+    The client has the broker's timeouts and health checks (``redis_*`` settings).
+    Raises :class:`ConfigError` for a broker that is not Redis (``memory://``).
     """
 
     def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
         self.key = worker_key(settings.family, hostname)
         self.value = json.dumps({"pid": os.getpid(), "started_at": time.time(), **facts})
-        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
-                                           socket_connect_timeout=5)
+        client = redis_client(settings)
+        if client is None:
+            raise ConfigError(f"the heartbeat needs a Redis broker, not "
+                              f"{mask_url(settings.broker_url)!r}")
+        self.client = client
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bertstream-heartbeat",
                                         daemon=True)
