@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import BrokerUnavailable, InvalidInput, SchemaMismatch, StoreUnavailable
+from producer.client import missing_schema
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,15 @@ def install(app: FastAPI) -> None:
                      "later", {"Retry-After": "5"})
 
     @app.exception_handler(StoreUnavailable)
-    async def store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:
+    async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # a table or column gone under a running API (`bertstream db downgrade`) is no
+        # outage: the schema is read again, and one behind the code named as such
+        services = getattr(request.app.state, "services", None)
+        if services is not None and missing_schema(exc):
+            try:
+                await run_in_threadpool(services.client.recheck_schema, exc)
+            except SchemaMismatch as mismatch:
+                return _json(503, "schema_mismatch", str(mismatch))
         log.warning("answering 503: %s", exc)
         return _json(503, "database_unavailable", "the results database cannot be reached; "
                      "retry later", {"Retry-After": "5"})

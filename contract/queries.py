@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from contract.errors import InvalidInput, StoreUnavailable
 from contract.messages import id_problem
@@ -219,7 +219,9 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     """Counts and mean score per ``by`` (label, source, status, model or lang), and per time
     ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given.
 
-    Each task counts once, by its latest result; grouped by model, each model's rows."""
+    Each task counts once, by its latest result; grouped by model, each model's rows.
+    Groups come in bucket, then value order; no value (a NULL source, lang or label) is
+    last on both backends (PostgreSQL puts NULL last by default, SQLite first)."""
     keys: list[Any] = []
     shown: list[Any] = []
     grouping = _grouping(store, filters, by, bucket)
@@ -231,7 +233,8 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
     shown.append(results.c[by].label(by))
     query = (sa.select(*shown, sa.func.count().label("count"),
                        sa.func.avg(results.c.score).label("mean_score"))
-             .where(*filters.clauses(every_model=by == "model")).group_by(*keys).order_by(*keys))
+             .where(*filters.clauses(every_model=by == "model")).group_by(*keys)
+             .order_by(*keys[:-1], results.c[by].is_(None), results.c[by]))
     rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
     return [{**{k: r[k] for k in ([("bucket")] if bucket else []) + [by]},
              "count": int(r["count"]),
@@ -268,7 +271,8 @@ class TopGroups:
 def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
               bucket: str | None = None, limit: int = STATS_LIMIT) -> TopGroups:
     """:func:`stats` for the ``limit`` values of ``by`` with the most rows over the whole
-    range (ties in value order); the rows of every other value are summed per bucket.
+    range (ties in value order, no value last); the rows of every other value are summed
+    per bucket.
     With ``limit`` values or fewer, ``groups`` is what :func:`stats` gives (a mean may
     differ in its last digits: the database sums in the order its plan reads).
 
@@ -294,7 +298,8 @@ def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
     totals = sa.select(per, sa.func.sum(per.c.n).over(partition_by=per.c.value)
                        .label("value_n")).subquery("totals")
     ranked = sa.select(totals, sa.func.dense_rank().over(
-        order_by=(totals.c.value_n.desc(), totals.c.value)).label("rank")).subquery("ranked")
+        order_by=(totals.c.value_n.desc(), totals.c.value.is_(None), totals.c.value))
+        .label("rank")).subquery("ranked")
     rank = sa.func.min(ranked.c.rank)
     bucket_cols = [ranked.c.bucket_key, ranked.c.bucket] if grouping is not None else []
     query = (sa.select(*bucket_cols, rank.label("rank"), sa.func.min(ranked.c.value).label("value"),
@@ -304,7 +309,8 @@ def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
                        sa.func.sum(ranked.c.scored).label("scored"),
                        sa.func.count().label("n_values"))
              .group_by(*bucket_cols, sa.case((ranked.c.rank <= limit, ranked.c.rank), else_=0))
-             .order_by(*bucket_cols[:1], rank > limit, sa.func.min(ranked.c.value)))
+             .order_by(*bucket_cols[:1], rank > limit, sa.func.min(ranked.c.value).is_(None),
+                       sa.func.min(ranked.c.value)))
     rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
     groups: list[dict[str, Any]] = []
     other: list[dict[str, Any]] = []
@@ -413,7 +419,9 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     ``filters`` (source, label, lang, time range) select A's rows; a label
     filter means A's label. The change of a text is B's probability of A's
     label minus A's (read from B's ``scores``; 0 where B has no such label),
-    so a flipped label counts as a large move whatever the label set.
+    so a flipped label counts as a large move whatever the label set. A text of the
+    largest changes comes from any row of its task that kept it (:func:`_kept_text`):
+    A's worker may have run with BERTSTREAM_STORE_TEXT=false.
     """
     a, b = results.alias("a"), results.alias("b")
     conds = [a.c.model == model_a, b.c.model == model_b, a.c.status == "done",
@@ -436,7 +444,7 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     flips = (sa.select(a.c.label, b.c.label, sa.func.count()).select_from(joined)
              .where(*conds, a.c.label != b.c.label).group_by(a.c.label, b.c.label)
              .order_by(sa.func.count().desc()))
-    largest = (sa.select(a.c.id, a.c.text, a.c.label.label("label_a"),
+    largest = (sa.select(a.c.id, _kept_text(a).label("text"), a.c.label.label("label_a"),
                          a.c.score.label("score_a"), b.c.label.label("label_b"),
                          b.c.score.label("score_b"), change)
                .select_from(joined).where(*conds)
@@ -476,22 +484,42 @@ def _kept_text(task: Any) -> Any:
 def stored_texts(store: ResultStore, filters: Filters, *,
                  batch: int = 1000) -> Iterator[dict[str, Any]]:
     """``{id, text, source, meta}`` of each matching task (its latest row's id, source and
-    meta) whose text some row of it kept (see :func:`_kept_text`), oldest first, read
-    through a server-side cursor ``batch`` rows at a time (bounded memory)."""
+    meta) whose text some row of it kept (see :func:`_kept_text`), oldest first.
+
+    Read in keyset pages of ``batch`` rows (bounded memory), each through
+    :meth:`ResultStore.run` as every other read: the store's guard bounds it, a dead
+    pooled connection is replaced, and no connection is held while the caller sends
+    a page (a rescore waits out its backpressure between pages). Rows after the newest
+    one matching when the read began are not read: a task that a worker scores
+    meanwhile (its new row becomes its latest) is not given twice.
+    """
     task = results.alias("task")
     text = _kept_text(task).label("text")
-    query = (sa.select(task.c.id, text, task.c.source, task.c.meta)
-             .where(*filters.clauses(columns=task.c), text.is_not(None))
-             .order_by(task.c.finished_at, task.c.id))
-    try:
-        with store.engine.connect() as conn:
-            rows = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
-            for row in rows.mappings():
-                meta = row["meta"]
-                yield {"id": row["id"], "text": row["text"], "source": row["source"],
-                       "meta": json.loads(meta) if isinstance(meta, str) else meta}
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    where = filters.clauses(columns=task.c)
+    fin, rid = task.c.finished_at, task.c.id
+    last = store.run(lambda conn: conn.execute(
+        sa.select(fin, rid).where(*where).order_by(fin.desc(), rid.desc()).limit(1)).first(),
+        "cannot read results")
+    if last is None:
+        return
+    upto = sa.or_(fin < last[0], sa.and_(fin == last[0], rid <= last[1]))
+    after: list[Any] = []
+    while True:
+        query = (sa.select(task.c.id, text, task.c.source, task.c.meta, fin)
+                 .where(*where, upto, *after, text.is_not(None)).order_by(fin, rid).limit(batch))
+        rows = _rows(store, query)
+        for row in rows:
+            meta = row["meta"]
+            yield {"id": row["id"], "text": row["text"], "source": row["source"],
+                   "meta": json.loads(meta) if isinstance(meta, str) else meta}
+        if len(rows) < batch:
+            return
+        when, task_id = rows[-1]["finished_at"], rows[-1]["id"]
+        after = [sa.or_(fin > when, sa.and_(fin == when, rid > task_id))]
+
+
+def _rows(store: ResultStore, query: Any) -> list[Any]:
+    return store.run(lambda conn: list(conn.execute(query).mappings()), "cannot read results")
 
 
 def text_counts(store: ResultStore, filters: Filters) -> tuple[int, int]:
@@ -499,9 +527,6 @@ def text_counts(store: ResultStore, filters: Filters) -> tuple[int, int]:
     task = results.alias("task")
     query = (sa.select(sa.func.count(), sa.func.count(_kept_text(task)))
              .where(*filters.clauses(columns=task.c)))
-    try:
-        with store.engine.connect() as conn:
-            total, with_text = conn.execute(query).one()
-    except OperationalError as exc:
-        raise StoreUnavailable(f"cannot read results: {exc}") from exc
+    total, with_text = store.run(lambda conn: tuple(conn.execute(query).one()),
+                                 "cannot read results")
     return int(total), int(with_text)

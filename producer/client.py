@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -43,7 +45,7 @@ from contract.errors import (
 )
 from contract.liveness import live_workers
 from contract.messages import TaskItem, make_item, text_sha256
-from contract.results import ResultRecord, ResultStore, WindowRecord
+from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
 from contract.settings import Settings, mask_url
 from producer.items import ItemError, ItemValidator
@@ -56,6 +58,12 @@ MAX_POLL_INTERVAL_S = 1.0
 CONFLICT_CHECK_BACKOFF_S = 60.0
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: SQLSTATEs of a table (42P01, UndefinedTable) or a column (42703, UndefinedColumn)
+#: PostgreSQL does not know.
+MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
 
 #: Broker URL schemes of a Redis broker (queues that can be counted, and that outlive
 #: the process; the CLI publishes to no other).
@@ -75,6 +83,74 @@ def _missing_sqlite_file(database_url: str) -> bool:
     if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
         return False
     return not path.startswith("file:") and not os.path.exists(path)
+
+
+def missing_schema(exc: BaseException) -> bool:
+    """True when ``exc``, or an error it was raised from, says a table or column does not
+    exist (PostgreSQL UndefinedTable/UndefinedColumn, SQLite "no such table/column"): the
+    schema changed under a reader that had checked it (``bertstream db downgrade``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if getattr(cause, "sqlstate", None) in MISSING_SCHEMA_SQLSTATES:
+            return True
+        if isinstance(cause, sqlite3.OperationalError) and str(cause).startswith(
+                ("no such table", "no such column")):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+#: Signals :func:`signals_held` holds: Ctrl-C, and SIGTERM (which a stream turns into one).
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs: one that arrives is delivered (its
+    handler runs: KeyboardInterrupt) as the block ends, so a chunk published is also
+    counted, and a resume does not send it twice. A second one is delivered at once (a
+    publish retrying an absent Redis can still be stopped).
+
+    On the main thread only (Python runs signal handlers there, and only there can set
+    them); ignored signals and handlers set outside Python are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+    caught: list[tuple[int, FrameType | None]] = []
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append((signum, frame))
+        if len(caught) > 1:
+            restore()
+            _deliver(signum, previous[signum], frame)
+
+    for held in HELD_SIGNALS:
+        handler = signal.getsignal(held)
+        if handler is not None and handler != signal.SIG_IGN:
+            previous[held] = signal.signal(held, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if len(caught) == 1:
+            signum, frame = caught[0]
+            _deliver(signum, previous[signum], frame)
+
+
+def _deliver(signum: int, handler: Any, frame: FrameType | None) -> None:
+    """Do what ``handler`` (the one a signal had before it was held) does with it."""
+    if callable(handler):
+        handler(signum, frame)
+    else:  # SIG_DFL, restored: the default action (SIGTERM ends the process)
+        signal.raise_signal(signum)
 
 
 @dataclass
@@ -180,16 +256,20 @@ class ChunkPublisher:
         if self._before_send is not None:
             self._before_send()
         items = [b.item for b in self._buffer]
-        self._client.publish(items, bulk=self._bulk, producer=self._producer)
-        self.messages += 1
-        self.published += len(items)
         origins = [b.origin for b in self._buffer]
-        self._buffer = []
-        if self._retries:
-            self._client.mark_retries(self._retries)
-            self._retries = {}
-        if self._after_send is not None:
-            self._after_send(items, origins)
+        # A Ctrl-C between the LPUSH and the count would report the chunk unsent (and a
+        # resume would send it twice): it waits for the count and the trackers (the ids
+        # file, the stream acks), then stops the run.
+        with signals_held():
+            self._client.publish(items, bulk=self._bulk, producer=self._producer)
+            self.messages += 1
+            self.published += len(items)
+            self._buffer = []
+            if self._retries:
+                self._client.mark_retries(self._retries)
+                self._retries = {}
+            if self._after_send is not None:
+                self._after_send(items, origins)
 
     def _drop_conflicts(self) -> None:
         if self._on_conflict is None or not any(b.caller_id for b in self._buffer):
@@ -531,6 +611,31 @@ class Client:
             self._table_seen = schema.has_results
         return self._table_seen
 
+    def recheck_schema(self, exc: BaseException) -> bool:
+        """After a read failed with ``exc``: when it says a table or column is missing
+        (:func:`missing_schema`), read the schema again instead of trusting the check the
+        first read cached (a ``bertstream db downgrade`` under a running reader), raising
+        :class:`SchemaMismatch` with the command to run when it is behind the code.
+        Gives whether the results table is there now (False: nothing to read); True for
+        another error. Checked on a failure only, so a read stays one query."""
+        if not missing_schema(exc):
+            return True
+        self._table_seen = False
+        return self._table_exists()
+
+    def _read(self, work: Callable[[], T], empty: T) -> T:
+        """``work()`` (a read of the results table); ``empty`` while there is no table.
+        A read that finds a table or column missing checks the schema again
+        (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`."""
+        if not self._table_exists():
+            return empty
+        try:
+            return work()
+        except (StoreUnavailable, SQLAlchemyError) as exc:
+            if not self.recheck_schema(exc):
+                return empty
+            raise
+
     def id_check(self, items: Sequence[TaskItem]) -> IdCheck:
         """Caller ids among ``items`` checked against the stored rows (one query).
 
@@ -549,8 +654,8 @@ class Client:
             return IdCheck()
         try:
             # Any model's row: an id names one text, whichever model scores it.
-            stored = (self.store.id_states([it.id for it in items])
-                      if self._table_exists() else {})
+            stored: dict[str, IdState] = self._read(
+                lambda: self.store.id_states([it.id for it in items]), {})
         except SchemaMismatch:
             return IdCheck()
         except StoreUnavailable as exc:
@@ -621,16 +726,15 @@ class Client:
     def windowed(self, id: str,
                  model: str | None = None) -> tuple[ResultRecord | None, list[WindowRecord]]:
         """The row of task ``id`` (under ``model``, default its latest) and its windows."""
-        if not self._table_exists():
-            return None, []
-        return self.store.get_windows(id, model)
+        nothing: tuple[ResultRecord | None, list[WindowRecord]] = (None, [])
+        return self._read(lambda: self.store.get_windows(id, model), nothing)
 
     def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
         """Stored results among ``ids``, keyed by id (batched IN queries)."""
         wanted = list(ids)
-        if not wanted or not self._table_exists():
+        if not wanted:
             return {}
-        return self.store.get_many(wanted, model=self._model(model))
+        return self._read(lambda: self.store.get_many(wanted, model=self._model(model)), {})
 
     def wait(
         self,
@@ -713,13 +817,11 @@ class Client:
         lang: str | None = None,
     ) -> list[ResultRecord]:
         """Results matching every given filter (see :meth:`ResultStore.query`)."""
-        if not self._table_exists():
-            return []
-        return self.store.query(
+        return self._read(lambda: self.store.query(
             ids=ids, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
             model=self._model(model), lang=lang,
-        )
+        ), [])
 
     def count(
         self,
@@ -734,10 +836,9 @@ class Client:
         lang: str | None = None,
     ) -> int:
         """Tasks matching every given filter (0 before any worker created the table)."""
-        if not self._table_exists():
-            return 0
-        return self.store.count(ids=ids, source=source, label=label, status=status,
-                                since=since, until=until, model=self._model(model), lang=lang)
+        return self._read(lambda: self.store.count(
+            ids=ids, source=source, label=label, status=status, since=since, until=until,
+            model=self._model(model), lang=lang), 0)
 
     def live_workers(self) -> list[dict[str, Any]] | None:
         """Workers of this queue whose heartbeat is fresh; None when that cannot be known
@@ -763,12 +864,13 @@ class Client:
         """Counts and mean score per group (see :meth:`ResultStore.aggregate`)."""
         if by not in ("label", "source", "status", "model", "lang"):
             raise InvalidInput(f"cannot group by {by!r}")
-        if not self._table_exists():
-            return []
-        try:
-            return self.store.aggregate(
-                by=by, source=source, status=status, since=since, until=until,
-                model=self._model(model), lang=lang,
-            )
-        except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"cannot read results: {exc}") from exc
+        def read() -> list[dict[str, Any]]:
+            try:
+                return self.store.aggregate(
+                    by=by, source=source, status=status, since=since, until=until,
+                    model=self._model(model), lang=lang,
+                )
+            except SQLAlchemyError as exc:
+                raise StoreUnavailable(f"cannot read results: {exc}") from exc
+
+        return self._read(read, [])

@@ -126,7 +126,10 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.ti
     match = re.fullmatch(r"\s*(\d+)\s*([dhm])\s*", value)
     if match is None or len(match.group(1)) > 12:
         raise click.BadParameter(f"{value!r} is not an age such as 90d, 12h or 30m")
-    age = dt.timedelta(**{AGE_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        age = dt.timedelta(**{AGE_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # past timedelta's own bound (a billion days), so past ours
+        age = dt.timedelta.max
     if age > MAX_AGE:  # further back than any row, and than a date can go from now
         raise click.BadParameter(f"{value!r} is over {MAX_AGE.days // 365} years")
     return age

@@ -76,7 +76,8 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
     stored beside the old ones.
     Tasks the model already scored are skipped, so a second run sends
     nothing once the first run's tasks are scored (tasks still queued are
-    sent again). Exits 5 when some tasks were refused. Reads in bounded memory (a server-side cursor); the stream's
+    sent again). Exits 5 when some tasks were refused. Reads in bounded memory (pages of
+    rows, a database restart ridden out between them); the stream's
     backpressure and progress bar apply. Needs a Redis broker URL, as submit and
     stream do. Stopped by Ctrl-C or SIGTERM it exits 130 saying how many tasks
     were sent; a rerun skips those the model has done.

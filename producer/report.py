@@ -1,7 +1,8 @@
 """``bertstream report``: sentiment over time per source, drawn with matplotlib.
 
-Two bounded SQL aggregates (:func:`contract.queries.stats`) give, per source
-and time bucket, the ``done`` rows and the positive ones among them; the
+Bounded SQL aggregates give, per time bucket, the ``done`` rows of the
+sources with the most rows and of all the others summed
+(:func:`contract.queries.top_stats`), and the positive ones among them; the
 picture has the share of positive on top and the volume below. matplotlib
 is imported inside :func:`draw` only (the ``plot`` extra), with the Agg
 backend, so the light client and servers without a display never load it.
@@ -10,18 +11,21 @@ backend, so the light client and servers without a display never load it.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from contract.constants import STATUS_DONE
 from contract.errors import InvalidInput
-from contract.queries import BUCKETS, Filters, stats
-from contract.results import ResultStore
+from contract.queries import BUCKETS, MAX_STATS_LIMIT, Filters, _bucket_expr, stats, top_stats
+from contract.results import ResultStore, results
 
 #: Picture formats ``report`` writes (by the file's suffix).
 IMAGE_SUFFIXES = (".png", ".svg")
-#: Sources drawn at most; the rest are summed under ``OTHER``.
+#: Sources drawn with a line of their own by default (``report --limit``); the rest are
+#: summed under ``OTHER``.
 MAX_SOURCES = 8
 OTHER = "(other)"
 NO_SOURCE = "(none)"
@@ -51,33 +55,37 @@ class Series:
 
 def collect(store: ResultStore, *, source: str | None = None, since: dt.datetime | None = None,
             until: dt.datetime | None = None, bucket: str = "1h",
-            positive_label: str = "positive") -> list[Series]:
-    """The series to draw, one per source (most rows first), from two SQL aggregates.
+            positive_label: str = "positive", limit: int = MAX_SOURCES) -> list[Series]:
+    """The series to draw, one per source (most rows first), from bounded SQL aggregates.
 
-    Only ``done`` rows count. Beyond :data:`MAX_SOURCES` sources the smallest
-    are summed into one ``(other)`` series, so the picture stays readable.
+    Only ``done`` rows count. The ``limit`` sources with the most rows get a
+    series each; the others are summed into one ``(other)`` series, in SQL
+    (:func:`contract.queries.top_stats`): a source per customer or feed makes
+    thousands, and the reads stay at ``limit`` + 1 groups per bucket.
     """
     if bucket not in BUCKETS:
         raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
+    if not 1 <= limit <= MAX_STATS_LIMIT:
+        raise InvalidInput(f"limit must be 1 to {MAX_STATS_LIMIT}, not {limit}")
     base = Filters(source=source, status=STATUS_DONE, since=since, until=until)
-    done = stats(store, base, by="source", bucket=bucket)
-    pos = stats(store, Filters(source=source, status=STATUS_DONE, label=positive_label,
-                               since=since, until=until), by="source", bucket=bucket)
-    positives = {(r["bucket"], r["source"]): r["count"] for r in pos}
-    totals: dict[str, int] = {}
-    for r in done:
-        name = r["source"] if r["source"] is not None else NO_SOURCE
-        totals[name] = totals.get(name, 0) + r["count"]
-    ranked = sorted(totals, key=lambda s: (-totals[s], s))
-    kept = set(ranked[:MAX_SOURCES]) if len(ranked) > MAX_SOURCES else set(ranked)
+    positive = replace(base, label=positive_label)
+    done = top_stats(store, base, by="source", bucket=bucket, limit=limit)
+    totals: dict[str | None, int] = {}
+    for r in done.groups:
+        totals[r["source"]] = totals.get(r["source"], 0) + r["count"]
+    positives = _counts(store, positive, bucket, list(totals))
     cells: dict[str, dict[str, list[int]]] = {}
-    for r in done:
-        name = r["source"] if r["source"] is not None else NO_SOURCE
-        name = name if name in kept else OTHER
-        cell = cells.setdefault(name, {}).setdefault(r["bucket"], [0, 0])
-        cell[0] += r["count"]
-        cell[1] += positives.get((r["bucket"], r["source"]), 0)
-    order = [s for s in ranked if s in kept] + ([OTHER] if OTHER in cells else [])
+    for r in done.groups:
+        cells.setdefault(_name(r["source"]), {})[r["bucket"]] = [
+            r["count"], positives.get((r["bucket"], r["source"]), 0)]
+    if done.other:  # the positive rows of the other sources: all of them less the kept ones'
+        left = {r["bucket"]: r["count"] for r in stats(store, positive, by="status",
+                                                       bucket=bucket)}
+        for (start, _source), count in positives.items():
+            left[start] = left.get(start, 0) - count
+        cells[OTHER] = {r["bucket"]: [r["count"], left.get(r["bucket"], 0)] for r in done.other}
+    ranked = sorted(totals, key=lambda s: (-totals[s], _name(s)))
+    order = [_name(s) for s in ranked] + ([OTHER] if OTHER in cells else [])
     out = []
     for name in order:
         series = Series(name)
@@ -87,6 +95,26 @@ def collect(store: ResultStore, *, source: str | None = None, since: dt.datetime
             series.positive.append(cells[name][start][1])
         out.append(series)
     return out
+
+
+def _name(source: str | None) -> str:
+    return source if source is not None else NO_SOURCE
+
+
+def _counts(store: ResultStore, filters: Filters, bucket: str,
+            sources: list[str | None]) -> dict[tuple[str, str | None], int]:
+    """Rows matching ``filters`` per (bucket, source), of ``sources`` only (None: the rows
+    without a source): at most one group per source and bucket."""
+    if not sources:
+        return {}
+    key, text = _bucket_expr(store, bucket)
+    src = results.c.source
+    named = [s for s in sources if s is not None]
+    which = ([src.in_(named)] if named else []) + ([src.is_(None)] if None in sources else [])
+    query = (sa.select(text.label("bucket"), src.label("source"), sa.func.count().label("n"))
+             .where(*filters.clauses(), sa.or_(*which)).group_by(key, src))
+    rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
+    return {(r["bucket"], r["source"]): int(r["n"]) for r in rows}
 
 
 def _parse_bucket(text: str) -> dt.datetime:

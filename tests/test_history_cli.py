@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from contract.broker import lane_queue
@@ -103,6 +104,56 @@ def test_rescore_takes_the_text_from_an_older_row_of_another_model(
     assert [(it["id"], it["text"], it.get("source")) for it in items] == [
         ("k1", "first text", "src-A"), ("k2", "second text", "src-A")]
     assert items[0]["meta"] == {"from": "A"}
+
+
+def test_stored_texts_reads_in_pages_the_rows_there_when_it_began(store: ResultStore) -> None:
+    """Pages of 2, rows sharing a finish time split across pages: every task once, oldest
+    first. A task scored by the new model meanwhile (its new row becomes its latest, newer
+    than every other) is not given again at the end."""
+    store.upsert([row(f"p{i}", "A", i // 2, f"text {i}", kept=True) for i in range(7)])
+    rows = stored_texts(store, Filters(), batch=2)
+    first = [next(rows)["id"] for _ in range(3)]
+    store.upsert([row("p0", "C", 60, "text 0", kept=True)])
+    assert first + [r["id"] for r in rows] == [f"p{i}" for i in range(7)]
+    assert [r["id"] for r in stored_texts(store, Filters(), batch=2)] == [
+        f"p{i}" for i in range(1, 7)] + ["p0"]
+    assert list(stored_texts(store, Filters(source="none such"))) == []
+
+
+def test_rescore_reads_through_connections_the_database_dropped(pg_url: str) -> None:
+    """text_counts and stored_texts (what rescore reads) replace a pooled connection the
+    database dropped (pg_terminate_backend, as a restart does), between reads and between
+    the pages of one read, as every other read does. They used engine.connect() itself:
+    the dead connection failed the read (StoreUnavailable, exit 3)."""
+    app_name = "bst-rescore-faults"
+    seed = ResultStore.from_url(pg_url)
+    seed.create_schema()
+    seed.upsert([row(f"d{i}", "A", i, f"text {i}", kept=True) for i in range(5)])
+    seed.close()
+    store = ResultStore.from_url(f"{pg_url}?application_name={app_name}")
+    admin = sa.create_engine(pg_url)
+
+    def kill() -> int:
+        with admin.connect() as conn:
+            return len(conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = :name"),
+                {"name": app_name}).all())
+
+    expected = [f"d{i}" for i in range(5)]
+    try:
+        assert text_counts(store, Filters()) == (5, 5)  # a pooled connection, warm
+        assert kill() == 1
+        assert text_counts(store, Filters()) == (5, 5)
+        assert kill() == 1
+        assert [r["id"] for r in stored_texts(store, Filters(), batch=2)] == expected
+        rows = stored_texts(store, Filters(), batch=2)
+        first = [next(rows)["id"] for _ in range(3)]  # two pages read
+        assert kill() == 1
+        assert first + [r["id"] for r in rows] == expected
+    finally:
+        store.close()
+        admin.dispose()
 
 
 def test_rescore_refuses_when_no_row_of_any_task_kept_its_text(

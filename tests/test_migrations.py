@@ -342,6 +342,79 @@ def test_a_reader_of_an_outdated_schema_is_told_the_command(
     store.close()
 
 
+def test_a_schema_downgraded_under_a_running_client_is_a_schema_mismatch(
+        store_url: str, redis_url: str) -> None:
+    """A client that has read the table (its schema check is cached), then `bertstream db
+    downgrade` under it: its next reads are a SchemaMismatch naming the command, not an
+    outage (StoreUnavailable: the missing column was read as one). After `db upgrade` it
+    reads again; rolled back to base (no table left) it reads nothing, as before any
+    worker ran."""
+    from producer.client import Client
+
+    settings = Settings(database_url=store_url, broker_url=redis_url)
+    store = ResultStore.from_url(store_url)
+    try:
+        migrate.upgrade(store)
+        insert_row(store, "t1")
+    finally:
+        store.close()
+    reads: list[Callable[[Client], object]] = [
+        lambda c: c.get_many(["t1"]), lambda c: c.query(), lambda c: c.count(),
+        lambda c: c.aggregate(), lambda c: c.windowed("t1")]
+    with Client(settings) as client:
+        for read in reads:  # each read once: the check is cached
+            read(client)
+        assert client.count() == 1
+        out = bertstream(settings, "db", "downgrade", "0002", "--yes")
+        assert out.returncode == 0, out.stderr
+        for read in reads:
+            with pytest.raises(SchemaMismatch, match=f"at schema revision 0002, this "
+                               f"bertstream needs {migrate.head_revision()}: run "
+                               "`bertstream db upgrade`"):
+                read(client)
+        assert client.submit("still accepted", id="s1") == "s1"  # submitting needs Redis
+        assert bertstream(settings, "db", "upgrade").returncode == 0
+        assert client.count() == 1 and set(client.get_many(["t1"])) == {"t1"}
+        assert bertstream(settings, "db", "downgrade", "base", "--yes").returncode == 0
+        assert client.get_many(["t1"]) == {} and client.count() == 0
+
+
+def test_a_schema_downgraded_under_a_running_api_is_a_503_schema_mismatch(
+        store_url: str, redis_url: str, api_factory: Callable[..., ServeProc]) -> None:
+    """The API read the table (its client cached the check); `bertstream db downgrade`
+    under it: a read is a 503 ``schema_mismatch`` naming the command, and after `db
+    upgrade` it reads again."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def get(route: str) -> tuple[int, dict[str, object]]:
+        try:
+            with urllib.request.urlopen(api.url + route, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    settings = Settings(database_url=store_url, broker_url=redis_url)
+    store = ResultStore.from_url(store_url)
+    try:
+        migrate.upgrade(store)
+        insert_row(store, "t1")
+    finally:
+        store.close()
+    api = api_factory(settings)
+    assert get("/v1/results")[0] == 200
+    assert bertstream(settings, "db", "downgrade", "0002", "--yes").returncode == 0
+    for route in ("/v1/results", "/v1/stats", "/v1/tasks/t1"):
+        status, body = get(route)
+        assert status == 503, (route, body)
+        error = body["error"]
+        assert isinstance(error, dict) and error["code"] == "schema_mismatch", (route, body)
+        assert "bertstream db upgrade" in error["message"]
+    assert bertstream(settings, "db", "upgrade").returncode == 0
+    assert get("/v1/results")[0] == 200
+
+
 def test_a_reader_that_cannot_create_the_lock_file_reads_without_it(
         sqlite_url: str, redis_url: str, tmp_path: Path) -> None:
     """Waiting on the SQLite lock file is for readers a courtesy, not a need: where the

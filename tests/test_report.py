@@ -14,6 +14,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -109,6 +110,50 @@ def test_report_folds_small_sources_into_other(store: ResultStore) -> None:
     assert sum(sum(s.volume) for s in series) == len(rows)
 
 
+def test_report_reads_bounded_groups_however_many_sources(
+    store: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 sources over two days, 3 drawn: each series (the (other) line too) matches
+    direct SQL counts, and no read gives more than a group per drawn source and bucket
+    plus the other one. It read a group per source and bucket (600 here; millions for a
+    source per customer over weeks of hourly buckets), folding them in Python."""
+    rng = random.Random(5)
+    rows = []
+    for i in range(300):
+        for d in range(2):
+            for n in range(1 + (i % 7 if i >= 3 else 20)):  # s000-s002 have the most rows
+                rows.append(record(f"r{i}-{d}-{n}", source=f"s{i:03d}",
+                                   finished_at=T0 + dt.timedelta(days=d, minutes=n),
+                                   label="positive" if rng.random() < 0.4 else "negative"))
+    rows.append(record("unnamed", finished_at=T0, label="positive"))  # no source: (other)
+    store.upsert(rows)
+    sizes: list[int] = []
+    run = store.run
+
+    def counted(work: Any, what: str) -> Any:
+        got = run(work, what)
+        if isinstance(got, list):
+            sizes.append(len(got))
+        return got
+
+    monkeypatch.setattr(store, "run", counted)
+    series = collect(store, bucket="1d", limit=3)
+    assert sizes and max(sizes) <= (3 + 1) * 2, sizes
+    assert [s.source for s in series] == ["s000", "s001", "s002", OTHER]
+    days = [T0, T0 + dt.timedelta(days=1)]
+    c = results.c
+    for s in series:
+        assert s.buckets == days
+        for day, volume, positive in zip(s.buckets, s.volume, s.positive, strict=True):
+            which = (c.source.in_(["s000", "s001", "s002"]).is_not(True) if s.source == OTHER
+                     else c.source == s.source)
+            query = sa.select(sa.func.count(), sa.func.count().filter(c.label == "positive")) \
+                .where(which, c.finished_at >= day, c.finished_at < day + dt.timedelta(days=1))
+            with store.engine.connect() as conn:
+                assert (volume, positive) == tuple(conn.execute(query).one()), (s.source, day)
+    assert sum(sum(s.volume) for s in series) == len(rows)
+
+
 def _invoke(args: list[str], settings: Settings) -> object:
     return CliRunner().invoke(cli.main, args, obj=settings)
 
@@ -137,6 +182,16 @@ def test_report_command_writes_svg_and_png(
                           for s in SOURCES for h in range(HOURS))
     assert f"3 source(s), 2 bucket(s), {total + 1} done text(s)" in result.stdout  # + "early"
     assert _painted(png)[1] > 0.03
+
+    result = CliRunner().invoke(cli.main, ["report", "--out", str(png), "--bucket", "1d",
+                                           "--limit", "1"], obj=settings)
+    assert result.exit_code == 0, result.output  # twitter, and (other): weibo and reviews
+    assert f"2 source(s), 2 bucket(s), {total + 1} done text(s)" in result.stdout
+    refused = CliRunner().invoke(cli.main, ["report", "--out", str(png), "--limit", "0"],
+                                 obj=settings)
+    assert refused.exit_code == 2 and "--limit" in refused.stderr
+    helped = CliRunner().invoke(cli.main, ["report", "--help"], obj=settings)
+    assert "--limit" in helped.stdout and "(other)" in helped.stdout
 
 
 def test_report_on_an_empty_database_draws_an_empty_picture(
