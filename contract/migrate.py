@@ -9,7 +9,8 @@ embedded demo needs no extra step.
 
 Concurrent upgrades (several workers or ``migrate`` containers at once) are
 serialised: a PostgreSQL advisory lock, or a lock file next to a SQLite
-database.
+database. A run commits as one transaction, DDL and revision stamp included,
+on SQLite too: killed part-way, it leaves the database as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -143,9 +144,9 @@ def state(store: ResultStore) -> SchemaState:
 def settled(store: ResultStore) -> SchemaState:
     """The state as a reader must see it: never part-way through a migration.
 
-    A worker setting up an empty database commits its migrations one by one,
-    so for a moment the results table exists without its later columns. A
-    state that is neither current nor empty is read again under the
+    An older bertstream setting up an empty database committed its migrations
+    one by one, so for a moment the results table existed without its later
+    columns. A state that is neither current nor empty is read again under the
     migration lock, which waits for a running migration to end.
     """
     current = state(store)
@@ -310,9 +311,31 @@ def _locked(store: ResultStore, work: Callable[[Connection], T], what: str, *,
     """
     def run(conn: Connection) -> T:
         with _lock(conn, store.engine.url, reader):
+            if not reader:
+                _sqlite_transactional_ddl(conn)
             return work(conn)
 
     return store.run_long(run, what, MIGRATION_TIMEOUT_S)
+
+
+def _sqlite_transactional_ddl(conn: Connection) -> None:
+    """On SQLite, put ``conn``'s DDL in its transactions, as PostgreSQL does: a migration
+    (its version stamp included) commits or rolls back as one.
+
+    The sqlite3 module begins no transaction before CREATE, DROP or ALTER, so each
+    committed at once: a migration killed part-way left its first steps (a half-copied
+    table, a new column) under the old revision, and a rerun failed on them. SQLAlchemy's
+    recipe for pysqlite: the module leaves transactions alone, and each transaction
+    SQLAlchemy begins is a ``BEGIN``; IMMEDIATE takes the write lock at once (waiting out
+    a writer), so no write committed between the migration's first read and its first
+    write fails it ("database is locked", which WAL answers without waiting). The
+    connection is closed after the migration (:meth:`ResultStore.run_long`), never pooled.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    dbapi: Any = conn.connection.dbapi_connection
+    dbapi.isolation_level = None
+    sa.event.listen(conn, "begin", lambda c: c.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 @contextlib.contextmanager

@@ -61,7 +61,11 @@ INDEXED = ("source", "status", "label", "finished_at")
 
 
 def _rebuild_sqlite(pk: tuple[str, ...], extra: list[sa.Column[Any]]) -> None:
-    """SQLite cannot change a primary key in place: copy into a new table."""
+    """SQLite cannot change a primary key in place: copy into a new table.
+
+    A copy killed part-way by an older bertstream (which committed SQLite's DDL at
+    once) left the new table behind: it is dropped first."""
+    op.execute("DROP TABLE IF EXISTS _bertstream_results_new")
     op.create_table("_bertstream_results_new", *_columns(pk), *extra)
     names = ", ".join(OLD_COLUMNS)
     op.execute(f"INSERT INTO _bertstream_results_new ({names}) SELECT {names} FROM {TABLE}")
@@ -99,9 +103,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Back to one row per task: of several models' rows, the latest is kept."""
-    op.drop_table(WINDOWS)
-    op.drop_index(f"ix_{TABLE}_lang", TABLE)
+    """Back to one row per task: of several models' rows, the latest is kept.
+
+    The windows table and the lang index may be gone already: a rollback killed
+    part-way by an older bertstream (which committed SQLite's DDL at once)."""
+    inspector = sa.inspect(op.get_bind())
+    if inspector.has_table(WINDOWS):
+        op.drop_table(WINDOWS)
+    if f"ix_{TABLE}_lang" in {ix["name"] for ix in inspector.get_indexes(TABLE)}:
+        op.drop_index(f"ix_{TABLE}_lang", TABLE)
     op.execute(f"DELETE FROM {TABLE} WHERE EXISTS (SELECT 1 FROM {TABLE} AS newer "
                f"WHERE newer.id = {TABLE}.id AND (newer.finished_at > {TABLE}.finished_at OR "
                f"(newer.finished_at = {TABLE}.finished_at AND newer.model > {TABLE}.model)))")

@@ -28,10 +28,17 @@ rollback_drops = "the latest flags (an upgrade sets them again); no rows"
 TABLE = "bertstream_results"
 
 
+def _has_latest() -> bool:
+    """The column is there already (or still): an older bertstream, which committed
+    SQLite's DDL at once, was killed part-way through this revision."""
+    return "latest" in {c["name"] for c in sa.inspect(op.get_bind()).get_columns(TABLE)}
+
+
 def upgrade() -> None:
-    # A constant default: PostgreSQL adds the column without rewriting the table.
-    op.add_column(TABLE, sa.Column("latest", sa.Boolean, nullable=False,
-                                   server_default=sa.true()))
+    if not _has_latest():
+        # A constant default: PostgreSQL adds the column without rewriting the table.
+        op.add_column(TABLE, sa.Column("latest", sa.Boolean, nullable=False,
+                                       server_default=sa.true()))
     # The rule the views used before this revision, once, for the rows already there.
     op.execute(f"UPDATE {TABLE} SET latest = false WHERE EXISTS (SELECT 1 FROM {TABLE} AS newer "
                f"WHERE newer.id = {TABLE}.id AND (newer.finished_at > {TABLE}.finished_at OR "
@@ -39,4 +46,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_column(TABLE, "latest")
+    if _has_latest():
+        op.drop_column(TABLE, "latest")
