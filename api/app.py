@@ -34,7 +34,7 @@ from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.messages import text_sha256
 from contract.queries import (
@@ -162,10 +162,15 @@ class Services:
         self.waiter = Waiter(self.client.get_many)
         self.metrics.watch(self.client, self.submitter.redis, settings)
 
+    def _name(self, model: str | None) -> str:
+        """The lane of ``model``: this server's model for None, the default model's ("")
+        for ``default`` (as ``worker --model default=PATH`` serves it)."""
+        return served_name(model) if model else self.settings.model_name
+
     def settings_for(self, model: str | None) -> Settings:
         """The settings of submitting to ``model`` (None: the default), without opening a
         lane: a request is validated with them before it may use one up."""
-        name = model or self.settings.model_name
+        name = self._name(model)
         with self._lanes_lock:
             lane = self._lanes.get(name)
         return lane.settings if lane is not None else self.settings.replace(model_name=name)
@@ -176,7 +181,7 @@ class Services:
         block. With :data:`MAX_MODELS` lanes open, the least recently used idle one is
         closed to make room (made-up model names must not use the lanes up for good); a
         429 when none is idle."""
-        name = model or self.settings.model_name
+        name = self._name(model)
         evicted = None
         with self._lanes_lock:
             lane = self._lanes.get(name)
@@ -324,7 +329,8 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                  responses={409: {"description": "the id was accepted with another text"},
                             422: {"description": "invalid input"},
                             429: {"description": "the queue is over its bound"},
-                            503: {"description": "Redis or the database is unreachable"}})
+                            503: {"description": "Redis or the database is unreachable, or "
+                                                  "Redis is out of memory (broker_full)"}})
     async def submit(body: Annotated[TaskIn | BulkIn, Body()]) -> Any:
         """Queue one task (202 with its id) or many (202 with ids in input order).
 

@@ -40,9 +40,13 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
             f"refusing to serve {host} without authentication: set BERTSTREAM_API_TOKENS, "
             "bind to 127.0.0.1, or pass --no-auth")
     from api.app import refuse_outdated_schema
+    from api.submit import broker_redis
     from contract.errors import SchemaMismatch
     from contract.results import ResultStore
 
+    # memory:// (or a Redis URL that does not parse): a ConfigError, one line and exit 2,
+    # before the server processes fail on it with a traceback.
+    broker_redis(settings).close()
     store = ResultStore.from_settings(settings)
     try:
         refuse_outdated_schema(store)

@@ -34,18 +34,21 @@ from dataclasses import dataclass
 
 import redis
 
+from api.errors import ApiError
+from contract.broker import redis_client
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
+    ENV_PREFIX,
     LANE_BULK,
     model_family,
 )
-from contract.errors import BrokerUnavailable, StoreUnavailable
+from contract.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
 from contract.results import IdState, ResultRecord
 from contract.retries import MARK_RETRIES, is_retrying, retriable, retry_key, retry_marker
-from contract.settings import Settings
+from contract.settings import Settings, mask_url
 from producer.client import Client
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,42 @@ UNAVAILABLE = "unavailable"
 
 #: How long a measured queue length is reused before Redis is asked again.
 QUEUE_LENGTH_TTL_S = 0.2
+#: Seconds a client is told to wait (Retry-After) when Redis is out of memory: it frees
+#: memory as workers take the queued messages, not in an instant.
+FULL_RETRY_AFTER_S = 30
+
+
+def broker_redis(settings: Settings) -> redis.Redis:
+    """The API's Redis client on the broker (:func:`contract.broker.redis_client`: the
+    configured timeouts, keepalive and health checks).
+
+    Raises :class:`ConfigError` for ``memory://``, which reaches no worker and has no
+    Redis to claim ids and count queues in, and for a Redis URL that does not parse.
+    """
+    url = f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r}"
+    try:
+        client = redis_client(settings)
+    except ValueError as exc:
+        raise ConfigError(f"{url} cannot be parsed ({exc})") from exc
+    if client is None:
+        raise ConfigError(f"the API needs a Redis broker: {url} reaches no worker "
+                          "(only `bertstream demo` runs on it)")
+    return client
+
+
+def redis_failure(exc: redis.RedisError) -> Exception:
+    """What a failed Redis command means to the API's caller. Redis unreachable: the
+    outage (503). Redis up but out of memory: a 503 that says so. Any other error reply
+    (a script error, an expiry Redis refuses) is no outage: an internal error (500), the
+    reply logged."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        log.warning("answering 503: Redis is out of memory (maxmemory): %s", exc)
+        return ApiError(503, "broker_full", "the queue (Redis) is out of memory; retry "
+                        "later", {"Retry-After": str(FULL_RETRY_AFTER_S)})
+    if isinstance(exc, redis.ResponseError):
+        log.error("answering 500: Redis refused a command: %s", exc)
+        return ApiError(500, "internal_error", "internal error (Redis refused a command)")
+    return BrokerUnavailable(f"cannot reach Redis: {exc}")
 
 
 #: Claim every id of a batch at once: ``SET <prefix><id> <hash> NX EX <ttl>`` each. The
@@ -108,8 +147,7 @@ class Submitter:
         self.settings = settings
         self.client = client
         self.on_message = on_message
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10,
-                                          socket_connect_timeout=5)
+        self.redis = broker_redis(settings)
         self._lock = threading.Lock()
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
@@ -156,7 +194,7 @@ class Submitter:
         try:
             alive = live_workers(self.redis, self.settings.family)
         except redis.RedisError as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+            raise redis_failure(exc) from exc
         if not any(w.get("model") == model for w in alive):
             return None
         return self.accepted_hash(task_id)
@@ -165,7 +203,7 @@ class Submitter:
         try:
             value = self.redis.get(key)
         except redis.RedisError as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+            raise redis_failure(exc) from exc
         return value.decode("utf-8") if isinstance(value, bytes) else None
 
     def queue_full(self) -> bool:
@@ -185,7 +223,8 @@ class Submitter:
 
         ``caller_ids``: the ids the caller chose (generated ids cannot collide,
         so only these are looked up among the stored rows).
-        Raises :class:`BrokerUnavailable`, or :class:`StoreUnavailable` when the
+        Raises :class:`BrokerUnavailable`, :class:`ApiError` when Redis refuses a command
+        (see :func:`redis_failure`), or :class:`StoreUnavailable` when the
         stored rows cannot be compared: nothing published, no claim kept.
         ``partial`` (items of separate requests): that database error fails only
         the caller ids it left unchecked, as :data:`UNAVAILABLE` outcomes with
@@ -202,7 +241,7 @@ class Submitter:
                                          self.settings.family if self.settings.model_name
                                          else ""])
         except redis.RedisError as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+            raise redis_failure(exc) from exc
         outcomes: list[Outcome | None] = [None] * len(items)
         for k in range(0, len(previous), 2):
             i = int(previous[k]) - 1
@@ -244,7 +283,7 @@ class Submitter:
             return False
         try:
             marker = self._get(self.retry_key(record.id))
-        except BrokerUnavailable as exc:  # the stored row is still the best answer
+        except (BrokerUnavailable, ApiError) as exc:  # the stored row is still the best answer
             log.warning("status of %r read without its retry marker: %s", record.id, exc)
             return False
         return is_retrying(marker, record.attempts, record.model, model)
@@ -285,7 +324,7 @@ class Submitter:
                 "\0".join(retry_marker(row.attempts, row.model, target)
                           for _, row in candidates)])
         except redis.RedisError as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc}") from exc
+            raise redis_failure(exc) from exc
         now_marked = {int(m) - 1 for m in marked}
         retries: dict[int, str] = {}
         for k, (i, row) in enumerate(candidates):

@@ -65,6 +65,13 @@ ENV_PREFIX = "BERTSTREAM_"
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 
 
+def served_name(model: str | None) -> str:
+    """The name a task's model goes by in settings and queues: "" (the default model) for
+    None, "" and :data:`DEFAULT_MODEL`, as ``worker --model default=PATH`` reads it, so
+    that a producer naming ``default`` sends to the queue family that worker serves."""
+    return "" if not model or model == DEFAULT_MODEL else model
+
+
 def model_family(base: str, model_name: str) -> str:
     """The queue family of the model named ``model_name`` ("": the default model's, ``base``)."""
     return f"{base}-{model_name}" if model_name else base

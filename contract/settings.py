@@ -22,6 +22,7 @@ from contract.constants import (
     LONG_TEXT_MODES,
     MODEL_NAME_PATTERN,
     model_family,
+    served_name,
 )
 from contract.errors import ConfigError
 
@@ -86,8 +87,9 @@ class Settings:
     #: Queue family name; lanes are ``<queue>.interactive`` and ``<queue>.bulk``.
     queue: str = DEFAULT_QUEUE
     #: A named model's tasks: producers send to, and a worker serves, the queue
-    #: family ``<queue>-<name>``, and rows are stored under the name. Empty:
-    #: the default model (rows under the model's own name).
+    #: family ``<queue>-<name>``, and rows are stored under the name. Empty
+    #: (or ``default``, read as empty): the default model (rows under the model's
+    #: own name).
     model_name: str = ""
     #: ``auto`` (cuda:0 when available, else cpu), ``cpu`` or ``cuda:N``.
     device: str = "auto"
@@ -201,6 +203,11 @@ class Settings:
     #: How long the API remembers an accepted id (its status ``queued`` and
     #: the text it was submitted with), in seconds (at most :data:`MAX_API_ID_TTL_S`).
     api_id_ttl_s: int = 604_800
+
+    def __post_init__(self) -> None:
+        # "default" is the default model, as `worker --model default=PATH` reads it: a
+        # producer naming it sent to <queue>-default, which no worker serves.
+        object.__setattr__(self, "model_name", served_name(self.model_name))
 
     @classmethod
     def from_env(

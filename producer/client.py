@@ -33,7 +33,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import lane_queue, make_celery, redis_client
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, served_name
 from contract.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -47,7 +47,7 @@ from contract.liveness import live_workers
 from contract.messages import TaskItem, make_item, text_sha256
 from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
-from contract.settings import Settings, mask_url
+from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from producer.items import ItemError, ItemValidator
 
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
@@ -64,10 +64,6 @@ T = TypeVar("T")
 #: SQLSTATEs of a table (42P01, UndefinedTable) or a column (42703, UndefinedColumn)
 #: PostgreSQL does not know.
 MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
-
-#: Broker URL schemes of a Redis broker (queues that can be counted, and that outlive
-#: the process; the CLI publishes to no other).
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _missing_sqlite_file(database_url: str) -> bool:
@@ -346,9 +342,9 @@ class Client:
             self._store = None
 
     def for_model(self, model: str | None) -> Client:
-        """A client for the model named ``model`` (this one when it already is; None: the
-        default model), closed with this one."""
-        name = model or ""
+        """A client for the model named ``model`` (this one when it already is; None or
+        ``default``: the default model), closed with this one."""
+        name = served_name(model)
         if name == self.settings.model_name:
             return self
         with self._lock:

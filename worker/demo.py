@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from contract.broker import redis_client
 from contract.constants import DEFAULT_MODEL, WORKER_KEY_PREFIX
 from contract.errors import BertstreamError
 from contract.results import ResultRecord, ResultStore
@@ -173,8 +174,11 @@ def checkpoint(settings: Settings) -> None:
 
 def remove_queue_keys(settings: Settings) -> int:
     """Delete what the demo's own queue left in Redis (kombu's exchange bindings, the
-    lanes, the worker's heartbeat); gives how many keys went."""
-    client = redis.Redis.from_url(settings.broker_url)
+    lanes, the worker's heartbeat); gives how many keys went. With the configured Redis
+    timeouts: a Redis gone silent does not hold the demo's end for good."""
+    client = redis_client(settings)
+    if client is None:
+        return 0  # memory://: nothing outlives the process
     try:
         with Client(settings) as producer:
             keys: list[Any] = [*producer.queue_names(), f"_kombu.binding.{settings.queue}",

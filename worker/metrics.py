@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import lane_queue
+from contract.broker import lane_queue, redis_client
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE
 from contract.errors import ConfigError
 from contract.settings import Settings
@@ -119,14 +119,16 @@ class WorkerMetrics:
 
 
 class _QueueDepth(Collector):
-    """Messages waiting per lane of this worker's queue family, read at scrape time."""
+    """Messages waiting per lane of this worker's queue family, read at scrape time (on a
+    Redis broker; with the configured Redis timeouts, so a scrape outlasts no setting)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5,
-                                           socket_connect_timeout=5)
+        self.client = redis_client(settings)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.client is None:
+            return  # memory://: no queue to count
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
                                   labels=["lane"])
         try:
