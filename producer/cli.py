@@ -19,17 +19,19 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib
+import itertools
 import json
 import math
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
+from sqlalchemy.exc import SQLAlchemyError
 
 from contract.broker import redis_client
 from contract.constants import LANGS, STATUSES
@@ -46,12 +48,12 @@ from contract.errors import (
 )
 from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import MAX_META_DEPTH, MAX_TIMESTAMP, id_problem, make_item, printable
-from contract.queries import BUCKETS, MAX_STATS_LIMIT
+from contract.queries import BUCKETS, MAX_STATS_LIMIT, Filters, iter_records
 from contract.results import ResultRecord
 from contract.settings import Settings, mask_url
 from producer.client import REDIS_SCHEMES, Client
 from producer.db_cli import db_group
-from producer.formatting import FORMATS, render_results, render_rows
+from producer.formatting import FORMATS, iter_results, render_results, render_rows
 from producer.history_cli import compare_command, rescore_command
 from producer.ids_out import IdsOut
 from producer.items import ItemError
@@ -87,6 +89,10 @@ OTHER_MODULES = {
 
 #: Rows ``results`` shows unless --limit or --all says otherwise.
 DEFAULT_LIMIT = 100
+#: Rows ``results`` reads per keyset page (``contract.queries.iter_records``).
+RESULTS_PAGE = 1000
+#: Characters of output ``results`` writes at once.
+ECHO_CHARS = 64 * 1024
 #: Rejected lines shown in a stream summary.
 SHOWN_ERRORS = 10
 #: Missing ids shown when a wait times out.
@@ -689,13 +695,76 @@ def results(
         filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
                                        status=status, since=since, until=until, model=model,
                                        lang=lang)
-        records = client.query(**filters, limit=None if show_all else limit)
-        click.echo(render_results(records, fmt, terminal=_on_terminal(),
-                                  excel_safe=excel_safe))
-        if not show_all and len(records) == limit:
+        shown = 0
+
+        def counted(records: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
+            nonlocal shown
+            for record in records:
+                shown += 1
+                yield record
+
+        with contextlib.closing(_stored(client, filters, None if show_all else limit)) as stored:
+            _echo_pieces(iter_results(counted(stored), fmt, terminal=_on_terminal(),
+                                      excel_safe=excel_safe))
+        if not show_all and shown == limit:
             matched = client.count(**filters)
             if matched > limit:
                 click.echo(f"{limit} of {matched} shown; --limit N or --all", err=True)
+
+
+def _stored(client: Client, filters: dict[str, Any],
+            limit: int | None) -> Generator[ResultRecord, None, None]:
+    """The rows ``results`` prints, newest first, at most ``limit``: those of the ids
+    given (one query: a row per id at most), else every matching row, read in keyset
+    pages in one snapshot (:func:`iter_records`), so that memory stays bounded however
+    many rows match."""
+    if filters["ids"]:
+        yield from client.query(**filters, limit=limit)
+        return
+    if not client.has_results_table():
+        return
+    wanted = {k: v for k, v in filters.items() if k != "ids"}
+    wanted["model"] = client._model(wanted["model"])  # the model every Client read is for
+    chunk = RESULTS_PAGE if limit is None else min(limit + 1, RESULTS_PAGE)
+    given = False
+    try:
+        with contextlib.closing(iter_records(client.store, Filters(**wanted), chunk=chunk,
+                                             newest_first=True)) as pages:
+            for record in itertools.islice(_ids_ascending(pages), limit):
+                given = True
+                yield record
+    except (StoreUnavailable, SQLAlchemyError) as exc:
+        # as Client.query: a table or column gone is a SchemaMismatch, or no rows
+        if client.recheck_schema(exc) or given:
+            raise
+
+
+def _ids_ascending(records: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
+    """``records`` in keyset order (newest first, ids descending) as ``results`` has always
+    printed them: the rows finished at one instant by id ascending. Holds one instant's
+    rows at a time (a worker's batch is written at one instant)."""
+    instant: list[ResultRecord] = []
+    for record in records:
+        if instant and record.finished_at != instant[0].finished_at:
+            yield from reversed(instant)
+            instant.clear()
+        instant.append(record)
+    yield from reversed(instant)
+
+
+def _echo_pieces(pieces: Iterable[str]) -> None:
+    """Write ``pieces`` to stdout :data:`ECHO_CHARS` at a time, through click.echo as one
+    text would be, without a write and flush per row."""
+    batch: list[str] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= ECHO_CHARS:
+            click.echo("".join(batch), nl=False)
+            batch, size = [], 0
+    if batch:
+        click.echo("".join(batch), nl=False)
 
 
 @main.command("report")

@@ -45,10 +45,16 @@ def db_group() -> None:
 @click.argument("revision", default="head")
 @click.pass_context
 def upgrade_command(ctx: click.Context, revision: str) -> None:
-    """Apply the migrations up to REVISION (default: the newest), rows kept."""
+    """Apply the migrations up to REVISION (default: the newest), rows kept. A REVISION
+    below the database's is refused (exit 2): `db downgrade` rolls back."""
     store, shown = _store(ctx)
     try:
         prior = migrate.state(store)
+        if _below(revision, prior.current):
+            raise InvalidInput(
+                f"{shown} is at revision {prior.current}, above {revision}: nothing changed "
+                f"(an upgrade never rolls back); to roll back, run `bertstream db downgrade "
+                f"{revision}` (it lists what would be dropped; --yes rolls back)")
         before, after = migrate.upgrade(store, revision)
     finally:
         store.close()
@@ -57,6 +63,13 @@ def upgrade_command(ctx: click.Context, revision: str) -> None:
     else:
         start = before or ("empty" if prior.empty else "a table from before migrations")
         click.echo(f"{shown}: upgraded {start} -> {after}")
+
+
+def _below(revision: str, current: str | None) -> bool:
+    """True when ``revision`` ('base' or a revision of `db history`) comes before
+    ``current``: Alembic's upgrade to it would do nothing."""
+    order = ["base", *(rev for rev, _down, _doc in migrate.history())]
+    return revision in order and current in order and order.index(revision) < order.index(current)
 
 
 @db_group.command("downgrade")

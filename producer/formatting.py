@@ -12,8 +12,9 @@ import csv
 import io
 import json
 import re
+import tempfile
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -31,6 +32,9 @@ _UNSAFE_JSON = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
 
 #: Widest cell of a table, in terminal columns.
 MAX_CELL = 48
+#: Bytes of table cells :func:`iter_results` holds in memory before it spools them to a
+#: temporary file (a table's widths are known only once every row was read).
+TABLE_SPOOL_BYTES = 1024 * 1024
 
 
 def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool = True,
@@ -55,6 +59,26 @@ def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool 
     return render_rows(rows, columns, "table") if rows else "(no results)"
 
 
+def iter_results(records: Iterable[ResultRecord], fmt: str, *, terminal: bool = True,
+                 excel_safe: bool = False) -> Iterator[str]:
+    """:func:`render_results`' text and a final newline, in pieces, one row at a time, for
+    result sets of any size: joined, the pieces are that text.
+
+    JSON and CSV hold one row at a time. A table needs every row's width first:
+    it keeps only the widths and spools the rows' cells to a temporary file
+    past :data:`TABLE_SPOOL_BYTES`.
+    """
+    if fmt == "json":
+        yield from _json_array(r.to_json() for r in records)
+    elif fmt == "csv":
+        yield from _csv_lines((r.to_json() for r in records), RECORD_FIELDS,
+                              terminal=terminal, excel_safe=excel_safe)
+    elif fmt == "table":
+        yield from _table_lines(records)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
 def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, *,
                 terminal: bool = True, excel_safe: bool = False) -> str:
     """Plain rows (dicts) as ``table``, ``json`` (array of objects) or ``csv``.
@@ -69,15 +93,25 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
     if fmt == "json":
         return _json([dict(r) for r in rows])
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        guarded = [excel_safe and c in FREE_TEXT_COLUMNS for c in columns]
-        for row in rows:
-            cells = [csv_cell(row.get(c), guard=g) for c, g in zip(columns, guarded, strict=True)]
-            writer.writerow([printable(c) for c in cells] if terminal else cells)
-        return out.getvalue().rstrip("\n")
+        lines = _csv_lines(rows, columns, terminal=terminal, excel_safe=excel_safe)
+        return "".join(lines).rstrip("\n")
     return _table(rows, columns)
+
+
+def _csv_lines(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], *, terminal: bool,
+               excel_safe: bool) -> Iterator[str]:
+    """The header, then each row, as CSV lines (see :func:`render_rows`)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    guarded = [excel_safe and c in FREE_TEXT_COLUMNS for c in columns]
+    for row in rows:
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
+        cells = [csv_cell(row.get(c), guard=g) for c, g in zip(columns, guarded, strict=True)]
+        writer.writerow([printable(c) for c in cells] if terminal else cells)
+    yield out.getvalue()
 
 
 def _json(value: Any) -> str:
@@ -86,6 +120,16 @@ def _json(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, indent=2)
     text = _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text
+
+
+def _json_array(items: Iterable[Any]) -> Iterator[str]:
+    """``_json(list(items))`` and a newline, one element at a time (json.dumps indents an
+    array's elements two spaces deeper; a newline inside a value is always escaped)."""
+    head = "[\n  "
+    for item in items:
+        yield head + _json(item).replace("\n", "\n  ")
+        head = ",\n  "
+    yield "[]\n" if head == "[\n  " else "\n]\n"
 
 
 #: First characters that make a spreadsheet read a cell as a formula.
@@ -139,6 +183,46 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join([head, rule, *(line(r) for r in cells)])
 
 
+def _table_lines(records: Iterable[ResultRecord]) -> Iterator[str]:
+    """:func:`render_results`' table and a newline, line by line: a first pass keeps each
+    column's width (and whether it is numeric, whether several models show) and spools
+    the cells; the second writes the aligned lines."""
+    columns = (*TABLE_COLUMNS[:2], "model", *TABLE_COLUMNS[2:])
+    widths = [width(c) for c in columns]
+    present = [False] * len(columns)
+    numeric = [True] * len(columns)
+    models: set[str] = set()
+    with tempfile.SpooledTemporaryFile(TABLE_SPOOL_BYTES) as spool:
+        for record in records:
+            if len(models) < 2:
+                models.add(record.model)
+            row = _table_row(record)
+            cells = []
+            for i, column in enumerate(columns):
+                value = row[column]
+                cell = _cell(value)
+                widths[i] = max(widths[i], width(cell))
+                if value is not None:
+                    present[i] = True
+                    numeric[i] = numeric[i] and _is_numeric([value])
+                cells.append(cell)
+            spool.write(json.dumps(cells).encode("ascii") + b"\n")  # a lone surrogate too
+        if not models:
+            yield "(no results)\n"
+            return
+        shown = [i for i, c in enumerate(columns) if c != "model" or len(models) > 1]
+
+        def line(values: Sequence[str]) -> str:
+            parts = [_pad(values[i], widths[i], right=present[i] and numeric[i]) for i in shown]
+            return "  ".join(parts).rstrip() + "\n"
+
+        yield line([c.upper() for c in columns])
+        yield "  ".join("-" * widths[i] for i in shown) + "\n"
+        spool.seek(0)
+        for cells_json in spool:
+            yield line(json.loads(cells_json))
+
+
 def width(text: str) -> int:
     """Terminal columns ``text`` takes: 2 for a wide or full-width character (CJK), 0 for
     a combining mark, else 1."""
@@ -158,16 +242,16 @@ def _pad(text: str, columns: int, *, right: bool) -> str:
 
 
 def _truncate(text: str, columns: int) -> str:
-    """``text`` cut to at most ``columns`` terminal columns, an ellipsis marking a cut."""
-    if width(text) <= columns:
-        return text
-    used, out = 1, []  # the ellipsis takes one column
-    for ch in text:
+    """``text`` cut to at most ``columns`` terminal columns, an ellipsis marking a cut.
+    Reads only as far as the cut (a stored text may be long; a table shows its start)."""
+    used, cut = 0, None
+    for i, ch in enumerate(text):
         used += _char_width(ch)
+        if cut is None and used > columns - 1:  # the ellipsis takes one column
+            cut = i
         if used > columns:
-            break
-        out.append(ch)
-    return "".join(out) + "…"
+            return text[:cut] + "…"
+    return text
 
 
 def _is_numeric(values: Sequence[Any]) -> bool:

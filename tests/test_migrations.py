@@ -534,3 +534,24 @@ def test_a_worker_meeting_a_locked_new_sqlite_file_waits_for_its_migration(
     store.close()
     [state] = outcome
     assert isinstance(state, migrate.SchemaState) and state.problem() is None, state
+
+
+def test_an_upgrade_to_a_revision_below_the_database_s_is_refused_naming_downgrade(
+        store_url: str) -> None:
+    """`db upgrade 0001` on a database at a later revision changed nothing and said
+    "already at revision ..." with exit 0, as if it had been done; it is refused (exit 2)
+    naming `db downgrade`, the command that rolls back."""
+    settings = Settings(database_url=store_url)
+    head = migrate.head_revision()
+    assert bertstream(settings, "db", "upgrade").returncode == 0
+    for target in ("0001", "base"):
+        out = bertstream(settings, "db", "upgrade", target)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"is at revision {head}, above {target}: nothing changed" in out.stderr
+        assert f"run `bertstream db downgrade {target}`" in out.stderr
+        assert "already at" not in out.stdout and "Traceback" not in out.stderr
+        store = ResultStore.from_url(store_url)
+        assert migrate.state(store).current == head  # untouched
+        store.close()
+    out = bertstream(settings, "db", "upgrade", head)  # the same revision: nothing to do
+    assert out.returncode == 0 and f"already at revision {head}" in out.stdout
