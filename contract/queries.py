@@ -131,9 +131,11 @@ def _after(position: tuple[dt.datetime, str] | None, newest_first: bool) -> list
         return []
     when, task_id = position
     fin, rid = results.c.finished_at, results.c.id
+    # The plain bound beside the OR lets the index start at the position: without it
+    # each page read every row before it (deeper pages cost more).
     if newest_first:
-        return [sa.or_(fin < when, sa.and_(fin == when, rid < task_id))]
-    return [sa.or_(fin > when, sa.and_(fin == when, rid > task_id))]
+        return [fin <= when, sa.or_(fin < when, sa.and_(fin == when, rid < task_id))]
+    return [fin >= when, sa.or_(fin > when, sa.and_(fin == when, rid > task_id))]
 
 
 def _select(filters: Filters, position: tuple[dt.datetime, str] | None, newest_first: bool,

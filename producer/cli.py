@@ -704,8 +704,10 @@ def results(
                 yield record
 
         with contextlib.closing(_stored(client, filters, None if show_all else limit)) as stored:
-            _echo_pieces(iter_results(counted(stored), fmt, terminal=_on_terminal(),
-                                      excel_safe=excel_safe))
+            terminal = _on_terminal()
+            _echo_pieces(iter_results(counted(stored), fmt, terminal=terminal,
+                                      excel_safe=excel_safe),
+                         as_stored=fmt == "csv" and not terminal)
         if not show_all and shown == limit:
             matched = client.count(**filters)
             if matched > limit:
@@ -752,19 +754,21 @@ def _ids_ascending(records: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
     yield from reversed(instant)
 
 
-def _echo_pieces(pieces: Iterable[str]) -> None:
+def _echo_pieces(pieces: Iterable[str], *, as_stored: bool = False) -> None:
     """Write ``pieces`` to stdout :data:`ECHO_CHARS` at a time, through click.echo as one
-    text would be, without a write and flush per row."""
+    text would be, without a write and flush per row. ``as_stored``: keep ANSI sequences
+    (click.echo removes them off a terminal), for CSV written to a file or a pipe."""
+    color = True if as_stored else None
     batch: list[str] = []
     size = 0
     for piece in pieces:
         batch.append(piece)
         size += len(piece)
         if size >= ECHO_CHARS:
-            click.echo("".join(batch), nl=False)
+            click.echo("".join(batch), nl=False, color=color)
             batch, size = [], 0
     if batch:
-        click.echo("".join(batch), nl=False)
+        click.echo("".join(batch), nl=False, color=color)
 
 
 @main.command("report")
