@@ -35,20 +35,19 @@ from dataclasses import dataclass
 import redis
 
 from api.errors import ApiError
-from contract.broker import redis_client
+from contract.broker import required_redis
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
-    ENV_PREFIX,
     LANE_BULK,
     model_family,
 )
-from contract.errors import BrokerUnavailable, ConfigError, StoreUnavailable
+from contract.errors import BrokerUnavailable, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
 from contract.results import IdState, ResultRecord
 from contract.retries import MARK_RETRIES, is_retrying, retriable, retry_key, retry_marker
-from contract.settings import Settings, mask_url
+from contract.settings import Settings
 from producer.client import Client
 
 log = logging.getLogger(__name__)
@@ -73,15 +72,8 @@ def broker_redis(settings: Settings) -> redis.Redis:
     Raises :class:`ConfigError` for ``memory://``, which reaches no worker and has no
     Redis to claim ids and count queues in, and for a Redis URL that does not parse.
     """
-    url = f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r}"
-    try:
-        client = redis_client(settings)
-    except ValueError as exc:
-        raise ConfigError(f"{url} cannot be parsed ({exc})") from exc
-    if client is None:
-        raise ConfigError(f"the API needs a Redis broker: {url} reaches no worker "
-                          "(only `bertstream demo` runs on it)")
-    return client
+    return required_redis(settings, "the API needs a Redis broker: {url} reaches no worker "
+                                    "(only `bertstream demo` runs on it)")
 
 
 def redis_failure(exc: redis.RedisError) -> Exception:

@@ -12,8 +12,9 @@ import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
-from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings
+from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
+from contract.errors import ConfigError
+from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings, mask_url
 
 
 def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
@@ -94,6 +95,20 @@ def redis_client(settings: Settings) -> redis.Redis | None:
     if not settings.broker_url.startswith(REDIS_SCHEMES):
         return None
     return redis.Redis.from_url(settings.broker_url, **redis_socket_options(settings))
+
+
+def required_redis(settings: Settings, needs: str) -> redis.Redis:
+    """The broker's Redis client (:func:`redis_client`) for a process that cannot run
+    without one: :class:`ConfigError` for ``memory://`` (``needs`` says who needs Redis
+    and why memory:// will not do) and for a Redis URL that does not parse."""
+    url = f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r}"
+    try:
+        client = redis_client(settings)
+    except ValueError as exc:
+        raise ConfigError(f"{url} cannot be parsed ({exc})") from exc
+    if client is None:
+        raise ConfigError(needs.format(url=url))
+    return client
 
 
 def lane_queue(settings: Settings, bulk: bool) -> str:

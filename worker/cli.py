@@ -11,7 +11,7 @@ import click
 
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX
 from contract.errors import BertstreamError, ConfigError, exit_code
-from contract.settings import Settings, mask_url
+from contract.settings import Settings
 
 #: ``worker --loglevel`` choices (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -114,17 +114,11 @@ def _check_broker(settings: Settings) -> None:
     that does not parse (a port that is no port) failed in the heartbeat, after
     the model loaded, with a traceback.
     """
-    from contract.broker import redis_client
+    from contract.broker import required_redis
 
-    url = f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r}"
-    try:
-        client = redis_client(settings)
-    except ValueError as exc:
-        raise ConfigError(f"{url} cannot be parsed ({exc})") from exc
-    if client is None:
-        raise ConfigError(f"the worker needs a Redis broker: {url} reaches no other process "
-                          "(only `bertstream demo` runs on it, its worker in the same process)")
-    client.close()
+    required_redis(settings, "the worker needs a Redis broker: {url} reaches no other "
+                             "process (only `bertstream demo` runs on it, its worker in the "
+                             "same process)").close()
 
 
 def _build_runner(settings: Settings) -> Any:
