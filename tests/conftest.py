@@ -106,13 +106,24 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name))
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator[ResultStore]:
-    """A results store with its schema created."""
-    s = ResultStore.from_url(db_url)
+def _open_store(url: str) -> Iterator[ResultStore]:
+    """A results store on ``url`` with its schema created, closed at teardown."""
+    s = ResultStore.from_url(url)
     s.create_schema()
     yield s
     s.close()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[ResultStore]:
+    """A results store with its schema created, on each database."""
+    yield from _open_store(db_url)
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[ResultStore]:
+    """A results store with its schema created, on SQLite only."""
+    yield from _open_store(sqlite_url)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

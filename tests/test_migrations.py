@@ -44,6 +44,16 @@ def insert_row(store: ResultStore, task_id: str) -> None:
             {"id": task_id, "sha": "0" * 64, "f": False, "at": NOW})
 
 
+def upgraded_with_row(url: str, task_id: str) -> None:
+    """Bring the database at ``url`` to the head revision and store one row there."""
+    store = ResultStore.from_url(url)
+    try:
+        migrate.upgrade(store)
+        insert_row(store, task_id)
+    finally:
+        store.close()
+
+
 def ids(store: ResultStore) -> list[str]:
     with store.engine.connect() as conn:
         return sorted(conn.execute(sa.text(f"SELECT id FROM {RESULTS_TABLE}")).scalars())
@@ -352,12 +362,7 @@ def test_a_schema_downgraded_under_a_running_client_is_a_schema_mismatch(
     from producer.client import Client
 
     settings = Settings(database_url=store_url, broker_url=redis_url)
-    store = ResultStore.from_url(store_url)
-    try:
-        migrate.upgrade(store)
-        insert_row(store, "t1")
-    finally:
-        store.close()
+    upgraded_with_row(store_url, "t1")
     reads: list[Callable[[Client], object]] = [
         lambda c: c.get_many(["t1"]), lambda c: c.query(), lambda c: c.count(),
         lambda c: c.aggregate(), lambda c: c.windowed("t1")]
@@ -396,12 +401,7 @@ def test_a_schema_downgraded_under_a_running_api_is_a_503_schema_mismatch(
             return exc.code, json.loads(exc.read())
 
     settings = Settings(database_url=store_url, broker_url=redis_url)
-    store = ResultStore.from_url(store_url)
-    try:
-        migrate.upgrade(store)
-        insert_row(store, "t1")
-    finally:
-        store.close()
+    upgraded_with_row(store_url, "t1")
     api = api_factory(settings)
     assert get("/v1/results")[0] == 200
     assert bertstream(settings, "db", "downgrade", "0002", "--yes").returncode == 0

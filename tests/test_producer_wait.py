@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,6 @@ from contract.settings import Settings
 from tests.producer_helpers import broker_settings, lane_messages, record
 
 NO_WORKER = "warning: no worker is alive"
-
-
-@pytest.fixture
-def sqlite_store(sqlite_url: str) -> Iterator[ResultStore]:
-    s = ResultStore.from_url(sqlite_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 @pytest.fixture
