@@ -13,9 +13,9 @@ stays bounded on a large table:
   primary-key range in code point order, then applies the filters; a text
   search reads at most ``scan`` of the newest rows that match the filters
   (an index page) and filters those, so neither cost grows with the table.
-  On a PostgreSQL database whose collation is not C (ICU, en_US) the index
-  does not sort by code point: the prefix range is then compared under
-  COLLATE "C", which is right but reads the table.
+  On a PostgreSQL database whose collation is not C (ICU, en_US) the primary
+  key does not sort by code point: the prefix range is then compared under
+  COLLATE "C", which schema revision 0004 indexes there.
 """
 
 import datetime as dt
@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.metrics import by_family, family_workers
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.migrate import id_sorts_by_code_point
 from contract.queries import Filters, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow
 
@@ -71,34 +72,11 @@ def _successor(prefix: str) -> str | None:
     return stem[:-1] + chr(after)
 
 
-def _sorts_by_code_point(conn: Any) -> bool:
-    """Whether ``results.id`` compares by code point, so its primary-key index serves a
-    prefix range. True on SQLite (BINARY); on PostgreSQL, under a C or POSIX collation."""
-    if conn.dialect.name != "postgresql":
-        return True
-    row = conn.execute(sa.text(
-        "SELECT c.collname, c.collprovider, c.collcollate FROM pg_attribute a"
-        " JOIN pg_collation c ON c.oid = a.attcollation"
-        " WHERE a.attrelid = to_regclass(:table) AND a.attname = 'id'"),
-        {"table": results.name}).one_or_none()
-    if row is None:
-        return False
-    name, provider, collate = row
-    if name != "default":
-        return bool(provider == "c" and collate in ("C", "POSIX") or name in ("C", "POSIX"))
-    # The database's own collation; datlocprovider exists from PostgreSQL 15 (ICU before
-    # it could not be a database's default).
-    collate, provider = conn.execute(sa.text(
-        "SELECT d.datcollate, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d"
-        " WHERE d.datname = current_database()")).one()
-    return provider in (None, "c") and (collate in ("C", "POSIX") or collate.startswith("C."))
-
-
 def _prefix_range(prefix: str, by_index: bool) -> tuple[Any, list[Any]]:
     """The id column to order on and the clauses ``id`` starts with ``prefix``: a range in
     code point order and a LIKE. ``by_index``: the column's own collation is code point
     order, so the primary-key index serves the range; else it compares under COLLATE "C"
-    (right under any collation, but then a scan of the table)."""
+    (right under any collation; served by revision 0004's index)."""
     col = results.c.id if by_index else results.c.id.collate("C")
     conds = [col >= prefix, results.c.id.startswith(prefix, autoescape=True)]
     upper = _successor(prefix)
@@ -161,7 +139,7 @@ def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | Non
     if task_id:
         # The first `scan` ids with the prefix, then the other filters: bounded even when
         # the filters reject most of a wide prefix.
-        id_col, in_range = _prefix_range(task_id, _sorts_by_code_point(conn))
+        id_col, in_range = _prefix_range(task_id, id_sorts_by_code_point(conn))
         ids = (sa.select(results, id_col.label("id_order")).where(*in_range).order_by(id_col)
                .limit(scan).subquery("ids"))
         query = (sa.select(*[ids.c[c.name] for c in results.columns])

@@ -9,6 +9,8 @@ offers (the label mix's first read of the whole range, and the read of each
 later refresh, from the current bucket on) (median and max of ``--repeat`` runs, after one warm-up).
 Finally deletes its rows (or drops the table when the script created it),
 unless ``--keep``. Prints a Markdown table; ``--out`` also writes it as JSON.
+``--revision 0003 --only "id "`` times the id searches before schema revision 0004
+(run it on a database whose collation is not C to see what that index is for).
 """
 
 from __future__ import annotations
@@ -116,6 +118,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="leave the rows in place")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", default="", help="time only the queries whose name "
+                        "contains this (e.g. 'id ')")
+    parser.add_argument("--revision", default="head", help="the schema revision to time "
+                        "(e.g. 0003, before the id index of 0004): an existing table is "
+                        "moved there and back to head afterwards")
     args = parser.parse_args()
 
     store = ResultStore.from_url(args.database_url)
@@ -123,19 +130,24 @@ def main() -> None:
         parser.error("this measures PostgreSQL")
     created = not store.has_table()
     store.create_schema()
+    if args.revision != "head":
+        migrate.downgrade(store, args.revision)
     try:
         t0 = time.perf_counter()
-        with store.engine.begin() as conn:
-            conn.execute(sa.text(FILL), {"rows": args.rows,
-                                         "spread": args.days * 86400 / args.rows})
+        if args.rows:
+            with store.engine.begin() as conn:
+                conn.execute(sa.text(FILL), {"rows": args.rows,
+                                             "spread": args.days * 86400 / args.rows})
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text(f"ANALYZE {RESULTS_TABLE}"))
             total = conn.execute(sa.text(f"SELECT count(*) FROM {RESULTS_TABLE}")).scalar_one()
         print(f"inserted {args.rows:,} rows in {time.perf_counter() - t0:.1f} s "
-              f"(table: {total:,} rows)", file=sys.stderr)
+              f"(table: {total:,} rows, schema {migrate.state(store).current})", file=sys.stderr)
         now = dt.datetime.now(dt.timezone.utc)
         rows = []
         for range_name, what, call in queries(store, now):
+            if args.only not in what:
+                continue
             median, worst, answer = timed(call, args.repeat)
             size = len(answer) if isinstance(answer, list) else answer
             rows.append({"range": range_name, "query": what, "median_ms": round(median, 1),
@@ -148,6 +160,11 @@ def main() -> None:
                                             "measured_at": now.isoformat(),
                                             "queries": rows}, indent=1) + "\n")
     finally:
+        if args.revision != "head":
+            t0 = time.perf_counter()
+            migrate.upgrade(store)
+            print(f"upgraded {args.revision} -> head in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr)
         if not args.keep:
             with store.engine.begin() as conn:
                 if created:

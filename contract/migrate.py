@@ -125,6 +125,31 @@ def head_revision() -> str:
     return head
 
 
+def id_sorts_by_code_point(conn: Connection) -> bool:
+    """Whether the results table's ``id`` compares by code point, so that its primary-key
+    index serves an id-prefix range. True on SQLite (BINARY); on PostgreSQL, under a C or
+    POSIX collation, the column's own or (``default``) the database's."""
+    if conn.dialect.name != "postgresql":
+        return True
+    row = conn.execute(sa.text(
+        "SELECT c.collname, c.collprovider, c.collcollate FROM pg_attribute a"
+        " JOIN pg_collation c ON c.oid = a.attcollation"
+        " WHERE a.attrelid = to_regclass(:table) AND a.attname = 'id'"),
+        {"table": RESULTS_TABLE}).one_or_none()
+    if row is None:
+        return False
+    name, provider, collate = row
+    if name != "default":
+        return bool(provider == "c" and collate in ("C", "POSIX") or name in ("C", "POSIX"))
+    # The database's own collation; datlocprovider exists from PostgreSQL 15 (ICU before
+    # it could not be a database's default).
+    collate, provider = conn.execute(sa.text(
+        "SELECT d.datcollate, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d"
+        " WHERE d.datname = current_database()")).one()
+    return bool(provider in (None, "c")
+                and (collate in ("C", "POSIX") or collate.startswith("C.")))
+
+
 def _current(conn: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

@@ -226,9 +226,9 @@ def test_downgrade_to_one_row_per_task_keeps_the_latest_and_upgrades_again(
                 {"id": task_id, "m": model, "sha": "0" * 64, "f": False, "at": at})
     dry = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001")
     assert dry.returncode == 0, dry.stderr
-    assert "would roll back 0003 -> 0001" in dry.stdout and "--yes" in dry.stdout
+    assert f"would roll back {migrate.head_revision()} -> 0001" in dry.stdout and "--yes" in dry.stdout
     assert "0002: every row but each task's latest" in dry.stdout, dry.stdout
-    assert migrate.state(store).current == "0003"  # a dry run: nothing dropped
+    assert migrate.state(store).current == migrate.head_revision()  # a dry run: nothing dropped
     out = bertstream(Settings(database_url=store_url), "db", "downgrade", "0001", "--yes")
     assert out.returncode == 0, out.stderr
     assert migrate.state(store).current == "0001"
