@@ -11,6 +11,7 @@ Blocking calls (Redis, the database) run in the server's thread pool.
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -29,13 +30,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, errors
 from api.errors import ApiError
-from api.metrics import ApiMetrics, family_workers
+from api.metrics import ApiMetrics
 from api.security import BodyLimit, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
+from contract.liveness import family_workers
 from contract.messages import text_sha256
 from contract.queries import (
     MAX_STATS_LIMIT,
@@ -50,7 +52,7 @@ from contract.queries import (
 from contract.results import ResultRecord, ResultStore, as_utc
 from contract.settings import Settings
 from producer.client import Client
-from producer.formatting import FREE_TEXT_COLUMNS, RECORD_FIELDS, csv_cell
+from producer.formatting import RECORD_FIELDS, csv_cells
 from producer.items import ItemError, ItemValidator
 
 Lane = Literal["interactive", "bulk"]
@@ -160,7 +162,7 @@ class Services:
         self.submitter = self._lanes[settings.model_name].submitter
         self.coalescer = self._lanes[settings.model_name].coalescer
         self.waiter = Waiter(self.client.get_many)
-        self.metrics.watch(self.client, self.submitter.redis, settings)
+        self.metrics.watch(self.submitter.redis, settings)
 
     def _name(self, model: str | None) -> str:
         """The lane of ``model``: this server's model for None, the default model's ("")
@@ -308,7 +310,7 @@ def create_app(settings: Settings) -> FastAPI:
     _window_routes(guarded, services)
     _task_routes(guarded, services)
     _read_routes(guarded, services)
-    dashboard.install(app, guarded, services, _filter_params, NO_NUL)
+    dashboard.install(app, guarded, services, _stored_filters(services), NO_NUL)
 
     @guarded.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
@@ -377,7 +379,10 @@ def _task_routes(router: APIRouter, services: Services) -> None:
 
 async def _status(services: Services, task_id: str, wait: float,
                   model: str | None) -> dict[str, Any]:
-    """The answer of ``GET /v1/tasks/{id}``, after up to ``wait`` seconds of long poll."""
+    """The answer of ``GET /v1/tasks/{id}``, after up to ``wait`` seconds of long poll.
+    Rows are read under the name they are stored under (``default``: the default model's
+    own); the id's claim is looked up under the name asked."""
+    asked, model = model, await run_in_threadpool(services.client.stored_model, model)
     record = await run_in_threadpool(services.client.get, task_id, model)
     if record is not None:
         if not await run_in_threadpool(services.submitter.retrying, record, model):
@@ -392,10 +397,10 @@ async def _status(services: Services, task_id: str, wait: float,
                              "attempts": record.attempts}}
     # Looked up without opening a lane: a status request never counts as a model
     # this server submits to. Without a model, any model's claim will do.
-    known = await run_in_threadpool(services.submitter.accepted_for, task_id, model)
+    known = await run_in_threadpool(services.submitter.accepted_for, task_id, asked)
     if known is None:
         raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
-                       + (f" for model {model!r}" if model else ""))
+                       + (f" for model {asked!r}" if asked else ""))
     if wait > 0:
         record = await services.waiter.wait(task_id, wait, model)
         if record is not None:
@@ -495,6 +500,18 @@ def _filters(source: str | None, label: str | None, status: str | None, model: s
                    model=model or None, since=since, until=until, lang=lang or None)
 
 
+def _stored_filters(services: Services) -> Any:
+    """The dependency of the read routes' filters: :func:`_filter_params` with ``model``
+    as its rows are stored (``default``: the default model's own name,
+    ``Client.stored_model``), in the thread pool (it may ask Redis)."""
+    def stored(filters: Annotated[Filters, Depends(_filter_params)]) -> Filters:
+        if filters.model is None:
+            return filters
+        return dataclasses.replace(filters, model=services.client.stored_model(filters.model))
+
+    return stored
+
+
 FilterParams = dict[str, Any]
 #: Query texts that reach SQL: PostgreSQL text cannot hold NUL, so it is a 422, not a 500.
 NO_NUL = r"^[^\x00]*$"
@@ -514,10 +531,11 @@ def _filter_params(
 
 def _read_routes(router: APIRouter, services: Services) -> None:
     store = services.client.store
+    stored_filters = _stored_filters(services)
 
     @router.get("/v1/results", tags=["results"])
     def results_route(
-        filters: Annotated[Filters, Depends(_filter_params)],
+        filters: Annotated[Filters, Depends(stored_filters)],
         format: Literal["json", "csv", "jsonl"] = "json",  # noqa: A002 - the API's name for it
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(max_length=2048)] = None,
@@ -542,7 +560,7 @@ def _read_routes(router: APIRouter, services: Services) -> None:
 
     @router.get("/v1/stats", tags=["results"])
     def stats_route(
-        filters: Annotated[Filters, Depends(_filter_params)],
+        filters: Annotated[Filters, Depends(stored_filters)],
         by: Literal["label", "source", "status", "model", "lang"] = "label",
         bucket: Literal["1m", "1h", "1d"] | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_STATS_LIMIT,
@@ -567,7 +585,7 @@ def _read_routes(router: APIRouter, services: Services) -> None:
     def compare_route(
         a: model_name,
         b: model_name,
-        filters: Annotated[Filters, Depends(_filter_params)],
+        filters: Annotated[Filters, Depends(stored_filters)],
         top: Annotated[int, Query(ge=0, le=1000)] = 10,
     ) -> dict[str, Any]:
         """Model ``b`` against model ``a`` on the texts both scored: agreement, label flips,
@@ -579,24 +597,32 @@ def _read_routes(router: APIRouter, services: Services) -> None:
             raise InvalidInput("compare takes a and b, not model or status")
         if not services.client.has_results_table():
             return Comparison(a, b, 0, 0, [], None, []).as_dict()
-        return compare(store, a, b, filters, top=top).as_dict()
+        return compare(store, *_stored_pair(services.client, a, b), filters,
+                       top=top).as_dict()
+
+
+def _stored_pair(client: Client, a: str, b: str) -> tuple[str, str]:
+    """Models ``a`` and ``b`` as their rows are stored (``Client.stored_model``): ``default``
+    and the default model's own name are one model."""
+    stored_a, stored_b = (str(client.stored_model(name)) for name in (a, b))
+    if stored_a == stored_b:
+        raise InvalidInput(f"default is the default model, {stored_a}: compare two "
+                           "different models")
+    return stored_a, stored_b
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
-#: CSV columns whose text cells get the formula guard: free text, and the label (a name
-#: from the model's own config). Ids and the other identifiers (model, worker, hashes)
-#: are written as stored, so an exported id can be sent back as it is.
-CSV_GUARDED = FREE_TEXT_COLUMNS | {"label"}
 
 
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
+    """Every field of each row; the cells of ``producer.formatting.GUARDED_COLUMNS`` always
+    guarded against running as spreadsheet formulas, as ``results --excel-safe`` does."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(RECORD_FIELDS), extrasaction="ignore")
-    writer.writeheader()
+    writer = csv.writer(buffer)
+    writer.writerow(RECORD_FIELDS)
     count = 0
     for record in rows:
-        writer.writerow({k: csv_cell(v, guard=k in CSV_GUARDED)
-                         for k, v in record.to_json().items()})
+        writer.writerow(csv_cells(record.to_json(), RECORD_FIELDS, guard=True))
         count += 1
         if count % 500 == 0:
             yield buffer.getvalue()

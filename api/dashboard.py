@@ -27,8 +27,9 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.metrics import by_family, family_workers
+from api.metrics import by_family
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.liveness import family_workers
 from contract.migrate import id_sorts_by_code_point
 from contract.queries import Filters, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow

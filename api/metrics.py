@@ -1,75 +1,91 @@
 """The API's Prometheus metrics: requests, submitted items, coalescing, queue depth, workers.
 
-One registry per app (tests build several). Queue depth per lane and live
-workers are read from Redis when Prometheus scrapes, not polled; whether that
-read worked is ``bertstream_redis_up``.
+One registry per app (tests build several). Queue depth per lane (of this
+server's queue family, and of every family of its queue) and live workers are
+read from Redis when Prometheus scrapes, not polled; whether that read worked
+is ``bertstream_redis_up``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
+from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.constants import (
-    LANE_BULK,
-    LANE_INTERACTIVE,
-    MODEL_NAME_PATTERN,
-    WORKER_KEY_PREFIX,
-    model_family,
-)
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.errors import BertstreamError
+from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
+from producer.client import lane_keys
 
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+LANES = (LANE_INTERACTIVE, LANE_BULK)
 
-
-def family_workers(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    """The live workers of every model family of ``queue``, each with its ``family``: the
-    default model's (``<queue>``) and each named model's (``<queue>-<name>``, see
-    :func:`contract.constants.model_family`), read from their heartbeat keys.
-
-    Every family counts, not only the API's default one: a deployment may serve named
-    models only. The key must follow the family rule exactly, so another deployment's
-    queue that merely starts with ``queue`` (``<queue>2``) is not counted.
-    """
-    prefix = f"{WORKER_KEY_PREFIX}{queue}"
-    found: list[tuple[str, str, Any]] = []
-    for key in client.scan_iter(match=_GLOB_SPECIAL.sub(r"\\\1", prefix) + "[-:]*",
-                                count=500):
-        rest = (key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key))[
-            len(prefix):]
-        if rest.startswith(":"):  # the default model's: <queue>:<host>
-            found.append((queue, rest[1:], key))
-            continue
-        name, sep, host = rest[1:].partition(":")  # a named model's: <queue>-<name>:<host>
-        if sep and re.fullmatch(MODEL_NAME_PATTERN, name):
-            found.append((model_family(queue, name), host, key))
-    found.sort()
-    values = client.mget([key for _, _, key in found]) if found else []
-    out = []
-    for (family, host, _key), raw in zip(found, values, strict=True):
-        if raw is None:
-            continue  # expired between SCAN and MGET
-        try:
-            facts = json.loads(raw)
-        except ValueError:
-            facts = {}
-        out.append({"hostname": host, "family": family,
-                    **(facts if isinstance(facts, dict) else {})})
-    return out
+#: Queue families ``bertstream_family_queue_depth`` has a label for at most; the
+#: shallowest of the rest are summed under ``other`` (clients may name made-up models).
+MAX_DEPTH_FAMILIES = 100
 
 
 def by_family(workers: list[dict[str, Any]]) -> dict[str, int]:
     """Live workers per queue family, in name order."""
     return dict(sorted(Tally(w["family"] for w in workers).items()))
+
+
+def bound_families(client: redis.Redis, queue: str) -> set[str]:
+    """The queue families of ``queue`` whose lanes kombu has bound: every family's lanes
+    are bound to one exchange named after ``queue`` (:func:`contract.broker.make_celery`)
+    by whoever declared them, a producer publishing or a worker consuming.
+
+    kombu delivers a message only to a queue bound to its exchange, so every family with
+    messages waiting is among them, whether or not a worker serves it; the set is read
+    without walking the keyspace. Bindings outlive their queues: a family found here
+    may be empty.
+    """
+    out = set()
+    for member in client.smembers(RedisChannel.keyprefix_queue % (queue,)):
+        text = member.decode("utf-8", "replace") if isinstance(member, bytes) else str(member)
+        family, _, lane = text.rpartition(RedisChannel.sep)[2].rpartition(".")
+        if lane in LANES and is_family_of(family, queue):
+            out.add(family)
+    return out
+
+
+def family_depths(client: redis.Redis, families: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Messages waiting per lane of each of ``families``, read in one round trip."""
+    lists = [(family, lane, lane_keys(queue_name(family, lane)))
+             for family in sorted(set(families)) for lane in LANES]
+    with client.pipeline(transaction=False) as pipe:
+        for _, _, keys in lists:
+            for key in keys:
+                pipe.llen(key)
+        sizes = iter(pipe.execute())
+    out: dict[str, dict[str, int]] = {}
+    for family, lane, keys in lists:
+        out.setdefault(family, {})[lane] = sum(int(next(sizes)) for _ in keys)
+    return out
+
+
+def shown_depths(depths: dict[str, dict[str, int]], always: Iterable[str],
+                 limit: int = MAX_DEPTH_FAMILIES) -> dict[str, dict[str, int]]:
+    """The families ``bertstream_family_queue_depth`` reports: those in ``always`` (this
+    server's own, those with live workers) even when empty, and every other one with
+    messages waiting (an empty family without workers is a leftover binding). Past
+    ``limit`` families the shallowest are summed under ``other``, so that the total
+    stays right."""
+    total = {family: sum(lanes.values()) for family, lanes in depths.items()}
+    keep = sorted(f for f in set(always) if f in depths)
+    rest = sorted((f for f in depths if f not in keep and total[f]),
+                  key=lambda f: (-total[f], f))
+    room = max(limit - len(keep), 0)
+    out = {f: depths[f] for f in keep + rest[:room]}
+    if rest[room:]:
+        out["other"] = {lane: sum(depths[f][lane] for f in rest[room:]) for lane in LANES}
+    return out
 
 
 class ApiMetrics:
@@ -96,33 +112,48 @@ class ApiMetrics:
         """One broker message of ``items`` items was published on ``lane``."""
         self.message_items.labels(lane).observe(items)
 
-    def watch(self, client: Any, redis_client: Any, settings: Settings) -> None:
+    def watch(self, redis_client: Any, settings: Settings) -> None:
         """Also report queue depth per lane and live workers, read at scrape time."""
-        self.registry.register(_QueueCollector(client, redis_client, settings))
+        self.registry.register(_QueueCollector(redis_client, settings))
 
 
 class _QueueCollector(Collector):
-    def __init__(self, client: Any, redis_client: Any, settings: Settings) -> None:
-        self.client, self.redis, self.settings = client, redis_client, settings
+    def __init__(self, redis_client: Any, settings: Settings) -> None:
+        self.redis, self.settings = redis_client, settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
         and ``bertstream_redis_up`` always: an alert on no live workers goes quiet while
-        Redis is down, so that outage needs its own signal."""
-        depth = GaugeMetricFamily("bertstream_queue_depth",
-                                  "Messages waiting in Redis per lane", labels=["lane"])
+        Redis is down, so that outage needs its own signal.
+
+        Queue depth per family covers this server's own family, every family with live
+        workers and every family with messages waiting (:func:`bound_families`): tasks
+        sent to a model no worker serves show up there."""
+        depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per "
+                                  "lane of this server's queue family", labels=["lane"])
+        per_family_depth = GaugeMetricFamily(
+            "bertstream_family_queue_depth", "Messages waiting in Redis per queue family "
+            "(<queue>, or <queue>-<name> for a named model) and lane: this server's own "
+            "family and every family with live workers always, any other while it holds "
+            "messages", labels=["family", "lane"])
         workers = GaugeMetricFamily("bertstream_workers_alive",
                                     "Workers of every model whose heartbeat has not expired")
         per_family = GaugeMetricFamily(
             "bertstream_family_workers_alive", "Workers whose heartbeat has not expired per "
             "queue family (<queue>, or <queue>-<name> for a named model; this server's own "
             "family always, 0 while it has none)", labels=["family"])
+        own, queue = self.settings.family, self.settings.queue
         try:
-            for lane in (LANE_INTERACTIVE, LANE_BULK):
-                depth.add_metric([lane], self.client.queue_length(lane))
-            alive = family_workers(self.redis, self.settings.queue)
+            alive = family_workers(self.redis, queue)
+            served = {own, *(w["family"] for w in alive)}
+            depths = family_depths(self.redis, served | bound_families(self.redis, queue))
+            for lane in LANES:
+                depth.add_metric([lane], depths[own][lane])
+            for family, lanes in sorted(shown_depths(depths, served).items()):
+                for lane in LANES:
+                    per_family_depth.add_metric([family, lane], lanes[lane])
             workers.add_metric([], len(alive))
-            counts = {self.settings.family: 0, **by_family(alive)}
+            counts = {own: 0, **by_family(alive)}
             for family, count in sorted(counts.items()):
                 per_family.add_metric([family], count)
             up = 1
@@ -132,5 +163,6 @@ class _QueueCollector(Collector):
                                 "queues and worker heartbeats from Redis, else 0", value=up)
         if up:
             yield depth
+            yield per_family_depth
             yield workers
             yield per_family

@@ -41,6 +41,7 @@ from contract.constants import (
     ACCEPTED_KEY_PREFIX,
     LANE_BULK,
     model_family,
+    served_name,
 )
 from contract.errors import BrokerUnavailable, StoreUnavailable
 from contract.liveness import live_workers
@@ -169,7 +170,8 @@ class Submitter:
         name of the default model), or for any model when ``model`` is None."""
         if not model:
             return self.accepted_anywhere(task_id)
-        known = self.accepted_hash(task_id, model_family(self.settings.queue, model))
+        # served_name: ``default`` is the default model, as a submit to it reads it
+        known = self.accepted_hash(task_id, model_family(self.settings.queue, served_name(model)))
         return known if known is not None else self.accepted_as_stored_name(task_id, model)
 
     def accepted_as_stored_name(self, task_id: str, model: str) -> str | None:

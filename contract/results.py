@@ -1085,7 +1085,11 @@ class ResultStore:
         lang: str | None = None,
     ) -> list[dict[str, Any]]:
         """Counts and mean score grouped by ``label``, ``source``, ``status``, ``model`` or
-        ``lang`` (each task once: its latest result, unless ``model`` is given)."""
+        ``lang`` (each task once: its latest result, unless ``model`` is given).
+
+        Most rows first; groups of as many rows in value order, no value (a NULL source,
+        label or lang) last on both backends, as ``contract.queries.top_stats`` ranks them
+        (SQLite sorts NULL first, PostgreSQL gave a tie in no set order)."""
         if by not in ("label", "source", "status", "model", "lang"):
             raise InvalidInput(f"cannot group by {by!r}")
         column = results.c[by]
@@ -1098,7 +1102,7 @@ class ResultStore:
             .where(*_filters(None, source, None, status, since, until, model, lang,
                              every_model=by == "model"))
             .group_by(column)
-            .order_by(sa.func.count().desc())
+            .order_by(sa.func.count().desc(), column.is_(None), column)
         )
         rows = self._read(lambda conn: conn.execute(query).mappings().all())
         return [

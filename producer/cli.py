@@ -11,7 +11,8 @@ Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
 the database unreachable, 4 results not ready before the timeout, 5 a stream
 refused some records (after sending the good ones), 130 a stream stopped by
 Ctrl-C or SIGTERM (it says how many items were sent and where to resume), or
-a ``--wait`` stopped so (everything was sent).
+a ``--wait`` stopped so (everything was sent), 141 stdout's reader went away
+(``| head``): the output stops there, with nothing on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import importlib
 import itertools
 import json
 import math
+import os
+import select
 import signal
 import sys
 import threading
@@ -158,14 +161,57 @@ class BertstreamGroup(click.Group):
             formatter.write_dl(rows)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(args))
+        with _quiet_when_stdout_closes(ctx):  # --help, --version
+            return super().parse_args(ctx, hoist_global_options(args))
 
     def invoke(self, ctx: click.Context) -> Any:
+        with _quiet_when_stdout_closes(ctx):
+            try:
+                return super().invoke(ctx)
+            except BertstreamError as exc:
+                click.echo(f"error: {printable(_describe(exc))}", err=True)
+                ctx.exit(exit_code(exc))
+
+
+#: The exit status of a command whose reader went away (``| head``): 128 + SIGPIPE, as a
+#: shell reports ``cat`` or ``seq`` stopped so (and as 130 is 128 + SIGINT).
+EXIT_PIPE_CLOSED = 128 + 13
+
+
+@contextlib.contextmanager
+def _quiet_when_stdout_closes(ctx: click.Context) -> Iterator[None]:
+    """Stop quietly with :data:`EXIT_PIPE_CLOSED` when the reader of stdout goes away.
+
+    Click exits 1 on any broken pipe, the status of a bertstream error. Stdout is
+    pointed at the null device first, so the text still buffered for it is not
+    reported at exit. A broken pipe while stdout is fine (an ``--ids-out`` FIFO
+    whose reader left) stays an error.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        null = os.open(os.devnull, os.O_WRONLY)
         try:
-            return super().invoke(ctx)
-        except BertstreamError as exc:
-            click.echo(f"error: {printable(_describe(exc))}", err=True)
-            ctx.exit(exit_code(exc))
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+        ctx.exit(EXIT_PIPE_CLOSED)
+
+
+def stdout_closed() -> bool:
+    """True when stdout is a pipe (or socket) whose reader has gone. Where ``select.poll``
+    is missing (Windows), any broken pipe is taken to be stdout's, as click takes it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a caller: no descriptor
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 #: Options of the group that may also be written after the command.
@@ -378,8 +424,9 @@ def submit(
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
             return
         found, stop = _wait_or_stop(client, ids, timeout)
-        click.echo(render_results([found[i] for i in ids if i in found], fmt,
-                                  terminal=_on_terminal()))
+        terminal = _on_terminal()
+        echo_text(render_results([found[i] for i in ids if i in found], fmt,
+                                 terminal=terminal), as_stored=fmt == "csv" and not terminal)
         if stop is not None:
             missing = [i for i in ids if i not in found]
             for i in missing:
@@ -653,10 +700,11 @@ def _id_note(error: ItemError, unit: str) -> str:
     help="Print counts and mean score per group instead of rows.",
 )
 @click.option("--excel-safe", is_flag=True,
-              help="CSV to open in a spreadsheet: a text, source or error cell starting with "
-                   "= + - @ (or a tab or CR) gets a leading ' so it is shown, not run as a "
-                   "formula. Off by default: CSV keeps every value as stored, and ids are "
-                   "never changed, so they can be fed back to `db delete --ids-file`.")
+              help="CSV to open in a spreadsheet: a text, source, label or error cell "
+                   "starting with = + - @ (or a tab or CR) gets a leading ' so it is shown, "
+                   "not run as a formula (as in the API's CSV export). Off by default: CSV "
+                   "keeps every value as stored, and ids are never changed, so they can be "
+                   "fed back to `db delete --ids-file`.")
 @click.pass_context
 def results(
     ctx: click.Context,
@@ -689,8 +737,10 @@ def results(
                 raise click.UsageError("--aggregate cannot be combined with --id or --label")
             rows = client.aggregate(by=group_by, source=source, status=status, since=since,
                                     until=until, model=model, lang=lang)
-            click.echo(render_rows(rows, [group_by, "count", "mean_score"], fmt,
-                                   terminal=_on_terminal(), excel_safe=excel_safe))
+            terminal = _on_terminal()
+            echo_text(render_rows(rows, [group_by, "count", "mean_score"], fmt,
+                                  terminal=terminal, excel_safe=excel_safe),
+                      as_stored=fmt == "csv" and not terminal)
             return
         filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
                                        status=status, since=since, until=until, model=model,
@@ -757,7 +807,12 @@ def _ids_ascending(records: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
 def _echo_pieces(pieces: Iterable[str], *, as_stored: bool = False) -> None:
     """Write ``pieces`` to stdout :data:`ECHO_CHARS` at a time, through click.echo as one
     text would be, without a write and flush per row. ``as_stored``: keep ANSI sequences
-    (click.echo removes them off a terminal), for CSV written to a file or a pipe."""
+    (click.echo removes them off a terminal), for CSV written to a file or a pipe.
+
+    A longer text is cut into writes of that size too: a reader that goes away during
+    one large write may go unnoticed (the write comes back short, and no error is
+    raised), so the command would exit 0 or :data:`EXIT_PIPE_CLOSED` by its size.
+    """
     color = True if as_stored else None
     batch: list[str] = []
     size = 0
@@ -765,10 +820,21 @@ def _echo_pieces(pieces: Iterable[str], *, as_stored: bool = False) -> None:
         batch.append(piece)
         size += len(piece)
         if size >= ECHO_CHARS:
-            click.echo("".join(batch), nl=False, color=color)
+            _write("".join(batch), color)
             batch, size = [], 0
     if batch:
-        click.echo("".join(batch), nl=False, color=color)
+        _write("".join(batch), color)
+
+
+def _write(text: str, color: bool | None) -> None:
+    for start in range(0, len(text), ECHO_CHARS):
+        click.echo(text[start:start + ECHO_CHARS], nl=False, color=color)
+
+
+def echo_text(text: str, *, as_stored: bool = False) -> None:
+    """``text`` and a newline to stdout as :func:`_echo_pieces` writes (for the output of
+    any size that a command renders whole: aggregates, comparisons, waited results)."""
+    _echo_pieces([text, "\n"], as_stored=as_stored)
 
 
 @main.command("report")

@@ -33,7 +33,13 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import lane_queue, make_celery, redis_client
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, served_name
+from contract.constants import (
+    DEFAULT_MODEL,
+    LANE_BULK,
+    LANE_INTERACTIVE,
+    TASK_ANALYZE,
+    served_name,
+)
 from contract.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -43,7 +49,7 @@ from contract.errors import (
     SchemaMismatch,
     StoreUnavailable,
 )
-from contract.liveness import live_workers
+from contract.liveness import HEARTBEAT_EVERY_S, live_workers
 from contract.messages import TaskItem, make_item, text_sha256
 from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
@@ -58,6 +64,14 @@ MAX_POLL_INTERVAL_S = 1.0
 CONFLICT_CHECK_BACKOFF_S = 60.0
 
 log = logging.getLogger(__name__)
+
+
+def lane_keys(queue: str) -> list[str]:
+    """The Redis lists holding the waiting messages of the Celery queue ``queue``: kombu's
+    Redis transport keeps one named after it, plus one per non-zero priority step
+    (``<queue>\\x06\\x16<step>``)."""
+    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in PRIORITY_STEPS if step)]
+
 
 T = TypeVar("T")
 
@@ -294,7 +308,7 @@ class Client:
     Models: tasks go to the default model unless ``settings.model_name`` (or
     a ``model=`` argument) names another; reads give each task's latest
     result unless a model is named (a client bound to a named model reads
-    that model's rows).
+    that model's rows; ``default`` reads the default model's, :meth:`stored_model`).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -307,6 +321,8 @@ class Client:
         self._redis: redis.Redis | None = None
         self._table_seen = False
         self._for_models: dict[str, Client] = {}
+        #: the default model's stored name and the monotonic time it was read at
+        self._default_name: tuple[str, float] | None = None
         #: monotonic time until which :meth:`conflicts` skips the database (None: it is
         #: read); set on a failure, which is logged once per outage.
         self._conflicts_off_until: float | None = None
@@ -353,8 +369,47 @@ class Client:
             return self._for_models[name]
 
     def _model(self, model: str | None) -> str | None:
-        """The model a read is for: the one named, else this client's, else None (latest)."""
-        return model or self.settings.model_name or None
+        """The model a read is for: the one named, else this client's, else None (latest);
+        as stored (:meth:`stored_model`)."""
+        return self.stored_model(model or self.settings.model_name or None)
+
+    def stored_model(self, model: str | None) -> str | None:
+        """The name the rows of ``model`` are stored under: ``model`` itself, but for
+        ``default`` the default model's own name, as a submit to ``default`` goes to it.
+
+        Only the default model's workers know that name (their BERTSTREAM_MODEL or
+        ``worker --model default=PATH``, not the reader's): it is read from the
+        heartbeats of the live workers of the default queue family, again at most every
+        :data:`HEARTBEAT_EVERY_S`. Raises :class:`InvalidInput` when none is alive or
+        they announce several names: a guess would read another model's rows, or none.
+        """
+        if model != DEFAULT_MODEL:
+            return model
+        known = self._default_name
+        if known is not None and time.monotonic() - known[1] < HEARTBEAT_EVERY_S:
+            return known[0]
+        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
+            alive = None
+        else:
+            try:
+                alive = live_workers(self._redis_client(), self.settings.queue)
+            except redis.RedisError as exc:
+                raise self._broker_error(exc) from exc
+        names = sorted({str(w["model"]) for w in alive or [] if w.get("model")})
+        hint = ("name the model as its rows show it (`bertstream results --aggregate model` "
+                "or /v1/stats?by=model lists them)")
+        if len(names) > 1:
+            raise InvalidInput(f"model 'default' is ambiguous: the default model's live "
+                               f"workers store their rows as {' and '.join(names)}; {hint}")
+        if not names:
+            why = (f"no worker of the default model is alive on queue "
+                   f"{self.settings.queue!r} to tell that name" if alive is not None else
+                   f"only its workers' heartbeats on a Redis broker tell that name, not "
+                   f"{mask_url(self.settings.broker_url)}")
+            raise InvalidInput(f"model 'default' is the default model, whose rows carry its "
+                               f"own name, and {why}; {hint}")
+        self._default_name = (names[0], time.monotonic())
+        return names[0]
 
     # -- submitting -----------------------------------------------------
 
@@ -528,20 +583,13 @@ class Client:
     # -- the queue ------------------------------------------------------
 
     def queue_names(self, lane: str | None = None) -> list[str]:
-        """Redis keys holding the waiting messages of ``lane`` (both lanes when None).
-
-        kombu's Redis transport keeps a queue as a list named after it, plus
-        one list per non-zero priority step (``<queue>\\x06\\x16<step>``).
-        """
+        """Redis keys holding the waiting messages of ``lane`` (both lanes when None;
+        see :func:`lane_keys`)."""
         lanes = [LANE_INTERACTIVE, LANE_BULK] if lane is None else [lane]
         if any(x not in (LANE_INTERACTIVE, LANE_BULK) for x in lanes):
             raise InvalidInput(f"unknown lane {lane!r}; expected {LANE_INTERACTIVE} or {LANE_BULK}")
-        names = []
-        for name in lanes:
-            queue = lane_queue(self.settings, name == LANE_BULK)
-            names.append(queue)
-            names.extend(f"{queue}{RedisChannel.sep}{step}" for step in PRIORITY_STEPS if step)
-        return names
+        return [key for name in lanes
+                for key in lane_keys(lane_queue(self.settings, name == LANE_BULK))]
 
     def queue_length(self, lane: str | None = None) -> int:
         """Messages waiting in Redis on ``lane`` (``interactive``/``bulk``; both when None).
@@ -723,7 +771,7 @@ class Client:
                  model: str | None = None) -> tuple[ResultRecord | None, list[WindowRecord]]:
         """The row of task ``id`` (under ``model``, default its latest) and its windows."""
         nothing: tuple[ResultRecord | None, list[WindowRecord]] = (None, [])
-        return self._read(lambda: self.store.get_windows(id, model), nothing)
+        return self._read(lambda: self.store.get_windows(id, self.stored_model(model)), nothing)
 
     def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
         """Stored results among ``ids``, keyed by id (batched IN queries)."""
@@ -752,6 +800,7 @@ class Client:
         the missing ids when ``timeout`` seconds pass first.
         """
         wanted = list(dict.fromkeys(ids))
+        model = self.stored_model(model)  # once, not at every poll
         found: dict[str, ResultRecord] = {}
         #: rows being retried (id -> their attempts and model): a new attempt ends the wait
         stale: dict[str, tuple[int, str]] = {}

@@ -86,7 +86,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
     JSON keeps every key of each row; table and CSV show ``columns`` only;
     ``terminal`` escapes control characters in CSV cells. CSV keeps every
     value as stored (an id read back must match); ``excel_safe`` guards the
-    :data:`FREE_TEXT_COLUMNS` against running as spreadsheet formulas.
+    :data:`GUARDED_COLUMNS` against running as spreadsheet formulas.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
@@ -104,12 +104,11 @@ def _csv_lines(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], *, ter
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    guarded = [excel_safe and c in FREE_TEXT_COLUMNS for c in columns]
     for row in rows:
         yield out.getvalue()
         out.seek(0)
         out.truncate()
-        cells = [csv_cell(row.get(c), guard=g) for c, g in zip(columns, guarded, strict=True)]
+        cells = csv_cells(row, columns, guard=excel_safe)
         writer.writerow([printable(c) for c in cells] if terminal else cells)
     yield out.getvalue()
 
@@ -134,9 +133,18 @@ def _json_array(items: Iterable[Any]) -> Iterator[str]:
 
 #: First characters that make a spreadsheet read a cell as a formula.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-#: Columns of free text (anyone's texts, tags and error messages) that ``excel_safe``
-#: guards; ids never are: an id changed in the file no longer names its task.
-FREE_TEXT_COLUMNS = frozenset({"text", "source", "error"})
+#: Columns whose text cells get the formula guard, in the API's CSV export always and in
+#: the CLI's with ``--excel-safe``: free text (anyone's texts, tags and error messages)
+#: and the label (a name from the model's own config, "-1" or "+1" for some). Ids and
+#: the other identifiers (model, worker, hashes) never: an id changed in the file no
+#: longer names its task.
+GUARDED_COLUMNS = frozenset({"text", "source", "error", "label"})
+
+
+def csv_cells(row: Mapping[str, Any], columns: Sequence[str], *, guard: bool) -> list[str]:
+    """The CSV cells of ``row``'s ``columns`` (:func:`csv_cell`); with ``guard``, those of
+    the :data:`GUARDED_COLUMNS` guarded against running as formulas."""
+    return [csv_cell(row.get(c), guard=guard and c in GUARDED_COLUMNS) for c in columns]
 
 
 def csv_cell(value: Any, *, guard: bool = True) -> str:

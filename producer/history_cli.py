@@ -174,11 +174,16 @@ def compare_command(ctx: click.Context, models: tuple[str, ...], source: str | N
     with Client(_settings(ctx)) as client:
         if not client.has_results_table():
             raise InvalidInput("nothing is stored yet")
-        result = compare(client.store, models[0], models[1], filters, top=top)
+        a, b = (str(client.stored_model(name)) for name in models)  # default: its own name
+        if a == b:
+            raise InvalidInput(f"default is the default model, {a}: compare two different models")
+        result = compare(client.store, a, b, filters, top=top)
+    from producer.cli import echo_text  # cli imports this module
+
     if fmt == "json":
-        click.echo(json.dumps(result.as_dict(), ensure_ascii=False, indent=2, default=str))
+        echo_text(json.dumps(result.as_dict(), ensure_ascii=False, indent=2, default=str))
         return
-    click.echo(describe(result))
+    echo_text(describe(result))
 
 
 def describe(result: Comparison) -> str:

@@ -29,6 +29,21 @@ REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/
 PG_URL = os.environ.get(
     "BERTSTREAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+#: Where the default settings' SQLite database lands for a test's commands: a test that
+#: leaves one behind ran something on the default database instead of its own.
+STRAY_DATABASES = sorted({Path.cwd() / "bertstream.db",
+                          Path(__file__).resolve().parent.parent / "bertstream.db"})
+
+
+@pytest.fixture(autouse=True)
+def no_stray_database() -> Iterator[None]:
+    """Fail the test that creates ``./bertstream.db``: it read or wrote the default
+    database, outside its temp dir, where other tests and runs would find its rows."""
+    before = {p for p in STRAY_DATABASES if p.exists()}
+    yield
+    made = [str(p) for p in STRAY_DATABASES if p.exists() and p not in before]
+    assert not made, (f"this test created {made}: it ran a command on the default "
+                      "database URL; give it database_url (sqlite_url, pg_url)")
 
 
 @pytest.fixture

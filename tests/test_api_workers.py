@@ -15,8 +15,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.metrics import by_family, family_workers
+from api.metrics import by_family
 from contract.constants import WORKER_KEY_PREFIX
+from contract.liveness import family_workers
 from contract.settings import Settings
 from worker.heartbeat import Heartbeat
 

@@ -237,3 +237,112 @@ def test_dashboard_shows_live_rows_and_filters(pg_settings: Settings, api_factor
     assert inner == 390 and width <= inner, f"the page scrolls sideways on a phone ({width}px)"
     _shot(phone, tmp_path, "dashboard-phone.png")
     assert shot.exists()
+
+
+LONG_SOURCE = "https://feeds.example.com/" + "partner-feed-" * 7 + "x" * 3  # 120, unbroken
+LONG_LABEL = "label_" + "very" * 14  # 62, unbroken
+LONG_ID = "id-" + "0123456789abcdef" * 7  # 115, unbroken
+LONG_TEXT = "The room was fine but the wifi kept dropping. " * 60 + "z" * 300
+HEBREW = "השירות היה מצוין והחדר היה נקי"
+
+
+def _long_rows(settings: Settings) -> None:
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [(LONG_ID, "web", "positive", "short"), ("src", LONG_SOURCE, "positive", "short"),
+            ("lab", "web", LONG_LABEL, "short"), ("long", "web", "negative", LONG_TEXT),
+            ("he", "web", "positive", HEBREW)]
+    rows += [(f"n{i}", "web", "positive", "An ordinary review.") for i in range(5)]
+    store.upsert([ResultRecord(id=i, text_sha256="0" * 64, text_chars=len(text), model="m",
+                               status="done", label=label, score=0.5, source=source, text=text,
+                               finished_at=now - dt.timedelta(seconds=n))
+                  for n, (i, source, label, text) in enumerate(rows)])
+    store.close()
+
+
+@pytest.mark.slow
+def test_long_values_keep_the_table_readable(redis_url: str, sqlite_url: str, tmp_path: Path,
+                                             api_factory: Any, browser: Any) -> None:
+    """A long source, label, id or unbroken token wraps inside its own column (no column
+    takes the table's width); a long text is clamped to a few lines, whole in its title and
+    on a click; a right-to-left text runs right to left; every field has a name."""
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url,
+                        queue=f"bst-dash-{uuid.uuid4().hex[:8]}", cache_dir=str(tmp_path / "c"))
+    _long_rows(settings)
+    api = api_factory(settings)
+    driver = browser(1280, 1000)
+    driver.get(api.url + "/?refresh=500")
+    _until(driver, lambda: len(_table_ids(driver)) == 10, "the rows")
+    got = driver.execute_script("""
+        const wrap = document.querySelector('.table-wrap'), table = document.getElementById('results');
+        const widths = {};
+        table.querySelectorAll('thead th').forEach((th, i) => { widths[i] = th.getBoundingClientRect().width; });
+        const overflow = [];
+        table.querySelectorAll('tbody td').forEach((td) => {
+          for (const e of [td, ...td.querySelectorAll('*')]) {
+            // Sticking out of the cell, or content spilling out of its box (not cut, as an
+            // ellipsis cuts it).
+            const cell = td.getBoundingClientRect(), box = e.getBoundingClientRect();
+            const spills = getComputedStyle(e).overflowX === 'visible' && e.scrollWidth > e.clientWidth + 1;
+            if (spills || box.right > cell.right + 1 || box.left < cell.left - 1)
+              overflow.push(td.parentNode.dataset.id + ':' + td.cellIndex + ':' + e.tagName);
+          }
+        });
+        const text = document.querySelector("#results tr[data-id='long'] td:last-child");
+        const clamp = text.querySelector('[title]') || text;
+        const he = document.querySelector("#results tr[data-id='he'] td:last-child");
+        const heInner = he.querySelector('[dir]') || he;
+        const outside = Array.from(document.querySelectorAll('#chart text')).filter((t) => {
+          const b = t.getBBox(); return b.x < 0 || b.x + b.width > 800; }).map(t => t.textContent);
+        const selects = ['source', 'label'].map(i => document.getElementById(i).getBoundingClientRect().width);
+        return {scroll: table.scrollWidth, room: wrap.clientWidth, widths, overflow, selects, outside,
+                textHeight: text.getBoundingClientRect().height, title: clamp.getAttribute('title'),
+                heDirection: getComputedStyle(heInner).direction};""")
+    problems = []
+    if got["scroll"] > got["room"]:
+        problems.append(f"the table scrolls sideways ({got['scroll']} > {got['room']} px)")
+    w = got["widths"]
+    if w["2"] > 220:
+        problems.append(f"the source column takes {w['2']:.0f} px")
+    if w["5"] < 400 or w["1"] < 100:
+        problems.append(f"the text and id columns are squeezed ({w['5']:.0f}, {w['1']:.0f} px)")
+    if max(got["selects"]) > 300:
+        problems.append(f"a long source or label widens its filter ({got['selects']} px)")
+    if got["outside"]:
+        problems.append(f"axis labels run past the chart: {got['outside']}")
+    if got["overflow"]:
+        problems.append(f"content overflows its cell: {got['overflow']}")
+    if got["textHeight"] > 140:
+        problems.append(f"the long text is not clamped ({got['textHeight']:.0f} px high)")
+    if got["title"] != LONG_TEXT:
+        problems.append("the long text is not whole in its title")
+    if got["heDirection"] != "rtl":
+        problems.append(f"the Hebrew text runs {got['heDirection']}")
+    # A placeholder is no name (it goes once something is typed): a label or aria-label.
+    names = {i: driver.find_element(By.ID, i).accessible_name
+             for i in ("q", "id", "label", "source", "range")}
+    labelled = driver.execute_script(
+        "return ['q', 'id', 'label', 'source', 'range'].filter(i => {"
+        "  const e = document.getElementById(i);"
+        "  return !e.labels.length && !e.getAttribute('aria-label'); })")
+    if not all(names.values()) or labelled:
+        problems.append(f"fields without a label: {labelled}, names {names}")
+    assert not problems, problems
+    # A click shows the whole text, and it stays open across refreshes.
+    driver.find_element(By.CSS_SELECTOR, "#results tr[data-id='long'] td:last-child > *").click()
+    tall = "return document.querySelector(\"#results tr[data-id='long'] td:last-child\")" \
+           ".getBoundingClientRect().height"
+    _until(driver, lambda: driver.execute_script(tall) > 400, "the whole text")
+    before = driver.execute_script("return document.body.dataset.refreshed")
+    _until(driver, lambda: driver.execute_script("return document.body.dataset.refreshed")
+           != before, "a refresh")
+    assert driver.execute_script(tall) > 400
+    _shot(driver, tmp_path, "dashboard-long-values.png")
+    # On a phone the rows are cards: nothing long pushes the page sideways.
+    phone = browser(390, 844, phone=True)
+    phone.get(api.url + "/?refresh=500")
+    _until(phone, lambda: len(_table_ids(phone)) == 10, "the rows on a phone")
+    width, inner = phone.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert inner == 390 and width <= inner, f"the page scrolls sideways on a phone ({width}px)"

@@ -23,7 +23,7 @@ import redis
 from click.testing import CliRunner
 
 from contract.errors import ConfigError
-from contract.liveness import live_workers
+from contract.liveness import family_workers
 from contract.settings import Settings
 from producer.cli import main
 from worker.healthcheck import main as healthcheck
@@ -149,11 +149,12 @@ def test_a_killed_child_stops_the_set_with_its_signal(
     host = socket.gethostname()
     client = redis.Redis.from_url(lsettings.broker_url)
     try:
-        names = {w["hostname"] for w in live_workers(client, "*")}
+        names = {w["hostname"] for w in family_workers(client, lsettings.queue)}
     finally:
         client.close()
     assert names == {f"w1-a@{host}", f"w1-b@{host}"}
     monkeypatch.setenv("BERTSTREAM_BROKER_URL", lsettings.broker_url)
+    monkeypatch.setenv("BERTSTREAM_QUEUE", lsettings.queue)
     assert healthcheck(["--ready-file", str(ready)]) == 0
 
     os.kill(pids[0], signal.SIGKILL)

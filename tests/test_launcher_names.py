@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from contract.liveness import live_workers
+from contract.liveness import family_workers
 from contract.settings import Settings
 from tests.test_launcher import Launcher, until
 from worker.launcher import child_commands
@@ -48,7 +48,7 @@ def test_two_launchers_on_one_host_keep_their_own_heartbeats(redis_url: str,
             assert launcher.proc.poll() is None, launcher.log()
         client = redis.Redis.from_url(redis_url)
         try:
-            names = {w["hostname"] for w in live_workers(client, f"{queue}*")}
+            names = {w["hostname"] for w in family_workers(client, queue)}
         finally:
             client.close()
         host = socket.gethostname()

@@ -2,10 +2,11 @@
 
 Healthy when a worker on this host (Celery node name ``…@<hostname>`` or
 ``…@<its first label>``, as ``--hostname NAME@%h`` / ``NAME@%n`` give; so
-every child of ``--gpus`` or of several ``--model`` counts, whatever its
-queue family) has a fresh heartbeat in Redis
-(contract.liveness) and, with ``--ready-file``, once that file exists: the
-worker has started consuming since the file's directory was last emptied
+every child of ``--gpus`` or of several ``--model`` counts, whatever queue
+family of ``BERTSTREAM_QUEUE`` it serves; another queue's worker on this host
+does not) has a fresh heartbeat in Redis (contract.liveness) and, with
+``--ready-file``, once that file exists: the worker has started consuming
+since the file's directory was last emptied
 (with ``--gpus`` or several ``--model``, the launcher creates it once every
 child has created its own).
 The heartbeat proves the process is alive and reaches Redis; the ready file
@@ -22,7 +23,7 @@ from pathlib import Path
 import redis
 
 from contract.broker import redis_client
-from contract.liveness import live_workers
+from contract.liveness import family_workers
 from contract.settings import Settings, mask_url
 
 
@@ -37,7 +38,7 @@ def check(settings: Settings, host: str, ready_file: str | None) -> str | None:
     suffixes = ("@" + host, "@" + host.partition(".")[0])
     try:
         # Every queue family: a host may run one worker process per model.
-        mine = [w for w in live_workers(client, "*")
+        mine = [w for w in family_workers(client, settings.queue)
                 if str(w.get("hostname", "")).endswith(suffixes)]
     except redis.RedisError as exc:
         return f"cannot reach Redis: {exc}"

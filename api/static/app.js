@@ -1,8 +1,16 @@
 // bertstream dashboard: polls /v1/live, /v1/stats and /v1/search; draws plain SVG.
+// Labels, sources and ids are the data's own names: they key Maps and Sets, never plain
+// objects, so a label called `constructor` or `__proto__` is a label like any other.
 (function () {
   "use strict";
 
-  var REFRESH_MS = Number(new URLSearchParams(location.search).get("refresh")) || 5000;
+  // ?refresh=<ms>: the refresh interval, held to 0.25 s .. 1 h (5 s when absent or not a
+  // number), so a typo cannot make the page poll without pause.
+  var REFRESH_MS = (function (asked) {
+    var ms = Number(asked);
+    if (asked === null || asked === "" || !isFinite(ms)) return 5000;
+    return Math.min(3600000, Math.max(250, ms));
+  })(new URLSearchParams(location.search).get("refresh"));
   var TOKEN_KEY = "bertstream.token";
   var LANG_KEY = "bertstream.lang";
   // Range -> [seconds, stats bucket, bucket seconds]: at most ~170 bars.
@@ -10,8 +18,20 @@
     "15m": [900, "1m", 60], "1h": [3600, "1m", 60], "24h": [86400, "1h", 3600],
     "7d": [604800, "1h", 3600], "30d": [2592000, "1d", 86400]
   };
-  var COLORS = { positive: "#2f9e44", negative: "#d9480f", neutral: "#868e96" };
+  var COLORS = new Map([["positive", "#2f9e44"], ["negative", "#d9480f"], ["neutral", "#868e96"]]);
   var PALETTE = ["#1c7ed6", "#ae3ec9", "#f59f00", "#0ca678", "#e64980", "#5c940d"];
+  var NO_LABEL_COLOR = "#495057";
+  var OTHER_COLOR = "#ced4da";
+  // The series of the labels past STATS_LIMIT, summed by /v1/stats as `other`: a key no
+  // label can equal (a label is a string; this is an object).
+  var OTHER = { other: true };
+  var STATS_LIMIT = 100;
+  var DAY_MS = 86400000;
+  // Reason phrases for an answer without one (HTTP/2 has none).
+  var REASONS = new Map([[400, "Bad Request"], [401, "Unauthorized"], [403, "Forbidden"],
+    [404, "Not Found"], [408, "Request Timeout"], [413, "Content Too Large"],
+    [422, "Unprocessable Content"], [429, "Too Many Requests"], [500, "Internal Server Error"],
+    [502, "Bad Gateway"], [503, "Service Unavailable"], [504, "Gateway Timeout"]]);
   var SVG = "http://www.w3.org/2000/svg";
 
   var TEXT = {
@@ -28,7 +48,12 @@
       search_note: "Text search reads the newest 5,000 rows of the chosen source and range.",
       finished_at: "finished", label: "label", score: "score", text: "text", no_rows: "No rows.",
       close: "Close", updated: "updated", unauthorized: "A valid bearer token is required.",
-      no_data: "No rows in this range.", redis_down: "Redis unreachable"
+      no_data: "No rows in this range.", redis_down: "Redis unreachable",
+      search_text_name: "Text contains", search_id_name: "Id or id prefix",
+      label_name: "Label", other_labels: "other labels", n_other_labels: "{n} other labels",
+      no_label: "no label", utc_days: "days in UTC", not_json: "the answer is not JSON",
+      unreachable: "The server cannot be reached",
+      stale: "Could not refresh: these rows are from {t}."
     },
     zh: {
       token: "令牌", token_help: "此服务器需要 Bearer 令牌(仅保存在本浏览器中)。",
@@ -43,27 +68,58 @@
       search_note: "文本搜索只读取所选来源和时间范围内最新的 5,000 行。",
       finished_at: "完成时间", label: "标签", score: "分数", text: "文本", no_rows: "没有结果。",
       close: "关闭", updated: "更新于", unauthorized: "需要有效的 Bearer 令牌。",
-      no_data: "此时间范围内没有数据。", redis_down: "无法连接 Redis"
+      no_data: "此时间范围内没有数据。", redis_down: "无法连接 Redis",
+      search_text_name: "文本包含", search_id_name: "id 或 id 前缀", label_name: "标签",
+      other_labels: "其他标签", n_other_labels: "其他 {n} 个标签", no_label: "无标签",
+      utc_days: "按 UTC 日期", not_json: "应答不是 JSON", unreachable: "无法连接服务器",
+      stale: "无法刷新:以下是 {t} 的结果。"
     }
   };
 
   var $ = function (id) { return document.getElementById(id); };
   var lang = localStorage.getItem(LANG_KEY) ||
     ((navigator.language || "").toLowerCase().indexOf("zh") === 0 ? "zh" : "en");
+  var labelsSeen = new Map();
+  // Server clock - this browser's clock: from /v1/live's `now`, until then from the Date
+  // header. Time ranges are the server's: a browser clock off by an hour shows the same rows.
+  var skew = 0;
+  var skewKnown = false;
+  var drawn = new Map();  // what each part last drew: an unchanged answer is not redrawn
+  var openTexts = new Set();  // the ids whose whole text is shown
+
+  // One refresh at a time and one timer: a refresh started while another is in flight
+  // aborts it, and only the latest refresh draws and schedules the next.
   var timer = null;
-  var labelsSeen = {};
-  var skew = 0;  // server clock - this browser's clock, from /v1/live
-  var drawn = {};  // what each part last drew: an unchanged answer is not redrawn
-  var asked = { chart: 0, table: 0 };  // the latest request of each part: older answers are dropped
+  var runs = 0;
+  var inflight = null;
 
   function changed(part, data) {
     var key = lang + JSON.stringify(data);
-    if (drawn[part] === key) return false;
-    drawn[part] = key;
+    if (drawn.get(part) === key) return false;
+    drawn.set(part, key);
     return true;
   }
 
-  function t(key) { return (TEXT[lang] && TEXT[lang][key]) || TEXT.en[key] || key; }
+  function own(obj, key) { return Object.prototype.hasOwnProperty.call(obj, key); }
+
+  function t(key) {
+    var texts = own(TEXT, lang) ? TEXT[lang] : TEXT.en;
+    return own(texts, key) ? texts[key] : own(TEXT.en, key) ? TEXT.en[key] : key;
+  }
+
+  // Dates in the page's language (English dates in the browser's own English locale).
+  function locale() {
+    var nav = navigator.language || "en";
+    if (lang === "zh") return "zh-CN";
+    return nav.toLowerCase().indexOf("zh") === 0 ? "en" : nav;
+  }
+
+  // A clock for "how long ago", immune to the wall clock's skew and jumps.
+  function monotonic() {
+    return typeof performance !== "undefined" && performance.now ? performance.now() : Date.now();
+  }
+
+  function serverNow() { return Date.now() + skew; }
 
   function applyLang() {
     document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
@@ -83,8 +139,18 @@
     $("error").hidden = !message;
   }
 
-  // GET a JSON route with the saved token; a 401 opens the token form.
-  function api(path, params) {
+  // "HTTP 502 Bad Gateway", and the API's own message when the body is its JSON error.
+  function httpError(r, body) {
+    var reason = r.statusText || REASONS.get(r.status) || "";
+    var text = "HTTP " + r.status + (reason ? " " + reason : "");
+    var error = body && typeof body === "object" ? body.error : null;
+    if (error && typeof error.message === "string" && error.message) text += ": " + error.message;
+    return text;
+  }
+
+  // GET a JSON route with the saved token; a 401 opens the token form. Any body may come
+  // back (a reverse proxy's HTML error page): an error names the HTTP status.
+  function api(path, params, signal) {
     var query = new URLSearchParams();
     Object.keys(params || {}).forEach(function (k) {
       if (params[k] !== "" && params[k] !== null && params[k] !== undefined) query.set(k, params[k]);
@@ -93,14 +159,24 @@
     var headers = { Accept: "application/json" };
     var sent = token();
     if (sent) headers.Authorization = "Bearer " + sent;
-    return fetch(url, { headers: headers }).then(function (r) {
+    return fetch(url, { headers: headers, signal: signal }).catch(function (e) {
+      if (e && e.name === "AbortError") throw e;
+      throw new Error(t("unreachable") + " (" + e.message + ")");
+    }).then(function (r) {
+      if (!skewKnown) {
+        var date = Date.parse(r.headers.get("Date"));
+        if (!isNaN(date)) skew = date - Date.now();
+      }
       if (r.status === 401) {
         // An answer to a token replaced meanwhile says nothing about the new one.
         if (sent === token()) $("token-form").hidden = false;
         throw new Error(t("unauthorized"));
       }
-      return r.json().then(function (body) {
-        if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);
+      return r.text().then(function (raw) {
+        var body;
+        try { body = JSON.parse(raw); } catch (e) { body = undefined; }
+        if (!r.ok) throw new Error(httpError(r, body));
+        if (body === undefined) throw new Error(httpError(r, null) + ": " + t("not_json"));
         return body;
       });
     });
@@ -115,38 +191,66 @@
   }
 
   function colorOf(label) {
-    if (COLORS[label]) return COLORS[label];
-    if (!(label in labelsSeen)) labelsSeen[label] = Object.keys(labelsSeen).length;
-    return PALETTE[labelsSeen[label] % PALETTE.length];
+    if (label === OTHER) return OTHER_COLOR;
+    if (label === null) return NO_LABEL_COLOR;
+    if (COLORS.has(label)) return COLORS.get(label);
+    if (!labelsSeen.has(label)) labelsSeen.set(label, labelsSeen.size);
+    return PALETTE[labelsSeen.get(label) % PALETTE.length];
+  }
+
+  // Mark a part of the page as showing an older read (its refresh failed), or as current.
+  function markStale(part, stale) {
+    (part === "table" ? ["results"] : part === "chart" ? ["chart", "legend"] : ["cards"])
+      .forEach(function (id) {
+        if (stale) $(id).setAttribute("data-stale", "true"); else $(id).removeAttribute("data-stale");
+      });
   }
 
   function range() {
-    var spec = RANGES[$("range").value] || RANGES["1h"];
-    var until = Date.now() + skew;
+    var key = $("range").value;
+    var spec = own(RANGES, key) ? RANGES[key] : RANGES["1h"];
+    var until = serverNow();
     var since = Math.floor((until - spec[0] * 1000) / (spec[2] * 1000)) * spec[2] * 1000;
     return { since: new Date(since).toISOString(), sinceMs: since, untilMs: until,
-      bucket: spec[1], step: spec[2] * 1000 };
+      bucket: spec[1], step: spec[2] * 1000, spanMs: spec[0] * 1000 };
+  }
+
+  // A bucket's start for the axis (short) or a bar's title (long). Day buckets start at
+  // UTC midnight: they are named by their UTC date, which west of UTC is not the local one.
+  function bucketText(ms, r, long) {
+    var d = new Date(ms);
+    if (r.step >= DAY_MS) {
+      var day = { timeZone: "UTC", month: "short", day: "numeric" };
+      if (long) day.year = "numeric";
+      return d.toLocaleDateString(locale(), day) + (long ? " UTC" : "");
+    }
+    if (long) return d.toLocaleString(locale());
+    var hm = { hour: "2-digit", minute: "2-digit" };
+    if (r.spanMs > DAY_MS) { hm.month = "short"; hm.day = "numeric"; }  // a week: which day
+    return d.toLocaleString(locale(), hm);
   }
 
   // ---- live figures -------------------------------------------------------
   function drawTrend(perMinute) {
     var svg = $("trend");
     svg.replaceChildren();
-    var now = Math.floor((Date.now() + skew) / 60000) * 60000;
-    var counts = {};
-    perMinute.forEach(function (p) { counts[Date.parse(p.bucket)] = p.count; });
+    var now = Math.floor(serverNow() / 60000) * 60000;
+    var counts = new Map();
+    perMinute.forEach(function (p) { counts.set(Date.parse(p.bucket), p.count); });
     var max = Math.max.apply(null, [1].concat(perMinute.map(function (p) { return p.count; })));
     for (var i = 0; i < 30; i++) {
-      var c = counts[now - (29 - i) * 60000] || 0;
+      var c = counts.get(now - (29 - i) * 60000) || 0;
       var h = (c / max) * 48;
       svg.appendChild(el("svg:rect", { x: i * 10 + 1, y: 50 - h, width: 8, height: h,
         "data-count": c }));
     }
   }
 
-  function refreshLive() {
-    return api("/v1/live", { window: 60 }).then(function (live) {
-      skew = Date.parse(live.now) - Date.now();
+  function refreshLive(run) {
+    return api("/v1/live", { window: 60 }, run.signal).then(function (live) {
+      if (!run.current()) return;
+      var at = Date.parse(live.now);
+      if (!isNaN(at)) { skew = at - Date.now(); skewKnown = true; }
       $("per-s").textContent = live.per_s.toFixed(live.per_s < 10 ? 2 : 0);
       $("finished").textContent = live.finished;
       var depth = live.queue_depth;
@@ -164,23 +268,47 @@
   }
 
   // ---- label mix chart ----------------------------------------------------
-  function drawChart(groups, r) {
+  // Series order: labels by code unit, then no label, then the other labels' sum.
+  function seriesOrder(a, b) {
+    var ra = a === OTHER ? 2 : a === null ? 1 : 0, rb = b === OTHER ? 2 : b === null ? 1 : 0;
+    if (ra !== rb) return ra - rb;
+    return a === b ? 0 : a < b ? -1 : 1;
+  }
+
+  function seriesName(key, values) {
+    if (key === OTHER) return values ? t("n_other_labels").replace("{n}", values) : t("other_labels");
+    return key === null ? t("no_label") : key;
+  }
+
+  function seriesAttrs(key, attrs) {
+    if (key === OTHER) attrs["data-other"] = "true";
+    else if (key === null) attrs["data-none"] = "true";
+    else attrs["data-label"] = key;
+    return attrs;
+  }
+
+  // groups: /v1/stats's groups (one label in one bucket); other: its per-bucket sums of
+  // the labels past the limit.
+  function drawChart(groups, other, r) {
     var svg = $("chart");
     svg.replaceChildren();
     var W = 800, H = 260, left = 44, bottom = 22, top = 8;
     var buckets = [];
     for (var b = r.sinceMs; b <= r.untilMs; b += r.step) buckets.push(b);
-    var byBucket = {}, totals = {}, labels = [];
-    groups.forEach(function (g) {
-      var key = Date.parse(g.bucket), label = g.label === null ? "–" : g.label;
-      (byBucket[key] = byBucket[key] || []).push([label, g.count]);
-      if (!(label in totals)) { totals[label] = 0; labels.push(label); }
-      totals[label] += g.count;
-    });
-    labels.sort();
+    var byBucket = new Map(), totals = new Map(), keys = [];
+    function add(bucket, key, count, values) {
+      var at = Date.parse(bucket);
+      if (!byBucket.has(at)) byBucket.set(at, []);
+      byBucket.get(at).push({ key: key, count: count, values: values });
+      if (!totals.has(key)) { totals.set(key, 0); keys.push(key); }
+      totals.set(key, totals.get(key) + count);
+    }
+    groups.forEach(function (g) { add(g.bucket, g.label, g.count); });
+    other.forEach(function (g) { add(g.bucket, OTHER, g.count, g.values); });
+    keys.sort(seriesOrder);
     var max = 1;
     buckets.forEach(function (k) {
-      var sum = (byBucket[k] || []).reduce(function (a, p) { return a + p[1]; }, 0);
+      var sum = (byBucket.get(k) || []).reduce(function (a, p) { return a + p.count; }, 0);
       max = Math.max(max, sum);
     });
     var plotH = H - bottom - top, slot = (W - left) / buckets.length;
@@ -192,39 +320,43 @@
     });
     buckets.forEach(function (k, i) {
       var y = H - bottom;
-      var parts = (byBucket[k] || []).slice().sort(function (a, c) { return a[0] < c[0] ? -1 : 1; });
+      var parts = (byBucket.get(k) || []).slice().sort(function (a, c) { return seriesOrder(a.key, c.key); });
       parts.forEach(function (p) {
-        var h = (p[1] / max) * plotH;
+        var h = (p.count / max) * plotH;
         y -= h;
-        var rect = el("svg:rect", { x: left + i * slot + slot * 0.1, y: y, width: Math.max(slot * 0.8, 1),
-          height: h, fill: colorOf(p[0]), "class": "bar", "data-label": p[0], "data-count": p[1],
-          "data-bucket": new Date(k).toISOString() });
-        rect.appendChild(el("svg:title", {}, new Date(k).toLocaleString() + " · " + p[0] + ": " + p[1]));
+        var rect = el("svg:rect", seriesAttrs(p.key, { x: left + i * slot + slot * 0.1, y: y,
+          width: Math.max(slot * 0.8, 1), height: h, fill: colorOf(p.key), "class": "bar",
+          "data-count": p.count, "data-bucket": new Date(k).toISOString() }));
+        rect.appendChild(el("svg:title", {}, bucketText(k, r, true) + " · " +
+          seriesName(p.key, p.values) + ": " + p.count));
         svg.appendChild(rect);
       });
     });
     var ticks = Math.min(6, buckets.length);
     for (var j = 0; j < ticks; j++) {
       var idx = Math.floor(j * (buckets.length - 1) / Math.max(ticks - 1, 1));
-      var d = new Date(buckets[idx]);
-      var txt = r.step >= 86400000 ? d.toLocaleDateString() :
-        d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-      svg.appendChild(el("svg:text", { x: left + idx * slot + slot / 2, y: H - 6,
-        "text-anchor": "middle" }, txt));
+      // The last tick ends at the chart's edge rather than running past it.
+      var last = j === ticks - 1 && ticks > 1;
+      svg.appendChild(el("svg:text", { x: last ? W : left + idx * slot + slot / 2, y: H - 6,
+        "text-anchor": last ? "end" : "middle", "class": "tick" }, bucketText(buckets[idx], r, false)));
     }
-    if (!labels.length) {
+    if (r.step >= DAY_MS) {
+      svg.appendChild(el("svg:text", { x: W, y: top + 4, "text-anchor": "end", "class": "note" },
+        t("utc_days")));
+    }
+    if (!keys.length) {
       svg.appendChild(el("svg:text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, t("no_data")));
     }
     var legend = $("legend");
     legend.replaceChildren();
-    var all = labels.reduce(function (a, l) { return a + totals[l]; }, 0);
-    labels.forEach(function (l) {
-      var item = el("li", { "data-label": l, "data-count": totals[l] });
+    var all = keys.reduce(function (a, l) { return a + totals.get(l); }, 0);
+    keys.forEach(function (l) {
+      var item = el("li", seriesAttrs(l, { "data-count": totals.get(l) }));
       var swatch = el("i");
       swatch.style.background = colorOf(l);
       item.appendChild(swatch);
-      item.appendChild(document.createTextNode(l + " " + totals[l] + " (" +
-        Math.round(100 * totals[l] / all) + "%)"));
+      item.appendChild(document.createTextNode(seriesName(l) + " " + totals.get(l) + " (" +
+        Math.round(100 * totals.get(l) / all) + "%)"));
       legend.appendChild(item);
     });
   }
@@ -246,25 +378,33 @@
   var SLOW_MS = 60 * 1000;
   var mixRead = null;
 
-  function refreshChart(force) {
+  // The age of a read is measured on the monotonic clock: a browser clock ahead of the
+  // server's must not make the last read look younger than it is.
+  function refreshChart(force, run) {
     var r = range();
     var source = $("source").value;
-    var sources = api("/v1/sources", { limit: 200 }).then(function (s) {
-      keepOptions($("source"), s.sources, "all_sources");
+    var sources = api("/v1/sources", { limit: 200 }, run.signal).then(function (s) {
+      if (run.current()) keepOptions($("source"), s.sources, "all_sources");
     });
     var key = [source, r.bucket, r.step].join("|");
-    if (!force && mixRead && mixRead.key === key && r.step > 60000 &&
-        r.untilMs - mixRead.at < SLOW_MS) return sources;
-    var mine = ++asked.chart;
-    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source })
+    var asked = monotonic();
+    var age = mixRead ? asked - mixRead.at : Infinity;
+    if (!force && mixRead && mixRead.key === key && r.step > 60000 && age >= 0 && age < SLOW_MS) {
+      return sources;
+    }
+    var mix = api("/v1/stats", { by: "label", bucket: r.bucket, since: r.since, source: source,
+      limit: STATS_LIMIT }, run.signal)
       .then(function (s) {
-        if (mine !== asked.chart) return;  // a filter changed meanwhile
-        mixRead = { key: key, at: r.untilMs };
-        var groups = s.groups;
-        if (changed("chart", [groups, r.sinceMs])) drawChart(groups, r);
-        var labels = {};
-        groups.forEach(function (g) { if (g.label !== null) labels[g.label] = 1; });
-        keepOptions($("label"), Object.keys(labels).sort(), "all_labels");
+        if (!run.current()) return;
+        mixRead = { key: key, at: asked };
+        var groups = s.groups, other = s.other || [];
+        if (changed("chart", [groups, other, r.sinceMs])) drawChart(groups, other, r);
+        var labels = new Set();
+        groups.forEach(function (g) { if (g.label !== null) labels.add(g.label); });
+        keepOptions($("label"), Array.from(labels).sort(), "all_labels");
+      }, function (e) {
+        if (run.current()) mixRead = null;  // the next refresh reads the chart again
+        throw e;
       });
     return Promise.all([sources, mix]);
   }
@@ -280,56 +420,141 @@
     }).catch(function (e) { showError(e.message); });
   }
 
-  function refreshTable() {
+  // A text is clamped to a few lines; a click (or Enter) shows it whole, across refreshes.
+  function toggleText(event) {
+    if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") return;
+    if (event.type === "keydown") event.preventDefault();
+    var box = event.currentTarget, id = box.getAttribute("data-for");
+    var open = box.getAttribute("aria-expanded") !== "true";
+    box.setAttribute("aria-expanded", String(open));
+    if (open) openTexts.add(id); else openTexts.delete(id);
+  }
+
+  function textCell(row) {
+    var text = row.text === null ? (row.reason || "") : row.text;
+    var td = el("td", { "data-th": t("text"), "class": "text", dir: "auto" });
+    var box = el("div", { "class": "clamp", dir: "auto", title: text, role: "button", tabindex: "0",
+      "aria-expanded": String(openTexts.has(row.id)), "data-for": row.id }, text);
+    box.addEventListener("click", toggleText);
+    box.addEventListener("keydown", toggleText);
+    td.appendChild(box);
+    return td;
+  }
+
+  function drawTable(items) {
+    var tbody = $("results").tBodies[0];
+    tbody.replaceChildren();
+    var shown = new Set();
+    items.forEach(function (row) {
+      shown.add(row.id);
+      var tr = el("tr", { "data-id": row.id });
+      tr.appendChild(el("td", { "data-th": t("finished_at"), "class": "time" },
+        new Date(row.finished_at).toLocaleString(locale())));
+      var idCell = el("td", { "data-th": "id", "class": "id" });
+      var link = el("a", { href: "/v1/tasks/" + encodeURIComponent(row.id), target: "_blank",
+        rel: "noopener" }, row.id);
+      link.addEventListener("click", showJson);
+      idCell.appendChild(link);
+      tr.appendChild(idCell);
+      var sourceCell = el("td", { "data-th": t("source"), "class": "source" });
+      if (row.source) {
+        sourceCell.appendChild(el("div", { "class": "clamp short", dir: "auto", title: row.source },
+          row.source));
+      }
+      tr.appendChild(sourceCell);
+      var labelCell = el("td", { "data-th": t("label"), "class": "label" });
+      var tag = el("span", { "class": "tag", dir: "auto", title: row.label || row.status },
+        row.label || row.status);
+      tag.style.background = row.label ? colorOf(row.label) : NO_LABEL_COLOR;
+      labelCell.appendChild(tag);
+      tr.appendChild(labelCell);
+      tr.appendChild(el("td", { "data-th": t("score"), "class": "num" },
+        row.score === null ? "" : row.score.toFixed(3)));
+      tr.appendChild(textCell(row));
+      tbody.appendChild(tr);
+    });
+    openTexts.forEach(function (id) { if (!shown.has(id)) openTexts.delete(id); });
+    $("empty").hidden = items.length > 0;
+  }
+
+  var tableReadAt = null;
+
+  function refreshTable(run) {
     var r = range();
     var id = $("id").value.trim();
-    var mine = ++asked.table;
     // An id is looked up whatever the time range.
     return api("/v1/search", { q: $("q").value.trim(), id: id, label: $("label").value,
-      source: $("source").value, since: id ? "" : r.since, limit: 50 })
+      source: $("source").value, since: id ? "" : r.since, limit: 50 }, run.signal)
       .then(function (body) {
-        if (mine !== asked.table || !changed("table", body.items)) return;
-        var tbody = $("results").tBodies[0];
-        tbody.replaceChildren();
-        body.items.forEach(function (row) {
-          var tr = el("tr", { "data-id": row.id });
-          tr.appendChild(el("td", { "data-th": t("finished_at"), "class": "num" },
-            new Date(row.finished_at).toLocaleString()));
-          var idCell = el("td", { "data-th": "id", "class": "id" });
-          var link = el("a", { href: "/v1/tasks/" + encodeURIComponent(row.id), target: "_blank",
-            rel: "noopener" }, row.id);
-          link.addEventListener("click", showJson);
-          idCell.appendChild(link);
-          tr.appendChild(idCell);
-          tr.appendChild(el("td", { "data-th": t("source") }, row.source || ""));
-          var labelCell = el("td", { "data-th": t("label") });
-          var tag = el("span", { "class": "tag" }, row.label || row.status);
-          tag.style.background = row.label ? colorOf(row.label) : "#868e96";
-          labelCell.appendChild(tag);
-          tr.appendChild(labelCell);
-          tr.appendChild(el("td", { "data-th": t("score"), "class": "num" },
-            row.score === null ? "" : row.score.toFixed(3)));
-          tr.appendChild(el("td", { "data-th": t("text"), "class": "text" },
-            row.text === null ? (row.reason || "") : row.text));
-          tbody.appendChild(tr);
-        });
-        $("empty").hidden = body.items.length > 0;
+        if (!run.current()) return;
+        tableReadAt = new Date();
+        if (changed("table", body.items)) drawTable(body.items);
       });
   }
 
   // ---- polling ------------------------------------------------------------
-  function refresh(force) {
-    clearTimeout(timer);
-    return Promise.all([refreshLive(), refreshChart(force === true), refreshTable()]).then(function () {
-      showError("");
-      $("updated").textContent = t("updated") + " " + new Date().toLocaleTimeString();
-      document.body.setAttribute("data-refreshed", String(Date.now()));
-    }).catch(function (e) { showError(e.message); }).then(function () {
-      timer = setTimeout(tick, REFRESH_MS);
+  // A part's read: on success it is current again; on failure what it shows is marked
+  // stale (the table says since when) and the error goes on.
+  function part(name, run, read) {
+    return read.then(function () {
+      if (!run.current()) return;
+      markStale(name, false);
+      if (name === "table") $("stale").hidden = true;
+    }, function (e) {
+      if (run.current()) {
+        markStale(name, true);
+        if (name === "table") {
+          var shown = $("results").tBodies[0].children.length > 0 && tableReadAt;
+          $("stale").textContent = shown ? t("stale").replace("{t}",
+            tableReadAt.toLocaleTimeString(locale())) : "";
+          $("stale").hidden = !shown;
+        }
+      }
+      throw e;
     });
   }
 
-  function tick() { if (document.hidden) { timer = setTimeout(tick, REFRESH_MS); } else { refresh(false); } }
+  function schedule(run) {
+    if (!run.current()) return;
+    clearTimeout(timer);
+    timer = setTimeout(tick, REFRESH_MS);
+  }
+
+  function refresh(force) {
+    var mine = ++runs;
+    clearTimeout(timer);
+    timer = null;
+    if (inflight) inflight.abort();
+    inflight = typeof AbortController === "function" ? new AbortController() : null;
+    var run = { signal: inflight ? inflight.signal : undefined,
+      current: function () { return mine === runs; } };
+    var errors = [];
+    function settled(read) { return read.catch(function (e) { errors.push(e); }); }
+    var live = settled(part("live", run, refreshLive(run)));
+    // The chart and the table read a time range of the server's clock: the first refresh
+    // learns it from /v1/live before it asks.
+    var rest = (skewKnown ? Promise.resolve() : live).then(function () {
+      if (!run.current()) return null;
+      return Promise.all([settled(part("chart", run, refreshChart(force === true, run))),
+        settled(part("table", run, refreshTable(run)))]);
+    });
+    return Promise.all([live, rest]).then(function () {
+      if (!run.current()) return;
+      if (errors.length) {
+        showError(errors[0].message);
+      } else {
+        showError("");
+        $("updated").textContent = t("updated") + " " + new Date().toLocaleTimeString(locale());
+        document.body.setAttribute("data-refreshed", String(Date.now()));
+      }
+      schedule(run);
+    });
+  }
+
+  function tick() {
+    timer = null;
+    if (document.hidden) { timer = setTimeout(tick, REFRESH_MS); } else { refresh(false); }
+  }
   function now() { refresh(true); }
 
   $("lang").addEventListener("click", function () {
