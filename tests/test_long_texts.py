@@ -349,74 +349,6 @@ def _holding_task(s: Settings, runner: HFRunner,
     return proc, task
 
 
-def delivered(mid: str, items: list[dict[str, Any]]) -> tuple[Any, Any]:
-    """A delivery of message ``mid`` carrying ``items``: its request and what the task reads."""
-    from celery_batches import SimpleRequest
-
-    return _FakeRequest(), SimpleRequest(mid, "t", (items,), {}, {}, "h", False, None, None, {})
-
-
-def test_a_dead_lettered_message_leaves_the_held_ones_held(
-    tiny_settings: Settings, runner: HFRunner, store: ResultStore
-) -> None:
-    """Dead-lettering one message must not ack another whose long text is still in the
-    backlog: its rows are not stored yet, so a crash after that ack would lose the text.
-    A dead-lettered copy of the held message itself is acked; the original stays held."""
-    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
-                               runner, store)
-
-    now = time.time()
-    held = delivered("m-long", [{"id": "long", "text": long_text(), "submitted_at": now}])
-    task._commit_group([held], attempt=1)
-    assert proc.held() == {"m-long"} and not held[0].acknowledged
-    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
-    other = delivered("m-dead", [{"id": "dead", "text": "fine", "submitted_at": now}])
-    copy = delivered("m-long", [{"id": "long", "text": long_text(), "submitted_at": now}])
-    task._commit_group([other], attempt=2)
-    task._commit_group([copy], attempt=2)
-    assert other[0].acknowledged and copy[0].acknowledged  # their failed rows are stored
-    assert not held[0].acknowledged and held[0].rejected is None
-    row = store.get("dead")
-    assert row is not None and row.status == "failed" and "dead-lettered" in (row.error or "")
-    while proc.held():
-        task.flush([])
-    assert held[0].acknowledged
-    final = store.get("long")
-    assert final is not None and final.status == "done"
-
-
-def test_a_restored_copy_of_a_held_message_joins_it(
-    tiny_settings: Settings, runner: HFRunner, store: ResultStore
-) -> None:
-    """A message held for its long text outlasts the visibility timeout: the broker restores
-    a copy (delivery 2, not dead). The copy's long text is not queued a second time, and the
-    original and the copy are both acked once the text is stored (the copy used to replace
-    the original, which then stayed unacked until the worker restarted)."""
-    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=3),
-                               runner, store)
-
-    now = time.time()
-    items = [{"id": "long", "text": long_text(), "submitted_at": now},
-             {"id": "short", "text": "fine", "submitted_at": now}]
-    original = delivered("m-long", items)
-    task._commit_group([original], attempt=1)
-    assert proc.held() == {"m-long"} and not original[0].acknowledged
-    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
-    left = sum(w.outcome is None for w in proc.backlog[0].windows or ())
-    copy = delivered("m-long", items)
-    task._commit_group([copy], attempt=2)
-    assert [e.key for e in proc.backlog] == ["long"]  # not queued twice
-    assert sum(w.outcome is None for w in proc.backlog[0].windows or ()) == left - 1
-    assert not original[0].acknowledged and not copy[0].acknowledged
-    assert original[0].rejected is None and copy[0].rejected is None
-    while proc.held():
-        task.flush([])
-    assert original[0].acknowledged and copy[0].acknowledged
-    final, short = store.get("long"), store.get("short")
-    assert final is not None and final.status == "done"
-    assert short is not None and short.status == "done"
-
-
 class _QueuedRequest(_FakeRequest):
     """A fake request as the task's flush reads it (``SimpleRequest.from_request``)."""
 
@@ -427,6 +359,122 @@ class _QueuedRequest(_FakeRequest):
         self._payload: tuple[Any, ...] = ((items,), {}, {})
         self.delivery_info: dict[str, Any] = {}
         self.request_dict: dict[str, Any] = {}
+
+
+def _counted(task: Any) -> Any:
+    """Give ``task`` an in-memory delivery counter (as on memory://); gives the counter."""
+    from worker.deliveries import DeliveryCounter
+
+    task.deliveries = DeliveryCounter(Settings(broker_url="memory://"))
+    return task.deliveries
+
+
+def test_a_dead_lettered_message_leaves_the_held_ones_held(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """Through the task's flush (``max_attempts=1``): dead-lettering one message must not ack
+    another whose long text is still in the backlog (its rows are not stored yet, so a crash
+    after that ack would lose the text). A restored copy of the held message in the same
+    flush is neither counted nor dead-lettered, and not acked alone (that ack would drop
+    the original's record: they share a delivery tag): it joins the original, and both
+    are acked once the text is stored."""
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
+                               runner, store)
+    counter = _counted(task)
+    now = time.time()
+    items = [{"id": "long", "text": long_text(), "submitted_at": now}]
+    held = _QueuedRequest("m-long", items)
+    task.flush([held])
+    assert proc.held() == {"m-long"} and not held.acknowledged
+    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
+    counter.incr(["m-dead"])  # delivered once before, to a worker that died in its flush
+    other = _QueuedRequest("m-dead", [{"id": "dead", "text": "fine", "submitted_at": now}])
+    copy = _QueuedRequest("m-long", items)
+    task.flush([other, copy])
+    assert other.acknowledged  # its failed row is stored
+    row = store.get("dead")
+    assert row is not None and row.status == "failed" and "dead-lettered" in (row.error or "")
+    assert store.get("long") is None, "the copy of the held message was dead-lettered"
+    assert not any(r.acknowledged or r.rejected is not None for r in (held, copy))
+    assert counter._local == {"m-long": 1}
+    while proc.held():
+        task.flush([])
+    assert held.acknowledged and copy.acknowledged and copy.rejected is None
+    final = store.get("long")
+    assert final is not None and final.status == "done" and final.attempts == 1
+    assert counter._local == {}
+
+
+def test_a_restored_copy_of_a_held_message_joins_it(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """A message held for its long text outlasts the visibility timeout: the broker restores
+    a copy (delivery 2, not dead). The copy's long text is not queued a second time (the
+    flush that takes the copy scores the next window of the original's), and the original
+    and the copy are both acked once the text is stored (the copy used to replace the
+    original, which then stayed unacked until the worker restarted)."""
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=3),
+                               runner, store)
+    counter = _counted(task)
+    now = time.time()
+    items = [{"id": "long", "text": long_text(), "submitted_at": now},
+             {"id": "short", "text": "fine", "submitted_at": now}]
+    original = _QueuedRequest("m-long", items)
+    task.flush([original])
+    assert proc.held() == {"m-long"} and not original.acknowledged
+    proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
+    left = sum(w.outcome is None for w in proc.backlog[0].windows or ())
+    copy = _QueuedRequest("m-long", items)
+    task.flush([copy])
+    assert [e.key for e in proc.backlog] == ["long"]  # not queued twice
+    assert sum(w.outcome is None for w in proc.backlog[0].windows or ()) == left - 1
+    assert not original.acknowledged and not copy.acknowledged
+    assert original.rejected is None and copy.rejected is None
+    assert counter._local == {"m-long": 1}  # the copy is no new delivery
+    while proc.held():
+        task.flush([])
+    assert original.acknowledged and copy.acknowledged
+    final, short = store.get("long"), store.get("short")
+    assert final is not None and final.status == "done"
+    assert short is not None and short.status == "done"
+
+
+def test_a_dead_lettered_redelivery_of_a_message_left_in_the_backlog_is_acked(
+    tiny_settings: Settings, runner: HFRunner, store: ResultStore
+) -> None:
+    """A message whose long text stays in the backlog while the message itself was requeued
+    (another of its rows the database refuses even as a minimal row: a real trigger) is
+    held by no request. Its redelivery, past ``max_attempts``, is dead-lettered and acked
+    although its id is still in the backlog: nothing else would ever ack or requeue it (it
+    would stay unacked until the sweep restored it, over and over). Why a dead-lettered
+    delivery is acked whatever the backlog holds."""
+    import hashlib
+
+    from tests.test_poison import _refuse_rows
+
+    _refuse_rows(store, sha=hashlib.sha256(b"refuse me").hexdigest())
+    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
+                               runner, store)
+    counter = _counted(task)
+    now = time.time()
+    items = [{"id": "long", "text": long_text(), "submitted_at": now},
+             {"id": "bad", "text": "refuse me", "submitted_at": now}]
+    first = _QueuedRequest("m-mix", items)
+    task.flush([first])
+    assert first.rejected is True and not first.acknowledged  # requeued, count kept
+    assert proc.held() == {"m-mix"} and task._held == {}
+    assert counter._local == {"m-mix": 1}
+    again = _QueuedRequest("m-mix", items)
+    task.flush([again])
+    assert again.acknowledged and again.rejected is None  # dead-lettered, settled
+    assert counter._local == {}
+    row = store.get("long")
+    assert row is not None and row.status == "failed" and "dead-lettered" in (row.error or "")
+    while proc.held():
+        task.flush([])
+    final = store.get("long")  # the backlog's text, scored to its end, replaces the failure
+    assert final is not None and final.status == "done"
+    assert store.get("bad") is None
 
 
 def test_copies_of_a_held_message_are_no_new_deliveries(

@@ -39,8 +39,9 @@ Celery or bertstream:
    in the log (at most one line per queue every :data:`PARK_LOG_EVERY_S`),
    and the worker goes on. What of it can be read (the envelope's headers,
    the body) goes to the handler the worker registered
-   (:func:`on_undeliverable`), which fails the tasks whose ids it finds: the
-   transport knows no database. kombu's own ``BRPOP`` receive
+   (:func:`on_undeliverable`), which fails the tasks whose ids it finds (after
+   a database outage, once the database answers again): the transport knows
+   no database. kombu's own ``BRPOP`` receive
    (``atomic_receive=False``, or a ``global_keyprefix``) parks such an item
    the same way (it used to stop the worker, and the item was lost).
 

@@ -1,7 +1,7 @@
 """Hop 1 (buffer) and hop 5 (ack): the micro-batching Celery task.
 
 Built on celery-batches' ``Batches``, which buffers requests in the consumer
-and flushes on a count or a timer. Two things are changed:
+and flushes on a count or a timer. What is changed:
 
 - a token budget: a flush also fires when the buffered texts hold about
   ``flush_tokens`` tokens, so one bulk message of 256 long texts does not
@@ -18,7 +18,15 @@ and flushes on a count or a timer. Two things are changed:
   than the timeout) joins its original, uncounted. A warm shutdown hands
   the held messages back to the queue and takes back their delivery
   counts: their flushes ran to the end, so a rolling restart is no death
-  of their worker (a kill -9 still counts).
+  of their worker (a kill -9 still counts);
+- buffered messages are renewed in the unacked index too, by a consumer
+  timer every quarter of the visibility timeout (as are held ones between
+  flushes): nothing keeps ``max_wait_ms`` below the visibility timeout,
+  and a message still buffered past it was restored by the sweep and came
+  back as a second delivery of itself;
+- the tasks of a list item the transport parks (worker/kombu_redis.py) get
+  ``failed`` rows; during a database outage those rows wait in memory
+  (bounded) and are written once the database answers again.
 
 And one rule: nothing raised while handling one message leaves
 :meth:`AnalyzeTask.flush`. It runs in the consumer's event loop, where an
@@ -34,7 +42,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -49,6 +59,16 @@ from worker.flush import FlushProcessor, FlushStats
 from worker.kombu_redis import Undeliverable, deferred_acks, keep_visible
 
 log = logging.getLogger(__name__)
+
+#: Parked items whose failed rows wait for the database (an outage): at most this many...
+UNSTORED_MAX = 1_000
+#: ... holding at most this many bytes of raw items; past either bound the oldest are let go.
+UNSTORED_MAX_BYTES = 32 * 1024 * 1024
+#: Parked items stored per try, so many waiting ones do not hold the event loop long.
+UNSTORED_PER_TRY = 100
+#: Seconds before the next try while the database stays unavailable: the first, doubled
+#: after each try in vain up to the last.
+UNSTORED_RETRY_S = (1.0, 30.0)
 
 
 def estimate_tokens(payload: Any) -> int:
@@ -84,6 +104,22 @@ def ack_all(requests: list[Any]) -> None:
             r.acknowledged = True
 
 
+@dataclass(frozen=True)
+class _Unstored:
+    """The failed rows of a parked item, kept while the database is unavailable.
+
+    ``args`` (``[[item, ...]]``): its items fail under their own ids; None:
+    one row under ``malformed-<mid>-0`` keeps ``body``. ``size``: the raw
+    item's bytes, what the memory bound counts.
+    """
+
+    mid: str
+    args: Any
+    body: Any
+    reason: str
+    size: int
+
+
 class AnalyzeTask(Batches):
     """Buffers analysis requests and hands each flush to a FlushProcessor."""
 
@@ -99,6 +135,8 @@ class AnalyzeTask(Batches):
     flush_tokens = 32_768
     #: Seconds to pause before requeueing after a database outage.
     requeue_pause_s = 1.0
+    #: kombu's visibility timeout: buffered and held messages are renewed well within it.
+    visibility_timeout_s = 300
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,6 +147,18 @@ class AnalyzeTask(Batches):
         self._held: dict[str, list[Any]] = {}
         self._flushed_at = 0.0
         self._renew_warned_at = float("-inf")
+        self._renewed_at = float("-inf")
+        self._tick_tref: Any = None
+        #: Parked items whose failed rows wait for the database, oldest first, by raw item.
+        self._unstored: OrderedDict[bytes, _Unstored] = OrderedDict()
+        self._unstored_bytes = 0
+        self._unstored_let_go = 0
+        self._let_go_warned_at = float("-inf")
+        #: When to try the waiting parked items next (monotonic), and the pause after that.
+        self._retry_at: float | None = None
+        self._retry_s = UNSTORED_RETRY_S[0]
+        #: The database answered in this flush (rows written or looked up).
+        self._answered = False
 
     def _do_flush(self) -> None:
         """celery-batches' timer flush, which also continues the backlog of long texts.
@@ -134,7 +184,8 @@ class AnalyzeTask(Batches):
         timer; after a broker reconnect that timer is a new one and the old
         entry is dead, so a stale reference would leave later requests
         waiting for a count-triggered flush that may never come. The timer
-        is dropped here and restarted at once for requests still buffered.
+        is dropped here and restarted at once for requests still buffered;
+        so is the housekeeping timer (:meth:`_tick`), which always runs.
         """
         handler = super().Strategy(task, app, consumer)
         tref: Any = getattr(self, "_tref", None)
@@ -143,6 +194,9 @@ class AnalyzeTask(Batches):
             self._tref = None
         if not self._buffer.empty() or self._held:
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        if self._tick_tref is not None:
+            self._tick_tref.cancel()
+        self._tick_tref = consumer.timer.call_repeatedly(self.tick_s, self._tick)
 
         def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                        **kw: Any) -> None:
@@ -193,8 +247,10 @@ class AnalyzeTask(Batches):
         A body that reads as ``[[item, ...]]`` fails its items under their own ids (as
         a dead-lettered message's); else a readable task id header gives one row under
         ``malformed-<task id>-0`` (as a refused message's); else nothing is stored.
-        During a database outage nothing is stored (the item stays on the side list).
-        Never raises: it runs in the consumer's event loop.
+        During a database outage the rows wait in memory (bounded: the oldest are let
+        go first) and are written once it answers (:meth:`_retry_unstored`); while some
+        wait, a new one joins them untried, so an outage costs the event loop no commit
+        retries per parked item. Never raises: it runs in the consumer's event loop.
         """
         body = parked.body
         args = body[0] if isinstance(body, list) and body else None
@@ -208,20 +264,103 @@ class AnalyzeTask(Batches):
         where = f"kept on {parked.side}" if parked.side else "dropped (Redis refused to keep it)"
         reason = (f"undeliverable message: kombu cannot make a message of it "
                   f"({parked.reason}); the raw item is {where}")
+        unstored = _Unstored(mid, args if items else None, body, reason, len(parked.item))
+        key = hashlib.sha256(parked.item).digest()
+        if self._unstored:
+            return self._wait_for_database(key, unstored, "unavailable at the last try")
         try:
-            if items:
-                stats = self._processor().dead_letter([(mid, args)], reason, 1)
-            else:
-                stats = self._processor().refuse(mid, body, reason)
+            stats = self._store_unstored(unstored)
         except StoreUnavailable as exc:
-            return f"its failed row(s) not stored, the database is unavailable: {exc}"
+            return self._wait_for_database(key, unstored, f"unavailable: {exc}")
         except Exception:  # noqa: BLE001 - never out of the event loop
             log.exception("storing the failed rows of an undeliverable item failed")
             return "storing its failed row(s) failed"
+        return self._stored(stats)
+
+    def _store_unstored(self, u: _Unstored) -> FlushStats:
+        """Write the failed rows of a parked item; raises :class:`StoreUnavailable`."""
+        if u.args is not None:
+            return self._processor().dead_letter([(u.mid, u.args)], u.reason, 1)
+        return self._processor().refuse(u.mid, u.body, u.reason)
+
+    def _stored(self, stats: FlushStats) -> str:
         self._observe(stats, inference=False)
         if stats.unwritable:
             return "the database refused even its minimal failed rows"
         return f"{stats.items} task(s) stored as failed"
+
+    def _wait_for_database(self, key: bytes, u: _Unstored, why: str) -> str:
+        """Keep ``u`` until the database answers; let the oldest go past the bounds. Gives
+        what it did (for the transport's log line)."""
+        if u.size > UNSTORED_MAX_BYTES:
+            return (f"its failed row(s) not stored, the database is {why}; the item is too "
+                    f"large to wait for it in memory: its tasks get no failed row")
+        old = self._unstored.pop(key, None)  # the same raw item parked again: one entry
+        self._unstored_bytes -= old.size if old is not None else 0
+        self._unstored[key] = u
+        self._unstored_bytes += u.size
+        while len(self._unstored) > UNSTORED_MAX or self._unstored_bytes > UNSTORED_MAX_BYTES:
+            _, gone = self._unstored.popitem(last=False)
+            self._unstored_bytes -= gone.size
+            self._unstored_let_go += 1
+        if self._unstored_let_go and time.monotonic() - self._let_go_warned_at >= 60:
+            self._let_go_warned_at = time.monotonic()
+            log.error("%d parked item(s) let go without their failed rows: more wait for the "
+                      "database than the worker keeps (%d items, %d MiB); their raw items stay "
+                      "on the side lists", self._unstored_let_go, UNSTORED_MAX,
+                      UNSTORED_MAX_BYTES >> 20)
+            self._unstored_let_go = 0
+        if self._retry_at is None:
+            self._retry_at = time.monotonic() + self._retry_s
+        return (f"its failed row(s) wait for the database ({why}), written once it answers "
+                f"({len(self._unstored)} parked item(s) waiting)")
+
+    def _retry_unstored(self) -> None:
+        """Write the failed rows of the parked items that wait for the database, oldest first,
+        at most :data:`UNSTORED_PER_TRY` a call (the rest at the next tick). One cheap query
+        first: while the database stays unavailable, the next try comes later each time
+        (:data:`UNSTORED_RETRY_S`). Each item's rows are written once: an item leaves the
+        list when they are. Never raises."""
+        if not self._unstored:
+            self._retry_at, self._retry_s = None, UNSTORED_RETRY_S[0]
+            return
+        stored = tasks = refused = 0
+        try:
+            self._processor().store.run(_ping, "cannot reach the results database")
+            for _ in range(min(UNSTORED_PER_TRY, len(self._unstored))):
+                key, u = next(iter(self._unstored.items()))
+                try:
+                    stats = self._store_unstored(u)
+                except StoreUnavailable:
+                    raise
+                except Exception:  # noqa: BLE001 - one item must not hold up the others
+                    log.exception("storing the failed rows of parked message %s failed; its "
+                                  "tasks get none", printable(u.mid)[:200])
+                    stats = FlushStats(unwritable={u.mid})
+                del self._unstored[key]
+                self._unstored_bytes -= u.size
+                self._observe(stats, inference=False)
+                stored += 1
+                tasks += stats.items
+                refused += bool(stats.unwritable)
+        except Exception as exc:  # noqa: BLE001 - never out of the event loop
+            if isinstance(exc, StoreUnavailable):
+                log.warning("the failed rows of %d parked item(s) still wait for the "
+                            "database, next try in %.0f s: %s", len(self._unstored),
+                            self._retry_s, exc)
+            else:
+                log.exception("retrying the failed rows of parked items failed; next try "
+                              "in %.0f s", self._retry_s)
+            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_s = min(self._retry_s * 2, UNSTORED_RETRY_S[1])
+        else:
+            self._retry_s = UNSTORED_RETRY_S[0]
+            self._retry_at = time.monotonic() if self._unstored else None
+        if stored:
+            log.warning("the database answers again: failed rows of %d parked item(s) stored "
+                        "(%d task(s)%s), %d still waiting", stored, tasks,
+                        f"; {refused} item(s) refused even as minimal rows" if refused else "",
+                        len(self._unstored))
 
     def flush(self, requests: Collection[Any]) -> None:
         """Process the buffered requests now; ack what committed, requeue the rest.
@@ -232,6 +371,7 @@ class AnalyzeTask(Batches):
         ``max_attempts`` times. Never raises.
         """
         self._buffered_tokens = 0
+        self._answered = False
         reqs = list(requests)
         try:
             self._flush(reqs)
@@ -240,7 +380,9 @@ class AnalyzeTask(Batches):
                           "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
         if self._held:
-            self._keep_held_visible()
+            self._keep_visible(self._held_requests())
+        if self._answered and self._unstored:
+            self._retry_unstored()  # the database answers: no need to wait for the next try
         self._flushed_at = time.monotonic()
 
     def _flush(self, reqs: list[Any]) -> None:
@@ -277,20 +419,65 @@ class AnalyzeTask(Batches):
                     "joins its original, not counted", printable(str(message_id))[:200])
         self._held[message_id].append(request)
 
-    def _keep_held_visible(self) -> None:
-        """Renew the held deliveries in kombu's unacked index (worker/kombu_redis.py), so no
-        visibility sweep restores them while their long texts wait. Never raises; a failure
-        is logged at most once a minute (it runs every flush)."""
-        messages = [getattr(r, "message", None) for rs in self._held.values() for r in rs]
+    def _held_requests(self) -> list[Any]:
+        return [r for rs in self._held.values() for r in rs]
+
+    def _keep_visible(self, requests: list[Any]) -> None:
+        """Renew these deliveries in kombu's unacked index (worker/kombu_redis.py), so no
+        visibility sweep restores them while they wait: held for their long texts (every
+        flush, and every tick), or buffered for the next flush (every tick). Never raises;
+        a failure is logged at most once a minute."""
+        if not requests:
+            return
+        messages = [getattr(r, "message", None) for r in requests]
         try:
             keep_visible(messages)
-        except Exception as exc:  # noqa: BLE001 - a copy the sweep restores joins its original
+        except Exception as exc:  # noqa: BLE001 - a restored copy is processed again, at worst
             if time.monotonic() - self._renew_warned_at >= 60:
                 self._renew_warned_at = time.monotonic()
-                log.warning("could not renew %d held message(s) in the unacked index (the "
-                            "visibility sweep may restore them): %s", len(messages), exc)
+                log.warning("could not renew %d buffered or held message(s) in the unacked "
+                            "index (the visibility sweep may restore them): %s",
+                            len(messages), exc)
+
+    @property
+    def tick_s(self) -> float:
+        """Seconds between two :meth:`_tick`: at most a quarter of the visibility timeout."""
+        return min(1.0, self.visibility_timeout_s / 4)
+
+    def _tick(self) -> None:
+        """The consumer timer's housekeeping between flushes, whatever ``max_wait_ms``.
+
+        Every quarter of the visibility timeout, the buffered and held deliveries
+        are renewed in the unacked index: a message that waits in the buffer (a
+        flush timer as long as the timeout) or is held (flushes that far apart)
+        is not restored by the sweep as a dead worker's, to come back as one more
+        delivery of itself. When due, the parked items' failed rows that wait for
+        the database are tried again. Never raises: it runs in the event loop.
+        """
+        try:
+            now = time.monotonic()
+            if now - self._renewed_at >= self.visibility_timeout_s / 4:
+                waiting = list(self._buffer.queue) + self._held_requests()
+                if waiting:
+                    self._renewed_at = now
+                    self._keep_visible(waiting)
+            if self._retry_at is not None and now >= self._retry_at:
+                self._retry_unstored()
+        except Exception:  # noqa: BLE001 - never out of the event loop
+            log.exception("the worker's periodic housekeeping failed")
 
     def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> None:
+        """Process ``group`` (past ``max_attempts`` deliveries: dead-letter it); ack what
+        committed, requeue what cannot be written, hold what waits for its long texts.
+
+        No delivery of ``group`` is a copy of a held one: :meth:`_flush` joins each such
+        copy to its original first (:meth:`_join`). Settled here, the copy would be acked
+        (or requeued) alone, and with it the original's record: they share a delivery
+        tag. Raised rather than risked: the flush then requeues its messages.
+        """
+        if any(s.id in self._held for _, s in group):
+            raise RuntimeError("a copy of a held delivery reached _commit_group instead of "
+                               "joining its original")
         payloads = [(s.id, s.args) for _, s in group]
         ids = [s.id for _, s in group]
         dead = attempt > self.max_attempts
@@ -305,16 +492,7 @@ class AnalyzeTask(Batches):
             else:
                 stats = self._process(payloads, attempt)
         except StoreUnavailable as exc:
-            held = list(self._held.items())
-            self._held.clear()
-            held_requests = [r for _, rs in held for r in rs]
-            log.error("database unavailable, requeueing %d message(s): %s",
-                      len(group) + len(held_requests), exc)
-            if self.deliveries is not None:
-                # an outage is not the message's fault
-                self.deliveries.forget(ids + [mid for mid, _ in held])
-            time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
-            _reject([r for r, _ in group] + held_requests, requeue=True)
+            self._requeue_for_outage(group, exc)
             return
         except Exception:
             if not dead:
@@ -330,20 +508,37 @@ class AnalyzeTask(Batches):
         elif dead and stats.unwritable:
             log.error("message %s dropped: even its dead-letter rows cannot be stored",
                       printable(str(ids[0]))[:200])
+        self._answered |= bool(stats.written or stats.skipped)  # the database answered
         # Long texts still in the backlog keep their messages held, whatever this group was.
         waiting = self._processor().held()
         if not dead:
             for r, s in group:
                 if s.id in waiting and s.id not in stuck:
                     self._held.setdefault(s.id, []).append(r)
-        # A dead-lettered copy is acked: its failed rows are stored, and when the original
-        # delivery is still held for its long texts, that one carries the work.
+        # A dead-lettered delivery is acked, its failed rows stored, even when its id is in
+        # the backlog: no request holds that id (checked above), so the long text there was
+        # left by a delivery requeued since (its other rows unwritable, say); this one is
+        # the only delivery left to settle.
         done = [(r, s) for r, s in group
                 if s.id not in stuck and (dead or s.id not in waiting)]
         self._release(waiting, stuck)
         _ack([r for r, _ in done])
         if self.deliveries is not None and done:
             self.deliveries.forget([s.id for _, s in done])
+
+    def _requeue_for_outage(self, group: list[tuple[Any, SimpleRequest]],
+                            exc: StoreUnavailable) -> None:
+        """The database is down: requeue ``group`` and every held delivery after a pause,
+        their delivery counts forgotten (an outage is not the messages' fault)."""
+        held = list(self._held.items())
+        self._held.clear()
+        held_requests = [r for _, rs in held for r in rs]
+        log.error("database unavailable, requeueing %d message(s): %s",
+                  len(group) + len(held_requests), exc)
+        if self.deliveries is not None:
+            self.deliveries.forget([s.id for _, s in group] + [mid for mid, _ in held])
+        time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
+        _reject([r for r, _ in group] + held_requests, requeue=True)
 
     def _release(self, waiting: set[str], stuck: set[str]) -> None:
         """Ack the held messages whose long texts are stored now (requeue the unwritable)."""
@@ -440,6 +635,11 @@ def _reject(requests: list[Any], *, requeue: bool) -> None:
                         "timeout): %s", exc)
 
 
+def _ping(conn: Any) -> None:
+    """The cheapest query: does the database answer?"""
+    conn.exec_driver_sql("SELECT 1")
+
+
 class _HandBackHeld(bootsteps.StartStopStep):
     """Consumer step: at shutdown, :meth:`AnalyzeTask.hand_back_held`.
 
@@ -471,6 +671,7 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
             "flush_tokens": settings.token_budget * 4,
             "deliveries": DeliveryCounter(settings),
             "max_attempts": settings.max_attempts,
+            "visibility_timeout_s": settings.visibility_timeout_s,
             "metrics": metrics,
         },
     )
