@@ -5,9 +5,7 @@ real worker process serving a named model, and the workers' own Heartbeat class)
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from api.metrics import by_family
 from contract.constants import WORKER_KEY_PREFIX
 from contract.liveness import family_workers
 from contract.settings import Settings
+from tests.polling import until
 from worker.heartbeat import Heartbeat
 
 
@@ -29,13 +28,6 @@ def lone_settings(redis_url: str, sqlite_url: str, tmp_path: Path) -> Settings:
     return Settings(broker_url=redis_url, database_url=sqlite_url,
                     queue=f"bst-live-{uuid.uuid4().hex[:8]}",
                     cache_dir=str(tmp_path / "cache"), max_wait_ms=20)
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _seen(http: httpx.Client) -> dict[str, Any]:
@@ -85,7 +77,7 @@ def test_workers_of_a_named_model_make_the_api_ready(lone_settings: Settings, ap
         default = Heartbeat(lone_settings, "celery@default-1", {"model": "m"}).start()
         try:
             with httpx.Client(base_url=plain.url, timeout=10) as http:
-                _until(lambda: _seen(http)["alive"] == 2)
+                until(lambda: _seen(http)["alive"] == 2)
                 seen = _seen(http)
                 assert seen["check"] == "ok: 2 alive" and seen["families"] == [queue, named]
                 assert seen["by_family"] == {queue: 1, named: 1}
@@ -124,7 +116,7 @@ def test_only_keys_of_the_family_rule_count(redis_url: str) -> None:
         for junk in ("-", "-bad name", "-.dot"):
             client.set(f"{WORKER_KEY_PREFIX}{queue}{junk}:celery@junk", "{}", ex=60)
         client.set(f"{WORKER_KEY_PREFIX}{queue}:celery@e", "not json", ex=60)
-        _until(lambda: client.dbsize() == 8)
+        until(lambda: client.dbsize() == 8)
         got = family_workers(client, queue)
         assert [(w["family"], w["hostname"]) for w in got] == [
             (queue, "celery@d"), (queue, "celery@e"), (f"{queue}-v2.1", "celery@n")]
@@ -143,7 +135,7 @@ def test_readyz_with_heartbeats_of_a_named_model_only(lone_settings: Settings,
     beat = Heartbeat(lone_settings.replace(model_name="sentiment-v2"), "celery@n", {}).start()
     try:
         with httpx.Client(base_url=api.url, timeout=10) as http:
-            _until(lambda: http.get("/readyz").status_code == 200, timeout=5)
+            until(lambda: http.get("/readyz").status_code == 200, timeout=5)
             assert http.get("/readyz").json()["checks"]["workers"] == "ok: 1 alive"
     finally:
         beat.stop()

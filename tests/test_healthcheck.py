@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import socket
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from contract.settings import Settings
+from tests.polling import until
 from worker.healthcheck import check, main
 from worker.heartbeat import Heartbeat
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -36,7 +28,7 @@ def test_healthy_only_while_a_worker_of_this_host_beats(hc_settings: Settings,
     # A worker of another model (its own queue family) on this host counts too.
     beat = Heartbeat(hc_settings.replace(model_name="other"), f"bertstream-7@{host}", {}).start()
     try:
-        _until(lambda: check(hc_settings, host, None) is None)
+        until(lambda: check(hc_settings, host, None) is None)
         assert check(hc_settings, "elsewhere", None) is not None
         assert check(hc_settings, host, str(ready)) == f"not consuming yet ({ready} missing)"
         ready.write_text("bertstream-7@" + host)
@@ -53,7 +45,7 @@ def test_exit_codes(hc_settings: Settings, tmp_path: Path,
     assert main([]) == 1
     beat = Heartbeat(hc_settings, f"bertstream-1@{socket.gethostname()}", {}).start()
     try:
-        _until(lambda: main([]) == 0)
+        until(lambda: main([]) == 0)
         assert main(["--ready-file", str(tmp_path / "absent")]) == 1
     finally:
         beat.stop()

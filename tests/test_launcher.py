@@ -12,11 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -26,6 +24,7 @@ from contract.errors import ConfigError
 from contract.liveness import family_workers
 from contract.settings import Settings
 from producer.cli import main
+from tests.polling import until
 from worker.healthcheck import main as healthcheck
 from worker.heartbeat import node_name
 from worker.launcher import child_commands, launch, parse_gpus
@@ -33,18 +32,6 @@ from worker.metrics import WorkerMetrics
 from worker.process import die_with_parent, settings_env
 
 COLD_SHUTDOWN = "Hitting Ctrl+C again will terminate all running tasks"
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it gives something truthy (fails after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 def children_of(pid: int) -> list[int]:

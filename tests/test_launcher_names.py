@@ -16,7 +16,8 @@ import redis
 
 from contract.liveness import family_workers
 from contract.settings import Settings
-from tests.test_launcher import Launcher, until
+from tests.polling import until
+from tests.test_launcher import Launcher
 from worker.launcher import child_commands
 
 

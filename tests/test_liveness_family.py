@@ -5,9 +5,8 @@ the host is what follows the family, and queue names match only themselves."""
 from __future__ import annotations
 
 import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,15 +15,9 @@ from contract.constants import WORKER_KEY_PREFIX
 from contract.liveness import family_workers, is_family_of, live_workers
 from contract.settings import Settings
 from producer.client import Client
+from tests.polling import until
 from worker.healthcheck import check
 from worker.heartbeat import Heartbeat, node_name
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -46,7 +39,7 @@ def test_a_node_name_with_a_colon_keeps_its_whole_name(redis_url: str,
     beats = [Heartbeat(base, node, {"model": "m"}).start(),
              Heartbeat(named, "x:y@h2", {}).start()]
     try:
-        _until(lambda: client.dbsize() == 2)
+        until(lambda: client.dbsize() == 2)
         assert [w["hostname"] for w in live_workers(client, base.family)] == [node]
         assert [w["hostname"] for w in live_workers(client, named.family)] == ["x:y@h2"]
         assert [(w["family"], w["hostname"]) for w in family_workers(client, base.queue)] == [
@@ -71,7 +64,7 @@ def test_glob_characters_in_a_queue_name_match_only_that_queue(redis_url: str,
              Heartbeat(other, "celery@other", {}).start(),
              Heartbeat(other.replace(model_name="v2"), "celery@other-v2", {}).start()]
     try:
-        _until(lambda: client.dbsize() == 3)
+        until(lambda: client.dbsize() == 3)
         assert [w["hostname"] for w in live_workers(client, mine.family)] == ["celery@mine"]
         assert [w["hostname"] for w in family_workers(client, mine.queue)] == ["celery@mine"]
         assert [w["hostname"] for w in live_workers(client, other.family)] == ["celery@other"]
@@ -102,7 +95,7 @@ def test_one_family_is_only_that_family(redis_url: str, client: redis.Redis) -> 
              Heartbeat(base.replace(model_name="v2.1"), "celery@n", {}).start(),
              Heartbeat(base.replace(queue=base.queue + "2"), "celery@longer", {}).start()]
     try:
-        _until(lambda: client.dbsize() == 3)
+        until(lambda: client.dbsize() == 3)
         assert [w["hostname"] for w in live_workers(client, base.queue)] == ["celery@d"]
         assert [w["hostname"] for w in live_workers(client, f"{base.queue}-v2.1")] == [
             "celery@n"]
@@ -129,11 +122,11 @@ def test_the_healthcheck_counts_only_its_own_queue(redis_url: str,
     beat = Heartbeat(mine.replace(queue=f"bst-elsewhere-{uuid.uuid4().hex[:8]}"),
                      f"bertstream-1@{host}", {}).start()
     try:
-        _until(lambda: client.dbsize() == 1)
+        until(lambda: client.dbsize() == 1)
         assert check(mine, host, None) == f"no fresh heartbeat from a worker on {host}"
         named = Heartbeat(mine.replace(model_name="b"), f"bertstream-2@{host}", {}).start()
         try:
-            _until(lambda: check(mine, host, None) is None)
+            until(lambda: check(mine, host, None) is None)
         finally:
             named.stop()
     finally:

@@ -4,9 +4,7 @@ model no worker serves are the case it exists for."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.metrics import bound_families, family_depths, shown_depths
 from contract.settings import Settings
 from producer.client import Client, lane_keys
+from tests.polling import until
 from worker.heartbeat import Heartbeat
 
 
@@ -26,13 +25,6 @@ def lone_settings(redis_url: str, sqlite_url: str, tmp_path: Path) -> Settings:
     return Settings(broker_url=redis_url, database_url=sqlite_url,
                     queue=f"bst-depth-{uuid.uuid4().hex[:8]}",
                     cache_dir=str(tmp_path / "cache"))
-
-
-def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _depths(http: httpx.Client) -> dict[str, Any]:
@@ -69,7 +61,7 @@ def test_tasks_of_a_model_no_worker_serves_are_seen(lone_settings: Settings,
             # Another deployment's queue, whose name merely starts with this one's.
             with Client(lone_settings.replace(queue=queue + "2")) as other:
                 other.submit("five")
-            _until(lambda: _depths(http)["lane"]["interactive"] == 1)
+            until(lambda: _depths(http)["lane"]["interactive"] == 1)
             seen = _depths(http)
             # The old series keep meaning this server's own family.
             assert seen["lane"] == {"interactive": 1.0, "bulk": 0.0}
@@ -83,7 +75,7 @@ def test_tasks_of_a_model_no_worker_serves_are_seen(lone_settings: Settings,
             try:
                 r.delete(*lane_keys(f"{queue}-nobody.interactive"),
                          *lane_keys(f"{queue}-nobody.bulk"))
-                _until(lambda: (f"{queue}-idle", "bulk") in _depths(http)["family"])
+                until(lambda: (f"{queue}-idle", "bulk") in _depths(http)["family"])
                 assert _depths(http)["family"] == {
                     (queue, "interactive"): 1.0, (queue, "bulk"): 0.0, **_zero(f"{queue}-idle")}
             finally:

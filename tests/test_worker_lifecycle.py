@@ -20,21 +20,10 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
+from tests.polling import until
 from worker.process import die_with_parent, settings_env
 
 pytestmark = pytest.mark.slow
-
-
-def until(check: Any, timeout: float, what: str) -> Any:
-    """Poll ``check`` until it gives something truthy (fails after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 def test_sigterm_puts_buffered_messages_back_at_once(settings: Settings, tiny_model_dir: Path,
