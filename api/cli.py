@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import socket
 
 import click
 
 from api.security import is_loopback
 from contract.constants import ENV_PREFIX
+from contract.errors import ConfigError
 from contract.settings import Settings
 
 #: ``serve --log-level`` choices (any case): uvicorn's levels.
@@ -59,7 +62,36 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     # them exactly this process's (command-line overrides included).
     for field in dataclasses.fields(settings):
         os.environ[ENV_PREFIX + field.name.upper()] = str(getattr(settings, field.name))
-    click.echo(f"bertstream API on http://{host}:{port} (docs: /docs; "
+    check_port(host, port)
+    # uvicorn listens later (after each process's start-up) and says so: this is no claim
+    # that the API answers yet.
+    click.echo(f"bertstream API starting on http://{host}:{port} (docs: /docs; "
                f"{'bearer tokens required' if tokens else 'no authentication'})", err=True)
     uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
+
+
+def check_port(host: str, port: int) -> None:
+    """:class:`ConfigError` (one line, exit 2) unless every address of ``host`` can be bound
+    on ``port`` now, as uvicorn will bind them.
+
+    uvicorn answers a port in use with its errno and exit 3, which bertstream's exit
+    codes keep for an unreachable Redis or database; a port is a setting to change.
+    """
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot serve on {host}:{port}: {str(exc.strerror).lower()}") from exc
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = ("the port is in use (another process listens on it); stop that process "
+                       "or pick another --port" if exc.errno == errno.EADDRINUSE
+                       else (exc.strerror or str(exc)).lower())
+                raise ConfigError(f"cannot serve on {host}:{port}: {why}") from exc

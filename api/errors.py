@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -79,12 +81,9 @@ def install(app: FastAPI) -> None:
         return _json(503, "schema_mismatch", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return _json(422, "invalid_request", "; ".join(parts) or "invalid request")
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json(422, "invalid_request",
+                     validation_message(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -96,3 +95,96 @@ def install(app: FastAPI) -> None:
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in the API")
         return _json(500, "internal_error", f"internal error ({type(exc).__name__})")
+
+
+#: The shapes of ``POST /v1/tasks``'s body (``api.app``'s ``TaskIn | BulkIn``) by the field
+#: that marks each. pydantic reports a union's errors for every shape, under its name; the
+#: caller meant the one whose field the body has.
+BODY_SHAPES = {"text": "TaskIn", "items": "BulkIn"}
+_NEEDS = '"text" (or "items" for many)'
+EMPTY_BODY = f"the body is empty: send a JSON object with {_NEEDS}"
+#: Most errors one message lists.
+_SHOWN = 5
+_PLAIN = {"missing": "required", "extra_forbidden": "unknown field",
+          "string_type": "must be a string", "dict_type": "must be a JSON object",
+          "model_type": "must be a JSON object", "model_attributes_type": "must be a JSON object",
+          "list_type": "must be a list", "int_type": "must be an integer",
+          "int_parsing": "must be an integer", "bool_type": "must be true or false",
+          "bool_parsing": "must be true or false"}
+
+
+def validation_message(exc: RequestValidationError, content_type: str | None) -> str:
+    """One message for a request FastAPI could not validate.
+
+    Errors of the body are said in plain words, those of the shape the caller meant
+    only (:data:`BODY_SHAPES`); a body that is no JSON object, or no JSON at all, is
+    said as such. Others (query parameters) read ``query.NAME: pydantic's message``.
+    """
+    errors = list(exc.errors())
+    body = [e for e in errors if tuple(e.get("loc", ()))[:1] == ("body",)]
+    parts = [_body_message(body, exc.body, content_type)] if body else []
+    for err in [e for e in errors if e not in body][:_SHOWN]:
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _body_message(errors: Sequence[Any], body: Any, content_type: str | None) -> str:
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        doc = body if isinstance(body, str) else ""
+        if not doc.strip():
+            return EMPTY_BODY
+        return f"the body is not valid JSON ({_position(doc, first)})"
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return EMPTY_BODY
+    if isinstance(body, bytes | bytearray):  # a Content-Type other than JSON: not parsed
+        media = (content_type or "").split(";")[0].strip()
+        return ("the body must be a JSON object sent as Content-Type: application/json "
+                + (f"(not {media})" if media else "(the request had no Content-Type)"))
+    if not isinstance(body, dict):
+        return f"the body must be a JSON object, not {_json_kind(body)}"
+    marks = [field for field in BODY_SHAPES if field in body]
+    if len(marks) > 1:
+        return 'send "text" (one task) or "items" (many), not both'
+    shape = BODY_SHAPES[marks[0] if marks else "text"]
+    parts: list[str] = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ())][1:]
+        if loc[:1] and loc[0] in BODY_SHAPES.values():
+            if loc[0] != shape:
+                continue
+            loc = loc[1:]
+        if not marks and err.get("type") == "missing" and loc == ["text"]:
+            parts.insert(0, f"the body needs {_NEEDS}")
+        else:
+            parts.append(f"{'.'.join(loc)}: {_plain(err)}" if loc else _plain(err))
+    return "; ".join(parts[:_SHOWN]) or "invalid request body"
+
+
+def _position(doc: str, err: Any) -> str:
+    """Where a JSON document broke, as line and column (1-based), and why."""
+    loc = tuple(err.get("loc", ()))
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    reason = str((err.get("ctx") or {}).get("error") or "").strip()
+    reason = reason[:1].lower() + reason[1:]
+    return f"line {line}, column {column}" + (f": {reason}" if reason else "")
+
+
+def _plain(err: Any) -> str:
+    """One validation error's message in plain words (pydantic's ``Input should be X``
+    as ``must be X``)."""
+    plain = _PLAIN.get(str(err.get("type")))
+    return plain or re.sub(r"^\w+ should ", "must ", str(err.get("msg")))
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "a string"

@@ -11,6 +11,7 @@ backend, so the light client and servers without a display never load it.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,16 @@ import sqlalchemy as sa
 
 from contract.constants import STATUS_DONE
 from contract.errors import InvalidInput
-from contract.queries import BUCKETS, MAX_STATS_LIMIT, Filters, _bucket_expr, stats, top_stats
+from contract.queries import (
+    _BUCKET_SECONDS,
+    BUCKETS,
+    MAX_BUCKETS,
+    MAX_STATS_LIMIT,
+    Filters,
+    _bucket_expr,
+    stats,
+    top_stats,
+)
 from contract.results import ResultStore, results
 
 #: Picture formats ``report`` writes (by the file's suffix).
@@ -40,7 +50,11 @@ PLOT_EXTRA_HINT = "report needs the plot extra: pip install 'bertstream[plot]'"
 
 @dataclass
 class Series:
-    """One source's line: bucket starts (UTC), rows done and positive rows per bucket."""
+    """One source's line: bucket starts (UTC), rows done and positive rows per bucket.
+
+    :func:`collect` gives the buckets with rows; :func:`draw` draws them on every
+    bucket of their span (:func:`gapless`).
+    """
 
     source: str
     buckets: list[dt.datetime] = field(default_factory=list)
@@ -49,8 +63,8 @@ class Series:
 
     @property
     def share(self) -> list[float]:
-        """Positive rows / done rows, per bucket."""
-        return [p / v for p, v in zip(self.positive, self.volume, strict=True)]
+        """Positive rows / done rows, per bucket; NaN (a break in the line) where none."""
+        return [p / v if v else math.nan for p, v in zip(self.positive, self.volume, strict=True)]
 
 
 def collect(store: ResultStore, *, source: str | None = None, since: dt.datetime | None = None,
@@ -97,6 +111,38 @@ def collect(store: ResultStore, *, source: str | None = None, since: dt.datetime
     return out
 
 
+def gapless(series: list[Series], bucket: str) -> list[Series]:
+    """``series`` on one grid: every bucket from the first with rows to the last, 0 texts
+    where a source had none, so a line drops to 0 (its share breaks) instead of being
+    drawn across the empty buckets."""
+    starts = _every_bucket([b for s in series for b in s.buckets], bucket)
+    out = []
+    for s in series:
+        counts = dict(zip(s.buckets, zip(s.volume, s.positive, strict=True), strict=True))
+        cells = [counts.get(start, (0, 0)) for start in starts]
+        out.append(Series(s.source, list(starts), [c[0] for c in cells], [c[1] for c in cells]))
+    return out
+
+
+def _every_bucket(starts: list[dt.datetime], bucket: str) -> list[dt.datetime]:
+    """Every bucket start from the first of ``starts`` to the last.
+
+    The read checked its span against :data:`~contract.queries.MAX_BUCKETS` (a span
+    that touches one bucket more at its ends); rows finished after now, the default
+    ``until`` of that check, are the one way past it: refused rather than drawn.
+    """
+    if not starts:
+        return []
+    first, last = min(starts), max(starts)
+    step = dt.timedelta(seconds=_BUCKET_SECONDS[bucket])
+    count = (last - first) // step + 1
+    if count > MAX_BUCKETS + 1:
+        raise InvalidInput(f"{count:,} {bucket} buckets from {first.isoformat()} to "
+                           f"{last.isoformat()}, over the limit of {MAX_BUCKETS:,}: narrow "
+                           f"--since/--until or take a wider --bucket")
+    return [first + i * step for i in range(count)]
+
+
 def _name(source: str | None) -> str:
     return source if source is not None else NO_SOURCE
 
@@ -123,17 +169,19 @@ def _parse_bucket(text: str) -> dt.datetime:
 
 def draw(series: list[Series], out: Path, *, bucket: str = "1h", title: str | None = None,
          positive_label: str = "positive") -> list[Series]:
-    """Write the picture of ``series`` to ``out`` (.png or .svg); give back what it drew.
+    """Write the picture of ``series`` to ``out`` (.png or .svg); give back what it drew:
+    ``series`` with the empty buckets of their span as 0 texts (:func:`gapless`).
 
     Raises :class:`InvalidInput` for another suffix or a file that cannot be
     written, and :class:`ImportError` (with :data:`PLOT_EXTRA_HINT`) without matplotlib.
     """
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise InvalidInput(f"--out must end in {' or '.join(IMAGE_SUFFIXES)}, got {out.name!r}")
+    drawn = gapless(series, bucket)
     plt = _pyplot()
     with plt.rc_context({"font.sans-serif": FONTS}):
-        _plot(plt, series, out, bucket=bucket, title=title, positive_label=positive_label)
-    return series
+        _plot(plt, drawn, out, bucket=bucket, title=title, positive_label=positive_label)
+    return drawn
 
 
 def _plot(plt: Any, series: list[Series], out: Path, *, bucket: str, title: str | None,
@@ -153,6 +201,11 @@ def _plot(plt: Any, series: list[Series], out: Path, *, bucket: str, title: str 
         bottom.set_ylim(bottom=0)
         bottom.grid(True, alpha=0.3)
         bottom.set_xlabel("time (UTC)")
+        starts = {b for s in series for b in s.buckets}
+        if len(starts) == 1:  # matplotlib would widen a single date to years either side
+            (start,) = starts
+            width = dt.timedelta(seconds=_BUCKET_SECONDS[bucket])
+            bottom.set_xlim(start - width, start + width)
         if series:
             top.legend(loc="upper left", fontsize="small", ncols=min(4, len(series)))
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +36,8 @@ from training.data import Example
 from worker.sentiment.calibration import load_temperature
 
 NEUTRAL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+#: Seconds between two progress lines (stderr) of :func:`predict_logits` given ``progress``.
+PROGRESS_EVERY_S = 15.0
 
 try:
     from contract.errors import ModelLoadError
@@ -106,6 +110,7 @@ def predict_logits(
     texts: Sequence[str],
     batch_size: int = 32,
     max_len: int = 512,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Give the float32 logits of each text, ``(len(texts), 2)``, in input order.
 
@@ -113,11 +118,16 @@ def predict_logits(
     lists its labels in (:func:`label_columns`; a model without exactly
     these two labels is refused). Texts are sorted by length before batching so padding stays small; the
     model is put in eval mode (and left there). ``max_len`` is the truncation
-    length: the worker serves the model's maximum (512).
+    length: the worker serves the model's maximum (512). ``progress``: the name of
+    these texts for lines on stderr (at the start, every :data:`PROGRESS_EVERY_S`
+    seconds and at the end), so a long run on a slow machine shows it is working.
     """
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: torch.Tensor | None = None
+    started = said = time.monotonic()
+    if progress:
+        _progress(f"{progress}, {len(texts):,} texts ...")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
@@ -131,7 +141,18 @@ def predict_logits(
         if out is None:
             out = torch.zeros((len(texts), logits.shape[-1]))
         out[torch.tensor(idx)] = logits
+        done = start + len(idx)
+        if progress and done < len(texts) and time.monotonic() - said >= PROGRESS_EVERY_S:
+            said = time.monotonic()
+            _progress(f"{progress}: {done:,} of {len(texts):,} texts, {said - started:.0f} s")
+    if progress:
+        _progress(f"{progress}: {len(texts):,} texts in {time.monotonic() - started:.0f} s")
     return out if out is not None else torch.zeros((0, 2))
+
+
+def _progress(line: str) -> None:
+    """A progress line of ``model eval`` on stderr (its stdout is the report)."""
+    print(f"eval: {line}", file=sys.stderr, flush=True)
 
 
 def predict(
@@ -311,16 +332,19 @@ def eval_main(
     model, tokenizer = _load(model_dir)
     temperature = load_temperature(model_dir) or 1.0
     examples = load_examples(vader_sdist, SplitSpec(seed=seed), more_data)[split]
-    logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size, max_len)
+    logits = predict_logits(model, tokenizer, [e.text for e in examples], batch_size, max_len,
+                            progress=f"held-out {split!r} split")
     items = load_suite() if suite else []
-    suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len)
+    suite_logits = (predict_logits(model, tokenizer, [i.text for i in items], batch_size, max_len,
+                                   progress="behavioural suite")
                     if items else None)
     report = evaluate_logits(examples, logits, temperature, max_len, items, suite_logits,
                              split=split, seed=seed)
     if neutral and vader_sdist is not None:
         texts = neutral_texts(vader_sdist, seed)
         report.neutral = neutral_report(
-            examples, logits, predict_logits(model, tokenizer, texts, batch_size, max_len),
+            examples, logits, predict_logits(model, tokenizer, texts, batch_size, max_len,
+                                             progress="near-neutral texts (vader)"),
             temperature)
     print(format_report(report, split))
     if reliability_to is not None:

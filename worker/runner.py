@@ -127,9 +127,10 @@ class HFRunner:
         A ``calibration.json`` in ``model_dir`` gives the temperature the
         logits are divided by. ``neutral_below`` > 0: a text whose top
         probability is below it is labelled ``neutral``. Raises
-        :class:`ModelLoadError` when ``model_dir`` is no directory or not a
-        loadable sequence-classification model with a fast tokenizer, or its
-        calibration file is unreadable; :class:`ConfigError` when
+        :class:`ModelLoadError` when ``model_dir`` is no directory, lacks a part
+        (:data:`MODEL_PARTS`, named in the message), is not a loadable
+        sequence-classification model with a fast tokenizer that has a vocabulary,
+        or its calibration file is unreadable; :class:`ConfigError` when
         ``neutral_below`` is at most 1/(number of labels), a band no top
         probability can fall below.
         """
@@ -142,6 +143,9 @@ class HFRunner:
             what = "not a directory" if self.model_dir.exists() else "no such directory"
             raise ModelLoadError(f"cannot load a model from {model_dir}: {what} (a model is a "
                                  f"sequence-classification directory, or 'default')")
+        missing_parts = _missing_parts(self.model_dir)
+        if missing_parts:
+            raise ModelLoadError(_not_a_model_dir(self.model_dir, missing_parts))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -151,6 +155,13 @@ class HFRunner:
             # for a size mismatch, SafetensorError for a cut file); all mean "cannot load"
             raise ModelLoadError(f"cannot load a model from {model_dir}: "
                                  f"{_one_line(exc)}{_rebuild_hint(self.model_dir)}") from exc
+        specials = len(set(tokenizer.all_special_ids))
+        if len(tokenizer) <= specials:
+            # transformers builds a tokenizer of the special tokens alone from a vocabulary
+            # that holds no more (or from none): every text would be read as [UNK].
+            raise ModelLoadError(f"{model_dir}: its tokenizer has no vocabulary beyond its "
+                                 f"{specials} special tokens; every text would read as unknown "
+                                 f"tokens{_rebuild_hint(self.model_dir)}")
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             # transformers fills them with random values and only logs it: a worker
@@ -335,6 +346,42 @@ def _one_line(exc: BaseException) -> str:
     """``exc`` as one line: its class when the message is empty, newlines folded."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+#: A model directory's parts, each as the files that hold it (any one will do; a name with
+#: ``*`` is a pattern), and how a refusal names it. Weights are those a PyTorch model loads;
+#: the tokenizer files are the common ones (a fast tokenizer's, or the vocabulary of a slow
+#: one, which transformers converts).
+MODEL_PARTS = (
+    (("config.json",), "config.json"),
+    (("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+      "pytorch_model.bin.index.json"), "weights file (model.safetensors or pytorch_model.bin)"),
+    (("tokenizer.json", "vocab.txt", "vocab.json", "*.model", "*.spm", "*.tiktoken"),
+     "tokenizer file (tokenizer.json, vocab.txt, vocab.json or a SentencePiece *.model)"),
+)
+
+
+def _missing_parts(model_dir: Path) -> list[str]:
+    """The parts of :data:`MODEL_PARTS` that ``model_dir`` has no file of."""
+    def has(name: str) -> bool:
+        return (any(f.is_file() for f in model_dir.glob(name)) if "*" in name
+                else (model_dir / name).is_file())
+
+    return [what for names, what in MODEL_PARTS if not any(has(n) for n in names)]
+
+
+def _not_a_model_dir(model_dir: Path, missing: list[str]) -> str:
+    """One line: ``model_dir`` is not a model directory, and which parts it lacks.
+
+    Checked before transformers loads it: from an empty directory it answers with
+    advice to install sentencepiece, and without tokenizer files it builds a tokenizer
+    of the special tokens alone.
+    """
+    lacks = "no " + (missing[0] if len(missing) == 1
+                     else ", no ".join(missing[:-1]) + " and no " + missing[-1])
+    return (f"{model_dir} is not a model directory: {lacks}; a Hugging Face "
+            f"sequence-classification model folder holds config.json, the weights and the "
+            f"tokenizer files{_rebuild_hint(model_dir)}")
 
 
 def _rebuild_hint(model_dir: Path) -> str:
