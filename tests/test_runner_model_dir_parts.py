@@ -90,3 +90,18 @@ def test_the_worker_says_what_the_directory_lacks_and_exits_2(redis_url: str,
     assert result.exit_code == 2, result.output
     assert f"error: {empty} is not a model directory: no config.json" in result.output
     assert "sentencepiece" not in result.output and "Traceback" not in result.output
+
+
+def test_model_eval_refuses_a_partial_folder_the_same_way(tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """`bertstream model eval --model DIR` loads through its own path (training.evaluate):
+    it checks the folder's parts as a worker does, before transformers reads it."""
+    from training.evaluate import _load
+
+    empty = tmp_path / "e"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="is not a model directory: no config.json"):
+        _load(empty)
+    folder = _copy(tiny_model_dir, tmp_path / "no-tokenizer", leave_out=TOKENIZER_FILES)
+    with pytest.raises(ModelLoadError, match="is not a model directory: no tokenizer file"):
+        _load(folder)

@@ -447,6 +447,9 @@ def _load(model_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from worker.runner import check_model_dir, check_vocabulary
+
+    check_model_dir(model_dir)
     model, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir, output_loading_info=True, local_files_only=True)
     missing = sorted(info.get("missing_keys") or ())
@@ -463,4 +466,6 @@ def _load(model_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
             f"{model_dir} {what}: loading would fill them at random, so its figures "
             f"would mean nothing; give a folder saved with its whole classifier")
     label_columns(model.config)
-    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    check_vocabulary(tokenizer, model_dir)
+    return model, tokenizer

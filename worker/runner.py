@@ -138,14 +138,7 @@ class HFRunner:
 
         self.placement = placement
         self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            # transformers would read the path as a Hub repo id and quote the id rules.
-            what = "not a directory" if self.model_dir.exists() else "no such directory"
-            raise ModelLoadError(f"cannot load a model from {model_dir}: {what} (a model is a "
-                                 f"sequence-classification directory, or 'default')")
-        missing_parts = _missing_parts(self.model_dir)
-        if missing_parts:
-            raise ModelLoadError(_not_a_model_dir(self.model_dir, missing_parts))
+        check_model_dir(self.model_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -155,13 +148,7 @@ class HFRunner:
             # for a size mismatch, SafetensorError for a cut file); all mean "cannot load"
             raise ModelLoadError(f"cannot load a model from {model_dir}: "
                                  f"{_one_line(exc)}{_rebuild_hint(self.model_dir)}") from exc
-        specials = len(set(tokenizer.all_special_ids))
-        if len(tokenizer) <= specials:
-            # transformers builds a tokenizer of the special tokens alone from a vocabulary
-            # that holds no more (or from none): every text would be read as [UNK].
-            raise ModelLoadError(f"{model_dir}: its tokenizer has no vocabulary beyond its "
-                                 f"{specials} special tokens; every text would read as unknown "
-                                 f"tokens{_rebuild_hint(self.model_dir)}")
+        check_vocabulary(tokenizer, self.model_dir)
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             # transformers fills them with random values and only logs it: a worker
@@ -359,6 +346,30 @@ MODEL_PARTS = (
     (("tokenizer.json", "vocab.txt", "vocab.json", "*.model", "*.spm", "*.tiktoken"),
      "tokenizer file (tokenizer.json, vocab.txt, vocab.json or a SentencePiece *.model)"),
 )
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise :class:`ModelLoadError` (one line) unless ``model_dir`` is a directory holding
+    every part of :data:`MODEL_PARTS`: checked before transformers loads it, which reads a
+    missing path as a Hub repo id and answers a partial folder misleadingly."""
+    if not model_dir.is_dir():
+        what = "not a directory" if model_dir.exists() else "no such directory"
+        raise ModelLoadError(f"cannot load a model from {model_dir}: {what} (a model is a "
+                             f"sequence-classification directory, or 'default')")
+    missing_parts = _missing_parts(model_dir)
+    if missing_parts:
+        raise ModelLoadError(_not_a_model_dir(model_dir, missing_parts))
+
+
+def check_vocabulary(tokenizer: Any, model_dir: Path) -> None:
+    """Raise :class:`ModelLoadError` when ``tokenizer`` knows its special tokens only:
+    transformers builds such a tokenizer from a vocabulary that holds no more (or from
+    none), and every text would then be read as [UNK]."""
+    specials = len(set(tokenizer.all_special_ids))
+    if len(tokenizer) <= specials:
+        raise ModelLoadError(f"{model_dir}: its tokenizer has no vocabulary beyond its "
+                             f"{specials} special tokens; every text would read as unknown "
+                             f"tokens{_rebuild_hint(model_dir)}")
 
 
 def _missing_parts(model_dir: Path) -> list[str]:
