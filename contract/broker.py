@@ -7,14 +7,18 @@ result backend is disabled: results live in our own table.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
-from contract.errors import ConfigError
+from contract.errors import BrokerUnavailable, ConfigError
 from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings, mask_url
+
+#: What Redis answers when a URL selects a database index past its ``databases`` setting.
+DB_INDEX_OUT_OF_RANGE = "DB index is out of range"
 
 
 def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
@@ -26,7 +30,8 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     retried with a bounded backoff (``publish_retries``, ``publish_retry_max_s``).
     Celery's remote control is off unless ``remote_control`` is set.
     """
-    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    broker_url, vhost = celery_broker_url(settings.broker_url)
+    app = Celery(name, broker=broker_url, set_as_current=False)
     lanes = [queue_name(settings.family, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     exchange = Exchange(settings.queue, type="direct")
     conf: dict[str, Any] = {
@@ -59,6 +64,8 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
+    if vhost is not None:
+        conf["broker_vhost"] = vhost
     if settings.broker_url.startswith(MEMORY_BROKER):
         # The in-memory transport polls; its default 1 s would dominate latency.
         conf["broker_transport_options"]["polling_interval"] = 0.01
@@ -66,14 +73,68 @@ def make_celery(settings: Settings, *, name: str = "bertstream") -> Celery:
     return app
 
 
+def celery_broker_url(url: str) -> tuple[str, str | None]:
+    """``url`` as Celery's Redis transport (kombu) takes it, and the database index to give
+    it apart (None: the URL's own). kombu has no ``unix://`` transport (it failed with
+    ``No such transport: unix``): a socket is its ``redis+socket://`` and the database
+    its virtual host, where redis-py reads ``unix:///path?db=N``."""
+    if not url.startswith("unix://"):
+        return url, None
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    db = next((value for key, value in query if key == "db"), "0")
+    rest = urlencode([(key, value) for key, value in query if key != "db"])
+    # Not urlunsplit: it drops the "//" of an empty host (redis+socket:/path, no socket).
+    return f"redis+socket://{parts.netloc}{parts.path}{'?' if rest else ''}{rest}", db
+
+
+def broker_error(settings: Settings, exc: BaseException) -> ConfigError | BrokerUnavailable:
+    """The error a Redis failure ``exc`` (redis-py's, or kombu's around it) stands for.
+
+    :class:`ConfigError` when Redis answered but refused what the URL asks (a database
+    index past the server's ``databases``, a wrong or missing password): a setting to
+    fix (exit 2), not a server to start. Otherwise :class:`BrokerUnavailable` (exit 3).
+    """
+    url = mask_url(settings.broker_url)
+    cause: BaseException | None = exc
+    for _ in range(10):  # the chain of causes; a cycle ends here too
+        if cause is None:
+            break
+        if isinstance(cause, redis.ResponseError) and DB_INDEX_OUT_OF_RANGE in str(cause):
+            return ConfigError(
+                f"{ENV_PREFIX}BROKER_URL={url!r}: database index "
+                f"{_url_db(settings.broker_url)} is out of range for the Redis server "
+                f"there (it has fewer databases: its `databases` setting)")
+        if isinstance(cause, redis.AuthenticationError):
+            return ConfigError(f"{ENV_PREFIX}BROKER_URL={url!r}: the Redis server there "
+                               f"refused the credentials ({cause})")
+        cause = cause.__cause__ or cause.__context__
+    return BrokerUnavailable(f"cannot reach Redis at {url} — start it with `redis-server` "
+                             f"or set {ENV_PREFIX}BROKER_URL ({exc})")
+
+
+def _url_db(url: str) -> str:
+    """The database index a (valid) Redis URL selects."""
+    if url.startswith("unix://"):
+        return celery_broker_url(url)[1] or "0"
+    return urlsplit(url).path.strip("/") or "0"
+
+
 def redis_socket_options(settings: Settings) -> dict[str, Any]:
-    """Timeouts, keepalive and health checks of every Redis connection (kombu's and ours)."""
-    return {
+    """Timeouts, keepalive and health checks of every Redis connection (kombu's and ours).
+
+    No TCP keepalive on a unix socket: redis-py's socket connection refuses the option
+    (a TypeError at the first command).
+    """
+    options: dict[str, Any] = {
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "socket_keepalive": True,
         "health_check_interval": settings.redis_health_check_s,
     }
+    if settings.broker_url.startswith("unix://"):
+        del options["socket_keepalive"]
+    return options
 
 
 def publish_retry_policy(settings: Settings) -> dict[str, Any]:

@@ -7,12 +7,14 @@ Every field maps to ``BERTSTREAM_<FIELD NAME IN UPPER CASE>``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from contract.constants import (
     DEFAULT_MODEL,
@@ -57,6 +59,7 @@ _UPPER_BOUNDS: dict[str, tuple[str, int, str]] = {
     "api_coalesce_ms": (">= 0", MAX_API_COALESCE_MS, " ms"),
     "api_max_wait_s": ("> 0", MAX_DURATION_S, " seconds"),
     "api_id_ttl_s": ("> 0", MAX_API_ID_TTL_S, " seconds"),
+    "broker_start_wait_s": (">= 0", MAX_DURATION_S, " seconds"),
 }
 #: Longest queue name (``BERTSTREAM_QUEUE``), as long as a model name may be.
 MAX_QUEUE_CHARS = 100
@@ -72,6 +75,15 @@ _SHOWN_CHARS = 60
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: Celery's in-memory transport: one process only (the demo's fallback, embedding callers).
 MEMORY_BROKER = "memory://"
+#: Highest Redis database index a broker URL may name (Redis's ``databases`` is an int).
+MAX_REDIS_DB = _INT32_MAX
+#: Query parameters of a redis:// or rediss:// URL that Celery's Redis transport (kombu)
+#: takes besides ``ssl_*``; any other one (``?db=`` included) made it fail with a traceback.
+_KOMBU_URL_PARAMS = frozenset({"connect_timeout", "heartbeat", "insist", "login_method",
+                               "credential_provider"})
+#: Database URL schemes whose port is a TCP port (checked at start: psycopg refused a port
+#: past 65535 only when it connected, and that read as the database being unreachable).
+_TCP_DATABASE_SCHEMES = ("postgresql", "postgres")
 
 
 def _default_cache_dir() -> str:
@@ -183,6 +195,10 @@ class Settings:
     redis_connect_timeout_s: float = 5.0
     #: Seconds between health checks (PING) of an idle Redis connection.
     redis_health_check_s: int = 25
+    #: Seconds a starting worker keeps trying to reach Redis (a line logged per try)
+    #: before it exits 3; 0: one try. A worker that lost Redis later reconnects for
+    #: as long as it takes.
+    broker_start_wait_s: float = 60.0
 
     # -- producer --
     #: Retries of a publish while Redis is unreachable, the pause growing by
@@ -257,23 +273,35 @@ class Settings:
             "api_max_body_bytes", "api_max_items", "api_max_wait_s", "api_id_ttl_s",
         )
         for name in positive:
-            if not 0 < getattr(self, name) < float("inf"):  # NaN too
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+            value = getattr(self, name)
+            if not 0 < value < math.inf:  # NaN too
+                # inf and nan are past the upper bound, not below the lower one: the
+                # message names the whole range.
+                said = _range_said(name, "> 0")
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be "
+                                  f"{'finite and ' if said == '> 0' and value > 0 else ''}"
+                                  f"{said} (got {_got(value)})")
         self._validate_broker_url()
+        self._validate_database_url()
         if self.max_id_chars > ID_COLUMN_CHARS:
             raise ConfigError(
                 f"{ENV_PREFIX}MAX_ID_CHARS={self.max_id_chars} is larger than the id and "
                 f"source columns ({ID_COLUMN_CHARS} characters)")
         if not 0 <= self.neutral_below <= 1:
-            raise ConfigError(f"{ENV_PREFIX}NEUTRAL_BELOW must be between 0 and 1")
+            raise ConfigError(f"{ENV_PREFIX}NEUTRAL_BELOW must be between 0 and 1 "
+                              f"(got {_got(self.neutral_below)})")
         if not self.max_padding >= 0:
-            raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0")
+            raise ConfigError(f"{ENV_PREFIX}MAX_PADDING must be >= 0 "
+                              f"(got {_got(self.max_padding)})")
         self._validate_ranges()
         for name in ("max_length", "torch_threads", "db_keepalive_s",
                      "redis_health_check_s", "publish_retries", "publish_retry_max_s",
-                     "api_coalesce_ms", "metrics_port", "window_slice_ms"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+                     "api_coalesce_ms", "metrics_port", "window_slice_ms",
+                     "broker_start_wait_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be "
+                                  f"{_range_said(name, '>= 0')} (got {_got(value)})")
         self._validate_names()
         if self.long_texts not in LONG_TEXT_MODES:
             raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
@@ -285,11 +313,29 @@ class Settings:
 
     def _validate_broker_url(self) -> None:
         """Redis or memory://: any other URL (an empty one included) failed deep inside
-        redis-py or kombu, with a traceback, in whatever command first used it."""
+        redis-py or kombu, with a traceback, in whatever command first used it; so did a
+        Redis URL that does not parse (:func:`redis_url_problem`)."""
         if not self.broker_url.startswith((*REDIS_SCHEMES, MEMORY_BROKER)):
             raise ConfigError(
-                f"{ENV_PREFIX}BROKER_URL={mask_url(self.broker_url)!r} is not a Redis URL "
+                f"{ENV_PREFIX}BROKER_URL={_shown(mask_url(self.broker_url))} is not a Redis URL "
                 f"({', '.join(REDIS_SCHEMES)}) nor {MEMORY_BROKER} (one process)")
+        problem = redis_url_problem(self.broker_url)
+        if problem:
+            raise ConfigError(f"{ENV_PREFIX}BROKER_URL={_shown(mask_url(self.broker_url))} "
+                              f"cannot be parsed: {problem}")
+
+    def _validate_database_url(self) -> None:
+        """A PostgreSQL URL's port: one past 65535 (or 0) was taken, and psycopg's refusal
+        when it connected read as the database being unreachable (exit 3). Anything else
+        that does not parse is refused where the URL is opened (contract.results)."""
+        scheme, sep, rest = self.database_url.partition("://")
+        if not sep or scheme.split("+", 1)[0].lower() not in _TCP_DATABASE_SCHEMES:
+            return
+        hostport = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        port = re.fullmatch(r"(?:\[[^\]]*\]|[^:\[\],]*):(\d+)", hostport)
+        if port and not 0 < int(port.group(1)) <= MAX_PORT:
+            raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(self.database_url)}: port "
+                              f"{_shown(port.group(1))} is not a TCP port (1 to {MAX_PORT})")
 
     def _validate_names(self) -> None:
         """The queue and model names, which go into Redis keys and kombu's names
@@ -334,7 +380,7 @@ class Settings:
             value = getattr(self, name)
             if not value <= most:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be {lowest} and at most "
-                                  f"{most}{unit} (got {value})")
+                                  f"{most}{unit} (got {_got(value)})")
 
     @property
     def family(self) -> str:
@@ -366,6 +412,77 @@ def mask_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with the Redis URL ``url`` (``redis://``, ``rediss://``, ``unix://``),
+    as an error message says it; None when redis-py and Celery's Redis transport can both
+    use it. Checked here, once: kombu refused a database index that is not a number (a
+    traceback), redis-py silently used database 0 for one, and a ``?db=`` that redis-py
+    reads made kombu fail."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a bracketed IPv6 host left open
+        return str(exc)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    try:
+        port = parts.port
+    except ValueError:
+        raw = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        return f"port {_shown(raw)} is not a TCP port (1 to {MAX_PORT})"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL names the socket's path (unix:///run/redis.sock?db=N)"
+        dbs = [value for key, value in query if key == "db"]
+        others = sorted({key for key, _ in query if key != "db"})
+        if others:
+            return (f"unix:// takes the database index as ?db=N and no other parameter "
+                    f"(got {', '.join(_shown(k) for k in others)})")
+        if len(dbs) > 1:
+            return "?db= is given more than once"
+        return _db_problem(dbs[0], "?db=") if dbs else None
+    if port == 0:
+        return f"port 0 is not a TCP port (1 to {MAX_PORT})"
+    for key, _ in query:
+        if key == "db":
+            return ("give the database index in the path (redis://HOST:PORT/N), "
+                    "not as ?db=, which Celery's Redis transport refuses")
+        if not key.startswith("ssl_") and key not in _KOMBU_URL_PARAMS:
+            return (f"query parameter {_shown(key)} is not one Celery's Redis transport "
+                    "takes (ssl_* and a few of its own)")
+    path = parts.path.removeprefix("/")
+    return _db_problem(path, "the path") if path else None
+
+
+def _db_problem(raw: str, where: str) -> str | None:
+    """What is wrong with ``raw`` as a Redis database index given in ``where``."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_REDIS_DB:
+        return (f"the database index in {where} must be a whole number from 0 "
+                f"(got {_shown(raw)})")
+    return None
+
+
+def _range_said(name: str, lowest: str) -> str:
+    """The range of the numeric setting ``name`` as an error message says it, whose
+    lower bound is ``lowest`` (``> 0``) unless :data:`_UPPER_BOUNDS` says it."""
+    if name in _UPPER_BOUNDS:
+        low, most, unit = _UPPER_BOUNDS[name]
+        return f"{low} and at most {most}{unit}"
+    if name == "db_statement_timeout_s":
+        return (f"between {MIN_DB_STATEMENT_TIMEOUT_S} and {MAX_DB_STATEMENT_TIMEOUT_S} "
+                "seconds")
+    if name == "db_connect_timeout_s":
+        return f"{lowest} and at most {_INT32_MAX} seconds"
+    if name == "db_keepalive_s":
+        return f"between 0 (the OS default) and {MAX_DB_KEEPALIVE_S}"
+    return lowest
+
+
+def _got(value: Any) -> str:
+    """A refused number as an error message shows it; NaN is said to be no number."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan: not a number"
+    return str(value)
 
 
 def _shown(value: str) -> str:

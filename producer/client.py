@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
-from contract.broker import lane_queue, make_celery, redis_client
+from contract.broker import broker_error, lane_queue, make_celery, redis_client
 from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
@@ -53,7 +53,7 @@ from contract.liveness import HEARTBEAT_EVERY_S, live_workers
 from contract.messages import TaskItem, make_item, text_sha256
 from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
-from contract.settings import REDIS_SCHEMES, Settings, mask_url
+from contract.settings import REDIS_SCHEMES, Settings, mask_url, redis_url_problem
 from producer.items import ItemError, ItemValidator
 
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
@@ -388,28 +388,34 @@ class Client:
         known = self._default_name
         if known is not None and time.monotonic() - known[1] < HEARTBEAT_EVERY_S:
             return known[0]
-        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
-            alive = None
-        else:
-            try:
-                alive = live_workers(self._redis_client(), self.settings.queue)
-            except redis.RedisError as exc:
-                raise self._broker_error(exc) from exc
-        names = sorted({str(w["model"]) for w in alive or [] if w.get("model")})
+        names = self.default_model_names()
         hint = ("name the model as its rows show it (`bertstream results --aggregate model` "
                 "or /v1/stats?by=model lists them)")
-        if len(names) > 1:
+        if names is not None and len(names) > 1:
             raise InvalidInput(f"model 'default' is ambiguous: the default model's live "
                                f"workers store their rows as {' and '.join(names)}; {hint}")
         if not names:
             why = (f"no worker of the default model is alive on queue "
-                   f"{self.settings.queue!r} to tell that name" if alive is not None else
+                   f"{self.settings.queue!r} to tell that name" if names is not None else
                    f"only its workers' heartbeats on a Redis broker tell that name, not "
                    f"{mask_url(self.settings.broker_url)}")
             raise InvalidInput(f"model 'default' is the default model, whose rows carry its "
                                f"own name, and {why}; {hint}")
         self._default_name = (names[0], time.monotonic())
         return names[0]
+
+    def default_model_names(self) -> list[str] | None:
+        """The names the live workers of the default queue family store their rows under
+        (the default model's own name; two while a new one rolls out), read from their
+        heartbeats: empty when none is alive, None when that cannot be known (a broker
+        other than Redis). Raises :class:`BrokerUnavailable` when Redis cannot be reached."""
+        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
+            return None
+        try:
+            alive = live_workers(self._redis_client(), self.settings.queue)
+        except redis.RedisError as exc:
+            raise self._broker_error(exc) from exc
+        return sorted({str(w["model"]) for w in alive if w.get("model")})
 
     # -- submitting -----------------------------------------------------
 
@@ -560,6 +566,7 @@ class Client:
         with self._lock:
             if self._producers is None:
                 limit = self.app.conf.broker_pool_limit
+                self._check_url()
                 try:
                     connection = self.app.connection_for_write()
                 except ValueError as exc:  # kombu parses the URL here: a port that is no number
@@ -569,16 +576,23 @@ class Client:
             pool = self._producers
         return pool.acquire(block=True)
 
+    def _check_url(self) -> None:
+        """Settings built without :meth:`Settings.validate` may hold a Redis URL that does
+        not parse: kombu refused its database index in the middle of a publish (a
+        ValueError, a traceback) and redis-py read database 0 for it."""
+        url = self.settings.broker_url
+        problem = redis_url_problem(url) if url.startswith(REDIS_SCHEMES) else None
+        if problem:
+            raise self._url_error(ValueError(problem))
+
     def _url_error(self, exc: ValueError) -> ConfigError:
         return ConfigError(f"broker URL {mask_url(self.settings.broker_url)!r} cannot be "
                            f"parsed ({exc}): set BERTSTREAM_BROKER_URL or --broker-url")
 
-    def _broker_error(self, exc: BaseException) -> BrokerUnavailable:
-        url = mask_url(self.settings.broker_url)
-        return BrokerUnavailable(
-            f"cannot reach Redis at {url} — start it with `redis-server` "
-            f"or set BERTSTREAM_BROKER_URL ({exc})"
-        )
+    def _broker_error(self, exc: BaseException) -> BrokerUnavailable | ConfigError:
+        """:class:`BrokerUnavailable`; :class:`ConfigError` when Redis answered but refused
+        the URL's database index or credentials (:func:`contract.broker.broker_error`)."""
+        return broker_error(self.settings, exc)
 
     # -- the queue ------------------------------------------------------
 
@@ -616,6 +630,7 @@ class Client:
         # unreferenced, and its finaliser closes the connection the other is using.
         with self._lock:
             if self._redis is None:
+                self._check_url()
                 try:
                     self._redis = redis_client(self.settings)
                 except ValueError as exc:

@@ -11,11 +11,12 @@ import click
 import sqlalchemy as sa
 
 from contract import migrate
-from contract.constants import LANGS, STATUSES
+from contract.constants import DEFAULT_MODEL, LANGS, STATUSES
 from contract.errors import InvalidInput
-from contract.messages import id_problem, printable
+from contract.messages import id_problem
 from contract.results import ResultStore
 from contract.settings import Settings
+from producer.client import Client
 from producer.options import parse_time
 
 #: ``--older-than`` units.
@@ -153,7 +154,8 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.ti
 @click.option("--ids-file", type=click.File("r", encoding="utf-8-sig"),
               help="Task ids, one per line, UTF-8 ('-': standard input).")
 @click.option("--source", help="Only this source tag.")
-@click.option("--model", help="Only this model's rows (default: every model's).")
+@click.option("--model", help="Only this model's rows (default: every model's; 'default': "
+                               "the default model's, which needs one of its workers alive).")
 @click.option("--label", help="Only rows with this label.")
 @click.option("--status", type=click.Choice(STATUSES), help="Only rows with this status.")
 @click.option("--lang", type=click.Choice(LANGS), help="Only texts detected in this language.")
@@ -192,11 +194,16 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
         for value in values:
             problem = None if value is None else id_problem(value)
             if problem is not None:
-                raise InvalidInput(f"{what} {printable(str(value))!r} {problem}")
+                raise InvalidInput(f"{what} {str(value)!r} {problem}")  # escaped once
     id_filter = wanted if (ids or ids_file is not None) else None
     if all(v is None for v in (id_filter, source, model, label, status, lang, since, until)):
         raise click.UsageError("give at least one filter (--id, --ids-file, --source, --model, "
                                "--label, --status, --lang, --since, --until, --older-than)")
+    if model == DEFAULT_MODEL:
+        # Rows carry the default model's own name, never 'default': its live workers tell
+        # it (a read does the same); refused, exit 2, while none is alive to say.
+        with Client(ctx.find_object(Settings) or Settings.from_env()) as client:
+            model = client.stored_model(model)
     store, shown = _store(ctx)
     try:
         migrate.check(store)  # an outdated schema: deleting would half work, then fail

@@ -76,14 +76,21 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
     stored beside the old ones.
     Tasks the model already scored are skipped, so a second run sends
     nothing once the first run's tasks are scored (tasks still queued are
-    sent again). Exits 5 when some tasks were refused. Reads in bounded memory (pages of
+    sent again); for --model default that needs a live worker of the default
+    model, which tells the name its rows are stored under (refused, exit 2,
+    while none is). Exits 5 when some tasks were refused. Reads in bounded memory (pages of
     rows, a database restart ridden out between them); the stream's
     backpressure and progress bar apply. Needs a Redis broker URL, as submit and
     stream do. Stopped by Ctrl-C or SIGTERM it exits 130 saying how many tasks
     were sent; a rerun skips those the model has done.
     """
     # cli imports this module: its helpers are imported once it is loaded
-    from producer.cli import _publishing_settings, _say_paused, _sigterm_interrupts
+    from producer.cli import (
+        _publishing_settings,
+        _say_paused,
+        _sigterm_interrupts,
+        warn_if_unserved,
+    )
 
     _model_name(model)
     settings = _publishing_settings(ctx, model)  # as submit and stream: a Redis broker only
@@ -93,6 +100,10 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
         try:
             if not client.has_results_table():
                 raise InvalidInput("nothing is stored yet")
+            # The rows of `default` carry the default model's own name, which only its live
+            # workers tell: unknown, no task could be skipped (every run would send them all).
+            stored = str(client.stored_model(model))
+            warn_if_unserved(client, optional_model=False)
             total, with_text = text_counts(client.store, filters)
             if total == 0:
                 click.echo("no stored task matches: nothing to re-score")
@@ -105,7 +116,7 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
                 click.echo(f"{total - with_text} of {total} matching tasks did not keep "
                            "their text: they are skipped", err=True)
             skipped = [0]
-            records = _not_done(client, stored_texts(client.store, filters), model, skipped)
+            records = _not_done(client, stored_texts(client.store, filters), stored, skipped)
             report = stream(client, records, max_queue_length=max_queue,
                             progress=not no_progress, keep_ids=False, linger_s=None,
                             on_wait=_say_paused if no_progress else None)
@@ -114,7 +125,8 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
         except (BrokerUnavailable, Interrupted) as exc:
             # the stream's "resume from line N" means nothing here: rescore reads no lines
             raise type(exc)(f"{exc.reason}; {rerun}", sent=exc.sent) from exc
-    click.echo(f"re-scoring with {model}: sent {report.accepted} task(s) in "
+    shown = model if stored == model else f"{model} ({stored})"
+    click.echo(f"re-scoring with {shown}: sent {report.accepted} task(s) in "
                f"{report.messages} message(s), {skipped[0]} already scored by it, "
                f"{report.rejected} refused")
     for error in report.errors[:10]:

@@ -26,7 +26,9 @@ class ItemError:
     """One refused item: where it was, its id when known, and why.
 
     ``index`` is the 0-based position for :meth:`producer.Client.submit_many`
-    and the 1-based line number for streams; ``ref`` is a Redis Stream entry's id.
+    and the 1-based line number for streams; ``id`` is the caller's (None when
+    the item gave none: an id made up for it names nothing the caller knows);
+    ``ref`` is a Redis Stream entry's id.
     """
 
     index: int
@@ -36,7 +38,7 @@ class ItemError:
 
     def __str__(self) -> str:
         ident = f" (id {self.id})" if self.id else ""
-        return f"{self.index}{ident}: {self.reason}"
+        return f"item {self.index}{ident}: {self.reason}"
 
 
 class ItemValidator:
@@ -62,12 +64,13 @@ class ItemValidator:
         """A :class:`TaskItem` for ``obj`` (str, bytes or a dict with ``text``), or why not.
 
         Never raises for bad input; the id of a refused dict item is reported
-        when it was a string.
+        when it gave one as a string (never the one made up for an item without).
         """
         try:
             item = self._build(obj)
         except InvalidInput as exc:
-            item_id = exc.item_id if exc.item_id is not None else _raw_id(obj)
+            given = _raw_id(obj)
+            item_id = exc.item_id if exc.item_id is not None and given is not None else given
             return ItemError(index, item_id, exc.reason)
         if self.track_ids and isinstance(obj, Mapping) and obj.get("id") is not None:
             first = self._seen.setdefault(item.id, index)

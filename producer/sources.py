@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +126,9 @@ class FieldMap:
         empty one means absent and ``meta`` is parsed from JSON.
         """
         if self.text not in obj:
+            if obj and self.text == "text" and "text" not in self.given:  # a misspelt key?
+                return (f"missing 'text' (its fields: {_some_keys(obj)}; name the text field "
+                        "with --text-field)")
             return f"missing {self.text!r}"
         item: dict[str, Any] = {"text": obj[self.text]}
         for key, name in (("id", self.id), ("source", self.source)):
@@ -159,6 +162,21 @@ def _json_problem(exc: ValueError | RecursionError) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc).split(";")[0]  # drop the advice to call sys.set_int_max_str_digits
+
+
+#: Keys a refusal names at most, and characters of each.
+SHOWN_KEYS = 5
+SHOWN_KEY_CHARS = 40
+
+
+def _some_keys(keys: Iterable[Any]) -> str:
+    """The first :data:`SHOWN_KEYS` of ``keys`` quoted, each cut short, for a refusal:
+    a line may carry thousands of keys, or long ones."""
+    names = [str(k) for k in keys]
+    shown = ", ".join(repr(n if len(n) <= SHOWN_KEY_CHARS else n[:SHOWN_KEY_CHARS] + "…")
+                      for n in names[:SHOWN_KEYS])
+    more = len(names) - SHOWN_KEYS
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def _numeric_as_text(value: Any) -> Any:
@@ -429,13 +447,15 @@ def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
     if not isinstance(obj, dict):
         return SourceRecord(number, error=f"expected a JSON object, got {type(obj).__name__}")
     if mapping.is_default:
-        if "text" not in obj:
-            return SourceRecord(number, error="missing 'text'")
         unknown = sorted(str(k) for k in obj if k not in ITEM_KEYS)
-        if unknown:
+        missing = "" if "text" in obj else "missing 'text'; "
+        if unknown:  # a misspelt key (txt), or another tool's names: say how to map them
             return SourceRecord(number, error=(
-                f"unknown field(s) {unknown}; expected {sorted(ITEM_KEYS)} (name the fields "
-                "with --text-field/--id-field to ignore other keys)"))
+                f"{missing}unknown field(s) [{_some_keys(unknown)}]; expected "
+                f"{sorted(ITEM_KEYS)} (name the fields with --text-field/--id-field to "
+                "ignore other keys)"))
+        if missing:
+            return SourceRecord(number, error="missing 'text'")
         for key in ("id", "source"):
             if key in obj:
                 obj[key] = _numeric_as_text(obj[key])

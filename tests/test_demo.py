@@ -37,10 +37,10 @@ def test_demo_on_redis(redis_url: str, sqlite_url: str, tiny_model_dir: Path, tm
     assert len(accuracy) == 2 and all(line.endswith("(50 distinct texts)") for line in accuracy)
     client = redis.Redis.from_url(redis_url)
     try:
-        left = [k for k in client.scan_iter(match="*") if b"-demo-" in k]
+        left = [k for k in client.scan_iter(match="*") if b"bertstream_demo." in k]
     finally:
         client.close()
-    assert left == []  # no _kombu.binding.bertstream-demo-* keys, no lanes, no heartbeat
+    assert left == []  # no _kombu.binding.bertstream_demo.* keys, no lanes, no heartbeat
 
 
 def test_demo_without_redis_runs_in_memory(sqlite_url: str, tiny_model_dir: Path,

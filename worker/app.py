@@ -15,14 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from contract import migrate
-from contract.broker import make_celery
-from contract.constants import DEFAULT_MODEL, LANE_BULK, LANE_INTERACTIVE, queue_name
+from contract.broker import broker_error, make_celery, redis_socket_options
+from contract.constants import (
+    DEFAULT_MODEL,
+    ENV_PREFIX,
+    LANE_BULK,
+    LANE_INTERACTIVE,
+    queue_name,
+)
+from contract.errors import BertstreamError, BrokerUnavailable, ConfigError
 from contract.results import ResultStore
-from contract.settings import Settings
+from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from worker import kombu_redis
 from worker.device import Placement, resolve_placement
 from worker.flush import FlushProcessor
@@ -34,6 +44,62 @@ from worker.tasks import AnalyzeTask, register_tasks
 log = logging.getLogger(__name__)
 
 NULL_MODEL = "null"
+#: Longest pause between two tries to reach Redis at start (the first is half a second).
+BROKER_RETRY_MAX_S = 5.0
+
+
+def wait_for_broker(settings: Settings) -> None:
+    """Return once Redis answers on the broker URL (memory://: at once).
+
+    A worker that could not reach Redis at start retried for ever (Celery's
+    connection retry), where ``worker --help`` promises exit 3. It tries for
+    ``broker_start_wait_s`` seconds, each failed try logged on one line, so a
+    Redis that comes up a little later (a restarted stack) is waited for; then
+    :class:`BrokerUnavailable` names the URL (password masked) and the setting.
+    Redis answering but refusing the URL's database index or credentials is a
+    :class:`ConfigError`, at once: no retry fixes it. Celery's own reconnection
+    after a connection lost later is left as it is.
+    """
+    if not settings.broker_url.startswith(REDIS_SCHEMES):
+        return
+    url = mask_url(settings.broker_url)
+    wait_s = settings.broker_start_wait_s
+    deadline = time.monotonic() + wait_s
+    pause = 0.5
+    tries = 0
+    while True:
+        tries += 1
+        left = max(deadline - time.monotonic(), 0.1)
+        options = redis_socket_options(settings)
+        # One try is one connection attempt (redis-py's own retries are off), cut short
+        # by the time left, so the wait ends near its bound.
+        options.update(socket_connect_timeout=min(settings.redis_connect_timeout_s, left),
+                       socket_timeout=min(settings.redis_socket_timeout_s, left),
+                       retry=Retry(NoBackoff(), 0))
+        client = redis.Redis.from_url(settings.broker_url, **options)
+        try:
+            client.ping()
+            if tries > 1:
+                log.info("Redis at %s answers (try %d)", url, tries)
+            return
+        except redis.RedisError as exc:
+            error = broker_error(settings, exc)
+            if isinstance(error, ConfigError):
+                raise error from exc
+            reason = exc
+        finally:
+            client.close()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {url} (tried {tries} time(s) in {wait_s:g} s, "
+                f"{ENV_PREFIX}BROKER_START_WAIT_S): {reason}")
+        sleep = min(pause, left)
+        log.warning("cannot reach Redis at %s (%s); try %d failed, next in %.1f s, "
+                    "giving up in %.1f s (%sBROKER_START_WAIT_S)",
+                    url, reason, tries, sleep, left, ENV_PREFIX)
+        time.sleep(sleep)
+        pause = min(pause * 2, BROKER_RETRY_MAX_S)
 
 
 def resolve_model_dir(settings: Settings, progress: bool = True) -> tuple[Path, str]:
@@ -91,6 +157,7 @@ def build_worker_app(
     """
     store = store or ResultStore.from_settings(settings)
     migrate.ensure(store)
+    warn_max_wait(settings)
     # The transport patch belongs to worker processes, never to an app importing the client.
     kombu_redis.install(atomic_receive=settings.atomic_receive)
     app = make_celery(settings, name="bertstream-worker")
@@ -115,6 +182,27 @@ def build_worker_app(
     return WorkerApp(app, task, processor, queues)
 
 
+def warn_max_wait(settings: Settings) -> bool:
+    """Log a warning when ``max_wait_ms`` is not below the visibility timeout; True if so.
+
+    Allowed: the task renews buffered messages in kombu's unacked index every
+    quarter of the timeout (worker/tasks.py). But then a buffered message stays
+    unacked only through those renewals; one that fails (Redis slow or away)
+    lets the visibility sweep deliver it again, counted towards ``max_attempts``.
+    Below the timeout a message is flushed before the sweep could take it, renewed
+    or not.
+    """
+    if settings.max_wait_ms < settings.visibility_timeout_s * 1000:
+        return False
+    log.warning("%sMAX_WAIT_MS=%d is not below %sVISIBILITY_TIMEOUT_S=%d (%d ms): a buffered "
+                "message outlives the visibility timeout and is kept from redelivery only by "
+                "this worker renewing it; a renewal that fails lets it be delivered again "
+                "(counted towards %sMAX_ATTEMPTS). Keep the max wait well below the "
+                "visibility timeout.", ENV_PREFIX, settings.max_wait_ms, ENV_PREFIX,
+                settings.visibility_timeout_s, settings.visibility_timeout_s * 1000, ENV_PREFIX)
+    return True
+
+
 def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = "INFO",
                ready_file: str | None = None) -> None:
     """Consume until stopped.
@@ -124,11 +212,19 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     puts them back on the queue at once (kombu restores a channel's unacked
     messages when it closes). ``ready_file`` is created once the worker
     consumes: how a supervisor (or a test) knows it is ready without
-    Celery's remote control, which is off by default. At the end the
-    results store is closed (:func:`worker.process.close_store`): on SQLite
+    Celery's remote control, which is off by default. Redis that does not
+    answer within ``broker_start_wait_s`` raises :class:`BrokerUnavailable`
+    (:func:`wait_for_broker`). At the end the results store is closed (:func:`worker.process.close_store`): on SQLite
     the stopped worker's rows are then in the database file itself.
     """
     hostname = hostname or wapp.processor.worker_name
+    # Here, once the model is loaded: a setting or a model to fix is said at once, whether
+    # Redis is up or not. Celery's own retry at start would last for as long as it takes.
+    try:
+        wait_for_broker(wapp.processor.settings)
+    except BertstreamError:
+        close_store(wapp.processor.store)
+        raise
     if ready_file:
         from celery import signals
 

@@ -56,7 +56,8 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
                    loglevel: str, ready_file: str | None) -> None:
     """Run a micro-batching worker (one process; --gpus or several --model start one each).
 
-    Exit codes: 2 bad settings or model, 3 Redis or the database unreachable.
+    Exit codes: 2 bad settings or model, 3 Redis or the database unreachable
+    (Redis is retried for BERTSTREAM_BROKER_START_WAIT_S at start).
     """
     from worker.heartbeat import node_name
     from worker.launcher import launch, parse_gpus, parse_models
@@ -103,7 +104,10 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         wapp = build_worker_app(settings, runner, store=store, hostname=hostname)
     except BertstreamError as exc:
         _fail(exc)
-    run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
+    try:
+        run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
+    except BertstreamError as exc:  # Redis did not answer within its start wait
+        _fail(exc)
 
 
 def _check_broker(settings: Settings) -> None:

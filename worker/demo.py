@@ -21,15 +21,31 @@ from typing import Any
 
 import redis
 
-from contract.broker import redis_client
-from contract.constants import DEFAULT_MODEL, WORKER_KEY_PREFIX
-from contract.errors import BertstreamError
+from contract.broker import broker_error, redis_client
+from contract.constants import DEFAULT_MODEL
+from contract.errors import BertstreamError, ConfigError
+from contract.liveness import glob_literal
 from contract.results import ResultRecord, ResultStore
-from contract.settings import Settings, mask_url
+from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from producer.client import Client
 from worker.process import WorkerProc, close_store
 
 Echo = Callable[[str], None]
+
+#: The demo's queue names: ``bertstream_demo.<hex>`` (:func:`demo_queue`).
+DEMO_QUEUE_PREFIX = "bertstream_demo."
+
+
+def demo_queue() -> str:
+    """A queue of the demo's own, so a production worker on the same Redis leaves it alone.
+
+    Not derived from ``BERTSTREAM_QUEUE``: ``<queue>-demo-<hex>`` passed the queue-name
+    limit for a long queue (the demo stopped on a setting the user had not got wrong),
+    and it was the family of a model named ``demo-<hex>``, so a production API on the
+    same Redis counted the demo's worker as one of its own. Without a ``-`` this name
+    is no model family (``<queue>-<name>``) of any queue, and it always fits.
+    """
+    return f"{DEMO_QUEUE_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 class DemoWorkerFailed(BertstreamError):
@@ -47,14 +63,23 @@ def load_samples() -> list[dict[str, str]]:
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
-def redis_reachable(url: str) -> bool:
-    """True when a Redis server answers PING at ``url`` within a second."""
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+def redis_reachable(settings: Settings) -> bool:
+    """True when a Redis server answers PING on the broker URL within a second.
+
+    Raises :class:`ConfigError` when one answers but refuses the URL's database index
+    or credentials (:func:`contract.broker.broker_error`): the demo said to start
+    Redis and ran in memory instead, hiding a setting to fix.
+    """
+    url = settings.broker_url
+    if not url.startswith(REDIS_SCHEMES):
         return False
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     try:
         return bool(client.ping())
-    except redis.RedisError:
+    except redis.RedisError as exc:
+        error = broker_error(settings, exc)
+        if isinstance(error, ConfigError):
+            raise error from exc
         return False
     finally:
         client.close()
@@ -113,15 +138,14 @@ def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
 
 def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
     """Run the demo; gives the process exit code (0 when every text got a row)."""
-    in_memory = not redis_reachable(settings.broker_url)
+    in_memory = not redis_reachable(settings)
     if in_memory:
         echo(f"Redis is not reachable at {mask_url(settings.broker_url)}: start it with "
              "`redis-server --daemonize yes` (or `docker compose up -d redis`), or set "
              "BERTSTREAM_BROKER_URL. Running the same pipeline in one process on Celery's "
              "in-memory transport instead.")
         settings = settings.replace(broker_url="memory://")
-    # A queue of its own, so a production worker on the same Redis leaves the demo alone.
-    settings = settings.replace(queue=f"{settings.queue}-demo-{uuid.uuid4().hex[:6]}")
+    settings = settings.replace(queue=demo_queue())
     from worker.app import resolve_model_dir
 
     echo("preparing the model (first use assembles and caches it) ...")
@@ -173,17 +197,20 @@ def checkpoint(settings: Settings) -> None:
 
 
 def remove_queue_keys(settings: Settings) -> int:
-    """Delete what the demo's own queue left in Redis (kombu's exchange bindings, the
-    lanes, the worker's heartbeat); gives how many keys went. With the configured Redis
-    timeouts: a Redis gone silent does not hold the demo's end for good."""
+    """Delete every key the demo's own queue left in Redis: kombu's exchange bindings,
+    the lanes and their priority lists, the heartbeats of every family of the queue (a
+    named model's, ``<queue>-<name>``, included), retry markers; gives how many went.
+    The queue's name is the demo's own (:func:`demo_queue`), so every key holding it
+    is the demo's. With the configured Redis timeouts: a Redis gone silent does not
+    hold the demo's end for good."""
     client = redis_client(settings)
     if client is None:
         return 0  # memory://: nothing outlives the process
     try:
         with Client(settings) as producer:
-            keys: list[Any] = [*producer.queue_names(), f"_kombu.binding.{settings.queue}",
-                               f"_kombu.binding_permanent.{settings.queue}"]
-        keys += list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}{settings.queue}:*"))
+            keys: set[Any] = {*producer.queue_names(), f"_kombu.binding.{settings.queue}",
+                              f"_kombu.binding_permanent.{settings.queue}"}
+        keys.update(client.scan_iter(match=f"*{glob_literal(settings.queue)}*", count=1_000))
         return int(client.delete(*keys))
     except redis.RedisError:
         return 0  # a leftover key is no reason to fail the demo

@@ -24,6 +24,14 @@ and flushes on a count or a timer. What is changed:
   flushes): nothing keeps ``max_wait_ms`` below the visibility timeout,
   and a message still buffered past it was restored by the sweep and came
   back as a second delivery of itself;
+- a database outage costs a flush one run of the commit's retries: the
+  first group (redelivered messages run one group each) that meets it ends
+  the flush, and the groups not tried go back to the queue untried, their
+  delivery not counted. Tried in turn, each group spent the retries with
+  the event loop blocked and nothing renewing the rest of the flush, which
+  other workers' sweeps restored and brought back counted (dead-lettered
+  untried). Before each redelivered group the deliveries still waiting are
+  renewed in the unacked index;
 - the tasks of a list item the transport parks (worker/kombu_redis.py) get
   ``failed`` rows; during a database outage those rows wait in memory
   (bounded) and are written once the database answers again.
@@ -368,7 +376,10 @@ class AnalyzeTask(Batches):
         First deliveries are processed together. A redelivered message (its
         worker died mid-flush, or its rows could not be written) is processed
         alone, and dead-lettered once it has been delivered more than
-        ``max_attempts`` times. Never raises.
+        ``max_attempts`` times. The first group to meet a database outage ends
+        the flush: the groups not tried yet are requeued untried, uncounted
+        (:meth:`_requeue_untried`), so an outage costs a flush one run of the
+        commit's retries, however many groups it holds. Never raises.
         """
         self._buffered_tokens = 0
         self._answered = False
@@ -399,15 +410,26 @@ class AnalyzeTask(Batches):
         counts = (self.deliveries.incr([s.id for _, s in new]) if self.deliveries is not None
                   else [1] * len(new))
         fresh = [(r, s) for (r, s), n in zip(new, counts, strict=True) if n == 1]
+        again = [(r, s, n) for (r, s), n in zip(new, counts, strict=True) if n > 1]
+        # A flush of several groups renews its deliveries not settled yet (and the held
+        # ones) before each group: they wait one group at most unrenewed, not the flush.
         if fresh:
-            self._commit_group(fresh, attempt=1)
-        for (r, s), n in zip(new, counts, strict=True):
-            if n > 1 and s.id in self._held:  # a copy of a delivery this flush took and holds
+            if again:
+                self._keep_visible([r for r, _ in fresh] + [r for r, _, _ in again]
+                                   + self._held_requests())
+            if not self._commit_group(fresh, attempt=1):
+                self._requeue_untried(again)
+                return
+        for k, (r, s, n) in enumerate(again):
+            if s.id in self._held:  # a copy of a delivery this flush took and holds
                 self._join(r, s.id)
                 if self.deliveries is not None:
                     self.deliveries.undo([s.id])
-            elif n > 1:
-                self._commit_group([(r, s)], attempt=n)
+                continue
+            self._keep_visible([q for q, _, _ in again[k:]] + self._held_requests())
+            if not self._commit_group([(r, s)], attempt=n):
+                self._requeue_untried(again[k + 1:])
+                return
 
     def _join(self, request: Any, message_id: str) -> None:
         """A copy of a held delivery (the visibility sweep restored it while its long texts
@@ -466,9 +488,11 @@ class AnalyzeTask(Batches):
         except Exception:  # noqa: BLE001 - never out of the event loop
             log.exception("the worker's periodic housekeeping failed")
 
-    def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> None:
+    def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> bool:
         """Process ``group`` (past ``max_attempts`` deliveries: dead-letter it); ack what
         committed, requeue what cannot be written, hold what waits for its long texts.
+        False when the database is unavailable: then ``group`` and the held deliveries
+        are requeued (:meth:`_requeue_for_outage`).
 
         No delivery of ``group`` is a copy of a held one: :meth:`_flush` joins each such
         copy to its original first (:meth:`_join`). Settled here, the copy would be acked
@@ -493,7 +517,7 @@ class AnalyzeTask(Batches):
                 stats = self._process(payloads, attempt)
         except StoreUnavailable as exc:
             self._requeue_for_outage(group, exc)
-            return
+            return False
         except Exception:
             if not dead:
                 raise
@@ -525,6 +549,7 @@ class AnalyzeTask(Batches):
         _ack([r for r, _ in done])
         if self.deliveries is not None and done:
             self.deliveries.forget([s.id for _, s in done])
+        return True
 
     def _requeue_for_outage(self, group: list[tuple[Any, SimpleRequest]],
                             exc: StoreUnavailable) -> None:
@@ -539,6 +564,24 @@ class AnalyzeTask(Batches):
             self.deliveries.forget([s.id for _, s in group] + [mid for mid, _ in held])
         time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
         _reject([r for r, _ in group] + held_requests, requeue=True)
+
+    def _requeue_untried(self, rest: list[tuple[Any, SimpleRequest, int]]) -> None:
+        """A group of this flush just met a database outage: ``rest``, its groups not tried
+        yet, go back to the queue untried, their deliveries taken back (not counted: they
+        were not tried). Tried in turn, each would meet the same outage and spend the
+        commit's retries, the event loop blocked all along: nothing renews the flush's
+        other deliveries meanwhile, and other workers' sweeps bring them back counted."""
+        if not rest:
+            return
+        log.error("database unavailable, requeueing %d more message(s) of this flush "
+                  "untried, their deliveries not counted", len(rest))
+        if self.deliveries is not None:
+            try:
+                self.deliveries.undo([s.id for _, s, _ in rest])
+            except Exception as exc:  # noqa: BLE001 - requeued all the same
+                log.warning("could not take back the delivery counts of %d message(s) (each "
+                            "counts as one delivery): %s", len(rest), exc)
+        _reject([r for r, _, _ in rest], requeue=True)
 
     def _release(self, waiting: set[str], stuck: set[str]) -> None:
         """Ack the held messages whose long texts are stored now (requeue the unwritable)."""
