@@ -9,6 +9,15 @@ itself is wrong and will never succeed). Workers ack fatal item errors as
 from __future__ import annotations
 
 
+def quoted(value: str, limit: int = 100) -> str:
+    """``value`` as an error line quotes it: its ``repr``, so control characters are
+    escaped once (``'bad\\x01src'``), cut after ``limit`` characters with its length said,
+    so a refused value of any size keeps the error to one short line."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 class BertstreamError(Exception):
     """Base class of every error bertstream raises on purpose."""
 

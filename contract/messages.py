@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.constants import ID_COLUMN_CHARS
-from contract.errors import InvalidInput
+from contract.errors import InvalidInput, quoted
 from contract.settings import Settings
 
 #: Latest timestamp accepted (the end of year 9999, the last a datetime holds).
@@ -373,7 +373,7 @@ def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
     named = obj.get("model")
     if named is not None and named != (settings.model_name or None):
         served = settings.model_name or "the default model"
-        raise InvalidInput(f"task item is for model {printable(str(named))[:100]!r}, but this "
+        raise InvalidInput(f"task item is for model {quoted(str(named))}, but this "
                            f"queue family serves {served}", raw_id)
     return make_item(
         obj["text"],

@@ -26,7 +26,7 @@ from contract.constants import (
     model_family,
     served_name,
 )
-from contract.errors import ConfigError
+from contract.errors import ConfigError, quoted
 
 MAX_PORT = 65_535
 _INT32_MAX = 2**31 - 1
@@ -317,11 +317,11 @@ class Settings:
         Redis URL that does not parse (:func:`redis_url_problem`)."""
         if not self.broker_url.startswith((*REDIS_SCHEMES, MEMORY_BROKER)):
             raise ConfigError(
-                f"{ENV_PREFIX}BROKER_URL={_shown(mask_url(self.broker_url))} is not a Redis URL "
+                f"{ENV_PREFIX}BROKER_URL={quoted(mask_url(self.broker_url), _SHOWN_CHARS)} is not a Redis URL "
                 f"({', '.join(REDIS_SCHEMES)}) nor {MEMORY_BROKER} (one process)")
         problem = redis_url_problem(self.broker_url)
         if problem:
-            raise ConfigError(f"{ENV_PREFIX}BROKER_URL={_shown(mask_url(self.broker_url))} "
+            raise ConfigError(f"{ENV_PREFIX}BROKER_URL={quoted(mask_url(self.broker_url), _SHOWN_CHARS)} "
                               f"cannot be parsed: {problem}")
 
     def _validate_database_url(self) -> None:
@@ -335,18 +335,18 @@ class Settings:
         port = re.fullmatch(r"(?:\[[^\]]*\]|[^:\[\],]*):(\d+)", hostport)
         if port and not 0 < int(port.group(1)) <= MAX_PORT:
             raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(self.database_url)}: port "
-                              f"{_shown(port.group(1))} is not a TCP port (1 to {MAX_PORT})")
+                              f"{quoted(port.group(1), _SHOWN_CHARS)} is not a TCP port (1 to {MAX_PORT})")
 
     def _validate_names(self) -> None:
         """The queue and model names, which go into Redis keys and kombu's names
         (:data:`QUEUE_NAME_PATTERN`, :data:`MODEL_NAME_PATTERN`); a refused value is
         quoted escaped and cut (:func:`_shown`), so the error stays one short line."""
         if not re.fullmatch(QUEUE_NAME_PATTERN, self.queue):
-            raise ConfigError(f"{ENV_PREFIX}QUEUE={_shown(self.queue)}: a queue name is "
+            raise ConfigError(f"{ENV_PREFIX}QUEUE={quoted(self.queue, _SHOWN_CHARS)}: a queue name is "
                               f"letters, digits, '.', '_' and '-' (at most {MAX_QUEUE_CHARS}, "
                               "starting with a letter or digit)")
         if self.model_name and not re.fullmatch(MODEL_NAME_PATTERN, self.model_name):
-            raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={_shown(self.model_name)}: a model name "
+            raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={quoted(self.model_name, _SHOWN_CHARS)}: a model name "
                               "is letters, digits, '.', '_' and '-' (at most 100, starting with "
                               "a letter or digit)")
 
@@ -429,7 +429,7 @@ def redis_url_problem(url: str) -> str | None:
         port = parts.port
     except ValueError:
         raw = parts.netloc.rpartition("@")[2].rpartition(":")[2]
-        return f"port {_shown(raw)} is not a TCP port (1 to {MAX_PORT})"
+        return f"port {quoted(raw, _SHOWN_CHARS)} is not a TCP port (1 to {MAX_PORT})"
     if parts.scheme == "unix":
         if not parts.path:
             return "a unix:// URL names the socket's path (unix:///run/redis.sock?db=N)"
@@ -437,7 +437,7 @@ def redis_url_problem(url: str) -> str | None:
         others = sorted({key for key, _ in query if key != "db"})
         if others:
             return (f"unix:// takes the database index as ?db=N and no other parameter "
-                    f"(got {', '.join(_shown(k) for k in others)})")
+                    f"(got {', '.join(quoted(k, _SHOWN_CHARS) for k in others)})")
         if len(dbs) > 1:
             return "?db= is given more than once"
         return _db_problem(dbs[0], "?db=") if dbs else None
@@ -448,7 +448,7 @@ def redis_url_problem(url: str) -> str | None:
             return ("give the database index in the path (redis://HOST:PORT/N), "
                     "not as ?db=, which Celery's Redis transport refuses")
         if not key.startswith("ssl_") and key not in _KOMBU_URL_PARAMS:
-            return (f"query parameter {_shown(key)} is not one Celery's Redis transport "
+            return (f"query parameter {quoted(key, _SHOWN_CHARS)} is not one Celery's Redis transport "
                     "takes (ssl_* and a few of its own)")
     path = parts.path.removeprefix("/")
     return _db_problem(path, "the path") if path else None
@@ -458,7 +458,7 @@ def _db_problem(raw: str, where: str) -> str | None:
     """What is wrong with ``raw`` as a Redis database index given in ``where``."""
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_REDIS_DB:
         return (f"the database index in {where} must be a whole number from 0 "
-                f"(got {_shown(raw)})")
+                f"(got {quoted(raw, _SHOWN_CHARS)})")
     return None
 
 
@@ -483,14 +483,6 @@ def _got(value: Any) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "nan: not a number"
     return str(value)
-
-
-def _shown(value: str) -> str:
-    """``value`` as an error message quotes it: escaped (one line), cut after
-    :data:`_SHOWN_CHARS` characters."""
-    if len(value) <= _SHOWN_CHARS:
-        return repr(value)
-    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
 _PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)

@@ -49,6 +49,7 @@ from contract.errors import (
     ResultTimeout,
     StoreUnavailable,
     exit_code,
+    quoted,
 )
 from contract.liveness import HEARTBEAT_TTL_S
 from contract.messages import MAX_META_DEPTH, MAX_TIMESTAMP, id_problem, make_item, printable
@@ -401,19 +402,6 @@ def _parse_meta(raw: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InvalidInput(f"--meta must be a JSON object, got {type(value).__name__}")
     return value
-
-
-#: Characters of a refused value an error line shows.
-QUOTED_CHARS = 100
-
-
-def quoted(value: str) -> str:
-    """``value`` as an error line shows it: quoted, its control characters escaped once
-    (``'bad\\x01src'``: the error line is made printable as it is written, so no second
-    escape), cut after :data:`QUOTED_CHARS` characters."""
-    if len(value) <= QUOTED_CHARS:
-        return repr(value)
-    return f"{value[:QUOTED_CHARS]!r}… ({len(value)} characters)"
 
 
 def _check_options(settings: Settings, source: str | None, ttl_s: float | None,

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from contract import migrate
 from contract.constants import DEFAULT_MODEL, LANGS, STATUSES
-from contract.errors import InvalidInput
+from contract.errors import InvalidInput, quoted
 from contract.messages import id_problem
 from contract.results import ResultStore
 from contract.settings import Settings
@@ -194,7 +194,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
         for value in values:
             problem = None if value is None else id_problem(value)
             if problem is not None:
-                raise InvalidInput(f"{what} {str(value)!r} {problem}")  # escaped once
+                raise InvalidInput(f"{what} {quoted(str(value))} {problem}")
     id_filter = wanted if (ids or ids_file is not None) else None
     if all(v is None for v in (id_filter, source, model, label, status, lang, since, until)):
         raise click.UsageError("give at least one filter (--id, --ids-file, --source, --model, "

@@ -151,3 +151,17 @@ def test_a_long_refused_name_is_cut_in_its_one_line_message() -> None:
     assert message.startswith("BERTSTREAM_MODEL_NAME='x\\nx\\n") and "\n" not in message
     assert "... (10000 characters): a model name is letters" in message
     assert len(message) < 300
+
+
+def test_refused_values_are_quoted_with_their_escapes_once() -> None:
+    """Error lines quote a refused value by its repr, cut short: a control character reads
+    as one escape (``'a\\x01b'``), never the doubled escape of a repr of a printable form."""
+    from contract.errors import InvalidInput, quoted
+    from contract.messages import item_from_wire
+
+    assert quoted("a\x01b") == "'a\\x01b'"
+    assert quoted("x" * 300, 10) == "'xxxxxxxxxx'... (300 characters)"
+    with pytest.raises(InvalidInput) as info:
+        item_from_wire({"id": "t1", "text": "hello", "model": "a\x01b"},
+                       Settings(model_name="alpha"))
+    assert "is for model 'a\\x01b', but" in str(info.value), str(info.value)
