@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, errors
-from api.errors import ApiError
+from api.errors import ApiError, JsonAnswer
 from api.metrics import ApiMetrics
-from api.security import BodyLimit, TokenCheck
+from api.security import BodyLimit, JsonBodyRoute, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
@@ -304,7 +304,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(CountRequests, metrics=services.metrics)
 
-    guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))])
+    # JsonBodyRoute: a body Python's JSON reader chokes on is a 422 with the reason
+    guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))],
+                        route_class=JsonBodyRoute)
     # Ids may hold "/" (a URL, "orders/17"): the routes take the rest of the path, so the
     # windows route, the more specific, goes first.
     _window_routes(guarded, services)
@@ -343,7 +345,8 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         if isinstance(body, BulkIn):
             answer = await run_in_threadpool(_submit_bulk, services, body)
             # Already a BulkAccepted: skip the response model's second validation pass.
-            return JSONResponse(answer.model_dump(), status_code=202)
+            # JsonAnswer: a refused item's id may hold a lone surrogate, echoed escaped.
+            return JsonAnswer(answer.model_dump(), status_code=202)
         raw = body.model_dump(exclude={"lane", "model"}, exclude_none=True)
         checked = ItemValidator(services.settings_for(body.model)).check(0, raw)
         lane = body.lane or LANE_INTERACTIVE

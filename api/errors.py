@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -28,6 +29,31 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+class UnreadableBody(StarletteHTTPException):
+    """A request body that is no JSON document (``api.security.read_json`` says why):
+    answered 422 ``invalid_request``, as other unreadable bodies are.
+
+    An HTTP exception because FastAPI passes only those on from its body read; it
+    makes any other error there a 400 "There was an error parsing the body".
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, message)
+
+
+class JsonAnswer(JSONResponse):
+    """JSON as Starlette renders it, except that a string holding a lone surrogate, which
+    UTF-8 cannot hold but JSON can escape (``"\\ud800"``), is escaped instead of failing
+    the answer with a 500: a refused bulk item is named by the id its caller sent."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                              separators=(",", ":")).encode("ascii")
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     """The JSON body of an error."""
     return {"error": {"code": code, "message": message}}
@@ -35,7 +61,7 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 def _json(status: int, code: str, message: str,
           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    return JsonAnswer(error_body(code, message), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -85,6 +111,10 @@ def install(app: FastAPI) -> None:
         return _json(422, "invalid_request",
                      validation_message(exc, request.headers.get("content-type")))
 
+    @app.exception_handler(UnreadableBody)
+    async def unreadable(_request: Request, exc: UnreadableBody) -> JSONResponse:
+        return _json(422, "invalid_request", str(exc.detail))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
@@ -110,7 +140,8 @@ _PLAIN = {"missing": "required", "extra_forbidden": "unknown field",
           "model_type": "must be a JSON object", "model_attributes_type": "must be a JSON object",
           "list_type": "must be a list", "int_type": "must be an integer",
           "int_parsing": "must be an integer", "bool_type": "must be true or false",
-          "bool_parsing": "must be true or false"}
+          "bool_parsing": "must be true or false",
+          "string_unicode": "must be valid Unicode (no lone surrogate)"}
 
 
 def validation_message(exc: RequestValidationError, content_type: str | None) -> str:
@@ -157,6 +188,8 @@ def _body_message(errors: Sequence[Any], body: Any, content_type: str | None) ->
             loc = loc[1:]
         if not marks and err.get("type") == "missing" and loc == ["text"]:
             parts.insert(0, f"the body needs {_NEEDS}")
+        elif not loc and err.get("type") == "string_unicode":  # pydantic names no key
+            parts.append("a field name is not valid Unicode (lone surrogate)")
         else:
             parts.append(f"{'.'.join(loc)}: {_plain(err)}" if loc else _plain(err))
     return "; ".join(parts[:_SHOWN]) or "invalid request body"

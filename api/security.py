@@ -1,20 +1,25 @@
-"""Bearer tokens compared in constant time, a request body limit, and who may bind where.
+"""Bearer tokens compared in constant time, request body limits, and who may bind where.
 
 Tokens come from ``BERTSTREAM_API_TOKENS`` only (secrets live in the
 environment). Without tokens the server is open, so ``serve`` binds to
-loopback only unless the operator says ``--no-auth``.
+loopback only unless the operator says ``--no-auth``. A body is bounded in
+bytes (:class:`BodyLimit`) and, as JSON, in nesting and digits
+(:class:`JsonBodyRoute`).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, MutableMapping
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 
-from api.errors import ApiError, error_body
+from api.errors import ApiError, UnreadableBody, error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -125,11 +130,87 @@ class BodyLimit:
             return self.limit + 1
 
     async def _refuse(self, send: Send) -> None:
-        import json
-
         body = json.dumps(error_body(
             "too_large", f"request body over the limit of {self.limit} bytes")).encode("utf-8")
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode("ascii"))]})
         await send({"type": "http.response.body", "body": body})
+
+
+#: Deepest nesting of arrays and objects a JSON body may have (``meta``'s own limit,
+#: ``contract.messages.MAX_META_DEPTH``, is well inside it).
+MAX_BODY_DEPTH = 64
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_json(raw: bytes) -> Any:
+    """The JSON document in a request body, or :class:`UnreadableBody` saying why not.
+
+    The encoding is found as :func:`json.loads` finds it (UTF-8, a BOM skipped; UTF-16
+    or -32) but decoded strictly, where ``json.loads`` let a surrogate's bytes through.
+    Nesting deeper than :data:`MAX_BODY_DEPTH` and integers past Python's digit limit
+    are refused too: FastAPI answered each of these 400 "There was an error parsing the
+    body". Syntax errors stay :class:`json.JSONDecodeError`, which FastAPI reports as a
+    validation error (``api.errors.validation_message``).
+    """
+    encoding, skipped = json.detect_encoding(raw), 0
+    if raw.startswith(_UTF8_BOM):
+        encoding, skipped = "utf-8", len(_UTF8_BOM)
+    try:
+        doc = raw[skipped:].decode(encoding)
+    except UnicodeDecodeError as exc:
+        name = encoding.upper().removesuffix("-LE").removesuffix("-BE")
+        raise UnreadableBody(f"the body is not valid {name} "
+                             f"(byte {skipped + exc.start + 1}: {exc.reason})") from None
+    too_deep = UnreadableBody(f"the body is nested too deeply (at most {MAX_BODY_DEPTH} "
+                              "levels)")
+    try:
+        value = json.loads(doc)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:  # the only other: int() of an integer past Python's digit limit
+        raise UnreadableBody(f"the body holds a number of more than "
+                             f"{sys.get_int_max_str_digits()} digits") from None
+    if _deeper_than(value, MAX_BODY_DEPTH):
+        raise too_deep
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when arrays and objects nest more than ``limit`` levels in ``value``
+    (walked without recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return False
+
+
+class JsonBodyRequest(Request):
+    """A request whose JSON body is read by :func:`read_json`."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_read_json"):
+            self._read_json = read_json(await self.body())
+        return self._read_json
+
+
+class JsonBodyRoute(APIRoute):
+    """A route whose JSON body is read by :func:`read_json`: a body it refuses is a 422
+    ``invalid_request`` with the reason, as other unreadable bodies are, not FastAPI's
+    400 "There was an error parsing the body"."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(JsonBodyRequest(request.scope, request.receive))
+
+        return strict

@@ -117,7 +117,7 @@ def decode_cursor(cursor: str, newest_first: bool) -> tuple[dt.datetime, str]:
         when = dt.datetime.fromisoformat(finished)
         if not isinstance(task_id, str) or order not in ("a", "d") or id_problem(task_id):
             raise ValueError("bad cursor fields")  # an id no row can have: NUL, too long
-    except (ValueError, TypeError, UnicodeError) as exc:
+    except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
         raise InvalidInput("malformed cursor") from exc
     if (order == "d") != newest_first:
         raise InvalidInput("the cursor belongs to the other sort order")
