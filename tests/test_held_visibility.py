@@ -39,7 +39,10 @@ def _settings(redis_url: str, sqlite_url: str, tiny_model_dir: Path,
 
 
 def _counts(r: redis.Redis) -> list[int]:
-    return [int(r.get(k) or 0) for k in r.scan_iter(DELIVERY_KEY_PREFIX + "*")]
+    """The delivery counts in Redis; a key deleted between SCAN and GET (its message acked
+    and forgotten) is no count, not a count of 0."""
+    values = (r.get(k) for k in r.scan_iter(DELIVERY_KEY_PREFIX + "*"))
+    return [int(v) for v in values if v is not None]
 
 
 class _Watch:
