@@ -12,8 +12,9 @@ Never imports torch or transformers, so a web app can install it alone::
 
 from __future__ import annotations
 
-from producer.client import ChunkPublisher, Client, SubmitReport
+from producer.client import ChunkPublisher, Client, ClientClosed, SubmitReport
 from producer.items import ItemError
 from producer.stream import StreamReport, stream
 
-__all__ = ["ChunkPublisher", "Client", "ItemError", "StreamReport", "SubmitReport", "stream"]
+__all__ = ["ChunkPublisher", "Client", "ClientClosed", "ItemError", "StreamReport", "SubmitReport",
+           "stream"]

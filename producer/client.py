@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
+import re
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
@@ -37,10 +40,12 @@ from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
     LANE_INTERACTIVE,
+    MODEL_NAME_PATTERN,
     TASK_ANALYZE,
     served_name,
 )
 from contract.errors import (
+    BertstreamError,
     BrokerUnavailable,
     ConfigError,
     IdConflict,
@@ -48,6 +53,7 @@ from contract.errors import (
     ResultTimeout,
     SchemaMismatch,
     StoreUnavailable,
+    quoted,
 )
 from contract.liveness import HEARTBEAT_EVERY_S, live_workers
 from contract.messages import TaskItem, make_item, text_sha256
@@ -74,6 +80,99 @@ def lane_keys(queue: str) -> list[str]:
 
 
 T = TypeVar("T")
+
+
+class ClientClosed(BertstreamError, RuntimeError):
+    """A :class:`Client` was used after :meth:`Client.close`: it would otherwise open new
+    connections that nothing closes any more."""
+
+
+#: Every open client of this process, so that a forked child drops what it inherited.
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child (gunicorn ``--preload``, multiprocessing): drop the connections
+    every client inherited, without closing them (they are the parent's too); each opens
+    its own on first use. Only the forking thread runs here, so no lock is needed."""
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _one_or_many(ids: Any, what: str) -> list[str]:
+    """``ids`` (an iterable of ids) as a list, each checked to be a string.
+
+    One string (or bytes) is refused with :class:`TypeError`, as
+    :meth:`Client.submit_many` refuses it: it is an iterable of characters, each of
+    which would be looked up as an id. An id that is no string is
+    :class:`InvalidInput` (it could never be stored: the lookup would find nothing,
+    and a wait would last its whole timeout).
+    """
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{what} takes an iterable of ids, not {type(ids).__name__}: "
+                        f"pass [id]")
+    wanted = list(ids)
+    for task_id in wanted:
+        _check_id(task_id)
+    return wanted
+
+
+def _check_id(task_id: Any) -> str:
+    """``task_id`` if it is a string, else :class:`InvalidInput` naming its type."""
+    if not isinstance(task_id, str):
+        raise InvalidInput(f"id must be a string, got {type(task_id).__name__}")
+    return task_id
+
+
+def _seconds(value: Any, what: str, *, zero: bool) -> float:
+    """``value`` as a finite number of seconds, at least 0 (``zero``) or above it; else
+    :class:`InvalidInput` (NaN would make a deadline no time ever reaches)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{what} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        bound = "0 or more" if zero else "above 0"
+        raise InvalidInput(f"{what} must be a finite number of seconds, {bound}; got {value!r}")
+    return seconds
+
+
+def _model_arg(model: Any) -> str | None:
+    """A ``model=`` argument: None or a model name (``default`` included), else
+    :class:`InvalidInput` saying what a name is (not the settings' ConfigError: the
+    caller passed it, no environment variable is wrong)."""
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise InvalidInput(f"model must be a string, got {type(model).__name__}")
+    if model and not re.fullmatch(MODEL_NAME_PATTERN, model):
+        raise InvalidInput(f"model {quoted(model)}: a model name is letters, digits, '.', '_' "
+                           f"and '-' (at most 100, starting with a letter or digit)")
+    return model
+
+
+def _filter_args(values: Mapping[str, Any]) -> None:
+    """Refuse, as :class:`InvalidInput`, a read filter of the wrong type: a text filter
+    that is no string, a time bound that is no datetime. The database would otherwise
+    compare them as it can: no rows on SQLite, a type error on PostgreSQL (reported as
+    an outage, which a caller would retry)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ("since", "until"):
+            if not isinstance(value, dt.datetime):
+                raise InvalidInput(f"{name} must be a datetime, got {type(value).__name__}")
+        elif name == "ids":
+            _one_or_many(value, "ids=")
+        elif name == "limit":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"limit must be a whole number, 0 or more (None: no "
+                                   f"limit); got {value!r}")
+        elif not isinstance(value, str):
+            raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
 
 #: SQLSTATEs of a table (42P01, UndefinedTable) or a column (42703, UndefinedColumn)
 #: PostgreSQL does not know.
@@ -326,6 +425,8 @@ class Client:
         #: monotonic time until which :meth:`conflicts` skips the database (None: it is
         #: read); set on a failure, which is logged once per outage.
         self._conflicts_off_until: float | None = None
+        self._closed = False
+        _CLIENTS.add(self)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -341,29 +442,54 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Release broker connections, the Redis client and the DB engine. Idempotent."""
-        for other in self._for_models.values():
+        """Release broker connections, the Redis client and the DB engine. Idempotent;
+        the client cannot be used afterwards (:class:`ClientClosed`)."""
+        with self._lock:
+            self._closed = True
+            others = list(self._for_models.values())
+            self._for_models.clear()
+            producers, connections, self._producers, self._connections = (
+                self._producers, self._connections, None, None)
+            client, self._redis = self._redis, None
+            store, self._store = self._store, None
+        _CLIENTS.discard(self)
+        for other in others:
             other.close()
-        self._for_models.clear()
-        if self._producers is not None:
-            self._producers.force_close_all()
-            self._connections.force_close_all()
-            self._producers = None
+        if producers is not None:
+            producers.force_close_all()
+            connections.force_close_all()
         self.app.close()
-        if self._redis is not None:
-            self._redis.close()
-            self._redis = None
+        if client is not None:
+            client.close()
+        if store is not None:
+            store.close()
+
+    def _check_open(self) -> None:
+        """Raise :class:`ClientClosed` after :meth:`close` (under the lock)."""
+        if self._closed:
+            raise ClientClosed("this bertstream Client is closed; create a new one "
+                               "(or use it inside its `with` block)")
+
+    def _forked(self) -> None:
+        """Forget what this process inherited from its parent (see
+        :func:`_after_fork_in_child`): sockets and database connections shared by two
+        processes mix their replies (one reads the other's results). The engine drops
+        its pool without closing the parent's connections; the rest is rebuilt on use."""
+        self._lock = threading.Lock()
+        self._producers = self._connections = None
+        self._redis = None
         if self._store is not None:
-            self._store.close()
-            self._store = None
+            self._store.engine.dispose(close=False)
 
     def for_model(self, model: str | None) -> Client:
         """A client for the model named ``model`` (this one when it already is; None or
-        ``default``: the default model), closed with this one."""
-        name = served_name(model)
+        ``default``: the default model), closed with this one. Raises :class:`InvalidInput`
+        for a name no model can have."""
+        name = served_name(_model_arg(model))
         if name == self.settings.model_name:
             return self
         with self._lock:
+            self._check_open()
             if name not in self._for_models:
                 self._for_models[name] = Client(self.settings.replace(model_name=name))
             return self._for_models[name]
@@ -383,6 +509,8 @@ class Client:
         :data:`HEARTBEAT_EVERY_S`. Raises :class:`InvalidInput` when none is alive or
         they announce several names: a guess would read another model's rows, or none.
         """
+        if model is not None and not isinstance(model, str):
+            raise InvalidInput(f"model must be a string, got {type(model).__name__}")
         if model != DEFAULT_MODEL:
             return model
         known = self._default_name
@@ -437,7 +565,7 @@ class Client:
         :class:`IdConflict` when ``id`` is stored with a different text, and
         :class:`BrokerUnavailable` when Redis cannot be reached.
         """
-        if model is not None and model != self.settings.model_name:
+        if _model_arg(model) is not None and model != self.settings.model_name:
             return self.for_model(model).submit(text, id=id, source=source, meta=meta,
                                                 ttl_s=ttl_s)
         item = make_item(text, self.settings, id=id, source=source, meta=meta, ttl_s=ttl_s)
@@ -472,7 +600,11 @@ class Client:
         if isinstance(items, (str, bytes, bytearray)):
             raise TypeError(f"submit_many takes an iterable of items, not one "
                             f"{type(items).__name__}: use submit(text) or submit_many([text])")
-        if model is not None and model != self.settings.model_name:
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise InvalidInput(f"chunk_size must be a whole number above 0 (None: "
+                               f"BERTSTREAM_BULK_CHUNK_SIZE); got {chunk_size!r}")
+        if _model_arg(model) is not None and model != self.settings.model_name:
             return self.for_model(model).submit_many(items, source=source, chunk_size=chunk_size,
                                                      ttl_s=ttl_s)
         size = chunk_size or self.settings.bulk_chunk_size
@@ -493,7 +625,7 @@ class Client:
                         report.errors.append(checked)
                         continue
                     publisher.add(checked, index,
-                                  caller_id=isinstance(obj, dict) and obj.get("id") is not None)
+                                  caller_id=isinstance(obj, Mapping) and obj.get("id") is not None)
                     report.ids.append(checked.id)
                     sent = publisher.published
                 sent = publisher.published
@@ -564,6 +696,7 @@ class Client:
         if producer is not None:
             return nullcontext(producer)
         with self._lock:
+            self._check_open()
             if self._producers is None:
                 limit = self.app.conf.broker_pool_limit
                 self._check_url()
@@ -629,6 +762,7 @@ class Client:
         # Under the lock: two threads building a client each would leave one
         # unreferenced, and its finaliser closes the connection the other is using.
         with self._lock:
+            self._check_open()
             if self._redis is None:
                 self._check_url()
                 try:
@@ -645,6 +779,7 @@ class Client:
     def store(self) -> ResultStore:
         """The results store, created on first use (once, whichever thread asks first)."""
         with self._lock:
+            self._check_open()
             if self._store is None:
                 self._store = ResultStore.from_settings(self.settings)
             return self._store
@@ -686,6 +821,7 @@ class Client:
         """``work()`` (a read of the results table); ``empty`` while there is no table.
         A read that finds a table or column missing checks the schema again
         (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`."""
+        self._check_open()
         if not self._table_exists():
             return empty
         try:
@@ -771,7 +907,7 @@ class Client:
 
     def get(self, id: str, model: str | None = None) -> ResultRecord | None:
         """The result of task ``id`` (``model``'s, else its latest), or None while not stored."""
-        return self.get_many([id], model=model).get(id)
+        return self.get_many([_check_id(id)], model=model).get(id)
 
     def windows(self, id: str, model: str | None = None) -> list[WindowRecord]:
         """The windows a long text was scored in, in order: each one's character span
@@ -786,11 +922,14 @@ class Client:
                  model: str | None = None) -> tuple[ResultRecord | None, list[WindowRecord]]:
         """The row of task ``id`` (under ``model``, default its latest) and its windows."""
         nothing: tuple[ResultRecord | None, list[WindowRecord]] = (None, [])
+        _check_id(id)
         return self._read(lambda: self.store.get_windows(id, self.stored_model(model)), nothing)
 
     def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
-        """Stored results among ``ids``, keyed by id (batched IN queries)."""
-        wanted = list(ids)
+        """Stored results among ``ids``, keyed by id (batched IN queries); an id with no
+        stored row is absent. Raises :class:`InvalidInput` for an id that is no string
+        and :class:`TypeError` for one id instead of many."""
+        wanted = _one_or_many(ids, "get_many")
         if not wanted:
             return {}
         return self._read(lambda: self.store.get_many(wanted, model=self._model(model)), {})
@@ -812,9 +951,15 @@ class Client:
         Polls the table for the still-missing ids only, starting every
         ``poll_interval`` seconds and backing off (x1.5) to at most
         :data:`MAX_POLL_INTERVAL_S`. Raises :class:`ResultTimeout` carrying
-        the missing ids when ``timeout`` seconds pass first.
+        the missing ids when ``timeout`` seconds pass first. ``timeout`` (0: one look)
+        and ``poll_interval`` are finite seconds, else :class:`InvalidInput`; no ids
+        give ``{}`` at once.
         """
-        wanted = list(dict.fromkeys(ids))
+        wanted = list(dict.fromkeys(_one_or_many(ids, "wait")))
+        timeout = _seconds(timeout, "timeout", zero=True)
+        poll_interval = _seconds(poll_interval, "poll_interval", zero=False)
+        if not wanted:
+            return {}
         model = self.stored_model(model)  # once, not at every poll
         found: dict[str, ResultRecord] = {}
         #: rows being retried (id -> their attempts and model): a new attempt ends the wait
@@ -876,7 +1021,11 @@ class Client:
         model: str | None = None,
         lang: str | None = None,
     ) -> list[ResultRecord]:
-        """Results matching every given filter (see :meth:`ResultStore.query`)."""
+        """Results matching every given filter (see :meth:`ResultStore.query`); a filter
+        of the wrong type is :class:`InvalidInput`."""
+        _filter_args({"ids": ids, "source": source, "label": label, "status": status,
+                      "since": since, "until": until, "limit": limit, "model": model,
+                      "lang": lang})
         return self._read(lambda: self.store.query(
             ids=ids, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
@@ -896,6 +1045,8 @@ class Client:
         lang: str | None = None,
     ) -> int:
         """Tasks matching every given filter (0 before any worker created the table)."""
+        _filter_args({"ids": ids, "source": source, "label": label, "status": status,
+                      "since": since, "until": until, "model": model, "lang": lang})
         return self._read(lambda: self.store.count(
             ids=ids, source=source, label=label, status=status, since=since, until=until,
             model=self._model(model), lang=lang), 0)
@@ -924,6 +1075,8 @@ class Client:
         """Counts and mean score per group (see :meth:`ResultStore.aggregate`)."""
         if by not in ("label", "source", "status", "model", "lang"):
             raise InvalidInput(f"cannot group by {by!r}")
+        _filter_args({"source": source, "status": status, "since": since, "until": until,
+                      "model": model, "lang": lang})
         def read() -> list[dict[str, Any]]:
             try:
                 return self.store.aggregate(
