@@ -48,12 +48,22 @@ def admin(pg_url: str) -> Iterator[sa.Engine]:
 
 
 def _kill(admin: sa.Engine) -> int:
-    """Terminate the connections named :data:`APP_NAME`; how many there were."""
+    """Terminate the connections named :data:`APP_NAME`; how many there were. Returns
+    once their backends are gone: ``pg_terminate_backend`` only signals them, and a
+    request sent meanwhile may meet a backend still dying, a race of this test's own."""
     with admin.connect() as conn:
-        return len(conn.execute(sa.text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        pids = [pid for pid, _ in conn.execute(sa.text(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND application_name = :name"),
-            {"name": APP_NAME}).all())
+            {"name": APP_NAME}).all()]
+        deadline = time.monotonic() + 10
+        # pg_stat_activity is one snapshot per transaction: cleared before each look.
+        while pids and conn.execute(sa.text(
+                "SELECT count(*) FROM (SELECT pg_stat_clear_snapshot()) AS cleared,"
+                " pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": pids}).scalar_one():
+            assert time.monotonic() < deadline, "the terminated backends did not end"
+            time.sleep(0.01)  # polling the server's own view
+    return len(pids)
 
 
 def _record(i: int, *, text: str = "t", source: str = "s", model: str = "m") -> ResultRecord:
