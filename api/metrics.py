@@ -18,11 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from contract.broker import lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.errors import BertstreamError
 from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
-from producer.client import lane_keys
 
 LANES = (LANE_INTERACTIVE, LANE_BULK)
 

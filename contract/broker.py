@@ -12,6 +12,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
 
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.errors import BrokerUnavailable, ConfigError
@@ -170,6 +172,13 @@ def required_redis(settings: Settings, needs: str) -> redis.Redis:
     if client is None:
         raise ConfigError(needs.format(url=url))
     return client
+
+
+def lane_keys(queue: str) -> list[str]:
+    """The Redis lists holding the waiting messages of the Celery queue ``queue``: kombu's
+    Redis transport keeps one named after it, plus one per non-zero priority step
+    (``<queue>\\x06\\x16<step>``)."""
+    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in PRIORITY_STEPS if step)]
 
 
 def lane_queue(settings: Settings, bulk: bool) -> str:

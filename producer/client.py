@@ -29,13 +29,11 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.pools import ProducerPool
-from kombu.transport.redis import PRIORITY_STEPS
-from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
-from contract.broker import broker_error, lane_queue, make_celery, redis_client
+from contract.broker import broker_error, lane_keys, lane_queue, make_celery, redis_client
 from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
@@ -70,13 +68,6 @@ MAX_POLL_INTERVAL_S = 1.0
 CONFLICT_CHECK_BACKOFF_S = 60.0
 
 log = logging.getLogger(__name__)
-
-
-def lane_keys(queue: str) -> list[str]:
-    """The Redis lists holding the waiting messages of the Celery queue ``queue``: kombu's
-    Redis transport keeps one named after it, plus one per non-zero priority step
-    (``<queue>\\x06\\x16<step>``)."""
-    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in PRIORITY_STEPS if step)]
 
 
 T = TypeVar("T")

@@ -14,8 +14,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import bound_families, family_depths, shown_depths
+from contract.broker import lane_keys
 from contract.settings import Settings
-from producer.client import Client, lane_keys
+from producer.client import Client
 from tests.polling import until
 from worker.heartbeat import Heartbeat
 

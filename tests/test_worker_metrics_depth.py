@@ -9,10 +9,10 @@ import uuid
 import httpx
 import redis
 
-from contract.broker import lane_queue, make_celery
+from contract.broker import lane_keys, lane_queue, make_celery
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.settings import Settings
-from producer.client import Client, lane_keys
+from producer.client import Client
 from tests.test_metrics import _samples
 from worker.metrics import WorkerMetrics
 from worker.process import free_port

@@ -19,11 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import lane_queue, redis_client
+from contract.broker import lane_keys, lane_queue, redis_client
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE
 from contract.errors import ConfigError
 from contract.settings import Settings
-from producer.client import lane_keys
 
 MAX_SOURCES = 100
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -123,7 +122,7 @@ class _QueueDepth(Collector):
     """Messages waiting per lane of this worker's queue family, read at scrape time (on a
     Redis broker; with the configured Redis timeouts, so a scrape outlasts no setting).
 
-    A lane is its list and its priority-step lists (:func:`producer.client.lane_keys`), as
+    A lane is its list and its priority-step lists (:func:`contract.broker.lane_keys`), as
     the producer's ``queue_length`` and the API's depth count it: a message sent with a
     priority waits in one of those."""
 
