@@ -268,3 +268,22 @@ def api_factory(tmp_path: Path) -> Iterator[Callable[..., ServeProc]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    """One ``bertstream serve`` for a test module, on the test Redis (flushed before and
+    after) and a SQLite file of its own: for table-driven tests posting one request a
+    case, where a server a case would start dozens. Its tests must not need a fresh one."""
+    d = tmp_path_factory.mktemp("module-serve")
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()  # fails loudly when Redis is down
+    client.flushdb()
+    server = ServeProc(Settings(broker_url=REDIS_URL, database_url=f"sqlite:///{d / 'results.db'}"),
+                       d / "serve.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+        client.flushdb()
+        client.close()

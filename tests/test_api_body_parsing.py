@@ -11,93 +11,70 @@ Over a real ``bertstream serve``.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import httpx
 import pytest
 
 from api.security import MAX_BODY_DEPTH
-from contract.settings import Settings
+from tests.api_bodies import JSON, Refused, cases, check_refused
+from worker.process import ServeProc
 
-JSON = {"content-type": "application/json"}
 DIGITS = sys.get_int_max_str_digits()
 DEEP = f"the body is nested too deeply (at most {MAX_BODY_DEPTH} levels)"
 LONG = f"the body holds a number of more than {DIGITS} digits"
+NOT_FINITE = "meta is not JSON-serialisable: it holds a number that is not finite"
+INPUT = "invalid_input"
 
 
 def nested(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
 
 
-#: (body, status, code, the whole message)
-REFUSED: list[tuple[bytes, int, str, str]] = [
-    (b'{"text":"a\xff b"}', 422, "invalid_request",
-     "the body is not valid UTF-8 (byte 11: invalid start byte)"),
+REFUSED = [
+    Refused(b'{"text":"a\xff b"}', "the body is not valid UTF-8 (byte 11: invalid start byte)"),
     # a surrogate encoded as UTF-8 bytes (CESU-8) is no UTF-8 either
-    (b'{"text":"a\xed\xa0\x80"}', 422, "invalid_request",
-     "the body is not valid UTF-8 (byte 11: invalid continuation byte)"),
-    (b'{"text":"\xe4\xbd', 422, "invalid_request",
-     "the body is not valid UTF-8 (byte 10: unexpected end of data)"),
-    (b'\xef\xbb\xbf{"text":"\xc0"}', 422, "invalid_request",
-     "the body is not valid UTF-8 (byte 13: invalid start byte)"),
-    (nested(5000), 422, "invalid_request", DEEP),
-    (b"[" * 5000, 422, "invalid_request", DEEP),
-    (b'{"text":"a","meta":{"x":' + nested(2000) + b"}}", 422, "invalid_request", DEEP),
-    (nested(MAX_BODY_DEPTH + 1), 422, "invalid_request", DEEP),
-    (b'{"items":[' + nested(MAX_BODY_DEPTH - 1) + b"]}", 422, "invalid_request", DEEP),
-    (nested(MAX_BODY_DEPTH), 422, "invalid_request",
-     "the body must be a JSON object, not an array"),
-    (b'{"text":"a","meta":{"n":' + b"9" * (DIGITS + 1) + b"}}", 422, "invalid_request", LONG),
-    (b'{"items":[-' + b"1" * 10_000 + b"]}", 422, "invalid_request", LONG),
-    (b'{"text":' + b"9" * 5000 + b"}", 422, "invalid_request", LONG),
+    Refused(b'{"text":"a\xed\xa0\x80"}',
+            "the body is not valid UTF-8 (byte 11: invalid continuation byte)"),
+    Refused(b'{"text":"\xe4\xbd', "the body is not valid UTF-8 (byte 10: unexpected end of data)"),
+    Refused(b'\xef\xbb\xbf{"text":"\xc0"}',
+            "the body is not valid UTF-8 (byte 13: invalid start byte)"),
+    Refused(nested(5000), DEEP),
+    Refused(b"[" * 5000, DEEP),
+    Refused(b'{"text":"a","meta":{"x":' + nested(2000) + b"}}", DEEP),
+    Refused(nested(MAX_BODY_DEPTH + 1), DEEP),
+    Refused(b'{"items":[' + nested(MAX_BODY_DEPTH - 1) + b"]}", DEEP),
+    Refused(nested(MAX_BODY_DEPTH), "the body must be a JSON object, not an array"),
+    Refused(b'{"text":"a","meta":{"n":' + b"9" * (DIGITS + 1) + b"}}", LONG),
+    Refused(b'{"items":[-' + b"1" * 10_000 + b"]}", LONG),
+    Refused(b'{"text":' + b"9" * 5000 + b"}", LONG),
     # JSON's oddities that decode, refused by the validation of what they became
-    (b'{"text":"a","meta":{"n":NaN}}', 422, "invalid_input",
-     "meta is not JSON-serialisable: it holds a number that is not finite"),
-    (b'{"text":"a","meta":{"n":-Infinity}}', 422, "invalid_input",
-     "meta is not JSON-serialisable: it holds a number that is not finite"),
-    (b'{"text":"a","meta":{"n":1e400}}', 422, "invalid_input",
-     "meta is not JSON-serialisable: it holds a number that is not finite"),
-    (b'{"text":NaN}', 422, "invalid_request", "text: must be a string"),
-    (b'{"items":[Infinity]}', 422, "invalid_input",
-     "no item was accepted; item 0: item must be a string or an object with 'text', got float"),
-    (b'{"text":"a\\ud800"}', 422, "invalid_input",
-     "text is not valid Unicode (surrogates not allowed at index 1)"),
-    (b'{"text":"a","id":"x\\udfff"}', 422, "invalid_input",
-     "id is not valid Unicode (lone surrogate)"),
-    (b'{"text":"a","meta":{"\\ud800":1}}', 422, "invalid_input",
-     "meta is not JSON-serialisable: it holds a string with NUL or a lone surrogate"),
+    Refused(b'{"text":"a","meta":{"n":NaN}}', NOT_FINITE, INPUT),
+    Refused(b'{"text":"a","meta":{"n":-Infinity}}', NOT_FINITE, INPUT),
+    Refused(b'{"text":"a","meta":{"n":1e400}}', NOT_FINITE, INPUT),
+    Refused(b'{"text":NaN}', "text: must be a string"),
+    Refused(b'{"items":[Infinity]}', "no item was accepted; item 0: item must be a string or "
+                                     "an object with 'text', got float", INPUT),
+    Refused(b'{"text":"a\\ud800"}',
+            "text is not valid Unicode (surrogates not allowed at index 1)", INPUT),
+    Refused(b'{"text":"a","id":"x\\udfff"}', "id is not valid Unicode (lone surrogate)", INPUT),
+    Refused(b'{"text":"a","meta":{"\\ud800":1}}', "meta is not JSON-serialisable: it holds a "
+                                                  "string with NUL or a lone surrogate", INPUT),
     # pydantic's own "unable to parse raw data as a unicode string", in plain words
-    (b'{"text":"a","model":"\\ud800"}', 422, "invalid_request",
-     "model: must be valid Unicode (no lone surrogate)"),
-    (b'{"text":"a","\\ud800":1}', 422, "invalid_request",
-     "a field name is not valid Unicode (lone surrogate)"),
-    (b'{"items":["a"],"\\udc00x":1}', 422, "invalid_request",
-     "a field name is not valid Unicode (lone surrogate)"),
-    (b'{"items":["a"],"source":"\\ud800"}', 422, "invalid_input",
-     "no item was accepted; item 0: source is not valid Unicode (lone surrogate)"),
+    Refused(b'{"text":"a","model":"\\ud800"}', "model: must be valid Unicode (no lone surrogate)"),
+    Refused(b'{"text":"a","\\ud800":1}', "a field name is not valid Unicode (lone surrogate)"),
+    Refused(b'{"items":["a"],"\\udc00x":1}', "a field name is not valid Unicode (lone surrogate)"),
+    Refused(b'{"items":["a"],"source":"\\ud800"}',
+            "no item was accepted; item 0: source is not valid Unicode (lone surrogate)", INPUT),
 ]
 
 
-@pytest.fixture
-def api(redis_url: str, sqlite_url: str, api_factory: Any) -> Any:
-    return api_factory(Settings(broker_url=redis_url, database_url=sqlite_url))
+@pytest.mark.parametrize("case", cases(REFUSED))
+def test_unparseable_bodies_get_422_with_a_reason(case: Refused, module_api: ServeProc) -> None:
+    check_refused(module_api, case)
 
 
-def test_unparseable_bodies_get_422_with_a_reason(api: Any) -> None:
-    wrong = []
-    with httpx.Client(base_url=api.url, timeout=30) as http:
-        for body, status, code, message in REFUSED:
-            r = http.post("/v1/tasks", content=body, headers=JSON)
-            got = (r.status_code, r.json())
-            if got != (status, {"error": {"code": code, "message": message}}):
-                wrong.append((body[:60], got, (status, code, message)))
-    assert not wrong, "\n".join(f"{b!r}: got {g}, expected {e}" for b, g, e in wrong)
-    log = api.log()
-    assert "Traceback" not in log and "ERROR" not in log, log
-
-
-def test_json_oddities_that_mean_something_are_accepted(api: Any) -> None:
-    with httpx.Client(base_url=api.url, timeout=30) as http:
+def test_json_oddities_that_mean_something_are_accepted(module_api: ServeProc) -> None:
+    with httpx.Client(base_url=module_api.url, timeout=30) as http:
         def post(body: bytes) -> httpx.Response:
             return http.post("/v1/tasks", content=body, headers=JSON)
 
@@ -119,19 +96,19 @@ def test_json_oddities_that_mean_something_are_accepted(api: Any) -> None:
         assert "nested deeper than 32" in post(deep_meta).json()["error"]["message"]
         ok_meta = b'{"items":[{"text":"d","meta":{"x":' + nested(30) + b"}}]}"
         assert post(ok_meta).json()["accepted"] == 1
-    log = api.log()
+    log = module_api.log()
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
-def test_a_refused_bulk_id_with_a_lone_surrogate_is_echoed(api: Any) -> None:
+def test_a_refused_bulk_id_with_a_lone_surrogate_is_echoed(module_api: ServeProc) -> None:
     """The answer names a refused item by the id its caller gave; one holding a lone
     surrogate (``"\\udfff"``, which UTF-8 cannot hold) made rendering the 202 fail: a 500."""
     body = b'{"items":["fine",{"text":"a","id":"x\\udfff"}]}'
-    r = httpx.post(api.url + "/v1/tasks", content=body, headers=JSON, timeout=30)
+    r = httpx.post(module_api.url + "/v1/tasks", content=body, headers=JSON, timeout=30)
     assert r.status_code == 202, r.text
     assert b'"id":"x\\udfff"' in r.content  # escaped as the request had it
     assert r.json()["errors"] == [{"index": 1, "id": "x\udfff",
                                    "reason": "id is not valid Unicode (lone surrogate)"}]
     assert r.json()["accepted"] == 1
-    log = api.log()
+    log = module_api.log()
     assert "Traceback" not in log and "ERROR" not in log, log

@@ -8,73 +8,61 @@ as ``Field required``. Over a real ``bertstream serve``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 
-from contract.settings import Settings
+from tests.api_bodies import Refused, cases, check_refused
+from worker.process import ServeProc
 
-JSON = {"content-type": "application/json"}
 NEEDS = 'the body needs "text" (or "items" for many)'
 EMPTY = 'the body is empty: send a JSON object with "text" (or "items" for many)'
 
-#: (body, headers, the whole message)
-CASES: list[tuple[bytes, dict[str, str], str]] = [
-    (b"{not json", JSON, "the body is not valid JSON (line 1, column 2: expecting property "
-                         "name enclosed in double quotes)"),
-    (b'{"text":"a"} x', JSON, "the body is not valid JSON (line 1, column 14: extra data)"),
-    (b'{"text": "a",\n "id": }', JSON,
-     "the body is not valid JSON (line 2, column 8: expecting value)"),
-    (b"", JSON, EMPTY),
-    (b"", {}, EMPTY),
-    (b" \n ", JSON, EMPTY),
-    (b'{"text":5}', JSON, "text: must be a string"),
-    (b'{"text":null}', JSON, "text: must be a string"),
-    (b'{"text":"a","id":5,"source":["x"]}', JSON, "id: must be a string; source: must be a string"),
-    (b'{"text":"a","meta":[1]}', JSON, "meta: must be a JSON object"),
-    (b'{"text":"a","lane":"x"}', JSON, "lane: must be 'interactive' or 'bulk'"),
-    (b'{"text":"a","extra":1}', JSON, "extra: unknown field"),
-    (b'{"items":5}', JSON, "items: must be a list"),
-    (b'{"items":["a"],"lane":"q","x":1}', JSON,
-     "lane: must be 'interactive' or 'bulk'; x: unknown field"),
-    (b"{}", JSON, NEEDS),
-    (b'{"txt":"a"}', JSON, f"{NEEDS}; txt: unknown field"),
-    (b'{"items":[],"text":"a"}', JSON, 'send "text" (one task) or "items" (many), not both'),
-    (b"[1]", JSON, "the body must be a JSON object, not an array"),
-    (b"null", JSON, "the body must be a JSON object, not null"),
-    (b'"hi"', JSON, "the body must be a JSON object, not a string"),
-    (b"7", JSON, "the body must be a JSON object, not a number"),
-    (b'{"text":"a"}', {"content-type": "text/plain"},
-     "the body must be a JSON object sent as Content-Type: application/json (not text/plain)"),
-    (b'{"text":"a"}', {}, "the body must be a JSON object sent as Content-Type: "
-                          "application/json (the request had no Content-Type)"),
+CASES = [
+    Refused(b"{not json", "the body is not valid JSON (line 1, column 2: expecting property "
+                          "name enclosed in double quotes)"),
+    Refused(b'{"text":"a"} x', "the body is not valid JSON (line 1, column 14: extra data)"),
+    Refused(b'{"text": "a",\n "id": }',
+            "the body is not valid JSON (line 2, column 8: expecting value)"),
+    Refused(b"", EMPTY),
+    Refused(b"", EMPTY, headers={}),
+    Refused(b" \n ", EMPTY),
+    Refused(b'{"text":5}', "text: must be a string"),
+    Refused(b'{"text":null}', "text: must be a string"),
+    Refused(b'{"text":"a","id":5,"source":["x"]}', "id: must be a string; source: must be a string"),
+    Refused(b'{"text":"a","meta":[1]}', "meta: must be a JSON object"),
+    Refused(b'{"text":"a","lane":"x"}', "lane: must be 'interactive' or 'bulk'"),
+    Refused(b'{"text":"a","extra":1}', "extra: unknown field"),
+    Refused(b'{"items":5}', "items: must be a list"),
+    Refused(b'{"items":["a"],"lane":"q","x":1}',
+            "lane: must be 'interactive' or 'bulk'; x: unknown field"),
+    Refused(b"{}", NEEDS),
+    Refused(b'{"txt":"a"}', f"{NEEDS}; txt: unknown field"),
+    Refused(b'{"items":[],"text":"a"}', 'send "text" (one task) or "items" (many), not both'),
+    Refused(b"[1]", "the body must be a JSON object, not an array"),
+    Refused(b"null", "the body must be a JSON object, not null"),
+    Refused(b'"hi"', "the body must be a JSON object, not a string"),
+    Refused(b"7", "the body must be a JSON object, not a number"),
+    Refused(b'{"text":"a"}', "the body must be a JSON object sent as Content-Type: "
+                             "application/json (not text/plain)",
+            headers={"content-type": "text/plain"}),
+    Refused(b'{"text":"a"}', "the body must be a JSON object sent as Content-Type: "
+                             "application/json (the request had no Content-Type)", headers={}),
 ]
 
 
-@pytest.fixture
-def api(redis_url: str, sqlite_url: str, api_factory: Any) -> Any:
-    return api_factory(Settings(broker_url=redis_url, database_url=sqlite_url))
+@pytest.mark.parametrize("case", cases(CASES))
+def test_each_unreadable_body_gets_one_plain_message(case: Refused, module_api: ServeProc) -> None:
+    check_refused(module_api, case)
 
 
-def test_each_unreadable_body_gets_one_plain_message(api: Any) -> None:
-    wrong = []
-    with httpx.Client(base_url=api.url, timeout=10) as http:
-        for body, headers, message in CASES:
-            r = http.post("/v1/tasks", content=body, headers=headers)
-            assert r.status_code == 422, (body, r.text)
-            assert r.json() == {"error": {"code": "invalid_request", "message": r.json()[
-                "error"]["message"]}}, r.text  # the error's shape is as it was
-            got = r.json()["error"]["message"]
-            if got != message:
-                wrong.append((body, headers, got, message))
-        # a valid body is still accepted, one task and many
+def test_a_valid_body_is_still_accepted(module_api: ServeProc) -> None:
+    """After the bodies above, on the same server: one task and many."""
+    with httpx.Client(base_url=module_api.url, timeout=10) as http:
         assert http.post("/v1/tasks", json={"text": "fine"}).status_code == 202
         assert http.post("/v1/tasks", json={"items": ["fine", "too"]}).status_code == 202
-    assert not wrong, "\n".join(f"{b!r} {h}: got {g!r}, expected {m!r}" for b, h, g, m in wrong)
 
 
-def test_query_parameter_errors_read_as_before(api: Any) -> None:
-    r = httpx.get(api.url + "/v1/results", params={"limit": "many"}, timeout=10)
+def test_query_parameter_errors_read_as_before(module_api: ServeProc) -> None:
+    r = httpx.get(module_api.url + "/v1/results", params={"limit": "many"}, timeout=10)
     assert r.status_code == 422
     assert r.json()["error"]["message"].startswith("query.limit: Input should be a valid integer")

@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -25,6 +24,7 @@ from contract.constants import STATUS_DONE
 from contract.errors import BrokerUnavailable, ConfigError, exit_code
 from contract.settings import Settings
 from producer.client import Client
+from tests.redis_urls import past_the_last_database
 from worker.process import die_with_parent, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,20 +116,9 @@ def test_client_submit_refuses_a_bad_database_index(sqlite_url: str) -> None:
             client.submit("hi")
 
 
-def _past_the_last_database(redis_url: str) -> str:
-    """The test Redis's URL with a database index one past its last."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        databases = int(client.config_get("databases")["databases"])
-    finally:
-        client.close()
-    parts = urlsplit(redis_url)
-    return f"{parts.scheme}://{parts.netloc}/{databases}"
-
-
 def test_a_database_index_the_server_lacks_is_a_setting_not_an_outage(
         redis_url: str, sqlite_url: str) -> None:
-    url = _past_the_last_database(redis_url)
+    url = past_the_last_database(redis_url)
     index = url.rsplit("/", 1)[1]
     settings = Settings(broker_url=url, database_url=sqlite_url, publish_retries=0)
     with pytest.raises(ConfigError) as info, Client(settings) as client:
@@ -147,7 +136,7 @@ def test_a_database_index_the_server_lacks_is_a_setting_not_an_outage(
 def test_a_database_index_the_server_lacks_exits_2(command: list[str], redis_url: str,
                                                    sqlite_url: str, tmp_path: Path) -> None:
     """The worker said nothing of it and retried for ever; submit said to start Redis."""
-    url = _past_the_last_database(redis_url)
+    url = past_the_last_database(redis_url)
     env = settings_env(Settings(database_url=sqlite_url, model="null", publish_retries=0,
                                 cache_dir=str(tmp_path)))
     out = _cli([*command, "--broker-url", url], env)

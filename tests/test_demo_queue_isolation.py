@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from contract.errors import ConfigError
 from contract.liveness import family_workers, is_family_of
 from contract.settings import MAX_QUEUE_CHARS, Settings
 from producer.client import Client
+from tests.redis_urls import past_the_last_database
 from worker.demo import demo_queue, remove_queue_keys, run_demo
 
 
@@ -84,19 +86,10 @@ def test_a_database_index_the_server_lacks_stops_the_demo_as_a_setting(
         redis_url: str, sqlite_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Redis answered, refusing the index: the demo said "start it with redis-server" and
     ran in memory, hiding the setting to fix."""
-    from urllib.parse import urlsplit
-
-    from contract.errors import ConfigError
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        databases = int(client.config_get("databases")["databases"])
-    finally:
-        client.close()
-    parts = urlsplit(redis_url)
-    url = f"{parts.scheme}://{parts.netloc}/{databases}"
+    url = past_the_last_database(redis_url)
+    index = url.rsplit("/", 1)[1]
     lines: list[str] = []
-    with pytest.raises(ConfigError, match=f"database index {databases} is out of range"):
+    with pytest.raises(ConfigError, match=f"database index {index} is out of range"):
         run_demo(Settings(broker_url=url, database_url=sqlite_url, model=str(tiny_model_dir),
                           cache_dir=str(tmp_path)), repeat=1, echo=lines.append)
     assert lines == []

@@ -98,6 +98,24 @@ def _one_flush_on_a(s: Settings, messages: dict[str, list[dict[str, Any]]], r: r
     return a, b
 
 
+def _seed(tag: str, redis_url: str, database_url: str, tmp_path: Path, *, count: int,
+          visibility_timeout_s: int, poison_text: str | None = None,
+          ) -> tuple[Settings, dict[str, list[dict[str, Any]]], list[str]]:
+    """Settings for one flush of seven on the queue ``bst-test-<tag>`` (``max_attempts=3``);
+    ``count`` messages of one healthy item each, and one of ``poison_text`` (its message
+    and item id ``poison-<tag>``) where given; the healthy items' ids."""
+    s = Settings(broker_url=redis_url, database_url=database_url, model="null",
+                 queue=f"bst-test-{tag}", cache_dir=str(tmp_path / "cache"), flush_every=7,
+                 max_wait_ms=1_000, visibility_timeout_s=visibility_timeout_s, max_attempts=3)
+    now = time.time()
+    messages = {f"m{i}-{tag}": [{"id": f"t{i}-{tag}", "text": f"the hotel is good {i}",
+                                 "submitted_at": now}] for i in range(count)}
+    if poison_text is not None:
+        messages[f"poison-{tag}"] = [{"id": f"poison-{tag}", "text": poison_text,
+                                      "submitted_at": now}]
+    return s, messages, [f"t{i}-{tag}" for i in range(count)]
+
+
 def test_redelivered_messages_wait_out_an_outage_uncounted(
         pg_url: str, redis_url: str, tmp_path: Path, worker_factory: Any) -> None:
     """Seven messages each delivered twice before (their count at 2 of ``max_attempts=3``:
@@ -114,15 +132,8 @@ def test_redelivered_messages_wait_out_an_outage_uncounted(
     _refuse_rows(direct, sha=hashlib.sha256(poison_text.encode()).hexdigest())
     proxy, proxied = _proxied(pg_url)
     tag = uuid.uuid4().hex[:8]
-    s = Settings(broker_url=redis_url, database_url=proxied, model="null",
-                 queue=f"bst-test-{tag}", cache_dir=str(tmp_path / "cache"),
-                 flush_every=7, max_wait_ms=1_000, visibility_timeout_s=10, max_attempts=3)
-    now = time.time()
-    messages = {f"m{i}-{tag}": [{"id": f"t{i}-{tag}", "text": f"the hotel is good {i}",
-                                 "submitted_at": now}] for i in range(6)}
-    messages[f"poison-{tag}"] = [{"id": f"poison-{tag}", "text": poison_text,
-                                  "submitted_at": now}]
-    healthy = [f"t{i}-{tag}" for i in range(6)]
+    s, messages, healthy = _seed(tag, redis_url, proxied, tmp_path, count=6,
+                                 visibility_timeout_s=10, poison_text=poison_text)
     r = redis.Redis.from_url(redis_url)
     try:
         a, b = _one_flush_on_a(s, messages, r, worker_factory, proxy.down)
@@ -178,14 +189,8 @@ def test_slow_redelivered_groups_keep_the_rest_of_their_flush_visible(
             "PERFORM pg_sleep(1.5); RETURN NEW; END $$ LANGUAGE plpgsql")
         conn.exec_driver_sql("CREATE TRIGGER slow_insert BEFORE INSERT ON bertstream_results "
                              "FOR EACH ROW EXECUTE FUNCTION slow_insert()")
-    tag = uuid.uuid4().hex[:8]
-    s = Settings(broker_url=redis_url, database_url=pg_url, model="null",
-                 queue=f"bst-test-{tag}", cache_dir=str(tmp_path / "cache"),
-                 flush_every=7, max_wait_ms=1_000, visibility_timeout_s=6, max_attempts=3)
-    now = time.time()
-    messages = {f"m{i}-{tag}": [{"id": f"t{i}-{tag}", "text": f"the hotel is good {i}",
-                                 "submitted_at": now}] for i in range(7)}
-    ids = [f"t{i}-{tag}" for i in range(7)]
+    s, messages, ids = _seed(uuid.uuid4().hex[:8], redis_url, pg_url, tmp_path, count=7,
+                             visibility_timeout_s=6)
     r = redis.Redis.from_url(redis_url)
     try:
         t0 = time.monotonic()
