@@ -234,7 +234,7 @@ def test_one_flush_tries_one_group_during_an_outage(
     database refuses connections, or accepts them and says nothing: one group meets the
     outage (one run of the commit's retries), and every other goes back to the queue at
     once, untried, its delivery count as it was before the flush. The group that met the
-    outage has its count forgotten (an outage is not the message's fault). Once the
+    outage has that delivery taken back (an outage is not the message's fault). Once the
     database answers, the same deliveries are all stored, each once."""
     from contract.results import DbTimeouts
     from tests.test_long_texts import _QueuedRequest

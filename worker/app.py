@@ -31,7 +31,7 @@ from contract.constants import (
     queue_name,
 )
 from contract.errors import BertstreamError, BrokerUnavailable, ConfigError
-from contract.results import ResultStore
+from contract.results import DbTimeouts, ResultStore
 from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from worker import kombu_redis
 from worker.device import Placement, resolve_placement
@@ -158,6 +158,7 @@ def build_worker_app(
     store = store or ResultStore.from_settings(settings)
     migrate.ensure(store)
     warn_max_wait(settings)
+    warn_silent_database(settings)
     # The transport patch belongs to worker processes, never to an app importing the client.
     kombu_redis.install(atomic_receive=settings.atomic_receive)
     app = make_celery(settings, name="bertstream-worker")
@@ -200,6 +201,40 @@ def warn_max_wait(settings: Settings) -> bool:
                 "(counted towards %sMAX_ATTEMPTS). Keep the max wait well below the "
                 "visibility timeout.", ENV_PREFIX, settings.max_wait_ms, ENV_PREFIX,
                 settings.visibility_timeout_s, settings.visibility_timeout_s * 1000, ENV_PREFIX)
+    return True
+
+
+def unrenewed_span_s(settings: Settings) -> float:
+    """The longest a delivery of a flush may wait unrenewed against a silent database.
+
+    The task renews what it holds when a quarter of the visibility timeout has passed,
+    checked before each database operation of a flush; one commit attempt in between may
+    wait out the connect timeout and the statement guard twice (the store retries an
+    operation once on a dead connection), plus the pause before the next attempt.
+    """
+    t = DbTimeouts.from_settings(settings)
+    return settings.visibility_timeout_s / 4 + 2 * (t.connect_s + t.guard_s) + 2
+
+
+def warn_silent_database(settings: Settings) -> bool:
+    """Log a warning when a silent database could keep a flush's deliveries unrenewed
+    past the visibility timeout (:func:`unrenewed_span_s`); True if so.
+
+    Other workers' sweeps would then restore them and count the next delivery towards
+    ``max_attempts`` though nothing failed. A database that answers, even with errors,
+    is not concerned: only one that accepts connections and stays silent.
+    """
+    span = unrenewed_span_s(settings)
+    if span < settings.visibility_timeout_s:
+        return False
+    log.warning("%sVISIBILITY_TIMEOUT_S=%d is short for the database timeouts (%sDB_CONNECT_"
+                "TIMEOUT_S=%g, %sDB_STATEMENT_TIMEOUT_S=%g): against a database that accepts "
+                "connections and stays silent, one commit attempt can keep a flush's messages "
+                "unrenewed for %.0f s, and other workers would deliver them again (counted "
+                "towards %sMAX_ATTEMPTS). Raise the visibility timeout above %.0f s or lower "
+                "the database timeouts.", ENV_PREFIX, settings.visibility_timeout_s, ENV_PREFIX,
+                settings.db_connect_timeout_s, ENV_PREFIX, settings.db_statement_timeout_s,
+                span, ENV_PREFIX, (span - settings.visibility_timeout_s / 4) * 4 / 3)
     return True
 
 

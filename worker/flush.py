@@ -21,7 +21,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -347,6 +347,11 @@ class FlushProcessor:
         #: Seconds per padded token of inference, averaged over recent flushes
         #: (None until a flush ran the model).
         self.token_cost: float | None = None
+        #: Called before each database operation that may wait (the lookup of done ids,
+        #: each commit attempt): the task renews the deliveries it holds when due, so no
+        #: visibility sweep restores them while a silent database runs the commit's
+        #: retries out (worker/tasks.py). None: nothing to renew.
+        self.keep_alive: Callable[[], None] | None = None
 
     def held(self) -> set[str]:
         """Ids of the messages with a long text still in the backlog: not to be acked yet."""
@@ -521,6 +526,7 @@ class FlushProcessor:
         if not pending:
             return 0
         try:
+            self._keep_alive()
             done = self.store.done_ids(list(pending), model=self.model_key)
         except StoreUnavailable as exc:
             # Only a saving: run them all; the commit's retries deal with the outage.
@@ -536,6 +542,7 @@ class FlushProcessor:
             try:
                 # A worker killed between its commit and settling the latest flags
                 # (PostgreSQL settles after the commit) left them to this redelivery.
+                self._keep_alive()
                 self.store.settle_latest(done)
             except StoreUnavailable as exc:
                 log.warning("cannot settle the latest flags of done items: %s", exc)
@@ -655,10 +662,16 @@ class FlushProcessor:
     def _commit(self, records: list[ResultRecord],
                 windows: dict[tuple[str, str], list[WindowRecord]] | None = None) -> Upserted:
         """One write, retried with backoff while the database is down; gives the refused
-        rows (a list whose ``written`` holds the rows written)."""
+        rows (a list whose ``written`` holds the rows written).
+
+        Each attempt may wait out the database's timeouts (a silent server: the
+        connect timeout, the statement guard), so :attr:`keep_alive` runs before
+        each: the retries of one write can outlast the visibility timeout.
+        """
         delay = 0.2
         for attempt in range(1, 6):
             try:
+                self._keep_alive()
                 return self.store.upsert(records, windows)
             except StoreUnavailable as exc:
                 if attempt == 5:
@@ -668,6 +681,15 @@ class FlushProcessor:
                 time.sleep(delay)  # a real outage: back off instead of spinning
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keep_alive(self) -> None:
+        """:attr:`keep_alive`, if any; a failure is logged, never raised (the write goes on)."""
+        if self.keep_alive is None:
+            return
+        try:
+            self.keep_alive()
+        except Exception:  # noqa: BLE001 - a renewal must not cost the flush
+            log.exception("renewing the deliveries of a flush failed")
 
 
 def _upsert_key(row: ResultRecord) -> tuple[str, str]:

@@ -31,7 +31,10 @@ and flushes on a count or a timer. What is changed:
   the event loop blocked and nothing renewing the rest of the flush, which
   other workers' sweeps restored and brought back counted (dead-lettered
   untried). Before each redelivered group the deliveries still waiting are
-  renewed in the unacked index;
+  renewed in the unacked index, and within a group before each database
+  operation when due: against a silent database one run of the retries
+  outlasts a short visibility timeout. The group that met the outage has
+  its delivery taken back, the deliveries counted before it kept;
 - the tasks of a list item the transport parks (worker/kombu_redis.py) get
   ``failed`` rows; during a database outage those rows wait in memory
   (bounded) and are written once the database answers again.
@@ -167,6 +170,9 @@ class AnalyzeTask(Batches):
         self._retry_s = UNSTORED_RETRY_S[0]
         #: The database answered in this flush (rows written or looked up).
         self._answered = False
+        #: The deliveries of the running flush not settled yet: renewed with the buffered
+        #: and held ones while its database work waits (:meth:`_renew_due`).
+        self._flushing: list[Any] = []
 
     def _do_flush(self) -> None:
         """celery-batches' timer flush, which also continues the backlog of long texts.
@@ -390,6 +396,8 @@ class AnalyzeTask(Batches):
             log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                           "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
+        finally:
+            self._flushing = []
         if self._held:
             self._keep_visible(self._held_requests())
         if self._answered and self._unstored:
@@ -413,10 +421,12 @@ class AnalyzeTask(Batches):
         again = [(r, s, n) for (r, s), n in zip(new, counts, strict=True) if n > 1]
         # A flush of several groups renews its deliveries not settled yet (and the held
         # ones) before each group: they wait one group at most unrenewed, not the flush.
+        # Within a group, the processor renews them when due before each database
+        # operation (:meth:`_renew_due`): one group's commit retries may be long.
         if fresh:
+            self._flushing = [r for r, _ in fresh] + [r for r, _, _ in again]
             if again:
-                self._keep_visible([r for r, _ in fresh] + [r for r, _, _ in again]
-                                   + self._held_requests())
+                self._keep_visible(self._flushing + self._held_requests())
             if not self._commit_group(fresh, attempt=1):
                 self._requeue_untried(again)
                 return
@@ -426,7 +436,8 @@ class AnalyzeTask(Batches):
                 if self.deliveries is not None:
                     self.deliveries.undo([s.id])
                 continue
-            self._keep_visible([q for q, _, _ in again[k:]] + self._held_requests())
+            self._flushing = [q for q, _, _ in again[k:]]
+            self._keep_visible(self._flushing + self._held_requests())
             if not self._commit_group([(r, s)], attempt=n):
                 self._requeue_untried(again[k + 1:])
                 return
@@ -477,16 +488,31 @@ class AnalyzeTask(Batches):
         the database are tried again. Never raises: it runs in the event loop.
         """
         try:
-            now = time.monotonic()
-            if now - self._renewed_at >= self.visibility_timeout_s / 4:
-                waiting = list(self._buffer.queue) + self._held_requests()
-                if waiting:
-                    self._renewed_at = now
-                    self._keep_visible(waiting)
-            if self._retry_at is not None and now >= self._retry_at:
+            self._renew_due()
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_unstored()
         except Exception:  # noqa: BLE001 - never out of the event loop
             log.exception("the worker's periodic housekeeping failed")
+
+    def _renew_due(self) -> None:
+        """Renew every delivery this worker holds unacked (the running flush's not settled
+        yet, the buffered, the held) once a quarter of the visibility timeout has passed
+        since the last renewal.
+
+        Run by :meth:`_tick` between flushes, and by the processor before each database
+        operation of a flush, refusal or parked item (``FlushProcessor.keep_alive``): the
+        event loop, and with it the tick, is blocked while the commit's retries wait out
+        a silent database (each attempt up to its connect and statement timeouts), long
+        enough for other workers' sweeps to restore the deliveries and bring them back
+        counted. Never raises.
+        """
+        now = time.monotonic()
+        if now - self._renewed_at < self.visibility_timeout_s / 4:
+            return
+        waiting = self._flushing + list(self._buffer.queue) + self._held_requests()
+        if waiting:
+            self._renewed_at = now
+            self._keep_visible(waiting)
 
     def _commit_group(self, group: list[tuple[Any, SimpleRequest]], attempt: int) -> bool:
         """Process ``group`` (past ``max_attempts`` deliveries: dead-letter it); ack what
@@ -554,14 +580,21 @@ class AnalyzeTask(Batches):
     def _requeue_for_outage(self, group: list[tuple[Any, SimpleRequest]],
                             exc: StoreUnavailable) -> None:
         """The database is down: requeue ``group`` and every held delivery after a pause,
-        their delivery counts forgotten (an outage is not the messages' fault)."""
+        their deliveries taken back (an outage is not the messages' fault). Taken back,
+        not forgotten: the deliveries counted before this one still count, so a message
+        that killed a worker before the outage (or is being dead-lettered) keeps its way
+        to dead-lettering instead of starting again as a first delivery."""
         held = list(self._held.items())
         self._held.clear()
         held_requests = [r for _, rs in held for r in rs]
         log.error("database unavailable, requeueing %d message(s): %s",
                   len(group) + len(held_requests), exc)
         if self.deliveries is not None:
-            self.deliveries.forget([s.id for _, s in group] + [mid for mid, _ in held])
+            try:
+                self.deliveries.undo([s.id for _, s in group] + [mid for mid, _ in held])
+            except Exception as err:  # noqa: BLE001 - requeued all the same
+                log.warning("could not take back the delivery counts of %d message(s) (each "
+                            "counts as one delivery): %s", len(group) + len(held), err)
         time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
         _reject([r for r, _ in group] + held_requests, requeue=True)
 
@@ -719,6 +752,8 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
         },
     )
     task = app.register_task(task_cls())
+    # The processor's database waits renew the deliveries the task holds (a silent database).
+    processor.keep_alive = task._renew_due
     app.steps["consumer"].add(_HandBackHeld)
     return task
 
