@@ -3,11 +3,13 @@
 One registry per app (tests build several). Queue depth per lane (of this
 server's queue family, and of every family of its queue) and live workers are
 read from Redis when Prometheus scrapes, not polled; whether that read worked
-is ``bertstream_redis_up``.
+is ``bertstream_redis_up``. Depths are read by a script run in Redis per chunk of
+kombu's bindings (:class:`BindingWalk`), never by a command per family bound.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -70,6 +72,121 @@ def family_depths(client: redis.Redis, families: Iterable[str]) -> dict[str, dic
     return out
 
 
+#: Bound queues (lanes of families) one scrape reads at most; past it the walk over the
+#: bindings goes on at the next scrape (``bertstream_bound_queues_unexamined``).
+MAX_EXAMINED_QUEUES = 100_000
+#: Bound queues one script run reads, so that Redis is never held long by one scrape.
+EXAMINE_CHUNK = 1_000
+
+#: Lua, one step of the walk over the binding set KEYS[1]: the messages waiting in each
+#: queue named in ARGV from ARGV[6 + ARGV[5]] on (even when empty), then, unless ARGV[3]
+#: is empty, SSCAN from cursor ARGV[3] (COUNT ARGV[4]) and the messages waiting in each
+#: queue found there that is named ``<queue>.*`` or ``<queue>-*`` (ARGV[2]) and holds
+#: any. A binding member ends with its queue after kombu's separator (ARGV[1]); a queue
+#: is its list and one per priority step (the suffixes ARGV[6..5 + ARGV[5]]), and one
+#: EXISTS tells an empty queue (Redis drops an empty list) from one to count. Gives the
+#: next cursor, the members seen, the set's size and a flat list of (queue, count).
+_WALK = """
+local sep, queue, steps = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local suffix, keys = {}, {}
+for i = 1, steps do suffix[i] = ARGV[5 + i] end
+local function depth(name)
+  keys[1] = name
+  for i = 1, steps do keys[i + 1] = name .. suffix[i] end
+  if redis.call('EXISTS', unpack(keys)) == 0 then return 0 end
+  local n = 0
+  for _, key in ipairs(keys) do n = n + redis.call('LLEN', key) end
+  return n
+end
+local out = {}
+for i = 6 + steps, #ARGV do
+  out[#out + 1] = ARGV[i]
+  out[#out + 1] = depth(ARGV[i])
+end
+if ARGV[3] == '' then
+  return {'0', 0, redis.call('SCARD', KEYS[1]), out}
+end
+local page = redis.call('SSCAN', KEYS[1], ARGV[3], 'COUNT', ARGV[4])
+local head = string.len(queue)
+local last = '^.*' .. sep .. '(.*)$'
+for _, member in ipairs(page[2]) do
+  local name = string.match(member, last) or member
+  local after = string.sub(name, head + 1, head + 1)
+  if string.sub(name, 1, head) == queue and (after == '.' or after == '-') then
+    local n = depth(name)
+    if n > 0 then
+      out[#out + 1] = name
+      out[#out + 1] = n
+    end
+  end
+end
+return {page[1], #page[2], redis.call('SCARD', KEYS[1]), out}
+"""
+
+
+class BindingWalk:
+    """The depth of the families of ``queue`` that hold messages, found by walking
+    kombu's bindings in Redis (:func:`bound_families`' set) a chunk per script run.
+
+    Bindings are never removed, so the set only grows, mostly with empty families. Redis
+    reads each bound queue and sends back only those holding messages: a scrape sends a
+    command per chunk, never one per family. A scrape reads at most ``limit`` bound
+    queues; past that the walk goes on where it stopped at the next scrape, and
+    :attr:`unexamined` says how many this one did not get to. A family once found
+    holding messages is read at every scrape until it is empty, so it never drops out
+    for the walk's sake. The families read by name go a chunk per script run as well.
+    Thread-safe (concurrent scrapes take turns).
+    """
+
+    def __init__(self, queue: str, *, limit: int | None = None,
+                 chunk: int | None = None) -> None:
+        self.queue = queue
+        self.limit = MAX_EXAMINED_QUEUES if limit is None else limit
+        self.chunk = EXAMINE_CHUNK if chunk is None else chunk
+        self.bound = self.unexamined = 0
+        self._cursor = 0
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
+
+    def depths(self, client: redis.Redis, always: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Messages waiting per lane of each of ``always`` (even when empty), of each
+        family found holding messages before, and of every other family with messages
+        among the bound queues this step of the walk reads."""
+        always = set(always)
+        with self._lock:
+            fixed = sorted(always | self._waiting)
+            out: dict[str, dict[str, int]] = {f: dict.fromkeys(LANES, 0) for f in fixed}
+            names = [queue_name(family, lane) for family in fixed for lane in LANES]
+            suffixes = lane_keys("")[1:]
+            script = client.register_script(_WALK)
+            start = cursor = self._cursor
+            examined, walking = 0, True
+            while True:
+                batch, names = names[:self.chunk], names[self.chunk:]
+                reply = script(keys=[RedisChannel.keyprefix_queue % (self.queue,)],
+                               args=[RedisChannel.sep, self.queue, cursor if walking else "",
+                                     self.chunk, len(suffixes), *suffixes, *batch])
+                self._count(out, reply[3])
+                if walking:
+                    cursor, examined = int(reply[0]), examined + int(reply[1])
+                    walking = cursor != 0 and examined < self.limit
+                if not walking and not names:
+                    break
+            self._cursor, self.bound = cursor, int(reply[2])
+            whole = start == 0 and cursor == 0
+            self.unexamined = 0 if whole else max(self.bound - examined, 0)
+            self._waiting = {f for f, lanes in out.items()
+                             if f not in always and any(lanes.values())}
+        return out
+
+    def _count(self, out: dict[str, dict[str, int]], pairs: list[Any]) -> None:
+        for name, count in zip(pairs[::2], pairs[1::2], strict=True):
+            text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            family, _, lane = text.rpartition(".")
+            if lane in LANES and (family in out or is_family_of(family, self.queue)):
+                out.setdefault(family, dict.fromkeys(LANES, 0))[lane] = int(count)
+
+
 def shown_depths(depths: dict[str, dict[str, int]], always: Iterable[str],
                  limit: int = MAX_DEPTH_FAMILIES) -> dict[str, dict[str, int]]:
     """The families ``bertstream_family_queue_depth`` reports: those in ``always`` (this
@@ -120,6 +237,7 @@ class ApiMetrics:
 class _QueueCollector(Collector):
     def __init__(self, redis_client: Any, settings: Settings) -> None:
         self.redis, self.settings = redis_client, settings
+        self.walk = BindingWalk(settings.queue)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
@@ -127,7 +245,7 @@ class _QueueCollector(Collector):
         Redis is down, so that outage needs its own signal.
 
         Queue depth per family covers this server's own family, every family with live
-        workers and every family with messages waiting (:func:`bound_families`): tasks
+        workers and every family with messages waiting (:class:`BindingWalk`): tasks
         sent to a model no worker serves show up there."""
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per "
                                   "lane of this server's queue family", labels=["lane"])
@@ -142,11 +260,21 @@ class _QueueCollector(Collector):
             "bertstream_family_workers_alive", "Workers whose heartbeat has not expired per "
             "queue family (<queue>, or <queue>-<name> for a named model; this server's own "
             "family always, 0 while it has none)", labels=["family"])
+        bound = GaugeMetricFamily(
+            "bertstream_bound_queues", "Queues bound in Redis to the exchange of this "
+            "server's queue: two lanes per model family ever published to (kombu keeps a "
+            "binding after its queue empties)")
+        unexamined = GaugeMetricFamily(
+            "bertstream_bound_queues_unexamined", "Bound queues this scrape did not read "
+            "for bertstream_family_queue_depth: past a limit per scrape the rest are read "
+            "by the next ones; a family seen holding messages is read at every scrape")
         own, queue = self.settings.family, self.settings.queue
         try:
             alive = family_workers(self.redis, queue)
             served = {own, *(w["family"] for w in alive)}
-            depths = family_depths(self.redis, served | bound_families(self.redis, queue))
+            depths = self.walk.depths(self.redis, served)
+            bound.add_metric([], self.walk.bound)
+            unexamined.add_metric([], self.walk.unexamined)
             for lane in LANES:
                 depth.add_metric([lane], depths[own][lane])
             for family, lanes in sorted(shown_depths(depths, served).items()):
@@ -164,5 +292,7 @@ class _QueueCollector(Collector):
         if up:
             yield depth
             yield per_family_depth
+            yield bound
+            yield unexamined
             yield workers
             yield per_family
