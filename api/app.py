@@ -655,7 +655,7 @@ def _health_routes(app: FastAPI, services: Services) -> None:
             services.submitter.redis.ping()
             checks["redis"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["redis"] = f"unreachable: {type(exc).__name__}"
+            checks["redis"] = errors.redis_check(services.settings, exc)
         try:
             schema = migrate.state(services.client.store)
             problem = schema.problem()
@@ -672,7 +672,9 @@ def _health_routes(app: FastAPI, services: Services) -> None:
             except (BertstreamError, Exception) as exc:  # noqa: BLE001
                 checks["workers"] = f"unknown: {type(exc).__name__}"
         else:
-            checks["workers"] = "unknown: Redis unreachable"
+            checks["workers"] = ("unknown: Redis refuses the broker URL"
+                                 if checks["redis"].startswith("misconfigured")
+                                 else "unknown: Redis unreachable")
         ready = all(v == "ok" or v.startswith("ok:") for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

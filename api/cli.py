@@ -44,12 +44,22 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
             "bind to 127.0.0.1, or pass --no-auth")
     from api.app import refuse_outdated_schema
     from api.submit import broker_redis
-    from contract.errors import SchemaMismatch
+    from contract.broker import probe_broker
+    from contract.errors import BrokerUnavailable, SchemaMismatch
     from contract.results import ResultStore
 
     # memory:// (or a Redis URL that does not parse): a ConfigError, one line and exit 2,
     # before the server processes fail on it with a traceback.
     broker_redis(settings).close()
+    # Redis refusing the URL (a database index it lacks, credentials it does not take) is
+    # a ConfigError too, as for `bertstream worker`: no wait mends it. An unreachable Redis
+    # is not: it may come up after the API (a restarted stack), so the API starts, says
+    # so, and answers 503 broker_unavailable (and /readyz not ready) until then.
+    try:
+        probe_broker(settings)
+    except BrokerUnavailable as exc:
+        click.echo(f"warning: {exc}; serving anyway: submits are answered 503 and /readyz "
+                   f"is not ready until Redis answers", err=True)
     store = ResultStore.from_settings(settings)
     try:
         refuse_outdated_schema(store)

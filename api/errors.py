@@ -14,7 +14,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.broker import BrokerMisconfigured, broker_error
+from contract.constants import ENV_PREFIX
 from contract.errors import BrokerUnavailable, InvalidInput, SchemaMismatch, StoreUnavailable
+from contract.settings import Settings
 from producer.client import missing_schema
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,33 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
+def misconfigured_broker(exc: BrokerMisconfigured) -> str:
+    """What Redis refuses of the broker URL, named by its setting: no host, no user, no
+    password (a client, or anyone reading ``/readyz``, sees it; the server's log has the
+    URL, its password masked)."""
+    return f"{ENV_PREFIX}BROKER_URL: {exc.problem}"
+
+
+def redis_check(settings: Settings, exc: BaseException) -> str:
+    """How a health answer (``/readyz``) names a failed Redis read: ``misconfigured:``
+    and what Redis refuses of the broker URL (:func:`contract.broker.broker_error`), which
+    no wait mends, else ``unreachable:`` and the error's type (an outage)."""
+    error = exc if isinstance(exc, BrokerMisconfigured) else broker_error(settings, exc)
+    if isinstance(error, BrokerMisconfigured):
+        return f"misconfigured: {misconfigured_broker(error)}"
+    return f"unreachable: {type(exc).__name__}"
+
+
+async def _broker_misconfigured(_request: Request, exc: BrokerMisconfigured) -> JSONResponse:
+    """Redis answers but refuses the broker URL (a database index it lacks, credentials it
+    does not take): a 503 as for a schema behind the code, the service being down until
+    its operator acts, but without Retry-After or "retry later": waiting mends nothing."""
+    log.error("answering 503: Redis refuses the broker URL: %s", exc)
+    return _json(503, "broker_misconfigured", f"the server's broker setting is wrong "
+                 f"({misconfigured_broker(exc)}); retrying will not help until its operator "
+                 f"fixes it")
+
+
 def _json(status: int, code: str, message: str,
           headers: dict[str, str] | None = None) -> JSONResponse:
     return JsonAnswer(error_body(code, message), status_code=status, headers=headers)
@@ -87,6 +117,8 @@ def install(app: FastAPI) -> None:
         log.warning("answering 503: %s", exc)
         return _json(503, "broker_unavailable", "the queue (Redis) cannot be reached; retry "
                      "later", {"Retry-After": "5"})
+
+    app.exception_handler(BrokerMisconfigured)(_broker_misconfigured)
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import redis
 
 from api.errors import ApiError
-from contract.broker import required_redis
+from contract.broker import BrokerMisconfigured, broker_error, required_redis
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
@@ -77,11 +77,16 @@ def broker_redis(settings: Settings) -> redis.Redis:
                                     "(only `bertstream demo` runs on it)")
 
 
-def redis_failure(exc: redis.RedisError) -> Exception:
-    """What a failed Redis command means to the API's caller. Redis unreachable: the
+def redis_failure(settings: Settings, exc: redis.RedisError) -> Exception:
+    """What a failed Redis command means to the API's caller. Redis refusing the broker
+    URL (a database index it lacks, credentials it does not take): a setting to fix
+    (:class:`BrokerMisconfigured`, a 503 without Retry-After). Redis unreachable: the
     outage (503). Redis up but out of memory: a 503 that says so. Any other error reply
     (a script error, an expiry Redis refuses) is no outage: an internal error (500), the
     reply logged."""
+    error = broker_error(settings, exc)
+    if isinstance(error, BrokerMisconfigured):
+        return error
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         log.warning("answering 503: Redis is out of memory (maxmemory): %s", exc)
         return ApiError(503, "broker_full", "the queue (Redis) is out of memory; retry "
@@ -89,7 +94,7 @@ def redis_failure(exc: redis.RedisError) -> Exception:
     if isinstance(exc, redis.ResponseError):
         log.error("answering 500: Redis refused a command: %s", exc)
         return ApiError(500, "internal_error", "internal error (Redis refused a command)")
-    return BrokerUnavailable(f"cannot reach Redis: {exc}")
+    return error
 
 
 #: Claim every id of a batch at once: ``SET <prefix><id> <hash> NX EX <ttl>`` each. The
@@ -188,7 +193,7 @@ class Submitter:
         try:
             alive = live_workers(self.redis, self.settings.family)
         except redis.RedisError as exc:
-            raise redis_failure(exc) from exc
+            raise redis_failure(self.settings, exc) from exc
         if not any(w.get("model") == model for w in alive):
             return None
         return self.accepted_hash(task_id)
@@ -197,7 +202,7 @@ class Submitter:
         try:
             value = self.redis.get(key)
         except redis.RedisError as exc:
-            raise redis_failure(exc) from exc
+            raise redis_failure(self.settings, exc) from exc
         return value.decode("utf-8") if isinstance(value, bytes) else None
 
     def queue_full(self) -> bool:
@@ -217,9 +222,10 @@ class Submitter:
 
         ``caller_ids``: the ids the caller chose (generated ids cannot collide,
         so only these are looked up among the stored rows).
-        Raises :class:`BrokerUnavailable`, :class:`ApiError` when Redis refuses a command
-        (see :func:`redis_failure`), or :class:`StoreUnavailable` when the
-        stored rows cannot be compared: nothing published, no claim kept.
+        Raises :class:`BrokerUnavailable`, :class:`BrokerMisconfigured`, :class:`ApiError`
+        when Redis refuses a command (see :func:`redis_failure`), or
+        :class:`StoreUnavailable` when the stored rows cannot be compared: nothing
+        published, no claim kept.
         ``partial`` (items of separate requests): that database error fails only
         the caller ids it left unchecked, as :data:`UNAVAILABLE` outcomes with
         no claim kept, and the rest are published.
@@ -235,7 +241,7 @@ class Submitter:
                                          self.settings.family if self.settings.model_name
                                          else ""])
         except redis.RedisError as exc:
-            raise redis_failure(exc) from exc
+            raise redis_failure(self.settings, exc) from exc
         outcomes: list[Outcome | None] = [None] * len(items)
         for k in range(0, len(previous), 2):
             i = int(previous[k]) - 1
@@ -277,7 +283,8 @@ class Submitter:
             return False
         try:
             marker = self._get(self.retry_key(record.id))
-        except (BrokerUnavailable, ApiError) as exc:  # the stored row is still the best answer
+        # the stored row is still the best answer, Redis down or refusing the broker URL
+        except (BrokerUnavailable, BrokerMisconfigured, ApiError) as exc:
             log.warning("status of %r read without its retry marker: %s", record.id, exc)
             return False
         return is_retrying(marker, record.attempts, record.model, model)
@@ -318,7 +325,7 @@ class Submitter:
                 "\0".join(retry_marker(row.attempts, row.model, target)
                           for _, row in candidates)])
         except redis.RedisError as exc:
-            raise redis_failure(exc) from exc
+            raise redis_failure(self.settings, exc) from exc
         now_marked = {int(m) - 1 for m in marked}
         retries: dict[int, str] = {}
         for k, (i, row) in enumerate(candidates):
@@ -394,15 +401,17 @@ class Submitter:
                            Outcome(item.id, CONFLICT,
                                    f"id {item.id!r} is stored with a different text"))
 
-    def _publish(self, items: list[TaskItem], lane: str) -> tuple[int, BrokerUnavailable | None]:
+    def _publish(self, items: list[TaskItem],
+                 lane: str) -> tuple[int, BrokerUnavailable | BrokerMisconfigured | None]:
         """Publish ``items`` in messages of ``bulk_chunk_size``: how many were sent, and the
-        outage that stopped the rest (None when all were)."""
+        error that stopped the rest (None when all were): Redis unreachable, or refusing
+        the broker URL."""
         size = self.settings.bulk_chunk_size
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             try:
                 self.client.publish(chunk, bulk=lane == LANE_BULK)
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, BrokerMisconfigured) as exc:
                 return start, exc
             if self.on_message is not None:
                 self.on_message(lane, len(chunk))

@@ -14,6 +14,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.errors import BrokerUnavailable, ConfigError
@@ -90,29 +92,67 @@ def celery_broker_url(url: str) -> tuple[str, str | None]:
     return f"redis+socket://{parts.netloc}{parts.path}{'?' if rest else ''}{rest}", db
 
 
-def broker_error(settings: Settings, exc: BaseException) -> ConfigError | BrokerUnavailable:
+class BrokerMisconfigured(ConfigError):
+    """Redis answered but refused what the broker URL asks (:func:`broker_error`): a
+    setting, or the server, to fix; no retry mends it. ``problem`` says what without the
+    URL, for answers that must not show hosts (the HTTP API's)."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured | BrokerUnavailable:
     """The error a Redis failure ``exc`` (redis-py's, or kombu's around it) stands for.
 
-    :class:`ConfigError` when Redis answered but refused what the URL asks (a database
-    index past the server's ``databases``, a wrong or missing password): a setting to
-    fix (exit 2), not a server to start. Otherwise :class:`BrokerUnavailable` (exit 3).
+    :class:`BrokerMisconfigured` (a :class:`ConfigError`) when Redis answered but refused
+    what the URL asks (a database index past the server's ``databases``, a wrong or
+    missing password): a setting to fix (exit 2), not a server to start. Otherwise
+    :class:`BrokerUnavailable` (exit 3).
     """
     url = mask_url(settings.broker_url)
     cause: BaseException | None = exc
     for _ in range(10):  # the chain of causes; a cycle ends here too
         if cause is None:
             break
+        problem = None
         if isinstance(cause, redis.ResponseError) and DB_INDEX_OUT_OF_RANGE in str(cause):
-            return ConfigError(
-                f"{ENV_PREFIX}BROKER_URL={url!r}: database index "
-                f"{_url_db(settings.broker_url)} is out of range for the Redis server "
-                f"there (it has fewer databases: its `databases` setting)")
-        if isinstance(cause, redis.AuthenticationError):
-            return ConfigError(f"{ENV_PREFIX}BROKER_URL={url!r}: the Redis server there "
-                               f"refused the credentials ({cause})")
+            problem = (f"database index {_url_db(settings.broker_url)} is out of range for "
+                       f"the Redis server there (it has fewer databases: its `databases` "
+                       f"setting)")
+        elif isinstance(cause, redis.AuthenticationError):
+            problem = f"the Redis server there refused the credentials ({cause})"
+        if problem is not None:
+            return BrokerMisconfigured(f"{ENV_PREFIX}BROKER_URL={url!r}: {problem}", problem)
         cause = cause.__cause__ or cause.__context__
     return BrokerUnavailable(f"cannot reach Redis at {url} — start it with `redis-server` "
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
+
+
+def probe_broker(settings: Settings, timeout_s: float | None = None) -> None:
+    """One try at the broker's Redis now, without redis-py's retries, each socket wait cut
+    to ``timeout_s``: returns when it answers (and at once for a broker other than Redis);
+    raises :func:`broker_error`'s error when it does not (:class:`BrokerMisconfigured`,
+    :class:`BrokerUnavailable`), and :class:`ConfigError` for a URL that does not parse.
+    """
+    if not settings.broker_url.startswith(REDIS_SCHEMES):
+        return
+    options = redis_socket_options(settings)
+    if timeout_s is not None:
+        options.update(socket_connect_timeout=min(settings.redis_connect_timeout_s, timeout_s),
+                       socket_timeout=min(settings.redis_socket_timeout_s, timeout_s))
+    try:
+        client = redis.Redis.from_url(settings.broker_url, retry=Retry(NoBackoff(), 0),
+                                      **options)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}BROKER_URL={mask_url(settings.broker_url)!r} cannot "
+                          f"be parsed ({exc})") from exc
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise broker_error(settings, exc) from exc
+    finally:
+        client.close()
 
 
 def _url_db(url: str) -> str:
@@ -141,12 +181,21 @@ def redis_socket_options(settings: Settings) -> dict[str, Any]:
 
 def publish_retry_policy(settings: Settings) -> dict[str, Any]:
     """kombu's retry policy for a publish: no pause first, then 0.25 s more per retry,
-    capped at ``publish_retry_max_s``."""
+    capped at ``publish_retry_max_s``. A connection Redis refuses for the URL's sake (a
+    database index, credentials: :class:`BrokerMisconfigured`) is not retried: its
+    ``errback``, which kombu calls on each failed try, raises that error at once."""
+
+    def refuse_misconfigured(exc: BaseException, _interval: float) -> None:
+        error = broker_error(settings, exc)
+        if isinstance(error, BrokerMisconfigured):
+            raise error from exc
+
     return {
         "max_retries": settings.publish_retries,
         "interval_start": 0,
         "interval_step": min(0.25, settings.publish_retry_max_s),
         "interval_max": settings.publish_retry_max_s,
+        "errback": refuse_misconfigured,
     }
 
 
