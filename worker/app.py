@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 from celery import Celery
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from contract import migrate
-from contract.broker import broker_error, make_celery, redis_socket_options
+from contract.broker import make_celery, probe_broker
 from contract.constants import (
     DEFAULT_MODEL,
     ENV_PREFIX,
@@ -30,7 +27,7 @@ from contract.constants import (
     LANE_INTERACTIVE,
     queue_name,
 )
-from contract.errors import BertstreamError, BrokerUnavailable, ConfigError
+from contract.errors import BertstreamError, BrokerUnavailable
 from contract.results import DbTimeouts, ResultStore
 from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from worker import kombu_redis
@@ -69,26 +66,15 @@ def wait_for_broker(settings: Settings) -> None:
     tries = 0
     while True:
         tries += 1
-        left = max(deadline - time.monotonic(), 0.1)
-        options = redis_socket_options(settings)
         # One try is one connection attempt (redis-py's own retries are off), cut short
         # by the time left, so the wait ends near its bound.
-        options.update(socket_connect_timeout=min(settings.redis_connect_timeout_s, left),
-                       socket_timeout=min(settings.redis_socket_timeout_s, left),
-                       retry=Retry(NoBackoff(), 0))
-        client = redis.Redis.from_url(settings.broker_url, **options)
         try:
-            client.ping()
+            probe_broker(settings, max(deadline - time.monotonic(), 0.1))
             if tries > 1:
                 log.info("Redis at %s answers (try %d)", url, tries)
             return
-        except redis.RedisError as exc:
-            error = broker_error(settings, exc)
-            if isinstance(error, ConfigError):
-                raise error from exc
-            reason = exc
-        finally:
-            client.close()
+        except BrokerUnavailable as exc:
+            reason = exc.__cause__ or exc
         left = deadline - time.monotonic()
         if left <= 0:
             raise BrokerUnavailable(
