@@ -13,8 +13,8 @@ trips (one write of one command or a pipeline, then its replies), its commands,
 the bytes it sent and its longest round trip (about the longest Redis spent on
 one of its commands). Beside it, the same scrape reading every bound family's
 lane lengths in one pipeline (what the collector did before). ``--other-keys``
-stores that many keys like the API's id claims first: the heartbeat SCAN walks
-the whole database. Runs against the given Redis database (default: db 8, the
+stores that many keys like the API's id claims first (the heartbeat readers
+once SCANned the whole database; they read an index now). Runs against the given Redis database (default: db 8, the
 benchmarks' own), which it empties before and after.
 """
 
@@ -136,7 +136,7 @@ def main() -> None:
                         help="time only the scrape as it is (every-family reads take long)")
     parser.add_argument("--other-keys", type=int, default=0,
                         help="also store this many id claims (the API's, one per item "
-                             "accepted) in the database: the heartbeat SCAN walks them")
+                             "accepted) in the database")
     args = parser.parse_args()
     tally = Tally()
     client = counting_client(args.broker, tally)

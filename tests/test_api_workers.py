@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import by_family
 from contract.constants import WORKER_KEY_PREFIX
-from contract.liveness import family_workers
+from contract.liveness import announce, family_workers
 from contract.settings import Settings
 from tests.polling import until
 from worker.heartbeat import Heartbeat
@@ -114,9 +114,9 @@ def test_only_keys_of_the_family_rule_count(redis_url: str) -> None:
         for beat in beats:
             beat.start()
         for junk in ("-", "-bad name", "-.dot"):
-            client.set(f"{WORKER_KEY_PREFIX}{queue}{junk}:celery@junk", "{}", ex=60)
-        client.set(f"{WORKER_KEY_PREFIX}{queue}:celery@e", "not json", ex=60)
-        until(lambda: client.dbsize() == 8)
+            announce(client, f"{queue}{junk}", "celery@junk", "{}")
+        announce(client, queue, "celery@e", "not json")
+        until(lambda: len(list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*"))) == 8)
         got = family_workers(client, queue)
         assert [(w["family"], w["hostname"]) for w in got] == [
             (queue, "celery@d"), (queue, "celery@e"), (f"{queue}-v2.1", "celery@n")]

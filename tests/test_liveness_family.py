@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from contract.constants import WORKER_KEY_PREFIX
-from contract.liveness import family_workers, is_family_of, live_workers
+from contract.liveness import announce, family_workers, is_family_of, live_workers
 from contract.settings import Settings
 from producer.client import Client
 from tests.polling import until
@@ -39,7 +39,7 @@ def test_a_node_name_with_a_colon_keeps_its_whole_name(redis_url: str,
     beats = [Heartbeat(base, node, {"model": "m"}).start(),
              Heartbeat(named, "x:y@h2", {}).start()]
     try:
-        until(lambda: client.dbsize() == 2)
+        until(lambda: len(list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*"))) == 2)
         assert [w["hostname"] for w in live_workers(client, base.family)] == [node]
         assert [w["hostname"] for w in live_workers(client, named.family)] == ["x:y@h2"]
         assert [(w["family"], w["hostname"]) for w in family_workers(client, base.queue)] == [
@@ -64,7 +64,7 @@ def test_glob_characters_in_a_queue_name_match_only_that_queue(redis_url: str,
              Heartbeat(other, "celery@other", {}).start(),
              Heartbeat(other.replace(model_name="v2"), "celery@other-v2", {}).start()]
     try:
-        until(lambda: client.dbsize() == 3)
+        until(lambda: len(list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*"))) == 3)
         assert [w["hostname"] for w in live_workers(client, mine.family)] == ["celery@mine"]
         assert [w["hostname"] for w in family_workers(client, mine.queue)] == ["celery@mine"]
         assert [w["hostname"] for w in live_workers(client, other.family)] == ["celery@other"]
@@ -80,7 +80,7 @@ def test_a_value_that_is_not_a_json_object_is_a_worker_without_facts(
     queue = f"bst-junk-{uuid.uuid4().hex[:8]}"
     for host, value in (("a", "not json"), ("b", "42"), ("c", "[1, 2]"),
                         ("d", '{"hostname": "liar", "family": "x", "model": "m"}')):
-        client.set(f"{WORKER_KEY_PREFIX}{queue}:celery@{host}", value, ex=60)
+        announce(client, queue, f"celery@{host}", value)
     expected = [{"hostname": f"celery@{h}", "family": queue} for h in "abc"] + [
         {"hostname": "celery@d", "family": queue, "model": "m"}]
     assert live_workers(client, queue) == expected
@@ -95,7 +95,7 @@ def test_one_family_is_only_that_family(redis_url: str, client: redis.Redis) -> 
              Heartbeat(base.replace(model_name="v2.1"), "celery@n", {}).start(),
              Heartbeat(base.replace(queue=base.queue + "2"), "celery@longer", {}).start()]
     try:
-        until(lambda: client.dbsize() == 3)
+        until(lambda: len(list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*"))) == 3)
         assert [w["hostname"] for w in live_workers(client, base.queue)] == ["celery@d"]
         assert [w["hostname"] for w in live_workers(client, f"{base.queue}-v2.1")] == [
             "celery@n"]
@@ -122,7 +122,7 @@ def test_the_healthcheck_counts_only_its_own_queue(redis_url: str,
     beat = Heartbeat(mine.replace(queue=f"bst-elsewhere-{uuid.uuid4().hex[:8]}"),
                      f"bertstream-1@{host}", {}).start()
     try:
-        until(lambda: client.dbsize() == 1)
+        until(lambda: len(list(client.scan_iter(match=f"{WORKER_KEY_PREFIX}*"))) == 1)
         assert check(mine, host, None) == f"no fresh heartbeat from a worker on {host}"
         named = Heartbeat(mine.replace(model_name="b"), f"bertstream-2@{host}", {}).start()
         try:

@@ -20,7 +20,7 @@ from api.metrics import EXAMINE_CHUNK, MAX_DEPTH_FAMILIES, ApiMetrics
 from bench.metrics_scrape import Tally, bind, counting_client
 from contract.broker import lane_keys
 from contract.constants import queue_name
-from contract.liveness import worker_key
+from contract.liveness import announce
 from contract.settings import Settings
 
 STALE = 20_000
@@ -133,7 +133,7 @@ def test_past_the_limit_the_rest_are_summed_and_served_families_show(
     for i in range(MAX_DEPTH_FAMILIES + 10):
         client.rpush(queue_name(f"{queue}-m{i}", "bulk"), *["x"] * (1 + i))
     for name in ("idle", "busy"):  # what a worker's heartbeat writes
-        client.set(worker_key(f"{queue}-{name}", f"celery@{name}"), "{}", ex=60)
+        announce(client, f"{queue}-{name}", f"celery@{name}", "{}")
     client.rpush(queue_name(f"{queue}-busy", "interactive"), "y", "y", "y")
     seen = _scrape(client, settings)
     families = {family for family, _ in seen["family"]}

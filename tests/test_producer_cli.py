@@ -512,11 +512,11 @@ def test_submit_wait_with_a_live_worker_says_nothing_of_it(
 ) -> None:
     import redis as redis_lib
 
-    from contract.liveness import worker_key
+    from contract.liveness import announce
 
     r = redis_lib.Redis.from_url(redis_url)
     try:
-        r.set(worker_key(filled.queue, "w1"), '{"pid": 1}', ex=30)  # a fresh heartbeat
+        announce(r, filled.queue, "w1", '{"pid": 1}')  # a fresh heartbeat
         result = invoke(["submit", "slow", "--wait", "--timeout", "0.2"], filled)
     finally:
         r.close()

@@ -1,4 +1,5 @@
-"""The worker's heartbeat: a daemon thread refreshing its liveness key (contract.liveness)."""
+"""The worker's heartbeat: a daemon thread refreshing its liveness key and that key's
+place in its queues' indexes (contract.liveness)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import redis
 
 from contract.broker import redis_client
 from contract.errors import ConfigError
-from contract.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, worker_key
+from contract.liveness import HEARTBEAT_EVERY_S, announce, withdraw, worker_key
 from contract.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def node_name(spec: str) -> str:
 
 
 class Heartbeat:
-    """Refreshes ``worker_key(queue, hostname)`` every few seconds until :meth:`stop`.
+    """Refreshes ``worker_key(queue, hostname)`` and its index members every few seconds
+    until :meth:`stop` (:func:`contract.liveness.announce`, one round trip).
 
     A Redis outage is logged once and retried; the key is deleted on a clean stop.
     The client has the broker's timeouts and health checks (``redis_*`` settings).
@@ -37,6 +39,7 @@ class Heartbeat:
     """
 
     def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
+        self.family, self.hostname = settings.family, hostname
         self.key = worker_key(settings.family, hostname)
         self.value = json.dumps({"pid": os.getpid(), "started_at": time.time(), **facts})
         client = redis_client(settings)
@@ -57,7 +60,7 @@ class Heartbeat:
         failing = False
         while not self._stop.is_set():
             try:
-                self.client.set(self.key, self.value, ex=HEARTBEAT_TTL_S)
+                announce(self.client, self.family, self.hostname, self.value)
                 failing = False
             except redis.RedisError as exc:
                 if not failing:
@@ -66,11 +69,12 @@ class Heartbeat:
             self._stop.wait(HEARTBEAT_EVERY_S)
 
     def stop(self) -> None:
-        """Stop refreshing and remove the key (a stopped worker is not alive)."""
+        """Stop refreshing and remove the key and its index members (a stopped worker is
+        not alive)."""
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_EVERY_S + 1)
         try:
-            self.client.delete(self.key)
+            withdraw(self.client, self.family, self.hostname)
         except redis.RedisError:
             pass  # it expires by itself
         self.client.close()
