@@ -767,7 +767,7 @@ class ResultStore:
         counted = DeleteCount(0, 0)
         for chunk in id_sets:
             conds = _filters(chunk, source, label, status, since, until, model, lang,
-                             every_model=True)
+                             every_model=True, dialect=self.engine.dialect.name)
             if dry_run:
                 counted += self._read(functools.partial(_count_rows, conds=conds))
             else:
@@ -1066,7 +1066,8 @@ class ResultStore:
         Without ``model``, each task's latest result (of any model).
         """
         query = sa.select(results).where(
-            *_filters(ids, source, label, status, since, until, model, lang))
+            *_filters(ids, source, label, status, since, until, model, lang,
+                      dialect=self.engine.dialect.name))
         order = results.c.finished_at.desc() if newest_first else results.c.finished_at.asc()
         query = query.order_by(order, results.c.id)
         if limit is not None:
@@ -1125,7 +1126,8 @@ class ResultStore:
     ) -> int:
         """Number of tasks stored, or matching every given filter (as :meth:`query`)."""
         query = (sa.select(sa.func.count()).select_from(results)
-                 .where(*_filters(ids, source, label, status, since, until, model, lang)))
+                 .where(*_filters(ids, source, label, status, since, until, model, lang,
+                                  dialect=self.engine.dialect.name)))
         return self._read(lambda conn: int(conn.execute(query).scalar_one()))
 
 
@@ -1286,6 +1288,26 @@ def _unindexed_sqlite(element: _Unindexed, compiler: Any, **kw: Any) -> str:
     return "+" + str(compiler.process(element.column, **kw))
 
 
+#: Most ids an ``id IN (...)`` list of a filter holds on SQLite; a longer list is sent as
+#: one JSON array (each placeholder is a variable, and a build may allow 32766 at most).
+ID_LIST_MAX = 500
+
+
+def _ids_match(ids: Sequence[str], dialect: str | None) -> Any:
+    """``results.id`` among ``ids``, however many: a filter's id list within the drivers'
+    limits on placeholders (PostgreSQL takes 65535 per statement, SQLite 32766 in many
+    builds). PostgreSQL gets ``id = ANY(:array)``, one parameter; SQLite an ``IN`` list,
+    or past :data:`ID_LIST_MAX` ids ``IN (SELECT value FROM json_each(:array))``. Either
+    way the primary key is searched, and the database orders and limits the rows."""
+    wanted = list(ids)
+    if dialect == "postgresql":
+        return results.c.id == sa.any_(sa.bindparam(None, wanted, type_=pg_types.ARRAY(sa.String)))
+    if len(wanted) <= ID_LIST_MAX:
+        return results.c.id.in_(wanted)
+    listed = sa.func.json_each(sa.bindparam(None, json.dumps(wanted), sa.Text))
+    return results.c.id.in_(sa.select(sa.column("value")).select_from(listed))
+
+
 def _filters(
     ids: Sequence[str] | None,
     source: str | None,
@@ -1297,15 +1319,18 @@ def _filters(
     lang: str | None = None,
     *,
     every_model: bool = False,
+    dialect: str | None = None,
 ) -> list[Any]:
+    """The conditions of a read or delete; ``dialect``: the engine's, which decides how
+    ``ids`` are sent (:func:`_ids_match`)."""
     conds: list[Any] = []
 
     def col(name: str) -> Any:
         # given ids, the primary key is the way in: no other index may compete
         return _Unindexed(results.c[name]) if ids else results.c[name]
 
-    if ids:
-        conds.append(results.c.id.in_(list(ids)))
+    if ids is not None:  # an empty list matches no row, as get_many([]) reads none
+        conds.append(_ids_match(ids, dialect))
     for name, value in (("source", source), ("label", label), ("status", status),
                         ("lang", lang)):
         if value is not None:

@@ -20,12 +20,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import redis
+import sqlalchemy as sa
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.pools import ProducerPool
@@ -38,7 +39,9 @@ from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
     LANE_INTERACTIVE,
+    LANGS,
     MODEL_NAME_PATTERN,
+    STATUSES,
     TASK_ANALYZE,
     served_name,
 )
@@ -145,25 +148,65 @@ def _model_arg(model: Any) -> str | None:
     return model
 
 
+#: The values the ``status`` and ``lang`` filters take (those the rows hold), as the CLI's
+#: ``--status``/``--lang`` and the API's ``status``/``lang`` parameters take them.
+FILTER_VALUES: dict[str, tuple[str, ...]] = {"status": STATUSES, "lang": LANGS}
+
+
+def _chunk_size_arg(chunk_size: Any) -> int | None:
+    """A ``chunk_size=`` argument: None (the setting) or a whole number above 0, else
+    :class:`InvalidInput` (0 silently meant the setting, a string was a TypeError)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool)
+                                   or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise InvalidInput(f"chunk_size must be a whole number above 0 (None: "
+                           f"BERTSTREAM_BULK_CHUNK_SIZE); got {chunk_size!r}")
+    return chunk_size
+
+
+def _ids_arg(ids: Any) -> list[str] | None:
+    """An ``ids=`` filter as a list, each id a string (:func:`_one_or_many`); None: no
+    id filter. An iterator is read once, here: passed on as it was, it reached the
+    store exhausted and the read found nothing. An empty list matches no row."""
+    return None if ids is None else _one_or_many(ids, "ids=")
+
+
 def _filter_args(values: Mapping[str, Any]) -> None:
     """Refuse, as :class:`InvalidInput`, a read filter of the wrong type: a text filter
     that is no string, a time bound that is no datetime. The database would otherwise
     compare them as it can: no rows on SQLite, a type error on PostgreSQL (reported as
-    an outage, which a caller would retry)."""
+    an outage, which a caller would retry). A ``status`` or ``lang`` no row can hold
+    (``finished``, ``xx``) is refused with the values it takes: it read no rows, which
+    looks like an answer."""
     for name, value in values.items():
         if value is None:
             continue
         if name in ("since", "until"):
             if not isinstance(value, dt.datetime):
                 raise InvalidInput(f"{name} must be a datetime, got {type(value).__name__}")
-        elif name == "ids":
-            _one_or_many(value, "ids=")
         elif name == "limit":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInput(f"limit must be a whole number, 0 or more (None: no "
                                    f"limit); got {value!r}")
         elif not isinstance(value, str):
             raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+        elif name in FILTER_VALUES and value not in FILTER_VALUES[name]:
+            raise InvalidInput(f"unknown {name} {quoted(value)}; expected one of "
+                               f"{', '.join(FILTER_VALUES[name])} (None: any)")
+
+
+def _close_returned_after_close(engine: sa.Engine, client: weakref.ref[Client]) -> None:
+    """Close each connection given back to ``engine``'s pool once its client is closed.
+
+    close() disposes of the pool, but a read in flight in another thread holds its
+    connection and gives it back afterwards, into the pool close() dropped: it stayed
+    open until the garbage collector found it (psycopg warns of such a connection)."""
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        owner = client()
+        if dbapi_connection is not None and (owner is None or owner._closed):
+            record.invalidate()
+
+    sa.event.listen(engine, "checkin", checkin)
+
 
 #: SQLSTATEs of a table (42P01, UndefinedTable) or a column (42703, UndefinedColumn)
 #: PostgreSQL does not know.
@@ -458,8 +501,43 @@ class Client:
     def _check_open(self) -> None:
         """Raise :class:`ClientClosed` after :meth:`close` (under the lock)."""
         if self._closed:
-            raise ClientClosed("this bertstream Client is closed; create a new one "
-                               "(or use it inside its `with` block)")
+            raise self._closed_error()
+
+    @staticmethod
+    def _closed_error() -> ClientClosed:
+        return ClientClosed("this bertstream Client is closed; create a new one "
+                            "(or use it inside its `with` block)")
+
+    @contextmanager
+    def _unless_closed(self) -> Iterator[None]:
+        """Run a call's own work on the broker or the database: an error it raises once
+        :meth:`close` ran (in another thread, or in a hook of this call) is
+        :class:`ClientClosed`. close() drops the connections under the call, which then
+        failed as an outage (BrokerUnavailable, StoreUnavailable) or inside kombu
+        (AttributeError, "Acquire on closed pool"): a caller would retry those."""
+        try:
+            yield
+        except ClientClosed:
+            raise
+        except Exception as exc:
+            if self._closed:
+                raise self._closed_error() from exc
+            raise
+
+    def _on_redis(self, work: Callable[[redis.Redis], T]) -> T:
+        """``work`` on this client's Redis client: Redis errors as :class:`BrokerUnavailable`
+        (or :class:`ClientClosed` when :meth:`close` ran meanwhile). A connection the call
+        opened again after close() is closed with it, not left to the garbage collector."""
+        client = self._redis_client()
+        try:
+            with self._unless_closed():
+                try:
+                    return work(client)
+                except redis.RedisError as exc:
+                    raise self._broker_error(exc) from exc
+        finally:
+            if self._closed:
+                client.close()
 
     def _forked(self) -> None:
         """Forget what this process inherited from its parent (see
@@ -530,10 +608,7 @@ class Client:
         other than Redis). Raises :class:`BrokerUnavailable` when Redis cannot be reached."""
         if not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return None
-        try:
-            alive = live_workers(self._redis_client(), self.settings.queue)
-        except redis.RedisError as exc:
-            raise self._broker_error(exc) from exc
+        alive = self._on_redis(lambda r: live_workers(r, self.settings.queue))
         return sorted({str(w["model"]) for w in alive if w.get("model")})
 
     # -- submitting -----------------------------------------------------
@@ -585,16 +660,20 @@ class Client:
         after that is stored as ``expired`` without reaching the model.
         Raises :class:`BrokerUnavailable` when Redis stays unreachable through
         the publish retries; it says how many items were sent (those stay queued),
-        and :class:`TypeError` for one text instead of many (a string is an
-        iterable of characters: each would become a task).
+        :class:`TypeError` for one text or one dict item instead of many (a string
+        is an iterable of characters, a dict of its keys: each would become a task)
+        or for no iterable at all (None), and :class:`InvalidInput` for a ``source``,
+        ``ttl_s`` or ``chunk_size`` no item can take (refused once, not per item).
         """
-        if isinstance(items, (str, bytes, bytearray)):
-            raise TypeError(f"submit_many takes an iterable of items, not one "
-                            f"{type(items).__name__}: use submit(text) or submit_many([text])")
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise InvalidInput(f"chunk_size must be a whole number above 0 (None: "
-                               f"BERTSTREAM_BULK_CHUNK_SIZE); got {chunk_size!r}")
+        if isinstance(items, (str, bytes, bytearray, Mapping)):
+            one = "dict item" if isinstance(items, Mapping) else type(items).__name__
+            raise TypeError(f"submit_many takes an iterable of items, not one {one}: use "
+                            f"submit(text) or submit_many([item])")
+        if not isinstance(items, Iterable):
+            raise TypeError(f"submit_many takes an iterable of items (texts, or dicts with "
+                            f"'text'), not {type(items).__name__}")
+        _chunk_size_arg(chunk_size)
+        self._call_args(source, ttl_s)
         if _model_arg(model) is not None and model != self.settings.model_name:
             return self.for_model(model).submit_many(items, source=source, chunk_size=chunk_size,
                                                      ttl_s=ttl_s)
@@ -630,6 +709,15 @@ class Client:
             report.errors.sort(key=lambda e: e.index)
         return report
 
+    def _call_args(self, source: Any, ttl_s: Any) -> None:
+        """Refuse, as :class:`InvalidInput`, a ``source`` or ``ttl_s`` argument of a bulk
+        call that no item could take: each item was refused for it, one by one, and
+        nothing sent (:meth:`submit` raises for the same argument)."""
+        try:
+            make_item("-", self.settings, source=source, ttl_s=ttl_s)
+        except InvalidInput as exc:
+            raise InvalidInput(exc.reason) from None
+
     @contextmanager
     def chunk_publisher(
         self,
@@ -643,9 +731,10 @@ class Client:
         """A :class:`ChunkPublisher` over one pooled producer; flushes the last chunk on exit.
 
         On an exception inside the block the buffered remainder is dropped
-        (not published) and the exception propagates.
+        (not published) and the exception propagates. ``chunk_size``: None (the
+        setting) or a whole number above 0, else :class:`InvalidInput`.
         """
-        size = chunk_size or self.settings.bulk_chunk_size
+        size = _chunk_size_arg(chunk_size) or self.settings.bulk_chunk_size
         try:
             with self._acquire_producer(producer=None) as producer:
                 publisher = ChunkPublisher(
@@ -664,7 +753,7 @@ class Client:
         """
         wire = [item.to_wire() for item in items]
         try:
-            with self._acquire_producer(producer) as p:
+            with self._acquire_producer(producer) as p, self._unless_closed():
                 self.app.send_task(
                     TASK_ANALYZE,
                     args=[wire],
@@ -677,15 +766,22 @@ class Client:
         except KombuOperationalError as exc:
             raise self._broker_error(exc) from exc
 
-    def _acquire_producer(self, producer: Any) -> Any:
-        """``producer`` itself, or one from this client's own pool (a context manager).
+    @contextmanager
+    def _acquire_producer(self, producer: Any) -> Iterator[Any]:
+        """``producer`` itself, or one from this client's own pool.
 
         The pools are private, not Celery's process-wide ones (kombu keys
         those by URL), so closing this client never breaks another one.
         Thread-safe: each thread gets its own producer and connection.
+        After :meth:`close`, :class:`ClientClosed`, also for a ``producer``
+        given (a :class:`ChunkPublisher`'s): it would reconnect for good. A
+        connection a producer reopened while close() ran is closed as it is
+        given back (the closed pool keeps it, open, for nothing).
         """
         if producer is not None:
-            return nullcontext(producer)
+            self._check_open()
+            yield producer
+            return
         with self._lock:
             self._check_open()
             if self._producers is None:
@@ -698,7 +794,16 @@ class Client:
                 self._connections = connection.Pool(limit=limit)
                 self._producers = ProducerPool(self._connections, limit=limit)
             pool = self._producers
-        return pool.acquire(block=True)
+        with self._unless_closed():
+            acquired = pool.acquire(block=True)
+        try:
+            yield acquired
+        finally:
+            connection = getattr(acquired, "__connection__", None)
+            acquired.release()
+            if self._closed and connection is not None:
+                with suppress(Exception):  # already closed by close(): nothing to do
+                    connection.collect()
 
     def _check_url(self) -> None:
         """Settings built without :meth:`Settings.validate` may hold a Redis URL that does
@@ -740,14 +845,14 @@ class Client:
         if not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return 0
         names = self.queue_names(lane)
-        try:
-            with self._redis_client().pipeline(transaction=False) as pipe:
+
+        def lengths(client: redis.Redis) -> list[Any]:
+            with client.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.llen(name)
-                sizes = pipe.execute()
-        except redis.RedisError as exc:
-            raise self._broker_error(exc) from exc
-        return sum(int(size) for size in sizes)
+                return list(pipe.execute())
+
+        return sum(int(size) for size in self._on_redis(lengths))
 
     def _redis_client(self) -> redis.Redis:
         # Under the lock: two threads building a client each would leave one
@@ -773,6 +878,7 @@ class Client:
             self._check_open()
             if self._store is None:
                 self._store = ResultStore.from_settings(self.settings)
+                _close_returned_after_close(self._store.engine, weakref.ref(self))
             return self._store
 
     def _table_exists(self) -> bool:
@@ -811,16 +917,25 @@ class Client:
     def _read(self, work: Callable[[], T], empty: T) -> T:
         """``work()`` (a read of the results table); ``empty`` while there is no table.
         A read that finds a table or column missing checks the schema again
-        (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`."""
+        (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`.
+        One that loses a race with :meth:`close` is :class:`ClientClosed`, and a
+        connection it opened again on the closed engine is closed with it."""
         self._check_open()
-        if not self._table_exists():
-            return empty
+        store = self._store
         try:
-            return work()
-        except (StoreUnavailable, SQLAlchemyError) as exc:
-            if not self.recheck_schema(exc):
-                return empty
-            raise
+            with self._unless_closed():
+                if not self._table_exists():
+                    return empty
+                store = self._store
+                try:
+                    return work()
+                except (StoreUnavailable, SQLAlchemyError) as exc:
+                    if not self.recheck_schema(exc):
+                        return empty
+                    raise
+        finally:
+            if self._closed and store is not None:
+                store.close()
 
     def id_check(self, items: Sequence[TaskItem]) -> IdCheck:
         """Caller ids among ``items`` checked against the stored rows (one query).
@@ -882,19 +997,23 @@ class Client:
         effort: the tasks are queued already, so a Redis error is logged, not raised."""
         if not markers or not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return
-        try:
-            with self._redis_client().pipeline(transaction=False) as pipe:
+
+        def mark(client: redis.Redis) -> None:
+            with client.pipeline(transaction=False) as pipe:
                 for task_id, marker in markers.items():
                     pipe.set(retry_key(self.settings.queue, task_id), marker,
                              ex=self.settings.api_id_ttl_s)
                 pipe.execute()
-        except redis.RedisError as exc:
+
+        try:
+            self._on_redis(mark)
+        except (BrokerUnavailable, ConfigError, ClientClosed) as exc:
             log.warning("%d retried task(s) queued without their retry marker (a wait may "
                         "return the old row): %s", len(markers), exc)
 
     def has_results_table(self) -> bool:
         """True once a worker created the results table (before that there are no rows)."""
-        return self._table_exists()
+        return self._read(lambda: True, False)
 
     def get(self, id: str, model: str | None = None) -> ResultRecord | None:
         """The result of task ``id`` (``model``'s, else its latest), or None while not stored."""
@@ -914,6 +1033,7 @@ class Client:
         """The row of task ``id`` (under ``model``, default its latest) and its windows."""
         nothing: tuple[ResultRecord | None, list[WindowRecord]] = (None, [])
         _check_id(id)
+        _filter_args({"model": model})
         return self._read(lambda: self.store.get_windows(id, self.stored_model(model)), nothing)
 
     def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
@@ -921,6 +1041,7 @@ class Client:
         stored row is absent. Raises :class:`InvalidInput` for an id that is no string
         and :class:`TypeError` for one id instead of many."""
         wanted = _one_or_many(ids, "get_many")
+        _filter_args({"model": model})
         if not wanted:
             return {}
         return self._read(lambda: self.store.get_many(wanted, model=self._model(model)), {})
@@ -984,10 +1105,10 @@ class Client:
             else:
                 out[task_id] = row
         if ask:
+            keys = [retry_key(self.settings.queue, r.id) for r in ask]
             try:
-                markers = self._redis_client().mget(
-                    [retry_key(self.settings.queue, r.id) for r in ask])
-            except redis.RedisError as exc:
+                markers = self._on_redis(lambda r: r.mget(keys))
+            except (BrokerUnavailable, ConfigError) as exc:
                 log.warning("waiting without the retry markers: %s", exc)
                 markers = [None] * len(ask)
             for row, raw in zip(ask, markers, strict=True):
@@ -1001,7 +1122,7 @@ class Client:
     def query(
         self,
         *,
-        ids: Sequence[str] | None = None,
+        ids: Iterable[str] | None = None,
         source: str | None = None,
         label: str | None = None,
         status: str | None = None,
@@ -1013,12 +1134,14 @@ class Client:
         lang: str | None = None,
     ) -> list[ResultRecord]:
         """Results matching every given filter (see :meth:`ResultStore.query`); a filter
-        of the wrong type is :class:`InvalidInput`."""
-        _filter_args({"ids": ids, "source": source, "label": label, "status": status,
+        of the wrong type, or a ``status`` or ``lang`` no row holds, is
+        :class:`InvalidInput`. ``ids``: any number of ids (none: no row)."""
+        wanted = _ids_arg(ids)
+        _filter_args({"source": source, "label": label, "status": status,
                       "since": since, "until": until, "limit": limit, "model": model,
                       "lang": lang})
         return self._read(lambda: self.store.query(
-            ids=ids, source=source, label=label, status=status,
+            ids=wanted, source=source, label=label, status=status,
             since=since, until=until, limit=limit, newest_first=newest_first,
             model=self._model(model), lang=lang,
         ), [])
@@ -1026,7 +1149,7 @@ class Client:
     def count(
         self,
         *,
-        ids: Sequence[str] | None = None,
+        ids: Iterable[str] | None = None,
         source: str | None = None,
         label: str | None = None,
         status: str | None = None,
@@ -1035,11 +1158,13 @@ class Client:
         model: str | None = None,
         lang: str | None = None,
     ) -> int:
-        """Tasks matching every given filter (0 before any worker created the table)."""
-        _filter_args({"ids": ids, "source": source, "label": label, "status": status,
+        """Tasks matching every given filter (0 before any worker created the table);
+        arguments as :meth:`query`."""
+        wanted = _ids_arg(ids)
+        _filter_args({"source": source, "label": label, "status": status,
                       "since": since, "until": until, "model": model, "lang": lang})
         return self._read(lambda: self.store.count(
-            ids=ids, source=source, label=label, status=status, since=since, until=until,
+            ids=wanted, source=source, label=label, status=status, since=since, until=until,
             model=self._model(model), lang=lang), 0)
 
     def live_workers(self) -> list[dict[str, Any]] | None:
@@ -1047,10 +1172,7 @@ class Client:
         (a broker other than Redis)."""
         if not self.settings.broker_url.startswith(REDIS_SCHEMES):
             return None
-        try:
-            return live_workers(self._redis_client(), self.settings.family)
-        except redis.RedisError as exc:
-            raise self._broker_error(exc) from exc
+        return self._on_redis(lambda r: live_workers(r, self.settings.family))
 
     def aggregate(
         self,
