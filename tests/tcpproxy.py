@@ -7,7 +7,8 @@ forwards nothing more: a server that went silent (a hung host, a proxy whose
 far side is gone), which only a client-side timeout can detect. The database
 server itself, shared with other tests, is never touched.
 
-:class:`SilentListener` accepts TCP connections and never says a word.
+:func:`proxied_pg` puts a proxy in front of the test PostgreSQL and gives the URL
+through it. :class:`SilentListener` accepts TCP connections and never says a word.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import contextlib
 import socket
 import struct
 import threading
+from typing import TypeVar, overload
+
+import sqlalchemy as sa
 
 
 class TcpProxy:
@@ -74,6 +78,13 @@ class TcpProxy:
         """Forward nothing more, in either direction, on every connection (kept open)."""
         self._frozen.set()
 
+    def thaw(self) -> None:
+        """After :meth:`freeze`: drop the frozen connections (their bytes were lost) and
+        forward new ones."""
+        self.down()
+        self._frozen.clear()
+        self.up()
+
     def _accept(self, lst: socket.socket) -> None:
         while True:
             try:
@@ -106,6 +117,22 @@ class TcpProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+_P = TypeVar("_P", bound=TcpProxy)
+
+
+@overload
+def proxied_pg(pg_url: str) -> tuple[TcpProxy, str]: ...
+@overload
+def proxied_pg(pg_url: str, proxy_cls: type[_P]) -> tuple[_P, str]: ...
+def proxied_pg(pg_url: str, proxy_cls: type[TcpProxy] = TcpProxy) -> tuple[TcpProxy, str]:
+    """A proxy (``proxy_cls``, up) to the database of ``pg_url``, and the same URL through
+    it: what a worker or store is given so that the test can cut its database."""
+    url = sa.engine.make_url(pg_url)
+    proxy = proxy_cls(url.host or "127.0.0.1", url.port or 5432)
+    return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+        hide_password=False)
 
 
 class SilentListener:

@@ -28,6 +28,23 @@ def _settings(**changes: Any) -> Settings:
                     queue=f"bst-default-{uuid.uuid4().hex[:8]}", **changes)
 
 
+def default_model_settings(broker_url: str, database_url: str, tmp_path: Path,
+                           model_dir: Path) -> Settings:
+    """Settings on a queue family of their own with ``model_dir`` as the default model
+    (``worker --model PATH``, which is ``default=PATH``)."""
+    return Settings(broker_url=broker_url, database_url=database_url,
+                    queue=f"bst-default-{uuid.uuid4().hex[:8]}",
+                    cache_dir=str(tmp_path / "cache"), model=str(model_dir))
+
+
+def serve_default_model(redis_url: str, database_url: str, tmp_path: Path, model_dir: Path,
+                        worker_factory: Any, api_factory: Any) -> tuple[Settings, Any, Any]:
+    """:func:`default_model_settings`, a worker of that default model and an API server
+    on them: gives the settings, the worker and the server."""
+    settings = default_model_settings(redis_url, database_url, tmp_path, model_dir)
+    return settings, worker_factory(settings), api_factory(settings)
+
+
 def test_settings_read_default_as_the_default_model() -> None:
     base = _settings()
     for built in (Settings(queue=base.queue, model_name=DEFAULT_MODEL),
@@ -60,11 +77,8 @@ def test_client_and_api_lanes_read_default_as_the_default_model() -> None:
 def test_tasks_sent_to_model_default_are_scored_by_the_default_worker(
         redis_url: str, pg_url: str, tmp_path: Path, tiny_model_dir: Path,
         worker_factory: Any, api_factory: Any) -> None:
-    settings = Settings(broker_url=redis_url, database_url=pg_url,
-                        queue=f"bst-default-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"), model=str(tiny_model_dir))
-    worker_factory(settings)  # the default model: worker --model PATH (= default=PATH)
-    api = api_factory(settings)
+    settings, _, api = serve_default_model(redis_url, pg_url, tmp_path, tiny_model_dir,
+                                           worker_factory, api_factory)
     with Client(settings) as client:
         ids = [client.submit("good hotel", model=DEFAULT_MODEL),
                client.for_model(DEFAULT_MODEL).submit("bad room"),

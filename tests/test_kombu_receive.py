@@ -7,7 +7,9 @@ the worker's socket; these tests leave replies unread on purpose (what a
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
@@ -30,6 +32,34 @@ def _consumer(conn: Connection, got: list[Any]) -> Any:
     consumer.qos(prefetch_count=10)
     consumer.consume()
     return channel
+
+
+@contextlib.contextmanager
+def private_consumer(redis_server: RedisServer) -> Iterator[tuple[Connection, redis.Redis,
+                                                                  list[Any], Any]]:
+    """On a private Redis (one the test may fill): a kombu connection with bertstream's
+    receive installed, a plain client, and a consuming channel (:func:`_consumer`) with
+    the list its messages go to."""
+    assert kombu_redis.install()
+    conn = Connection(redis_server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        got: list[Any] = []
+        yield conn, r, got, _consumer(conn, got)
+    finally:
+        conn.release()
+        r.close()
+
+
+@contextlib.contextmanager
+def memory_full(r: redis.Redis) -> Iterator[None]:
+    """Redis refuses every write (noeviction, no memory left) inside the block."""
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        r.config_set("maxmemory", 0)
 
 
 def _publish(conn: Connection, body: str, queue: str = FIRST) -> None:
@@ -145,17 +175,10 @@ def test_a_full_redis_keeps_the_message_queued_until_it_has_room(
     """A full noeviction Redis refuses the script's writes: the message stays queued
     (recorded before popped; kombu's BRPOP would pop it and fail to record it), the
     worker pauses and tries again, and takes it once Redis has room."""
-    assert kombu_redis.install()
-    conn = Connection(redis_server.url)
-    r = redis.Redis.from_url(redis_server.url)
-    try:
-        got: list[Any] = []
-        channel = _consumer(conn, got)
+    with private_consumer(redis_server) as (conn, r, got, channel):
         _publish(conn, "hello")
-        r.config_set("maxmemory-policy", "noeviction")
-        r.config_set("maxmemory", 1)
         sent = []
-        try:
+        with memory_full(r):
             # The receive steps alone: kombu's own sweep (a SET) fails on a full
             # server too, in drain_events, which would hide what is looked at here.
             for _ in range(4):
@@ -165,10 +188,5 @@ def test_a_full_redis_keeps_the_message_queued_until_it_has_room(
                     channel._brpop_read()
             assert sent == ["EVAL", "BLPOP", "EVAL", "BLPOP"]
             assert got == [] and r.llen(FIRST) == 1 and r.hlen("unacked") == 0
-        finally:
-            r.config_set("maxmemory", 0)
         _drain(conn, got, 1)
         assert got[0][0] == "hello" and r.llen(FIRST) == 0
-    finally:
-        conn.release()
-        r.close()

@@ -369,6 +369,22 @@ def _counted(task: Any) -> Any:
     return task.deliveries
 
 
+def _held_long_message(s: Settings, runner: HFRunner, store: ResultStore, mid: str,
+                       *others: tuple[str, str]) -> tuple[FlushProcessor, Any, Any,
+                                                          list[dict[str, Any]], _QueuedRequest]:
+    """A holding task with a delivery counter (slices of one window) takes message ``mid``:
+    a long text (id ``long``) and ``others`` (id, text), in a first flush. Gives the
+    processor, the task, the counter, the message's items and its request."""
+    proc, task = _holding_task(s.replace(window_slice_ms=1), runner, store)
+    counter = _counted(task)
+    now = time.time()
+    items = [{"id": "long", "text": long_text(), "submitted_at": now},
+             *({"id": i, "text": text, "submitted_at": now} for i, text in others)]
+    request = _QueuedRequest(mid, items)
+    task.flush([request])
+    return proc, task, counter, items, request
+
+
 def test_a_dead_lettered_message_leaves_the_held_ones_held(
     tiny_settings: Settings, runner: HFRunner, store: ResultStore
 ) -> None:
@@ -378,13 +394,9 @@ def test_a_dead_lettered_message_leaves_the_held_ones_held(
     flush is neither counted nor dead-lettered, and not acked alone (that ack would drop
     the original's record: they share a delivery tag): it joins the original, and both
     are acked once the text is stored."""
-    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
-                               runner, store)
-    counter = _counted(task)
-    now = time.time()
-    items = [{"id": "long", "text": long_text(), "submitted_at": now}]
-    held = _QueuedRequest("m-long", items)
-    task.flush([held])
+    proc, task, counter, items, held = _held_long_message(
+        tiny_settings.replace(max_attempts=1), runner, store, "m-long")
+    now = items[0]["submitted_at"]
     assert proc.held() == {"m-long"} and not held.acknowledged
     proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
     counter.incr(["m-dead"])  # delivered once before, to a worker that died in its flush
@@ -413,14 +425,8 @@ def test_a_restored_copy_of_a_held_message_joins_it(
     flush that takes the copy scores the next window of the original's), and the original
     and the copy are both acked once the text is stored (the copy used to replace the
     original, which then stayed unacked until the worker restarted)."""
-    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=3),
-                               runner, store)
-    counter = _counted(task)
-    now = time.time()
-    items = [{"id": "long", "text": long_text(), "submitted_at": now},
-             {"id": "short", "text": "fine", "submitted_at": now}]
-    original = _QueuedRequest("m-long", items)
-    task.flush([original])
+    proc, task, counter, items, original = _held_long_message(
+        tiny_settings.replace(max_attempts=3), runner, store, "m-long", ("short", "fine"))
     assert proc.held() == {"m-long"} and not original.acknowledged
     proc.token_cost = 1.0  # as if a window took 30 s: one window per flush from here on
     left = sum(w.outcome is None for w in proc.backlog[0].windows or ())
@@ -453,14 +459,8 @@ def test_a_dead_lettered_redelivery_of_a_message_left_in_the_backlog_is_acked(
     from tests.test_poison import _refuse_rows
 
     _refuse_rows(store, sha=hashlib.sha256(b"refuse me").hexdigest())
-    proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
-                               runner, store)
-    counter = _counted(task)
-    now = time.time()
-    items = [{"id": "long", "text": long_text(), "submitted_at": now},
-             {"id": "bad", "text": "refuse me", "submitted_at": now}]
-    first = _QueuedRequest("m-mix", items)
-    task.flush([first])
+    proc, task, counter, items, first = _held_long_message(
+        tiny_settings.replace(max_attempts=1), runner, store, "m-mix", ("bad", "refuse me"))
     assert first.rejected is True and not first.acknowledged  # requeued, count kept
     assert proc.held() == {"m-mix"} and task._held == {}
     assert counter._local == {"m-mix": 1}
@@ -484,12 +484,9 @@ def test_copies_of_a_held_message_are_no_new_deliveries(
     flush or in the flush that took the original, is not counted (with ``max_attempts=1``
     it used to be dead-lettered: a failed row while the text was still being scored), is
     acked with the original, and a warm shutdown takes back one count per held message."""
-    from worker.deliveries import DeliveryCounter
-
     proc, task = _holding_task(tiny_settings.replace(window_slice_ms=1, max_attempts=1),
                                runner, store)
-    counter = DeliveryCounter(Settings(broker_url="memory://"))
-    task.deliveries = counter
+    counter = _counted(task)
     now = time.time()
 
     def request(mid: str, task_id: str) -> _QueuedRequest:

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from contract.constants import STATUS_DONE
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import proxied_pg
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +28,7 @@ def test_database_outage_loses_nothing(pg_url: str, redis_url: str, tiny_model_d
                                        worker_factory: Any, tmp_path: Path) -> None:
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    url = sa.engine.make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = proxied_pg(pg_url)
     settings = Settings(broker_url=redis_url, database_url=proxied, queue="bst-outage",
                         cache_dir=str(tmp_path / "cache"), model=str(tiny_model_dir),
                         max_wait_ms=20, flush_every=8, bulk_chunk_size=20)

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from producer.cli import main
 from producer.client import Client
+from tests.test_default_model_name import default_model_settings, serve_default_model
 
 
 def _cli(args: list[str], settings: Settings) -> Result:
@@ -41,11 +41,8 @@ def _json(args: list[str], settings: Settings) -> Any:
 def test_reads_of_model_default_find_the_default_models_rows(
         redis_url: str, pg_url: str, tmp_path: Path, tiny_model_dir: Path,
         worker_factory: Any, api_factory: Any) -> None:
-    settings = Settings(broker_url=redis_url, database_url=pg_url,
-                        queue=f"bst-dflt-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"), model=str(tiny_model_dir))
-    worker = worker_factory(settings)  # the default model: worker --model PATH
-    api = api_factory(settings)
+    settings, worker, api = serve_default_model(redis_url, pg_url, tmp_path, tiny_model_dir,
+                                                worker_factory, api_factory)
     stored = tiny_model_dir.name
     with Client(settings) as client:
         ids = client.submit_many(["good hotel", "bad room"], model=DEFAULT_MODEL).ids
@@ -121,9 +118,7 @@ def test_default_model_workers_of_two_names_make_default_ambiguous(
     whose rows `default` means is not known, and the refusal names both."""
     other = tmp_path / "tiny-renamed"
     shutil.copytree(tiny_model_dir, other)
-    settings = Settings(broker_url=redis_url, database_url=sqlite_url,
-                        queue=f"bst-dflt-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"), model=str(tiny_model_dir))
+    settings = default_model_settings(redis_url, sqlite_url, tmp_path, tiny_model_dir)
     worker_factory(settings)
     worker_factory(settings.replace(model=str(other)))
     with Client(settings) as client:

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from contract.errors import ConfigError, StoreUnavailable
 from contract.results import DbTimeouts, ResultStore
 from contract.settings import Settings
-from tests.tcpproxy import SilentListener, TcpProxy
+from tests.tcpproxy import SilentListener, TcpProxy, proxied_pg
 from tests.test_results_store import record
 
 
@@ -73,16 +74,22 @@ def _silent_url(pg_url: str, port: int) -> str:
     return url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
 
 
+def _unavailable_within(seconds: float, call: Callable[[], object]) -> None:
+    """``call()`` raises StoreUnavailable, and within ``seconds``: an outage or a stopped
+    statement, not a hang."""
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        call()
+    assert time.monotonic() - t0 < seconds
+
+
 def test_a_silent_server_is_an_outage_not_a_hang(pg_url: str) -> None:
     """A listener that accepts TCP and never answers: connecting gives up after the timeout."""
     silent = SilentListener()
     store = ResultStore.from_url(_silent_url(pg_url, silent.port),
                                  DbTimeouts(connect_s=2, statement_s=2))
     try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            store.count()
-        assert time.monotonic() - t0 < 10
+        _unavailable_within(10, store.count)
     finally:
         store.close()
         silent.close()
@@ -93,17 +100,12 @@ def test_a_connection_that_goes_silent_is_cut(pg_url: str) -> None:
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
     direct.close()
-    url = sa.engine.make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    store = ResultStore.from_url(_silent_url(pg_url, proxy.port),
-                                 DbTimeouts(connect_s=2, statement_s=1))
+    proxy, proxied = proxied_pg(pg_url)
+    store = ResultStore.from_url(proxied, DbTimeouts(connect_s=2, statement_s=1))
     try:
         assert store.count() == 0  # a pooled connection, then the far side goes quiet
         proxy.freeze()
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            store.count()
-        assert time.monotonic() - t0 < 8
+        _unavailable_within(8, store.count)
     finally:
         store.close()
         proxy.close()
@@ -157,10 +159,8 @@ def test_a_long_statement_is_stopped(db_url: str) -> None:
                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                "SELECT count(*) FROM c")
     try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            s._run(lambda conn: conn.exec_driver_sql(endless).all(), "endless")
-        assert time.monotonic() - t0 < 8
+        _unavailable_within(8, lambda: s._run(lambda conn: conn.exec_driver_sql(endless).all(),
+                                              "endless"))
         s.create_schema()  # the store is still usable afterwards
         assert s.count() == 0
     finally:
@@ -230,10 +230,9 @@ def test_an_idle_guard_lets_its_watcher_go_and_starts_another(
     assert not first.is_alive() and store._guard._watcher is None
     endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                "SELECT count(*) FROM c")
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable):
-        store._run(lambda conn: conn.exec_driver_sql(endless).all(), "endless")
-    assert time.monotonic() - t0 < store.timeouts.guard_s + 3
+    _unavailable_within(store.timeouts.guard_s + 3,
+                        lambda: store._run(lambda conn: conn.exec_driver_sql(endless).all(),
+                                           "endless"))
     assert store.count() == 0
     store.close()
 

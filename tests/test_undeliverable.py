@@ -30,7 +30,16 @@ from contract.constants import STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
-from tests.test_kombu_receive import FIRST, SECOND, _consumer, _drain, _publish, _send_receive
+from tests.test_kombu_receive import (
+    FIRST,
+    SECOND,
+    _consumer,
+    _drain,
+    _publish,
+    _send_receive,
+    memory_full,
+    private_consumer,
+)
 from worker import kombu_redis
 from worker.flush import derived_key
 
@@ -136,30 +145,17 @@ def test_a_full_redis_drops_an_item_it_cannot_keep(
         redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """On a full noeviction server the copy to the side list is refused: the item (popped,
     never recorded) is dropped with an error, and the worker goes on."""
-    assert kombu_redis.install()
-    conn = Connection(redis_server.url)
-    r = redis.Redis.from_url(redis_server.url)
-    try:
-        got: list[Any] = []
-        channel = _consumer(conn, got)
+    with private_consumer(redis_server) as (conn, r, got, channel):
         r.lpush(FIRST, GARBAGE)
-        r.config_set("maxmemory-policy", "noeviction")
-        r.config_set("maxmemory", 1)
-        try:
-            with caplog.at_level(logging.ERROR, logger="worker.kombu_redis"):
-                _send_receive(conn, channel)
-                with pytest.raises(Empty):
-                    channel._brpop_read()
-        finally:
-            r.config_set("maxmemory", 0)
+        with memory_full(r), caplog.at_level(logging.ERROR, logger="worker.kombu_redis"):
+            _send_receive(conn, channel)
+            with pytest.raises(Empty):
+                channel._brpop_read()
         assert r.llen(FIRST) == 0 and r.exists(FIRST + kombu_redis.UNDELIVERABLE_SUFFIX) == 0
         assert f"queue {FIRST}" in caplog.text and "dropped" in caplog.text
         _publish(conn, "after")
         _drain(conn, got, 1)
         assert got[0][0] == "after"
-    finally:
-        conn.release()
-        r.close()
 
 
 def test_the_handler_gets_what_can_be_read(broker: Any) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,32 @@ def test_sigterm_lets_the_running_flush_commit(settings: Settings, tiny_model_di
         r.close()
 
 
-def _restart_settings(url: str, sqlite_url: str, model: Path, tmp_path: Path) -> Settings:
-    return Settings(broker_url=url, database_url=sqlite_url, queue="bst-restart",
-                    model=str(model), cache_dir=str(tmp_path / "cache"),
-                    bulk_chunk_size=10, flush_every=4, visibility_timeout_s=5,
-                    publish_retries=40, publish_retry_max_s=0.5)
+def _stream_across_a_restart(redis_server: RedisServer, sqlite_url: str, model: Path,
+                             tmp_path: Path, worker_factory: Any,
+                             before_restart: Callable[[Client, list[str], ResultStore], object],
+                             timeout: float) -> tuple[Any, list[str], dict[str, Any], int]:
+    """A worker on ``redis_server`` takes 300 texts, ``before_restart(client, ids, store)``
+    runs, Redis restarts, 300 more are sent and all are waited for. Gives the worker
+    (checked alive), the ids, their rows and the count of rows stored."""
+    s = Settings(broker_url=redis_server.url, database_url=sqlite_url, queue="bst-restart",
+                 model=str(model), cache_dir=str(tmp_path / "cache"),
+                 bulk_chunk_size=10, flush_every=4, visibility_timeout_s=5,
+                 publish_retries=40, publish_retry_max_s=0.5)
+    worker = worker_factory(s)
+    store = ResultStore.from_url(sqlite_url)
+    try:
+        with Client(s) as client:
+            ids = client.submit_many([f"before the restart {i}" for i in range(300)]).ids
+            before_restart(client, ids, store)
+            redis_server.stop()
+            redis_server.start()
+            ids += client.submit_many([f"after the restart {i}" for i in range(300)]).ids
+            rows = client.wait(ids, timeout=timeout)
+        worker.check_alive()
+        stored = store.count()
+    finally:
+        store.close()
+    return worker, ids, rows, stored
 
 
 def test_worker_reconnects_after_a_redis_restart(redis_server: RedisServer, sqlite_url: str,
@@ -88,21 +110,9 @@ def test_worker_reconnects_after_a_redis_restart(redis_server: RedisServer, sqli
                                                  tmp_path: Path) -> None:
     """Redis restarts between two streams: the same worker reconnects by itself and the
     producer's publishes ride out the restart; every text ends with one row."""
-    s = _restart_settings(redis_server.url, sqlite_url, tiny_model_dir, tmp_path)
-    worker = worker_factory(s)
-    store = ResultStore.from_url(sqlite_url)
-    try:
-        with Client(s) as client:
-            ids = client.submit_many([f"before the restart {i}" for i in range(300)]).ids
-            client.wait(ids, timeout=60)
-            redis_server.stop()
-            redis_server.start()
-            ids += client.submit_many([f"after the restart {i}" for i in range(300)]).ids
-            rows = client.wait(ids, timeout=120)
-        worker.check_alive()
-        stored = store.count()
-    finally:
-        store.close()
+    worker, ids, rows, stored = _stream_across_a_restart(
+        redis_server, sqlite_url, tiny_model_dir, tmp_path, worker_factory,
+        lambda client, ids, store: client.wait(ids, timeout=60), timeout=120)
     assert len(rows) == stored == len(ids) == 600  # sent 600, stored 600, lost 0, 0 duplicates
     assert all(row.status == STATUS_DONE for row in rows.values())
     assert "Connection to broker lost" in worker.log()
@@ -114,20 +124,10 @@ def test_worker_rides_out_a_redis_restart_mid_stream(redis_server: RedisServer,
                                                      tmp_path: Path) -> None:
     """Redis restarts while the worker is draining the queue: a message taken as Redis
     goes down is in the unacked index (recorded in the same step) and comes back."""
-    s = _restart_settings(redis_server.url, sqlite_url, tiny_model_dir, tmp_path)
-    worker = worker_factory(s)
-    store = ResultStore.from_url(sqlite_url)
-    try:
-        with Client(s) as client:
-            ids = client.submit_many([f"before the restart {i}" for i in range(300)]).ids
-            until(lambda: store.count() > 0, 60, "first rows")
-            redis_server.stop()
-            redis_server.start()
-            ids += client.submit_many([f"after the restart {i}" for i in range(300)]).ids
-            rows = client.wait(ids, timeout=60)
-        worker.check_alive()
-    finally:
-        store.close()
+    _, ids, rows, _ = _stream_across_a_restart(
+        redis_server, sqlite_url, tiny_model_dir, tmp_path, worker_factory,
+        lambda client, ids, store: until(lambda: store.count() > 0, 60, "first rows"),
+        timeout=60)
     assert len(rows) == len(ids) == 600
 
 

@@ -29,13 +29,12 @@ from typing import Any
 
 import pytest
 import redis
-import sqlalchemy as sa
 
 from contract.broker import lane_queue, make_celery
 from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, TASK_ANALYZE
 from contract.results import ResultStore
 from contract.settings import Settings
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import proxied_pg
 from tests.test_pipeline import wait_rows
 from tests.test_poison import _refuse_rows
 from tests.test_poison_worker import wait_broker_idle
@@ -50,13 +49,6 @@ _COMMIT_FAILED = re.compile(r"^(\S+ \S+) WARNING worker\.flush: commit failed \(
 
 def _at(stamp: str) -> float:
     return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def _proxied(pg_url: str) -> tuple[TcpProxy, str]:
-    url = sa.engine.make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(
-        hide_password=False)
 
 
 def _publish(settings: Settings, messages: dict[str, list[dict[str, Any]]]) -> None:
@@ -130,7 +122,7 @@ def test_redelivered_messages_wait_out_an_outage_uncounted(
     direct.create_schema()
     poison_text = "the database refuses this text in every form"
     _refuse_rows(direct, sha=hashlib.sha256(poison_text.encode()).hexdigest())
-    proxy, proxied = _proxied(pg_url)
+    proxy, proxied = proxied_pg(pg_url)
     tag = uuid.uuid4().hex[:8]
     s, messages, healthy = _seed(tag, redis_url, proxied, tmp_path, count=6,
                                  visibility_timeout_s=10, poison_text=poison_text)
@@ -241,7 +233,7 @@ def test_one_flush_tries_one_group_during_an_outage(
 
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    proxy, proxied = _proxied(pg_url)
+    proxy, proxied = proxied_pg(pg_url)
     s = Settings(broker_url=redis_url, database_url=proxied, model="null", max_attempts=3,
                  db_connect_timeout_s=1, db_statement_timeout_s=0.5)
     store = ResultStore.from_url(proxied, DbTimeouts.from_settings(s))

@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 import redis
-import sqlalchemy as sa
 
 from contract.broker import lane_queue
 from contract.constants import STATUS_DONE, STATUS_FAILED, TASK_ANALYZE
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import proxied_pg
 from tests.test_undeliverable import untagged
 from worker import kombu_redis
 from worker.kombu_redis import Undeliverable
@@ -49,9 +48,7 @@ def test_parked_items_get_their_failed_rows_once_the_database_is_back(
     ``failed`` row (written once: ``attempts`` 1), and the worker still serves tasks."""
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    url = sa.engine.make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = proxied_pg(pg_url)
     s = Settings(broker_url=redis_url, database_url=proxied, model="null",
                  queue=f"bst-test-{uuid.uuid4().hex[:8]}", cache_dir=str(tmp_path / "cache"),
                  max_wait_ms=20)
@@ -123,9 +120,7 @@ def test_waiting_parked_items_are_bounded_and_written_once(
 
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    url = sa.engine.make_url(pg_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = proxied_pg(pg_url)
     s = Settings(database_url=proxied, model="null")
     store = ResultStore.from_url(proxied)
     proc = FlushProcessor(NullRunner(), store, s, "t@h", hold_windows=True)

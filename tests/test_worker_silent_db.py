@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 import redis
-import sqlalchemy as sa
 
 from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE
 from contract.results import DbTimeouts, ResultStore
 from contract.settings import Settings
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import proxied_pg
 from tests.test_pipeline import wait_rows
 from tests.test_poison_worker import wait_broker_idle
 from tests.test_worker_outage_redelivered import _publish, _task, _wait_for
@@ -39,23 +38,6 @@ from tests.test_worker_outage_redelivered import _publish, _task, _wait_for
 pytestmark = pytest.mark.slow
 
 _REQUEUED = re.compile(r"^\S+ \S+ ERROR worker\.tasks: database unavailable, requeueing", re.M)
-
-
-class _Proxy(TcpProxy):
-    """A :class:`TcpProxy` that forwards again after :meth:`freeze`."""
-
-    def thaw(self) -> None:
-        """Drop the frozen connections (their bytes were lost) and forward new ones."""
-        self.down()
-        self._frozen.clear()
-        self.up()
-
-
-def _proxied(pg_url: str) -> tuple[_Proxy, str]:
-    url = sa.engine.make_url(pg_url)
-    proxy = _Proxy(url.host or "127.0.0.1", url.port or 5432)
-    return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(
-        hide_password=False)
 
 
 def test_a_silent_database_does_not_let_the_sweep_restore_the_flush(
@@ -68,7 +50,7 @@ def test_a_silent_database_does_not_let_the_sweep_restore_the_flush(
     counted delivery."""
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    proxy, proxied = _proxied(pg_url)
+    proxy, proxied = proxied_pg(pg_url)
     tag = uuid.uuid4().hex[:8]
     s = Settings(broker_url=redis_url, database_url=proxied, model="null",
                  queue=f"bst-test-{tag}", cache_dir=str(tmp_path / "cache"),
@@ -136,7 +118,7 @@ def test_an_outage_takes_back_the_delivery_and_keeps_the_earlier_ones(
 
     direct = ResultStore.from_url(pg_url)
     direct.create_schema()
-    proxy, proxied = _proxied(pg_url)
+    proxy, proxied = proxied_pg(pg_url)
     s = Settings(broker_url=redis_url, database_url=proxied, model="null", max_attempts=3,
                  db_connect_timeout_s=1, db_statement_timeout_s=0.5)
     store = ResultStore.from_url(proxied, DbTimeouts.from_settings(s))
