@@ -13,12 +13,17 @@ stays bounded on a large table:
   primary-key range in code point order, then applies the filters; a text
   search reads at most ``scan`` of the newest rows that match the filters
   (an index page) and filters those, so neither cost grows with the table.
+  ``cursor`` pages on: the next ``limit`` rows after the last one shown, in the
+  table's order (a keyset: a page stays put while new rows arrive), each page
+  reading at most ``scan`` rows again.
   On a PostgreSQL database whose collation is not C (ICU, en_US) the primary
   key does not sort by code point: the prefix range is then compared under
   COLLATE "C", which schema revision 0004 indexes there.
 """
 
+import base64
 import datetime as dt
+import json
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,11 +32,14 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.errors import redis_check
 from api.metrics import by_family
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.errors import InvalidInput
 from contract.liveness import family_workers
+from contract.messages import id_problem
 from contract.migrate import id_sorts_by_code_point
-from contract.queries import Filters, distinct_sources, stats
+from contract.queries import Filters, _after, distinct_sources, stats
 from contract.results import ResultRecord, ResultStore, _record, results, utcnow
 
 if TYPE_CHECKING:
@@ -115,9 +123,38 @@ def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> l
     return conds
 
 
+#: Where a page of a search resumes: after the row of this ``finished_at`` and id (newest
+#: first), or for an id search (``finished_at`` None) after this id (in id order).
+Position = tuple[dt.datetime | None, str]
+
+
+def encode_position(record: ResultRecord, by_id: bool) -> str:
+    """The opaque cursor of the page after ``record`` (``by_id``: of an id search)."""
+    raw = json.dumps([None if by_id else record.finished_at.isoformat(), record.id])
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_position(cursor: str, by_id: bool) -> Position:
+    """The position a cursor resumes after; :class:`InvalidInput` when it is malformed or
+    belongs to the other kind of search (an id search pages in id order)."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        finished, task_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if not isinstance(task_id, str) or id_problem(task_id):
+            raise ValueError("bad cursor id")
+        if (finished is None) != by_id:
+            raise ValueError("the cursor of another search")
+        when = None if finished is None else dt.datetime.fromisoformat(finished)
+    except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
+        raise InvalidInput("malformed cursor") from exc
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when, task_id
+
+
 def search(store: ResultStore, filters: Filters, *, q: str | None = None,
            task_id: str | None = None, limit: int = 50,
-           scan: int = MAX_SCAN) -> list[ResultRecord]:
+           scan: int = MAX_SCAN, after: Position | None = None) -> list[ResultRecord]:
     """Up to ``limit`` rows matching ``filters``, newest first.
 
     ``task_id``: rows whose id is it or starts with it, among the first ``scan``
@@ -125,34 +162,40 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
     that order.
     ``q``: rows whose text contains it, case-insensitively, among the ``scan``
     newest rows matching ``filters``.
+    ``after``: the rows after this position in that order (the next page).
     """
     def read(conn: Any) -> list[ResultRecord]:
-        query = _search_query(conn, filters, q, task_id, limit, scan)
+        query = _search_query(conn, filters, q, task_id, limit, scan, after)
         return [_record(row) for row in conn.execute(query).mappings()]
 
     return store.run(read, "cannot read results")
 
 
 def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | None,
-                  limit: int, scan: int) -> Any:
+                  limit: int, scan: int, after: Position | None = None) -> Any:
     order = (results.c.finished_at.desc(), results.c.id.desc())
     conds = filters.clauses()
     if task_id:
         # The first `scan` ids with the prefix, then the other filters: bounded even when
         # the filters reject most of a wide prefix.
         id_col, in_range = _prefix_range(task_id, id_sorts_by_code_point(conn))
+        if after is not None:
+            in_range.append(id_col > after[1])
         ids = (sa.select(results, id_col.label("id_order")).where(*in_range).order_by(id_col)
                .limit(scan).subquery("ids"))
         query = (sa.select(*[ids.c[c.name] for c in results.columns])
                  .where(*_clauses_on(ids, filters, q, latest=True))
                  .order_by(ids.c.id_order).limit(limit))
-    elif q:
-        recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
-                  .subquery("recent"))
-        query = (sa.select(recent).where(*_clauses_on(recent, Filters(), q, latest=False))
-                 .order_by(recent.c.finished_at.desc(), recent.c.id.desc()).limit(limit))
     else:
-        query = sa.select(results).where(*conds).order_by(*order).limit(limit)
+        if after is not None and after[0] is not None:
+            conds += _after((after[0], after[1]), True)
+        if q:
+            recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
+                      .subquery("recent"))
+            query = (sa.select(recent).where(*_clauses_on(recent, Filters(), q, latest=False))
+                     .order_by(recent.c.finished_at.desc(), recent.c.id.desc()).limit(limit))
+        else:
+            query = sa.select(results).where(*conds).order_by(*order).limit(limit)
     return query
 
 
@@ -172,7 +215,7 @@ def live(services: "Services", window_s: int) -> dict[str, Any]:
         out["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported in the answer, not raised
         out.update(queue_depth=None, workers=None, workers_alive=None, workers_by_family=None,
-                   redis=f"unreachable: {type(exc).__name__}")
+                   redis=redis_check(services.settings, exc))
     store = services.client.store
     if services.client.has_results_table():
         finished = finished_since(store, now - dt.timedelta(seconds=window_s))
@@ -217,12 +260,21 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
                                         description="id or id prefix")] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         scan: Annotated[int, Query(ge=1, le=MAX_SCAN)] = 5000,
+        cursor: Annotated[str | None, Query(max_length=2048, description="the previous "
+                                            "answer's `next_cursor`: the page after it")] = None,
     ) -> dict[str, Any]:
-        """Rows matching the filters, a text and an id prefix, newest first (bounded reads)."""
+        """Rows matching the filters, a text and an id prefix, newest first (bounded reads);
+        ``next_cursor`` reads the page after these (null when there is none)."""
+        by_id = bool(id)
+        after = decode_position(cursor, by_id) if cursor else None
         if not services.client.has_results_table():
-            return {"items": [], "scan": scan}
-        rows = search(store, filters, q=q or None, task_id=id or None, limit=limit, scan=scan)
-        return {"items": [_json(r) for r in rows], "scan": scan}
+            return {"items": [], "scan": scan, "next_cursor": None}
+        rows = search(store, filters, q=q or None, task_id=id or None, limit=limit + 1,
+                      scan=scan, after=after)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"items": [_json(r) for r in rows], "scan": scan,
+                "next_cursor": encode_position(rows[-1], by_id) if more else None}
 
     static = resources.files("api") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

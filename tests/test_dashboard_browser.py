@@ -16,6 +16,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
@@ -194,8 +195,8 @@ def test_dashboard_shows_live_rows_and_filters(pg_settings: Settings, api_factor
     assert href == f"{api.url}/v1/tasks/{first}"
     shot = _shot(driver, tmp_path, "dashboard.png")
 
-    # The source filter changes both the chart and the table.
-    Select(driver.find_element(By.ID, "source")).select_by_value("weibo")
+    # The source filter (typed, or picked from its list) changes both the chart and the table.
+    driver.find_element(By.ID, "source").send_keys("weibo", Keys.ENTER)
     weibo = {i for i, r in rows.items() if r["source"] == "weibo"}
     _until(driver, lambda: set(_table_ids(driver)) <= weibo
            and set(_table_ids(driver)) >= weibo & set(live), "only weibo rows")
@@ -208,7 +209,7 @@ def test_dashboard_shows_live_rows_and_filters(pg_settings: Settings, api_factor
     hotel = [i for i, r in rows.items() if "酒店" in r["text"]]
     _until(driver, lambda: _table_ids(driver) == hotel, "the one hotel review")
     driver.find_element(By.ID, "q").clear()
-    Select(driver.find_element(By.ID, "source")).select_by_value("")
+    driver.find_element(By.ID, "source").clear()
     driver.find_element(By.ID, "id").send_keys(first[:8])
     driver.find_element(By.CSS_SELECTOR, "#search button[type=submit]").click()
     _until(driver, lambda: _table_ids(driver) == [first], "the id prefix")

@@ -26,6 +26,17 @@
   // label can equal (a label is a string; this is an object).
   var OTHER = { other: true };
   var STATS_LIMIT = 100;
+  // Label and source filters as the API takes them: at most 64 and 256 characters (code
+  // points, not the UTF-16 units an input's maxlength counts), no NUL.
+  var FIELD_MAX = new Map([["label", 64], ["source", 256]]);
+  // The sources the source field offers (the first in code point order); any other is typed.
+  var SOURCES_OFFERED = 200;
+  // The filters the page's URL carries (a reload or a shared link shows the same rows).
+  var FILTERS = ["source", "range", "label", "q", "id"];
+  var DEFAULT_RANGE = "1h";
+  // The filters as last applied (a change, Enter, Search): the refreshes read these, not
+  // a field still being typed in.
+  var applied = new Map();
   var DAY_MS = 86400000;
   // Reason phrases for an answer without one (HTTP/2 has none).
   var REASONS = new Map([[400, "Bad Request"], [401, "Unauthorized"], [403, "Forbidden"],
@@ -45,7 +56,7 @@
       all_sources: "all sources", r15m: "15 minutes", r1h: "1 hour", r24h: "24 hours",
       r7d: "7 days", r30d: "30 days", latest: "Latest results", search_text: "text contains…",
       search_id: "id or prefix", all_labels: "all labels", search: "Search",
-      search_note: "Text search reads the newest 5,000 rows of the chosen source and range.",
+      search_note: "Text search reads the newest 5,000 rows of the chosen source and range (on each page, those older than the page before).",
       finished_at: "finished", label: "label", score: "score", text: "text", no_rows: "No rows.",
       close: "Close", updated: "updated", unauthorized: "A valid bearer token is required.",
       no_data: "No rows in this range.", redis_down: "Redis unreachable",
@@ -53,7 +64,12 @@
       label_name: "Label", other_labels: "other labels", n_other_labels: "{n} other labels",
       no_label: "no label", utc_days: "days in UTC", not_json: "the answer is not JSON",
       unreachable: "The server cannot be reached",
-      stale: "Could not refresh: these rows are from {t}."
+      stale: "Could not refresh: these rows are from {t}.",
+      label_long: "A label has at most {n} characters.",
+      label_nul: "A label cannot hold the NUL character.",
+      source_long: "A source has at most {n} characters.",
+      source_nul: "A source cannot hold the NUL character.",
+      newer: "← Newer", older: "Older →", page_rows: "rows {a}–{b}"
     },
     zh: {
       token: "令牌", token_help: "此服务器需要 Bearer 令牌(仅保存在本浏览器中)。",
@@ -65,14 +81,17 @@
       all_sources: "全部来源", r15m: "15 分钟", r1h: "1 小时", r24h: "24 小时",
       r7d: "7 天", r30d: "30 天", latest: "最新结果", search_text: "文本包含…",
       search_id: "id 或前缀", all_labels: "全部标签", search: "搜索",
-      search_note: "文本搜索只读取所选来源和时间范围内最新的 5,000 行。",
+      search_note: "文本搜索只读取所选来源和时间范围内最新的 5,000 行(翻页时为上一页之前的)。",
       finished_at: "完成时间", label: "标签", score: "分数", text: "文本", no_rows: "没有结果。",
       close: "关闭", updated: "更新于", unauthorized: "需要有效的 Bearer 令牌。",
       no_data: "此时间范围内没有数据。", redis_down: "无法连接 Redis",
       search_text_name: "文本包含", search_id_name: "id 或 id 前缀", label_name: "标签",
       other_labels: "其他标签", n_other_labels: "其他 {n} 个标签", no_label: "无标签",
       utc_days: "按 UTC 日期", not_json: "应答不是 JSON", unreachable: "无法连接服务器",
-      stale: "无法刷新:以下是 {t} 的结果。"
+      stale: "无法刷新:以下是 {t} 的结果。",
+      label_long: "标签最多 {n} 个字符。", label_nul: "标签不能包含 NUL 字符。",
+      source_long: "来源最多 {n} 个字符。", source_nul: "来源不能包含 NUL 字符。",
+      newer: "← 较新", older: "较旧 →", page_rows: "第 {a}–{b} 行"
     }
   };
 
@@ -86,6 +105,12 @@
   var skewKnown = false;
   var drawn = new Map();  // what each part last drew: an unchanged answer is not redrawn
   var openTexts = new Set();  // the ids whose whole text is shown
+  // What the page shows in words of its language, kept to redraw at once on a switch:
+  // the last answers drawn, the last good refresh, the error shown.
+  var lastChart = null;
+  var lastTable = null;
+  var updatedAt = null;
+  var shownError = null;
 
   // One refresh at a time and one timer: a refresh started while another is in flight
   // aborts it, and only the latest refresh draws and schedules the next.
@@ -134,8 +159,19 @@
 
   function token() { return localStorage.getItem(TOKEN_KEY) || ""; }
 
-  function showError(message) {
-    $("error").textContent = message || "";
+  // An error whose message is in the page's language: `render` words it again after a switch.
+  function localized(render) {
+    var e = new Error(render());
+    e.render = render;
+    return e;
+  }
+
+  function errorText(e) { return e ? (e.render ? e.render() : e.message) : ""; }
+
+  function showError(e) {
+    shownError = e || null;
+    var message = errorText(e);
+    $("error").textContent = message;
     $("error").hidden = !message;
   }
 
@@ -161,7 +197,8 @@
     if (sent) headers.Authorization = "Bearer " + sent;
     return fetch(url, { headers: headers, signal: signal }).catch(function (e) {
       if (e && e.name === "AbortError") throw e;
-      throw new Error(t("unreachable") + " (" + e.message + ")");
+      var why = e && e.message;
+      throw localized(function () { return t("unreachable") + " (" + why + ")"; });
     }).then(function (r) {
       if (!skewKnown) {
         var date = Date.parse(r.headers.get("Date"));
@@ -170,13 +207,16 @@
       if (r.status === 401) {
         // An answer to a token replaced meanwhile says nothing about the new one.
         if (sent === token()) $("token-form").hidden = false;
-        throw new Error(t("unauthorized"));
+        throw localized(function () { return t("unauthorized"); });
       }
       return r.text().then(function (raw) {
         var body;
         try { body = JSON.parse(raw); } catch (e) { body = undefined; }
         if (!r.ok) throw new Error(httpError(r, body));
-        if (body === undefined) throw new Error(httpError(r, null) + ": " + t("not_json"));
+        if (body === undefined) {
+          var status = httpError(r, null);
+          throw localized(function () { return status + ": " + t("not_json"); });
+        }
         return body;
       });
     });
@@ -207,7 +247,7 @@
   }
 
   function range() {
-    var key = $("range").value;
+    var key = applied.get("range");
     var spec = own(RANGES, key) ? RANGES[key] : RANGES["1h"];
     var until = serverNow();
     var since = Math.floor((until - spec[0] * 1000) / (spec[2] * 1000)) * spec[2] * 1000;
@@ -292,7 +332,8 @@
   function drawChart(groups, other, r) {
     var svg = $("chart");
     svg.replaceChildren();
-    var W = 800, H = 260, left = 44, bottom = 22, top = 8;
+    // Day buckets leave room at the top for their note, clear of the tallest bar.
+    var W = 800, H = 260, left = 44, bottom = 22, top = r.step >= DAY_MS ? 20 : 8;
     var buckets = [];
     for (var b = r.sinceMs; b <= r.untilMs; b += r.step) buckets.push(b);
     var byBucket = new Map(), totals = new Map(), keys = [];
@@ -313,10 +354,12 @@
     });
     var plotH = H - bottom - top, slot = (W - left) / buckets.length;
     svg.appendChild(el("svg:line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, "class": "axis" }));
+    // Lines at 0, half and the top; half of an odd top is no count: that line is unnamed.
     [0, 0.5, 1].forEach(function (f) {
       var y = H - bottom - f * plotH;
       svg.appendChild(el("svg:line", { x1: left, y1: y, x2: W, y2: y, "class": "axis" }));
-      svg.appendChild(el("svg:text", { x: left - 4, y: y + 4, "text-anchor": "end" }, Math.round(f * max)));
+      if (f * max !== Math.floor(f * max)) return;
+      svg.appendChild(el("svg:text", { x: left - 4, y: y + 4, "text-anchor": "end" }, f * max));
     });
     buckets.forEach(function (k, i) {
       var y = H - bottom;
@@ -341,7 +384,7 @@
         "text-anchor": last ? "end" : "middle", "class": "tick" }, bucketText(buckets[idx], r, false)));
     }
     if (r.step >= DAY_MS) {
-      svg.appendChild(el("svg:text", { x: W, y: top + 4, "text-anchor": "end", "class": "note" },
+      svg.appendChild(el("svg:text", { x: W, y: 12, "text-anchor": "end", "class": "note" },
         t("utc_days")));
     }
     if (!keys.length) {
@@ -361,14 +404,38 @@
     });
   }
 
-  function keepOptions(select, values, firstKey) {
-    var current = select.value;
-    var have = Array.prototype.slice.call(select.options, 1).map(function (o) { return o.value; });
-    if (have.join("\n") === values.join("\n")) return;
-    select.replaceChildren(el("option", { value: "", "data-i18n": firstKey }, t(firstKey)));
-    values.forEach(function (v) { select.appendChild(el("option", { value: v }, v)); });
-    if (current && values.indexOf(current) < 0) select.appendChild(el("option", { value: current }, current));
-    select.value = current;
+  // The label and source fields offer the values known (a datalist: the chart's top 100
+  // labels of its range, the first sources) and take any other typed: a label summed in
+  // "other labels", a source past the list, are still ones to filter on.
+  var offered = new Map();
+  function keepOffered(id, values) {
+    var key = values.join("\n");
+    if (offered.get(id) === key) return;
+    offered.set(id, key);
+    var list = $(id + "-options");
+    list.replaceChildren.apply(list, values.map(function (v) { return el("option", { value: v }); }));
+  }
+
+  // The field's value as a filter, or why the API would refuse it (`problem`, a function
+  // that words it in the page's language); the field is marked invalid meanwhile.
+  function filterValue(id) {
+    var value = applied.get(id), max = FIELD_MAX.get(id), problem = null;
+    if (value.indexOf("\u0000") >= 0) {
+      problem = function () { return t(id + "_nul"); };
+    } else if (Array.from(value).length > max) {
+      problem = function () { return t(id + "_long").replace("{n}", max); };
+    }
+    if ($(id).setCustomValidity) $(id).setCustomValidity(problem ? problem() : "");
+    return { value: value, problem: problem };
+  }
+
+  // The first refused filter among `ids`, as an error to throw (null when all are good).
+  function refused(ids) {
+    for (var i = 0; i < ids.length; i++) {
+      var got = filterValue(ids[i]);
+      if (got.problem) return localized(got.problem);
+    }
+    return null;
   }
 
   // Every chart read covers the whole range: an ended bucket can still change (a re-score
@@ -382,10 +449,12 @@
   // server's must not make the last read look younger than it is.
   function refreshChart(force, run) {
     var r = range();
-    var source = $("source").value;
-    var sources = api("/v1/sources", { limit: 200 }, run.signal).then(function (s) {
-      if (run.current()) keepOptions($("source"), s.sources, "all_sources");
+    var source = applied.get("source");
+    var sources = api("/v1/sources", { limit: SOURCES_OFFERED }, run.signal).then(function (s) {
+      if (run.current()) keepOffered("source", s.sources);
     });
+    var bad = refused(["source"]);
+    if (bad) return Promise.all([sources, Promise.reject(bad)]);
     var key = [source, r.bucket, r.step].join("|");
     var asked = monotonic();
     var age = mixRead ? asked - mixRead.at : Infinity;
@@ -398,10 +467,11 @@
         if (!run.current()) return;
         mixRead = { key: key, at: asked };
         var groups = s.groups, other = s.other || [];
-        if (changed("chart", [groups, other, r.sinceMs])) drawChart(groups, other, r);
+        lastChart = { key: [groups, other, r.sinceMs], args: [groups, other, r] };
+        if (changed("chart", lastChart.key)) drawChart(groups, other, r);
         var labels = new Set();
         groups.forEach(function (g) { if (g.label !== null) labels.add(g.label); });
-        keepOptions($("label"), Array.from(labels).sort(), "all_labels");
+        keepOffered("label", Array.from(labels).sort());
       }, function (e) {
         if (run.current()) mixRead = null;  // the next refresh reads the chart again
         throw e;
@@ -417,7 +487,7 @@
     api(href).then(function (body) {
       $("json-body").textContent = JSON.stringify(body, null, 2);
       $("json-view").showModal();
-    }).catch(function (e) { showError(e.message); });
+    }).catch(function (e) { showError(e); });
   }
 
   // A text is clamped to a few lines; a click (or Enter) shows it whole, across refreshes.
@@ -478,16 +548,47 @@
   }
 
   var tableReadAt = null;
+  // Paging: the cursors of the pages past the first that Older opened (the last one is
+  // shown), and the cursor of the page after the one shown (null: none). Each is a keyset
+  // position, so a page stays put while new rows arrive; a filter applied goes back to
+  // the first page.
+  var PAGE_ROWS = 50;
+  var cursors = [];
+  var nextCursor = null;
+  var pageRows = 0;
+
+  function drawPager() {
+    var first = cursors.length * PAGE_ROWS + 1;
+    var focused = document.activeElement === $("older");
+    $("newer").hidden = cursors.length === 0;
+    $("older").hidden = !nextCursor;
+    $("page").textContent = pageRows ? t("page_rows").replace("{a}", first)
+      .replace("{b}", first + pageRows - 1) : "";
+    $("pager").hidden = $("newer").hidden && $("older").hidden;
+    // A keyboard user on the last page keeps a focus: from Older (gone) to Newer.
+    if (focused && $("older").hidden && !$("newer").hidden) {
+      $("newer").focus();
+    }
+  }
 
   function refreshTable(run) {
     var r = range();
-    var id = $("id").value.trim();
+    var id = applied.get("id");
+    var label = applied.get("label");
+    // A filter the API would refuse is refused here, saying why, with no request.
+    var bad = refused(["source", "label"]);
+    if (bad) return Promise.reject(bad);
     // An id is looked up whatever the time range.
-    return api("/v1/search", { q: $("q").value.trim(), id: id, label: $("label").value,
-      source: $("source").value, since: id ? "" : r.since, limit: 50 }, run.signal)
+    return api("/v1/search", { q: applied.get("q"), id: id, label: label,
+      source: applied.get("source"), since: id ? "" : r.since, limit: PAGE_ROWS,
+      cursor: cursors.length ? cursors[cursors.length - 1] : "" }, run.signal)
       .then(function (body) {
         if (!run.current()) return;
         tableReadAt = new Date();
+        lastTable = body.items;
+        nextCursor = body.next_cursor || null;
+        pageRows = body.items.length;
+        drawPager();
         if (changed("table", body.items)) drawTable(body.items);
       });
   }
@@ -499,19 +600,72 @@
     return read.then(function () {
       if (!run.current()) return;
       markStale(name, false);
-      if (name === "table") $("stale").hidden = true;
+      if (name === "table") drawStale(false);
     }, function (e) {
       if (run.current()) {
         markStale(name, true);
-        if (name === "table") {
-          var shown = $("results").tBodies[0].children.length > 0 && tableReadAt;
-          $("stale").textContent = shown ? t("stale").replace("{t}",
-            tableReadAt.toLocaleTimeString(locale())) : "";
-          $("stale").hidden = !shown;
-        }
+        if (name === "table") drawStale($("results").tBodies[0].children.length > 0 && !!tableReadAt);
       }
       throw e;
     });
+  }
+
+  // The note over rows a failed refresh left on screen: since when they are.
+  function drawStale(shown) {
+    $("stale").textContent = shown ? t("stale").replace("{t}",
+      tableReadAt.toLocaleTimeString(locale())) : "";
+    $("stale").hidden = !shown;
+  }
+
+  function drawUpdated() {
+    if (updatedAt) $("updated").textContent = t("updated") + " " + updatedAt.toLocaleTimeString(locale());
+  }
+
+  // A switch of language words at once what the page shows from its last answers: it does
+  // not wait for the next refresh, which may fail or hang.
+  function redrawInLanguage() {
+    if (lastChart && changed("chart", lastChart.key)) drawChart.apply(null, lastChart.args);
+    if (lastTable && changed("table", lastTable)) drawTable(lastTable);
+    drawStale(!$("stale").hidden);
+    drawUpdated();
+    drawPager();
+    if (shownError) showError(shownError);
+  }
+
+  // ---- the URL ------------------------------------------------------------
+  // The filters live in the page's URL: a reload and a shared link show the same rows.
+  // A URL naming any filter sets them all (the ones it leaves out to their defaults);
+  // one naming none leaves the form as the browser restored it.
+  function readUrl() {
+    var params = new URLSearchParams(location.search);
+    if (!FILTERS.some(function (k) { return params.has(k); })) return;
+    FILTERS.forEach(function (k) {
+      var value = params.get(k) || "";
+      if (k === "range") value = own(RANGES, value) ? value : DEFAULT_RANGE;
+      $(k).value = value;
+    });
+  }
+
+  function applyForm() {
+    FILTERS.forEach(function (k) {
+      var value = $(k).value || "";
+      applied.set(k, k === "q" || k === "id" ? value.trim() : value);
+    });
+  }
+
+  function writeUrl() {
+    if (typeof history === "undefined" || !history.replaceState || !location.pathname) return;
+    var params = new URLSearchParams(location.search);
+    FILTERS.forEach(function (k) {
+      var value = applied.get(k);
+      if (value && !(k === "range" && value === DEFAULT_RANGE)) params.set(k, value);
+      else params.delete(k);
+    });
+    var query = params.toString();
+    var url = location.pathname + (query ? "?" + query : "") + (location.hash || "");
+    if (url !== location.pathname + location.search + (location.hash || "")) {
+      history.replaceState(history.state, "", url);
+    }
   }
 
   function schedule(run) {
@@ -541,10 +695,11 @@
     return Promise.all([live, rest]).then(function () {
       if (!run.current()) return;
       if (errors.length) {
-        showError(errors[0].message);
+        showError(errors[0]);
       } else {
-        showError("");
-        $("updated").textContent = t("updated") + " " + new Date().toLocaleTimeString(locale());
+        showError(null);
+        updatedAt = new Date();
+        drawUpdated();
         document.body.setAttribute("data-refreshed", String(Date.now()));
       }
       schedule(run);
@@ -555,12 +710,19 @@
     timer = null;
     if (document.hidden) { timer = setTimeout(tick, REFRESH_MS); } else { refresh(false); }
   }
-  function now() { refresh(true); }
+  function now() { writeUrl(); refresh(true); }
+  // A filter applied: its rows from the newest.
+  function applyFilters() {
+    applyForm();
+    cursors = [];
+    now();
+  }
 
   $("lang").addEventListener("click", function () {
     lang = lang === "zh" ? "en" : "zh";
     localStorage.setItem(LANG_KEY, lang);
     applyLang();
+    redrawInLanguage();
     now();
   });
   $("token-toggle").addEventListener("click", function () {
@@ -574,10 +736,28 @@
     now();
   });
   $("token-clear").addEventListener("click", function () { localStorage.removeItem(TOKEN_KEY); now(); });
-  $("search").addEventListener("submit", function (e) { e.preventDefault(); now(); });
-  ["source", "range", "label"].forEach(function (id) { $(id).addEventListener("change", now); });
+  $("search").addEventListener("submit", function (e) { e.preventDefault(); applyFilters(); });
+  ["source", "range", "label"].forEach(function (id) { $(id).addEventListener("change", applyFilters); });
+  $("older").addEventListener("click", function () {
+    if (!nextCursor) return;
+    cursors.push(nextCursor);
+    nextCursor = null;  // a second click before the answer opens no page past it
+    now();
+  });
+  $("newer").addEventListener("click", function () {
+    cursors.pop();
+    now();
+  });
+  // Enter applies the source typed (the label's is the search form's submit).
+  $("source").addEventListener("keydown", function (e) {
+    if (e.key !== "Enter") return;
+    e.preventDefault();
+    applyFilters();
+  });
   document.addEventListener("visibilitychange", function () { if (!document.hidden) now(); });
 
+  readUrl();
+  applyForm();
   applyLang();
   now();
 })();
