@@ -149,8 +149,13 @@ class ResultRecord:
     latest: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (datetimes as ISO 8601 strings)."""
-        out = asdict(self)
+        """A JSON-ready dict (datetimes as ISO 8601 strings), its ``meta`` and ``scores``
+        copied one level: ``dataclasses.asdict`` deep-copied every value, and that copy
+        took most of the time of a large export."""
+        out = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        for key in ("meta", "scores"):
+            if isinstance(out[key], dict):
+                out[key] = dict(out[key])
         for key in ("submitted_at", "started_at", "finished_at"):
             value = out[key]
             out[key] = value.isoformat() if value is not None else None

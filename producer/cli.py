@@ -27,6 +27,7 @@ import math
 import os
 import select
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -73,7 +74,7 @@ from producer.sources import (
     open_source,
     read_records,
 )
-from producer.stream import StreamReport, Tracker, stream
+from producer.stream import RECENT_IDS, StreamReport, Tracker, stream
 
 #: Commands implemented in ``worker.cli`` (attribute, one-line help shown
 #: without importing it).
@@ -526,7 +527,8 @@ def _finite_idle_exit(value: float | None) -> float | None:
               help="Append one JSON line per input: line (and stream entry) -> task id.")
 @click.option("--max-queue", type=click.IntRange(min=1), help="Backpressure bound in messages.")
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Texts per broker message.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True,
+              help="Hide the progress bar (drawn only when stderr is a terminal).")
 @click.option("--wait", is_flag=True, help="Wait for every result and print counts by status.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to --wait.")
 @click.option("--ttl", "ttl_s", type=float, default=None,
@@ -553,6 +555,7 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
         raise click.UsageError("--group, --consumer and --idle-exit go with --from-redis-stream")
     fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
                       opts.pop("time_field"), given=_given_fields(ctx))
+    max_tracked_ids: int | None = None  # a file: every caller id of the run
     settings = _publishing_settings(ctx, model_name)
     _check_options(settings, opts["source"], opts["ttl_s"], opts["timeout"])
     with contextlib.ExitStack() as stack:
@@ -574,13 +577,24 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
             fh = stack.enter_context(open_source(str(file)))
             records = read_records(fh, fmt=opts["fmt"], fields=fields, keep_blank=True,
                                    max_line_bytes=default_line_limit(settings))
+            if not _regular_file(fh):  # a pipe may never end: remember the recent ids
+                max_tracked_ids = RECENT_IDS
         note = (f"entries not yet sent stay pending in group {group!r}: rerun with --consumer "
                 f"{reader.consumer!r} to resend them") if stream_key is not None else None
         if not opts["wait"]:  # a wait says it when it starts
             warn_if_unserved(client)
-        rejected = _run_stream(client, records, trackers, pending_note=note, **opts)
+        rejected = _run_stream(client, records, trackers, pending_note=note,
+                               max_tracked_ids=max_tracked_ids, **opts)
     if rejected:
         ctx.exit(EXIT_REJECTED)
+
+
+def _regular_file(fh: Any) -> bool:
+    """True when ``fh`` reads a regular file (of known size), not a pipe or terminal."""
+    try:
+        return stat.S_ISREG(os.fstat(fh.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # no descriptor (a test runner's stdin)
+        return False
 
 
 def _given_fields(ctx: click.Context) -> frozenset[str]:
@@ -592,20 +606,23 @@ def _given_fields(ctx: click.Context) -> frozenset[str]:
 
 
 def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[Tracker], *,
-                pending_note: str | None, fmt: str, source: str | None,
-                max_queue: int | None, chunk_size: int | None, no_progress: bool, wait: bool,
+                pending_note: str | None, max_tracked_ids: int | None, fmt: str,
+                source: str | None, max_queue: int | None, chunk_size: int | None,
+                no_progress: bool, wait: bool,
                 timeout: float, ttl_s: float | None) -> int:
     """Stream, print the summary (and the results with ``wait``); give the rejected count.
 
-    ``pending_note`` (Redis Streams) replaces the resume line of a broker failure.
+    ``pending_note`` (Redis Streams) replaces the resume line of a broker failure;
+    ``max_tracked_ids`` bounds the caller ids remembered to refuse a repeated one.
     """
     redis_source = pending_note is not None
+    bar = show_progress(no_progress)
     try:
         report = stream(
-            client, records, max_queue_length=max_queue, progress=not no_progress,
+            client, records, max_queue_length=max_queue, progress=bar,
             source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
-            trackers=trackers, track_ids=not redis_source,
-            on_wait=_say_paused if no_progress else None,
+            trackers=trackers, track_ids=not redis_source, max_tracked_ids=max_tracked_ids,
+            on_wait=None if bar else _say_paused,
         )
     except BrokerUnavailable as exc:
         if pending_note is None:
@@ -626,6 +643,18 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         if stop is not None:
             raise _with_missing(stop, [i for i in report.ids if i not in found], listed=False)
     return report.rejected
+
+
+def show_progress(no_progress: bool) -> bool:
+    """Draw a progress bar: unless ``--no-progress``, and only on a terminal. Written to a
+    log file or a pipe, its redraws are carriage-return garbage, a line per refresh;
+    there a backpressure pause is told by one line instead (:func:`_say_paused`)."""
+    if no_progress:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
 
 
 def _say_paused(length: int) -> None:

@@ -63,7 +63,8 @@ def _filter_options(f: Any) -> Any:
 @click.option("--model", "model", required=True, help="The named model to score the texts.")
 @_filter_options
 @click.option("--max-queue", type=click.IntRange(min=1), help="Backpressure bound in messages.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True,
+              help="Hide the progress bar (drawn only when stderr is a terminal).")
 @click.pass_context
 def rescore_command(ctx: click.Context, model: str, source: str | None, label: str | None,
                     lang: str | None, since: dt.datetime | None, until: dt.datetime | None,
@@ -89,6 +90,7 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
         _publishing_settings,
         _say_paused,
         _sigterm_interrupts,
+        show_progress,
         warn_if_unserved,
     )
 
@@ -117,9 +119,10 @@ def rescore_command(ctx: click.Context, model: str, source: str | None, label: s
                            "their text: they are skipped", err=True)
             skipped = [0]
             records = _not_done(client, stored_texts(client.store, filters), stored, skipped)
+            bar = show_progress(no_progress)
             report = stream(client, records, max_queue_length=max_queue,
-                            progress=not no_progress, keep_ids=False, linger_s=None,
-                            on_wait=_say_paused if no_progress else None)
+                            progress=bar, keep_ids=False, linger_s=None,
+                            on_wait=None if bar else _say_paused)
         except KeyboardInterrupt as exc:  # before the stream began: nothing was sent
             raise Interrupted(f"interrupted; {rerun}", sent=0) from exc
         except (BrokerUnavailable, Interrupted) as exc:

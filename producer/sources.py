@@ -158,7 +158,8 @@ def _json_problem(exc: ValueError | RecursionError) -> str:
     must be refused alone, not end the stream.
     """
     if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at column {exc.colno}"
+        # some messages end in "at" already ("Invalid control character at")
+        return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc).split(";")[0]  # drop the advice to call sys.set_int_max_str_digits

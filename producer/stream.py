@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
@@ -36,6 +37,15 @@ BACKPRESSURE_START_S = 0.02
 #: Default longest wait of a buffered item before its partial chunk is sent, in seconds.
 LINGER_S = 0.25
 
+#: Records the reader thread reads ahead of the publishing: two default chunks. Each
+#: record holds a text of up to the length limit, so this bounds a stream's memory
+#: while backpressure waits.
+READ_AHEAD = 512
+
+#: Caller ids a stream from a source of unknown length (a pipe) remembers to refuse a
+#: repeated one: the most recent ones, so its memory does not grow with every line.
+RECENT_IDS = 100_000
+
 _TICK = object()
 _END = object()
 
@@ -46,9 +56,10 @@ def with_ticks(records: Iterable[SourceRecord],
     (``time.monotonic``; None: no tick is due), records waiting or not.
 
     The source is read in a daemon thread (a blocking read of a quiet pipe
-    must not hold back the chunk already buffered); its exceptions re-raise here.
+    must not hold back the chunk already buffered), at most :data:`READ_AHEAD`
+    records ahead; its exceptions re-raise here.
     """
-    pipe: queue.Queue[object] = queue.Queue(maxsize=4096)
+    pipe: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
 
     def pump() -> None:
         try:
@@ -186,6 +197,7 @@ def stream(
     ttl_s: float | None = None,
     trackers: Sequence[Tracker] = (),
     track_ids: bool = True,
+    max_tracked_ids: int | None = None,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
@@ -198,7 +210,10 @@ def stream(
     ``ttl_s``: deadline of every item, in seconds from its submission.
     ``trackers`` are told, in order, what became of every record (an ids file,
     the Redis Stream acks); ``track_ids=False`` stops refusing ids repeated
-    within the run (an endless source would remember every one).
+    within the run (an endless source would remember every one);
+    ``max_tracked_ids`` refuses an id repeated among the last that many caller
+    ids only (a pipe that may never end): an older one is sent, and the store's
+    idempotent upsert and its id check judge it.
     Guarantees: a bad line never stops the stream; every accepted item is
     published before this returns. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
@@ -208,7 +223,10 @@ def stream(
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
-    validator = ItemValidator(client.settings, source, ttl_s=ttl_s, track_ids=track_ids)
+    validator = ItemValidator(client.settings, source, ttl_s=ttl_s,
+                              track_ids=track_ids and max_tracked_ids is None)
+    recent = (_RecentIds(max_tracked_ids)
+              if track_ids and max_tracked_ids is not None else None)
     started = time.monotonic()
     bar = tqdm(
         unit=" texts", unit_scale=True, file=sys.stderr, disable=not progress,
@@ -216,7 +234,8 @@ def stream(
     )
 
     def on_pause(length: int) -> None:
-        bar.set_description(f"queue full ({length} messages), waiting")
+        # set_description would add ": ", and tqdm one more before a count with no total
+        bar.set_description_str(f"queue full ({length} messages), waiting")
         if on_wait is not None:
             on_wait(length)
 
@@ -224,7 +243,8 @@ def stream(
 
     def before_send() -> None:
         report.waited_s += pressure.wait_for_room()
-        bar.set_description("")
+        # no redraw here: the bar redraws at its own interval, not once per chunk
+        bar.set_description_str("", refresh=False)
         bar.set_postfix(rejected=report.rejected, refresh=False)
 
     def after_send(items: list[TaskItem], origins: list[Any]) -> None:
@@ -258,7 +278,7 @@ def stream(
                 if rec.blank:
                     report.blank += 1
                     continue
-                _take(rec, _check(validator, rec), publisher, report, trackers,
+                _take(rec, _check(validator, rec, recent), publisher, report, trackers,
                       keep_ids=keep_ids, max_errors=max_errors)
                 bar.update(1)
                 linger.update(publisher)
@@ -330,7 +350,31 @@ def _refuse(rec: SourceRecord, error: ItemError, report: StreamReport,
         tracker.rejected(rec, error)
 
 
-def _check(validator: ItemValidator, record: SourceRecord) -> TaskItem | ItemError:
+def _check(validator: ItemValidator, record: SourceRecord,
+           recent: _RecentIds | None = None) -> TaskItem | ItemError:
     if record.error is not None:
         return ItemError(record.line, None, record.error)
-    return validator.check(record.line, record.item)
+    checked = validator.check(record.line, record.item)
+    if recent is None or isinstance(checked, ItemError) or record.item is None \
+            or record.item.get("id") is None:
+        return checked
+    return recent.check(record.line, checked)
+
+
+class _RecentIds:
+    """The last ``limit`` caller ids of a stream and the line of each: a repeated one is
+    refused as :class:`ItemValidator` refuses it, in bounded memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.first: OrderedDict[str, int] = OrderedDict()
+
+    def check(self, line: int, item: TaskItem) -> TaskItem | ItemError:
+        """``item``, or why it is refused: its id is among the recent ones."""
+        first = self.first.get(item.id)
+        if first is not None:
+            return ItemError(line, item.id, f"duplicate id {item.id!r} (first at {first})")
+        self.first[item.id] = line
+        if len(self.first) > self.limit:
+            self.first.popitem(last=False)
+        return item
