@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import socket
+import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,6 +16,9 @@ from api.security import is_loopback
 from contract.constants import ENV_PREFIX
 from contract.errors import ConfigError
 from contract.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 #: ``serve --log-level`` choices (any case): uvicorn's levels.
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -72,18 +78,50 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     # them exactly this process's (command-line overrides included).
     for field in dataclasses.fields(settings):
         os.environ[ENV_PREFIX + field.name.upper()] = str(getattr(settings, field.name))
-    check_port(host, port)
+    # The port is bound here, once, and the listening sockets handed to uvicorn: a port
+    # taken between a check and uvicorn's own bind would end in uvicorn's errno and exit 3.
+    sockets = bind_port(host, port)
+    config = uvicorn.Config("api.app:app_from_env", factory=True, host=host, port=port,
+                            workers=workers, log_level=log_level, access_log=False)
     # uvicorn listens later (after each process's start-up) and says so: this is no claim
     # that the API answers yet.
     click.echo(f"bertstream API starting on http://{host}:{port} (docs: /docs; "
                f"{'bearer tokens required' if tokens else 'no authentication'})", err=True)
-    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, access_log=False)
+    run_uvicorn(config, sockets)
 
 
-def check_port(host: str, port: int) -> None:
-    """:class:`ConfigError` (one line, exit 2) unless every address of ``host`` can be bound
-    on ``port`` now, as uvicorn will bind them.
+def run_uvicorn(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    """Serve ``config`` on the bound ``sockets``, in ``config.workers`` processes, as
+    ``uvicorn.run`` would on the sockets it binds (exit 3 when the app fails to start)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    server = uvicorn.Server(config)
+    try:
+        for sock in sockets:
+            sock.listen(config.backlog)
+        # Given sockets, uvicorn names no address: its usual line, once the port listens.
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+            f"[{config.host}]" if ":" in config.host else config.host,
+            sockets[0].getsockname()[1])
+        if config.workers > 1:
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sock in sockets:
+            sock.close()
+    if config.workers == 1 and not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE
+
+
+def bind_port(host: str, port: int) -> list[socket.socket]:
+    """A socket bound on ``port`` for every address of ``host`` (as asyncio's server binds
+    them for uvicorn), held from here to uvicorn so no other process can take the port
+    in between; :class:`ConfigError` (one line, exit 2) when one cannot be bound.
 
     uvicorn answers a port in use with its errno and exit 3, which bertstream's exit
     codes keep for an unreachable Redis or database; a port is a setting to change.
@@ -93,15 +131,28 @@ def check_port(host: str, port: int) -> None:
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"cannot serve on {host}:{port}: {str(exc.strerror).lower()}") from exc
-    for family, kind, proto, _name, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    bound: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _name, address in addresses:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                probe.bind(address)
+                sock.bind(address)
             except OSError as exc:
                 why = ("the port is in use (another process listens on it); stop that process "
                        "or pick another --port" if exc.errno == errno.EADDRINUSE
                        else (exc.strerror or str(exc)).lower())
                 raise ConfigError(f"cannot serve on {host}:{port}: {why}") from exc
+            sock.set_inheritable(True)  # for uvicorn's worker processes
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound

@@ -15,7 +15,9 @@ stays bounded on a large table:
   (an index page) and filters those, so neither cost grows with the table.
   ``cursor`` pages on: the next ``limit`` rows after the last one shown, in the
   table's order (a keyset: a page stays put while new rows arrive), each page
-  reading at most ``scan`` rows again.
+  reading at most ``scan`` rows again. A text search whose ``scan`` rows hold fewer
+  matches than a page goes on from the last row it read (``scan_ended``), so an older
+  match is a page away, never behind a scan of the table.
   On a PostgreSQL database whose collation is not C (ICU, en_US) the primary
   key does not sort by code point: the prefix range is then compared under
   COLLATE "C", which schema revision 0004 indexes there.
@@ -40,7 +42,7 @@ from contract.liveness import family_workers
 from contract.messages import id_problem
 from contract.migrate import id_sorts_by_code_point
 from contract.queries import Filters, _after, distinct_sources, stats
-from contract.results import ResultRecord, ResultStore, _record, results, utcnow
+from contract.results import ResultRecord, ResultStore, _record, as_utc, results, utcnow
 
 if TYPE_CHECKING:
     from api.app import Services
@@ -128,9 +130,12 @@ def _clauses_on(sub: Any, filters: Filters, q: str | None, *, latest: bool) -> l
 Position = tuple[dt.datetime | None, str]
 
 
-def encode_position(record: ResultRecord, by_id: bool) -> str:
-    """The opaque cursor of the page after ``record`` (``by_id``: of an id search)."""
-    raw = json.dumps([None if by_id else record.finished_at.isoformat(), record.id])
+def encode_position(record: ResultRecord | Position, by_id: bool) -> str:
+    """The opaque cursor of the page after ``record`` or a position (``by_id``: of an id
+    search)."""
+    finished, task_id = ((record.finished_at, record.id) if isinstance(record, ResultRecord)
+                         else record)
+    raw = json.dumps([None if by_id or finished is None else finished.isoformat(), task_id])
     return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
 
 
@@ -171,6 +176,30 @@ def search(store: ResultStore, filters: Filters, *, q: str | None = None,
     return store.run(read, "cannot read results")
 
 
+def window_end(store: ResultStore, filters: Filters, *, scan: int,
+               after: Position | None = None) -> Position | None:
+    """Where a text search whose ``scan`` rows (after ``after``) held fewer matches than a
+    page goes on: the last of those rows, when a row matching ``filters`` is older than it
+    (None when the rows read were all there are). Reads ``scan`` index entries at most."""
+    def read(conn: Any) -> list[Any]:
+        query = (sa.select(results.c.finished_at, results.c.id)
+                 .where(*_window_clauses(filters, after))
+                 .order_by(results.c.finished_at.desc(), results.c.id.desc())
+                 .offset(scan - 1).limit(2))
+        return list(conn.execute(query).all())
+
+    rows = store.run(read, "cannot read results")
+    return (as_utc(rows[0][0]), rows[0][1]) if len(rows) == 2 else None
+
+
+def _window_clauses(filters: Filters, after: Position | None) -> list[Any]:
+    """The rows a newest-first search reads: ``filters``, after ``after``."""
+    conds = filters.clauses()
+    if after is not None and after[0] is not None:
+        conds += _after((after[0], after[1]), True)
+    return conds
+
+
 def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | None,
                   limit: int, scan: int, after: Position | None = None) -> Any:
     order = (results.c.finished_at.desc(), results.c.id.desc())
@@ -187,8 +216,7 @@ def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | Non
                  .where(*_clauses_on(ids, filters, q, latest=True))
                  .order_by(ids.c.id_order).limit(limit))
     else:
-        if after is not None and after[0] is not None:
-            conds += _after((after[0], after[1]), True)
+        conds = _window_clauses(filters, after)
         if q:
             recent = (sa.select(results).where(*conds).order_by(*order).limit(scan)
                       .subquery("recent"))
@@ -264,17 +292,27 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
                                             "answer's `next_cursor`: the page after it")] = None,
     ) -> dict[str, Any]:
         """Rows matching the filters, a text and an id prefix, newest first (bounded reads);
-        ``next_cursor`` reads the page after these (null when there is none)."""
+        ``next_cursor`` reads the page after these (null when there is none).
+
+        ``scan_ended``: a text search found fewer matches than ``limit`` among the ``scan``
+        rows it read and older rows remain: ``next_cursor`` reads the ``scan`` rows
+        before those (the page may hold fewer rows, or none)."""
         by_id = bool(id)
         after = decode_position(cursor, by_id) if cursor else None
         if not services.client.has_results_table():
-            return {"items": [], "scan": scan, "next_cursor": None}
+            return {"items": [], "scan": scan, "next_cursor": None, "scan_ended": False}
         rows = search(store, filters, q=q or None, task_id=id or None, limit=limit + 1,
                       scan=scan, after=after)
         more = len(rows) > limit
         rows = rows[:limit]
+        next_cursor = encode_position(rows[-1], by_id) if more else None
+        ended = None
+        if q and not id and not more:
+            ended = window_end(store, filters, scan=scan, after=after)
+            if ended is not None:
+                next_cursor = encode_position(ended, False)
         return {"items": [_json(r) for r in rows], "scan": scan,
-                "next_cursor": encode_position(rows[-1], by_id) if more else None}
+                "next_cursor": next_cursor, "scan_ended": ended is not None}
 
     static = resources.files("api") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")

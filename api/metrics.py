@@ -3,7 +3,8 @@
 One registry per app (tests build several). Queue depth per lane (of this
 server's queue family, and of every family of its queue) and live workers are
 read from Redis when Prometheus scrapes, not polled; whether that read worked
-is ``bertstream_redis_up``. Depths are read by a script run in Redis per chunk of
+is ``bertstream_redis_up``, and whether a failed read was Redis refusing the broker URL
+(a setting, not an outage) is ``bertstream_broker_misconfigured``. Depths are read by a script run in Redis per chunk of
 kombu's bindings (:class:`BindingWalk`), never by a command per family bound.
 """
 
@@ -20,9 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import lane_keys
+from contract.broker import broker_error, lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
-from contract.errors import BertstreamError
+from contract.errors import BertstreamError, BrokerMisconfigured
 from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
 
@@ -242,7 +243,10 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
         and ``bertstream_redis_up`` always: an alert on no live workers goes quiet while
-        Redis is down, so that outage needs its own signal.
+        Redis is down, so that outage needs its own signal. ``bertstream_broker_misconfigured``
+        always too: 1 when the read failed because Redis refused what the broker URL asks
+        (:func:`contract.broker.broker_error`: a database index it lacks, credentials it
+        does not take), so an alert can send a setting to fix apart from a server down.
 
         Queue depth per family covers this server's own family, every family with live
         workers and every family with messages waiting (:class:`BindingWalk`): tasks
@@ -284,11 +288,18 @@ class _QueueCollector(Collector):
             counts = {own: 0, **by_family(alive)}
             for family, count in sorted(counts.items()):
                 per_family.add_metric([family], count)
-            up = 1
-        except (BertstreamError, OSError, Exception):  # noqa: BLE001 - a scrape never fails
+            up, misconfigured = 1, 0
+        except (BertstreamError, OSError, Exception) as exc:  # noqa: BLE001 - never fails
             up = 0
+            misconfigured = int(isinstance(broker_error(self.settings, exc),
+                                           BrokerMisconfigured))
         yield GaugeMetricFamily("bertstream_redis_up", "1 when this scrape could read the "
                                 "queues and worker heartbeats from Redis, else 0", value=up)
+        yield GaugeMetricFamily(
+            "bertstream_broker_misconfigured", "1 when this scrape's Redis read failed "
+            "because Redis refused what the broker URL asks (a database index it lacks, "
+            "credentials it does not take: a setting to fix, not an outage), else 0",
+            value=misconfigured)
         if up:
             yield depth
             yield per_family_depth

@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
+from contract.errors import BrokerMisconfigured as BrokerMisconfigured  # re-exported
 from contract.errors import BrokerUnavailable, ConfigError
 from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings, mask_url
 
@@ -90,16 +91,6 @@ def celery_broker_url(url: str) -> tuple[str, str | None]:
     rest = urlencode([(key, value) for key, value in query if key != "db"])
     # Not urlunsplit: it drops the "//" of an empty host (redis+socket:/path, no socket).
     return f"redis+socket://{parts.netloc}{parts.path}{'?' if rest else ''}{rest}", db
-
-
-class BrokerMisconfigured(ConfigError):
-    """Redis answered but refused what the broker URL asks (:func:`broker_error`): a
-    setting, or the server, to fix; no retry mends it. ``problem`` says what without the
-    URL, for answers that must not show hosts (the HTTP API's)."""
-
-    def __init__(self, message: str, problem: str) -> None:
-        super().__init__(message)
-        self.problem = problem
 
 
 def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured | BrokerUnavailable:

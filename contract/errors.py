@@ -26,6 +26,17 @@ class ConfigError(BertstreamError):
     """A setting is missing, malformed or out of range."""
 
 
+class BrokerMisconfigured(ConfigError):
+    """Redis answered but refused what the broker URL asks
+    (:func:`contract.broker.broker_error`): a setting, or the server, to fix; no retry
+    mends it. ``problem`` says what without the URL, for answers that must not show hosts
+    (the HTTP API's)."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 class SchemaMismatch(ConfigError):
     """The results database is not at the schema revision this bertstream needs."""
 

@@ -31,7 +31,7 @@ const doc = node("document");
 Object.assign(doc, {
   getElementById(id) {
     if (!els[id]) {
-      els[id] = node(["source", "range", "label"].includes(id) ? "select" : "x");
+      els[id] = node(id === "range" ? "select" : "x");
       if (id === "results") els[id].tBodies = [node("tbody")];
       if (id === "range") els[id].value = "1h";
       if (id in VALUES) els[id].value = VALUES[id];
@@ -109,8 +109,13 @@ function report() {
   const state = (id) => ({ attrs: el(id).attrs, hidden: el(id).hidden, text: textOf(el(id)) });
   console.log(JSON.stringify({
     bars, texts, legend, rows,
-    labels: el("label").options.map((o) => o.attrs.value),
-    sources: el("source").options.map((o) => o.attrs.value),
+    // The label and source fields are text fields: the values they offer are their
+    // datalists' options.
+    labels: el("label-options").children.map((o) => o.attrs.value),
+    sources: el("source-options").children.map((o) => o.attrs.value),
+    // Lines of words with a count in them, as the page shows them.
+    words: { finished: textOf(el("finished")) + " " + textOf(el("finished-words")),
+      page: textOf(el("page")), "scan-note": el("scan-note").hidden ? "" : textOf(el("scan-note")) },
     error: el("error").hidden ? "" : el("error").textContent,
     results: state("results"), chart: { attrs: chart.attrs }, stale: state("stale"),
     empty: state("empty"), timers: timers.size, requests,

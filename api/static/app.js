@@ -49,7 +49,8 @@
     en: {
       token: "Token", token_help: "This server needs a bearer token (kept in this browser only).",
       save: "Save", clear: "Clear", throughput: "Throughput", rows_per_s: "rows/s",
-      in_last_minute: "rows in the last minute", per_minute_30: "rows per minute, last 30 min",
+      in_last_minute: "rows in the last minute", in_last_minute_one: "row in the last minute",
+      per_minute_30: "rows per minute, last 30 min",
       queue_depth: "Queue depth", interactive: "interactive", bulk: "bulk",
       messages_waiting: "messages waiting in Redis", workers: "Workers", alive: "alive",
       label_mix: "Label mix over time", source: "Source", range: "Range",
@@ -62,6 +63,7 @@
       no_data: "No rows in this range.", redis_down: "Redis unreachable",
       search_text_name: "Text contains", search_id_name: "Id or id prefix",
       label_name: "Label", other_labels: "other labels", n_other_labels: "{n} other labels",
+      n_other_labels_one: "{n} other label",
       no_label: "no label", utc_days: "days in UTC", not_json: "the answer is not JSON",
       unreachable: "The server cannot be reached",
       stale: "Could not refresh: these rows are from {t}.",
@@ -69,7 +71,12 @@
       label_nul: "A label cannot hold the NUL character.",
       source_long: "A source has at most {n} characters.",
       source_nul: "A source cannot hold the NUL character.",
-      newer: "← Newer", older: "Older →", page_rows: "rows {a}–{b}"
+      newer: "← Newer", older: "Older →", page_rows: "rows {a}–{b}", page_row: "row {a}",
+      page_linked: "{n} rows from the linked position",
+      page_linked_one: "{n} row from the linked position",
+      scan_ended: "{n} matches among the {scan} rows read; Older reads the {scan} rows before them.",
+      scan_ended_one: "{n} match among the {scan} rows read; Older reads the {scan} rows before them.",
+      scan_ended_zero: "No matches among the {scan} rows read; Older reads the {scan} rows before them."
     },
     zh: {
       token: "令牌", token_help: "此服务器需要 Bearer 令牌(仅保存在本浏览器中)。",
@@ -91,7 +98,9 @@
       stale: "无法刷新:以下是 {t} 的结果。",
       label_long: "标签最多 {n} 个字符。", label_nul: "标签不能包含 NUL 字符。",
       source_long: "来源最多 {n} 个字符。", source_nul: "来源不能包含 NUL 字符。",
-      newer: "← 较新", older: "较旧 →", page_rows: "第 {a}–{b} 行"
+      newer: "← 较新", older: "较旧 →", page_rows: "第 {a}–{b} 行", page_row: "第 {a} 行",
+      page_linked: "自链接位置起 {n} 行",
+      scan_ended: "在读取的 {scan} 行中有 {n} 条匹配;“较旧”读取之前的 {scan} 行。"
     }
   };
 
@@ -130,6 +139,16 @@
   function t(key) {
     var texts = own(TEXT, lang) ? TEXT[lang] : TEXT.en;
     return own(texts, key) ? texts[key] : own(TEXT.en, key) ? TEXT.en[key] : key;
+  }
+
+  // The string `key` for the count `n` (`{n}` replaced): its form for one or none in the
+  // page's language where that language has one (English `<key>_one`, `<key>_zero`;
+  // Chinese has no plural), never another language's.
+  function tn(key, n) {
+    var texts = own(TEXT, lang) ? TEXT[lang] : TEXT.en;
+    var form = n === 0 && own(texts, key + "_zero") ? key + "_zero"
+      : n === 1 && own(texts, key + "_one") ? key + "_one" : key;
+    return t(form).split("{n}").join(String(n));
   }
 
   // Dates in the page's language (English dates in the browser's own English locale).
@@ -271,6 +290,11 @@
   }
 
   // ---- live figures -------------------------------------------------------
+  var lastFinished = null;  // rows finished in the last minute, as last read
+  function drawFinished() {
+    $("finished-words").textContent = tn("in_last_minute", lastFinished === null ? 2 : lastFinished);
+  }
+
   function drawTrend(perMinute) {
     var svg = $("trend");
     svg.replaceChildren();
@@ -293,6 +317,8 @@
       if (!isNaN(at)) { skew = at - Date.now(); skewKnown = true; }
       $("per-s").textContent = live.per_s.toFixed(live.per_s < 10 ? 2 : 0);
       $("finished").textContent = live.finished;
+      lastFinished = live.finished;
+      drawFinished();
       var depth = live.queue_depth;
       $("q-interactive").textContent = depth ? depth.interactive : "?";
       $("q-bulk").textContent = depth ? depth.bulk : "?";
@@ -316,7 +342,7 @@
   }
 
   function seriesName(key, values) {
-    if (key === OTHER) return values ? t("n_other_labels").replace("{n}", values) : t("other_labels");
+    if (key === OTHER) return values ? tn("n_other_labels", values) : t("other_labels");
     return key === null ? t("no_label") : key;
   }
 
@@ -549,22 +575,35 @@
 
   var tableReadAt = null;
   // Paging: the cursors of the pages past the first that Older opened (the last one is
-  // shown), and the cursor of the page after the one shown (null: none). Each is a keyset
+  // shown), the rows shown before each of them (null: not known, a page opened from a
+  // link), and the cursor of the page after the one shown (null: none). Each is a keyset
   // position, so a page stays put while new rows arrive; a filter applied goes back to
-  // the first page.
+  // the first page. A text search's page may hold fewer rows than PAGE_ROWS (or none):
+  // its next page then reads the rows older than those it read (`scan_ended`).
   var PAGE_ROWS = 50;
   var cursors = [];
+  var shownBefore = [];
   var nextCursor = null;
   var pageRows = 0;
+  var scanEnded = false;
+  var scanRead = 0;
+
+  function rowsBefore() { return cursors.length ? shownBefore[shownBefore.length - 1] : 0; }
 
   function drawPager() {
-    var first = cursors.length * PAGE_ROWS + 1;
+    var before = rowsBefore();
     var focused = document.activeElement === $("older");
     $("newer").hidden = cursors.length === 0;
     $("older").hidden = !nextCursor;
-    $("page").textContent = pageRows ? t("page_rows").replace("{a}", first)
-      .replace("{b}", first + pageRows - 1) : "";
+    $("page").textContent = !pageRows ? "" : before === null ? tn("page_linked", pageRows)
+      : pageRows === 1 ? t("page_row").replace("{a}", before + 1)
+        : t("page_rows").replace("{a}", before + 1).replace("{b}", before + pageRows);
     $("pager").hidden = $("newer").hidden && $("older").hidden;
+    // A text search that ran out of rows to read before the page filled says so: Older
+    // reads on from there (no Older: the rows read were all the range holds).
+    $("scan-note").textContent = scanEnded ? tn("scan_ended", pageRows).split("{scan}")
+      .join(Number(scanRead).toLocaleString(locale())) : "";
+    $("scan-note").hidden = !scanEnded;
     // A keyboard user on the last page keeps a focus: from Older (gone) to Newer.
     if (focused && $("older").hidden && !$("newer").hidden) {
       $("newer").focus();
@@ -588,6 +627,8 @@
         lastTable = body.items;
         nextCursor = body.next_cursor || null;
         pageRows = body.items.length;
+        scanEnded = !!body.scan_ended && !!nextCursor;
+        scanRead = body.scan;
         drawPager();
         if (changed("table", body.items)) drawTable(body.items);
       });
@@ -628,22 +669,35 @@
     if (lastTable && changed("table", lastTable)) drawTable(lastTable);
     drawStale(!$("stale").hidden);
     drawUpdated();
+    drawFinished();
     drawPager();
     if (shownError) showError(shownError);
   }
 
   // ---- the URL ------------------------------------------------------------
   // The filters live in the page's URL: a reload and a shared link show the same rows.
-  // A URL naming any filter sets them all (the ones it leaves out to their defaults);
-  // one naming none leaves the form as the browser restored it.
+  // A URL naming any filter (or a page) sets them all (the ones it leaves out to their
+  // defaults); one naming none leaves the form as the browser restored it.
+  // The page shown past the first is there too, as its cursor, not a page number: a
+  // number would show other rows once new ones arrive, the cursor (a keyset position)
+  // the same rows. The way back (Newer, the rows' numbers) is the history entry's state:
+  // a reload keeps it; a link opened elsewhere has none, so Newer goes to the newest.
   function readUrl() {
     var params = new URLSearchParams(location.search);
-    if (!FILTERS.some(function (k) { return params.has(k); })) return;
+    var cursor = params.get("cursor");
+    if (!FILTERS.some(function (k) { return params.has(k); }) && !cursor) return;
     FILTERS.forEach(function (k) {
       var value = params.get(k) || "";
       if (k === "range") value = own(RANGES, value) ? value : DEFAULT_RANGE;
       $(k).value = value;
     });
+    if (!cursor) return;
+    var state = typeof history !== "undefined" ? history.state : null;
+    var kept = state && Array.isArray(state.cursors) && Array.isArray(state.before) &&
+      state.cursors.length > 0 && state.cursors.length === state.before.length &&
+      state.cursors[state.cursors.length - 1] === cursor;
+    cursors = kept ? state.cursors.slice() : [cursor];
+    shownBefore = kept ? state.before.slice() : [null];
   }
 
   function applyForm() {
@@ -661,10 +715,14 @@
       if (value && !(k === "range" && value === DEFAULT_RANGE)) params.set(k, value);
       else params.delete(k);
     });
+    if (cursors.length) params.set("cursor", cursors[cursors.length - 1]);
+    else params.delete("cursor");
     var query = params.toString();
     var url = location.pathname + (query ? "?" + query : "") + (location.hash || "");
-    if (url !== location.pathname + location.search + (location.hash || "")) {
-      history.replaceState(history.state, "", url);
+    var state = { cursors: cursors.slice(), before: shownBefore.slice() };
+    if (url !== location.pathname + location.search + (location.hash || "") ||
+        JSON.stringify(state) !== JSON.stringify(history.state)) {
+      history.replaceState(state, "", url);
     }
   }
 
@@ -715,6 +773,7 @@
   function applyFilters() {
     applyForm();
     cursors = [];
+    shownBefore = [];
     now();
   }
 
@@ -740,12 +799,15 @@
   ["source", "range", "label"].forEach(function (id) { $(id).addEventListener("change", applyFilters); });
   $("older").addEventListener("click", function () {
     if (!nextCursor) return;
+    var before = rowsBefore();
+    shownBefore.push(before === null ? null : before + pageRows);
     cursors.push(nextCursor);
     nextCursor = null;  // a second click before the answer opens no page past it
     now();
   });
   $("newer").addEventListener("click", function () {
     cursors.pop();
+    shownBefore.pop();
     now();
   });
   // Enter applies the source typed (the label's is the search form's submit).
@@ -759,5 +821,6 @@
   readUrl();
   applyForm();
   applyLang();
+  drawFinished();
   now();
 })();
