@@ -1,4 +1,4 @@
-"""Rendering results and rows as an aligned table, JSON or CSV (for the CLI).
+"""Rendering results and rows as an aligned table, JSON, JSON lines or CSV (for the CLI).
 
 Pure functions from records to text; nothing here touches Redis or the DB.
 Stored texts come from anyone: output meant for a terminal never carries a
@@ -21,7 +21,7 @@ from typing import Any
 from contract.messages import printable
 from contract.results import ResultRecord
 
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "jsonl", "csv")
 
 #: Columns of the results table view; texts (or errors) are truncated.
 TABLE_COLUMNS = ("id", "source", "status", "label", "score", "lang", "finished_at", "text")
@@ -39,16 +39,19 @@ TABLE_SPOOL_BYTES = 1024 * 1024
 
 def render_results(records: Sequence[ResultRecord], fmt: str, *, terminal: bool = True,
                    excel_safe: bool = False) -> str:
-    """``records`` as text: ``json`` (array of :meth:`ResultRecord.to_json`),
-    ``csv`` (every field; dicts as JSON) or ``table`` (aligned, truncated).
+    """``records`` as text: ``json`` (array of :meth:`ResultRecord.to_json`), ``jsonl``
+    (one such object per line), ``csv`` (every field; dicts as JSON) or ``table``
+    (aligned, truncated).
 
-    Table and JSON are always safe on a terminal (JSON escapes every control
-    character, which keeps it valid JSON); CSV carries every value as stored
+    Table, JSON and JSON lines are always safe on a terminal (JSON escapes every
+    control character, which keeps it valid JSON); CSV carries every value as stored
     unless ``terminal``, when control characters are escaped too, and
     ``excel_safe`` (see :func:`render_rows`).
     """
     if fmt == "json":
         return _json([r.to_json() for r in records])
+    if fmt == "jsonl":
+        return "".join(_json_lines(r.to_json() for r in records)).rstrip("\n")
     if fmt == "csv":
         return render_rows([r.to_json() for r in records], RECORD_FIELDS, "csv",
                            terminal=terminal, excel_safe=excel_safe)
@@ -64,12 +67,15 @@ def iter_results(records: Iterable[ResultRecord], fmt: str, *, terminal: bool = 
     """:func:`render_results`' text and a final newline, in pieces, one row at a time, for
     result sets of any size: joined, the pieces are that text.
 
-    JSON and CSV hold one row at a time. A table needs every row's width first:
+    JSON, JSON lines and CSV hold one row at a time (a JSON line is a piece). A table
+    needs every row's width first:
     it keeps only the widths and spools the rows' cells to a temporary file
     past :data:`TABLE_SPOOL_BYTES`.
     """
     if fmt == "json":
         yield from _json_array(r.to_json() for r in records)
+    elif fmt == "jsonl":
+        yield from _json_lines(r.to_json() for r in records)
     elif fmt == "csv":
         yield from _csv_lines((r.to_json() for r in records), RECORD_FIELDS,
                               terminal=terminal, excel_safe=excel_safe)
@@ -81,9 +87,10 @@ def iter_results(records: Iterable[ResultRecord], fmt: str, *, terminal: bool = 
 
 def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, *,
                 terminal: bool = True, excel_safe: bool = False) -> str:
-    """Plain rows (dicts) as ``table``, ``json`` (array of objects) or ``csv``.
+    """Plain rows (dicts) as ``table``, ``json`` (array of objects), ``jsonl`` (an object
+    per line) or ``csv``.
 
-    JSON keeps every key of each row; table and CSV show ``columns`` only;
+    JSON and JSON lines keep every key of each row; table and CSV show ``columns`` only;
     ``terminal`` escapes control characters in CSV cells. CSV keeps every
     value as stored (an id read back must match); ``excel_safe`` guards the
     :data:`GUARDED_COLUMNS` against running as spreadsheet formulas.
@@ -92,6 +99,8 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
         raise ValueError(f"unknown format {fmt!r}")
     if fmt == "json":
         return _json([dict(r) for r in rows])
+    if fmt == "jsonl":
+        return "".join(_json_lines(dict(r) for r in rows)).rstrip("\n")
     if fmt == "csv":
         lines = _csv_lines(rows, columns, terminal=terminal, excel_safe=excel_safe)
         return "".join(lines).rstrip("\n")
@@ -113,12 +122,19 @@ def _csv_lines(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], *, ter
     yield out.getvalue()
 
 
-def _json(value: Any) -> str:
+def _json(value: Any, indent: int | None = 2) -> str:
     # json escapes C0 controls itself; DEL and C1 (0x9b is a one-byte CSI) are
     # escaped here, and lone surrogates are written as \\udXXX escapes.
-    text = json.dumps(value, ensure_ascii=False, indent=2)
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
     text = _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text
+
+
+def _json_lines(items: Iterable[Any]) -> Iterator[str]:
+    """Each item as one line of JSON (as the API's ``format=jsonl`` writes it), escaped as
+    :func:`_json` escapes: a newline inside a value never ends a line."""
+    for item in items:
+        yield _json(item, indent=None) + "\n"
 
 
 def _json_array(items: Iterable[Any]) -> Iterator[str]:

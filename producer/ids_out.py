@@ -2,9 +2,11 @@
 
 A :class:`producer.stream.Tracker`: a line is written for each record once
 its task is in the queue (``{"line": 7, "id": "..."}``; a Redis Stream entry
-adds ``"entry": "1700000000000-0"``) and for each refused one, with ``id``
-null and the ``error``. Lines follow the order records were sent, so a
-refused record may come before the accepted ones read just ahead of it.
+adds ``"entry": "1700000000000-0"``) and for each refused one, with the
+``error`` and the ``id`` the record gave (as the refusal on stderr names
+it; null when it gave none or could not be read). Lines follow the order
+records were sent, so a refused record may come before the accepted ones
+read just ahead of it.
 Each chunk's lines are flushed to the file right after it is sent: after a
 crash the file lists what reached the queue, less at most the chunk sent in
 the last instant (a Redis Stream resends those entries).
@@ -13,6 +15,7 @@ the last instant (a Redis Stream resends those entries).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +25,9 @@ from contract.errors import InvalidInput
 from contract.messages import TaskItem
 from producer.items import ItemError
 from producer.sources import SourceRecord
+
+#: A lone surrogate: valid in JSON text (an id read from ``"\\ud800"``), not in UTF-8.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class IdsOut:
@@ -52,13 +58,17 @@ class IdsOut:
         self._fh.flush()
 
     def rejected(self, record: SourceRecord, error: ItemError) -> None:
-        """One line for a refused record: ``id`` null, and why."""
-        self._write(record, {"id": None, "error": error.reason})
+        """One line for a refused record: the id it gave (None: none), and why."""
+        self._write(record, {"id": error.id, "error": error.reason})
         self._fh.flush()
 
     def _write(self, record: SourceRecord, fields: dict[str, Any]) -> None:
         head: dict[str, Any] = {"line": record.line}
         if record.ref is not None:
             head["entry"] = record.ref
-        self._fh.write(json.dumps({**head, **fields}, ensure_ascii=False) + "\n")
+        text = json.dumps({**head, **fields}, ensure_ascii=False)
+        # a refused id may hold a lone surrogate: written as its JSON escape, it reads
+        # back as the same id instead of failing the write (and the run)
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        self._fh.write(text + "\n")
         self.written += 1

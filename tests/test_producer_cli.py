@@ -443,7 +443,7 @@ def test_stream_ids_out_ties_every_line_to_its_task(
     assert result.exit_code == 5, result.output
     assert "accepted 2, rejected 1, blank 1 in" in result.stdout
     lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
-    assert lines == [{"line": 3, "id": None, "error": "text is empty or whitespace only"},
+    assert lines == [{"line": 3, "id": "2", "error": "text is empty or whitespace only"},
                      {"line": 2, "id": "1"}, {"line": 5, "id": "3"}]
     [msg] = lane_messages(redis_url, f"{bsettings.queue}.bulk")
     assert [(it["id"], it["text"]) for it in msg["items"]] == [("1", "first"), ("3", "third")]
@@ -584,7 +584,8 @@ def test_a_caller_id_stored_with_another_text_is_a_conflict(
     [msg] = lane_messages(redis_url, f"{filled.queue}.bulk")
     assert [it["id"] for it in msg["items"]] == ["r2", "r9"]  # the same text again is harmless
     lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
-    assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: None, 3: "r9"}
+    assert {x["line"]: x["id"] for x in lines} == {1: "r2", 2: "r3", 3: "r9"}
+    assert [x["line"] for x in lines if "error" in x] == [2]
 
 
 def test_results_csv_keeps_values_as_stored(store: ResultStore, redis_url: str,

@@ -78,8 +78,8 @@ def test_entries_become_tasks_keyed_by_entry_id_and_are_acked(
     assert _pending(r, key, "g") == 0  # refused entries are acked too: nothing is resent
 
     lines = [json.loads(x) for x in ids_out.read_text().splitlines()]
-    assert [(x["entry"], x["id"]) for x in lines if x["id"]] == [(i, i) for i in ids]
-    refused = {x["entry"]: x for x in lines if x["id"] is None}
+    assert [(x["entry"], x["id"]) for x in lines if "error" not in x] == [(i, i) for i in ids]
+    refused = {x["entry"]: x for x in lines if "error" in x}
     assert set(refused) == {bad, nofield} and "empty" in refused[bad]["error"]
 
     # A second run of the group finds nothing new: no task is sent twice.
