@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import dashboard, errors
 from api.errors import ApiError, JsonAnswer
 from api.metrics import ApiMetrics
-from api.security import BodyLimit, JsonBodyRoute, TokenCheck
+from api.security import BodyLimit, JsonBodyRoute, SecurityHeaders, TokenCheck
 from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
 from api.waiter import Waiter
 from contract import migrate
@@ -296,12 +296,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
-    origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
+    # A browser's Origin never ends in "/": an origin configured as copied from the
+    # address bar ("https://app.example/") matched nothing, and CORS failed silently.
+    origins = [o.strip().rstrip("/") or o.strip() for o in settings.api_cors_origins.split(",")
+               if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"])
 
+    # Outside CORS and the body limit: their answers (a refused preflight, a 413, a 408)
+    # carry the security headers too.
+    app.add_middleware(SecurityHeaders, private=("/v1/", "/metrics"),
+                       docs_paths=(app.docs_url or "", app.redoc_url or "",
+                                   app.swagger_ui_oauth2_redirect_url or ""))
     app.add_middleware(CountRequests, metrics=services.metrics)
 
     # JsonBodyRoute: a body Python's JSON reader chokes on is a 422 with the reason

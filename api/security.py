@@ -1,19 +1,22 @@
-"""Bearer tokens compared in constant time, request body limits, and who may bind where.
+"""Bearer tokens compared in constant time, request body limits, security headers, and
+who may bind where.
 
 Tokens come from ``BERTSTREAM_API_TOKENS`` only (secrets live in the
-environment). Without tokens the server is open, so ``serve`` binds to
-loopback only unless the operator says ``--no-auth``. A body is bounded in
-bytes (:class:`BodyLimit`) and, as JSON, in nesting and digits
-(:class:`JsonBodyRoute`).
+environment), and are checked before a body is read. Without tokens the server is
+open, so ``serve`` binds to loopback only unless the operator says ``--no-auth``. A
+body is bounded in bytes and in the time it takes to arrive, and never decompressed
+(:class:`BodyLimit`), and, as JSON, in nesting and digits (:class:`JsonBodyRoute`).
+Every answer carries the headers of :class:`SecurityHeaders`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import Request, Response
@@ -62,66 +65,63 @@ class TokenCheck:
                            {"WWW-Authenticate": "Bearer"})
 
 
-class _BodyOverLimit(Exception):
-    """A chunked request body passed the limit while the app was reading it."""
+#: Seconds a request body may take to arrive beyond the time its bytes earn at
+#: :data:`BODY_MIN_RATE`: a body that stalls is answered 408, so that a client sending a
+#: byte now and then (a slowloris) cannot hold a connection and a request forever.
+BODY_TIMEOUT_S = 30.0
+#: Bytes per second a slow body must keep up: each byte received extends the deadline by
+#: ``1 / BODY_MIN_RATE`` seconds.
+BODY_MIN_RATE = 10_000
+
+
+class _BodyRefused(Exception):
+    """The request body passed the limit or its deadline while the app was reading it."""
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, bodies that do
+    not arrive in time with 408, and compressed bodies with 415.
 
     Checks ``Content-Length`` up front and counts the bytes of a chunked body
-    as they arrive, so a client cannot stream past the limit either.
+    as they arrive, so a client cannot stream past the limit either. The body must
+    arrive within ``timeout_s`` (default :data:`BODY_TIMEOUT_S`) plus a second per
+    ``min_rate`` bytes received (default :data:`BODY_MIN_RATE`). A body is never
+    decompressed: one sent with a ``Content-Encoding`` (gzip, deflate, br) would be read
+    as its compressed bytes, so it is refused, naming the encoding.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float | None = None,
+                 min_rate: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = BODY_TIMEOUT_S if timeout_s is None else timeout_s
+        self.min_rate = BODY_MIN_RATE if min_rate is None else min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._declared(scope) > self.limit:
-            await self._refuse(send)
+        headers = dict(scope.get("headers") or [])
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
+        if encoding and encoding.lower() != "identity":
+            await _answer(send, 415, "unsupported_media_type",
+                          f"the body is sent with Content-Encoding {encoding[:40]!r}: send it "
+                          "uncompressed (this server decompresses no request body)")
             return
-        seen = 0
-        refused = False
-
-        async def counting() -> Message:
-            nonlocal seen, refused
-            message = await receive()
-            if message["type"] == "http.request" and not refused:
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    # The body read fails: a body cut short here could still be a valid
-                    # request, which the route would carry out before its answer was
-                    # replaced. The app's answer (its error) is replaced by the 413 below.
-                    refused = True
-                    raise _BodyOverLimit
-            return message
-
-        answered = False
-
-        async def replacing(message: Message) -> None:
-            nonlocal answered
-            if refused:
-                if not answered and message["type"] == "http.response.start":
-                    answered = True
-                    await self._refuse(send)
-                return
-            if message["type"] == "http.response.start":
-                answered = True
-            await send(message)
-
+        if self._declared(headers) > self.limit:
+            await _answer(send, 413, "too_large",
+                          f"request body over the limit of {self.limit} bytes")
+            return
+        body = _BodyWatch(self, receive, send)
         try:
-            await self.app(scope, counting, replacing)
-        except _BodyOverLimit:
-            if not answered:
-                await self._refuse(send)
+            await self.app(scope, body.receive, body.send)
+        except _BodyRefused:
+            if not body.answered and body.refused:
+                await _answer(send, *body.refused)
 
-    def _declared(self, scope: Scope) -> int:
+    def _declared(self, headers: dict[bytes, bytes]) -> int:
         """The Content-Length header (0 when absent; over the limit when unreadable)."""
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is None:
             return 0
         try:
@@ -129,13 +129,65 @@ class BodyLimit:
         except ValueError:
             return self.limit + 1
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body(
-            "too_large", f"request body over the limit of {self.limit} bytes")).encode("utf-8")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode("ascii"))]})
-        await send({"type": "http.response.body", "body": body})
+
+class _BodyWatch:
+    """One request's body as :class:`BodyLimit` lets the app read it: counted against the
+    limit and the deadline (:attr:`refused` says which it passed); the app's answer is
+    replaced by that refusal."""
+
+    def __init__(self, owner: BodyLimit, receive: Receive, send: Send) -> None:
+        self.owner, self._receive, self._send = owner, receive, send
+        self.seen = 0
+        self.refused: tuple[int, str, str] | None = None
+        self.complete = self.answered = False
+        self.started = asyncio.get_running_loop().time()
+
+    async def receive(self) -> Message:
+        if self.complete:  # the body is read: what is left is waiting for a disconnect
+            return await self._receive()
+        limit = self.owner
+        left = (self.started + limit.timeout_s + self.seen / limit.min_rate
+                - asyncio.get_running_loop().time())
+        try:
+            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+        except TimeoutError:
+            self.refused = (408, "request_timeout", "the request body did not arrive in "
+                            f"time ({self.seen} bytes received)")
+            raise _BodyRefused from None
+        if message["type"] != "http.request":
+            self.complete = True
+        elif not self.refused:
+            self.seen += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+            if self.seen > limit.limit:
+                # The body read fails: a body cut short here could still be a valid
+                # request, which the route would carry out before its answer was
+                # replaced. The app's answer (its error) is replaced by the 413.
+                self.refused = (413, "too_large",
+                                f"request body over the limit of {limit.limit} bytes")
+                raise _BodyRefused
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.refused:
+            if not self.answered and message["type"] == "http.response.start":
+                self.answered = True
+                await _answer(self._send, *self.refused)
+            return
+        if message["type"] == "http.response.start":
+            self.answered = True
+        await self._send(message)
+
+
+async def _answer(send: Send, status: int, code: str, message: str) -> None:
+    """Send a JSON error from outside the app. A refused body may be partly unread: the
+    connection is closed after the answer, never read on as a next request."""
+    body = json.dumps(error_body(code, message), separators=(",", ":")).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode("ascii")),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 #: Deepest nesting of arrays and objects a JSON body may have (``meta``'s own limit,
@@ -205,12 +257,75 @@ class JsonBodyRequest(Request):
 class JsonBodyRoute(APIRoute):
     """A route whose JSON body is read by :func:`read_json`: a body it refuses is a 422
     ``invalid_request`` with the reason, as other unreadable bodies are, not FastAPI's
-    400 "There was an error parsing the body"."""
+    400 "There was an error parsing the body".
+
+    Its :class:`TokenCheck` dependencies run before the body is read: FastAPI reads and
+    parses a body before it solves dependencies, so a caller without a token could make
+    the server read and parse bodies up to the size limit, and was told what was wrong
+    with its JSON instead of 401.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        checks = [d.dependency for d in self.dependencies if isinstance(d.dependency, TokenCheck)]
 
         async def strict(request: Request) -> Response:
+            for check in checks:
+                check(request)
             return await handler(JsonBodyRequest(request.scope, request.receive))
 
         return strict
+
+
+#: The Content-Security-Policy of every answer but the interactive docs: the dashboard's
+#: page runs only its own script and style, reads only this server, and is never framed
+#: (it shows submitted texts); an API answer, opened as a page, runs nothing.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                           "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+#: The interactive docs load Swagger UI (script, style) from its CDN and run inline script.
+DOCS_POLICY = "frame-ancestors 'none'"
+
+
+class SecurityHeaders:
+    """ASGI middleware: the headers a server showing user-submitted texts owes every answer.
+
+    ``X-Content-Type-Options: nosniff`` (a JSON answer echoing a text is never sniffed as
+    HTML), no framing (``X-Frame-Options`` and ``frame-ancestors``), ``Referrer-Policy:
+    no-referrer`` (the dashboard's URL holds its search), :data:`CONTENT_SECURITY_POLICY`
+    (:data:`DOCS_POLICY` on ``docs_paths``), and ``Cache-Control: no-store`` on the answers
+    under ``private`` (path prefixes: texts, results, metrics). A header the route set
+    itself is kept.
+    """
+
+    def __init__(self, app: ASGIApp, docs_paths: Sequence[str],
+                 private: Sequence[str]) -> None:
+        self.app = app
+        self.docs_paths = frozenset(p for p in docs_paths if p)
+        self.private = tuple(private)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        root = str(scope.get("root_path", ""))
+        if root and path.startswith(root):
+            path = path[len(root):]
+        added = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                 (b"referrer-policy", b"no-referrer"),
+                 (b"content-security-policy",
+                  (DOCS_POLICY if path in self.docs_paths else CONTENT_SECURITY_POLICY)
+                  .encode("ascii"))]
+        if path.startswith(self.private):
+            added.append((b"cache-control", b"no-store"))
+
+        async def adding(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in added if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, adding)
