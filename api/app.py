@@ -243,8 +243,8 @@ class CountRequests:
     cleanly when the route fails mid-stream, so a broken export reached the client as a
     whole 200 with rows missing. Here the failure goes on to the server, which breaks
     the transfer (the client sees an incomplete body). A request whose app raises counts
-    as a 500: the 500 of an unexpected error is built outside this middleware, and one
-    raised mid-stream is a failed request whatever status had been sent.
+    as a 500: the 500 of an unexpected error (``errors.InternalErrors``) is sent before the
+    exception goes on, and one raised mid-stream is a failed request whatever status had been sent.
     """
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
@@ -294,7 +294,7 @@ def create_app(settings: Settings) -> FastAPI:
                   description="Submit texts for micro-batched BERT analysis and read the "
                               "stored results. Errors are JSON {\"error\": {\"code\", \"message\"}}.")
     app.state.services = services
-    errors.install(app)
+    errors.install(app)  # first: its InternalErrors must be the innermost middleware
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
     # A browser's Origin never ends in "/": an origin configured as copied from the
     # address bar ("https://app.example/") matched nothing, and CORS failed silently.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from api.security import is_loopback
+from api.security import HeadDeadlineH11, is_loopback
 from contract.constants import ENV_PREFIX
 from contract.errors import ConfigError
 from contract.settings import Settings
@@ -81,8 +81,10 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     # The port is bound here, once, and the listening sockets handed to uvicorn: a port
     # taken between a check and uvicorn's own bind would end in uvicorn's errno and exit 3.
     sockets = bind_port(host, port)
+    # HeadDeadlineH11: uvicorn alone holds a connection whose request head never ends.
     config = uvicorn.Config("api.app:app_from_env", factory=True, host=host, port=port,
-                            workers=workers, log_level=log_level, access_log=False)
+                            workers=workers, log_level=log_level, access_log=False,
+                            http=HeadDeadlineH11)
     # uvicorn listens later (after each process's start-up) and says so: this is no claim
     # that the API answers yet.
     click.echo(f"bertstream API starting on http://{host}:{port} (docs: /docs; "

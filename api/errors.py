@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,8 +99,44 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 429: "busy"}
 
 
+class InternalErrors:
+    """ASGI middleware, the innermost: an unexpected exception is answered here with the
+    JSON 500, so the middlewares outside it (CORS, security headers) add their headers.
+
+    Starlette answers one from its outermost middleware, past all of them: a 500 had no
+    security headers and, for a browser page, no CORS header (it saw a network error).
+    The exception goes on (to the server's log and the request count); an answer already
+    started is left to break, as a failed stream must.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if not started:
+                answer = _json(500, "internal_error", f"internal error ({type(exc).__name__})")
+                await answer(scope, receive, send)
+            raise
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn every exception into the JSON error form."""
+    """Register the handlers that turn every exception into the JSON error form, and
+    :class:`InternalErrors` (call this before adding any other middleware)."""
+    app.add_middleware(InternalErrors)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -153,6 +189,7 @@ def install(app: FastAPI) -> None:
         return _json(exc.status_code, code, str(exc.detail),
                      dict(exc.headers) if exc.headers else None)
 
+    # Logs the error, and answers one raised outside InternalErrors (in a middleware).
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in the API")

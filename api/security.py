@@ -5,8 +5,9 @@ Tokens come from ``BERTSTREAM_API_TOKENS`` only (secrets live in the
 environment), and are checked before a body is read. Without tokens the server is
 open, so ``serve`` binds to loopback only unless the operator says ``--no-auth``. A
 body is bounded in bytes and in the time it takes to arrive, and never decompressed
-(:class:`BodyLimit`), and, as JSON, in nesting and digits (:class:`JsonBodyRoute`).
-Every answer carries the headers of :class:`SecurityHeaders`.
+(:class:`BodyLimit`), and, as JSON, in nesting and digits (:class:`JsonBodyRoute`); a
+request head in time (:class:`HeadDeadlineH11`). Every answer carries the headers of
+:class:`SecurityHeaders`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any
 
+import h11
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.errors import ApiError, UnreadableBody, error_body
 
@@ -329,3 +332,52 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, adding)
+
+
+#: Seconds a client has to send a whole request head (line and headers), from its first
+#: byte or from the connection's start.
+HEAD_TIMEOUT_S = 10.0
+
+
+class HeadDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request head.
+
+    uvicorn times out only a keep-alive connection idle after an answer: one that sends
+    part of a head (or nothing) and stops was held for ever, and enough of them exhaust
+    the server's connections. Here the connection is closed when a head is not complete
+    within :attr:`head_timeout_s` of the connection's start or of its first byte.
+    """
+
+    head_timeout_s = HEAD_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            if self._head_timer is None:  # a later request's head began
+                self._arm_head_timer()
+        else:
+            self._stop_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.debug("closing a connection whose request head did not arrive in "
+                              "%.0f s", self.head_timeout_s)
+            self.transport.close()

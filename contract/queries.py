@@ -52,6 +52,10 @@ GROUPS = ("label", "source", "status", "model", "lang")
 #: return a group per minute ever.
 MAX_BUCKETS = 10_000
 _BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
+#: Most groups (each value per bucket, and each bucket's ``other``) one bucketed
+#: :func:`stats` or :func:`top_stats` answer may hold: values x buckets is otherwise bounded
+#: only by the rows, and the whole answer is built and serialised at once.
+MAX_CELLS = 100_000
 #: Values of ``by`` that :func:`top_stats` keeps by default, and the most it may be asked
 #: to keep (``GET /v1/stats?limit=``); the others are summed into one ``other`` group.
 STATS_LIMIT = 100
@@ -237,7 +241,11 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
                        sa.func.avg(results.c.score).label("mean_score"))
              .where(*filters.clauses(every_model=by == "model")).group_by(*keys)
              .order_by(*keys[:-1], results.c[by].is_(None), results.c[by]))
+    if grouping is not None:
+        query = query.limit(MAX_CELLS + 1)
     rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
+    if grouping is not None:
+        _check_cells(len(rows), by, bucket, ranked=False)
     return [{**{k: r[k] for k in ([("bucket")] if bucket else []) + [by]},
              "count": int(r["count"]),
              "mean_score": None if r["mean_score"] is None else float(r["mean_score"])}
@@ -313,7 +321,11 @@ def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
              .group_by(*bucket_cols, sa.case((ranked.c.rank <= limit, ranked.c.rank), else_=0))
              .order_by(*bucket_cols[:1], rank > limit, sa.func.min(ranked.c.value).is_(None),
                        sa.func.min(ranked.c.value)))
+    if grouping is not None:
+        query = query.limit(MAX_CELLS + 1)
     rows = store.run(lambda conn: conn.execute(query).mappings().all(), "cannot read results")
+    if grouping is not None:
+        _check_cells(len(rows), by, bucket, ranked=True)
     groups: list[dict[str, Any]] = []
     other: list[dict[str, Any]] = []
     for r in rows:
@@ -350,6 +362,18 @@ def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
             f"bucket={bucket} over {since.isoformat()} .. {until.isoformat()} is "
             f"{int(span):,} buckets, over the limit of {MAX_BUCKETS:,}: narrow since/until "
             f"or take a wider bucket")
+
+
+def _check_cells(got: int, by: str, bucket: str | None, *, ranked: bool) -> None:
+    """:class:`InvalidInput` when a bucketed answer holds more than :data:`MAX_CELLS` groups
+    (its query read at most one more row than that), saying what makes it smaller."""
+    if got <= MAX_CELLS:
+        return
+    fewer = "a smaller limit (fewer values of by), " if ranked else ""
+    raise InvalidInput(
+        f"by={by} per bucket={bucket} is over {MAX_CELLS:,} groups (values x buckets), the "
+        f"limit of one answer: narrow since/until, take a wider bucket, {fewer}or filter "
+        f"the {by} values (source, label, model, lang, status)")
 
 
 def _bucket_expr(store: ResultStore, bucket: str) -> tuple[Any, Any]:

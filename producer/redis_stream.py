@@ -131,8 +131,9 @@ class RedisStreamSource:
             return SourceRecord(position, error=f"a field is not valid UTF-8 ({exc.reason})",
                                 ref=entry_id)
         item = self.fields.apply(obj, strings=True)
-        if isinstance(item, str):
-            return SourceRecord(position, error=item, ref=entry_id)
+        if isinstance(item, str):  # named by the id it would have been sent with
+            return SourceRecord(position, error=item, ref=entry_id,
+                                id=self.fields.id_of(obj, strings=True) or entry_id)
         item.setdefault("id", entry_id)
         return SourceRecord(position, item, ref=entry_id)
 

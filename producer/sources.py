@@ -47,7 +47,9 @@ class SourceRecord:
     run); ``ref`` is the Redis Stream entry id (None for files). Exactly one
     of ``item`` and ``error`` is set; an ``item`` is a dict with ``text`` and
     maybe ``id``/``source``/``meta``, not yet validated (see
-    :class:`producer.items.ItemValidator`).
+    :class:`producer.items.ItemValidator`). ``id`` is the id a refused record
+    gave, read as an accepted one's would be (None: none, or not readable), so
+    the refusal can name it.
     """
 
     line: int
@@ -59,6 +61,8 @@ class SourceRecord:
     #: The last line of a record that spans lines (a CSV quoted field with line
     #: breaks); None when it is ``line``.
     last: int | None = None
+    #: The id a refused record gave (see :meth:`FieldMap.id_of`); None with an ``item``.
+    id: str | None = None
 
     @property
     def where(self) -> str:
@@ -148,6 +152,15 @@ class FieldMap:
         if meta not in (None, ""):
             item["meta"] = meta
         return item
+
+    def id_of(self, obj: Mapping[str, Any], *, strings: bool = False) -> str | None:
+        """The id ``obj`` gives, as :meth:`apply` takes it (an int as text), for naming a
+        refused record: None when it gives none or its id is no text (a float, a list),
+        as :class:`producer.items.ItemValidator` names a refused item's id."""
+        value = _numeric_as_text(obj.get(self.id))
+        if not isinstance(value, str) or (strings and value == ""):
+            return None
+        return value
 
 
 def _json_problem(exc: ValueError | RecursionError) -> str:
@@ -433,11 +446,30 @@ def _csv_record(number: int, last: int | None, header: list[str], row: list[str]
                 mapping: FieldMap) -> SourceRecord:
     if len(row) != len(header):
         return SourceRecord(number, error=f"expected {len(header)} CSV fields, got {len(row)}",
-                            last=last)
-    item = mapping.apply(dict(zip(header, row, strict=True)), strings=True)
+                            last=last, id=_wide_row_id(header, row, mapping))
+    obj = dict(zip(header, row, strict=True))
+    item = mapping.apply(obj, strings=True)
     if isinstance(item, str):
-        return SourceRecord(number, error=item, last=last)
+        return SourceRecord(number, error=item, last=last, id=mapping.id_of(obj, strings=True))
     return SourceRecord(number, item, last=last)
+
+
+def _wide_row_id(header: list[str], row: list[str], mapping: FieldMap) -> str | None:
+    """The id of a CSV row with more fields than the header, when its cell is certain.
+
+    Extra fields come from an unquoted comma in some cell: the first column
+    is still the row's first cell and the last column its last. Any other
+    column may have moved, and in a row with fewer fields any cell may be the
+    missing one: no id then.
+    """
+    if len(row) <= len(header) or mapping.id not in header:
+        return None
+    column = header.index(mapping.id)
+    if column == 0:
+        return row[0] or None
+    if column == len(header) - 1:
+        return row[-1] or None
+    return None
 
 
 def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
@@ -454,12 +486,14 @@ def _parse_json(number: int, text: str, mapping: FieldMap) -> SourceRecord:
             return SourceRecord(number, error=(
                 f"{missing}unknown field(s) [{_some_keys(unknown)}]; expected "
                 f"{sorted(ITEM_KEYS)} (name the fields with --text-field/--id-field to "
-                "ignore other keys)"))
+                "ignore other keys)"), id=mapping.id_of(obj))
         if missing:
-            return SourceRecord(number, error="missing 'text'")
+            return SourceRecord(number, error="missing 'text'", id=mapping.id_of(obj))
         for key in ("id", "source"):
             if key in obj:
                 obj[key] = _numeric_as_text(obj[key])
         return SourceRecord(number, obj)
     item = mapping.apply(obj)
-    return SourceRecord(number, error=item) if isinstance(item, str) else SourceRecord(number, item)
+    if isinstance(item, str):
+        return SourceRecord(number, error=item, id=mapping.id_of(obj))
+    return SourceRecord(number, item)

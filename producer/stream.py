@@ -352,8 +352,8 @@ def _refuse(rec: SourceRecord, error: ItemError, report: StreamReport,
 
 def _check(validator: ItemValidator, record: SourceRecord,
            recent: _RecentIds | None = None) -> TaskItem | ItemError:
-    if record.error is not None:
-        return ItemError(record.line, None, record.error)
+    if record.error is not None:  # refused by the reader: named by the id it gave, if any
+        return ItemError(record.line, record.id, record.error)
     checked = validator.check(record.line, record.item)
     if recent is None or isinstance(checked, ItemError) or record.item is None \
             or record.item.get("id") is None:
