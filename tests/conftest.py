@@ -7,6 +7,7 @@ Fixtures flush before and after, and close what they open.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -33,6 +34,15 @@ PG_URL = os.environ.get(
 #: leaves one behind ran something on the default database instead of its own.
 STRAY_DATABASES = sorted({Path.cwd() / "bertstream.db",
                           Path(__file__).resolve().parent.parent / "bertstream.db"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal gives it, whatever started the run: a shell without job
+    control starts a background command (`pytest &`, `nohup make test &`) with SIGINT
+    ignored, which its children inherit, and then the tests of what SIGINT does (to
+    `stream`, `submit --wait`, a publish) see nothing happen."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
