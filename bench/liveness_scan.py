@@ -30,39 +30,15 @@ from typing import Any
 
 import redis
 
+from bench.metrics_scrape import Tally, claims, counting_client
 from contract import liveness
-from contract.constants import ACCEPTED_KEY_PREFIX, MODEL_NAME_PATTERN, WORKER_KEY_PREFIX
+from contract.constants import MODEL_NAME_PATTERN, WORKER_KEY_PREFIX
 from contract.liveness import (
     announce,
     family_workers,
     glob_literal,
     live_workers,
 )
-
-
-class Tally:
-    """Round trips and commands sent by the connections of one pool."""
-
-    def __init__(self) -> None:
-        self.trips = self.commands = 0
-
-
-def counting_client(url: str, tally: Tally) -> redis.Redis:
-    """A client on ``url`` whose connections count into ``tally``."""
-
-    class Counting(redis.Connection):
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            tally.trips += 1
-            super().send_packed_command(command, check_health)
-
-        def read_response(self, *args: Any, **kwargs: Any) -> Any:
-            tally.commands += 1
-            return super().read_response(*args, **kwargs)
-
-    client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(
-        url, connection_class=Counting))
-    client.ping()  # the connection's handshake, before anything is counted
-    return client
 
 
 def family_workers_before(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
@@ -85,16 +61,6 @@ def live_workers_before(client: redis.Redis, family: str) -> list[dict[str, Any]
     prefix = f"{WORKER_KEY_PREFIX}{family}:"
     keys = client.scan_iter(match=glob_literal(prefix) + "*", count=500)
     return liveness._read(client, [(family, key.decode()[len(prefix):], key) for key in keys])
-
-
-def claims(client: redis.Redis, count: int) -> None:
-    """Store ``count`` keys like the API's id claims."""
-    with client.pipeline(transaction=False) as pipe:
-        for i in range(count):
-            pipe.set(f"{ACCEPTED_KEY_PREFIX}bench:{i:012d}", "0" * 64, ex=3600)
-            if i % 10_000 == 9_999:
-                pipe.execute()
-        pipe.execute()
 
 
 def main() -> None:
@@ -127,7 +93,7 @@ def main() -> None:
                 for (name, mode), read in reads.items():
                     if mode != how:
                         continue
-                    tally.trips = tally.commands = 0
+                    tally.reset()
                     t0 = time.perf_counter()
                     found = read()
                     took.setdefault((name, how), []).append(time.perf_counter() - t0)

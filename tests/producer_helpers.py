@@ -7,12 +7,25 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis
+from click.testing import CliRunner, Result
 
 from contract.results import ResultRecord, utcnow
 from contract.settings import Settings
+from producer import cli
+
+
+def invoke(args: list[str], settings: Settings) -> Result:
+    """``bertstream ARGS`` in process, on ``settings``."""
+    return CliRunner().invoke(cli.main, args, obj=settings)
+
+
+def jsonl_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (an ``--ids-out`` file)."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 def broker_settings(redis_url: str, database_url: str, **changes: Any) -> Settings:

@@ -6,29 +6,18 @@ gave, mapped by ``--id-field`` and with an integer as text, as an accepted line 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from contract.settings import Settings
-from producer import cli
 from producer.sources import FieldMap, read_records
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, invoke, jsonl_lines, lane_messages
 
 
 @pytest.fixture
 def bsettings(redis_url: str, sqlite_url: str) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)  # type: ignore[arg-type]
-
-
-def _lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _ids(data: str, fmt: str = "auto", fields: FieldMap | None = None) -> list[object]:
@@ -51,7 +40,7 @@ def test_jsonl_reader_refusals_name_the_id_they_gave(bsettings: Settings,
     ids = tmp_path / "ids.jsonl"
     result = invoke(["stream", str(src), "--no-progress", "--ids-out", str(ids)], bsettings)
     assert result.exit_code == 5, result.output
-    got = {x["line"]: x for x in _lines(ids)}
+    got = {x["line"]: x for x in jsonl_lines(ids)}
     assert {n: x["id"] for n, x in got.items()} == {
         1: "k1", 2: "k2", 3: "3", 4: "k4", 5: None, 6: None, 7: None, 8: None, 9: None}
     assert "unknown field(s) ['txt']" in str(got[1]["error"])
@@ -76,7 +65,7 @@ def test_a_mapped_id_field_is_named_on_a_reader_refusal(bsettings: Settings,
                      "--text-field", "body", "--id-field", "post", "--time-field", "created"],
                     bsettings)
     assert result.exit_code == 5, result.output
-    got = {x["line"]: x for x in _lines(ids)}
+    got = {x["line"]: x for x in jsonl_lines(ids)}
     assert got[1] == {"line": 1, "id": "11"}
     assert got[2] == {"line": 2, "id": "12", "error": "missing 'body'"}
     assert got[3] == {"line": 3, "id": "p3", "error": "'meta' must be a JSON object"}
@@ -99,7 +88,7 @@ def test_csv_reader_refusals_name_the_id_when_its_cell_is_certain(
     result = invoke(["stream", str(src), "--format", "csv", "--no-progress",
                      "--ids-out", str(ids)], bsettings)
     assert result.exit_code == 5, result.output
-    got = {x["line"]: x for x in _lines(ids)}
+    got = {x["line"]: x for x in jsonl_lines(ids)}
     assert {n: x["id"] for n, x in got.items()} == {2: "c1", 3: "c2", 4: "c3", 5: None, 6: None}
     assert "not valid JSON" in str(got[3]["error"])
     assert got[4]["error"] == "expected 3 CSV fields, got 4"

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
 
 from contract.settings import Settings
-from producer import cli
-from tests.producer_helpers import broker_settings
+from tests.producer_helpers import broker_settings, invoke
 
 
 @pytest.fixture
@@ -26,10 +24,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("id_field", [None, "post"])

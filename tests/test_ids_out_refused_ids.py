@@ -4,31 +4,20 @@ not a crash; a run resumed from its resume line appends to the same file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from contract.settings import Settings
-from producer import cli
 from producer.ids_out import IdsOut
 from producer.items import ItemError
 from producer.sources import SourceRecord
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, invoke, jsonl_lines, lane_messages
 
 
 @pytest.fixture
 def bsettings(redis_url: str, sqlite_url: str) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)  # type: ignore[arg-type]
-
-
-def _lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_a_refused_line_names_the_id_it_gave(bsettings: Settings, tmp_path: Path) -> None:
@@ -42,7 +31,7 @@ def test_a_refused_line_names_the_id_it_gave(bsettings: Settings, tmp_path: Path
     ids = tmp_path / "ids.jsonl"
     result = invoke(["stream", str(src), "--no-progress", "--ids-out", str(ids)], bsettings)
     assert result.exit_code == 5, result.output
-    got = {x["line"]: x for x in _lines(ids)}
+    got = {x["line"]: x for x in jsonl_lines(ids)}
     assert got[1] == {"line": 1, "id": "a1"} and got[6] == {"line": 6, "id": "7"}
     assert got[2]["id"] == "a1" and "duplicate id 'a1' (first at 1)" in str(got[2]["error"])
     assert got[3]["id"] == "a2" and "empty" in str(got[3]["error"])
@@ -51,7 +40,7 @@ def test_a_refused_line_names_the_id_it_gave(bsettings: Settings, tmp_path: Path
     # accepted lines are those without "error": their ids are exactly the queued ones
     queued = [it["id"] for m in lane_messages(bsettings.broker_url, f"{bsettings.queue}.bulk")
               for it in m["items"]]
-    assert [x["id"] for x in _lines(ids) if "error" not in x] == queued == ["a1", "7"]
+    assert [x["id"] for x in jsonl_lines(ids) if "error" not in x] == queued == ["a1", "7"]
 
 
 def test_an_id_that_is_no_utf8_is_written_escaped(tmp_path: Path) -> None:
@@ -64,7 +53,7 @@ def test_an_id_that_is_no_utf8_is_written_escaped(tmp_path: Path) -> None:
         out.rejected(SourceRecord(5, error="invalid JSON"), ItemError(5, None, "invalid JSON"))
     raw = path.read_bytes()
     assert b"\\ud800" in raw
-    assert _lines(path) == [{"line": 4, "id": "bad\ud800", "error": "id is not valid text"},
+    assert jsonl_lines(path) == [{"line": 4, "id": "bad\ud800", "error": "id is not valid text"},
                             {"line": 5, "id": None, "error": "invalid JSON"}]
 
 
@@ -84,7 +73,7 @@ def test_a_resumed_run_appends_and_each_line_is_listed_once(bsettings: Settings,
     for part in (first, second):
         result = invoke(["stream", str(part), "--no-progress", "--ids-out", str(ids)], bsettings)
         assert result.exit_code == 5, result.output
-    written = _lines(ids)
+    written = jsonl_lines(ids)
     assert [(x["line"], x["id"], "error" in x) for x in written] == [
         (3, "b1", True), (1, "b1", False), (2, "b2", False),
         (2, "b4", True), (1, "b4", False), (3, "b6", False)]
