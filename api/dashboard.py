@@ -23,9 +23,7 @@ stays bounded on a large table:
   COLLATE "C", which schema revision 0004 indexes there.
 """
 
-import base64
 import datetime as dt
-import json
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +39,7 @@ from contract.errors import InvalidInput
 from contract.liveness import family_workers
 from contract.messages import id_problem
 from contract.migrate import id_sorts_by_code_point
-from contract.queries import Filters, _after, distinct_sources, stats
+from contract.queries import Filters, _after, distinct_sources, pack_cursor, stats, unpack_cursor
 from contract.results import ResultRecord, ResultStore, _record, as_utc, results, utcnow
 
 if TYPE_CHECKING:
@@ -135,16 +133,14 @@ def encode_position(record: ResultRecord | Position, by_id: bool) -> str:
     search)."""
     finished, task_id = ((record.finished_at, record.id) if isinstance(record, ResultRecord)
                          else record)
-    raw = json.dumps([None if by_id or finished is None else finished.isoformat(), task_id])
-    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+    return pack_cursor([None if by_id or finished is None else finished.isoformat(), task_id])
 
 
 def decode_position(cursor: str, by_id: bool) -> Position:
     """The position a cursor resumes after; :class:`InvalidInput` when it is malformed or
     belongs to the other kind of search (an id search pages in id order)."""
     try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        finished, task_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        finished, task_id = unpack_cursor(cursor)
         if not isinstance(task_id, str) or id_problem(task_id):
             raise ValueError("bad cursor id")
         if (finished is None) != by_id:

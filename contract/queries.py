@@ -106,18 +106,29 @@ class Page:
     next_cursor: str | None
 
 
+def pack_cursor(fields: list[Any]) -> str:
+    """An opaque cursor holding ``fields``: JSON in URL-safe base64, unpadded."""
+    raw = json.dumps(fields)
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def unpack_cursor(cursor: str) -> Any:
+    """What :func:`pack_cursor` packed; ``ValueError``, ``TypeError``, ``UnicodeError`` or
+    ``RecursionError`` for a cursor it did not make (callers answer "malformed cursor")."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
 def encode_cursor(record: ResultRecord, newest_first: bool) -> str:
     """An opaque cursor that resumes after ``record``."""
     finished = record.finished_at.isoformat() if record.finished_at else ""
-    raw = json.dumps([finished, record.id, "d" if newest_first else "a"])
-    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+    return pack_cursor([finished, record.id, "d" if newest_first else "a"])
 
 
 def decode_cursor(cursor: str, newest_first: bool) -> tuple[dt.datetime, str]:
     """The ``(finished_at, id)`` a cursor resumes after; :class:`InvalidInput` when malformed."""
     try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        finished, task_id, order = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        finished, task_id, order = unpack_cursor(cursor)
         when = dt.datetime.fromisoformat(finished)
         if not isinstance(task_id, str) or order not in ("a", "d") or id_problem(task_id):
             raise ValueError("bad cursor fields")  # an id no row can have: NUL, too long
