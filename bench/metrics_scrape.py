@@ -59,18 +59,43 @@ class Tally:
         self.longest = self._at = 0.0
 
 
-def counting_client(url: str, tally: Tally) -> redis.Redis:
-    """A client on ``url`` whose connections count into ``tally``."""
+#: The commands a new connection sends before the caller's own (its handshake), told
+#: apart by name.
+HANDSHAKE = frozenset({b"HELLO", b"CLIENT", b"SELECT", b"AUTH"})
+
+
+def _name(chunk: bytes | str | memoryview) -> bytes:
+    """The command name at the head of a packed command (``*N\r\n$L\r\nNAME\r\n...``)."""
+    raw = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+    return raw.split(b"\r\n")[2].upper()
+
+
+def counting_client(url: str, tally: Tally, *, handshake: bool = True) -> redis.Redis:
+    """A client on ``url`` whose connections count into ``tally``; with ``handshake``
+    false, a new connection's :data:`HANDSHAKE` commands and their replies are left out
+    (what the caller's own commands cost, however many connections they open)."""
 
     class Counting(redis.Connection):
+        unread = 0  # replies still to come to handshake commands left out
+
         def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            tally.trips += 1
-            tally._at = time.perf_counter()
             chunks = [command] if isinstance(command, (bytes, str, memoryview)) else command
-            tally.sent += sum(len(c) for c in chunks)
+            if not handshake and _name(chunks[0]) in HANDSHAKE:
+                self.unread += 1
+            else:
+                tally.trips += 1
+                tally._at = time.perf_counter()
+                tally.sent += sum(len(c) for c in chunks)
             super().send_packed_command(command, check_health)
 
+        def disconnect(self, *args: Any, **kwargs: Any) -> None:
+            self.unread = 0  # a handshake cut short: its replies never come
+            super().disconnect(*args, **kwargs)
+
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            if self.unread:
+                self.unread -= 1
+                return super().read_response(*args, **kwargs)
             tally.commands += 1
             try:
                 return super().read_response(*args, **kwargs)

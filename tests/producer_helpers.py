@@ -18,9 +18,10 @@ from contract.settings import Settings
 from producer import cli
 
 
-def invoke(args: list[str], settings: Settings) -> Result:
-    """``bertstream ARGS`` in process, on ``settings``."""
-    return CliRunner().invoke(cli.main, args, obj=settings)
+def invoke(args: list[str], settings: Settings | None = None, **kwargs: Any) -> Result:
+    """``bertstream ARGS`` in process, on ``settings`` (none: the CLI reads them from the
+    environment); ``kwargs`` go to ``CliRunner.invoke`` (``input``, ``env``...)."""
+    return CliRunner().invoke(cli.main, args, obj=settings, **kwargs)
 
 
 def jsonl_lines(path: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 import api.app
@@ -25,7 +23,7 @@ from contract.errors import InvalidInput
 from contract.queries import Filters, stats, top_stats
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
-from worker.process import free_port
+from tests.served_app import served
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 1, 10, tzinfo=UTC)
@@ -123,20 +121,9 @@ def short_head_server(app_settings: Settings) -> Iterator[str]:
     class Quick(security.HeadDeadlineH11):
         head_timeout_s = 0.5
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(app_settings), host="127.0.0.1",
-                                           port=port, log_level="warning", http=Quick))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(create_app(app_settings), start_timeout_s=20, log_level="warning",
+                http=Quick) as url:
+        yield url.removeprefix("http://")
 
 
 def _closed_within(sock: socket.socket, wait_s: float) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,13 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 
 from api.app import create_app
 from contract.queries import Filters, iter_records, page
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
-from worker.process import free_port
+from tests.served_app import served
 
 APP_NAME = "bst-api-faults"
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
@@ -173,25 +171,12 @@ def test_a_500_raised_before_the_response_is_counted(pg_settings: Settings) -> N
     def broken() -> None:
         raise RuntimeError("a bug")
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
-        # uvicorn closes the connection after an error: each request on a fresh one
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
-                          headers={"Connection": "close"}) as http:
-            r = http.get("/v1/broken")
-            assert r.status_code == 500
-            assert json.loads(r.text)["error"]["code"] == "internal_error"
-            assert _requests(http, "/v1/broken", 500) == 1
-            metrics = http.get("/metrics").text
-            assert 'bertstream_api_request_seconds_count{route="/v1/broken"} 1.0' in metrics
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    # uvicorn closes the connection after an error: each request on a fresh one
+    with served(app) as url, httpx.Client(base_url=url, timeout=10,
+                                          headers={"Connection": "close"}) as http:
+        r = http.get("/v1/broken")
+        assert r.status_code == 500
+        assert json.loads(r.text)["error"]["code"] == "internal_error"
+        assert _requests(http, "/v1/broken", 500) == 1
+        metrics = http.get("/metrics").text
+        assert 'bertstream_api_request_seconds_count{route="/v1/broken"} 1.0' in metrics

@@ -7,12 +7,10 @@ bodies refused, and the headers a page showing user-submitted texts needs.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gzip
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,13 +20,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 
 from api import security
 from api.app import create_app
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
-from worker.process import free_port
+from tests.served_app import served
 
 TOKEN = "review token"  # a token may hold a space
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -85,25 +82,6 @@ def test_no_body_is_read_before_the_token_is_checked(pg_settings: Settings,
     assert "review token" not in api.log()
 
 
-@contextlib.contextmanager
-def _served(settings: Settings) -> Iterator[str]:
-    """``create_app(settings)`` under a real uvicorn in a thread: its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_a_body_that_stalls_is_answered_408(pg_settings: Settings,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A body that stops arriving held its connection and request forever (a slowloris
@@ -113,7 +91,7 @@ def test_a_body_that_stalls_is_answered_408(pg_settings: Settings,
     monkeypatch.setattr(security, "BODY_TIMEOUT_S", 1.0)
     monkeypatch.setattr(security, "BODY_MIN_RATE", 100)
     queued = redis.Redis.from_url(pg_settings.broker_url)
-    with _served(pg_settings) as url:
+    with served(create_app(pg_settings)) as url:
         head = (b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer review token\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\": \"")
         t0 = time.monotonic()
@@ -189,9 +167,12 @@ def test_answers_carry_the_headers_a_page_of_user_texts_needs(pg_settings: Setti
             assert answers[name].headers["content-security-policy"] == page, name
         for name in ("/v1/live", "/v1/sources", "/metrics", "401"):
             assert answers[name].headers.get("cache-control") == "no-store", name
-        # The interactive docs load Swagger UI from its CDN: no script policy there.
+        # The interactive docs run this server's copy of Swagger UI and their own inline
+        # script, by its hash (tests/test_api_docs_offline.py): no other origin, no CDN.
         assert answers["/docs"].status_code == 200
-        assert "script-src" not in answers["/docs"].headers["content-security-policy"]
+        docs = answers["/docs"].headers["content-security-policy"]
+        assert "script-src 'self' 'sha256-" in docs and "unsafe" not in docs
+        assert "http" not in docs and "cdn" not in answers["/docs"].text
         for name in ("/v1/live", "/healthz", "/openapi.json", "/nowhere", "401", "413"):
             assert answers[name].headers["content-type"] == "application/json", name
 

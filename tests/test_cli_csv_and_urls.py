@@ -8,13 +8,11 @@ import io
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-import producer.cli as cli
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.formatting import csv_cell, render_results, render_rows
-from tests.producer_helpers import record
+from tests.producer_helpers import invoke, record
 
 STORED = [record("-100123", source="@feed", text="=HYPERLINK(\"http://x\")", score=0.5),
           record("+7", source="web", text="-5 stars, never again", status="failed",
@@ -48,10 +46,6 @@ def test_excel_safe_guards_free_text_and_never_ids() -> None:
     assert grouped.splitlines()[1] == "'-web,2,-0.5"
     # the API's export calls csv_cell alone: it still guards (its own choice)
     assert csv_cell("-100123") == "'-100123" and csv_cell("-1", guard=False) == "-1"
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 def test_results_excel_safe_is_the_opt_in_guard(store: ResultStore, redis_url: str,

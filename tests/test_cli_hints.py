@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 import producer.cli as cli
 from contract.settings import Settings
 from producer.client import Client
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, invoke, lane_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,10 +128,6 @@ def test_every_command_needing_torch_says_which_extra_to_install(tmp_path: Path,
 @pytest.fixture
 def bsettings(redis_url: str, sqlite_url: str) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings, **kwargs: object) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings, **kwargs)  # type: ignore[arg-type]
 
 
 def test_waiting_on_a_named_model_no_worker_serves_names_the_worker_to_start(

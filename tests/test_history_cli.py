@@ -17,21 +17,15 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from click.testing import CliRunner
 
 from contract.broker import lane_queue
 from contract.queries import Filters, stored_texts, text_counts
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
-from producer import cli
-from tests.producer_helpers import lane_messages
+from tests.producer_helpers import invoke, lane_messages
 from tests.test_producer_interrupt import PAUSE_LINE, Run, _stop_during_the_pause
 
 NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
-
-
-def invoke(args: list[str], settings: Settings) -> Any:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 def row(task_id: str, model: str, minutes: int, text: str, *, kept: bool,

@@ -2,7 +2,8 @@
 the database holds (the API keeps a claim per accepted item for days): the readers of
 ``contract.liveness``, the health check and the worker's heartbeat write, counted on a
 client whose connections tally what they send (one write of a command or of a pipeline,
-then its replies, is one round trip)."""
+then its replies, is one round trip; bench/metrics_scrape.py's, a new connection's
+handshake left out)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from bench.metrics_scrape import Tally, counting_client
 from contract.constants import ACCEPTED_KEY_PREFIX
 from contract.liveness import family_workers, live_workers
 from contract.settings import Settings
@@ -23,29 +25,6 @@ from worker.heartbeat import Heartbeat
 
 #: Unrelated keys stored first: a SCAN of 500 keys a round trip needs 10 or more.
 OTHER_KEYS = 5_000
-
-
-#: What a new connection sends before the caller's commands.
-HANDSHAKE = {b"HELLO", b"CLIENT", b"SELECT", b"AUTH"}
-
-
-class Trips:
-    def __init__(self) -> None:
-        self.count = 0
-
-
-def counting_client(url: str, trips: Trips) -> redis.Redis:
-    """A client on ``url`` whose connections count round trips into ``trips``, leaving out
-    a new connection's handshake (``HELLO``, ``CLIENT SETINFO``, ``SELECT``)."""
-
-    class Counting(redis.Connection):
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            first = command if isinstance(command, bytes) else bytes(command[0])
-            trips.count += first.split(b"\r\n")[2].upper() not in HANDSHAKE
-            super().send_packed_command(command, check_health)
-
-    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
-        url, connection_class=Counting))
 
 
 @pytest.fixture
@@ -60,11 +39,11 @@ def crowded(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def counted(trips: Trips, read: Any) -> tuple[Any, int]:
+def counted(tally: Tally, read: Any) -> tuple[Any, int]:
     """``read()`` and the round trips it took."""
-    trips.count = 0
+    tally.reset()
     out = read()
-    return out, trips.count
+    return out, tally.trips
 
 
 def test_readers_take_two_round_trips_whatever_else_the_database_holds(
@@ -75,27 +54,27 @@ def test_readers_take_two_round_trips_whatever_else_the_database_holds(
     beats = [Heartbeat(base, f"celery@{host}", {"model": "m"}).start(),
              Heartbeat(named, "w:1@elsewhere", {}).start(),
              Heartbeat(base.replace(queue=base.queue + "2"), "celery@other", {}).start()]
-    trips = Trips()
-    client = counting_client(redis_url, trips)
+    tally = Tally()
+    client = counting_client(redis_url, tally, handshake=False)
     try:
         until(lambda: len(family_workers(crowded, base.queue)) == 2
               and live_workers(crowded, base.queue + "2"))
-        every, n = counted(trips, lambda: family_workers(client, base.queue))
+        every, n = counted(tally, lambda: family_workers(client, base.queue))
         assert [(w["family"], w["hostname"], w.get("model")) for w in every] == [
             (base.queue, f"celery@{host}", "m"), (named.family, "w:1@elsewhere", None)]
         assert n <= 2
-        one, n = counted(trips, lambda: live_workers(client, named.family))
+        one, n = counted(tally, lambda: live_workers(client, named.family))
         assert [w["hostname"] for w in one] == ["w:1@elsewhere"] and n <= 2
-        one, n = counted(trips, lambda: live_workers(client, base.family))
+        one, n = counted(tally, lambda: live_workers(client, base.family))
         assert [w["hostname"] for w in one] == [f"celery@{host}"] and n <= 2
 
         # The health check, on a client that counts too (it closes the one it gets).
         monkeypatch.setattr(healthcheck, "redis_client",
-                            lambda settings: counting_client(redis_url, trips))
-        assert counted(trips, lambda: healthcheck.check(base, host, None)) == (None, 2)
-        assert counted(trips, lambda: healthcheck.check(base, "nowhere", None))[0] == (
+                            lambda settings: counting_client(redis_url, tally, handshake=False))
+        assert counted(tally, lambda: healthcheck.check(base, host, None)) == (None, 2)
+        assert counted(tally, lambda: healthcheck.check(base, "nowhere", None))[0] == (
             "no fresh heartbeat from a worker on nowhere")
-        assert trips.count <= 2
+        assert tally.trips <= 2
     finally:
         for beat in beats:
             beat.stop()
@@ -109,17 +88,17 @@ def test_a_dead_worker_is_gone_with_its_key_and_the_read_stays_bounded(
     base = Settings(broker_url=redis_url, queue=f"bst-dead-{uuid.uuid4().hex[:8]}")
     alive = Heartbeat(base, "celery@alive", {}).start()
     dead = Heartbeat(base.replace(model_name="gone"), "celery@dead", {}).start()
-    trips = Trips()
-    client = counting_client(redis_url, trips)
+    tally = Tally()
+    client = counting_client(redis_url, tally, handshake=False)
     try:
         until(lambda: len(family_workers(crowded, base.queue)) == 2)
         dead._stop.set()  # a crash: no clean stop, the key is left to expire
         dead._thread.join()
         crowded.pexpire(dead.key, 200)  # as if its last beat were nearly a TTL ago
         until(lambda: not crowded.exists(dead.key))
-        got, n = counted(trips, lambda: family_workers(client, base.queue))
+        got, n = counted(tally, lambda: family_workers(client, base.queue))
         assert [w["hostname"] for w in got] == ["celery@alive"] and n <= 2
-        got, n = counted(trips, lambda: live_workers(client, dead.family))
+        got, n = counted(tally, lambda: live_workers(client, dead.family))
         assert got == [] and n <= 2
     finally:
         alive.stop()

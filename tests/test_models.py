@@ -10,18 +10,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from click.testing import CliRunner
 
 from contract.constants import RESULTS_TABLE
 from contract.queries import Filters, compare
 from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
-from producer import cli
 from producer.client import Client
+from tests.producer_helpers import invoke
 from worker.flush import FlushProcessor
 from worker.process import ServeProc, die_with_parent, settings_env
 
@@ -37,10 +35,6 @@ def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tinybert import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-b"), seed=7)
-
-
-def invoke(args: list[str], settings: Settings) -> Any:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 class ModelWorkers:

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import producer.cli as cli
 from contract.results import ResultStore
 from contract.settings import Settings
-from tests.producer_helpers import broker_settings, lane_messages, record
+from tests.producer_helpers import broker_settings, invoke, lane_messages, record
 
 JSON_FIELDS = {
     "id", "source", "status", "label", "score", "scores", "error", "model",
@@ -29,10 +29,6 @@ JSON_FIELDS = {
 @pytest.fixture
 def bsettings(redis_url: str, sqlite_url: str) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings | None = None, **kwargs: object) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings, **kwargs)  # type: ignore[arg-type]
 
 
 # -- light install -------------------------------------------------------

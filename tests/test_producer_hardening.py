@@ -8,23 +8,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from contract.constants import STATUS_EXPIRED
 from contract.errors import BrokerUnavailable
 from contract.results import ResultStore
 from contract.settings import Settings
-from producer.cli import main
 from producer.client import Client
 from producer.formatting import render_results
 from producer.sources import read_records
 from producer.stream import stream
 from tests.conftest import RedisServer
-from tests.producer_helpers import broker_settings, lane_messages, record
-
-
-def invoke(args: list[str], settings: Settings) -> object:
-    return CliRunner().invoke(main, args, obj=settings)
+from tests.producer_helpers import broker_settings, invoke, lane_messages, record
 
 
 def test_surrogates_and_nul_in_ids_and_sources_are_refused(redis_url: str,

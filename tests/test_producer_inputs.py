@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 import producer.cli as cli
 from contract.errors import InvalidInput
@@ -21,17 +21,13 @@ from producer.client import Client
 from producer.formatting import MAX_CELL, render_rows
 from producer.items import ItemValidator
 from producer.sources import FieldMap, SourceRecord, default_line_limit, read_records
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, invoke, lane_messages
 from tests.tcpproxy import SilentListener
 
 
 @pytest.fixture
 def bsettings(redis_url: str, sqlite_url: str) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 def _read(data: bytes, **kwargs: object) -> list[SourceRecord]:

@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-import producer.cli as cli
 from contract.results import ResultStore
 from contract.settings import Settings
-from tests.producer_helpers import broker_settings, lane_messages, record
+from tests.producer_helpers import broker_settings, invoke, lane_messages, record
 
 NO_WORKER = "warning: no worker is alive"
 
@@ -32,10 +30,6 @@ NO_WORKER = "warning: no worker is alive"
 @pytest.fixture
 def settings(redis_url: str, sqlite_url: str, sqlite_store: ResultStore) -> Settings:
     return broker_settings(redis_url, sqlite_url)
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 def _queued(redis_url: str, lane: str) -> list[dict]:

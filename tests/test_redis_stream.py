@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-import producer.cli as cli
 from contract import migrate
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, invoke, lane_messages
 from tests.workers import WorkerProcess
 from worker.process import die_with_parent, settings_env
 
@@ -40,10 +39,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-def invoke(args: list[str], settings: Settings) -> Result:
-    return CliRunner().invoke(cli.main, args, obj=settings)
 
 
 def _queued_items(redis_url: str, settings: Settings) -> list[dict]:
@@ -146,6 +141,28 @@ def test_an_entry_whose_meta_json_cannot_be_read_is_refused_and_acked(
     assert _pending(r, key, "g") == 0
     again = invoke(args, bsettings)
     assert again.exit_code == 0 and "accepted 0, rejected 0" in again.stdout, again.output
+
+
+@pytest.mark.parametrize("id_field", [None, "post"])
+def test_a_refused_entry_names_its_task_id(bsettings: Settings, r: redis.Redis,
+                                           tmp_path: Path, id_field: str | None) -> None:
+    """A refused entry names its task id in ``--ids-out``: the entry id, or the
+    ``--id-field`` value when the entry has one; its entry id stays in ``entry``."""
+    key = f"{bsettings.queue}:posts"
+    nofield = r.xadd(key, {"body": "no text field", "post": "p1"}).decode()
+    badmeta = r.xadd(key, {"text": "t", "meta": "{oops"}).decode()
+    ids_out = tmp_path / "ids.jsonl"
+    args = ["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
+            "--idle-exit", "0.3", "--no-progress", "--ids-out", str(ids_out)]
+    result = invoke(args + (["--id-field", id_field] if id_field else []), bsettings)
+    assert result.exit_code == 5, result.output
+    got = {x["entry"]: x for x in map(json.loads, ids_out.read_text().splitlines())}
+    assert got[nofield]["id"] == ("p1" if id_field else nofield)
+    assert got[badmeta]["id"] == badmeta  # no id field: the entry id is the task id
+    assert "missing 'text'" in str(got[nofield]["error"])
+    assert "not valid JSON" in str(got[badmeta]["error"])
+    if id_field:  # the summary names a task id that is not the entry id
+        assert f"entry #1 (id {nofield}, task id p1): missing 'text'" in result.stdout
 
 
 def test_a_steady_trickle_of_entries_is_sent_and_acked_while_it_flows(

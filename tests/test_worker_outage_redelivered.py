@@ -34,6 +34,7 @@ from contract.broker import lane_queue, make_celery
 from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE, TASK_ANALYZE
 from contract.results import ResultStore
 from contract.settings import Settings
+from tests.outage_helpers import in_process_outage
 from tests.tcpproxy import proxied_pg
 from tests.test_pipeline import wait_rows
 from tests.test_poison import _refuse_rows
@@ -203,21 +204,6 @@ def test_slow_redelivered_groups_keep_the_rest_of_their_flush_visible(
     b.check_alive()
 
 
-def _task(settings: Settings, store: ResultStore) -> Any:
-    """The analysis task in process on ``store`` (no model), its deliveries counted in
-    the test Redis."""
-    from celery import Celery
-
-    from worker import tasks
-    from worker.flush import FlushProcessor
-    from worker.runner import NullRunner
-
-    proc = FlushProcessor(NullRunner(), store, settings, "t@h", hold_windows=True)
-    task = tasks.register_tasks(Celery("t", broker="memory://"), proc, settings)
-    task.requeue_pause_s = 0.0
-    return task
-
-
 @pytest.mark.parametrize("outage", ["refused", "silent"])
 def test_one_flush_tries_one_group_during_an_outage(
         outage: str, pg_url: str, redis_url: str,
@@ -228,26 +214,18 @@ def test_one_flush_tries_one_group_during_an_outage(
     once, untried, its delivery count as it was before the flush. The group that met the
     outage has that delivery taken back (an outage is not the message's fault). Once the
     database answers, the same deliveries are all stored, each once."""
-    from contract.results import DbTimeouts
     from tests.test_long_texts import _QueuedRequest
 
-    direct = ResultStore.from_url(pg_url)
-    direct.create_schema()
-    proxy, proxied = proxied_pg(pg_url)
-    s = Settings(broker_url=redis_url, database_url=proxied, model="null", max_attempts=3,
-                 db_connect_timeout_s=1, db_statement_timeout_s=0.5)
-    store = ResultStore.from_url(proxied, DbTimeouts.from_settings(s))
-    task = _task(s, store)
-    r = redis.Redis.from_url(redis_url)
     mids = ["fresh", "again-1", "again-2", "again-3"]
-    for mid in mids[1:]:
-        r.set(DELIVERY_KEY_PREFIX + mid, 1, ex=3_600)  # delivered once before
 
     def requests() -> list[Any]:
         return [_QueuedRequest(mid, [{"id": f"row-{mid}", "text": "the hotel is good"}])
                 for mid in mids]
 
-    try:
+    with in_process_outage(pg_url, redis_url) as o:
+        direct, proxy, store, task, r = o.direct, o.proxy, o.store, o.task, o.redis
+        for mid in mids[1:]:
+            r.set(DELIVERY_KEY_PREFIX + mid, 1, ex=3_600)  # delivered once before
         assert store.done_ids(["x"], model="null") == set()  # a pooled connection
         if outage == "silent":
             proxy.freeze()
@@ -272,8 +250,3 @@ def test_one_flush_tries_one_group_during_an_outage(
         assert {k: (v.status, v.attempts) for k, v in rows.items()} == {
             "row-fresh": (STATUS_DONE, 1), "row-again-1": (STATUS_DONE, 2),
             "row-again-2": (STATUS_DONE, 2), "row-again-3": (STATUS_DONE, 2)}
-    finally:
-        proxy.close()
-        store.close()
-        direct.close()
-        r.close()

@@ -28,12 +28,13 @@ import pytest
 import redis
 
 from contract.constants import DELIVERY_KEY_PREFIX, STATUS_DONE
-from contract.results import DbTimeouts, ResultStore
+from contract.results import ResultStore
 from contract.settings import Settings
+from tests.outage_helpers import in_process_outage
 from tests.tcpproxy import proxied_pg
 from tests.test_pipeline import wait_rows
 from tests.test_poison_worker import wait_broker_idle
-from tests.test_worker_outage_redelivered import _publish, _task, _wait_for
+from tests.test_worker_outage_redelivered import _publish, _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,20 +117,12 @@ def test_an_outage_takes_back_the_delivery_and_keeps_the_earlier_ones(
     answers, its row says two attempts."""
     from tests.test_long_texts import _QueuedRequest
 
-    direct = ResultStore.from_url(pg_url)
-    direct.create_schema()
-    proxy, proxied = proxied_pg(pg_url)
-    s = Settings(broker_url=redis_url, database_url=proxied, model="null", max_attempts=3,
-                 db_connect_timeout_s=1, db_statement_timeout_s=0.5)
-    store = ResultStore.from_url(proxied, DbTimeouts.from_settings(s))
-    task = _task(s, store)
-    r = redis.Redis.from_url(redis_url)
-    r.set(DELIVERY_KEY_PREFIX + "again", 1, ex=3_600)
-
     def request() -> Any:
         return _QueuedRequest("again", [{"id": "row-again", "text": "the hotel is good"}])
 
-    try:
+    with in_process_outage(pg_url, redis_url) as o:
+        direct, proxy, task, r = o.direct, o.proxy, o.task, o.redis
+        r.set(DELIVERY_KEY_PREFIX + "again", 1, ex=3_600)
         proxy.down()
         first = request()
         task.flush([first])
@@ -139,8 +132,3 @@ def test_an_outage_takes_back_the_delivery_and_keeps_the_earlier_ones(
         task.flush([request()])
         row = direct.get_many(["row-again"])["row-again"]
         assert (row.status, row.attempts) == (STATUS_DONE, 2)
-    finally:
-        proxy.close()
-        store.close()
-        direct.close()
-        r.close()
