@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import dashboard, errors
+from api import dashboard, docs, errors
 from api.errors import ApiError, JsonAnswer
 from api.metrics import ApiMetrics
 from api.security import BodyLimit, JsonBodyRoute, SecurityHeaders, TokenCheck
@@ -290,7 +290,10 @@ def create_app(settings: Settings) -> FastAPI:
                 await poller
             await run_in_threadpool(services.close)
 
+    # docs_url, redoc_url None: FastAPI's pages load Swagger UI and ReDoc from a CDN;
+    # api.docs serves them from this server.
     app = FastAPI(title="bertstream", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Submit texts for micro-batched BERT analysis and read the "
                               "stored results. Errors are JSON {\"error\": {\"code\", \"message\"}}.")
     app.state.services = services
@@ -307,9 +310,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # Outside CORS and the body limit: their answers (a refused preflight, a 413, a 408)
     # carry the security headers too.
-    app.add_middleware(SecurityHeaders, private=("/v1/", "/metrics"),
-                       docs_paths=(app.docs_url or "", app.redoc_url or "",
-                                   app.swagger_ui_oauth2_redirect_url or ""))
+    app.add_middleware(SecurityHeaders, private=("/v1/", "/metrics"))
     app.add_middleware(CountRequests, metrics=services.metrics)
 
     # JsonBodyRoute: a body Python's JSON reader chokes on is a 422 with the reason
@@ -330,6 +331,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(guarded)
     _health_routes(app, services)
+    docs.install(app)
     return app
 
 

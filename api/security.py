@@ -13,9 +13,12 @@ request head in time (:class:`HeadDeadlineH11`). Every answer carries the header
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from typing import Any
@@ -280,14 +283,31 @@ class JsonBodyRoute(APIRoute):
         return strict
 
 
-#: The Content-Security-Policy of every answer but the interactive docs: the dashboard's
-#: page runs only its own script and style, reads only this server, and is never framed
-#: (it shows submitted texts); an API answer, opened as a page, runs nothing.
+#: The Content-Security-Policy of every answer but the docs pages (:func:`docs_policy`): the
+#: dashboard's page runs only its own script and style, reads only this server, and is never
+#: framed (it shows submitted texts); an API answer, opened as a page, runs nothing.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
                            "form-action 'self'; frame-ancestors 'none'")
-#: The interactive docs load Swagger UI (script, style) from its CDN and run inline script.
-DOCS_POLICY = "frame-ancestors 'none'"
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_policy(html: str, *, inline_styles: bool = False, blob_workers: bool = False) -> str:
+    """The Content-Security-Policy of an interactive docs page (``api.docs``): scripts of
+    this server and the page's own inline scripts (by their SHA-256, as the browser hashes
+    them: the text between the tags), never another origin.
+
+    ``inline_styles`` and ``blob_workers`` are for ReDoc, which writes its style sheet into
+    the page and builds its search index in a worker made from a blob of its own script.
+    """
+    hashes = "".join(
+        " 'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest())
+        .decode("ascii") + "'" for script in _INLINE_SCRIPT.findall(html))
+    styles = " 'unsafe-inline'" if inline_styles else ""
+    workers = " worker-src blob:;" if blob_workers else ""
+    return (f"default-src 'none'; script-src 'self'{hashes};{workers} "
+            f"style-src 'self'{styles}; img-src 'self' data:; font-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class SecurityHeaders:
@@ -295,16 +315,14 @@ class SecurityHeaders:
 
     ``X-Content-Type-Options: nosniff`` (a JSON answer echoing a text is never sniffed as
     HTML), no framing (``X-Frame-Options`` and ``frame-ancestors``), ``Referrer-Policy:
-    no-referrer`` (the dashboard's URL holds its search), :data:`CONTENT_SECURITY_POLICY`
-    (:data:`DOCS_POLICY` on ``docs_paths``), and ``Cache-Control: no-store`` on the answers
-    under ``private`` (path prefixes: texts, results, metrics). A header the route set
-    itself is kept.
+    no-referrer`` (the dashboard's URL holds its search), :data:`CONTENT_SECURITY_POLICY`,
+    and ``Cache-Control: no-store`` on the answers under ``private`` (path prefixes:
+    texts, results, metrics). A header the route set itself is kept: the docs pages set
+    their own CSP (:func:`docs_policy`).
     """
 
-    def __init__(self, app: ASGIApp, docs_paths: Sequence[str],
-                 private: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, private: Sequence[str]) -> None:
         self.app = app
-        self.docs_paths = frozenset(p for p in docs_paths if p)
         self.private = tuple(private)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -317,9 +335,7 @@ class SecurityHeaders:
             path = path[len(root):]
         added = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                  (b"referrer-policy", b"no-referrer"),
-                 (b"content-security-policy",
-                  (DOCS_POLICY if path in self.docs_paths else CONTENT_SECURITY_POLICY)
-                  .encode("ascii"))]
+                 (b"content-security-policy", CONTENT_SECURITY_POLICY.encode("ascii"))]
         if path.startswith(self.private):
             added.append((b"cache-control", b"no-store"))
 
