@@ -4,10 +4,13 @@
   maximum, remembering which were truncated; ``offsets`` gives the character
   span of every token of a whole text (the windows of a long text are cut
   from them, worker/windows.py).
-- ``collate`` (pre): pad one planned batch into a typed :class:`PaddedBatch`.
+- ``collate`` (pre): pad one planned batch into a typed :class:`PaddedBatch`,
+  on the side (right, or left for models that read a text's last position such
+  as XLNet) where a batch gives every text its results alone, checked at load.
 - ``forward`` (core, device): one batched forward pass, probabilities back
-  (logits divided by the model's calibration temperature when it has one).
-- ``decode`` (post): probabilities to label, score and the full distribution;
+  (logits divided by the model's calibration temperature when it has one):
+  a softmax, or one sigmoid per label for a multi-label head.
+- ``decode`` (post): probabilities to label, score and every label's;
   ``neutral`` when the top probability is below the optional neutral band.
 
 A runner is built once per worker process and injected into the task; it is
@@ -28,12 +31,21 @@ import torch
 
 from contract.errors import ConfigError, ModelLoadError
 from worker.device import Placement
+from worker.model_checks import SIGMOID, batching_refusal, check_labels, output_kind
 from worker.sentiment.calibration import CALIBRATION_FILE, load_temperature
 
 #: The label given when the top probability is below ``neutral_below``.
 NEUTRAL = "neutral"
 #: On CUDA a batch's width is rounded up to a multiple of this (within max_length).
 _CUDA_WIDTH_STEP = 8
+#: Two texts of different lengths: at load, batched together, each must score as alone.
+_PROBE_TEXTS = ("ok", "fine " * 16)
+#: How far (in a probability) the batched probe may differ from alone: float32 is exact
+#: but for summation order; half precision is not, and only a gross difference tells.
+_PROBE_TOLERANCE = {torch.float32: 1e-4}
+_PROBE_TOLERANCE_HALF = 0.05
+#: A model whose config has no position table (XLNet) and whose tokenizer no limit.
+_NO_LIMIT_DEFAULT = 512
 
 
 @dataclass(frozen=True)
@@ -130,9 +142,11 @@ class HFRunner:
         :class:`ModelLoadError` when ``model_dir`` is no directory, lacks a part
         (:data:`MODEL_PARTS`, named in the message), is not a loadable
         sequence-classification model with a fast tokenizer that has a vocabulary,
-        or its calibration file is unreadable; :class:`ConfigError` when
-        ``neutral_below`` is at most 1/(number of labels), a band no top
-        probability can fall below.
+        has a regression head or labels a row cannot hold, fails on a padded
+        batch of two texts (a decoder without ``pad_token_id``), or its
+        calibration file is unreadable (worker/model_checks.py); :class:`ConfigError`
+        when a softmax head's ``neutral_below`` is at most 1/(number of labels), a band
+        no top probability can fall below.
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -165,6 +179,8 @@ class HFRunner:
                 f"labels{_rebuild_hint(self.model_dir)}")
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError(f"{model_dir}: a fast (Rust) tokenizer is required")
+        #: SOFTMAX or SIGMOID (multi-label): how launch() turns logits into probabilities.
+        self.output = output_kind(model.config, self.model_dir)
         try:
             self.temperature = load_temperature(self.model_dir) or 1.0
         except ValueError as exc:
@@ -176,10 +192,10 @@ class HFRunner:
         self.name = name or self.model_dir.name
         self.revision: str | None = directory_revision(self.model_dir)
         if placement.quantize:
-            # Weights int8, activations quantized per batch at run time: ~2-3x
-            # faster on CPU; results differ slightly from fp32 and depend a
-            # little on batch-mates, so the rows say so in model_revision.
-            self.model = quantize_int8(self.model)
+            # Weights int8 (below, once padding is checked on the exact model),
+            # activations quantized per batch at run time: ~2-3x faster on CPU;
+            # results differ slightly from fp32 and depend a little on
+            # batch-mates, so the rows say so in model_revision.
             self.revision = f"{self.revision}+int8"
         if neutral_below > 0:
             self.revision = f"{self.revision}+neutral{neutral_below:g}"
@@ -193,11 +209,14 @@ class HFRunner:
             raise ConfigError(
                 f"BERTSTREAM_MAX_LENGTH={max_length} leaves no room for text: the model adds "
                 f"{special} special tokens; use 0 (the model's maximum) or more than {special}")
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
+        self.pad_id = _pad_id(model.config, tokenizer, self.vocab_size)
         self.labels = [
             str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)
         ]
-        floor = 1 / len(self.labels)
+        check_labels(self.labels, self.model_dir)
+        # The top of n softmax probabilities is at least 1/n; independent sigmoids have no floor.
+        floor = 1 / len(self.labels) if self.output != SIGMOID else 0.0
         if 0 < neutral_below <= floor:
             # The top of n probabilities is at least 1/n: such a band labels nothing
             # neutral, yet every row would say +neutral<p> in its model_revision.
@@ -206,7 +225,6 @@ class HFRunner:
                 f"the top probability of {len(self.labels)} labels is at least {floor:.3g}; "
                 f"use a value above {floor:.3g}, or 0 to turn the band off")
         self.uses_token_types = getattr(model.config, "type_vocab_size", 0) > 1
-        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
         # A private copy: truncation is a setting of the Rust tokenizer object.
         from tokenizers import Tokenizer
 
@@ -216,6 +234,40 @@ class HFRunner:
         self._whole = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._whole.no_padding()
         self._whole.no_truncation()
+        #: Pad on the left (XLNet reads a text's last position); chosen by _choose_padding.
+        self.pad_left = False
+        self._choose_padding()
+        if placement.quantize:
+            self.model = quantize_int8(self.model)
+
+    def _choose_padding(self) -> None:
+        """Pad on the side where a batch of two texts of different lengths gives each its
+        probabilities alone (right, else left); raise :class:`ModelLoadError` when
+        neither does, or the batch fails.
+
+        A model that cannot batch (a decoder without ``pad_token_id``) would fail
+        every batch of the worker, each then bisected down to single texts; one
+        that reads padding as text would silently score short texts wrong.
+        """
+        encoded = self.encode(list(_PROBE_TEXTS))
+        tolerance = _PROBE_TOLERANCE.get(self.placement.dtype, _PROBE_TOLERANCE_HALF)
+        off = {}
+        try:
+            alone = torch.cat([self.forward(self.collate(encoded, [i])) for i in (0, 1)])
+            for left in (False, True):
+                self.pad_left = left
+                off[left] = float((self.forward(self.collate(encoded, [0, 1])) - alone)
+                                  .abs().max())
+                if off[left] <= tolerance:
+                    return
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, it cannot batch
+            raise ModelLoadError(batching_refusal(self.model, self.model_dir, exc,
+                                                  _one_line(exc))) from exc
+        raise ModelLoadError(
+            f"{self.model_dir}: padding changes its results: a batch of two texts of "
+            f"different lengths scores them differently from each alone (by up to "
+            f"{min(off.values()):.2g} in a probability, padded on either side); "
+            f"{type(self.model).__name__} cannot be served in batches")
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Tokenize each text alone (no padding); flags texts cut at max_length."""
@@ -239,8 +291,9 @@ class HFRunner:
         real = 0
         for i, r in enumerate(rows):
             seq = encoded[r].ids
-            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[i, : len(seq)] = 1
+            at = slice(width - len(seq), width) if self.pad_left else slice(0, len(seq))
+            ids[i, at] = torch.tensor(seq, dtype=torch.long)
+            mask[i, at] = 1
             real += len(seq)
         types = torch.zeros_like(ids) if self.uses_token_types else None
         if self.placement.is_cuda:
@@ -295,7 +348,8 @@ class HFRunner:
             logits = self.model(**inputs).logits.float()
             if self.temperature != 1.0:
                 logits = logits / self.temperature
-            probs = torch.softmax(logits, dim=-1)
+            probs = (torch.sigmoid(logits) if self.output == SIGMOID
+                     else torch.softmax(logits, dim=-1))
             if not self.placement.is_cuda:
                 return probs
             host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
@@ -316,7 +370,8 @@ class HFRunner:
         """Probabilities to predictions (argmax label, its probability, all of them).
 
         Below the neutral band the label is ``neutral``; the score stays the
-        top probability and ``scores`` the model's distribution.
+        top probability and ``scores`` the model's. A multi-label head's are
+        independent sigmoids: they need not sum to 1.
         """
         out = []
         for row in probs.tolist():
@@ -463,19 +518,35 @@ class NullRunner:
         return [Prediction("positive", 1.0, {"negative": 0.0, "positive": 1.0})] * len(probs)
 
 
+def _pad_id(config: Any, tokenizer: Any, vocab_size: int) -> int:
+    """The token id a batch is padded with: the config's ``pad_token_id`` when it is a
+    token, else the tokenizer's, else 0.
+
+    The config's first: a decoder finds each text's last token as the last one
+    that is not that id, and many decoder tokenizers name no pad token (or
+    another); an encoder masks its padding, whatever the id.
+    """
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and 0 <= pad < (vocab_size or pad + 1):
+        return pad
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
 def _model_max_length(model: Any, tokenizer: Any) -> int:
     """The most tokens (with special tokens) one text may have for ``model``.
 
     The position table's size, less the positions it never uses, capped by
-    the tokenizer's ``model_max_length`` when that is a real limit.
+    the tokenizer's ``model_max_length`` when that is a real limit. A model
+    with no table (XLNet's config says -1: relative positions, no limit)
+    takes the tokenizer's limit, else :data:`_NO_LIMIT_DEFAULT`.
     """
     positions = int(getattr(model.config, "max_position_embeddings", 512) or 512)
-    limit = positions - _unused_positions(model, positions)
+    limit = positions - _unused_positions(model, positions) if positions > 0 else None
     tok_limit = getattr(tokenizer, "model_max_length", None)
     # Tokenizers without a limit report a huge sentinel (int(1e30)).
     if isinstance(tok_limit, int) and 0 < tok_limit < 100_000:
-        limit = min(limit, tok_limit)
-    return limit
+        limit = min(limit, tok_limit) if limit is not None else tok_limit
+    return limit if limit is not None else _NO_LIMIT_DEFAULT
 
 
 def _unused_positions(model: Any, positions: int) -> int:
