@@ -216,3 +216,23 @@ def test_labels_the_rows_cannot_hold_are_refused_at_load(tmp_path: Path,
     model_dir = write_tiny_model(tmp_path / "labels", "bert", labels=labels)
     with pytest.raises(ModelLoadError, match=rf"{model_dir}: {why}"):
         HFRunner(model_dir, CPU)
+
+
+@pytest.mark.parametrize(("arch", "problem_type", "said"), [
+    ("bert", "multi_label_classification", "(sigmoid)"),
+    ("xlnet", None, "(softmax, padded on the left)"),
+])
+def test_the_workers_model_line_says_how_it_scores_and_pads(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, arch: str, problem_type: str | None,
+        said: str) -> None:
+    """The start-up line names the scoring (softmax or sigmoid) and a left padding."""
+    import logging
+
+    from contract.settings import Settings
+    from worker.app import build_runner
+
+    path = write_tiny_model(tmp_path / arch, arch, labels=("joy", "anger"),
+                            problem_type=problem_type)
+    with caplog.at_level(logging.INFO, logger="worker.app"):
+        build_runner(Settings(model=str(path), device="cpu"))
+    assert any(f"2 labels {said}" in r.getMessage() for r in caplog.records), caplog.text

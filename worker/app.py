@@ -113,8 +113,9 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     path, name = resolve_model_dir(settings)
     runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
                       neutral_below=settings.neutral_below)
-    log.info("model %s (rev %s) on %s, max_length %d",
-             runner.name, runner.revision, placement.describe(), runner.max_length)
+    log.info("model %s (rev %s) on %s, max_length %d, %d labels (%s%s)",
+             runner.name, runner.revision, placement.describe(), runner.max_length,
+             len(runner.labels), runner.output, ", padded on the left" * runner.pad_left)
     if placement.is_cuda:
         t0 = time.perf_counter()
         shapes = runner.warm_up(settings.token_budget, settings.max_batch_size)
