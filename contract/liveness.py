@@ -13,15 +13,20 @@ name given with ``worker --hostname`` may hold one. Queue names are matched
 literally, so glob characters in them (``*``, ``?``, ``[``) match nothing else.
 
 Readers do not SCAN the database for these keys (it also holds a claim per item the API
-accepted, millions of keys): in the same round trip as its key, a heartbeat lists the key
+accepted, millions of keys): in the same transaction as its key, a heartbeat lists the key
 in a sorted set per queue, ``bertstream:workers-index:<queue>`` (score: when the key
-expires, by the writer's clock), in the index of every queue its family is a family of
+expires, by the Redis server's clock), in the index of every queue its family is a family of
 (:func:`index_queues`), so the index of ``q`` lists what :func:`family_workers` counts for
 ``q``. A reader takes the index's members and reads their keys in one MGET: two round
 trips whatever else the database holds. The keys stay the truth: a member whose key
 expired is skipped, so a worker that dies disappears when its key expires, as before.
 Writers prune members expired for over :data:`INDEX_GRACE_S` and keep the index under the
 heartbeat's TTL, so it goes away soon after the last worker it lists.
+
+Scores and pruning use the server's clock (``TIME``), never the writer's: workers run on
+several hosts whose clocks drift apart, and a writer pruning by its own clock removed the
+members of a host whose clock was behind by more than ``INDEX_GRACE_S`` plus the TTL, so
+readers saw that live worker come and go between its beats.
 
 The index is the only way in: a key that no index lists is not a worker (a reader that
 fell back to a SCAN where a queue has no index would pay the whole database's price
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,8 +49,8 @@ HEARTBEAT_TTL_S = 15
 #: Key prefix of the index of a queue's heartbeats (a sorted set, see above). Not under
 #: ``WORKER_KEY_PREFIX``: a pattern over the heartbeat keys must not take it for one.
 INDEX_KEY_PREFIX = "bertstream:workers-index:"
-#: A writer prunes members whose key expired, by its own clock, more than this long ago:
-#: room for hosts whose clocks are apart (a pruned live worker is back at its next beat).
+#: A writer prunes members whose key expired more than this long ago (by the server's
+#: clock, as their scores): room for a beat that is late (a slow or paused writer).
 INDEX_GRACE_S = 4 * HEARTBEAT_TTL_S
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
@@ -87,8 +91,9 @@ def index_queues(family: str) -> list[str]:
 
 def announce(client: redis.Redis, family: str, hostname: str, value: str) -> None:
     """Write ``hostname``'s heartbeat key (``value``, TTL :data:`HEARTBEAT_TTL_S`) and
-    list it in its queues' indexes, pruning them, all in one transaction."""
-    key, now = worker_key(family, hostname), time.time()
+    list it in its queues' indexes, pruning them, all in one transaction; two round trips
+    (the server's ``TIME``, then the transaction: see the module's docstring)."""
+    key, now = worker_key(family, hostname), server_time(client)
     with client.pipeline(transaction=True) as pipe:
         pipe.set(key, value, ex=HEARTBEAT_TTL_S)
         for queue in index_queues(family):
@@ -97,6 +102,12 @@ def announce(client: redis.Redis, family: str, hostname: str, value: str) -> Non
             # Every beat sets the same TTL: the index lasts as long as its freshest key.
             pipe.expire(index_key(queue), HEARTBEAT_TTL_S)
         pipe.execute()
+
+
+def server_time(client: redis.Redis) -> float:
+    """The Redis server's clock, in UNIX seconds: the one clock every host shares."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
 
 
 def withdraw(client: redis.Redis, family: str, hostname: str) -> None:

@@ -31,7 +31,8 @@ def node_name(spec: str) -> str:
 
 class Heartbeat:
     """Refreshes ``worker_key(queue, hostname)`` and its index members every few seconds
-    until :meth:`stop` (:func:`contract.liveness.announce`, one round trip).
+    until :meth:`stop` (:func:`contract.liveness.announce`: the Redis server's clock, then
+    one transaction).
 
     A Redis outage is logged once and retried; the key is deleted on a clean stop.
     The client has the broker's timeouts and health checks (``redis_*`` settings).

@@ -1,4 +1,5 @@
-"""Three changes to kombu's Redis transport: two halve its cost per message, one closes a gap.
+"""Four changes to kombu's Redis transport: two halve its cost per message, one closes a gap,
+one puts its visibility timeout on the Redis server's clock.
 
 Profiling the worker draining single-text messages (bench/README.md, "Where
 the time goes") showed most of its time in kombu's Redis transport, not in
@@ -45,6 +46,20 @@ Celery or bertstream:
    (``atomic_receive=False``, or a ``global_keyprefix``) parks such an item
    the same way (it used to stop the worker, and the item was lost).
 
+4. kombu scores a message in its unacked index with the receiving worker's
+   clock, and any worker's visibility sweep restores the ones scored longer
+   ago than the visibility timeout by the sweeper's own clock. Workers run on
+   several hosts: a sweeper whose clock is ahead of the receiver's by more
+   than the timeout restores messages still in flight (a second delivery,
+   counted: past ``max_attempts`` a healthy message is dead-lettered), and a
+   receiver whose clock is behind has its messages restored by every other
+   worker. Here receiving, renewing (:func:`keep_visible`) and sweeping read
+   the server's ``TIME``, one clock for every host (the receive script reads
+   it itself; kombu's own receive pays one round trip more per message), for
+   the kombu versions in :data:`SERVER_CLOCK_KOMBU` (kombu's ``append`` and
+   ``restore_visible`` are replaced, so the guard is on its version); with
+   another kombu all use the local clock, as kombu does.
+
 A worker holding a message on purpose renews its place in the unacked
 index with :func:`keep_visible`, so the sweep does not take it for a dead
 worker's.
@@ -67,6 +82,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _INSTALLED = False
+_SERVER_CLOCK = False  # the unacked index is scored and swept by the Redis server's clock
+#: kombu versions (from, below) whose ``QoS.append`` and ``QoS.restore_visible`` this module
+#: replaces by ones on the server's clock: their code was read for these (pyproject's pin).
+SERVER_CLOCK_KOMBU = ((5, 4), (5, 8))
 _DEFERRED = "_bertstream_deferred_acks"
 _SENT = "_bertstream_sent"  # the command in flight on a channel's receive connection
 _WAITING = "_bertstream_waiting"  # the last pop found every queue empty: wait next
@@ -119,7 +138,8 @@ def on_undeliverable(handler: UndeliverableHandler | None) -> UndeliverableHandl
     previous, _HANDLER = _HANDLER, handler
     return previous
 
-# KEYS: unacked index, unacked hash, then the lists in BRPOP's order. ARGV: now.
+# KEYS: unacked index, unacked hash, then the lists in BRPOP's order. ARGV: the time to
+# score with, or '' for the server's clock.
 # The message is recorded before it is popped, so a write refused half-way
 # (a full noeviction server) leaves it in its list. Anything that is not a
 # kombu message is popped and handed back unrecorded, as BRPOP would.
@@ -137,7 +157,12 @@ for i = 3, #KEYS do
       end
     end
     if type(tag) == 'string' and type(ex) == 'string' and type(rk) == 'string' then
-      redis.call('ZADD', KEYS[1], ARGV[1], tag)
+      local now = ARGV[1]
+      if now == '' then
+        local t = redis.call('TIME')
+        now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+      end
+      redis.call('ZADD', KEYS[1], now, tag)
       redis.call('HSET', KEYS[2], tag,
                  '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
       redis.call('RPOP', KEYS[i])
@@ -194,7 +219,7 @@ def _patch() -> bool:
 
     original_ack = qos.ack
     original_append = qos.append
-    _ORIGINAL.update(start=channel._brpop_start)
+    _ORIGINAL.update(start=channel._brpop_start, append=original_append)
 
     @contextmanager
     def conn_or_acquire(self: Any, client: Any = None) -> Iterator[Any]:
@@ -221,7 +246,7 @@ def _patch() -> bool:
             del self.__dict__[_RECORDED]
             virtual.QoS.append(self, message, delivery_tag)  # Redis has it already
         else:
-            original_append(self, message, delivery_tag)
+            _record(self, message, delivery_tag)
         # What fails from here on is the consumer's, not the item's (a flag on the
         # transport: the consuming channel may not be the one that received it).
         receiving = self.channel.connection.__dict__
@@ -232,7 +257,91 @@ def _patch() -> bool:
     qos.ack = ack  # type: ignore[method-assign]
     qos.append = append  # type: ignore[method-assign]
     _INSTALLED = True
+    _patch_clock(kredis)
     return True
+
+
+def server_clock_refusal(version: tuple[Any, ...], kredis: Any) -> str | None:
+    """Why kombu ``version`` (``kombu.VERSION``) cannot have its unacked index on the
+    server's clock (:func:`_patch_clock`), or None when it can."""
+    low, high = SERVER_CLOCK_KOMBU
+    if not low <= tuple(version[:2]) < high:
+        return (f"kombu {'.'.join(map(str, version[:3]))} is not one of {low[0]}.{low[1]} to "
+                f"below {high[0]}.{high[1]}")
+    missing = [name for name in ("Mutex", "MutexHeld") if not hasattr(kredis, name)]
+    missing += [f"QoS.{name}" for name in ("restore_visible", "restore_by_tag",
+                                           "pipe_or_acquire", "unacked_key")
+                if not hasattr(kredis.QoS, name)]
+    return f"kombu lacks {missing}" if missing else None
+
+
+def _patch_clock(kredis: Any) -> bool:
+    """Put receiving, renewing and sweeping on the server's clock (point 4 above) when
+    kombu is one this was written for; True when done."""
+    global _SERVER_CLOCK
+    import kombu
+
+    refusal = server_clock_refusal(tuple(kombu.VERSION), kredis)
+    _SERVER_CLOCK = refusal is None
+    if refusal is not None:
+        log.warning("the visibility timeout stays on each worker's own clock (hosts whose "
+                    "clocks are apart restore each other's messages early): %s", refusal)
+        return False
+    kredis.QoS.restore_visible = _restore_visible
+    return True
+
+
+def server_time(client: Any) -> float:
+    """The Redis server's clock, in UNIX seconds: the one clock every worker host shares."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
+def _now(client: Any) -> float:
+    """When to score a delivery at: by the server's clock where it is in use."""
+    return server_time(client) if _SERVER_CLOCK else time()
+
+
+def _record(qos: Any, message: Any, delivery_tag: Any) -> None:
+    """kombu's ``QoS.append``, on the server's clock where it is in use: the delivery goes
+    into the unacked index and hash (kombu's own receive, which recorded nothing yet)."""
+    from kombu.transport import virtual
+    from kombu.utils.json import dumps
+
+    if not _SERVER_CLOCK:
+        _ORIGINAL["append"](qos, message, delivery_tag)
+        return
+    delivery = message.delivery_info
+    with qos.channel.conn_or_acquire() as client:
+        now = server_time(client)
+        with qos.pipe_or_acquire(client=client) as pipe:
+            pipe.zadd(qos.unacked_index_key, {delivery_tag: now}).hset(
+                qos.unacked_key, delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]])).execute()
+    virtual.QoS.append(qos, message, delivery_tag)
+
+
+def _restore_visible(self: Any, start: int = 0, num: int | None = 10,
+                     interval: int = 10) -> None:
+    """kombu's ``QoS.restore_visible`` with its cut-off on the server's clock: restore the
+    unacked messages scored longer ago than the visibility timeout (every ``interval``-th
+    call, under kombu's mutex, at most ``num``)."""
+    from kombu.transport import redis as kredis
+
+    self._vrestore_count = getattr(self, "_vrestore_count", 0) + 1
+    if (self._vrestore_count - 1) % (interval or 1):
+        return
+    with self.channel.conn_or_acquire() as client:
+        try:
+            with kredis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                ceil = server_time(client) - self.visibility_timeout
+                visible = client.zrange(self.unacked_index_key, ceil, 0, desc=True,
+                                        byscore=True, offset=num and start, num=num,
+                                        withscores=True)
+                for tag, _score in visible or []:
+                    self.restore_by_tag(tag, client)
+        except kredis.MutexHeld:
+            pass
 
 
 _ORIGINAL: dict[str, Any] = {}
@@ -259,7 +368,7 @@ def _receive_start(self: Any, timeout: float | None = None) -> None:
         command = ("BLMOVE", first, first, "RIGHT", "RIGHT", wait)
     else:
         command = ("EVAL", POP_AND_RECORD, 2 + len(keys), self.unacked_index_key,
-                   self.unacked_key, *keys, repr(time()))
+                   self.unacked_key, *keys, "" if _SERVER_CLOCK else repr(time()))
     connection = self.client.connection
     self.__dict__[_SENT] = command[0]
     self._in_poll = connection
@@ -435,26 +544,27 @@ def _hand_over(parked: Undeliverable) -> str | None:
 
 
 def keep_visible(messages: list[Any]) -> None:
-    """Score these unacked messages at the current time in kombu's unacked index.
+    """Score these unacked messages at the current time (the server's clock, where the
+    sweep uses it: see point 4 above) in kombu's unacked index.
 
     kombu's visibility sweep (any worker's) restores every unacked message
     recorded longer ago than the visibility timeout, as if its worker had
     died. A worker that holds a message on purpose (a long text scored over
     many flushes) renews it here. ``ZADD XX``: a message no longer recorded
-    (acked, or restored already) is not recorded again. One round trip per
-    channel; channels of other transports (memory://) are left alone.
+    (acked, or restored already) is not recorded again. Two round trips per
+    channel (``TIME``, ``ZADD``); channels of other transports (memory://) are left alone.
     """
-    tags: dict[int, tuple[Any, dict[Any, float]]] = {}
-    now = time()
+    tags: dict[int, tuple[Any, list[Any]]] = {}
     for m in messages:
         qos = getattr(getattr(m, "channel", None), "qos", None)
         tag = getattr(m, "delivery_tag", None)
         if tag is None or not _INSTALLED or not hasattr(qos, "_remove_from_indices"):
             continue
-        tags.setdefault(id(qos), (qos, {}))[1][tag] = now
-    for qos, scores in tags.values():
+        tags.setdefault(id(qos), (qos, []))[1].append(tag)
+    for qos, renewed in tags.values():
         with qos.channel.conn_or_acquire() as client:
-            client.zadd(qos.unacked_index_key, scores, xx=True)
+            now = _now(client)
+            client.zadd(qos.unacked_index_key, dict.fromkeys(renewed, now), xx=True)
 
 
 @contextmanager
