@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
@@ -1067,9 +1067,37 @@ class Client:
         and ``poll_interval`` are finite seconds, else :class:`InvalidInput`; no ids
         give ``{}`` at once.
         """
+        polls = self.wait_polls(ids, timeout=timeout, poll_interval=poll_interval,
+                                model=model)
+        while True:
+            try:
+                pause = next(polls)
+            except StopIteration as done:
+                return done.value
+            time.sleep(pause)
+
+    def wait_polls(
+        self,
+        ids: Iterable[str],
+        *,
+        timeout: float = 30.0,
+        poll_interval: float = 0.05,
+        model: str | None = None,
+    ) -> Generator[float, None, dict[str, ResultRecord]]:
+        """:meth:`wait` in steps, for a caller that pauses in its own way (the async
+        client pauses on its event loop, not in a thread): the same arguments, checked
+        at once. Each ``next()`` reads the table once (the first also resolves ``model``,
+        :meth:`stored_model`) and yields the seconds to pause before the next; the
+        generator returns what :meth:`wait` returns, or raises what it raises
+        (:class:`ResultTimeout`, :class:`ClientClosed`...)."""
         wanted = list(dict.fromkeys(_one_or_many(ids, "wait")))
         timeout = _seconds(timeout, "timeout", zero=True)
         poll_interval = _seconds(poll_interval, "poll_interval", zero=False)
+        return self._polls(wanted, timeout, poll_interval, model)
+
+    def _polls(self, wanted: list[str], timeout: float, poll_interval: float,
+               model: str | None) -> Generator[float, None, dict[str, ResultRecord]]:
+        """The steps of :meth:`wait_polls`, its arguments checked."""
         if not wanted:
             return {}
         model = self.stored_model(model)  # once, not at every poll
@@ -1089,7 +1117,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ResultTimeout(missing)
-            time.sleep(min(interval, left))
+            yield min(interval, left)
             interval = min(interval * 1.5, max(MAX_POLL_INTERVAL_S, poll_interval))
 
     def _not_retrying(self, rows: dict[str, ResultRecord], stale: dict[str, tuple[int, str]],

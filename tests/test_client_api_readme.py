@@ -52,3 +52,16 @@ def test_the_readme_client_examples_run_as_written(
         assert client.get(task_id) is not None and counted
         client.store.delete(ids=[task_id])
         assert client.get(task_id) is None
+
+
+def test_the_readme_async_client_example_runs_as_written(
+        settings: Settings, worker_factory: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    null = settings.replace(model="null")
+    worker_factory(null)
+    monkeypatch.setenv("BERTSTREAM_BROKER_URL", null.broker_url)
+    monkeypatch.setenv("BERTSTREAM_DATABASE_URL", null.database_url)
+    monkeypatch.setenv("BERTSTREAM_QUEUE", null.queue)
+
+    exec(_python_block_after("From asyncio code"), {})  # noqa: S102 - the README's own code
+    assert capsys.readouterr().out.split() == ["positive", "2"]  # the null model's label
