@@ -6,6 +6,7 @@ Fixtures flush before and after, and close what they open.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,22 +68,29 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[tuple[Any, redis.Redis]]:
-    """A kombu connection to the test Redis with bertstream's receive installed (a short
-    visibility timeout), and a plain Redis client to look at the lists."""
+@contextlib.contextmanager
+def kombu_broker(redis_url: str, visibility_timeout: float) -> Iterator[tuple[Any, redis.Redis]]:
+    """A kombu connection to ``redis_url`` with bertstream's receive installed and
+    ``visibility_timeout``, and a plain Redis client to look at the lists."""
     from kombu import Connection
 
     from worker import kombu_redis
 
     assert kombu_redis.install()
-    conn = Connection(redis_url, transport_options={"visibility_timeout": 1})
+    conn = Connection(redis_url, transport_options={"visibility_timeout": visibility_timeout})
     r = redis.Redis.from_url(redis_url)
     try:
         yield conn, r
     finally:
         conn.release()
         r.close()
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[tuple[Any, redis.Redis]]:
+    """:func:`kombu_broker` on the test Redis with a short visibility timeout (1 s)."""
+    with kombu_broker(redis_url, 1) as pair:
+        yield pair
 
 
 @pytest.fixture

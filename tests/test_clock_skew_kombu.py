@@ -19,6 +19,7 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kredis
 
+from tests.conftest import kombu_broker
 from tests.test_kombu_receive import FIRST, _consumer, _publish
 from worker import kombu_redis
 
@@ -33,14 +34,8 @@ TIMEOUT_S = 60
 def skewed_broker(redis_url: str) -> Iterator[tuple[Connection, redis.Redis]]:
     """A kombu connection with bertstream's receive installed (visibility timeout
     ``TIMEOUT_S``) and a plain client."""
-    assert kombu_redis.install()
-    conn = Connection(redis_url, transport_options={"visibility_timeout": TIMEOUT_S})
-    r = redis.Redis.from_url(redis_url)
-    try:
-        yield conn, r
-    finally:
-        conn.release()
-        r.close()
+    with kombu_broker(redis_url, TIMEOUT_S) as pair:
+        yield pair
 
 
 @contextlib.contextmanager
