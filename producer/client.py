@@ -213,7 +213,7 @@ def _close_returned_after_close(engine: sa.Engine, client: weakref.ref[Client]) 
 MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
 
 
-def _missing_sqlite_file(database_url: str) -> bool:
+def missing_sqlite_file(database_url: str) -> bool:
     """True when ``database_url`` names an SQLite file that does not exist: it has no rows,
     and a reader must not create it (a producer-only host with the default URL would get
     an empty ``bertstream.db`` wherever it runs). PostgreSQL, ``:memory:`` and SQLite
@@ -889,7 +889,7 @@ class Client:
         # left behind the code is refused with the command to run; one newer
         # code migrated is read as before (the API refuses it at start).
         if not self._table_seen:
-            if _missing_sqlite_file(self.settings.database_url):
+            if missing_sqlite_file(self.settings.database_url):
                 return False  # opening it would create it, empty (./bertstream.db by default)
             try:
                 schema = migrate.settled(self.store)

@@ -12,11 +12,11 @@ import sqlalchemy as sa
 
 from contract import migrate
 from contract.constants import DEFAULT_MODEL, LANGS, STATUSES
-from contract.errors import InvalidInput, quoted
+from contract.errors import InvalidInput, SchemaMismatch, quoted
 from contract.messages import id_problem
 from contract.results import ResultStore
 from contract.settings import Settings
-from producer.client import Client
+from producer.client import Client, missing_sqlite_file
 from producer.options import parse_time
 
 #: ``--older-than`` units.
@@ -30,6 +30,31 @@ def _store(ctx: click.Context) -> tuple[ResultStore, str]:
     store = ResultStore.from_settings(settings)
     shown = sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
     return store, shown
+
+
+#: How a missing SQLite file is named: a mistyped path shows as one, not as an empty database.
+NO_FILE = "no such file"
+
+
+def _no_file(ctx: click.Context) -> str | None:
+    """The URL as shown when it names an SQLite file that does not exist, else None.
+
+    Opening it would create it, empty: only `db upgrade` may, so a read (`db current`
+    in a health check), a dry run or a refused command never leaves a stray
+    ``bertstream.db`` behind, as the client reads such a file as no rows.
+    """
+    settings = ctx.find_object(Settings) or Settings.from_env()
+    if not missing_sqlite_file(settings.database_url):
+        return None
+    return sa.engine.make_url(settings.database_url).render_as_string(hide_password=True)
+
+
+def _refuse_no_file(ctx: click.Context) -> None:
+    """SchemaMismatch (exit 2) for a missing SQLite file, as for an empty database."""
+    shown = _no_file(ctx)
+    if shown is not None:
+        problem = migrate.SchemaState(None, migrate.head_revision(), False).problem()
+        raise SchemaMismatch(f"{shown}: {NO_FILE}; {problem}")
 
 
 @click.group("db")
@@ -81,6 +106,10 @@ def downgrade_command(ctx: click.Context, revision: str, yes: bool) -> None:
     """Roll the schema back to REVISION ('base': nothing left); a dry run without --yes,
     listing what each rollback drops (`db history` lists them too). Stop the workers
     and the API first."""
+    missing = _no_file(ctx)
+    if missing is not None:
+        click.echo(f"{missing}: {NO_FILE}; nothing to roll back")
+        return
     store, shown = _store(ctx)
     try:
         current, plan = migrate.rollback_plan(store, revision)
@@ -105,11 +134,16 @@ def downgrade_command(ctx: click.Context, revision: str, yes: bool) -> None:
 @click.pass_context
 def current_command(ctx: click.Context, check: bool) -> None:
     """Print the database's revision and whether this bertstream can use it."""
-    store, shown = _store(ctx)
-    try:
-        schema = migrate.state(store)
-    finally:
-        store.close()
+    missing = _no_file(ctx)
+    if missing is not None:
+        shown = f"{missing} ({NO_FILE})"
+        schema = migrate.SchemaState(None, migrate.head_revision(), False)
+    else:
+        store, shown = _store(ctx)
+        try:
+            schema = migrate.state(store)
+        finally:
+            store.close()
     problem = schema.problem()
     current = schema.current or ("none (empty)" if schema.empty else "none (unstamped)")
     click.echo(f"{shown}: revision {current}; this bertstream needs {schema.head}")
@@ -204,6 +238,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
         # it (a read does the same); refused, exit 2, while none is alive to say.
         with Client(ctx.find_object(Settings) or Settings.from_env()) as client:
             model = client.stored_model(model)
+    _refuse_no_file(ctx)
     store, shown = _store(ctx)
     try:
         migrate.check(store)  # an outdated schema: deleting would half work, then fail
@@ -224,6 +259,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
 def settle_command(ctx: click.Context) -> None:
     """Put every task's latest flag right after rows were inserted, deleted or re-dated by
     hand (bertstream's own writes and `db delete` keep them). Safe beside the workers."""
+    _refuse_no_file(ctx)
     store, shown = _store(ctx)
     try:
         migrate.check(store)

@@ -140,6 +140,8 @@ class FieldMap:
             if value is not None and not (strings and value == ""):
                 item[key] = value
         meta = obj.get("meta")
+        if strings and meta == "":
+            meta = None  # an empty cell is an absent meta, also beside --time-field
         if strings and isinstance(meta, str) and meta:
             try:
                 meta = json.loads(meta)

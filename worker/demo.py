@@ -9,6 +9,7 @@ summary and a few rows, and stops everything it started.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 import uuid
@@ -117,6 +118,33 @@ def _worker_failure(proc: WorkerProc, log_path: Path, exc: Exception,
                             f"(log: {log_path})", code if code > 0 else 1)
 
 
+class _NoHostnameNotice(logging.Filter):
+    """Drops kombu's "No hostname was supplied" warning: a ``memory://`` URL has no host
+    by nature, and the warning, printed between the demo's lines, read as a bad setting."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No hostname was supplied")
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Without the libraries' own output in the demo's terminal: kombu's host warning and
+    transformers' weight-loading bar (a subprocess worker writes both to its log)."""
+    from transformers.utils import logging as hf_logging
+
+    kombu_log = logging.getLogger("kombu.connection")
+    notice = _NoHostnameNotice()
+    bars = hf_logging.is_progress_bar_enabled()
+    kombu_log.addFilter(notice)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        kombu_log.removeFilter(notice)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 @contextmanager
 def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
     """The same worker, in a thread of this process (for the in-memory transport)."""
@@ -124,16 +152,18 @@ def thread_worker(settings: Settings, echo: Echo) -> Iterator[None]:
 
     from worker.app import build_runner, build_worker_app
 
-    runner = build_runner(settings)
-    store = ResultStore.from_settings(settings)
-    try:
-        wapp = build_worker_app(settings, runner, store=store)
-        with start_worker(wapp.app, pool="solo", perform_ping_check=False, queues=wapp.queues,
-                          hostname="demo@localhost", loglevel="WARNING", shutdown_timeout=60):
-            echo("in-process worker ready")
-            yield
-    finally:
-        store.close()
+    with _quiet_libraries():
+        runner = build_runner(settings)
+        store = ResultStore.from_settings(settings)
+        try:
+            wapp = build_worker_app(settings, runner, store=store)
+            with start_worker(wapp.app, pool="solo", perform_ping_check=False,
+                              queues=wapp.queues, hostname="demo@localhost",
+                              loglevel="WARNING", shutdown_timeout=60):
+                echo("in-process worker ready")
+                yield
+        finally:
+            store.close()
 
 
 def run_demo(settings: Settings, *, repeat: int = 3, echo: Echo = print) -> int:
