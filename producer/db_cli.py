@@ -14,7 +14,7 @@ from contract import migrate
 from contract.constants import DEFAULT_MODEL, LANGS, STATUSES
 from contract.errors import InvalidInput, SchemaMismatch, quoted
 from contract.messages import id_problem
-from contract.results import ResultStore
+from contract.results import ResultStore, as_utc
 from contract.settings import Settings
 from producer.client import Client, missing_sqlite_file
 from producer.options import parse_time
@@ -212,10 +212,8 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
     run beside the workers. A task still queued writes its row when it is
     scored: delete after it finished. At least one filter is required.
     """
-    if older_than is not None:
-        if until is not None:
-            raise click.UsageError("give --until or --older-than, not both")
-        until = dt.datetime.now(dt.timezone.utc) - older_than
+    if older_than is not None and until is not None:
+        raise click.UsageError("give --until or --older-than, not both")
     wanted = list(ids)
     if ids_file is not None:
         try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first id
@@ -230,7 +228,8 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
             if problem is not None:
                 raise InvalidInput(f"{what} {quoted(str(value))} {problem}")
     id_filter = wanted if (ids or ids_file is not None) else None
-    if all(v is None for v in (id_filter, source, model, label, status, lang, since, until)):
+    if all(v is None for v in (id_filter, source, model, label, status, lang, since, until,
+                               older_than)):
         raise click.UsageError("give at least one filter (--id, --ids-file, --source, --model, "
                                "--label, --status, --lang, --since, --until, --older-than)")
     if model == DEFAULT_MODEL:
@@ -242,16 +241,37 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
     store, shown = _store(ctx)
     try:
         migrate.check(store)  # an outdated schema: deleting would half work, then fail
+        if older_than is not None:
+            until = _cut_off(store, older_than)
         count = store.delete(ids=id_filter, source=source, model=model, label=label,
                              status=status, lang=lang, since=since, until=until,
                              dry_run=not yes)
     finally:
         store.close()
+    # the cut-off --older-than came to: --until with it deletes just what a dry run counted
+    cut = "" if older_than is None or until is None else \
+        f" finished before {until.isoformat()} (the database's clock)"
     if yes:
-        click.echo(f"{shown}: deleted {count.rows} row(s) of {count.tasks} task(s)")
+        click.echo(f"{shown}: deleted {count.rows} row(s) of {count.tasks} task(s){cut}")
     else:
-        click.echo(f"{shown}: would delete {count.rows} row(s) of {count.tasks} task(s); "
+        click.echo(f"{shown}: would delete {count.rows} row(s) of {count.tasks} task(s){cut}; "
                    "run again with --yes to delete them")
+
+
+def _cut_off(store: ResultStore, older_than: dt.timedelta) -> dt.datetime:
+    """Now less ``older_than``, by the database's clock, in whole seconds (as printed).
+
+    Workers stamp ``finished_at`` and PostgreSQL may be on another host than this
+    command: a clock here that runs ahead would delete younger rows than asked,
+    so its ``CURRENT_TIMESTAMP`` decides, read once for every batch. An SQLite
+    file is on this host: the local clock is its clock.
+    """
+    if store.engine.dialect.name == "sqlite":
+        now = dt.datetime.now(dt.timezone.utc)
+    else:
+        now = store.run(lambda conn: conn.execute(sa.select(sa.func.current_timestamp()))
+                        .scalar_one(), "cannot read the database's clock")
+    return as_utc(now - older_than).replace(microsecond=0)
 
 
 @db_group.command("settle")
