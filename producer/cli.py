@@ -63,6 +63,7 @@ from producer.formatting import FORMATS, iter_results, render_results, render_ro
 from producer.history_cli import compare_command, rescore_command
 from producer.ids_out import IdsOut
 from producer.items import ItemError
+from producer.options import SETTING_OPTIONS, named_as_given
 from producer.options import parse_time as _parse_time
 from producer.redis_stream import RedisStreamSource
 from producer.report import IMAGE_SUFFIXES, MAX_SOURCES, collect, draw
@@ -200,7 +201,7 @@ class BertstreamGroup(click.Group):
             try:
                 return super().invoke(ctx)
             except BertstreamError as exc:
-                click.echo(f"error: {printable(_describe(exc))}", err=True)
+                click.echo(f"error: {printable(named_as_given(ctx, _describe(exc)))}", err=True)
                 ctx.exit(exit_code(exc))
             except ModuleNotFoundError as exc:
                 hint = _missing_extra(ctx, exc)
@@ -273,7 +274,7 @@ def stdout_closed() -> bool:
 
 
 #: Options of the group that may also be written after the command.
-GLOBAL_OPTIONS = ("--broker-url", "--database-url")
+GLOBAL_OPTIONS = tuple(SETTING_OPTIONS.values())
 
 
 def hoist_global_options(args: list[str]) -> list[str]:

@@ -6,8 +6,27 @@ import datetime as dt
 
 import click
 
+from contract.constants import ENV_PREFIX
 from contract.errors import InvalidInput
 from contract.results import as_utc
+
+#: The group's options that override a setting: the setting's name -> the option.
+SETTING_OPTIONS = {"broker_url": "--broker-url", "database_url": "--database-url"}
+
+
+def named_as_given(ctx: click.Context | None, message: str) -> str:
+    """``message`` with each ``BERTSTREAM_NAME=value`` of a setting the command line gave
+    (:data:`SETTING_OPTIONS`) written ``--option=value``: the settings, the broker and the
+    store name a refused value by its variable, and a user who typed the option, with no
+    such variable set, went looking for one. A value from the environment keeps its name.
+    """
+    if ctx is None:
+        return message
+    given = ctx.find_root().params
+    for name, option in SETTING_OPTIONS.items():
+        if given.get(name):  # an empty option overrides nothing (the group's callback)
+            message = message.replace(f"{ENV_PREFIX}{name.upper()}=", f"{option}=")
+    return message
 
 
 def parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:

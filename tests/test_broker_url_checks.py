@@ -104,7 +104,7 @@ def test_a_bad_database_index_exits_2_in_every_command(command: list[str], sqlit
                                 cache_dir=str(tmp_path)))
     out = _cli([*command, "--broker-url", "redis://localhost:6379/abc"], env, stdin="hi\n")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert _one_line(out) == ("error: BERTSTREAM_BROKER_URL='redis://localhost:6379/abc' cannot "
+    assert _one_line(out) == ("error: --broker-url='redis://localhost:6379/abc' cannot "
                               "be parsed: the database index in the path must be a whole number "
                               "from 0 (got 'abc')")
 
@@ -142,7 +142,7 @@ def test_a_database_index_the_server_lacks_exits_2(command: list[str], redis_url
     out = _cli([*command, "--broker-url", url], env)
     assert out.returncode == 2, out.stderr[-3000:]
     line = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert line == [f"error: BERTSTREAM_BROKER_URL={url!r}: database index {url.rsplit('/', 1)[1]}"
+    assert line == [f"error: --broker-url={url!r}: database index {url.rsplit('/', 1)[1]}"
                     " is out of range for the Redis server there (it has fewer databases: its "
                     "`databases` setting)"], out.stderr[-3000:]
 

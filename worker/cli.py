@@ -12,6 +12,7 @@ import click
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX
 from contract.errors import BertstreamError, ConfigError, exit_code
 from contract.settings import Settings
+from producer.options import named_as_given
 
 #: ``worker --loglevel`` choices (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -143,8 +144,11 @@ def _cache_error(settings: Settings, exc: OSError) -> ConfigError:
 
 
 def _fail(exc: BertstreamError) -> NoReturn:
-    """Exit with the documented code: 3 unreachable services, 2 anything else at start."""
-    click.echo(f"error: {exc}", err=True)
+    """Exit with the documented code: 3 unreachable services, 2 anything else at start.
+
+    A URL the command line gave is named as its option (:func:`named_as_given`)."""
+    click.echo(f"error: {named_as_given(click.get_current_context(silent=True), str(exc))}",
+               err=True)
     code = exit_code(exc)
     sys.exit(code if code != 1 else 2)
 
