@@ -16,6 +16,11 @@ The rules (docs/architecture.md, "Long texts"):
 - Overlap: a window starts with the last sentence of the window before it
   when that sentence has at most :func:`overlap_tokens` tokens and leaves
   room for the next sentence (pieces of a cut sentence never overlap).
+- A window's span leaves out the whitespace at its edges: encoded alone, a
+  trailing space is a token of its own for some tokenizers (SentencePiece's
+  lone ``▁``), one the plan did not count, and the window would overflow.
+  A sentence's tokens are those that end in it (a SentencePiece word's token
+  starts at the space before it, in the sentence before).
 - A window's tokens are those of its text encoded alone, so scoring
   ``text[start_char:end_char]`` alone gives exactly the window's scores.
 - Combined score: the mean of the windows' probabilities weighted by each
@@ -25,12 +30,15 @@ The rules (docs/architecture.md, "Long texts"):
 
 from __future__ import annotations
 
+import logging
 import re
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.runner import NEUTRAL, Encoded, Prediction, Runner
+
+log = logging.getLogger(__name__)
 
 #: A sentence repeated at the start of the next window has at most this many tokens...
 OVERLAP_MAX_TOKENS = 64
@@ -92,9 +100,12 @@ class _Unit:
 
 def _units(text: str, offsets: Sequence[tuple[int, int]], budget: int) -> list[_Unit]:
     starts = [a for a, _ in offsets]
+    # A token counts where it ends: SentencePiece's "▁word" starts at the space
+    # that ends the sentence before. An empty span counts at its character.
+    ends = [max(b, a + 1) for a, b in offsets]
     units = []
     for a, b in sentence_spans(text):
-        first, last = bisect_left(starts, a), bisect_left(starts, b)
+        first, last = bisect_right(ends, a), bisect_right(ends, b)
         count = last - first
         if count <= budget:
             units.append(_Unit(a, b, count, False))
@@ -119,7 +130,8 @@ def plan_windows(text: str, offsets: Sequence[tuple[int, int]],
 
     ``offsets`` are the character spans of the text's tokens (no special
     tokens). Windows follow the rules of this module's docstring; together
-    they cover the whole text, and only an overlap sentence is in two.
+    they cover the whole text but the whitespace between them, and only an
+    overlap sentence is in two.
     """
     overlap = overlap_tokens(budget)
     windows: list[tuple[int, int]] = []
@@ -127,7 +139,7 @@ def plan_windows(text: str, offsets: Sequence[tuple[int, int]],
     used = 0
     for unit in _units(text, offsets, budget):
         if current and used + unit.tokens > budget:
-            windows.append((current[0].start, current[-1].end))
+            windows.append(_trim(text, current[0].start, current[-1].end))
             last = current[-1]
             keep = (not last.piece and not unit.piece and last.tokens <= overlap
                     and last.tokens + unit.tokens <= budget and len(current) > 1)
@@ -135,8 +147,18 @@ def plan_windows(text: str, offsets: Sequence[tuple[int, int]],
         current.append(unit)
         used += unit.tokens
     if current:
-        windows.append((current[0].start, current[-1].end))
+        windows.append(_trim(text, current[0].start, current[-1].end))
     return windows
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` without the whitespace at its edges (as is when all whitespace)."""
+    span = text[start:end]
+    stripped = span.strip()
+    if not stripped:
+        return start, end
+    start += len(span) - len(span.lstrip())
+    return start, start + len(stripped)
 
 
 def split_windows(runner: Runner, text: str,
@@ -145,8 +167,10 @@ def split_windows(runner: Runner, text: str,
 
     ``offsets``: the text's token spans when already known (``runner.offsets``).
     A window whose text, encoded alone, comes out longer than planned (a
-    tokenizer that merges differently at the window's edge) is planned again
-    on its own tokens; after a few tries it is kept cut (``encoded.truncated``).
+    tokenizer that merges differently at the window's edge, such as a window
+    that starts inside a word) is planned again on its own tokens, with a
+    warning; after a few tries it is kept cut (``encoded.truncated``, and the
+    text's row says ``truncated``).
     """
     budget = runner.max_length - runner.special_tokens
     if offsets is None:
@@ -165,6 +189,10 @@ def _fit(runner: Runner, text: str, base: int, spans: list[tuple[int, int]], bud
             out.append((base + a, base + b, enc))
             continue
         sub = text[a:b]
+        # Not silent: each re-cut leaves a short window the plan did not make.
+        log.warning("a window of %d characters encodes longer than planned (over %d tokens); "
+                    "cut again (try %d of %d)", b - a, runner.max_length, depth + 1,
+                    _MAX_RECUTS)
         # One token less each time, down to one: a budget of 0 could plan nothing.
         again = plan_windows(sub, runner.offsets(sub), max(1, budget - depth - 1))
         out.extend(_fit(runner, sub, base + a, again, budget, depth + 1))
