@@ -42,6 +42,7 @@ from typing import Any
 
 import redis
 
+from contract.clock import server_time
 from contract.constants import MODEL_NAME_PATTERN, WORKER_KEY_PREFIX
 
 HEARTBEAT_EVERY_S = 5.0
@@ -102,12 +103,6 @@ def announce(client: redis.Redis, family: str, hostname: str, value: str) -> Non
             # Every beat sets the same TTL: the index lasts as long as its freshest key.
             pipe.expire(index_key(queue), HEARTBEAT_TTL_S)
         pipe.execute()
-
-
-def server_time(client: redis.Redis) -> float:
-    """The Redis server's clock, in UNIX seconds: the one clock every host shares."""
-    seconds, micros = client.time()
-    return float(seconds) + micros / 1e6
 
 
 def withdraw(client: redis.Redis, family: str, hostname: str) -> None:

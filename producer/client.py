@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import broker_error, lane_keys, lane_queue, make_celery, redis_client
+from contract.clock import server_offset
 from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
@@ -57,7 +58,7 @@ from contract.errors import (
     quoted,
 )
 from contract.liveness import HEARTBEAT_EVERY_S, live_workers
-from contract.messages import TaskItem, make_item, text_sha256
+from contract.messages import MAX_TIMESTAMP, TaskItem, make_item, text_sha256
 from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
 from contract.settings import REDIS_SCHEMES, Settings, mask_url, redis_url_problem
@@ -69,6 +70,8 @@ MAX_POLL_INTERVAL_S = 1.0
 #: Seconds the caller-id check is skipped after the database could not be read, so a
 #: stream does not wait out a connect timeout for every chunk while it is away.
 CONFLICT_CHECK_BACKOFF_S = 60.0
+#: Seconds between two warnings that the Redis server's clock could not be read.
+CLOCK_WARN_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +462,10 @@ class Client:
         #: monotonic time until which :meth:`conflicts` skips the database (None: it is
         #: read); set on a failure, which is logged once per outage.
         self._conflicts_off_until: float | None = None
+        #: seconds the Redis server's clock is ahead of this host's, as last read (see
+        #: :meth:`_on_server_clock`), and the monotonic time of the last warning it could not be
+        self._server_offset = 0.0
+        self._clock_warned_at = float("-inf")
         self._closed = False
         _CLIENTS.add(self)
 
@@ -747,11 +754,12 @@ class Client:
             raise self._broker_error(exc) from exc
 
     def publish(self, items: Sequence[TaskItem], *, bulk: bool, producer: Any = None) -> None:
-        """Publish ``items`` (already validated) as ONE message on the chosen lane.
+        """Publish ``items`` (already validated) as ONE message on the chosen lane, their
+        deadlines on the Redis server's clock (:meth:`_on_server_clock`).
 
         Raises :class:`BrokerUnavailable` when Redis cannot be reached.
         """
-        wire = [item.to_wire() for item in items]
+        wire = self._on_server_clock(items)
         try:
             with self._acquire_producer(producer) as p, self._unless_closed():
                 self.app.send_task(
@@ -765,6 +773,34 @@ class Client:
                 )
         except KombuOperationalError as exc:
             raise self._broker_error(exc) from exc
+
+    def _on_server_clock(self, items: Sequence[TaskItem]) -> list[dict[str, Any]]:
+        """The wire form of ``items``, each ``expires_at`` moved from this host's clock onto
+        the Redis server's, which workers compare it with: hosts whose clocks are apart
+        neither expire a task on arrival nor run it late.
+
+        Every deadline published here was set from a ttl on this host's clock (``submit``,
+        ``submit_many``, streams, the CLI, the HTTP API). One ``TIME`` per message, none
+        when no item has a deadline, none on ``memory://`` (one process, one clock). When
+        Redis does not answer it, the last offset read (none yet: this host's clock) is
+        used and the publish meets the outage as before.
+        """
+        wire = [item.to_wire() for item in items]
+        timed = [w for w in wire if "expires_at" in w]
+        if not timed or not self.settings.broker_url.startswith(REDIS_SCHEMES):
+            return wire
+        try:
+            self._server_offset = self._on_redis(server_offset)
+        except BrokerUnavailable as exc:
+            if time.monotonic() - self._clock_warned_at >= CLOCK_WARN_EVERY_S:
+                self._clock_warned_at = time.monotonic()
+                log.warning("cannot read the Redis server's clock; task deadlines keep "
+                            "this host's clock%s: %s", "" if self._server_offset == 0.0
+                            else " and the last offset to it", exc)
+        for w in timed:
+            w["expires_at"] = min(max(w["expires_at"] + self._server_offset, 0.0),
+                                  MAX_TIMESTAMP)
+        return wire
 
     @contextmanager
     def _acquire_producer(self, producer: Any) -> Iterator[Any]:

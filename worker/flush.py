@@ -352,6 +352,9 @@ class FlushProcessor:
         #: visibility sweep restores them while a silent database runs the commit's
         #: retries out (worker/tasks.py). None: nothing to renew.
         self.keep_alive: Callable[[], None] | None = None
+        #: The clock task deadlines are compared with: the Redis server's, set by the task
+        #: (worker/tasks.py), as producers stamp deadlines on it; this host's until then.
+        self.clock: Callable[[], float] = lambda: time.time()
 
     def held(self) -> set[str]:
         """Ids of the messages with a long text still in the backlog: not to be acked yet."""
@@ -377,11 +380,13 @@ class FlushProcessor:
         in_progress = {e.key for e in self.backlog}
         entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)
                    if e.key not in in_progress]
-        now = time.time()
         for e in entries:
             e.attempt = attempt
-            if e.item is not None and e.item.expired(now):
-                e.expire(now)
+        if any(e.item is not None and e.item.expires_at is not None for e in entries):
+            now = self.clock()  # the clock deadlines are stamped on: read once per flush
+            for e in entries:
+                if e.item is not None and e.item.expired(now):
+                    e.expire(now)
         stats.skipped = self._skip_done(entries)
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])

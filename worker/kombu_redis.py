@@ -79,6 +79,8 @@ from dataclasses import dataclass
 from time import monotonic, time
 from typing import Any
 
+from contract.clock import server_time
+
 log = logging.getLogger(__name__)
 
 _INSTALLED = False
@@ -289,12 +291,6 @@ def _patch_clock(kredis: Any) -> bool:
         return False
     kredis.QoS.restore_visible = _restore_visible
     return True
-
-
-def server_time(client: Any) -> float:
-    """The Redis server's clock, in UNIX seconds: the one clock every worker host shares."""
-    seconds, micros = client.time()
-    return float(seconds) + micros / 1e6
 
 
 def _now(client: Any) -> float:

@@ -61,6 +61,8 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery_batches import Batches, SimpleRequest
 
+from contract.broker import redis_client
+from contract.clock import ServerClock
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
 from contract.messages import printable
@@ -754,6 +756,9 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
     task = app.register_task(task_cls())
     # The processor's database waits renew the deliveries the task holds (a silent database).
     processor.keep_alive = task._renew_due
+    # Deadlines are stamped on the Redis server's clock; an offset to it, refreshed every
+    # few seconds, costs a flush no round trip (contract/clock.py).
+    processor.clock = ServerClock(redis_client(settings)).now
     app.steps["consumer"].add(_HandBackHeld)
     return task
 
