@@ -38,7 +38,7 @@ from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import family_workers
-from contract.messages import text_sha256
+from contract.messages import TaskItem, text_sha256
 from contract.queries import (
     MAX_STATS_LIMIT,
     STATS_LIMIT,
@@ -60,6 +60,14 @@ Status = Literal["done", "failed", "expired"]
 Lang = Literal["zh", "en", "mixed", "other"]
 
 
+def _ttl_field(description: str) -> Any:
+    """A ``ttl_s`` field: taken as sent and checked by the client's own rules
+    (:class:`ItemValidator`), not coerced by pydantic, which would take "30" or true;
+    shown in the OpenAPI schema as the number it must be."""
+    return Field(None, description=description, json_schema_extra={
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]})
+
+
 class TaskIn(BaseModel):
     """One text to analyse."""
 
@@ -72,18 +80,25 @@ class TaskIn(BaseModel):
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$",
                               description="A named model (a worker started with --model "
                                           "NAME=PATH); default: the default model")
+    ttl_s: Any = _ttl_field("Seconds the task stays worth running (a number > 0); still "
+                            "queued after that, it is stored `expired` without reaching "
+                            "the model. Default: no deadline")
 
 
 class BulkIn(BaseModel):
     """Many texts at once; each item is a text or an object like a single task (no lane)."""
 
     model_config = ConfigDict(extra="forbid")
-    items: list[Any] = Field(description="Texts or {text, id?, source?, meta?} objects")
+    items: list[Any] = Field(description="Texts or {text, id?, source?, meta?, ttl_s?} "
+                                         "objects")
     source: str | None = Field(None, description="Source tag for items without their own")
     lane: Lane | None = Field(None, description="bulk (default) or interactive")
     model: str | None = Field(None, pattern=f"^{MODEL_NAME_PATTERN}$",
                               description="A named model for every item (default: the default "
                                           "model)")
+    ttl_s: Any = _ttl_field("Seconds each item stays worth running (a number > 0) unless it "
+                            "gives its own ttl_s; still queued after that, an item is stored "
+                            "`expired` without reaching the model. Default: no deadline")
 
 
 class Accepted(BaseModel):
@@ -357,8 +372,9 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             # Already a BulkAccepted: skip the response model's second validation pass.
             # JsonAnswer: a refused item's id may hold a lone surrogate, echoed escaped.
             return JsonAnswer(answer.model_dump(), status_code=202)
-        raw = body.model_dump(exclude={"lane", "model"}, exclude_none=True)
-        checked = ItemValidator(services.settings_for(body.model)).check(0, raw)
+        raw = body.model_dump(exclude={"lane", "model", "ttl_s"}, exclude_none=True)
+        checked = ItemValidator(services.settings_for(body.model),
+                                ttl_s=body.ttl_s).check(0, raw)
         lane = body.lane or LANE_INTERACTIVE
         if isinstance(checked, ItemError):
             services.metrics.items.labels(lane, "invalid").inc()
@@ -386,7 +402,8 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                                            description="This model's result (default: the "
                                                        "task's latest)")] = None,
     ) -> dict[str, Any]:
-        """``queued``, ``done`` (label, score, scores, model) or ``failed`` (reason)."""
+        """``queued``, ``done`` (label, score, scores, model), ``failed`` (reason) or
+        ``expired`` (reason: its ``ttl_s`` deadline passed before it reached the model)."""
         return await _status(services, task_id, min(wait, settings.api_max_wait_s), model)
 
 
@@ -453,17 +470,40 @@ def _caller_id(raw: Any) -> str | None:
     return given if isinstance(given, str) else None
 
 
+def _check_item(validator: ItemValidator, index: int, raw: Any) -> TaskItem | ItemError:
+    """``validator.check`` of a bulk item; an item object's own ``ttl_s`` (not null) wins
+    over the body's. The client's items carry none (``ITEM_KEYS``): it is taken out and
+    checked as the validator's ttl for this item alone (the same validator, which
+    remembers the ids seen before)."""
+    if not isinstance(raw, dict) or "ttl_s" not in raw:
+        return validator.check(index, raw)
+    rest = {key: value for key, value in raw.items() if key != "ttl_s"}
+    if raw["ttl_s"] is None:
+        return validator.check(index, rest)
+    body_ttl, validator.ttl_s = validator.ttl_s, raw["ttl_s"]
+    try:
+        return validator.check(index, rest)
+    finally:
+        validator.ttl_s = body_ttl
+
+
 def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
     settings = services.settings
     if len(body.items) > settings.api_max_items:
         raise ApiError(413, "too_many_items",
                        f"{len(body.items)} items, over the limit of {settings.api_max_items}")
     lane = body.lane or LANE_BULK
-    validator = ItemValidator(services.settings_for(body.model), body.source)
+    model_settings = services.settings_for(body.model)
+    validator = ItemValidator(model_settings, body.source, ttl_s=body.ttl_s)
+    if body.ttl_s is not None:
+        # Refused once, as Client.submit_many refuses it, not once per item.
+        probe = ItemValidator(model_settings, ttl_s=body.ttl_s).check(0, "-")
+        if isinstance(probe, ItemError):
+            raise ApiError(422, "invalid_input", probe.reason)
     refused: list[ItemRefusal] = []
     good: list[tuple[int, Any]] = []
     for index, raw in enumerate(body.items):
-        checked = validator.check(index, raw)
+        checked = _check_item(validator, index, raw)
         if isinstance(checked, ItemError):
             # A generated id names nothing the caller could ask about: shown as null.
             refused.append(ItemRefusal(index=index, id=_caller_id(raw), reason=checked.reason))

@@ -343,7 +343,8 @@ def _deadline(expires_at: Any, ttl_s: Any, submitted_at: float) -> float | None:
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
         raise InvalidInput(f"ttl_s must be a number of seconds, got {type(ttl_s).__name__}")
     if not 0 < ttl_s <= MAX_TIMESTAMP:  # NaN fails too
-        raise InvalidInput("ttl_s must be > 0 seconds")
+        raise InvalidInput(f"ttl_s must be > 0 seconds, finite and at most {MAX_TIMESTAMP:.0f} "
+                           f"(the end of year 9999), got {ttl_s!r}")
     return min(submitted_at + float(ttl_s), MAX_TIMESTAMP)
 
 

@@ -81,6 +81,7 @@ def test_submit_many_without_an_iterable_of_items_says_what_it_takes(
 @pytest.mark.parametrize(("kwargs", "says"), [
     ({"source": 5}, "source must be a string, got int"),
     ({"ttl_s": math.nan}, "ttl_s must be > 0 seconds"),
+    ({"ttl_s": 1e12}, r"finite and at most 253402300799 \(the end of year 9999\), got 1000000000000\.0"),
     ({"ttl_s": "60"}, "ttl_s must be a number of seconds, got str"),
 ])
 def test_submit_many_refuses_a_bad_call_argument_once(redis_url: str, sqlite_url: str,
