@@ -21,6 +21,11 @@ The rules (docs/architecture.md, "Long texts"):
   lone ``▁``), one the plan did not count, and the window would overflow.
   A sentence's tokens are those that end in it (a SentencePiece word's token
   starts at the space before it, in the sentence before).
+- Each window is measured: its text encoded alone. One that comes out longer
+  than planned (it starts inside a word, as Chinese text after ``。`` or
+  digits glued to a word: SentencePiece adds a ``▁`` at the start of any
+  text) ends one sentence or piece earlier and the next window starts there;
+  a window of one sentence or piece is cut shorter. No sliver is left over.
 - A window's tokens are those of its text encoded alone, so scoring
   ``text[start_char:end_char]`` alone gives exactly the window's scores.
 - Combined score: the mean of the windows' probabilities weighted by each
@@ -33,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.runner import NEUTRAL, Encoded, Prediction, Runner
@@ -90,65 +95,124 @@ def overlap_tokens(budget: int) -> int:
 
 @dataclass(frozen=True)
 class _Unit:
-    """A sentence, or a piece of one too long for a window."""
+    """A sentence, or a piece of one (too long for a window, or alone longer than counted)."""
 
     start: int
     end: int
     tokens: int
     piece: bool
+    #: Index of its first token in the text's offsets, and of its sentence.
+    first: int
+    sentence: int
 
 
-def _units(text: str, offsets: Sequence[tuple[int, int]], budget: int) -> list[_Unit]:
-    starts = [a for a, _ in offsets]
+def _units(text: str, offsets: Sequence[tuple[int, int]]) -> list[_Unit]:
+    """The sentences of ``text`` with the tokens counted in each."""
     # A token counts where it ends: SentencePiece's "▁word" starts at the space
     # that ends the sentence before. An empty span counts at its character.
     ends = [max(b, a + 1) for a, b in offsets]
     units = []
-    for a, b in sentence_spans(text):
+    for n, (a, b) in enumerate(sentence_spans(text)):
         first, last = bisect_right(ends, a), bisect_right(ends, b)
-        count = last - first
-        if count <= budget:
-            units.append(_Unit(a, b, count, False))
-            continue
-        start, tokens = a, 0
-        for t in range(first, last, budget):
-            nxt = min(t + budget, last)
-            end = starts[nxt] if nxt < last else b
-            tokens += nxt - t
-            # Tokens that share a start (SentencePiece's lone "▁" and the word
-            # after it, a character's byte tokens) cannot be cut apart: a piece
-            # between them would be empty, so they go to the next piece.
-            if end > start:
-                units.append(_Unit(start, end, tokens, True))
-                start, tokens = end, 0
+        units.append(_Unit(a, b, last - first, False, first, n))
     return units
 
 
-def plan_windows(text: str, offsets: Sequence[tuple[int, int]],
-                 budget: int) -> list[tuple[int, int]]:
+def _cut(text: str, unit: _Unit, k: int, starts: Sequence[int]) -> tuple[_Unit, _Unit] | None:
+    """``unit`` cut after its first ``k`` tokens, into two pieces; None if it cannot be cut.
+
+    Tokens that share a start (SentencePiece's lone "▁" and the word after
+    it, a character's byte tokens) cannot be cut apart: the cut moves to
+    fewer tokens, or else more, so that neither piece is empty or blank.
+    """
+    for n in [*range(min(k, unit.tokens - 1), 0, -1), *range(k + 1, unit.tokens)]:
+        cut = starts[unit.first + n]
+        if text[unit.start:cut].strip() and text[cut:unit.end].strip():
+            return (_Unit(unit.start, cut, n, True, unit.first, unit.sentence),
+                    _Unit(cut, unit.end, unit.tokens - n, True, unit.first + n, unit.sentence))
+    return None
+
+
+def _push(todo: list[_Unit], unit: _Unit) -> None:
+    """Put ``unit`` back on the ``todo`` stack, joined to the rest of its sentence."""
+    if todo and todo[-1].sentence == unit.sentence:
+        rest = todo.pop()
+        unit = _Unit(unit.start, rest.end, unit.tokens + rest.tokens, True, unit.first,
+                     unit.sentence)
+    todo.append(unit)
+
+
+def plan_windows(text: str, offsets: Sequence[tuple[int, int]], budget: int,
+                 measure: Callable[[str], int] | None = None) -> list[tuple[int, int]]:
     """Character spans of the windows of ``text`` (``budget``: text tokens a window holds).
 
     ``offsets`` are the character spans of the text's tokens (no special
     tokens). Windows follow the rules of this module's docstring; together
     they cover the whole text but the whitespace between them, and only an
-    overlap sentence is in two.
+    overlap sentence is in two. ``measure``: the tokens of a text encoded
+    alone, without special tokens; when given, every window is measured and
+    one that comes out over ``budget`` is planned again (:func:`_shorten`).
     """
     overlap = overlap_tokens(budget)
+    starts = [a for a, _ in offsets]
+    todo = _units(text, offsets)[::-1]  # a stack: the next unit on top
     windows: list[tuple[int, int]] = []
     current: list[_Unit] = []
-    used = 0
-    for unit in _units(text, offsets, budget):
-        if current and used + unit.tokens > budget:
-            windows.append(_trim(text, current[0].start, current[-1].end))
-            last = current[-1]
-            keep = (not last.piece and not unit.piece and last.tokens <= overlap
-                    and last.tokens + unit.tokens <= budget and len(current) > 1)
-            current, used = ([last], last.tokens) if keep else ([], 0)
-        current.append(unit)
-        used += unit.tokens
-    if current:
+    kept = used = 0  # kept: the overlap sentence at the start of ``current`` (0 or 1)
+    while todo or len(current) > kept:
+        if todo:
+            unit = todo.pop()
+            if unit.tokens > budget:  # a window's worth of it; the rest stays to do
+                parts = _cut(text, unit, budget, starts)
+                if parts:
+                    unit, rest = parts
+                    todo.append(rest)
+            if not current or used + unit.tokens <= budget:
+                current.append(unit)
+                used += unit.tokens
+                continue
+            _push(todo, unit)
+        if measure is not None:
+            current = _shorten(text, current, kept, budget, measure, starts, todo)
         windows.append(_trim(text, current[0].start, current[-1].end))
+        last, nxt = current[-1], todo[-1] if todo else None
+        keep = (nxt is not None and not last.piece and not nxt.piece
+                and last.tokens <= overlap and last.tokens + nxt.tokens <= budget
+                and len(current) > 1)
+        current, used = ([last], last.tokens) if keep else ([], 0)
+        kept = len(current)
     return windows
+
+
+def _shorten(text: str, current: list[_Unit], kept: int, budget: int,
+             measure: Callable[[str], int], starts: Sequence[int],
+             todo: list[_Unit]) -> list[_Unit]:
+    """``current``'s units that, encoded alone as one window, fit ``budget``.
+
+    The plan counts a text's tokens in the whole text; a window that starts
+    inside a word (Chinese text after ``。``, digits glued to a word) encodes
+    differently alone (SentencePiece adds a ``▁`` at the start of any text).
+    Such a window ends one unit earlier (that unit goes back to ``todo`` and
+    starts the next window), drops its overlap sentence when that is all it
+    has besides one unit, or has its one unit cut shorter, until it fits:
+    no window is left to be re-cut into a sliver later.
+    """
+    current = list(current)
+    while True:
+        a, b = _trim(text, current[0].start, current[-1].end)
+        over = measure(text[a:b]) - budget
+        if over <= 0:
+            return current
+        if len(current) - kept > 1:
+            _push(todo, current.pop())
+        elif kept:
+            current, kept = current[1:], 0
+        else:
+            parts = _cut(text, current[0], current[0].tokens - over, starts)
+            if parts is None:  # one token, or tokens that cannot be parted: _fit cuts it
+                return current
+            current = [parts[0]]
+            _push(todo, parts[1])
 
 
 def _trim(text: str, start: int, end: int) -> tuple[int, int]:
@@ -166,16 +230,18 @@ def split_windows(runner: Runner, text: str,
     """The windows of ``text``, each encoded alone and fitting ``runner.max_length``.
 
     ``offsets``: the text's token spans when already known (``runner.offsets``).
-    A window whose text, encoded alone, comes out longer than planned (a
-    tokenizer that merges differently at the window's edge, such as a window
-    that starts inside a word) is planned again on its own tokens, with a
-    warning; after a few tries it is kept cut (``encoded.truncated``, and the
-    text's row says ``truncated``).
+    The plan measures each window's text encoded alone (one tokenizer call a
+    window, and one per window planned again), so a window that starts inside
+    a word is planned to fit. One that still comes out longer (a single token
+    or unpartable tokens over the limit) is planned again on its own tokens,
+    with a warning; after a few tries it is kept cut (``encoded.truncated``,
+    and the text's row says ``truncated``).
     """
     budget = runner.max_length - runner.special_tokens
     if offsets is None:
         offsets = runner.offsets(text)
-    spans = _fit(runner, text, 0, plan_windows(text, offsets, budget), budget, 0)
+    plan = plan_windows(text, offsets, budget, lambda span: len(runner.offsets(span)))
+    spans = _fit(runner, text, 0, plan, budget, 0)
     return [Window(n, a, b, enc) for n, (a, b, enc) in enumerate(spans)]
 
 
