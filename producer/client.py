@@ -35,7 +35,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import broker_error, lane_keys, lane_queue, make_celery, redis_client
-from contract.clock import server_offset
+from contract.clock import WARN_EVERY_S, server_offset
 from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
@@ -70,8 +70,6 @@ MAX_POLL_INTERVAL_S = 1.0
 #: Seconds the caller-id check is skipped after the database could not be read, so a
 #: stream does not wait out a connect timeout for every chunk while it is away.
 CONFLICT_CHECK_BACKOFF_S = 60.0
-#: Seconds between two warnings that the Redis server's clock could not be read.
-CLOCK_WARN_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -792,7 +790,7 @@ class Client:
         try:
             self._server_offset = self._on_redis(server_offset)
         except BrokerUnavailable as exc:
-            if time.monotonic() - self._clock_warned_at >= CLOCK_WARN_EVERY_S:
+            if time.monotonic() - self._clock_warned_at >= WARN_EVERY_S:
                 self._clock_warned_at = time.monotonic()
                 log.warning("cannot read the Redis server's clock; task deadlines keep "
                             "this host's clock%s: %s", "" if self._server_offset == 0.0
