@@ -149,7 +149,8 @@ class Settings:
     #: (0.10: at most 10% padded tokens); a batch is cut earlier rather than
     #: padded more. Raise it on a GPU, where fewer, larger batches can pay.
     max_padding: float = 0.10
-    #: Token cut-off; 0 means the model's own maximum.
+    #: Token cut-off; 0 means the model's own maximum, at most 8192 (the runner's
+    #: LONGEST_DEFAULT); a value up to the model's maximum takes more.
     max_length: int = 0
     #: What happens to a text longer than ``max_length`` tokens: ``chunk``
     #: scores it whole in windows cut at sentence boundaries; ``truncate``

@@ -236,3 +236,40 @@ def test_the_workers_model_line_says_how_it_scores_and_pads(
     with caplog.at_level(logging.INFO, logger="worker.app"):
         build_runner(Settings(model=str(path), device="cpu"))
     assert any(f"2 labels {said}" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_models_own_neutral_label_and_the_neutral_band_stay_tellable_apart(
+        tmp_path: Path) -> None:
+    """A model whose labels include ``neutral``, with the band on: ``scores`` holds the
+    model's labels once each (``neutral`` once, the model's probability), ``score`` is
+    always the top probability, and a row is labelled by the band exactly when its score
+    is below the band (its rows say the band in ``model_revision``); otherwise the label
+    is the model's arg-max, ``neutral`` included. Long texts' windows combine alike."""
+    from worker.runner import Encoded
+    from worker.windows import Window, combine
+
+    labels = ("negative", "neutral", "positive")
+    runner = HFRunner(write_tiny_model(tmp_path / "three", "bert", labels=labels), CPU,
+                      neutral_below=0.5)
+    assert runner.revision is not None and runner.revision.endswith("+neutral0.5")
+    rows = [[0.1, 0.8, 0.1],    # the model's neutral
+            [0.2, 0.35, 0.45],  # the band's: the top (positive) is below 0.5
+            [0.3, 0.45, 0.25],  # both: the model's top is neutral, below the band
+            [0.1, 0.2, 0.7]]
+    preds = runner.decode(torch.tensor(rows))
+    assert [p.label for p in preds] == [NEUTRAL, NEUTRAL, NEUTRAL, "positive"]
+    assert [p.score for p in preds] == pytest.approx([0.8, 0.45, 0.45, 0.7])
+    for pred, row in zip(preds, rows, strict=True):
+        assert pred.scores == pytest.approx(dict(zip(labels, row, strict=True)))
+        assert pred.score == max(pred.scores.values())
+        by_band = pred.score < runner.neutral_below
+        assert pred.label == (NEUTRAL if by_band else max(pred.scores, key=pred.scores.get))
+    # The band's neutral keeps the model's own neutral probability apart from its score.
+    assert preds[1].scores["neutral"] == pytest.approx(0.35) != preds[1].score
+
+    windows = [Window(n=i, start=0, end=1, encoded=Encoded([0] * 10, False), outcome=p)
+               for i, p in enumerate(preds[1:3])]
+    whole = combine(windows, runner.neutral_below)
+    assert not isinstance(whole, str)
+    assert whole.label == NEUTRAL and set(whole.scores) == set(labels)
+    assert whole.score == max(whole.scores.values()) < runner.neutral_below

@@ -2,7 +2,10 @@
 
 An out-of-memory error halves the batch and retries, down to one item; any
 other exception from the model bisects the batch the same way, so one bad
-item fails alone while its batch-mates get their predictions.
+item fails alone while its batch-mates get their predictions. A text with a
+token id the model's embedding table lacks fails before any forward pass (on
+CUDA such an id is a device-side assert that breaks the whole process), with
+the runner's reason and without bisecting its batch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from worker.runner import Encoded, Prediction, Runner
+from worker.runner import Encoded, PaddedBatch, Prediction, Runner
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,29 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def screen_token_ids(
+    runner: Runner, encoded: Sequence[Encoded], rows: list[int]
+) -> tuple[list[int], dict[int, Prediction | str]]:
+    """``rows`` split into those the model can take and the failed ones with their reason.
+
+    A row fails here when it holds a token id beyond the model's embedding table
+    (the runner's ``token_id_error``; a runner without one takes every row): it is
+    never run, so it can neither raise in the model nor poison a CUDA process.
+    """
+    check: Callable[[Sequence[int]], str | None] | None = getattr(
+        runner, "token_id_error", None)
+    if check is None:
+        return rows, {}
+    failed: dict[int, Prediction | str] = {}
+    for r in rows:
+        why = check(encoded[r].ids)
+        if why is not None:
+            failed[r] = why
+    if not failed:
+        return rows, failed
+    return [r for r in rows if r not in failed], failed
+
+
 def infer_isolating(
     runner: Runner, encoded: Sequence[Encoded], rows: list[int]
 ) -> dict[int, Prediction | str]:
@@ -50,8 +76,19 @@ def infer_isolating(
 
     Takes one planned batch. Gives every row exactly once: a
     :class:`Prediction`, or a readable error string when that row alone
-    still fails. Never raises for a model-side error.
+    still fails (or holds a token id the model lacks: failed unrun). Never
+    raises for a model-side error.
     """
+    rows, out = screen_token_ids(runner, encoded, rows)
+    if rows:
+        out.update(_isolate(runner, encoded, rows))
+    return out
+
+
+def _isolate(
+    runner: Runner, encoded: Sequence[Encoded], rows: list[int]
+) -> dict[int, Prediction | str]:
+    """:func:`infer_isolating` on screened rows: bisects a failing batch down to one row."""
     try:
         batch = runner.collate(encoded, rows)
         preds = runner.decode(runner.forward(batch))
@@ -74,8 +111,8 @@ def infer_isolating(
     log.warning("%s on a batch of %d; retrying in halves",
                 "out of memory" if oom else error.split(":", 1)[0], len(rows))
     half = len(rows) // 2
-    out = infer_isolating(runner, encoded, rows[:half])
-    out.update(infer_isolating(runner, encoded, rows[half:]))
+    out = _isolate(runner, encoded, rows[:half])
+    out.update(_isolate(runner, encoded, rows[half:]))
     return out
 
 
@@ -127,30 +164,40 @@ def infer_pipelined(
                 clock.decode_s += time.perf_counter() - t1
             except Exception:  # noqa: BLE001 - rerun isolated (below), which keeps the reason
                 preds = None
-        if preds is None:
-            # Outside the except clause, so the failed batch's memory is free first.
-            out.update(infer_isolating(runner, encoded, rows))
-        else:
+        if preds is not None:
             out.update(zip(rows, preds, strict=True))
+        elif rows:  # none when every row of the batch failed screening: nothing was run
+            # Outside the except clause, so the failed batch's memory is free first.
+            out.update(_isolate(runner, encoded, rows))
         done(k, out)
 
     in_flight: tuple[int, list[int], Any] | None = None
-    for k, rows in enumerate(batches):
-        try:
-            t0 = time.perf_counter()
-            batch = runner.collate(encoded, rows)
-            t1 = time.perf_counter()
-            handle = launch(batch)
-            clock.collate_s += t1 - t0
-            clock.launch_s += time.perf_counter() - t1
-        except Exception:  # noqa: BLE001 - isolated below, after the batch in flight
-            handle = None
+    for k, planned in enumerate(batches):
+        rows, failed = screen_token_ids(runner, encoded, planned)
+        out.update(failed)
+        handle = _start(runner, launch, encoded, rows, clock) if rows else None
         if in_flight is not None:
             finish(*in_flight)
         in_flight = (k, rows, handle)
     if in_flight is not None:
         finish(*in_flight)
     return out
+
+
+def _start(runner: Runner, launch: Callable[[PaddedBatch], Any], encoded: Sequence[Encoded],
+           rows: list[int], clock: InferTimings) -> Any:
+    """Collate and launch ``rows``: the handle, or None when that fails (the caller
+    reruns them isolated, after the batch in flight)."""
+    try:
+        t0 = time.perf_counter()
+        batch = runner.collate(encoded, rows)
+        t1 = time.perf_counter()
+        handle = launch(batch)
+        clock.collate_s += t1 - t0
+        clock.launch_s += time.perf_counter() - t1
+        return handle
+    except Exception:  # noqa: BLE001 - isolated by the caller
+        return None
 
 
 def _ignore(_k: int, _out: dict[int, Prediction | str]) -> None:

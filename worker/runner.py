@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from worker.device import Placement
 from worker.model_checks import SIGMOID, batching_refusal, check_labels, output_kind
 from worker.sentiment.calibration import CALIBRATION_FILE, load_temperature
 
+log = logging.getLogger(__name__)
+
 #: The label given when the top probability is below ``neutral_below``.
 NEUTRAL = "neutral"
 #: On CUDA a batch's width is rounded up to a multiple of this (within max_length).
@@ -46,6 +49,12 @@ _PROBE_TOLERANCE = {torch.float32: 1e-4}
 _PROBE_TOLERANCE_HALF = 0.05
 #: A model whose config has no position table (XLNet) and whose tokenizer no limit.
 _NO_LIMIT_DEFAULT = 512
+#: The most tokens one text (or window) takes when BERTSTREAM_MAX_LENGTH is 0: a
+#: long-context model's own maximum (131072 for many decoders) would let one text take
+#: the memory of many batches, and warm-up run that width at start. It equals the
+#: default token budget, so one text fits one default batch; a longer limit, up to the
+#: model's own, must be asked for with BERTSTREAM_MAX_LENGTH.
+LONGEST_DEFAULT = 8192
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,10 @@ class HFRunner:
     ) -> None:
         """Load tokenizer and model from ``model_dir`` (``from_pretrained``).
 
+        ``max_length`` caps the tokens of one text at the model's own maximum;
+        0 takes that maximum, at most :data:`LONGEST_DEFAULT`. A tokenizer with
+        more tokens than the model's embedding table is served (a warning is
+        logged); texts using those tokens fail alone (:meth:`token_id_error`).
         A ``calibration.json`` in ``model_dir`` gives the temperature the
         logits are divided by. ``neutral_below`` > 0: a text whose top
         probability is below it is labelled ``neutral``. Raises
@@ -200,7 +213,11 @@ class HFRunner:
         if neutral_below > 0:
             self.revision = f"{self.revision}+neutral{neutral_below:g}"
         limit = _model_max_length(model, tokenizer)
-        self.max_length = min(limit, max_length) if max_length else limit
+        self.max_length = min(limit, max_length) if max_length else min(limit, LONGEST_DEFAULT)
+        if not max_length and limit > LONGEST_DEFAULT:
+            log.info("%s: the model takes up to %d tokens; texts are cut (or windowed) at "
+                     "%d, the default most; set BERTSTREAM_MAX_LENGTH (up to %d) for more",
+                     self.model_dir, limit, LONGEST_DEFAULT, limit)
         special = int(tokenizer.num_special_tokens_to_add(pair=False))
         self.special_tokens = special
         if self.max_length <= special:
@@ -208,9 +225,19 @@ class HFRunner:
             # silently not truncate at all; long texts would then fail the model.
             raise ConfigError(
                 f"BERTSTREAM_MAX_LENGTH={max_length} leaves no room for text: the model adds "
-                f"{special} special tokens; use 0 (the model's maximum) or more than {special}")
-        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
+                f"{special} special tokens; use 0 (the model's maximum, at most "
+                f"{LONGEST_DEFAULT}) or more than {special}")
+        #: Rows of the input embedding table: a token id at or above it cannot be looked up.
+        self.vocab_size = _embedding_rows(model)
         self.pad_id = _pad_id(model.config, tokenizer, self.vocab_size)
+        if self.vocab_size and len(tokenizer) > self.vocab_size:
+            # transformers loads such a pair without a word; a text using one of the extra
+            # tokens is failed before the forward pass (token_id_error), never run.
+            log.warning("%s: its tokenizer has %d tokens but the model's embedding table only "
+                        "%d rows: texts using a token id of %d or more will fail; resize the "
+                        "model's token embeddings to the tokenizer or use the tokenizer it "
+                        "was trained with", self.model_dir, len(tokenizer), self.vocab_size,
+                        self.vocab_size)
         self.labels = [
             str(model.config.id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)
         ]
@@ -268,6 +295,24 @@ class HFRunner:
             f"different lengths scores them differently from each alone (by up to "
             f"{min(off.values()):.2g} in a probability, padded on either side); "
             f"{type(self.model).__name__} cannot be served in batches")
+
+    def token_id_error(self, ids: Sequence[int]) -> str | None:
+        """Why the model cannot take ``ids`` (a token id beyond its embedding table), or None.
+
+        Such an id comes from a tokenizer with tokens the model lacks (added tokens
+        without resized embeddings, a larger vocabulary file). On the CPU the model
+        raises an IndexError; on CUDA it is a device-side assert that breaks every later
+        CUDA call of the process, so it is checked here, on the host, first.
+        """
+        top = max(ids, default=-1)
+        if not self.vocab_size or top < self.vocab_size:
+            return None
+        token = self._whole.id_to_token(top)
+        named = f" ({token[:40]!r})" if token is not None else ""
+        return (f"token id {top}{named} is outside the model's embedding table of "
+                f"{self.vocab_size} rows: its tokenizer has tokens the model lacks; resize the "
+                f"model's token embeddings to the tokenizer (and fine-tune them), or use the "
+                f"tokenizer the model was trained with")
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Tokenize each text alone (no padding); flags texts cut at max_length."""
@@ -337,6 +382,12 @@ class HFRunner:
         pinned host memory are queued on the current stream; :meth:`fetch`
         waits for them. On the CPU the work is done here.
         """
+        if batch.input_ids.numel():
+            # On the host tensors, before any reaches the device: an id beyond the table
+            # is a sticky device-side assert on CUDA (callers screen texts first).
+            why = self.token_id_error([int(batch.input_ids.max())])
+            if why is not None:
+                raise ValueError(why)
         dev = self.placement.device
         inputs: dict[str, Any] = {
             "input_ids": batch.input_ids.to(dev, non_blocking=True),
@@ -530,6 +581,18 @@ def _pad_id(config: Any, tokenizer: Any, vocab_size: int) -> int:
     if isinstance(pad, int) and 0 <= pad < (vocab_size or pad + 1):
         return pad
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def _embedding_rows(model: Any) -> int:
+    """Rows of ``model``'s input (token) embedding table; the config's ``vocab_size``
+    when the model does not expose it, 0 when neither is known."""
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        rows = None
+    if isinstance(rows, int) and rows > 0:
+        return rows
+    return int(getattr(model.config, "vocab_size", 0) or 0)
 
 
 def _model_max_length(model: Any, tokenizer: Any) -> int:
