@@ -348,13 +348,15 @@ def _deadline(expires_at: Any, ttl_s: Any, submitted_at: float) -> float | None:
     return min(submitted_at + float(ttl_s), MAX_TIMESTAMP)
 
 
-def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
+def item_from_wire(obj: Any, settings: Settings, now: float | None = None) -> TaskItem:
     """Parse and validate one wire item (worker side).
 
     Raises :class:`InvalidInput`; ``item_id`` is set only when the object had
     an id the store can hold, so the failure can be stored against it. A
     ``submitted_at`` that is missing or not a plausible timestamp is replaced
-    by the time of parsing (it is informational); a bad deadline fails the item.
+    by ``now`` (the worker's reading of the Redis server's clock, which a ``ttl_s``
+    on the wire then counts from; None: this host's clock); a bad deadline fails
+    the item.
     """
     if not isinstance(obj, Mapping):
         raise InvalidInput(f"task item must be a JSON object, got {type(obj).__name__}")
@@ -365,7 +367,7 @@ def item_from_wire(obj: Any, settings: Settings) -> TaskItem:
     try:
         submitted = timestamp(obj.get("submitted_at"), "submitted_at")
     except InvalidInput:
-        submitted = time.time()
+        submitted = time.time() if now is None else now
     unknown = set(obj) - WIRE_FIELDS
     if unknown:
         raise InvalidInput(f"task item has unknown fields: {sorted(map(str, unknown))}", raw_id)

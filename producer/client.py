@@ -35,7 +35,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from contract import migrate
 from contract.broker import broker_error, lane_keys, lane_queue, make_celery, redis_client
-from contract.clock import WARN_EVERY_S, server_offset
+from contract.clock import ServerClock, server_time
 from contract.constants import (
     DEFAULT_MODEL,
     LANE_BULK,
@@ -460,10 +460,8 @@ class Client:
         #: monotonic time until which :meth:`conflicts` skips the database (None: it is
         #: read); set on a failure, which is logged once per outage.
         self._conflicts_off_until: float | None = None
-        #: seconds the Redis server's clock is ahead of this host's, as last read (see
-        #: :meth:`_on_server_clock`), and the monotonic time of the last warning it could not be
-        self._server_offset = 0.0
-        self._clock_warned_at = float("-inf")
+        #: the Redis server's clock, which :meth:`publish` stamps messages on
+        self._clock = self._server_clock()
         self._closed = False
         _CLIENTS.add(self)
 
@@ -552,6 +550,7 @@ class Client:
         self._lock = threading.Lock()
         self._producers = self._connections = None
         self._redis = None
+        self._clock = self._server_clock()  # its lock may be held by a thread not forked
         if self._store is not None:
             self._store.engine.dispose(close=False)
 
@@ -753,7 +752,7 @@ class Client:
 
     def publish(self, items: Sequence[TaskItem], *, bulk: bool, producer: Any = None) -> None:
         """Publish ``items`` (already validated) as ONE message on the chosen lane, their
-        deadlines on the Redis server's clock (:meth:`_on_server_clock`).
+        times and deadlines on the Redis server's clock (:meth:`_on_server_clock`).
 
         Raises :class:`BrokerUnavailable` when Redis cannot be reached.
         """
@@ -773,32 +772,35 @@ class Client:
             raise self._broker_error(exc) from exc
 
     def _on_server_clock(self, items: Sequence[TaskItem]) -> list[dict[str, Any]]:
-        """The wire form of ``items``, each ``expires_at`` moved from this host's clock onto
-        the Redis server's, which workers compare it with: hosts whose clocks are apart
-        neither expire a task on arrival nor run it late.
+        """The wire form of ``items``, each ``submitted_at`` and ``expires_at`` moved from
+        this host's clock onto the Redis server's, which workers stamp rows and compare
+        deadlines with: hosts whose clocks are apart neither expire a task on arrival nor
+        run it late, and store times one clock measured.
 
-        Every deadline published here was set from a ttl on this host's clock (``submit``,
-        ``submit_many``, streams, the CLI, the HTTP API). One ``TIME`` per message, none
-        when no item has a deadline, none on ``memory://`` (one process, one clock). When
-        Redis does not answer it, the last offset read (none yet: this host's clock) is
-        used and the publish meets the outage as before.
+        Every time published here was set on this host's clock (``submit``,
+        ``submit_many``, streams, the CLI, the HTTP API), and both move by one offset, so a
+        deadline stays ``submitted_at`` + ttl. The offset is refreshed every few seconds
+        (:class:`ServerClock`): no ``TIME`` per message, none on ``memory://`` (one
+        process, one clock). When Redis does not answer it, the last offset read (none
+        yet: this host's clock) is used and the publish meets the outage as before.
         """
         wire = [item.to_wire() for item in items]
-        timed = [w for w in wire if "expires_at" in w]
-        if not timed or not self.settings.broker_url.startswith(REDIS_SCHEMES):
+        if not wire:
             return wire
-        try:
-            self._server_offset = self._on_redis(server_offset)
-        except BrokerUnavailable as exc:
-            if time.monotonic() - self._clock_warned_at >= WARN_EVERY_S:
-                self._clock_warned_at = time.monotonic()
-                log.warning("cannot read the Redis server's clock; task deadlines keep "
-                            "this host's clock%s: %s", "" if self._server_offset == 0.0
-                            else " and the last offset to it", exc)
-        for w in timed:
-            w["expires_at"] = min(max(w["expires_at"] + self._server_offset, 0.0),
-                                  MAX_TIMESTAMP)
+        offset = self._clock.current_offset()
+        for w in wire:
+            for key in ("submitted_at", "expires_at"):
+                if key in w:
+                    w[key] = min(max(w[key] + offset, 0.0), MAX_TIMESTAMP)
         return wire
+
+    def _server_clock(self) -> ServerClock:
+        """The Redis server's clock, read through :meth:`_on_redis` (its errors are
+        :class:`BrokerUnavailable`, or :class:`ClientClosed` once closed); this host's
+        clock for a broker other than Redis."""
+        if not self.settings.broker_url.startswith(REDIS_SCHEMES):
+            return ServerClock(None)
+        return ServerClock(read=lambda: self._on_redis(server_time))
 
     @contextmanager
     def _acquire_producer(self, producer: Any) -> Iterator[Any]:

@@ -223,3 +223,27 @@ def test_a_server_clock_without_redis_reads_the_local_clock() -> None:
     """``memory://`` (no Redis client): one process, one clock."""
     before = time.time()
     assert before <= ServerClock(None).now() <= time.time()
+
+
+@pytest.mark.parametrize("skew", [-120.0, 120.0])
+def test_a_producer_clock_step_between_publishes_keeps_deadlines_on_the_server_clock(
+        redis_url: str, sqlite_url: str, plain: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+        skew: float) -> None:
+    """Deadlines are stamped with the offset the client refreshes every few seconds, not a
+    ``TIME`` per message: this host's clock stepping by two minutes between two publishes
+    (an NTP step) reads the offset again at once, so the second deadline is not two
+    minutes off."""
+    s = broker_settings(redis_url, sqlite_url)
+    with Client(s) as client:
+        before = server_time(plain)
+        client.submit("before the step", ttl_s=TTL_S)
+        with host_clock(monkeypatch, skew):
+            client.submit("after the step", ttl_s=TTL_S)
+        after = server_time(plain)
+    items = lane_messages(redis_url, f"{s.queue}.interactive")
+    assert len(items) == 2
+    for message in items:
+        [item] = message["items"]
+        assert before + TTL_S - SLACK_S <= item["expires_at"] <= after + TTL_S + SLACK_S, (
+            f"expires_at is {item['expires_at'] - before - TTL_S:+.1f} s off the server's "
+            f"clock + ttl")

@@ -17,6 +17,7 @@ nothing of the unwritten messages is acked.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import re
@@ -42,7 +43,6 @@ from contract.results import (
     Upserted,
     WindowRecord,
     utc_from_timestamp,
-    utcnow,
 )
 from contract.settings import Settings
 from worker.batching import plan_batches
@@ -102,10 +102,12 @@ class Entry:
     attempt: int = 1
 
     @classmethod
-    def parse(cls, message_id: str, n: int, obj: Any, settings: Settings) -> Entry:
-        """Hop 2a for one wire item: a validated item, or a failure under a storable key."""
+    def parse(cls, message_id: str, n: int, obj: Any, settings: Settings,
+              now: float | None = None) -> Entry:
+        """Hop 2a for one wire item: a validated item, or a failure under a storable key
+        (``now``: as :func:`parse_message`)."""
         try:
-            item = item_from_wire(obj, settings)
+            item = item_from_wire(obj, settings, now)
         except InvalidInput as exc:
             key = exc.item_id if exc.item_id is not None else derived_key(message_id, n)
             return cls(message_id, n, key, raw=obj).fail(exc.reason)
@@ -197,18 +199,20 @@ class Entry:
                             text_sha256=_sha256(text), text_chars=len(text), **base)
 
 
-def parse_message(message_id: str, args: Any, settings: Settings) -> list[Entry]:
+def parse_message(message_id: str, args: Any, settings: Settings,
+                  now: float | None = None) -> list[Entry]:
     """Hop 2a: one message's args (``[[item, ...]]``) to entries, never raising.
 
     A malformed message still yields one failed entry under
     ``malformed-<message id>-0``, so the problem is stored and visible
-    instead of silently dropped.
+    instead of silently dropped. ``now``: the time an item without a
+    ``submitted_at`` gets (None: this host's clock).
     """
     items = args[0] if isinstance(args, (list, tuple)) and len(args) == 1 else None
     if not isinstance(items, list) or not items:
         return [Entry(message_id, 0, derived_key(message_id, 0), raw=args).fail(
             "malformed message: expected args [[item, ...]]")]
-    return [Entry.parse(message_id, n, obj, settings) for n, obj in enumerate(items)]
+    return [Entry.parse(message_id, n, obj, settings, now) for n, obj in enumerate(items)]
 
 
 @dataclass
@@ -236,7 +240,8 @@ class FlushStats:
     #: replaced by a done one) is one row, with its final status.
     written: dict[tuple[str, str], tuple[str, str | None, float | None, float]] = field(
         default_factory=dict)
-    #: When the flush began (UNIX time): queue wait = this - submitted_at.
+    #: When the flush began (UNIX time, on the clock rows are stamped with, as
+    #: submitted_at is): queue wait = this - submitted_at.
     began: float = 0.0
     #: Rows refused by the database and stored as minimal failed rows instead.
     refused: int = 0
@@ -352,8 +357,10 @@ class FlushProcessor:
         #: visibility sweep restores them while a silent database runs the commit's
         #: retries out (worker/tasks.py). None: nothing to renew.
         self.keep_alive: Callable[[], None] | None = None
-        #: The clock task deadlines are compared with: the Redis server's, set by the task
-        #: (worker/tasks.py), as producers stamp deadlines on it; this host's until then.
+        #: The clock task deadlines are compared with and rows are stamped with (started,
+        #: finished, and submitted for an item that came without): the Redis server's, set
+        #: by the task (worker/tasks.py), as producers stamp submit times and deadlines on
+        #: it; this host's until then. Read once per flush and once per commit.
         self.clock: Callable[[], float] = lambda: time.time()
 
     def held(self) -> set[str]:
@@ -373,20 +380,19 @@ class FlushProcessor:
         stays unreachable: the rows not yet committed are not, nothing may be
         acked, and the backlog is dropped.
         """
-        started = utcnow()
-        stats = FlushStats(messages=len(payloads), began=time.time())
+        now = self.clock()  # the clock deadlines and row times are on: once per flush
+        started = utc_from_timestamp(now)
+        stats = FlushStats(messages=len(payloads), began=now)
         # A long text already in the backlog (its message's copy, restored by the visibility
         # sweep while the original is held) is in progress: not queued a second time.
         in_progress = {e.key for e in self.backlog}
-        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)
+        entries = [e for mid, args in payloads
+                   for e in parse_message(mid, args, self.settings, now)
                    if e.key not in in_progress]
         for e in entries:
             e.attempt = attempt
-        if any(e.item is not None and e.item.expires_at is not None for e in entries):
-            now = self.clock()  # the clock deadlines are stamped on: read once per flush
-            for e in entries:
-                if e.item is not None and e.item.expired(now):
-                    e.expire(now)
+            if e.item is not None and e.item.expired(now):
+                e.expire(now)
         stats.skipped = self._skip_done(entries)
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])
@@ -493,14 +499,16 @@ class FlushProcessor:
         each time, or their rows could not be written). Raises
         :class:`StoreUnavailable` like :meth:`process`.
         """
-        stats = FlushStats(messages=len(payloads), began=time.time())
-        entries = [e for mid, args in payloads for e in parse_message(mid, args, self.settings)]
+        now = self.clock()
+        stats = FlushStats(messages=len(payloads), began=now)
+        entries = [e for mid, args in payloads
+                   for e in parse_message(mid, args, self.settings, now)]
         for e in entries:
             e.attempt = attempt
             if e.pending:
                 e.fail(reason)
         stats.items = stats.failed = len(entries)
-        self._persist(entries, utcnow(), attempt, stats)
+        self._persist(entries, utc_from_timestamp(now), attempt, stats)
         return stats
 
     def refuse(self, message_id: Any, raw: Any, reason: str) -> FlushStats:
@@ -509,9 +517,10 @@ class FlushProcessor:
 
         Raises :class:`StoreUnavailable` like :meth:`process`.
         """
-        stats = FlushStats(messages=1, items=1, failed=1, began=time.time())
+        now = self.clock()
+        stats = FlushStats(messages=1, items=1, failed=1, began=now)
         entry = Entry(str(message_id), 0, derived_key(message_id, 0), raw=raw).fail(reason)
-        self._persist([entry], utcnow(), 1, stats)
+        self._persist([entry], utc_from_timestamp(now), 1, stats)
         return stats
 
     def _skip_done(self, entries: list[Entry]) -> int:
@@ -592,19 +601,22 @@ class FlushProcessor:
             e.windows = None
             e.fail(f"tokenizer error splitting a long text: {type(exc).__name__}: {exc}")
 
-    def _persist(self, entries: list[Entry], started: Any, attempt: int,
+    def _persist(self, entries: list[Entry], started: dt.datetime, attempt: int,
                  stats: FlushStats) -> None:
         """Hop 4: commit the rows of ``entries``; marks them written or unwritable.
 
         A row the database refuses is written again as a minimal failed row
         under the entry's own key, then under a derived key; an entry refused
-        even so is unwritable (its message is not acked).
+        even so is unwritable (its message is not acked). ``finished_at`` is read off
+        :attr:`clock`, as ``started`` was, and is never before it (an offset first
+        read, or read again after a step of this host's clock, between the two).
         """
         t1 = time.perf_counter()
+        finished = max(utc_from_timestamp(self.clock()), started)
         # A named model's rows carry its name; the default model's, its own.
         base = {"model": self.model_key,
                 "model_revision": self.runner.revision,
-                "started_at": started, "finished_at": utcnow(), "worker": self.worker_name,
+                "started_at": started, "finished_at": finished, "worker": self.worker_name,
                 "attempts": attempt}
         rows: dict[int, ResultRecord] = {}
         # Per (id, model), the entry whose row the store keeps, by upsert's rule (the first
@@ -653,7 +665,7 @@ class FlushProcessor:
             stats.unwritable.add(e.message_id)
             log.error("item %d of message %s cannot be stored at all: %s",
                       e.n, printable(str(e.message_id))[:200], r.reason)
-        committed = time.time()
+        committed = self.clock()  # end to end = this - submitted_at: one clock
         for e in entries:
             # a copy the store dropped for another of its id is settled all the same
             e.written = not e.unwritable

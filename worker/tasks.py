@@ -756,8 +756,9 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
     task = app.register_task(task_cls())
     # The processor's database waits renew the deliveries the task holds (a silent database).
     processor.keep_alive = task._renew_due
-    # Deadlines are stamped on the Redis server's clock; an offset to it, refreshed every
-    # few seconds, costs a flush no round trip (contract/clock.py).
+    # Deadlines and submit times are stamped on the Redis server's clock, and so are the
+    # rows' times; an offset to it, refreshed every few seconds, costs a flush no round
+    # trip (contract/clock.py).
     processor.clock = ServerClock(redis_client(settings)).now
     app.steps["consumer"].add(_HandBackHeld)
     return task
