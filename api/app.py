@@ -38,7 +38,7 @@ from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
 from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
 from contract.liveness import family_workers
-from contract.messages import TaskItem, text_sha256
+from contract.messages import text_sha256
 from contract.queries import (
     MAX_STATS_LIMIT,
     STATS_LIMIT,
@@ -470,23 +470,6 @@ def _caller_id(raw: Any) -> str | None:
     return given if isinstance(given, str) else None
 
 
-def _check_item(validator: ItemValidator, index: int, raw: Any) -> TaskItem | ItemError:
-    """``validator.check`` of a bulk item; an item object's own ``ttl_s`` (not null) wins
-    over the body's. The client's items carry none (``ITEM_KEYS``): it is taken out and
-    checked as the validator's ttl for this item alone (the same validator, which
-    remembers the ids seen before)."""
-    if not isinstance(raw, dict) or "ttl_s" not in raw:
-        return validator.check(index, raw)
-    rest = {key: value for key, value in raw.items() if key != "ttl_s"}
-    if raw["ttl_s"] is None:
-        return validator.check(index, rest)
-    body_ttl, validator.ttl_s = validator.ttl_s, raw["ttl_s"]
-    try:
-        return validator.check(index, rest)
-    finally:
-        validator.ttl_s = body_ttl
-
-
 def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
     settings = services.settings
     if len(body.items) > settings.api_max_items:
@@ -494,7 +477,8 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
                        f"{len(body.items)} items, over the limit of {settings.api_max_items}")
     lane = body.lane or LANE_BULK
     model_settings = services.settings_for(body.model)
-    validator = ItemValidator(model_settings, body.source, ttl_s=body.ttl_s)
+    # An item object's own ttl_s (not null) wins over the body's.
+    validator = ItemValidator(model_settings, body.source, ttl_s=body.ttl_s, item_ttl=True)
     if body.ttl_s is not None:
         # Refused once, as Client.submit_many refuses it, not once per item.
         probe = ItemValidator(model_settings, ttl_s=body.ttl_s).check(0, "-")
@@ -503,7 +487,7 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
     refused: list[ItemRefusal] = []
     good: list[tuple[int, Any]] = []
     for index, raw in enumerate(body.items):
-        checked = _check_item(validator, index, raw)
+        checked = validator.check(index, raw)
         if isinstance(checked, ItemError):
             # A generated id names nothing the caller could ask about: shown as null.
             refused.append(ItemRefusal(index=index, id=_caller_id(raw), reason=checked.reason))
@@ -668,8 +652,9 @@ _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
-    """Every field of each row; the cells of ``producer.formatting.GUARDED_COLUMNS`` always
-    guarded against running as spreadsheet formulas, as ``results --excel-safe`` does."""
+    """Every field of each row; the cells of ``producer.formatting.GUARDED_COLUMNS`` and
+    the id always guarded against running as spreadsheet formulas, as ``results
+    --excel-safe`` does (``producer.formatting.unguard_id`` gives an exported id back)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(RECORD_FIELDS)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from types import TracebackType
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from contract.messages import TaskItem
 from contract.results import ResultRecord
 from contract.settings import Settings
-from producer.client import Client, ClientClosed
+from producer.client import Buffered, ChunkPublisher, Client, ClientClosed
 
 #: Threads of an :class:`AsyncClient`: as many as kombu's default pool has producers
 #: (``broker_pool_limit``) and under SQLAlchemy's default connections (5 + 10 overflow),
@@ -30,6 +32,7 @@ from producer.client import Client, ClientClosed
 #: waiting its turn too long fails. Its own pool, not the loop's default executor: while
 #: Redis is down every submit holds its thread through the publish retries, and the
 #: app's own work there (``loop.getaddrinfo``, other libraries' threads) must go on.
+#: The clients of :meth:`AsyncClient.for_model` share their client's pool.
 MAX_THREADS = 10
 
 P = ParamSpec("P")
@@ -54,27 +57,67 @@ def _settle(wake: asyncio.Future[None]) -> None:
         wake.set_result(None)
 
 
+def _leave_unused(manager: AbstractContextManager[ChunkPublisher],
+                  entering: Future[ChunkPublisher]) -> None:
+    """Leave the block of a chunk publisher its caller never got (cancelled while it was
+    entered): nothing is buffered, so this only gives its producer back."""
+    if not entering.cancelled() and entering.exception() is None:
+        with suppress(Exception):
+            manager.__exit__(None, None, None)
+
+
+class _Threads:
+    """The thread pool of an :class:`AsyncClient`, shared by the clients of its
+    :meth:`~AsyncClient.for_model`, and the lock of their state."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.executor: ThreadPoolExecutor | None = None
+        self.pid = os.getpid()
+        #: set by the owning client's aclose(): no call of any of them runs any more
+        self.closed = False
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads, started on first use; again in a forked child, which has none of
+        its parent's threads (their queue would hold its calls for ever). Under ``lock``."""
+        if self.executor is None or self.pid != os.getpid():
+            self.executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="bertstream-async")
+            self.pid = os.getpid()
+        return self.executor
+
+
 class AsyncClient:
     """Submit texts and read results from asyncio code (FastAPI, Starlette, aiohttp).
 
     Takes a :class:`Settings`, as :class:`Client` does, and builds one: ``sync``, shared
-    by every call (also usable in a thread for what this class does not wrap, such as
-    ``sync.store.delete``). Each call runs in a thread of a pool of at most
+    by every call (also usable in a thread, :meth:`to_thread`, for what has no coroutine
+    here, such as ``sync.store.delete``). Each call runs in a thread of a pool of at most
     :data:`MAX_THREADS`, started on first use (again in a forked child). Arguments,
     results and errors are :class:`Client`'s. Use ``async with``, or await :meth:`aclose`.
 
-    A cancelled call stops waiting at once; work already in a thread (one publish, one
-    read) still ends there, so a cancelled submit may have been sent.
+    A cancelled call stops waiting at once. One still queued for a thread never runs;
+    one already in a thread (one publish, one read) ends there, its result or error
+    lost. So a cancelled :meth:`submit` was sent once or not at all, never twice, and
+    what it would have returned is not known: a caller who must know the id of a submit
+    it may cancel gives its own ``id=``, known before the call; it can wait for that id,
+    or send it again with the same text (an idempotency key: never a second row, and a
+    ``done`` row is not scored again). A generated id is made in the thread, and is lost.
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sync = Client(settings)
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
+        self._setup(Client(settings), _Threads(), owner=True)
+
+    def _setup(self, sync: Client, threads: _Threads, *, owner: bool) -> None:
+        self.settings = sync.settings
+        self.sync = sync
+        self._threads = threads
+        self._lock = threads.lock
+        #: True for the client that built the pool (its aclose() stops the threads)
+        self._owner = owner
         #: pauses of the waits between two polls, woken by aclose()
         self._sleeping: set[asyncio.Future[None]] = set()
+        #: the clients of for_model(), by model name
+        self._bound: dict[str, AsyncClient] = {}
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------
@@ -92,11 +135,17 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the shared client and stop the threads. Idempotent. Calls in flight end
-        with :class:`ClientClosed` (a wait between two polls at once), as later ones do."""
+        with :class:`ClientClosed` (a wait between two polls at once), as later ones do.
+
+        Closes the clients of :meth:`for_model` too. Closing one of those closes it
+        alone (and the clients of its own for_model), as :meth:`Client.close` does; the
+        threads, which it shares, stay for the others."""
+        executor = None
         with self._lock:
-            self._closed = True
-            sleeping = list(self._sleeping)
-            executor, self._executor = self._executor, None
+            sleeping = self._shut()
+            if self._owner:
+                self._threads.closed = True
+                executor, self._threads.executor = self._threads.executor, None
         for wake in sleeping:
             with suppress(RuntimeError):  # its loop is closed: nothing waits on it
                 wake.get_loop().call_soon_threadsafe(_settle, wake)
@@ -107,42 +156,53 @@ class AsyncClient:
             if executor is not None:
                 executor.shutdown(wait=False)
 
+    def _shut(self) -> list[asyncio.Future[None]]:
+        """Mark this client and those of its for_model() closed (under the lock); give
+        the pauses of their waits, to wake."""
+        self._closed = True
+        sleeping = list(self._sleeping)
+        for bound in self._bound.values():
+            sleeping += bound._shut()
+        return sleeping
+
+    def _is_closed(self) -> bool:
+        return self._closed or self._threads.closed
+
     @staticmethod
     def _closed_error() -> ClientClosed:
         return ClientClosed("this bertstream AsyncClient is closed; create a new one "
                             "(or use it inside its `async with` block)")
 
     def _pool(self) -> ThreadPoolExecutor:
-        """The threads, started on first use; again in a forked child, which has none of
-        its parent's threads (their queue would hold its calls for ever)."""
+        """The threads (:meth:`_Threads.pool`); :class:`ClientClosed` after aclose()."""
         with self._lock:
-            if self._closed:
+            if self._is_closed():
                 raise self._closed_error()
-            if self._executor is None or self._pid != os.getpid():
-                self._executor = ThreadPoolExecutor(MAX_THREADS,
-                                                    thread_name_prefix="bertstream-async")
-                self._pid = os.getpid()
-            return self._executor
+            return self._threads.pool()
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        """``work()`` in a thread of the pool, with the caller's context variables."""
+    def _submit(self, work: Callable[[], T]) -> Future[T]:
+        """``work()`` queued for a thread of the pool, with the caller's context variables."""
         context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._pool(), context.run, work)
+            return self._pool().submit(context.run, work)
         except RuntimeError as exc:  # the pool shut down by aclose() in another thread
-            if self._closed:
+            if self._is_closed():
                 raise self._closed_error() from exc
             raise
-        return await future
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        """``work()`` in a thread of the pool; cancelled, a call still queued never runs."""
+        return await asyncio.wrap_future(self._submit(work))
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` on the loop; aclose() ends the sleep early."""
         loop = asyncio.get_running_loop()
         wake: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(seconds, _settle, wake)
         with self._lock:
+            if self._is_closed():
+                raise self._closed_error()
             self._sleeping.add(wake)
+        timer = loop.call_later(seconds, _settle, wake)
         try:
             await wake
         finally:
@@ -150,10 +210,87 @@ class AsyncClient:
             with self._lock:
                 self._sleeping.discard(wake)
 
+    async def to_thread(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``func(*args, **kwargs)`` in one of this client's threads, with the caller's
+        context variables: for what has no coroutine here, such as the results store
+        (``await client.to_thread(lambda: client.sync.store.delete(ids=ids))``; the
+        store is built, and its SQLite file opened, on first use). Raises what ``func``
+        raises; :class:`ClientClosed` after :meth:`aclose`, as every call."""
+        return await self._run(functools.partial(func, *args, **kwargs))
+
+    # -- models ---------------------------------------------------------
+
+    def for_model(self, model: str | None) -> AsyncClient:
+        """An async client for the model named ``model``: :meth:`Client.for_model`'s
+        client, the same one each time (this one when it already is; None or
+        ``default``: the default model). It shares this client's threads (their
+        :data:`MAX_THREADS` bound all of them together) and closes with it. Opens no
+        connection, so it is no coroutine. Raises :class:`InvalidInput` for a name no
+        model can have, :class:`ClientClosed` after :meth:`aclose`."""
+        if self._is_closed():
+            raise self._closed_error()
+        sync = self.sync.for_model(model)
+        if sync is self.sync:
+            return self
+        name = sync.settings.model_name
+        with self._lock:
+            if self._is_closed():
+                raise self._closed_error()
+            bound = self._bound.get(name)
+            if bound is None or bound.sync is not sync:
+                bound = AsyncClient.__new__(AsyncClient)
+                bound._setup(sync, self._threads, owner=False)
+                self._bound[name] = bound
+            return bound
+
+    stored_model = _threaded(Client.stored_model)
+    default_model_names = _threaded(Client.default_model_names)
+
     # -- submitting -----------------------------------------------------
 
     submit = _threaded(Client.submit)
     submit_many = _threaded(Client.submit_many)
+    publish = _threaded(Client.publish)
+
+    @asynccontextmanager
+    async def chunk_publisher(
+        self,
+        *,
+        bulk: bool = True,
+        chunk_size: int | None = None,
+        before_send: Callable[[], None] | None = None,
+        after_send: Callable[[list[TaskItem], list[Any]], None] | None = None,
+        on_conflict: Callable[[Buffered, str], None] | None = None,
+    ) -> AsyncIterator[AsyncChunkPublisher]:
+        """:meth:`Client.chunk_publisher` as an async context manager: ``async with
+        client.chunk_publisher() as publisher: await publisher.add(item)``. The same
+        arguments and guarantees: one pooled producer for the block, the last chunk
+        flushed on a normal exit, the buffered remainder dropped on an exception
+        (cancellation included), which propagates.
+
+        Its calls run in this client's threads, one at a time: the hooks
+        (``before_send``, ``after_send``, ``on_conflict``) are plain functions called
+        in a thread. A cancelled call ends in its thread before the next one starts, so
+        a cancelled :meth:`AsyncChunkPublisher.add` may still have buffered its item
+        (and sent it, with its chunk, at the next flush)."""
+        manager = self.sync.chunk_publisher(
+            bulk=bulk, chunk_size=chunk_size, before_send=before_send,
+            after_send=after_send, on_conflict=on_conflict)
+        entering = self._submit(manager.__enter__)
+        try:
+            entered = await asyncio.wrap_future(entering)
+        except asyncio.CancelledError:
+            # Entered all the same when its thread had started (waiting for a producer):
+            # left as soon as it is, so that the producer goes back to its pool.
+            entering.add_done_callback(functools.partial(_leave_unused, manager))
+            raise
+        publisher = AsyncChunkPublisher(self, manager, entered)
+        try:
+            yield publisher
+        except BaseException as exc:
+            await publisher._exit(exc)
+            raise
+        await publisher._exit(None)
 
     # -- the queue ------------------------------------------------------
 
@@ -200,3 +337,71 @@ class AsyncClient:
         while (pause := await self._run(step)) is not None:
             await self._pause(pause)
         return done[0]
+
+
+class AsyncChunkPublisher:
+    """A :class:`ChunkPublisher` (``sync``) awaited from asyncio, given by
+    :meth:`AsyncClient.chunk_publisher`: each call runs in the client's threads, one
+    at a time, as they share one producer (one connection)."""
+
+    def __init__(self, client: AsyncClient, manager: AbstractContextManager[ChunkPublisher],
+                 publisher: ChunkPublisher) -> None:
+        self._client = client
+        self._manager = manager
+        self.sync = publisher
+        #: held by the call in a thread; a cancelled one keeps it until it ends there
+        self._turn = threading.Lock()
+
+    @property
+    def messages(self) -> int:
+        """Messages published so far (one per chunk)."""
+        return self.sync.messages
+
+    @property
+    def published(self) -> int:
+        """Items published so far."""
+        return self.sync.published
+
+    async def _in_turn(self, work: Callable[[], T]) -> T:
+        def run() -> T:
+            with self._turn:
+                return work()
+
+        return await self._client._run(run)
+
+    async def add(self, item: TaskItem, line: int | None = None, origin: Any = None, *,
+                  caller_id: bool = False) -> None:
+        """:meth:`ChunkPublisher.add`: buffer ``item`` (a :class:`TaskItem`, as
+        :func:`contract.messages.make_item` builds it); publishes the chunk once full."""
+        await self._in_turn(lambda: self.sync.add(item, line, origin, caller_id=caller_id))
+
+    async def flush(self) -> None:
+        """:meth:`ChunkPublisher.flush`: publish what is buffered."""
+        await self._in_turn(self.sync.flush)
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        """Leave the sync block in a thread: flush (``exc`` None) or drop the rest, and
+        give the producer back. After aclose() (no thread left) it is left here, on the
+        loop, dropping the rest (no call reaches the network once the client is closed);
+        unless a cancelled call still holds the publisher, whose end the loop must not
+        wait for: close() has closed the producer's connection already."""
+        done: list[bool] = []
+
+        def leave() -> None:
+            done.append(True)
+            self._manager.__exit__(type(exc) if exc else None, exc,
+                                   exc.__traceback__ if exc else None)
+
+        try:
+            await self._in_turn(leave)
+        except ClientClosed as closed:
+            if done:
+                raise
+            if self._turn.acquire(blocking=False):
+                try:
+                    with suppress(Exception):
+                        self._manager.__exit__(ClientClosed, closed, closed.__traceback__)
+                finally:
+                    self._turn.release()
+            if exc is None:
+                raise

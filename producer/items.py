@@ -20,6 +20,10 @@ from contract.settings import Settings
 #: ``txt`` would otherwise submit nothing useful).
 ITEM_KEYS = frozenset({"text", "id", "source", "meta"})
 
+#: The key of an item's own deadline, which the HTTP API's bulk items may also carry
+#: (``ItemValidator(item_ttl=True)``); the client's take one ``ttl_s`` for them all.
+ITEM_TTL_KEY = "ttl_s"
+
 
 @dataclass(frozen=True)
 class ItemError:
@@ -45,16 +49,21 @@ class ItemValidator:
     """Validates a sequence of caller items, refusing ids seen earlier in it.
 
     Takes settings (limits), the default source tag and a deadline
-    (``ttl_s``) for every item; keeps only the
+    (``ttl_s``) for every item; with ``item_ttl`` a dict item may carry its own
+    ``ttl_s`` (null: the validator's), listed with the keys it takes. Keeps only the
     caller-supplied ids (generated ones cannot collide), so memory grows with
     explicit ids only; ``track_ids=False`` keeps none (for endless sources).
     """
 
     def __init__(self, settings: Settings, default_source: str | None = None, *,
-                 ttl_s: float | None = None, track_ids: bool = True) -> None:
+                 ttl_s: float | None = None, track_ids: bool = True,
+                 item_ttl: bool = False) -> None:
         self.settings = settings
         self.default_source = default_source
         self.ttl_s = ttl_s
+        self.item_ttl = item_ttl
+        #: the keys a dict item may carry, as a refusal of another lists them
+        self.keys = ITEM_KEYS | {ITEM_TTL_KEY} if item_ttl else ITEM_KEYS
         # An endless source (a Redis Stream) must not remember every id it saw;
         # a repeated id there is left to the store's idempotent upsert.
         self.track_ids = track_ids
@@ -85,19 +94,20 @@ class ItemValidator:
             raise InvalidInput(
                 f"item must be a string or an object with 'text', got {type(obj).__name__}"
             )
-        unknown = sorted(str(k) for k in obj if k not in ITEM_KEYS)
+        unknown = sorted(str(k) for k in obj if k not in self.keys)
         if unknown:
-            raise InvalidInput(f"unknown field(s) {unknown}; expected {sorted(ITEM_KEYS)}")
+            raise InvalidInput(f"unknown field(s) {unknown}; expected {sorted(self.keys)}")
         if "text" not in obj:
             raise InvalidInput("missing 'text'")
         source = obj.get("source")
+        own_ttl = obj.get(ITEM_TTL_KEY) if self.item_ttl else None
         return make_item(
             obj["text"],
             self.settings,
             id=obj.get("id"),
             source=self.default_source if source is None else source,
             meta=obj.get("meta"),
-            ttl_s=self.ttl_s,
+            ttl_s=self.ttl_s if own_ttl is None else own_ttl,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import click
 
@@ -15,17 +16,22 @@ SETTING_OPTIONS = {"broker_url": "--broker-url", "database_url": "--database-url
 
 
 def named_as_given(ctx: click.Context | None, message: str) -> str:
-    """``message`` with each ``BERTSTREAM_NAME=value`` of a setting the command line gave
-    (:data:`SETTING_OPTIONS`) written ``--option=value``: the settings, the broker and the
-    store name a refused value by its variable, and a user who typed the option, with no
-    such variable set, went looking for one. A value from the environment keeps its name.
+    """``message`` naming each setting the command line gave (:data:`SETTING_OPTIONS`) by
+    its option: ``BERTSTREAM_NAME=value`` written ``--option=value``, and a hint to ``set
+    BERTSTREAM_NAME`` (``or --option``) written ``give another --option``. The settings,
+    the broker and the store name a refused value by its variable, and a user who typed
+    the option, with no such variable set, went looking for one; setting it would change
+    nothing, as the option overrides it. A value from the environment keeps its name.
     """
     if ctx is None:
         return message
     given = ctx.find_root().params
     for name, option in SETTING_OPTIONS.items():
         if given.get(name):  # an empty option overrides nothing (the group's callback)
-            message = message.replace(f"{ENV_PREFIX}{name.upper()}=", f"{option}=")
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            message = message.replace(f"{variable}=", f"{option}=")
+            message = re.sub(rf"\bset {variable}(?: or {re.escape(option)})?\b(?!-)",
+                             f"give another {option}", message)
     return message
 
 

@@ -188,3 +188,18 @@ def test_openapi_describes_ttl_s(module_api: Any) -> None:
         text = json.dumps(field)
         assert "number" in text and "expired" in field["description"], (model, field)
     assert "ttl_s" in schema["BulkIn"]["properties"]["items"]["description"]
+
+
+def test_an_unknown_item_key_is_refused_listing_ttl_s_among_the_allowed(
+        module_api: Any) -> None:
+    """A bulk item's ``ttl_s`` is taken, so the refusal of a mistyped key lists it with the
+    others: it said ``expected ['id', 'meta', 'source', 'text']``, sending a caller who
+    wrote ``ttl`` to drop the deadline rather than spell it ``ttl_s``. Refused as before:
+    that item only, and ``ttl_s`` itself stays accepted."""
+    r = httpx.post(module_api.url + "/v1/tasks", timeout=10, json={"items": [
+        {"text": "typo", "ttl": 30}, {"text": "kept", "ttl_s": 30}]})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["accepted"] == 1 and [e["index"] for e in body["errors"]] == [0], body
+    assert body["errors"][0]["reason"] == (
+        "unknown field(s) ['ttl']; expected ['id', 'meta', 'source', 'text', 'ttl_s']")

@@ -9,6 +9,7 @@ polls. Each test runs its own loop (``asyncio.run``); no pytest plugin is needed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from contract.errors import BrokerUnavailable, InvalidInput, ResultTimeout
+from contract.messages import make_item
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer import AsyncClient, Client, ClientClosed
@@ -391,3 +393,407 @@ def test_the_async_client_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+# -- models: for_model, stored_model -------------------------------------------
+
+
+async def _hold_every_thread(client: AsyncClient) -> tuple[threading.Event, list[asyncio.Task[Any]]]:
+    """Every thread of ``client``'s pool busy until the event is set (and the tasks done)."""
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(30)
+
+    held = [asyncio.create_task(client.to_thread(hold)) for _ in range(MAX_THREADS)]
+    for _ in range(MAX_THREADS):
+        assert await asyncio.to_thread(started.acquire, True, 10), "a thread did not start"
+    return release, held
+
+
+def test_for_model_gives_one_client_per_model_sharing_the_threads(
+        rsettings: Settings, redis_url: str) -> None:
+    """As Client.for_model: the same client for a name each time, this one for its own
+    model (None and ``default`` are the default model), its tasks on the model's queue
+    family. It runs in the same pool: with every thread held by its client's calls, its
+    call waits for one (one pool for all, at most MAX_THREADS threads)."""
+    async def main() -> dict[str, Any]:
+        async with AsyncClient(rsettings) as client:
+            bound = client.for_model("sentiment-v2")
+            out: dict[str, Any] = {
+                "same": client.for_model("sentiment-v2") is bound,
+                "self": [client.for_model(None) is client, client.for_model("default") is client,
+                         bound.for_model("sentiment-v2") is bound],
+                "sync": bound.sync is client.sync.for_model("sentiment-v2"),
+                "name": bound.settings.model_name,
+                "id": await bound.submit("on the named model"),
+            }
+            release, held = await _hold_every_thread(client)
+            reading = asyncio.create_task(bound.queue_length())
+            await asyncio.sleep(0.3)
+            out["waited"] = not reading.done()
+            release.set()
+            out["read"] = await asyncio.wait_for(reading, timeout=10)
+            await asyncio.gather(*held)
+            out["threads"] = sum(t.name.startswith("bertstream-async")
+                                 for t in threading.enumerate())
+            with pytest.raises(InvalidInput, match="a model name is"):
+                client.for_model("no spaces allowed")
+            return out
+
+    out = _run(main())
+    assert out["same"] and out["self"] == [True, True, True] and out["sync"], out
+    assert out["name"] == "sentiment-v2"
+    named = lane_messages(redis_url, f"{rsettings.queue}-sentiment-v2.interactive")
+    assert [it["id"] for m in named for it in m["items"]] == [out["id"]]
+    assert lane_messages(redis_url, f"{rsettings.queue}.interactive") == []
+    assert out["waited"] and out["read"] == 1  # its own lanes' message
+    assert out["threads"] <= MAX_THREADS
+
+
+def test_aclose_closes_the_for_model_clients_and_ends_their_waits(rsettings: Settings) -> None:
+    """A wait of a for_model client, in a 10 s pause: its client's aclose() ends it with
+    ClientClosed at once; afterwards the bound client and for_model refuse too."""
+    async def main() -> list[str]:
+        client = AsyncClient(rsettings)
+        bound = client.for_model("sentiment-v2")
+        queries = _count_queries(bound)
+        waiting = asyncio.create_task(bound.wait(["never"], timeout=30, poll_interval=10))
+        await _until(lambda: len(queries) >= 1, "the wait polled")
+        await client.aclose()
+        wrong = []
+        for name, call in [("wait", lambda: asyncio.wait_for(waiting, timeout=5)),
+                           ("get", lambda: bound.get("r1")),
+                           ("stored_model", lambda: bound.stored_model("x")),
+                           ("sync", lambda: asyncio.to_thread(bound.sync.get, "r1"))]:
+            try:
+                await call()
+                wrong.append(f"{name}: returned")
+            except ClientClosed:
+                pass
+        for make in (lambda: client.for_model("sentiment-v2"), lambda: bound.for_model("v3")):
+            try:
+                make()
+                wrong.append("for_model: returned")
+            except ClientClosed:
+                pass
+        return wrong
+
+    assert _run(main()) == []
+
+
+def test_a_for_model_client_closed_alone_leaves_its_client_working(
+        rsettings: Settings) -> None:
+    """As Client.close of a for_model client: it alone is closed; the threads it shares
+    stay for its client."""
+    async def main() -> tuple[BaseException | None, Any, str]:
+        async with AsyncClient(rsettings) as client:
+            bound = client.for_model("sentiment-v2")
+            await bound.get("r1")
+            await bound.aclose()
+            try:
+                await bound.get("r1")
+                raised = None
+            except ClientClosed as exc:
+                raised = exc
+            return raised, await client.get("r2"), await client.submit("still here")
+
+    raised, got, task_id = _run(main())
+    assert isinstance(raised, ClientClosed)
+    assert got is not None and got.id == "r2" and task_id
+
+
+def test_stored_model_without_a_live_default_worker(rsettings: Settings) -> None:
+    """Client.stored_model's answers, awaited: a named model is its own name; ``default``
+    needs a live worker of the default model to tell it, else InvalidInput."""
+    async def main() -> tuple[str | None, str | None, list[str] | None]:
+        async with AsyncClient(rsettings) as client:
+            with pytest.raises(InvalidInput, match="no worker of the default model is alive"):
+                await client.stored_model("default")
+            return (await client.stored_model("sentiment-v2"), await client.stored_model(None),
+                    await client.default_model_names())
+
+    assert _run(main()) == ("sentiment-v2", None, [])
+
+
+@pytest.mark.slow
+def test_for_model_stored_model_and_a_chunk_publisher_through_real_workers(
+        settings: Settings, worker_factory: Any) -> None:
+    """A worker of the default model and one of a named model: the named model's client
+    submits and waits for its rows (stored under its name); ``stored_model("default")``
+    is the name the default worker announces, and a wait with ``model="default"`` reads
+    its rows; a chunk publisher's items are scored."""
+    scoring = settings.replace(model="null")
+    worker_factory(scoring)
+    worker_factory(scoring.replace(model_name="sentiment-v2"))
+
+    async def main() -> dict[str, Any]:
+        async with AsyncClient(scoring) as client:
+            bound = client.for_model("sentiment-v2")
+            named = await bound.submit("The staff were friendly.")
+            default = await client.submit("The staff were friendly.")
+            async with client.chunk_publisher(chunk_size=2) as publisher:
+                items = [make_item(t, scoring, source="chunks") for t in ("a", "b", "c")]
+                for item in items:
+                    await publisher.add(item)
+            return {
+                "named": await bound.wait([named], timeout=60),
+                "stored": await client.stored_model("default"),
+                "announced": await client.to_thread(client.sync.stored_model, "default"),
+                "default": await client.wait([default], timeout=60, model="default"),
+                "chunks": await client.wait([it.id for it in items], timeout=60),
+                "messages": publisher.messages,
+            }
+
+    out = _run(main())
+    [(_, named)] = out["named"].items()
+    assert named.status == "done" and named.model == "sentiment-v2"
+    assert out["stored"] == out["announced"] and out["stored"] != "sentiment-v2"
+    [(_, default)] = out["default"].items()
+    assert default.status == "done" and default.model == out["stored"]
+    assert [r.status for r in out["chunks"].values()] == ["done"] * 3
+    assert {r.source for r in out["chunks"].values()} == {"chunks"} and out["messages"] == 2
+
+
+# -- publishing: chunk_publisher, publish --------------------------------------
+
+
+def _bulk_ids(redis_url: str, settings: Settings) -> list[list[str]]:
+    """The ids of each message waiting on the bulk lane, oldest first."""
+    return [[it["id"] for it in m["items"]]
+            for m in lane_messages(redis_url, f"{settings.queue}.bulk")]
+
+
+def test_a_chunk_publisher_sends_a_message_per_chunk_and_the_rest_on_exit(
+        rsettings: Settings, redis_url: str) -> None:
+    """Five items in chunks of two: two messages as they fill, the fifth at the end of the
+    block. The hooks run in the client's threads, not on the loop."""
+    seen: list[tuple[list[str], list[Any], str]] = []
+
+    def after_send(items: list[Any], origins: list[Any]) -> None:
+        seen.append(([it.id for it in items], origins, threading.current_thread().name))
+
+    async def main() -> tuple[list[str], int, int]:
+        async with AsyncClient(rsettings) as client:
+            items = [make_item(f"text {i}", rsettings) for i in range(5)]
+            async with client.chunk_publisher(chunk_size=2, after_send=after_send) as publisher:
+                for n, item in enumerate(items):
+                    await publisher.add(item, origin=n)
+                assert publisher.messages == 2  # the fifth is buffered
+            return [it.id for it in items], publisher.messages, publisher.published
+
+    ids, messages, published = _run(main())
+    assert _bulk_ids(redis_url, rsettings) == [ids[:2], ids[2:4], ids[4:]]
+    assert (messages, published) == (3, 5)
+    assert [s[1] for s in seen] == [[0, 1], [2, 3], [4]]
+    assert all(s[2].startswith("bertstream-async") for s in seen), seen
+
+
+@pytest.mark.parametrize("how", ["raised", "cancelled"])
+def test_a_chunk_publisher_left_by_an_error_drops_the_rest(
+        rsettings: Settings, redis_url: str, how: str) -> None:
+    """As the sync chunk publisher: the full chunk was sent, the buffered third item is
+    dropped, and the error (or the cancellation) goes on."""
+    async def main() -> tuple[list[str], BaseException | None]:
+        async with AsyncClient(rsettings) as client:
+            items = [make_item(f"text {i}", rsettings) for i in range(3)]
+            inside = asyncio.Event()
+
+            async def publish() -> None:
+                async with client.chunk_publisher(chunk_size=2) as publisher:
+                    for item in items:
+                        await publisher.add(item)
+                    if how == "raised":
+                        raise ValueError("the caller's own error")
+                    inside.set()
+                    await asyncio.sleep(30)
+
+            task = asyncio.create_task(publish())
+            if how == "cancelled":
+                await inside.wait()
+                task.cancel()
+            try:
+                await task
+                raised = None
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                raised = exc
+            # the client's publish still works: the producer went back to its pool
+            await client.submit_many(["after"])
+            return [it.id for it in items], raised
+
+    ids, raised = _run(main())
+    if how == "raised":
+        assert isinstance(raised, ValueError)
+    else:
+        assert isinstance(raised, asyncio.CancelledError)
+    sent = _bulk_ids(redis_url, rsettings)
+    assert sent[0] == ids[:2] and len(sent) == 2 and ids[2] not in sent[1]
+
+
+def test_a_chunk_publisher_cancelled_while_it_waits_for_a_producer_gives_it_back(
+        rsettings: Settings) -> None:
+    """Every producer of the client's pool held by an open publisher: the next one waits
+    for a producer in its thread. Cancelled there, it still gets one once another is
+    given back, and gives it back at once: afterwards as many publishers as the pool has
+    producers open again (one lost would leave the last waiting for ever)."""
+    async def main() -> int:
+        async with AsyncClient(rsettings) as client:
+            limit = client.sync.app.conf.broker_pool_limit
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(limit):
+                    await stack.enter_async_context(client.chunk_publisher())
+                waiting = asyncio.create_task(client.chunk_publisher().__aenter__())
+                await asyncio.sleep(0.3)  # in its thread, waiting for a producer
+                assert not waiting.done()
+                waiting.cancel()
+                # kept, with its traceback: the frames it holds do not give the producer back
+                with pytest.raises(asyncio.CancelledError) as cancelled:
+                    await waiting
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(limit):
+                    await asyncio.wait_for(
+                        stack.enter_async_context(client.chunk_publisher()), timeout=10)
+            assert cancelled.tb is not None
+            return limit
+
+    assert _run(main()) >= 1
+
+
+def test_a_chunk_publisher_hands_a_conflicting_caller_id_to_on_conflict(
+        rsettings: Settings, redis_url: str) -> None:
+    """Caller ids are checked against the stored rows (a read, in a thread): ``r1`` is
+    stored with another text, so it is refused, not sent."""
+    refused: list[tuple[str, str]] = []
+
+    async def main() -> str:
+        async with AsyncClient(rsettings) as client:
+            fresh = make_item("a text", rsettings, id="fresh-1")
+            async with client.chunk_publisher(
+                    on_conflict=lambda b, why: refused.append((b.item.id, why))) as publisher:
+                await publisher.add(make_item("another text", rsettings, id="r1"), caller_id=True)
+                await publisher.add(fresh, caller_id=True)
+            return fresh.id
+
+    fresh = _run(main())
+    assert [r[0] for r in refused] == ["r1"] and "different text" in refused[0][1]
+    assert _bulk_ids(redis_url, rsettings) == [[fresh]]
+
+
+def test_a_chunk_publisher_after_aclose_is_client_closed(rsettings: Settings,
+                                                        redis_url: str) -> None:
+    """aclose() under an open publisher: its next call and the end of its block raise
+    ClientClosed; what was buffered is not sent."""
+    async def main() -> list[str]:
+        client = AsyncClient(rsettings)
+        wrong = []
+        try:
+            async with client.chunk_publisher(chunk_size=10) as publisher:
+                await publisher.add(make_item("buffered", rsettings))
+                await client.aclose()
+                try:
+                    await publisher.add(make_item("after", rsettings))
+                    wrong.append("add: returned")
+                except ClientClosed:
+                    pass
+            wrong.append("exit: returned")
+        except ClientClosed:
+            pass
+        try:
+            async with client.chunk_publisher():
+                wrong.append("entered")
+        except ClientClosed:
+            pass
+        return wrong
+
+    assert _run(main()) == []
+    assert _bulk_ids(redis_url, rsettings) == []
+
+
+def test_publish_sends_validated_items_as_one_message(rsettings: Settings,
+                                                      redis_url: str) -> None:
+    async def main() -> list[str]:
+        async with AsyncClient(rsettings) as client:
+            items = [make_item(t, rsettings) for t in ("one", "two")]
+            await client.publish(items, bulk=True)
+            return [it.id for it in items]
+
+    ids = _run(main())
+    assert _bulk_ids(redis_url, rsettings) == [ids]
+
+
+def test_to_thread_runs_in_the_clients_threads_and_is_closed_with_it(
+        rsettings: Settings, sqlite_store: ResultStore) -> None:
+    """What has no coroutine (the store's delete) runs in the pool, with its result and
+    errors; after aclose() it is ClientClosed as every call."""
+    async def main() -> tuple[str, Any, BaseException | None]:
+        client = AsyncClient(rsettings)
+        thread = await client.to_thread(lambda: threading.current_thread().name)
+        deleted = await client.to_thread(lambda: client.sync.store.delete(ids=["r1", "r2"]))
+        await client.aclose()
+        try:
+            await client.to_thread(print, "never")
+            return thread, deleted, None
+        except ClientClosed as exc:
+            return thread, deleted, exc
+
+    thread, deleted, raised = _run(main())
+    assert thread.startswith("bertstream-async")
+    assert deleted.tasks == 2 and sqlite_store.get_many(["r1", "r2", "r3"]).keys() == {"r3"}
+    assert isinstance(raised, ClientClosed)
+
+
+# -- a cancelled submit ----------------------------------------------------------
+
+
+def test_a_submit_cancelled_while_it_waits_for_a_thread_is_never_sent(
+        rsettings: Settings, redis_url: str) -> None:
+    """Every thread busy: the submit waits its turn in the pool's queue; cancelled there,
+    it never runs (nothing is sent when the threads are free again)."""
+    async def main() -> int:
+        async with AsyncClient(rsettings) as client:
+            release, held = await _hold_every_thread(client)
+            submitting = asyncio.create_task(client.submit("never sent", id="queued-1"))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the call is in the pool's queue
+            submitting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submitting
+            release.set()
+            await asyncio.gather(*held)
+            await client.get("r1")  # a call after it: the queue was worked through
+            return await client.queue_length()
+
+    assert _run(main()) == 0
+    assert lane_messages(redis_url, f"{rsettings.queue}.interactive") == []
+
+
+@pytest.mark.slow
+def test_a_submit_cancelled_in_its_thread_is_sent_under_the_id_it_gave(
+        settings: Settings, worker_factory: Any) -> None:
+    """Cancelled while its thread checks the caller id against the stored rows, the submit
+    still goes on there and is sent. The caller knows the id it gave, so it can wait for
+    it, or send it again (the same text under its id is no conflict)."""
+    scoring = settings.replace(model="null")
+    worker_factory(scoring)  # the table is there: the caller id is checked against it
+    checking, go_on = threading.Event(), threading.Event()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if threading.current_thread().name.startswith("bertstream-async") and not go_on.is_set():
+            checking.set()
+            go_on.wait(10)
+
+    async def main() -> tuple[dict[str, Any], str]:
+        async with AsyncClient(scoring) as client:
+            sa.event.listen(client.sync.store.engine, "before_cursor_execute", hold)
+            submitting = asyncio.create_task(client.submit("Lovely.", id="mine-1"))
+            await asyncio.to_thread(checking.wait, 10)
+            submitting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submitting
+            go_on.set()
+            first = await client.wait(["mine-1"], timeout=60)
+            return first, await client.submit("Lovely.", id="mine-1")
+
+    first, again = _run(main())
+    assert first["mine-1"].status == "done" and again == "mine-1"
