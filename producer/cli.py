@@ -41,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from contract.broker import redis_client
 from contract.constants import LANGS, STATUSES
 from contract.errors import (
+    EXIT_INTERRUPTED,
     EXIT_REJECTED,
     BertstreamError,
     BrokerUnavailable,
@@ -191,13 +192,13 @@ class BertstreamGroup(click.Group):
             formatter.write_dl(rows)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        with _quiet_when_stdout_closes(ctx):  # --help, --version
+        with _quiet_when_stdout_closes(ctx), _interrupt_exits(ctx):  # --help, --version
             rest = super().parse_args(ctx, hoist_global_options(args))
         ctx.meta[SUBCOMMAND_ARGS] = list(rest)  # the command's own: `model path` -> [path]
         return rest
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _quiet_when_stdout_closes(ctx):
+        with _quiet_when_stdout_closes(ctx), _interrupt_exits(ctx):
             try:
                 return super().invoke(ctx)
             except BertstreamError as exc:
@@ -209,6 +210,18 @@ class BertstreamGroup(click.Group):
                     raise
                 click.echo(hint, err=True)
                 ctx.exit(2)
+
+
+@contextlib.contextmanager
+def _interrupt_exits(ctx: click.Context) -> Iterator[None]:
+    """Ctrl-C that no command turned into its own report (one while a command's module or
+    torch imports, as a worker starts) exits :data:`EXIT_INTERRUPTED` in one line, as an
+    interrupted stream does, not with click's "Aborted!" and exit 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
 
 
 #: The ``ctx.meta`` key of the arguments after the command's name.
@@ -820,11 +833,11 @@ def _id_note(error: ItemError, unit: str) -> str:
     help="Print counts and mean score per group instead of rows.",
 )
 @click.option("--excel-safe", is_flag=True,
-              help="CSV to open in a spreadsheet: a text, source, label or error cell "
+              help="CSV to open in a spreadsheet: an id, text, source, label or error cell "
                    "starting with = + - @ (or a tab or CR) gets a leading ' so it is shown, "
-                   "not run as a formula (as in the API's CSV export). Off by default: CSV "
-                   "keeps every value as stored, and ids are never changed, so they can be "
-                   "fed back to `db delete --ids-file`.")
+                   "not run as a formula (as in the API's CSV export); an id starting with ' "
+                   "gets one more, so `db delete --ids-file F --excel-safe` reads the ids "
+                   "back. Off by default: CSV keeps every value as stored.")
 @click.pass_context
 def results(
     ctx: click.Context,

@@ -17,6 +17,7 @@ from contract.messages import id_problem
 from contract.results import ResultStore, as_utc
 from contract.settings import Settings
 from producer.client import Client, missing_sqlite_file
+from producer.formatting import unguard_id
 from producer.options import parse_time
 
 #: ``--older-than`` units.
@@ -197,13 +198,17 @@ def _age(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.ti
 @click.option("--until", callback=parse_time, help="Finished before (ISO 8601, UTC if naive).")
 @click.option("--older-than", callback=_age,
               help="Finished more than this long ago (90d, 12h, 30m): a retention rule.")
+@click.option("--excel-safe", is_flag=True,
+              help="The ids (--id, --ids-file) are as a spreadsheet-safe CSV writes them "
+                   "(`results --excel-safe`, the API's CSV export): an id there that starts "
+                   "with ' followed by = + - @ or ' has that first ' taken off.")
 @click.option("--yes", is_flag=True, help="Delete. Without it, only count what would go.")
 @click.pass_context
 def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] | None,
                    source: str | None, model: str | None, label: str | None,
                    status: str | None, lang: str | None, since: dt.datetime | None,
                    until: dt.datetime | None, older_than: dt.timedelta | None,
-                   yes: bool) -> None:
+                   excel_safe: bool, yes: bool) -> None:
     """Delete stored results matching every given filter (a dry run without --yes).
 
     Rows of every model go unless --model is given, with their long-text
@@ -214,13 +219,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
     """
     if older_than is not None and until is not None:
         raise click.UsageError("give --until or --older-than, not both")
-    wanted = list(ids)
-    if ids_file is not None:
-        try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first id
-            wanted += [line.strip() for line in ids_file if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise click.BadParameter(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                                     param_hint="--ids-file") from exc
+    wanted = _wanted_ids(ids, ids_file, excel_safe=excel_safe)
     for what, values in (("--id", wanted), ("--source", [source]), ("--label", [label]),
                          ("--model", [model])):
         for value in values:
@@ -256,6 +255,24 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
     else:
         click.echo(f"{shown}: would delete {count.rows} row(s) of {count.tasks} task(s){cut}; "
                    "run again with --yes to delete them")
+
+
+def _wanted_ids(ids: tuple[str, ...], ids_file: IO[str] | None, *,
+                excel_safe: bool) -> list[str]:
+    """The ids of ``--id`` and ``--ids-file``; with ``excel_safe``, as a spreadsheet-safe
+    CSV wrote them (:func:`producer.formatting.unguard_id`)."""
+    wanted = list(ids)
+    if ids_file is not None:
+        try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first id
+            wanted += [line.strip() for line in ids_file if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     param_hint="--ids-file") from exc
+    if excel_safe:
+        if not ids and ids_file is None:
+            raise click.UsageError("--excel-safe reads the ids of --id or --ids-file: give one")
+        wanted = [unguard_id(value) for value in wanted]
+    return wanted
 
 
 def _cut_off(store: ResultStore, older_than: dt.timedelta) -> dt.datetime:

@@ -93,7 +93,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
     JSON and JSON lines keep every key of each row; table and CSV show ``columns`` only;
     ``terminal`` escapes control characters in CSV cells. CSV keeps every
     value as stored (an id read back must match); ``excel_safe`` guards the
-    :data:`GUARDED_COLUMNS` against running as spreadsheet formulas.
+    :data:`GUARDED_COLUMNS` and the id against running as spreadsheet formulas.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
@@ -149,18 +149,32 @@ def _json_array(items: Iterable[Any]) -> Iterator[str]:
 
 #: First characters that make a spreadsheet read a cell as a formula.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: The guard's own mark: a guarded cell starts with it, so it is shown, not run.
+GUARD = "'"
 #: Columns whose text cells get the formula guard, in the API's CSV export always and in
 #: the CLI's with ``--excel-safe``: free text (anyone's texts, tags and error messages)
-#: and the label (a name from the model's own config, "-1" or "+1" for some). Ids and
-#: the other identifiers (model, worker, hashes) never: an id changed in the file no
-#: longer names its task.
+#: and the label (a name from the model's own config, "-1" or "+1" for some). The task
+#: id, which any submitter chooses, is guarded too, reversibly (:data:`ID_COLUMN`).
+#: The other identifiers (model, worker, revision: the operator's names; hashes) and the
+#: JSON cells (``meta``, ``scores``: an object, which starts with ``{``) never need it.
 GUARDED_COLUMNS = frozenset({"text", "source", "error", "label"})
+#: The column of the task id: guarded by :func:`guard_id`, which
+#: :func:`unguard_id` (``db delete --ids-file F --excel-safe``) undoes.
+ID_COLUMN = "id"
 
 
 def csv_cells(row: Mapping[str, Any], columns: Sequence[str], *, guard: bool) -> list[str]:
     """The CSV cells of ``row``'s ``columns`` (:func:`csv_cell`); with ``guard``, those of
-    the :data:`GUARDED_COLUMNS` guarded against running as formulas."""
-    return [csv_cell(row.get(c), guard=guard and c in GUARDED_COLUMNS) for c in columns]
+    the :data:`GUARDED_COLUMNS` guarded against running as formulas, and the id by
+    :func:`guard_id`."""
+    cells = []
+    for column in columns:
+        value = row.get(column)
+        if guard and column == ID_COLUMN and isinstance(value, str):
+            cells.append(guard_id(value))
+        else:
+            cells.append(csv_cell(value, guard=guard and column in GUARDED_COLUMNS))
+    return cells
 
 
 def csv_cell(value: Any, *, guard: bool = True) -> str:
@@ -174,6 +188,23 @@ def csv_cell(value: Any, *, guard: bool = True) -> str:
     if guard and isinstance(value, str) and value.startswith(FORMULA_START):
         return "'" + value
     return str(value)
+
+
+def guard_id(value: str) -> str:
+    """A task id as a spreadsheet-safe CSV writes it: with a leading ``'`` when it starts
+    with a formula character, as a text cell gets, or with ``'`` itself. That second rule
+    makes the guard reversible (:func:`unguard_id`): any submitter may choose an id such
+    as ``=HYPERLINK(...)``, and an exported id must still name its task."""
+    return GUARD + value if value.startswith((*FORMULA_START, GUARD)) else value
+
+
+def unguard_id(value: str) -> str:
+    """The task id a :func:`guard_id` cell stands for: one leading ``'`` taken off when a
+    formula character or another ``'`` follows it (as the guard wrote it); any other
+    value is the id as it is."""
+    if value.startswith(GUARD) and value[1:].startswith((*FORMULA_START, GUARD)):
+        return value[1:]
+    return value
 
 
 def _table_row(record: ResultRecord) -> dict[str, Any]:

@@ -31,12 +31,13 @@ def test_csv_keeps_every_value_as_stored_by_default() -> None:
     assert rows["+7"]["text"] == "-5 stars, never again"
 
 
-def test_excel_safe_guards_free_text_and_never_ids() -> None:
-    """Text, source and error cells that a spreadsheet would run get a leading quote;
-    ids (keys read back by `db delete --ids-file` and `results --id`), numbers and the
-    other columns stay as stored."""
-    rows = _csv(render_results(STORED, "csv", terminal=False, excel_safe=True))
-    assert set(rows) == {"-100123", "+7"}
+def test_excel_safe_guards_free_text_and_ids() -> None:
+    """Text, source, error and id cells that a spreadsheet would run get a leading quote
+    (ids reversibly: `db delete --ids-file F --excel-safe`); numbers and the other
+    columns stay as stored."""
+    rows = {k.removeprefix("'"): v for k, v in
+            _csv(render_results(STORED, "csv", terminal=False, excel_safe=True)).items()}
+    assert {v["id"] for v in rows.values()} == {"'-100123", "'+7"}
     assert rows["-100123"]["text"] == "'=HYPERLINK(\"http://x\")"
     assert rows["-100123"]["source"] == "'@feed" and rows["-100123"]["score"] == "0.5"
     assert rows["+7"]["text"] == "'-5 stars, never again" and rows["+7"]["error"] == "'@boom"
@@ -55,9 +56,9 @@ def test_results_excel_safe_is_the_opt_in_guard(store: ResultStore, redis_url: s
     out = invoke(["results", "--format", "csv", "--excel-safe"], settings)
     assert out.exit_code == 0, out.output
     rows = _csv(out.stdout)
-    assert set(rows) == {"-100123", "+7"}  # ids as stored
-    assert rows["-100123"]["text"] == "'=HYPERLINK(\"http://x\")"
-    assert rows["-100123"]["source"] == "'@feed" and rows["+7"]["error"] == "'@boom"
+    assert set(rows) == {"'-100123", "'+7"}  # ids guarded too
+    assert rows["'-100123"]["text"] == "'=HYPERLINK(\"http://x\")"
+    assert rows["'-100123"]["source"] == "'@feed" and rows["'+7"]["error"] == "'@boom"
     grouped = invoke(["results", "--format", "csv", "--aggregate", "source", "--excel-safe"],
                      settings)
     assert {r["source"] for r in csv.DictReader(io.StringIO(grouped.stdout))

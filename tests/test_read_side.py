@@ -19,6 +19,7 @@ from contract.queries import MAX_BUCKETS, Filters, compare, page, stats
 from contract.results import ResultRecord, ResultStore, results
 from contract.settings import Settings
 from producer.cli import main
+from producer.formatting import unguard_id
 
 UTC = dt.timezone.utc
 PLUS2 = dt.timezone(dt.timedelta(hours=2))
@@ -193,11 +194,12 @@ def test_api_csv_empty_filters_offsets_and_bucket_cap(settings: Settings, store:
         assert r.status_code == 422, r.text
 
 
-def test_api_csv_keeps_ids_and_other_identifiers_as_stored(settings: Settings,
-                                                           store: ResultStore,
-                                                           api_factory: Any) -> None:
-    """Only free text is guarded against formulas: an id (or a model, a worker) that starts
-    with ``-``, ``@``, ``+`` or ``=`` is exported as stored, so it can be sent back."""
+def test_api_csv_guards_ids_reversibly_and_keeps_other_identifiers(settings: Settings,
+                                                                   store: ResultStore,
+                                                                   api_factory: Any) -> None:
+    """An id that starts with ``-``, ``@``, ``+`` or ``=`` is exported with a leading quote
+    (any submitter chooses ids), which ``unguard_id`` takes off to send it back; a model
+    or a worker (the operator's names) is exported as stored."""
     ids = ["-100123", "@user1", "+44 20", "=x"]
     store.upsert([_rec(task_id, model="@m", worker="-w@host", text=task_id, source=task_id,
                        finished_at=T0 + dt.timedelta(minutes=n))
@@ -207,11 +209,11 @@ def test_api_csv_keeps_ids_and_other_identifiers_as_stored(settings: Settings,
         r = http.get("/v1/results", params={"format": "csv", "order": "oldest"})
         assert r.status_code == 200, r.text
         rows = list(csv.DictReader(io.StringIO(r.text)))
-        assert [c["id"] for c in rows] == ids
+        assert [c["id"] for c in rows] == ["'" + i for i in ids]
         assert {(c["model"], c["worker"]) for c in rows} == {("@m", "-w@host")}
         assert [(c["text"], c["source"]) for c in rows] == [("'" + i, "'" + i) for i in ids]
         for row in rows:  # each exported id reads its row back, the model its rows
-            got = http.get(f"/v1/tasks/{row['id']}")
-            assert got.status_code == 200 and got.json()["id"] == row["id"], got.text
+            got = http.get(f"/v1/tasks/{unguard_id(row['id'])}")
+            assert got.status_code == 200 and got.json()["id"] == unguard_id(row["id"]), got.text
         again = http.get("/v1/results", params={"model": rows[0]["model"], "limit": 10})
         assert len(again.json()["items"]) == len(ids), again.text

@@ -58,7 +58,7 @@ def test_excel_safe_guards_the_columns_the_api_export_guards(settings: Settings,
     store.upsert(rows)
     cli_rows = list(csv.DictReader(io.StringIO(_invoke(
         ["results", "--format", "csv", "--excel-safe", "--all"], settings))))
-    assert {r["id"]: r["label"] for r in cli_rows} == {"r1": "'-1", "r2": "'+1", "-r3": ""}
+    assert {r["id"]: r["label"] for r in cli_rows} == {"r1": "'-1", "r2": "'+1", "'-r3": ""}
     grouped = _invoke(["results", "--aggregate", "label", "--format", "csv", "--excel-safe"],
                       settings)
     assert {r["label"] for r in csv.DictReader(io.StringIO(grouped))} == {"'-1", "'+1", ""}
