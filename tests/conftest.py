@@ -68,6 +68,14 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture
+def plain(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the test Redis database (to read its clock, its keys)."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
 @contextlib.contextmanager
 def kombu_broker(redis_url: str, visibility_timeout: float) -> Iterator[tuple[Any, redis.Redis]]:
     """A kombu connection to ``redis_url`` with bertstream's receive installed and

@@ -66,13 +66,6 @@ def host_clock(monkeypatch: pytest.MonkeyPatch, skew: float) -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def plain(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 def on_server_clock(when: dt.datetime | float, before: float, after: float) -> bool:
     """True when ``when`` lies between the server's times ``before`` and ``after`` (with
     :data:`SLACK_S`)."""

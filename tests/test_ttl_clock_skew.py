@@ -47,13 +47,6 @@ def host_clock(monkeypatch: pytest.MonkeyPatch, skew: float) -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def plain(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 @pytest.mark.parametrize("skew", SKEWS)
 def test_a_skewed_producer_stamps_ttl_deadlines_on_the_server_clock(
         redis_url: str, sqlite_url: str, plain: redis.Redis, monkeypatch: pytest.MonkeyPatch,
