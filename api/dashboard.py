@@ -35,12 +35,20 @@ from fastapi.staticfiles import StaticFiles
 from api.errors import redis_check
 from api.metrics import by_family
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
-from contract.errors import InvalidInput
+from contract.errors import ConfigError, InvalidInput
 from contract.liveness import family_workers
 from contract.messages import id_problem
 from contract.migrate import id_sorts_by_code_point
 from contract.queries import Filters, _after, distinct_sources, pack_cursor, stats, unpack_cursor
-from contract.results import ResultRecord, ResultStore, _record, as_utc, results, utcnow
+from contract.results import (
+    ResultRecord,
+    ResultStore,
+    _record,
+    as_utc,
+    results,
+    utc_from_timestamp,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from api.app import Services
@@ -226,8 +234,16 @@ def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | Non
 def live(services: "Services", window_s: int) -> dict[str, Any]:
     """Queue depth per lane, live workers (of every model, and their count per queue
     family) and recent throughput; Redis figures are null (with ``redis`` saying why) when
-    Redis cannot be read, so the page still shows the rest."""
-    now = utcnow()
+    Redis cannot be read, so the page still shows the rest.
+
+    ``now``, which ends the windows, is the Redis server's (:meth:`Client.server_now`):
+    row times are stamped on it, so an API host whose clock is off counts the same rows.
+    Redis not answering, or refusing the broker URL: this host's clock (``redis`` says why).
+    """
+    try:
+        now = utc_from_timestamp(services.client.server_now())
+    except ConfigError:  # Redis refuses the URL: the Redis figures below report it
+        now = utcnow()
     out: dict[str, Any] = {"now": now.isoformat(), "window_s": window_s}
     try:
         out["queue_depth"] = {lane: services.client.queue_length(lane)

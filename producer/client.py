@@ -794,6 +794,15 @@ class Client:
                     w[key] = min(max(w[key] + offset, 0.0), MAX_TIMESTAMP)
         return wire
 
+    def server_now(self) -> float:
+        """Now on the Redis server's clock, in UNIX seconds: the clock row times are
+        stamped on, so a window ending now that bounds them (the last minute's results)
+        holds the same rows whatever this host's clock says. One ``TIME`` every few
+        seconds (:class:`ServerClock`); a broker other than Redis, or Redis not answering
+        before any read: this host's clock. Raises :class:`ConfigError` when Redis refuses
+        the broker URL (as :meth:`queue_length` does)."""
+        return self._clock.now()
+
     def _server_clock(self) -> ServerClock:
         """The Redis server's clock, read through :meth:`_on_redis` (its errors are
         :class:`BrokerUnavailable`, or :class:`ClientClosed` once closed); this host's

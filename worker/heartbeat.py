@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from contract.broker import redis_client
+from contract.clock import server_time
 from contract.errors import ConfigError
 from contract.liveness import HEARTBEAT_EVERY_S, announce, withdraw, worker_key
 from contract.settings import Settings, mask_url
@@ -34,6 +35,8 @@ class Heartbeat:
     until :meth:`stop` (:func:`contract.liveness.announce`: the Redis server's clock, then
     one transaction).
 
+    The key's value holds the worker's pid, ``started_at`` and ``facts``; ``started_at`` is
+    on the Redis server's clock (see :meth:`_value`), as the ``now`` readers list it with.
     A Redis outage is logged once and retried; the key is deleted on a clean stop.
     The client has the broker's timeouts and health checks (``redis_*`` settings).
     Raises :class:`ConfigError` for a broker that is not Redis (``memory://``).
@@ -42,7 +45,10 @@ class Heartbeat:
     def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
         self.family, self.hostname = settings.family, hostname
         self.key = worker_key(settings.family, hostname)
-        self.value = json.dumps({"pid": os.getpid(), "started_at": time.time(), **facts})
+        self._pid, self._facts = os.getpid(), dict(facts)
+        self._made_at = time.monotonic()
+        #: the key's value, built at the first beat that reaches Redis (:meth:`_value`)
+        self.value: str | None = None
         client = redis_client(settings)
         if client is None:
             raise ConfigError(f"the heartbeat needs a Redis broker, not "
@@ -61,13 +67,24 @@ class Heartbeat:
         failing = False
         while not self._stop.is_set():
             try:
-                announce(self.client, self.family, self.hostname, self.value)
+                announce(self.client, self.family, self.hostname, self._value())
                 failing = False
             except redis.RedisError as exc:
                 if not failing:
                     log.warning("heartbeat: cannot reach Redis (%s); retrying", exc)
                 failing = True
             self._stop.wait(HEARTBEAT_EVERY_S)
+
+    def _value(self) -> str:
+        """The key's value. ``started_at`` is when this heartbeat was made on the Redis
+        server's clock (its ``TIME`` at the first beat that reaches it, less the monotonic
+        seconds since), not on this host's: ``/v1/live`` lists it next to the server's
+        ``now``, and their difference is the worker's uptime only on one clock."""
+        if self.value is None:
+            started = server_time(self.client) - (time.monotonic() - self._made_at)
+            self.value = json.dumps({"pid": self._pid, "started_at": started,
+                                     **self._facts})
+        return self.value
 
     def stop(self) -> None:
         """Stop refreshing and remove the key and its index members (a stopped worker is
