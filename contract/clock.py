@@ -93,8 +93,11 @@ class ServerClock:
         return self._offset
 
     def now(self) -> float:
-        """The server's time, in UNIX seconds (refreshing the offset when due)."""
-        return time.time() + self.current_offset()
+        """The server's time, in UNIX seconds (refreshing the offset when due). This
+        host's clock is read after the offset, so a slow read of the server (or a wait for
+        another thread's) does not make the time returned that much late."""
+        offset = self.current_offset()
+        return time.time() + offset
 
     def current_offset(self) -> float:
         """Seconds to add to this host's clock to read the server's, now (refreshing the
@@ -123,3 +126,8 @@ class ServerClock:
                 log.warning("cannot read the Redis server's clock: task deadlines and row "
                             "times keep this host's clock%s: %s",
                             "" if self._offset == 0.0 else " and the last offset to it", exc)
+        finally:
+            # The next refresh counts from the end of this try: a read that took longer
+            # than the interval (a stalled server, its socket timeout) is not due again
+            # for each thread that waited for the lock meanwhile.
+            self._tried_at = time.monotonic()

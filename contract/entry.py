@@ -40,7 +40,10 @@ def main() -> None:
     """Run the ``bertstream`` CLI; Ctrl-C before it handles one exits 130 in one line."""
     global _main_thread
     _main_thread = _thread.get_ident()
-    signal.signal(signal.SIGINT, on_sigint)
+    # Only in place of Python's own handler: SIGINT ignored when the command started (a
+    # shell script's background job, `cmd &`) stays ignored, as it was before this hook.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     previous = sys.unraisablehook
 
     def unraisable(report: Any) -> None:  # a KeyboardInterrupt Python could only print

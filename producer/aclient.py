@@ -32,7 +32,8 @@ from producer.client import Buffered, ChunkPublisher, Client, ClientClosed
 #: waiting its turn too long fails. Its own pool, not the loop's default executor: while
 #: Redis is down every submit holds its thread through the publish retries, and the
 #: app's own work there (``loop.getaddrinfo``, other libraries' threads) must go on.
-#: The clients of :meth:`AsyncClient.for_model` share their client's pool.
+#: The clients of :meth:`AsyncClient.for_model` share their client's pool. An open
+#: :meth:`AsyncClient.chunk_publisher` runs its calls in a thread of its own.
 MAX_THREADS = 10
 
 P = ParamSpec("P")
@@ -180,19 +181,31 @@ class AsyncClient:
                 raise self._closed_error()
             return self._threads.pool()
 
-    def _submit(self, work: Callable[[], T]) -> Future[T]:
-        """``work()`` queued for a thread of the pool, with the caller's context variables."""
+    def _submit(self, work: Callable[[], T],
+                thread: ThreadPoolExecutor | None = None) -> Future[T]:
+        """``work()`` queued for a thread of the pool (or ``thread``, a chunk publisher's
+        own), with the caller's context variables."""
         context = contextvars.copy_context()
         try:
-            return self._pool().submit(context.run, work)
+            return self._executor(thread).submit(context.run, work)
         except RuntimeError as exc:  # the pool shut down by aclose() in another thread
             if self._is_closed():
                 raise self._closed_error() from exc
             raise
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        """``work()`` in a thread of the pool; cancelled, a call still queued never runs."""
-        return await asyncio.wrap_future(self._submit(work))
+    def _executor(self, thread: ThreadPoolExecutor | None) -> ThreadPoolExecutor:
+        """``thread``, or the pool when None; :class:`ClientClosed` after aclose()."""
+        if thread is None:
+            return self._pool()
+        with self._lock:
+            if self._is_closed():
+                raise self._closed_error()
+        return thread
+
+    async def _run(self, work: Callable[[], T], thread: ThreadPoolExecutor | None = None) -> T:
+        """``work()`` in a thread of the pool (or ``thread``); cancelled, a call still
+        queued never runs."""
+        return await asyncio.wrap_future(self._submit(work, thread))
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` on the loop; aclose() ends the sleep early."""
@@ -268,29 +281,36 @@ class AsyncClient:
         flushed on a normal exit, the buffered remainder dropped on an exception
         (cancellation included), which propagates.
 
-        Its calls run in this client's threads, one at a time: the hooks
+        Its calls run in a thread of its own, one at a time: the hooks
         (``before_send``, ``after_send``, ``on_conflict``) are plain functions called
-        in a thread. A cancelled call ends in its thread before the next one starts, so
-        a cancelled :meth:`AsyncChunkPublisher.add` may still have buffered its item
-        (and sent it, with its chunk, at the next flush)."""
+        in a thread. Not in the client's threads: the block holds a producer of the
+        client's pool, and calls waiting there for one (a submit, another publisher's
+        start) may take every one of those threads; the block must still end to give
+        its producer back. A cancelled call ends in its thread before the next one
+        starts, so a cancelled :meth:`AsyncChunkPublisher.add` may still have buffered
+        its item (and sent it, with its chunk, at the next flush)."""
         manager = self.sync.chunk_publisher(
             bulk=bulk, chunk_size=chunk_size, before_send=before_send,
             after_send=after_send, on_conflict=on_conflict)
-        entering = self._submit(manager.__enter__)
+        own = ThreadPoolExecutor(1, thread_name_prefix="bertstream-async-publisher")
         try:
-            entered = await asyncio.wrap_future(entering)
-        except asyncio.CancelledError:
-            # Entered all the same when its thread had started (waiting for a producer):
-            # left as soon as it is, so that the producer goes back to its pool.
-            entering.add_done_callback(functools.partial(_leave_unused, manager))
-            raise
-        publisher = AsyncChunkPublisher(self, manager, entered)
-        try:
-            yield publisher
-        except BaseException as exc:
-            await publisher._exit(exc)
-            raise
-        await publisher._exit(None)
+            entering = self._submit(manager.__enter__, own)
+            try:
+                entered = await asyncio.wrap_future(entering)
+            except asyncio.CancelledError:
+                # Entered all the same when its thread had started (waiting for a
+                # producer): left as soon as it is, so that the producer goes back.
+                entering.add_done_callback(functools.partial(_leave_unused, manager))
+                raise
+            publisher = AsyncChunkPublisher(self, manager, entered, own)
+            try:
+                yield publisher
+            except BaseException as exc:
+                await publisher._exit(exc)
+                raise
+            await publisher._exit(None)
+        finally:
+            own.shutdown(wait=False)  # a call still running there ends first
 
     # -- the queue ------------------------------------------------------
 
@@ -341,14 +361,15 @@ class AsyncClient:
 
 class AsyncChunkPublisher:
     """A :class:`ChunkPublisher` (``sync``) awaited from asyncio, given by
-    :meth:`AsyncClient.chunk_publisher`: each call runs in the client's threads, one
-    at a time, as they share one producer (one connection)."""
+    :meth:`AsyncClient.chunk_publisher`: each call runs in the publisher's own thread
+    (``thread``), one at a time, as they share one producer (one connection)."""
 
     def __init__(self, client: AsyncClient, manager: AbstractContextManager[ChunkPublisher],
-                 publisher: ChunkPublisher) -> None:
+                 publisher: ChunkPublisher, thread: ThreadPoolExecutor) -> None:
         self._client = client
         self._manager = manager
         self.sync = publisher
+        self._thread = thread
         #: held by the call in a thread; a cancelled one keeps it until it ends there
         self._turn = threading.Lock()
 
@@ -367,7 +388,7 @@ class AsyncChunkPublisher:
             with self._turn:
                 return work()
 
-        return await self._client._run(run)
+        return await self._client._run(run, self._thread)
 
     async def add(self, item: TaskItem, line: int | None = None, origin: Any = None, *,
                   caller_id: bool = False) -> None:
