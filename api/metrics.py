@@ -5,11 +5,14 @@ server's queue family, and of every family of its queue) and live workers are
 read from Redis when Prometheus scrapes, not polled; whether that read worked
 is ``bertstream_redis_up``, and whether a failed read was Redis refusing the broker URL
 (a setting, not an outage) is ``bertstream_broker_misconfigured``. Depths are read by a script run in Redis per chunk of
-kombu's bindings (:class:`BindingWalk`), never by a command per family bound.
+kombu's bindings (:class:`BindingWalk`), never by a command per family bound; a Redis
+that refuses scripts (an ACL user without ``+@scripting``, a server without Lua) gets
+the same walk from the client instead, a few pipelined round trips per chunk.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
@@ -26,6 +29,8 @@ from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.errors import BertstreamError, BrokerMisconfigured
 from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
+
+log = logging.getLogger(__name__)
 
 LANES = (LANE_INTERACTIVE, LANE_BULK)
 
@@ -125,6 +130,64 @@ return {page[1], #page[2], redis.call('SCARD', KEYS[1]), out}
 """
 
 
+def refuses_scripts(exc: redis.RedisError) -> bool:
+    """Whether ``exc``, raised running a script, is Redis refusing scripts as such: an ACL
+    user without ``+@scripting`` (NOPERM), a server without Lua (EVALSHA, EVAL or SCRIPT
+    an unknown command), or a script it will not keep (NOSCRIPT once loaded). Not a
+    connection error, nor an error of the script's own commands."""
+    text = str(exc).lower()
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "command" in text  # not a key the ACL user may not read
+    return isinstance(exc, redis.exceptions.NoScriptError) or (
+        isinstance(exc, redis.ResponseError)
+        and ("unknown command" in text or "noscript" in text))
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def walk_step(client: redis.Redis, key: str, sep: str, queue: str, cursor: int | str,
+              count: int, suffixes: list[str], names: list[str]) -> list[Any]:
+    """:data:`_WALK`'s step done from the client, for a Redis that runs no script: the
+    same reply from SSCAN, SCARD, then EXISTS per queue and LLEN only of the lists of
+    the queues that exist (most bound queues are empty), each a pipelined round trip.
+    Not atomic, which a gauge read at scrape time does not need."""
+    walking = cursor != ""
+    with client.pipeline(transaction=False) as pipe:
+        if walking:
+            pipe.sscan(key, int(cursor), count=count)
+        pipe.scard(key)
+        replies = pipe.execute()
+    page = replies[0] if walking else (0, [])
+    size = int(replies[-1])
+    head, marker = _as_bytes(queue), _as_bytes(sep)
+    found = []
+    for member in page[1]:
+        name = _as_bytes(member).rpartition(marker)[2]
+        if name[:len(head)] == head and name[len(head):len(head) + 1] in (b".", b"-"):
+            found.append(name)
+    queues = [(_as_bytes(n), True) for n in names] + [(n, False) for n in found]
+    ends = [_as_bytes(s) for s in suffixes]
+    with client.pipeline(transaction=False) as pipe:
+        for name, _ in queues:
+            pipe.exists(name, *(name + end for end in ends))
+        present = pipe.execute()
+    held = [q for q, there in zip(queues, present, strict=True) if int(there)]
+    with client.pipeline(transaction=False) as pipe:
+        for name, _ in held:
+            for lane_key in (name, *(name + end for end in ends)):
+                pipe.llen(lane_key)
+        lengths = iter(pipe.execute())
+    depth = {name: sum(int(next(lengths)) for _ in range(len(ends) + 1)) for name, _ in held}
+    out: list[Any] = []
+    for name, always in queues:
+        n = depth.get(name, 0)
+        if always or n > 0:
+            out += [name, n]
+    return [page[0], len(page[1]), size, out]
+
+
 class BindingWalk:
     """The depth of the families of ``queue`` that hold messages, found by walking
     kombu's bindings in Redis (:func:`bound_families`' set) a chunk per script run.
@@ -136,7 +199,10 @@ class BindingWalk:
     :attr:`unexamined` says how many this one did not get to. A family once found
     holding messages is read at every scrape until it is empty, so it never drops out
     for the walk's sake. The families read by name go a chunk per script run as well.
-    Thread-safe (concurrent scrapes take turns).
+    The first time Redis refuses the script (:func:`refuses_scripts`) the walk says so
+    in the log, once, and from then on does each step from the client
+    (:func:`walk_step`), so that the depths stay reported. One walk per client (the
+    API's collector holds one). Thread-safe (concurrent scrapes take turns).
     """
 
     def __init__(self, queue: str, *, limit: int | None = None,
@@ -148,6 +214,25 @@ class BindingWalk:
         self._cursor = 0
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
+        #: False once Redis refused the script: each step is then done from the client.
+        self.scripted = True
+
+    def _step(self, client: redis.Redis, script: Any, key: str, args: list[Any]) -> Any:
+        """One step of the walk: the script, or :func:`walk_step` once Redis refused it."""
+        if self.scripted:
+            try:
+                return script(keys=[key], args=args)
+            except redis.RedisError as exc:
+                if not refuses_scripts(exc):
+                    raise
+                self.scripted = False
+                log.warning("Redis refuses scripts (%s): queue depths for the metrics are "
+                            "read from here on with plain commands (SSCAN, EXISTS, LLEN), "
+                            "a few round trips per %d bound queues instead of one", exc,
+                            self.chunk)
+        steps = int(args[4])
+        return walk_step(client, key, args[0], args[1], args[2], int(args[3]),
+                         list(args[5:5 + steps]), list(args[5 + steps:]))
 
     def depths(self, client: redis.Redis, always: Iterable[str]) -> dict[str, dict[str, int]]:
         """Messages waiting per lane of each of ``always`` (even when empty), of each
@@ -159,14 +244,15 @@ class BindingWalk:
             out: dict[str, dict[str, int]] = {f: dict.fromkeys(LANES, 0) for f in fixed}
             names = [queue_name(family, lane) for family in fixed for lane in LANES]
             suffixes = lane_keys("")[1:]
-            script = client.register_script(_WALK)
+            script = client.register_script(_WALK) if self.scripted else None
+            key = RedisChannel.keyprefix_queue % (self.queue,)
             start = cursor = self._cursor
             examined, walking = 0, True
             while True:
                 batch, names = names[:self.chunk], names[self.chunk:]
-                reply = script(keys=[RedisChannel.keyprefix_queue % (self.queue,)],
-                               args=[RedisChannel.sep, self.queue, cursor if walking else "",
-                                     self.chunk, len(suffixes), *suffixes, *batch])
+                reply = self._step(client, script, key,
+                                   [RedisChannel.sep, self.queue, cursor if walking else "",
+                                    self.chunk, len(suffixes), *suffixes, *batch])
                 self._count(out, reply[3])
                 if walking:
                     cursor, examined = int(reply[0]), examined + int(reply[1])
