@@ -14,6 +14,9 @@ Ids whose claim has expired are checked against the stored rows' hashes too.
 A caller id sent again with the same text whose stored row is ``failed`` or
 ``expired`` is queued again, once per stored attempt (see
 :mod:`contract.retries`).
+On a Redis that refuses scripts (an ACL user without ``+@scripting``, a
+server without Lua) the claims and retry markers are written in WATCH/MULTI
+transactions instead, with the same guarantees (switched once, logged once).
 Accepted items are published through :class:`producer.client.Client`, one
 message per ``bulk_chunk_size`` items; if publishing fails the claims are
 released, so a retry is not taken for a duplicate.
@@ -31,10 +34,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from api.errors import ApiError
+from api.metrics import refuses_scripts
 from contract.broker import BrokerMisconfigured, broker_error, required_redis
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
@@ -61,6 +66,10 @@ UNAVAILABLE = "unavailable"
 
 #: How long a measured queue length is reused before Redis is asked again.
 QUEUE_LENGTH_TTL_S = 0.2
+#: Tries of a script-free claim or retry marking (a WATCH/MULTI transaction) before the
+#: submit is answered 503: each try after the first follows one of its keys changed meanwhile
+#: (another request claiming or releasing the same id).
+TRANSACTION_TRIES = 16
 #: Seconds a client is told to wait (Retry-After) when Redis is out of memory: it frees
 #: memory as workers take the queued messages, not in an instant.
 FULL_RETRY_AFTER_S = 30
@@ -150,6 +159,9 @@ class Submitter:
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
         self._mark_retries = self.redis.register_script(MARK_RETRIES)
+        #: False once Redis refused a script: claims and retry markers then go through
+        #: WATCH/MULTI transactions (:meth:`_scriptless`).
+        self.scripted = True
 
     def key(self, task_id: str, family: str | None = None) -> str:
         """The Redis key remembering that ``task_id`` was accepted for this model (or for
@@ -235,11 +247,11 @@ class Submitter:
         hashes = [text_sha256(it.text) for it in items]
         try:
             # One command for the whole batch: SET NX each id, GET the ones taken.
-            previous = self._claim(args=[self.settings.api_id_ttl_s, self.key(""),
-                                         "".join(hashes), "\0".join(it.id for it in items),
-                                         f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
-                                         self.settings.family if self.settings.model_name
-                                         else ""])
+            args = [self.settings.api_id_ttl_s, self.key(""), "".join(hashes),
+                    "\0".join(it.id for it in items),
+                    f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+                    self.settings.family if self.settings.model_name else ""]
+            previous = self._scriptless(self._claim, args, self._claim_in_transaction)
         except redis.RedisError as exc:
             raise redis_failure(self.settings, exc) from exc
         outcomes: list[Outcome | None] = [None] * len(items)
@@ -319,11 +331,11 @@ class Submitter:
             return {}
         target = self.settings.model_name
         try:
-            marked = self._mark_retries(args=[
+            marked = self._scriptless(self._mark_retries, [
                 self.settings.api_id_ttl_s,
                 "\0".join(self.retry_key(items[i].id) for i, _ in candidates),
                 "\0".join(retry_marker(row.attempts, row.model, target)
-                          for _, row in candidates)])
+                          for _, row in candidates)], self._mark_in_transaction)
         except redis.RedisError as exc:
             raise redis_failure(self.settings, exc) from exc
         now_marked = {int(m) - 1 for m in marked}
@@ -336,6 +348,83 @@ class Submitter:
                 outcomes[i] = Outcome(items[i].id, DUPLICATE,
                                       f"a retry of its {row.status} attempt is already queued")
         return retries
+
+    def _scriptless(self, script: Any, args: list[Any],
+                    fallback: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """Run ``script`` with ``args``; once Redis refuses scripts (an ACL user without
+        ``+@scripting``, a server without Lua: :func:`~api.metrics.refuses_scripts`), run
+        ``fallback`` with them instead, from then on. The switch is logged once."""
+        if self.scripted:
+            try:
+                return list(script(args=args))
+            except redis.RedisError as exc:
+                if not refuses_scripts(exc):
+                    raise
+                with self._lock:
+                    first, self.scripted = self.scripted, False
+                if first:
+                    log.warning("Redis refuses scripts (%s): ids are claimed and retries "
+                                "marked from here on with WATCH/MULTI transactions (two "
+                                "round trips instead of one)", exc)
+        return fallback(args)
+
+    def _transaction(self, keys: list[str], step: Callable[[Any, list[Any]], list[Any]]
+                     ) -> list[Any]:
+        """Read ``keys`` and queue ``step(pipe, values)``'s writes in one WATCH/MULTI
+        transaction, again while one of the keys changes meanwhile: what it writes is
+        decided on values no other client changed, as inside a script. Its result."""
+        with self.redis.pipeline() as pipe:
+            for _ in range(TRANSACTION_TRIES):
+                try:
+                    pipe.watch(*keys)
+                    values = pipe.mget(keys)
+                    pipe.multi()
+                    out = step(pipe, values)
+                    pipe.execute()
+                    return out
+                except redis.WatchError:
+                    continue
+        log.warning("a submit's ids kept changing through %d transactions", TRANSACTION_TRIES)
+        raise ApiError(503, "broker_busy", "the ids of this submit kept changing meanwhile "
+                       "(concurrent submits of the same ids); retry", {"Retry-After": "1"})
+
+    def _claim_in_transaction(self, args: list[Any]) -> list[Any]:
+        """What :data:`_CLAIM` does, in a transaction: the same arguments, the same reply."""
+        ttl, prefix, hashes, ids, any_prefix, family = args
+        task_ids = ids.split("\0")
+        keys = [prefix + task_id for task_id in task_ids]
+        unique = list(dict.fromkeys(keys))
+
+        def claim(pipe: Any, values: list[Any]) -> list[Any]:
+            held = dict(zip(unique, values, strict=True))
+            out: list[Any] = []
+            for i, (key, task_id) in enumerate(zip(keys, task_ids, strict=True)):
+                digest = hashes[i * 64:(i + 1) * 64]
+                if held[key] is None:
+                    pipe.set(key, digest, nx=True, ex=ttl)
+                    if family:
+                        pipe.set(any_prefix + task_id, family, ex=ttl)
+                    held[key] = digest.encode("ascii")  # a later copy meets this claim
+                else:
+                    out += [i + 1, held[key]]
+            return out
+
+        return self._transaction(unique, claim)
+
+    def _mark_in_transaction(self, args: list[Any]) -> list[Any]:
+        """What :data:`~contract.retries.MARK_RETRIES` does, in a transaction: the same
+        arguments, the same reply. Its keys are distinct (one per task id)."""
+        ttl, keys, values = args[0], args[1].split("\0"), args[2].split("\0")
+
+        def mark(pipe: Any, held: list[Any]) -> list[Any]:
+            out = []
+            for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+                if held[i] != value.encode("utf-8"):
+                    pipe.set(key, value, ex=ttl)
+                    out.append(i + 1)
+            return out
+
+        return self._transaction(keys, mark)
 
     def _unchecked(self, items: Sequence[TaskItem], fresh: list[int], caller_ids: frozenset[str],
                    outcomes: list[Outcome | None], reason: str) -> dict[str, IdState]:

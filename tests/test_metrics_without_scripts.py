@@ -7,8 +7,6 @@ Private redis-servers, real ACL users."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,57 +25,14 @@ from contract.constants import queue_name
 from contract.liveness import announce
 from contract.settings import Settings
 from producer.client import Client
-from worker.process import die_with_parent, free_port
-
-#: The scripting commands a server without Lua lacks.
-NO_LUA = [arg for name in ("EVAL", "EVALSHA", "SCRIPT", "EVAL_RO", "EVALSHA_RO", "FCALL")
-          for arg in ("--rename-command", name, "")]
+from tests.scriptless_redis import REFUSALS, Server, refusing_server
 
 
-class Server:
-    """A private redis-server started with ``extra`` arguments; an ``admin`` client on it
-    (the default user, which may run scripts where the server has them)."""
-
-    def __init__(self, workdir: Path, extra: list[str]) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(workdir), "--save", "", "--appendonly", "no", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
-        self.admin = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.admin.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-
-    def url(self, user: str = "") -> str:
-        return f"redis://{user}127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.admin.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
-@pytest.fixture(params=["acl-without-scripting", "server-without-lua"])
+@pytest.fixture(params=REFUSALS)
 def refusing(request: Any, tmp_path: Path) -> Iterator[tuple[Server, str]]:
-    """A private server and the URL of a user on it whose scripts Redis refuses; the
-    default user's URL too where scripts work for it (the ACL case), else None."""
-    server = Server(tmp_path, NO_LUA if request.param == "server-without-lua" else [])
-    try:
-        if request.param == "acl-without-scripting":
-            server.admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*",
-                                         "+@all", "-@scripting")
-            yield server, server.url("app:pw@")
-        else:
-            yield server, server.url()
-    finally:
-        server.stop()
+    """A private server and the URL of a user on it whose scripts Redis refuses."""
+    with refusing_server(request.param, tmp_path) as found:
+        yield found
 
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]
@@ -133,9 +88,7 @@ def test_the_walk_without_scripts_reads_what_the_script_reads(tmp_path: Path) ->
     holding messages (in any priority list), none of another queue's."""
     server = Server(tmp_path, [])
     try:
-        server.admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*",
-                                     "+@all", "-@scripting")
-        plain = redis.Redis.from_url(server.url("app:pw@"))
+        plain = redis.Redis.from_url(server.add_user_without_scripting())
         queue = "bst-walk"
         families = [queue] + [f"{queue}-m{i}" for i in range(60)]
         bind(server.admin, queue, [*families, f"{queue}x", f"{queue}x-m1"])

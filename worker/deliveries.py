@@ -14,6 +14,7 @@ its count back, so rolling restarts never dead-letter it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import redis
@@ -26,20 +27,9 @@ from contract.settings import Settings
 #: message comes back after it, then may wait in its queue): see :func:`counter_ttl`.
 COUNTER_TTL_S = 86_400
 
-#: Take one delivery off each key (a key named twice loses two); a count that reaches
-#: zero is deleted, and a missing key stays missing (never negative: a count of 0 or
-#: below would make the next delivery look like no first delivery at all).
-_UNDO = """
-for _, key in ipairs(KEYS) do
-  local n = tonumber(redis.call('GET', key) or '0')
-  if n > 1 then
-    redis.call('DECR', key)
-  elseif n == 1 then
-    redis.call('DEL', key)
-  end
-end
-return 0
-"""
+#: Tries of :meth:`DeliveryCounter.undo`'s transaction before it gives up (each try after
+#: the first follows a count changed meanwhile: another worker counting a delivery).
+UNDO_TRIES = 16
 
 
 def counter_ttl(settings: Settings) -> int:
@@ -85,7 +75,15 @@ class DeliveryCounter:
     def undo(self, message_ids: Sequence[str]) -> None:
         """Take back one counted delivery per id (an id given twice, two): for deliveries
         whose flush ran to its end and that go back to the queue unacked (a warm shutdown),
-        so they count as no death of their worker. One atomic script."""
+        so they count as no death of their worker. A count that reaches zero is deleted, a
+        missing one stays missing (never negative: a count of 0 or below would make the next
+        delivery look like no first delivery at all), and each keeps its expiry.
+
+        One atomic WATCH/MULTI transaction, no script: it works on a Redis that refuses
+        scripts (an ACL user without ``+@scripting``, a server without Lua), where the
+        worker runs with ``BERTSTREAM_ATOMIC_RECEIVE=false``. Raises
+        :class:`redis.RedisError` when Redis fails, or :class:`redis.WatchError` when the
+        counts kept changing through :data:`UNDO_TRIES` tries."""
         if self._redis is None:
             for mid in message_ids:
                 n = self._local.get(mid, 0) - 1
@@ -94,9 +92,28 @@ class DeliveryCounter:
                 else:
                     self._local.pop(mid, None)
             return
-        if message_ids:
-            self._redis.eval(_UNDO, len(message_ids),
-                             *[DELIVERY_KEY_PREFIX + mid for mid in message_ids])
+        if not message_ids:
+            return
+        tally = Counter(DELIVERY_KEY_PREFIX + mid for mid in message_ids)
+        keys = list(tally)
+        with self._redis.pipeline() as pipe:
+            for attempt in range(UNDO_TRIES):
+                try:
+                    pipe.watch(*keys)
+                    counts = pipe.mget(keys)
+                    pipe.multi()
+                    for key, held in zip(keys, counts, strict=True):
+                        if held is None:
+                            continue
+                        if int(held) > tally[key]:
+                            pipe.decrby(key, tally[key])  # keeps the key's expiry
+                        else:
+                            pipe.delete(key)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    if attempt == UNDO_TRIES - 1:
+                        raise
 
     def close(self) -> None:
         """Release the Redis connection."""

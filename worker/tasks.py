@@ -436,7 +436,12 @@ class AnalyzeTask(Batches):
             if s.id in self._held:  # a copy of a delivery this flush took and holds
                 self._join(r, s.id)
                 if self.deliveries is not None:
-                    self.deliveries.undo([s.id])
+                    try:
+                        self.deliveries.undo([s.id])
+                    except Exception as exc:  # noqa: BLE001 - the copy joined all the same
+                        log.warning("could not take back the delivery count of message %s "
+                                    "(it counts as one delivery): %s",
+                                    printable(str(s.id))[:200], exc)
                 continue
             self._flushing = [q for q, _, _ in again[k:]]
             self._keep_visible(self._flushing + self._held_requests())
