@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import broker_error, lane_keys
+from contract.broker import broker_error, lane_keys, refuses_scripts
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.errors import BertstreamError, BrokerMisconfigured
 from contract.liveness import family_workers, is_family_of
@@ -130,19 +130,6 @@ return {page[1], #page[2], redis.call('SCARD', KEYS[1]), out}
 """
 
 
-def refuses_scripts(exc: redis.RedisError) -> bool:
-    """Whether ``exc``, raised running a script, is Redis refusing scripts as such: an ACL
-    user without ``+@scripting`` (NOPERM), a server without Lua (EVALSHA, EVAL or SCRIPT
-    an unknown command), or a script it will not keep (NOSCRIPT once loaded). Not a
-    connection error, nor an error of the script's own commands."""
-    text = str(exc).lower()
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return "command" in text  # not a key the ACL user may not read
-    return isinstance(exc, redis.exceptions.NoScriptError) or (
-        isinstance(exc, redis.ResponseError)
-        and ("unknown command" in text or "noscript" in text))
-
-
 def _as_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
@@ -199,7 +186,7 @@ class BindingWalk:
     :attr:`unexamined` says how many this one did not get to. A family once found
     holding messages is read at every scrape until it is empty, so it never drops out
     for the walk's sake. The families read by name go a chunk per script run as well.
-    The first time Redis refuses the script (:func:`refuses_scripts`) the walk says so
+    The first time Redis refuses the script (:func:`contract.broker.refuses_scripts`) the walk says so
     in the log, once, and from then on does each step from the client
     (:func:`walk_step`), so that the depths stay reported. One walk per client (the
     API's collector holds one). Thread-safe (concurrent scrapes take turns).

@@ -39,8 +39,7 @@ from typing import Any
 import redis
 
 from api.errors import ApiError
-from api.metrics import refuses_scripts
-from contract.broker import BrokerMisconfigured, broker_error, required_redis
+from contract.broker import BrokerMisconfigured, broker_error, refuses_scripts, required_redis
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
@@ -352,7 +351,7 @@ class Submitter:
     def _scriptless(self, script: Any, args: list[Any],
                     fallback: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Run ``script`` with ``args``; once Redis refuses scripts (an ACL user without
-        ``+@scripting``, a server without Lua: :func:`~api.metrics.refuses_scripts`), run
+        ``+@scripting``, a server without Lua: :func:`~contract.broker.refuses_scripts`), run
         ``fallback`` with them instead, from then on. The switch is logged once."""
         if self.scripted:
             try:

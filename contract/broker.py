@@ -120,11 +120,14 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
 
 
-def probe_broker(settings: Settings, timeout_s: float | None = None) -> None:
+def probe_broker(settings: Settings, timeout_s: float | None = None, *,
+                 needs_scripts: bool = False) -> None:
     """One try at the broker's Redis now, without redis-py's retries, each socket wait cut
     to ``timeout_s``: returns when it answers (and at once for a broker other than Redis);
     raises :func:`broker_error`'s error when it does not (:class:`BrokerMisconfigured`,
     :class:`BrokerUnavailable`), and :class:`ConfigError` for a URL that does not parse.
+    ``needs_scripts``: also run a trivial script, and raise :class:`ConfigError` when
+    Redis refuses scripts (:func:`refuses_scripts`), which a worker cannot run without.
     """
     if not settings.broker_url.startswith(REDIS_SCHEMES):
         return
@@ -140,10 +143,32 @@ def probe_broker(settings: Settings, timeout_s: float | None = None) -> None:
                           f"be parsed ({exc})") from exc
     try:
         client.ping()
+        if needs_scripts:
+            client.eval("return 1", 0)
     except redis.RedisError as exc:
+        if needs_scripts and refuses_scripts(exc):
+            raise ConfigError(
+                f"Redis at {mask_url(settings.broker_url)} refuses Lua scripts ({exc}): a "
+                f"worker needs them (kombu's visibility restore releases its lock with one, "
+                f"whatever {ENV_PREFIX}ATOMIC_RECEIVE says); grant the URL's user "
+                f"+@scripting (ACL SETUSER <user> +@scripting) or use a server with Lua"
+            ) from exc
         raise broker_error(settings, exc) from exc
     finally:
         client.close()
+
+
+def refuses_scripts(exc: redis.RedisError) -> bool:
+    """Whether ``exc``, raised running a script, is Redis refusing scripts as such: an ACL
+    user without ``+@scripting`` (NOPERM), a server without Lua (EVALSHA, EVAL or SCRIPT
+    an unknown command), or a script it will not keep (NOSCRIPT once loaded). Not a
+    connection error, nor an error of the script's own commands."""
+    text = str(exc).lower()
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return "command" in text  # not a key the ACL user may not read
+    return isinstance(exc, redis.exceptions.NoScriptError) or (
+        isinstance(exc, redis.ResponseError)
+        and ("unknown command" in text or "noscript" in text))
 
 
 def _url_db(url: str) -> str:

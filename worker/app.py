@@ -54,7 +54,8 @@ def wait_for_broker(settings: Settings) -> None:
     Redis that comes up a little later (a restarted stack) is waited for; then
     :class:`BrokerUnavailable` names the URL (password masked) and the setting.
     Redis answering but refusing the URL's database index or credentials is a
-    :class:`ConfigError`, at once: no retry fixes it. Celery's own reconnection
+    :class:`ConfigError`, at once: no retry fixes it; so is a Redis that refuses Lua
+    scripts, which kombu's visibility restore needs. Celery's own reconnection
     after a connection lost later is left as it is.
     """
     if not settings.broker_url.startswith(REDIS_SCHEMES):
@@ -69,7 +70,7 @@ def wait_for_broker(settings: Settings) -> None:
         # One try is one connection attempt (redis-py's own retries are off), cut short
         # by the time left, so the wait ends near its bound.
         try:
-            probe_broker(settings, max(deadline - time.monotonic(), 0.1))
+            probe_broker(settings, max(deadline - time.monotonic(), 0.1), needs_scripts=True)
             if tries > 1:
                 log.info("Redis at %s answers (try %d)", url, tries)
             return
