@@ -169,7 +169,8 @@ def wait_until(fetch: Any, timeout: float = 30.0) -> Any:
 def test_model_error_fails_only_that_item(
     settings: Settings, poison_model_dir: Path, worker_factory: Any
 ) -> None:
-    """A text the model raises on fails alone; its batch-mates are stored as done."""
+    """A text the model cannot take (a token past its embedding table: the model would
+    raise) fails alone with the reason, unrun; its batch-mates are stored as done."""
     s = settings.replace(model=str(poison_model_dir))
     worker_factory(s)
     texts = [f"the hotel is good {i}" for i in range(20)] + ["this has a poisonpill in it"]
@@ -178,7 +179,7 @@ def test_model_error_fails_only_that_item(
         rows = client.wait(report.ids, timeout=60)
     poisoned = rows[report.ids[-1]]
     assert poisoned.status == STATUS_FAILED
-    assert poisoned.error and "model error" in poisoned.error and "IndexError" in poisoned.error
+    assert poisoned.error and "outside the model's embedding table" in poisoned.error
     assert all(rows[i].status == STATUS_DONE for i in report.ids[:-1])
 
 

@@ -122,7 +122,8 @@ def test_unreachable_redis_exits_3_with_one_clear_line(sqlite_url: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in lines[0]
-    assert "redis-server" in lines[0] and "BERTSTREAM_BROKER_URL" in lines[0]
+    # the URL came from --broker-url: the option to change, not the variable it overrides
+    assert "redis-server" in lines[0] and "give another --broker-url" in lines[0]
 
 
 def test_unreachable_database_exits_3(redis_url: str) -> None:

@@ -38,8 +38,8 @@ def write_tiny_bert(
     ``cjk``: how many common CJK ideographs (from U+4E00) the vocabulary holds,
     so Chinese text is not all [UNK]. ``poison``: a word the tokenizer knows
     but the model does not (its id is past the embedding table), so any text
-    containing it makes the model raise a real IndexError while other texts
-    run fine.
+    containing it fails (screened before the forward pass, where the model
+    would raise an IndexError) while other texts run fine.
     """
     import torch
     from transformers import (  # type: ignore[attr-defined]
