@@ -39,7 +39,14 @@ from typing import Any
 import redis
 
 from api.errors import ApiError
-from contract.broker import BrokerMisconfigured, broker_error, refuses_scripts, required_redis
+from contract.broker import (
+    WATCH_TRIES,
+    BrokerMisconfigured,
+    broker_error,
+    refuses_scripts,
+    required_redis,
+    watched,
+)
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
@@ -65,10 +72,6 @@ UNAVAILABLE = "unavailable"
 
 #: How long a measured queue length is reused before Redis is asked again.
 QUEUE_LENGTH_TTL_S = 0.2
-#: Tries of a script-free claim or retry marking (a WATCH/MULTI transaction) before the
-#: submit is answered 503: each try after the first follows one of its keys changed meanwhile
-#: (another request claiming or releasing the same id).
-TRANSACTION_TRIES = 16
 #: Seconds a client is told to wait (Retry-After) when Redis is out of memory: it frees
 #: memory as workers take the queued messages, not in an instant.
 FULL_RETRY_AFTER_S = 30
@@ -369,23 +372,15 @@ class Submitter:
 
     def _transaction(self, keys: list[str], step: Callable[[Any, list[Any]], list[Any]]
                      ) -> list[Any]:
-        """Read ``keys`` and queue ``step(pipe, values)``'s writes in one WATCH/MULTI
-        transaction, again while one of the keys changes meanwhile: what it writes is
-        decided on values no other client changed, as inside a script. Its result."""
-        with self.redis.pipeline() as pipe:
-            for _ in range(TRANSACTION_TRIES):
-                try:
-                    pipe.watch(*keys)
-                    values = pipe.mget(keys)
-                    pipe.multi()
-                    out = step(pipe, values)
-                    pipe.execute()
-                    return out
-                except redis.WatchError:
-                    continue
-        log.warning("a submit's ids kept changing through %d transactions", TRANSACTION_TRIES)
-        raise ApiError(503, "broker_busy", "the ids of this submit kept changing meanwhile "
-                       "(concurrent submits of the same ids); retry", {"Retry-After": "1"})
+        """:func:`contract.broker.watched`: ``step``'s writes decided on ``keys`` as no
+        other client changed them. Its result; a 503 when the keys kept changing."""
+        try:
+            return watched(self.redis, keys, step)
+        except redis.WatchError:
+            log.warning("a submit's ids kept changing through %d transactions", WATCH_TRIES)
+            raise ApiError(503, "broker_busy", "the ids of this submit kept changing meanwhile "
+                           "(concurrent submits of the same ids); retry",
+                           {"Retry-After": "1"}) from None
 
     def _claim_in_transaction(self, args: list[Any]) -> list[Any]:
         """What :data:`_CLAIM` does, in a transaction: the same arguments, the same reply."""

@@ -6,7 +6,8 @@ result backend is disabled: results live in our own table.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -156,6 +157,34 @@ def probe_broker(settings: Settings, timeout_s: float | None = None, *,
         raise broker_error(settings, exc) from exc
     finally:
         client.close()
+
+
+#: Tries of :func:`watched` before it gives up on keys that keep changing.
+WATCH_TRIES = 16
+
+T = TypeVar("T")
+
+
+def watched(client: redis.Redis, keys: list[str], step: Callable[[Any, list[Any]], T],
+            tries: int = WATCH_TRIES) -> T:
+    """Read ``keys`` and queue ``step(pipe, values)``'s writes in one WATCH/MULTI
+    transaction, again while one of the keys changes meanwhile: what it writes is decided
+    on values no other client changed, as inside a script (for a Redis that refuses
+    scripts). Gives ``step``'s result; raises :class:`redis.WatchError` when the keys
+    kept changing through ``tries`` tries."""
+    with client.pipeline() as pipe:
+        for attempt in range(tries):
+            try:
+                pipe.watch(*keys)
+                values = pipe.mget(keys)
+                pipe.multi()
+                out = step(pipe, values)
+                pipe.execute()
+                return out
+            except redis.WatchError:
+                if attempt == tries - 1:
+                    raise
+    raise redis.WatchError(f"no try of {tries}")
 
 
 def refuses_scripts(exc: redis.RedisError) -> bool:

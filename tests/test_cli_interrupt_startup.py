@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,10 @@ sys.meta_path.insert(0, _Slow())
 
 
 def _interrupt_while_importing(module: str, args: list[str], tmp_path: Path, redis_url: str,
-                               in_del: bool = False) -> subprocess.CompletedProcess[str]:
-    """``bertstream ARGS`` sent SIGINT while it imports ``module``: its exit and output."""
+                               in_del: bool = False, preexec_fn: Callable[[], None] | None = None
+                               ) -> subprocess.CompletedProcess[str]:
+    """``bertstream ARGS`` sent SIGINT while it imports ``module`` (``preexec_fn`` run in
+    the child before it starts): its exit and output."""
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -73,7 +76,8 @@ def _interrupt_while_importing(module: str, args: list[str], tmp_path: Path, red
     if in_del:
         env["SLOW_IN_DEL"] = "1"
     proc = subprocess.Popen([str(SCRIPT), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=preexec_fn)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

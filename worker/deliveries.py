@@ -16,20 +16,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
-from contract.broker import redis_client
+from contract.broker import redis_client, watched
 from contract.constants import DELIVERY_KEY_PREFIX
 from contract.settings import Settings
 
 #: Counters expire on their own, this long after the visibility timeout (a dead worker's
 #: message comes back after it, then may wait in its queue): see :func:`counter_ttl`.
 COUNTER_TTL_S = 86_400
-
-#: Tries of :meth:`DeliveryCounter.undo`'s transaction before it gives up (each try after
-#: the first follows a count changed meanwhile: another worker counting a delivery).
-UNDO_TRIES = 16
 
 
 def counter_ttl(settings: Settings) -> int:
@@ -83,7 +80,7 @@ class DeliveryCounter:
         scripts (an ACL user without ``+@scripting``, a server without Lua), where the
         worker runs with ``BERTSTREAM_ATOMIC_RECEIVE=false``. Raises
         :class:`redis.RedisError` when Redis fails, or :class:`redis.WatchError` when the
-        counts kept changing through :data:`UNDO_TRIES` tries."""
+        counts kept changing through :data:`contract.broker.WATCH_TRIES` tries."""
         if self._redis is None:
             for mid in message_ids:
                 n = self._local.get(mid, 0) - 1
@@ -96,24 +93,17 @@ class DeliveryCounter:
             return
         tally = Counter(DELIVERY_KEY_PREFIX + mid for mid in message_ids)
         keys = list(tally)
-        with self._redis.pipeline() as pipe:
-            for attempt in range(UNDO_TRIES):
-                try:
-                    pipe.watch(*keys)
-                    counts = pipe.mget(keys)
-                    pipe.multi()
-                    for key, held in zip(keys, counts, strict=True):
-                        if held is None:
-                            continue
-                        if int(held) > tally[key]:
-                            pipe.decrby(key, tally[key])  # keeps the key's expiry
-                        else:
-                            pipe.delete(key)
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    if attempt == UNDO_TRIES - 1:
-                        raise
+
+        def take_back(pipe: Any, counts: list[Any]) -> None:
+            for key, held in zip(keys, counts, strict=True):
+                if held is None:
+                    continue
+                if int(held) > tally[key]:
+                    pipe.decrby(key, tally[key])  # keeps the key's expiry
+                else:
+                    pipe.delete(key)
+
+        watched(self._redis, keys, take_back)
 
     def close(self) -> None:
         """Release the Redis connection."""
