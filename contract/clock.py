@@ -40,15 +40,9 @@ def server_time(client: Any) -> float:
     return float(seconds) + micros / 1e6
 
 
-def server_offset(client: Any) -> float:
-    """Seconds to add to this host's clock (``time.time``) to read the server's: one
-    ``TIME``, taken against the middle of the round trip."""
-    return _offset(partial(server_time, client))
-
-
 def _offset(read: Callable[[], float]) -> float:
-    """The offset of the clock ``read`` gives to this host's, against the middle of the
-    round trip."""
+    """Seconds to add to this host's clock (``time.time``) to read the one ``read`` gives
+    (one ``TIME``), taken against the middle of the round trip."""
     before = time.time()
     server = read()
     return server - (before + time.time()) / 2
