@@ -21,6 +21,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -1005,6 +1006,7 @@ class ResultStore:
                 data = dict(w)
                 if isinstance(data["scores"], str):
                     data["scores"] = json.loads(data["scores"])
+                data["scores"] = _finite_scores(data["scores"])
                 out.append(WindowRecord(**data))
             return row, out
 
@@ -1359,7 +1361,21 @@ def _record(row: Any) -> ResultRecord:
         # Some drivers hand JSON back as text.
         if isinstance(data[key], str):
             data[key] = json.loads(data[key])
+    data["scores"] = _finite_scores(data["scores"])
     return ResultRecord(**data)
+
+
+def _finite_scores(scores: Any) -> Any:
+    """``scores`` with a NaN or infinite value read as None (JSON null).
+
+    Workers fail such a text now; earlier versions stored it on SQLite as done with
+    NaN in ``scores`` (and a NULL ``score``), which is not JSON: read that way, every
+    export and view shows null, as the API always did.
+    """
+    if not isinstance(scores, dict):
+        return scores
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+            for k, v in scores.items()}
 
 
 def _first_line(exc: BaseException) -> str:

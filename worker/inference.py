@@ -5,12 +5,16 @@ other exception from the model bisects the batch the same way, so one bad
 item fails alone while its batch-mates get their predictions. A text with a
 token id the model's embedding table lacks fails before any forward pass (on
 CUDA such an id is a device-side assert that breaks the whole process), with
-the runner's reason and without bisecting its batch.
+the runner's reason and without bisecting its batch. A text whose scores come
+out NaN or infinite (a float16 overflow, weights holding NaN) fails alone too:
+such a score cannot be stored or sent as JSON, and a label picked among NaNs
+means nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +73,41 @@ def screen_token_ids(
     return [r for r in rows if r not in failed], failed
 
 
+def non_finite_reason(runner: Runner, pred: Prediction, tokens: int) -> str | None:
+    """Why ``pred`` cannot be served (a NaN or infinite probability), or None.
+
+    The hint depends on the precision: in float16 an activation past 65504
+    overflows (bfloat16 or float32 avoid it); otherwise the weights are suspect.
+    """
+    bad = [p for p in pred.scores.values() if not math.isfinite(p)]
+    if not bad and math.isfinite(pred.score):
+        return None
+    kind = "NaN" if not bad or any(math.isnan(p) for p in bad) else "infinite"
+    placement = getattr(runner, "placement", None)
+    dtype = getattr(placement, "dtype", None)
+    if dtype == torch.float16:
+        hint = ("float16 overflows past 65504 on some inputs: BERTSTREAM_DTYPE=bfloat16 "
+                "or float32 avoids it")
+    else:
+        hint = "the model's weights may hold NaN or infinite values"
+    return f"the model gave {kind} scores for this text ({tokens} tokens): {hint}"
+
+
+def _vetted(runner: Runner, encoded: Sequence[Encoded], rows: Sequence[int],
+            preds: Sequence[Prediction]) -> dict[int, Prediction | str]:
+    """``preds`` by row, a non-finite one replaced by its reason (the others are kept)."""
+    out: dict[int, Prediction | str] = {}
+    bad = 0
+    for r, pred in zip(rows, preds, strict=True):
+        why = non_finite_reason(runner, pred, len(encoded[r].ids))
+        out[r] = pred if why is None else why
+        bad += why is not None
+    if bad:
+        log.warning("%d of %d text(s) got NaN or infinite scores from the model; failed "
+                    "alone", bad, len(rows))
+    return out
+
+
 def infer_isolating(
     runner: Runner, encoded: Sequence[Encoded], rows: list[int]
 ) -> dict[int, Prediction | str]:
@@ -76,8 +115,8 @@ def infer_isolating(
 
     Takes one planned batch. Gives every row exactly once: a
     :class:`Prediction`, or a readable error string when that row alone
-    still fails (or holds a token id the model lacks: failed unrun). Never
-    raises for a model-side error.
+    still fails, holds a token id the model lacks (failed unrun) or got
+    NaN or infinite scores. Never raises for a model-side error.
     """
     rows, out = screen_token_ids(runner, encoded, rows)
     if rows:
@@ -92,7 +131,7 @@ def _isolate(
     try:
         batch = runner.collate(encoded, rows)
         preds = runner.decode(runner.forward(batch))
-        return dict(zip(rows, preds, strict=True))
+        return _vetted(runner, encoded, rows, preds)
     # Broad on purpose: whatever the model raises, it must not take the
     # batch-mates of the offending item down with it.
     except Exception as exc:  # noqa: BLE001
@@ -165,7 +204,7 @@ def infer_pipelined(
             except Exception:  # noqa: BLE001 - rerun isolated (below), which keeps the reason
                 preds = None
         if preds is not None:
-            out.update(zip(rows, preds, strict=True))
+            out.update(_vetted(runner, encoded, rows, preds))
         elif rows:  # none when every row of the batch failed screening: nothing was run
             # Outside the except clause, so the failed batch's memory is free first.
             out.update(_isolate(runner, encoded, rows))

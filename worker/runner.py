@@ -281,12 +281,16 @@ class HFRunner:
         off = {}
         try:
             alone = torch.cat([self.forward(self.collate(encoded, [i])) for i in (0, 1)])
+            if not bool(torch.isfinite(alone).all()):
+                raise ModelLoadError(self._non_finite_refusal())
             for left in (False, True):
                 self.pad_left = left
                 off[left] = float((self.forward(self.collate(encoded, [0, 1])) - alone)
                                   .abs().max())
                 if off[left] <= tolerance:
                     return
+        except ModelLoadError:
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever the model raises, it cannot batch
             raise ModelLoadError(batching_refusal(self.model, self.model_dir, exc,
                                                   _one_line(exc))) from exc
@@ -295,6 +299,17 @@ class HFRunner:
             f"different lengths scores them differently from each alone (by up to "
             f"{min(off.values()):.2g} in a probability, padded on either side); "
             f"{type(self.model).__name__} cannot be served in batches")
+
+    def _non_finite_refusal(self) -> str:
+        """Why a model whose probabilities for two plain probe texts are NaN or infinite
+        is not served: every text would fail (or, unchecked, be stored as NaN)."""
+        dtype = str(self.placement.dtype).removeprefix("torch.")
+        if self.placement.dtype == torch.float16:
+            hint = "float16 overflows past 65504: set BERTSTREAM_DTYPE=bfloat16 or float32"
+        else:
+            hint = "its weights hold NaN or infinite values; retrain or re-export it"
+        return (f"{self.model_dir}: the model gives NaN or infinite scores for plain short "
+                f"texts at {dtype}: {hint}")
 
     def token_id_error(self, ids: Sequence[int]) -> str | None:
         """Why the model cannot take ``ids`` (a token id beyond its embedding table), or None.
