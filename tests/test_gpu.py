@@ -167,3 +167,21 @@ def test_gpus_launcher_pins_each_process_and_serves(tiny_model_dir: Path, redis_
     assert text.count("cuda:0 (") >= 2, text[-4000:]
     assert text.count("warm-up: ") >= 2, text[-4000:]
     assert code == 0, text[-4000:]
+
+
+def test_auto_precision_runs_a_float16_overflow_in_bfloat16(tmp_path: Path) -> None:
+    """On CUDA ``auto`` is float16; a model past its range is loaded again in bfloat16
+    (every GPU CUDA still ships for has it) and scores finitely there."""
+    import math
+
+    from tests.test_non_finite_scores import _beyond_float16
+    from worker.app import build_runner
+    from worker.device import resolve_placement
+
+    path = _beyond_float16(tmp_path / "m")
+    placement = resolve_placement("auto", "auto")
+    assert placement.dtype == torch.float16
+    runner = build_runner(Settings(model=str(path), dtype="auto"), placement)
+    assert isinstance(runner, HFRunner) and runner.placement.dtype == torch.bfloat16
+    got = runner.decode(runner.forward(runner.collate(runner.encode(TEXTS), [0, 1, 2])))
+    assert all(math.isfinite(p) for pred in got for p in pred.scores.values())

@@ -12,6 +12,7 @@ that word come out NaN.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -179,3 +180,55 @@ def test_a_real_worker_fails_the_text_and_keeps_serving(
         assert wait_rows(store, [again], timeout=60)[again].status == STATUS_DONE
     wait_broker_idle(s)
     worker.check_alive()
+
+
+def _beyond_float16(path: Path) -> Path:
+    """A tiny BERT whose classifier biases are past float16's largest value (65504): in
+    float16 they load as infinite, so every logit is; float32 scores it normally."""
+    from transformers import AutoModelForSequenceClassification
+
+    write_tiny_bert(path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    with torch.no_grad():
+        model.classifier.bias.fill_(70000.0)
+    model.save_pretrained(str(path))
+    return path
+
+
+HALF = Placement(torch.device("cpu"), torch.float16)
+
+
+def test_auto_precision_loads_a_float16_overflow_again_wider(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``BERTSTREAM_DTYPE=auto`` picks float16 on CUDA; a model that overflows there is
+    loaded again in the wider type (bfloat16 on a GPU that has it, float32 here) with
+    one warning, instead of refusing to start. (The CPU stands in for the GPU: torch
+    runs float16 on it; ``resolve_placement`` never picks it there.)"""
+    from worker.app import build_runner
+
+    path = _beyond_float16(tmp_path / "m")
+    settings = Settings(model=str(path), dtype="auto")
+    with caplog.at_level(logging.WARNING, logger="worker.app"):
+        runner = build_runner(settings, HALF)
+    assert isinstance(runner, HFRunner) and runner.placement.dtype == torch.float32
+    warned = [r.getMessage() for r in caplog.records if r.name == "worker.app"]
+    assert warned == [
+        f"{path}: the model gives NaN or infinite scores for plain short texts at float16: "
+        f"float16 overflows past 65504: set BERTSTREAM_DTYPE=bfloat16 or float32; "
+        f"BERTSTREAM_DTYPE is auto, so it is loaded again in float32"]
+    pred = _alone(runner, "good hotel")
+    assert all(math.isfinite(p) for p in pred.scores.values())
+
+
+def test_an_explicit_float16_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    from worker.app import build_runner
+
+    path = _beyond_float16(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="set BERTSTREAM_DTYPE=bfloat16 or float32$"):
+        build_runner(Settings(model=str(path), dtype="float16"), HALF)
+
+
+def test_the_wider_placement_keeps_the_device() -> None:
+    from worker.device import wider_placement
+
+    assert wider_placement(HALF) == Placement(torch.device("cpu"), torch.float32)

@@ -31,11 +31,11 @@ from contract.errors import BertstreamError, BrokerUnavailable
 from contract.results import DbTimeouts, ResultStore
 from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from worker import kombu_redis
-from worker.device import Placement, resolve_placement
+from worker.device import Placement, resolve_placement, wider_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
 from worker.process import close_store
-from worker.runner import HFRunner, NullRunner, Runner
+from worker.runner import HFRunner, NonFiniteScores, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,21 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     if placement.device.type == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path, name = resolve_model_dir(settings)
-    runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
-                      neutral_below=settings.neutral_below)
+    try:
+        runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
+                          neutral_below=settings.neutral_below)
+    except NonFiniteScores as exc:
+        # "auto" picked float16 (CUDA); a model that overflows there (weights or
+        # activations past 65504, common for checkpoints trained in bfloat16) runs
+        # in the wider type instead of refusing. An explicit dtype is the user's.
+        if settings.dtype != "auto" or placement.dtype != torch.float16:
+            raise
+        wider = wider_placement(placement)
+        log.warning("%s; BERTSTREAM_DTYPE is auto, so it is loaded again in %s", exc,
+                    str(wider.dtype).removeprefix("torch."))
+        placement = wider
+        runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
+                          neutral_below=settings.neutral_below)
     log.info("model %s (rev %s) on %s, max_length %d, %d labels (%s%s)",
              runner.name, runner.revision, placement.describe(), runner.max_length,
              len(runner.labels), runner.output, ", padded on the left" * runner.pad_left)

@@ -34,6 +34,14 @@ class Placement:
         return f"cpu ({torch.get_num_threads()} threads, {precision})"
 
 
+def wider_placement(placement: Placement) -> Placement:
+    """Where a model that overflows in float16 runs instead: bfloat16 (float32's range)
+    on a GPU that has it, else float32."""
+    if placement.is_cuda and torch.cuda.is_bf16_supported():
+        return Placement(placement.device, torch.bfloat16)
+    return Placement(placement.device, torch.float32)
+
+
 def resolve_placement(device: str, dtype: str) -> Placement:
     """Turn the ``device``/``dtype`` settings into a :class:`Placement`.
 

@@ -90,6 +90,10 @@ class Prediction:
     scores: dict[str, float]
 
 
+class NonFiniteScores(ModelLoadError):
+    """The model gives NaN or infinite probabilities for plain short texts at this precision."""
+
+
 class Runner(Protocol):
     """What the batcher needs from a model."""
 
@@ -282,14 +286,14 @@ class HFRunner:
         try:
             alone = torch.cat([self.forward(self.collate(encoded, [i])) for i in (0, 1)])
             if not bool(torch.isfinite(alone).all()):
-                raise ModelLoadError(self._non_finite_refusal())
+                raise NonFiniteScores(self._non_finite_refusal())
             for left in (False, True):
                 self.pad_left = left
                 off[left] = float((self.forward(self.collate(encoded, [0, 1])) - alone)
                                   .abs().max())
                 if off[left] <= tolerance:
                     return
-        except ModelLoadError:
+        except NonFiniteScores:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the model raises, it cannot batch
             raise ModelLoadError(batching_refusal(self.model, self.model_dir, exc,
