@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import json
 import threading
 import time
@@ -590,7 +591,7 @@ def _read_routes(router: APIRouter, services: Services) -> None:
             return {"items": [_view(r) for r in got.records], "next_cursor": got.next_cursor}
         if cursor is not None:
             raise InvalidInput("cursor applies to format=json only; exports stream every row")
-        rows = iter_records(store, filters, newest_first=newest)
+        rows = _started(iter_records(store, filters, newest_first=newest))
         body = _csv_lines(rows) if format == "csv" else _jsonl_lines(rows)
         return StreamingResponse(body, media_type=_MEDIA[format], headers={
             "Content-Disposition": f'attachment; filename="bertstream-results.{format}"'})
@@ -649,6 +650,18 @@ def _stored_pair(client: Client, a: str, b: str) -> tuple[str, str]:
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+
+
+def _started(rows: Iterator[ResultRecord]) -> Iterator[ResultRecord]:
+    """``rows`` with its first page read now, before the response starts.
+
+    Once the response has started, a failure can only break the transfer off. A
+    database that refuses the export from its first page (a role without SELECT, a
+    statement timeout) then answered 200 with a broken body, where every other read
+    answers 503; now it raises here, and the route answers as they do.
+    """
+    first = next(rows, None)
+    return iter(()) if first is None else itertools.chain([first], rows)
 
 
 def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:

@@ -290,10 +290,31 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
         args = _libpq_args(t, url.query.get("options"))
     try:
-        return sa.create_engine(url, connect_args=args)
+        engine = sa.create_engine(url, connect_args=args)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(database_url)}: {exc}; "
                           f"{_SUPPORTED}") from exc
+    if engine.dialect.name == "postgresql":
+        sa.event.listen(engine, "handle_error", _end_read_only_session)
+    return engine
+
+
+#: SQLSTATE of a write refused because the session is read-only (read_only_sql_transaction).
+READ_ONLY_SQLSTATE = "25006"
+
+
+def _end_read_only_session(ctx: sa.engine.ExceptionContext) -> None:
+    """Take a write refused as read-only for a lost connection: replace the session.
+
+    A PostgreSQL session keeps the read-only default it began with (a database set
+    ``default_transaction_read_only``, a standby a failover left it on): pooled, it
+    refused every write after the database took writes again, and a worker requeued
+    its flushes for ever. As a disconnect, the pool's connections are replaced and the
+    store tries the work once more on a new session (:meth:`ResultStore._run`); while
+    the database stays read-only, that is an outage as before.
+    """
+    if getattr(ctx.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        ctx.is_disconnect = True
 
 
 #: What a database URL may name.
