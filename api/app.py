@@ -21,12 +21,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, docs, errors
@@ -51,6 +53,7 @@ from contract.queries import (
     top_stats,
 )
 from contract.results import ResultRecord, ResultStore, as_utc
+from contract.results import results as results_table
 from contract.settings import Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS, csv_cells
@@ -712,6 +715,14 @@ def _health_routes(app: FastAPI, services: Services) -> None:
                                   "creates it)" if schema.empty else f"schema: {problem}")
         except Exception as exc:  # noqa: BLE001
             checks["database"] = f"unreachable: {type(exc).__name__}"
+        if checks["database"] == "ok":
+            # The revision table answering is not the results table being readable: a
+            # role without SELECT on it answered ready while every read was a 503.
+            try:
+                services.client.store.run(_read_nothing, "cannot read results")
+            except Exception as exc:  # noqa: BLE001
+                cause = getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc
+                checks["database"] = f"cannot read the results table: {type(cause).__name__}"
         if checks["redis"] == "ok":
             try:
                 alive = family_workers(services.submitter.redis, services.settings.queue)
@@ -725,6 +736,11 @@ def _health_routes(app: FastAPI, services: Services) -> None:
                                  else "unknown: Redis unreachable")
         ready = all(v == "ok" or v.startswith("ok:") for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def _read_nothing(conn: Connection) -> None:
+    """A read of the results table that returns no row (privileges are still checked)."""
+    conn.execute(sa.select(results_table.c.id).limit(0)).all()
 
 
 def app_from_env() -> FastAPI:

@@ -220,6 +220,24 @@ def test_an_export_the_database_refuses_before_its_first_row_answers_503(
             assert r.headers["retry-after"] == "5"
 
 
+def test_readyz_says_not_ready_when_the_role_cannot_read_the_results(
+        worker_role: WorkerRole, redis_url: str, tmp_path: Path) -> None:
+    """The schema revision table answering is not enough: a role without SELECT on the
+    results table answered ``database: ok`` while every read was a 503."""
+    settings = Settings(broker_url=redis_url, database_url=worker_role.url,
+                        queue=f"bst-refusals-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    with served(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/readyz").json()["checks"]["database"] == "ok"
+        worker_role.sql(f"REVOKE SELECT ON {RESULTS_TABLE} FROM {worker_role.name}")
+        r = http.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"]["database"] == (
+            "cannot read the results table: InsufficientPrivilege")
+        worker_role.sql(f"GRANT SELECT ON {RESULTS_TABLE} TO {worker_role.name}")
+        assert http.get("/readyz").json()["checks"]["database"] == "ok"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("refuse", "says"), [
     ("ALTER DATABASE {db} SET default_transaction_read_only = on",
