@@ -96,15 +96,23 @@ class SchemaState:
                 f"needs {self.head}: run `{UPGRADE_COMMAND}`")
 
 
+def _quiet_alembic() -> None:
+    """Alembic's INFO lines (a plugin set up, a context made) would fill every worker's
+    start-up log: its logger is set to WARNING, unless the application set a level.
+    Done on import, before Alembic is imported (its import logs) or reads a revision."""
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:
+        alembic_log.setLevel(logging.WARNING)
+
+
+_quiet_alembic()
+
+
 def _config(connection: Connection | None = None) -> Config:
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", "contract:migrations")
-    # Alembic's INFO lines (plugins, contexts) would fill every worker's start-up log.
-    alembic_log = logging.getLogger("alembic")
-    if alembic_log.level == logging.NOTSET:
-        alembic_log.setLevel(logging.WARNING)
     if connection is not None:
         config.attributes["connection"] = connection
     return config

@@ -555,3 +555,22 @@ def test_an_upgrade_to_a_revision_below_the_database_s_is_refused_naming_downgra
         store.close()
     out = bertstream(settings, "db", "upgrade", head)  # the same revision: nothing to do
     assert out.returncode == 0 and f"already at revision {head}" in out.stdout
+
+
+def test_setting_up_a_database_logs_no_alembic_info_lines(tmp_path: Path) -> None:
+    """A worker logs at INFO; Alembic's own INFO lines (a plugin set up, a migration
+    context made) filled its start-up log. An application's own level for the
+    ``alembic`` logger is kept."""
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "if sys.argv[2] == 'keep':\n"
+        "    logging.getLogger('alembic').setLevel(logging.INFO)\n"
+        "from contract import migrate\n"
+        "from contract.results import ResultStore\n"
+        "migrate.upgrade(ResultStore.from_url(sys.argv[1]))\n")
+    for mode, want in (("default", False), ("keep", True)):
+        url = f"sqlite:///{tmp_path / mode}.db"
+        out = subprocess.run([sys.executable, "-c", script, url, mode], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        assert ("INFO:alembic" in out) is want, out
