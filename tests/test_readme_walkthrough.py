@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import pytest
 
 from contract.settings import Settings
 from tests.producer_helpers import broker_settings, invoke, lane_messages
-from worker.demo import run_demo
+from worker.demo import run_demo, subprocess_worker
+from worker.process import WorkerProc
 
 
 @pytest.fixture
@@ -82,3 +84,39 @@ def test_the_in_memory_demo_prints_no_library_noise(
     assert not [w for w in warnings if "No hostname was supplied" in w]
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err
+
+
+def _worker_settings(redis_url: str, sqlite_url: str, cache: Path, model: Path) -> Settings:
+    return Settings(broker_url=redis_url, database_url=sqlite_url,
+                    queue=f"bst-test-{uuid.uuid4().hex[:8]}", cache_dir=str(cache),
+                    model=str(model), max_wait_ms=20)
+
+
+@pytest.mark.slow
+def test_the_demo_worker_leaves_no_ready_file_in_the_cache_dir(
+        redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`bertstream demo` runs its worker with a ready file beside its log in the cache
+    directory, named after the worker's random node name: each demo run left one more
+    `demo-worker.log.demo-<hex>@localhost.ready` there, for good."""
+    cache = tmp_path / "cache"
+    with subprocess_worker(_worker_settings(redis_url, sqlite_url, cache, tiny_model_dir),
+                           echo=lambda _line: None):
+        assert len(list(cache.glob("*.ready"))) == 1, "the worker reports ready by its file"
+    assert sorted(p.name for p in cache.glob("*.ready")) == []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_leaves_no_ready_file(
+        redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A worker killed outright cannot remove its ready file; the process that started
+    it does."""
+    proc = WorkerProc(_worker_settings(redis_url, sqlite_url, tmp_path / "cache",
+                                       tiny_model_dir),
+                      tmp_path / "worker.log", args=("--device", "cpu"))
+    try:
+        proc.wait_ready(120)
+        assert proc.ready_path is not None and proc.ready_path.exists()
+        proc.kill()
+        assert not proc.ready_path.exists()
+    finally:
+        proc.stop(timeout=10)

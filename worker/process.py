@@ -208,6 +208,10 @@ class WorkerProc:
         return int(self.proc.returncode)
 
     def _close(self) -> None:
+        # The ready file is named after this object's random node name, so no later
+        # worker reuses it: left behind, each run (the demo's, in the cache dir) added one.
+        if self.ready_path is not None:
+            self.ready_path.unlink(missing_ok=True)
         if not self._log.closed:
             self._log.close()
 
