@@ -117,9 +117,15 @@ class ServerClock:
         except (redis.RedisError, BrokerUnavailable) as exc:
             if mono - self._warned_at >= WARN_EVERY_S:
                 self._warned_at = mono
-                log.warning("cannot read the Redis server's clock: task deadlines and row "
-                            "times keep this host's clock%s: %s",
-                            "" if self._offset == 0.0 else " and the last offset to it", exc)
+                # Redis out of reach: whatever uses it next meets the same outage and says
+                # so (a CLI's error line, a worker's reconnects), so this is a note. Redis
+                # answering but refusing TIME (an ACL) lasts until fixed: a warning.
+                gone = isinstance(exc, (BrokerUnavailable, redis.ConnectionError,
+                                        redis.TimeoutError))
+                log.log(logging.INFO if gone else logging.WARNING,
+                        "cannot read the Redis server's clock: task deadlines and row "
+                        "times keep this host's clock%s: %s",
+                        "" if self._offset == 0.0 else " and the last offset to it", exc)
         finally:
             # The next refresh counts from the end of this try: a read that took longer
             # than the interval (a stalled server, its socket timeout) is not due again

@@ -126,6 +126,25 @@ def test_unreachable_redis_exits_3_with_one_clear_line(sqlite_url: str) -> None:
     assert "redis-server" in lines[0] and "give another --broker-url" in lines[0]
 
 
+def test_unreachable_redis_is_one_line_in_a_real_process_too(sqlite_url: str) -> None:
+    """Outside the test runner the log reaches stderr: a note that the server's clock could
+    not be read came first, the same cause again with the variable's hint."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from producer.cli import main; main()",
+         "--broker-url", "redis://127.0.0.1:1/0", "--database-url", sqlite_url, "submit", "hi"],
+        capture_output=True, text=True, timeout=120, env=_env_without_broker(),
+        cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 3
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach Redis at redis://127.0.0.1:1/0"), line
+
+
+def _env_without_broker() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("BERTSTREAM_")}
+
+
 def test_unreachable_database_exits_3(redis_url: str) -> None:
     settings = broker_settings(redis_url, "postgresql+psycopg://postgres@127.0.0.1:1/nope")
     result = invoke(["results"], settings)
