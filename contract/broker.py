@@ -100,9 +100,15 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
     :class:`BrokerMisconfigured` (a :class:`ConfigError`) when Redis answered but refused
     what the URL asks (a database index past the server's ``databases``, a wrong or
     missing password): a setting to fix (exit 2), not a server to start. Otherwise
-    :class:`BrokerUnavailable` (exit 3).
+    :class:`BrokerUnavailable` (exit 3), which says so when Redis is up but full
+    (:func:`redis_full`): "cannot reach Redis ... start it" sent the reader to a server
+    that runs.
     """
     url = mask_url(settings.broker_url)
+    if redis_full(exc):
+        return BrokerUnavailable(f"Redis at {url} is full (used memory above its maxmemory) "
+                                 f"and refuses writes: retry once the workers drain the "
+                                 f"queue, or raise its maxmemory")
     cause: BaseException | None = exc
     for _ in range(10):  # the chain of causes; a cycle ends here too
         if cause is None:
@@ -121,6 +127,23 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
 
 
+def redis_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one of its causes) is a full noeviction Redis refusing a write
+    (``OOM command not allowed when used memory > 'maxmemory'``)."""
+    cause: BaseException | None = exc
+    for _ in range(10):
+        if cause is None:
+            return False
+        if isinstance(cause, redis.exceptions.OutOfMemoryError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+#: The key :func:`probe_broker` writes (for a millisecond) to learn that Redis takes writes.
+PROBE_KEY = "bertstream:probe"
+
+
 def probe_broker(settings: Settings, timeout_s: float | None = None, *,
                  needs_scripts: bool = False) -> None:
     """One try at the broker's Redis now, without redis-py's retries, each socket wait cut
@@ -128,7 +151,10 @@ def probe_broker(settings: Settings, timeout_s: float | None = None, *,
     raises :func:`broker_error`'s error when it does not (:class:`BrokerMisconfigured`,
     :class:`BrokerUnavailable`), and :class:`ConfigError` for a URL that does not parse.
     ``needs_scripts``: also run a trivial script, and raise :class:`ConfigError` when
-    Redis refuses scripts (:func:`refuses_scripts`), which a worker cannot run without.
+    Redis refuses scripts (:func:`refuses_scripts`), which a worker cannot run without;
+    and write a key that expires at once (:data:`PROBE_KEY`), so that a full Redis
+    (:func:`redis_full`) is :class:`BrokerUnavailable` here, not an OOM reply out of
+    Celery's start (a traceback, exit 1).
     """
     if not settings.broker_url.startswith(REDIS_SCHEMES):
         return
@@ -146,6 +172,12 @@ def probe_broker(settings: Settings, timeout_s: float | None = None, *,
         client.ping()
         if needs_scripts:
             client.eval("return 1", 0)
+            try:
+                client.set(PROBE_KEY, b"1", px=1)
+            except redis.exceptions.OutOfMemoryError:
+                raise
+            except redis.ResponseError:  # an ACL that keeps this key apart: no OOM news
+                pass
     except redis.RedisError as exc:
         if needs_scripts and refuses_scripts(exc):
             raise ConfigError(

@@ -19,7 +19,7 @@ import torch
 from celery import Celery
 
 from contract import migrate
-from contract.broker import make_celery, probe_broker
+from contract.broker import make_celery, probe_broker, redis_full
 from contract.constants import (
     DEFAULT_MODEL,
     ENV_PREFIX,
@@ -55,8 +55,10 @@ def wait_for_broker(settings: Settings) -> None:
     :class:`BrokerUnavailable` names the URL (password masked) and the setting.
     Redis answering but refusing the URL's database index or credentials is a
     :class:`ConfigError`, at once: no retry fixes it; so is a Redis that refuses Lua
-    scripts, which kombu's visibility restore needs. Celery's own reconnection
-    after a connection lost later is left as it is.
+    scripts, which kombu's visibility restore needs. A full Redis (maxmemory, noeviction)
+    is waited for the same way, and named so: Celery's start failed on its refused
+    writes with a traceback (exit 1). Celery's own reconnection after a connection lost
+    later is left as it is.
     """
     if not settings.broker_url.startswith(REDIS_SCHEMES):
         return
@@ -76,15 +78,20 @@ def wait_for_broker(settings: Settings) -> None:
             return
         except BrokerUnavailable as exc:
             reason = exc.__cause__ or exc
+            full = redis_full(exc)  # up, but refusing writes: not "cannot reach"
         left = deadline - time.monotonic()
+        tried = f"tried {tries} time(s) in {wait_s:g} s, {ENV_PREFIX}BROKER_START_WAIT_S"
         if left <= 0:
-            raise BrokerUnavailable(
-                f"cannot reach Redis at {url} (tried {tries} time(s) in {wait_s:g} s, "
-                f"{ENV_PREFIX}BROKER_START_WAIT_S): {reason}")
+            if full:
+                raise BrokerUnavailable(f"Redis at {url} is full (used memory above its "
+                                        f"maxmemory; {tried}): free memory or raise its "
+                                        f"maxmemory")
+            raise BrokerUnavailable(f"cannot reach Redis at {url} ({tried}): {reason}")
         sleep = min(pause, left)
-        log.warning("cannot reach Redis at %s (%s); try %d failed, next in %.1f s, "
-                    "giving up in %.1f s (%sBROKER_START_WAIT_S)",
-                    url, reason, tries, sleep, left, ENV_PREFIX)
+        what = (f"Redis at {url} is full (maxmemory)" if full
+                else f"cannot reach Redis at {url}")
+        log.warning("%s (%s); try %d failed, next in %.1f s, giving up in %.1f s "
+                    "(%sBROKER_START_WAIT_S)", what, reason, tries, sleep, left, ENV_PREFIX)
         time.sleep(sleep)
         pause = min(pause * 2, BROKER_RETRY_MAX_S)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from contract.broker import redis_client
+from contract.broker import redis_client, redis_full
 from contract.clock import server_time
 from contract.errors import ConfigError
 from contract.liveness import HEARTBEAT_EVERY_S, announce, withdraw, worker_key
@@ -71,7 +71,9 @@ class Heartbeat:
                 failing = False
             except redis.RedisError as exc:
                 if not failing:
-                    log.warning("heartbeat: cannot reach Redis (%s); retrying", exc)
+                    what = ("Redis is full (maxmemory) and refuses it" if redis_full(exc)
+                            else "cannot reach Redis")
+                    log.warning("heartbeat: %s (%s); retrying", what, exc)
                 failing = True
             self._stop.wait(HEARTBEAT_EVERY_S)
 

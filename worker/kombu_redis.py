@@ -1,5 +1,6 @@
-"""Four changes to kombu's Redis transport: two halve its cost per message, one closes a gap,
-one puts its visibility timeout on the Redis server's clock.
+"""Five changes to kombu's Redis transport: two halve its cost per message, one closes a gap,
+one puts its visibility timeout on the Redis server's clock, one lets a worker reconnect to a
+full Redis.
 
 Profiling the worker draining single-text messages (bench/README.md, "Where
 the time goes") showed most of its time in kombu's Redis transport, not in
@@ -60,6 +61,15 @@ Celery or bertstream:
    ``restore_visible`` are replaced, so the guard is on its version); with
    another kombu all use the local clock, as kombu does.
 
+5. Celery declares the worker's queues each time its consumer (re)connects:
+   kombu counts each queue's messages in a MULTI/EXEC (a full noeviction
+   Redis refuses every command queued in one, reads too) and adds the
+   queue's bindings again (SADD, refused when full, though they are there).
+   A worker whose connection dropped while Redis was full ended on the
+   refused reply ("Unrecoverable error"). Here the counts are read without
+   MULTI, and a binding already in place is not written again when Redis is
+   full.
+
 A worker holding a message on purpose renews its place in the unacked
 index with :func:`keep_visible`, so the sweep does not take it for a dead
 worker's.
@@ -74,10 +84,12 @@ import base64
 import json
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from time import monotonic, time
 from typing import Any
+
+from redis.exceptions import OutOfMemoryError
 
 from contract.clock import server_time
 
@@ -93,6 +105,7 @@ _SENT = "_bertstream_sent"  # the command in flight on a channel's receive conne
 _WAITING = "_bertstream_waiting"  # the last pop found every queue empty: wait next
 _PAUSE = "_bertstream_pause"  # Redis refused the last command: pause WAIT_S, then again
 _WARNED = "_bertstream_warned_at"
+_SWEEP_WARNED = "_bertstream_sweep_warned_at"  # the last "sweep refused: Redis full" warning
 _RECORDED = "_bertstream_recorded"  # the delivery tag the script already recorded
 _HANDED = "_bertstream_handed"  # kombu built and recorded the message being delivered
 _PARK_LOG = "_bertstream_park_log"  # per queue: when the last parking was logged, and since
@@ -213,7 +226,9 @@ def _patch() -> bool:
               (channel, "_brpop_start"), (channel, "_brpop_read"), (channel, "_q_for_pri"),
               (channel, "_in_poll"), (channel, "_brpop_sent_at"), (channel, "sep"),
               (qos, "append"), (virtual.QoS, "append"), (qos, "unacked_index_key"),
-              (virtual.Transport, "_deliver")]
+              (virtual.Transport, "_deliver"), (channel, "_size"), (channel, "_queue_bind"),
+              (channel, "keyprefix_queue"), (channel, "keyprefix_binding_permanent"),
+              (channel, "priority_steps")]
     missing = [f"{cls.__name__}.{name}" for cls, name in needed if not hasattr(cls, name)]
     if missing:
         log.debug("kombu redis speed-ups not installed: kombu lacks %s", missing)
@@ -255,6 +270,9 @@ def _patch() -> bool:
         if _HANDED in receiving:
             receiving[_HANDED] = True
 
+    _ORIGINAL["bind"] = channel._queue_bind
+    channel._size = _size  # type: ignore[method-assign]
+    channel._queue_bind = _queue_bind  # type: ignore[method-assign]
     channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
     qos.ack = ack  # type: ignore[method-assign]
     qos.append = append  # type: ignore[method-assign]
@@ -291,6 +309,30 @@ def _patch_clock(kredis: Any) -> bool:
         return False
     kredis.QoS.restore_visible = _restore_visible
     return True
+
+
+def _size(self: Any, queue: str) -> int:
+    """kombu's ``Channel._size`` (a queue's messages, every priority) without MULTI/EXEC,
+    which a full Redis refuses even for reads (point 5 above)."""
+    with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+        for pri in self.priority_steps:
+            pipe.llen(self._q_for_pri(queue, pri))
+        return sum(n for n in pipe.execute() if isinstance(n, int))
+
+
+def _queue_bind(self: Any, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+    """kombu's ``Channel._queue_bind``; when a full Redis refuses it, done all the same if
+    the binding is in place already (point 5 above)."""
+    try:
+        _ORIGINAL["bind"](self, exchange, routing_key, pattern, queue)
+    except OutOfMemoryError:
+        member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+        keys = [self.keyprefix_queue % (exchange,)]
+        if queue not in getattr(self, "_expires", {}):
+            keys.append(self.keyprefix_binding_permanent % (exchange,))
+        with self.conn_or_acquire() as client:
+            if not all(client.sismember(key, member) for key in keys):
+                raise
 
 
 def _now(client: Any) -> float:
@@ -338,6 +380,16 @@ def _restore_visible(self: Any, start: int = 0, num: int | None = 10,
                     self.restore_by_tag(tag, client)
         except kredis.MutexHeld:
             pass
+        except OutOfMemoryError as exc:
+            # A full noeviction Redis refuses the mutex and the restores: nothing to
+            # restore until it takes writes again. A traceback each sweep ("Error in
+            # timer") said no more.
+            now = monotonic()
+            if now - self.__dict__.get(_SWEEP_WARNED, -600.0) >= 60:
+                self.__dict__[_SWEEP_WARNED] = now
+                log.warning("Redis is out of memory (maxmemory reached): the visibility "
+                            "sweep restores unacked messages once it takes writes again "
+                            "(%s)", exc)
 
 
 _ORIGINAL: dict[str, Any] = {}
@@ -561,6 +613,21 @@ def keep_visible(messages: list[Any]) -> None:
         with qos.channel.conn_or_acquire() as client:
             now = _now(client)
             client.zadd(qos.unacked_index_key, dict.fromkeys(renewed, now), xx=True)
+
+
+def forget(message: Any) -> None:
+    """Drop ``message`` from its channel's in-process record of unacked deliveries (kombu's
+    ``QoS._delivered``), leaving Redis as it is: for a delivery whose reject Redis refused,
+    which otherwise counts against the prefetch limit until its copy, restored from the
+    unacked index by the visibility sweep, comes back to this worker (if ever). Never
+    raises."""
+    from kombu.transport import virtual
+
+    qos = getattr(getattr(message, "channel", None), "qos", None)
+    tag = getattr(message, "delivery_tag", None)
+    if isinstance(qos, virtual.QoS) and tag is not None:
+        with suppress(Exception):  # bookkeeping only: a message it no longer holds
+            virtual.QoS.ack(qos, tag)
 
 
 @contextmanager

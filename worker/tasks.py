@@ -61,7 +61,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery_batches import Batches, SimpleRequest
 
-from contract.broker import redis_client
+from contract.broker import redis_client, redis_full
 from contract.clock import ServerClock
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
@@ -69,7 +69,7 @@ from contract.messages import printable
 from contract.settings import Settings
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor, FlushStats
-from worker.kombu_redis import Undeliverable, deferred_acks, keep_visible
+from worker.kombu_redis import Undeliverable, deferred_acks, forget, keep_visible
 
 log = logging.getLogger(__name__)
 
@@ -394,9 +394,13 @@ class AnalyzeTask(Batches):
         reqs = list(requests)
         try:
             self._flush(reqs)
-        except Exception:  # noqa: BLE001 - the one rule: nothing leaves the flush
-            log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
-                          "(each delivery counts towards dead-lettering)", len(reqs))
+        except Exception as exc:  # noqa: BLE001 - the one rule: nothing leaves the flush
+            if redis_full(exc):  # an outage of Redis's, not a bug: no traceback
+                log.warning("flush of %d message(s) stopped: Redis is full (maxmemory) and "
+                            "refuses writes (%s); requeueing them", len(reqs), exc)
+            else:
+                log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
+                              "(each delivery counts towards dead-lettering)", len(reqs))
             _reject(reqs, requeue=True)
         finally:
             self._flushing = []
@@ -710,12 +714,33 @@ def _ack(requests: list[Any]) -> None:
 
 
 def _reject(requests: list[Any], *, requeue: bool) -> None:
+    """Reject (``requeue``: put back at the head of its queue) every request now.
+
+    Celery's ``Request.reject`` schedules the Redis transaction on the event loop, where
+    an error reply is no connection error kombu swallows: a full noeviction Redis refusing
+    the requeue (OOM) escaped the loop and the worker exited. Here, as :func:`ack_all`
+    acks, the flush (on that loop's thread) rejects directly; a refused reject is logged
+    once for the call, and the message is dropped from this worker's in-process record
+    (:func:`worker.kombu_redis.forget`): it stays in the unacked index, which the
+    visibility sweep restores once Redis takes writes again.
+    """
+    failed: list[BaseException] = []
     for r in requests:
+        if getattr(r, "acknowledged", False):
+            continue
+        m = getattr(r, "message", None)
         try:
-            r.reject(requeue=requeue)
+            if m is None or not hasattr(m, "reject"):
+                r.reject(requeue=requeue)
+                continue
+            m.reject(requeue=requeue)
         except Exception as exc:  # noqa: BLE001 - the broker restores unacked messages
-            log.warning("reject failed (the message comes back after the visibility "
-                        "timeout): %s", exc)
+            failed.append(exc)
+            forget(m)
+        r.acknowledged = True
+    if failed:
+        log.warning("reject of %d message(s) failed (they come back after the visibility "
+                    "timeout): %s", len(failed), failed[0])
 
 
 def _ping(conn: Any) -> None:
