@@ -66,7 +66,7 @@ from producer.ids_out import IdsOut
 from producer.items import ItemError
 from producer.options import SETTING_OPTIONS, named_as_given
 from producer.options import parse_time as _parse_time
-from producer.redis_stream import RedisStreamSource
+from producer.redis_stream import CLAIM_IDLE_S, RedisStreamSource
 from producer.report import IMAGE_SUFFIXES, MAX_SOURCES, collect, draw
 from producer.sources import FORMATS as SOURCE_FORMATS
 from producer.sources import (
@@ -507,10 +507,11 @@ def submit(
             raise _with_missing(stop, missing, listed=True)
 
 
-def _finite_idle_exit(value: float | None) -> float | None:
-    """``--idle-exit``: click.FloatRange lets NaN (and inf) through, and the reader never stopped."""
+def _finite_idle_exit(value: float | None, option: str = "--idle-exit") -> float | None:
+    """``--idle-exit`` (or ``--claim-idle``): click.FloatRange lets NaN (and inf) through,
+    and the reader never stopped (never claimed)."""
     if value is not None and not math.isfinite(value):
-        raise InvalidInput(f"--idle-exit must be a finite number of seconds, 0 or more, "
+        raise InvalidInput(f"{option} must be a finite number of seconds, 0 or more, "
                            f"got {value:g}")
     return value
 
@@ -531,6 +532,12 @@ def _finite_idle_exit(value: float | None) -> float | None:
               callback=lambda _ctx, _param, value: _finite_idle_exit(value),
               help="With --from-redis-stream: stop after this many seconds without a new entry "
                    "(a finite number; without it, read until stopped).")
+@click.option("--claim-idle", type=click.FloatRange(min=0), default=CLAIM_IDLE_S,
+              show_default=True, metavar="SECONDS",
+              callback=lambda _ctx, _param, value: _finite_idle_exit(value, "--claim-idle"),
+              help="With --from-redis-stream: claim and send entries pending on any consumer "
+                   "of the group for longer than this (a reader that died holding them); "
+                   "0: never.")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
 @click.option("--id-field", default="id", show_default=True,
               help="Field holding the task id (a stream entry's id when absent).")
@@ -553,7 +560,8 @@ def _finite_idle_exit(value: float | None) -> float | None:
 @click.pass_context
 def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
                    group: str | None, consumer: str | None, idle_exit: float | None,
-                   ids_out: str | None, model_name: str | None, **opts: Any) -> None:
+                   claim_idle: float, ids_out: str | None, model_name: str | None,
+                   **opts: Any) -> None:
     """Stream texts from FILE (or - for stdin), or a Redis Stream, into the bulk lane.
 
     Backpressure keeps the queue bounded. Bad records are reported by line
@@ -565,8 +573,10 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
         raise click.UsageError("give either FILE or --from-redis-stream KEY")
     if stream_key is not None and not group:
         raise click.UsageError("--from-redis-stream needs --group")
-    if stream_key is None and (group or consumer or idle_exit is not None):
-        raise click.UsageError("--group, --consumer and --idle-exit go with --from-redis-stream")
+    claim_given = ctx.get_parameter_source("claim_idle") not in (None, ParameterSource.DEFAULT)
+    if stream_key is None and (group or consumer or idle_exit is not None or claim_given):
+        raise click.UsageError("--group, --consumer, --idle-exit and --claim-idle go with "
+                               "--from-redis-stream")
     fields = FieldMap(opts.pop("text_field"), opts.pop("id_field"), opts.pop("source_field"),
                       opts.pop("time_field"), given=_given_fields(ctx))
     max_tracked_ids: int | None = None  # a file: every caller id of the run
@@ -584,7 +594,8 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
                 raise ConfigError("--from-redis-stream needs a redis:// broker URL")
             stack.callback(redis.close)
             reader = RedisStreamSource(redis, stream_key, str(group), consumer, fields=fields,
-                                       idle_exit_s=idle_exit)
+                                       idle_exit_s=idle_exit,
+                                       claim_idle_s=claim_idle if claim_idle > 0 else None)
             trackers.append(reader)  # acks after the ids file has the line
             records: Iterable[SourceRecord] = reader.records()
         else:

@@ -93,11 +93,12 @@ def test_a_restarted_reader_first_resends_its_own_pending_entries(
     # A reader that read three entries and died before it enqueued them:
     r.xreadgroup("g", "c1", {key: ">"}, count=3)
     assert _pending(r, key, "g") == 3
-    r.xdel(key, ids[1])  # one of them was trimmed away meanwhile: nothing to send for it
+    r.xdel(key, ids[1])  # one of them was trimmed away meanwhile: reported as lost
 
     result = invoke(["stream", "--from-redis-stream", key, "--group", "g", "--consumer", "c1",
                      "--idle-exit", "0.3", "--no-progress"], bsettings)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output
+    assert f"entry #2 (id {ids[1]}): lost: trimmed or deleted" in result.stdout
     sent = [it["id"] for it in _queued_items(redis_url, bsettings)]
     assert sent == [ids[0], ids[2], ids[3], ids[4], ids[5]]  # pending first, then new
     assert _pending(r, key, "g") == 0
