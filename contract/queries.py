@@ -461,8 +461,11 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     A's worker may have run with BERTSTREAM_STORE_TEXT=false.
     """
     a, b = results.alias("a"), results.alias("b")
+    # A done row without a score is one an earlier worker stored with NaN scores (NaN in
+    # ``scores``, not JSON: SQLite's json_extract refused the whole comparison): no
+    # probability to compare, so the text is left out.
     conds = [a.c.model == model_a, b.c.model == model_b, a.c.status == "done",
-             b.c.status == "done"]
+             b.c.status == "done", a.c.score.is_not(None), b.c.score.is_not(None)]
     for name in ("source", "label", "lang"):
         value = getattr(filters, name)
         if value is not None:

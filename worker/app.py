@@ -119,6 +119,7 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     if placement.device.type == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path, name = resolve_model_dir(settings)
+    refused: str | None = None
     try:
         runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
                           neutral_below=settings.neutral_below)
@@ -128,8 +129,12 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
         # in the wider type instead of refusing. An explicit dtype is the user's.
         if settings.dtype != "auto" or placement.dtype != torch.float16:
             raise
+        refused = str(exc)
+    if refused is not None:
+        # Loaded again outside the except clause: the exception's traceback holds the
+        # float16 model, which would stay on the GPU while the wider one loads.
         wider = wider_placement(placement)
-        log.warning("%s; BERTSTREAM_DTYPE is auto, so it is loaded again in %s", exc,
+        log.warning("%s; BERTSTREAM_DTYPE is auto, so it is loaded again in %s", refused,
                     str(wider.dtype).removeprefix("torch."))
         placement = wider
         runner = HFRunner(path, placement, name=name, max_length=settings.max_length,

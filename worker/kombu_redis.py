@@ -68,7 +68,9 @@ Celery or bertstream:
    A worker whose connection dropped while Redis was full ended on the
    refused reply ("Unrecoverable error"). Here the counts are read without
    MULTI, and a binding already in place is not written again when Redis is
-   full.
+   full. kombu's own BRPOP (``atomic_receive=False``) pops from a full Redis
+   and then has its record refused: such an item is kept and pushed back to
+   its queue once Redis takes writes (:func:`_hold`), not parked as unreadable.
 
 A worker holding a message on purpose renews its place in the unacked
 index with :func:`keep_visible`, so the sweep does not take it for a dead
@@ -109,6 +111,7 @@ _SWEEP_WARNED = "_bertstream_sweep_warned_at"  # the last "sweep refused: Redis 
 _RECORDED = "_bertstream_recorded"  # the delivery tag the script already recorded
 _HANDED = "_bertstream_handed"  # kombu built and recorded the message being delivered
 _PARK_LOG = "_bertstream_park_log"  # per queue: when the last parking was logged, and since
+_HELD_BACK = "_bertstream_held_back"  # (key, item) BRPOP popped from a full Redis, not back yet
 
 #: Longest an idle worker takes to see a message on a queue other than its first.
 WAIT_S = 0.1
@@ -204,7 +207,7 @@ def install(*, atomic_receive: bool = True) -> bool:
     from kombu.transport import redis as kredis
 
     kredis.Channel._brpop_start = (  # type: ignore[method-assign]
-        _receive_start if atomic_receive else _ORIGINAL["start"])
+        _receive_start if atomic_receive else _brpop_start)
     kredis.Channel._brpop_read = _receive_read  # type: ignore[method-assign]
     return True
 
@@ -403,8 +406,7 @@ def _receive_start(self: Any, timeout: float | None = None) -> None:
     if not queues:
         return
     if self.global_keyprefix:  # kombu prefixes its keys itself: its own BRPOP
-        self.__dict__[_SENT] = "BRPOP"
-        _ORIGINAL["start"](self, timeout)
+        _brpop_start(self, timeout)
         return
     keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
     if self.__dict__.pop(_PAUSE, False):
@@ -422,6 +424,55 @@ def _receive_start(self: Any, timeout: float | None = None) -> None:
     self._in_poll = connection
     self._brpop_sent_at = monotonic()
     connection.send_command(*command)
+
+
+def _brpop_start(self: Any, timeout: Any = None) -> None:
+    """kombu's ``BRPOP``, unless messages it popped from a full Redis are not back on their
+    queues yet (:func:`_hold`): then they go back first, and while Redis still refuses
+    them the receive pauses (a blocking pop on :data:`PAUSE_KEY`) instead of popping more."""
+    if self.__dict__.get(_HELD_BACK) and not _push_back(self):
+        connection = self.client.connection
+        self.__dict__[_SENT] = "BLPOP"
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()
+        connection.send_command("BLPOP", PAUSE_KEY, WAIT_S)
+        return
+    self.__dict__[_SENT] = "BRPOP"
+    _ORIGINAL["start"](self, timeout)
+
+
+def _hold(self: Any, key: Any, item: Any, exc: Exception) -> None:
+    """Keep an item ``BRPOP`` popped whose record a full Redis refused: a pop frees memory,
+    so a full noeviction Redis takes it, and then refuses the record in the unacked index.
+    Parked, it was dropped and its tasks failed for the outage. It goes back to the tail
+    it came from (:func:`_push_back`, now or before the next pop), next to be popped.
+    Held in this process only: one that exits first loses it, as BRPOP's gap does."""
+    from kombu.utils.encoding import bytes_to_str
+
+    self.__dict__.setdefault(_HELD_BACK, []).append((bytes_to_str(key), item))
+    now = monotonic()
+    if now - self.__dict__.get(_WARNED, -600.0) >= 60:
+        self.__dict__[_WARNED] = now
+        log.warning("Redis is full (maxmemory) and refused to record a message kombu's BRPOP "
+                    "took (%s); it goes back to its queue once Redis takes writes again", exc)
+    _push_back(self)
+
+
+def _push_back(self: Any) -> bool:
+    """Put the items :func:`_hold` keeps back on their queues' tails, the latest popped first
+    (so the oldest is popped next again); False while Redis refuses them."""
+    held = self.__dict__.get(_HELD_BACK) or []
+    with self.conn_or_acquire() as client:
+        while held:
+            key, item = held[-1]
+            try:
+                # With a global key prefix, kombu's client took it off the popped key and
+                # adds it to RPUSH again.
+                client.rpush(key, item)
+            except OutOfMemoryError:
+                return False
+            held.pop()
+    return True
 
 
 def _receive_read(self: Any, **options: Any) -> bool:
@@ -469,6 +520,9 @@ def _receive_read(self: Any, **options: Any) -> bool:
         redis_gone = isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
         if transport.get(_HANDED) or redis_gone:
             raise  # kombu made a message of it and handed it on, or Redis went away
+        if sent == "BRPOP" and isinstance(exc, OutOfMemoryError):  # the record refused
+            _hold(self, key, item, exc)
+            raise Empty() from exc
         _park(self, dest, item, recorded, exc)
         raise Empty() from exc
     finally:
