@@ -72,6 +72,101 @@ def derived_key(message_id: Any, n: int) -> str:
     return f"{MALFORMED_PREFIX}{mid}-{n}"
 
 
+#: Seconds between two lines of one kind while a database outage lasts (after its first flush).
+OUTAGE_LOG_EVERY_S = 60.0
+
+#: Per kind of line, what stands for the failures since its last line while an outage lasts
+#: (%-style, with count, span, outage, flushes, messages and cause).
+_OUTAGE_SUMMARIES = {
+    "commit": "commit failed %(count)d more times in %(span).0f s, the database still "
+              "unavailable; the latest: %(cause)s",
+    "lookup": "cannot look up done ids %(count)d more times in %(span).0f s, every item run; "
+              "the latest: %(cause)s",
+    "requeue": "database still unavailable after %(outage).0f s: %(flushes)d flushes "
+               "(%(messages)d messages) requeued since the last such line; the latest: "
+               "%(cause)s",
+}
+
+
+@dataclass
+class _Kind:
+    """What one kind of outage line left unsaid since it was last logged."""
+
+    logged_at: float
+    count: int = 0
+    flushes: int = 0
+    messages: int = 0
+    cause: str = ""
+
+
+class OutageLog:
+    """The log lines of a database outage: its first flush in full, then each kind of line
+    (:data:`_OUTAGE_SUMMARIES`) at most once per :data:`OUTAGE_LOG_EVERY_S`, counting what
+    happened since its last line, and one line when a write succeeds again.
+
+    Each flush that meets an outage runs the commit's retries and requeues its messages,
+    every few seconds for as long as it lasts; logged in full, they flood the log. The
+    first flush shows the cause at once; a kind first met later is logged in full too.
+    One per worker: its flushes, refusals and parked items run on one thread.
+    """
+
+    def __init__(self, every_s: float = OUTAGE_LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        #: When the outage began (None: none now), and whether its first flush is over.
+        self.began: float | None = None
+        self._first = False
+        self._kinds: dict[str, _Kind] = {}
+        #: Flushes and messages requeued since the outage began.
+        self.flushes = 0
+        self.messages = 0
+
+    def new_cycle(self) -> None:
+        """A flush (or a refusal, or a parked item's rows) begins: the first flush of an
+        outage, if one began, is over."""
+        if self.began is not None:
+            self._first = False
+
+    def note(self, logger: logging.Logger, kind: str, level: int, msg: str, *args: Any,
+             cause: str | None = None, flushes: int = 0, messages: int = 0) -> None:
+        """Log ``msg % args`` (of a kind of :data:`_OUTAGE_SUMMARIES`) in full during the
+        first flush of an outage or the first time its kind is met; else count it, and
+        log what its kind counted once :attr:`every_s` passed since its last line.
+        ``cause``: why (None: the cause of its kind's last line); ``flushes`` and
+        ``messages``: what it requeued."""
+        now = self.clock()
+        if self.began is None:
+            self.began, self._first, self._kinds = now, True, {}
+        self.flushes += flushes
+        self.messages += messages
+        k = self._kinds.get(kind)
+        if self._first or k is None:
+            self._kinds[kind] = _Kind(logged_at=now, cause=cause or "")
+            logger.log(level, msg, *args)
+            return
+        k.count += 1
+        k.flushes += flushes
+        k.messages += messages
+        k.cause = cause or k.cause
+        if now - k.logged_at < self.every_s:
+            return
+        logger.log(level, _OUTAGE_SUMMARIES[kind],
+                   {"count": k.count, "span": now - k.logged_at, "outage": now - self.began,
+                    "flushes": k.flushes, "messages": k.messages, "cause": k.cause})
+        self._kinds[kind] = _Kind(logged_at=now, cause=k.cause)
+
+    def recovered(self, logger: logging.Logger) -> None:
+        """A write succeeded: when an outage was logged, say it is over, how long it lasted
+        and what it requeued."""
+        if self.began is None:
+            return
+        logger.warning("database available again after %.0f s; %d flushes requeued meanwhile "
+                       "(%d messages)", self.clock() - self.began, self.flushes, self.messages)
+        self.began, self._first, self._kinds = None, False, {}
+        self.flushes = self.messages = 0
+
+
 @dataclass(eq=False)  # compared and hashed by identity: one per item
 class Entry:
     """One item of a flush, from its wire form to its row.
@@ -362,6 +457,8 @@ class FlushProcessor:
         #: by the task (worker/tasks.py), as producers stamp submit times and deadlines on
         #: it; this host's until then. Read once per flush and once per commit.
         self.clock: Callable[[], float] = lambda: time.time()
+        #: The log lines of a database outage, the task's included (worker/tasks.py).
+        self.outage = OutageLog()
 
     def held(self) -> set[str]:
         """Ids of the messages with a long text still in the backlog: not to be acked yet."""
@@ -380,6 +477,7 @@ class FlushProcessor:
         stays unreachable: the rows not yet committed are not, nothing may be
         acked, and the backlog is dropped.
         """
+        self.outage.new_cycle()
         now = self.clock()  # the clock deadlines and row times are on: once per flush
         started = utc_from_timestamp(now)
         stats = FlushStats(messages=len(payloads), began=now)
@@ -499,6 +597,7 @@ class FlushProcessor:
         each time, or their rows could not be written). Raises
         :class:`StoreUnavailable` like :meth:`process`.
         """
+        self.outage.new_cycle()
         now = self.clock()
         stats = FlushStats(messages=len(payloads), began=now)
         entries = [e for mid, args in payloads
@@ -517,6 +616,7 @@ class FlushProcessor:
 
         Raises :class:`StoreUnavailable` like :meth:`process`.
         """
+        self.outage.new_cycle()
         now = self.clock()
         stats = FlushStats(messages=1, items=1, failed=1, began=now)
         entry = Entry(str(message_id), 0, derived_key(message_id, 0), raw=raw).fail(reason)
@@ -544,7 +644,9 @@ class FlushProcessor:
             done = self.store.done_ids(list(pending), model=self.model_key)
         except StoreUnavailable as exc:
             # Only a saving: run them all; the commit's retries deal with the outage.
-            log.warning("cannot look up done ids, running every item: %s", exc)
+            self.outage.note(log, "lookup", logging.WARNING,
+                             "cannot look up done ids, running every item: %s", exc,
+                             cause=str(exc))
             return 0
         skipped = 0
         for key in done:
@@ -689,14 +791,18 @@ class FlushProcessor:
         for attempt in range(1, 6):
             try:
                 self._keep_alive()
-                return self.store.upsert(records, windows)
+                written = self.store.upsert(records, windows)
             except StoreUnavailable as exc:
                 if attempt == 5:
                     raise
-                log.warning("commit failed (attempt %d/5), retrying in %.1fs: %s",
-                            attempt, delay, exc)
+                self.outage.note(log, "commit", logging.WARNING,
+                                 "commit failed (attempt %d/5), retrying in %.1fs: %s",
+                                 attempt, delay, exc, cause=str(exc))
                 time.sleep(delay)  # a real outage: back off instead of spinning
                 delay = min(delay * 2, 5.0)
+            else:
+                self.outage.recovered(log)
+                return written
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _keep_alive(self) -> None:

@@ -245,7 +245,10 @@ class AnalyzeTask(Batches):
             # ``body``: the payload Celery decoded (JSON only), kept as the row's raw item.
             stats = self._processor().refuse(mid, body, reason)
         except StoreUnavailable as exc:
-            log.error("database unavailable, requeueing the refused message: %s", exc)
+            self._processor().outage.note(
+                log, "requeue", logging.ERROR,
+                "database unavailable, requeueing the refused message: %s", exc,
+                cause=str(exc), flushes=1, messages=1)
             time.sleep(self.requeue_pause_s)
             _settle(message.reject, requeue=True)
             return
@@ -598,8 +601,10 @@ class AnalyzeTask(Batches):
         held = list(self._held.items())
         self._held.clear()
         held_requests = [r for _, rs in held for r in rs]
-        log.error("database unavailable, requeueing %d message(s): %s",
-                  len(group) + len(held_requests), exc)
+        n = len(group) + len(held_requests)
+        self._processor().outage.note(log, "requeue", logging.ERROR,
+                                      "database unavailable, requeueing %d message(s): %s",
+                                      n, exc, cause=str(exc), flushes=1, messages=n)
         if self.deliveries is not None:
             try:
                 self.deliveries.undo([s.id for _, s in group] + [mid for mid, _ in held])
@@ -617,8 +622,10 @@ class AnalyzeTask(Batches):
         other deliveries meanwhile, and other workers' sweeps bring them back counted."""
         if not rest:
             return
-        log.error("database unavailable, requeueing %d more message(s) of this flush "
-                  "untried, their deliveries not counted", len(rest))
+        self._processor().outage.note(
+            log, "requeue", logging.ERROR, "database unavailable, requeueing %d more "
+            "message(s) of this flush untried, their deliveries not counted", len(rest),
+            messages=len(rest))
         if self.deliveries is not None:
             try:
                 self.deliveries.undo([s.id for _, s, _ in rest])
