@@ -167,17 +167,20 @@ def test_a_real_worker_fails_the_text_and_keeps_serving(
     before), its mates done, the queue empty and the same worker still running."""
     s = settings.replace(model=str(nan_word_model), flush_every=4)
     store = ResultStore.from_url(s.database_url)
-    store.create_schema()
-    worker = worker_factory(s)
-    with Client(s) as client:
-        ids = [client.submit("the hotel is good"), client.submit(f"{WORD} room"),
-               client.submit("bad room")]
-        rows = wait_rows(store, ids, timeout=60)
-        assert rows[ids[1]].status == STATUS_FAILED
-        assert re.fullmatch(REASON, rows[ids[1]].error or ""), rows[ids[1]].error
-        assert [rows[i].status for i in (ids[0], ids[2])] == [STATUS_DONE, STATUS_DONE]
-        again = client.submit("i love this movie")
-        assert wait_rows(store, [again], timeout=60)[again].status == STATUS_DONE
+    try:
+        store.create_schema()
+        worker = worker_factory(s)
+        with Client(s) as client:
+            ids = [client.submit("the hotel is good"), client.submit(f"{WORD} room"),
+                   client.submit("bad room")]
+            rows = wait_rows(store, ids, timeout=60)
+            assert rows[ids[1]].status == STATUS_FAILED
+            assert re.fullmatch(REASON, rows[ids[1]].error or ""), rows[ids[1]].error
+            assert [rows[i].status for i in (ids[0], ids[2])] == [STATUS_DONE, STATUS_DONE]
+            again = client.submit("i love this movie")
+            assert wait_rows(store, [again], timeout=60)[again].status == STATUS_DONE
+    finally:
+        store.close()  # its pool's PostgreSQL connections, else closed by the GC with a warning
     wait_broker_idle(s)
     worker.check_alive()
 

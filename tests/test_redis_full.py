@@ -10,12 +10,10 @@ nothing of its refused submit stays behind, so the same id goes through later.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +27,10 @@ from contract.errors import BrokerUnavailable
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
+from tests.test_kombu_receive import memory_full
 from tests.test_pipeline import wait_rows
 from tests.test_poison_worker import wait_broker_idle
 from worker.process import settings_env
-
-
-@contextlib.contextmanager
-def memory_full(r: redis.Redis) -> Iterator[None]:
-    """Redis refuses every write (noeviction, no memory left) inside the block."""
-    r.config_set("maxmemory-policy", "noeviction")
-    r.config_set("maxmemory", 1)
-    try:
-        yield
-    finally:
-        r.config_set("maxmemory", 0)
 
 
 def _full_settings(redis_server: RedisServer, tmp_path: Path, **kw: Any) -> Settings:
