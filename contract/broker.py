@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE, queue_name
 from contract.errors import BrokerMisconfigured as BrokerMisconfigured  # re-exported
-from contract.errors import BrokerUnavailable, ConfigError
+from contract.errors import BrokerUnavailable, ConfigError, causes
 from contract.settings import MEMORY_BROKER, REDIS_SCHEMES, Settings, mask_url
 
 #: What Redis answers when a URL selects a database index past its ``databases`` setting.
@@ -109,10 +109,7 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
         return BrokerUnavailable(f"Redis at {url} is full (used memory above its maxmemory) "
                                  f"and refuses writes: retry once the workers drain the "
                                  f"queue, or raise its maxmemory")
-    cause: BaseException | None = exc
-    for _ in range(10):  # the chain of causes; a cycle ends here too
-        if cause is None:
-            break
+    for cause in causes(exc):
         problem = None
         if isinstance(cause, redis.ResponseError) and DB_INDEX_OUT_OF_RANGE in str(cause):
             problem = (f"database index {_url_db(settings.broker_url)} is out of range for "
@@ -122,7 +119,6 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
             problem = f"the Redis server there refused the credentials ({cause})"
         if problem is not None:
             return BrokerMisconfigured(f"{ENV_PREFIX}BROKER_URL={url!r}: {problem}", problem)
-        cause = cause.__cause__ or cause.__context__
     return BrokerUnavailable(f"cannot reach Redis at {url} — start it with `redis-server` "
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
 
@@ -130,14 +126,7 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
 def redis_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or one of its causes) is a full noeviction Redis refusing a write
     (``OOM command not allowed when used memory > 'maxmemory'``)."""
-    cause: BaseException | None = exc
-    for _ in range(10):
-        if cause is None:
-            return False
-        if isinstance(cause, redis.exceptions.OutOfMemoryError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(cause, redis.exceptions.OutOfMemoryError) for cause in causes(exc))
 
 
 #: The key :func:`probe_broker` writes (for a millisecond) to learn that Redis takes writes.

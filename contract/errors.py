@@ -8,6 +8,19 @@ itself is wrong and will never succeed). Workers ack fatal item errors as
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then each error it was raised from or while handling (``__cause__``, else
+    ``__context__``), each once: a cycle in the chain ends it."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
 
 def quoted(value: str, limit: int = 100) -> str:
     """``value`` as an error line quotes it: its ``repr``, so control characters are

@@ -55,6 +55,7 @@ from contract.errors import (
     ResultTimeout,
     SchemaMismatch,
     StoreUnavailable,
+    causes,
     quoted,
 )
 from contract.liveness import HEARTBEAT_EVERY_S, live_workers
@@ -233,16 +234,12 @@ def missing_schema(exc: BaseException) -> bool:
     """True when ``exc``, or an error it was raised from, says a table or column does not
     exist (PostgreSQL UndefinedTable/UndefinedColumn, SQLite "no such table/column"): the
     schema changed under a reader that had checked it (``bertstream db downgrade``)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in causes(exc):
         if getattr(cause, "sqlstate", None) in MISSING_SCHEMA_SQLSTATES:
             return True
         if isinstance(cause, sqlite3.OperationalError) and str(cause).startswith(
                 ("no such table", "no such column")):
             return True
-        cause = cause.__cause__ or cause.__context__
     return False
 
 

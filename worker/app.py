@@ -119,10 +119,14 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
     if placement.device.type == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     path, name = resolve_model_dir(settings)
+
+    def load(where: Placement) -> HFRunner:
+        return HFRunner(path, where, name=name, max_length=settings.max_length,
+                        neutral_below=settings.neutral_below)
+
     refused: str | None = None
     try:
-        runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
-                          neutral_below=settings.neutral_below)
+        runner = load(placement)
     except NonFiniteScores as exc:
         # "auto" picked float16 (CUDA); a model that overflows there (weights or
         # activations past 65504, common for checkpoints trained in bfloat16) runs
@@ -137,8 +141,7 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
         log.warning("%s; BERTSTREAM_DTYPE is auto, so it is loaded again in %s", refused,
                     str(wider.dtype).removeprefix("torch."))
         placement = wider
-        runner = HFRunner(path, placement, name=name, max_length=settings.max_length,
-                          neutral_below=settings.neutral_below)
+        runner = load(placement)
     log.info("model %s (rev %s) on %s, max_length %d, %d labels (%s%s)",
              runner.name, runner.revision, placement.describe(), runner.max_length,
              len(runner.labels), runner.output, ", padded on the left" * runner.pad_left)
