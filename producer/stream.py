@@ -215,7 +215,8 @@ def stream(
     ids only (a pipe that may never end): an older one is sent, and the store's
     idempotent upsert and its id check judge it.
     Guarantees: a bad line never stops the stream; every accepted item is
-    published before this returns. Raises :class:`BrokerUnavailable` when
+    published before this returns, or before the error of a source that fails
+    is raised. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
     items were sent (they stay queued) and the line to resume from. A
     KeyboardInterrupt becomes :class:`Interrupted`, carrying the same; the
@@ -268,7 +269,7 @@ def stream(
             after_send=after_send if trackers else None, on_conflict=on_conflict,
         ) as publisher:
             feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger.due)
-            for record in feed:
+            for record in _sent_before_failing(feed, publisher):
                 if record is _TICK:
                     publisher.flush()
                     linger.update(publisher)
@@ -290,6 +291,25 @@ def stream(
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _sent_before_failing(feed: Iterable[object], publisher: ChunkPublisher) -> Iterator[object]:
+    """``feed``; when its source fails (a Redis Stream's group destroyed or key deleted
+    while reading), the records it gave before, valid and buffered, are published, then
+    its error propagates: they were read, and would be lost or read again otherwise.
+    A broker failure or an interrupt propagates at once (nothing more is published)."""
+    records = iter(feed)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except (BrokerUnavailable, KeyboardInterrupt):
+            raise
+        except Exception:
+            publisher.flush()
+            raise
+        yield record
 
 
 class _Linger:
