@@ -39,7 +39,14 @@ from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submit
 from api.waiter import Waiter
 from contract import migrate
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
-from contract.errors import BertstreamError, InvalidInput, SchemaMismatch, StoreUnavailable
+from contract.errors import (
+    BertstreamError,
+    ConfigError,
+    InvalidInput,
+    SchemaMismatch,
+    StoreRefused,
+    StoreUnavailable,
+)
 from contract.liveness import family_workers
 from contract.messages import text_sha256
 from contract.queries import (
@@ -52,7 +59,14 @@ from contract.queries import (
     page,
     top_stats,
 )
-from contract.results import ResultRecord, ResultStore, as_utc
+from contract.results import (
+    ResultRecord,
+    ResultStore,
+    as_utc,
+    brief_cause,
+    utc_from_timestamp,
+    utcnow,
+)
 from contract.results import results as results_table
 from contract.settings import Settings
 from producer.client import Client
@@ -232,6 +246,14 @@ class Services:
                            f"{MAX_MODELS} models at once; retry later", {"Retry-After": "1"})
         return self._lanes.pop(min(idle)[1])
 
+    def now(self) -> dt.datetime:
+        """Now on the Redis server's clock, which row times are stamped on
+        (:meth:`Client.server_now`); Redis refusing the broker URL: this host's clock."""
+        try:
+            return utc_from_timestamp(self.client.server_now())
+        except ConfigError:
+            return utcnow()
+
     def close(self) -> None:
         for lane in self._lanes.values():
             lane.close()
@@ -252,6 +274,19 @@ def refuse_outdated_schema(store: ResultStore) -> None:
     problem = schema.problem()
     if problem and not schema.empty:
         raise SchemaMismatch(problem)
+
+
+def refuse_database_role(store: ResultStore) -> None:
+    """Raise :class:`StoreRefused` when the database refuses the API's role: a login (a
+    wrong password, no CONNECT, a role or database that does not exist) or a privilege
+    to read the results (``bertstream serve`` exits 2 on it). An outage passes: the API
+    starts and ``/readyz`` reports it, as for Redis."""
+    try:
+        migrate.check_privileges(store, migrate.READER_PRIVILEGES, "the API")
+    except StoreRefused:
+        raise  # a setting: no wait mends it
+    except StoreUnavailable:
+        return
 
 
 class CountRequests:
@@ -615,7 +650,8 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         values, ``other`` sums the rest per bucket (``values``, ``count``, ``mean_score``)."""
         if not services.client.has_results_table():
             return {"by": by, "bucket": bucket, "groups": []}
-        got = top_stats(store, filters, by=by, bucket=bucket, limit=limit)
+        # since alone spans up to now: the Redis server's, as the rows' times are
+        got = top_stats(store, filters, by=by, bucket=bucket, limit=limit, now=services.now)
         return {"by": by, "bucket": bucket, "groups": got.groups,
                 **({"other": got.other} if got.other else {})}
 
@@ -713,16 +749,21 @@ def _health_routes(app: FastAPI, services: Services) -> None:
             checks["database"] = ("ok" if problem is None else
                                   "ok: no schema yet (a worker or `bertstream db upgrade` "
                                   "creates it)" if schema.empty else f"schema: {problem}")
+        except StoreRefused as exc:  # a setting: what to grant or fix, no host or password
+            checks["database"] = f"misconfigured: {exc.problem}"
         except Exception as exc:  # noqa: BLE001
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+            checks["database"] = f"unreachable: {brief_cause(exc)}"
         if checks["database"] == "ok":
             # The revision table answering is not the results table being readable: a
             # role without SELECT on it answered ready while every read was a 503.
             try:
+                migrate.check_privileges(services.client.store, migrate.READER_PRIVILEGES,
+                                         "the API")
                 services.client.store.run(_read_nothing, "cannot read results")
+            except StoreRefused as exc:
+                checks["database"] = f"misconfigured: {exc.problem}"
             except Exception as exc:  # noqa: BLE001
-                cause = getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc
-                checks["database"] = f"cannot read the results table: {type(cause).__name__}"
+                checks["database"] = f"cannot read the results table: {brief_cause(exc)}"
         if checks["redis"] == "ok":
             try:
                 alive = family_workers(services.submitter.redis, services.settings.queue)

@@ -48,10 +48,10 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
         raise click.UsageError(
             f"refusing to serve {host} without authentication: set BERTSTREAM_API_TOKENS, "
             "bind to 127.0.0.1, or pass --no-auth")
-    from api.app import refuse_outdated_schema
+    from api.app import refuse_database_role, refuse_outdated_schema
     from api.submit import broker_redis
     from contract.broker import probe_broker
-    from contract.errors import BrokerUnavailable, SchemaMismatch
+    from contract.errors import BrokerUnavailable, SchemaMismatch, StoreRefused
     from contract.results import ResultStore
 
     # memory:// (or a Redis URL that does not parse): a ConfigError, one line and exit 2,
@@ -69,7 +69,8 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     store = ResultStore.from_settings(settings)
     try:
         refuse_outdated_schema(store)
-    except SchemaMismatch as exc:
+        refuse_database_role(store)
+    except (SchemaMismatch, StoreRefused) as exc:  # a setting to fix: no wait mends it
         click.echo(f"error: {exc}", err=True)
         ctx.exit(2)
     finally:

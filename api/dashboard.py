@@ -72,7 +72,7 @@ def trend(store: ResultStore, now: dt.datetime, minutes: int = TREND_MINUTES) ->
     work done, a re-score included."""
     since = (now - dt.timedelta(minutes=minutes)).replace(second=0, microsecond=0)
     per: dict[str, int] = {}
-    for group in stats(store, Filters(since=since), by="model", bucket="1m"):
+    for group in stats(store, Filters(since=since), by="model", bucket="1m", now=lambda: now):
         per[group["bucket"]] = per.get(group["bucket"], 0) + group["count"]
     return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
 

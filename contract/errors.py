@@ -87,6 +87,19 @@ class StoreUnavailable(RetryableError):
     """The results database cannot be reached or refused the transaction."""
 
 
+class StoreRefused(StoreUnavailable, ConfigError):
+    """The database refuses this role or URL (a privilege it lacks, a role or database
+    that does not exist, a wrong password): a setting to fix, so a command or a start-up
+    exits 2 with what to grant, not 3 as for an outage. Still a :class:`StoreUnavailable`
+    to a running worker, which rides it out (a GRANT mends it without a restart).
+    ``problem`` is the cause and its fix without the URL's host or password (``/readyz``
+    shows it)."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 class _StreamProgress(Exception):
     """How far a submit or stream got before it stopped: ``sent`` items published, and
     ``resume_line`` the first source line not known to be handled (streams only)."""
@@ -154,7 +167,8 @@ EXIT_INTERRUPTED = 130
 
 def exit_code(exc: BaseException) -> int:
     """The documented exit code for ``exc``: 2 bad input or settings (a model folder that
-    cannot be loaded included), 3 Redis or the database unreachable, 4 results not ready
+    cannot be loaded included, a database that refuses the role: :class:`StoreRefused`),
+    3 Redis or the database unreachable, 4 results not ready
     in time, 130 interrupted, 1 anything else."""
     if isinstance(exc, (InvalidInput, ConfigError, ModelLoadError)):
         return EXIT_USAGE

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
-from contract.errors import InvalidInput, SchemaMismatch, StoreUnavailable
+from contract.errors import InvalidInput, SchemaMismatch, StoreRefused, StoreUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -47,6 +47,18 @@ UPGRADE_COMMAND = "bertstream db upgrade"
 #: Seconds a migration (with its wait for another process's) may take: far beyond the
 #: statement timeout, which bounds ordinary operations, not rewriting a large table.
 MIGRATION_TIMEOUT_S = 3600.0
+
+#: The table privileges each kind of command uses on PostgreSQL, checked at its start
+#: (:func:`check_privileges`): a role without one is a GRANT to run, refused at once
+#: rather than met as an outage at every flush.
+WORKER_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    RESULTS_TABLE: ("SELECT", "INSERT", "UPDATE"), WINDOWS_TABLE: ("SELECT", "INSERT", "DELETE")}
+READER_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    RESULTS_TABLE: ("SELECT",), WINDOWS_TABLE: ("SELECT",)}
+DELETE_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    RESULTS_TABLE: ("SELECT", "UPDATE", "DELETE"), WINDOWS_TABLE: ("SELECT", "DELETE")}
+#: What ``db settle`` uses: it rewrites the latest flags.
+SETTLE_PRIVILEGES: dict[str, tuple[str, ...]] = {RESULTS_TABLE: ("SELECT", "UPDATE")}
 
 #: Key of the PostgreSQL advisory lock held while migrating.
 _LOCK_KEY = zlib.crc32(b"bertstream-migrations")
@@ -229,7 +241,8 @@ def _move(store: ResultStore, direction: str, revision: str) -> tuple[str | None
 
 
 def ensure(store: ResultStore) -> SchemaState:
-    """What a worker runs at start: set up an empty database, refuse an outdated one.
+    """What a worker runs at start: set up an empty database, refuse an outdated one, and
+    one its role may not write (:func:`check_privileges`).
 
     When the schema is not plainly current, it is read again under the
     migration lock: another process may be migrating right now (several
@@ -237,6 +250,7 @@ def ensure(store: ResultStore) -> SchemaState:
     """
     current = _state_once_free(store)
     if current.problem() is None:
+        check_privileges(store, WORKER_PRIVILEGES, "a worker")
         return current
 
     def settle(conn: Connection) -> SchemaState:
@@ -253,7 +267,51 @@ def ensure(store: ResultStore) -> SchemaState:
     problem = current.problem()
     if problem:
         raise SchemaMismatch(problem)
+    check_privileges(store, WORKER_PRIVILEGES, "a worker")
     return current
+
+
+def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who: str) -> None:
+    """:class:`StoreRefused` naming the GRANTs to run when the role lacks a privilege of
+    ``needs`` (table: privileges) on a table that exists, or USAGE on the schema. Only
+    PostgreSQL has roles: elsewhere, and for tables not there yet, nothing is checked.
+
+    Without it, a worker whose role may not write started, and then met each flush's
+    ``permission denied`` as an outage, requeueing for ever."""
+    if store.engine.dialect.name != "postgresql":
+        return
+    pairs = [(table, privilege) for table, privileges in needs.items()
+             for privilege in privileges]
+    values = ", ".join(f"(:t{i}, :p{i})" for i in range(len(pairs)))
+    params: dict[str, str] = {}
+    for i, (table, privilege) in enumerate(pairs):
+        params.update({f"t{i}": table, f"p{i}": privilege})
+    query = sa.text(
+        "SELECT current_user, current_schema(), "
+        "coalesce(has_schema_privilege(current_schema(), 'USAGE'), true), "
+        "array(SELECT v.t || ' ' || v.p FROM (VALUES " + values + ") AS v(t, p)"
+        " WHERE to_regclass(v.t) IS NOT NULL"
+        " AND NOT has_table_privilege(to_regclass(v.t), v.p))")
+
+    def read(conn: Connection) -> tuple[str, str | None, bool, list[str]]:
+        role, schema, usage, missing = conn.execute(query, params).one()
+        return str(role), schema, bool(usage), list(missing)
+
+    role, schema, usage, missing = store.run(read, "cannot read the role's privileges")
+    from contract.results import sql_name
+
+    grants: list[str] = []
+    if not usage and schema is not None:
+        grants.append(f"GRANT USAGE ON SCHEMA {sql_name(schema)} TO {sql_name(role)}")
+    lacking: dict[str, list[str]] = {}
+    for entry in missing:
+        table, privilege = entry.split(" ", 1)
+        lacking.setdefault(table, []).append(privilege)
+    grants += [f"GRANT {', '.join(privileges)} ON {table} TO {sql_name(role)}"
+               for table, privileges in lacking.items()]
+    if grants:
+        problem = f"role {sql_name(role)} lacks privileges {who} needs: {'; '.join(grants)}"
+        raise StoreRefused(f"{problem} (a setting to fix, not an outage)", problem)
 
 
 #: Attempts of :func:`_state_once_free` while SQLite reports the file locked.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 
-from contract.errors import InvalidInput, StoreUnavailable
+from contract.errors import InvalidInput
 from contract.messages import id_problem
 from contract.results import (
     ResultRecord,
     ResultStore,
-    _first_line,
     _record,
     as_utc,
     is_outage,
@@ -51,6 +50,8 @@ GROUPS = ("label", "source", "status", "model", "lang")
 #: Most time buckets one :func:`stats` call may span: a 1m bucket over all history would
 #: return a group per minute ever.
 MAX_BUCKETS = 10_000
+#: A clock giving now as an aware UTC datetime: what ends a stats span given ``since`` alone.
+Now = Callable[[], dt.datetime]
 _BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 #: Most groups (each value per bucket, and each bucket's ``other``) one bucketed
 #: :func:`stats` or :func:`top_stats` answer may hold: values x buckets is otherwise bounded
@@ -221,7 +222,7 @@ def iter_records(store: ResultStore, filters: Filters, *, chunk: int = 1000,
             if stale and not given and not retried:
                 retried = True
                 continue
-            raise StoreUnavailable(f"cannot read results: {_first_line(exc)}") from exc
+            raise store.unavailable("cannot read results", exc) from exc
 
 
 def _read_snapshot(conn: sa.Connection) -> None:
@@ -232,16 +233,17 @@ def _read_snapshot(conn: sa.Connection) -> None:
 
 
 def stats(store: ResultStore, filters: Filters, *, by: str = "label",
-          bucket: str | None = None) -> list[dict[str, Any]]:
+          bucket: str | None = None, now: Now | None = None) -> list[dict[str, Any]]:
     """Counts and mean score per ``by`` (label, source, status, model or lang), and per time
     ``bucket`` (1m, 1h, 1d; the bucket's UTC start as ISO text) when one is given.
 
     Each task counts once, by its latest result; grouped by model, each model's rows.
     Groups come in bucket, then value order; no value (a NULL source, lang or label) is
-    last on both backends (PostgreSQL puts NULL last by default, SQLite first)."""
+    last on both backends (PostgreSQL puts NULL last by default, SQLite first).
+    ``now`` ends a span given ``since`` alone (:func:`_check_span`)."""
     keys: list[Any] = []
     shown: list[Any] = []
-    grouping = _grouping(store, filters, by, bucket)
+    grouping = _grouping(store, filters, by, bucket, now)
     if grouping is not None:
         key, text = grouping
         keys.append(key)
@@ -264,7 +266,7 @@ def stats(store: ResultStore, filters: Filters, *, by: str = "label",
 
 
 def _grouping(store: ResultStore, filters: Filters, by: str,
-              bucket: str | None) -> tuple[Any, Any] | None:
+              bucket: str | None, now: Now | None = None) -> tuple[Any, Any] | None:
     """Check ``by`` and ``bucket`` (and the span of buckets, :func:`_check_span`); the
     bucket's group key and ISO text (:func:`_bucket_expr`), None without a bucket."""
     if by not in GROUPS:
@@ -273,7 +275,7 @@ def _grouping(store: ResultStore, filters: Filters, by: str,
         return None
     if bucket not in BUCKETS:
         raise InvalidInput(f"unknown bucket {bucket!r}; expected one of {', '.join(BUCKETS)}")
-    _check_span(store, filters, bucket)
+    _check_span(store, filters, bucket, now)
     return _bucket_expr(store, bucket)
 
 
@@ -290,7 +292,8 @@ class TopGroups:
 
 
 def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
-              bucket: str | None = None, limit: int = STATS_LIMIT) -> TopGroups:
+              bucket: str | None = None, limit: int = STATS_LIMIT,
+              now: Now | None = None) -> TopGroups:
     """:func:`stats` for the ``limit`` values of ``by`` with the most rows over the whole
     range (ties in value order, no value last); the rows of every other value are summed
     per bucket.
@@ -302,7 +305,7 @@ def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
     """
     if limit < 1:
         raise InvalidInput(f"limit must be at least 1, not {limit}")
-    grouping = _grouping(store, filters, by, bucket)
+    grouping = _grouping(store, filters, by, bucket, now)
     value, score = results.c[by], results.c.score
     keys: list[Any] = []
     shown: list[Any] = []
@@ -351,11 +354,15 @@ def top_stats(store: ResultStore, filters: Filters, *, by: str = "label",
     return TopGroups(groups, other)
 
 
-def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
+def _check_span(store: ResultStore, filters: Filters, bucket: str,
+                now: Now | None = None) -> None:
     """:class:`InvalidInput` when ``since``..``until`` holds more than :data:`MAX_BUCKETS`
     buckets. Without ``since`` both missing bounds are the oldest and newest rows' times
-    (one query, two index probes); with ``since`` alone, ``until`` is now and nothing is
-    read (the dashboard's case)."""
+    (one query, two index probes); with ``since`` alone, ``until`` is ``now()`` and
+    nothing is read (the dashboard's case). Row times are on the Redis server's clock, so
+    ``now`` should read it (the API's :meth:`Client.server_now`): this host's clock (the
+    default) a week ahead of it refused a last hour per minute, one behind let through
+    more buckets than the limit."""
     since, until = filters.since, filters.until
     if since is None:
         fin = results.c.finished_at
@@ -366,7 +373,7 @@ def _check_span(store: ResultStore, filters: Filters, bucket: str) -> None:
         if oldest is None:
             return  # no rows, no buckets
         since, until = as_utc(oldest), until or as_utc(newest)
-    until = until or utcnow()
+    until = until or (now or utcnow)()
     span = (until - since).total_seconds() / _BUCKET_SECONDS[bucket]
     if span > MAX_BUCKETS:
         raise InvalidInput(

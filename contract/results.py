@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -47,7 +48,7 @@ from contract.constants import (
     STATUSES,
     WINDOWS_TABLE,
 )
-from contract.errors import ConfigError, InvalidInput, StoreUnavailable
+from contract.errors import ConfigError, InvalidInput, StoreRefused, StoreUnavailable, causes
 from contract.messages import id_problem
 from contract.settings import Settings, mask_url
 
@@ -404,6 +405,110 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) and not is_row_error(exc)
 
 
+#: SQLSTATE of a privilege the role lacks (insufficient_privilege): a GRANT to run.
+PRIVILEGE_SQLSTATE = "42501"
+#: The privileges bertstream's commands use, per table: what a refusal's GRANT names
+#: when it cannot tell which one the statement needed (``contract.migrate`` checks a
+#: command's own at its start).
+TABLE_PRIVILEGES = {RESULTS_TABLE: "SELECT, INSERT, UPDATE, DELETE",
+                    WINDOWS_TABLE: "SELECT, INSERT, DELETE"}
+#: Connection refusals that are settings, as PostgreSQL words them (libpq gives a refused
+#: connection no SQLSTATE: its message is all there is), each with its cause and its fix
+#: ({0}: the name the message quotes, {role}: the URL's user). "too many connections"
+#: and a server starting or shutting down stay outages.
+_LOGIN_REFUSALS = (
+    (re.compile(r'password authentication failed for user "([^"]*)"'),
+     "password authentication failed for role {0}",
+     f"check the user and password of {ENV_PREFIX}DATABASE_URL"),
+    (re.compile(r'role "([^"]*)" does not exist'), "role {0} does not exist",
+     f"create it (CREATE ROLE {{0}} LOGIN PASSWORD '...') or fix the user of "
+     f"{ENV_PREFIX}DATABASE_URL"),
+    (re.compile(r'role "([^"]*)" is not permitted to log in'), "role {0} may not log in",
+     "ALTER ROLE {0} LOGIN"),
+    (re.compile(r'permission denied for database "([^"]*)"'),
+     "role {role} may not connect to database {0}", "GRANT CONNECT ON DATABASE {0} TO {role}"),
+    (re.compile(r'database "([^"]*)" does not exist'), "database {0} does not exist",
+     f"create it (CREATE DATABASE {{0}}) or fix the database of {ENV_PREFIX}DATABASE_URL"),
+    (re.compile(r"no pg_hba\.conf entry"), "the server's pg_hba.conf admits no such "
+     "connection", "add a pg_hba.conf entry for this host, user and database"),
+)
+#: Statement refusals (SQLSTATE 42501): what the role lacks, and the GRANT.
+_PRIVILEGE_REFUSALS = (
+    (re.compile(r"permission denied for (?:table|relation) (\S+)"),
+     "role {role} lacks a privilege on table {0}", "GRANT {privileges} ON {0} TO {role}"),
+    (re.compile(r"permission denied for schema (\S+)"),
+     "role {role} lacks a privilege on schema {0}",
+     "GRANT USAGE, CREATE ON SCHEMA {0} TO {role} (to read and write only, USAGE is "
+     "enough), or run `bertstream db upgrade` as the schema's owner"),
+    (re.compile(r"must be owner of (?:table|relation) (\S+)"),
+     "role {role} does not own table {0}", "run `bertstream db upgrade` as its owner"),
+    (re.compile(r"permission denied for database (\S+)"),
+     "role {role} may not connect to database {0}", "GRANT CONNECT ON DATABASE {0} TO {role}"),
+)
+
+
+def sql_name(name: str) -> str:
+    """``name`` as SQL writes an identifier: as it is when plain, else double-quoted."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def refusal(exc: BaseException, role: str | None) -> str | None:
+    """The cause and its fix when ``exc`` is PostgreSQL refusing ``role`` (the URL's user)
+    something a setting decides: a privilege (SQLSTATE 42501), a login (a wrong password,
+    a role or database that does not exist, no CONNECT, no pg_hba.conf entry). None for
+    anything else: an outage (refused, dropped or silent connections, too many
+    connections, a read-only standby, an administrator's shutdown) or a row error. The
+    text names no host and no password."""
+    for cause in causes(exc):
+        orig = getattr(cause, "orig", None) or cause
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        text = str(orig)
+        rules: tuple[tuple[re.Pattern[str], str, str], ...]
+        if sqlstate == PRIVILEGE_SQLSTATE:
+            rules = _PRIVILEGE_REFUSALS
+        elif sqlstate is None and "FATAL:" in text:
+            rules = _LOGIN_REFUSALS
+            text = text.split("FATAL:", 1)[1]
+        else:
+            continue
+        line = text.strip().splitlines()[0] if text.strip() else type(orig).__name__
+        who = sql_name(role) if role else "<role>"
+        for pattern, what, fix in rules:
+            found = pattern.search(line)
+            if found:
+                name = found.group(1).strip('"')
+                privileges = TABLE_PRIVILEGES.get(name, "SELECT, INSERT, UPDATE, DELETE")
+                shown = sql_name(name)
+                return (f"{what.format(shown, role=who)}: "
+                        f"{fix.format(shown, role=who, privileges=privileges)}")
+        if sqlstate == PRIVILEGE_SQLSTATE:
+            return f"{line}: grant role {who} what it lacks"
+    return None
+
+
+def brief_cause(exc: BaseException) -> str:
+    """Why ``exc`` happened in the database driver's own words, in one short line without
+    the host, port or URL (a health answer shows it): the error's type and the server's
+    message, or the driver's reason ("Connection refused")."""
+    orig: BaseException = exc
+    for cause in causes(exc):
+        inner = getattr(cause, "orig", None)
+        if isinstance(inner, BaseException):
+            orig = inner
+            break
+    text = str(orig)
+    if "FATAL:" in text:
+        text = text.split("FATAL:", 1)[1]
+    elif " failed: " in text:
+        text = text.rsplit(" failed: ", 1)[1]
+    lines = text.strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    line = line if len(line) <= 120 else line[:117] + "..."
+    return f"{type(orig).__name__}: {line}" if line else type(orig).__name__
+
+
 #: How long a guard's watcher thread waits with nothing to watch before it ends.
 _GUARD_IDLE_S = 30.0
 
@@ -666,7 +771,17 @@ class ResultStore:
                 if stale and not stale_retried:
                     stale_retried = True
                     continue
-                raise StoreUnavailable(f"{what}: {_first_line(exc)}") from exc
+                raise self.unavailable(what, exc) from exc
+
+    def unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
+        """The error for ``exc``, an outage :meth:`_run` would not retry: a
+        :class:`StoreRefused` naming the fix when the database refuses this role or URL
+        (:func:`refusal`), else :class:`StoreUnavailable`."""
+        problem = refusal(exc, self.engine.url.username)
+        if problem is not None:
+            return StoreRefused(f"{what}: {_first_line(exc)}; a setting to fix, not an "
+                                f"outage: {problem}", problem)
+        return StoreUnavailable(f"{what}: {_first_line(exc)}")
 
     # -- writing --------------------------------------------------------
 

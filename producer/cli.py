@@ -49,6 +49,7 @@ from contract.errors import (
     Interrupted,
     InvalidInput,
     ResultTimeout,
+    StoreRefused,
     StoreUnavailable,
     exit_code,
     quoted,
@@ -596,6 +597,7 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
             reader = RedisStreamSource(redis, stream_key, str(group), consumer, fields=fields,
                                        idle_exit_s=idle_exit,
                                        claim_idle_s=claim_idle if claim_idle > 0 else None)
+            stack.callback(reader.close)  # stops its refreshing before the client closes
             trackers.append(reader)  # acks after the ids file has the line
             records: Iterable[SourceRecord] = reader.records()
         else:
@@ -754,6 +756,8 @@ def _wait_or_stop(client: Client, ids: list[str],
             return _wait(client, ids, timeout), None
         except ResultTimeout as exc:
             return _ready(client, ids, exc.missing), exc
+        except StoreRefused as exc:  # a setting to fix: exit 2, as at any other start
+            return {}, StoreRefused(f"{exc}; {sent}", exc.problem)
         except StoreUnavailable as exc:
             return {}, StoreUnavailable(f"{exc}; {sent}")
         except BrokerUnavailable as exc:
@@ -792,6 +796,8 @@ def _with_missing(stop: BertstreamError, missing: list[str], *, listed: bool) ->
         note = f"{len(missing)} result(s) missing: {', '.join(missing[:SHOWN_MISSING])}{more}"
     if isinstance(stop, (BrokerUnavailable, Interrupted)):
         return type(stop)(f"{stop.reason}; {note}")
+    if isinstance(stop, StoreRefused):
+        return StoreRefused(f"{stop}; {note}", stop.problem)
     return type(stop)(f"{stop}; {note}")
 
 

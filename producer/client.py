@@ -54,6 +54,7 @@ from contract.errors import (
     InvalidInput,
     ResultTimeout,
     SchemaMismatch,
+    StoreRefused,
     StoreUnavailable,
     causes,
     quoted,
@@ -937,7 +938,10 @@ class Client:
                 schema = migrate.settled(self.store)
             except StoreUnavailable as exc:
                 url = mask_url(self.settings.database_url)
-                raise StoreUnavailable(f"cannot reach the results database at {url}: {exc}") from exc
+                message = f"cannot reach the results database at {url}: {exc}"
+                if isinstance(exc, StoreRefused):  # a setting: exit 2, not 3
+                    raise StoreRefused(message, exc.problem) from exc
+                raise StoreUnavailable(message) from exc
             problem = schema.problem()
             if problem and not schema.empty and not schema.newer():
                 raise SchemaMismatch(problem)
@@ -1267,6 +1271,6 @@ class Client:
                     model=self._model(model), lang=lang,
                 )
             except SQLAlchemyError as exc:
-                raise StoreUnavailable(f"cannot read results: {exc}") from exc
+                raise self.store.unavailable("cannot read results", exc) from exc
 
         return self._read(read, [])

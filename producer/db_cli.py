@@ -8,14 +8,19 @@ import re
 from typing import IO
 
 import click
+import redis
 import sqlalchemy as sa
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from contract import migrate
+from contract.broker import redis_socket_options
+from contract.clock import server_time
 from contract.constants import DEFAULT_MODEL, LANGS, STATUSES
 from contract.errors import InvalidInput, SchemaMismatch, quoted
 from contract.messages import id_problem
-from contract.results import ResultStore, as_utc
-from contract.settings import Settings
+from contract.results import ResultStore, as_utc, utc_from_timestamp
+from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from producer.client import Client, missing_sqlite_file
 from producer.formatting import unguard_id
 from producer.options import parse_time
@@ -238,10 +243,14 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
             model = client.stored_model(model)
     _refuse_no_file(ctx)
     store, shown = _store(ctx)
+    clock = ""
     try:
         migrate.check(store)  # an outdated schema: deleting would half work, then fail
+        migrate.check_privileges(store, migrate.DELETE_PRIVILEGES if yes
+                                 else migrate.READER_PRIVILEGES, "`db delete`")
         if older_than is not None:
-            until = _cut_off(store, older_than)
+            until, clock = _cut_off(ctx.find_object(Settings) or Settings.from_env(), store,
+                                    older_than)
         count = store.delete(ids=id_filter, source=source, model=model, label=label,
                              status=status, lang=lang, since=since, until=until,
                              dry_run=not yes)
@@ -249,7 +258,7 @@ def delete_command(ctx: click.Context, ids: tuple[str, ...], ids_file: IO[str] |
         store.close()
     # the cut-off --older-than came to: --until with it deletes just what a dry run counted
     cut = "" if older_than is None or until is None else \
-        f" finished before {until.isoformat()} (the database's clock)"
+        f" finished before {until.isoformat()} ({clock})"
     if yes:
         click.echo(f"{shown}: deleted {count.rows} row(s) of {count.tasks} task(s){cut}")
     else:
@@ -275,20 +284,60 @@ def _wanted_ids(ids: tuple[str, ...], ids_file: IO[str] | None, *,
     return wanted
 
 
-def _cut_off(store: ResultStore, older_than: dt.timedelta) -> dt.datetime:
-    """Now less ``older_than``, by the database's clock, in whole seconds (as printed).
+#: Seconds the Redis server's clock is waited for before ``--older-than`` falls back to
+#: the database's: a retention job goes on when Redis is down.
+CLOCK_WAIT_S = 3.0
+#: How the printed cut-off names the clock it was taken on.
+REDIS_CLOCK = "the Redis server's clock, which row times are stamped on"
 
-    Workers stamp ``finished_at`` and PostgreSQL may be on another host than this
-    command: a clock here that runs ahead would delete younger rows than asked,
-    so its ``CURRENT_TIMESTAMP`` decides, read once for every batch. An SQLite
-    file is on this host: the local clock is its clock.
+
+def _cut_off(settings: Settings, store: ResultStore,
+             older_than: dt.timedelta) -> tuple[dt.datetime, str]:
+    """Now less ``older_than`` in whole seconds (as printed), and the clock it came from.
+
+    Row times are stamped on the Redis server's clock (``contract.clock``: producers,
+    the API and the workers all read its ``TIME``), so now is its ``TIME``: a cut by
+    another clock deleted younger or older rows than asked, by the distance between the
+    two. Without it (a broker other than Redis, a URL that does not parse, Redis
+    not answering within :data:`CLOCK_WAIT_S`), the database's clock (PostgreSQL's
+    ``CURRENT_TIMESTAMP``; an SQLite file is on this host: the local clock), and the
+    clock named says why, also as a warning on stderr.
     """
+    server, why = _redis_now(settings)
+    if server is not None:
+        return utc_from_timestamp(server - older_than.total_seconds()).replace(
+            microsecond=0), REDIS_CLOCK
     if store.engine.dialect.name == "sqlite":
-        now = dt.datetime.now(dt.timezone.utc)
+        now, clock = dt.datetime.now(dt.timezone.utc), "this host's clock, the SQLite file's"
     else:
         now = store.run(lambda conn: conn.execute(sa.select(sa.func.current_timestamp()))
                         .scalar_one(), "cannot read the database's clock")
-    return as_utc(now - older_than).replace(microsecond=0)
+        clock = "the database's clock"
+    clock = f"{clock}: {why}, so rows stamped on its clock may be cut by their distance"
+    click.echo(f"warning: --older-than cut by {clock}", err=True)
+    return as_utc(now - older_than).replace(microsecond=0), clock
+
+
+def _redis_now(settings: Settings) -> tuple[float | None, str]:
+    """The Redis server's ``TIME`` (one try, :data:`CLOCK_WAIT_S` at most), or None and
+    why it could not be read (no password or host shown)."""
+    shown = mask_url(settings.broker_url)
+    if not settings.broker_url.startswith(REDIS_SCHEMES):
+        return None, f"the broker {shown} is not Redis, whose clock row times are stamped on"
+    options = redis_socket_options(settings)
+    options.update(socket_connect_timeout=min(settings.redis_connect_timeout_s, CLOCK_WAIT_S),
+                   socket_timeout=min(settings.redis_socket_timeout_s, CLOCK_WAIT_S))
+    try:
+        client = redis.Redis.from_url(settings.broker_url, retry=Retry(NoBackoff(), 0),
+                                      **options)
+    except ValueError as exc:
+        return None, f"the broker URL {shown} cannot be parsed ({exc})"
+    try:
+        return server_time(client), ""
+    except redis.RedisError as exc:
+        return None, f"the Redis server's clock cannot be read at {shown} ({exc})"
+    finally:
+        client.close()
 
 
 @db_group.command("settle")
@@ -300,6 +349,7 @@ def settle_command(ctx: click.Context) -> None:
     store, shown = _store(ctx)
     try:
         migrate.check(store)
+        migrate.check_privileges(store, migrate.SETTLE_PRIVILEGES, "`db settle`")
         fixed = store.settle_all()
     finally:
         store.close()

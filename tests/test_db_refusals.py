@@ -5,7 +5,8 @@ failover to a standby), a worker role that lost its INSERT and UPDATE
 privileges, and a role over its connection limit: each is an outage, not a
 row error. A real worker keeps every task (none failed, lost or done twice)
 and resumes by itself once the cause is removed; a worker that meets one while
-setting up an empty database says so in one line and exits 3; the API's export
+setting up an empty database says so in one line and exits 3 (2 when it is the role's
+privilege on the schema: tests/test_db_role_refusals.py); the API's export
 answers 503 as its other reads do. The worker connects as a role of its own
 (``<database>_worker``, no superuser, owning nothing), so the test can refuse it
 without refusing itself.
@@ -233,28 +234,31 @@ def test_readyz_says_not_ready_when_the_role_cannot_read_the_results(
         r = http.get("/readyz")
         assert r.status_code == 503
         assert r.json()["checks"]["database"] == (
-            "cannot read the results table: InsufficientPrivilege")
+            f"misconfigured: role {worker_role.name} lacks privileges the API needs: "
+            f"GRANT SELECT ON {RESULTS_TABLE} TO {worker_role.name}")
         worker_role.sql(f"GRANT SELECT ON {RESULTS_TABLE} TO {worker_role.name}")
         assert http.get("/readyz").json()["checks"]["database"] == "ok"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("refuse", "says"), [
-    ("ALTER DATABASE {db} SET default_transaction_read_only = on",
+@pytest.mark.parametrize(("refuse", "code", "says"), [
+    ("ALTER DATABASE {db} SET default_transaction_read_only = on", 3,
      "error: cannot set up the schema: (psycopg.errors.ReadOnlySqlTransaction) cannot "
      "execute CREATE TABLE in a read-only transaction"),
-    (None,  # the role may not create tables in schema public (PostgreSQL 15's default)
+    (None, 2,  # the role may not create tables in schema public (PostgreSQL 15's default)
      "error: cannot set up the schema: (psycopg.errors.InsufficientPrivilege) permission "
-     "denied for schema public"),
-    ("ALTER ROLE {role} CONNECTION LIMIT 0",
+     "denied for schema public; a setting to fix, not an outage: role {role} lacks a "
+     "privilege on schema public: GRANT USAGE, CREATE ON SCHEMA public TO {role}"),
+    ("ALTER ROLE {role} CONNECTION LIMIT 0", 3,
      "error: cannot read the schema revision: (psycopg.OperationalError) connection failed: "),
 ], ids=["read-only", "no-create", "connection-limit"])
 def test_a_worker_that_cannot_set_up_the_schema_says_so_in_one_line(
         worker_role: WorkerRole, redis_url: str, tiny_model_dir: Path, tmp_path: Path,
-        refuse: str | None, says: str) -> None:
+        refuse: str | None, code: int, says: str) -> None:
     """An empty database the worker's start-up migration cannot write: one error line
-    naming the refusal, exit 3 (the database is unavailable to it, as when unreachable),
-    no traceback, and no table half made."""
+    naming the refusal, no traceback, and no table half made. A read-only database or no
+    connection left is an outage (exit 3, as when unreachable); a role without CREATE on
+    the schema is a setting: exit 2, naming the GRANT."""
     with worker_role.admin.connect() as conn:
         migrate.drop_all(conn)
         if refuse is None and conn.execute(sa.text(
@@ -268,8 +272,9 @@ def test_a_worker_that_cannot_set_up_the_schema_says_so_in_one_line(
                          env={**settings_env(settings.replace(torch_threads=1)),
                               "HF_HUB_OFFLINE": "1"},
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 3, out.stderr[-3000:]
+    assert out.returncode == code, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1].startswith(says), out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(says.format(role=worker_role.name)), \
+        out.stderr[-3000:]
     with worker_role.admin.connect() as conn:
         assert not {RESULTS_TABLE, MIGRATIONS_TABLE} & set(sa.inspect(conn).get_table_names())

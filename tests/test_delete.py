@@ -20,6 +20,7 @@ from contract.constants import RESULTS_TABLE, WINDOWS_TABLE
 from contract.errors import InvalidInput
 from contract.results import DeleteCount, ResultStore, WindowRecord
 from contract.settings import Settings
+from tests.conftest import REDIS_URL
 from tests.test_latest_flag import assert_views_agree, flags, record, writes
 from worker.process import settings_env
 
@@ -138,7 +139,8 @@ def test_settle_all_repairs_hand_edits(store: ResultStore) -> None:
 
 def bertstream(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args],
-                          env=settings_env(Settings(database_url=url)), capture_output=True,
+                          env=settings_env(Settings(database_url=url, broker_url=REDIS_URL)),
+                          capture_output=True,
                           text=True, timeout=120, cwd=ROOT, input=stdin)
 
 

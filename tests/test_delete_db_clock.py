@@ -1,4 +1,6 @@
-"""`db delete --older-than` takes its cut-off from the database's clock, not the CLI host's.
+"""Without the Redis server's clock (the one row times are stamped on: see
+``test_delete_redis_clock``), `db delete --older-than` takes its cut-off from the
+database's clock, not the CLI host's.
 
 Rows' ``finished_at`` come from the workers' writes; a retention cron on a host whose
 clock runs ahead deleted rows younger than the age it was given. The skewed host is
@@ -26,6 +28,8 @@ from tests.test_latest_flag import record
 #: How far the CLI host's clock is off: an hour ahead, two hours behind (past the rows' ages
 #: either way, so its cut-off falls on the wrong side of one of them).
 SKEWS = [dt.timedelta(hours=1), dt.timedelta(hours=-2)]
+#: The broker of these commands: not Redis, so the cut falls back to the database's clock.
+NO_REDIS = "memory://"
 
 
 def skew_clock(monkeypatch: pytest.MonkeyPatch, skew: dt.timedelta) -> None:
@@ -73,7 +77,7 @@ def test_a_skewed_cli_clock_deletes_by_the_databases_clock(
     """An hour ahead, `--older-than 1h` deleted the 10-minute-old row too; two hours
     behind, it kept the 2-hour-old one. The dry run counts what --yes deletes."""
     skew_clock(monkeypatch, skew)
-    settings = Settings(database_url=pg_url)
+    settings = Settings(database_url=pg_url, broker_url=NO_REDIS)
     dry = invoke(["db", "delete", "--older-than", "1h"], settings)
     assert dry.exit_code == 0, dry.output
     assert "would delete 1 row(s) of 1 task(s)" in dry.output
@@ -89,7 +93,8 @@ def test_the_dry_run_prints_the_databases_cut_off(
     clock says: the time to pass as --until to delete exactly what was counted."""
     skew_clock(monkeypatch, dt.timedelta(hours=1))
     before = db_now(pg_store)
-    dry = invoke(["db", "delete", "--older-than", "1h"], Settings(database_url=pg_url))
+    dry = invoke(["db", "delete", "--older-than", "1h"],
+                 Settings(database_url=pg_url, broker_url=NO_REDIS))
     after = db_now(pg_store)
     assert dry.exit_code == 0, dry.output
     text = dry.output.split("finished before ", 1)[1].split(" ", 1)[0]
@@ -109,7 +114,7 @@ def test_sqlite_cuts_by_the_local_clock(sqlite_url: str) -> None:
     rows[1].finished_at = now - dt.timedelta(hours=2)
     store.upsert(rows)
     out = invoke(["db", "delete", "--older-than", "1h", "--yes"],
-                 Settings(database_url=sqlite_url))
+                 Settings(database_url=sqlite_url, broker_url=NO_REDIS))
     assert out.exit_code == 0, out.output
     assert "deleted 1 row(s) of 1 task(s) finished before " in out.output
     assert [r.id for r in store.query()] == ["recent"]
