@@ -252,6 +252,8 @@ def ensure(store: ResultStore) -> SchemaState:
     if current.problem() is None:
         check_privileges(store, WORKER_PRIVILEGES, "a worker")
         return current
+    # a schema without USAGE hides the tables: refused, not created again (and failing)
+    check_privileges(store, WORKER_PRIVILEGES, "a worker")
 
     def settle(conn: Connection) -> SchemaState:
         now = _read(conn)
@@ -273,11 +275,17 @@ def ensure(store: ResultStore) -> SchemaState:
 
 def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who: str) -> None:
     """:class:`StoreRefused` naming the GRANTs to run when the role lacks a privilege of
-    ``needs`` (table: privileges) on a table that exists, or USAGE on the schema. Only
-    PostgreSQL has roles: elsewhere, and for tables not there yet, nothing is checked.
+    ``needs`` (table: privileges) on a table that exists, or USAGE on the schema of its
+    search path that holds them. Only PostgreSQL has roles: elsewhere, and for tables
+    not there yet, nothing is checked. SELECT, INSERT and UPDATE granted on some columns
+    only pass (a DBA may grant them per column): a statement needing another column is
+    still refused when it runs.
 
     Without it, a worker whose role may not write started, and then met each flush's
-    ``permission denied`` as an outage, requeueing for ever."""
+    ``permission denied`` as an outage, requeueing for ever. PostgreSQL leaves a schema
+    without USAGE out of the search path (``current_schema()`` too): its tables look
+    missing, so the configured path (``$user`` being the role) is read: its first schema
+    that exists, holding one of the tables while none is visible, is the one to grant."""
     if store.engine.dialect.name != "postgresql":
         return
     pairs = [(table, privilege) for table, privileges in needs.items()
@@ -286,23 +294,37 @@ def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who:
     params: dict[str, str] = {}
     for i, (table, privilege) in enumerate(pairs):
         params.update({f"t{i}": table, f"p{i}": privilege})
+    needed = "(VALUES " + values + ") AS v(t, p)"
     query = sa.text(
-        "SELECT current_user, current_schema(), "
-        "coalesce(has_schema_privilege(current_schema(), 'USAGE'), true), "
-        "array(SELECT v.t || ' ' || v.p FROM (VALUES " + values + ") AS v(t, p)"
+        "SELECT current_user, "
+        "array(SELECT DISTINCT n.nspname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relname IN (SELECT v.t FROM " + needed + ")"
+        " AND NOT has_schema_privilege(n.oid, 'USAGE')"
+        " AND NOT EXISTS (SELECT 1 FROM " + needed + " WHERE to_regclass(v.t) IS NOT NULL)"
+        " AND n.nspname = (SELECT q.s FROM unnest(string_to_array("
+        "current_setting('search_path'), ',')) WITH ORDINALITY AS sp(x, i)"
+        " CROSS JOIN LATERAL (SELECT CASE WHEN btrim(sp.x) IN ('$user', '\"$user\"')"
+        " THEN CAST(current_user AS text) ELSE btrim(btrim(sp.x), '\"') END AS s) AS q"
+        " WHERE EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = q.s)"
+        " ORDER BY sp.i LIMIT 1)), "
+        "array(SELECT v.t || ' ' || v.p FROM " + needed +
         " WHERE to_regclass(v.t) IS NOT NULL"
-        " AND NOT has_table_privilege(to_regclass(v.t), v.p))")
+        # SELECT, INSERT and UPDATE may be granted per column: a table-wide test says no
+        # to a role granted them on the columns it uses (the statements then tell)
+        " AND NOT CASE WHEN v.p IN ('SELECT', 'INSERT', 'UPDATE')"
+        " THEN has_any_column_privilege(to_regclass(v.t), v.p)"
+        " ELSE has_table_privilege(to_regclass(v.t), v.p) END)")
 
-    def read(conn: Connection) -> tuple[str, str | None, bool, list[str]]:
-        role, schema, usage, missing = conn.execute(query, params).one()
-        return str(role), schema, bool(usage), list(missing)
+    def read(conn: Connection) -> tuple[str, list[str], list[str]]:
+        role, hidden, missing = conn.execute(query, params).one()
+        return str(role), list(hidden), list(missing)
 
-    role, schema, usage, missing = store.run(read, "cannot read the role's privileges")
+    role, hidden, missing = store.run(read, "cannot read the role's privileges")
     from contract.results import sql_name
 
-    grants: list[str] = []
-    if not usage and schema is not None:
-        grants.append(f"GRANT USAGE ON SCHEMA {sql_name(schema)} TO {sql_name(role)}")
+    grants = [f"GRANT USAGE ON SCHEMA {sql_name(schema)} TO {sql_name(role)}"
+              for schema in sorted(hidden)]
     lacking: dict[str, list[str]] = {}
     for entry in missing:
         table, privilege = entry.split(" ", 1)

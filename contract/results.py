@@ -488,6 +488,11 @@ def refusal(exc: BaseException, role: str | None) -> str | None:
     return None
 
 
+#: A host a driver's message names: psycopg's "failed to resolve host 'db.internal'",
+#: libpq's 'could not translate host name "db.internal" to address'.
+_HOST_NAMED = re.compile(r"""\b(host(?: name)?) (["'])[^"']*\2""")
+
+
 def brief_cause(exc: BaseException) -> str:
     """Why ``exc`` happened in the database driver's own words, in one short line without
     the host, port or URL (a health answer shows it): the error's type and the server's
@@ -504,7 +509,7 @@ def brief_cause(exc: BaseException) -> str:
     elif " failed: " in text:
         text = text.rsplit(" failed: ", 1)[1]
     lines = text.strip().splitlines()
-    line = lines[0].strip() if lines else ""
+    line = _HOST_NAMED.sub(r"\1", lines[0].strip() if lines else "")
     line = line if len(line) <= 120 else line[:117] + "..."
     return f"{type(orig).__name__}: {line}" if line else type(orig).__name__
 

@@ -211,28 +211,37 @@ class RedisStreamSource:
 
     def _keep(self) -> None:
         """Refresh what this consumer holds until stopped. A Redis outage, a vanished
-        group or key are left to the reading, which reports them; another refusal (a
-        Redis older than 6.2 has no XPENDING IDLE, and no XAUTOCLAIM either: nothing is
-        claimed there) stops the refreshing."""
+        group or key are left to the reading, which reports them, and a refusal that
+        passes (a replica's READONLY during a failover, a busy script) is tried again at
+        the next refresh; a refusal of the commands themselves (a Redis older than 6.2
+        has no XPENDING IDLE, and no XAUTOCLAIM either: nothing is claimed there; an ACL
+        without them) stops the refreshing."""
         while not self._stop.wait(self.refresh_every_s):
             try:
                 self.refresh()
             except redis.ResponseError as exc:
-                if not str(exc).startswith(("NOGROUP", "WRONGTYPE")):
+                # redis-py gives the passing refusals classes of their own (ReadOnlyError,
+                # MasterDownError, TryAgainError...); BUSY and the vanished group or key
+                # come as plain ResponseErrors, named by their first word
+                plain = type(exc) in (redis.ResponseError, redis.exceptions.NoPermissionError)
+                if plain and not str(exc).startswith(("NOGROUP", "WRONGTYPE", "BUSY")):
                     log.debug("not refreshing pending entries of %r: %s", self.key, exc)
                     return
             except redis.RedisError:
                 continue
 
     def refresh(self) -> int:
-        """Reset the idle time of the entries pending on this consumer for half a refresh
-        interval or more (read, claimed, not yet acked), so no other reader claims them
-        while this one is alive; give how many were reset.
+        """Reset the idle time of the entries this reader holds (read or claimed, not yet
+        acked) pending on its consumer for half a refresh interval or more, so no other
+        reader claims them while this one is alive; give how many were reset.
 
         ``XPENDING ... IDLE`` lists them (this consumer's own pending list);
         ``XCLAIM`` with the same minimum idle time and ``JUSTID`` resets their idle
         time without raising their delivery count. The minimum idle time is what keeps
-        an entry another reader has just claimed (idle 0 again) where it is.
+        an entry another reader has just claimed (idle 0 again) where it is. Entries
+        pending under the name that this reader does not hold (another reader of the
+        same name, the host name by default, that died) are left to go idle and be
+        claimed.
         """
         min_idle_ms = max(1, int(self.refresh_every_s * 500))
         start, refreshed = "-", 0
@@ -241,9 +250,10 @@ class RedisStreamSource:
                 self.key, self.group, start, "+", REFRESH_COUNT,
                 consumername=self.consumer, idle=min_idle_ms)
             ids: list[Any] = [_text(p["message_id"]) for p in page]
-            if ids:
+            held = [i for i in ids if i in self._held]
+            if held:
                 reset: Any = self.client.xclaim(self.key, self.group, self.consumer,
-                                                min_idle_ms, ids, justid=True)
+                                                min_idle_ms, held, justid=True)
                 refreshed += len(reset)
             if len(ids) < REFRESH_COUNT:
                 return refreshed

@@ -90,11 +90,11 @@ def test_a_reader_refreshes_only_its_own_pending_entries(
     key = f"{bsettings.queue}:posts"
     _add(r, key, 4)
     r.xgroup_create(key, "g", id="0")
-    r.xreadgroup("g", "mine", {key: ">"}, count=2)
     r.xreadgroup("g", "other", {key: ">"}, count=2)
-    time.sleep(0.3)
-    reader = RedisStreamSource(r, key, "g", "mine", claim_idle_s=0.4)
+    reader = RedisStreamSource(r, key, "g", "mine", claim_idle_s=0.4, count=2)
     try:
+        assert len(reader._read(">", block=None)) == 2  # read by this reader: held
+        time.sleep(0.3)
         assert reader.refresh() == 2
     finally:
         reader.close()
