@@ -407,6 +407,9 @@ def is_outage(exc: BaseException) -> bool:
 
 #: SQLSTATE of a privilege the role lacks (insufficient_privilege): a GRANT to run.
 PRIVILEGE_SQLSTATE = "42501"
+#: SQLSTATE of a search path naming no schema the role may use (invalid_schema_name: "no
+#: schema has been selected to create in"): a schema without USAGE is left out of it.
+NO_SCHEMA_SQLSTATE = "3F000"
 #: The privileges bertstream's commands use, per table: what a refusal's GRANT names
 #: when it cannot tell which one the statement needed (``contract.migrate`` checks a
 #: command's own at its start).
@@ -456,7 +459,8 @@ def sql_name(name: str) -> str:
 
 def refusal(exc: BaseException, role: str | None) -> str | None:
     """The cause and its fix when ``exc`` is PostgreSQL refusing ``role`` (the URL's user)
-    something a setting decides: a privilege (SQLSTATE 42501), a login (a wrong password,
+    something a setting decides: a privilege (SQLSTATE 42501), a search path naming no
+    schema it may use (3F000), a login (a wrong password,
     a role or database that does not exist, no CONNECT, no pg_hba.conf entry). None for
     anything else: an outage (refused, dropped or silent connections, too many
     connections, a read-only standby, an administrator's shutdown) or a row error. The
@@ -471,10 +475,16 @@ def refusal(exc: BaseException, role: str | None) -> str | None:
         elif sqlstate is None and "FATAL:" in text:
             rules = _LOGIN_REFUSALS
             text = text.split("FATAL:", 1)[1]
+        elif sqlstate == NO_SCHEMA_SQLSTATE:
+            rules = ()
         else:
             continue
         line = text.strip().splitlines()[0] if text.strip() else type(orig).__name__
         who = sql_name(role) if role else "<role>"
+        if sqlstate == NO_SCHEMA_SQLSTATE:
+            return (f"{line}: the search_path of role {who} names no schema it may use: "
+                    f"GRANT USAGE, CREATE ON SCHEMA <the schema> TO {who}, or set its "
+                    f"search_path (ALTER ROLE {who} SET search_path = ...)")
         for pattern, what, fix in rules:
             found = pattern.search(line)
             if found:

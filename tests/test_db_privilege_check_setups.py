@@ -127,3 +127,26 @@ def test_a_role_with_its_own_schema_first_in_the_path_passes(
         store.close()
         worker_role.sql("GRANT USAGE ON SCHEMA public TO PUBLIC",
                         f"DROP SCHEMA {name} CASCADE")
+
+
+def test_db_upgrade_by_a_role_without_usage_on_the_schema_is_a_setting(
+        worker_role: WorkerRole) -> None:
+    """`db upgrade` by a role whose search path holds no schema it may use met "no schema
+    has been selected to create in" (SQLSTATE 3F000) as an outage (exit 3): a setting,
+    exit 2, naming the GRANT or the search_path to set."""
+    name = worker_role.name
+    worker_role.sql("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+    store = ResultStore.from_url(worker_role.url)
+    try:
+        migrate.upgrade(store)
+    except StoreUnavailable as exc:
+        error: StoreUnavailable = exc
+    else:
+        raise AssertionError("an upgrade without a usable schema passed")
+    finally:
+        store.close()
+        worker_role.sql("GRANT USAGE ON SCHEMA public TO PUBLIC")
+    assert isinstance(error, StoreRefused), error
+    assert exit_code(error) == 2
+    assert f"GRANT USAGE, CREATE ON SCHEMA <the schema> TO {name}" in error.problem
+    assert "no schema has been selected to create in" in error.problem
