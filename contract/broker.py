@@ -123,6 +123,13 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
 
 
+def redis_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one of its causes) is Redis out of reach: a refused, dropped or
+    silent connection, or a server still loading its data after a restart."""
+    return any(isinstance(cause, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+               for cause in causes(exc))
+
+
 def redis_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or one of its causes) is a full noeviction Redis refusing a write
     (``OOM command not allowed when used memory > 'maxmemory'``)."""

@@ -61,7 +61,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery_batches import Batches, SimpleRequest
 
-from contract.broker import redis_client, redis_full
+from contract.broker import redis_client, redis_full, redis_unreachable
 from contract.clock import ServerClock
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
@@ -401,6 +401,9 @@ class AnalyzeTask(Batches):
             if redis_full(exc):  # an outage of Redis's, not a bug: no traceback
                 log.warning("flush of %d message(s) stopped: Redis is full (maxmemory) and "
                             "refuses writes (%s); requeueing them", len(reqs), exc)
+            elif redis_unreachable(exc):  # a restart, say: nothing ran, nothing counted
+                log.warning("flush of %d message(s) stopped: Redis cannot be reached (%s); "
+                            "they come back once it answers", len(reqs), exc)
             else:
                 log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                               "(each delivery counts towards dead-lettering)", len(reqs))
@@ -587,9 +590,21 @@ class AnalyzeTask(Batches):
                 if s.id not in stuck and (dead or s.id not in waiting)]
         self._release(waiting, stuck)
         _ack([r for r, _ in done])
-        if self.deliveries is not None and done:
-            self.deliveries.forget([s.id for _, s in done])
+        self._forget([s.id for _, s in done])
         return True
+
+    def _forget(self, message_ids: list[str]) -> None:
+        """Drop the delivery counts of messages acked for good. A Redis lost meanwhile (a
+        restart after the commit) leaves them to expire on their own: the rows are stored
+        and the messages acked, so the flush goes on (it used to stop there, its groups
+        not run yet requeued with their delivery counted)."""
+        if self.deliveries is None or not message_ids:
+            return
+        try:
+            self.deliveries.forget(message_ids)
+        except Exception as exc:  # noqa: BLE001 - a clean-up: the counters expire
+            log.warning("could not drop the delivery counts of %d acked message(s) (they "
+                        "expire on their own): %s", len(message_ids), exc)
 
     def _requeue_for_outage(self, group: list[tuple[Any, SimpleRequest]],
                             exc: StoreUnavailable) -> None:
@@ -643,8 +658,7 @@ class AnalyzeTask(Batches):
         _reject([r for mid, rs in requests.items() if mid in stuck for r in rs], requeue=True)
         acked = [mid for mid in ready if mid not in stuck]
         _ack([r for mid in acked for r in requests[mid]])
-        if self.deliveries is not None and acked:
-            self.deliveries.forget(acked)
+        self._forget(acked)
 
     def hand_back_held(self) -> None:
         """Warm shutdown: take back the delivery counts of the held messages.
