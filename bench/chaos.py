@@ -21,14 +21,11 @@ ask for all of them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import shutil
 import signal
-import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +42,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from bench.faults import RedisServer, TcpProxy
 from contract.broker import lane_queue, make_celery
 from contract.constants import MALFORMED_PREFIX, TASK_ANALYZE
 from contract.errors import BertstreamError
@@ -53,7 +51,7 @@ from contract.results import ResultStore, results
 from contract.settings import Settings
 from producer.client import Client
 from worker.flush import derived_key
-from worker.process import WorkerProc, die_with_parent, free_port
+from worker.process import WorkerProc
 
 #: Bad item kinds: (the item's text, its meta) and a piece of the reason its row must carry.
 BAD_KINDS: dict[str, tuple[Any, Any, str]] = {
@@ -77,140 +75,6 @@ CRASH_MARKS = ("Unrecoverable error", "Error in timer", "Segmentation fault")
 
 def now_s(t0: float) -> float:
     return round(time.monotonic() - t0, 1)
-
-
-class RedisServer:
-    """A redis-server on a free port with AOF and ``appendfsync always``: restartable."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        """Start on the same port and data directory; returns once it answers."""
-        with open(self.workdir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
-                 "--save", ""], stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent())
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 30
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.BusyLoadingError:
-                    time.sleep(0.05)  # loading its AOF: it answers once it is in memory
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self, *, kill: bool = False, lose_data: bool = False) -> None:
-        """SIGTERM (or SIGKILL: a crash; the AOF is on disk either way); ``lose_data``
-        removes its files too, as a server whose disk is gone would come back empty."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        self.proc = None
-        if lose_data:
-            for p in self.workdir.iterdir():
-                if p.name != "redis.log":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-class Proxy:
-    """Forwards a loopback port to the database server until :meth:`down` (connections
-    reset, new ones refused): an outage that leaves the shared server alone."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        #: this end of each connection to the server: its port names the server's session
-        self._upstream: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def upstream_ports(self) -> list[int]:
-        """The local ports of the open connections to the server (``client_port`` of
-        their sessions in ``pg_stat_activity``)."""
-        with self._lock:
-            self._upstream = [s for s in self._upstream if s.fileno() != -1]
-            ports = []
-            for s in self._upstream:
-                with contextlib.suppress(OSError):
-                    ports.append(int(s.getsockname()[1]))
-            return ports
-
-    def up(self) -> None:
-        with self._lock:
-            if self._listener is not None:
-                return
-            lst = socket.socket()
-            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lst.bind(("127.0.0.1", self.port))
-            lst.listen(64)
-            self._listener = lst
-        threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
-
-    def down(self) -> None:
-        with self._lock:
-            lst, self._listener = self._listener, None
-            conns, self._conns = self._conns, []
-            self._upstream = []
-        if lst is not None:
-            with contextlib.suppress(OSError):
-                lst.shutdown(socket.SHUT_RDWR)
-            lst.close()
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)  # wakes the pipe thread blocked in recv()
-            c.close()
-
-    def _accept(self, lst: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = lst.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                if self._listener is not lst:
-                    client.close()
-                    server.close()
-                    return
-                self._conns += [client, server]
-                self._upstream.append(server)
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -509,10 +373,10 @@ class Database:
         self.url = url
         self.sa_url = sa.engine.make_url(url)
         self.pg = self.sa_url.get_backend_name() == "postgresql"
-        self.proxy: Proxy | None = None
+        self.proxy: TcpProxy | None = None
         self.worker_url = url
         if self.pg:
-            self.proxy = Proxy(self.sa_url.host or "127.0.0.1", self.sa_url.port or 5432)
+            self.proxy = TcpProxy(self.sa_url.host or "127.0.0.1", self.sa_url.port or 5432)
             self.worker_url = self.sa_url.set(host="127.0.0.1", port=self.proxy.port) \
                 .render_as_string(hide_password=False)
         self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)

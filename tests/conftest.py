@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +18,12 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from bench.faults import RedisServer
 from contract import migrate
 from contract.results import ResultStore
 from contract.settings import Settings
 from tests.workers import WorkerProcess
-from worker.process import ServeProc, die_with_parent, free_port
+from worker.process import ServeProc
 
 # Test-only endpoints; db 9 keeps test traffic apart from a developer's queues.
 REDIS_URL = os.environ.get("BERTSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -74,6 +73,21 @@ def plain(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def r(plain: redis.Redis) -> redis.Redis:
+    """:func:`plain` under the short name the stream tests use."""
+    return plain
+
+
+@pytest.fixture
+def bsettings(redis_url: str, sqlite_url: str) -> Settings:
+    """Settings for a producer: the test Redis database and an SQLite file (a module may
+    override it with changes of its own)."""
+    from tests.producer_helpers import broker_settings
+
+    return broker_settings(redis_url, sqlite_url)
 
 
 @contextlib.contextmanager
@@ -225,50 +239,6 @@ def poison_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tinybert import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("poison-bert"), poison="poisonpill")
-
-
-class RedisServer:
-    """A redis-server of the test's own, on a free port, that the test may stop and restart.
-
-    Appendonly with fsync on every write, as a production broker would run:
-    a restart keeps the queues and kombu's unacked index.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        """Start (again) on the same port and data directory; returns once it answers."""
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", ""], stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
-        log.close()
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 20
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        """Terminate the server (it writes nothing more; the AOF is already on disk)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
-        self.proc = None
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import producer.cli as cli
 from contract.settings import Settings
 from producer.client import Client
-from tests.producer_helpers import broker_settings, invoke, lane_messages
+from tests.producer_helpers import invoke, lane_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,10 +124,6 @@ def test_every_command_needing_torch_says_which_extra_to_install(tmp_path: Path,
 
 # -- the no-worker hint for named models ---------------------------------------------
 
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
 
 
 def test_waiting_on_a_named_model_no_worker_serves_names_the_worker_to_start(

@@ -8,16 +8,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pytest
-
 from contract.settings import Settings
 from producer.sources import FieldMap, read_records
-from tests.producer_helpers import broker_settings, invoke, jsonl_lines, lane_messages
-
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
+from tests.producer_helpers import invoke, jsonl_lines, lane_messages
 
 
 def _ids(data: str, fmt: str = "auto", fields: FieldMap | None = None) -> list[object]:

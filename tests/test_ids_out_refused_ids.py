@@ -6,18 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from contract.settings import Settings
 from producer.ids_out import IdsOut
 from producer.items import ItemError
 from producer.sources import SourceRecord
-from tests.producer_helpers import broker_settings, invoke, jsonl_lines, lane_messages
-
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
+from tests.producer_helpers import invoke, jsonl_lines, lane_messages
 
 
 def test_a_refused_line_names_the_id_it_gave(bsettings: Settings, tmp_path: Path) -> None:

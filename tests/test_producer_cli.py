@@ -26,10 +26,6 @@ JSON_FIELDS = {
 }
 
 
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
 
 # -- light install -------------------------------------------------------
 

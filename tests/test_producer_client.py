@@ -23,11 +23,6 @@ from tests.producer_helpers import broker_settings, lane_messages, record
 
 
 @pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
-@pytest.fixture
 def client(bsettings: Settings) -> Iterator[Client]:
     with Client(bsettings) as c:
         yield c

@@ -25,11 +25,6 @@ from tests.producer_helpers import broker_settings, invoke, lane_messages
 from tests.tcpproxy import SilentListener
 
 
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
 def _read(data: bytes, **kwargs: object) -> list[SourceRecord]:
     return list(read_records(io.BytesIO(data), **kwargs))  # type: ignore[arg-type]
 

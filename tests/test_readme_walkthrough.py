@@ -14,11 +14,6 @@ from worker.demo import run_demo, subprocess_worker
 from worker.process import WorkerProc
 
 
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
 def test_an_empty_meta_cell_counts_as_absent_beside_a_time_field(
         bsettings: Settings, tmp_path: Path) -> None:
     """README: "An empty id, source, time or meta cell counts as absent"; with

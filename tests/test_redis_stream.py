@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,21 +24,9 @@ from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
 from tests.conftest import RedisServer
-from tests.producer_helpers import broker_settings, invoke, lane_messages
+from tests.producer_helpers import invoke, lane_messages
 from tests.workers import WorkerProcess
 from worker.process import die_with_parent, settings_env
-
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _queued_items(redis_url: str, settings: Settings) -> list[dict]:

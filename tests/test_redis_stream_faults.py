@@ -27,16 +27,6 @@ from worker.process import die_with_parent, settings_env
 LOST = "lost: trimmed or deleted from the stream before it was sent"
 
 
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _queued_ids(redis_url: str, settings: Settings) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,8 @@ import redis
 
 from contract.settings import Settings
 from producer.redis_stream import LOST, RedisStreamSource
-from tests.producer_helpers import broker_settings, invoke, jsonl_lines, lane_messages
+from tests.producer_helpers import invoke, jsonl_lines, lane_messages
 from tests.test_redis_stream_faults import _finish, _pending, _poll, _reader
-
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _sent(path: Path) -> list[str]:

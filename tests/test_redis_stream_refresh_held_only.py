@@ -12,29 +12,15 @@ Real Redis and a real ``bertstream stream`` process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from contract.settings import Settings
 from producer.redis_stream import RedisStreamSource
 from tests.conftest import RedisServer
-from tests.producer_helpers import broker_settings, jsonl_lines
+from tests.producer_helpers import jsonl_lines
 from tests.test_redis_stream_faults import _finish, _pending, _poll, _reader
-
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _consumers(r: redis.Redis, key: str) -> set[str]:

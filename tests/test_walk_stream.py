@@ -24,14 +24,10 @@ from contract.settings import Settings
 from producer import Client, stream
 from producer.sources import read_records
 from producer.stream import RECENT_IDS
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import lane_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def bsettings(redis_url: str, sqlite_url: str) -> Settings:
-    return broker_settings(redis_url, sqlite_url)
 
 
 @pytest.fixture
