@@ -173,6 +173,11 @@ def id_sorts_by_code_point(conn: Connection) -> bool:
 def _current(conn: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
+    # Alembic builds a new version Table per context, so its SELECT is new to the engine's
+    # compiled-statement cache at every read (every /readyz): each read held an entry
+    # until the cache's size bound pushed it out. The connection (short-lived, or one
+    # running migrations) compiles its statements afresh from here on.
+    conn.execution_options(compiled_cache=None)
     context = MigrationContext.configure(conn, opts={"version_table": MIGRATIONS_TABLE})
     return context.get_current_revision()
 
