@@ -11,6 +11,7 @@ the test database, a real resolver failure.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import httpx
 import sqlalchemy as sa
@@ -86,6 +87,25 @@ def test_readyz_does_not_show_a_database_host_that_does_not_resolve(redis_url: s
     assert host not in answer.text and "s3cret" not in answer.text, answer.text
 
 
+def _without_usage_on_public(role: WorkerRole,
+                             run: Callable[[ResultStore], object]) -> StoreRefused:
+    """The error ``run`` raises on the role's store while the role may not use schema
+    public (USAGE given back after); fails unless it is a :class:`StoreRefused`."""
+    role.sql("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+    store = ResultStore.from_url(role.url)
+    try:
+        run(store)
+    except StoreUnavailable as exc:
+        error: StoreUnavailable = exc
+    else:
+        raise AssertionError(f"{run.__name__} passed without a usable schema")
+    finally:
+        store.close()
+        role.sql("GRANT USAGE ON SCHEMA public TO PUBLIC")
+    assert isinstance(error, StoreRefused), error
+    return error
+
+
 def test_a_role_without_usage_on_the_tables_schema_is_refused_with_the_grant(
         worker_role: WorkerRole) -> None:
     """Without USAGE on the schema of the search path that holds the tables, PostgreSQL
@@ -93,18 +113,7 @@ def test_a_role_without_usage_on_the_tables_schema_is_refused_with_the_grant(
     worker tried to create them, met "no schema has been selected to create in" and
     exited 3, an outage, for a GRANT to run. It is refused naming that GRANT (exit 2)."""
     name = worker_role.name
-    worker_role.sql("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
-    store = ResultStore.from_url(worker_role.url)
-    try:
-        migrate.ensure(store)
-    except StoreUnavailable as exc:
-        error: StoreUnavailable = exc
-    else:
-        raise AssertionError("a role that cannot see the tables passed")
-    finally:
-        store.close()
-        worker_role.sql("GRANT USAGE ON SCHEMA public TO PUBLIC")
-    assert isinstance(error, StoreRefused), error
+    error = _without_usage_on_public(worker_role, migrate.ensure)
     assert exit_code(error) == 2
     assert error.problem == (f"role {name} lacks privileges a worker needs: "
                              f"GRANT USAGE ON SCHEMA public TO {name}")
@@ -135,18 +144,7 @@ def test_db_upgrade_by_a_role_without_usage_on_the_schema_is_a_setting(
     has been selected to create in" (SQLSTATE 3F000) as an outage (exit 3): a setting,
     exit 2, naming the GRANT or the search_path to set."""
     name = worker_role.name
-    worker_role.sql("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
-    store = ResultStore.from_url(worker_role.url)
-    try:
-        migrate.upgrade(store)
-    except StoreUnavailable as exc:
-        error: StoreUnavailable = exc
-    else:
-        raise AssertionError("an upgrade without a usable schema passed")
-    finally:
-        store.close()
-        worker_role.sql("GRANT USAGE ON SCHEMA public TO PUBLIC")
-    assert isinstance(error, StoreRefused), error
+    error = _without_usage_on_public(worker_role, migrate.upgrade)
     assert exit_code(error) == 2
     assert f"GRANT USAGE, CREATE ON SCHEMA <the schema> TO {name}" in error.problem
     assert "no schema has been selected to create in" in error.problem
