@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
+import redis
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -35,10 +36,25 @@ from api import dashboard, docs, errors
 from api.errors import ApiError, JsonAnswer
 from api.metrics import ApiMetrics
 from api.security import BodyLimit, JsonBodyRoute, SecurityHeaders, TokenCheck
-from api.submit import ACCEPTED, CONFLICT, DUPLICATE, Coalescer, Outcome, Submitter
+from api.submit import (
+    ACCEPTED,
+    CONFLICT,
+    DUPLICATE,
+    Coalescer,
+    Outcome,
+    Submitter,
+    redis_failure,
+)
 from api.waiter import Waiter
 from contract import migrate
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, MODEL_NAME_PATTERN, served_name
+from contract.constants import (
+    DEFAULT_MODEL,
+    ENV_PREFIX,
+    LANE_BULK,
+    LANE_INTERACTIVE,
+    MODEL_NAME_PATTERN,
+    served_name,
+)
 from contract.errors import (
     BertstreamError,
     ConfigError,
@@ -68,7 +84,7 @@ from contract.results import (
     utcnow,
 )
 from contract.results import results as results_table
-from contract.settings import Settings
+from contract.settings import API_MODELS_ANY, Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS, csv_cells
 from producer.items import ItemError, ItemValidator
@@ -181,6 +197,99 @@ class ModelLane:
 
 #: Distinct models one API process holds lanes for at most (each holds a Redis connection).
 MAX_MODELS = 32
+#: Seconds the live workers read for :class:`ModelGate` are reused: a burst of submits
+#: reads Redis once, and a worker that starts (or dies) counts after this long at most.
+MODEL_LIVENESS_TTL_S = 1.0
+#: Most model names a refusal lists.
+SHOWN_MODELS = 10
+
+
+def _names_said(names: list[str]) -> str:
+    """``names`` as a refusal lists them: at most :data:`SHOWN_MODELS`, then how many more."""
+    shown = ", ".join(names[:SHOWN_MODELS])
+    more = len(names) - SHOWN_MODELS
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+class ModelGate:
+    """Which models a submit may name (``BERTSTREAM_API_MODELS``), asked before a lane is
+    opened: a name no worker consumes was accepted and stayed ``queued`` for good, its lane
+    list and kombu binding left in Redis for good.
+
+    The default model (this server's, and ``default``) always passes. A list: its names
+    pass and no other, without a Redis read. ``*``: any name. Unset: a named model passes
+    while a live worker serves it, by the heartbeats of every family of the queue (one read
+    answers every name, and names the served models in a refusal), reused for
+    :data:`MODEL_LIVENESS_TTL_S`. Thread-safe.
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings, self.redis = settings, client
+        names = settings.api_model_list()
+        self.any = names == [API_MODELS_ANY]
+        #: The names BERTSTREAM_API_MODELS lists (served names), None when it lists none.
+        self.listed = (None if self.any or not names
+                       else tuple(dict.fromkeys(served_name(n) for n in names)))
+        #: Seconds a read of the live workers is reused (:data:`MODEL_LIVENESS_TTL_S`).
+        self.ttl_s = MODEL_LIVENESS_TTL_S
+        self._lock = threading.Lock()
+        self._served: tuple[float, frozenset[str]] | None = None
+
+    def passes(self, name: str) -> bool | None:
+        """Whether the model served as ``name`` ("": the default) passes, without reading
+        Redis; None when that takes a fresh read of the heartbeats (:meth:`check`)."""
+        if not name or name == self.settings.model_name or self.any:
+            return True
+        if self.listed is not None:
+            return name in self.listed
+        with self._lock:
+            cached = self._served
+        if cached is None or time.monotonic() - cached[0] > self.ttl_s:
+            return None
+        return name in cached[1]
+
+    def check(self, name: str) -> None:
+        """Raise the 404 ``unknown_model`` unless the model served as ``name`` passes; reads
+        the heartbeats when the last read is stale (blocking). Redis unreachable or refusing
+        the broker URL: its 503 (:func:`api.submit.redis_failure`), never an answer."""
+        known = self.passes(name)
+        served = None
+        if known is None:
+            served = self._read()
+            known = name in served
+        if not known:
+            raise self._refusal(name, served)
+
+    def _read(self) -> frozenset[str]:
+        """The models with a live worker now (served names, "" the default), remembered."""
+        queue = self.settings.queue
+        at = time.monotonic()
+        try:
+            alive = family_workers(self.redis, queue)
+        except redis.RedisError as exc:
+            raise redis_failure(self.settings, exc) from exc
+        served = frozenset("" if w["family"] == queue else str(w["family"])[len(queue) + 1:]
+                           for w in alive)
+        with self._lock:
+            self._served = (at, served)
+        return served
+
+    def _refusal(self, name: str, served: frozenset[str] | None) -> ApiError:
+        key = f"{ENV_PREFIX}API_MODELS"
+        if self.listed is not None:
+            named = [n for n in self.listed if n]
+            return ApiError(404, "unknown_model", f"model {name!r} is not one this server "
+                            f"submits to: the default model and those {key} lists ("
+                            f"{_names_said(named) or 'none'}); add {name} there to accept it")
+        if served is None:
+            with self._lock:
+                cached = self._served
+            served = cached[1] if cached is not None else frozenset()
+        now = sorted(DEFAULT_MODEL if not n else n for n in served)
+        return ApiError(404, "unknown_model", f"no live worker serves model {name!r} (models "
+                        f"served now: {_names_said(now) or 'none'}); start a worker with --model "
+                        f"{name}=PATH, or set {key} on this server to accept it while none "
+                        f"is alive ({key}={name}, or * for any name)")
 
 
 class Services:
@@ -196,11 +305,22 @@ class Services:
         self.coalescer = self._lanes[settings.model_name].coalescer
         self.waiter = Waiter(self.client.get_many)
         self.metrics.watch(self.submitter.redis, settings)
+        self.models = ModelGate(settings, self.submitter.redis)
 
     def _name(self, model: str | None) -> str:
         """The lane of ``model``: this server's model for None, the default model's ("")
         for ``default`` (as ``worker --model default=PATH`` serves it)."""
         return served_name(model) if model else self.settings.model_name
+
+    def model_passes(self, model: str | None) -> bool | None:
+        """Whether a submit may name ``model`` (None: the default), known without reading
+        Redis (:meth:`ModelGate.passes`); None: :meth:`check_model` must read it."""
+        return self.models.passes(self._name(model))
+
+    def check_model(self, model: str | None) -> None:
+        """Refuse (404 ``unknown_model``) a ``model`` no submit may name
+        (:class:`ModelGate`); blocking. Before :meth:`lane`: a refused name opens none."""
+        self.models.check(self._name(model))
 
     def settings_for(self, model: str | None) -> Settings:
         """The settings of submitting to ``model`` (None: the default), without opening a
@@ -394,7 +514,10 @@ def _task_routes(router: APIRouter, services: Services) -> None:
 
     @router.post("/v1/tasks", status_code=202, tags=["tasks"],
                  response_model=Accepted | BulkAccepted,
-                 responses={409: {"description": "the id was accepted with another text"},
+                 responses={404: {"description": "unknown_model: no live worker serves the "
+                                                  "model, or BERTSTREAM_API_MODELS does not "
+                                                  "list it (nothing queued)"},
+                            409: {"description": "the id was accepted with another text"},
                             422: {"description": "invalid input"},
                             429: {"description": "the queue is over its bound"},
                             503: {"description": "Redis or the database is unreachable, or "
@@ -403,8 +526,10 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         """Queue one task (202 with its id) or many (202 with ids in input order).
 
         Input is validated first (an invalid request is a 422, never a 429, and opens no
-        model lane); the queue bound comes next, except for the repeat of a task already
-        accepted with the same text, which is answered ``duplicate`` even then.
+        model lane); then the model (404 ``unknown_model`` for one no live worker serves,
+        unless BERTSTREAM_API_MODELS accepts it; nothing claimed or queued); the queue bound
+        comes next, except for the repeat of a task already accepted with the same text,
+        which is answered ``duplicate`` even then.
         """
         if isinstance(body, BulkIn):
             answer = await run_in_threadpool(_submit_bulk, services, body)
@@ -418,6 +543,8 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         if isinstance(checked, ItemError):
             services.metrics.items.labels(lane, "invalid").inc()
             raise ApiError(422, "invalid_input", checked.reason)
+        if services.model_passes(body.model) is not True:
+            await run_in_threadpool(services.check_model, body.model)
         with services.lane(body.model) as target:
             if await run_in_threadpool(target.submitter.queue_full):
                 if body.id is not None and await run_in_threadpool(
@@ -468,6 +595,11 @@ async def _status(services: Services, task_id: str, wait: float,
     # this server submits to. Without a model, any model's claim will do.
     known = await run_in_threadpool(services.submitter.accepted_for, task_id, asked)
     if known is None:
+        # Workers drop a claim after storing its row: a row committed since the first
+        # read is found by a second one.
+        record = await run_in_threadpool(services.client.get, task_id, model)
+        if record is not None:
+            return _view(record)
         raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
                        + (f" for model {asked!r}" if asked else ""))
     if wait > 0:
@@ -534,6 +666,7 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
             good.append((index, checked))
     outcomes: list[Outcome] = []
     if good:
+        services.check_model(body.model)
         with services.lane(body.model) as target:
             if target.submitter.queue_full():
                 raise _busy()

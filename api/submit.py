@@ -10,7 +10,9 @@ text's SHA-256 under :data:`ACCEPTED_KEY_PREFIX`, with a TTL), so that
   silently answered with the old row;
 - ``GET /v1/tasks/{id}`` can say ``queued`` for an accepted id not yet stored.
 
-Ids whose claim has expired are checked against the stored rows' hashes too.
+A claim lasts until the task's row is stored (the worker drops it after its
+commit) or its TTL ends; ids no longer claimed are checked against the stored
+rows' hashes.
 A caller id sent again with the same text whose stored row is ``failed`` or
 ``expired`` is queued again, once per stored attempt (see
 :mod:`contract.retries`).
@@ -284,6 +286,11 @@ class Submitter:
             raise error
         for i in publish:
             outcomes[i] = Outcome(items[i].id, ACCEPTED, retries.get(i, ""))
+        # A fresh claim of an id whose stored row answered it (a duplicate not queued
+        # again): the row stays its only record, as workers leave it once they store it.
+        queued = {items[i].id for i in publish}
+        self._release([items[i].id for i in fresh if items[i].id not in queued
+                       and (o := outcomes[i]) is not None and o.status == DUPLICATE])
         return [o for o in outcomes if o is not None]
 
     def retry_key(self, task_id: str) -> str:

@@ -48,6 +48,10 @@ MAX_API_COALESCE_MS = 1_000
 #: Longest time the API remembers an accepted id (ten years): Redis refuses an expiry
 #: whose milliseconds overflow, and then every submit failed.
 MAX_API_ID_TTL_S = 10 * 365 * 86_400
+#: ``BERTSTREAM_API_MODELS`` that accepts any model name (alone, not in a list).
+API_MODELS_ANY = "*"
+#: Most model names ``BERTSTREAM_API_MODELS`` may list.
+MAX_API_MODELS = 256
 #: Upper bounds of numeric settings: name -> (the lower bound as said, the most, unit).
 _UPPER_BOUNDS: dict[str, tuple[str, int, str]] = {
     "torch_threads": (">= 0", MAX_TORCH_THREADS, ""),
@@ -233,6 +237,12 @@ class Settings:
     #: How long the API remembers an accepted id (its status ``queued`` and
     #: the text it was submitted with), in seconds (at most :data:`MAX_API_ID_TTL_S`).
     api_id_ttl_s: int = 604_800
+    #: Named models the API submits to, comma-separated (at most :data:`MAX_API_MODELS`
+    #: model names). Empty: the default model, and a named model while a live worker
+    #: serves it (its heartbeats); listed: those and the default model, live workers or
+    #: not (producers may submit before the workers start); ``*``: any name. A name no
+    #: worker consumes was accepted and stayed ``queued`` for good, its lane left in Redis.
+    api_models: str = ""
 
     def __post_init__(self) -> None:
         # "default" is the default model, as `worker --model default=PATH` reads it: a
@@ -304,6 +314,7 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be "
                                   f"{_range_said(name, '>= 0')} (got {_got(value)})")
         self._validate_names()
+        self._validate_api_models()
         if self.long_texts not in LONG_TEXT_MODES:
             raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
                               f"{', '.join(LONG_TEXT_MODES)} (got {self.long_texts!r})")
@@ -350,6 +361,23 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={quoted(self.model_name, _SHOWN_CHARS)}: a model name "
                               "is letters, digits, '.', '_' and '-' (at most 100, starting with "
                               "a letter or digit)")
+
+    def _validate_api_models(self) -> None:
+        """``api_models``: model names (:data:`MODEL_NAME_PATTERN`, at most
+        :data:`MAX_API_MODELS`), or ``*`` alone."""
+        names = self.api_model_list()
+        key = f"{ENV_PREFIX}API_MODELS"
+        if API_MODELS_ANY in names and len(names) > 1:
+            raise ConfigError(f"{key}: {API_MODELS_ANY} (any model name) stands alone, not in "
+                              "a list of names")
+        if len(names) > MAX_API_MODELS:
+            raise ConfigError(f"{key} lists {len(names)} models, over the limit of "
+                              f"{MAX_API_MODELS} (or {API_MODELS_ANY} for any name)")
+        for name in names:
+            if name != API_MODELS_ANY and not re.fullmatch(MODEL_NAME_PATTERN, name):
+                raise ConfigError(f"{key}: {quoted(name, _SHOWN_CHARS)} is no model name: "
+                                  "letters, digits, '.', '_' and '-' (at most 100, starting "
+                                  "with a letter or digit), comma-separated")
 
     def _validate_ranges(self) -> None:
         """Bounds beyond the sign: values the flush timer, a TCP port, libpq, the socket layer,
@@ -400,6 +428,11 @@ class Settings:
     def token_list(self) -> list[str]:
         """The API's bearer tokens (empty: no tokens configured)."""
         return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
+
+    def api_model_list(self) -> list[str]:
+        """The names ``api_models`` lists (empty: none, live workers decide;
+        ``[API_MODELS_ANY]``: any name)."""
+        return [m.strip() for m in self.api_models.split(",") if m.strip()]
 
 
 def mask_url(url: str) -> str:

@@ -17,7 +17,7 @@ from contract.settings import Settings
 
 def test_made_up_model_names_do_not_use_the_lanes_up(settings: Settings,
                                                      api_factory: Any) -> None:
-    api = api_factory(settings)
+    api = api_factory(settings.replace(api_models="*"))  # made-up names accepted
     with httpx.Client(base_url=api.url, timeout=30) as http:
         codes = [http.post("/v1/tasks", json={"text": "x", "model": f"typo{i}"}).status_code
                  for i in range(MAX_MODELS + 8)]

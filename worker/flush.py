@@ -344,6 +344,12 @@ class FlushStats:
     unwritable: set[str] = field(default_factory=set)
     #: Items whose id already had a done row: not run (a done row is final).
     skipped: int = 0
+    #: Their ids.
+    skipped_ids: list[str] = field(default_factory=list)
+
+    def stored_ids(self) -> set[str]:
+        """The ids whose rows are stored now: written by this flush, or found done."""
+        return {key[0] for key in self.written} | set(self.skipped_ids)
 
     @property
     def rows(self) -> list[tuple[str, str | None, float | None, float]]:
@@ -491,7 +497,7 @@ class FlushProcessor:
             e.attempt = attempt
             if e.item is not None and e.item.expired(now):
                 e.expire(now)
-        stats.skipped = self._skip_done(entries)
+        stats.skipped, stats.skipped_ids = self._skip_done(entries)
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])
         stats.encode_s = time.perf_counter() - t0
@@ -623,7 +629,7 @@ class FlushProcessor:
         self._persist([entry], utc_from_timestamp(now), 1, stats)
         return stats
 
-    def _skip_done(self, entries: list[Entry]) -> int:
+    def _skip_done(self, entries: list[Entry]) -> tuple[int, list[str]]:
         """Settle the pending entries that already have a ``done`` row of this model, unrun.
 
         A done row is final (the upsert would keep it), so running the model
@@ -631,14 +637,15 @@ class FlushProcessor:
         again (with the same text, or a different one the producer should
         have refused). They count as written: their message may be acked.
         One indexed query per flush. Every copy of a done id is settled (two
-        copies in one flush: neither runs). Gives the number of entries settled.
+        copies in one flush: neither runs). Gives the number of entries settled, and
+        their ids.
         """
         pending: dict[str, list[Entry]] = {}
         for e in entries:
             if e.pending:
                 pending.setdefault(e.key, []).append(e)
         if not pending:
-            return 0
+            return 0, []
         try:
             self._keep_alive()
             done = self.store.done_ids(list(pending), model=self.model_key)
@@ -647,7 +654,7 @@ class FlushProcessor:
             self.outage.note(log, "lookup", logging.WARNING,
                              "cannot look up done ids, running every item: %s", exc,
                              cause=str(exc))
-            return 0
+            return 0, []
         skipped = 0
         for key in done:
             for e in pending[key]:
@@ -662,7 +669,7 @@ class FlushProcessor:
                 self.store.settle_latest(done)
             except StoreUnavailable as exc:
                 log.warning("cannot settle the latest flags of done items: %s", exc)
-        return skipped
+        return skipped, list(done)
 
     def _encode(self, entries: list[Entry]) -> list[Entry]:
         """Hop 2b: tokenize; an item the tokenizer rejects fails alone. Gives the encoded."""

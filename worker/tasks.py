@@ -67,6 +67,7 @@ from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
 from contract.messages import printable
 from contract.settings import Settings
+from worker.claims import ClaimDropper
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor, FlushStats
 from worker.kombu_redis import Undeliverable, deferred_acks, forget, keep_visible
@@ -144,6 +145,8 @@ class AnalyzeTask(Batches):
     #: Prometheus metrics updated after every flush (None: not served).
     metrics: Any = None
     deliveries: DeliveryCounter | None = None
+    #: Drops the HTTP API's id claims of the tasks each commit stored.
+    claims: ClaimDropper | None = None
     max_attempts = 3
     flush_tokens = 32_768
     #: Seconds to pause before requeueing after a database outage.
@@ -591,6 +594,8 @@ class AnalyzeTask(Batches):
         self._release(waiting, stuck)
         _ack([r for r, _ in done])
         self._forget([s.id for _, s in done])
+        if self.claims is not None:
+            self.claims.drop(stats.stored_ids())
         return True
 
     def _forget(self, message_ids: list[str]) -> None:
@@ -799,6 +804,7 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
             "flush_interval": settings.max_wait_ms / 1000.0,
             "flush_tokens": settings.token_budget * 4,
             "deliveries": DeliveryCounter(settings),
+            "claims": ClaimDropper(settings),
             "max_attempts": settings.max_attempts,
             "visibility_timeout_s": settings.visibility_timeout_s,
             "metrics": metrics,

@@ -1,0 +1,176 @@
+"""The HTTP API's id claims last until the task's row is stored, not for their whole TTL.
+
+Each task the API accepts claims its id in Redis; once a worker has committed the row,
+the row answers resubmits and status reads, and the worker drops the claim (a week of
+claims at a busy API's rate filled Redis). Real worker processes, the real API app, the
+real Redis; a Redis refusing scripts on a private server with a real ACL user.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.submit import Submitter
+from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
+from contract.messages import text_sha256
+from contract.results import ResultRecord, ResultStore
+from contract.settings import Settings
+from producer.client import Client
+from tests.polling import until
+from tests.scriptless_redis import REFUSALS, Server, refusing_server
+from worker.claims import ClaimDropper
+
+
+def _claims(r: redis.Redis) -> list[str]:
+    return sorted(k.decode() for k in r.keys(f"{ACCEPTED_KEY_PREFIX}*")
+                  + r.keys(f"{ACCEPTED_ANY_KEY_PREFIX}*"))
+
+
+def _done(task_id: str, text: str, model: str = "m") -> ResultRecord:
+    return ResultRecord(id=task_id, text_sha256=text_sha256(text), text_chars=len(text),
+                        model=model, status="done", label="positive", score=0.9,
+                        finished_at=dt.datetime.now(dt.timezone.utc))
+
+
+@pytest.mark.slow
+def test_a_worker_drops_the_claims_of_the_rows_it_stores(
+        settings: Settings, r: redis.Redis, worker_factory: Any, tiny_model_dir: Path) -> None:
+    """Claims used to stay for their TTL (a week by default) after the rows were stored."""
+    settings = settings.replace(model=str(tiny_model_dir))
+    worker_factory(settings)
+    texts = {f"t{i}": f"text number {i}, rather good" for i in range(40)}
+    with TestClient(create_app(settings)) as http:
+        got = http.post("/v1/tasks", json={"items": [{"id": k, "text": v}
+                                                     for k, v in texts.items()]})
+        assert got.status_code == 202 and got.json()["accepted"] == 40, got.text
+        single = http.post("/v1/tasks", json={"text": "one alone", "id": "solo"})
+        assert single.status_code == 202, single.text
+        for task_id in [*texts, "solo"]:
+            assert http.get(f"/v1/tasks/{task_id}?wait=20").json()["status"] == "done"
+        until(lambda: not _claims(r), what="every claim dropped")
+
+        # The stored rows answer now: a resubmit is a duplicate, another text a conflict,
+        # and neither leaves a claim behind.
+        again = http.post("/v1/tasks", json={"text": texts["t3"], "id": "t3"})
+        assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
+        other = http.post("/v1/tasks", json={"text": "another text", "id": "t4"})
+        assert other.status_code == 409, other.text
+        assert http.get("/v1/tasks/t5").json()["status"] == "done"
+        assert _claims(r) == []
+
+    # A redelivered task whose row is done is not run again: its claim is dropped too.
+    r.set(f"{ACCEPTED_KEY_PREFIX}{settings.family}:t7", text_sha256(texts["t7"]), ex=600)
+    with Client(settings) as client:
+        client.submit(texts["t7"], id="t7")
+    until(lambda: not _claims(r), what="the claim of a task found done dropped")
+
+
+def test_a_duplicate_answered_by_its_stored_row_keeps_no_claim(
+        bsettings: Settings, r: redis.Redis) -> None:
+    store = ResultStore.from_url(bsettings.database_url)
+    try:
+        store.create_schema()
+        store.upsert([_done("kept", "the same text")])
+    finally:
+        store.close()
+    with TestClient(create_app(bsettings)) as http:
+        dup = http.post("/v1/tasks", json={"text": "the same text", "id": "kept"})
+        assert dup.status_code == 202 and dup.json()["duplicate"] is True, dup.text
+        clash = http.post("/v1/tasks", json={"items": [
+            {"text": "the same text", "id": "kept"}, {"text": "new", "id": "new"}]})
+        assert clash.json()["accepted"] == 1, clash.text
+        # the new task waits for its worker: its claim stays
+        assert _claims(r) == [f"{ACCEPTED_KEY_PREFIX}{bsettings.family}:new"]
+
+
+def test_a_status_read_finds_a_row_stored_while_it_looked_for_the_claim(
+        bsettings: Settings, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is read first, then the claim: a worker committing the row and dropping
+    the claim in between made the read a 404 for a task that was done."""
+    store = ResultStore.from_url(bsettings.database_url)
+    store.create_schema()
+    looked_up = Submitter.accepted_for
+
+    def stored_meanwhile(self: Submitter, task_id: str, model: str | None) -> str | None:
+        if task_id == "race":
+            store.upsert([_done(task_id, "racing text")])
+            ClaimDropper(bsettings).drop([task_id])
+        return looked_up(self, task_id, model)
+
+    try:
+        with TestClient(create_app(bsettings)) as http:
+            assert http.post("/v1/tasks", json={"text": "racing text",
+                                                "id": "race"}).status_code == 202
+            monkeypatch.setattr(Submitter, "accepted_for", stored_meanwhile)
+            got = http.get("/v1/tasks/race")
+            assert got.status_code == 200 and got.json()["status"] == "done", got.text
+            missing = http.get("/v1/tasks/never-sent")
+            assert missing.status_code == 404, missing.text
+    finally:
+        store.close()
+
+
+def test_only_this_models_claims_and_pointers_are_dropped(bsettings: Settings,
+                                                           r: redis.Redis) -> None:
+    named = bsettings.replace(model_name="m2")
+    other = bsettings.replace(model_name="m3")
+    any_key = f"{ACCEPTED_ANY_KEY_PREFIX}{bsettings.queue}:"
+    r.set(f"{ACCEPTED_KEY_PREFIX}{named.family}:a", "h", ex=600)
+    r.set(f"{any_key}a", named.family, ex=600)
+    r.set(f"{ACCEPTED_KEY_PREFIX}{named.family}:b", "h", ex=600)
+    r.set(f"{ACCEPTED_KEY_PREFIX}{other.family}:b", "h", ex=600)
+    r.set(f"{any_key}b", other.family, ex=600)  # b was sent to m3 after m2
+    r.set(f"{ACCEPTED_KEY_PREFIX}{bsettings.family}:a", "h", ex=600)
+    ClaimDropper(named).drop(["a", "b", "", "c\0d"])
+    assert _claims(r) == sorted([f"{ACCEPTED_KEY_PREFIX}{other.family}:b", f"{any_key}b",
+                                 f"{ACCEPTED_KEY_PREFIX}{bsettings.family}:a"])
+
+
+@pytest.fixture(params=REFUSALS)
+def refusing(request: Any, tmp_path: Path) -> Iterator[tuple[Server, str]]:
+    with refusing_server(request.param, tmp_path) as found:
+        yield found
+
+
+def test_claims_are_dropped_on_a_redis_that_refuses_scripts(
+        refusing: tuple[Server, str], caplog: pytest.LogCaptureFixture) -> None:
+    server, url = refusing
+    settings = Settings(broker_url=url, queue=f"bst-drop-{uuid.uuid4().hex[:8]}",
+                        model_name="m2")
+    client = redis.Redis.from_url(url)
+    any_key = f"{ACCEPTED_ANY_KEY_PREFIX}{settings.queue}:a"
+    client.set(f"{ACCEPTED_KEY_PREFIX}{settings.family}:a", "h", ex=600)
+    client.set(any_key, settings.family, ex=600)
+    caplog.set_level(logging.WARNING, logger="worker.claims")
+    dropper = ClaimDropper(settings)
+    dropper.drop(["a"])
+    client.set(f"{ACCEPTED_KEY_PREFIX}{settings.family}:b", "h", ex=600)
+    dropper.drop(["b"])
+    # The claims are gone; the pointer for reads without a model keeps its TTL.
+    assert client.keys(f"{ACCEPTED_KEY_PREFIX}*") == []
+    assert client.ttl(any_key) > 0
+    assert len(caplog.records) == 1 and "refuses scripts" in caplog.records[0].getMessage()
+    client.close()
+    dropper.close()
+
+
+def test_a_redis_gone_at_the_drop_is_a_warning(redis_server: Any,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(broker_url=redis_server.url, queue="bst-drop-gone",
+                        redis_socket_timeout_s=1.0)
+    dropper = ClaimDropper(settings)
+    redis_server.stop()
+    caplog.set_level(logging.WARNING, logger="worker.claims")
+    dropper.drop(["a", "b"])  # no exception
+    assert any("expire on their own" in m.getMessage() for m in caplog.records)
+    dropper.close()

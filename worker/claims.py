@@ -1,0 +1,87 @@
+"""Dropping the HTTP API's id claims once a task's row is stored.
+
+The API claims each id it accepts in Redis (``api/submit.py``): the claim
+answers a resubmit ("duplicate" or "conflict") and a status read ("queued")
+until the row exists. Once the row is committed the row answers both, so
+the claim is only memory: kept for its whole TTL (a week by default), the
+claims of a busy API filled Redis (about 260 bytes per task). After each
+commit the worker drops the claims of the ids it stored, always after the
+commit, so that a reader that misses the claim finds the row.
+
+A claim is dropped only for this worker's model (its queue family); the
+pointer a named model's claim leaves for reads without a model is dropped
+only while it still points at this model. One script per commit; on a
+Redis that refuses scripts, the claims alone are deleted (the pointers keep
+their TTL). A failure is a warning: the keys expire on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import redis
+
+from contract.broker import redis_client, refuses_scripts
+from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
+from contract.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: ``DEL <claim prefix><id>`` for each id, and the pointer ``<any prefix><id>`` where it
+#: names this family. Ids travel NUL-separated in one argument (ids never hold NUL).
+_DROP = """
+local claim, any, family = ARGV[1], ARGV[2], ARGV[3]
+for id in string.gmatch(ARGV[4], "[^%z]+") do
+  redis.call('DEL', claim .. id)
+  if redis.call('GET', any .. id) == family then
+    redis.call('DEL', any .. id)
+  end
+end
+return 0
+"""
+
+
+class ClaimDropper:
+    """Drops the API's id claims of stored tasks for one model (nothing on memory://)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._redis: redis.Redis | None = redis_client(settings)
+        self._claim_prefix = f"{ACCEPTED_KEY_PREFIX}{settings.family}:"
+        self._any_prefix = f"{ACCEPTED_ANY_KEY_PREFIX}{settings.queue}:"
+        self._family = settings.family
+        self._script = self._redis.register_script(_DROP) if self._redis is not None else None
+        #: False once Redis refused the script: the claims alone are deleted from then on.
+        self.scripted = True
+
+    def drop(self, task_ids: Iterable[str]) -> None:
+        """Drop the claims of ``task_ids`` (rows committed). Never raises."""
+        ids = list({i for i in task_ids if isinstance(i, str) and i and "\0" not in i})
+        if self._redis is None or not ids:
+            return
+        try:
+            self._drop(ids)
+        except Exception as exc:  # noqa: BLE001 - a clean-up: the claims expire on their own
+            log.warning("could not drop the API's id claims of %d stored task(s) (they "
+                        "expire on their own): %s", len(ids), exc)
+
+    def _drop(self, ids: list[str]) -> None:
+        assert self._redis is not None and self._script is not None
+        if self.scripted:
+            try:
+                self._script(args=[self._claim_prefix, self._any_prefix, self._family,
+                                   "\0".join(ids)])
+                return
+            except redis.RedisError as exc:
+                if not refuses_scripts(exc):
+                    raise
+                self.scripted = False
+                log.warning("Redis refuses scripts (%s): the API's id claims of stored tasks "
+                            "are deleted without their pointers for reads without a model "
+                            "(those expire on their own)", exc)
+        self._redis.delete(*[self._claim_prefix + i for i in ids])
+
+    def close(self) -> None:
+        """Release the Redis connection."""
+        if self._redis is not None:
+            self._redis.close()
