@@ -6,7 +6,9 @@ stays bounded on a large table:
 
 - ``/v1/live``: queue depth per lane and live workers (every model's) from Redis, and a
   count of the rows finished in the last ``window`` seconds (a range on the
-  ``finished_at`` index), with per-minute counts over the last half hour;
+  ``finished_at`` index), with per-minute counts over the last half hour (kept per
+  process for the minutes that have settled, :class:`TrendCache`: a poll reads the
+  last few minutes' rows, not the half hour's);
 - ``/v1/sources``: the distinct sources for the page's filter, one index
   probe per source (not a scan of the time range);
 - ``/v1/search``: an id or id prefix reads at most ``scan`` ids of a
@@ -24,6 +26,7 @@ stays bounded on a large table:
 """
 
 import datetime as dt
+import threading
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -70,11 +73,92 @@ def trend(store: ResultStore, now: dt.datetime, minutes: int = TREND_MINUTES) ->
     """Rows finished per minute (UTC bucket start) over the last ``minutes``; empty minutes
     are left out. Every model's rows count, as in :func:`finished_since`: both are the
     work done, a re-score included."""
-    since = (now - dt.timedelta(minutes=minutes)).replace(second=0, microsecond=0)
+    per = _per_minute(store, _minute(now - dt.timedelta(minutes=minutes)), now)
+    return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
+
+
+def _minute(when: dt.datetime) -> dt.datetime:
+    return when.replace(second=0, microsecond=0)
+
+
+def _bucket_text(minute: dt.datetime) -> str:
+    """A minute as :func:`stats` names its bucket (ISO text: sorts as the times do)."""
+    return minute.strftime("%Y-%m-%dT%H:%M:00Z")
+
+
+def _per_minute(store: ResultStore, since: dt.datetime, now: dt.datetime) -> dict[str, int]:
+    """Rows finished at or after ``since`` (a minute's start), per minute, every model's."""
     per: dict[str, int] = {}
     for group in stats(store, Filters(since=since), by="model", bucket="1m", now=lambda: now):
         per[group["bucket"]] = per.get(group["bucket"], 0) + group["count"]
-    return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
+    return per
+
+
+#: Seconds after a minute ends during which its count may still grow: a worker stamps
+#: ``finished_at`` before its commit (``worker/flush.py``), and one commit can wait out the
+#: statement timeout (30 s by default) and retry through a brief outage before its rows
+#: show.
+TREND_SETTLE_S = 120.0
+#: Seconds between two recomputations of the whole trend by :class:`TrendCache`.
+TREND_FULL_S = 300.0
+
+
+class TrendCache:
+    """:func:`trend` for the dashboard's poll, per API process, at the cost of its last
+    minutes: the counts of the minutes that ended more than ``settle_s`` ago are kept,
+    and only the rows from the first minute not kept on are read at each call.
+
+    A row that lands in a kept minute after all (a commit later than ``settle_s``, a
+    failed row replaced by its retry, a delete) shows at the next full recomputation,
+    every ``full_s``. ``now`` (the Redis server's clock) moving by more than ``settle_s``
+    between two calls, either way (a clock step, a failover to another Redis, or no
+    call for a while), drops the kept minutes: after a step back, rows would land in
+    minutes kept as ended. Minutes that leave the window are dropped; at most
+    ``minutes`` are kept. One refresh at a time (the route runs in a thread pool): a
+    call waits for another's, then reads only what that one left.
+    """
+
+    def __init__(self, minutes: int = TREND_MINUTES, settle_s: float = TREND_SETTLE_S,
+                 full_s: float = TREND_FULL_S) -> None:
+        if not 0 <= settle_s < minutes * 60:
+            raise ValueError("settle_s must be within the trend's minutes")
+        self.minutes, self.settle_s, self.full_s = minutes, settle_s, full_s
+        #: Whole recomputations so far (the first call's included).
+        self.full_refreshes = 0
+        self._lock = threading.Lock()
+        self._kept: dict[str, int] = {}  # bucket -> count, the minutes before _until
+        self._until: dt.datetime | None = None
+        self._full_at: dt.datetime | None = None
+        self._last: dt.datetime | None = None
+
+    def clear(self) -> None:
+        """Forget the kept minutes: the next call recomputes the whole trend."""
+        with self._lock:
+            self._kept, self._until, self._full_at, self._last = {}, None, None, None
+
+    def trend(self, store: ResultStore, now: dt.datetime) -> list[dict[str, Any]]:
+        """What :func:`trend` gives for ``now`` (see the class for when it may lag)."""
+        with self._lock:
+            per = self._refresh(store, now)
+        return [{"bucket": b, "count": c} for b, c in sorted(per.items())]
+
+    def _refresh(self, store: ResultStore, now: dt.datetime) -> dict[str, int]:
+        since = _minute(now - dt.timedelta(minutes=self.minutes))
+        settled = _minute(now - dt.timedelta(seconds=self.settle_s))
+        full = (self._until is None or self._full_at is None or self._last is None
+                or abs((now - self._last).total_seconds()) > self.settle_s
+                or (now - self._full_at).total_seconds() >= self.full_s)
+        start = since if full or self._until is None else max(since, min(self._until, settled))
+        fresh = _per_minute(store, start, now)
+        low, high, cut = _bucket_text(since), _bucket_text(start), _bucket_text(settled)
+        kept = {} if full else {b: c for b, c in self._kept.items() if low <= b < high}
+        answer = {**kept, **fresh}
+        kept.update((b, c) for b, c in fresh.items() if b < cut)
+        self._kept, self._until, self._last = kept, settled, now
+        if full:
+            self._full_at = now
+            self.full_refreshes += 1
+        return answer
 
 
 def _successor(prefix: str) -> str | None:
@@ -231,7 +315,8 @@ def _search_query(conn: Any, filters: Filters, q: str | None, task_id: str | Non
     return query
 
 
-def live(services: "Services", window_s: int) -> dict[str, Any]:
+def live(services: "Services", window_s: int,
+         trends: TrendCache | None = None) -> dict[str, Any]:
     """Queue depth per lane, live workers (of every model, and their count per queue
     family) and recent throughput; Redis figures are null (with ``redis`` saying why) when
     Redis cannot be read, so the page still shows the rest.
@@ -239,6 +324,7 @@ def live(services: "Services", window_s: int) -> dict[str, Any]:
     ``now``, which ends the windows, is the Redis server's (:meth:`Client.server_now`):
     row times are stamped on it, so an API host whose clock is off counts the same rows.
     Redis not answering, or refusing the broker URL: this host's clock (``redis`` says why).
+    ``trends``: the per-minute counts come from it (:class:`TrendCache`), not a whole read.
     """
     try:
         now = utc_from_timestamp(services.client.server_now())
@@ -259,8 +345,10 @@ def live(services: "Services", window_s: int) -> dict[str, Any]:
     store = services.client.store
     if services.client.has_results_table():
         finished = finished_since(store, now - dt.timedelta(seconds=window_s))
-        out["per_minute"] = trend(store, now)
+        out["per_minute"] = trend(store, now) if trends is None else trends.trend(store, now)
     else:
+        if trends is not None:
+            trends.clear()  # a table made again later starts without these minutes
         finished, out["per_minute"] = 0, []
     out["finished"] = finished
     out["per_s"] = finished / window_s
@@ -273,6 +361,7 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
     (``filter_params``: the dependency that reads the results filters; ``no_nul``: the
     pattern texts that reach SQL must match)."""
     store = services.client.store
+    trends = TrendCache()
 
     @router.get("/v1/live", tags=["dashboard"])
     def live_route(window: Annotated[int, Query(ge=1, le=3600,
@@ -280,7 +369,7 @@ def install(app: FastAPI, router: APIRouter, services: "Services",
                    ) -> dict[str, Any]:
         """Queue depth per lane, live workers, rows finished in the last ``window`` seconds
         and per minute over the last half hour."""
-        return live(services, window)
+        return live(services, window, trends)
 
     @router.get("/v1/sources", tags=["dashboard"])
     def sources_route(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
