@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import io
 import itertools
 import json
@@ -64,7 +65,6 @@ from contract.errors import (
     StoreUnavailable,
 )
 from contract.liveness import family_workers
-from contract.messages import text_sha256
 from contract.queries import (
     MAX_STATS_LIMIT,
     STATS_LIMIT,
@@ -200,6 +200,11 @@ MAX_MODELS = 32
 #: Seconds the live workers read for :class:`ModelGate` are reused: a burst of submits
 #: reads Redis once, and a worker that starts (or dies) counts after this long at most.
 MODEL_LIVENESS_TTL_S = 1.0
+#: Seconds a named model still passes :class:`ModelGate` after this server last saw a live
+#: worker of it: a warm stop withdraws a worker's heartbeat at once, and the next one
+#: beats only once its model is loaded, so a restart is no reason to refuse its tasks
+#: (they wait queued for it, as they did before the gate).
+MODEL_SEEN_GRACE_S = 300.0
 #: Most model names a refusal lists.
 SHOWN_MODELS = 10
 
@@ -220,7 +225,8 @@ class ModelGate:
     pass and no other, without a Redis read. ``*``: any name. Unset: a named model passes
     while a live worker serves it, by the heartbeats of every family of the queue (one read
     answers every name, and names the served models in a refusal), reused for
-    :data:`MODEL_LIVENESS_TTL_S`. Thread-safe.
+    :data:`MODEL_LIVENESS_TTL_S`, or while one did within :data:`MODEL_SEEN_GRACE_S` by
+    this server's reads (a worker restarting). Thread-safe.
     """
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
@@ -232,8 +238,12 @@ class ModelGate:
                        else tuple(dict.fromkeys(served_name(n) for n in names)))
         #: Seconds a read of the live workers is reused (:data:`MODEL_LIVENESS_TTL_S`).
         self.ttl_s = MODEL_LIVENESS_TTL_S
+        #: Seconds a model last seen served still passes (:data:`MODEL_SEEN_GRACE_S`).
+        self.grace_s = MODEL_SEEN_GRACE_S
         self._lock = threading.Lock()
         self._served: tuple[float, frozenset[str]] | None = None
+        #: When each model was last seen served (monotonic), for :attr:`grace_s`.
+        self._seen: dict[str, float] = {}
 
     def passes(self, name: str) -> bool | None:
         """Whether the model served as ``name`` ("": the default) passes, without reading
@@ -244,9 +254,16 @@ class ModelGate:
             return name in self.listed
         with self._lock:
             cached = self._served
-        if cached is None or time.monotonic() - cached[0] > self.ttl_s:
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.ttl_s:
             return None
-        return name in cached[1]
+        return name in cached[1] or self._recent(name, now)
+
+    def _recent(self, name: str, now: float) -> bool:
+        """Whether a live worker of ``name`` was seen within :attr:`grace_s`."""
+        with self._lock:
+            seen = self._seen.get(name)
+        return seen is not None and now - seen <= self.grace_s
 
     def check(self, name: str) -> None:
         """Raise the 404 ``unknown_model`` unless the model served as ``name`` passes; reads
@@ -256,7 +273,7 @@ class ModelGate:
         served = None
         if known is None:
             served = self._read()
-            known = name in served
+            known = name in served or self._recent(name, time.monotonic())
         if not known:
             raise self._refusal(name, served)
 
@@ -272,6 +289,8 @@ class ModelGate:
                            for w in alive)
         with self._lock:
             self._served = (at, served)
+            self._seen = {n: t for n, t in self._seen.items() if at - t <= self.grace_s}
+            self._seen.update(dict.fromkeys(served, at))
         return served
 
     def _refusal(self, name: str, served: frozenset[str] | None) -> ApiError:
@@ -303,7 +322,9 @@ class Services:
         self._lanes_lock = threading.Lock()
         self.submitter = self._lanes[settings.model_name].submitter
         self.coalescer = self._lanes[settings.model_name].coalescer
-        self.waiter = Waiter(self.client.get_many)
+        # A status without a model reads the task's latest row, whatever this server's own
+        # model: a task sent to another model is found too.
+        self.waiter = Waiter(functools.partial(self.client.get_many, latest=True))
         self.metrics.watch(self.submitter.redis, settings)
         self.models = ModelGate(settings, self.submitter.redis)
 
@@ -548,7 +569,7 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         with services.lane(body.model) as target:
             if await run_in_threadpool(target.submitter.queue_full):
                 if body.id is not None and await run_in_threadpool(
-                        target.submitter.accepted_hash, checked.id) == text_sha256(checked.text):
+                        target.submitter.repeated, checked.id, checked.text):
                     return Accepted(id=checked.id, duplicate=True)
                 raise _busy()
             outcome = await target.coalescer.submit(checked, lane,
@@ -579,7 +600,7 @@ async def _status(services: Services, task_id: str, wait: float,
     Rows are read under the name they are stored under (``default``: the default model's
     own); the id's claim is looked up under the name asked."""
     asked, model = model, await run_in_threadpool(services.client.stored_model, model)
-    record = await run_in_threadpool(services.client.get, task_id, model)
+    record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
     if record is not None:
         if not await run_in_threadpool(services.submitter.retrying, record, model):
             return _view(record)
@@ -597,7 +618,7 @@ async def _status(services: Services, task_id: str, wait: float,
     if known is None:
         # Workers drop a claim after storing its row: a row committed since the first
         # read is found by a second one.
-        record = await run_in_threadpool(services.client.get, task_id, model)
+        record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
         if record is not None:
             return _view(record)
         raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"

@@ -49,6 +49,7 @@ from contract.broker import (
     required_redis,
     watched,
 )
+from contract.claims import DROP_CLAIMS
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
@@ -163,6 +164,7 @@ class Submitter:
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
         self._mark_retries = self.redis.register_script(MARK_RETRIES)
+        self._unclaim = self.redis.register_script(DROP_CLAIMS)
         #: False once Redis refused a script: claims and retry markers then go through
         #: WATCH/MULTI transactions (:meth:`_scriptless`).
         self.scripted = True
@@ -185,6 +187,23 @@ class Submitter:
             return mine
         family = self._get(f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:{task_id}")
         return self.accepted_hash(task_id, family) if family else None
+
+    def repeated(self, task_id: str, text: str) -> bool:
+        """Whether ``text`` sent again under ``task_id`` is a duplicate that queues nothing:
+        its claim holds the text's hash or, its claim dropped once its row was stored, a
+        ``done`` row holds that text (a failed or expired one would be queued again). A
+        database that cannot be read: False."""
+        digest = text_sha256(text)
+        held = self.accepted_hash(task_id)
+        if held is not None:
+            return held == digest
+        try:
+            rows = (self.client.store.id_states([task_id])
+                    if self.client.has_results_table() else {})
+        except StoreUnavailable:
+            return False
+        row = rows.get(task_id)
+        return row is not None and row.hashes == {digest} and not retriable(row.status)
 
     def accepted_for(self, task_id: str, model: str | None) -> str | None:
         """The text hash ``task_id`` was accepted with for ``model`` (a name, or the stored
@@ -508,8 +527,34 @@ class Submitter:
         return len(items), None
 
     def _release(self, ids: list[str]) -> None:
-        """Drop the claims of ``ids``."""
+        """Drop the claims of ``ids``; a named model's with their pointers, while these name
+        it (:data:`~contract.claims.DROP_CLAIMS`; a transaction on a Redis that refuses
+        scripts)."""
+        if ids and self.settings.model_name:
+            args = [self.key(""), f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+                    self.settings.family, "\0".join(ids)]
+            try:
+                self._scriptless(self._unclaim, args, self._unclaim_in_transaction)
+                return
+            except redis.RedisError:
+                pass  # the claims alone, below (they and the pointers expire on their own)
         self._delete([self.key(i) for i in ids])
+
+    def _unclaim_in_transaction(self, args: list[Any]) -> list[Any]:
+        """What :data:`~contract.claims.DROP_CLAIMS` does, in a transaction: the same
+        arguments."""
+        prefix, any_prefix, family, ids = args
+        task_ids = list(dict.fromkeys(ids.split("\0")))
+        pointers = [any_prefix + task_id for task_id in task_ids]
+
+        def unclaim(pipe: Any, held: list[Any]) -> list[Any]:
+            pipe.delete(*[prefix + task_id for task_id in task_ids])
+            mine = [k for k, v in zip(pointers, held, strict=True) if v == family.encode()]
+            if mine:
+                pipe.delete(*mine)
+            return []
+
+        return watched(self.redis, pointers, unclaim)
 
     def _delete(self, keys: list[str]) -> None:
         if not keys:

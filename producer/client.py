@@ -1061,9 +1061,11 @@ class Client:
         """True once a worker created the results table (before that there are no rows)."""
         return self._read(lambda: True, False)
 
-    def get(self, id: str, model: str | None = None) -> ResultRecord | None:
-        """The result of task ``id`` (``model``'s, else its latest), or None while not stored."""
-        return self.get_many([_check_id(id)], model=model).get(id)
+    def get(self, id: str, model: str | None = None, *,
+            latest: bool = False) -> ResultRecord | None:
+        """The result of task ``id`` (``model``'s, else its latest), or None while not stored.
+        ``latest``: see :meth:`get_many`."""
+        return self.get_many([_check_id(id)], model=model, latest=latest).get(id)
 
     def windows(self, id: str, model: str | None = None) -> list[WindowRecord]:
         """The windows a long text was scored in, in order: each one's character span
@@ -1082,15 +1084,21 @@ class Client:
         _filter_args({"model": model})
         return self._read(lambda: self.store.get_windows(id, self.stored_model(model)), nothing)
 
-    def get_many(self, ids: Iterable[str], model: str | None = None) -> dict[str, ResultRecord]:
+    def get_many(self, ids: Iterable[str], model: str | None = None, *,
+                 latest: bool = False) -> dict[str, ResultRecord]:
         """Stored results among ``ids``, keyed by id (batched IN queries); an id with no
         stored row is absent. Raises :class:`InvalidInput` for an id that is no string
-        and :class:`TypeError` for one id instead of many."""
+        and :class:`TypeError` for one id instead of many.
+
+        Without ``model``, a client of a named model reads that model's rows; with
+        ``latest``, each task's latest row whatever model this client submits to (a
+        reader for every model, as the HTTP API's status reads)."""
         wanted = _one_or_many(ids, "get_many")
         _filter_args({"model": model})
         if not wanted:
             return {}
-        return self._read(lambda: self.store.get_many(wanted, model=self._model(model)), {})
+        target = self.stored_model(model) if latest else self._model(model)
+        return self._read(lambda: self.store.get_many(wanted, model=target), {})
 
     def wait(
         self,

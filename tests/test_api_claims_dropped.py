@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,34 @@ def test_a_redis_gone_at_the_drop_is_a_warning(redis_server: Any,
     dropper.drop(["a", "b"])  # no exception
     assert any("expire on their own" in m.getMessage() for m in caplog.records)
     dropper.close()
+
+
+def test_a_status_without_a_model_reads_the_latest_row_on_a_server_of_a_named_model(
+        bsettings: Settings, r: redis.Redis) -> None:
+    """A server whose own model is named read only that model's rows for a status without
+    ``?model=``: a task sent to another model said ``queued`` for good, and a 404 once
+    its claim was dropped. Without a model, a status is the task's latest row."""
+    settings = bsettings.replace(model_name="m1", api_models="m2")
+    store = ResultStore.from_url(settings.database_url)
+    store.create_schema()
+    try:
+        with TestClient(create_app(settings)) as http:
+            for task_id in ("x", "y"):
+                sent = http.post("/v1/tasks", json={"text": f"for m2 {task_id}",
+                                                    "id": task_id, "model": "m2"})
+                assert sent.status_code == 202, sent.text
+            assert http.get("/v1/tasks/x").json()["status"] == "queued"
+            store.upsert([_done("x", "for m2 x", model="m2")])
+            ClaimDropper(settings.replace(model_name="m2")).drop(["x"])
+            got = http.get("/v1/tasks/x")
+            assert got.status_code == 200, got.text
+            assert (got.json()["status"], got.json()["model"]) == ("done", "m2")
+            assert http.get("/v1/tasks/x?model=m1").status_code == 404
+            # A long poll waits for the latest row too (stored while it waits).
+            later = threading.Timer(0.5, store.upsert, [[_done("y", "for m2 y", model="m2")]])
+            later.start()
+            waited = http.get("/v1/tasks/y?wait=10")
+            later.join()
+            assert waited.json()["status"] == "done", waited.text
+    finally:
+        store.close()

@@ -144,6 +144,7 @@ def test_liveness_is_read_once_per_period_and_an_expired_heartbeat_refuses_again
     worker beats again (after the period too: a refusal is remembered as long)."""
     gate = http.app.state.services.models  # type: ignore[attr-defined]
     gate.ttl_s = 2.0
+    gate.grace_s = 0.0  # no grace after the last sighting: the dead worker's model refused
     key = _beat(plain, base, REAL)
     t0 = time.monotonic()
     for i in range(20):

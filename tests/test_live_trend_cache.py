@@ -142,11 +142,8 @@ def test_minutes_that_leave_the_window_are_dropped(store: ResultStore) -> None:
     assert cache._kept == {}
 
 
-def test_concurrent_polls_read_the_half_hour_once(store: ResultStore,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eight polls at once on an empty cache: one whole read, the others read after it only
-    the minutes it did not keep; every answer is the whole read's."""
-    store.upsert(rows(*(ago(T0, s) for s in range(0, 1800, 10))))
+def _spy_on_reads(monkeypatch: pytest.MonkeyPatch) -> list[dt.datetime]:
+    """The ``since`` of each read of the database the trend makes, as it makes them."""
     starts: list[dt.datetime] = []
     real = dashboard.stats
 
@@ -155,8 +152,17 @@ def test_concurrent_polls_read_the_half_hour_once(store: ResultStore,
         starts.append(filters.since)
         return real(store, filters, **kw)
 
-    expected = trend(store, T0)
     monkeypatch.setattr(dashboard, "stats", spy)
+    return starts
+
+
+def test_concurrent_polls_read_the_half_hour_once(store: ResultStore,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight polls at once on an empty cache: one whole read, the others read after it only
+    the minutes it did not keep; every answer is the whole read's."""
+    store.upsert(rows(*(ago(T0, s) for s in range(0, 1800, 10))))
+    expected = trend(store, T0)
+    starts = _spy_on_reads(monkeypatch)
     cache = TrendCache()
     answers: list[Any] = []
     gate = threading.Barrier(8)
@@ -182,15 +188,7 @@ def test_a_poll_of_the_live_route_reads_its_last_minutes_only(
     """Through the app: the first ``/v1/live`` reads the half hour, the next ones only the
     minutes from ``settle_s`` before now on, and answer as the first did."""
     app = create_app(settings)
-    starts: list[dt.datetime] = []
-    real = dashboard.stats
-
-    def spy(store: ResultStore, filters: Filters, **kw: Any) -> Any:
-        assert filters.since is not None
-        starts.append(filters.since)
-        return real(store, filters, **kw)
-
-    monkeypatch.setattr(dashboard, "stats", spy)
+    starts = _spy_on_reads(monkeypatch)
     secs, micros = plain.time()
     now = dt.datetime.fromtimestamp(secs + micros / 1e6, dt.timezone.utc)
     store.upsert(rows(*(ago(now, s) for s in range(200, 1700, 30))))

@@ -23,23 +23,11 @@ from collections.abc import Iterable
 import redis
 
 from contract.broker import redis_client, refuses_scripts
+from contract.claims import DROP_CLAIMS
 from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: ``DEL <claim prefix><id>`` for each id, and the pointer ``<any prefix><id>`` where it
-#: names this family. Ids travel NUL-separated in one argument (ids never hold NUL).
-_DROP = """
-local claim, any, family = ARGV[1], ARGV[2], ARGV[3]
-for id in string.gmatch(ARGV[4], "[^%z]+") do
-  redis.call('DEL', claim .. id)
-  if redis.call('GET', any .. id) == family then
-    redis.call('DEL', any .. id)
-  end
-end
-return 0
-"""
 
 
 class ClaimDropper:
@@ -50,7 +38,7 @@ class ClaimDropper:
         self._claim_prefix = f"{ACCEPTED_KEY_PREFIX}{settings.family}:"
         self._any_prefix = f"{ACCEPTED_ANY_KEY_PREFIX}{settings.queue}:"
         self._family = settings.family
-        self._script = self._redis.register_script(_DROP) if self._redis is not None else None
+        self._script = self._redis.register_script(DROP_CLAIMS) if self._redis is not None else None
         #: False once Redis refused the script: the claims alone are deleted from then on.
         self.scripted = True
 

@@ -307,6 +307,7 @@ class AnalyzeTask(Batches):
 
     def _stored(self, stats: FlushStats) -> str:
         self._observe(stats, inference=False)
+        self._drop_claims(stats)
         if stats.unwritable:
             return "the database refused even its minimal failed rows"
         return f"{stats.items} task(s) stored as failed"
@@ -362,6 +363,7 @@ class AnalyzeTask(Batches):
                 del self._unstored[key]
                 self._unstored_bytes -= u.size
                 self._observe(stats, inference=False)
+                self._drop_claims(stats)
                 stored += 1
                 tasks += stats.items
                 refused += bool(stats.unwritable)
@@ -594,9 +596,13 @@ class AnalyzeTask(Batches):
         self._release(waiting, stuck)
         _ack([r for r, _ in done])
         self._forget([s.id for _, s in done])
+        self._drop_claims(stats)
+        return True
+
+    def _drop_claims(self, stats: FlushStats) -> None:
+        """Drop the HTTP API's id claims of the rows ``stats`` committed (never raises)."""
         if self.claims is not None:
             self.claims.drop(stats.stored_ids())
-        return True
 
     def _forget(self, message_ids: list[str]) -> None:
         """Drop the delivery counts of messages acked for good. A Redis lost meanwhile (a
