@@ -86,10 +86,13 @@ def _bucket_text(minute: dt.datetime) -> str:
     return minute.strftime("%Y-%m-%dT%H:%M:00Z")
 
 
-def _per_minute(store: ResultStore, since: dt.datetime, now: dt.datetime) -> dict[str, int]:
-    """Rows finished at or after ``since`` (a minute's start), per minute, every model's."""
+def _per_minute(store: ResultStore, since: dt.datetime, now: dt.datetime,
+                until: dt.datetime | None = None) -> dict[str, int]:
+    """Rows finished at or after ``since`` (a minute's start), and before ``until`` (a
+    minute's start) when given, per minute, every model's."""
     per: dict[str, int] = {}
-    for group in stats(store, Filters(since=since), by="model", bucket="1m", now=lambda: now):
+    for group in stats(store, Filters(since=since, until=until), by="model", bucket="1m",
+                       now=lambda: now):
         per[group["bucket"]] = per.get(group["bucket"], 0) + group["count"]
     return per
 
@@ -113,7 +116,8 @@ class TrendCache:
     every ``full_s``. ``now`` (the Redis server's clock) moving by more than ``settle_s``
     between two calls, either way (a clock step, a failover to another Redis, or no
     call for a while), drops the kept minutes: after a step back, rows would land in
-    minutes kept as ended. Minutes that leave the window are dropped; at most
+    minutes kept as ended. A smaller step back that starts the window a minute before
+    the kept ones reads that minute too. Minutes that leave the window are dropped; at most
     ``minutes`` are kept. One refresh at a time (the route runs in a thread pool): a
     call waits for another's, then reads only what that one left.
     """
@@ -150,6 +154,12 @@ class TrendCache:
                 or (now - self._full_at).total_seconds() >= self.full_s)
         start = since if full or self._until is None else max(since, min(self._until, settled))
         fresh = _per_minute(store, start, now)
+        if not full and self._last is not None:
+            # a step back that starts the window before the kept minutes: read those first
+            # minutes too (the last call's window never held them)
+            kept_since = _minute(self._last - dt.timedelta(minutes=self.minutes))
+            if since < kept_since:
+                fresh.update(_per_minute(store, since, now, until=kept_since))
         low, high, cut = _bucket_text(since), _bucket_text(start), _bucket_text(settled)
         kept = {} if full else {b: c for b, c in self._kept.items() if low <= b < high}
         answer = {**kept, **fresh}

@@ -180,13 +180,17 @@ class Submitter:
         return self._get(self.key(task_id, family))
 
     def accepted_anywhere(self, task_id: str) -> str | None:
-        """The text hash ``task_id`` was accepted with for this model, else for the model
-        it was last accepted for, while remembered."""
+        """The text hash ``task_id`` was accepted with for this model, else for the named
+        model it was last accepted for, else (this model being named) for the default
+        model, whose claims write no pointer; while remembered."""
         mine = self.accepted_hash(task_id)
         if mine is not None:
             return mine
         family = self._get(f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:{task_id}")
-        return self.accepted_hash(task_id, family) if family else None
+        found = self.accepted_hash(task_id, family) if family else None
+        if found is None and self.settings.model_name:
+            found = self.accepted_hash(task_id, self.settings.queue)
+        return found
 
     def repeated(self, task_id: str, text: str) -> bool:
         """Whether ``text`` sent again under ``task_id`` is a duplicate that queues nothing:
@@ -220,18 +224,17 @@ class Submitter:
         done result shows, which a client may pass back while the task is still queued).
 
         Only for a default model without a name of its own: a named model's rows carry
-        its name. Reads the workers' heartbeats, so a task asked for this way while no
-        worker is alive is not found.
+        its name. The default model's claims and workers are those of the queue's own
+        family, whatever model this server submits to. Reads the workers' heartbeats, so
+        a task asked for this way while no worker is alive is not found.
         """
-        if self.settings.model_name:
-            return None
         try:
-            alive = live_workers(self.redis, self.settings.family)
+            alive = live_workers(self.redis, self.settings.queue)
         except redis.RedisError as exc:
             raise redis_failure(self.settings, exc) from exc
         if not any(w.get("model") == model for w in alive):
             return None
-        return self.accepted_hash(task_id)
+        return self.accepted_hash(task_id, self.settings.queue)
 
     def _get(self, key: str) -> str | None:
         try:

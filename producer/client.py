@@ -1063,8 +1063,8 @@ class Client:
 
     def get(self, id: str, model: str | None = None, *,
             latest: bool = False) -> ResultRecord | None:
-        """The result of task ``id`` (``model``'s, else its latest), or None while not stored.
-        ``latest``: see :meth:`get_many`."""
+        """The result of task ``id`` (``model``'s, else this client's model's, else its
+        latest), or None while not stored. ``latest``: see :meth:`get_many`."""
         return self.get_many([_check_id(id)], model=model, latest=latest).get(id)
 
     def windows(self, id: str, model: str | None = None) -> list[WindowRecord]:

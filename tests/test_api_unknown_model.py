@@ -143,10 +143,9 @@ def test_liveness_is_read_once_per_period_and_an_expired_heartbeat_refuses_again
     refused once the read is older than the cache period, and accepted again when a
     worker beats again (after the period too: a refusal is remembered as long)."""
     gate = http.app.state.services.models  # type: ignore[attr-defined]
-    gate.ttl_s = 2.0
+    gate.ttl_s = 600.0  # the burst stays within one period however slow the host is
     gate.grace_s = 0.0  # no grace after the last sighting: the dead worker's model refused
     key = _beat(plain, base, REAL)
-    t0 = time.monotonic()
     for i in range(20):
         assert http.post("/v1/tasks", json={"text": f"t{i}", "model": REAL}).status_code == 202
     assert http.post("/v1/tasks", json={"items": ["b"], "model": REAL}).status_code == 202
@@ -155,16 +154,15 @@ def test_liveness_is_read_once_per_period_and_an_expired_heartbeat_refuses_again
     time.sleep(0.05)
     assert plain.exists(key) == 0
     cached = http.post("/v1/tasks", json={"text": "cached", "model": REAL})
-    if time.monotonic() - t0 < gate.ttl_s:  # still within the period (a slow host: skip)
-        assert cached.status_code == 202, cached.text
-        assert reads == [base.queue]
-    time.sleep(max(0.0, t0 + gate.ttl_s + 0.1 - time.monotonic()))
+    assert cached.status_code == 202, cached.text  # the read is within its period
+    assert reads == [base.queue]
+    gate.ttl_s = 0.2  # the period ends: the next submit reads the heartbeats again
+    time.sleep(0.3)
     message = _refused(http.post("/v1/tasks", json={"text": "late", "model": REAL}), REAL)
     assert "models served now: none" in message, message
     _refused(http.post("/v1/tasks", json={"items": ["late"], "model": REAL}), REAL)
-    t1 = time.monotonic()
     _beat(plain, base, REAL, host="celery@w2")
-    time.sleep(max(0.0, t1 + gate.ttl_s + 0.1 - time.monotonic()))
+    time.sleep(0.3)
     assert http.post("/v1/tasks", json={"text": "back", "model": REAL}).status_code == 202
 
 
