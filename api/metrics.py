@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import broker_error, lane_keys, refuses_scripts
+from contract.broker import ScriptSwitch, broker_error, lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
 from contract.errors import BertstreamError, BrokerMisconfigured
 from contract.liveness import family_workers, is_family_of
@@ -201,25 +201,23 @@ class BindingWalk:
         self._cursor = 0
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
-        #: False once Redis refused the script: each step is then done from the client.
-        self.scripted = True
+        self._scripts = ScriptSwitch(
+            log, f"queue depths for the metrics are read from here on with plain commands "
+            f"(SSCAN, EXISTS, LLEN), a few round trips per {self.chunk} bound queues instead "
+            f"of one")
+
+    @property
+    def scripted(self) -> bool:
+        """False once Redis refused the script: each step is then done from the client."""
+        return self._scripts.scripted
 
     def _step(self, client: redis.Redis, script: Any, key: str, args: list[Any]) -> Any:
         """One step of the walk: the script, or :func:`walk_step` once Redis refused it."""
-        if self.scripted:
-            try:
-                return script(keys=[key], args=args)
-            except redis.RedisError as exc:
-                if not refuses_scripts(exc):
-                    raise
-                self.scripted = False
-                log.warning("Redis refuses scripts (%s): queue depths for the metrics are "
-                            "read from here on with plain commands (SSCAN, EXISTS, LLEN), "
-                            "a few round trips per %d bound queues instead of one", exc,
-                            self.chunk)
         steps = int(args[4])
-        return walk_step(client, key, args[0], args[1], args[2], int(args[3]),
-                         list(args[5:5 + steps]), list(args[5 + steps:]))
+        return self._scripts.run(
+            lambda: script(keys=[key], args=args),
+            lambda: walk_step(client, key, args[0], args[1], args[2], int(args[3]),
+                              list(args[5:5 + steps]), list(args[5 + steps:])))
 
     def depths(self, client: redis.Redis, always: Iterable[str]) -> dict[str, dict[str, int]]:
         """Messages waiting per lane of each of ``always`` (even when empty), of each

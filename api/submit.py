@@ -44,12 +44,12 @@ from api.errors import ApiError
 from contract.broker import (
     WATCH_TRIES,
     BrokerMisconfigured,
+    ScriptSwitch,
     broker_error,
-    refuses_scripts,
     required_redis,
     watched,
 )
-from contract.claims import DROP_CLAIMS
+from contract.claims import DROP_CLAIMS, drop_claims_args, drop_claims_in_transaction
 from contract.constants import (
     ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
@@ -165,9 +165,15 @@ class Submitter:
         self._claim = self.redis.register_script(_CLAIM)
         self._mark_retries = self.redis.register_script(MARK_RETRIES)
         self._unclaim = self.redis.register_script(DROP_CLAIMS)
-        #: False once Redis refused a script: claims and retry markers then go through
-        #: WATCH/MULTI transactions (:meth:`_scriptless`).
-        self.scripted = True
+        self._scripts = ScriptSwitch(log, "ids are claimed and retries marked from here "
+                                     "on with WATCH/MULTI transactions (two round trips "
+                                     "instead of one)")
+
+    @property
+    def scripted(self) -> bool:
+        """False once Redis refused a script: claims, retry markers and releases then go
+        through WATCH/MULTI transactions (:meth:`_scriptless`)."""
+        return self._scripts.scripted
 
     def key(self, task_id: str, family: str | None = None) -> str:
         """The Redis key remembering that ``task_id`` was accepted for this model (or for
@@ -383,21 +389,9 @@ class Submitter:
     def _scriptless(self, script: Any, args: list[Any],
                     fallback: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Run ``script`` with ``args``; once Redis refuses scripts (an ACL user without
-        ``+@scripting``, a server without Lua: :func:`~contract.broker.refuses_scripts`), run
-        ``fallback`` with them instead, from then on. The switch is logged once."""
-        if self.scripted:
-            try:
-                return list(script(args=args))
-            except redis.RedisError as exc:
-                if not refuses_scripts(exc):
-                    raise
-                with self._lock:
-                    first, self.scripted = self.scripted, False
-                if first:
-                    log.warning("Redis refuses scripts (%s): ids are claimed and retries "
-                                "marked from here on with WATCH/MULTI transactions (two "
-                                "round trips instead of one)", exc)
-        return fallback(args)
+        ``+@scripting``, a server without Lua), ``fallback`` with them instead, from then
+        on (:class:`~contract.broker.ScriptSwitch`: the switch is logged once)."""
+        return self._scripts.run(lambda: list(script(args=args)), lambda: fallback(args))
 
     def _transaction(self, keys: list[str], step: Callable[[Any, list[Any]], list[Any]]
                      ) -> list[Any]:
@@ -534,30 +528,15 @@ class Submitter:
         it (:data:`~contract.claims.DROP_CLAIMS`; a transaction on a Redis that refuses
         scripts)."""
         if ids and self.settings.model_name:
-            args = [self.key(""), f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
-                    self.settings.family, "\0".join(ids)]
+            args = drop_claims_args(self.key(""), f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+                                    self.settings.family, ids)
             try:
-                self._scriptless(self._unclaim, args, self._unclaim_in_transaction)
+                self._scriptless(self._unclaim, args,
+                                 lambda a: drop_claims_in_transaction(self.redis, a))
                 return
             except redis.RedisError:
                 pass  # the claims alone, below (they and the pointers expire on their own)
         self._delete([self.key(i) for i in ids])
-
-    def _unclaim_in_transaction(self, args: list[Any]) -> list[Any]:
-        """What :data:`~contract.claims.DROP_CLAIMS` does, in a transaction: the same
-        arguments."""
-        prefix, any_prefix, family, ids = args
-        task_ids = list(dict.fromkeys(ids.split("\0")))
-        pointers = [any_prefix + task_id for task_id in task_ids]
-
-        def unclaim(pipe: Any, held: list[Any]) -> list[Any]:
-            pipe.delete(*[prefix + task_id for task_id in task_ids])
-            mine = [k for k, v in zip(pointers, held, strict=True) if v == family.encode()]
-            if mine:
-                pipe.delete(*mine)
-            return []
-
-        return watched(self.redis, pointers, unclaim)
 
     def _delete(self, keys: list[str]) -> None:
         if not keys:

@@ -6,6 +6,8 @@ result backend is disabled: results live in our own table.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -226,6 +228,35 @@ def refuses_scripts(exc: redis.RedisError) -> bool:
     return isinstance(exc, redis.exceptions.NoScriptError) or (
         isinstance(exc, redis.ResponseError)
         and ("unknown command" in text or "noscript" in text))
+
+
+class ScriptSwitch:
+    """Runs a Redis script until Redis refuses scripts (:func:`refuses_scripts`), then its
+    fallback of plain commands, for good. The switch is logged once, on ``logger``, as
+    "Redis refuses scripts (<the refusal>): <what>", ``what`` saying what is done instead.
+    One per owner: the claims, retry markers and drops of an API server share one, so the
+    switch is logged once per process. Thread-safe."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self._log, self._what = logger, what
+        self._lock = threading.Lock()
+        #: False once Redis refused a script: the fallbacks run from then on.
+        self.scripted = True
+
+    def run(self, script: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """``script()``, or ``fallback()`` once Redis refused a script (this time or
+        before). Any other error of the script is raised."""
+        if self.scripted:
+            try:
+                return script()
+            except redis.RedisError as exc:
+                if not refuses_scripts(exc):
+                    raise
+                with self._lock:
+                    first, self.scripted = self.scripted, False
+                if first:
+                    self._log.warning("Redis refuses scripts (%s): %s", exc, self._what)
+        return fallback()
 
 
 def _url_db(url: str) -> str:

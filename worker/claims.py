@@ -11,8 +11,8 @@ commit, so that a reader that misses the claim finds the row.
 A claim is dropped only for this worker's model (its queue family); the
 pointer a named model's claim leaves for reads without a model is dropped
 only while it still points at this model. One script per commit; on a
-Redis that refuses scripts, the claims alone are deleted (the pointers keep
-their TTL). A failure is a warning: the keys expire on their own.
+Redis that refuses scripts, one WATCH/MULTI transaction that does the same.
+A failure is a warning: the keys expire on their own.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Iterable
 
 import redis
 
-from contract.broker import redis_client, refuses_scripts
-from contract.claims import DROP_CLAIMS
+from contract.broker import ScriptSwitch, redis_client
+from contract.claims import DROP_CLAIMS, drop_claims_args, drop_claims_in_transaction
 from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
 from contract.settings import Settings
 
@@ -39,8 +39,14 @@ class ClaimDropper:
         self._any_prefix = f"{ACCEPTED_ANY_KEY_PREFIX}{settings.queue}:"
         self._family = settings.family
         self._script = self._redis.register_script(DROP_CLAIMS) if self._redis is not None else None
-        #: False once Redis refused the script: the claims alone are deleted from then on.
-        self.scripted = True
+        self._scripts = ScriptSwitch(log, "the API's id claims of stored tasks are dropped "
+                                     "with WATCH/MULTI transactions from here on")
+
+    @property
+    def scripted(self) -> bool:
+        """False once Redis refused the script (the claims are then dropped in
+        transactions)."""
+        return self._scripts.scripted
 
     def drop(self, task_ids: Iterable[str]) -> None:
         """Drop the claims of ``task_ids`` (rows committed). Never raises."""
@@ -54,20 +60,11 @@ class ClaimDropper:
                         "expire on their own): %s", len(ids), exc)
 
     def _drop(self, ids: list[str]) -> None:
-        assert self._redis is not None and self._script is not None
-        if self.scripted:
-            try:
-                self._script(args=[self._claim_prefix, self._any_prefix, self._family,
-                                   "\0".join(ids)])
-                return
-            except redis.RedisError as exc:
-                if not refuses_scripts(exc):
-                    raise
-                self.scripted = False
-                log.warning("Redis refuses scripts (%s): the API's id claims of stored tasks "
-                            "are deleted without their pointers for reads without a model "
-                            "(those expire on their own)", exc)
-        self._redis.delete(*[self._claim_prefix + i for i in ids])
+        client, script = self._redis, self._script
+        assert client is not None and script is not None
+        args = drop_claims_args(self._claim_prefix, self._any_prefix, self._family, ids)
+        self._scripts.run(lambda: script(args=args),
+                          lambda: drop_claims_in_transaction(client, args))
 
     def close(self) -> None:
         """Release the Redis connection."""
