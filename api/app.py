@@ -602,16 +602,7 @@ async def _status(services: Services, task_id: str, wait: float,
     asked, model = model, await run_in_threadpool(services.client.stored_model, model)
     record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
     if record is not None:
-        if not await run_in_threadpool(services.submitter.retrying, record, model):
-            return _view(record)
-        # A failed or expired row queued again: queued until the new attempt is stored.
-        if wait > 0:
-            again = await services.waiter.wait(task_id, wait, model, replacing=record)
-            if again is not None:
-                return _view(again)
-        return {"id": task_id, "status": "queued",
-                "retry_of": {"status": record.status, "reason": record.error,
-                             "attempts": record.attempts}}
+        return await _row_status(services, task_id, record, wait, model)
     # Looked up without opening a lane: a status request never counts as a model
     # this server submits to. Without a model, any model's claim will do.
     known = await run_in_threadpool(services.submitter.accepted_for, task_id, asked)
@@ -620,7 +611,7 @@ async def _status(services: Services, task_id: str, wait: float,
         # read is found by a second one.
         record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
         if record is not None:
-            return _view(record)
+            return await _row_status(services, task_id, record, wait, model)
         raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
                        + (f" for model {asked!r}" if asked else ""))
     if wait > 0:
@@ -628,6 +619,21 @@ async def _status(services: Services, task_id: str, wait: float,
         if record is not None:
             return _view(record)
     return {"id": task_id, "status": "queued"}
+
+
+async def _row_status(services: Services, task_id: str, record: ResultRecord, wait: float,
+                      model: str | None) -> dict[str, Any]:
+    """The status a stored row gives: the row, or ``queued`` (with ``retry_of``) while a
+    retry of its failed or expired attempt is queued, until the new attempt is stored."""
+    if not await run_in_threadpool(services.submitter.retrying, record, model):
+        return _view(record)
+    if wait > 0:
+        again = await services.waiter.wait(task_id, wait, model, replacing=record)
+        if again is not None:
+            return _view(again)
+    return {"id": task_id, "status": "queued",
+            "retry_of": {"status": record.status, "reason": record.error,
+                         "attempts": record.attempts}}
 
 
 def _window_routes(router: APIRouter, services: Services) -> None:
@@ -686,8 +692,10 @@ def _submit_bulk(services: Services, body: BulkIn) -> BulkAccepted:
         else:
             good.append((index, checked))
     outcomes: list[Outcome] = []
-    if good:
+    if good or not body.items:
+        # An empty bulk still names its model: a typo is a 404 now, not at the first item.
         services.check_model(body.model)
+    if good:
         with services.lane(body.model) as target:
             if target.submitter.queue_full():
                 raise _busy()

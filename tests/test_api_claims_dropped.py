@@ -25,6 +25,7 @@ from api.submit import Submitter
 from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
 from contract.messages import text_sha256
 from contract.results import ResultRecord, ResultStore
+from contract.retries import retry_marker
 from contract.settings import Settings
 from producer.client import Client
 from tests.polling import until
@@ -117,6 +118,41 @@ def test_a_status_read_finds_a_row_stored_while_it_looked_for_the_claim(
             assert got.status_code == 200 and got.json()["status"] == "done", got.text
             missing = http.get("/v1/tasks/never-sent")
             assert missing.status_code == 404, missing.text
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_the_second_read_of_a_status_sees_a_queued_retry(
+        bsettings: Settings, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row found only by the status read's second read (stored, its claim dropped,
+    between the two) is answered as the first read answers it: ``queued`` with
+    ``retry_of`` while a retry of its failed attempt is queued, not the failed row."""
+    store = ResultStore.from_url(bsettings.database_url)
+    store.create_schema()
+    looked_up = Submitter.accepted_for
+
+    def failed_and_retried_meanwhile(self: Submitter, task_id: str,
+                                     model: str | None) -> str | None:
+        if task_id == "race":
+            failed = ResultRecord(id=task_id, text_sha256=text_sha256("racing text"),
+                                  text_chars=11, model="m", status="failed",
+                                  error="it failed",
+                                  finished_at=dt.datetime.now(dt.timezone.utc))
+            store.upsert([failed])
+            ClaimDropper(bsettings).drop([task_id])
+            r.set(self.retry_key(task_id), retry_marker(1, failed.model, ""), ex=600)
+        return looked_up(self, task_id, model)
+
+    try:
+        with TestClient(create_app(bsettings)) as http:
+            assert http.post("/v1/tasks", json={"text": "racing text",
+                                                "id": "race"}).status_code == 202
+            monkeypatch.setattr(Submitter, "accepted_for", failed_and_retried_meanwhile)
+            got = http.get("/v1/tasks/race")
+            assert got.status_code == 200, got.text
+            assert got.json()["status"] == "queued", got.json()
+            assert got.json()["retry_of"]["status"] == "failed", got.json()
     finally:
         store.close()
 

@@ -94,7 +94,8 @@ def test_a_typo_is_refused_and_leaves_nothing_in_redis(base: Settings, plain: re
     before = _keys(plain)
     for body in ({"text": "great", "model": TYPO}, {"text": "great", "id": "t1", "model": TYPO},
                  {"items": ["a", {"text": "b", "id": "t2"}], "model": TYPO},
-                 {"items": ["c"], "model": TYPO, "lane": "interactive"}):
+                 {"items": ["c"], "model": TYPO, "lane": "interactive"},
+                 {"items": [], "model": TYPO}):
         message = _refused(http.post("/v1/tasks", json=body), TYPO)
         assert f"models served now: {REAL}" in message, message
     assert _keys(plain) == before, _keys(plain) - before
