@@ -130,6 +130,12 @@ class BrokerUnavailable(_StreamProgress, RetryableError):
     """
 
 
+class StreamFailed(_StreamProgress, BertstreamError):
+    """A stream stopped by an I/O error: its source failed to read (a failing disk or
+    network mount) or a tracker failed to write (the ids file on a full disk). What was
+    sent stays queued; ``sent`` and ``resume_line`` say where to resume (exit 1)."""
+
+
 class Interrupted(_StreamProgress, BertstreamError):
     """A stream was stopped (Ctrl-C, SIGTERM); its unsent buffer was not published.
 

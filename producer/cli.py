@@ -51,6 +51,7 @@ from contract.errors import (
     ResultTimeout,
     StoreRefused,
     StoreUnavailable,
+    StreamFailed,
     exit_code,
     quoted,
 )
@@ -655,10 +656,10 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         if pending_note is None:
             raise
         raise BrokerUnavailable(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
-    except Interrupted as exc:
+    except (Interrupted, StreamFailed) as exc:  # the ids file failing, for StreamFailed
         if pending_note is None:
             raise
-        raise Interrupted(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
+        raise type(exc)(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
     click.echo(_summary(report, "entry #" if redis_source else "line "))
     if wait and report.ids:
         found, stop = _wait_or_stop(client, report.ids, timeout)

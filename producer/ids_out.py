@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from contract.errors import InvalidInput
+from contract.errors import InvalidInput, StreamFailed
 from contract.messages import TaskItem
 from producer.items import ItemError
 from producer.sources import SourceRecord
@@ -38,6 +38,9 @@ class IdsOut:
             self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         except OSError as exc:
             raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._path = path
+        #: a write failed (reported by the stream): closing must not raise it again
+        self._failed = False
         self.written = 0
 
     def __enter__(self) -> IdsOut:
@@ -49,18 +52,33 @@ class IdsOut:
 
     def close(self) -> None:
         """Flush and close the file."""
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            if not self._failed:
+                raise
+
+    def _failure(self, exc: OSError) -> StreamFailed:
+        """A failed write (a full disk) as the error that stops the stream, naming the file."""
+        self._failed = True
+        return StreamFailed(f"cannot write the ids file {self._path}: {exc.strerror or exc}")
 
     def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
         """One line per record now in the queue."""
-        for record, item in pairs:
-            self._write(record, {"id": item.id})
-        self._fh.flush()
+        try:
+            for record, item in pairs:
+                self._write(record, {"id": item.id})
+            self._fh.flush()
+        except OSError as exc:
+            raise self._failure(exc) from exc
 
     def rejected(self, record: SourceRecord, error: ItemError) -> None:
         """One line for a refused record: the id it gave (None: none), and why."""
-        self._write(record, {"id": error.id, "error": error.reason})
-        self._fh.flush()
+        try:
+            self._write(record, {"id": error.id, "error": error.reason})
+            self._fh.flush()
+        except OSError as exc:
+            raise self._failure(exc) from exc
 
     def _write(self, record: SourceRecord, fields: dict[str, Any]) -> None:
         head: dict[str, Any] = {"line": record.line}

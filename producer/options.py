@@ -18,7 +18,8 @@ SETTING_OPTIONS = {"broker_url": "--broker-url", "database_url": "--database-url
 def named_as_given(ctx: click.Context | None, message: str) -> str:
     """``message`` naming each setting the command line gave (:data:`SETTING_OPTIONS`) by
     its option: ``BERTSTREAM_NAME=value`` written ``--option=value``, and a hint to ``set
-    BERTSTREAM_NAME`` (``or --option``) written ``give another --option``. The settings,
+    BERTSTREAM_NAME`` (``or --option``) written ``give another --option``, and a fix of
+    a part of it (``the user of BERTSTREAM_NAME``) naming ``--option``. The settings,
     the broker and the store name a refused value by its variable, and a user who typed
     the option, with no such variable set, went looking for one; setting it would change
     nothing, as the option overrides it. A value from the environment keeps its name.
@@ -32,6 +33,8 @@ def named_as_given(ctx: click.Context | None, message: str) -> str:
             message = message.replace(f"{variable}=", f"{option}=")
             message = re.sub(rf"\bset {variable}(?: or {re.escape(option)})?\b(?!-)",
                              f"give another {option}", message)
+            # a fix of a part of the URL: "fix the user of BERTSTREAM_DATABASE_URL"
+            message = re.sub(rf"\bof {variable}\b(?![=\w])", f"of {option}", message)
     return message
 
 

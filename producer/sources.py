@@ -226,6 +226,8 @@ def open_source(path: str | Path) -> Iterator[IO[bytes]]:
         # buffer waits for that lock (for ever on a quiet pipe), and the interpreter's
         # shutdown, closing ``sys.stdin``, aborted on it ("Fatal Python error", exit 134).
         # (An stdin with no file descriptor, as a test runner's, is read as it is.)
+        if sys.stdin is None:  # started with fd 0 closed (`<&-`): Python sets it to None
+            raise InvalidInput("cannot read standard input: it is closed")
         try:
             fd = sys.stdin.fileno()
         except (AttributeError, OSError, ValueError):
@@ -351,16 +353,17 @@ def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes without the line end), or None for an oversized line."""
     number = 0
     while True:
-        raw = stream.readline(limit + 1)
+        raw = stream.readline(limit + 2)  # a line of the limit and its CR LF end
         if not raw:
             return
         number += 1
-        if len(raw) > limit and not raw.endswith(b"\n"):
+        line = raw.rstrip(b"\r\n")
+        if len(line) > limit:
             while raw and not raw.endswith(b"\n"):
                 raw = stream.readline(1 << 16)
             yield number, None
             continue
-        yield number, raw.rstrip(b"\r\n")
+        yield number, line
 
 
 def _csv_spans(stream: IO[bytes], limit: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 from tqdm import tqdm
 
 from contract.broker import publish_retry_policy
-from contract.errors import BrokerUnavailable, Interrupted
+from contract.errors import BrokerUnavailable, Interrupted, StreamFailed
 from contract.messages import TaskItem
 from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
@@ -220,7 +220,9 @@ def stream(
     Redis stays away through the publish retries; the error carries how many
     items were sent (they stay queued) and the line to resume from. A
     KeyboardInterrupt becomes :class:`Interrupted`, carrying the same; the
-    buffered items are not published.
+    buffered items are not published. A source that fails to read, or a tracker that
+    fails to write (it raises :class:`StreamFailed`), raises :class:`StreamFailed`
+    carrying the same.
     """
     bound = client.settings.max_queue_length if max_queue_length is None else max_queue_length
     report = StreamReport()
@@ -285,7 +287,7 @@ def stream(
                 linger.update(publisher)
         report.messages = publisher.messages
         bar.set_postfix(rejected=report.rejected, refresh=False)
-    except (BrokerUnavailable, KeyboardInterrupt) as exc:
+    except (BrokerUnavailable, KeyboardInterrupt, StreamFailed) as exc:
         raise _stopped(exc, publisher, next_line) from exc
     finally:
         bar.close()
@@ -306,6 +308,9 @@ def _sent_before_failing(feed: Iterable[object], publisher: ChunkPublisher) -> I
             return
         except (BrokerUnavailable, KeyboardInterrupt):
             raise
+        except OSError as exc:  # a read failed (a failing disk or mount): say so, in a line
+            publisher.flush()
+            raise StreamFailed(f"cannot read the source: {exc.strerror or exc}") from exc
         except Exception:
             publisher.flush()
             raise
@@ -333,7 +338,7 @@ class _Linger:
 
 
 def _stopped(exc: BaseException, publisher: ChunkPublisher | None,
-             next_line: int) -> BrokerUnavailable | Interrupted:
+             next_line: int) -> BrokerUnavailable | Interrupted | StreamFailed:
     """The error a stream stopped by ``exc`` raises: how many items were published and
     the first line not sent (the first buffered one, which was dropped, else the next
     to read)."""
@@ -342,6 +347,8 @@ def _stopped(exc: BaseException, publisher: ChunkPublisher | None,
     resume = unsent if unsent is not None else next_line
     if isinstance(exc, BrokerUnavailable):
         return BrokerUnavailable(exc.reason, sent=sent, resume_line=resume)
+    if isinstance(exc, StreamFailed):
+        return StreamFailed(exc.reason, sent=sent, resume_line=resume)
     return Interrupted(sent=sent, resume_line=resume)
 
 
