@@ -29,6 +29,7 @@ from fastapi.routing import APIRoute
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.errors import ApiError, UnreadableBody, error_body
+from api.waiter import release_all
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -382,6 +383,11 @@ class HeadDeadlineH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # The server is stopping: its long polls answer now rather than hold the exit.
+        release_all()
+        super().shutdown()
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)

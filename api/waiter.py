@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -21,10 +22,21 @@ from contract.results import ResultRecord
 
 log = logging.getLogger(__name__)
 
+#: Every :class:`Waiter` of this process, for :func:`release_all`.
+_WAITERS: weakref.WeakSet[Waiter] = weakref.WeakSet()
+
+
+def release_all() -> None:
+    """End every long poll of this process now, each answering what it has (``queued``):
+    the server is stopping, and uvicorn waits for each open request before it exits, up
+    to BERTSTREAM_API_MAX_WAIT_S (a restart held that long). Call on the event loop."""
+    for waiter in list(_WAITERS):
+        waiter.release()
+
 
 @dataclass(eq=False)
 class _Wait:
-    future: asyncio.Future[ResultRecord]
+    future: asyncio.Future[ResultRecord | None]
     #: (attempts, model) of a row that does not end this wait (None: any row does)
     stale: tuple[int, str] | None
 
@@ -39,6 +51,8 @@ class Waiter:
         self.interval_s = interval_s
         self._waiting: dict[tuple[str, str | None], list[_Wait]] = {}
         self._wake = asyncio.Event()
+        self.released = False
+        _WAITERS.add(self)
 
     @property
     def waiting(self) -> int:
@@ -51,8 +65,10 @@ class Waiter:
 
         ``replacing``: a stored row being retried; only a row of another attempt or model
         (the retry's) ends the wait."""
+        if self.released:
+            return None
         key = (task_id, model)
-        future: asyncio.Future[ResultRecord] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ResultRecord | None] = asyncio.get_running_loop().create_future()
         stale = None if replacing is None else (replacing.attempts, replacing.model)
         entry = _Wait(future, stale)
         self._waiting.setdefault(key, []).append(entry)
@@ -67,6 +83,15 @@ class Waiter:
                 entries.remove(entry)
             if not entries:
                 self._waiting.pop(key, None)
+
+    def release(self) -> None:
+        """End the waits now (each gives None) and any later one at once: see
+        :func:`release_all`."""
+        self.released = True
+        for entries in self._waiting.values():
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_result(None)
 
     async def run(self) -> None:
         """Poll for the waited-for ids until cancelled."""

@@ -108,8 +108,11 @@ class Page:
 
 
 def pack_cursor(fields: list[Any]) -> str:
-    """An opaque cursor holding ``fields``: JSON in URL-safe base64, unpadded."""
-    raw = json.dumps(fields)
+    """An opaque cursor holding ``fields``: JSON in URL-safe base64, unpadded.
+
+    The JSON is UTF-8, not ASCII-escaped: an id of 128 characters outside the BMP
+    escapes to 1,536, and its cursor would pass the routes' 2,048-character limit."""
+    raw = json.dumps(fields, ensure_ascii=False)
     return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
 
 
