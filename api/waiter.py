@@ -27,11 +27,14 @@ _WAITERS: weakref.WeakSet[Waiter] = weakref.WeakSet()
 
 
 def release_all() -> None:
-    """End every long poll of this process now, each answering what it has (``queued``):
-    the server is stopping, and uvicorn waits for each open request before it exits, up
-    to BERTSTREAM_API_MAX_WAIT_S (a restart held that long). Call on the event loop."""
+    """End every long poll served on the running event loop now, each answering what it
+    has (``queued``): its server is stopping, and uvicorn waits for each open request
+    before it exits, up to BERTSTREAM_API_MAX_WAIT_S (a restart held that long). Only
+    that loop's: another app of the process (an embedding, a test's) keeps its waits."""
+    loop = asyncio.get_running_loop()
     for waiter in list(_WAITERS):
-        waiter.release()
+        if waiter.loop is loop:
+            waiter.release()
 
 
 @dataclass(eq=False)
@@ -52,6 +55,8 @@ class Waiter:
         self._waiting: dict[tuple[str, str | None], list[_Wait]] = {}
         self._wake = asyncio.Event()
         self.released = False
+        #: the event loop :meth:`run` polls on (its app's): :func:`release_all` scope
+        self.loop: asyncio.AbstractEventLoop | None = None
         _WAITERS.add(self)
 
     @property
@@ -95,7 +100,7 @@ class Waiter:
 
     async def run(self) -> None:
         """Poll for the waited-for ids until cancelled."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         while True:
             if not self._waiting:
                 self._wake.clear()

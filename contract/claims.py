@@ -43,7 +43,10 @@ def drop_claims_in_transaction(client: redis.Redis, args: list[str]) -> list[Any
     dropped only if they named this family as the transaction read them. Raises
     :class:`redis.WatchError` when the pointers kept changing."""
     prefix, any_prefix, family, ids = args
-    task_ids = list(dict.fromkeys(ids.split("\0")))
+    # the script's "[^%z]+": no empty id (an empty list joins to "")
+    task_ids = [i for i in dict.fromkeys(ids.split("\0")) if i]
+    if not task_ids:
+        return []
     pointers = [any_prefix + task_id for task_id in task_ids]
 
     def drop(pipe: Any, held: list[Any]) -> list[Any]:

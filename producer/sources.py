@@ -358,7 +358,8 @@ def _lines(stream: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
             return
         number += 1
         line = raw.rstrip(b"\r\n")
-        if len(line) > limit:
+        # a full read without LF goes on (CRs at the limit included): over it, as for CSV
+        if len(line) > limit or (len(raw) > limit + 1 and not raw.endswith(b"\n")):
             while raw and not raw.endswith(b"\n"):
                 raw = stream.readline(1 << 16)
             yield number, None
