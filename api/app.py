@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 import redis
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -406,10 +406,13 @@ def refuse_outdated_schema(store: ResultStore) -> None:
 
     An empty database is fine (the API never creates the schema; a worker or
     ``db upgrade`` does); an unreachable one is reported by ``/readyz``. One a
-    worker is migrating right now is waited for, not refused.
+    worker is migrating right now is waited for, not refused. One that refuses
+    (:class:`StoreRefused`: a file that is no SQLite database) is raised.
     """
     try:
         schema = migrate.settled(store)
+    except StoreRefused:
+        raise  # a setting: no wait mends it
     except StoreUnavailable:
         return
     problem = schema.problem()
@@ -588,13 +591,40 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         model: Annotated[str | None, Query(pattern=f"^{MODEL_NAME_PATTERN}$",
                                            description="This model's result (default: the "
                                                        "task's latest)")] = None,
+        *, request: Request,
     ) -> dict[str, Any]:
         """``queued``, ``done`` (label, score, scores, model), ``failed`` (reason) or
         ``expired`` (reason: its ``ttl_s`` deadline passed before it reached the model)."""
-        return await _status(services, task_id, min(wait, settings.api_max_wait_s), model)
+        return await _status(services, request, task_id, min(wait, settings.api_max_wait_s),
+                             model)
 
 
-async def _status(services: Services, task_id: str, wait: float,
+async def _disconnected(request: Request) -> None:
+    """Return once the client of ``request`` (a request without a body to read, as a GET)
+    has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _long_poll(services: Services, request: Request, task_id: str, wait: float,
+                     model: str | None, replacing: ResultRecord | None = None
+                     ) -> ResultRecord | None:
+    """:meth:`Waiter.wait`, ended (None) when the client disconnects first: a client or a
+    proxy that gave up left its poll running for the rest of ``wait``, and a stopping
+    server waited for it (up to BERTSTREAM_API_MAX_WAIT_S)."""
+    polling = asyncio.ensure_future(services.waiter.wait(task_id, wait, model,
+                                                         replacing=replacing))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({polling, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not polling.done():
+            polling.cancel()
+    return None if polling.cancelled() else polling.result()
+
+
+async def _status(services: Services, request: Request, task_id: str, wait: float,
                   model: str | None) -> dict[str, Any]:
     """The answer of ``GET /v1/tasks/{id}``, after up to ``wait`` seconds of long poll.
     Rows are read under the name they are stored under (``default``: the default model's
@@ -602,7 +632,7 @@ async def _status(services: Services, task_id: str, wait: float,
     asked, model = model, await run_in_threadpool(services.client.stored_model, model)
     record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
     if record is not None:
-        return await _row_status(services, task_id, record, wait, model)
+        return await _row_status(services, request, task_id, record, wait, model)
     # Looked up without opening a lane: a status request never counts as a model
     # this server submits to. Without a model, any model's claim will do.
     known = await run_in_threadpool(services.submitter.accepted_for, task_id, asked)
@@ -611,24 +641,24 @@ async def _status(services: Services, task_id: str, wait: float,
         # read is found by a second one.
         record = await run_in_threadpool(services.client.get, task_id, model, latest=True)
         if record is not None:
-            return await _row_status(services, task_id, record, wait, model)
+            return await _row_status(services, request, task_id, record, wait, model)
         raise ApiError(404, "not_found", f"no task {task_id!r} was accepted"
                        + (f" for model {asked!r}" if asked else ""))
     if wait > 0:
-        record = await services.waiter.wait(task_id, wait, model)
+        record = await _long_poll(services, request, task_id, wait, model)
         if record is not None:
             return _view(record)
     return {"id": task_id, "status": "queued"}
 
 
-async def _row_status(services: Services, task_id: str, record: ResultRecord, wait: float,
-                      model: str | None) -> dict[str, Any]:
+async def _row_status(services: Services, request: Request, task_id: str,
+                      record: ResultRecord, wait: float, model: str | None) -> dict[str, Any]:
     """The status a stored row gives: the row, or ``queued`` (with ``retry_of``) while a
     retry of its failed or expired attempt is queued, until the new attempt is stored."""
     if not await run_in_threadpool(services.submitter.retrying, record, model):
         return _view(record)
     if wait > 0:
-        again = await services.waiter.wait(task_id, wait, model, replacing=record)
+        again = await _long_poll(services, request, task_id, wait, model, replacing=record)
         if again is not None:
             return _view(again)
     return {"id": task_id, "status": "queued",

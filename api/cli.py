@@ -16,6 +16,7 @@ from api.security import HeadDeadlineH11, is_loopback
 from contract.constants import ENV_PREFIX
 from contract.errors import ConfigError
 from contract.settings import Settings
+from producer.options import named_as_given
 
 if TYPE_CHECKING:
     import uvicorn
@@ -49,6 +50,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
             f"refusing to serve {host} without authentication: set BERTSTREAM_API_TOKENS, "
             "bind to 127.0.0.1, or pass --no-auth")
     from api.app import refuse_database_role, refuse_outdated_schema
+    from api.metrics import multiprocess_dir
     from api.submit import broker_redis
     from contract.broker import probe_broker
     from contract.errors import BrokerUnavailable, SchemaMismatch, StoreRefused
@@ -71,7 +73,8 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
         refuse_outdated_schema(store)
         refuse_database_role(store)
     except (SchemaMismatch, StoreRefused) as exc:  # a setting to fix: no wait mends it
-        click.echo(f"error: {exc}", err=True)
+        # a --database-url given is named as the option (the group's errors are)
+        click.echo(f"error: {named_as_given(ctx, str(exc))}", err=True)
         ctx.exit(2)
     finally:
         store.close()
@@ -86,11 +89,17 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     config = uvicorn.Config("api.app:app_from_env", factory=True, host=host, port=port,
                             workers=workers, log_level=log_level, access_log=False,
                             http=HeadDeadlineH11)
-    # uvicorn listens later (after each process's start-up) and says so: this is no claim
-    # that the API answers yet.
-    click.echo(f"bertstream API starting on http://{host}:{port} (docs: /docs; "
-               f"{'bearer tokens required' if tokens else 'no authentication'})", err=True)
-    run_uvicorn(config, sockets)
+    # Set before uvicorn spawns its processes (they inherit it, and prometheus_client
+    # reads it as it is imported there): /metrics then sums every process's counts.
+    with multiprocess_dir(workers) as shared:
+        # uvicorn listens later (after each process's start-up) and says so: this is no
+        # claim that the API answers yet.
+        click.echo(f"bertstream API starting on http://{host}:{port} (docs: /docs; "
+                   f"{'bearer tokens required' if tokens else 'no authentication'})", err=True)
+        if shared is not None:
+            click.echo(f"/metrics sums the counts of every server process, kept in {shared}",
+                       err=True)
+        run_uvicorn(config, sockets)
 
 
 def run_uvicorn(config: uvicorn.Config, sockets: list[socket.socket]) -> None:

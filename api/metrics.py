@@ -8,25 +8,35 @@ is ``bertstream_redis_up``, and whether a failed read was Redis refusing the bro
 kombu's bindings (:class:`BindingWalk`), never by a command per family bound; a Redis
 that refuses scripts (an ACL user without ``+@scripting``, a server without Lua) gets
 the same walk from the client instead, a few pipelined round trips per chunk.
+
+Under ``serve --workers N`` the processes share their counts through
+prometheus_client's multiprocess mode (:func:`multiprocess_dir`), so that any
+process's ``/metrics`` gives the sum over all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import redis
 from kombu.transport.redis import Channel as RedisChannel
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from contract.broker import ScriptSwitch, broker_error, lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
-from contract.errors import BertstreamError, BrokerMisconfigured
+from contract.errors import BertstreamError, BrokerMisconfigured, ConfigError
 from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
 
@@ -277,32 +287,89 @@ def shown_depths(depths: dict[str, dict[str, int]], always: Iterable[str],
     return out
 
 
+#: prometheus_client's setting: the directory where every process writes its counts.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def multiprocess_dir(workers: int) -> Iterator[Path | None]:
+    """The directory the ``workers`` server processes share their counts in, set as
+    ``PROMETHEUS_MULTIPROC_DIR`` for them to inherit; None for one process without it.
+
+    The operator's ``PROMETHEUS_MULTIPROC_DIR`` is honoured (created when missing), else
+    a fresh temporary directory is made. Its ``*.db`` files are removed first: a previous
+    run's would add its old counts. A directory made here is removed at exit. Dead
+    processes' files stay: their counts are part of the totals.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if not given and workers <= 1:
+        yield None
+        return
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="bertstream-metrics-"))
+    made = not given or not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot use {MULTIPROC_ENV}={path} for the metrics of the "
+                          f"server processes: {exc.strerror or exc}") from exc
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if given is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = given
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class ApiMetrics:
-    """The counters and histograms the routes update, in their own registry."""
+    """The counters and histograms the routes update; :attr:`registry` is what
+    ``/metrics`` serves.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (``serve --workers N``) the counts go to files
+    there and :attr:`registry` sums every process's (``MultiProcessCollector``); else
+    they live in :attr:`registry` itself (one registry per app: tests build several).
+    No gauge is kept in those files (the gauges are read from Redis at scrape time), so
+    a process uvicorn replaces needs no ``mark_process_dead``: its counts stay summed.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        shared = bool(os.environ.get(MULTIPROC_ENV))
+        if shared:
+            # prometheus_client picks its value class once, when first imported (an
+            # undocumented attribute, read only where it exists; tested).
+            if getattr(values, "ValueClass", None) is getattr(values, "MutexValue", ""):
+                raise RuntimeError(f"{MULTIPROC_ENV} was set after prometheus_client was "
+                                   f"imported: this process's counts would not be shared")
+            MultiProcessCollector(self.registry)
+        own = None if shared else self.registry
         self.requests = Counter(
             "bertstream_api_requests", "HTTP requests by route and status code",
-            ["route", "status"], registry=self.registry)
+            ["route", "status"], registry=own)
         self.items = Counter(
             "bertstream_api_items", "Submitted items by lane and outcome "
             "(accepted, duplicate, conflict, invalid)", ["lane", "outcome"],
-            registry=self.registry)
+            registry=own)
         self.message_items = Histogram(
             "bertstream_api_message_items", "Items per broker message published (coalesced "
             "single submits and bulks) by lane", ["lane"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=own)
         self.latency = Histogram(
             "bertstream_api_request_seconds", "Request handling time by route", ["route"],
-            registry=self.registry)
+            registry=own)
 
     def published(self, lane: str, items: int) -> None:
         """One broker message of ``items`` items was published on ``lane``."""
         self.message_items.labels(lane).observe(items)
 
     def watch(self, redis_client: Any, settings: Settings) -> None:
-        """Also report queue depth per lane and live workers, read at scrape time."""
+        """Also report queue depth per lane and live workers, read at scrape time (by the
+        process scraped, once: they are read from Redis, not summed over processes)."""
         self.registry.register(_QueueCollector(redis_client, settings))
 
 

@@ -405,6 +405,8 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) and not is_row_error(exc)
 
 
+#: SQLite's result code for a file that holds no database (SQLITE_NOTADB).
+_SQLITE_NOTADB = 26
 #: SQLSTATE of a privilege the role lacks (insufficient_privilege): a GRANT to run.
 PRIVILEGE_SQLSTATE = "42501"
 #: SQLSTATE of a search path naming no schema the role may use (invalid_schema_name: "no
@@ -791,12 +793,28 @@ class ResultStore:
     def unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
         """The error for ``exc``, an outage :meth:`_run` would not retry: a
         :class:`StoreRefused` naming the fix when the database refuses this role or URL
-        (:func:`refusal`), else :class:`StoreUnavailable`."""
-        problem = refusal(exc, self.engine.url.username)
+        (:func:`refusal`) or the URL's SQLite file holds no database, else
+        :class:`StoreUnavailable`."""
+        problem = refusal(exc, self.engine.url.username) or self._not_a_database(exc)
         if problem is not None:
             return StoreRefused(f"{what}: {_first_line(exc)}; a setting to fix, not an "
                                 f"outage: {problem}", problem)
         return StoreUnavailable(f"{what}: {_first_line(exc)}")
+
+    def _not_a_database(self, exc: BaseException) -> str | None:
+        """The fix when ``exc`` is SQLite finding no database in the URL's file (one
+        holding something else): a setting to fix, as a refusal is, not an outage that
+        a wait mends. None for anything else."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        for cause in causes(exc):
+            orig = getattr(cause, "orig", None) or cause
+            if (getattr(orig, "sqlite_errorcode", None) == _SQLITE_NOTADB
+                    or str(orig) == "file is not a database"):  # Python 3.10: no code
+                return (f"{self.engine.url.database} is not an SQLite database: point "
+                        f"{ENV_PREFIX}DATABASE_URL at the results database's file (or at "
+                        "a path where none is yet)")
+        return None
 
     # -- writing --------------------------------------------------------
 

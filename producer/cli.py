@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import importlib
 import importlib.util
 import itertools
@@ -259,19 +260,43 @@ def _quiet_when_stdout_closes(ctx: click.Context) -> Iterator[None]:
     Click exits 1 on any broken pipe, the status of a bertstream error. Stdout is
     pointed at the null device first, so the text still buffered for it is not
     reported at exit. A broken pipe while stdout is fine (an ``--ids-out`` FIFO
-    whose reader left) stays an error.
+    whose reader left) stays an error. A write refused by a full disk
+    (:data:`FULL_DEVICE_ERRNOS`; ``> /dev/full``) exits 1 in one line, not with a
+    traceback.
     """
     try:
         yield
     except BrokenPipeError:
         if not stdout_closed():
             raise
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, sys.stdout.fileno())
-        finally:
-            os.close(null)
+        _drop_stdout()
         ctx.exit(EXIT_PIPE_CLOSED)
+    except OSError as exc:
+        if exc.errno not in FULL_DEVICE_ERRNOS:
+            raise
+        # Output (stdout or a file being written) hit a full disk: one line, exit 1.
+        where = exc.filename or "the output"
+        click.echo(f"error: cannot write {where}: {exc.strerror or exc}", err=True)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _drop_stdout()  # stdout itself is full: no second report at exit
+        ctx.exit(1)
+
+
+#: A write refused for want of room (a full disk, a quota, a file size limit): the output
+#: is lost, the command cannot go on. (Errors only a write raises, unlike EIO.)
+FULL_DEVICE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that the text still buffered for it is not
+    reported at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 def stdout_closed() -> bool:
@@ -877,6 +902,7 @@ def results(
 
     A task scored by several models shows its latest result; --model picks one.
     """
+    _check_limit(ctx, show_all, group_by)
     for what, values in (("--id", ids), ("--source", [source]), ("--label", [label])):
         for value in values:
             problem = None if value is None else id_problem(value)
@@ -913,6 +939,18 @@ def results(
             matched = client.count(**filters)
             if matched > limit:
                 click.echo(f"{limit} of {matched} shown; --limit N or --all", err=True)
+
+
+def _check_limit(ctx: click.Context, show_all: bool, group_by: str | None) -> None:
+    """Refuse a --limit given with --all or --aggregate, which print everything: the
+    limit was dropped without a word. Its default value is no choice of the user's."""
+    if ctx.get_parameter_source("limit") is ParameterSource.DEFAULT:
+        return
+    if show_all:
+        raise click.UsageError("--all and --limit contradict: give one of them")
+    if group_by is not None:
+        raise click.UsageError("--limit counts rows, and --aggregate prints every group: "
+                               "drop --limit")
 
 
 def _stored(client: Client, filters: dict[str, Any],

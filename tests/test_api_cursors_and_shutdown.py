@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import signal
+import socket
 import subprocess
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -85,3 +87,23 @@ def test_a_stopping_server_ends_its_long_polls(bsettings: Settings, api_factory:
         api.proc.wait(timeout=60)  # uvicorn ends on the signal it was stopped by
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"serve did not exit: {api.log()}") from exc
+
+
+def test_a_long_poll_whose_client_left_ends_and_holds_no_exit(bsettings: Settings,
+                                                              api_factory: Any) -> None:
+    """A client (or a proxy) that gives up on a ``?wait=`` long poll ends it: the poll kept
+    its place in the waiter for the rest of its wait, and SIGTERM to ``serve`` waited it
+    out (uvicorn's shutdown reaches only the connections still open)."""
+    api = api_factory(dataclasses.replace(bsettings, api_max_wait_s=600))
+    r = httpx.post(f"{api.url}/v1/tasks", json={"text": "no worker serves this", "id": "poll-2"})
+    assert r.status_code == 202, r.text
+    host, port = httpx.URL(api.url).host, httpx.URL(api.url).port
+    with socket.create_connection((host, port), timeout=10) as raw:
+        raw.sendall(f"GET /v1/tasks/poll-2?wait=600 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(1.0)  # the request reaches the server's waiter meanwhile
+    time.sleep(0.5)  # the server sees the connection closed
+    api.proc.send_signal(signal.SIGTERM)
+    try:
+        api.proc.wait(timeout=60)  # far below the 600 s the poll would run
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"an abandoned long poll held serve's exit: {api.log()}") from exc

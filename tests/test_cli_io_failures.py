@@ -4,6 +4,7 @@ login refusal of a --database-url, a line of exactly the limit ending in CR LF."
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.results import ResultRecord, ResultStore
 from contract.settings import Settings
 from producer.sources import read_records
 from tests.producer_helpers import broker_settings, jsonl_lines, lane_messages
@@ -21,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bertstream(settings: Settings, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    pipes: dict[str, object] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args],
-                          env=settings_env(settings), capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+                          env=settings_env(settings), text=True, timeout=120, cwd=ROOT,
+                          **{**pipes, **kwargs})  # type: ignore[call-overload]
 
 
 def sent_items(redis_url: str, settings: Settings) -> list[str]:
@@ -117,3 +120,23 @@ def test_line_of_the_limit_with_crlf_is_read_as_with_lf(fmt: str) -> None:
                                  max_line_bytes=limit))
         assert over[0].error == f"line is over the limit of {limit} bytes", (end, over)
         assert over[1].item is not None and over[1].line == 2, (end, over)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_output_to_a_full_disk_is_one_line(redis_url: str, sqlite_url: str) -> None:
+    """``results`` and ``--help`` written to a full disk exit 1 with one error line (was a
+    traceback, and a second report as the interpreter flushed stdout at exit)."""
+    settings = broker_settings(redis_url, sqlite_url)
+    store = ResultStore.from_url(sqlite_url)
+    store.create_schema()
+    store.upsert([ResultRecord(id=f"full-{i}", text_sha256="a" * 64, text_chars=4, model="m",
+                               status="done", label="positive", score=0.9, text="fine " * 40,
+                               finished_at=dt.datetime.now(dt.timezone.utc))
+                  for i in range(500)])
+    store.close()
+    for args in (["results", "--all"], ["--help"], ["results", "--help"]):
+        with open("/dev/full", "w") as full:
+            out = bertstream(settings, *args, stdout=full)
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr.strip().splitlines() == [
+            "error: cannot write the output: No space left on device"], (args, out.stderr)

@@ -12,10 +12,15 @@ import click
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX
 from contract.errors import BertstreamError, ConfigError, exit_code
 from contract.settings import Settings
-from producer.options import named_as_given
+from producer.options import named_as_given, note_setting_options
 
 #: ``worker --loglevel`` choices (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The worker's options that override a setting: the setting's name (its parameter's
+#: too) -> the option, which a refused value is named by (:func:`named_as_given`).
+SETTING_OPTIONS = {"device": "--device", "max_wait_ms": "--max-wait-ms",
+                   "token_budget": "--token-budget", "torch_threads": "--torch-threads",
+                   "metrics_port": "--metrics-port"}
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
@@ -63,6 +68,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
     from worker.heartbeat import node_name
     from worker.launcher import launch, parse_gpus, parse_models
 
+    note_setting_options(ctx, SETTING_OPTIONS)
     try:
         served = parse_models(models)
         gpu_list = parse_gpus(gpus) if gpus else []
