@@ -244,6 +244,8 @@ class ModelGate:
         self._served: tuple[float, frozenset[str]] | None = None
         #: When each model was last seen served (monotonic), for :attr:`grace_s`.
         self._seen: dict[str, float] = {}
+        #: The names the default model's live workers store their rows under (last read).
+        self._default_names: frozenset[str] = frozenset()
 
     def passes(self, name: str) -> bool | None:
         """Whether the model served as ``name`` ("": the default) passes, without reading
@@ -287,8 +289,11 @@ class ModelGate:
             raise redis_failure(self.settings, exc) from exc
         served = frozenset("" if w["family"] == queue else str(w["family"])[len(queue) + 1:]
                            for w in alive)
+        default_names = frozenset(str(w["model"]) for w in alive
+                                  if w["family"] == queue and w.get("model"))
         with self._lock:
             self._served = (at, served)
+            self._default_names = default_names
             self._seen = {n: t for n, t in self._seen.items() if at - t <= self.grace_s}
             self._seen.update(dict.fromkeys(served, at))
         return served
@@ -305,6 +310,14 @@ class ModelGate:
                 cached = self._served
             served = cached[1] if cached is not None else frozenset()
         now = sorted(DEFAULT_MODEL if not n else n for n in served)
+        with self._lock:
+            stored_as_default = name in self._default_names
+        if stored_as_default:
+            # The name a web app reads off the default model's results ("model": ...).
+            return ApiError(404, "unknown_model", f"{name!r} is the name the default "
+                            f"model's results are stored under, not a model to submit to: "
+                            f"leave model out (or send \"model\": \"{DEFAULT_MODEL}\") to "
+                            f"submit to the default model")
         return ApiError(404, "unknown_model", f"no live worker serves model {name!r} (models "
                         f"served now: {_names_said(now) or 'none'}); start a worker with --model "
                         f"{name}=PATH, or set {key} on this server to accept it while none "

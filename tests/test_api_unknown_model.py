@@ -241,3 +241,20 @@ def test_the_setting_is_validated() -> None:
 def test_the_openapi_schema_documents_the_refusal(http: TestClient) -> None:
     responses = http.get("/openapi.json").json()["paths"]["/v1/tasks"]["post"]["responses"]
     assert "unknown_model" in responses["404"]["description"]
+
+
+def test_the_default_models_stored_name_is_refused_with_the_way_to_send_to_it(
+        base: Settings, plain: redis.Redis, http: TestClient) -> None:
+    """A web app reads ``"model": "<name>"`` off the default model's results and sends it
+    back: no worker serves a model of that name, so it is refused, saying to leave the
+    model out (or send ``default``) instead of listing ``default`` as if unrelated."""
+    announce(plain, base.family, "celery@w1",
+             json.dumps({"pid": 1, "model": "sentiment-small", "device": "cpu"}))
+    answer = http.post("/v1/tasks", json={"text": "great", "model": "sentiment-small"})
+    assert answer.status_code == 404, answer.text
+    message = answer.json()["error"]["message"]
+    assert "the default model's results are stored under" in message, message
+    assert '"model": "default"' in message, message
+    assert http.post("/v1/tasks", json={"text": "great", "model": "default"}).status_code == 202
+    other = http.post("/v1/tasks", json={"text": "great", "model": TYPO})
+    assert "stored under" not in _refused(other, TYPO)
