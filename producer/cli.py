@@ -467,7 +467,8 @@ def _check_options(settings: Settings, source: str | None, ttl_s: float | None,
 @main.command()
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--source", help="Source tag stored with the results.")
-@click.option("--id", "task_id", help="Task id (idempotency key); only with a single text.")
+@click.option("--id", "task_ids", multiple=True,
+              help="Task id (idempotency key); only with a single text, given once.")
 @click.option("--meta", help="JSON object stored with the results.")
 @click.option("--wait", is_flag=True, help="Wait for the results and print them.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to --wait.")
@@ -482,7 +483,7 @@ def submit(
     ctx: click.Context,
     texts: Sequence[str],
     source: str | None,
-    task_id: str | None,
+    task_ids: tuple[str, ...],
     meta: str | None,
     wait: bool,
     timeout: float,
@@ -500,6 +501,10 @@ def submit(
     the --format, and every other id on stderr as a line `missing: ID`,
     before the error line; it exits 4, 130 or 3.
     """
+    if len(task_ids) > 1:
+        # click keeps the last of a repeated option: an idempotency key must not be a guess
+        raise click.UsageError(f"--id given {len(task_ids)} times: give one id")
+    task_id = task_ids[0] if task_ids else None
     if task_id is not None and len(texts) != 1:
         raise click.UsageError("--id needs exactly one text")
     settings = _publishing_settings(ctx, model_name)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from contract.settings import Settings
-from tests.producer_helpers import broker_settings
+from tests.producer_helpers import broker_settings, lane_messages
 from worker.process import free_port, settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +145,18 @@ def test_results_without_a_contradiction_still_runs(
     """--limit at its default value, given or not, and --all alone are fine."""
     out = bertstream(broker_settings(redis_url, sqlite_url), "results", *args)
     assert out.returncode == 0, out.stderr
+
+
+def test_submit_with_two_ids_is_refused_and_sends_nothing(redis_url: str,
+                                                          sqlite_url: str) -> None:
+    """``submit x --id a --id b`` sent the text under ``b`` (click keeps the last of a
+    repeated option): the idempotency key was a guess. Refused, nothing queued; one
+    ``--id`` still goes."""
+    settings = broker_settings(redis_url, sqlite_url)
+    line = error_line(bertstream(settings, "submit", "fine text", "--id", "a", "--id", "b"))
+    assert "--id given 2 times" in line, line
+    assert lane_messages(redis_url, f"{settings.queue}.interactive") == []
+    out = bertstream(settings, "submit", "fine text", "--id", "a")
+    assert out.returncode == 0 and out.stdout.split() == ["a"], (out.stdout, out.stderr)
+    [message] = lane_messages(redis_url, f"{settings.queue}.interactive")
+    assert [item["id"] for item in message["items"]] == ["a"]
