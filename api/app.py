@@ -17,6 +17,7 @@ import functools
 import io
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -88,6 +89,8 @@ from contract.settings import API_MODELS_ANY, Settings
 from producer.client import Client
 from producer.formatting import RECORD_FIELDS, csv_cells
 from producer.items import ItemError, ItemValidator
+
+log = logging.getLogger(__name__)
 
 Lane = Literal["interactive", "bulk"]
 Status = Literal["done", "failed", "expired"]
@@ -491,7 +494,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(refuse_outdated_schema, services.client.store)
+        try:
+            await run_in_threadpool(refuse_outdated_schema, services.client.store)
+        except StoreRefused as exc:
+            # `serve` refused it before its processes started; one refused since (a
+            # rotated password, then a process restarted) starts and /readyz says so,
+            # rather than failing its start over and over.
+            log.warning("starting while the database refuses this server: %s", exc)
         poller = asyncio.create_task(services.waiter.run())
         try:
             yield
@@ -632,9 +641,10 @@ async def _long_poll(services: Services, request: Request, task_id: str, wait: f
         await asyncio.wait({polling, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not polling.done():
-            polling.cancel()
-    return None if polling.cancelled() else polling.result()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # retrieved: a refused body is BodyLimit's to answer
+        polling.cancel()  # a no-op once done; a cancelled task ends at its next step
+    return polling.result() if polling.done() and not polling.cancelled() else None
 
 
 async def _status(services: Services, request: Request, task_id: str, wait: float,

@@ -311,6 +311,8 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):
             stale.unlink()
+        # each process writes its counts there: one that cannot failed every request
+        tempfile.NamedTemporaryFile(dir=path, suffix=".probe").close()
     except OSError as exc:
         raise ConfigError(f"cannot use {MULTIPROC_ENV}={path} for the metrics of the "
                           f"server processes: {exc.strerror or exc}") from exc
@@ -324,6 +326,20 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
             os.environ[MULTIPROC_ENV] = given
         if made:
             shutil.rmtree(path, ignore_errors=True)
+
+
+class _ApiCounts(Collector):
+    """The API's counters and histograms summed over the files of every server process.
+
+    Only its own families (``bertstream_api_*``): a worker given the same
+    ``PROMETHEUS_MULTIPROC_DIR`` keeps its counts there too, and serves them itself."""
+
+    def __init__(self) -> None:
+        self._all = MultiProcessCollector(None)
+
+    def collect(self) -> Iterator[Any]:
+        return (family for family in self._all.collect()
+                if family.name.startswith("bertstream_api_"))
 
 
 class ApiMetrics:
@@ -346,7 +362,7 @@ class ApiMetrics:
             if getattr(values, "ValueClass", None) is getattr(values, "MutexValue", ""):
                 raise RuntimeError(f"{MULTIPROC_ENV} was set after prometheus_client was "
                                    f"imported: this process's counts would not be shared")
-            MultiProcessCollector(self.registry)
+            self.registry.register(_ApiCounts())
         own = None if shared else self.registry
         self.requests = Counter(
             "bertstream_api_requests", "HTTP requests by route and status code",

@@ -810,7 +810,7 @@ class ResultStore:
         for cause in causes(exc):
             orig = getattr(cause, "orig", None) or cause
             if (getattr(orig, "sqlite_errorcode", None) == _SQLITE_NOTADB
-                    or str(orig) == "file is not a database"):  # Python 3.10: no code
+                    or str(orig).endswith("is not a database")):  # Python 3.10: no code
                 return (f"{self.engine.url.database} is not an SQLite database: point "
                         f"{ENV_PREFIX}DATABASE_URL at the results database's file (or at "
                         "a path where none is yet)")
