@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,31 +95,42 @@ def test_a_duplicate_answered_by_its_stored_row_keeps_no_claim(
         assert _claims(r) == [f"{ACCEPTED_KEY_PREFIX}{bsettings.family}:new"]
 
 
-def test_a_status_read_finds_a_row_stored_while_it_looked_for_the_claim(
-        bsettings: Settings, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The row is read first, then the claim: a worker committing the row and dropping
-    the claim in between made the read a 404 for a task that was done."""
+def _status_raced(bsettings: Settings, monkeypatch: pytest.MonkeyPatch,
+                  meanwhile: Callable[[Submitter, ResultStore, str], None],
+                  ) -> tuple[Any, Any]:
+    """``GET /v1/tasks/race`` and ``GET /v1/tasks/never-sent`` of a task submitted as
+    "race", with ``meanwhile(submitter, store, task_id)`` run between the status read's
+    row read and its claim read (what a worker storing the row at that moment does)."""
     store = ResultStore.from_url(bsettings.database_url)
     store.create_schema()
     looked_up = Submitter.accepted_for
 
-    def stored_meanwhile(self: Submitter, task_id: str, model: str | None) -> str | None:
+    def raced(self: Submitter, task_id: str, model: str | None) -> str | None:
         if task_id == "race":
-            store.upsert([_done(task_id, "racing text")])
-            ClaimDropper(bsettings).drop([task_id])
+            meanwhile(self, store, task_id)
         return looked_up(self, task_id, model)
 
     try:
         with TestClient(create_app(bsettings)) as http:
             assert http.post("/v1/tasks", json={"text": "racing text",
                                                 "id": "race"}).status_code == 202
-            monkeypatch.setattr(Submitter, "accepted_for", stored_meanwhile)
-            got = http.get("/v1/tasks/race")
-            assert got.status_code == 200 and got.json()["status"] == "done", got.text
-            missing = http.get("/v1/tasks/never-sent")
-            assert missing.status_code == 404, missing.text
+            monkeypatch.setattr(Submitter, "accepted_for", raced)
+            return http.get("/v1/tasks/race"), http.get("/v1/tasks/never-sent")
     finally:
         store.close()
+
+
+def test_a_status_read_finds_a_row_stored_while_it_looked_for_the_claim(
+        bsettings: Settings, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is read first, then the claim: a worker committing the row and dropping
+    the claim in between made the read a 404 for a task that was done."""
+    def stored(_submitter: Submitter, store: ResultStore, task_id: str) -> None:
+        store.upsert([_done(task_id, "racing text")])
+        ClaimDropper(bsettings).drop([task_id])
+
+    got, missing = _status_raced(bsettings, monkeypatch, stored)
+    assert got.status_code == 200 and got.json()["status"] == "done", got.text
+    assert missing.status_code == 404, missing.text
 
 
 @pytest.mark.slow
@@ -128,33 +139,18 @@ def test_the_second_read_of_a_status_sees_a_queued_retry(
     """A row found only by the status read's second read (stored, its claim dropped,
     between the two) is answered as the first read answers it: ``queued`` with
     ``retry_of`` while a retry of its failed attempt is queued, not the failed row."""
-    store = ResultStore.from_url(bsettings.database_url)
-    store.create_schema()
-    looked_up = Submitter.accepted_for
+    def failed_and_retried(submitter: Submitter, store: ResultStore, task_id: str) -> None:
+        failed = ResultRecord(id=task_id, text_sha256=text_sha256("racing text"),
+                              text_chars=11, model="m", status="failed", error="it failed",
+                              finished_at=dt.datetime.now(dt.timezone.utc))
+        store.upsert([failed])
+        ClaimDropper(bsettings).drop([task_id])
+        r.set(submitter.retry_key(task_id), retry_marker(1, failed.model, ""), ex=600)
 
-    def failed_and_retried_meanwhile(self: Submitter, task_id: str,
-                                     model: str | None) -> str | None:
-        if task_id == "race":
-            failed = ResultRecord(id=task_id, text_sha256=text_sha256("racing text"),
-                                  text_chars=11, model="m", status="failed",
-                                  error="it failed",
-                                  finished_at=dt.datetime.now(dt.timezone.utc))
-            store.upsert([failed])
-            ClaimDropper(bsettings).drop([task_id])
-            r.set(self.retry_key(task_id), retry_marker(1, failed.model, ""), ex=600)
-        return looked_up(self, task_id, model)
-
-    try:
-        with TestClient(create_app(bsettings)) as http:
-            assert http.post("/v1/tasks", json={"text": "racing text",
-                                                "id": "race"}).status_code == 202
-            monkeypatch.setattr(Submitter, "accepted_for", failed_and_retried_meanwhile)
-            got = http.get("/v1/tasks/race")
-            assert got.status_code == 200, got.text
-            assert got.json()["status"] == "queued", got.json()
-            assert got.json()["retry_of"]["status"] == "failed", got.json()
-    finally:
-        store.close()
+    got, _ = _status_raced(bsettings, monkeypatch, failed_and_retried)
+    assert got.status_code == 200, got.text
+    assert got.json()["status"] == "queued", got.json()
+    assert got.json()["retry_of"]["status"] == "failed", got.json()
 
 
 def test_only_this_models_claims_and_pointers_are_dropped(bsettings: Settings,

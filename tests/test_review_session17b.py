@@ -20,25 +20,6 @@ from contract.settings import Settings
 from worker.process import free_port, settings_env
 
 
-def test_a_long_poll_whose_client_left_is_no_internal_error(bsettings: Settings,
-                                                            api_factory: Any) -> None:
-    """A ``?wait=`` long poll whose client disconnects ends quietly: the poll's task,
-    cancelled but not yet ended, was asked for its result (``InvalidStateError``), a 500
-    with a traceback in the server's log and in ``bertstream_api_requests``."""
-    api = api_factory(dataclasses.replace(bsettings, api_max_wait_s=600))
-    r = httpx.post(f"{api.url}/v1/tasks", json={"text": "no worker serves this", "id": "gone-1"})
-    assert r.status_code == 202, r.text
-    host, port = httpx.URL(api.url).host, httpx.URL(api.url).port
-    with socket.create_connection((host, port), timeout=10) as raw:
-        raw.sendall(f"GET /v1/tasks/gone-1?wait=600 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        time.sleep(1.0)  # the request reaches the server's waiter meanwhile
-    time.sleep(1.0)  # the server sees the connection closed and ends the poll
-    metrics = httpx.get(f"{api.url}/metrics").text
-    assert 'status="500"' not in metrics, api.log()
-    assert "InvalidStateError" not in api.log()
-    assert "Traceback" not in api.log()
-
-
 def test_a_long_poll_sent_a_body_over_the_limit_logs_no_lost_exception(
         bsettings: Settings, api_factory: Any) -> None:
     """A GET long poll sent a chunked body over BERTSTREAM_API_MAX_BODY_BYTES is refused
