@@ -51,9 +51,7 @@ def named_as_given(ctx: click.Context | None, message: str) -> str:
         message = message.replace(f"{variable}=", f"{option}=")
         message = re.sub(rf"\bset {variable}(?: or {re.escape(option)})?\b(?!-)",
                          f"give another {option}", message)
-        # a fix of a part of the URL: "fix the user of BERTSTREAM_DATABASE_URL"
-        message = re.sub(rf"\bof {variable}\b(?![=\w])", f"of {option}", message)
-        # the value refused: "BERTSTREAM_MAX_WAIT_MS must be >= 1"
+        # the name alone: "BERTSTREAM_MAX_WAIT_MS must be >= 1", "the user of ..."
         message = re.sub(rf"\b{variable}\b(?![=\w])", option, message)
     return message
 
