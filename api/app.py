@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, docs, errors
@@ -461,8 +462,8 @@ class CountRequests:
     exception goes on, and one raised mid-stream is a failed request whatever status had been sent.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: list[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -483,9 +484,30 @@ class CountRequests:
             status = 500
             raise
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = _route_path(scope, self.routes)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+def _route_path(scope: Scope, routes: list[BaseRoute]) -> str:
+    """The path template of the route that serves ``scope``, or ``unmatched`` (one label for
+    every path no route serves, so a scan of random paths adds no series).
+
+    The router names the route in the scope; a request refused on its headers before the
+    router ran (``BodyLimit``'s 413 and 415) is matched here against ``routes``, so it
+    counts under the route it was sent to (one of another method: the path's route)."""
+    route = scope.get("route")
+    if route is None:
+        partial = None
+        for candidate in routes:
+            match = candidate.matches(scope)[0]
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate
+        route = route or partial
+    return str(getattr(route, "path", "unmatched"))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -531,7 +553,10 @@ def create_app(settings: Settings) -> FastAPI:
     # Outside CORS and the body limit: their answers (a refused preflight, a 413, a 408)
     # carry the security headers too.
     app.add_middleware(SecurityHeaders, private=("/v1/", "/metrics"))
-    app.add_middleware(CountRequests, metrics=services.metrics)
+    # Every route with its path template, for the requests refused before the router ran:
+    # filled once the routes are added below (the middleware is built at the first request).
+    counted_routes: list[BaseRoute] = []
+    app.add_middleware(CountRequests, metrics=services.metrics, routes=counted_routes)
 
     # JsonBodyRoute: a body Python's JSON reader chokes on is a 422 with the reason
     guarded = APIRouter(dependencies=[Depends(TokenCheck(settings.token_list()))],
@@ -552,6 +577,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(guarded)
     _health_routes(app, services)
     docs.install(app)
+    counted_routes.extend(route for route in (*app.router.routes, *guarded.routes)
+                          if isinstance(getattr(route, "path", None), str))
     return app
 
 
