@@ -35,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from contract.broker import ScriptSwitch, broker_error, lane_keys
-from contract.constants import LANE_BULK, LANE_INTERACTIVE, queue_name
+from contract.constants import LANE_BULK, LANE_INTERACTIVE, MULTIPROC_ENV, queue_name
 from contract.errors import BertstreamError, BrokerMisconfigured, ConfigError
 from contract.liveness import family_workers, is_family_of
 from contract.settings import Settings
@@ -287,8 +287,27 @@ def shown_depths(depths: dict[str, dict[str, int]], always: Iterable[str],
     return out
 
 
-#: prometheus_client's setting: the directory where every process writes its counts.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+def writer_pid(path: Path) -> int | None:
+    """The process that writes the counts file ``path``, read from prometheus_client's
+    naming of them (``<type>_<pid>.db``: not a documented interface, tested); None for a
+    name not of that form."""
+    tail = path.stem.rpartition("_")[2]
+    return int(tail) if tail.isascii() and tail.isdigit() and int(tail) > 0 else None
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs, other than this one (which writes no counts before
+    its server processes start, so a file of its pid is a previous run's). A process of
+    another pid namespace (another container) is not seen."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -297,9 +316,12 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
     ``PROMETHEUS_MULTIPROC_DIR`` for them to inherit; None for one process without it.
 
     The operator's ``PROMETHEUS_MULTIPROC_DIR`` is honoured (created when missing), else
-    a fresh temporary directory is made. Its ``*.db`` files are removed first: a previous
-    run's would add its old counts. A directory made here is removed at exit. Dead
-    processes' files stay: their counts are part of the totals.
+    a fresh temporary directory is made. The ``*.db`` files of processes no longer
+    running are removed first: a previous run's would add its old counts. Those of a
+    running process are kept (a process sharing the directory, such as a worker of an
+    earlier version given the same environment, still writes them), and said in the log.
+    A directory made here is removed at exit. Files of this run's processes that end
+    stay: their counts are part of the totals.
     """
     given = os.environ.get(MULTIPROC_ENV)
     if not given and workers <= 1:
@@ -309,13 +331,22 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
     made = not given or not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
+        kept = set()
+        for counts in path.glob("*.db"):
+            pid = writer_pid(counts)
+            if pid is not None and _running(pid):
+                kept.add(pid)
+            else:
+                counts.unlink(missing_ok=True)
         # each process writes its counts there: one that cannot failed every request
         tempfile.NamedTemporaryFile(dir=path, suffix=".probe").close()
     except OSError as exc:
         raise ConfigError(f"cannot use {MULTIPROC_ENV}={path} for the metrics of the "
                           f"server processes: {exc.strerror or exc}") from exc
+    if kept:
+        log.warning("%s=%s holds the counts of running processes (pids %s): "
+                    "kept (each serve needs a directory of its own, a worker none)", MULTIPROC_ENV, path,
+                    ", ".join(map(str, sorted(kept))))
     os.environ[MULTIPROC_ENV] = str(path)
     try:
         yield path
@@ -331,8 +362,9 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
 class _ApiCounts(Collector):
     """The API's counters and histograms summed over the files of every server process.
 
-    Only its own families (``bertstream_api_*``): a worker given the same
-    ``PROMETHEUS_MULTIPROC_DIR`` keeps its counts there too, and serves them itself."""
+    Only its own families (``bertstream_api_*``): another process given the same
+    ``PROMETHEUS_MULTIPROC_DIR`` (a worker of an earlier version, which kept its counts
+    there too and served them itself) may write files there."""
 
     def __init__(self) -> None:
         self._all = MultiProcessCollector(None)

@@ -49,9 +49,13 @@ from contract.broker import (
     required_redis,
     watched,
 )
-from contract.claims import DROP_CLAIMS, drop_claims_args, drop_claims_in_transaction
+from contract.claims import (
+    DROP_CLAIMS,
+    accepted_any_prefix,
+    drop_claims_args,
+    drop_claims_in_transaction,
+)
 from contract.constants import (
-    ACCEPTED_ANY_KEY_PREFIX,
     ACCEPTED_KEY_PREFIX,
     LANE_BULK,
     model_family,
@@ -117,7 +121,7 @@ def redis_failure(settings: Settings, exc: redis.RedisError) -> Exception:
 #: cheap in Python. The reply lists only the ids already taken, as (1-based index, the
 #: hash held, or "?" if it expired in between) pairs. Ids never hold NUL (refused by
 #: validation). An id claimed for a named model also records that model's queue family
-#: under :data:`ACCEPTED_ANY_KEY_PREFIX` (a status asked without a model reads it; the
+#: under :func:`~contract.claims.accepted_any_prefix` (a status asked without a model reads it; the
 #: default model's claims, the common case, need no second key). Standalone
 #: Redis: the keys are not declared up front, as a cluster needs.
 _CLAIM = """
@@ -192,7 +196,7 @@ class Submitter:
         mine = self.accepted_hash(task_id)
         if mine is not None:
             return mine
-        family = self._get(f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:{task_id}")
+        family = self._get(accepted_any_prefix(self.settings.queue) + task_id)
         found = self.accepted_hash(task_id, family) if family else None
         if found is None and self.settings.model_name:
             found = self.accepted_hash(task_id, self.settings.queue)
@@ -281,7 +285,7 @@ class Submitter:
             # One command for the whole batch: SET NX each id, GET the ones taken.
             args = [self.settings.api_id_ttl_s, self.key(""), "".join(hashes),
                     "\0".join(it.id for it in items),
-                    f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+                    accepted_any_prefix(self.settings.queue),
                     self.settings.family if self.settings.model_name else ""]
             previous = self._scriptless(self._claim, args, self._claim_in_transaction)
         except redis.RedisError as exc:
@@ -528,7 +532,7 @@ class Submitter:
         it (:data:`~contract.claims.DROP_CLAIMS`; a transaction on a Redis that refuses
         scripts)."""
         if ids and self.settings.model_name:
-            args = drop_claims_args(self.key(""), f"{ACCEPTED_ANY_KEY_PREFIX}{self.settings.queue}:",
+            args = drop_claims_args(self.key(""), accepted_any_prefix(self.settings.queue),
                                     self.settings.family, ids)
             try:
                 self._scriptless(self._unclaim, args,

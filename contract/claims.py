@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from contract.broker import watched
+from contract.constants import ACCEPTED_ANY_KEY_PREFIX
 
 #: ``DEL <claim prefix><id>`` for each id, and the pointer ``<any prefix><id>`` (written
 #: for reads without a model by a named model's claim) while it names this model's
@@ -29,6 +30,12 @@ for id in string.gmatch(ARGV[4], "[^%z]+") do
 end
 return {}
 """
+
+
+def accepted_any_prefix(queue: str) -> str:
+    """The prefix of the pointers ``<prefix><id>`` to the named model family a task of
+    ``queue`` was last accepted for (a status asked without a model reads them)."""
+    return f"{ACCEPTED_ANY_KEY_PREFIX}{queue}:"
 
 
 def drop_claims_args(claim_prefix: str, any_prefix: str, family: str,

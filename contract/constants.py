@@ -59,6 +59,11 @@ STATUSES = (STATUS_DONE, STATUS_FAILED, STATUS_EXPIRED)
 
 #: Environment variable prefix of every setting.
 ENV_PREFIX = "BERTSTREAM_"
+#: prometheus_client's setting, the directory where every process writes its counts:
+#: ``serve --workers N``'s (api/metrics.py); a worker ignores it (worker/cli.py). The
+#: lower-case spelling is its deprecated one, which it still reads.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_ENV_OLD = "prometheus_multiproc_dir"
 
 
 #: What a model name may look like (``worker --model NAME=PATH``, ``submit --model NAME``).

@@ -23,8 +23,13 @@ from collections.abc import Iterable
 import redis
 
 from contract.broker import ScriptSwitch, redis_client
-from contract.claims import DROP_CLAIMS, drop_claims_args, drop_claims_in_transaction
-from contract.constants import ACCEPTED_ANY_KEY_PREFIX, ACCEPTED_KEY_PREFIX
+from contract.claims import (
+    DROP_CLAIMS,
+    accepted_any_prefix,
+    drop_claims_args,
+    drop_claims_in_transaction,
+)
+from contract.constants import ACCEPTED_KEY_PREFIX
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,7 @@ class ClaimDropper:
     def __init__(self, settings: Settings) -> None:
         self._redis: redis.Redis | None = redis_client(settings)
         self._claim_prefix = f"{ACCEPTED_KEY_PREFIX}{settings.family}:"
-        self._any_prefix = f"{ACCEPTED_ANY_KEY_PREFIX}{settings.queue}:"
+        self._any_prefix = accepted_any_prefix(settings.queue)
         self._family = settings.family
         self._script = self._redis.register_script(DROP_CLAIMS) if self._redis is not None else None
         self._scripts = ScriptSwitch(log, "the API's id claims of stored tasks are dropped "

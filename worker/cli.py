@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from contract.constants import DEFAULT_MODEL, ENV_PREFIX
+from contract.constants import DEFAULT_MODEL, ENV_PREFIX, MULTIPROC_ENV, MULTIPROC_ENV_OLD
 from contract.errors import BertstreamError, ConfigError, exit_code
 from contract.settings import Settings
 from producer.options import named_as_given, note_setting_options
+
+log = logging.getLogger(__name__)
 
 #: ``worker --loglevel`` choices (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -99,6 +102,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _ignore_multiprocess_dir(settings)
     from contract import migrate
     from contract.results import ResultStore
     from worker.app import build_worker_app, run_worker
@@ -115,6 +119,23 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
     except BertstreamError as exc:  # Redis did not answer within its start wait
         _fail(exc)
+
+
+def _ignore_multiprocess_dir(settings: Settings) -> None:
+    """Drop ``PROMETHEUS_MULTIPROC_DIR`` from this process's environment before
+    prometheus_client is imported (it reads the variable then), saying so when the worker
+    serves metrics.
+
+    It is ``serve --workers N``'s, where several processes answer one ``/metrics``; a
+    worker serves its own port from one process, so it keeps its counts in memory. Honoured,
+    a shared environment tied the worker's start to that directory (missing: a traceback)
+    and left files there that ``serve``'s start removes.
+    """
+    given = [(name, os.environ.pop(name)) for name in (MULTIPROC_ENV, MULTIPROC_ENV_OLD)
+             if name in os.environ]
+    if given and settings.metrics_port:
+        log.info("%s=%s ignored: it is for `serve --workers N`; this worker keeps the metrics "
+                 "it serves on port %d in its own memory", *given[0], settings.metrics_port)
 
 
 def _check_broker(settings: Settings) -> None:
