@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import Connection
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,6 +66,7 @@ from contract.errors import (
     SchemaMismatch,
     StoreRefused,
     StoreUnavailable,
+    quoted,
 )
 from contract.liveness import family_workers
 from contract.queries import (
@@ -143,7 +145,9 @@ class Accepted(BaseModel):
     """A single submit's answer."""
 
     id: str
-    status: Literal["queued"] = "queued"
+    status: Literal["queued", "done", "failed", "expired"] = Field(
+        default="queued", description="queued; for a duplicate, the task's status now, as GET "
+                              "/v1/tasks/{id} gives it (done once its row is stored)")
     duplicate: bool = Field(description="True when this id was already accepted with this text")
 
 
@@ -595,7 +599,7 @@ def _task_routes(router: APIRouter, services: Services) -> None:
                             429: {"description": "the queue is over its bound"},
                             503: {"description": "Redis or the database is unreachable, or "
                                                   "Redis is out of memory (broker_full)"}})
-    async def submit(body: Annotated[TaskIn | BulkIn, Body()]) -> Any:
+    async def submit(body: Annotated[TaskIn | BulkIn, Body()], request: Request) -> Any:
         """Queue one task (202 with its id) or many (202 with ids in input order).
 
         Input is validated first (an invalid request is a 422, never a 429, and opens no
@@ -622,14 +626,16 @@ def _task_routes(router: APIRouter, services: Services) -> None:
             if await run_in_threadpool(target.submitter.queue_full):
                 if body.id is not None and await run_in_threadpool(
                         target.submitter.repeated, checked.id, checked.text):
-                    return Accepted(id=checked.id, duplicate=True)
+                    return await _duplicate(services, request, checked.id, body.model)
                 raise _busy()
             outcome = await target.coalescer.submit(checked, lane,
                                                     caller_id=body.id is not None)
         services.metrics.items.labels(lane, outcome.status).inc()
         if outcome.status == CONFLICT:
             raise ApiError(409, "id_conflict", outcome.reason)
-        return Accepted(id=outcome.id, duplicate=outcome.status == DUPLICATE)
+        if outcome.status == DUPLICATE:
+            return await _duplicate(services, request, outcome.id, body.model)
+        return Accepted(id=outcome.id, duplicate=False)
 
     @router.get("/v1/tasks/{task_id:path}", tags=["tasks"],
                 responses={404: {"description": "no task with this id was accepted"}})
@@ -646,6 +652,25 @@ def _task_routes(router: APIRouter, services: Services) -> None:
         ``expired`` (reason: its ``ttl_s`` deadline passed before it reached the model)."""
         return await _status(services, request, task_id, min(wait, settings.api_max_wait_s),
                              model)
+
+
+async def _duplicate(services: Services, request: Request, task_id: str,
+                     model: str | None) -> Accepted:
+    """The answer to a duplicate submit: the task's status as ``GET /v1/tasks/{id}`` gives
+    it (a web app re-posting after a timeout learns its task is ``done``, not ``queued``).
+    Read for the model it was sent to; a duplicate of another model's stored row (nothing
+    queued for this one) gives that row's status. Read only for duplicates: a submit that
+    queues a task answers ``queued`` without it."""
+    for asked in dict.fromkeys((model, None)):
+        try:
+            found = await _status(services, request, task_id, 0, asked)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            continue
+        return Accepted(id=task_id, status=found["status"], duplicate=True)
+    # Its row deleted (db delete) since it was judged a duplicate: still what it was.
+    return Accepted(id=task_id, duplicate=True)
 
 
 async def _disconnected(request: Request) -> None:
@@ -822,7 +847,9 @@ def _stored_filters(services: Services) -> Any:
     """The dependency of the read routes' filters: :func:`_filter_params` with ``model``
     as its rows are stored (``default``: the default model's own name,
     ``Client.stored_model``), in the thread pool (it may ask Redis)."""
-    def stored(filters: Annotated[Filters, Depends(_filter_params)]) -> Filters:
+    def stored(filters: Annotated[Filters, Depends(_filter_params)],
+               request: Request) -> Filters:
+        _known_query_only(request)
         if filters.model is None:
             return filters
         return dataclasses.replace(filters, model=services.client.stored_model(filters.model))
@@ -830,9 +857,48 @@ def _stored_filters(services: Services) -> Any:
     return stored
 
 
+def _known_query_only(request: Request) -> None:
+    """Refuse a query parameter the route does not take (422 ``invalid_request`` naming it
+    and the ones it takes): a read route ignored it, so a misspelt filter or another
+    route's (``id`` or ``q`` on ``/v1/results``) gave every row as though it matched.
+    The names are the route's own, read from the OpenAPI schema (built once); ``_``, the
+    cache-buster some HTTP libraries add (jQuery's ``cache: false``), passes."""
+    route = request.scope.get("route")
+    operation = (request.app.openapi()["paths"].get(getattr(route, "path", ""), {})
+                 .get(request.method.lower(), {}))
+    known = {p["name"] for p in operation.get("parameters", ()) if p.get("in") == "query"}
+    unknown = [name for name in dict.fromkeys(request.query_params.keys())
+               if name not in known and name != "_"]
+    if not unknown or not known:
+        return
+    search = ("; a text or id search is /v1/search"
+              if {"q", "id"} & set(unknown) and "q" not in known else "")
+    raise ApiError(422, "invalid_request",
+                   f"unknown query parameter {quoted(unknown[0])}: {getattr(route, 'path', '')} "
+                   f"takes {', '.join(sorted(known))}{search}")
+
+
 FilterParams = dict[str, Any]
 #: Query texts that reach SQL: PostgreSQL text cannot hold NUL, so it is a 422, not a 500.
 NO_NUL = r"^[^\x00]*$"
+#: A time whose UTC offset's ``+`` reached the API as a space: in a query string ``+``
+#: stands for a space, so ``since=2026-12-05T08:00+08:00`` typed into curl or a browser
+#: arrives as ``2026-12-05T08:00 08:00``.
+_OFFSET_PLUS_AS_SPACE = re.compile(
+    r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?) (\d{2}:?\d{2})")
+
+
+def _offset_plus(value: Any) -> Any:
+    """``value`` with its offset's ``+`` back where a URL left a space (a space cannot
+    stand there otherwise, so this reading is the only one): the bound the caller wrote,
+    not a 422 about "extra characters"."""
+    if isinstance(value, str) and (found := _OFFSET_PLUS_AS_SPACE.fullmatch(value)):
+        return f"{found[1]}+{found[2]}"
+    return value
+
+
+#: A ``since`` or ``until`` query parameter (ISO 8601 or Unix time; naive is UTC).
+TimeBound = Annotated[dt.datetime | None, BeforeValidator(_offset_plus)]
 
 
 def _filter_params(
@@ -840,8 +906,8 @@ def _filter_params(
     label: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     status: Status | Literal[""] | None = None,
     model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
-    since: Annotated[dt.datetime | None, Query(description="finished at or after (ISO 8601)")] = None,
-    until: Annotated[dt.datetime | None, Query(description="finished before (ISO 8601)")] = None,
+    since: Annotated[TimeBound, Query(description="finished at or after (ISO 8601)")] = None,
+    until: Annotated[TimeBound, Query(description="finished before (ISO 8601)")] = None,
     lang: Annotated[Lang | Literal[""] | None, Query(description="the detected language")] = None,
 ) -> Filters:
     return _filters(source, label, status, model, since, until, lang)
@@ -858,10 +924,12 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(max_length=2048)] = None,
         order: Literal["newest", "oldest"] = "newest",
+        *, request: Request,
     ) -> Any:
         """Stored results, filtered. ``json``: one page of ``limit`` rows and ``next_cursor``
         (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed."""
         newest = order == "newest"
+        _export_takes_no_limit(format, request)
         if not services.client.has_results_table():
             if format == "json":
                 return {"items": [], "next_cursor": None}
@@ -931,6 +999,14 @@ def _stored_pair(client: Client, a: str, b: str) -> tuple[str, str]:
 
 
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+
+
+def _export_takes_no_limit(fmt: str, request: Request) -> None:
+    """Refuse a ``limit`` given with ``format=csv|jsonl``: ignored, it gave every
+    matching row to a caller who asked for a few."""
+    if fmt != "json" and "limit" in request.query_params:
+        raise InvalidInput("limit applies to format=json only; exports stream every "
+                           "matching row (narrow them with the filters, since and until)")
 
 
 def _started(rows: Iterator[ResultRecord]) -> Iterator[ResultRecord]:

@@ -1071,6 +1071,8 @@ def report_command(
         series = (collect(client.store, source=source, since=since, until=until, bucket=bucket,
                           positive_label=positive_label, limit=limit)
                   if client.has_results_table() else [])
+        if any(series) and not any(sum(s.positive) for s in series):
+            _no_positive_label(client, positive_label, source=source, since=since, until=until)
     try:
         draw(series, out, bucket=bucket, title=title, positive_label=positive_label)
     except ImportError as exc:
@@ -1079,6 +1081,19 @@ def report_command(
     texts = sum(sum(s.volume) for s in series)
     buckets = len({b for s in series for b in s.buckets})
     click.echo(f"wrote {out}: {len(series)} source(s), {buckets} bucket(s), {texts} done text(s)")
+
+
+def _no_positive_label(client: Client, positive_label: str, **filters: Any) -> None:
+    """Say on stderr that no done row of the report's range holds ``positive_label`` when
+    that is a label no such row has: a model labelling ``POSITIVE`` or ``LABEL_1`` drew
+    0 % in every bucket without a word. Asked only when every share drawn is 0."""
+    labels = sorted(str(r["label"]) for r in client.aggregate(by="label", status="done",
+                                                              **filters)
+                    if r["label"] is not None)
+    if positive_label not in labels:
+        click.echo(f"warning: no done row in the range is labelled {quoted(positive_label)} "
+                   f"(the labels stored: {printable(', '.join(labels))}): --positive-label "
+                   "picks one", err=True)
 
 
 main.add_command(db_group)
