@@ -75,6 +75,7 @@ from contract.queries import (
     Comparison,
     Filters,
     compare,
+    empty_range,
     iter_records,
     page,
     top_stats,
@@ -839,6 +840,9 @@ def _filters(source: str | None, label: str | None, status: str | None, model: s
             as_utc(value)
         except InvalidInput as exc:
             raise ApiError(422, "invalid_request", f"query.{name}: {exc}") from exc
+    why = empty_range(since, until)
+    if why:
+        raise ApiError(422, "invalid_request", f"query.until: {why}")
     return Filters(source=source or None, label=label or None, status=status or None,
                    model=model or None, since=since, until=until, lang=lang or None)
 

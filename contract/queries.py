@@ -63,6 +63,20 @@ STATS_LIMIT = 100
 MAX_STATS_LIMIT = 1000
 
 
+def empty_range(since: dt.datetime | None, until: dt.datetime | None, since_name: str = "since",
+                until_name: str = "until") -> str | None:
+    """Why a range a user asked for holds no time, or None: ``until`` not after ``since``
+    (inclusive and exclusive, so equal bounds hold nothing either). Read, it answered no
+    rows as though none had been stored then; the callers refuse it (the command line's
+    options, the API's query parameters), not :class:`Filters`, which internal reads
+    build with ranges that may be empty."""
+    if since is None or until is None or as_utc(until) > as_utc(since):
+        return None
+    return (f"{until_name} {as_utc(until).isoformat()} is not after {since_name} "
+            f"{as_utc(since).isoformat()}: {since_name} is inclusive and {until_name} "
+            f"exclusive (for one day, give the next day as {until_name})")
+
+
 @dataclass(frozen=True)
 class Filters:
     """Which rows: every given field must match (``since`` inclusive, ``until`` exclusive)."""

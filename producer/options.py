@@ -9,6 +9,7 @@ import click
 
 from contract.constants import ENV_PREFIX
 from contract.errors import InvalidInput
+from contract.queries import empty_range
 from contract.results import as_utc
 
 #: The group's options that override a setting: the setting's name -> the option.
@@ -71,6 +72,14 @@ def parse_time(ctx: click.Context, param: click.Parameter, value: str | None) ->
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 date/time") from exc
     try:
-        return as_utc(parsed)  # naive means UTC: everything is stored in UTC
+        parsed = as_utc(parsed)  # naive means UTC: everything is stored in UTC
     except InvalidInput as exc:
         raise InvalidInput(f"{'/'.join(param.opts) or param.name}: {exc}") from exc
+    # Whichever bound click reads second (they come in the order typed) checks the range.
+    if param.name in ("since", "until"):
+        bounds = {"since": ctx.params.get("since"), "until": ctx.params.get("until"),
+                  param.name: parsed}
+        why = empty_range(bounds["since"], bounds["until"], "--since", "--until")
+        if why:
+            raise InvalidInput(why)
+    return parsed
