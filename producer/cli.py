@@ -920,6 +920,9 @@ def results(
             rows = client.aggregate(by=group_by, source=source, status=status, since=since,
                                     until=until, model=model, lang=lang)
             terminal = _on_terminal()
+            if fmt == "table" and not rows:  # as `results` says it; CSV keeps its header
+                echo_text("(no results)")
+                return
             echo_text(render_rows(rows, [group_by, "count", "mean_score"], fmt,
                                   terminal=terminal, excel_safe=excel_safe),
                       as_stored=fmt == "csv" and not terminal)
