@@ -338,11 +338,19 @@ class Settings:
 
     def _validate_database_url(self) -> None:
         """A PostgreSQL URL's port: one past 65535 (or 0) was taken, and psycopg's refusal
-        when it connected read as the database being unreachable (exit 3). Anything else
-        that does not parse is refused where the URL is opened (contract.results)."""
+        when it connected read as the database being unreachable (exit 3); and an '@' left
+        unencoded in its password (see below). Anything else that does not parse is
+        refused where the URL is opened (contract.results)."""
         scheme, sep, rest = self.database_url.partition("://")
         if not sep or scheme.split("+", 1)[0].lower() not in _TCP_DATABASE_SCHEMES:
             return
+        # SQLAlchemy reads the password up to its first '@' (the user may hold one): the rest
+        # became the host, and the failed look-up of that host printed it, a piece of the
+        # password, in the error and in the worker's log, as an outage (exit 3).
+        host = re.match(r"(?:[^:/]*(?::[^@]*)?@)?([^/?]*)", rest)
+        if host and "@" in host.group(1):
+            raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(self.database_url)}: an '@' "
+                              "in the password must be written %40 (percent-encoded)")
         hostport = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
         port = re.fullmatch(r"(?:\[[^\]]*\]|[^:\[\],]*):(\d+)", hostport)
         if port and not 0 < int(port.group(1)) <= MAX_PORT:

@@ -34,6 +34,7 @@ from worker import kombu_redis
 from worker.device import Placement, resolve_placement, wider_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
+from worker.launcher import prepare_ready_file
 from worker.process import close_store
 from worker.runner import HFRunner, NonFiniteScores, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
@@ -195,6 +196,10 @@ def build_worker_app(
     # Enough prefetched messages to fill a flush; celery-batches needs them
     # unacked in the buffer, and solo concurrency is 1.
     app.conf.worker_prefetch_multiplier = max(settings.flush_every * 2, 4)
+    # A Redis lost after the start is waited for as long as it takes: Celery's default of
+    # 100 reconnection tries (up to 30 s apart) ended the worker with an "Unrecoverable
+    # error" traceback and exit 1 when an outage outlasted them.
+    app.conf.broker_connection_max_retries = None
     queues = [queue_name(settings.family, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     return WorkerApp(app, task, processor, queues)
 
@@ -263,7 +268,8 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     puts them back on the queue at once (kombu restores a channel's unacked
     messages when it closes). ``ready_file`` is created once the worker
     consumes: how a supervisor (or a test) knows it is ready without
-    Celery's remote control, which is off by default. Redis that does not
+    Celery's remote control, which is off by default; its directory is made when
+    missing, and one that cannot be raises :class:`ConfigError`. Redis that does not
     answer within ``broker_start_wait_s`` raises :class:`BrokerUnavailable`
     (:func:`wait_for_broker`). At the end the results store is closed (:func:`worker.process.close_store`): on SQLite
     the stopped worker's rows are then in the database file itself.
@@ -272,6 +278,8 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     # Here, once the model is loaded: a setting or a model to fix is said at once, whether
     # Redis is up or not. Celery's own retry at start would last for as long as it takes.
     try:
+        if ready_file:
+            prepare_ready_file(ready_file)
         wait_for_broker(wapp.processor.settings)
     except BertstreamError:
         close_store(wapp.processor.store)

@@ -23,6 +23,7 @@ from pathlib import Path
 import redis
 
 from contract.broker import redis_client
+from contract.errors import ConfigError
 from contract.liveness import family_workers
 from contract.settings import Settings, mask_url
 
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-file", default=None,
                         help="The worker's --ready-file; required to exist when given.")
     args = parser.parse_args(argv)
-    reason = check(Settings.from_env(), socket.gethostname(), args.ready_file)
+    try:
+        reason = check(Settings.from_env(), socket.gethostname(), args.ready_file)
+    except ConfigError as exc:
+        # A setting the worker refuses too: one line, and 1 (a container health check
+        # reserves 2), not a traceback in every health log entry.
+        reason = str(exc)
     if reason:
         print(f"unhealthy: {reason}", file=sys.stderr)
         return 1

@@ -146,6 +146,24 @@ def _visible_devices(gpus: Sequence[str]) -> list[str]:
     return visible
 
 
+def prepare_ready_file(path: str) -> None:
+    """Create the directories ``--ready-file`` ``path`` lies in, or raise
+    :class:`ConfigError` naming it when they cannot be made or written.
+
+    The file is written once the worker consumes; in a missing directory (``/run`` is
+    emptied at every boot) that write failed in a signal handler, logged once, and the
+    worker ran on with no ready file: a health check waiting for it never passed.
+    """
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--ready-file {path}: cannot create its directory {folder}: "
+                          f"{exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--ready-file {path}: cannot write in {folder} (permission denied)")
+
+
 def exit_status(returncode: int) -> int:
     """A child's ``returncode`` as a shell reports it: killed by signal N → 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -165,16 +183,19 @@ def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO",
 
     When a child leaves unasked (its model fails to load, the OOM killer,
     kill -9, or even a clean exit) the set is incomplete: the other children
-    get a SIGTERM and ``stop_timeout`` seconds before a SIGKILL, and the
-    launcher exits with that child's code (128 + N for signal N). A child
-    that exited 0 makes it exit 1: a worker missing is a failure, and only a
-    non-zero code fires an ``on-failure`` restart policy. A launcher killed
+    get a SIGTERM and ``stop_timeout`` seconds before a SIGKILL, a line on
+    stderr names the child and how it left, and the launcher exits with that
+    child's code (128 + N for signal N). A child that exited 0 makes it exit
+    1: a worker missing is a failure, and only a non-zero code fires an
+    ``on-failure`` restart policy. A launcher killed
     outright (OOM killer, kill -9) leaves each child a SIGTERM, so that a
     restarted launcher never runs beside orphans on the same GPU.
 
     With ``ready_file``, the launcher creates it once every child has created
     its own (:func:`child_ready_file`): a health check sees the whole set.
     """
+    if ready_file:
+        prepare_ready_file(ready_file)
     commands = child_commands(gpus, settings, loglevel, procs_per_gpu, models=models,
                               node=node, ready_file=ready_file)
     ready = _ReadyFiles(ready_file, [cmd[cmd.index("--ready-file") + 1]
@@ -195,6 +216,12 @@ def launch(gpus: Sequence[str], settings: Settings, loglevel: str = "INFO",
     if asked:
         codes = [exit_status(child.wait()) for child in children]
         return next((c for c in codes if c), 0)
+    # The children's own logs show only how each stopped, not which one left first.
+    cmd = commands[children.index(first)][0]
+    running = sum(child.poll() is None for child in children)
+    print(f"worker: {cmd[cmd.index('--hostname') + 1]} (pid {first.pid}) "
+          f"{_how_it_left(first.returncode)}; stopping the other {running} worker "
+          "process(es)", file=sys.stderr, flush=True)
     _stop(children, stop_timeout)
     return exit_status(first.returncode) or 1
 
@@ -226,6 +253,17 @@ def _first_exit(children: list[subprocess.Popen[bytes]],
                 return child
         ready.update()
         time.sleep(_POLL_S)  # polling the children, not waiting for time to pass
+
+
+def _how_it_left(returncode: int) -> str:
+    """A child's ``returncode`` in words, for the line that says why the set stops."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} (exit {exit_status(returncode)})"
+    return f"exited with code {returncode}"
 
 
 def _signal_all(children: list[subprocess.Popen[bytes]], sig: int) -> None:
