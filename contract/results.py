@@ -407,6 +407,8 @@ def is_outage(exc: BaseException) -> bool:
 
 #: SQLite's result code for a file that holds no database (SQLITE_NOTADB).
 _SQLITE_NOTADB = 26
+#: SQLite's result code for a file it cannot open (SQLITE_CANTOPEN).
+_SQLITE_CANTOPEN = 14
 #: SQLSTATE of a privilege the role lacks (insufficient_privilege): a GRANT to run.
 PRIVILEGE_SQLSTATE = "42501"
 #: SQLSTATE of a search path naming no schema the role may use (invalid_schema_name: "no
@@ -795,7 +797,8 @@ class ResultStore:
         :class:`StoreRefused` naming the fix when the database refuses this role or URL
         (:func:`refusal`) or the URL's SQLite file holds no database, else
         :class:`StoreUnavailable`."""
-        problem = refusal(exc, self.engine.url.username) or self._not_a_database(exc)
+        problem = (refusal(exc, self.engine.url.username) or self._not_a_database(exc)
+                   or self._cannot_open(exc))
         if problem is not None:
             return StoreRefused(f"{what}: {_first_line(exc)}; a setting to fix, not an "
                                 f"outage: {problem}", problem)
@@ -814,6 +817,33 @@ class ResultStore:
                 return (f"{self.engine.url.database} is not an SQLite database: point "
                         f"{ENV_PREFIX}DATABASE_URL at the results database's file (or at "
                         "a path where none is yet)")
+        return None
+
+    def _cannot_open(self, exc: BaseException) -> str | None:
+        """The fix when ``exc`` is SQLite unable to open the URL's file for a reason the
+        path shows (its directory missing, a directory in its place, a directory this
+        user may not create it in): a setting, not an outage. None for anything else
+        (a lack of file handles, a disk that went away: a wait may mend those)."""
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return None
+        opened = any(getattr(getattr(c, "orig", None) or c, "sqlite_errorcode", None)
+                     == _SQLITE_CANTOPEN or "unable to open database file" in str(c)
+                     for c in causes(exc))
+        if not opened:
+            return None
+        path = os.path.abspath(database)  # a relative one lies under the working directory
+        fix = f"fix {ENV_PREFIX}DATABASE_URL"
+        if os.path.isdir(path):
+            return f"{path} is a directory: {fix} to name a file in it"
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            return f"{folder} does not exist (the directory of {path}): create it or {fix}"
+        if not os.path.exists(path) and not os.access(folder, os.W_OK | os.X_OK):
+            return (f"cannot create {path}: this user may not write in {folder}; "
+                    f"grant it or {fix}")
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            return f"this user may not read and write {path}: grant it or {fix}"
         return None
 
     # -- writing --------------------------------------------------------
