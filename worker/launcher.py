@@ -105,6 +105,8 @@ def child_commands(
             f"{ENV_PREFIX}METRICS_PORT={settings.metrics_port}: {count} workers serve metrics "
             f"on consecutive ports from it, past {MAX_PORT}")
     visible = _visible_devices(gpus)
+    # Children on the CPU share its cores: left to torch, each would take all of them.
+    cpu_threads = str(max(1, cpu_cores() // count)) if not gpus and count > 1 else None
     out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in slots:
         for name, path in served:
@@ -114,6 +116,8 @@ def child_commands(
                     env[ENV_PREFIX + key.upper()] = str(value)
                 env[ENV_PREFIX + "MODEL"] = path
                 env[ENV_PREFIX + "MODEL_NAME"] = name
+                if cpu_threads and not settings.torch_threads:
+                    env[ENV_PREFIX + "TORCH_THREADS"] = cpu_threads
                 if settings.metrics_port:  # one port per child, counting up
                     env[ENV_PREFIX + "METRICS_PORT"] = str(settings.metrics_port + len(out))
                 cmd = [sys.executable, "-m", "worker"]
@@ -144,6 +148,15 @@ def _visible_devices(gpus: Sequence[str]) -> list[str]:
         raise ConfigError(f"--gpus {','.join(beyond)}: CUDA_VISIBLE_DEVICES={mask} leaves "
                           f"this launcher {len(visible)} device(s), numbered from 0")
     return visible
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or
+    ``taskset``'s limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def prepare_ready_file(path: str) -> None:
