@@ -627,10 +627,13 @@ def stream_command(ctx: click.Context, file: str | None, stream_key: str | None,
             stack.callback(redis.close)
             reader = RedisStreamSource(redis, stream_key, str(group), consumer, fields=fields,
                                        idle_exit_s=idle_exit,
-                                       claim_idle_s=claim_idle if claim_idle > 0 else None)
+                                       claim_idle_s=claim_idle if claim_idle > 0 else None,
+                                       retries=settings.publish_retries,
+                                       retry_max_s=settings.publish_retry_max_s)
             stack.callback(reader.close)  # stops its refreshing before the client closes
             trackers.append(reader)  # acks after the ids file has the line
             records: Iterable[SourceRecord] = reader.records()
+            max_tracked_ids = RECENT_IDS  # endless: the recent caller ids
         else:
             fh = stack.enter_context(open_source(str(file)))
             records = read_records(fh, fmt=opts["fmt"], fields=fields, keep_blank=True,
@@ -679,7 +682,7 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         report = stream(
             client, records, max_queue_length=max_queue, progress=bar,
             source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
-            trackers=trackers, track_ids=not redis_source, max_tracked_ids=max_tracked_ids,
+            trackers=trackers, max_tracked_ids=max_tracked_ids,
             on_wait=None if bar else _say_paused,
         )
     except BrokerUnavailable as exc:

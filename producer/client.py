@@ -295,6 +295,23 @@ def _deliver(signum: int, handler: Any, frame: FrameType | None) -> None:
         signal.raise_signal(signum)
 
 
+def _sent_before_failing(items: Iterable[Any], publisher: ChunkPublisher) -> Iterator[Any]:
+    """``items``; when iterating them raises (a generator whose cursor or consumer
+    failed), the items buffered from before are published, then the error propagates:
+    dropped, the caller (given no report) could not tell which items were sent. An
+    interrupt propagates at once (nothing more is published)."""
+    source = iter(items)
+    while True:
+        try:
+            obj = next(source)
+        except StopIteration:
+            return
+        except Exception:
+            publisher.flush()
+            raise
+        yield obj
+
+
 @dataclass
 class SubmitReport:
     """What :meth:`Client.submit_many` did: accepted ids in input order, refusals, messages."""
@@ -666,6 +683,9 @@ class Client:
         is an iterable of characters, a dict of its keys: each would become a task)
         or for no iterable at all (None), and :class:`InvalidInput` for a ``source``,
         ``ttl_s`` or ``chunk_size`` no item can take (refused once, not per item).
+        An error ``items`` raises (a generator whose source failed) propagates once
+        every good item it gave before is published, so the caller resumes after the
+        last item given.
         """
         if isinstance(items, (str, bytes, bytearray, Mapping)):
             one = "dict item" if isinstance(items, Mapping) else type(items).__name__
@@ -691,7 +711,7 @@ class Client:
         try:
             with self.chunk_publisher(bulk=True, chunk_size=size,
                                       on_conflict=on_conflict) as publisher:
-                for index, obj in enumerate(items):
+                for index, obj in enumerate(_sent_before_failing(items, publisher)):
                     checked = validator.check(index, obj)
                     if isinstance(checked, ItemError):
                         report.errors.append(checked)

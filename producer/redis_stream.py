@@ -36,8 +36,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import redis
 
@@ -47,6 +47,8 @@ from producer.items import ItemError
 from producer.sources import FieldMap, SourceRecord
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Entries read per XREADGROUP call.
 READ_COUNT = 256
@@ -60,6 +62,12 @@ CLAIM_EVERY_MAX_S = 30.0
 #: Longest pause between two refreshes of the idle time of the entries a reader holds,
 #: in seconds (shorter: a quarter of ``claim_idle_s``).
 REFRESH_EVERY_MAX_S = 30.0
+#: Retries of a read, a claim or an ack that lost its connection (a Redis restart), as a publish's
+#: by default (``BERTSTREAM_PUBLISH_RETRIES``): no pause first, then 0.25 s more each,
+#: capped at :data:`RETRY_MAX_S`.
+RETRIES = 8
+#: Longest pause between two such retries, in seconds (``BERTSTREAM_PUBLISH_RETRY_MAX_S``).
+RETRY_MAX_S = 2.0
 #: Pending entries listed per XPENDING call of a refresh.
 REFRESH_COUNT = 1000
 #: Delete the consumers of a group (``ARGV[1]``) of stream ``KEYS[1]`` that hold no pending
@@ -105,6 +113,9 @@ class RedisStreamSource:
     refreshes the idle time of this consumer's pending entries every quarter
     of ``claim_idle_s`` (of the default when None: other readers may claim),
     so other readers do not claim them; :meth:`close` stops it.
+    A read, a claim or an ack whose connection fails is tried again ``retries`` times (a
+    Redis restart is ridden out, as a publish rides it out), pausing 0.25 s more
+    each time up to ``retry_max_s``; then :class:`BrokerUnavailable` is raised.
     """
 
     def __init__(
@@ -119,6 +130,8 @@ class RedisStreamSource:
         claim_idle_s: float | None = CLAIM_IDLE_S,
         block_ms: int = BLOCK_MS,
         count: int = READ_COUNT,
+        retries: int = RETRIES,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         if not key or not group:
             raise InvalidInput("a Redis Stream needs a key and a group")
@@ -131,6 +144,8 @@ class RedisStreamSource:
         self.claim_idle_s = claim_idle_s
         self.block_ms = block_ms
         self.count = count
+        self.retries = retries
+        self.retry_max_s = retry_max_s
         self.acked = 0
         #: Entry ids read (or claimed) and not yet acked (a claim scan must not resend them).
         self._held: set[str] = set()
@@ -314,9 +329,10 @@ class RedisStreamSource:
         now held; None when this Redis cannot claim."""
         assert self.claim_idle_s is not None
         try:
-            reply: Any = self.client.xautoclaim(
-                self.key, self.group, self.consumer, int(self.claim_idle_s * 1000),
-                start_id=cursor, count=self.count)
+            idle_ms = int(self.claim_idle_s * 1000)
+            reply: Any = self._retried(lambda: self.client.xautoclaim(
+                self.key, self.group, self.consumer, idle_ms, start_id=cursor,
+                count=self.count))
         except redis.ResponseError as exc:
             if "unknown command" in str(exc).lower():
                 # A Redis older than 6.2 (or one that renamed the command away): read
@@ -365,10 +381,26 @@ class RedisStreamSource:
                 return gone
             start = f"({ids[-1]}"
 
+    def _retried(self, call: Callable[[], T]) -> T:
+        """``call()``, tried again while Redis cannot be reached (a restart), up to
+        ``retries`` times; a refusal (a ResponseError, credentials) is raised at once.
+        A read whose reply was lost leaves its entries pending here, not held: they are
+        claimed once idle for ``claim_idle_s`` (by this reader too) and sent."""
+        tries, pause = self.retries, 0.0
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if tries <= 0 or isinstance(exc, redis.AuthenticationError):
+                    raise
+                tries -= 1
+            time.sleep(pause)
+            pause = min(pause + min(0.25, self.retry_max_s), self.retry_max_s)
+
     def _read(self, start: str, *, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
         try:
-            reply: Any = self.client.xreadgroup(self.group, self.consumer, {self.key: start},
-                                                count=self.count, block=block)
+            reply: Any = self._retried(lambda: self.client.xreadgroup(
+                self.group, self.consumer, {self.key: start}, count=self.count, block=block))
         except redis.ResponseError as exc:
             raise self._refused(
                 exc, f"cannot read {self.key!r} as group {self.group!r}") from exc
@@ -432,7 +464,8 @@ class RedisStreamSource:
             return
         with self._lock:  # not between a claim and its check of what is held
             try:
-                self.acked += int(self.client.xack(self.key, self.group, *entry_ids))
+                self.acked += int(self._retried(
+                    lambda: self.client.xack(self.key, self.group, *entry_ids)))
             except redis.ResponseError as exc:  # the key is no stream now: no rerun mends it
                 raise self._refused(
                     exc, f"cannot acknowledge entries of {self.key!r}") from exc

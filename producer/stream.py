@@ -42,6 +42,10 @@ LINGER_S = 0.25
 #: while backpressure waits.
 READ_AHEAD = 512
 
+#: Seconds between two backpressure notes (``on_wait``): a queue that stays full pauses a
+#: stream before nearly every chunk, and a log would get a line for each pause.
+PAUSE_NOTE_EVERY_S = 60.0
+
 #: Caller ids a stream from a source of unknown length (a pipe) remembers to refuse a
 #: repeated one: the most recent ones, so its memory does not grow with every line.
 RECENT_IDS = 100_000
@@ -207,6 +211,9 @@ def stream(
     ``linger_s``: send a partial chunk once its oldest item has waited this
     long, however fast or slow the source (None: only full chunks and the
     last one at the end).
+    ``on_wait`` is told the queue length when a backpressure pause begins: at the
+    first pause, then at most once per :data:`PAUSE_NOTE_EVERY_S` (a queue that stays
+    full pauses before nearly every chunk).
     ``ttl_s``: deadline of every item, in seconds from its submission.
     ``trackers`` are told, in order, what became of every record (an ids file,
     the Redis Stream acks); ``track_ids=False`` stops refusing ids repeated
@@ -236,10 +243,14 @@ def stream(
         dynamic_ncols=True, mininterval=0.2,
     )
 
+    noted: list[float] = []  # when on_wait was last told
+
     def on_pause(length: int) -> None:
         # set_description would add ": ", and tqdm one more before a count with no total
         bar.set_description_str(f"queue full ({length} messages), waiting")
-        if on_wait is not None:
+        now = time.monotonic()
+        if on_wait is not None and (not noted or now - noted[0] >= PAUSE_NOTE_EVERY_S):
+            noted[:] = [now]
             on_wait(length)
 
     pressure = Backpressure(client, bound, max_backoff_s=max_backoff_s, on_wait=on_pause)
