@@ -147,6 +147,11 @@ def test_a_killed_child_stops_the_set_with_its_signal(
     os.kill(pids[0], signal.SIGKILL)
     assert launcher.proc.wait(timeout=60) == 128 + signal.SIGKILL, launcher.log()
     assert gone(pids[1])
+    # The launcher's log (journald, `docker logs`) says which child went and how, not
+    # only the others' "Warm shutdown".
+    line = next((ln for ln in launcher.log().splitlines() if "SIGKILL" in ln), "")
+    assert f"w1-a@{host} (pid {pids[0]})" in line, launcher.log()
+    assert "stopping the other 1" in line, launcher.log()
 
 
 @pytest.mark.slow

@@ -8,8 +8,6 @@ Stream source remembers its recent caller ids, as a pipe does).
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import redis
 from click.testing import Result
@@ -17,6 +15,7 @@ from click.testing import Result
 from contract.settings import Settings
 from tests.conftest import RedisServer
 from tests.producer_helpers import invoke, lane_messages
+from tests.test_redis_stream import _poll
 
 
 def test_a_caller_id_repeated_in_a_redis_stream_is_refused_not_silently_dropped(
@@ -73,11 +72,3 @@ def test_a_redis_stream_reader_rides_out_a_redis_restart(
         assert int(r.xpending("posts", "g")["pending"]) == 0
     finally:
         r.close()
-
-
-def _poll(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
