@@ -926,6 +926,8 @@ def results(
             if fmt == "table" and not rows:  # as `results` says it; CSV keeps its header
                 echo_text("(no results)")
                 return
+            if fmt == "jsonl" and not rows:  # no line, as `results` (a blank one is no JSON)
+                return
             echo_text(render_rows(rows, [group_by, "count", "mean_score"], fmt,
                                   terminal=terminal, excel_safe=excel_safe),
                       as_stored=fmt == "csv" and not terminal)

@@ -158,6 +158,9 @@ class RedisStreamSource:
         self._keeper: threading.Thread | None = None
         #: False once Redis refused deleting idle consumers (:meth:`_prune_consumers`).
         self._prune = True
+        #: True once a read of new entries was tried again: its lost reply may have left
+        #: entries pending here, unknown to this reader (:meth:`_unheld_pending`).
+        self._reply_lost = False
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) when missing."""
@@ -205,6 +208,9 @@ class RedisStreamSource:
                     next_claim = time.monotonic() + min(self.claim_idle_s / 2,
                                                         CLAIM_EVERY_MAX_S)
             entries = self._read(">", block=self.block_ms)
+            if self._reply_lost:
+                self._reply_lost = False
+                entries = self._unheld_pending() + entries
             if not entries:
                 if self.idle_exit_s is not None and time.monotonic() - quiet_since >= self.idle_exit_s:
                     return
@@ -212,7 +218,21 @@ class RedisStreamSource:
             quiet_since = time.monotonic()
             for entry_id, fields in entries:
                 position += 1
-                yield self.record(position, entry_id, fields)
+                yield (self.record(position, entry_id, fields) if fields
+                       else self.lost(position, entry_id))
+
+    def _unheld_pending(self) -> list[tuple[str, dict[bytes, bytes]]]:
+        """This consumer's pending entries that it does not hold (held from now): those a
+        read whose reply was lost delivered here. Without this they waited for a claim
+        scan, and with no claims (``claim_idle_s`` None) for the next run."""
+        held, last = set(self._held), "0"
+        found: list[tuple[str, dict[bytes, bytes]]] = []
+        while True:
+            entries = self._read(last, block=None)
+            if not entries:
+                return found
+            found += [(i, f) for i, f in entries if i not in held]
+            last = entries[-1][0]
 
     # -- keeping what this consumer holds from the other readers' claims ---
 
@@ -384,8 +404,8 @@ class RedisStreamSource:
     def _retried(self, call: Callable[[], T]) -> T:
         """``call()``, tried again while Redis cannot be reached (a restart), up to
         ``retries`` times; a refusal (a ResponseError, credentials) is raised at once.
-        A read whose reply was lost leaves its entries pending here, not held: they are
-        claimed once idle for ``claim_idle_s`` (by this reader too) and sent."""
+        A read whose reply was lost leaves its entries pending here, not held: the
+        reader reads them back after the read tried again (:meth:`_unheld_pending`)."""
         tries, pause = self.retries, 0.0
         while True:
             try:
@@ -398,9 +418,18 @@ class RedisStreamSource:
             pause = min(pause + min(0.25, self.retry_max_s), self.retry_max_s)
 
     def _read(self, start: str, *, block: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        tries = 0
+
+        def read() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and start == ">":  # the failed try may have delivered entries
+                self._reply_lost = True
+            return self.client.xreadgroup(self.group, self.consumer, {self.key: start},
+                                          count=self.count, block=block)
+
         try:
-            reply: Any = self._retried(lambda: self.client.xreadgroup(
-                self.group, self.consumer, {self.key: start}, count=self.count, block=block))
+            reply: Any = self._retried(read)
         except redis.ResponseError as exc:
             raise self._refused(
                 exc, f"cannot read {self.key!r} as group {self.group!r}") from exc

@@ -396,23 +396,28 @@ def _check(validator: ItemValidator, record: SourceRecord,
     if recent is None or isinstance(checked, ItemError) or record.item is None \
             or record.item.get("id") is None:
         return checked
-    return recent.check(record.line, checked)
+    return recent.check(record.line, checked, record.ref)
 
 
 class _RecentIds:
-    """The last ``limit`` caller ids of a stream and the line of each: a repeated one is
-    refused as :class:`ItemValidator` refuses it, in bounded memory."""
+    """The last ``limit`` caller ids of a stream and the line (and Redis Stream entry id)
+    of each: a repeated one is refused as :class:`ItemValidator` refuses it, in bounded
+    memory."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
-        self.first: OrderedDict[str, int] = OrderedDict()
+        self.first: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
 
-    def check(self, line: int, item: TaskItem) -> TaskItem | ItemError:
-        """``item``, or why it is refused: its id is among the recent ones."""
+    def check(self, line: int, item: TaskItem, ref: str | None = None) -> TaskItem | ItemError:
+        """``item``, or why it is refused: its id is among the recent ones. The same
+        Redis Stream entry handed out again (``ref``: a Redis back without its last
+        writes reads them again) is no repeat: it is sent again, one row."""
         first = self.first.get(item.id)
         if first is not None:
-            return ItemError(line, item.id, f"duplicate id {item.id!r} (first at {first})")
-        self.first[item.id] = line
+            if ref is not None and first[1] == ref:
+                return item
+            return ItemError(line, item.id, f"duplicate id {item.id!r} (first at {first[0]})")
+        self.first[item.id] = (line, ref)
         if len(self.first) > self.limit:
             self.first.popitem(last=False)
         return item
