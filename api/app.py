@@ -661,16 +661,21 @@ async def _duplicate(services: Services, request: Request, task_id: str,
     it (a web app re-posting after a timeout learns its task is ``done``, not ``queued``).
     Read for the model it was sent to; a duplicate of another model's stored row (nothing
     queued for this one) gives that row's status. Read only for duplicates: a submit that
-    queues a task answers ``queued`` without it."""
+    queues a task answers ``queued`` without it. A database that cannot be read leaves it
+    ``queued``: the repeat was judged on its Redis claim, and a 503 would tell the caller
+    its accepted task was not."""
     for asked in dict.fromkeys((model, None)):
         try:
             found = await _status(services, request, task_id, 0, asked)
+        except StoreUnavailable:
+            break
         except ApiError as exc:
             if exc.status != 404:
                 raise
             continue
         return Accepted(id=task_id, status=found["status"], duplicate=True)
-    # Its row deleted (db delete) since it was judged a duplicate: still what it was.
+    # Its row deleted (db delete) since it was judged a duplicate, or the database down:
+    # still what it was.
     return Accepted(id=task_id, duplicate=True)
 
 

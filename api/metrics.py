@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -295,10 +296,12 @@ def writer_pid(path: Path) -> int | None:
     return int(tail) if tail.isascii() and tail.isdigit() and int(tail) > 0 else None
 
 
-def _running(pid: int) -> bool:
+def _running(pid: int, written: float | None = None) -> bool:
     """Whether process ``pid`` runs, other than this one (which writes no counts before
     its server processes start, so a file of its pid is a previous run's). A process of
-    another pid namespace (another container) is not seen."""
+    another pid namespace (another container) is not seen. ``written``: the file's mtime;
+    a process started after it is another program given a dead writer's pid (the kernel
+    reuses them), not its writer."""
     if pid == os.getpid():
         return False
     try:
@@ -306,8 +309,24 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's
-        return True
-    return True
+        pass
+    started = _started_at(pid) if written is not None else None
+    # A second's slack: the boot time this is counted from is read to the clock tick.
+    return started is None or written is None or started <= written + 1
+
+
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time), from Linux's ``/proc``; None elsewhere or
+    when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            # Field 22, starttime: clock ticks since boot, counted after the ")" of the name.
+            ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @contextlib.contextmanager
@@ -334,7 +353,11 @@ def multiprocess_dir(workers: int) -> Iterator[Path | None]:
         kept = set()
         for counts in path.glob("*.db"):
             pid = writer_pid(counts)
-            if pid is not None and _running(pid):
+            try:
+                written = counts.stat().st_mtime
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if pid is not None and _running(pid, written):
                 kept.add(pid)
             else:
                 counts.unlink(missing_ok=True)

@@ -348,7 +348,7 @@ class Settings:
         # became the host, and the failed look-up of that host printed it, a piece of the
         # password, in the error and in the worker's log, as an outage (exit 3).
         host = re.match(r"(?:[^:/]*(?::[^@]*)?@)?([^/?]*)", rest)
-        if host and "@" in host.group(1):
+        if host and "@" in host.group(1) or _password_in_path_or_query(rest):
             raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(self.database_url)}: an '@' "
                               "in the password must be written %40 (percent-encoded)")
         hostport = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
@@ -547,3 +547,19 @@ def _parse(key: str, raw: str, type_name: Any) -> Any:
         return raw
     except ValueError as exc:
         raise ConfigError(f"{key}={raw!r} is not a valid {name}") from exc
+
+
+def _password_in_path_or_query(rest: str) -> bool:
+    """Whether the part of a database URL after its ``scheme://`` holds the rest of a
+    password cut at an '@' followed by a '/' or a '?': SQLAlchemy then reads it as the
+    database name (``u:s3cr@h/t0p@host/db``: a database ``t0p@host/db``, named in the
+    error) or the query (``u:s3cr@h?x@host/db``: the host ``h``). A database name holding
+    '@' and '/', or a query parameter's name holding '@', is no real one; an '@' in a
+    query value (``application_name=me@example.org``) is."""
+    found = re.match(r"[^:/]*:[^@]*@(.*)", rest, re.DOTALL)  # with a password, as read
+    if not found:
+        return False
+    before, _, query = found.group(1).partition("?")
+    database = before.partition("/")[2]
+    return ("@" in database and "/" in database
+            or any("@" in pair.partition("=")[0] for pair in query.split("&")))

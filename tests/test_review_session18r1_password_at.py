@@ -1,0 +1,48 @@
+"""An unencoded '@' in a PostgreSQL password is refused also when a '/' or '?' follows it.
+
+The check looked for an '@' in the host SQLAlchemy reads. A password holding an '@' and,
+after it, a '/' or a '?' (generated passwords hold both) put the rest of the password in
+the database name or the query instead: ``u:s3cr@127.0.0.1/t0p@host/db`` connected
+to a database named ``t0p@host/db`` and printed it, ``u:s3cr@db.internal?x@host/db``
+looked up the host ``db.internal`` (an outage, exit 3). Both printed a piece of the
+password. An '@' in a query value (``?application_name=me@x``) stays legitimate.
+"""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from contract.errors import ConfigError
+from contract.settings import Settings
+from producer.cli import main
+
+
+@pytest.mark.parametrize("password", ["s3cr@{host}/t0pSECRET", "s3cr@SECRET.internal?x",
+                                      "s3cr@SECRET/x?y"])
+def test_an_at_sign_followed_by_a_slash_or_question_mark_is_refused_unprinted(
+        password: str, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = pg_url.rpartition("@")[2].split("/", 1)[0]
+    db = pg_url.rpartition("/")[2]
+    url = f"postgresql+psycopg://postgres:{password.format(host=host)}@{host}/{db}"
+    monkeypatch.setenv("BERTSTREAM_DATABASE_URL", url)
+    result = CliRunner().invoke(main, ["results", "--limit", "1"])
+    assert result.exit_code == 2, result.output
+    assert "SECRET" not in result.output
+    assert "%40" in result.output
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://u:pw@h/db?application_name=me@example.org",
+    "postgresql+psycopg://alice@corp:pw@h/db",
+    "postgresql+psycopg://u@/db?password=a@b&host=/run/postgresql",
+    "postgresql+psycopg://u:p%40ss@[::1]:5432/db",
+    "postgresql+psycopg://u:ab/cd?ef@h/db",
+    "postgresql:///db?host=/run/postgresql",
+])
+def test_urls_whose_at_signs_are_not_a_passwords_are_taken(url: str) -> None:
+    Settings(database_url=url).validate()
+
+
+def test_an_at_sign_before_the_host_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="%40"):
+        Settings(database_url="postgresql+psycopg://u:p@ss@h/db").validate()
