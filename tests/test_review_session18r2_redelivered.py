@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from click.testing import Result
 from contract.settings import Settings
 from tests.conftest import RedisServer
 from tests.producer_helpers import invoke, lane_messages
+from tests.test_redis_stream import _poll
 
 
 @pytest.mark.parametrize("id_field", [None, "post"])
@@ -60,11 +59,3 @@ def test_entries_handed_out_again_after_a_redis_lost_its_last_writes_are_sent_ag
         assert int(r.xpending("posts", "g")["pending"]) == 0
     finally:
         r.close()
-
-
-def _poll(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
