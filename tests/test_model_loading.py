@@ -24,6 +24,7 @@ from contract.errors import ConfigError, ModelLoadError, exit_code
 from contract.settings import Settings
 from producer.cli import main
 from worker.device import Placement
+from worker.process import free_port
 from worker.runner import HFRunner
 from worker.sentiment import assemble
 from worker.sentiment.adapter_file import AdapterError, load_adapter, save_adapter
@@ -293,8 +294,8 @@ def test_a_demo_worker_that_does_not_start_gives_its_exit_code(
            "BERTSTREAM_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}
     if setting == "model":
         env["BERTSTREAM_MODEL"] = str(tmp_path / "no-such-model")
-    else:
-        env["BERTSTREAM_DATABASE_URL"] = f"sqlite:///{tmp_path / 'no' / 'dir' / 'r.db'}"
+    else:  # an outage (a SQLite path in a missing directory is a setting to fix, 2)
+        env["BERTSTREAM_DATABASE_URL"] = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x"
     result = CliRunner().invoke(main, ["demo"], env=env)
     assert result.exit_code == code, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
