@@ -91,7 +91,7 @@ from contract.results import (
 from contract.results import results as results_table
 from contract.settings import API_MODELS_ANY, Settings
 from producer.client import Client
-from producer.formatting import RECORD_FIELDS, csv_cells
+from producer.formatting import BOM, RECORD_FIELDS, csv_cells
 from producer.items import ItemError, ItemValidator
 
 log = logging.getLogger(__name__)
@@ -933,23 +933,27 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(max_length=2048)] = None,
         order: Literal["newest", "oldest"] = "newest",
+        bom: Annotated[bool, Query(description="format=csv only: start with a UTF-8 "
+                                   "byte-order mark, so that Excel reads it as UTF-8")] = False,
         *, request: Request,
     ) -> Any:
         """Stored results, filtered. ``json``: one page of ``limit`` rows and ``next_cursor``
-        (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed."""
+        (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed
+        (``csv`` with ``bom=true``: after a UTF-8 byte-order mark, for Excel)."""
         newest = order == "newest"
         _export_takes_no_limit(format, request)
+        _bom_is_for_csv(format, request)
         if not services.client.has_results_table():
             if format == "json":
                 return {"items": [], "next_cursor": None}
-            return StreamingResponse(iter(()), media_type=_MEDIA[format])
+            return StreamingResponse(iter([BOM] if bom else ()), media_type=_MEDIA[format])
         if format == "json":
             got = page(store, filters, cursor=cursor, limit=limit, newest_first=newest)
             return {"items": [_view(r) for r in got.records], "next_cursor": got.next_cursor}
         if cursor is not None:
             raise InvalidInput("cursor applies to format=json only; exports stream every row")
         rows = _started(iter_records(store, filters, newest_first=newest))
-        body = _csv_lines(rows) if format == "csv" else _jsonl_lines(rows)
+        body = _csv_lines(rows, bom=bom) if format == "csv" else _jsonl_lines(rows)
         return StreamingResponse(body, media_type=_MEDIA[format], headers={
             "Content-Disposition": f'attachment; filename="bertstream-results.{format}"'})
 
@@ -1018,6 +1022,13 @@ def _export_takes_no_limit(fmt: str, request: Request) -> None:
                            "matching row (narrow them with the filters, since and until)")
 
 
+def _bom_is_for_csv(fmt: str, request: Request) -> None:
+    """Refuse ``bom`` given with a format other than CSV, as ``limit`` with an export: a
+    byte-order mark is no part of JSON, and it was asked for a CSV."""
+    if fmt != "csv" and "bom" in request.query_params:
+        raise InvalidInput(f"bom applies to format=csv only, not format={fmt}")
+
+
 def _started(rows: Iterator[ResultRecord]) -> Iterator[ResultRecord]:
     """``rows`` with its first page read now, before the response starts.
 
@@ -1030,11 +1041,14 @@ def _started(rows: Iterator[ResultRecord]) -> Iterator[ResultRecord]:
     return iter(()) if first is None else itertools.chain([first], rows)
 
 
-def _csv_lines(rows: Iterator[ResultRecord]) -> Iterator[str]:
+def _csv_lines(rows: Iterator[ResultRecord], *, bom: bool = False) -> Iterator[str]:
     """Every field of each row; the cells of ``producer.formatting.GUARDED_COLUMNS`` and
     the id always guarded against running as spreadsheet formulas, as ``results
-    --excel-safe`` does (``producer.formatting.unguard_id`` gives an exported id back)."""
+    --excel-safe`` does (``producer.formatting.unguard_id`` gives an exported id back).
+    With ``bom``, the header follows ``producer.formatting.BOM``, once."""
     buffer = io.StringIO()
+    if bom:
+        buffer.write(BOM)
     writer = csv.writer(buffer)
     writer.writerow(RECORD_FIELDS)
     count = 0

@@ -17,11 +17,13 @@ a ``--wait`` stopped so (everything was sent), 141 stdout's reader went away
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as dt
 import errno
 import importlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -63,7 +65,7 @@ from contract.results import ResultRecord
 from contract.settings import Settings, mask_url
 from producer.client import REDIS_SCHEMES, Client
 from producer.db_cli import db_group
-from producer.formatting import FORMATS, iter_results, render_results, render_rows
+from producer.formatting import BOM, FORMATS, iter_results, render_results, render_rows
 from producer.history_cli import compare_command, rescore_command
 from producer.ids_out import IdsOut
 from producer.items import ItemError
@@ -889,6 +891,11 @@ def _id_note(error: ItemError, unit: str) -> str:
                    "not run as a formula (as in the API's CSV export); an id starting with ' "
                    "gets one more, so `db delete --ids-file F --excel-safe` reads the ids "
                    "back. Off by default: CSV keeps every value as stored.")
+@click.option("--bom", is_flag=True,
+              help="CSV for Excel: start with a UTF-8 byte-order mark, so that Excel reads "
+                   "the file as UTF-8 (Chinese texts otherwise show as mojibake); written "
+                   "as UTF-8 whatever the locale. Off by default: a plain UTF-8 reader "
+                   "would take the mark as part of the first header.")
 @click.pass_context
 def results(
     ctx: click.Context,
@@ -905,12 +912,14 @@ def results(
     lang: str | None,
     group_by: str | None,
     excel_safe: bool,
+    bom: bool,
 ) -> None:
     """Print stored results (newest first), filtered, or aggregated with --aggregate.
 
     A task scored by several models shows its latest result; --model picks one.
     """
     _check_limit(ctx, show_all, group_by)
+    _check_bom(bom, fmt)
     for what, values in (("--id", ids), ("--source", [source]), ("--label", [label])):
         for value in values:
             problem = None if value is None else id_problem(value)
@@ -928,9 +937,9 @@ def results(
                 return
             if fmt == "jsonl" and not rows:  # no line, as `results` (a blank one is no JSON)
                 return
-            echo_text(render_rows(rows, [group_by, "count", "mean_score"], fmt,
-                                  terminal=terminal, excel_safe=excel_safe),
-                      as_stored=fmt == "csv" and not terminal)
+            text = render_rows(rows, [group_by, "count", "mean_score"], fmt,
+                               terminal=terminal, excel_safe=excel_safe)
+            _echo_pieces(_with_bom([text, "\n"], bom), as_stored=fmt == "csv" and not terminal)
             return
         filters: dict[str, Any] = dict(ids=list(ids) or None, source=source, label=label,
                                        status=status, since=since, until=until, model=model,
@@ -945,8 +954,8 @@ def results(
 
         with contextlib.closing(_stored(client, filters, None if show_all else limit)) as stored:
             terminal = _on_terminal()
-            _echo_pieces(iter_results(counted(stored), fmt, terminal=terminal,
-                                      excel_safe=excel_safe),
+            _echo_pieces(_with_bom(iter_results(counted(stored), fmt, terminal=terminal,
+                                                excel_safe=excel_safe), bom),
                          as_stored=fmt == "csv" and not terminal)
         if not show_all and shown == limit:
             matched = client.count(**filters)
@@ -1004,6 +1013,32 @@ def _ids_ascending(records: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
             instant.clear()
         instant.append(record)
     yield from reversed(instant)
+
+
+def _check_bom(bom: bool, fmt: str) -> None:
+    """Refuse ``--bom`` with a format other than CSV: a byte-order mark in front of JSON
+    or a table is no part of it (a JSON parser refuses it), and it was asked for CSV."""
+    if bom and fmt != "csv":
+        raise click.UsageError(f"--bom applies to --format csv only, not {fmt}")
+
+
+def _with_bom(pieces: Iterable[str], bom: bool) -> Iterable[str]:
+    """``pieces`` with :data:`producer.formatting.BOM` in front when ``bom``, once, and
+    stdout then written as UTF-8 (:func:`_utf8_stdout`)."""
+    if not bom:
+        return pieces
+    _utf8_stdout()
+    return itertools.chain([BOM], pieces)
+
+
+def _utf8_stdout() -> None:
+    """Write stdout as UTF-8 from here on, for ``results --bom``: the mark says the file
+    is UTF-8, and in another encoding it is no mark (cp1252, stdout redirected to a file
+    on Windows, cannot even write it; GBK neither; ``utf-8-sig`` would write a second
+    one). A stdout that is no TextIOWrapper is left as it is."""
+    stream = sys.stdout
+    if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+        stream.reconfigure(encoding="utf-8")
 
 
 def _echo_pieces(pieces: Iterable[str], *, as_stored: bool = False) -> None:

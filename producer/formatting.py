@@ -23,6 +23,12 @@ from contract.results import ResultRecord
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
+#: The UTF-8 byte-order mark a CSV export starts with on request (``results --bom``, the
+#: API's ``bom=true``): Excel reads a UTF-8 CSV without it in the legacy code page, so
+#: Chinese texts show as mojibake. Off by default: a plain UTF-8 reader would take it as
+#: part of the first header (``\ufeffid``).
+BOM = "\ufeff"
+
 #: Columns of the results table view; texts (or errors) are truncated.
 TABLE_COLUMNS = ("id", "source", "status", "label", "score", "lang", "finished_at", "text")
 #: Every field of a result, in the order ResultRecord declares them (JSON/CSV).
