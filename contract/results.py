@@ -502,6 +502,15 @@ def refusal(exc: BaseException, role: str | None) -> str | None:
     return None
 
 
+def _sqlite_errors(exc: BaseException) -> Iterator[tuple[BaseException, BaseException, int | None]]:
+    """Each cause of ``exc``, the driver's error it is or wraps (a SQLAlchemy error's
+    ``orig``), and that error's SQLite result code (None: not an SQLite error, or Python
+    3.10, whose sqlite3 errors carry no code): what tells a setting to fix on SQLite."""
+    for cause in causes(exc):
+        orig = getattr(cause, "orig", None) or cause
+        yield cause, orig, getattr(orig, "sqlite_errorcode", None)
+
+
 #: A host a driver's message names: psycopg's "failed to resolve host 'db.internal'",
 #: libpq's 'could not translate host name "db.internal" to address'.
 _HOST_NAMED = re.compile(r"""\b(host(?: name)?) (["'])[^"']*\2""")
@@ -810,13 +819,11 @@ class ResultStore:
         a wait mends. None for anything else."""
         if self.engine.dialect.name != "sqlite":
             return None
-        for cause in causes(exc):
-            orig = getattr(cause, "orig", None) or cause
-            if (getattr(orig, "sqlite_errorcode", None) == _SQLITE_NOTADB
-                    or str(orig).endswith("is not a database")):  # Python 3.10: no code
-                return (f"{self.engine.url.database} is not an SQLite database: point "
-                        f"{ENV_PREFIX}DATABASE_URL at the results database's file (or at "
-                        "a path where none is yet)")
+        if any(code == _SQLITE_NOTADB or str(orig).endswith("is not a database")
+               for _, orig, code in _sqlite_errors(exc)):  # Python 3.10: no code
+            return (f"{self.engine.url.database} is not an SQLite database: point "
+                    f"{ENV_PREFIX}DATABASE_URL at the results database's file (or at "
+                    "a path where none is yet)")
         return None
 
     def _cannot_open(self, exc: BaseException) -> str | None:
@@ -827,9 +834,8 @@ class ResultStore:
         database = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             return None
-        opened = any(getattr(getattr(c, "orig", None) or c, "sqlite_errorcode", None)
-                     == _SQLITE_CANTOPEN or "unable to open database file" in str(c)
-                     for c in causes(exc))
+        opened = any(code == _SQLITE_CANTOPEN or "unable to open database file" in str(cause)
+                     for cause, _, code in _sqlite_errors(exc))
         if not opened:
             return None
         path = os.path.abspath(database)  # a relative one lies under the working directory

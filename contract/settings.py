@@ -339,16 +339,12 @@ class Settings:
     def _validate_database_url(self) -> None:
         """A PostgreSQL URL's port: one past 65535 (or 0) was taken, and psycopg's refusal
         when it connected read as the database being unreachable (exit 3); and an '@' left
-        unencoded in its password (see below). Anything else that does not parse is
-        refused where the URL is opened (contract.results)."""
+        unencoded in its password (:func:`_password_cut_at_an_at`). Anything else that does
+        not parse is refused where the URL is opened (contract.results)."""
         scheme, sep, rest = self.database_url.partition("://")
         if not sep or scheme.split("+", 1)[0].lower() not in _TCP_DATABASE_SCHEMES:
             return
-        # SQLAlchemy reads the password up to its first '@' (the user may hold one): the rest
-        # became the host, and the failed look-up of that host printed it, a piece of the
-        # password, in the error and in the worker's log, as an outage (exit 3).
-        host = re.match(r"(?:[^:/]*(?::[^@]*)?@)?([^/?]*)", rest)
-        if host and "@" in host.group(1) or _password_in_path_or_query(rest):
+        if _password_cut_at_an_at(rest):
             raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(self.database_url)}: an '@' "
                               "in the password must be written %40 (percent-encoded)")
         hostport = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
@@ -549,17 +545,19 @@ def _parse(key: str, raw: str, type_name: Any) -> Any:
         raise ConfigError(f"{key}={raw!r} is not a valid {name}") from exc
 
 
-def _password_in_path_or_query(rest: str) -> bool:
-    """Whether the part of a database URL after its ``scheme://`` holds the rest of a
-    password cut at an '@' followed by a '/' or a '?': SQLAlchemy then reads it as the
-    database name (``u:s3cr@h/t0p@host/db``: a database ``t0p@host/db``, named in the
-    error) or the query (``u:s3cr@h?x@host/db``: the host ``h``). A database name holding
-    '@' and '/', or a query parameter's name holding '@', is no real one; an '@' in a
-    query value (``application_name=me@example.org``) is."""
-    found = re.match(r"[^:/]*:[^@]*@(.*)", rest, re.DOTALL)  # with a password, as read
+def _password_cut_at_an_at(rest: str) -> bool:
+    """Whether the part of a database URL after its ``scheme://`` holds a password cut
+    at an unencoded '@': SQLAlchemy reads the password up to its first '@' (the user may
+    hold one), and the rest of it became the host (``u:p@ss@host/db``: the host
+    ``ss@host``, whose failed look-up printed it as an outage), the database name
+    (``u:s3cr@h/t0p@host/db``: a database ``t0p@host/db``, named in the error) or the
+    query (``u:s3cr@h?x@host/db``: the host ``h``). A host holding '@', a database name
+    holding '@' and '/', or a query parameter's name holding '@', is no real one; an
+    '@' in a query value (``application_name=me@example.org``) is."""
+    # With a password, as SQLAlchemy reads it: the host, the path and the query after it.
+    found = re.match(r"[^:/]*:[^@]*@([^/?]*)(?:/([^?]*))?(?:\?(.*))?", rest, re.DOTALL)
     if not found:
         return False
-    before, _, query = found.group(1).partition("?")
-    database = before.partition("/")[2]
-    return ("@" in database and "/" in database
+    host, database, query = (part or "" for part in found.groups())
+    return ("@" in host or "@" in database and "/" in database
             or any("@" in pair.partition("=")[0] for pair in query.split("&")))

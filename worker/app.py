@@ -34,8 +34,7 @@ from worker import kombu_redis
 from worker.device import Placement, resolve_placement, wider_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
-from worker.launcher import prepare_ready_file
-from worker.process import close_store
+from worker.process import close_store, prepare_ready_file
 from worker.runner import HFRunner, NonFiniteScores, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
 

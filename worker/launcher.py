@@ -30,7 +30,7 @@ from types import FrameType
 from contract.constants import DEFAULT_MODEL, ENV_PREFIX, MODEL_NAME_PATTERN
 from contract.errors import ConfigError
 from contract.settings import MAX_PORT, Settings
-from worker.process import die_with_parent
+from worker.process import die_with_parent, prepare_ready_file
 
 #: Seconds the other children get for their warm shutdown when one child left.
 STOP_TIMEOUT_S = 30.0
@@ -157,24 +157,6 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
-
-
-def prepare_ready_file(path: str) -> None:
-    """Create the directories ``--ready-file`` ``path`` lies in, or raise
-    :class:`ConfigError` naming it when they cannot be made or written.
-
-    The file is written once the worker consumes; in a missing directory (``/run`` is
-    emptied at every boot) that write failed in a signal handler, logged once, and the
-    worker ran on with no ready file: a health check waiting for it never passed.
-    """
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--ready-file {path}: cannot create its directory {folder}: "
-                          f"{exc.strerror or exc}") from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"--ready-file {path}: cannot write in {folder} (permission denied)")
 
 
 def exit_status(returncode: int) -> int:

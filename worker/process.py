@@ -4,7 +4,9 @@ One implementation for everything that runs ``python -m worker`` (or another
 worker module) as a subprocess: the demo, the benchmark and the tests. The
 child gets its settings through ``BERTSTREAM_*`` variables, exactly as an
 operator's worker would. And :func:`close_store`, how a stopping worker (and
-the demo, after its workers) leaves an SQLite database whole in its file.
+the demo, after its workers) leaves an SQLite database whole in its file, and
+:func:`prepare_ready_file`, the ``--ready-file`` check that a single worker and the
+launcher both make at start.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from contract.broker import make_celery
 from contract.constants import ENV_PREFIX
+from contract.errors import ConfigError
 from contract.settings import Settings
 
 if TYPE_CHECKING:
@@ -87,6 +90,24 @@ def close_store(store: ResultStore) -> None:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("cannot fold the write-ahead log into the database file: %s", exc)
     store.close()  # the last connection closed: SQLite removes the -wal and -shm files
+
+
+def prepare_ready_file(path: str) -> None:
+    """Create the directories ``--ready-file`` ``path`` lies in, or raise
+    :class:`ConfigError` naming it when they cannot be made or written.
+
+    The file is written once the worker consumes; in a missing directory (``/run`` is
+    emptied at every boot) that write failed in a signal handler, logged once, and the
+    worker ran on with no ready file: a health check waiting for it never passed.
+    """
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--ready-file {path}: cannot create its directory {folder}: "
+                          f"{exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--ready-file {path}: cannot write in {folder} (permission denied)")
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
