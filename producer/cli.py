@@ -273,6 +273,12 @@ def _quiet_when_stdout_closes(ctx: click.Context) -> Iterator[None]:
             raise
         _drop_stdout()
         ctx.exit(EXIT_PIPE_CLOSED)
+    except UnicodeEncodeError as exc:
+        line = _unwritable(exc)
+        if line is None:
+            raise
+        click.echo(line, err=True)
+        ctx.exit(1)
     except OSError as exc:
         if exc.errno not in FULL_DEVICE_ERRNOS:
             raise
@@ -284,6 +290,24 @@ def _quiet_when_stdout_closes(ctx: click.Context) -> Iterator[None]:
         except OSError:
             _drop_stdout()  # stdout itself is full: no second report at exit
         ctx.exit(1)
+
+
+def _unwritable(exc: UnicodeEncodeError) -> str | None:
+    """The one (ASCII) line for output that stdout's or stderr's encoding cannot write (a
+    latin-1 or cp1252 locale, a file redirected on Windows), or None when both can write
+    the character: that error is not about the output."""
+    char = exc.object[exc.start]
+    for out in (sys.stdout, sys.stderr):
+        encoding = getattr(out, "encoding", None)
+        try:
+            char.encode(encoding or "utf-8")
+        except UnicodeEncodeError:
+            return (f"error: the output's encoding ({encoding}) cannot write "
+                    f"U+{ord(char):04X}: set PYTHONIOENCODING=utf-8 or a UTF-8 locale "
+                    "(LANG=C.UTF-8)")
+        except LookupError:
+            continue
+    return None
 
 
 #: A write refused for want of room (a full disk, a quota, a file size limit): the output
