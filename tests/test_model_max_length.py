@@ -70,7 +70,13 @@ def test_an_explicit_max_length_is_taken_up_to_the_models_own(
         long_context: Path, caplog: pytest.LogCaptureFixture, asked: int, taken: int) -> None:
     with caplog.at_level(logging.INFO, logger="worker.runner"):
         assert HFRunner(long_context, CPU, max_length=asked).max_length == taken
-    assert "BERTSTREAM_MAX_LENGTH" not in caplog.text
+    said = [r.getMessage() for r in caplog.records if "BERTSTREAM_MAX_LENGTH" in r.getMessage()]
+    if asked == taken:
+        assert said == []
+    else:  # asked for more than the model takes: said, as a warning, not lowered quietly
+        assert said == [f"{long_context}: BERTSTREAM_MAX_LENGTH={asked} is more than the model "
+                        f"takes ({taken} tokens); texts are cut (or windowed) at {taken}"]
+        assert [r.levelno for r in caplog.records if r.getMessage() in said] == [logging.WARNING]
 
 
 @pytest.mark.parametrize(("arch", "positions", "tokenizer_limit"), [

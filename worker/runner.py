@@ -114,12 +114,23 @@ class Runner(Protocol):
     def decode(self, probs: torch.Tensor) -> list[Prediction]: ...
 
 
+#: Files besides config.json and the weights that change how texts are scored: the
+#: tokenizer's (a fast one's, a slow one's vocabulary, SentencePiece and tiktoken models).
+REVISION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "*.model",
+                  "*.spm", "*.tiktoken")
+
+
 def directory_revision(path: Path) -> str:
     """A short content revision of a model directory.
 
     Uses ``bertstream_model.json``'s ``revision`` when present; otherwise
-    hashes config.json and the names and sizes of the weight files (cheap,
-    and changes whenever the weights are replaced).
+    hashes the bytes of config.json, the calibration file, the tokenizer
+    files (:data:`REVISION_FILES`) and the weight files. Weights fine-tuned
+    again keep their file's size (and config.json), so only their bytes tell
+    two trainings apart; a copy of the directory on another host (new mtimes)
+    keeps its revision. Hashing reads the weights once more at load, from the
+    page cache transformers just filled.
     """
     meta = path / "bertstream_model.json"
     if meta.is_file():
@@ -127,11 +138,17 @@ def directory_revision(path: Path) -> str:
         if rev:
             return str(rev)[:64]
     digest = hashlib.sha256()
-    for name in ("config.json", CALIBRATION_FILE):
-        if (path / name).is_file():
-            digest.update((path / name).read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    names = {"config.json", CALIBRATION_FILE}
+    for pattern in (*REVISION_FILES, "*.safetensors", "*.bin"):
+        names.update(f.name for f in path.glob(pattern))
+    for name in sorted(names):
+        f = path / name
+        if f.is_file():
+            content = hashlib.sha256()
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    content.update(chunk)
+            digest.update(f"{name}:{content.hexdigest()}\n".encode())
     return digest.hexdigest()[:12]
 
 
@@ -177,8 +194,7 @@ class HFRunner:
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises anything (RuntimeError
             # for a size mismatch, SafetensorError for a cut file); all mean "cannot load"
-            raise ModelLoadError(f"cannot load a model from {model_dir}: "
-                                 f"{_one_line(exc)}{_rebuild_hint(self.model_dir)}") from exc
+            raise ModelLoadError(_load_refusal(self.model_dir, exc)) from exc
         check_vocabulary(tokenizer, self.model_dir)
         missing = sorted(info.get("missing_keys") or ())
         if missing:
@@ -217,11 +233,7 @@ class HFRunner:
         if neutral_below > 0:
             self.revision = f"{self.revision}+neutral{neutral_below:g}"
         limit = _model_max_length(model, tokenizer)
-        self.max_length = min(limit, max_length) if max_length else min(limit, LONGEST_DEFAULT)
-        if not max_length and limit > LONGEST_DEFAULT:
-            log.info("%s: the model takes up to %d tokens; texts are cut (or windowed) at "
-                     "%d, the default most; set BERTSTREAM_MAX_LENGTH (up to %d) for more",
-                     self.model_dir, limit, LONGEST_DEFAULT, limit)
+        self.max_length = _serving_length(self.model_dir, limit, max_length)
         special = int(tokenizer.num_special_tokens_to_add(pair=False))
         self.special_tokens = special
         if self.max_length <= special:
@@ -452,6 +464,86 @@ class HFRunner:
                            {label: float(p) for label, p in zip(self.labels, row, strict=True)})
             )
         return out
+
+
+def _serving_length(model_dir: Path, limit: int, max_length: int) -> int:
+    """The tokens one text takes: ``max_length`` (BERTSTREAM_MAX_LENGTH; 0: the model's
+    own ``limit``, up to :data:`LONGEST_DEFAULT`), never more than ``limit``. A cap the
+    user did not choose is logged, so that a length is never lowered without a word."""
+    if max_length and max_length > limit:
+        log.warning("%s: BERTSTREAM_MAX_LENGTH=%d is more than the model takes (%d "
+                    "tokens); texts are cut (or windowed) at %d",
+                    model_dir, max_length, limit, limit)
+    if not max_length and limit > LONGEST_DEFAULT:
+        log.info("%s: the model takes up to %d tokens; texts are cut (or windowed) at "
+                 "%d, the default most; set BERTSTREAM_MAX_LENGTH (up to %d) for more",
+                 model_dir, limit, LONGEST_DEFAULT, limit)
+    return min(limit, max_length) if max_length else min(limit, LONGEST_DEFAULT)
+
+
+def _load_refusal(model_dir: Path, exc: BaseException) -> str:
+    """Why ``model_dir`` could not be loaded (one line), in the user's terms where
+    transformers' words mislead: a head whose size config.json contradicts, a
+    SentencePiece tokenizer without the package that converts it."""
+    reason = _mismatch_reason(model_dir) if "ignore_mismatched_sizes" in str(exc) else None
+    if reason is None and any(w in str(exc).lower() for w in ("tiktoken", "sentencepiece")):
+        reason = _sentencepiece_reason(model_dir)
+    if reason is not None:
+        return f"cannot load a model from {model_dir}: {reason}{_rebuild_hint(model_dir)}"
+    return f"cannot load a model from {model_dir}: {_one_line(exc)}{_rebuild_hint(model_dir)}"
+
+
+def _mismatch_reason(model_dir: Path) -> str | None:
+    """Which weights have another shape than config.json gives them, and, for the
+    classification head, how many labels it was trained with (transformers only says
+    "You set `ignore_mismatched_sizes` to `False`" and prints a table). Loads the
+    directory once more, keeping nothing; None when that fails too."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report was printed by the first try
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), ignore_mismatched_sizes=True, output_loading_info=True)
+    except Exception:  # noqa: BLE001 - the first error stands then
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    mismatched = sorted((str(k), list(a), list(b)) for k, a, b in info.get("mismatched_keys") or ())
+    if not mismatched:
+        return None
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    del model
+    shown = "; ".join(f"{key} is {trained} in the weights but {wanted} by config.json"
+                      for key, trained, wanted in mismatched[:3])
+    more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+    labels = int(config.num_labels)
+    head = [trained for key, trained, wanted in mismatched
+            if not key.startswith(prefix) and trained and wanted and wanted[0] == labels]
+    hint = (f"; config.json's id2label names {labels} labels but the trained classification "
+            f"head has {head[0][0]} outputs: give id2label the labels the model was trained "
+            f"with, in their order" if head else
+            "; config.json does not describe these weights: use the config.json saved with them")
+    return f"its weights do not fit its config.json ({shown}{more}){hint}"
+
+
+def _sentencepiece_reason(model_dir: Path) -> str | None:
+    """A tokenizer that is a SentencePiece model alone (no tokenizer.json) needs the
+    sentencepiece package to be converted; without it transformers ends up asking for
+    tiktoken. None when that is not the case."""
+    import importlib.util
+
+    if (model_dir / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece"):
+        return None
+    pieces = sorted(f.name for pattern in ("*.model", "*.spm") for f in model_dir.glob(pattern))
+    if not pieces:
+        return None
+    return (f"its tokenizer is the SentencePiece model {pieces[0]} without a tokenizer.json, "
+            f"and converting it needs the sentencepiece package: pip install sentencepiece "
+            f"protobuf, or save the fast tokenizer with the model (tokenizer.save_pretrained "
+            f"writes tokenizer.json)")
 
 
 def _one_line(exc: BaseException) -> str:
