@@ -461,6 +461,9 @@ class Comparison:
     mean_change: float | None
     #: The texts B moved most, largest |change| first.
     largest: list[dict[str, Any]]
+    #: Texts whose A label B has no probability for (another label set: the change
+    #: counts it as 0, and agreement compares label names).
+    unmatched: int = 0
 
     @property
     def agreement(self) -> float | None:
@@ -470,7 +473,8 @@ class Comparison:
         return {"model_a": self.model_a, "model_b": self.model_b, "texts": self.texts,
                 "agree": self.agree, "agreement": self.agreement,
                 "flips": [{"from": a, "to": b, "count": n} for a, b, n in self.flips],
-                "mean_change": self.mean_change, "largest": self.largest}
+                "mean_change": self.mean_change, "unmatched": self.unmatched,
+                "largest": self.largest}
 
 
 def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
@@ -501,10 +505,12 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     joined = a.join(b, a.c.id == b.c.id)
     # B without a score for A's label gave it nothing: a full move, never a NULL that one
     # backend sorts first and the other last, and that the mean would leave out.
-    b_prob = sa.func.coalesce(sa.cast(_score_of(store, b.c.scores, a.c.label), sa.Float), 0.0)
+    b_score = _score_of(store, b.c.scores, a.c.label)
+    b_prob = sa.func.coalesce(sa.cast(b_score, sa.Float), 0.0)
     change = (b_prob - a.c.score).label("change")
     totals = sa.select(sa.func.count(), sa.func.sum(sa.case((a.c.label == b.c.label, 1), else_=0)),
-                       sa.func.avg(change)).select_from(joined).where(*conds)
+                       sa.func.avg(change), sa.func.sum(sa.case((b_score.is_(None), 1), else_=0))
+                       ).select_from(joined).where(*conds)
     flips = (sa.select(a.c.label, b.c.label, sa.func.count()).select_from(joined)
              .where(*conds, a.c.label != b.c.label).group_by(a.c.label, b.c.label)
              .order_by(sa.func.count().desc()))
@@ -518,9 +524,9 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
                 [(str(x), str(y), int(c)) for x, y, c in conn.execute(flips)],
                 [dict(r) for r in conn.execute(largest).mappings()])
 
-    (n, agree, mean), flip_rows, top_rows = store.run(read, "cannot read results")
+    (n, agree, mean, unmatched), flip_rows, top_rows = store.run(read, "cannot read results")
     return Comparison(model_a, model_b, int(n or 0), int(agree or 0), flip_rows,
-                      None if mean is None else float(mean), top_rows)
+                      None if mean is None else float(mean), top_rows, int(unmatched or 0))
 
 
 def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:

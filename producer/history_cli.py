@@ -210,6 +210,10 @@ def describe(result: Comparison) -> str:
              f"agreement: {100 * (result.agreement or 0):.1f}% ({result.agree})"]
     lines.append("label flips: " + (", ".join(f"{x} -> {y}: {n}" for x, y, n in result.flips)
                                     or "none"))
+    if result.unmatched:
+        lines.append(f"note: on {result.unmatched} of these texts {b} has no label named as "
+                     f"{a}'s (another label set): agreement and the change compare label "
+                     "names, and a label missing counts as probability 0")
     if result.mean_change is not None:
         lines.append(f"mean change of the probability of {a}'s label: "
                      f"{result.mean_change:+.4f}")
