@@ -15,7 +15,7 @@ import functools
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from types import TracebackType
@@ -24,7 +24,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from contract.messages import TaskItem
 from contract.results import ResultRecord
 from contract.settings import Settings
-from producer.client import Buffered, ChunkPublisher, Client, ClientClosed
+from producer.client import Buffered, ChunkPublisher, Client, ClientClosed, SubmitReport
+from producer.linger import LINGER_S
+
+#: Items of an async iterable one hop from the loop to :meth:`AsyncClient.submit_many`'s
+#: thread carries at most: those ready at once, so a fast source costs few hops.
+ASYNC_RUN = 256
 
 #: Threads of an :class:`AsyncClient`: as many as kombu's default pool has producers
 #: (``broker_pool_limit``) and under SQLAlchemy's default connections (5 + 10 overflow),
@@ -262,7 +267,36 @@ class AsyncClient:
     # -- submitting -----------------------------------------------------
 
     submit = _threaded(Client.submit)
-    submit_many = _threaded(Client.submit_many)
+
+    async def submit_many(
+        self,
+        items: Iterable[str | bytes | dict[str, Any]] | AsyncIterable[str | bytes | dict[str, Any]],
+        *,
+        source: str | None = None,
+        chunk_size: int | None = None,
+        ttl_s: float | None = None,
+        model: str | None = None,
+        linger_s: float | None = LINGER_S,
+    ) -> SubmitReport:
+        """:meth:`Client.submit_many`, run in a thread; ``items`` may also be an async
+        iterable (an async generator reading a websocket).
+
+        The same arguments, guarantees and errors. An async iterable is read on the loop
+        and its items handed to the thread; ``linger_s`` holds as for a generator: a
+        partial chunk goes out once its oldest item has waited that long, while the next
+        item is still awaited (that await is never cancelled for it). When the call
+        stops early (an error, a cancellation) the pending read of the async iterable is
+        cancelled and the items it gave before are published, as before any error."""
+        call = functools.partial(self.sync.submit_many, source=source, chunk_size=chunk_size,
+                                 ttl_s=ttl_s, model=model, linger_s=linger_s)
+        if isinstance(items, Iterable) or not isinstance(items, AsyncIterable):
+            return await self._run(lambda: call(items))
+        bridge = _AsyncItems(items, asyncio.get_running_loop())
+        try:
+            return await self._run(lambda: call(bridge.items()))
+        finally:
+            bridge.stop()
+
     publish = _threaded(Client.publish)
 
     @asynccontextmanager
@@ -357,6 +391,65 @@ class AsyncClient:
         while (pause := await self._run(step)) is not None:
             await self._pause(pause)
         return done[0]
+
+
+class _AsyncItems:
+    """An async iterable read from a thread: :meth:`items` is a plain generator there,
+    each step awaiting the next run of items on ``loop``. The pending ``__anext__`` is
+    kept from one run to the next (never cancelled because a run ended), so the source
+    reads on undisturbed; :meth:`stop` cancels it."""
+
+    def __init__(self, items: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._source = aiter(items)
+        self._loop = loop
+        #: the next item asked for and not yet handed over (or the end, or an error)
+        self._pending: asyncio.Future[Any] | None = None
+        self._stopped = False
+
+    def items(self) -> Iterator[Any]:
+        """The items, in order, read in the calling thread (not the loop's); the async
+        iterable's error re-raises here after the items before it."""
+        while True:
+            run, end = asyncio.run_coroutine_threadsafe(self._run(), self._loop).result()
+            yield from run
+            if end:
+                return
+
+    async def _run(self) -> tuple[list[Any], bool]:
+        """The next item (awaited as long as it takes), and those ready after it at once:
+        at most :data:`ASYNC_RUN`; True at the end. An error ends a run; it is raised at
+        the start of the next one, after the items before it were handed over."""
+        if self._stopped:
+            raise asyncio.CancelledError
+        run: list[Any] = []
+        while len(run) < ASYNC_RUN:
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(anext(self._source))
+            if run:  # only what is ready now: one loop step for the source, no wait
+                await asyncio.wait({self._pending}, timeout=0)
+                if not self._pending.done() or self._pending.exception() is not None:
+                    break
+            try:
+                item = await asyncio.shield(self._pending)
+            except StopAsyncIteration:
+                self._pending = None
+                return run, True
+            except asyncio.CancelledError:
+                if self._pending.cancelled():
+                    self._pending = None
+                raise
+            except BaseException:
+                self._pending = None
+                raise
+            self._pending = None
+            run.append(item)
+        return run, False
+
+    def stop(self) -> None:
+        """Cancel the pending read (on the loop): the call stopped."""
+        self._stopped = True
+        if self._pending is not None:
+            self._pending.cancel()
 
 
 class AsyncChunkPublisher:

@@ -19,8 +19,17 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MappingView,
+    Sequence,
+)
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
@@ -65,6 +74,7 @@ from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
 from contract.settings import REDIS_SCHEMES, Settings, mask_url, redis_url_problem
 from producer.items import ItemError, ItemValidator
+from producer.linger import LINGER_S, Flusher
 
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
 MAX_POLL_INTERVAL_S = 1.0
@@ -164,6 +174,17 @@ def _chunk_size_arg(chunk_size: Any) -> int | None:
         raise InvalidInput(f"chunk_size must be a whole number above 0 (None: "
                            f"BERTSTREAM_BULK_CHUNK_SIZE); got {chunk_size!r}")
     return chunk_size
+
+
+def _linger_arg(linger_s: Any) -> float | None:
+    """A ``linger_s=`` argument: None (only full chunks) or a finite number of seconds,
+    0 or more, else :class:`InvalidInput`."""
+    return None if linger_s is None else _seconds(linger_s, "linger_s", zero=True)
+
+
+#: Iterables held in memory: reading them cannot block, so submit_many reads them in the
+#: calling thread, with no reader thread nor linger (a str, bytes or dict is refused before).
+_IN_MEMORY = (Sequence, AbstractSet, MappingView)
 
 
 def _ids_arg(ids: Any) -> list[str] | None:
@@ -295,11 +316,13 @@ def _deliver(signum: int, handler: Any, frame: FrameType | None) -> None:
         signal.raise_signal(signum)
 
 
-def _sent_before_failing(items: Iterable[Any], publisher: ChunkPublisher) -> Iterator[Any]:
+def _sent_before_failing(items: Iterable[Any], publisher: ChunkPublisher,
+                         lock: threading.Lock | None = None) -> Iterator[Any]:
     """``items``; when iterating them raises (a generator whose cursor or consumer
     failed), the items buffered from before are published, then the error propagates:
     dropped, the caller (given no report) could not tell which items were sent. An
-    interrupt propagates at once (nothing more is published)."""
+    interrupt propagates at once (nothing more is published). ``lock``: held for that
+    flush (a :class:`Flusher`'s)."""
     source = iter(items)
     while True:
         try:
@@ -307,9 +330,31 @@ def _sent_before_failing(items: Iterable[Any], publisher: ChunkPublisher) -> Ite
         except StopIteration:
             return
         except Exception:
-            publisher.flush()
+            with lock if lock is not None else nullcontext():
+                publisher.flush()
             raise
         yield obj
+
+
+def _take_lingering(items: Iterable[Any], publisher: ChunkPublisher, flusher: Flusher,
+                    take: Callable[[int, Any], None]) -> None:
+    """``take`` every item of ``items`` (read in this thread, one when asked for, as
+    without linger) while ``flusher``'s thread publishes a partial chunk once due; the
+    thread is stopped before the publisher's block ends, and its error raised here."""
+    lock, linger = flusher.lock, flusher.linger
+    try:
+        for index, obj in enumerate(_sent_before_failing(items, publisher, lock)):
+            with lock:
+                if flusher.error is not None:
+                    raise flusher.error
+                messages = publisher.messages
+                take(index, obj)
+                if linger.since is None or publisher.messages != messages:
+                    flusher.added()
+    finally:
+        flusher.stop()
+    if flusher.error is not None:
+        raise flusher.error
 
 
 @dataclass
@@ -667,6 +712,7 @@ class Client:
         chunk_size: int | None = None,
         ttl_s: float | None = None,
         model: str | None = None,
+        linger_s: float | None = LINGER_S,
     ) -> SubmitReport:
         """Validate many items and publish the good ones on the bulk lane in chunks.
 
@@ -677,15 +723,21 @@ class Client:
         stop the rest; ids supplied twice are refused the second time.
         ``ttl_s``: seconds the tasks stay worth running; a task still queued
         after that is stored as ``expired`` without reaching the model.
+        ``linger_s``: a partial chunk is published once its oldest item has waited
+        this long, even while ``items`` blocks (a live or slow generator: a websocket,
+        a tail, one post a second): a thread of its own publishes it then, while
+        ``items`` is still read here, one item when asked for. None: only full chunks
+        and the last one at the end. A list, tuple or set (held in memory, nothing to
+        wait for) starts no thread.
         Raises :class:`BrokerUnavailable` when Redis stays unreachable through
         the publish retries; it says how many items were sent (those stay queued),
         :class:`TypeError` for one text or one dict item instead of many (a string
         is an iterable of characters, a dict of its keys: each would become a task)
         or for no iterable at all (None), and :class:`InvalidInput` for a ``source``,
-        ``ttl_s`` or ``chunk_size`` no item can take (refused once, not per item).
-        An error ``items`` raises (a generator whose source failed) propagates once
-        every good item it gave before is published, so the caller resumes after the
-        last item given.
+        ``ttl_s``, ``chunk_size`` or ``linger_s`` no item can take (refused once, not
+        per item). An error ``items`` raises (a generator whose source failed)
+        propagates once every good item it gave before is published, so the caller
+        resumes after the last item given.
         """
         if isinstance(items, (str, bytes, bytearray, Mapping)):
             one = "dict item" if isinstance(items, Mapping) else type(items).__name__
@@ -695,33 +747,41 @@ class Client:
             raise TypeError(f"submit_many takes an iterable of items (texts, or dicts with "
                             f"'text'), not {type(items).__name__}")
         _chunk_size_arg(chunk_size)
+        linger_s = _linger_arg(linger_s)
         self._call_args(source, ttl_s)
         if _model_arg(model) is not None and model != self.settings.model_name:
             return self.for_model(model).submit_many(items, source=source, chunk_size=chunk_size,
-                                                     ttl_s=ttl_s)
+                                                     ttl_s=ttl_s, linger_s=linger_s)
         size = chunk_size or self.settings.bulk_chunk_size
         validator = ItemValidator(self.settings, source, ttl_s=ttl_s)
         report = SubmitReport()
-        sent = 0
         conflicted: list[tuple[int, str, str]] = []
 
         def on_conflict(b: Buffered, reason: str) -> None:
             conflicted.append((b.line or 0, b.item.id, reason))
 
+        publisher: ChunkPublisher | None = None
         try:
             with self.chunk_publisher(bulk=True, chunk_size=size,
                                       on_conflict=on_conflict) as publisher:
-                for index, obj in enumerate(_sent_before_failing(items, publisher)):
+                add = publisher.add
+
+                def take(index: int, obj: Any) -> None:
                     checked = validator.check(index, obj)
                     if isinstance(checked, ItemError):
                         report.errors.append(checked)
-                        continue
-                    publisher.add(checked, index,
-                                  caller_id=isinstance(obj, Mapping) and obj.get("id") is not None)
+                        return
+                    add(checked, index,
+                        caller_id=isinstance(obj, Mapping) and obj.get("id") is not None)
                     report.ids.append(checked.id)
-                    sent = publisher.published
-                sent = publisher.published
+
+                if linger_s is None or isinstance(items, _IN_MEMORY):
+                    for index, obj in enumerate(_sent_before_failing(items, publisher)):
+                        take(index, obj)
+                else:
+                    _take_lingering(items, publisher, Flusher(publisher, linger_s), take)
         except BrokerUnavailable as exc:
+            sent = publisher.published if publisher is not None else 0
             raise BrokerUnavailable(exc.reason, sent=sent) from exc
         report.messages = publisher.messages
         if conflicted:

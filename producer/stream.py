@@ -29,13 +29,11 @@ from contract.errors import BrokerUnavailable, Interrupted, StreamFailed
 from contract.messages import TaskItem
 from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
+from producer.linger import LINGER_S, Linger
 from producer.sources import SourceRecord
 
 #: First pause while the queue is full, in seconds; doubles up to the cap.
 BACKPRESSURE_START_S = 0.02
-
-#: Default longest wait of a buffered item before its partial chunk is sent, in seconds.
-LINGER_S = 0.25
 
 #: Records the reader thread reads ahead of the publishing: two default chunks. Each
 #: record holds a text of up to the length limit, so this bounds a stream's memory
@@ -275,7 +273,7 @@ def stream(
 
     publisher: ChunkPublisher | None = None
     next_line = 1  # the line after the last one read
-    linger = _Linger(linger_s)
+    linger = Linger(linger_s)
     try:
         with client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send,
@@ -326,26 +324,6 @@ def _sent_before_failing(feed: Iterable[object], publisher: ChunkPublisher) -> I
             publisher.flush()
             raise
         yield record
-
-
-class _Linger:
-    """When the oldest item in a publisher's buffer was buffered: it is sent once it has
-    waited ``linger_s`` (None: never for its age)."""
-
-    def __init__(self, linger_s: float | None) -> None:
-        self.linger_s = linger_s
-        self.since: float | None = None
-
-    def due(self) -> float | None:
-        """The monotonic time by which the buffer must be sent; None: nothing is due."""
-        return None if self.since is None or self.linger_s is None else self.since + self.linger_s
-
-    def update(self, publisher: ChunkPublisher) -> None:
-        """Note what is buffered now (a stream adds every item with its line number)."""
-        if publisher.first_unsent_line is None:
-            self.since = None
-        elif self.since is None:
-            self.since = time.monotonic()
 
 
 def _stopped(exc: BaseException, publisher: ChunkPublisher | None,

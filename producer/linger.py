@@ -1,0 +1,114 @@
+"""Sending a partial chunk once its oldest item has waited ``linger_s``.
+
+Bulk publishing buffers items until a chunk is full; a slow or live source (a
+tail -f pipe, a websocket, one post a second) would leave its items waiting for
+minutes, and one followed by an hour of quiet for the hour. :class:`Linger`
+tells when the oldest buffered item is due: ``bertstream stream`` reads its
+source in a thread and flushes between records (:func:`producer.stream.with_ticks`);
+:meth:`producer.client.Client.submit_many` reads its items in the caller's thread,
+as before, and a :class:`Flusher` thread publishes the due chunk while that read
+blocks. Imports neither module.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Protocol
+
+#: Default longest wait of a buffered item before its partial chunk is sent, in seconds.
+LINGER_S = 0.25
+
+
+class Buffer(Protocol):
+    """What :class:`Linger` and :class:`Flusher` use of a chunk publisher."""
+
+    @property
+    def first_unsent_line(self) -> int | None:
+        """The line (or index) of the first buffered item; None when nothing is."""
+
+    def flush(self) -> None:
+        """Publish what is buffered."""
+
+
+class Linger:
+    """When the oldest item in a publisher's buffer was buffered: it is sent once it has
+    waited ``linger_s`` (None: never for its age)."""
+
+    def __init__(self, linger_s: float | None) -> None:
+        self.linger_s = linger_s
+        self.since: float | None = None
+
+    def due(self) -> float | None:
+        """The monotonic time by which the buffer must be sent; None: nothing is due."""
+        return None if self.since is None or self.linger_s is None else self.since + self.linger_s
+
+    def update(self, publisher: Buffer) -> None:
+        """Note what is buffered now (every item is added with its line or index)."""
+        if publisher.first_unsent_line is None:
+            self.since = None
+        elif self.since is None:
+            self.since = time.monotonic()
+
+
+class Flusher:
+    """Flushes ``publisher`` from a thread of its own once its oldest item has waited
+    ``linger_s``, while the caller's thread is blocked reading its source.
+
+    The caller adds each item holding :attr:`lock` and calls :meth:`added` there when
+    the buffer may have started or been sent (:attr:`linger` ``since`` None, or a
+    message went out); the thread flushes holding it, so the publisher (and its one
+    connection) is used by one thread at a time, and the source is read as before, one
+    item when asked for. The thread wakes when a deadline comes, not per item or chunk.
+    An error of the thread's flush is kept in :attr:`error`, for the caller to raise.
+    """
+
+    def __init__(self, publisher: Buffer, linger_s: float) -> None:
+        self._publisher = publisher
+        self.linger = Linger(linger_s)
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        #: the monotonic time the thread sleeps until (infinity: until woken)
+        self._until = math.inf
+        #: what the thread's flush raised; it flushes no more
+        self.error: BaseException | None = None
+
+    def added(self) -> None:
+        """Note an item added (under :attr:`lock`): wake the thread when the buffer's
+        deadline is earlier than the one it sleeps until, starting it on first use."""
+        self.linger.update(self._publisher)
+        due = self.linger.due()
+        if due is None or due >= self._until:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bertstream-linger",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.notify()
+
+    def stop(self) -> None:
+        """End the thread, once a flush it is making has ended."""
+        with self.lock:
+            self._stopped = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        with self.lock:
+            while not self._stopped:
+                due = self.linger.due()
+                wait = None if due is None else due - time.monotonic()
+                if wait is None or wait > 0:
+                    self._until = math.inf if due is None else due
+                    self._wake.wait(wait)
+                    continue
+                try:
+                    self._publisher.flush()
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self.error = exc
+                    return
+                self.linger.update(self._publisher)
