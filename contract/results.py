@@ -275,6 +275,7 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     if url.get_backend_name() == "sqlite":
         _create_private(url.database)
         engine = sa.create_engine(url, connect_args={"timeout": t.statement_s})
+        _this_process_only(engine)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -295,9 +296,35 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigError(f"{ENV_PREFIX}DATABASE_URL={mask_url(database_url)}: {exc}; "
                           f"{_SUPPORTED}") from exc
+    _this_process_only(engine)
     if engine.dialect.name == "postgresql":
         sa.event.listen(engine, "handle_error", _end_read_only_session)
     return engine
+
+
+def _this_process_only(engine: Engine) -> None:
+    """Never hand out a pooled connection another process opened.
+
+    A forked process (a pre-fork web server's worker, multiprocessing) inherits the
+    pool: two processes on one socket read each other's replies (another id's row,
+    "result object does not return rows"). The client's at-fork hook drops the pool,
+    but uWSGI forks from C, where no such hook runs, and a store used without a client
+    has none. So each connection remembers the process that opened it; one checked out
+    in another process is dropped without being closed (closing would end the parent's
+    session) and replaced by a new one, as SQLAlchemy's documentation on pools and
+    ``os.fork()`` advises."""
+    def connect(_dbapi: Any, record: Any) -> None:
+        record.info["pid"] = os.getpid()
+
+    def checkout(_dbapi: Any, record: Any, proxy: Any) -> None:
+        pid = os.getpid()
+        if record.info.get("pid", pid) != pid:
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise sa.exc.DisconnectionError(
+                f"connection opened by process {record.info['pid']}, checked out in {pid}")
+
+    sa.event.listen(engine, "connect", connect)
+    sa.event.listen(engine, "checkout", checkout)
 
 
 #: SQLSTATE of a write refused because the session is read-only (read_only_sql_transaction).

@@ -1,0 +1,90 @@
+"""The results store across a pre-fork web server's fork, however the fork is made.
+
+uWSGI's default pre-fork (no ``lazy-apps``, no ``py-call-osafterfork``) forks its
+workers from C: Python's ``os.register_at_fork`` hooks never run there, so the
+client's own after-fork reset does not either. A store used without a client (an
+app reading ``ResultStore`` itself) has no hook at all. Either way the workers and
+the master shared the master's pooled database connections and read one another's
+replies: another id's row, or "result object does not return rows". The engine now
+checks on every checkout that a pooled connection was opened by this process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from contract.results import ResultStore
+from producer import Client
+from tests.producer_helpers import broker_settings, record
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+
+ROWS = 50
+READS = 200
+
+
+@pytest.fixture
+def rows(store: ResultStore) -> ResultStore:
+    """``store`` (SQLite and PostgreSQL) holding rows r0..r49."""
+    store.upsert([record(f"r{i}", text=f"text {i}") for i in range(ROWS)])
+    return store
+
+
+def _c_fork() -> int:
+    """fork(2) called from C, as uWSGI forks its workers: no at-fork hook of Python runs.
+    Through PyDLL, so the GIL stays held across the call (the child owns it)."""
+    return int(ctypes.PyDLL(None).fork())
+
+
+def _wrong_reads(read: Callable[[str], list[str]]) -> int:
+    """How many of :data:`READS` reads gave anything but the one id asked for."""
+    bad = 0
+    for j in range(READS):
+        want = f"r{j % ROWS}"
+        try:
+            bad += read(want) != [want]
+        except Exception:  # noqa: BLE001 - counted: the parent asserts on it
+            bad += 1
+    return bad
+
+
+def _in_children(fork: Callable[[], int], read: Callable[[str], list[str]],
+                 children: int = 3) -> Iterator[int]:
+    """Fork ``children`` processes that each read concurrently with this one; yield this
+    process's wrong reads, then each child's exit code (0: every read right)."""
+    pids = []
+    for _ in range(children):
+        pid = fork()
+        assert pid >= 0, "fork failed"
+        if pid == 0:  # pragma: no cover - the child's exit code is asserted
+            code = 1
+            try:
+                code = 1 if _wrong_reads(read) else 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    yield _wrong_reads(read)
+    for pid in pids:
+        yield os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_client_forked_from_c_reads_its_own_rows(rows: ResultStore, redis_url: str,
+                                                   db_url: str) -> None:
+    """uWSGI's pre-fork: the client built and used in the master at import, its workers
+    forked from C. Each worker reads its own answers, and so does the master."""
+    with Client(broker_settings(redis_url, db_url)) as client:
+        assert client.get("r1") is not None  # a pooled connection open before the fork
+        results = list(_in_children(_c_fork, lambda want: sorted(client.get_many([want]))))
+        assert results == [0, 0, 0, 0]
+        assert client.get("r2") is not None
+
+
+def test_a_bare_store_survives_os_fork(rows: ResultStore) -> None:
+    """A store used without a client (no at-fork hook of its own) across ``os.fork``:
+    each process reads over connections it opened itself."""
+    results = list(_in_children(os.fork, lambda want: sorted(rows.get_many([want]))))
+    assert results == [0, 0, 0, 0]
