@@ -530,10 +530,13 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
 
 
 def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:
-    """``scores[label]`` in SQL: the JSON member named by another column."""
+    """``scores[label]`` in SQL: the JSON member named by another column. On SQLite by
+    ``json_each``'s keys, not a JSON path: a path cannot quote a label holding ``"`` (any
+    name a model's id2label gives is stored), which then read as missing."""
     if store.engine.dialect.name == "postgresql":
         return sa.cast(scores, JSONB).op("->>")(label)
-    return sa.func.json_extract(scores, sa.literal('$."') + label + sa.literal('"'))
+    members = sa.func.json_each(scores).table_valued("key", "value")
+    return sa.select(members.c.value).where(members.c.key == label).limit(1).scalar_subquery()
 
 
 def _kept_text(task: Any) -> Any:

@@ -7,6 +7,8 @@ Every field maps to ``BERTSTREAM_<FIELD NAME IN UPPER CASE>``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import re
@@ -258,6 +260,7 @@ class Settings:
         Raises :class:`ConfigError` naming the variable when a value does not parse.
         """
         source = os.environ if env is None else env
+        _name_unknown(source)
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = ENV_PREFIX + f.name.upper()
@@ -524,6 +527,41 @@ def _got(value: Any) -> str:
 
 
 _PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+
+
+log = logging.getLogger(__name__)
+
+#: ``BERTSTREAM_*`` names that are no setting but are read for themselves: the variables
+#: docker-compose.yml substitutes, and the test suite's own.
+NOT_SETTINGS = frozenset(ENV_PREFIX + n for n in (
+    "IMAGE", "GPU_IMAGE", "GPUS", "PROCS_PER_GPU", "API_WORKERS", "NAME", "REPORT_EXAMPLE"))
+NOT_SETTINGS_PREFIXES = (ENV_PREFIX + "TEST_",)
+#: Names other tools use for what a setting holds, and that setting.
+_MEANT = {"REDIS_URL": "BROKER_URL", "CELERY_BROKER_URL": "BROKER_URL", "BROKER": "BROKER_URL",
+          "DB_URL": "DATABASE_URL", "DATABASE": "DATABASE_URL", "POSTGRES_URL": "DATABASE_URL",
+          "SQLALCHEMY_DATABASE_URI": "DATABASE_URL"}
+#: The unknown names already named in this process (each once, however many Settings).
+_named_unknown: set[str] = set()
+
+
+def _name_unknown(source: Mapping[str, str]) -> None:
+    """Warn, once per process, of each ``BERTSTREAM_*`` variable that is no setting, with
+    the one it most likely meant: ignored without a word, a ``BERTSTREAM_REDIS_URL``
+    left the command on the default Redis (database 0 on localhost), another queue."""
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    for key in source:
+        if (not key.startswith(ENV_PREFIX) or key in known or key in NOT_SETTINGS
+                or key.startswith(NOT_SETTINGS_PREFIXES) or key in _named_unknown):
+            continue
+        _named_unknown.add(key)
+        rest = key[len(ENV_PREFIX):]
+        guess = _MEANT.get(rest)
+        if guess is None:
+            close = difflib.get_close_matches(
+                rest, [k[len(ENV_PREFIX):] for k in sorted(known)], n=1, cutoff=0.7)
+            guess = close[0] if close else None
+        hint = f" (did you mean {ENV_PREFIX}{guess}?)" if guess else ""
+        log.warning("%s is no bertstream setting and is ignored%s", key, hint)
 
 
 def _parse(key: str, raw: str, type_name: Any) -> Any:

@@ -16,7 +16,7 @@ import inspect
 import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -404,13 +404,21 @@ class _AsyncItems:
         self._loop = loop
         #: the next item asked for and not yet handed over (or the end, or an error)
         self._pending: asyncio.Future[Any] | None = None
+        #: the run the thread waits for: stop() cancels it there, as the loop may not
+        #: run again to cancel it (run_until_complete of a wait_for that timed out)
+        self._waiting: Future[tuple[list[Any], bool]] | None = None
         self._stopped = False
 
     def items(self) -> Iterator[Any]:
         """The items, in order, read in the calling thread (not the loop's); the async
         iterable's error re-raises here after the items before it."""
         while True:
-            run, end = asyncio.run_coroutine_threadsafe(self._run(), self._loop).result()
+            if self._stopped:
+                raise CancelledError
+            self._waiting = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+            if self._stopped:  # stop() ran before this run was there to cancel
+                self._waiting.cancel()
+            run, end = self._waiting.result()
             yield from run
             if end:
                 return
@@ -446,10 +454,13 @@ class _AsyncItems:
         return run, False
 
     def stop(self) -> None:
-        """Cancel the pending read (on the loop): the call stopped."""
+        """Cancel the pending read (on the loop) and the run the thread waits for: the
+        call stopped."""
         self._stopped = True
         if self._pending is not None:
             self._pending.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
 
 class AsyncChunkPublisher:

@@ -90,9 +90,10 @@ class Flusher:
         self._wake.notify()
 
     def stop(self) -> None:
-        """End the thread, once a flush it is making has ended."""
+        """End the thread, once a flush it is making has ended. Marked stopped before the
+        lock is taken: a Ctrl-C while waiting for that flush still ends the thread after it."""
+        self._stopped = True
         with self.lock:
-            self._stopped = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
@@ -104,7 +105,8 @@ class Flusher:
                 wait = None if due is None else due - time.monotonic()
                 if wait is None or wait > 0:
                     self._until = math.inf if due is None else due
-                    self._wake.wait(wait)
+                    # at most an hour at a time: a lock's timeout has a bound (OverflowError)
+                    self._wake.wait(None if wait is None else min(wait, 3600.0))
                     continue
                 try:
                     self._publisher.flush()
