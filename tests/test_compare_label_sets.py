@@ -1,12 +1,17 @@
 """Comparing two models whose label sets differ (a user's LABEL_0/LABEL_1 model against
 the bundled positive/negative one): agreement and the change compare label names, so
 `compare` and `/v1/compare` say on how many texts B has no label named as A's, instead
-of a bare 0 % agreement that reads as total disagreement."""
+of a bare 0 % agreement that reads as total disagreement. A label name may hold any
+character config.json's id2label gives (a double quote, a backslash): SQLite's JSON path
+could not quote them, so such a label read as missing there while PostgreSQL read it;
+both backends must give the same comparison."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+
+import pytest
 
 from contract.queries import Filters, compare
 from contract.results import ResultRecord, ResultStore
@@ -51,3 +56,13 @@ def test_texts_whose_label_b_lacks_are_counted_and_said(store: ResultStore, redi
     as_json = invoke(["compare", "--model", "sent", "--model", "mine", "--format", "json"],
                      settings)
     assert json.loads(as_json.stdout)["unmatched"] == 2
+
+
+@pytest.mark.parametrize("name", ['say "yes"', "back\\slash", "a.b", "it's", "$[0]"])
+def test_label_names_any_character_are_matched(store: ResultStore, name: str) -> None:
+    store.upsert([_row("x1", "ma", {name: 0.9, "other": 0.1}),
+                  _row("x1", "mb", {name: 0.3, "other": 0.7})])
+    got = compare(store, "ma", "mb", Filters())
+    assert (got.texts, got.agree, got.unmatched) == (1, 0, 0)
+    assert got.mean_change == pytest.approx(0.3 - 0.9)
+    assert got.largest[0]["change"] == pytest.approx(0.3 - 0.9)
