@@ -103,8 +103,8 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
     what the URL asks (a database index past the server's ``databases``, a wrong or
     missing password): a setting to fix (exit 2), not a server to start. Otherwise
     :class:`BrokerUnavailable` (exit 3), which says so when Redis is up but full
-    (:func:`redis_full`): "cannot reach Redis ... start it" sent the reader to a server
-    that runs.
+    (:func:`redis_full`) or silent (:func:`redis_silent`): "cannot reach Redis ... start
+    it" sent the reader to a server that runs.
     """
     url = mask_url(settings.broker_url)
     if redis_full(exc):
@@ -121,8 +121,23 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
             problem = f"the Redis server there refused the credentials ({cause})"
         if problem is not None:
             return BrokerMisconfigured(f"{ENV_PREFIX}BROKER_URL={url!r}: {problem}", problem)
+    if redis_silent(exc):
+        return BrokerUnavailable(
+            f"cannot reach Redis at {url} — it took the connection but did not answer "
+            f"within {settings.redis_socket_timeout_s:g} s (paused, busy with a long command "
+            f"or script, or overloaded): retry later, or raise "
+            f"{ENV_PREFIX}REDIS_SOCKET_TIMEOUT_S ({exc})")
     return BrokerUnavailable(f"cannot reach Redis at {url} — start it with `redis-server` "
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
+
+
+def redis_silent(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one of its causes) is a Redis that took the connection and did
+    not answer in time (``CLIENT PAUSE``, a long script, an overloaded server): a server
+    that runs, which "start it" would send the reader to restart (losing, without
+    persistence, its queue). A connect that timed out is not one (no server answered)."""
+    return any(isinstance(cause, redis.exceptions.TimeoutError)
+               and "connecting" not in str(cause) for cause in causes(exc))
 
 
 def redis_unreachable(exc: BaseException) -> bool:

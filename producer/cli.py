@@ -81,7 +81,7 @@ from producer.sources import (
     open_source,
     read_records,
 )
-from producer.stream import RECENT_IDS, StreamReport, Tracker, stream
+from producer.stream import RECENT_IDS, QueueLost, StreamReport, Tracker, stream
 
 #: Commands implemented in ``worker.cli`` (attribute, one-line help shown
 #: without importing it).
@@ -120,6 +120,9 @@ DEFAULT_LIMIT = 100
 RESULTS_PAGE = 1000
 #: Characters of output ``results`` writes at once.
 ECHO_CHARS = 64 * 1024
+#: What a Redis Stream reader says when Redis lost its data: the stream went with it.
+STREAM_LOST_NOTE = ("the Redis Stream's entries and group went with it: its producers must "
+                    "add the lost entries again; rerun to read the stream as it is now")
 #: Rejected lines shown in a stream summary.
 SHOWN_ERRORS = 10
 #: Missing ids shown when a wait times out.
@@ -711,6 +714,10 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
             trackers=trackers, max_tracked_ids=max_tracked_ids,
             on_wait=None if bar else _say_paused,
         )
+    except QueueLost as exc:  # the Redis Stream and its group went with the queue
+        if pending_note is None:
+            raise
+        raise QueueLost(f"{exc.reason}; {STREAM_LOST_NOTE}", sent=exc.sent) from exc
     except BrokerUnavailable as exc:
         if pending_note is None:
             raise

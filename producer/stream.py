@@ -13,10 +13,12 @@ second).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from contract.broker import publish_retry_policy
 from contract.errors import BrokerUnavailable, Interrupted, StreamFailed
 from contract.messages import TaskItem
+from contract.settings import REDIS_SCHEMES, mask_url
 from producer.client import Buffered, ChunkPublisher, Client
 from producer.items import ItemError, ItemValidator
 from producer.linger import LINGER_S, Linger
@@ -47,6 +50,12 @@ PAUSE_NOTE_EVERY_S = 60.0
 #: Caller ids a stream from a source of unknown length (a pipe) remembers to refuse a
 #: repeated one: the most recent ones, so its memory does not grow with every line.
 RECENT_IDS = 100_000
+
+#: The key a stream writes, after each chunk it publishes, how far it got
+#: (:class:`QueueWatch`); the run's own id follows.
+WATCH_KEY_PREFIX = "bertstream:stream:"
+#: Seconds the key outlives the last chunk: far longer than any backpressure pause.
+WATCH_TTL_S = 7 * 24 * 3600
 
 _TICK = object()
 _END = object()
@@ -130,6 +139,123 @@ class StreamReport:
         return self.accepted / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+class QueueLost(BrokerUnavailable):
+    """Redis came back without the queue a stream filled (restarted without persistence,
+    or flushed): the tasks sent from ``resume_line`` on that no worker had taken are gone.
+    ``sent`` counts all the items sent, those lost included."""
+
+
+def _retried(client: Client, call: Callable[[], Any]) -> Any:
+    """``call()``, asked again through a Redis restart as a publish would be
+    (``publish_retries`` tries, 0.25 s more pause each, capped at
+    ``publish_retry_max_s``); then its :class:`BrokerUnavailable` is raised."""
+    policy = publish_retry_policy(client.settings)
+    tries, pause = policy["max_retries"], policy["interval_start"]
+    while True:
+        try:
+            return call()
+        except BrokerUnavailable:
+            if tries <= 0:
+                raise
+            tries -= 1
+        time.sleep(pause)
+        pause = min(pause + policy["interval_step"], policy["interval_max"])
+
+
+class QueueWatch:
+    """Tells whether Redis lost what a stream queued: a restart without persistence
+    empties the queue, and a stream riding the restart out reported every text sent,
+    and exited 0, though the queue it filled was gone.
+
+    After each chunk :meth:`sent` writes a key of the run's own (one round trip, with the
+    previous value read back): the items sent so far and the line after the chunk. A value
+    read back other than the one written last means Redis lost its data since; what it
+    kept (the value it still had, written after the chunks it holds) gives the line to
+    resume from. :meth:`lost` reads it once more (the source failed, the stream ended).
+    """
+
+    def __init__(self, client: Client, first_line: int = 1) -> None:
+        self.client = client
+        self.key = f"{WATCH_KEY_PREFIX}{uuid.uuid4().hex}"
+        self.sent_items = 0
+        #: the value written last (None: none yet, nothing to lose)
+        self.last: str | None = None
+        self.first_line = first_line
+        #: False for a broker other than Redis (``memory://``): nothing to watch
+        self.on = client.settings.broker_url.startswith(REDIS_SCHEMES)
+
+    def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
+        """A chunk of ``pairs`` was published; raises :class:`QueueLost` when Redis lost
+        what came before."""
+        if not pairs or not self.on:
+            return
+        if self.last is None:
+            self.first_line = pairs[0][0].line
+        self.sent_items += len(pairs)
+        value = f"{self.sent_items} {pairs[-1][0].next_line}"
+
+        def swap(r: Any) -> Any:
+            with r.pipeline(transaction=True) as pipe:
+                pipe.get(self.key)
+                pipe.set(self.key, value, ex=WATCH_TTL_S)
+                return pipe.execute()[0]
+
+        previous = _retried(self.client, lambda: self.client._on_redis(swap))
+        # its own value: the reply of a first try was lost, and the swap tried again
+        lost = None if _text(previous) == value else self._lost(previous)
+        self.last = value
+        if lost is not None:
+            raise lost
+
+    def rejected(self, record: SourceRecord, error: ItemError) -> None:
+        """Nothing to watch: a refused record was not sent."""
+
+    def check(self) -> None:
+        """Raise :class:`QueueLost` when Redis lost what this stream sent (before a chunk
+        is sent: a Redis that came back empty gets no more, and the resume line is that
+        of the first text it lacks)."""
+        if not self.on or self.last is None:
+            return
+        lost = self._lost(_retried(self.client, lambda: self.client._on_redis(
+            lambda r: r.get(self.key))))
+        if lost is not None:
+            raise lost
+
+    def lost(self) -> QueueLost | None:
+        """:class:`QueueLost` when Redis lost what this stream sent (its key is gone), else
+        None; None too when Redis cannot tell now (out of reach: that error is reported)."""
+        if not self.on or self.last is None:
+            return None
+        try:
+            return self._lost(self.client._on_redis(lambda r: r.get(self.key)))
+        except BrokerUnavailable:
+            return None
+
+    def forget(self) -> None:
+        """Delete the key (the run ended); a Redis out of reach keeps it until it expires."""
+        if self.on and self.last is not None:
+            with contextlib.suppress(BrokerUnavailable):
+                self.client._on_redis(lambda r: r.delete(self.key))
+
+    def _lost(self, previous: Any) -> QueueLost | None:
+        if self.last is None:
+            return None
+        got = _text(previous)
+        if got == self.last:
+            return None
+        kept, resume = (int(x) for x in got.split()) if got else (0, self.first_line)
+        url = mask_url(self.client.settings.broker_url)
+        return QueueLost(
+            f"Redis at {url} lost the queue this stream filled (it restarted without "
+            f"persistence, or was flushed): the last {self.sent_items - kept} item(s) sent "
+            f"are gone, but for those a worker had taken",
+            sent=self.sent_items, resume_line=resume)
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Backpressure:
     """Blocks while the broker queue holds more than ``max_queue_length`` messages.
 
@@ -152,20 +278,8 @@ class Backpressure:
         self.on_wait = on_wait
 
     def _length(self) -> int:
-        """The queue length, asked again through a Redis restart as a publish would be
-        (``publish_retries`` tries, 0.25 s more pause each, capped at
-        ``publish_retry_max_s``); then :class:`BrokerUnavailable` is raised."""
-        policy = publish_retry_policy(self.client.settings)
-        tries, pause = policy["max_retries"], policy["interval_start"]
-        while True:
-            try:
-                return self.client.queue_length()
-            except BrokerUnavailable:
-                if tries <= 0:
-                    raise
-                tries -= 1
-            time.sleep(pause)
-            pause = min(pause + policy["interval_step"], policy["interval_max"])
+        """The queue length, asked again through a Redis restart (:func:`_retried`)."""
+        return int(_retried(self.client, self.client.queue_length))
 
     def wait_for_room(self) -> float:
         """Return once the queue is at or below the bound; give the seconds paused."""
@@ -223,7 +337,9 @@ def stream(
     published before this returns, or before the error of a source that fails
     is raised. Raises :class:`BrokerUnavailable` when
     Redis stays away through the publish retries; the error carries how many
-    items were sent (they stay queued) and the line to resume from. A
+    items were sent (they stay queued) and the line to resume from;
+    :class:`QueueLost` (one) when Redis comes back without what was sent
+    (:class:`QueueWatch`): the line to resume from is the first it lacks. A
     KeyboardInterrupt becomes :class:`Interrupted`, carrying the same; the
     buffered items are not published. A source that fails to read, or a tracker that
     fails to write (it raises :class:`StreamFailed`), raises :class:`StreamFailed`
@@ -252,16 +368,19 @@ def stream(
             on_wait(length)
 
     pressure = Backpressure(client, bound, max_backoff_s=max_backoff_s, on_wait=on_pause)
+    watch = QueueWatch(client)
+    told = [*trackers, watch]  # the watch last: after the ids file and the acks
 
     def before_send() -> None:
         report.waited_s += pressure.wait_for_room()
+        watch.check()  # nothing more sent into a Redis that lost the rest
         # no redraw here: the bar redraws at its own interval, not once per chunk
         bar.set_description_str("", refresh=False)
         bar.set_postfix(rejected=report.rejected, refresh=False)
 
     def after_send(items: list[TaskItem], origins: list[Any]) -> None:
         pairs = list(zip(origins, items, strict=True))
-        for tracker in trackers:
+        for tracker in told:
             tracker.sent(pairs)
 
     def on_conflict(b: Buffered, reason: str) -> None:
@@ -275,9 +394,9 @@ def stream(
     next_line = 1  # the line after the last one read
     linger = Linger(linger_s)
     try:
-        with client.chunk_publisher(
+        with _watching(watch), client.chunk_publisher(
             bulk=True, chunk_size=chunk_size, before_send=before_send,
-            after_send=after_send if trackers else None, on_conflict=on_conflict,
+            after_send=after_send, on_conflict=on_conflict,
         ) as publisher:
             feed: Iterable[object] = records if linger_s is None else with_ticks(records, linger.due)
             for record in _sent_before_failing(feed, publisher):
@@ -302,6 +421,28 @@ def stream(
         bar.close()
         report.elapsed_s = time.monotonic() - started
     return report
+
+
+@contextlib.contextmanager
+def _watching(watch: QueueWatch) -> Iterator[None]:
+    """Run a stream's publishing under ``watch``: once it ends, and when its source fails
+    (a Redis Stream that went with Redis's data), :class:`QueueLost` if Redis lost what
+    was sent; the watch's key is deleted."""
+    try:
+        yield
+    except (BrokerUnavailable, KeyboardInterrupt, StreamFailed):
+        raise
+    except Exception as exc:
+        lost = watch.lost()
+        if lost is not None:
+            raise lost from exc
+        raise
+    else:
+        lost = watch.lost()  # since the last chunk
+        if lost is not None:
+            raise lost
+    finally:
+        watch.forget()
 
 
 def _sent_before_failing(feed: Iterable[object], publisher: ChunkPublisher) -> Iterator[object]:
@@ -331,6 +472,8 @@ def _stopped(exc: BaseException, publisher: ChunkPublisher | None,
     """The error a stream stopped by ``exc`` raises: how many items were published and
     the first line not sent (the first buffered one, which was dropped, else the next
     to read)."""
+    if isinstance(exc, QueueLost):  # it says where to resume: before what Redis lost
+        return QueueLost(exc.reason, sent=exc.sent, resume_line=exc.resume_line)
     sent = publisher.published if publisher is not None else 0
     unsent = publisher.first_unsent_line if publisher is not None else None
     resume = unsent if unsent is not None else next_line
