@@ -1086,6 +1086,11 @@ def _health_routes(app: FastAPI, services: Services) -> None:
             checks["redis"] = errors.redis_check(services.settings, exc)
         try:
             schema = migrate.state(services.client.store)
+            if schema.empty:
+                # A schema the role lost USAGE on hides its tables: "empty" to this role,
+                # which then read every task as 404. Refused when so, naming the GRANT.
+                migrate.check_privileges(services.client.store, migrate.READER_PRIVILEGES,
+                                         "the API")
             problem = schema.problem()
             checks["database"] = ("ok" if problem is None else
                                   "ok: no schema yet (a worker or `bertstream db upgrade` "

@@ -458,6 +458,12 @@ class FlushProcessor:
         #: visibility sweep restores them while a silent database runs the commit's
         #: retries out (worker/tasks.py). None: nothing to renew.
         self.keep_alive: Callable[[], None] | None = None
+        #: True once the worker was asked to stop (SIGTERM): a database operation that
+        #: meets an outage is then not retried, so the shutdown does not wait out five
+        #: attempts (each up to the database timeouts, against a silent server) past the
+        #: grace period and its SIGKILL; the flush's messages go back to the queue at once
+        #: instead, uncounted (worker/tasks.py).
+        self.stopping: Callable[[], bool] = lambda: False
         #: The clock task deadlines are compared with and rows are stamped with (started,
         #: finished, and submitted for an item that came without): the Redis server's, set
         #: by the task (worker/tasks.py), as producers stamp submit times and deadlines on
@@ -497,7 +503,11 @@ class FlushProcessor:
             e.attempt = attempt
             if e.item is not None and e.item.expired(now):
                 e.expire(now)
-        stats.skipped, stats.skipped_ids = self._skip_done(entries)
+        try:
+            stats.skipped, stats.skipped_ids = self._skip_done(entries)
+        except StoreUnavailable:
+            self.backlog = []
+            raise
         t0 = time.perf_counter()
         live = self._encode([e for e in entries if e.pending])
         stats.encode_s = time.perf_counter() - t0
@@ -650,6 +660,8 @@ class FlushProcessor:
             self._keep_alive()
             done = self.store.done_ids(list(pending), model=self.model_key)
         except StoreUnavailable as exc:
+            if self._give_up(exc):
+                raise
             # Only a saving: run them all; the commit's retries deal with the outage.
             self.outage.note(log, "lookup", logging.WARNING,
                              "cannot look up done ids, running every item: %s", exc,
@@ -800,7 +812,7 @@ class FlushProcessor:
                 self._keep_alive()
                 written = self.store.upsert(records, windows)
             except StoreUnavailable as exc:
-                if attempt == 5:
+                if attempt == 5 or self._give_up(exc):
                     raise
                 self.outage.note(log, "commit", logging.WARNING,
                                  "commit failed (attempt %d/5), retrying in %.1fs: %s",
@@ -811,6 +823,14 @@ class FlushProcessor:
                 self.outage.recovered(log)
                 return written
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _give_up(self, exc: StoreUnavailable) -> bool:
+        """True (said in the log) when the worker is stopping: no retry of ``exc``'s outage."""
+        if not self.stopping():
+            return False
+        log.warning("stopping: the database is unavailable (%s); not retrying, this "
+                    "flush's messages go back to the queue", exc)
+        return True
 
     def _keep_alive(self) -> None:
         """:attr:`keep_alive`, if any; a failure is logged, never raised (the write goes on)."""

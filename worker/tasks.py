@@ -819,12 +819,22 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
     task = app.register_task(task_cls())
     # The processor's database waits renew the deliveries the task holds (a silent database).
     processor.keep_alive = task._renew_due
+    # A warm shutdown does not wait out a database outage's retries (worker/flush.py).
+    processor.stopping = _stopping
     # Deadlines and submit times are stamped on the Redis server's clock, and so are the
     # rows' times; an offset to it, refreshed every few seconds, costs a flush no round
     # trip (contract/clock.py).
     processor.clock = ServerClock(redis_client(settings)).now
     app.steps["consumer"].add(_HandBackHeld)
     return task
+
+
+def _stopping() -> bool:
+    """A warm shutdown was asked for: Celery's SIGTERM/SIGINT handler, which may run
+    in the middle of a flush, sets ``should_stop`` (as Celery's own check reads it)."""
+    from celery.worker import state
+
+    return state.should_stop is not None and state.should_stop is not False
 
 
 def _header_problem(message: Any) -> str | None:
