@@ -27,7 +27,7 @@ from typing import Any, Protocol, cast
 from tqdm import tqdm
 
 from contract.broker import publish_retry_policy
-from contract.errors import BrokerUnavailable, Interrupted, StreamFailed
+from contract.errors import BertstreamError, BrokerUnavailable, Interrupted, StreamFailed
 from contract.messages import TaskItem
 from contract.settings import REDIS_SCHEMES, mask_url
 from producer.client import Buffered, ChunkPublisher, Client
@@ -172,25 +172,32 @@ class QueueWatch:
     read back other than the one written last means Redis lost its data since; what it
     kept (the value it still had, written after the chunks it holds) gives the line to
     resume from. :meth:`lost` reads it once more (the source failed, the stream ended).
+    The key alone may go too (:meth:`_gone_alone`: evicted, or expired after a quiet
+    spell): no loss then, unless Redis restarted meanwhile.
     """
 
     def __init__(self, client: Client, first_line: int = 1) -> None:
         self.client = client
         self.key = f"{WATCH_KEY_PREFIX}{uuid.uuid4().hex}"
         self.sent_items = 0
-        #: the value written last (None: none yet, nothing to lose)
+        #: the value written last (None: none yet, or the key went alone: nothing to lose)
         self.last: str | None = None
         self.first_line = first_line
         #: False for a broker other than Redis (``memory://``): nothing to watch
         self.on = client.settings.broker_url.startswith(REDIS_SCHEMES)
+        #: Redis's run id and evicted keys at the first chunk (None: INFO refused)
+        self.server: tuple[str, int] | None = None
+        #: when the key was written last (``time.monotonic``)
+        self.written_at = 0.0
 
     def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
         """A chunk of ``pairs`` was published; raises :class:`QueueLost` when Redis lost
         what came before."""
         if not pairs or not self.on:
             return
-        if self.last is None:
+        if not self.sent_items:
             self.first_line = pairs[0][0].line
+            self.server = self._server()
         self.sent_items += len(pairs)
         value = f"{self.sent_items} {pairs[-1][0].next_line}"
 
@@ -203,7 +210,7 @@ class QueueWatch:
         previous = _retried(self.client, lambda: self.client._on_redis(swap))
         # its own value: the reply of a first try was lost, and the swap tried again
         lost = None if _text(previous) == value else self._lost(previous)
-        self.last = value
+        self.last, self.written_at = value, time.monotonic()
         if lost is not None:
             raise lost
 
@@ -243,6 +250,9 @@ class QueueWatch:
         got = _text(previous)
         if got == self.last:
             return None
+        if got is None and self._gone_alone():
+            self.last = None  # nothing to compare until the next chunk writes it again
+            return None
         kept, resume = (int(x) for x in got.split()) if got else (0, self.first_line)
         url = mask_url(self.client.settings.broker_url)
         return QueueLost(
@@ -250,6 +260,28 @@ class QueueWatch:
             f"persistence, or was flushed): the last {self.sent_items - kept} item(s) sent "
             f"are gone, but for those a worker had taken",
             sent=self.sent_items, resume_line=resume)
+
+    def _gone_alone(self) -> bool:
+        """Whether the key went without the queue: Redis evicted keys since the stream
+        began (a ``maxmemory-policy`` such as ``volatile-lru`` takes a key with a TTL first;
+        the queue has none), or no chunk renewed it for :data:`WATCH_TTL_S`. Not when Redis
+        restarted meanwhile (its run id changed): that is a loss."""
+        now = self._server()
+        if now is not None and self.server is not None:
+            if now[0] != self.server[0]:
+                return False
+            if now[1] > self.server[1]:
+                self.server = now  # forgiven once: a later loss is still told
+                return True
+        return time.monotonic() - self.written_at >= WATCH_TTL_S
+
+    def _server(self) -> tuple[str, int] | None:
+        """Redis's run id and count of evicted keys (``INFO``); None when refused."""
+        try:
+            info = self.client._on_redis(lambda r: r.info())
+        except BertstreamError:
+            return None
+        return str(info.get("run_id")), int(info.get("evicted_keys", 0))
 
 
 def _text(value: Any) -> str | None:

@@ -87,7 +87,7 @@ def test_an_icu_database_gets_the_index_and_the_search_reads_it(icu_url: str) ->
         assert [r.id for r in search(store, Filters(), task_id="review-")] == [
             "review-8", "review-9", "review-90", "review-:"]
 
-        assert migrate.downgrade(store, "0003") == ("0004", "0003")
+        assert migrate.downgrade(store, "0003") == (migrate.head_revision(), "0003")
         assert INDEX not in _indexes(store)
         migrate.upgrade(store)
         migrate.upgrade(store)  # idempotent
@@ -102,7 +102,7 @@ def test_code_point_databases_get_no_second_index(db_url: str) -> None:
     store = ResultStore.from_url(db_url)
     try:
         store.create_schema()
-        assert migrate.state(store).current == "0004"
+        assert migrate.state(store).current == migrate.head_revision()
         assert INDEX not in _indexes(store)
         store.upsert([_rec("a-1"), _rec("a-2"), _rec("b-1")])
         assert [r.id for r in search(store, Filters(), task_id="a-")] == ["a-1", "a-2"]

@@ -830,11 +830,14 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
 
 
 def _stopping() -> bool:
-    """A warm shutdown was asked for: Celery's SIGTERM/SIGINT handler, which may run
-    in the middle of a flush, sets ``should_stop`` (as Celery's own check reads it)."""
+    """A shutdown was asked for: Celery's signal handlers, which may run in the middle
+    of a flush, set ``should_stop`` (warm: SIGTERM, SIGINT) or ``should_terminate``
+    (cold: SIGQUIT, a second Ctrl-C, SIGTERM under ``REMAP_SIGTERM=SIGQUIT``), as
+    Celery's own check reads them."""
     from celery.worker import state
 
-    return state.should_stop is not None and state.should_stop is not False
+    return any(flag is not None and flag is not False
+               for flag in (state.should_stop, state.should_terminate))
 
 
 def _header_problem(message: Any) -> str | None:
