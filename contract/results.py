@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import itertools
 import json
 import logging
 import math
@@ -64,14 +63,14 @@ results = sa.Table(
     # Keyed by (task id, model): one text can hold a result from each model.
     sa.Column("id", sa.String(ID_COLUMN_CHARS), primary_key=True),
     sa.Column("model", sa.String(256), primary_key=True),
-    sa.Column("source", sa.String(ID_COLUMN_CHARS), index=True),
+    sa.Column("source", sa.String(ID_COLUMN_CHARS)),
     # none_as_null: a missing meta is SQL NULL, not the JSON text 'null'.
     sa.Column("meta", sa.JSON(none_as_null=True)),
     sa.Column("text", sa.Text),
     sa.Column("text_sha256", sa.String(64), nullable=False),
     sa.Column("text_chars", sa.Integer, nullable=False),
     sa.Column("model_revision", sa.String(64)),
-    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
     sa.Column("label", sa.String(64), index=True),
     sa.Column("score", sa.Float),
     sa.Column("scores", sa.JSON(none_as_null=True)),
@@ -90,6 +89,10 @@ results = sa.Table(
     sa.Column("windows", sa.Integer),
     # Is this row its task's latest result (the default views)? Kept by ResultStore.upsert.
     sa.Column("latest", sa.Boolean, nullable=False, server_default=sa.true(), default=True),
+    # A page filtered by source or status reads its rows in (finished_at, id) order from
+    # where the last page ended (revision 0005); equality lookups use them too.
+    sa.Index(f"ix_{RESULTS_TABLE}_source_finished", "source", "finished_at", "id"),
+    sa.Index(f"ix_{RESULTS_TABLE}_status_finished", "status", "finished_at", "id"),
 )
 
 #: The scores of each window of a text scored in windows (the sentence-level view).
@@ -265,10 +268,11 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     SQLite gets WAL and a busy timeout so the worker writing and clients
     reading at once do not fail with 'database is locked'; a new database
     file is created readable by its owner only (it holds the texts).
-    PostgreSQL gets a connect timeout, a statement timeout and TCP keepalives.
-    Stale pooled connections are not pinged on checkout (a ping to a silent
-    server would hang before any guard is armed); :class:`ResultStore` retries
-    an operation once when its connection turns out to be dead.
+    PostgreSQL gets a connect timeout (cut short by a deadline,
+    :meth:`ResultStore.until`), a statement timeout and TCP keepalives. Stale
+    pooled connections are not pinged on checkout (a ping to a silent server
+    would hang before any guard is armed); :class:`ResultStore` retries an
+    operation once when its connection turns out to be dead.
     """
     t = timeouts or DbTimeouts()
     url = _parse_url(database_url)
@@ -299,6 +303,8 @@ def make_engine(database_url: str, timeouts: DbTimeouts | None = None) -> Engine
     _this_process_only(engine)
     if engine.dialect.name == "postgresql":
         sa.event.listen(engine, "handle_error", _end_read_only_session)
+    if "connect_timeout" in args:
+        sa.event.listen(engine, "do_connect", _connect_by_deadline)
     return engine
 
 
@@ -375,8 +381,7 @@ def _libpq_args(t: DbTimeouts, options: Any) -> dict[str, Any]:
     statement_ms = int(t.statement_s * 1000)
     extra = f"-c statement_timeout={statement_ms}"
     args: dict[str, Any] = {
-        # libpq counts whole seconds, at least 2
-        "connect_timeout": max(2, int(t.connect_s + 0.999)),
+        "connect_timeout": _libpq_seconds(t.connect_s),
         "options": f"{options} {extra}" if isinstance(options, str) else extra,
         # unacknowledged data fails the connection instead of waiting for TCP's
         # own retransmission timeout (minutes)
@@ -386,6 +391,21 @@ def _libpq_args(t: DbTimeouts, options: Any) -> dict[str, Any]:
         args.update(keepalives=1, keepalives_idle=t.keepalive_s,
                     keepalives_interval=max(1, t.keepalive_s // 3), keepalives_count=3)
     return args
+
+
+def _libpq_seconds(seconds: float) -> int:
+    """``seconds`` as libpq's connect timeout counts them: whole seconds, at least 2."""
+    return max(2, int(seconds + 0.999))
+
+
+def _connect_by_deadline(_dialect: Any, _record: Any, _cargs: Any,
+                         cparams: dict[str, Any]) -> None:
+    """A connection opened under a deadline (:meth:`ResultStore.until`) waits for the
+    server until then at most (libpq's whole seconds), not the full connect timeout."""
+    until = _deadline()
+    if until is not None:
+        cparams["connect_timeout"] = min(cparams["connect_timeout"],
+                                         _libpq_seconds(until - time.monotonic()))
 
 
 def _create_private(path: str | None) -> None:
@@ -567,9 +587,27 @@ def brief_cause(exc: BaseException) -> str:
 #: How long a guard's watcher thread waits with nothing to watch before it ends.
 _GUARD_IDLE_S = 30.0
 
+#: This thread's deadline (:meth:`ResultStore.until`), as ``until``.
+_DEADLINE = threading.local()
+
+
+def _deadline() -> float | None:
+    """The :func:`time.monotonic` time this thread's database work must end by, if any."""
+    return getattr(_DEADLINE, "until", None)
+
+
+class _Watched:
+    """One operation the guard watches: when to cut its connection, and whether it did."""
+
+    __slots__ = ("cut", "dbapi", "until")
+
+    def __init__(self, until: float, dbapi: Any) -> None:
+        self.until, self.dbapi, self.cut = until, dbapi, False
+
 
 class _Guard:
-    """Cuts the connection of an operation still running ``seconds`` after it began.
+    """Cuts the connection of an operation still running ``seconds`` after it began, or
+    at the thread's deadline (:meth:`ResultStore.until`) when that comes first.
 
     PostgreSQL's own statement timeout needs a server that answers. A server
     that accepts TCP and then stays silent (a hung host, a proxy whose far
@@ -577,10 +615,9 @@ class _Guard:
     guard shuts the socket down, so the driver raises and the operation ends
     as an outage. On SQLite it interrupts the running statement.
 
-    One watcher thread per guard holds the deadlines of the operations in
-    flight (every deadline is ``seconds`` after its start, so the earliest
-    is the oldest). A thread started per operation, as a ``threading.Timer``
-    does, cost more than a small read itself.
+    One watcher thread per guard holds the operations in flight and sleeps
+    until the earliest cut. A thread started per operation, as a
+    ``threading.Timer`` does, cost more than a small read itself.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -590,43 +627,43 @@ class _Guard:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._cond = threading.Condition()
-        self._running: dict[int, tuple[float, Any]] = {}  # token -> (deadline, dbapi)
-        self._tokens = itertools.count()
+        self._running: set[_Watched] = set()
         self._watcher: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def __call__(self, conn: Connection) -> Iterator[None]:
+    def __call__(self, conn: Connection) -> Iterator[_Watched]:
+        """Guards the operation on ``conn`` within; what it yields says whether it cut."""
         if self._pid != os.getpid():  # a forked child: the parent's watcher is not here
             self._reset()
-        dbapi = conn.connection.dbapi_connection
-        token = next(self._tokens)
+        until, deadline = time.monotonic() + self.seconds, _deadline()
+        watched = _Watched(until if deadline is None else min(until, deadline),
+                           conn.connection.dbapi_connection)
         with self._cond:
-            idle = not self._running
-            self._running[token] = (time.monotonic() + self.seconds, dbapi)
+            self._running.add(watched)
             if self._watcher is None or not self._watcher.is_alive():
                 self._watcher = threading.Thread(target=self._watch, daemon=True,
                                                  name="bertstream-db-guard")
                 self._watcher.start()
-            elif idle:
-                self._cond.notify()  # the watcher sleeps without a deadline
+            else:
+                self._cond.notify()  # this cut may come before the one it sleeps until
         try:
-            yield
+            yield watched
         finally:
             with self._cond:
-                self._running.pop(token, None)
+                self._running.discard(watched)
 
     def _watch(self) -> None:
         with self._cond:
             while True:
                 now = time.monotonic()
-                for token, (deadline, dbapi) in list(self._running.items()):
-                    if deadline <= now:
-                        del self._running[token]
-                        try:
-                            _cut(dbapi)
-                        except Exception:  # noqa: BLE001 - the watcher must outlive any one cut
-                            log.exception("cannot cut a database connection")
-                earliest = min((d for d, _ in self._running.values()), default=None)
+                for watched in [w for w in self._running if w.until <= now]:
+                    self._running.discard(watched)
+                    watched.cut = True
+                    try:
+                        _cut(watched.dbapi)
+                    except Exception:  # noqa: BLE001 - the watcher must outlive any one cut
+                        log.exception("cannot cut a database connection")
+                earliest = min((w.until for w in self._running), default=None)
                 if earliest is not None:
                     self._cond.wait(earliest - now)
                 elif not self._cond.wait(_GUARD_IDLE_S) and not self._running:
@@ -767,6 +804,21 @@ class ResultStore:
         """Dispose of the engine's connections."""
         self.engine.dispose()
 
+    @staticmethod
+    @contextlib.contextmanager
+    def until(deadline: float | None) -> Iterator[None]:
+        """Database work this thread does within ends by ``deadline`` (a
+        :func:`time.monotonic` time; None: no deadline but an outer one), on any store:
+        a connection still busy then is cut as the guard cuts, none is opened (or opened
+        again) after it, and one opened before it waits for the server until then at
+        most. Work cut short is :class:`StoreUnavailable`."""
+        outer = _deadline()
+        _DEADLINE.until = min((d for d in (outer, deadline) if d is not None), default=None)
+        try:
+            yield
+        finally:
+            _DEADLINE.until = outer
+
     def run(self, work: Callable[[Connection], T], what: str) -> T:
         """``work`` on a guarded connection, outages as :class:`StoreUnavailable`."""
         return self._run(work, what)
@@ -796,7 +848,9 @@ class ResultStore:
         """``work`` on a guarded connection (in a transaction when ``begin``).
 
         A connection found dead (a pooled one after a database restart) is
-        replaced and ``work`` tried once more. A transaction the server
+        replaced and ``work`` tried once more; not one the guard cut (the server
+        was silent: a new connection would wait for it too), nor past the thread's
+        deadline (:meth:`until`), nor is any opened then. A transaction the server
         aborted to break a deadlock or a serialization conflict is run again,
         up to :data:`CONFLICT_RETRIES` times after a short random pause: the
         remedy PostgreSQL documents, where a worker would otherwise take it
@@ -805,8 +859,11 @@ class ResultStore:
         """
         stale_retried, conflicts = False, 0
         while True:
+            deadline, watched = _deadline(), None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreUnavailable(f"{what}: no answer from the database in time")
             try:
-                with self.engine.connect() as conn, (guard or self._guard)(conn):
+                with self.engine.connect() as conn, (guard or self._guard)(conn) as watched:
                     if not begin:
                         return work(conn)
                     with conn.begin():
@@ -822,8 +879,10 @@ class ResultStore:
                              _first_line(exc), conflicts)
                     time.sleep(random.uniform(0.005, 0.05) * conflicts)
                     continue
-                stale = isinstance(exc, DBAPIError) and exc.connection_invalidated
-                if stale and not stale_retried:
+                stale = (isinstance(exc, DBAPIError) and exc.connection_invalidated
+                         and not (watched is not None and watched.cut))
+                if stale and not stale_retried and (deadline is None
+                                                    or time.monotonic() < deadline):
                     stale_retried = True
                     continue
                 raise self.unavailable(what, exc) from exc

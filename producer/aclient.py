@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from contract.messages import TaskItem
 from contract.results import ResultRecord
 from contract.settings import Settings
-from producer.client import Buffered, ChunkPublisher, Client, ClientClosed, SubmitReport
+from producer.client import _IN_MEMORY, Buffered, ChunkPublisher, Client, ClientClosed, SubmitReport
 from producer.linger import LINGER_S
 
 #: Items of an async iterable one hop from the loop to :meth:`AsyncClient.submit_many`'s
@@ -38,7 +38,8 @@ ASYNC_RUN = 256
 #: Redis is down every submit holds its thread through the publish retries, and the
 #: app's own work there (``loop.getaddrinfo``, other libraries' threads) must go on.
 #: The clients of :meth:`AsyncClient.for_model` share their client's pool. An open
-#: :meth:`AsyncClient.chunk_publisher` runs its calls in a thread of its own.
+#: :meth:`AsyncClient.chunk_publisher` runs its calls in a thread of its own, and so
+#: does a :meth:`AsyncClient.submit_many` of an async iterable or a generator.
 MAX_THREADS = 10
 
 P = ParamSpec("P")
@@ -98,7 +99,9 @@ class AsyncClient:
     Takes a :class:`Settings`, as :class:`Client` does, and builds one: ``sync``, shared
     by every call (also usable in a thread, :meth:`to_thread`, for what has no coroutine
     here, such as ``sync.store.delete``). Each call runs in a thread of a pool of at most
-    :data:`MAX_THREADS`, started on first use (again in a forked child). Arguments,
+    :data:`MAX_THREADS`, started on first use (again in a forked child); a source that
+    may wait (an open :meth:`chunk_publisher`, a :meth:`submit_many` of an async
+    iterable or a generator) runs in a thread of its own. Arguments,
     results and errors are :class:`Client`'s. Use ``async with``, or await :meth:`aclose`.
 
     A cancelled call stops waiting at once. One still queued for a thread never runs;
@@ -141,7 +144,8 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the shared client and stop the threads. Idempotent. Calls in flight end
-        with :class:`ClientClosed` (a wait between two polls at once), as later ones do.
+        with :class:`ClientClosed` (a wait between two polls, or a :meth:`submit_many`
+        awaiting its async iterable's next item, at once), as later ones do.
 
         Closes the clients of :meth:`for_model` too. Closing one of those closes it
         alone (and the clients of its own for_model), as :meth:`Client.close` does; the
@@ -286,16 +290,42 @@ class AsyncClient:
         partial chunk goes out once its oldest item has waited that long, while the next
         item is still awaited (that await is never cancelled for it). When the call
         stops early (an error, a cancellation) the pending read of the async iterable is
-        cancelled and the items it gave before are published, as before any error."""
+        cancelled and the items it gave before are published, as before any error.
+        :meth:`aclose` stops an open one so, ending it with :class:`ClientClosed` (what
+        its linger had not sent yet may stay unsent).
+
+        A source that may wait for its items (an async iterable, a generator) is read in
+        a thread started for the call, not one of the client's :data:`MAX_THREADS`: any
+        number of open websockets leave those threads (and the pooled producers, held
+        only while a chunk is sent) to the client's other calls."""
         call = functools.partial(self.sync.submit_many, source=source, chunk_size=chunk_size,
                                  ttl_s=ttl_s, model=model, linger_s=linger_s)
         if isinstance(items, Iterable) or not isinstance(items, AsyncIterable):
-            return await self._run(lambda: call(items))
-        bridge = _AsyncItems(items, asyncio.get_running_loop())
+            if isinstance(items, _IN_MEMORY) or not isinstance(items, Iterable):
+                return await self._run(lambda: call(items))
+            return await self._run_alone(lambda: call(items))
+        loop = asyncio.get_running_loop()
+        bridge = _AsyncItems(items, loop)
+        # Woken by aclose(), as a wait's pause is: the source's read stops, the call ends.
+        closing: asyncio.Future[None] = loop.create_future()
+        closing.add_done_callback(lambda _: bridge.stop(self._closed_error()))
+        with self._lock:
+            self._sleeping.add(closing)
         try:
-            return await self._run(lambda: call(bridge.items()))
+            return await self._run_alone(lambda: call(bridge.items()))
         finally:
+            with self._lock:
+                self._sleeping.discard(closing)
             bridge.stop()
+
+    async def _run_alone(self, work: Callable[[], T]) -> T:
+        """``work()`` in a thread of its own, which ends with it (a call still running
+        when cancelled ends there first); :class:`ClientClosed` after aclose()."""
+        own = ThreadPoolExecutor(1, thread_name_prefix="bertstream-source")
+        try:
+            return await self._run(work, own)
+        finally:
+            own.shutdown(wait=False)
 
     publish = _threaded(Client.publish)
 
@@ -408,17 +438,24 @@ class _AsyncItems:
         #: run again to cancel it (run_until_complete of a wait_for that timed out)
         self._waiting: Future[tuple[list[Any], bool]] | None = None
         self._stopped = False
+        #: what the read raises once stopped by aclose() (else a cancellation)
+        self._closed: ClientClosed | None = None
 
     def items(self) -> Iterator[Any]:
         """The items, in order, read in the calling thread (not the loop's); the async
         iterable's error re-raises here after the items before it."""
         while True:
             if self._stopped:
-                raise CancelledError
+                raise self._closed or CancelledError()
             self._waiting = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
             if self._stopped:  # stop() ran before this run was there to cancel
                 self._waiting.cancel()
-            run, end = self._waiting.result()
+            try:
+                run, end = self._waiting.result()
+            except CancelledError:
+                if self._closed is not None:
+                    raise self._closed from None
+                raise
             yield from run
             if end:
                 return
@@ -453,9 +490,11 @@ class _AsyncItems:
             run.append(item)
         return run, False
 
-    def stop(self) -> None:
+    def stop(self, closed: ClientClosed | None = None) -> None:
         """Cancel the pending read (on the loop) and the run the thread waits for: the
-        call stopped."""
+        call stopped (``closed``: by aclose(), the error the thread's read raises)."""
+        if closed is not None:
+            self._closed = closed
         self._stopped = True
         if self._pending is not None:
             self._pending.cancel()

@@ -79,6 +79,11 @@ from producer.linger import LINGER_S, Flusher
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
 MAX_POLL_INTERVAL_S = 1.0
 
+#: Seconds a read of :meth:`Client.wait` may take also past the wait's deadline: the
+#: most a wait on a database that stopped answering overruns its timeout by, but for
+#: a connection it must open (libpq waits whole seconds for one, at least 2).
+MIN_WAIT_READ_S = 0.5
+
 #: Seconds the caller-id check is skipped after the database could not be read, so a
 #: stream does not wait out a connect timeout for every chunk while it is away.
 CONFLICT_CHECK_BACKOFF_S = 60.0
@@ -410,7 +415,8 @@ class ChunkPublisher:
     failed or expired row gets its retry marker once its chunk is published.
     Guarantees: every item added is published by :meth:`flush`, refused as a
     conflict, or :class:`BrokerUnavailable` is raised; one producer (one
-    connection) is reused.
+    connection) is reused. ``producer`` None: each message takes one from the
+    client's pool and gives it back, so a publisher idle between chunks holds none.
     """
 
     def __init__(
@@ -463,9 +469,10 @@ class ChunkPublisher:
         origins = [b.origin for b in self._buffer]
         # A Ctrl-C between the LPUSH and the count would report the chunk unsent (and a
         # resume would send it twice): it waits for the count and the trackers (the ids
-        # file, the stream acks), then stops the run.
-        with signals_held():
-            self._client.publish(items, bulk=self._bulk, producer=self._producer)
+        # file, the stream acks), then stops the run. The wait for a pooled producer comes
+        # first: a Ctrl-C there stops the run at once, with nothing sent.
+        with self._client._acquire_producer(self._producer) as producer, signals_held():
+            self._client.publish(items, bulk=self._bulk, producer=producer)
             self.messages += 1
             self.published += len(items)
             self._buffer = []
@@ -718,8 +725,9 @@ class Client:
 
         ``items`` are texts or dicts ``{text, id?, source?, meta?}``; ``source``
         applies to items without their own. Chunks hold ``chunk_size``
-        (default ``settings.bulk_chunk_size``) items per message, published
-        over one reused producer. Bad items are reported by index and never
+        (default ``settings.bulk_chunk_size``) items per message, each published
+        over a producer of the client's pool held only while it is sent (a quiet
+        source holds none between its chunks). Bad items are reported by index and never
         stop the rest; ids supplied twice are refused the second time.
         ``ttl_s``: seconds the tasks stay worth running; a task still queued
         after that is stored as ``expired`` without reaching the model.
@@ -760,29 +768,30 @@ class Client:
         def on_conflict(b: Buffered, reason: str) -> None:
             conflicted.append((b.line or 0, b.item.id, reason))
 
-        publisher: ChunkPublisher | None = None
+        # A producer per message, not one for the call: a quiet source (a websocket open
+        # for hours) holds none of the client's pooled producers between its chunks.
+        self._producer_pool()
+        publisher = ChunkPublisher(self, None, bulk=True, chunk_size=size,
+                                   on_conflict=on_conflict)
+        add = publisher.add
+
+        def take(index: int, obj: Any) -> None:
+            checked = validator.check(index, obj)
+            if isinstance(checked, ItemError):
+                report.errors.append(checked)
+                return
+            add(checked, index, caller_id=isinstance(obj, Mapping) and obj.get("id") is not None)
+            report.ids.append(checked.id)
+
         try:
-            with self.chunk_publisher(bulk=True, chunk_size=size,
-                                      on_conflict=on_conflict) as publisher:
-                add = publisher.add
-
-                def take(index: int, obj: Any) -> None:
-                    checked = validator.check(index, obj)
-                    if isinstance(checked, ItemError):
-                        report.errors.append(checked)
-                        return
-                    add(checked, index,
-                        caller_id=isinstance(obj, Mapping) and obj.get("id") is not None)
-                    report.ids.append(checked.id)
-
-                if linger_s is None or isinstance(items, _IN_MEMORY):
-                    for index, obj in enumerate(_sent_before_failing(items, publisher)):
-                        take(index, obj)
-                else:
-                    _take_lingering(items, publisher, Flusher(publisher, linger_s), take)
+            if linger_s is None or isinstance(items, _IN_MEMORY):
+                for index, obj in enumerate(_sent_before_failing(items, publisher)):
+                    take(index, obj)
+            else:
+                _take_lingering(items, publisher, Flusher(publisher, linger_s), take)
+            publisher.flush()
         except BrokerUnavailable as exc:
-            sent = publisher.published if publisher is not None else 0
-            raise BrokerUnavailable(exc.reason, sent=sent) from exc
+            raise BrokerUnavailable(exc.reason, sent=publisher.published) from exc
         report.messages = publisher.messages
         if conflicted:
             refused = {task_id for _, task_id, _ in conflicted}
@@ -905,6 +914,22 @@ class Client:
             self._check_open()
             yield producer
             return
+        pool = self._producer_pool()
+        with self._unless_closed():
+            acquired = pool.acquire(block=True)
+        try:
+            yield acquired
+        finally:
+            connection = getattr(acquired, "__connection__", None)
+            acquired.release()
+            if self._closed and connection is not None:
+                with suppress(Exception):  # already closed by close(): nothing to do
+                    connection.collect()
+
+    def _producer_pool(self) -> ProducerPool:
+        """This client's producer pool, built on first use (no connection yet); raises
+        :class:`ClientClosed` after :meth:`close`, :class:`ConfigError` for a broker URL
+        kombu cannot parse."""
         with self._lock:
             self._check_open()
             if self._producers is None:
@@ -916,17 +941,7 @@ class Client:
                     raise self._url_error(exc) from exc
                 self._connections = connection.Pool(limit=limit)
                 self._producers = ProducerPool(self._connections, limit=limit)
-            pool = self._producers
-        with self._unless_closed():
-            acquired = pool.acquire(block=True)
-        try:
-            yield acquired
-        finally:
-            connection = getattr(acquired, "__connection__", None)
-            acquired.release()
-            if self._closed and connection is not None:
-                with suppress(Exception):  # already closed by close(): nothing to do
-                    connection.collect()
+            return self._producers
 
     def _check_url(self) -> None:
         """Settings built without :meth:`Settings.validate` may hold a Redis URL that does
@@ -1040,16 +1055,19 @@ class Client:
         self._table_seen = False
         return self._table_exists()
 
-    def _read(self, work: Callable[[], T], empty: T) -> T:
+    def _read(self, work: Callable[[], T], empty: T, *, until: float | None = None) -> T:
         """``work()`` (a read of the results table); ``empty`` while there is no table.
         A read that finds a table or column missing checks the schema again
         (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`.
         One that loses a race with :meth:`close` is :class:`ClientClosed`, and a
-        connection it opened again on the closed engine is closed with it."""
+        connection it opened again on the closed engine is closed with it. ``until``
+        (a :func:`time.monotonic` time): the read ends by then, as
+        :class:`StoreUnavailable` when the database has not answered
+        (:meth:`ResultStore.until`)."""
         self._check_open()
         store = self._store
         try:
-            with self._unless_closed():
+            with self._unless_closed(), ResultStore.until(until):
                 if not self._table_exists():
                     return empty
                 store = self._store
@@ -1200,6 +1218,13 @@ class Client:
         the missing ids when ``timeout`` seconds pass first. ``timeout`` (0: one look)
         and ``poll_interval`` are finite seconds, else :class:`InvalidInput`; no ids
         give ``{}`` at once.
+
+        A database that cannot be reached is polled on until the timeout (a restart
+        or a failover is ridden out); still unreachable then, or silent (a read
+        still unanswered at the timeout is cut, see :data:`MIN_WAIT_READ_S`), it
+        is :class:`StoreUnavailable`: the cause, where :class:`ResultTimeout`
+        says the database answered without the results. A refusal
+        (:class:`StoreRefused`, a setting to fix) is raised at once.
         """
         polls = self.wait_polls(ids, timeout=timeout, poll_interval=poll_interval,
                                 model=model)
@@ -1220,10 +1245,11 @@ class Client:
     ) -> Generator[float, None, dict[str, ResultRecord]]:
         """:meth:`wait` in steps, for a caller that pauses in its own way (the async
         client pauses on its event loop, not in a thread): the same arguments, checked
-        at once. Each ``next()`` reads the table once (the first also resolves ``model``,
-        :meth:`stored_model`) and yields the seconds to pause before the next; the
-        generator returns what :meth:`wait` returns, or raises what it raises
-        (:class:`ResultTimeout`, :class:`ClientClosed`...)."""
+        at once. Each ``next()`` reads the table once, ended by the wait's deadline (the
+        first also resolves ``model``, :meth:`stored_model`) and yields the seconds to
+        pause before the next; the generator returns what :meth:`wait` returns, or
+        raises what it raises (:class:`ResultTimeout`, :class:`StoreUnavailable`,
+        :class:`ClientClosed`...)."""
         wanted = list(dict.fromkeys(_one_or_many(ids, "wait")))
         timeout = _seconds(timeout, "timeout", zero=True)
         poll_interval = _seconds(poll_interval, "poll_interval", zero=False)
@@ -1240,19 +1266,42 @@ class Client:
         stale: dict[str, tuple[int, str]] = {}
         deadline = time.monotonic() + timeout
         interval = max(poll_interval, 0.001)
+        #: the error of the last poll, when the database could not be read
+        outage: StoreUnavailable | None = None
         while True:
             missing = [i for i in wanted if i not in found]
             if missing:
-                rows = self.get_many(missing, model=model)
+                try:
+                    rows = self._poll_read(missing, model, deadline)
+                    outage = None
+                except StoreRefused:
+                    raise  # a setting to fix: no wait mends it
+                except StoreUnavailable as exc:
+                    # Polled on till the timeout: a restart or a failover is ridden out.
+                    if outage is None and time.monotonic() < deadline:
+                        log.info("the results database cannot be read; the wait polls on "
+                                 "until its timeout: %s", exc)
+                    outage, rows = exc, {}
                 found.update(self._not_retrying(rows, stale, model))
                 missing = [i for i in wanted if i not in found]
             if not missing:
                 return {i: found[i] for i in wanted}
             left = deadline - time.monotonic()
             if left <= 0:
+                if outage is not None:
+                    raise outage  # the cause: not "the results are not there"
                 raise ResultTimeout(missing)
             yield min(interval, left)
             interval = min(interval * 1.5, max(MAX_POLL_INTERVAL_S, poll_interval))
+
+    def _poll_read(self, missing: list[str], model: str | None,
+                   deadline: float) -> dict[str, ResultRecord]:
+        """One poll of :meth:`_polls`: :meth:`get_many`'s read, ended by the wait's
+        ``deadline`` (given at least :data:`MIN_WAIT_READ_S`, so that the last poll, or
+        the one look of a zero timeout, can finish on a database that answers)."""
+        until = max(deadline, time.monotonic() + MIN_WAIT_READ_S)
+        return self._read(lambda: self.store.get_many(missing, model=self._model(model)), {},
+                          until=until)
 
     def _not_retrying(self, rows: dict[str, ResultRecord], stale: dict[str, tuple[int, str]],
                       model: str | None) -> dict[str, ResultRecord]:
