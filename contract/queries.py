@@ -502,31 +502,70 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
         conds.append(a.c.finished_at >= filters.since)
     if filters.until is not None:
         conds.append(a.c.finished_at < filters.until)
-    joined = a.join(b, a.c.id == b.c.id)
     # B without a score for A's label gave it nothing: a full move, never a NULL that one
     # backend sorts first and the other last, and that the mean would leave out.
     b_score = _score_of(store, b.c.scores, a.c.label)
     b_prob = sa.func.coalesce(sa.cast(b_score, sa.Float), 0.0)
-    change = (b_prob - a.c.score).label("change")
-    totals = sa.select(sa.func.count(), sa.func.sum(sa.case((a.c.label == b.c.label, 1), else_=0)),
-                       sa.func.avg(change), sa.func.sum(sa.case((b_score.is_(None), 1), else_=0))
-                       ).select_from(joined).where(*conds)
-    flips = (sa.select(a.c.label, b.c.label, sa.func.count()).select_from(joined)
-             .where(*conds, a.c.label != b.c.label).group_by(a.c.label, b.c.label)
-             .order_by(sa.func.count().desc()))
-    largest = (sa.select(a.c.id, _kept_text(a).label("text"), a.c.label.label("label_a"),
-                         a.c.score.label("score_a"), b.c.label.label("label_b"),
-                         b.c.score.label("score_b"), change)
-               .select_from(joined).where(*conds)
-               .order_by(sa.func.abs(change).desc(), a.c.id).limit(top))
-    def read(conn: sa.Connection) -> tuple[Any, list[tuple[str, str, int]], list[dict[str, Any]]]:
-        return (conn.execute(totals).one(),
-                [(str(x), str(y), int(c)) for x, y, c in conn.execute(flips)],
-                [dict(r) for r in conn.execute(largest).mappings()])
+    # The join runs once: both backends materialise a CTE read more than once, and the
+    # totals, the flips and the largest changes are each read from it.
+    pairs = (sa.select(a.c.id, a.c.label.label("label_a"), a.c.score.label("score_a"),
+                       b.c.label.label("label_b"), b.c.score.label("score_b"),
+                       (b_prob - a.c.score).label("change"),
+                       sa.case((b_score.is_(None), 1), else_=0).label("unmatched"))
+             .select_from(a.join(b, a.c.id == b.c.id)).where(*conds).cte("pairs"))
+    p = pairs.c
+    # A literal LIMIT: bound, SQLite's plan for the join below read far more rows.
+    top_rows = (sa.select(pairs).order_by(sa.func.abs(p.change).desc(), p.id)
+                .limit(sa.literal_column(str(int(top)))).subquery("top_rows"))
+    t, task = top_rows.c, results.alias("task")
+    none = {name: sa.cast(sa.null(), kind) for name, kind in (
+        ("id", sa.String), ("text", sa.Text), ("label", sa.String), ("float", sa.Float),
+        ("int", sa.Integer))}
 
-    (n, agree, mean, unmatched), flip_rows, top_rows = store.run(read, "cannot read results")
-    return Comparison(model_a, model_b, int(n or 0), int(agree or 0), flip_rows,
-                      None if mean is None else float(mean), top_rows, int(unmatched or 0))
+    def branch(kind: int, order: Any, id_: Any, text: Any, label_a: Any, label_b: Any,
+               n: Any, agree: Any, value: Any, unmatched: Any, score_a: Any,
+               score_b: Any) -> Any:
+        return sa.select(sa.literal(kind).label("kind"), order.label("ord"), id_.label("id"),
+                         text.label("text"), label_a.label("label_a"),
+                         label_b.label("label_b"), n.label("n"), agree.label("agree"),
+                         value.label("value"), unmatched.label("unmatched"),
+                         score_a.label("score_a"), score_b.label("score_b"))
+
+    count = sa.func.count()
+    totals = branch(0, sa.literal(0), none["id"], none["text"], none["label"], none["label"],
+                    count, sa.func.sum(sa.case((p.label_a == p.label_b, 1), else_=0)),
+                    sa.func.avg(p.change), sa.func.sum(p.unmatched), none["float"],
+                    none["float"]).select_from(pairs)
+    flips = (branch(1, sa.func.row_number().over(order_by=(count.desc(), p.label_a,
+                                                           p.label_b)),
+                    none["id"], none["text"], p.label_a, p.label_b, count, none["int"],
+                    none["float"], none["int"], none["float"], none["float"])
+             .select_from(pairs).where(p.label_a != p.label_b).group_by(p.label_a, p.label_b))
+    largest = branch(2, sa.func.row_number().over(order_by=(sa.func.abs(t.change).desc(),
+                                                             t.id)),
+                     t.id, _kept_text(task), t.label_a, t.label_b, none["int"], none["int"],
+                     t.change, none["int"], t.score_a, t.score_b).select_from(
+        top_rows.join(task, sa.and_(task.c.id == t.id, task.c.model == model_a)))
+    query = sa.union_all(totals, flips, largest).order_by("kind", "ord")
+
+    def read(conn: sa.Connection) -> list[Any]:
+        if conn.dialect.name == "postgresql":
+            # The plan's cost sets off JIT compilation, which took longer than the query
+            # (for this transaction only: the pooled session keeps its own setting).
+            conn.execute(sa.text("SET LOCAL jit = off"))
+        return list(conn.execute(query).mappings())
+
+    rows = store.run(read, "cannot read results")
+    total = rows[0]
+    flip_rows = [(str(r["label_a"]), str(r["label_b"]), int(r["n"]))
+                 for r in rows if r["kind"] == 1]
+    top_dicts = [{"id": r["id"], "text": r["text"], "label_a": r["label_a"],
+                  "score_a": r["score_a"], "label_b": r["label_b"], "score_b": r["score_b"],
+                  "change": r["value"]} for r in rows if r["kind"] == 2]
+    mean = total["value"]
+    return Comparison(model_a, model_b, int(total["n"] or 0), int(total["agree"] or 0),
+                      flip_rows, None if mean is None else float(mean), top_dicts,
+                      int(total["unmatched"] or 0))
 
 
 def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:

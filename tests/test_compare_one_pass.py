@@ -1,0 +1,138 @@
+"""`compare` reads its totals, flips and largest changes from one join of the two models'
+rows (they were three joins, each as slow as the whole table). Pins its whole answer on
+a small hand-made table on SQLite and PostgreSQL alike: agreement, flips (ties in order
+of labels), mean change, unmatched labels, the largest changes (ties by id) and their
+texts, under each filter. Scores are multiples of 1/8 so every sum is exact."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from contract.queries import Filters, compare
+from contract.results import ResultRecord, ResultStore
+
+DAY1 = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
+DAY2 = DAY1 + dt.timedelta(days=1)
+
+
+def _row(task_id: str, model: str, label: str | None, scores: dict[str, float] | None, *,
+         status: str = "done", when: dt.datetime = DAY1, source: str = "s1",
+         text: str | None = "keep") -> ResultRecord:
+    return ResultRecord(
+        id=task_id, model=model, status=status, finished_at=when, source=source, lang="en",
+        text_sha256=task_id.ljust(64, "0"), text_chars=6,
+        text=None if text is None else f"text {task_id}", label=label,
+        score=None if scores is None or label is None else scores[label], scores=scores,
+        error="boom" if status == "failed" else None)
+
+
+def _pn(positive: float, negative: float) -> dict[str, float]:
+    return {"positive": positive, "negative": negative}
+
+
+def _rows() -> list[ResultRecord]:
+    return [
+        # Agree, B less sure: change -0.25.
+        _row("t1", "ma", "positive", _pn(0.75, 0.25)),
+        _row("t1", "mb", "positive", _pn(0.5, 0.5)),
+        # positive -> negative: change 0.25 - 0.75. A kept no text: B's row gives it.
+        _row("t2", "ma", "positive", _pn(0.75, 0.25), source="s2", text=None),
+        _row("t2", "mb", "negative", _pn(0.25, 0.75)),
+        # negative -> positive from a tie of A's scores: change 0.25 - 0.5 (|change| ties t1).
+        _row("t3", "ma", "negative", _pn(0.5, 0.5)),
+        _row("t3", "mb", "positive", _pn(0.75, 0.25)),
+        # negative -> positive: change 0.375 - 0.875 (ties t2). No row kept its text.
+        _row("t4", "ma", "negative", _pn(0.125, 0.875), source="s2", text=None),
+        _row("t4", "mb", "positive", _pn(0.625, 0.375), text=None),
+        # A's neutral, B without it (a neutral-free pair): unmatched, change 0 - 0.5.
+        _row("t5", "ma", "neutral", {"positive": 0.25, "negative": 0.25, "neutral": 0.5}),
+        _row("t5", "mb", "positive", _pn(0.75, 0.25)),
+        # Failed on one side or the other, B never ran, A's NaN score: all left out.
+        _row("t6", "ma", "positive", _pn(0.5, 0.5), when=DAY2),
+        _row("t6", "mb", None, None, status="failed", when=DAY2),
+        _row("t7", "ma", None, None, status="failed", when=DAY2),
+        _row("t7", "mb", "positive", _pn(0.5, 0.5), when=DAY2),
+        _row("t8", "ma", "positive", _pn(0.5, 0.5), when=DAY2),
+        _row("t9", "ma", "positive", None, when=DAY2),
+        _row("t9", "mb", "positive", _pn(0.5, 0.5), when=DAY2),
+        # Agree, no change; agree, B surer: change +0.25.
+        _row("t10", "ma", "positive", _pn(1.0, 0.0), when=DAY2, source="s2"),
+        _row("t10", "mb", "positive", _pn(1.0, 0.0), when=DAY2),
+        _row("t11", "ma", "negative", _pn(0.375, 0.625), when=DAY2),
+        _row("t11", "mb", "negative", _pn(0.125, 0.875), when=DAY2),
+        # A third model on t1 only: not in an ma/mb comparison.
+        _row("t1", "mc", "negative", _pn(0.25, 0.75)),
+    ]
+
+
+def _top(task_id: str, text: str | None, label_a: str, score_a: float, label_b: str,
+         score_b: float, change: float) -> dict[str, Any]:
+    return {"id": task_id, "text": text, "label_a": label_a, "score_a": score_a,
+            "label_b": label_b, "score_b": score_b, "change": change}
+
+
+T1 = _top("t1", "text t1", "positive", 0.75, "positive", 0.5, -0.25)
+T2 = _top("t2", "text t2", "positive", 0.75, "negative", 0.75, -0.5)
+T3 = _top("t3", "text t3", "negative", 0.5, "positive", 0.75, -0.25)
+T4 = _top("t4", None, "negative", 0.875, "positive", 0.625, -0.5)
+T5 = _top("t5", "text t5", "neutral", 0.5, "positive", 0.75, -0.5)
+T10 = _top("t10", "text t10", "positive", 1.0, "positive", 1.0, 0.0)
+T11 = _top("t11", "text t11", "negative", 0.625, "negative", 0.875, 0.25)
+
+
+def _answer(texts: int, agree: int, flips: list[tuple[str, str, int]], mean: float | None,
+            unmatched: int, largest: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model_a": "ma", "model_b": "mb", "texts": texts, "agree": agree,
+            "agreement": agree / texts if texts else None,
+            "flips": [{"from": a, "to": b, "count": n} for a, b, n in flips],
+            "mean_change": mean, "unmatched": unmatched, "largest": largest}
+
+
+CASES = [
+    pytest.param(Filters(), 10, _answer(
+        7, 3, [("negative", "positive", 2), ("neutral", "positive", 1),
+               ("positive", "negative", 1)], -1.75 / 7, 1, [T2, T4, T5, T1, T11, T3, T10]),
+        id="all"),
+    pytest.param(Filters(), 2, _answer(
+        7, 3, [("negative", "positive", 2), ("neutral", "positive", 1),
+               ("positive", "negative", 1)], -1.75 / 7, 1, [T2, T4]), id="top-2"),
+    pytest.param(Filters(source="s2"), 10, _answer(
+        3, 1, [("negative", "positive", 1), ("positive", "negative", 1)], -1.0 / 3, 0,
+        [T2, T4, T10]), id="source"),
+    pytest.param(Filters(since=DAY2 - dt.timedelta(hours=1)), 10, _answer(
+        2, 2, [], 0.125, 0, [T11, T10]), id="since"),
+    pytest.param(Filters(until=DAY2), 10, _answer(
+        5, 1, [("negative", "positive", 2), ("neutral", "positive", 1),
+               ("positive", "negative", 1)], -2.0 / 5, 1, [T2, T4, T5, T1, T3]), id="until"),
+    pytest.param(Filters(label="negative", lang="en"), 10, _answer(
+        3, 1, [("negative", "positive", 2)], -0.5 / 3, 0, [T4, T11, T3]), id="label"),
+    pytest.param(Filters(source="nowhere"), 10, _answer(0, 0, [], None, 0, []), id="none"),
+]
+
+
+@pytest.mark.parametrize(("filters", "top", "expected"), CASES)
+def test_compare_answers_every_field(store: ResultStore, filters: Filters, top: int,
+                                     expected: dict[str, Any]) -> None:
+    store.upsert(_rows())
+    assert compare(store, "ma", "mb", filters, top=top).as_dict() == expected
+
+
+def test_models_the_other_way_round(store: ResultStore) -> None:
+    store.upsert(_rows())
+    got = compare(store, "mb", "ma", Filters(source="s1", until=DAY2)).as_dict()
+    assert got == {
+        "model_a": "mb", "model_b": "ma", "texts": 5, "agree": 1, "agreement": 0.2,
+        "flips": [{"from": "positive", "to": "negative", "count": 2},
+                  {"from": "negative", "to": "positive", "count": 1},
+                  {"from": "positive", "to": "neutral", "count": 1}],
+        # B (ma) has every label of A (mb): t5's positive is in ma's scores.
+        "mean_change": (0.25 - 0.5 - 0.25 - 0.5 - 0.5) / 5, "unmatched": 0,
+        "largest": [
+            _top("t2", "text t2", "negative", 0.75, "positive", 0.75, -0.5),
+            _top("t4", None, "positive", 0.625, "negative", 0.875, -0.5),
+            _top("t5", "text t5", "positive", 0.75, "neutral", 0.5, -0.5),
+            _top("t1", "text t1", "positive", 0.5, "positive", 0.75, 0.25),
+            _top("t3", "text t3", "positive", 0.75, "negative", 0.5, -0.25)]}
