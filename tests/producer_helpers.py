@@ -6,7 +6,9 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,17 @@ def broker_settings(redis_url: str, database_url: str, **changes: Any) -> Settin
         queue=f"bst-prod-{uuid.uuid4().hex[:8]}",
         **changes,
     )
+
+
+def until(check: Callable[[], Any], seconds: float) -> bool:
+    """Poll ``check()`` until it is true or ``seconds`` passed; whether it became true
+    (the caller asserts, naming what it waited for)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
 
 
 def lane_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:

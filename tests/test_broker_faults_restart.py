@@ -6,6 +6,13 @@ exited 0, though the texts it had queued were gone; a Redis Stream reader exited
 its vanished group, without saying how many texts it had sent. Now the stream stops with
 :class:`producer.stream.QueueLost` (exit 3), the count sent and the line to resume from, and sends
 nothing more into the emptied queue. A restart that keeps the data (AOF) is ridden out.
+
+The watch key alone can go while the queue stays: Redis evicts it (a ``maxmemory-policy``
+such as ``volatile-lru``, the default of managed Redis services, evicts keys with a TTL
+first, and the key is the least recently used one while backpressure pauses the stream),
+or it expires (a source quiet for longer than its TTL: a Redis Stream read for weeks).
+The stream then stopped with "lost the queue", exit 3, and a resume line that sends
+every text again, though Redis had lost nothing. A restart or a flush is still told.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,18 +32,20 @@ from contract.errors import BrokerUnavailable
 from contract.settings import Settings
 from producer.client import Client
 from producer.sources import SourceRecord
-from producer.stream import stream
+from producer.stream import QueueLost, stream
 from tests.polling import until
 from worker.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+stream_module = sys.modules["producer.stream"]
 
 
-def _records(n: int, at: int, restart: Callable[[], None]) -> Iterator[SourceRecord]:
-    """Lines 1..n; ``restart`` runs before line ``at`` is read."""
+def _records(n: int, at: int, event: Callable[[], None]) -> Iterator[SourceRecord]:
+    """Lines 1..n; ``event`` (a restart, an eviction, a quiet spell) runs before line
+    ``at`` is read."""
     for line in range(1, n + 1):
         if line == at:
-            restart()
+            event()
         yield SourceRecord(line, {"text": f"text number {line}"})
 
 
@@ -173,3 +183,67 @@ def _answers(r: redis.Redis) -> bool:
         return bool(r.ping())
     except redis.ConnectionError:
         return False
+
+
+# --- the watch key gone, the queue intact ----------------------------------------------
+
+def _evict_volatile_keys(url: str) -> Callable[[], None]:
+    """Memory pressure on a ``volatile-lru`` Redis: another application's cache key (with a
+    TTL) written, the limit lowered below what is used without both keys with a TTL, one
+    write evicting them, the limit raised again (the pressure passed). The queue (no TTL)
+    is not a candidate."""
+    def evict() -> None:
+        r = redis.Redis.from_url(url)
+        r.set("other:cache", b"x" * 1_000_000, ex=3600)
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", str(used - 1_200_000))
+        try:
+            r.set("other:probe", b"y")  # the write that evicts
+        except redis.ResponseError:
+            pass  # out of memory still: every key with a TTL is gone
+        r.config_set("maxmemory", "0")
+        assert r.exists(*r.keys("bertstream:stream:*") or ["none"]) == 0, "no key evicted"
+        assert r.llen("bertstream.bulk") == 2  # the queue is intact
+        r.close()
+    return evict
+
+
+def test_an_evicted_watch_key_is_no_lost_queue(redis_server: RedisServer,
+                                               sqlite_url: str) -> None:
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory-policy", "volatile-lru")
+    with _client(redis_server, sqlite_url) as client:
+        report = stream(client, _records(50, 25, _evict_volatile_keys(redis_server.url)),
+                        chunk_size=10, linger_s=None, progress=False)
+        assert report.accepted == 50
+        assert client.queue_length() == 5
+
+
+def test_a_watch_key_expired_during_a_quiet_source_is_no_lost_queue(
+        redis_server: RedisServer, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream_module, "WATCH_TTL_S", 1)  # a quiet spell past the TTL
+    with _client(redis_server, sqlite_url) as client:
+        report = stream(client, _records(30, 15, lambda: time.sleep(2.5)),
+                        chunk_size=10, linger_s=None, progress=False)
+        assert report.accepted == 30
+        assert client.queue_length() == 3
+
+
+def test_a_flush_after_an_eviction_is_still_a_lost_queue(redis_server: RedisServer,
+                                                         sqlite_url: str) -> None:
+    """Evictions forgiven once do not hide a later loss."""
+    redis.Redis.from_url(redis_server.url).config_set("maxmemory-policy", "volatile-lru")
+    evict = _evict_volatile_keys(redis_server.url)
+
+    def events() -> Iterator[SourceRecord]:
+        for line in range(1, 61):
+            if line == 25:
+                evict()
+            elif line == 45:
+                redis.Redis.from_url(redis_server.url).flushall()
+            yield SourceRecord(line, {"text": f"text number {line}"})
+
+    with _client(redis_server, sqlite_url) as client:
+        with pytest.raises(QueueLost) as caught:
+            stream(client, events(), chunk_size=10, linger_s=None, progress=False)
+        assert caught.value.resume_line == 1
+        assert caught.value.sent == 40

@@ -15,22 +15,12 @@ import pytest
 from contract.errors import InvalidInput
 from contract.settings import Settings
 from producer import AsyncClient, Client
-from tests.producer_helpers import broker_settings, lane_messages
+from tests.producer_helpers import broker_settings, lane_messages, until
 
 
 def _queued(redis_url: str, settings: Settings) -> list[str]:
     return [item["id"] for m in lane_messages(redis_url, f"{settings.queue}.bulk")
             for item in m["items"]]
-
-
-def _until(check: Any, seconds: float) -> bool:
-    """Poll ``check()`` until it is true or ``seconds`` passed."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return bool(check())
 
 
 def _one_then_quiet(release: threading.Event, read_in: list[str]) -> Iterator[dict[str, str]]:
@@ -55,7 +45,7 @@ def test_an_item_followed_by_quiet_is_sent_while_the_generator_blocks(
                                                                              read_in))))
         caller.start()
         try:
-            sent = _until(lambda: _queued(redis_url, settings) == ["p-0"], 5)
+            sent = until(lambda: _queued(redis_url, settings) == ["p-0"], 5)
         finally:
             release.set()
             caller.join(30)
@@ -170,7 +160,7 @@ def test_the_async_client_sends_an_item_of_a_quiet_sync_generator(
                 client.submit_many(_one_then_quiet(release, read_in)))
             try:
                 sent = await asyncio.to_thread(
-                    _until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
+                    until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
             finally:
                 release.set()
             assert sent, "the first post was not published while the generator was quiet"
@@ -203,7 +193,7 @@ def test_the_async_client_reads_an_async_generator_with_linger(
             submitting = asyncio.create_task(client.submit_many(socket(), linger_s=0.1))
             try:
                 sent = await asyncio.to_thread(
-                    _until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
+                    until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
                 await asyncio.sleep(0.5)  # several linger periods pass while it waits
             finally:
                 release.set()
@@ -257,7 +247,7 @@ def test_a_cancelled_async_submit_stops_reading_its_async_generator(
 
         async with AsyncClient(settings) as client:
             submitting = asyncio.create_task(client.submit_many(socket(), linger_s=0.1))
-            await asyncio.to_thread(_until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
+            await asyncio.to_thread(until, lambda: _queued(redis_url, settings) == ["p-0"], 5)
             submitting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await submitting
