@@ -398,14 +398,18 @@ def _libpq_seconds(seconds: float) -> int:
     return max(2, int(seconds + 0.999))
 
 
-def _connect_by_deadline(_dialect: Any, _record: Any, _cargs: Any,
-                         cparams: dict[str, Any]) -> None:
+def _connect_by_deadline(dialect: Any, _record: Any, cargs: Any,
+                         cparams: dict[str, Any]) -> Any:
     """A connection opened under a deadline (:meth:`ResultStore.until`) waits for the
-    server until then at most (libpq's whole seconds), not the full connect timeout."""
+    server until then at most (libpq's whole seconds), not the full connect timeout.
+    It connects with a copy of ``cparams``: older SQLAlchemy 2.0 releases hand every
+    connect the engine's own dict, where a lowered timeout stayed for later ones."""
     until = _deadline()
-    if until is not None:
-        cparams["connect_timeout"] = min(cparams["connect_timeout"],
-                                         _libpq_seconds(until - time.monotonic()))
+    if until is None:
+        return None
+    left = _libpq_seconds(until - time.monotonic())
+    return dialect.connect(*cargs, **{**cparams, "connect_timeout": min(
+        cparams["connect_timeout"], left)})
 
 
 def _create_private(path: str | None) -> None:
@@ -599,10 +603,10 @@ def _deadline() -> float | None:
 class _Watched:
     """One operation the guard watches: when to cut its connection, and whether it did."""
 
-    __slots__ = ("cut", "dbapi", "until")
+    __slots__ = ("by_deadline", "cut", "dbapi", "until")
 
-    def __init__(self, until: float, dbapi: Any) -> None:
-        self.until, self.dbapi, self.cut = until, dbapi, False
+    def __init__(self, until: float, dbapi: Any, by_deadline: bool) -> None:
+        self.until, self.dbapi, self.cut, self.by_deadline = until, dbapi, False, by_deadline
 
 
 class _Guard:
@@ -636,8 +640,8 @@ class _Guard:
         if self._pid != os.getpid():  # a forked child: the parent's watcher is not here
             self._reset()
         until, deadline = time.monotonic() + self.seconds, _deadline()
-        watched = _Watched(until if deadline is None else min(until, deadline),
-                           conn.connection.dbapi_connection)
+        cut_at = until if deadline is None else min(until, deadline)
+        watched = _Watched(cut_at, conn.connection.dbapi_connection, cut_at < until)
         with self._cond:
             self._running.add(watched)
             if self._watcher is None or not self._watcher.is_alive():
@@ -660,7 +664,7 @@ class _Guard:
                     self._running.discard(watched)
                     watched.cut = True
                     try:
-                        _cut(watched.dbapi)
+                        _cut(watched.dbapi, watched.by_deadline)
                     except Exception:  # noqa: BLE001 - the watcher must outlive any one cut
                         log.exception("cannot cut a database connection")
                 earliest = min((w.until for w in self._running), default=None)
@@ -673,7 +677,10 @@ class _Guard:
                     return
 
 
-def _cut(dbapi: Any) -> None:
+def _cut(dbapi: Any, by_deadline: bool = False) -> None:
+    """End the operation on ``dbapi``: the guard's statement time ran out (the server is
+    silent: an error), or the caller's deadline came first (a warning: the server may
+    only be slow)."""
     interrupt = getattr(dbapi, "interrupt", None)  # sqlite3
     if callable(interrupt):
         interrupt()
@@ -681,7 +688,11 @@ def _cut(dbapi: Any) -> None:
     fileno = getattr(dbapi, "fileno", None)  # psycopg 3 and psycopg2
     if not callable(fileno):
         return
-    log.error("database silent for too long: cutting the connection")
+    if by_deadline:
+        log.warning("the database did not answer by the caller's deadline: cutting the "
+                    "connection")
+    else:
+        log.error("database silent for too long: cutting the connection")
     with contextlib.suppress(OSError, ValueError):
         sock = socket.socket(fileno=os.dup(fileno()))
         try:

@@ -80,9 +80,11 @@ from producer.linger import LINGER_S, Flusher
 MAX_POLL_INTERVAL_S = 1.0
 
 #: Seconds a read of :meth:`Client.wait` may take also past the wait's deadline: the
-#: most a wait on a database that stopped answering overruns its timeout by, but for
-#: a connection it must open (libpq waits whole seconds for one, at least 2).
-MIN_WAIT_READ_S = 0.5
+#: most a wait on a database that stopped answering overruns its timeout by. As long as
+#: libpq's shortest wait for a connection (whole seconds, at least 2): a shorter floor
+#: cut a distant database's first look (connect, schema check, read) every time, and
+#: the next look, on a new connection, again.
+MIN_WAIT_READ_S = 2.0
 
 #: Seconds the caller-id check is skipped after the database could not be read, so a
 #: stream does not wait out a connect timeout for every chunk while it is away.

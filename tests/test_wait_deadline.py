@@ -26,9 +26,9 @@ from tests.tcpproxy import TcpProxy, proxied_pg
 
 pytestmark = pytest.mark.slow
 
-#: What a wait may take past its timeout here: the fix allows half a second for its
-#: last read (and a connection opened to a silent server waits whole seconds); the rest
-#: is room for a loaded machine.
+#: What a wait may take past its timeout here: a silent wait ends at its timeout when
+#: its read began by then (a read begun later may take MIN_WAIT_READ_S); the rest is
+#: room for a loaded machine.
 MARGIN_S = 1.5
 
 Wait = Callable[[list[str], float], dict[str, ResultRecord]]
