@@ -712,7 +712,7 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
             client, records, max_queue_length=max_queue, progress=bar,
             source=source, chunk_size=chunk_size, keep_ids=wait, ttl_s=ttl_s,
             trackers=trackers, max_tracked_ids=max_tracked_ids,
-            on_wait=None if bar else _say_paused,
+            on_wait=None if bar else _say_paused, rereads_lost=redis_source,
         )
     except QueueLost as exc:  # the Redis Stream and its group went with the queue
         if pending_note is None:

@@ -189,6 +189,11 @@ class QueueWatch:
         self.server: tuple[str, int] | None = None
         #: when the key was written last (``time.monotonic``)
         self.written_at = 0.0
+        #: True for a source that reads again what a Redis rolled back lost (a Redis
+        #: Stream on the broker's Redis: its group's acknowledgements roll back with the
+        #: queue, so the entries whose messages were lost are handed out again): a loss
+        #: is then told only when the source itself fails (its stream or group gone)
+        self.heals = False
 
     def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
         """A chunk of ``pairs`` was published; raises :class:`QueueLost` when Redis lost
@@ -211,7 +216,7 @@ class QueueWatch:
         # its own value: the reply of a first try was lost, and the swap tried again
         lost = None if _text(previous) == value else self._lost(previous)
         self.last, self.written_at = value, time.monotonic()
-        if lost is not None:
+        if lost is not None and not self.heals:
             raise lost
 
     def rejected(self, record: SourceRecord, error: ItemError) -> None:
@@ -221,7 +226,7 @@ class QueueWatch:
         """Raise :class:`QueueLost` when Redis lost what this stream sent (before a chunk
         is sent: a Redis that came back empty gets no more, and the resume line is that
         of the first text it lacks)."""
-        if not self.on or self.last is None:
+        if not self.on or self.last is None or self.heals:
             return
         lost = self._lost(_retried(self.client, lambda: self.client._on_redis(
             lambda r: r.get(self.key))))
@@ -346,6 +351,7 @@ def stream(
     trackers: Sequence[Tracker] = (),
     track_ids: bool = True,
     max_tracked_ids: int | None = None,
+    rereads_lost: bool = False,
 ) -> StreamReport:
     """Submit every valid record on the bulk lane; report the rest by line number.
 
@@ -371,7 +377,10 @@ def stream(
     Redis stays away through the publish retries; the error carries how many
     items were sent (they stay queued) and the line to resume from;
     :class:`QueueLost` (one) when Redis comes back without what was sent
-    (:class:`QueueWatch`): the line to resume from is the first it lacks. A
+    (:class:`QueueWatch`): the line to resume from is the first it lacks. With
+    ``rereads_lost`` (a Redis Stream on the broker's Redis, whose acknowledgements roll
+    back with the queue, so it hands out again what Redis lost) only when the source
+    fails too (its stream or group gone with Redis's data). A
     KeyboardInterrupt becomes :class:`Interrupted`, carrying the same; the
     buffered items are not published. A source that fails to read, or a tracker that
     fails to write (it raises :class:`StreamFailed`), raises :class:`StreamFailed`
@@ -401,6 +410,7 @@ def stream(
 
     pressure = Backpressure(client, bound, max_backoff_s=max_backoff_s, on_wait=on_pause)
     watch = QueueWatch(client)
+    watch.heals = rereads_lost
     told = [*trackers, watch]  # the watch last: after the ids file and the acks
 
     def before_send() -> None:
@@ -470,7 +480,7 @@ def _watching(watch: QueueWatch) -> Iterator[None]:
             raise lost from exc
         raise
     else:
-        lost = watch.lost()  # since the last chunk
+        lost = None if watch.heals else watch.lost()  # since the last chunk
         if lost is not None:
             raise lost
     finally:
