@@ -1057,19 +1057,16 @@ class Client:
         self._table_seen = False
         return self._table_exists()
 
-    def _read(self, work: Callable[[], T], empty: T, *, until: float | None = None) -> T:
+    def _read(self, work: Callable[[], T], empty: T) -> T:
         """``work()`` (a read of the results table); ``empty`` while there is no table.
         A read that finds a table or column missing checks the schema again
         (:meth:`recheck_schema`): a schema behind the code is a :class:`SchemaMismatch`.
         One that loses a race with :meth:`close` is :class:`ClientClosed`, and a
-        connection it opened again on the closed engine is closed with it. ``until``
-        (a :func:`time.monotonic` time): the read ends by then, as
-        :class:`StoreUnavailable` when the database has not answered
-        (:meth:`ResultStore.until`)."""
+        connection it opened again on the closed engine is closed with it."""
         self._check_open()
         store = self._store
         try:
-            with self._unless_closed(), ResultStore.until(until):
+            with self._unless_closed():
                 if not self._table_exists():
                     return empty
                 store = self._store
@@ -1298,12 +1295,12 @@ class Client:
 
     def _poll_read(self, missing: list[str], model: str | None,
                    deadline: float) -> dict[str, ResultRecord]:
-        """One poll of :meth:`_polls`: :meth:`get_many`'s read, ended by the wait's
-        ``deadline`` (given at least :data:`MIN_WAIT_READ_S`, so that the last poll, or
-        the one look of a zero timeout, can finish on a database that answers)."""
-        until = max(deadline, time.monotonic() + MIN_WAIT_READ_S)
-        return self._read(lambda: self.store.get_many(missing, model=self._model(model)), {},
-                          until=until)
+        """One poll of :meth:`_polls`: :meth:`get_many`, ended by the wait's ``deadline``
+        (:meth:`ResultStore.until`; given at least :data:`MIN_WAIT_READ_S`, so that the
+        last poll, or the one look of a zero timeout, can finish on a database that
+        answers)."""
+        with ResultStore.until(max(deadline, time.monotonic() + MIN_WAIT_READ_S)):
+            return self.get_many(missing, model=model)
 
     def _not_retrying(self, rows: dict[str, ResultRecord], stale: dict[str, tuple[int, str]],
                       model: str | None) -> dict[str, ResultRecord]:

@@ -176,13 +176,14 @@ class QueueWatch:
     spell): no loss then, unless Redis restarted meanwhile.
     """
 
-    def __init__(self, client: Client, first_line: int = 1) -> None:
+    def __init__(self, client: Client, *, heals: bool = False) -> None:
         self.client = client
         self.key = f"{WATCH_KEY_PREFIX}{uuid.uuid4().hex}"
         self.sent_items = 0
         #: the value written last (None: none yet, or the key went alone: nothing to lose)
         self.last: str | None = None
-        self.first_line = first_line
+        #: the line of the first text sent (set by the first chunk)
+        self.first_line = 1
         #: False for a broker other than Redis (``memory://``): nothing to watch
         self.on = client.settings.broker_url.startswith(REDIS_SCHEMES)
         #: Redis's run id and evicted keys at the first chunk (None: INFO refused)
@@ -193,7 +194,7 @@ class QueueWatch:
         #: Stream on the broker's Redis: its group's acknowledgements roll back with the
         #: queue, so the entries whose messages were lost are handed out again): a loss
         #: is then told only when the source itself fails (its stream or group gone)
-        self.heals = False
+        self.heals = heals
 
     def sent(self, pairs: Sequence[tuple[SourceRecord, TaskItem]]) -> None:
         """A chunk of ``pairs`` was published; raises :class:`QueueLost` when Redis lost
@@ -409,8 +410,7 @@ def stream(
             on_wait(length)
 
     pressure = Backpressure(client, bound, max_backoff_s=max_backoff_s, on_wait=on_pause)
-    watch = QueueWatch(client)
-    watch.heals = rereads_lost
+    watch = QueueWatch(client, heals=rereads_lost)
     told = [*trackers, watch]  # the watch last: after the ids file and the acks
 
     def before_send() -> None:

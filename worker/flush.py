@@ -458,7 +458,7 @@ class FlushProcessor:
         #: visibility sweep restores them while a silent database runs the commit's
         #: retries out (worker/tasks.py). None: nothing to renew.
         self.keep_alive: Callable[[], None] | None = None
-        #: True once the worker was asked to stop (SIGTERM): a database operation that
+        #: True once the worker was asked to stop (warm or cold): a database operation that
         #: meets an outage is then not retried, so the shutdown does not wait out five
         #: attempts (each up to the database timeouts, against a silent server) past the
         #: grace period and its SIGKILL; the flush's messages go back to the queue at once

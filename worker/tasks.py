@@ -819,7 +819,8 @@ def register_tasks(app: Celery, processor: FlushProcessor, settings: Settings,
     task = app.register_task(task_cls())
     # The processor's database waits renew the deliveries the task holds (a silent database).
     processor.keep_alive = task._renew_due
-    # A warm shutdown does not wait out a database outage's retries (worker/flush.py).
+    # A shutdown (warm or cold) does not wait out a database outage's retries
+    # (worker/flush.py).
     processor.stopping = _stopping
     # Deadlines and submit times are stamped on the Redis server's clock, and so are the
     # rows' times; an offset to it, refreshed every few seconds, costs a flush no round
