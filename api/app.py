@@ -75,6 +75,7 @@ from contract.queries import (
     Comparison,
     Filters,
     compare,
+    decode_cursor,
     empty_range,
     iter_records,
     page,
@@ -941,18 +942,17 @@ def _read_routes(router: APIRouter, services: Services) -> None:
         (stable while rows are added); ``csv``/``jsonl``: every matching row, streamed
         (``csv`` with ``bom=true``: after a UTF-8 byte-order mark, for Excel)."""
         newest = order == "newest"
-        _export_takes_no_limit(format, request)
-        _bom_is_for_csv(format, request)
-        if not services.client.has_results_table():
-            if format == "json":
-                return {"items": [], "next_cursor": None}
-            return StreamingResponse(iter([BOM] if bom else ()), media_type=_MEDIA[format])
+        _params_of_format(format, request)
+        table = services.client.has_results_table()
         if format == "json":
+            if not table:
+                if cursor:
+                    decode_cursor(cursor, newest)  # refused as with a table: malformed
+                return {"items": [], "next_cursor": None}
             got = page(store, filters, cursor=cursor, limit=limit, newest_first=newest)
             return {"items": [_view(r) for r in got.records], "next_cursor": got.next_cursor}
-        if cursor is not None:
-            raise InvalidInput("cursor applies to format=json only; exports stream every row")
-        rows = _started(iter_records(store, filters, newest_first=newest))
+        # no table yet: an empty export, as of an empty table (CSV: its header, after the mark)
+        rows = _started(iter_records(store, filters, newest_first=newest)) if table else iter(())
         body = _csv_lines(rows, bom=bom) if format == "csv" else _jsonl_lines(rows)
         return StreamingResponse(body, media_type=_MEDIA[format], headers={
             "Content-Disposition": f'attachment; filename="bertstream-results.{format}"'})
@@ -1014,19 +1014,26 @@ def _stored_pair(client: Client, a: str, b: str) -> tuple[str, str]:
 _MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
-def _export_takes_no_limit(fmt: str, request: Request) -> None:
-    """Refuse a ``limit`` given with ``format=csv|jsonl``: ignored, it gave every
-    matching row to a caller who asked for a few."""
-    if fmt != "json" and "limit" in request.query_params:
-        raise InvalidInput("limit applies to format=json only; exports stream every "
-                           "matching row (narrow them with the filters, since and until)")
+#: Query parameters of ``/v1/results`` that one format only takes: name -> that format.
+_FORMAT_ONLY = {"limit": "json", "cursor": "json", "bom": "csv"}
 
 
-def _bom_is_for_csv(fmt: str, request: Request) -> None:
-    """Refuse ``bom`` given with a format other than CSV, as ``limit`` with an export: a
-    byte-order mark is no part of JSON, and it was asked for a CSV."""
-    if fmt != "csv" and "bom" in request.query_params:
-        raise InvalidInput(f"bom applies to format=csv only, not format={fmt}")
+def _params_of_format(fmt: str, request: Request) -> None:
+    """Refuse, in one 422 naming them all, the query parameters given that ``fmt`` does not
+    take: ``limit`` and ``cursor`` page ``format=json`` (an export streams every matching
+    row: a limit ignored gave every row to a caller who asked for a few), ``bom`` marks a
+    CSV (no part of JSON). Checked before anything is read, so the answer does not depend
+    on whether the results table exists yet."""
+    wrong = [name for name, only in _FORMAT_ONLY.items()
+             if name in request.query_params and fmt != only]
+    if not wrong:
+        return
+    message = "; ".join(f"{name} applies to format={_FORMAT_ONLY[name]} only"
+                        for name in wrong) + f", not format={fmt}"
+    if fmt != "json" and {"limit", "cursor"} & set(wrong):
+        message += ("; exports stream every matching row (narrow them with the filters, "
+                    "since and until)")
+    raise InvalidInput(message)
 
 
 def _started(rows: Iterator[ResultRecord]) -> Iterator[ResultRecord]:

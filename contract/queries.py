@@ -61,6 +61,9 @@ MAX_CELLS = 100_000
 #: to keep (``GET /v1/stats?limit=``); the others are summed into one ``other`` group.
 STATS_LIMIT = 100
 MAX_STATS_LIMIT = 1000
+#: The label a worker's neutral band gives (``worker.runner.NEUTRAL``; the worker's
+#: module needs torch): it has no probability in the row's ``scores``.
+NEUTRAL = "neutral"
 
 
 def empty_range(since: dt.datetime | None, until: dt.datetime | None, since_name: str = "since",
@@ -484,7 +487,8 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     ``filters`` (source, label, lang, time range) select A's rows; a label
     filter means A's label. The change of a text is B's probability of A's
     label minus A's (read from B's ``scores``; 0 where B has no such label),
-    so a flipped label counts as a large move whatever the label set. A text of the
+    so a flipped label counts as a large move whatever the label set; a text A's neutral
+    band labelled ``neutral`` is read on A's top label (:func:`_compared_label`). A text of the
     largest changes comes from any row of its task that kept it (:func:`_kept_text`):
     A's worker may have run with BERTSTREAM_STORE_TEXT=false.
     """
@@ -504,18 +508,20 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
         conds.append(a.c.finished_at < filters.until)
     # B without a score for A's label gave it nothing: a full move, never a NULL that one
     # backend sorts first and the other last, and that the mean would leave out.
-    b_score = _score_of(store, b.c.scores, a.c.label)
-    b_prob = sa.func.coalesce(sa.cast(b_score, sa.Float), 0.0)
+    b_score = _score_of(store, b.c.scores, _compared_label(store, a.c.label, a.c.scores))
     # The join runs once: both backends materialise a CTE read more than once, and the
-    # totals, the flips and the largest changes are each read from it.
+    # totals, the flips and the largest changes are each read from it. B's probability is
+    # read once there (NULL: B has no such label), and the change and unmatched computed
+    # from the column: written twice in the CTE, the lookup ran twice a row.
     pairs = (sa.select(a.c.id, a.c.label.label("label_a"), a.c.score.label("score_a"),
                        b.c.label.label("label_b"), b.c.score.label("score_b"),
-                       (b_prob - a.c.score).label("change"),
-                       sa.case((b_score.is_(None), 1), else_=0).label("unmatched"))
+                       sa.cast(b_score, sa.Float).label("prob_b"))
              .select_from(a.join(b, a.c.id == b.c.id)).where(*conds).cte("pairs"))
     p = pairs.c
+    change = sa.func.coalesce(p.prob_b, 0.0) - p.score_a
     # A literal LIMIT: bound, SQLite's plan for the join below read far more rows.
-    top_rows = (sa.select(pairs).order_by(sa.func.abs(p.change).desc(), p.id)
+    top_rows = (sa.select(pairs, change.label("change"))
+                .order_by(sa.func.abs(change).desc(), p.id)
                 .limit(sa.literal_column(str(int(top)))).subquery("top_rows"))
     t, task = top_rows.c, results.alias("task")
     none = {name: sa.cast(sa.null(), kind) for name, kind in (
@@ -534,8 +540,8 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     count = sa.func.count()
     totals = branch(0, sa.literal(0), none["id"], none["text"], none["label"], none["label"],
                     count, sa.func.sum(sa.case((p.label_a == p.label_b, 1), else_=0)),
-                    sa.func.avg(p.change), sa.func.sum(p.unmatched), none["float"],
-                    none["float"]).select_from(pairs)
+                    sa.func.avg(change), sa.func.sum(sa.case((p.prob_b.is_(None), 1), else_=0)),
+                    none["float"], none["float"]).select_from(pairs)
     flips = (branch(1, sa.func.row_number().over(order_by=(count.desc(), p.label_a,
                                                            p.label_b)),
                     none["id"], none["text"], p.label_a, p.label_b, count, none["int"],
@@ -566,6 +572,22 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     return Comparison(model_a, model_b, int(total["n"] or 0), int(total["agree"] or 0),
                       flip_rows, None if mean is None else float(mean), top_dicts,
                       int(total["unmatched"] or 0))
+
+
+def _compared_label(store: ResultStore, label: Any, scores: Any) -> Any:
+    """The label of A whose probability :func:`compare` reads from B's scores: A's label,
+    except on a text A's neutral band labelled ``neutral`` (no ``neutral`` in its scores;
+    its score is its top label's probability): that top label (on a tie, the first by
+    name). Read by name it was missing from B's scores: counted unmatched, a full move."""
+    if store.engine.dialect.name == "postgresql":
+        members = sa.func.jsonb_each_text(sa.cast(scores, JSONB)).table_valued("key", "value")
+    else:
+        members = sa.func.json_each(scores).table_valued("key", "value")
+    top = (sa.select(members.c.key)
+           .order_by(sa.cast(members.c.value, sa.Float).desc(), members.c.key)
+           .limit(1).scalar_subquery())
+    banded = sa.and_(label == NEUTRAL, _score_of(store, scores, sa.literal(NEUTRAL)).is_(None))
+    return sa.case((banded, top), else_=label)
 
 
 def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:

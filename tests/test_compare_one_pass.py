@@ -2,10 +2,15 @@
 rows (they were three joins, each as slow as the whole table). Pins its whole answer on
 a small hand-made table on SQLite and PostgreSQL alike: agreement, flips (ties in order
 of labels), mean change, unmatched labels, the largest changes (ties by id) and their
-texts, under each filter. Scores are multiples of 1/8 so every sum is exact."""
+texts, under each filter. Scores are multiples of 1/8 so every sum is exact.
+
+Rows of models run with the neutral band (``BERTSTREAM_NEUTRAL_BELOW``) are labelled
+``neutral`` with no ``neutral`` in their scores: ``neutral`` agrees and flips as any
+label, and such a text is compared on its top label, never counted unmatched."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -136,3 +141,76 @@ def test_models_the_other_way_round(store: ResultStore) -> None:
             _top("t5", "text t5", "positive", 0.75, "neutral", 0.5, -0.5),
             _top("t1", "text t1", "positive", 0.5, "positive", 0.75, 0.25),
             _top("t3", "text t3", "positive", 0.75, "negative", 0.5, -0.25)]}
+
+
+def _banded(task_id: str, model: str, positive: float, *, neutral: bool = False) -> ResultRecord:
+    """A row of a two-label model run with the neutral band: ``neutral`` below it, the score
+    still the top probability and the scores the model's two (a tie's top is ``negative``,
+    the first by name)."""
+    top = "positive" if positive > 0.5 else "negative"
+    row = _row(task_id, model, top, _pn(positive, 1 - positive))
+    return dataclasses.replace(row, label="neutral") if neutral else row
+
+
+def _banded_rows() -> list[ResultRecord]:
+    return [
+        # Both neutral: they agree; B a little less sure of A's top label: -0.0625.
+        _banded("n1", "na", 0.625, neutral=True), _banded("n1", "nb", 0.5625, neutral=True),
+        # neutral -> positive: B's positive 0.875 against A's top (positive) 0.625.
+        _banded("n2", "na", 0.625, neutral=True), _banded("n2", "nb", 0.875),
+        # positive -> neutral: B's positive 0.625 against 0.875.
+        _banded("n3", "na", 0.875), _banded("n3", "nb", 0.625, neutral=True),
+        # A's tie is neutral, its top label negative by name: 0.75 - 0.5.
+        _banded("n4", "na", 0.5, neutral=True), _banded("n4", "nb", 0.25),
+        # Agree on negative: 0.75 - 0.875.
+        _banded("n5", "na", 0.125), _banded("n5", "nb", 0.25),
+    ]
+
+
+def _banded_top(task_id: str, label_a: str, score_a: float, label_b: str, score_b: float,
+                change: float) -> dict[str, Any]:
+    return _top(task_id, f"text {task_id}", label_a, score_a, label_b, score_b, change)
+
+
+N1 = _banded_top("n1", "neutral", 0.625, "neutral", 0.5625, -0.0625)
+N2 = _banded_top("n2", "neutral", 0.625, "positive", 0.875, 0.25)
+N3 = _banded_top("n3", "positive", 0.875, "neutral", 0.625, -0.25)
+N4 = _banded_top("n4", "neutral", 0.5, "negative", 0.75, 0.25)
+N5 = _banded_top("n5", "negative", 0.875, "negative", 0.75, -0.125)
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    pytest.param(Filters(), {
+        "texts": 5, "agree": 2, "agreement": 0.4,
+        "flips": [{"from": "neutral", "to": "negative", "count": 1},
+                  {"from": "neutral", "to": "positive", "count": 1},
+                  {"from": "positive", "to": "neutral", "count": 1}],
+        "mean_change": 0.0625 / 5, "unmatched": 0, "largest": [N2, N3, N4, N5, N1]}, id="all"),
+    pytest.param(Filters(label="neutral"), {
+        "texts": 3, "agree": 1, "agreement": 1 / 3,
+        "flips": [{"from": "neutral", "to": "negative", "count": 1},
+                  {"from": "neutral", "to": "positive", "count": 1}],
+        "mean_change": 0.4375 / 3, "unmatched": 0, "largest": [N2, N4, N1]}, id="label"),
+])
+def test_neutral_band_rows_agree_and_flip(store: ResultStore, filters: Filters,
+                                         expected: dict[str, Any]) -> None:
+    store.upsert(_banded_rows())
+    assert compare(store, "na", "nb", filters).as_dict() == {
+        "model_a": "na", "model_b": "nb", **expected}
+
+
+def test_neutral_band_rows_the_other_way_round(store: ResultStore) -> None:
+    store.upsert(_banded_rows())
+    got = compare(store, "nb", "na", Filters()).as_dict()
+    assert got == {
+        "model_a": "nb", "model_b": "na", "texts": 5, "agree": 2, "agreement": 0.4,
+        "flips": [{"from": "negative", "to": "neutral", "count": 1},
+                  {"from": "neutral", "to": "positive", "count": 1},
+                  {"from": "positive", "to": "neutral", "count": 1}],
+        "mean_change": -0.0625 / 5, "unmatched": 0,
+        "largest": [
+            _banded_top("n2", "positive", 0.875, "neutral", 0.625, -0.25),
+            _banded_top("n3", "neutral", 0.625, "positive", 0.875, 0.25),
+            _banded_top("n4", "negative", 0.75, "neutral", 0.5, -0.25),
+            _banded_top("n5", "negative", 0.75, "negative", 0.875, 0.125),
+            _banded_top("n1", "neutral", 0.5625, "neutral", 0.625, 0.0625)]}
