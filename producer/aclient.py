@@ -64,6 +64,17 @@ def _settle(wake: asyncio.Future[None]) -> None:
         wake.set_result(None)
 
 
+def _fill(done: Future[T], context: contextvars.Context, work: Callable[[], T]) -> None:
+    """Run ``work()`` in ``context`` and settle ``done`` with its outcome, quietly: no one
+    may wait for it any more (a thread abandoned when its call stopped)."""
+    try:
+        outcome = context.run(work)
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller through done
+        done.set_exception(exc)
+    else:
+        done.set_result(outcome)
+
+
 def _leave_unused(manager: AbstractContextManager[ChunkPublisher],
                   entering: Future[ChunkPublisher]) -> None:
     """Leave the block of a chunk publisher its caller never got (cancelled while it was
@@ -145,7 +156,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Close the shared client and stop the threads. Idempotent. Calls in flight end
         with :class:`ClientClosed` (a wait between two polls, or a :meth:`submit_many`
-        awaiting its async iterable's next item, at once), as later ones do.
+        waiting for its source's next item, at once), as later ones do.
 
         Closes the clients of :meth:`for_model` too. Closing one of those closes it
         alone (and the clients of its own for_model), as :meth:`Client.close` does; the
@@ -297,35 +308,53 @@ class AsyncClient:
         A source that may wait for its items (an async iterable, a generator) is read in
         a thread started for the call, not one of the client's :data:`MAX_THREADS`: any
         number of open websockets leave those threads (and the pooled producers, held
-        only while a chunk is sent) to the client's other calls."""
+        only while a chunk is sent) to the client's other calls. Cancelled or closed, the
+        call ends at once even while a generator blocks (a queue's ``get``, a socket's
+        read): its thread, a daemon, is left to that read and keeps no process from
+        exiting. The items it gave before are sent (by the linger, or when it gives its
+        next item, which is dropped: nothing given after the call stopped is sent)."""
         call = functools.partial(self.sync.submit_many, source=source, chunk_size=chunk_size,
                                  ttl_s=ttl_s, model=model, linger_s=linger_s)
-        if isinstance(items, Iterable) or not isinstance(items, AsyncIterable):
-            if isinstance(items, _IN_MEMORY) or not isinstance(items, Iterable):
-                return await self._run(lambda: call(items))
-            return await self._run_alone(lambda: call(items))
+        if isinstance(items, _IN_MEMORY) or not isinstance(items, (Iterable, AsyncIterable)):
+            return await self._run(lambda: call(items))
+        source_items: _SyncItems | _AsyncItems = (
+            _SyncItems(items) if isinstance(items, Iterable)
+            else _AsyncItems(items, asyncio.get_running_loop()))
+        return await self._run_alone(lambda: call(source_items.items()), source_items.stop)
+
+    async def _run_alone(self, work: Callable[[], T],
+                         stop: Callable[[ClientClosed | None], None]) -> T:
+        """``work()`` (reading a source) in a daemon thread of its own; when the call stops
+        early (cancelled, or aclose(): then :class:`ClientClosed`) it ends at once and
+        ``stop`` makes the source's next read raise. A thread blocked in the caller's
+        own code (a queue's get, a socket's read) cannot be woken: it is abandoned, and
+        neither it nor an exiting interpreter waits for the other."""
         loop = asyncio.get_running_loop()
-        bridge = _AsyncItems(items, loop)
-        # Woken by aclose(), as a wait's pause is: the source's read stops, the call ends.
+        # Woken by aclose(), as a wait's pause is.
         closing: asyncio.Future[None] = loop.create_future()
-        closing.add_done_callback(lambda _: bridge.stop(self._closed_error()))
         with self._lock:
+            if self._is_closed():
+                raise self._closed_error()
             self._sleeping.add(closing)
+        done: Future[T] = Future()
+        done.set_running_or_notify_cancel()  # a cancel of the wait leaves it to the thread
+        context = contextvars.copy_context()
+        threading.Thread(target=_fill, args=(done, context, work), daemon=True,
+                         name="bertstream-source").start()
+        result = asyncio.wrap_future(done)
+        closed: ClientClosed | None = None
         try:
-            return await self._run_alone(lambda: call(bridge.items()))
+            either: set[asyncio.Future[Any]] = {result, closing}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if result.done():
+                return result.result()
+            closed = self._closed_error()
+            raise closed
         finally:
             with self._lock:
                 self._sleeping.discard(closing)
-            bridge.stop()
-
-    async def _run_alone(self, work: Callable[[], T]) -> T:
-        """``work()`` in a thread of its own, which ends with it (a call still running
-        when cancelled ends there first); :class:`ClientClosed` after aclose()."""
-        own = ThreadPoolExecutor(1, thread_name_prefix="bertstream-source")
-        try:
-            return await self._run(work, own)
-        finally:
-            own.shutdown(wait=False)
+            stop(closed)
+            result.cancel()  # what the abandoned thread ends with is nobody's to hear
 
     publish = _threaded(Client.publish)
 
@@ -421,6 +450,40 @@ class AsyncClient:
         while (pause := await self._run(step)) is not None:
             await self._pause(pause)
         return done[0]
+
+
+class _SyncItems:
+    """A sync iterable (a generator) read in a call's thread, that :meth:`stop` ends: once
+    stopped, the next read raises (after the items before it were handed over) and an
+    item the source gives after that is dropped, never sent."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._source = items
+        self._stopped = False
+        #: what the read raises once stopped by aclose() (else a cancellation)
+        self._closed: ClientClosed | None = None
+
+    def items(self) -> Iterator[Any]:
+        """The items, in order, until the end or :meth:`stop`."""
+        source = iter(self._source)
+        while True:
+            self._check()
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            self._check()  # given after the call stopped: nobody reports it
+            yield item
+
+    def _check(self) -> None:
+        if self._stopped:
+            raise self._closed or CancelledError()
+
+    def stop(self, closed: ClientClosed | None = None) -> None:
+        """The call stopped (``closed``: by aclose(), the error the next read raises)."""
+        if closed is not None:
+            self._closed = closed
+        self._stopped = True
 
 
 class _AsyncItems:

@@ -90,6 +90,13 @@ MIN_WAIT_READ_S = 2.0
 #: stream does not wait out a connect timeout for every chunk while it is away.
 CONFLICT_CHECK_BACKOFF_S = 60.0
 
+#: Caller-id checks (a query each) one client runs at once; more wait their turn. Sources
+#: read in threads of their own (any number of open websockets) flushing together asked
+#: the store's connection pool (SQLAlchemy's default: 5, and 10 more) for more than it
+#: holds, and a check kept waiting past its timeout was skipped. With the async client's
+#: threads (:data:`producer.aclient.MAX_THREADS`) this stays within that pool.
+ID_CHECKS = 5
+
 log = logging.getLogger(__name__)
 
 
@@ -529,6 +536,8 @@ class Client:
         #: monotonic time until which :meth:`conflicts` skips the database (None: it is
         #: read); set on a failure, which is logged once per outage.
         self._conflicts_off_until: float | None = None
+        #: held by each caller-id check while it reads
+        self._id_checks = threading.BoundedSemaphore(ID_CHECKS)
         #: the Redis server's clock, which :meth:`publish` stamps messages on
         self._clock = self._server_clock()
         self._closed = False
@@ -617,6 +626,7 @@ class Client:
         processes mix their replies (one reads the other's results). The engine drops
         its pool without closing the parent's connections; the rest is rebuilt on use."""
         self._lock = threading.Lock()
+        self._id_checks = threading.BoundedSemaphore(ID_CHECKS)
         self._producers = self._connections = None
         self._redis = None
         self._clock = self._server_clock()  # its lock may be held by a thread not forked
@@ -1091,8 +1101,12 @@ class Client:
         makes :meth:`wait` wait for it. When the database cannot be read the
         check is skipped: submitting needs only Redis. After such a failure it
         is skipped without trying for :data:`CONFLICT_CHECK_BACKOFF_S`, and one
-        warning is logged per outage.
+        warning is logged per outage. At most :data:`ID_CHECKS` run at once.
         """
+        with self._id_checks:
+            return self._id_check(items)
+
+    def _id_check(self, items: Sequence[TaskItem]) -> IdCheck:
         off_until = self._conflicts_off_until
         if off_until is not None and time.monotonic() < off_until:
             return IdCheck()

@@ -4,21 +4,32 @@ while they wait for their next item. Ten of them held the AsyncClient's ten thre
 (sync callers, each in a thread of its own) the client's ten pooled producers, for their
 whole life: every other call of the client (a submit, the eleventh source) waited until
 a source ended. aclose() ends an open quiet async source, and Ctrl-C stops a submit_many
-that waits for a pooled producer."""
+that waits for a pooled producer. A gateway's sync generator blocked on its socket or
+queue no longer keeps the process from exiting once its call is cancelled or closed, and
+sources flushing caller ids at once on a slow database wait their turn for a connection
+rather than skip the id check past the connection pool's timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
+
+from contract.constants import RESULTS_TABLE
+from contract.results import ResultStore
 from contract.settings import Settings
 from producer import AsyncClient, Client, ClientClosed
 from producer.aclient import MAX_THREADS
-from tests.producer_helpers import broker_settings, lane_messages, until
+from tests.producer_helpers import broker_settings, lane_messages, record, until
 
 #: More quiet sources than the client has threads and pooled producers.
 SOURCES = MAX_THREADS + 2
@@ -237,3 +248,127 @@ def test_ctrl_c_stops_a_submit_many_waiting_for_a_pooled_producer(
     assert out["ended"] == "interrupted"
     assert out["held"], "Ctrl-C was held until a producer came back"
     assert not lane_messages(redis_url, f"{settings.queue}.bulk"), "sent after Ctrl-C"
+
+
+#: A user's gateway, run as its own process: two sockets (sync generators on queues, as
+#: a websocket's reader thread feeds them) in submit_many; the call is stopped (argv[4]:
+#: cancel, or aclose) while both block for their next post; then socket a gets a late
+#: post, and b stays blocked in its get as the process exits.
+GATEWAY = """
+import asyncio, queue, sys, threading
+from contract.settings import Settings
+from producer import AsyncClient
+from tests.producer_helpers import lane_messages, until
+
+redis_url, database_url, name, stop = sys.argv[1:]
+settings = Settings(broker_url=redis_url, database_url=database_url, queue=name)
+posts = {"a": queue.Queue(), "b": queue.Queue()}
+asked = {"a": threading.Semaphore(0), "b": threading.Semaphore(0)}
+
+def socket(user):
+    while True:
+        asked[user].release()
+        yield posts[user].get()
+
+def queued():
+    return {it["id"] for m in lane_messages(redis_url, name + ".bulk") for it in m["items"]}
+
+async def main():
+    client = AsyncClient(settings)
+    calls = [asyncio.create_task(client.submit_many(socket(u), linger_s=0.3)) for u in "ab"]
+    for user, ids in (("a", ["a-0", "a-1"]), ("b", ["b-0"])):
+        for i in ids:
+            posts[user].put({"text": "post " + i, "id": i})
+        for _ in range(len(ids) + 1):  # every post taken, and the next one asked for
+            await asyncio.to_thread(asked[user].acquire)
+    given = {"a-0", "a-1", "b-0"}
+    if stop == "aclose":  # what its linger had not sent yet may stay unsent: sent first
+        await asyncio.to_thread(until, lambda: given <= queued(), 5)
+        await client.aclose()
+    else:
+        for call in calls:
+            call.cancel()
+    ended = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    print("ended:", sorted({type(e).__name__ for e in ended}), flush=True)
+    if stop == "cancel":  # the posts taken before the cancel still go out
+        await asyncio.to_thread(until, lambda: given <= queued(), 5)
+    posts["a"].put({"text": "late post", "id": "a-late"})
+    await asyncio.to_thread(until, posts["a"].empty, 5)
+    await asyncio.sleep(1)  # past the linger: a late post sent would be queued by now
+    await client.aclose()
+
+asyncio.run(main())
+print("main returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stop", ["cancel", "aclose"])
+def test_a_gateway_blocked_in_a_sync_generator_lets_the_process_exit(
+        redis_url: str, sqlite_url: str, stop: str) -> None:
+    """A gateway's sync generators blocked on their queues when the app cancels their
+    submit_many (or closes the client) and returns from ``asyncio.run``: the calls end
+    at once, the process exits (their threads were joined at exit, for ever), quietly.
+    The posts taken before are queued, and a post the generator gives after the call
+    stopped is not sent."""
+    settings = broker_settings(redis_url, sqlite_url)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", GATEWAY, redis_url, sqlite_url, settings.queue, stop],
+            capture_output=True, text=True, timeout=30,
+            cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the gateway did not exit: {exc.stdout!r} {exc.stderr!r}")
+    ended = "ClientClosed" if stop == "aclose" else "CancelledError"
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"ended: [{ended!r}]", "main returned"], run.stdout
+    assert run.stderr == ""
+    assert _queued(redis_url, settings) == {"a-0", "a-1", "b-0"}
+
+
+#: SQLAlchemy's default wait for a pooled connection, in seconds (the store keeps it).
+POOL_TIMEOUT_S = 30
+#: More sources than the store's connection pool holds (SQLAlchemy's default: 5 + 10).
+DB_SOURCES = 20
+
+
+def test_sources_flushing_caller_ids_on_a_slow_database_each_check_them(
+        redis_url: str, pg_url: str) -> None:
+    """More quiet async sources with caller ids than the store has connections flush at
+    once while PostgreSQL answers none of their checks for longer than the pool's
+    timeout (the results table locked, as a migration's ALTER does): each check waits
+    its turn, so every id stored with another text is refused. Those left waiting for a
+    connection were skipped, and their conflicting posts sent."""
+    store = ResultStore.from_url(pg_url)
+    store.create_schema()
+    store.upsert([record(f"w{n}", text="the stored text") for n in range(DB_SOURCES)])
+    store.close()
+    # a statement may wait for the lock longer than the pool's timeout
+    settings = broker_settings(redis_url, pg_url, db_statement_timeout_s=3 * POOL_TIMEOUT_S)
+    locker = sa.create_engine(pg_url)
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async def socket(n: int) -> Any:
+            yield {"text": "another text", "id": f"w{n}"}
+
+        async with AsyncClient(settings) as client:
+            # the schema is read once, before the table is locked
+            await client.submit_many([{"text": "warm up", "id": "warm"}])
+            with locker.begin() as conn:
+                conn.execute(sa.text(f"LOCK TABLE {RESULTS_TABLE} IN ACCESS EXCLUSIVE MODE"))
+                calls = [asyncio.create_task(client.submit_many(socket(n)))
+                         for n in range(DB_SOURCES)]
+                await asyncio.sleep(POOL_TIMEOUT_S + 3)
+            reports = await asyncio.wait_for(
+                asyncio.gather(*calls, return_exceptions=True), 3 * POOL_TIMEOUT_S)
+        out["reports"] = reports
+
+    try:
+        asyncio.run(main())
+    finally:
+        locker.dispose()
+    reports = out["reports"]
+    assert not [r for r in reports if isinstance(r, BaseException)], reports
+    assert [r.ids for r in reports if r.ids] == [], "a conflicting id was sent unchecked"
+    assert all(len(r.errors) == 1 and "different text" in r.errors[0].reason for r in reports)
+    assert _queued(redis_url, settings) == {"warm"}
