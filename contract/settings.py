@@ -589,13 +589,29 @@ def _password_cut_at_an_at(rest: str) -> bool:
     hold one), and the rest of it became the host (``u:p@ss@host/db``: the host
     ``ss@host``, whose failed look-up printed it as an outage), the database name
     (``u:s3cr@h/t0p@host/db``: a database ``t0p@host/db``, named in the error) or the
-    query (``u:s3cr@h?x@host/db``: the host ``h``). A host holding '@', a database name
-    holding '@' and '/', or a query parameter's name holding '@', is no real one; an
-    '@' in a query value (``application_name=me@example.org``) is."""
+    query (``u:s3cr@h?x@host/db``, and ``u:s3cr@h?c=d@host/db``, a value ``d@host/db``:
+    the host ``h``). A host holding '@', a database name holding '@' and '/', a query
+    parameter's name holding '@', or a value whose '@' is followed by a path or a port
+    (:data:`_HOST_AFTER_AT`), is no real one; an '@' in a query value
+    (``application_name=me@example.org``) is. Still taken as SQLAlchemy reads them, for
+    no text tells them from real ones: a password cut where no database follows
+    (``u:s3cr@h?c=d@host``, ``u:s3cr@h/t0p@host``)."""
     # With a password, as SQLAlchemy reads it: the host, the path and the query after it.
     found = re.match(r"[^:/]*:[^@]*@([^/?]*)(?:/([^?]*))?(?:\?(.*))?", rest, re.DOTALL)
     if not found:
         return False
     host, database, query = (part or "" for part in found.groups())
-    return ("@" in host or "@" in database and "/" in database
-            or any("@" in pair.partition("=")[0] for pair in query.split("&")))
+    if "@" in host or "@" in database and "/" in database:
+        return True
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if "@" in name or not value.startswith("/") and _HOST_AFTER_AT.search(value):
+            return True
+    return False
+
+
+#: An '@' in a query value followed by what a URL has after its host: a path or a
+#: query (``d@host/db``, ``d@host?x``), or a port ending it (``d@host:5432``). An
+#: absolute file path holding an '@' (``sslrootcert=/home/me@corp/ca.pem``) is not
+#: looked at.
+_HOST_AFTER_AT = re.compile(r"@[^/?]*(?:[/?]|:\d+$)")

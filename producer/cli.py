@@ -306,11 +306,47 @@ def _unwritable(exc: UnicodeEncodeError) -> str | None:
             char.encode(encoding or "utf-8")
         except UnicodeEncodeError:
             return (f"error: the output's encoding ({encoding}) cannot write "
-                    f"U+{ord(char):04X}: set PYTHONIOENCODING=utf-8 or a UTF-8 locale "
-                    "(LANG=C.UTF-8)")
+                    f"U+{ord(char):04X}: {UTF8_HINT}")
         except LookupError:
             continue
     return None
+
+
+#: How to make stdout write any character.
+UTF8_HINT = "set PYTHONIOENCODING=utf-8 or a UTF-8 locale (LANG=C.UTF-8)"
+
+
+def _json_escape(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: the characters as JSON escapes (``\\ud83d\\ude00`` for one
+    past U+FFFF, where Python's ``\\U0001f600`` is no JSON)."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return json.dumps(exc.object[exc.start:exc.end])[1:-1], exc.end
+
+
+codecs.register_error("bertstream.json_escape", _json_escape)
+
+
+def _writable(text: str, fmt: str) -> str:
+    """``text`` with each character stdout's encoding cannot write (a latin-1 or cp1252
+    locale) escaped, said once on stderr: for the ids and results of texts already sent,
+    which a refusal (exit 1, :func:`_unwritable`) would lose. JSON keeps its values (JSON
+    escapes); table and CSV cells show ``\\u8fd9`` as Python writes stderr."""
+    encoding = str(getattr(sys.stdout, "encoding", None) or "utf-8")
+    try:
+        if codecs.lookup(encoding).name == "ascii":
+            return text  # click writes UTF-8 to an ASCII stdout (a misconfigured locale)
+        text.encode(encoding)
+        return text
+    except LookupError:
+        return text
+    except UnicodeEncodeError as exc:
+        char = exc.object[exc.start]
+    handler = "bertstream.json_escape" if fmt in ("json", "jsonl") else "backslashreplace"
+    click.echo(f"warning: the output's encoding ({encoding}) cannot write U+{ord(char):04X} "
+               f"and maybe other characters, shown escaped: {UTF8_HINT} to see them",
+               err=True)
+    return text.encode(encoding, handler).decode(encoding)
 
 
 #: A write refused for want of room (a full disk, a quota, a file size limit): the output
@@ -529,6 +565,9 @@ def submit(
     database gone) still prints the results that are ready on stdout, in
     the --format, and every other id on stderr as a line `missing: ID`,
     before the error line; it exits 4, 130 or 3.
+
+    A character stdout's encoding cannot write (a latin-1 locale) is shown
+    escaped (\\u8fd9; in JSON, a JSON escape), with a warning.
     """
     if len(task_ids) > 1:
         # click keeps the last of a repeated option: an idempotency key must not be a guess
@@ -554,13 +593,15 @@ def submit(
         client.mark_retries(retrying)
         ids = [item.id for item in items]
         if not wait:
-            click.echo(render_rows([{"id": i} for i in ids], ["id"], fmt) if fmt != "table" else "\n".join(ids))
+            click.echo(_writable(render_rows([{"id": i} for i in ids], ["id"], fmt)
+                                 if fmt != "table" else "\n".join(ids), fmt))
             warn_if_unserved(client)
             return
         found, stop = _wait_or_stop(client, ids, timeout)
         terminal = _on_terminal()
-        echo_text(render_results([found[i] for i in ids if i in found], fmt,
-                                 terminal=terminal), as_stored=fmt == "csv" and not terminal)
+        echo_text(_writable(render_results([found[i] for i in ids if i in found], fmt,
+                                           terminal=terminal), fmt),
+                  as_stored=fmt == "csv" and not terminal)
         if stop is not None:
             missing = [i for i in ids if i not in found]
             for i in missing:

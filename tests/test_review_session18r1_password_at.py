@@ -18,7 +18,8 @@ from producer.cli import main
 
 
 @pytest.mark.parametrize("password", ["s3cr@{host}/t0pSECRET", "s3cr@SECRET.internal?x",
-                                      "s3cr@SECRET/x?y"])
+                                      "s3cr@SECRET/x?y", "s3cr@SECRET.internal?c=d",
+                                      "s3cr@{host}/SECRET?c=d"])
 def test_an_at_sign_followed_by_a_slash_or_question_mark_is_refused_unprinted(
         password: str, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     host = pg_url.rpartition("@")[2].split("/", 1)[0]
@@ -38,9 +39,24 @@ def test_an_at_sign_followed_by_a_slash_or_question_mark_is_refused_unprinted(
     "postgresql+psycopg://u:p%40ss@[::1]:5432/db",
     "postgresql+psycopg://u:ab/cd?ef@h/db",
     "postgresql:///db?host=/run/postgresql",
+    "postgresql+psycopg://u:pw@h?application_name=me@example.org",
+    "postgresql+psycopg://u:pw@h/db?sslrootcert=/home/me@corp/ca.pem&application_name=a@b",
 ])
 def test_urls_whose_at_signs_are_not_a_passwords_are_taken(url: str) -> None:
     Settings(database_url=url).validate()
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://u:s3cr@h?c=d@host/db",
+    "postgresql+psycopg://u:s3cr@h?c=d@host:5432/db?sslmode=require",
+    "postgresql+psycopg://u:s3cr@h?c=d@host:5432",
+    "postgresql+psycopg://u:s3cr@h:1?c=d@host/db",
+])
+def test_a_password_cut_into_a_query_value_is_refused(url: str) -> None:
+    """SQLAlchemy read the host ``h`` and a query value ``d@host...``: the '@' of a
+    password holding '?' and '=' after it (the host ``h`` was looked up, exit 3)."""
+    with pytest.raises(ConfigError, match="%40"):
+        Settings(database_url=url).validate()
 
 
 def test_an_at_sign_before_the_host_is_still_refused() -> None:

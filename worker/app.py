@@ -7,10 +7,14 @@ unreachable database fails at start, loudly, not on the first task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +116,15 @@ def resolve_model_dir(settings: Settings, progress: bool = True) -> tuple[Path, 
 
 
 def build_runner(settings: Settings, placement: Placement | None = None) -> Runner:
-    """Load the configured model once for this process."""
+    """Load the configured model once for this process (assembled first, for the bundled
+    one; warmed up, on a GPU). A SIGTERM meanwhile is logged (:func:`sigterm_logged`)."""
     if settings.model == NULL_MODEL:
         return NullRunner()
+    with sigterm_logged("loading the model"):
+        return _load_runner(settings, placement)
+
+
+def _load_runner(settings: Settings, placement: Placement | None) -> Runner:
     placement = placement or resolve_placement(settings.device, settings.dtype)
     if placement.device.type == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -142,14 +152,40 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
                     str(wider.dtype).removeprefix("torch."))
         placement = wider
         runner = load(placement)
-    log.info("model %s (rev %s) on %s, max_length %d, %d labels (%s%s)",
-             runner.name, runner.revision, placement.describe(), runner.max_length,
+    # The directory too: fine-tunes each in a directory named ``model`` share a name.
+    log.info("model %s (%s, rev %s) on %s, max_length %d, %d labels (%s%s)",
+             runner.name, path, runner.revision, placement.describe(), runner.max_length,
              len(runner.labels), runner.output, ", padded on the left" * runner.pad_left)
     if placement.is_cuda:
         t0 = time.perf_counter()
         shapes = runner.warm_up(settings.token_budget, settings.max_batch_size)
         log.info("warm-up: %d batch shapes in %.1f s", shapes, time.perf_counter() - t0)
     return runner
+
+
+@contextlib.contextmanager
+def sigterm_logged(doing: str) -> Iterator[None]:
+    """While ``doing`` (before Celery has its own handlers), a SIGTERM is logged in one line
+    and then ends the process as it did before: killed by the signal (exit 143 in a shell),
+    so a supervisor reads the same status. Without it the process died silently, and the
+    logs of a restart loop said nothing of why. Nothing is consumed before Celery starts.
+    A process with a SIGTERM handler of its own keeps it; off the main thread (no handler
+    can be set there) it does nothing."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("stopped by SIGTERM while %s; nothing was taken from the queue", doing)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @dataclass
@@ -186,7 +222,7 @@ def build_worker_app(
     if settings.metrics_port:
         from worker.metrics import WorkerMetrics
 
-        metrics = WorkerMetrics(runner.name)
+        metrics = WorkerMetrics(runner.name, runner.revision)
         metrics.serve(settings.metrics_port, settings)
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     task = register_tasks(app, processor, settings, metrics)
@@ -303,8 +339,10 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     )
     runner = wapp.processor.runner
     placement = getattr(runner, "placement", None)
+    # The revision tells apart two models of one name, as the rows' model_revision does.
     beat = Heartbeat(wapp.processor.settings, hostname, {
-        "model": runner.name, "device": placement.describe() if placement else "none"})
+        "model": runner.name, "revision": runner.revision,
+        "device": placement.describe() if placement else "none"})
     beat.start()
     try:
         worker.start()

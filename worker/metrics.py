@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,7 +38,7 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 class WorkerMetrics:
     """The worker's metrics in their own registry; :meth:`observe` takes each flush."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, revision: str | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
         r = self.registry
@@ -62,6 +69,10 @@ class WorkerMetrics:
                              "Seconds spent in each step inside flushes: tokenize, collate, "
                              "launch, wait (for the device), decode", ["step"], registry=r)
         self.up = Gauge("bertstream_worker_up", "1 while this worker consumes", registry=r)
+        # The model label above is the name, which two models may share (fine-tunes each
+        # in a directory named ``model``); the revision is the rows' ``model_revision``.
+        Info("bertstream_model", "The model this worker serves: its name and revision",
+             registry=r).info({"model": model, "revision": revision or ""})
         self._sources: set[str] = set()
 
     def source_label(self, source: str | None) -> str:
