@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -198,9 +198,16 @@ def settled(store: ResultStore) -> SchemaState:
     one by one, so for a moment the results table existed without its later
     columns. A state that is neither current nor empty is read again under the
     migration lock, which waits for a running migration to end.
+
+    An empty state is checked for a schema the role lost USAGE on (:func:`check_privileges`):
+    PostgreSQL hides its tables, and a reader took stored tasks for never accepted.
+    Checked only then, so a read of a current schema costs no more.
     """
     current = state(store)
-    if current.empty or current.problem() is None:
+    if current.empty:
+        check_privileges(store, READER_PRIVILEGES, "a reader")
+        return current
+    if current.problem() is None:
         return current
     return _locked(store, _read, "cannot read the schema revision", reader=True)
 
@@ -289,8 +296,10 @@ def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who:
     Without it, a worker whose role may not write started, and then met each flush's
     ``permission denied`` as an outage, requeueing for ever. PostgreSQL leaves a schema
     without USAGE out of the search path (``current_schema()`` too): its tables look
-    missing, so the configured path (``$user`` being the role) is read: its first schema
-    that exists, holding one of the tables while none is visible, is the one to grant."""
+    missing, so the configured path (``$user`` being the role) is read. The schema to
+    grant, when it holds the tables while none is visible: the path's first schema that
+    exists for a role that inserts (it creates the tables there), the first one holding
+    one of the tables for a role that only reads or changes rows."""
     if store.engine.dialect.name != "postgresql":
         return
     pairs = [(table, privilege) for table, privileges in needs.items()
@@ -300,6 +309,14 @@ def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who:
     for i, (table, privilege) in enumerate(pairs):
         params.update({f"t{i}": table, f"p{i}": privilege})
     needed = "(VALUES " + values + ") AS v(t, p)"
+    # A role that creates the tables does so in its path's first schema that exists (an
+    # empty one of its own, "$user", say): that one is its schema. One that only uses
+    # rows reads them from the first schema holding them: an empty "$user" schema
+    # ahead of it hid a lost USAGE, and stored tasks read as never accepted.
+    candidate = ("SELECT 1 FROM pg_namespace WHERE nspname = q.s"
+                 if any("INSERT" in privileges for privileges in needs.values()) else
+                 "SELECT 1 FROM pg_class c2 JOIN pg_namespace n2 ON n2.oid = c2.relnamespace"
+                 " WHERE n2.nspname = q.s AND c2.relname IN (SELECT v.t FROM " + needed + ")")
     query = sa.text(
         "SELECT current_user, "
         "array(SELECT DISTINCT n.nspname FROM pg_class c"
@@ -311,7 +328,7 @@ def check_privileges(store: ResultStore, needs: dict[str, tuple[str, ...]], who:
         "current_setting('search_path'), ',')) WITH ORDINALITY AS sp(x, i)"
         " CROSS JOIN LATERAL (SELECT CASE WHEN btrim(sp.x) IN ('$user', '\"$user\"')"
         " THEN CAST(current_user AS text) ELSE btrim(btrim(sp.x), '\"') END AS s) AS q"
-        " WHERE EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = q.s)"
+        " WHERE EXISTS (" + candidate + ")"
         " ORDER BY sp.i LIMIT 1)), "
         "array(SELECT v.t || ' ' || v.p FROM " + needed +
         " WHERE to_regclass(v.t) IS NOT NULL"
@@ -367,13 +384,53 @@ def _state_once_free(store: ResultStore) -> SchemaState:
 
 
 def _wait_unlocked(url: sa.engine.URL) -> None:
-    """Wait until no process holds the migration lock of SQLite file ``url``."""
+    """Wait until no process holds the migration lock of SQLite file ``url`` (by the
+    thread's deadline, as :func:`_take_lock` waits)."""
     if url.database and url.database != ":memory:":
-        path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")
-        with contextlib.suppress(OSError), open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError), open(_lock_path(url), "a") as handle:
+            _take_lock(lambda: _flock(handle), lambda: fcntl.flock(handle, fcntl.LOCK_EX),
+                       "cannot read the schema revision")
             fcntl.flock(handle, fcntl.LOCK_UN)
     time.sleep(0.05)
+
+
+#: Seconds between two tries of a migration lock another process holds, under a deadline.
+LOCK_RETRY_S = 0.05
+
+
+def _take_lock(attempt: Callable[[], bool], block: Callable[[], object], what: str) -> None:
+    """Take the migration lock: ``block()`` waits for it; under the thread's deadline
+    (:meth:`ResultStore.until`, a wait's read) ``attempt()`` tries it without waiting,
+    again every :data:`LOCK_RETRY_S`, and :class:`StoreUnavailable` saying a migration
+    holds it ends the try before the deadline. A wait blocked in the lock (a kernel
+    ``flock``, a server-side lock wait) outlived any deadline: a read of a schema one
+    revision behind waited out a whole migration."""
+    from contract.results import _deadline
+
+    deadline = _deadline()
+    if deadline is None:
+        block()
+        return
+    while not attempt():
+        if time.monotonic() + LOCK_RETRY_S >= deadline:
+            raise StoreUnavailable(f"{what}: another process is migrating the schema (it "
+                                   "holds the migration lock), not done in time")
+        time.sleep(LOCK_RETRY_S)
+
+
+def _flock(handle: IO[str]) -> bool:
+    """Lock ``handle``'s file without waiting: False while another process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock_path(url: sa.engine.URL) -> Path:
+    """The migration lock file of SQLite file ``url``, next to it."""
+    database = Path(str(url.database))
+    return database.with_name(database.name + ".migrate-lock")
 
 
 def drop_all(conn: Connection) -> None:
@@ -428,7 +485,7 @@ def _locked(store: ResultStore, work: Callable[[Connection], T], what: str, *,
     only read) goes on without the lock: it only waits, never migrates.
     """
     def run(conn: Connection) -> T:
-        with _lock(conn, store.engine.url, reader):
+        with _lock(conn, store.engine.url, reader, what):
             if not reader:
                 _sqlite_transactional_ddl(conn)
             return work(conn)
@@ -457,9 +514,17 @@ def _sqlite_transactional_ddl(conn: Connection) -> None:
 
 
 @contextlib.contextmanager
-def _lock(conn: Connection, url: sa.engine.URL, reader: bool = False) -> Iterator[None]:
+def _lock(conn: Connection, url: sa.engine.URL, reader: bool = False,
+          what: str = "cannot take the migration lock") -> Iterator[None]:
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+        def attempt() -> bool:
+            taken = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"),
+                                 {"key": _LOCK_KEY}).scalar()
+            conn.commit()
+            return bool(taken)
+
+        _take_lock(attempt, lambda: conn.execute(sa.text("SELECT pg_advisory_lock(:key)"),
+                                                 {"key": _LOCK_KEY}), what)
         conn.commit()
         # Unlocked only after a success: after a failure the transaction is aborted, and
         # an unlock there would fail and hide the error. The connection is closed then
@@ -469,16 +534,16 @@ def _lock(conn: Connection, url: sa.engine.URL, reader: bool = False) -> Iterato
         conn.commit()
         return
     if conn.dialect.name == "sqlite" and url.database and url.database != ":memory:":
-        path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")
         try:
-            handle = open(path, "a")  # noqa: SIM115 - closed by the with below
+            handle = open(_lock_path(url), "a")  # noqa: SIM115 - closed by the with below
         except OSError:
             if not reader:
                 raise
             yield
             return
         with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _take_lock(lambda: _flock(handle), lambda: fcntl.flock(handle, fcntl.LOCK_EX),
+                       what)
             try:
                 yield
             finally:

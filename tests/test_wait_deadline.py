@@ -6,21 +6,28 @@ side is gone) held a wait for the store's statement guard and a reconnect (tens 
 seconds); a database restarting (connection refused) failed the wait at once,
 though the results came a moment later. Real PostgreSQL behind a TCP proxy the
 test freezes (silent) or takes down (refused); the client keeps the default
-database timeouts, far longer than the waits.
+database timeouts, far longer than the waits. A schema one revision behind while
+another process migrates it: the wait's schema check waited for the migration lock
+until the migration ended, whatever the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from contract.errors import ResultTimeout, StoreUnavailable
+from contract import migrate
+from contract.errors import ResultTimeout, StoreRefused, StoreUnavailable
 from contract.results import ResultRecord, ResultStore
 from producer import AsyncClient, Client
+from producer.client import MIN_WAIT_READ_S
 from tests.producer_helpers import broker_settings, record
 from tests.tcpproxy import TcpProxy, proxied_pg
 
@@ -175,3 +182,58 @@ def test_a_read_on_a_silent_database_ends_when_the_guard_cuts(
         assert guard_s - 0.5 < took < guard_s + MARGIN_S, (took, guard_s)
     finally:
         client.close()
+
+
+#: Seconds the migration of :func:`_migrating` holds the lock at most: a wait blocked in
+#: it (one that fails this test) ends then.
+MIGRATION_S = 8
+
+
+def _migrating(url: str) -> subprocess.Popen[str]:
+    """Another process migrating ``url`` to head under the migration lock (the path
+    ``db upgrade`` takes), from when this returns until a line is written to its stdin
+    (:data:`MIGRATION_S` at most)."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import select
+        import sys
+        from alembic import command
+        from contract import migrate
+        from contract.results import ResultStore
+
+        def upgrade(conn):
+            print("locked", flush=True)
+            select.select([sys.stdin], [], [], {MIGRATION_S})
+            command.upgrade(migrate._config(conn), "head")
+            conn.commit()
+
+        migrate._locked(ResultStore.from_url({url!r}), upgrade, "cannot upgrade")
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_wait_ends_by_its_timeout_while_another_process_migrates(
+        db_url: str, wait_on: Callable[[str], Wait]) -> None:
+    """The schema one revision behind, another process holding the migration lock: the
+    wait's schema check waits for the lock until the wait's read is cut, then raises
+    StoreUnavailable saying a migration holds it (the database could not be read, no
+    ResultTimeout). Once the migration is done, the next wait reads the result."""
+    store = ResultStore.from_url(db_url)
+    try:
+        behind = [rev for rev, _, _ in migrate.history()][-2]
+        migrate.upgrade(store, behind)
+        wait = wait_on(db_url)
+        holder = _migrating(db_url)
+        try:
+            took, out = _timed(lambda: wait(["a"], 1))
+        finally:
+            holder.communicate("go\n", timeout=60)
+        assert holder.returncode == 0
+        assert took < 1 + MIN_WAIT_READ_S + MARGIN_S, (took, out)
+        assert isinstance(out, StoreUnavailable) and not isinstance(out, StoreRefused), out
+        assert "migrating the schema (it holds the migration lock)" in str(out), out
+        store.upsert([record("a")])
+        took, out = _timed(lambda: wait(["a"], 5))
+        assert isinstance(out, dict) and set(out) == {"a"}, out
+    finally:
+        store.close()
