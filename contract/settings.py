@@ -591,11 +591,14 @@ def _password_cut_at_an_at(rest: str) -> bool:
     (``u:s3cr@h/t0p@host/db``: a database ``t0p@host/db``, named in the error) or the
     query (``u:s3cr@h?x@host/db``, and ``u:s3cr@h?c=d@host/db``, a value ``d@host/db``:
     the host ``h``). A host holding '@', a database name holding '@' and '/', a query
-    parameter's name holding '@', or a value whose '@' is followed by a path or a port
-    (:data:`_HOST_AFTER_AT`), is no real one; an '@' in a query value
-    (``application_name=me@example.org``) is. Still taken as SQLAlchemy reads them, for
+    parameter's name holding '@', or a value whose '@' is followed by a path
+    (:data:`_PATH_AFTER_AT`), or by a port where no database was read
+    (:data:`_PORT_AFTER_AT`), is no real one; an '@' in a query value
+    (``application_name=me@example.org``, ``application_name=svc@host:8000`` after a
+    database) is, and so is any in a file path (:data:`_FILE_PARAMETERS`,
+    ``sslrootcert=certs/me@corp/ca.pem``). Still taken as SQLAlchemy reads them, for
     no text tells them from real ones: a password cut where no database follows
-    (``u:s3cr@h?c=d@host``, ``u:s3cr@h/t0p@host``)."""
+    (``u:s3cr@h?c=d@host``, ``u:s3cr@h/t0p@host``, ``u:s3cr@h/x?c=d@host:5432``)."""
     # With a password, as SQLAlchemy reads it: the host, the path and the query after it.
     found = re.match(r"[^:/]*:[^@]*@([^/?]*)(?:/([^?]*))?(?:\?(.*))?", rest, re.DOTALL)
     if not found:
@@ -605,13 +608,25 @@ def _password_cut_at_an_at(rest: str) -> bool:
         return True
     for pair in query.split("&"):
         name, _, value = pair.partition("=")
-        if "@" in name or not value.startswith("/") and _HOST_AFTER_AT.search(value):
+        if "@" in name:
+            return True
+        if name in _FILE_PARAMETERS or value.startswith("/"):
+            continue  # a file path: '@' and '/' are the directories' own
+        if _PATH_AFTER_AT.search(value) or not database and _PORT_AFTER_AT.search(value):
             return True
     return False
 
 
 #: An '@' in a query value followed by what a URL has after its host: a path or a
-#: query (``d@host/db``, ``d@host?x``), or a port ending it (``d@host:5432``). An
-#: absolute file path holding an '@' (``sslrootcert=/home/me@corp/ca.pem``) is not
-#: looked at.
-_HOST_AFTER_AT = re.compile(r"@[^/?]*(?:[/?]|:\d+$)")
+#: query (``d@host/db``, ``d@host?x``).
+_PATH_AFTER_AT = re.compile(r"@[^/?]*[/?]")
+
+#: An '@' in a query value followed by a port that ends it (``d@host:5432``): what a URL
+#: without a database has after its host; after a database, a value such as
+#: ``application_name=svc@host:8000``.
+_PORT_AFTER_AT = re.compile(r"@[^/?]*:\d+$")
+
+#: libpq's parameters that name a file, whose value is a path (relative or absolute,
+#: Windows' ``C:/Users/me@corp/...`` too) and may hold '@' and '/'.
+_FILE_PARAMETERS = frozenset({"passfile", "sslcert", "sslkey", "sslrootcert", "sslcrl",
+                              "sslcrldir", "sslkeylogfile"})

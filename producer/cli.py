@@ -767,7 +767,8 @@ def _run_stream(client: Client, records: Iterable[SourceRecord], trackers: list[
         if pending_note is None:
             raise
         raise type(exc)(f"{exc.reason}; {pending_note}", sent=exc.sent) from exc
-    click.echo(_summary(report, "entry #" if redis_source else "line "))
+    # After the texts are sent: a reason quoting an id stdout cannot write is escaped.
+    click.echo(_writable(_summary(report, "entry #" if redis_source else "line "), "table"))
     if wait and report.ids:
         found, stop = _wait_or_stop(client, report.ids, timeout)
         counts: dict[str, int] = {}

@@ -1,7 +1,7 @@
-"""``bertstream submit`` run by an operator in a shell whose stdout cannot write the texts
-(a latin-1 or cp1252 locale): the texts are sent before anything is printed, so their
-ids and results must be shown, escaped, not refused with exit 1 (which left the user
-with tasks sent and no id to follow them by)."""
+"""``bertstream submit`` (and ``stream``'s summary) run by an operator in a shell whose
+stdout cannot write the texts (a latin-1 or cp1252 locale): the texts are sent before
+anything is printed, so their ids and results must be shown, escaped, not refused with
+exit 1 (which left the user with tasks sent and no id to follow them by)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from contract.errors import EXIT_REJECTED
 from contract.settings import Settings
 from worker.process import settings_env
 
@@ -24,9 +25,14 @@ EMOJI = "good film 😀"  # past U+FFFF: JSON needs a surrogate pair, not Python
 
 
 def _submit(settings: Settings, encoding: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _bertstream(settings, encoding, "submit", *args)
+
+
+def _bertstream(settings: Settings, encoding: str,
+                *args: str) -> subprocess.CompletedProcess[str]:
     env = {**settings_env(settings), "PYTHONIOENCODING": encoding}
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()",
-                           "submit", *args], env=env, capture_output=True, timeout=120,
+                           *args], env=env, capture_output=True, timeout=120,
                           cwd=ROOT, check=False, encoding=encoding)
 
 
@@ -92,3 +98,22 @@ def test_submit_writes_what_the_encoding_can_as_it_is(redis_url: str, sqlite_url
     out = _submit(settings, "latin-1", "très bien", "--id", "tâche-1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tâche-1" and "warning: the output" not in out.stderr
+
+
+def test_stream_summary_shows_escaped_what_stdout_cannot_write(
+        redis_url: str, sqlite_url: str, tmp_path: Path) -> None:
+    """``stream`` prints its summary once its texts are sent: a rejected line whose reason
+    quotes an id stdout cannot write (a repeated id) is shown escaped. Refused, it was exit
+    1 with no summary, as if nothing had been sent, and a rerun sent the texts again."""
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url,
+                        queue=f"bst-test-{uuid.uuid4().hex[:8]}")
+    source = tmp_path / "texts.jsonl"
+    records = [{"text": "ok"}, {"text": TEXT, "id": "任务-3"}, {"text": TEXT, "id": "任务-3"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = _bertstream(settings, "cp1252", "stream", "--no-progress", str(source))
+    assert out.returncode == EXIT_REJECTED, out.stderr
+    assert out.stdout.startswith("accepted 2, rejected 1"), out.stdout
+    assert "duplicate id '\\u4efb\\u52a1-3'" in out.stdout, out.stdout
+    assert "error:" not in out.stderr
+    [warning] = [line for line in out.stderr.splitlines() if "output's encoding" in line]
+    _escaped_once(warning, "cp1252")

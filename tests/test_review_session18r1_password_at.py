@@ -41,9 +41,29 @@ def test_an_at_sign_followed_by_a_slash_or_question_mark_is_refused_unprinted(
     "postgresql:///db?host=/run/postgresql",
     "postgresql+psycopg://u:pw@h?application_name=me@example.org",
     "postgresql+psycopg://u:pw@h/db?sslrootcert=/home/me@corp/ca.pem&application_name=a@b",
+    "postgresql+psycopg://u:pw@h/db?application_name=worker@host:8000",
+    "postgresql+psycopg://u:pw@h:5432/db?application_name=svc@host:1234&sslmode=require",
+    "postgresql+psycopg://u:pw@h/db?sslrootcert=certs/me@corp/ca.pem",
+    "postgresql+psycopg://u:pw@h/db?sslcert=C:/Users/me@corp/client.crt&sslkey=k@1/c.key",
+    "postgresql+psycopg://u:pw@h?passfile=.pg/me@corp/pgpass",
 ])
 def test_urls_whose_at_signs_are_not_a_passwords_are_taken(url: str) -> None:
     Settings(database_url=url).validate()
+
+
+@pytest.mark.parametrize("query", ["application_name=worker@host:8000",
+                                   "sslmode=disable&sslrootcert=certs/me@corp/ca.pem"])
+def test_an_at_sign_in_a_port_or_file_path_value_connects(
+        query: str, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An application name ending in a port, or a relative certificate path under a
+    directory holding '@', after a database: values of the user's, not a password cut
+    (they were refused with exit 2, as an '@' to write %40)."""
+    scheme, _, rest = pg_url.partition("://")
+    user, _, where = rest.rpartition("@")
+    url = f"{scheme}://{user.split(':', 1)[0]}:pw@{where}?{query}"
+    monkeypatch.setenv("BERTSTREAM_DATABASE_URL", url)
+    result = CliRunner().invoke(main, ["results", "--limit", "1"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("url", [
