@@ -15,7 +15,15 @@ import functools
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from types import TracebackType
@@ -311,11 +319,14 @@ class AsyncClient:
         only while a chunk is sent) to the client's other calls. Cancelled or closed, the
         call ends at once even while a generator blocks (a queue's ``get``, a socket's
         read): its thread, a daemon, is left to that read and keeps no process from
-        exiting. The items it gave before are sent (by the linger, or when it gives its
-        next item, which is dropped: nothing given after the call stopped is sent)."""
+        exiting. The items it gave before are sent (by the linger, or with the one its
+        read gives after the stop: taken from the source, a queue's post, that one is
+        sent too, and the read ends there; after aclose() none can be sent)."""
         call = functools.partial(self.sync.submit_many, source=source, chunk_size=chunk_size,
                                  ttl_s=ttl_s, model=model, linger_s=linger_s)
-        if isinstance(items, _IN_MEMORY) or not isinstance(items, (Iterable, AsyncIterable)):
+        # One dict item is refused there, not read as its keys (each would become a task).
+        if (isinstance(items, (*_IN_MEMORY, Mapping))
+                or not isinstance(items, (Iterable, AsyncIterable))):
             return await self._run(lambda: call(items))
         source_items: _SyncItems | _AsyncItems = (
             _SyncItems(items) if isinstance(items, Iterable)
@@ -454,8 +465,9 @@ class AsyncClient:
 
 class _SyncItems:
     """A sync iterable (a generator) read in a call's thread, that :meth:`stop` ends: once
-    stopped, the next read raises (after the items before it were handed over) and an
-    item the source gives after that is dropped, never sent."""
+    stopped, the next read raises (after the items before it were handed over). The item
+    a read already waiting gives after the stop is handed over first: it was taken from
+    the source (a queue's get), and dropped it would be lost to every reader."""
 
     def __init__(self, items: Iterable[Any]) -> None:
         self._source = items
@@ -472,7 +484,6 @@ class _SyncItems:
                 item = next(source)
             except StopIteration:
                 return
-            self._check()  # given after the call stopped: nobody reports it
             yield item
 
     def _check(self) -> None:

@@ -5,14 +5,16 @@ while they wait for their next item. Ten of them held the AsyncClient's ten thre
 whole life: every other call of the client (a submit, the eleventh source) waited until
 a source ended. aclose() ends an open quiet async source, and Ctrl-C stops a submit_many
 that waits for a pooled producer. A gateway's sync generator blocked on its socket or
-queue no longer keeps the process from exiting once its call is cancelled or closed, and
-sources flushing caller ids at once on a slow database wait their turn for a connection
-rather than skip the id check past the connection pool's timeout."""
+queue no longer keeps the process from exiting once its call is cancelled or closed (the
+post its read takes after a cancel is sent, not lost), and sources flushing caller ids
+at once on a slow database wait their turn for a connection rather than skip the id
+check past the connection pool's timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -294,7 +296,7 @@ async def main():
         await asyncio.to_thread(until, lambda: given <= queued(), 5)
     posts["a"].put({"text": "late post", "id": "a-late"})
     await asyncio.to_thread(until, posts["a"].empty, 5)
-    await asyncio.sleep(1)  # past the linger: a late post sent would be queued by now
+    await asyncio.sleep(1)  # past the linger: a late post sent is queued by now
     await client.aclose()
 
 asyncio.run(main())
@@ -308,8 +310,8 @@ def test_a_gateway_blocked_in_a_sync_generator_lets_the_process_exit(
     """A gateway's sync generators blocked on their queues when the app cancels their
     submit_many (or closes the client) and returns from ``asyncio.run``: the calls end
     at once, the process exits (their threads were joined at exit, for ever), quietly.
-    The posts taken before are queued, and a post the generator gives after the call
-    stopped is not sent."""
+    The posts taken before are queued, and so is the late post the blocked read takes
+    after a cancel (not after aclose(): the client is closed); the read ends there."""
     settings = broker_settings(redis_url, sqlite_url)
     try:
         run = subprocess.run(
@@ -322,7 +324,8 @@ def test_a_gateway_blocked_in_a_sync_generator_lets_the_process_exit(
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [f"ended: [{ended!r}]", "main returned"], run.stdout
     assert run.stderr == ""
-    assert _queued(redis_url, settings) == {"a-0", "a-1", "b-0"}
+    late = {"a-late"} if stop == "cancel" else set()
+    assert _queued(redis_url, settings) == {"a-0", "a-1", "b-0"} | late
 
 
 #: SQLAlchemy's default wait for a pooled connection, in seconds (the store keeps it).
@@ -372,3 +375,52 @@ def test_sources_flushing_caller_ids_on_a_slow_database_each_check_them(
     assert [r.ids for r in reports if r.ids] == [], "a conflicting id was sent unchecked"
     assert all(len(r.errors) == 1 and "different text" in r.errors[0].reason for r in reports)
     assert _queued(redis_url, settings) == {"warm"}
+
+
+def test_one_dict_item_given_to_the_async_submit_many_is_refused(
+        redis_url: str, sqlite_url: str) -> None:
+    """One dict item for many, as Client.submit_many refuses it: the async client read it
+    in a source's thread, as a generator of its keys, and queued each ("text", "id")."""
+    settings = broker_settings(redis_url, sqlite_url)
+
+    async def main() -> None:
+        async with AsyncClient(settings) as client:
+            with pytest.raises(TypeError, match="not one dict item"):
+                await client.submit_many({"text": "hello", "id": "a"})
+
+    asyncio.run(main())
+    assert not lane_messages(redis_url, f"{settings.queue}.bulk"), "its keys were queued"
+
+
+def test_the_post_a_cancelled_calls_generator_waited_for_is_sent(
+        redis_url: str, sqlite_url: str) -> None:
+    """A gateway cancels the call whose generator blocks on the user's inbox (a queue kept
+    across reconnects): the post that read returns after the cancel was taken from the
+    inbox, so dropped it was lost, to the call that reads the inbox next as well. It is
+    sent, and the read ends there."""
+    settings = broker_settings(redis_url, sqlite_url)
+    inbox: queue.Queue[dict[str, str]] = queue.Queue()
+    asked = threading.Semaphore(0)
+    out: dict[str, Any] = {}
+
+    def socket() -> Iterator[dict[str, str]]:
+        while True:
+            asked.release()
+            yield inbox.get()
+
+    async def main() -> None:
+        async with AsyncClient(settings) as client:
+            call = asyncio.create_task(client.submit_many(socket(), linger_s=0.1))
+            await asyncio.to_thread(asked.acquire)  # its read waits for the inbox
+            call.cancel()
+            out["ended"] = await asyncio.gather(call, return_exceptions=True)
+            inbox.put({"text": "posted as the socket dropped", "id": "late"})
+            out["sent"] = await asyncio.to_thread(
+                until, lambda: "late" in _queued(redis_url, settings), 5)
+            out["left"] = await asyncio.to_thread(until, lambda: not _source_threads(), 5)
+
+    asyncio.run(main())
+    assert [type(e) for e in out["ended"]] == [asyncio.CancelledError]
+    assert out["sent"], "the post its read took after the cancel was dropped"
+    assert out["left"], "the read went on after that post"
+    assert inbox.empty()
