@@ -487,8 +487,8 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
     ``filters`` (source, label, lang, time range) select A's rows; a label
     filter means A's label. The change of a text is B's probability of A's
     label minus A's (read from B's ``scores``; 0 where B has no such label),
-    so a flipped label counts as a large move whatever the label set; a text A's neutral
-    band labelled ``neutral`` is read on A's top label (:func:`_compared_label`). A text of the
+    so a flipped label counts as a large move whatever the label set; a text A labelled
+    ``neutral`` is read on A's top label (:func:`_compared_label`). A text of the
     largest changes comes from any row of its task that kept it (:func:`_kept_text`):
     A's worker may have run with BERTSTREAM_STORE_TEXT=false.
     """
@@ -576,18 +576,28 @@ def compare(store: ResultStore, model_a: str, model_b: str, filters: Filters, *,
 
 def _compared_label(store: ResultStore, label: Any, scores: Any) -> Any:
     """The label of A whose probability :func:`compare` reads from B's scores: A's label,
-    except on a text A's neutral band labelled ``neutral`` (no ``neutral`` in its scores;
-    its score is its top label's probability): that top label (on a tie, the first by
-    name). Read by name it was missing from B's scores: counted unmatched, a full move."""
+    except on a text A labelled ``neutral``: A's top label by its scores. The neutral band
+    labels a text ``neutral`` with its score the top label's probability, whether or not
+    the model has a ``neutral`` label of its own (a three-way sentiment model): read by
+    name, the change mixed two labels' probabilities, or B had none and it counted
+    unmatched. On a tie ``neutral`` itself comes first, then the first by code point on
+    both backends; members without a probability (JSON null) are passed over, and a row
+    without any (no scores, or scores that are not JSON) is read by its label."""
     if store.engine.dialect.name == "postgresql":
-        members = sa.func.jsonb_each_text(sa.cast(scores, JSONB)).table_valued("key", "value")
+        # The stored JSON as it is: a cast to JSONB first cost each neutral row a conversion.
+        members = sa.func.json_each_text(scores).table_valued("key", "value")
+        key: Any = members.c.key.collate("C")
     else:
-        members = sa.func.json_each(scores).table_valued("key", "value")
-    top = (sa.select(members.c.key)
-           .order_by(sa.cast(members.c.value, sa.Float).desc(), members.c.key)
+        # Not JSON (NaN an earlier version stored beside a finite score): read by its label;
+        # json_each refused it, and with it the whole comparison.
+        valid = sa.case((sa.func.json_valid(scores) == 1, scores))
+        members = sa.func.json_each(valid).table_valued("key", "value")
+        key = members.c.key
+    top = (sa.select(members.c.key).where(members.c.value.is_not(None))
+           .order_by(sa.cast(members.c.value, sa.Float).desc(),
+                     sa.case((members.c.key == NEUTRAL, 0), else_=1), key)
            .limit(1).scalar_subquery())
-    banded = sa.and_(label == NEUTRAL, _score_of(store, scores, sa.literal(NEUTRAL)).is_(None))
-    return sa.case((banded, top), else_=label)
+    return sa.case((label == NEUTRAL, sa.func.coalesce(top, label)), else_=label)
 
 
 def _score_of(store: ResultStore, scores: Any, label: Any) -> Any:

@@ -15,9 +15,11 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from contract.queries import Filters, compare
 from contract.results import ResultRecord, ResultStore
+from tests.test_id_prefix_index import icu_url  # noqa: F401 - a fixture
 
 DAY1 = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
 DAY2 = DAY1 + dt.timedelta(days=1)
@@ -214,3 +216,84 @@ def test_neutral_band_rows_the_other_way_round(store: ResultStore) -> None:
             _banded_top("n4", "negative", 0.75, "neutral", 0.5, -0.25),
             _banded_top("n5", "negative", 0.75, "negative", 0.875, 0.125),
             _banded_top("n1", "neutral", 0.5625, "neutral", 0.625, 0.0625)]}
+
+
+def _three_way(task_id: str, model: str, label: str, scores: dict[str, float | None] | None,
+               score: float) -> ResultRecord:
+    """A row as stored: the neutral band labels ``neutral`` with the top probability as its
+    score, whether or not the model has a ``neutral`` label of its own."""
+    return dataclasses.replace(_row(task_id, model, "positive", _pn(0.5, 0.5)), label=label,
+                               score=score, scores=scores)  # type: ignore[arg-type]
+
+
+def _pnn(positive: float, neutral: float, negative: float) -> dict[str, float | None]:
+    return {"positive": positive, "neutral": neutral, "negative": negative}
+
+
+def test_a_neutral_text_is_read_on_its_top_label_whatever_its_scores(
+        store: ResultStore) -> None:
+    """A three-way model (negative, neutral, positive) run with the neutral band labels a
+    text ``neutral`` below it even when ``positive`` is its top label: the change is B's
+    probability of ``positive`` minus A's, not B's ``neutral`` minus A's ``positive``. A
+    JSON null among A's scores (an earlier version's NaN) is no top label on either
+    backend; a neutral row without scores is read by its label, not counted unmatched."""
+    store.upsert([
+        # The band's neutral, positive top: 0.75 - 0.5 (by name it read 0.125 - 0.5).
+        _three_way("k1", "ta", "neutral", _pnn(0.5, 0.25, 0.25), 0.5),
+        _three_way("k1", "tb", "positive", _pnn(0.75, 0.125, 0.125), 0.75),
+        # The model's own neutral, its top: 0.5 - 0.625.
+        _three_way("k2", "ta", "neutral", _pnn(0.25, 0.625, 0.125), 0.625),
+        _three_way("k2", "tb", "neutral", _pnn(0.25, 0.5, 0.25), 0.5),
+        # neutral tied with positive at the top: neutral, 0.25 - 0.375.
+        _three_way("k3", "ta", "neutral", _pnn(0.375, 0.375, 0.25), 0.375),
+        _three_way("k3", "tb", "positive", _pnn(0.625, 0.25, 0.125), 0.625),
+        # A null member is passed over: negative, 0.125 - 0.375 (PostgreSQL read positive).
+        _three_way("k4", "ta", "neutral", {"positive": None, "negative": 0.375}, 0.375),
+        _three_way("k4", "tb", "positive", _pn(0.875, 0.125), 0.875),
+        # No scores: read by its label, 0.875 - 0.5 (it counted unmatched, -0.5).
+        _three_way("k5", "ta", "neutral", None, 0.5),
+        _three_way("k5", "tb", "neutral", _pnn(0.0625, 0.875, 0.0625), 0.875),
+    ])
+    assert compare(store, "ta", "tb", Filters()).as_dict() == {
+        "model_a": "ta", "model_b": "tb", "texts": 5, "agree": 2, "agreement": 0.4,
+        "flips": [{"from": "neutral", "to": "positive", "count": 3}],
+        "mean_change": 0.125 / 5, "unmatched": 0,
+        "largest": [_top("k5", "text k5", "neutral", 0.5, "neutral", 0.875, 0.375),
+                    _top("k1", "text k1", "neutral", 0.5, "positive", 0.75, 0.25),
+                    _top("k4", "text k4", "neutral", 0.375, "positive", 0.875, -0.25),
+                    _top("k2", "text k2", "neutral", 0.625, "neutral", 0.5, -0.125),
+                    _top("k3", "text k3", "neutral", 0.375, "positive", 0.625, -0.125)]}
+
+
+def test_a_tie_reads_the_same_label_under_any_collation(store: ResultStore,
+                                                        icu_url: str) -> None:  # noqa: F811
+    """Of two top labels tied, the first by code point on SQLite and on PostgreSQL whatever
+    the database's collation (ICU's en-US puts ``a`` before ``B``): the same rows gave
+    another change on a database initialised under a language locale."""
+    rows = [_three_way("z1", "ta", "neutral", {"a": 0.5, "B": 0.5}, 0.5),
+            _three_way("z1", "tb", "a", {"a": 0.75, "B": 0.25}, 0.75)]
+    icu = ResultStore.from_url(icu_url)
+    try:
+        for each in (store, icu):
+            each.create_schema()
+            each.upsert(rows)
+            assert compare(each, "ta", "tb", Filters()).largest[0]["change"] == -0.25  # B
+    finally:
+        icu.close()
+
+
+def test_a_neutral_row_whose_scores_are_not_json_is_read_by_its_label(
+        sqlite_store: ResultStore) -> None:
+    """An earlier version stored on SQLite a multi-label head's NaN beside a finite top
+    score (NaN, not JSON): the neutral row is read by its label, not the whole comparison
+    refused as the database being unavailable."""
+    sqlite_store.upsert([
+        _three_way("q1", "ta", "neutral", {"x": 0.25, "y": 0.125}, 0.25),
+        _three_way("q1", "tb", "x", {"x": 0.75, "y": 0.125}, 0.75),
+        _three_way("q2", "ta", "neutral", {"x": 0.5, "neutral": 0.25}, 0.5),
+        _three_way("q2", "tb", "neutral", {"x": 0.25, "neutral": 0.625}, 0.625)])
+    with sqlite_store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE bertstream_results SET scores = :nan WHERE id = 'q2' "
+                             "AND model = 'ta'"), {"nan": '{"x": NaN, "neutral": 0.25}'})
+    got = compare(sqlite_store, "ta", "tb", Filters())
+    assert (got.texts, got.unmatched, got.mean_change) == (2, 0, (0.5 + 0.125) / 2)
