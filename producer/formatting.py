@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -302,16 +303,32 @@ def _pad(text: str, columns: int, *, right: bool) -> str:
     return fill + text if right else text + fill
 
 
+#: The mark of a cut cell, and the one for a stdout whose encoding has no "…".
+ELLIPSIS, ASCII_ELLIPSIS = "…", "..."
+
+
+def ellipsis() -> str:
+    """The mark :func:`_truncate` ends a cut cell with: "…", or "..." where stdout's
+    encoding cannot write it (a latin-1 locale). The mark is the table's own, not the
+    text's: an all-ASCII text must print in any encoding, with no refusal or warning."""
+    try:
+        ELLIPSIS.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return ASCII_ELLIPSIS
+    return ELLIPSIS
+
+
 def _truncate(text: str, columns: int) -> str:
-    """``text`` cut to at most ``columns`` terminal columns, an ellipsis marking a cut.
-    Reads only as far as the cut (a stored text may be long; a table shows its start)."""
+    """``text`` cut to at most ``columns`` terminal columns, an :func:`ellipsis` marking a
+    cut. Reads only as far as the cut (a stored text may be long; a table shows its start)."""
+    mark = ellipsis()
     used, cut = 0, None
     for i, ch in enumerate(text):
         used += _char_width(ch)
-        if cut is None and used > columns - 1:  # the ellipsis takes one column
+        if cut is None and used > columns - len(mark):  # the mark takes its columns
             cut = i
         if used > columns:
-            return text[:cut] + "…"
+            return text[:cut] + mark
     return text
 
 

@@ -177,6 +177,12 @@ def test_dashboard_shows_live_rows_and_filters(pg_settings: Settings, api_factor
     assert driver.execute_script("return localStorage.getItem('bertstream.token')") == "dash-token"
     _until(driver, lambda: driver.find_element(By.ID, "workers-alive").text == "1",
            "one live worker")
+    # The worker's model shows with the start of its revision: two models of one name differ.
+    [beat] = httpx.get(api.url + "/v1/live",
+                       headers={"Authorization": "Bearer dash-token"}).json()["workers"]
+    assert len(beat["revision"]) >= 12, beat
+    shown = driver.find_element(By.CSS_SELECTOR, "#workers li").text
+    assert shown.endswith(f" · {beat['model']} @{beat['revision'][:12]}"), shown
 
     # Rows flow in while the page is open: it shows them without a reload.
     live = _submit_and_wait(api.url, {"Authorization": "Bearer dash-token"})

@@ -38,6 +38,7 @@ from worker import kombu_redis
 from worker.device import Placement, resolve_placement, wider_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
+from worker.launcher import torch_threads_source
 from worker.process import close_store, prepare_ready_file
 from worker.runner import HFRunner, NonFiniteScores, NullRunner, Runner
 from worker.tasks import AnalyzeTask, register_tasks
@@ -126,8 +127,11 @@ def build_runner(settings: Settings, placement: Placement | None = None) -> Runn
 
 def _load_runner(settings: Settings, placement: Placement | None) -> Runner:
     placement = placement or resolve_placement(settings.device, settings.dtype)
-    if placement.device.type == "cpu" and settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    if placement.device.type == "cpu":
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        log.info("torch threads: %d (%s)", torch.get_num_threads(),
+                 torch_threads_source(settings))
     path, name = resolve_model_dir(settings)
 
     def load(where: Placement) -> HFRunner:

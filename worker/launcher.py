@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -106,18 +106,23 @@ def child_commands(
             f"on consecutive ports from it, past {MAX_PORT}")
     visible = _visible_devices(gpus)
     # Children on the CPU share its cores: left to torch, each would take all of them.
-    cpu_threads = str(max(1, cpu_cores() // count)) if not gpus and count > 1 else None
+    # An operator's OMP_NUM_THREADS (or MKL_NUM_THREADS) is a count per process, which
+    # torch honours when left to decide: the split would override it.
+    split = not gpus and count > 1 and not settings.torch_threads and not thread_env()
+    cpu_threads = max(1, cpu_cores() // count) if split else 0
     out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in slots:
         for name, path in served:
             for index in range(procs_per_gpu):
                 env = dict(os.environ)
+                env.pop(SPLIT_ENV, None)
                 for key, value in dataclasses.asdict(settings).items():
                     env[ENV_PREFIX + key.upper()] = str(value)
                 env[ENV_PREFIX + "MODEL"] = path
                 env[ENV_PREFIX + "MODEL_NAME"] = name
-                if cpu_threads and not settings.torch_threads:
-                    env[ENV_PREFIX + "TORCH_THREADS"] = cpu_threads
+                if cpu_threads:
+                    env[ENV_PREFIX + "TORCH_THREADS"] = str(cpu_threads)
+                    env[SPLIT_ENV] = f"{cpu_threads} of {cpu_cores()} cores for {count} workers"
                 if settings.metrics_port:  # one port per child, counting up
                     env[ENV_PREFIX + "METRICS_PORT"] = str(settings.metrics_port + len(out))
                 cmd = [sys.executable, "-m", "worker"]
@@ -148,6 +153,35 @@ def _visible_devices(gpus: Sequence[str]) -> list[str]:
         raise ConfigError(f"--gpus {','.join(beyond)}: CUDA_VISIBLE_DEVICES={mask} leaves "
                           f"this launcher {len(visible)} device(s), numbered from 0")
     return visible
+
+
+#: Per-process thread counts an operator sets for OpenMP and MKL; torch's default reads them.
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Set by the launcher in a CPU child whose ``BERTSTREAM_TORCH_THREADS`` is its split of
+#: the cores: ``"<threads> of <cores> cores for <children> workers"``, for the child's log.
+SPLIT_ENV = "_BERTSTREAM_THREAD_SPLIT"
+
+
+def thread_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """``NAME=VALUE`` of the first of :data:`THREAD_ENVS` set (non-empty), else None."""
+    environ = os.environ if environ is None else environ
+    for name in THREAD_ENVS:
+        if environ.get(name, "").strip():
+            return f"{name}={environ[name].strip()}"
+    return None
+
+
+def torch_threads_source(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """Why a CPU worker runs the torch threads it does, for its startup line: an explicit
+    ``BERTSTREAM_TORCH_THREADS`` (or the launcher's split of the cores, which it set), else
+    the operator's ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, else torch's own default."""
+    environ = os.environ if environ is None else environ
+    if settings.torch_threads:
+        split = environ.get(SPLIT_ENV, "")
+        if split.partition(" ")[0] == str(settings.torch_threads):
+            return f"the launcher's split: {split}"
+        return f"{ENV_PREFIX}TORCH_THREADS={settings.torch_threads}"
+    return thread_env(environ) or "torch's default"
 
 
 def cpu_cores() -> int:

@@ -241,6 +241,15 @@
     });
   }
 
+  // " @<first 12 characters>" of a worker's model revision, so two models of one name
+  // differ; a "+int8" or "+neutral0.6" suffix is kept (it changes the results too).
+  function shortRevision(revision) {
+    if (typeof revision !== "string" || !revision) return "";
+    var plus = revision.indexOf("+");
+    var hash = plus < 0 ? revision : revision.slice(0, plus);
+    return " @" + hash.slice(0, 12) + (plus < 0 ? "" : revision.slice(plus));
+  }
+
   function el(tag, attrs, text) {
     var node = tag.indexOf("svg:") === 0 ? document.createElementNS(SVG, tag.slice(4))
       : document.createElement(tag);
@@ -327,7 +336,8 @@
       list.replaceChildren();
       if (live.workers === null) list.appendChild(el("li", {}, t("redis_down")));
       (live.workers || []).forEach(function (w) {
-        list.appendChild(el("li", {}, [w.hostname, w.device, w.model].filter(Boolean).join(" · ")));
+        var model = w.model ? w.model + shortRevision(w.revision) : w.model;
+        list.appendChild(el("li", {}, [w.hostname, w.device, model].filter(Boolean).join(" · ")));
       });
       drawTrend(live.per_minute || []);
     });

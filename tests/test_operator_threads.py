@@ -1,0 +1,88 @@
+"""Torch threads on the CPU as an operator sets them: an explicit
+``BERTSTREAM_TORCH_THREADS`` wins; else an ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``),
+set to keep several workers from oversubscribing the cores, is honoured; else the
+launcher splits the cores between its CPU children. The launcher's split used to override
+``OMP_NUM_THREADS``. Each worker's startup line says the count and why."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from contract.settings import Settings
+from tests.polling import until
+from tests.test_launcher import Launcher, launcher_factory  # noqa: F401 - fixture
+from worker.launcher import child_commands, cpu_cores
+
+TWO = [("a", "default"), ("b", "default")]
+
+
+def threads(settings: Settings) -> list[str | None]:
+    return [env.get("BERTSTREAM_TORCH_THREADS") for _, env in child_commands([], settings,
+                                                                            models=TWO)]
+
+
+@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_an_operators_thread_count_is_not_overridden_by_the_split(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for other in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(other, raising=False)
+    split = str(max(1, cpu_cores() // 2))
+    assert threads(Settings()) == [split, split]
+    monkeypatch.setenv(name, "1")
+    assert threads(Settings()) == ["0", "0"]  # left to torch, which reads the variable
+    assert threads(Settings(torch_threads=3)) == ["3", "3"]  # the explicit setting wins
+
+
+def _startup_threads(log: str) -> list[tuple[int, str]]:
+    return [(int(n), why) for n, why in re.findall(r"torch threads: (\d+) \((.*)\)", log)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_cpu_children_of_a_launcher_run_the_operators_thread_count(
+        name: str, redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path,
+        launcher_factory: Callable[..., Launcher],  # noqa: F811 - the fixture
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two real CPU children under ``NAME=<one more than the split>``: torch in each runs
+    that many threads, and the startup line names the variable."""
+    for other in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(other, raising=False)
+    wanted = max(1, cpu_cores() // 2) + 1
+    monkeypatch.setenv(name, str(wanted))
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
+                        queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    ready = tmp_path / "ready"
+    launcher = launcher_factory(settings, "--model", f"a={tiny_model_dir}",
+                                "--model", f"b={tiny_model_dir}", "--ready-file", str(ready))
+    until(lambda: ready.is_file() or launcher.proc.poll() is not None, 120, "ready file")
+    log = launcher.log()
+    assert launcher.proc.poll() is None, log
+    assert _startup_threads(log) == [(wanted, f"{name}={wanted}")] * 2, log
+    assert log.count(f"on cpu ({wanted} threads,") == 2, log
+
+
+@pytest.mark.slow
+def test_without_a_thread_variable_the_children_split_the_cores_and_say_so(
+        redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path,
+        launcher_factory: Callable[..., Launcher],  # noqa: F811 - the fixture
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for other in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(other, raising=False)
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
+                        queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    ready = tmp_path / "ready"
+    launcher = launcher_factory(settings, "--model", f"a={tiny_model_dir}",
+                                "--model", f"b={tiny_model_dir}", "--ready-file", str(ready))
+    until(lambda: ready.is_file() or launcher.proc.poll() is not None, 120, "ready file")
+    log = launcher.log()
+    assert launcher.proc.poll() is None, log
+    split = max(1, cpu_cores() // 2)
+    why = f"the launcher's split: {split} of {cpu_cores()} cores for 2 workers"
+    assert _startup_threads(log) == [(split, why)] * 2, log
