@@ -61,7 +61,7 @@ from contract.constants import (
     model_family,
     served_name,
 )
-from contract.errors import BrokerUnavailable, StoreUnavailable
+from contract.errors import BrokerUnavailable, StoreRefused, StoreUnavailable
 from contract.liveness import live_workers
 from contract.messages import TaskItem, text_sha256
 from contract.results import IdState, ResultRecord
@@ -152,6 +152,8 @@ class Outcome:
     id: str
     status: str  # ACCEPTED, DUPLICATE or CONFLICT (UNAVAILABLE: partial submits only)
     reason: str = ""
+    #: UNAVAILABLE: the error the stored rows could not be read with
+    error: StoreUnavailable | None = None
 
 
 class Submitter:
@@ -303,7 +305,7 @@ class Submitter:
                 # be told "duplicate" for a task that was never queued.
                 self._release([items[i].id for i in fresh])
                 raise
-            stored = self._unchecked(items, fresh, caller_ids, outcomes, str(exc))
+            stored = self._unchecked(items, fresh, caller_ids, outcomes, exc)
         self._judge_repeats(items, hashes, stored, outcomes)
         retries = self._retries(items, hashes, stored, caller_ids, outcomes)
         publish = sorted([i for i in fresh if outcomes[i] is None] + list(retries))
@@ -448,15 +450,17 @@ class Submitter:
         return self._transaction(keys, mark)
 
     def _unchecked(self, items: Sequence[TaskItem], fresh: list[int], caller_ids: frozenset[str],
-                   outcomes: list[Outcome | None], reason: str) -> dict[str, IdState]:
-        """The stored rows could not be read: each fresh caller id (every copy of it in the
-        batch) becomes :data:`UNAVAILABLE` and loses its claim, as a whole submit would.
-        Gives the stored rows known (none)."""
+                   outcomes: list[Outcome | None],
+                   exc: StoreUnavailable) -> dict[str, IdState]:
+        """The stored rows could not be read (``exc``): each fresh caller id (every copy of
+        it in the batch) becomes :data:`UNAVAILABLE` and loses its claim, as a whole submit
+        would; ``exc`` is kept, so each caller is told what a whole submit's would be (a
+        refusal: the setting to fix). Gives the stored rows known (none)."""
         unchecked = {items[i].id for i in fresh if items[i].id in caller_ids}
         self._release(sorted(unchecked))
         for i, item in enumerate(items):
             if item.id in unchecked:
-                outcomes[i] = Outcome(item.id, UNAVAILABLE, reason)
+                outcomes[i] = Outcome(item.id, UNAVAILABLE, str(exc), exc)
         return {}
 
     def _verdict(self, task_id: str, digest: str, previous: bytes) -> Outcome:
@@ -629,6 +633,18 @@ class Coalescer:
             if p.future.done():
                 continue
             if outcome.status == UNAVAILABLE:
-                p.future.set_exception(StoreUnavailable(outcome.reason))
+                p.future.set_exception(_unavailable(outcome))
             else:
                 p.future.set_result(outcome)
+
+
+def _unavailable(outcome: Outcome) -> StoreUnavailable:
+    """The error for one caller of an :data:`UNAVAILABLE` outcome: a new one each (many
+    callers raise it), of the kind the stored rows' read raised (:class:`StoreRefused`
+    with its problem: a 503 ``database_misconfigured``) and caused by it, so that the
+    503 handler can tell a table missing under a running API."""
+    cause = outcome.error
+    error = (StoreRefused(outcome.reason, cause.problem) if isinstance(cause, StoreRefused)
+             else StoreUnavailable(outcome.reason))
+    error.__cause__ = cause
+    return error

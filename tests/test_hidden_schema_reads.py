@@ -111,3 +111,29 @@ def test_a_hidden_schema_behind_an_empty_schema_of_the_role_s_own_is_named(
         assert grant in refused.value.problem, refused.value
     finally:
         worker_role.sql(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.mark.parametrize("first_read", ["before", "after"])
+def test_a_single_submit_whose_caller_id_meets_a_hidden_schema_answers_503_misconfigured(
+        worker_role: WorkerRole, pg_url: str, redis_url: str, first_read: str) -> None:
+    """``POST /v1/tasks`` of one task with its own id, which must be compared with the
+    stored rows, answers 503 ``database_misconfigured`` naming the GRANT, as a bulk
+    does, whether the API had read the tables before the REVOKE or not. The coalescing
+    window turned the error into a plain outage: 503 ``database_unavailable`` with
+    ``Retry-After``. Nothing is kept: sent again once the GRANT is run, the task is
+    queued afresh."""
+    _stored(pg_url, "a")
+    settings = _settings(worker_role, redis_url).replace(api_models="*")
+    one, bulk = {"id": "b", "text": "hi"}, {"items": [{"id": "b", "text": "hi"}]}
+    with served(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        if first_read == "before":
+            assert http.get("/v1/tasks/a").status_code == 200
+        with _without_usage(worker_role) as grant:
+            answers = [http.post("/v1/tasks", json=body) for body in (one, bulk)]
+        back = http.post("/v1/tasks", json=one)
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "database_misconfigured", error
+        assert grant in error["message"] and "Retry-After" not in answer.headers, answer
+    assert back.status_code == 202 and back.json()["duplicate"] is False, back.text
