@@ -16,7 +16,7 @@ import pytest
 from contract.settings import Settings
 from tests.polling import until
 from tests.test_launcher import Launcher, launcher_factory  # noqa: F401 - fixture
-from worker.launcher import child_commands, cpu_cores
+from worker.launcher import child_commands, cpu_cores, torch_threads_source
 
 TWO = [("a", "default"), ("b", "default")]
 
@@ -36,6 +36,32 @@ def test_an_operators_thread_count_is_not_overridden_by_the_split(
     monkeypatch.setenv(name, "1")
     assert threads(Settings()) == ["0", "0"]  # left to torch, which reads the variable
     assert threads(Settings(torch_threads=3)) == ["3", "3"]  # the explicit setting wins
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "  "])
+def test_a_thread_variable_openmp_ignores_leaves_the_split(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OMP_NUM_THREADS=0`` or ``=abc`` is no count: OpenMP warns and ignores it, torch
+    takes every core. It used to turn the split off, each child then taking all cores,
+    and a worker's startup line named it as the reason for its count."""
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    split = str(max(1, cpu_cores() // 2))
+    assert threads(Settings()) == [split, split]
+    assert torch_threads_source(Settings()) == "torch's default"
+
+
+@pytest.mark.parametrize("value", ["4,2", " 3 ", "02", "+3"])
+def test_a_thread_count_openmp_takes_is_honoured(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list per nesting level (``4,2``) is OpenMP syntax: its first count is torch's."""
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert threads(Settings()) == ["0", "0"]
+    assert torch_threads_source(Settings()) == f"OMP_NUM_THREADS={value.strip()}"
+    monkeypatch.setenv("OMP_NUM_THREADS", "abc")
+    monkeypatch.setenv("MKL_NUM_THREADS", value)  # the first valid one is named
+    assert torch_threads_source(Settings()) == f"MKL_NUM_THREADS={value.strip()}"
 
 
 def _startup_threads(log: str) -> list[tuple[int, str]]:
@@ -68,12 +94,16 @@ def test_cpu_children_of_a_launcher_run_the_operators_thread_count(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("omp", [None, "0"])
 def test_without_a_thread_variable_the_children_split_the_cores_and_say_so(
-        redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path,
+        omp: str | None, redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path,
         launcher_factory: Callable[..., Launcher],  # noqa: F811 - the fixture
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also under ``OMP_NUM_THREADS=0``, which OpenMP ignores (no count)."""
     for other in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(other, raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
     settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
                         queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
                         cache_dir=str(tmp_path / "cache"))

@@ -162,12 +162,19 @@ THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 SPLIT_ENV = "_BERTSTREAM_THREAD_SPLIT"
 
 
+#: A count OpenMP takes: a positive number, or one per nesting level (``4,2``).
+THREAD_COUNT = re.compile(r"\+?0*[1-9][0-9]*(\s*,\s*\+?0*[1-9][0-9]*)*")
+
+
 def thread_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """``NAME=VALUE`` of the first of :data:`THREAD_ENVS` set (non-empty), else None."""
+    """``NAME=VALUE`` of the first of :data:`THREAD_ENVS` set to a count, else None.
+    Another value (``0``, ``abc``) limits nothing: OpenMP warns and ignores it, and
+    torch takes every core, so it must not turn the launcher's split off."""
     environ = os.environ if environ is None else environ
     for name in THREAD_ENVS:
-        if environ.get(name, "").strip():
-            return f"{name}={environ[name].strip()}"
+        value = environ.get(name, "").strip()
+        if THREAD_COUNT.fullmatch(value):
+            return f"{name}={value}"
     return None
 
 
