@@ -68,6 +68,21 @@ def _startup_threads(log: str) -> list[tuple[int, str]]:
     return [(int(n), why) for n, why in re.findall(r"torch threads: (\d+) \((.*)\)", log)]
 
 
+def _two_children_log(redis_url: str, sqlite_url: str, tmp_path: Path, tiny_model_dir: Path,
+                      factory: Callable[..., Launcher]) -> str:
+    """The log of a real launcher of two CPU children on the tiny model, once ready."""
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
+                        queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    ready = tmp_path / "ready"
+    launcher = factory(settings, "--model", f"a={tiny_model_dir}",
+                       "--model", f"b={tiny_model_dir}", "--ready-file", str(ready))
+    until(lambda: ready.is_file() or launcher.proc.poll() is not None, 120, "ready file")
+    log = launcher.log()
+    assert launcher.proc.poll() is None, log
+    return log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
 def test_cpu_children_of_a_launcher_run_the_operators_thread_count(
@@ -80,15 +95,7 @@ def test_cpu_children_of_a_launcher_run_the_operators_thread_count(
         monkeypatch.delenv(other, raising=False)
     wanted = max(1, cpu_cores() // 2) + 1
     monkeypatch.setenv(name, str(wanted))
-    settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
-                        queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"))
-    ready = tmp_path / "ready"
-    launcher = launcher_factory(settings, "--model", f"a={tiny_model_dir}",
-                                "--model", f"b={tiny_model_dir}", "--ready-file", str(ready))
-    until(lambda: ready.is_file() or launcher.proc.poll() is not None, 120, "ready file")
-    log = launcher.log()
-    assert launcher.proc.poll() is None, log
+    log = _two_children_log(redis_url, sqlite_url, tmp_path, tiny_model_dir, launcher_factory)
     assert _startup_threads(log) == [(wanted, f"{name}={wanted}")] * 2, log
     assert log.count(f"on cpu ({wanted} threads,") == 2, log
 
@@ -104,15 +111,7 @@ def test_without_a_thread_variable_the_children_split_the_cores_and_say_so(
         monkeypatch.delenv(other, raising=False)
     if omp is not None:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
-    settings = Settings(broker_url=redis_url, database_url=sqlite_url, device="cpu",
-                        queue=f"bst-threads-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"))
-    ready = tmp_path / "ready"
-    launcher = launcher_factory(settings, "--model", f"a={tiny_model_dir}",
-                                "--model", f"b={tiny_model_dir}", "--ready-file", str(ready))
-    until(lambda: ready.is_file() or launcher.proc.poll() is not None, 120, "ready file")
-    log = launcher.log()
-    assert launcher.proc.poll() is None, log
+    log = _two_children_log(redis_url, sqlite_url, tmp_path, tiny_model_dir, launcher_factory)
     split = max(1, cpu_cores() // 2)
     why = f"the launcher's split: {split} of {cpu_cores()} cores for 2 workers"
     assert _startup_threads(log) == [(split, why)] * 2, log
