@@ -16,7 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.broker import BrokerMisconfigured, broker_error
 from contract.constants import ENV_PREFIX
-from contract.errors import BrokerUnavailable, InvalidInput, SchemaMismatch, StoreUnavailable
+from contract.errors import (
+    BertstreamError,
+    BrokerUnavailable,
+    InvalidInput,
+    SchemaMismatch,
+    StoreUnavailable,
+    causes,
+)
 from contract.settings import Settings
 from producer.client import missing_schema
 
@@ -72,11 +79,15 @@ def misconfigured_broker(exc: BrokerMisconfigured) -> str:
 def redis_check(settings: Settings, exc: BaseException) -> str:
     """How a health answer (``/readyz``) names a failed Redis read: ``misconfigured:``
     and what Redis refuses of the broker URL (:func:`contract.broker.broker_error`), which
-    no wait mends, else ``unreachable:`` and the error's type (an outage)."""
+    no wait mends, else ``unreachable:`` and the type of the driver's error (an outage):
+    the one under a :class:`BrokerUnavailable` the client raised from it, so ``/readyz``
+    (which pings Redis itself) and ``/v1/live`` (which reads through the client) name the
+    same cause."""
     error = exc if isinstance(exc, BrokerMisconfigured) else broker_error(settings, exc)
     if isinstance(error, BrokerMisconfigured):
         return f"misconfigured: {misconfigured_broker(error)}"
-    return f"unreachable: {type(exc).__name__}"
+    driver = next((c for c in causes(exc) if not isinstance(c, BertstreamError)), exc)
+    return f"unreachable: {type(driver).__name__}"
 
 
 async def _broker_misconfigured(_request: Request, exc: BrokerMisconfigured) -> JSONResponse:

@@ -49,6 +49,7 @@ from contract.errors import (
     BertstreamError,
     BrokerUnavailable,
     ConfigError,
+    IdConflict,
     Interrupted,
     InvalidInput,
     ResultTimeout,
@@ -425,8 +426,8 @@ def _describe(exc: BertstreamError) -> str:
             missing = f"missing: {shown}{more}"
         hint = f"; {exc.hint}" if exc.hint else ""
         return f"{exc} (they may still finish); {missing}{hint}"
-    if isinstance(exc, InvalidInput) and exc.item_id:
-        return f"{exc.reason} (id {exc.item_id})"
+    if isinstance(exc, InvalidInput) and exc.item_id and not isinstance(exc, IdConflict):
+        return f"{exc.reason} (id {exc.item_id})"  # an IdConflict's reason names its id already
     return str(exc)
 
 

@@ -254,8 +254,11 @@ MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
 def missing_sqlite_file(database_url: str) -> bool:
     """True when ``database_url`` names an SQLite file that does not exist: it has no rows,
     and a reader must not create it (a producer-only host with the default URL would get
-    an empty ``bertstream.db`` wherever it runs). PostgreSQL, ``:memory:`` and SQLite
-    URI paths are opened as before; a URL that is no URL is left to the store to refuse."""
+    an empty ``bertstream.db`` wherever it runs). Not when its directory is missing too:
+    a mistyped directory is a setting to fix, which the store refuses (exit 2, naming the
+    path) as it does for ``db upgrade``, not an empty store. PostgreSQL, ``:memory:`` and
+    SQLite URI paths are opened as before; a URL that is no URL is left to the store to
+    refuse."""
     try:
         url = make_url(database_url)
     except (ArgumentError, ValueError):
@@ -263,7 +266,9 @@ def missing_sqlite_file(database_url: str) -> bool:
     path = url.database
     if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
         return False
-    return not path.startswith("file:") and not os.path.exists(path)
+    if path.startswith("file:") or os.path.exists(path):
+        return False
+    return os.path.isdir(os.path.dirname(os.path.abspath(path)))
 
 
 def missing_schema(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ from worker.launcher import child_commands, parse_gpus
 def test_cpu_placement_is_fp32() -> None:
     p = resolve_placement("cpu", "auto")
     assert p.device.type == "cpu" and p.dtype == torch.float32 and not p.is_cuda
-    assert "threads" in p.describe()
+    assert "thread" in p.describe()
 
 
 def test_int8_is_cpu_only() -> None:

@@ -31,7 +31,8 @@ class Placement:
             name = torch.cuda.get_device_name(self.device)
             return f"{self.device} ({name}, {str(self.dtype).removeprefix('torch.')})"
         precision = "dynamic int8" if self.quantize else str(self.dtype).removeprefix("torch.")
-        return f"cpu ({torch.get_num_threads()} threads, {precision})"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'' if threads == 1 else 's'}, {precision})"
 
 
 def wider_placement(placement: Placement) -> Placement:
