@@ -91,3 +91,21 @@ def test_readers_refuse_an_sqlite_url_whose_directory_is_missing(
     assert client.get("x") is None
     client.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("under", ["x.db", "sub/x.db"])
+def test_a_file_in_place_of_the_sqlite_directory_still_reads_as_no_rows(
+        under: str, tmp_path: Path, redis_url: str) -> None:
+    """Only a missing directory is refused: with a file where the path needs one, opening
+    the store fails with the OS's error (NotADirectoryError, a traceback and exit 1, as
+    for a directory this user may not search), so readers read no rows as before and
+    ``submit --id``, which needs only Redis, queues. Nothing is created."""
+    (tmp_path / "afile").write_text("")
+    settings = broker_settings(redis_url, f"sqlite:///{tmp_path / 'afile' / under}")
+    result = invoke(["results"], settings)
+    assert (result.exit_code, result.stdout) == (0, "(no results)\n"), result.output
+    result = invoke(["submit", "some text", "--id", "a1"], settings)
+    assert (result.exit_code, result.stdout) == (0, "a1\n"), result.output
+    with Client(settings) as client:
+        assert client.get("a1") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
