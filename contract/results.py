@@ -22,9 +22,11 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -417,11 +419,33 @@ def _create_private(path: str | None) -> None:
 
     SQLite gives its -wal and -shm files the database file's mode. An
     existing file keeps its mode; ``:memory:`` and URI paths are left alone.
+    A path it cannot create (an existing file, a directory missing, not a
+    directory or closed to this user) is left for SQLite to fail on, where
+    :meth:`ResultStore.unavailable` says why.
     """
     if not path or path == ":memory:" or path.startswith("file:"):
         return
-    with contextlib.suppress(FileExistsError, FileNotFoundError):
+    with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+def _blocked_on_the_way(path: str, fix: str) -> str | None:
+    """What stops this user reaching the directory of the absolute ``path``: the first
+    component on the way that is no directory, or the first directory it may not
+    search. None when nothing does, or when a missing component comes first (a
+    directory to create)."""
+    folder = pathlib.PurePath(path).parent
+    for step in [*reversed(folder.parents), folder]:
+        try:
+            mode = os.stat(step).st_mode
+        except OSError:
+            return None
+        if not stat.S_ISDIR(mode):
+            what = "a file, not a directory" if stat.S_ISREG(mode) else "not a directory"
+            return f"{step} is {what} (on the way to {path}): {fix}"
+        if not os.access(step, os.X_OK):
+            return f"this user may not search {step} (on the way to {path}): grant it or {fix}"
+    return None
 
 
 def is_row_error(exc: BaseException) -> bool:
@@ -925,9 +949,10 @@ class ResultStore:
 
     def _cannot_open(self, exc: BaseException) -> str | None:
         """The fix when ``exc`` is SQLite unable to open the URL's file for a reason the
-        path shows (its directory missing, a directory in its place, a directory this
-        user may not create it in): a setting, not an outage. None for anything else
-        (a lack of file handles, a disk that went away: a wait may mend those)."""
+        path shows (its directory missing, a directory in its place, a file in place of
+        a directory on the way, a directory this user may not search or create it in):
+        a setting, not an outage. None for anything else (a lack of file handles, a
+        disk that went away: a wait may mend those)."""
         database = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             return None
@@ -939,6 +964,9 @@ class ResultStore:
         fix = f"fix {ENV_PREFIX}DATABASE_URL"
         if os.path.isdir(path):
             return f"{path} is a directory: {fix} to name a file in it"
+        blocked = _blocked_on_the_way(path, fix)
+        if blocked is not None:
+            return blocked
         folder = os.path.dirname(path)
         if not os.path.isdir(folder):
             return f"{folder} does not exist (the directory of {path}): create it or {fix}"
