@@ -254,13 +254,11 @@ MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
 def missing_sqlite_file(database_url: str) -> bool:
     """True when ``database_url`` names an SQLite file that does not exist: it has no rows,
     and a reader must not create it (a producer-only host with the default URL would get
-    an empty ``bertstream.db`` wherever it runs). Not when its directory is missing too:
-    a mistyped directory is a setting to fix, which the store refuses (exit 2, naming the
-    path) as it does for ``db upgrade``, not an empty store. Only a missing one: a file in
-    its place, or a directory this user may not search, reads as no rows as before (the
-    store would fail on it with the OS's error, not refuse it). PostgreSQL, ``:memory:``
-    and SQLite URI paths are opened as before; a URL that is no URL is left to the store
-    to refuse."""
+    an empty ``bertstream.db`` wherever it runs). Not when its directory cannot be
+    reached (missing, a file in its place, or one this user may not search): a mistyped
+    path is a setting to fix, which the store refuses (exit 2, naming the path) as it
+    does for ``db upgrade``, not an empty store. PostgreSQL, ``:memory:`` and SQLite URI
+    paths are opened as before; a URL that is no URL is left to the store to refuse."""
     try:
         url = make_url(database_url)
     except (ArgumentError, ValueError):
@@ -270,13 +268,8 @@ def missing_sqlite_file(database_url: str) -> bool:
         return False
     if path.startswith("file:") or os.path.exists(path):
         return False
-    try:
-        os.stat(os.path.dirname(os.path.abspath(path)))
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass  # a file where a directory should be, or one this user may not search
-    return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(folder) and os.access(folder, os.X_OK)  # else: the store says why
 
 
 def missing_schema(exc: BaseException) -> bool:

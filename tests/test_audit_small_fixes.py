@@ -94,18 +94,19 @@ def test_readers_refuse_an_sqlite_url_whose_directory_is_missing(
 
 
 @pytest.mark.parametrize("under", ["x.db", "sub/x.db"])
-def test_a_file_in_place_of_the_sqlite_directory_still_reads_as_no_rows(
+def test_a_file_in_place_of_the_sqlite_directory_is_refused_by_readers(
         under: str, tmp_path: Path, redis_url: str) -> None:
-    """Only a missing directory is refused: with a file where the path needs one, opening
-    the store fails with the OS's error (NotADirectoryError, a traceback and exit 1, as
-    for a directory this user may not search), so readers read no rows as before and
-    ``submit --id``, which needs only Redis, queues. Nothing is created."""
+    """A file where the path needs a directory is refused as a missing directory is,
+    naming it (the first version of the refusal crashed here with a NotADirectoryError
+    traceback, exit 1), while ``submit --id``, which needs only Redis, queues. Nothing
+    is created."""
     (tmp_path / "afile").write_text("")
     settings = broker_settings(redis_url, f"sqlite:///{tmp_path / 'afile' / under}")
     result = invoke(["results"], settings)
-    assert (result.exit_code, result.stdout) == (0, "(no results)\n"), result.output
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in result.output, result.output
     result = invoke(["submit", "some text", "--id", "a1"], settings)
     assert (result.exit_code, result.stdout) == (0, "a1\n"), result.output
-    with Client(settings) as client:
-        assert client.get("a1") is None
+    with Client(settings) as client, pytest.raises(StoreRefused, match="not a directory"):
+        client.get("a1")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -63,12 +63,13 @@ def bound_by_modes(settings: Settings, *args: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("below", ["", "sub/"], ids=["in-it", "deeper"])
-@pytest.mark.parametrize("command", [["db", "upgrade"], ["worker"], ["serve"]],
-                         ids=["db-upgrade", "worker", "serve"])
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["worker"], ["serve"], ["results"]],
+                         ids=["db-upgrade", "worker", "serve", "results"])
 def test_a_file_in_place_of_a_directory_is_named(redis_url: str, tmp_path: Path,
                                                  command: list[str], below: str) -> None:
     """A regular file where the URL needs a directory: each writer refused it with a
-    NotADirectoryError traceback (exit 1) from creating the private database file."""
+    NotADirectoryError traceback (exit 1) from creating the private database file; a
+    reader (``results``) refuses it as a missing directory, not as an empty store."""
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
     path = f"{afile}/{below}results.db"
@@ -79,12 +80,13 @@ def test_a_file_in_place_of_a_directory_is_named(redis_url: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("below", ["", "sub/"], ids=["in-it", "deeper"])
-@pytest.mark.parametrize("command", [["db", "upgrade"], ["worker"], ["serve"]],
-                         ids=["db-upgrade", "worker", "serve"])
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["worker"], ["serve"], ["results"]],
+                         ids=["db-upgrade", "worker", "serve", "results"])
 def test_a_directory_this_user_may_not_search_is_named(redis_url: str, tmp_path: Path,
                                                        command: list[str], below: str) -> None:
     """A directory of mode 000 on the way (the URL's directory or one above it): each
-    writer refused it with a PermissionError traceback (exit 1)."""
+    writer refused it with a PermissionError traceback (exit 1); a reader read it as
+    an empty store (exit 0) when it was the URL's own directory."""
     locked = tmp_path / "locked"
     (locked / "sub").mkdir(parents=True)
     path = f"{locked}/{below}results.db"
