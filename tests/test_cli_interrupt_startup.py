@@ -60,31 +60,28 @@ sys.meta_path.insert(0, _Slow())
 '''
 
 
-def _interrupt_while_importing(module: str, args: list[str], tmp_path: Path, redis_url: str,
-                               in_del: bool = False, preexec_fn: Callable[[], None] | None = None
-                               ) -> subprocess.CompletedProcess[str]:
-    """``bertstream ARGS`` sent SIGINT while it imports ``module`` (``preexec_fn`` run in
-    the child before it starts): its exit and output."""
+def signal_while_importing(cmd: list[str], env: dict[str, str], module: str, tmp_path: Path,
+                           signum: int, *, cwd: Path, merged: bool = False,
+                           preexec_fn: Callable[[], None] | None = None
+                           ) -> subprocess.CompletedProcess[str]:
+    """``cmd`` (with ``env``) sent ``signum`` while it imports ``module``, held there by
+    :data:`SITECUSTOMIZE` until the signal is sent: its exit and output (``merged``:
+    stderr in stdout; ``preexec_fn`` run in the child before it starts)."""
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     marker = tmp_path / f"importing-{module}"
-    env = {**os.environ, "PYTHONPATH": str(hook), "SLOW_IMPORT": module,
-           "SLOW_MARKER": str(marker), "BERTSTREAM_BROKER_URL": redis_url,
-           "BERTSTREAM_DATABASE_URL": f"sqlite:///{tmp_path / 'results.db'}",
-           "BERTSTREAM_CACHE_DIR": str(tmp_path / "cache")}
-    if in_del:
-        env["SLOW_IN_DEL"] = "1"
-    proc = subprocess.Popen([str(SCRIPT), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            preexec_fn=preexec_fn)
+    env = {**env, "PYTHONPATH": str(hook), "SLOW_IMPORT": module, "SLOW_MARKER": str(marker)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                            text=True, cwd=cwd, preexec_fn=preexec_fn)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, f"{module} was never imported"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         marker.with_name(marker.name + ".released").touch()
         out, err = proc.communicate(timeout=60)
     finally:
@@ -92,6 +89,20 @@ def _interrupt_while_importing(module: str, args: list[str], tmp_path: Path, red
             proc.kill()
             proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _interrupt_while_importing(module: str, args: list[str], tmp_path: Path, redis_url: str,
+                               in_del: bool = False, preexec_fn: Callable[[], None] | None = None
+                               ) -> subprocess.CompletedProcess[str]:
+    """``bertstream ARGS`` sent SIGINT while it imports ``module`` (``preexec_fn`` run in
+    the child before it starts): its exit and output."""
+    env = {**os.environ, "BERTSTREAM_BROKER_URL": redis_url,
+           "BERTSTREAM_DATABASE_URL": f"sqlite:///{tmp_path / 'results.db'}",
+           "BERTSTREAM_CACHE_DIR": str(tmp_path / "cache")}
+    if in_del:
+        env["SLOW_IN_DEL"] = "1"
+    return signal_while_importing([str(SCRIPT), *args], env, module, tmp_path, signal.SIGINT,
+                                  cwd=tmp_path, preexec_fn=preexec_fn)
 
 
 def test_the_console_script_is_the_entry_module() -> None:

@@ -13,9 +13,7 @@ sent SIGTERM, so the signal lands inside the load every time.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import redis
 from contract.liveness import live_workers
 from contract.settings import Settings
 from producer.client import Client
-from tests.test_cli_interrupt_startup import SITECUSTOMIZE
+from tests.test_cli_interrupt_startup import signal_while_importing
 from worker.process import free_port, settings_env
 
 #: Imported by ``from_pretrained`` of a BERT model, not before.
@@ -42,29 +40,12 @@ def test_sigterm_while_the_model_loads_is_logged_and_takes_nothing(
         [task_id] = client.submit_many(["waiting for a worker"]).ids
         queued = client.queue_length()
     assert queued == 1
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    marker = tmp_path / "loading"
-    env = {**settings_env(settings), "PYTHONPATH": str(hook), "SLOW_IMPORT": LOADED_MODULE,
-           "SLOW_MARKER": str(marker), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the model was never loaded"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        marker.with_name(marker.name + ".released").touch()
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == -signal.SIGTERM, out  # as before: killed by the signal
+    done = signal_while_importing(
+        [sys.executable, "-m", "worker", "--device", "cpu"],
+        {**settings_env(settings), "HF_HUB_OFFLINE": "1"}, LOADED_MODULE, tmp_path,
+        signal.SIGTERM, cwd=Path(__file__).resolve().parents[1], merged=True)
+    out = done.stdout
+    assert done.returncode == -signal.SIGTERM, out  # as before: killed by the signal
     assert out.count(LINE) == 1, out
     assert "Traceback" not in out, out
     with Client(settings) as client:
