@@ -463,28 +463,14 @@ class AsyncClient:
         return done[0]
 
 
-class _SyncItems:
-    """A sync iterable (a generator) read in a call's thread, that :meth:`stop` ends: once
-    stopped, the next read raises (after the items before it were handed over). The item
-    a read already waiting gives after the stop is handed over first: it was taken from
-    the source (a queue's get), and dropped it would be lost to every reader."""
+class _Stoppable:
+    """A source :meth:`AsyncClient.submit_many` reads in a call's thread, that :meth:`stop`
+    ends: once stopped, the next read raises (:meth:`_check`)."""
 
-    def __init__(self, items: Iterable[Any]) -> None:
-        self._source = items
+    def __init__(self) -> None:
         self._stopped = False
         #: what the read raises once stopped by aclose() (else a cancellation)
         self._closed: ClientClosed | None = None
-
-    def items(self) -> Iterator[Any]:
-        """The items, in order, until the end or :meth:`stop`."""
-        source = iter(self._source)
-        while True:
-            self._check()
-            try:
-                item = next(source)
-            except StopIteration:
-                return
-            yield item
 
     def _check(self) -> None:
         if self._stopped:
@@ -497,13 +483,36 @@ class _SyncItems:
         self._stopped = True
 
 
-class _AsyncItems:
+class _SyncItems(_Stoppable):
+    """A sync iterable (a generator): once stopped, the next read raises (after the items
+    before it were handed over). The item a read already waiting gives after the stop is
+    handed over first: it was taken from the source (a queue's get), and dropped it
+    would be lost to every reader."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        super().__init__()
+        self._source = items
+
+    def items(self) -> Iterator[Any]:
+        """The items, in order, until the end or :meth:`stop`."""
+        source = iter(self._source)
+        while True:
+            self._check()
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            yield item
+
+
+class _AsyncItems(_Stoppable):
     """An async iterable read from a thread: :meth:`items` is a plain generator there,
     each step awaiting the next run of items on ``loop``. The pending ``__anext__`` is
     kept from one run to the next (never cancelled because a run ended), so the source
     reads on undisturbed; :meth:`stop` cancels it."""
 
     def __init__(self, items: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self._source = aiter(items)
         self._loop = loop
         #: the next item asked for and not yet handed over (or the end, or an error)
@@ -511,16 +520,12 @@ class _AsyncItems:
         #: the run the thread waits for: stop() cancels it there, as the loop may not
         #: run again to cancel it (run_until_complete of a wait_for that timed out)
         self._waiting: Future[tuple[list[Any], bool]] | None = None
-        self._stopped = False
-        #: what the read raises once stopped by aclose() (else a cancellation)
-        self._closed: ClientClosed | None = None
 
     def items(self) -> Iterator[Any]:
         """The items, in order, read in the calling thread (not the loop's); the async
         iterable's error re-raises here after the items before it."""
         while True:
-            if self._stopped:
-                raise self._closed or CancelledError()
+            self._check()
             self._waiting = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
             if self._stopped:  # stop() ran before this run was there to cancel
                 self._waiting.cancel()
@@ -567,9 +572,7 @@ class _AsyncItems:
     def stop(self, closed: ClientClosed | None = None) -> None:
         """Cancel the pending read (on the loop) and the run the thread waits for: the
         call stopped (``closed``: by aclose(), the error the thread's read raises)."""
-        if closed is not None:
-            self._closed = closed
-        self._stopped = True
+        super().stop(closed)
         if self._pending is not None:
             self._pending.cancel()
         if self._waiting is not None:
