@@ -109,7 +109,8 @@ def child_commands(
     # An operator's OMP_NUM_THREADS (or MKL_NUM_THREADS) is a count per process, which
     # torch honours when left to decide: the split would override it.
     split = not gpus and count > 1 and not settings.torch_threads and not thread_env()
-    cpu_threads = max(1, cpu_cores() // count) if split else 0
+    cores = cpu_cores()
+    cpu_threads = max(1, cores // count) if split else 0
     out: list[tuple[list[str], dict[str, str]]] = []
     for gpu in slots:
         for name, path in served:
@@ -122,7 +123,7 @@ def child_commands(
                 env[ENV_PREFIX + "MODEL_NAME"] = name
                 if cpu_threads:
                     env[ENV_PREFIX + "TORCH_THREADS"] = str(cpu_threads)
-                    env[SPLIT_ENV] = f"{cpu_threads} of {cpu_cores()} cores for {count} workers"
+                    env[SPLIT_ENV] = f"{cpu_threads} of {cores} cores for {count} workers"
                 if settings.metrics_port:  # one port per child, counting up
                     env[ENV_PREFIX + "METRICS_PORT"] = str(settings.metrics_port + len(out))
                 cmd = [sys.executable, "-m", "worker"]
