@@ -546,17 +546,6 @@ def create_app(settings: Settings) -> FastAPI:
                               "stored results. Errors are JSON {\"error\": {\"code\", \"message\"}}.")
     app.state.services = services
     errors.install(app)  # first: its InternalErrors must be the innermost middleware
-
-    @app.exception_handler(StoreRefused)
-    async def store_refused(_request: Request, exc: StoreRefused) -> JSONResponse:
-        """The database refuses this server what a setting decides (a privilege, USAGE on
-        the results' schema, a login): 503 as /readyz's ``misconfigured``, naming what to
-        grant or fix, without Retry-After: waiting mends nothing. "Cannot be reached,
-        retry later" sent a caller waiting for an operator's GRANT."""
-        log.error("answering 503: the database refuses this server: %s", exc)
-        return JsonAnswer(errors.error_body(
-            "database_misconfigured", f"the server's database setting is wrong ({exc.problem}); "
-            "retrying will not help until its operator fixes it"), status_code=503)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)
     # A browser's Origin never ends in "/": an origin configured as copied from the
     # address bar ("https://app.example/") matched nothing, and CORS failed silently.

@@ -21,6 +21,7 @@ from contract.errors import (
     BrokerUnavailable,
     InvalidInput,
     SchemaMismatch,
+    StoreRefused,
     StoreUnavailable,
     causes,
 )
@@ -144,6 +145,17 @@ class InternalErrors:
             raise
 
 
+async def _store_refused(_request: Request, exc: StoreRefused) -> JSONResponse:
+    """The database refuses this server what a setting decides (a privilege, USAGE on the
+    results' schema, a login): 503 as /readyz's ``misconfigured``, naming what to grant or
+    fix, without Retry-After, as :func:`_broker_misconfigured` for Redis: waiting mends
+    nothing. "Cannot be reached, retry later" sent a caller waiting for an operator's
+    GRANT."""
+    log.error("answering 503: the database refuses this server: %s", exc)
+    return _json(503, "database_misconfigured", f"the server's database setting is wrong "
+                 f"({exc.problem}); retrying will not help until its operator fixes it")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into the JSON error form, and
     :class:`InternalErrors` (call this before adding any other middleware)."""
@@ -166,6 +178,7 @@ def install(app: FastAPI) -> None:
                      "later", {"Retry-After": "5"})
 
     app.exception_handler(BrokerMisconfigured)(_broker_misconfigured)
+    app.exception_handler(StoreRefused)(_store_refused)
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
