@@ -189,7 +189,7 @@ def _some_keys(keys: Iterable[Any]) -> str:
     """The first :data:`SHOWN_KEYS` of ``keys`` quoted, each cut short, for a refusal:
     a line may carry thousands of keys, or long ones."""
     names = [str(k) for k in keys]
-    shown = ", ".join(repr(n if len(n) <= SHOWN_KEY_CHARS else n[:SHOWN_KEY_CHARS] + "…")
+    shown = ", ".join(repr(n if len(n) <= SHOWN_KEY_CHARS else n[:SHOWN_KEY_CHARS] + "...")
                       for n in names[:SHOWN_KEYS])
     more = len(names) - SHOWN_KEYS
     return f"{shown} and {more} more" if more > 0 else shown

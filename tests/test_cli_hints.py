@@ -202,6 +202,16 @@ def test_a_long_list_of_unknown_keys_is_cut_short(bsettings: Settings) -> None:
     assert "'key0000'" in shown and "and 495 more" in shown and len(shown) < 500
 
 
+def test_a_long_unknown_key_is_cut_with_ascii_dots(bsettings: Settings) -> None:
+    """The cut is marked with "...", which every terminal encoding shows as it is (an
+    ellipsis character came out escaped on a latin-1 terminal)."""
+    line = json.dumps({"k" * 60: 1})
+    result = invoke(["stream", "-", "--no-progress"], bsettings, input=line + "\n")
+    assert result.exit_code == 5, result.output
+    [shown] = [x for x in result.stdout.splitlines() if x.startswith("  line 1:")]
+    assert f"'{'k' * 40}...'" in shown and "\u2026" not in shown, shown
+
+
 # -- input quoted once, ids never made up ---------------------------------------------
 
 
