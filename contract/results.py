@@ -44,6 +44,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from contract.constants import (
     ENV_PREFIX,
     ID_COLUMN_CHARS,
+    MIGRATIONS_TABLE,
     RESULTS_TABLE,
     STATUS_DONE,
     STATUSES,
@@ -491,9 +492,11 @@ PRIVILEGE_SQLSTATE = "42501"
 NO_SCHEMA_SQLSTATE = "3F000"
 #: The privileges bertstream's commands use, per table: what a refusal's GRANT names
 #: when it cannot tell which one the statement needed (``contract.migrate`` checks a
-#: command's own at its start).
+#: command's own at its start). The revision table is only read but by the migrating
+#: role (``bertstream db upgrade``), which owns the tables: SELECT is all others need.
 TABLE_PRIVILEGES = {RESULTS_TABLE: "SELECT, INSERT, UPDATE, DELETE",
-                    WINDOWS_TABLE: "SELECT, INSERT, DELETE"}
+                    WINDOWS_TABLE: "SELECT, INSERT, DELETE",
+                    MIGRATIONS_TABLE: "SELECT"}
 #: Connection refusals that are settings, as PostgreSQL words them (libpq gives a refused
 #: connection no SQLSTATE: its message is all there is), each with its cause and its fix
 #: ({0}: the name the message quotes, {role}: the URL's user). "too many connections"

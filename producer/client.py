@@ -1051,10 +1051,11 @@ class Client:
                 schema = migrate.settled(self.store)
             except StoreUnavailable as exc:
                 url = mask_url(self.settings.database_url)
-                message = f"cannot reach the results database at {url}: {exc}"
                 if isinstance(exc, StoreRefused):  # a setting: exit 2, not 3
-                    raise StoreRefused(message, exc.problem) from exc
-                raise StoreUnavailable(message) from exc
+                    raise StoreRefused(f"the results database at {url} refuses this "
+                                       f"client: {exc}", exc.problem) from exc
+                raise StoreUnavailable(f"cannot reach the results database at {url}: "
+                                       f"{exc}") from exc
             problem = schema.problem()
             if problem and not schema.empty and not schema.newer():
                 raise SchemaMismatch(problem)

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from api.app import create_app
 from contract import migrate
-from contract.constants import RESULTS_TABLE, WINDOWS_TABLE
+from contract.constants import MIGRATIONS_TABLE, RESULTS_TABLE, WINDOWS_TABLE
 from contract.errors import StoreRefused, StoreUnavailable, exit_code
 from contract.results import ResultStore, refusal
 from contract.settings import Settings
@@ -351,3 +351,22 @@ def test_submit_wait_on_a_role_that_may_not_read_exits_2(
     assert out.returncode == 2, out.stderr
     assert f"ON {RESULTS_TABLE} TO {name}" in last_line(out)
     assert "all 1 item(s) were sent" in last_line(out)
+
+
+def test_a_reader_without_select_on_the_revision_table_is_told_to_grant_select(
+        worker_role: WorkerRole, redis_url: str) -> None:
+    """Readers check the schema's revision first: a role that may not read its table is
+    told to grant SELECT there, all that any role but the migrating owner needs (it was
+    told SELECT, INSERT, UPDATE, DELETE), and the message says the database refuses the
+    client, not that it cannot be reached. The GRANT it names is enough."""
+    name = worker_role.name
+    worker_role.sql(f"REVOKE SELECT ON {MIGRATIONS_TABLE} FROM {name}")
+    out = bertstream(worker_role.url, redis_url, "results", "--limit", "1")
+    assert out.returncode == 2, out.stderr
+    line = last_line(out)
+    assert "refuses this client" in line and "cannot reach" not in line, line
+    grant = f"GRANT SELECT ON {MIGRATIONS_TABLE} TO {name}"
+    assert line.endswith(grant), line
+    worker_role.sql(grant)
+    out = bertstream(worker_role.url, redis_url, "results", "--limit", "1")
+    assert out.returncode == 0, out.stderr
