@@ -51,6 +51,7 @@ from api.submit import (
 )
 from api.waiter import Waiter
 from contract import migrate
+from contract.broker import eviction_policy
 from contract.constants import (
     DEFAULT_MODEL,
     ENV_PREFIX,
@@ -1085,12 +1086,7 @@ def _health_routes(app: FastAPI, services: Services) -> None:
     def readyz() -> JSONResponse:
         """Redis and the database answer, and at least one worker is alive (of any model:
         the default one's queue family or a named model's)."""
-        checks: dict[str, str] = {}
-        try:
-            services.submitter.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["redis"] = errors.redis_check(services.settings, exc)
+        checks = {"redis": _redis_ready(services)}
         try:
             schema = migrate.state(services.client.store)
             if schema.empty:
@@ -1117,7 +1113,7 @@ def _health_routes(app: FastAPI, services: Services) -> None:
                 checks["database"] = f"misconfigured: {exc.problem}"
             except Exception as exc:  # noqa: BLE001
                 checks["database"] = f"cannot read the results table: {brief_cause(exc)}"
-        if checks["redis"] == "ok":
+        if checks["redis"] == "ok" or checks["redis"].startswith("ok:"):
             try:
                 alive = family_workers(services.submitter.redis, services.settings.queue)
                 checks["workers"] = (f"ok: {len(alive)} alive" if alive
@@ -1130,6 +1126,25 @@ def _health_routes(app: FastAPI, services: Services) -> None:
                                  else "unknown: Redis unreachable")
         ready = all(v == "ok" or v.startswith("ok:") for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def _redis_ready(services: Services) -> str:
+    """``/readyz``'s Redis check: "ok", or why not (:func:`errors.redis_check`). A Redis
+    whose eviction policy may drop the queues (``allkeys-*`` under a maxmemory) is still
+    ready, "ok: " and the warning (``EvictionPolicy.warning`` in contract.broker): it
+    serves until it fills, and taking the API out of service or restarting it mends
+    nothing. A Redis that refuses ``INFO`` (an ACL) is "ok": its policy cannot be read."""
+    redis_ = services.submitter.redis
+    try:
+        redis_.ping()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return errors.redis_check(services.settings, exc)
+    try:
+        policy = eviction_policy(redis_)
+    except Exception:  # noqa: BLE001 - the policy is a note, never a failed check
+        return "ok"
+    warning = policy.warning() if policy else None
+    return f"ok: {warning}" if warning else "ok"
 
 
 def _read_nothing(conn: Connection) -> None:

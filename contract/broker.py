@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -352,3 +353,75 @@ def lane_keys(queue: str) -> list[str]:
 def lane_queue(settings: Settings, bulk: bool) -> str:
     """The queue a submit goes to: bulk streams apart from interactive submits."""
     return queue_name(settings.family, LANE_BULK if bulk else LANE_INTERACTIVE)
+
+
+#: The eviction policy the README asks of the broker Redis: a full Redis refuses writes.
+NO_EVICTION = "noeviction"
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """The broker Redis's ``maxmemory`` (bytes, 0: no limit) and ``maxmemory-policy``, as
+    ``INFO memory`` reports them: INFO answers where CONFIG is disabled (managed services).
+
+    A queue is one Redis list: a policy that may evict any key (``allkeys-*``) may drop
+    every task waiting in it at once, with no error to the producer or the worker. The
+    ``volatile-*`` policies evict only keys with a TTL; the queues and kombu's unacked
+    index have none, only bookkeeping keys do (heartbeats, delivery counts, the API's id
+    claims and retry markers, a stream's run key), so they get a milder note.
+    """
+
+    policy: str
+    maxmemory: int
+    maxmemory_human: str
+
+    @property
+    def evicts_queue(self) -> bool:
+        """Whether a full Redis may evict a queue: a limit, and a policy that is neither
+        ``noeviction`` nor ``volatile-*`` (one this code does not know counts as risky)."""
+        return (self.maxmemory > 0 and self.policy != NO_EVICTION
+                and not self.policy.startswith("volatile-"))
+
+    @property
+    def evicts_ttl_keys(self) -> bool:
+        """Whether a full Redis evicts keys with a TTL only (``volatile-*``, with a limit)."""
+        return self.maxmemory > 0 and self.policy.startswith("volatile-")
+
+    def warning(self) -> str | None:
+        """What a policy that may evict the queues risks, and the fix; None otherwise."""
+        if not self.evicts_queue:
+            return None
+        return (f"maxmemory-policy is {self.policy} with maxmemory {self.maxmemory_human}: "
+                f"once its memory is full Redis evicts keys, a queue among them, and the "
+                f"tasks queued there are lost without an error to anyone; give the broker "
+                f"Redis the noeviction policy (`CONFIG SET maxmemory-policy {NO_EVICTION}` "
+                f"and in redis.conf, or the maxmemory-policy parameter of a managed "
+                f"service), which refuses new tasks when full instead")
+
+    def note(self) -> str | None:
+        """What a ``volatile-*`` policy risks (queued tasks are safe); None otherwise."""
+        if not self.evicts_ttl_keys:
+            return None
+        return (f"maxmemory-policy is {self.policy} with maxmemory {self.maxmemory_human}: "
+                f"queued tasks are safe (their keys have no TTL), but once its memory is "
+                f"full Redis evicts keys that have one: a worker's heartbeat (it looks dead "
+                f"until its next beat), the delivery counts behind "
+                f"{ENV_PREFIX}MAX_ATTEMPTS, the API's id claims and retry markers; "
+                f"{NO_EVICTION} keeps them (`CONFIG SET maxmemory-policy {NO_EVICTION}` or "
+                f"the managed service's parameter)")
+
+
+def eviction_policy(client: redis.Redis) -> EvictionPolicy | None:
+    """The broker Redis's eviction settings from ``INFO memory``; None when INFO leaves
+    them out (a proxy, an old server). Raises :class:`redis.RedisError` when INFO is
+    refused (an ACL user without ``+info``) or not answered."""
+    info = client.info("memory")
+    policy, limit = info.get("maxmemory_policy"), info.get("maxmemory")
+    if policy is None or limit is None:
+        return None
+    try:
+        maxmemory = int(limit)
+    except (TypeError, ValueError):
+        return None
+    human = info.get("maxmemory_human") or f"{maxmemory} bytes"
+    return EvictionPolicy(str(policy), maxmemory, str(human))

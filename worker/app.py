@@ -7,23 +7,26 @@ unreachable database fails at start, loudly, not on the first task.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 from celery import Celery
 
 from contract import migrate
-from contract.broker import make_celery, probe_broker, redis_full
+from contract.broker import (
+    eviction_policy,
+    make_celery,
+    probe_broker,
+    redis_client,
+    redis_full,
+)
 from contract.constants import (
     DEFAULT_MODEL,
     ENV_PREFIX,
@@ -35,6 +38,7 @@ from contract.errors import BertstreamError, BrokerUnavailable
 from contract.results import DbTimeouts, ResultStore
 from contract.settings import REDIS_SCHEMES, Settings, mask_url
 from worker import kombu_redis
+from worker.cli import sigterm_logged
 from worker.device import Placement, resolve_placement, wider_placement
 from worker.flush import FlushProcessor
 from worker.heartbeat import Heartbeat
@@ -63,10 +67,15 @@ def wait_for_broker(settings: Settings) -> None:
     scripts, which kombu's visibility restore needs. A full Redis (maxmemory, noeviction)
     is waited for the same way, and named so: Celery's start failed on its refused
     writes with a traceback (exit 1). Celery's own reconnection after a connection lost
-    later is left as it is.
+    later is left as it is. A SIGTERM meanwhile is logged (:func:`sigterm_logged`).
     """
     if not settings.broker_url.startswith(REDIS_SCHEMES):
         return
+    with sigterm_logged("waiting for Redis"):
+        _wait_for_broker(settings)
+
+
+def _wait_for_broker(settings: Settings) -> None:
     url = mask_url(settings.broker_url)
     wait_s = settings.broker_start_wait_s
     deadline = time.monotonic() + wait_s
@@ -167,31 +176,6 @@ def _load_runner(settings: Settings, placement: Placement | None) -> Runner:
     return runner
 
 
-@contextlib.contextmanager
-def sigterm_logged(doing: str) -> Iterator[None]:
-    """While ``doing`` (before Celery has its own handlers), a SIGTERM is logged in one line
-    and then ends the process as it did before: killed by the signal (exit 143 in a shell),
-    so a supervisor reads the same status. Without it the process died silently, and the
-    logs of a restart loop said nothing of why. Nothing is consumed before Celery starts.
-    A process with a SIGTERM handler of its own keeps it; off the main thread (no handler
-    can be set there) it does nothing."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        log.warning("stopped by SIGTERM while %s; nothing was taken from the queue", doing)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @dataclass
 class WorkerApp:
     """A Celery app with the analysis task registered, ready to consume."""
@@ -241,6 +225,43 @@ def build_worker_app(
     app.conf.broker_connection_max_retries = None
     queues = [queue_name(settings.family, lane) for lane in (LANE_INTERACTIVE, LANE_BULK)]
     return WorkerApp(app, task, processor, queues)
+
+
+def warn_eviction(settings: Settings) -> bool:
+    """Log a warning when the broker Redis may evict the queues; True if so.
+
+    Under ``maxmemory`` with an ``allkeys-*`` policy (managed services often ship one) a
+    full Redis evicts keys, and a queue is one key: every task waiting in it is lost, and
+    neither the producer nor a worker hears of it. Said once at start, loudly, with the
+    fix (:meth:`contract.broker.EvictionPolicy.warning`); a ``volatile-*`` policy, which
+    leaves the queues alone, gets a milder line (:meth:`~contract.broker.EvictionPolicy.note`).
+    A Redis that refuses ``INFO`` (an ACL) or does not report the policy is said at info
+    level, and the worker starts all the same.
+    """
+    client = redis_client(settings)
+    if client is None:
+        return False
+    url = mask_url(settings.broker_url)
+    try:
+        policy = eviction_policy(client)
+    except redis.RedisError as exc:
+        log.info("Redis at %s: cannot read its maxmemory-policy (INFO memory: %s); make sure "
+                 "it is noeviction, or queued tasks can be evicted", url, exc)
+        return False
+    finally:
+        client.close()
+    if policy is None:
+        log.info("Redis at %s does not report its maxmemory-policy (INFO memory); make sure "
+                 "it is noeviction, or queued tasks can be evicted", url)
+        return False
+    warning = policy.warning()
+    if warning:
+        log.warning("Redis at %s: %s", url, warning)
+        return True
+    note = policy.note()
+    if note:
+        log.info("Redis at %s: %s", url, note)
+    return False
 
 
 def warn_max_wait(settings: Settings) -> bool:
@@ -320,6 +341,7 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
         if ready_file:
             prepare_ready_file(ready_file)
         wait_for_broker(wapp.processor.settings)
+        warn_eviction(wapp.processor.settings)
     except BertstreamError:
         close_store(wapp.processor.store)
         raise

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -105,7 +109,9 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
     _ignore_multiprocess_dir(settings)
     from contract import migrate
     from contract.results import ResultStore
-    from worker.app import build_worker_app, run_worker
+
+    with sigterm_logged("importing torch"):
+        from worker.app import build_worker_app, run_worker
 
     try:
         # The schema first: an outdated database refuses before the model loads.
@@ -119,6 +125,32 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         run_worker(wapp, hostname=hostname, loglevel=loglevel, ready_file=ready_file)
     except BertstreamError as exc:  # Redis did not answer within its start wait
         _fail(exc)
+
+
+@contextlib.contextmanager
+def sigterm_logged(doing: str) -> Iterator[None]:
+    """While ``doing`` (before Celery has its own handlers), a SIGTERM is logged in one line
+    and then ends the process as it did before: killed by the signal (exit 143 in a shell),
+    so a supervisor reads the same status. Without it the process died silently, and the
+    logs of a restart loop said nothing of why. Nothing is consumed before Celery starts.
+    Here, not in worker.app, so that it can cover that module's import (torch's, seconds).
+    A process with a SIGTERM handler of its own keeps it; off the main thread (no handler
+    can be set there) it does nothing."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        log.warning("stopped by SIGTERM while %s; nothing was taken from the queue", doing)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _ignore_multiprocess_dir(settings: Settings) -> None:
