@@ -13,8 +13,11 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import logging
+import math
 import os
 import threading
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -29,11 +32,12 @@ from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from contract.errors import InvalidInput
 from contract.messages import TaskItem
 from contract.results import ResultRecord
 from contract.settings import Settings
 from producer.client import _IN_MEMORY, Buffered, ChunkPublisher, Client, ClientClosed, SubmitReport
-from producer.linger import LINGER_S
+from producer.linger import LINGER_S, Flusher, WatchedSource
 
 #: Items of an async iterable one hop from the loop to :meth:`AsyncClient.submit_many`'s
 #: thread carries at most: those ready at once, so a fast source costs few hops.
@@ -49,6 +53,15 @@ ASYNC_RUN = 256
 #: :meth:`AsyncClient.chunk_publisher` runs its calls in a thread of its own, and so
 #: does a :meth:`AsyncClient.submit_many` of an async iterable or a generator.
 MAX_THREADS = 10
+
+#: Longest wait of :meth:`AsyncClient.aclose` for the sends of stopped
+#: :meth:`AsyncClient.submit_many` calls still under way, in seconds.
+CLOSE_TIMEOUT_S = 5.0
+
+#: Pause between two looks of :meth:`AsyncClient.aclose` at those calls, in seconds.
+_CLOSE_POLL_S = 0.01
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -146,6 +159,8 @@ class AsyncClient:
         self._sleeping: set[asyncio.Future[None]] = set()
         #: the clients of for_model(), by model name
         self._bound: dict[str, AsyncClient] = {}
+        #: the sources of submit_many calls whose thread has not ended yet
+        self._flights: set[_Stoppable] = set()
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------
@@ -161,17 +176,31 @@ class AsyncClient:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Close the shared client and stop the threads. Idempotent. Calls in flight end
         with :class:`ClientClosed` (a wait between two polls, or a :meth:`submit_many`
         waiting for its source's next item, at once), as later ones do.
 
+        Like a producer's flush on close, it first lets the :meth:`submit_many` calls of
+        a source (ended by it, or cancelled before) send the items they took from their
+        source, for at most ``timeout`` seconds: what is buffered goes out at once, with
+        a chunk being sent. A call whose thread waits in the source's own read, nothing
+        buffered, is not waited for. What is still unsent then is not sent: it is logged
+        (a warning of the ``producer.aclient`` logger, with the count), as is an item
+        such a read gives after the close (taken from the source, it cannot be sent any
+        more). ``timeout``: seconds, 0 or more (0: close at once, logging what is unsent),
+        else :class:`InvalidInput` (the client stays open).
+
         Closes the clients of :meth:`for_model` too. Closing one of those closes it
         alone (and the clients of its own for_model), as :meth:`Client.close` does; the
         threads, which it shares, stay for the others."""
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
+                or math.isnan(timeout) or timeout < 0:
+            raise InvalidInput(f"timeout must be a number of seconds, 0 or more; "
+                               f"got {timeout!r}")
         executor = None
         with self._lock:
-            sleeping = self._shut()
+            sleeping, flights = self._shut()
             if self._owner:
                 self._threads.closed = True
                 executor, self._threads.executor = self._threads.executor, None
@@ -179,20 +208,26 @@ class AsyncClient:
             with suppress(RuntimeError):  # its loop is closed: nothing waits on it
                 wake.get_loop().call_soon_threadsafe(_settle, wake)
         try:
-            # Not in this client's pool: close() must overtake the calls queued there.
-            await asyncio.to_thread(self.sync.close)
+            await _sends_ended(flights, timeout)
         finally:
-            if executor is not None:
-                executor.shutdown(wait=False)
+            try:
+                # Not in this client's pool: close() must overtake the calls queued there.
+                await asyncio.to_thread(self.sync.close)
+            finally:
+                if executor is not None:
+                    executor.shutdown(wait=False)
 
-    def _shut(self) -> list[asyncio.Future[None]]:
+    def _shut(self) -> tuple[list[asyncio.Future[None]], list[_Stoppable]]:
         """Mark this client and those of its for_model() closed (under the lock); give
-        the pauses of their waits, to wake."""
+        the pauses of their waits, to wake, and the sources of their submit_many calls."""
         self._closed = True
         sleeping = list(self._sleeping)
+        flights = list(self._flights)
         for bound in self._bound.values():
-            sleeping += bound._shut()
-        return sleeping
+            more, theirs = bound._shut()
+            sleeping += more
+            flights += theirs
+        return sleeping, flights
 
     def _is_closed(self) -> bool:
         return self._closed or self._threads.closed
@@ -310,8 +345,8 @@ class AsyncClient:
         item is still awaited (that await is never cancelled for it). When the call
         stops early (an error, a cancellation) the pending read of the async iterable is
         cancelled and the items it gave before are published, as before any error.
-        :meth:`aclose` stops an open one so, ending it with :class:`ClientClosed` (what
-        its linger had not sent yet may stay unsent).
+        :meth:`aclose` stops an open one so, ending it with :class:`ClientClosed`; it
+        lets the items given before be sent first (within its timeout).
 
         A source that may wait for its items (an async iterable, a generator) is read in
         a thread started for the call, not one of the client's :data:`MAX_THREADS`: any
@@ -319,9 +354,11 @@ class AsyncClient:
         only while a chunk is sent) to the client's other calls. Cancelled or closed, the
         call ends at once even while a generator blocks (a queue's ``get``, a socket's
         read): its thread, a daemon, is left to that read and keeps no process from
-        exiting. The items it gave before are sent (by the linger, or with the one its
-        read gives after the stop: taken from the source, a queue's post, that one is
-        sent too, and the read ends there; after aclose() none can be sent)."""
+        exiting. The items it gave before are sent at the stop, whatever ``linger_s``
+        (None too: not after a next item a quiet queue may never give), and
+        :meth:`aclose` waits for those sends (up to its timeout). The one its read gives
+        after the stop (taken from the source, a queue's post) is sent too, and the
+        read ends there; after aclose() it cannot be sent, and is logged as not sent."""
         call = functools.partial(self.sync.submit_many, source=source, chunk_size=chunk_size,
                                  ttl_s=ttl_s, model=model, linger_s=linger_s)
         # One dict item is refused there, not read as its keys (each would become a task).
@@ -331,15 +368,16 @@ class AsyncClient:
         source_items: _SyncItems | _AsyncItems = (
             _SyncItems(items) if isinstance(items, Iterable)
             else _AsyncItems(items, asyncio.get_running_loop()))
-        return await self._run_alone(lambda: call(source_items.items()), source_items.stop)
+        return await self._run_alone(lambda: call(source_items), source_items)
 
-    async def _run_alone(self, work: Callable[[], T],
-                         stop: Callable[[ClientClosed | None], None]) -> T:
-        """``work()`` (reading a source) in a daemon thread of its own; when the call stops
-        early (cancelled, or aclose(): then :class:`ClientClosed`) it ends at once and
-        ``stop`` makes the source's next read raise. A thread blocked in the caller's
-        own code (a queue's get, a socket's read) cannot be woken: it is abandoned, and
-        neither it nor an exiting interpreter waits for the other."""
+    async def _run_alone(self, work: Callable[[], T], source: _Stoppable) -> T:
+        """``work()`` (reading ``source``) in a daemon thread of its own; when the call
+        stops early (cancelled, or aclose(): then :class:`ClientClosed`) it ends at once
+        and ``source.stop`` makes the source's next read raise, and sends what is
+        buffered at once. A thread blocked in the caller's own code (a queue's get, a
+        socket's read) cannot be woken: it is abandoned, and neither it nor an exiting
+        interpreter waits for the other. Until the thread ends, aclose() sees ``source``
+        (it lets the sends under way end first)."""
         loop = asyncio.get_running_loop()
         # Woken by aclose(), as a wait's pause is.
         closing: asyncio.Future[None] = loop.create_future()
@@ -347,11 +385,26 @@ class AsyncClient:
             if self._is_closed():
                 raise self._closed_error()
             self._sleeping.add(closing)
+            self._flights.add(source)
         done: Future[T] = Future()
         done.set_running_or_notify_cancel()  # a cancel of the wait leaves it to the thread
         context = contextvars.copy_context()
-        threading.Thread(target=_fill, args=(done, context, work), daemon=True,
-                         name="bertstream-source").start()
+
+        def read() -> None:
+            try:
+                _fill(done, context, work)
+            finally:
+                with self._lock:
+                    self._flights.discard(source)
+                source.ended(done.exception())
+
+        try:
+            threading.Thread(target=read, daemon=True, name="bertstream-source").start()
+        except BaseException:
+            with self._lock:
+                self._sleeping.discard(closing)
+                self._flights.discard(source)
+            raise
         result = asyncio.wrap_future(done)
         closed: ClientClosed | None = None
         try:
@@ -364,7 +417,7 @@ class AsyncClient:
         finally:
             with self._lock:
                 self._sleeping.discard(closing)
-            stop(closed)
+            source.stop(closed)
             result.cancel()  # what the abandoned thread ends with is nobody's to hear
 
     publish = _threaded(Client.publish)
@@ -463,24 +516,94 @@ class AsyncClient:
         return done[0]
 
 
-class _Stoppable:
+async def _sends_ended(flights: list[_Stoppable], timeout: float) -> None:
+    """Wait (on the loop) until each of ``flights`` has sent what it took from its
+    source: its thread ended, or waits in the source's read with nothing buffered; at
+    most ``timeout`` seconds, then log what is still unsent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = [source for source in flights if not source.settled()]
+        if not busy:
+            return
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(_CLOSE_POLL_S)
+    log.warning("aclose(): %d submit_many call(s) still sending after %s s; the client "
+                "closes under them, and the %d item(s) they took from their sources and "
+                "hold unsent may not be sent", len(busy), timeout,
+                sum(source.pending() for source in busy))
+
+
+class _Stoppable(WatchedSource):
     """A source :meth:`AsyncClient.submit_many` reads in a call's thread, that :meth:`stop`
-    ends: once stopped, the next read raises (:meth:`_check`)."""
+    ends: once stopped, the next read raises (:meth:`_check`), and what is buffered is
+    sent at once (the call's :class:`Flusher`, given to :meth:`watch`)."""
 
     def __init__(self) -> None:
         self._stopped = False
         #: what the read raises once stopped by aclose() (else a cancellation)
         self._closed: ClientClosed | None = None
+        #: the call's flusher, once its thread reads
+        self._flusher: Flusher | None = None
+        #: True while the call's thread waits in the source's own read
+        self._reading = False
+        #: True once the call's thread ended
+        self._ended = False
+        #: items already logged as not sent
+        self._logged = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.items()
+
+    def items(self) -> Iterator[Any]:
+        """The items, in order, until the end or :meth:`stop`."""
+        raise NotImplementedError
+
+    def watch(self, flusher: Flusher) -> None:
+        self._flusher = flusher
 
     def _check(self) -> None:
         if self._stopped:
             raise self._closed or CancelledError()
 
     def stop(self, closed: ClientClosed | None = None) -> None:
-        """The call stopped (``closed``: by aclose(), the error the next read raises)."""
+        """The call stopped (``closed``: by aclose(), the error the next read raises):
+        what is buffered is sent at once, not after an item that may never come."""
         if closed is not None:
             self._closed = closed
         self._stopped = True
+        flusher = self._flusher
+        # Nothing buffered: an item the thread adds now is sent at its next read (raising).
+        if flusher is not None and flusher.pending:
+            flusher.flush_now(self._not_sent)
+
+    def pending(self) -> int:
+        """Items taken from the source and not sent (yet)."""
+        return 0 if self._flusher is None else self._flusher.pending
+
+    def settled(self) -> bool:
+        """Whether the call's thread ended, or waits in the source's read with nothing
+        buffered and no chunk being sent (so aclose() need not wait for it)."""
+        if self._ended:
+            return True
+        flusher = self._flusher
+        return self._reading and (flusher is None or flusher.idle())
+
+    def ended(self, error: BaseException | None) -> None:
+        """The call's thread ended (``error``: what it raised). Items taken from the
+        source and left unsent by a stopped call are logged: nobody hears its error."""
+        self._ended = True
+        if self._stopped and error is not None:
+            self._not_sent(error)
+
+    def _not_sent(self, error: BaseException) -> None:
+        """Log the items taken from the source, not sent and not logged yet: the stopped
+        call's send failed with ``error`` (the flush at the stop, or its last one)."""
+        unsent = self.pending() - self._logged
+        if unsent > 0:
+            self._logged += unsent
+            log.warning("a stopped submit_many call took %d item(s) from its source that "
+                        "were not sent: %s", unsent, error)
 
 
 class _SyncItems(_Stoppable):
@@ -498,10 +621,13 @@ class _SyncItems(_Stoppable):
         source = iter(self._source)
         while True:
             self._check()
+            self._reading = True
             try:
                 item = next(source)
             except StopIteration:
                 return
+            finally:
+                self._reading = False
             yield item
 
 
@@ -529,12 +655,15 @@ class _AsyncItems(_Stoppable):
             self._waiting = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
             if self._stopped:  # stop() ran before this run was there to cancel
                 self._waiting.cancel()
+            self._reading = True
             try:
                 run, end = self._waiting.result()
             except CancelledError:
                 if self._closed is not None:
                     raise self._closed from None
                 raise
+            finally:
+                self._reading = False
             yield from run
             if end:
                 return

@@ -74,7 +74,7 @@ from contract.results import IdState, ResultRecord, ResultStore, WindowRecord
 from contract.retries import is_retrying, retriable, retry_key, retry_marker
 from contract.settings import REDIS_SCHEMES, Settings, mask_url, redis_url_problem
 from producer.items import ItemError, ItemValidator
-from producer.linger import LINGER_S, Flusher
+from producer.linger import LINGER_S, Flusher, WatchedSource
 
 #: Longest pause between two polls of :meth:`Client.wait`, in seconds.
 MAX_POLL_INTERVAL_S = 1.0
@@ -465,6 +465,11 @@ class ChunkPublisher:
         """The source line of the first buffered (not yet published) item, when known."""
         return self._buffer[0].line if self._buffer else None
 
+    @property
+    def pending(self) -> int:
+        """How many items are buffered (not yet published)."""
+        return len(self._buffer)
+
     def add(self, item: TaskItem, line: int | None = None, origin: Any = None, *,
             caller_id: bool = False) -> None:
         """Buffer ``item`` (from source ``line``, and ``origin`` for ``after_send``);
@@ -802,7 +807,11 @@ class Client:
             report.ids.append(checked.id)
 
         try:
-            if linger_s is None or isinstance(items, _IN_MEMORY):
+            if isinstance(items, WatchedSource):
+                flusher = Flusher(publisher, linger_s)
+                items.watch(flusher)
+                _take_lingering(items, publisher, flusher, take)
+            elif linger_s is None or isinstance(items, _IN_MEMORY):
                 for index, obj in enumerate(_sent_before_failing(items, publisher)):
                     take(index, obj)
             else:

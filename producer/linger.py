@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 #: Default longest wait of a buffered item before its partial chunk is sent, in seconds.
 LINGER_S = 0.25
@@ -27,6 +29,10 @@ class Buffer(Protocol):
     @property
     def first_unsent_line(self) -> int | None:
         """The line (or index) of the first buffered item; None when nothing is."""
+
+    @property
+    def pending(self) -> int:
+        """How many items are buffered (taken, not yet published)."""
 
     def flush(self) -> None:
         """Publish what is buffered."""
@@ -64,7 +70,7 @@ class Flusher:
     An error of the thread's flush is kept in :attr:`error`, for the caller to raise.
     """
 
-    def __init__(self, publisher: Buffer, linger_s: float) -> None:
+    def __init__(self, publisher: Buffer, linger_s: float | None) -> None:
         self._publisher = publisher
         self.linger = Linger(linger_s)
         self.lock = threading.Lock()
@@ -98,6 +104,42 @@ class Flusher:
         if self._thread is not None:
             self._thread.join()
 
+    def flush_now(self, on_error: Callable[[BaseException], None]) -> None:
+        """Publish what is buffered at once, whatever its age (``linger_s`` None too): the
+        source stopped, and its next item may never come. Returns at once (it may be called
+        on an event loop): a daemon thread waits for the lock, while the caller's thread
+        may be in a publish. Nothing is sent once :meth:`stop` has run. An error of that
+        flush goes to ``on_error`` (the caller's thread may never read again to raise it);
+        the items stay buffered, for the caller's own last flush."""
+        threading.Thread(target=self._flush_once, args=(on_error,),
+                         name="bertstream-stop-flush", daemon=True).start()
+
+    def _flush_once(self, on_error: Callable[[BaseException], None]) -> None:
+        with self.lock:
+            if self._stopped or self.error is not None:
+                return
+            try:
+                self._publisher.flush()
+            except BaseException as exc:  # noqa: BLE001 - handed to on_error
+                on_error(exc)
+                return
+            self.linger.update(self._publisher)
+
+    def idle(self) -> bool:
+        """Whether nothing is buffered and no thread is using the publisher now (adding
+        an item or sending a chunk); never waits."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            return self._publisher.pending == 0
+        finally:
+            self.lock.release()
+
+    @property
+    def pending(self) -> int:
+        """How many items are buffered, unsent (read without the lock: a count to report)."""
+        return self._publisher.pending
+
     def _run(self) -> None:
         with self.lock:
             while not self._stopped:
@@ -114,3 +156,18 @@ class Flusher:
                     self.error = exc
                     return
                 self.linger.update(self._publisher)
+
+
+class WatchedSource(ABC):
+    """A source of :meth:`producer.client.Client.submit_many` that can stop while its
+    read blocks (an :class:`producer.aclient.AsyncClient` call cancelled or closed): the
+    call always reads it with a :class:`Flusher` (``linger_s`` None too), handed to
+    :meth:`watch` first, so that a stop can send what is buffered at once."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Any]:
+        """The items, in order."""
+
+    @abstractmethod
+    def watch(self, flusher: Flusher) -> None:
+        """Note the call's flusher, before the first read."""
