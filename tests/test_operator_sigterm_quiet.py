@@ -10,11 +10,14 @@ logs one line first, and the worker still dies by the signal (143 in a shell).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from contract.settings import Settings
 from tests.test_cli_interrupt_startup import signal_while_importing
@@ -71,3 +74,81 @@ def test_sigterm_while_torch_is_imported_is_logged(redis_url: str, sqlite_url: s
     assert done.returncode == -signal.SIGTERM, out
     assert out.count(_line("importing torch")) == 1, out
     assert "Traceback" not in out, out
+
+
+class InfoStall:
+    """A TCP proxy to a Redis that forwards every command but ``INFO``, which it holds
+    unanswered: a Redis gone silent between the worker's probe and its read of the
+    eviction policy (paused, busy), which the worker then waits for up to its socket
+    timeout. ``seen_info`` is set once an ``INFO`` arrived."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.seen_info = threading.Event()
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                return
+            self._held += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if watch and b"\r\nINFO\r\n" in data.upper():
+                    self.seen_info.set()
+                    return  # held: never forwarded, so never answered
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+        for sock in self._held:
+            sock.close()
+
+
+def test_sigterm_while_redis_is_silent_to_the_eviction_check_is_logged(
+        redis_url: str, sqlite_url: str, tmp_path: Path) -> None:
+    """Redis answered the wait's probe, then went silent as the worker reads its eviction
+    policy (``INFO memory``, up to ``BERTSTREAM_REDIS_SOCKET_TIMEOUT_S``): the worker is
+    still waiting for Redis at start, and a SIGTERM then is logged the same way (it died
+    without a word)."""
+    target = urlsplit(redis_url)
+    proxy = InfoStall(target.hostname or "127.0.0.1", target.port or 6379)
+    settings = Settings(broker_url=f"redis://127.0.0.1:{proxy.port}{target.path}",
+                        database_url=sqlite_url, model="null", redis_socket_timeout_s=300,
+                        queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    out_path = tmp_path / "worker.log"
+    try:
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"],
+                                    env=settings_env(settings), stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            assert proxy.seen_info.wait(120), out_path.read_text()
+            assert proc.poll() is None, out_path.read_text()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        proxy.close()
+    text = out_path.read_text()
+    assert code == -signal.SIGTERM, text
+    assert text.count(_line("waiting for Redis")) == 1, text
+    assert "Traceback" not in text, text

@@ -236,14 +236,17 @@ def warn_eviction(settings: Settings) -> bool:
     fix (:meth:`contract.broker.EvictionPolicy.warning`); a ``volatile-*`` policy, which
     leaves the queues alone, gets a milder line (:meth:`~contract.broker.EvictionPolicy.note`).
     A Redis that refuses ``INFO`` (an ACL) or does not report the policy is said at info
-    level, and the worker starts all the same.
+    level, and the worker starts all the same. One that went silent since the wait for it
+    is waited for up to its socket timeout, still "waiting for Redis" to a SIGTERM
+    (:func:`sigterm_logged`), which otherwise ended the worker without a word.
     """
     client = redis_client(settings)
     if client is None:
         return False
     url = mask_url(settings.broker_url)
     try:
-        policy = eviction_policy(client)
+        with sigterm_logged("waiting for Redis"):
+            policy = eviction_policy(client)
     except redis.RedisError as exc:
         log.info("Redis at %s: cannot read its maxmemory-policy (INFO memory: %s); make sure "
                  "it is noeviction, or queued tasks can be evicted", url, exc)
