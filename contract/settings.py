@@ -534,12 +534,12 @@ log = logging.getLogger(__name__)
 #: ``BERTSTREAM_*`` names that are no setting but are read for themselves: the variables
 #: docker-compose.yml substitutes, and the test suite's own.
 NOT_SETTINGS = frozenset(ENV_PREFIX + n for n in (
-    "IMAGE", "GPU_IMAGE", "GPUS", "PROCS_PER_GPU", "API_WORKERS", "NAME", "REPORT_EXAMPLE"))
+    "IMAGE", "GPU_IMAGE", "GPUS", "PROCS_PER_GPU", "API_WORKERS"))
 NOT_SETTINGS_PREFIXES = (ENV_PREFIX + "TEST_",)
 #: Names other tools use for what a setting holds, and that setting.
 _MEANT = {"REDIS_URL": "BROKER_URL", "CELERY_BROKER_URL": "BROKER_URL", "BROKER": "BROKER_URL",
           "DB_URL": "DATABASE_URL", "DATABASE": "DATABASE_URL", "POSTGRES_URL": "DATABASE_URL",
-          "SQLALCHEMY_DATABASE_URI": "DATABASE_URL"}
+          "SQLALCHEMY_DATABASE_URI": "DATABASE_URL", "NAME": "MODEL_NAME"}
 #: The unknown names already named in this process (each once, however many Settings).
 _named_unknown: set[str] = set()
 

@@ -1,6 +1,6 @@
 """``bertstream report``: the picture is read back and its series checked against SQL counts.
 
-Runs on SQLite and PostgreSQL. With ``BERTSTREAM_REPORT_EXAMPLE=path`` set, the
+Runs on SQLite and PostgreSQL. With ``BERTSTREAM_TEST_REPORT_EXAMPLE=path`` set, the
 picture drawn from this test's data is also copied there (the README's example).
 """
 
@@ -94,7 +94,7 @@ def test_report_series_match_sql_counts_and_the_png_is_drawn(
     assert shape[:2] == (650, 1000)
     assert painted > 0.03 and colours > 8  # axes, three coloured lines, text: not blank
 
-    example = os.environ.get("BERTSTREAM_REPORT_EXAMPLE")
+    example = os.environ.get("BERTSTREAM_TEST_REPORT_EXAMPLE")
     if example and store.engine.dialect.name == "sqlite":
         shutil.copyfile(tmp_path / "report.png", example)
 

@@ -50,6 +50,16 @@ def test_settings_and_the_deployment_variables_pass(
     assert caplog.records == []
 
 
+def test_a_name_nothing_reads_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """``BERTSTREAM_NAME`` (meaning ``BERTSTREAM_MODEL_NAME``) passed without a word, as
+    if a deployment file read it: nothing does."""
+    with caplog.at_level(logging.WARNING, logger="contract.settings"):
+        Settings.from_env({"BERTSTREAM_NAME": "sentiment-v2"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "BERTSTREAM_NAME is no bertstream setting and is ignored "
+        "(did you mean BERTSTREAM_MODEL_NAME?)"]
+
+
 def test_a_name_like_no_setting_says_so_without_a_guess(
         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="contract.settings"):
