@@ -36,7 +36,7 @@ from sqlalchemy import Connection
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import dashboard, docs, errors
+from api import dashboard, docs, errors, logthrottle
 from api.errors import ApiError, JsonAnswer
 from api.metrics import ApiMetrics
 from api.security import BodyLimit, JsonBodyRoute, SecurityHeaders, TokenCheck
@@ -538,6 +538,7 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
             await run_in_threadpool(services.close)
+            logthrottle.close_all()  # the refusals' counts not logged yet
 
     # docs_url, redoc_url None: FastAPI's pages load Swagger UI and ReDoc from a CDN;
     # api.docs serves them from this server.

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.logthrottle import RefusalLog, bug_key, cause_key
 from contract.broker import BrokerMisconfigured, broker_error
 from contract.constants import ENV_PREFIX
 from contract.errors import (
@@ -38,6 +39,13 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def refusals(request: Request) -> RefusalLog:
+    """The app's :class:`~api.logthrottle.RefusalLog` (:func:`install`): its refusals'
+    lines, the repeats of each kind and cause summed."""
+    found: RefusalLog = request.app.state.refusals
+    return found
 
 
 class UnreadableBody(StarletteHTTPException):
@@ -91,11 +99,14 @@ def redis_check(settings: Settings, exc: BaseException) -> str:
     return f"unreachable: {type(driver).__name__}"
 
 
-async def _broker_misconfigured(_request: Request, exc: BrokerMisconfigured) -> JSONResponse:
+async def _broker_misconfigured(request: Request, exc: BrokerMisconfigured) -> JSONResponse:
     """Redis answers but refuses the broker URL (a database index it lacks, credentials it
     does not take): a 503 as for a schema behind the code, the service being down until
-    its operator acts, but without Retry-After or "retry later": waiting mends nothing."""
-    log.error("answering 503: Redis refuses the broker URL: %s", exc)
+    its operator acts, but without Retry-After or "retry later": waiting mends nothing.
+    An error in the log (a setting to fix), its repeats summed."""
+    refusals(request).note("answering 503 broker_misconfigured", cause_key(exc), logging.ERROR,
+                           "answering 503 broker_misconfigured: Redis refuses the broker URL: "
+                           "%s", exc)
     return _json(503, "broker_misconfigured", f"the server's broker setting is wrong "
                  f"({misconfigured_broker(exc)}); retrying will not help until its operator "
                  f"fixes it")
@@ -145,20 +156,24 @@ class InternalErrors:
             raise
 
 
-async def _store_refused(_request: Request, exc: StoreRefused) -> JSONResponse:
+async def _store_refused(request: Request, exc: StoreRefused) -> JSONResponse:
     """The database refuses this server what a setting decides (a privilege, USAGE on the
     results' schema, a login): 503 as /readyz's ``misconfigured``, naming what to grant or
     fix, without Retry-After, as :func:`_broker_misconfigured` for Redis: waiting mends
     nothing. "Cannot be reached, retry later" sent a caller waiting for an operator's
-    GRANT."""
-    log.error("answering 503: the database refuses this server: %s", exc)
+    GRANT. An error in the log, its repeats summed."""
+    refusals(request).note("answering 503 database_misconfigured", cause_key(exc),
+                           logging.ERROR, "answering 503 database_misconfigured: the database "
+                           "refuses this server: %s", exc)
     return _json(503, "database_misconfigured", f"the server's database setting is wrong "
                  f"({exc.problem}); retrying will not help until its operator fixes it")
 
 
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into the JSON error form, and
-    :class:`InternalErrors` (call this before adding any other middleware)."""
+    :class:`InternalErrors` (call this before adding any other middleware). Their log
+    lines go through the app's :class:`~api.logthrottle.RefusalLog` (``app.state``)."""
+    app.state.refusals = RefusalLog(log)
     app.add_middleware(InternalErrors)
 
     @app.exception_handler(ApiError)
@@ -172,8 +187,9 @@ def install(app: FastAPI) -> None:
     # An outage's details (hosts, ports, database and user names) are for the server's
     # log; a client is told what is down and when to retry.
     @app.exception_handler(BrokerUnavailable)
-    async def broker_down(_request: Request, exc: BrokerUnavailable) -> JSONResponse:
-        log.warning("answering 503: %s", exc)
+    async def broker_down(request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        refusals(request).note("answering 503 broker_unavailable", cause_key(exc),
+                               logging.WARNING, "answering 503 broker_unavailable: %s", exc)
         return _json(503, "broker_unavailable", "the queue (Redis) cannot be reached; retry "
                      "later", {"Retry-After": "5"})
 
@@ -190,7 +206,8 @@ def install(app: FastAPI) -> None:
                 await run_in_threadpool(services.client.recheck_schema, exc)
             except SchemaMismatch as mismatch:
                 return _json(503, "schema_mismatch", str(mismatch))
-        log.warning("answering 503: %s", exc)
+        refusals(request).note("answering 503 database_unavailable", cause_key(exc),
+                               logging.WARNING, "answering 503 database_unavailable: %s", exc)
         return _json(503, "database_unavailable", "the results database cannot be reached; "
                      "retry later", {"Retry-After": "5"})
 
@@ -215,8 +232,9 @@ def install(app: FastAPI) -> None:
 
     # Logs the error, and answers one raised outside InternalErrors (in a middleware).
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in the API")
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        refusals(request).note("answering 500 internal_error (unhandled)", bug_key(exc),
+                               logging.ERROR, "unhandled error in the API", exc_info=exc)
         return _json(500, "internal_error", f"internal error ({type(exc).__name__})")
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import redis
 
 from api.errors import ApiError
+from api.logthrottle import RefusalLog, cause_key
 from contract.broker import (
     WATCH_TRIES,
     BrokerMisconfigured,
@@ -70,6 +71,8 @@ from contract.settings import Settings
 from producer.client import Client
 
 log = logging.getLogger(__name__)
+#: The refusals of callers without a log of their own (the app's model gate).
+_REFUSALS = RefusalLog(log)
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
@@ -95,22 +98,27 @@ def broker_redis(settings: Settings) -> redis.Redis:
                                     "(only `bertstream demo` runs on it)")
 
 
-def redis_failure(settings: Settings, exc: redis.RedisError) -> Exception:
+def redis_failure(settings: Settings, exc: redis.RedisError,
+                  refusals: RefusalLog | None = None) -> Exception:
     """What a failed Redis command means to the API's caller. Redis refusing the broker
     URL (a database index it lacks, credentials it does not take): a setting to fix
     (:class:`BrokerMisconfigured`, a 503 without Retry-After). Redis unreachable: the
-    outage (503). Redis up but out of memory: a 503 that says so. Any other error reply
-    (a script error, an expiry Redis refuses) is no outage: an internal error (500), the
-    reply logged."""
+    outage (503). Redis up but out of memory: a 503 that says so (a warning). Any other
+    error reply (a script error, an expiry Redis refuses) is no outage: an internal error
+    (500), the reply logged as an error. Those two are logged on ``refusals``, the
+    repeats of each reply summed."""
     error = broker_error(settings, exc)
     if isinstance(error, BrokerMisconfigured):
         return error
+    refusals = refusals or _REFUSALS
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        log.warning("answering 503: Redis is out of memory (maxmemory): %s", exc)
+        refusals.note("answering 503 broker_full", cause_key(exc), logging.WARNING,
+                      "answering 503 broker_full: Redis is out of memory (maxmemory): %s", exc)
         return ApiError(503, "broker_full", "the queue (Redis) is out of memory; retry "
                         "later", {"Retry-After": str(FULL_RETRY_AFTER_S)})
     if isinstance(exc, redis.ResponseError):
-        log.error("answering 500: Redis refused a command: %s", exc)
+        refusals.note("answering 500 internal_error", cause_key(exc), logging.ERROR,
+                      "answering 500 internal_error: Redis refused a command: %s", exc)
         return ApiError(500, "internal_error", "internal error (Redis refused a command)")
     return error
 
@@ -166,6 +174,8 @@ class Submitter:
         self.client = client
         self.on_message = on_message
         self.redis = broker_redis(settings)
+        #: its log lines of refusals and of answers made without Redis or the database
+        self.refusals = RefusalLog(log)
         self._lock = threading.Lock()
         self._queue_length: tuple[float, int] | None = None
         self._claim = self.redis.register_script(_CLAIM)
@@ -243,7 +253,7 @@ class Submitter:
         try:
             alive = live_workers(self.redis, self.settings.queue)
         except redis.RedisError as exc:
-            raise redis_failure(self.settings, exc) from exc
+            raise redis_failure(self.settings, exc, self.refusals) from exc
         if not any(w.get("model") == model for w in alive):
             return None
         return self.accepted_hash(task_id, self.settings.queue)
@@ -252,7 +262,7 @@ class Submitter:
         try:
             value = self.redis.get(key)
         except redis.RedisError as exc:
-            raise redis_failure(self.settings, exc) from exc
+            raise redis_failure(self.settings, exc, self.refusals) from exc
         return value.decode("utf-8") if isinstance(value, bytes) else None
 
     def queue_full(self) -> bool:
@@ -291,7 +301,7 @@ class Submitter:
                     self.settings.family if self.settings.model_name else ""]
             previous = self._scriptless(self._claim, args, self._claim_in_transaction)
         except redis.RedisError as exc:
-            raise redis_failure(self.settings, exc) from exc
+            raise redis_failure(self.settings, exc, self.refusals) from exc
         outcomes: list[Outcome | None] = [None] * len(items)
         for k in range(0, len(previous), 2):
             i = int(previous[k]) - 1
@@ -340,7 +350,9 @@ class Submitter:
             marker = self._get(self.retry_key(record.id))
         # the stored row is still the best answer, Redis down or refusing the broker URL
         except (BrokerUnavailable, BrokerMisconfigured, ApiError) as exc:
-            log.warning("status of %r read without its retry marker: %s", record.id, exc)
+            self.refusals.note("status read without its retry marker", cause_key(exc),
+                               logging.WARNING, "status of %r read without its retry "
+                               "marker: %s", record.id, exc)
             return False
         return is_retrying(marker, record.attempts, record.model, model)
 
@@ -364,8 +376,9 @@ class Submitter:
                 if self.client.has_results_table():
                     rows.update(self.client.store.id_states(unread))
             except StoreUnavailable as exc:
-                log.warning("duplicates answered without checking for failed rows to "
-                            "retry: %s", exc)
+                self.refusals.note("duplicates answered unchecked", cause_key(exc),
+                                   logging.WARNING, "duplicates answered without checking "
+                                   "for failed rows to retry: %s", exc)
                 return {}
         candidates = [(i, rows[task_id]) for task_id, i in first.items()
                       if task_id in rows and retriable(rows[task_id].status)
@@ -380,7 +393,7 @@ class Submitter:
                 "\0".join(retry_marker(row.attempts, row.model, target)
                           for _, row in candidates)], self._mark_in_transaction)
         except redis.RedisError as exc:
-            raise redis_failure(self.settings, exc) from exc
+            raise redis_failure(self.settings, exc, self.refusals) from exc
         now_marked = {int(m) - 1 for m in marked}
         retries: dict[int, str] = {}
         for k, (i, row) in enumerate(candidates):
@@ -406,7 +419,9 @@ class Submitter:
         try:
             return watched(self.redis, keys, step)
         except redis.WatchError:
-            log.warning("a submit's ids kept changing through %d transactions", WATCH_TRIES)
+            self.refusals.note("answering 503 broker_busy", "", logging.WARNING,
+                               "answering 503 broker_busy: a submit's ids kept changing "
+                               "through %d transactions", WATCH_TRIES)
             raise ApiError(503, "broker_busy", "the ids of this submit kept changing meanwhile "
                            "(concurrent submits of the same ids); retry",
                            {"Retry-After": "1"}) from None

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from api.logthrottle import RefusalLog, bug_key, cause_key
 from contract.errors import BertstreamError
 from contract.results import ResultRecord
 
@@ -57,6 +58,8 @@ class Waiter:
         self.released = False
         #: the event loop :meth:`run` polls on (its app's): :func:`release_all` scope
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: its failed reads, polled every ``interval_s`` through an outage: summed
+        self.refusals = RefusalLog(log)
         _WAITERS.add(self)
 
     @property
@@ -112,10 +115,13 @@ class Waiter:
                 try:
                     found = await loop.run_in_executor(None, self.fetch, ids, model)
                 except BertstreamError as exc:  # an outage: waiters time out, keep polling
-                    log.warning("long poll: %s", exc)
+                    self.refusals.note("long poll", cause_key(exc), logging.WARNING,
+                                       "long poll: %s", exc)
                     found = {}
-                except Exception:  # noqa: BLE001 - the loop serves every later long poll too
-                    log.exception("long poll: reading %d id(s) failed", len(ids))
+                except Exception as exc:  # noqa: BLE001 - the loop serves every later poll too
+                    self.refusals.note("long poll failed", bug_key(exc), logging.ERROR,
+                                       "long poll: reading %d id(s) failed", len(ids),
+                                       exc_info=exc)
                     found = {}
                 for task_id, record in found.items():
                     for entry in self._waiting.get((task_id, model), []):
