@@ -124,11 +124,11 @@ def broker_error(settings: Settings, exc: BaseException) -> BrokerMisconfigured 
             return BrokerMisconfigured(f"{ENV_PREFIX}BROKER_URL={url!r}: {problem}", problem)
     if redis_silent(exc):
         return BrokerUnavailable(
-            f"cannot reach Redis at {url} — it took the connection but did not answer "
+            f"cannot reach Redis at {url}: it took the connection but did not answer "
             f"within {settings.redis_socket_timeout_s:g} s (paused, busy with a long command "
             f"or script, or overloaded): retry later, or raise "
             f"{ENV_PREFIX}REDIS_SOCKET_TIMEOUT_S ({exc})")
-    return BrokerUnavailable(f"cannot reach Redis at {url} — start it with `redis-server` "
+    return BrokerUnavailable(f"cannot reach Redis at {url}: start it with `redis-server` "
                              f"or set {ENV_PREFIX}BROKER_URL ({exc})")
 
 

@@ -131,7 +131,7 @@ def test_a_redis_outage_under_load_is_one_line_then_its_end(
     api.stop()
     assert re.findall(r"^answering 5\d\d .*$", _serve_log(api), re.M)[2:] == [
         "answering 503 broker_unavailable: cannot reach Redis at "
-        f"{server.url} — start it with `redis-server` or set BERTSTREAM_BROKER_URL "
+        f"{server.url}: start it with `redis-server` or set BERTSTREAM_BROKER_URL "
         f"(Error 111 connecting to 127.0.0.1:{server.port}. Connection refused.)",
         "answering 503 broker_unavailable: 99 more like it since the last line, up to the "
         "server's stop; 100 in all over 0 s"]

@@ -147,7 +147,7 @@ def test_an_unreachable_broker_url_option_is_the_option_to_change(
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = {"BERTSTREAM_BROKER_URL": redis_url, "BERTSTREAM_DATABASE_URL": sqlite_url}
     line = _unreachable_line([*REACHING[command], "--broker-url", url], env)
-    assert line.startswith(f"error: cannot reach Redis at {url} — start it with "
+    assert line.startswith(f"error: cannot reach Redis at {url}: start it with "
                            f"`redis-server` or give another --broker-url ("), line
     assert "BERTSTREAM_BROKER_URL" not in line
 
@@ -158,7 +158,7 @@ def test_an_unreachable_broker_url_from_the_environment_is_the_variable_to_set(
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = {"BERTSTREAM_BROKER_URL": url, "BERTSTREAM_DATABASE_URL": sqlite_url}
     line = _unreachable_line(REACHING[command], env)
-    assert line.startswith(f"error: cannot reach Redis at {url} — start it with "
+    assert line.startswith(f"error: cannot reach Redis at {url}: start it with "
                            f"`redis-server` or set BERTSTREAM_BROKER_URL ("), line
 
 
