@@ -519,7 +519,8 @@ class AsyncClient:
 async def _sends_ended(flights: list[_Stoppable], timeout: float) -> None:
     """Wait (on the loop) until each of ``flights`` has sent what it took from its
     source: its thread ended, or waits in the source's read with nothing buffered; at
-    most ``timeout`` seconds, then log what is still unsent."""
+    most ``timeout`` seconds, then log what is still unsent (the client closes under
+    those calls: no later aclose() waits for them again)."""
     deadline = time.monotonic() + timeout
     while True:
         busy = [source for source in flights if not source.settled()]
@@ -528,6 +529,8 @@ async def _sends_ended(flights: list[_Stoppable], timeout: float) -> None:
         if time.monotonic() >= deadline:
             break
         await asyncio.sleep(_CLOSE_POLL_S)
+    for source in busy:
+        source.abandon()
     log.warning("aclose(): %d submit_many call(s) still sending after %s s; the client "
                 "closes under them, and the %d item(s) they took from their sources and "
                 "hold unsent may not be sent", len(busy), timeout,
@@ -551,6 +554,12 @@ class _Stoppable(WatchedSource):
         self._ended = False
         #: items already logged as not sent
         self._logged = 0
+        #: True once the flush at the stop failed (or found the linger's failed): no send
+        #: is under way for what stays buffered, so aclose() does not wait for it
+        self._given_up = False
+        #: True once aclose() closed the client under this call: nothing it holds can be
+        #: sent any more, and a later aclose() does not wait for it again
+        self._abandoned = False
 
     def __iter__(self) -> Iterator[Any]:
         return self.items()
@@ -575,7 +584,7 @@ class _Stoppable(WatchedSource):
         flusher = self._flusher
         # Nothing buffered: an item the thread adds now is sent at its next read (raising).
         if flusher is not None and flusher.pending:
-            flusher.flush_now(self._not_sent)
+            flusher.flush_now(self._stop_failed)
 
     def pending(self) -> int:
         """Items taken from the source and not sent (yet)."""
@@ -583,18 +592,39 @@ class _Stoppable(WatchedSource):
 
     def settled(self) -> bool:
         """Whether the call's thread ended, or waits in the source's read with nothing
-        buffered and no chunk being sent (so aclose() need not wait for it)."""
-        if self._ended:
+        buffered (or what is, given up: the stop's flush failed) and no chunk being sent,
+        or an earlier aclose() closed the client under it (so aclose() need not wait)."""
+        if self._ended or self._abandoned:
             return True
         flusher = self._flusher
-        return self._reading and (flusher is None or flusher.idle())
+        return self._reading and (flusher is None or flusher.idle(unsent_ok=self._given_up))
+
+    def abandon(self) -> None:
+        """aclose() gave up waiting and closes the client under this call."""
+        self._abandoned = True
 
     def ended(self, error: BaseException | None) -> None:
         """The call's thread ended (``error``: what it raised). Items taken from the
-        source and left unsent by a stopped call are logged: nobody hears its error."""
+        source and left unsent by a stopped call are logged: nobody hears its error.
+        Those logged as not sent at the stop that its last flush sent after all (the
+        broker back when the source gave one more item) are logged as sent: a caller
+        replaying what the log calls lost would queue them twice."""
         self._ended = True
-        if self._stopped and error is not None:
+        if not self._stopped:
+            return
+        if self._logged and self.pending() == 0:
+            log.warning("the %d item(s) of a stopped submit_many call logged as not sent "
+                        "were sent after all, with the item(s) its source gave after",
+                        self._logged)
+            self._logged = 0
+        elif error is not None:
             self._not_sent(error)
+
+    def _stop_failed(self, error: BaseException) -> None:
+        """The flush at the stop failed with ``error``: log what stays unsent; aclose()
+        need not wait for it (nothing sends it unless the source gives one more item)."""
+        self._given_up = True
+        self._not_sent(error)
 
     def _not_sent(self, error: BaseException) -> None:
         """Log the items taken from the source, not sent and not logged yet: the stopped

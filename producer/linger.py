@@ -109,14 +109,18 @@ class Flusher:
         source stopped, and its next item may never come. Returns at once (it may be called
         on an event loop): a daemon thread waits for the lock, while the caller's thread
         may be in a publish. Nothing is sent once :meth:`stop` has run. An error of that
-        flush goes to ``on_error`` (the caller's thread may never read again to raise it);
-        the items stay buffered, for the caller's own last flush."""
+        flush, or the one the linger thread's flush already failed with (then nothing is
+        tried again), goes to ``on_error`` (the caller's thread may never read again to
+        raise it); the items stay buffered, for the caller's own last flush."""
         threading.Thread(target=self._flush_once, args=(on_error,),
                          name="bertstream-stop-flush", daemon=True).start()
 
     def _flush_once(self, on_error: Callable[[BaseException], None]) -> None:
         with self.lock:
-            if self._stopped or self.error is not None:
+            if self._stopped:
+                return
+            if self.error is not None:  # the buffer cannot go out: say so, not wait on
+                on_error(self.error)
                 return
             try:
                 self._publisher.flush()
@@ -125,13 +129,14 @@ class Flusher:
                 return
             self.linger.update(self._publisher)
 
-    def idle(self) -> bool:
-        """Whether nothing is buffered and no thread is using the publisher now (adding
-        an item or sending a chunk); never waits."""
+    def idle(self, *, unsent_ok: bool = False) -> bool:
+        """Whether nothing is buffered (``unsent_ok``: or what is, is given up) and no
+        thread is using the publisher now (adding an item or sending a chunk); never
+        waits."""
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            return self._publisher.pending == 0
+            return unsent_ok or self._publisher.pending == 0
         finally:
             self.lock.release()
 

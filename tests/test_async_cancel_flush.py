@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from bench.faults import RedisServer
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer import AsyncClient, ClientClosed
@@ -226,6 +227,103 @@ def test_aclose_under_a_send_that_cannot_end_gives_up_after_its_timeout_and_logs
     assert "1 submit_many call(s) still sending" in caplog.text, caplog.text
     assert "3 item(s)" in caplog.text, caplog.text
     assert until(lambda: "were not sent" in caplog.text, 30), caplog.text
+
+
+def test_a_second_aclose_does_not_wait_again_for_calls_the_first_closed_under(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture,
+        posts: queue.Queue[str | None]) -> None:
+    """aclose() gave up on a call's send (Redis absent) and closed the client under it:
+    nothing that call holds can be sent any more. A later aclose() (an ``async with``
+    exit after an explicit aclose()) returns at once: it waited its whole timeout again
+    for a call that sends nothing, and logged the same items once more."""
+    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                        database_url=sqlite_url, publish_retries=3)
+    source = posts
+    caplog.set_level(logging.WARNING, logger="producer.aclient")
+
+    async def main() -> None:
+        client = AsyncClient(settings)
+        task = asyncio.create_task(
+            client.submit_many(_posts(source), chunk_size=100, linger_s=None))
+        for i in range(3):
+            source.put(f"post {i}")
+        await _taken(source)
+        await _cancelled(task)
+        await asyncio.wait_for(client.aclose(timeout=0.2), 60)
+        caplog.clear()
+        await asyncio.wait_for(client.aclose(timeout=600), 30)
+
+    _run(main())
+    assert "still sending" not in caplog.text, caplog.text
+
+
+def test_a_cancelled_call_whose_linger_send_failed_logs_its_posts_at_once(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture,
+        posts: queue.Queue[str | None]) -> None:
+    """Redis absent: the linger's send of the buffered posts failed before the cancel.
+    The cancel logs those posts as not sent at once (nothing was logged while the queue
+    stayed quiet), and aclose() does not wait for a send no one makes (it waited its
+    whole timeout, logging the call as still sending)."""
+    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                        database_url=sqlite_url, publish_retries=1)
+    source = posts
+    caplog.set_level(logging.WARNING, logger="producer.aclient")
+
+    def lingering() -> bool:
+        return any(t.name == "bertstream-linger" for t in threading.enumerate())
+
+    async def main() -> None:
+        client = AsyncClient(settings)
+        task = asyncio.create_task(
+            client.submit_many(_posts(source), chunk_size=100, linger_s=0.05))
+        for i in range(3):
+            source.put(f"post {i}")
+        await _taken(source)
+        # the linger thread's send failed: it ended, leaving the posts buffered
+        assert await asyncio.to_thread(until, lambda: not lingering(), 30)
+        await _cancelled(task)
+        assert await asyncio.to_thread(until, lambda: "were not sent" in caplog.text, 10), \
+            caplog.text
+        await asyncio.wait_for(client.aclose(timeout=600), 30)
+
+    _run(main())
+    assert "3 item(s)" in caplog.text, caplog.text
+    assert "still sending" not in caplog.text, caplog.text
+
+
+def test_posts_logged_as_not_sent_then_sent_after_all_are_logged_as_sent(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture, redis_server: RedisServer,
+        posts: queue.Queue[str | None]) -> None:
+    """Redis down at the cancel: the stop's send fails and the three posts are logged as
+    not sent. Redis is back when the queue gives a fourth post: the call's thread sends
+    all four. The log says the three were sent after all (it left them as lost, and a
+    gateway replaying what the log calls lost would queue them twice)."""
+    settings = Settings(broker_url=redis_server.url, database_url=sqlite_url,
+                        queue="blip", publish_retries=1)
+    source = posts
+    caplog.set_level(logging.WARNING, logger="producer.aclient")
+
+    async def main() -> None:
+        client = AsyncClient(settings)
+        task = asyncio.create_task(
+            client.submit_many(_posts(source), chunk_size=100, linger_s=None))
+        for i in range(3):
+            source.put(f"post {i}")
+        await _taken(source)
+        redis_server.stop()
+        await _cancelled(task)
+        assert await asyncio.to_thread(until, lambda: "were not sent" in caplog.text, 30), \
+            caplog.text
+        await asyncio.to_thread(redis_server.start)
+        source.put("post 3")
+        assert await asyncio.to_thread(
+            until, lambda: len(_queued(redis_server.url, settings)) == 4, 30)
+        await client.aclose()
+
+    _run(main())
+    assert _queued(redis_server.url, settings) == ["post 0", "post 1", "post 2", "post 3"]
+    assert until(lambda: "the 3 item(s) of a stopped submit_many call logged as not sent "
+                         "were sent after all" in caplog.text, 10), caplog.text
 
 
 @pytest.mark.parametrize("timeout", [-1, float("nan"), "5", None])
