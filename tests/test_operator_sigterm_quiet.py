@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from contract.settings import Settings
+from tests.tcpproxy import SilentListener
 from tests.test_cli_interrupt_startup import signal_while_importing
 from worker.process import free_port, settings_env
 
@@ -151,4 +152,41 @@ def test_sigterm_while_redis_is_silent_to_the_eviction_check_is_logged(
     text = out_path.read_text()
     assert code == -signal.SIGTERM, text
     assert text.count(_line("waiting for Redis")) == 1, text
+    assert "Traceback" not in text, text
+
+
+def test_sigterm_while_the_database_does_not_answer_is_logged(redis_url: str,
+                                                             tmp_path: Path) -> None:
+    """Between the torch import and the model load the worker checks the schema; a
+    database that takes the connection and never answers holds it there until the
+    connect timeout, and a SIGTERM then ended it without a word."""
+    silent = SilentListener()
+    settings = Settings(broker_url=redis_url, model="null", db_connect_timeout_s=120,
+                        database_url=f"postgresql+psycopg://u@127.0.0.1:{silent.port}/db",
+                        queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    out_path = tmp_path / "worker.log"
+    try:
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"],
+                                    env=settings_env(settings), stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 120
+            while not silent._held:  # the worker has connected: it waits for an answer
+                assert proc.poll() is None, out_path.read_text()
+                assert time.monotonic() < deadline, out_path.read_text()
+                time.sleep(0.05)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        silent.close()
+    text = out_path.read_text()
+    assert code == -signal.SIGTERM, text
+    assert text.count(_line("checking the database")) == 1, text
     assert "Traceback" not in text, text

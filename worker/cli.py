@@ -115,8 +115,9 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
 
     try:
         # The schema first: an outdated database refuses before the model loads.
-        store = ResultStore.from_settings(settings)
-        migrate.ensure(store)
+        with sigterm_logged("checking the database"):
+            store = ResultStore.from_settings(settings)
+            migrate.ensure(store)
         runner = _build_runner(settings)
         wapp = build_worker_app(settings, runner, store=store, hostname=hostname)
     except BertstreamError as exc:
