@@ -465,8 +465,8 @@ class CountRequests:
     cleanly when the route fails mid-stream, so a broken export reached the client as a
     whole 200 with rows missing. Here the failure goes on to the server, which breaks
     the transfer (the client sees an incomplete body). A request whose app raises counts
-    as a 500: the 500 of an unexpected error (``errors.InternalErrors``) is sent before the
-    exception goes on, and one raised mid-stream is a failed request whatever status had been sent.
+    as a 500: the 500 of an unexpected error is sent (and the error logged) by
+    ``errors.InternalErrors``, and one raised mid-stream is a failed request whatever status had been sent.
     """
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: list[BaseRoute]) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import logging
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 #: ``serve --log-level`` choices (any case): uvicorn's levels.
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: The format of bertstream's own log lines, as ``bertstream worker`` writes them.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The loggers of bertstream's code that ``serve`` runs (their children included).
+OWN_LOGGERS = ("api", "contract", "producer")
 
 
 @click.command("serve")
@@ -88,7 +93,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
     # HeadDeadlineH11: uvicorn alone holds a connection whose request head never ends.
     config = uvicorn.Config("api.app:app_from_env", factory=True, host=host, port=port,
                             workers=workers, log_level=log_level, access_log=False,
-                            http=HeadDeadlineH11)
+                            http=HeadDeadlineH11, log_config=serve_log_config(log_level))
     # Set before uvicorn spawns its processes (they inherit it, and prometheus_client
     # reads it as it is imported there): /metrics then sums every process's counts.
     with multiprocess_dir(workers) as shared:
@@ -100,6 +105,28 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int, no_aut
             click.echo(f"/metrics sums the counts of every server process, kept in {shared}",
                        err=True)
         run_uvicorn(config, sockets)
+
+
+def serve_log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's own logging configuration (its lines as uvicorn writes them), plus a
+    handler on stderr for bertstream's loggers (:data:`OWN_LOGGERS`) in the worker's
+    format (:data:`LOG_FORMAT`: time, level, logger) at ``--log-level``. Without it they
+    had no handler: Python's last resort wrote their warnings bare (no time, level or
+    logger) and dropped their INFO lines. They do not propagate (as uvicorn's do not), so
+    a handler on the root logger writes no second copy. Handed to ``uvicorn.Config``,
+    it is applied in every server process (``--workers N``)."""
+    from uvicorn.config import LOG_LEVELS as LEVELS
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["bertstream"] = {"format": LOG_FORMAT}
+    config["handlers"]["bertstream"] = {"class": "logging.StreamHandler",
+                                        "formatter": "bertstream",
+                                        "stream": "ext://sys.stderr"}
+    for name in OWN_LOGGERS:
+        config["loggers"][name] = {"handlers": ["bertstream"],
+                                   "level": LEVELS[log_level.lower()], "propagate": False}
+    return config
 
 
 def run_uvicorn(config: uvicorn.Config, sockets: list[socket.socket]) -> None:

@@ -128,8 +128,11 @@ class InternalErrors:
 
     Starlette answers one from its outermost middleware, past all of them: a 500 had no
     security headers and, for a browser page, no CORS header (it saw a network error).
-    The exception goes on (to the server's log and the request count); an answer already
-    started is left to break, as a failed stream must.
+    The error is logged here on the app's :class:`~api.logthrottle.RefusalLog` (its
+    traceback the first time, its repeats summed) and goes no further: raised on, it
+    reached uvicorn, which logged its traceback again for every request (a bug hit under
+    load, one traceback per request). An answer already started is left to break, as a
+    failed stream must (the exception goes on to the server).
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
@@ -139,6 +142,7 @@ class InternalErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        refusals: RefusalLog = scope["app"].state.refusals  # read before a mount changes it
         started = False
 
         async def sending(message: MutableMapping[str, Any]) -> None:
@@ -150,10 +154,17 @@ class InternalErrors:
         try:
             await self.app(scope, receive, sending)
         except Exception as exc:
-            if not started:
-                answer = _json(500, "internal_error", f"internal error ({type(exc).__name__})")
-                await answer(scope, receive, send)
-            raise
+            if started:
+                raise
+            _log_unexpected(refusals, exc)
+            answer = _json(500, "internal_error", f"internal error ({type(exc).__name__})")
+            await answer(scope, receive, send)
+
+
+def _log_unexpected(refusals: RefusalLog, exc: Exception) -> None:
+    """An unexpected error's line: its traceback the first time, its repeats summed."""
+    refusals.note("answering 500 internal_error (unhandled)", bug_key(exc), logging.ERROR,
+                  "unhandled error in the API", exc_info=exc)
 
 
 async def _store_refused(request: Request, exc: StoreRefused) -> JSONResponse:
@@ -233,8 +244,7 @@ def install(app: FastAPI) -> None:
     # Logs the error, and answers one raised outside InternalErrors (in a middleware).
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        refusals(request).note("answering 500 internal_error (unhandled)", bug_key(exc),
-                               logging.ERROR, "unhandled error in the API", exc_info=exc)
+        _log_unexpected(refusals(request), exc)
         return _json(500, "internal_error", f"internal error ({type(exc).__name__})")
 
 

@@ -80,9 +80,11 @@ def _mixed(n: int, tag: str) -> list[tuple[str, str, dict[str, object] | None]]:
 
 
 def _serve_log(api: ServeProc) -> str:
-    """The whole output of ``bertstream serve`` so far (``ServeProc.log`` gives its tail)."""
+    """The whole output of ``bertstream serve`` so far (``ServeProc.log`` gives its tail),
+    bertstream's lines without their time, level and logger (tests/test_serve_logging.py)."""
     api.log()  # flushes
-    return api.log_path.read_text(errors="replace")
+    return re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ", "",
+                  api.log_path.read_text(errors="replace"), flags=re.M)
 
 
 _ENDED = r"none for \d+ s; (\d+) in all over \d+ s \((\d+) since the last line\)"
@@ -307,3 +309,56 @@ def test_the_rules_of_the_lines_on_a_clock_the_test_moves(
     assert lines()[-1] == (f"{what}: 1 more like it since the last line, up to the server's "
                            "stop; 2 in all over 0 s")
     assert refusals.followed == 0
+
+
+class _Records(logging.Handler):
+    """The records of the loggers it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_bug_hit_by_every_request_is_one_traceback_not_one_per_request(
+        redis_url: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug every request of a route meets (here a function of the route made to raise):
+    each answered the JSON 500, its traceback logged once and its repeats counted. The
+    error went on past the 500 to uvicorn, which logged "Exception in ASGI application"
+    with the whole traceback again for every request, whatever the API's log summed."""
+    import api.app
+    from contract.results import ResultStore
+
+    def bug(*_a: object, **_kw: object) -> object:
+        raise RuntimeError("a bug in the stats")
+
+    store = ResultStore.from_url(sqlite_url)
+    store.create_schema()
+    store.close()
+    monkeypatch.setattr(api.app, "top_stats", bug)
+    settings = Settings(broker_url=redis_url, database_url=sqlite_url,
+                        queue=f"bst-flood-{uuid.uuid4().hex[:8]}")
+    seen = _Records()
+    with served(create_app(settings), log_level="info") as url:
+        # after uvicorn's own logging configuration, which resets its loggers' handlers
+        for name in ("uvicorn.error", "api"):
+            logging.getLogger(name).addHandler(seen)
+        try:
+            answers = Counter(httpx.get(url + "/v1/stats", timeout=30).status_code
+                              for _ in range(100))
+            assert answers == {500: 100}, answers
+            tracebacks = [r for r in seen.records if r.exc_info]
+            assert len(tracebacks) == 1, (f"{len(tracebacks)} tracebacks: " + ", ".join(
+                sorted({f"{r.name}: {r.getMessage()[:40]!r}" for r in tracebacks})))
+            assert tracebacks[0].getMessage() == "unhandled error in the API"
+            assert tracebacks[0].levelno == logging.ERROR
+            # a load balancer's kept-alive connection: uvicorn closed it after each
+            # error that reached it, and the next request on it was reset
+            with httpx.Client(base_url=url, timeout=30) as http:
+                kept = Counter(http.get("/v1/stats").status_code for _ in range(20))
+            assert kept == {500: 20}, kept
+        finally:
+            for name in ("uvicorn.error", "api"):
+                logging.getLogger(name).removeHandler(seen)
