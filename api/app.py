@@ -349,7 +349,7 @@ class Services:
         # A status without a model reads the task's latest row, whatever this server's own
         # model: a task sent to another model is found too.
         self.waiter = Waiter(functools.partial(self.client.get_many, latest=True))
-        self.metrics.watch(self.submitter.redis, settings)
+        self.metrics.watch(self.submitter.redis, settings, lambda: self.client.store)
         self.models = ModelGate(settings, self.submitter.redis)
 
     def _name(self, model: str | None) -> str:

@@ -4,10 +4,13 @@ One registry per app (tests build several). Queue depth per lane (of this
 server's queue family, and of every family of its queue) and live workers are
 read from Redis when Prometheus scrapes, not polled; whether that read worked
 is ``bertstream_redis_up``, and whether a failed read was Redis refusing the broker URL
-(a setting, not an outage) is ``bertstream_broker_misconfigured``. Depths are read by a script run in Redis per chunk of
-kombu's bindings (:class:`BindingWalk`), never by a command per family bound; a Redis
-that refuses scripts (an ACL user without ``+@scripting``, a server without Lua) gets
-the same walk from the client instead, a few pipelined round trips per chunk.
+(a setting, not an outage) is ``bertstream_broker_misconfigured``. Whether the results
+database answers is ``bertstream_database_up``, from a ``SELECT 1`` at most every few
+seconds that a scrape waits for only briefly (:class:`DatabaseProbe`). Depths are read
+by a script run in Redis per chunk of kombu's bindings (:class:`BindingWalk`), never by
+a command per family bound; a Redis that refuses scripts (an ACL user without
+``+@scripting``, a server without Lua) gets the same walk from the client instead, a few
+pipelined round trips per chunk.
 
 Under ``serve --workers N`` the processes share their counts through
 prometheus_client's multiprocess mode (:func:`multiprocess_dir`), so that any
@@ -24,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from contract.broker import ScriptSwitch, broker_error, lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MULTIPROC_ENV, queue_name
 from contract.errors import BertstreamError, BrokerMisconfigured, ConfigError
 from contract.liveness import family_workers, is_family_of
+from contract.results import ping
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -438,10 +442,78 @@ class ApiMetrics:
         """One broker message of ``items`` items was published on ``lane``."""
         self.message_items.labels(lane).observe(items)
 
-    def watch(self, redis_client: Any, settings: Settings) -> None:
+    def watch(self, redis_client: Any, settings: Settings,
+              store_of: Callable[[], Any] | None = None) -> None:
         """Also report queue depth per lane and live workers, read at scrape time (by the
-        process scraped, once: they are read from Redis, not summed over processes)."""
+        process scraped, once: they are read from Redis, not summed over processes), and,
+        given ``store_of`` (what gives the results store), whether the database answers
+        (:class:`DatabaseProbe`)."""
         self.registry.register(_QueueCollector(redis_client, settings))
+        if store_of is not None:
+            self.registry.register(DatabaseProbe(store_of))
+
+
+#: Seconds a scrape waits for the database probe it started (or found running); a probe
+#: running longer (a silent database) reads as down, and the scrape answers meanwhile.
+DATABASE_PROBE_WAIT_S = 2.0
+#: Seconds a probe's answer serves the scrapes that follow it.
+DATABASE_PROBE_EVERY_S = 5.0
+
+
+
+class DatabaseProbe(Collector):
+    """``bertstream_database_up``: 1 when the latest ``SELECT 1`` on the results store
+    answered, 0 when it failed or has been running for over ``wait_s``.
+
+    A scrape never runs a query of its own: it starts one (in a daemon thread, bounded by
+    the store's connect and statement timeouts) only when none runs and the last answer
+    is over ``every_s`` old, and waits for it ``wait_s`` at most, so a silent database
+    costs a scrape ``wait_s``, never a connection per scrape nor a hung scrape. Schema
+    and privileges are ``/readyz``'s checks, not this gauge's. Thread-safe."""
+
+    def __init__(self, store_of: Callable[[], Any], *, wait_s: float = DATABASE_PROBE_WAIT_S,
+                 every_s: float = DATABASE_PROBE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store_of, self.wait_s, self.every_s, self.clock = store_of, wait_s, every_s, clock
+        self._lock = threading.Lock()
+        self._ok = False
+        self._answered_at: float | None = None
+        #: The probe running (its end) and when it started; None when none runs.
+        self._running: threading.Event | None = None
+        self._started = 0.0
+
+    def up(self) -> bool:
+        """The gauge's value now, after starting a probe when one is due."""
+        with self._lock:
+            now = self.clock()
+            due = self._answered_at is None or now - self._answered_at >= self.every_s
+            if self._running is None and due:
+                self._running, self._started = threading.Event(), now
+                threading.Thread(target=self._probe, args=(self._running,), daemon=True,
+                                 name="bertstream-database-probe").start()
+            running, started = self._running, self._started
+        if running is not None:
+            running.wait(max(self.wait_s - (self.clock() - started), 0.0))
+        with self._lock:
+            if self._running is not None and self.clock() - self._started >= self.wait_s:
+                return False
+            return self._ok
+
+    def _probe(self, done: threading.Event) -> None:
+        try:
+            self.store_of().run(ping, "cannot reach the results database")
+            ok = True
+        except Exception:  # noqa: BLE001 - any failure reads as down
+            ok = False
+        with self._lock:
+            self._ok, self._answered_at, self._running = ok, self.clock(), None
+        done.set()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "bertstream_database_up", "1 when the results database answered this server's "
+            "latest SELECT 1 (run at most every few seconds), 0 when it failed or has not "
+            "answered within a scrape's short wait", value=int(self.up()))
 
 
 class _QueueCollector(Collector):

@@ -532,6 +532,11 @@ _PRIVILEGE_REFUSALS = (
 )
 
 
+def ping(conn: Connection) -> None:
+    """The cheapest query, for :meth:`ResultStore.run`: does the database answer?"""
+    conn.exec_driver_sql("SELECT 1")
+
+
 def sql_name(name: str) -> str:
     """``name`` as SQL writes an identifier: as it is when plain, else double-quoted."""
     if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):

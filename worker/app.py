@@ -208,10 +208,12 @@ def build_worker_app(
     processor = FlushProcessor(runner, store, settings, worker_name=name, hold_windows=True)
     metrics = None
     if settings.metrics_port:
-        from worker.metrics import WorkerMetrics
+        from worker.metrics import Consuming, WorkerMetrics
 
         metrics = WorkerMetrics(runner.name, runner.revision)
         metrics.serve(settings.metrics_port, settings)
+        metrics.watch_database(processor.outage)
+        app.steps["consumer"].add(Consuming)  # worker_up: 1 only while the consumer consumes
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     task = register_tasks(app, processor, settings, metrics)
     # Items the transport cannot deliver: the task fails those whose ids it can read.
@@ -371,7 +373,8 @@ def run_worker(wapp: WorkerApp, *, hostname: str | None = None, loglevel: str = 
     # The revision tells apart two models of one name, as the rows' model_revision does.
     beat = Heartbeat(wapp.processor.settings, hostname, {
         "model": runner.name, "revision": runner.revision,
-        "device": placement.describe() if placement else "none"})
+        "device": placement.describe() if placement else "none"},
+        on_beat=wapp.task.metrics.beat if wapp.task.metrics is not None else None)
     beat.start()
     try:
         worker.start()

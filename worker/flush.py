@@ -42,6 +42,7 @@ from contract.results import (
     ResultStore,
     Upserted,
     WindowRecord,
+    ping,
     utc_from_timestamp,
 )
 from contract.settings import Settings
@@ -487,9 +488,12 @@ class FlushProcessor:
         be acked; and long texts left in the backlog (:meth:`held`), stored
         by a later flush. Raises :class:`StoreUnavailable` when the database
         stays unreachable: the rows not yet committed are not, nothing may be
-        acked, and the backlog is dropped.
+        acked, and the backlog is dropped; while an outage requeued flushes, before
+        the model runs if the database still does not answer (:meth:`_check_database`).
         """
         self.outage.new_cycle()
+        if self.outage.flushes:
+            self._check_database()
         now = self.clock()  # the clock deadlines and row times are on: once per flush
         started = utc_from_timestamp(now)
         stats = FlushStats(messages=len(payloads), began=now)
@@ -638,6 +642,22 @@ class FlushProcessor:
         entry = Entry(str(message_id), 0, derived_key(message_id, 0), raw=raw).fail(reason)
         self._persist([entry], utc_from_timestamp(now), 1, stats)
         return stats
+
+    def _check_database(self) -> None:
+        """While an outage requeued flushes (:attr:`OutageLog.flushes`), one cheap query
+        before the model runs: a database still unavailable raises
+        :class:`StoreUnavailable` at once, so the task requeues the messages unrun instead
+        of scoring texts it cannot store (every worker, every few seconds, for as long as
+        the outage lasts). It waits out the database timeouts at most; once it answers,
+        the flush runs as any other. The backlog goes, as on any outage.
+        """
+        try:
+            self._keep_alive()
+            self.store.run(ping, "cannot reach the results database (checked before "
+                                  "running the model)")
+        except StoreUnavailable:
+            self.backlog = []
+            raise
 
     def _skip_done(self, entries: list[Entry]) -> tuple[int, list[str]]:
         """Settle the pending entries that already have a ``done`` row of this model, unrun.
@@ -840,6 +860,7 @@ class FlushProcessor:
             self.keep_alive()
         except Exception:  # noqa: BLE001 - a renewal must not cost the flush
             log.exception("renewing the deliveries of a flush failed")
+
 
 
 def _upsert_key(row: ResultRecord) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -39,14 +40,18 @@ class Heartbeat:
     on the Redis server's clock (see :meth:`_value`), as the ``now`` readers list it with.
     A Redis outage is logged once and retried; the key is deleted on a clean stop.
     The client has the broker's timeouts and health checks (``redis_*`` settings).
+    ``on_beat`` is told after each beat whether it reached Redis (the worker's
+    ``bertstream_worker_up``); it must not raise.
     Raises :class:`ConfigError` for a broker that is not Redis (``memory://``).
     """
 
-    def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, hostname: str, facts: dict[str, Any],
+                 on_beat: Callable[[bool], None] | None = None) -> None:
         self.family, self.hostname = settings.family, hostname
         self.key = worker_key(settings.family, hostname)
         self._pid, self._facts = os.getpid(), dict(facts)
         self._made_at = time.monotonic()
+        self._on_beat = on_beat
         #: the key's value, built at the first beat that reaches Redis (:meth:`_value`)
         self.value: str | None = None
         client = redis_client(settings)
@@ -75,6 +80,8 @@ class Heartbeat:
                             else "cannot reach Redis")
                     log.warning("heartbeat: %s (%s); retrying", what, exc)
                 failing = True
+            if self._on_beat is not None:
+                self._on_beat(not failing)
             self._stop.wait(HEARTBEAT_EVERY_S)
 
     def _value(self) -> str:
@@ -93,6 +100,8 @@ class Heartbeat:
         not alive)."""
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_EVERY_S + 1)
+        if self._on_beat is not None:
+            self._on_beat(False)
         try:
             withdraw(self.client, self.family, self.hostname)
         except redis.RedisError:

@@ -7,14 +7,21 @@ and end to end (submitted → committed) per item. Queue depth per lane and
 liveness are read at scrape time. Source tags are caller data, so only the
 first ``MAX_SOURCES`` distinct ones get a label of their own; the rest count
 as ``other``.
+
+What the logs alone used to tell is counted too: messages requeued (by a reason of
+:data:`REQUEUE_REASONS`, a fixed set), dead-lettered and undeliverable, whether the
+worker consumes (``bertstream_worker_up``: its consumer started and its heartbeat
+reaches Redis) and whether its last database write worked (``bertstream_database_up``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import redis
+from celery import bootsteps
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -26,12 +33,21 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.broker import lane_keys, lane_queue, redis_client
-from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE
+from contract.broker import lane_keys, lane_queue, redis_client, redis_full, redis_unreachable
+from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import ConfigError
 from contract.settings import Settings
 
+log = logging.getLogger(__name__)
+
 MAX_SOURCES = 100
+#: Why a message went back to its queue, the only values of the ``reason`` label:
+#: ``database`` (an outage: the rows could not be written, or a flush's groups not tried
+#: after one), ``refused`` (the database refused its rows: it runs alone next, and is
+#: dead-lettered past ``BERTSTREAM_MAX_ATTEMPTS``), ``redis`` (Redis unreachable or full
+#: during the flush), ``error`` (a flush failed unexpectedly), ``shutdown`` (held for its
+#: long texts at a warm shutdown).
+REQUEUE_REASONS = ("database", "refused", "redis", "error", "shutdown")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -68,7 +84,33 @@ class WorkerMetrics:
         self.steps = Counter("bertstream_flush_step_seconds",
                              "Seconds spent in each step inside flushes: tokenize, collate, "
                              "launch, wait (for the device), decode", ["step"], registry=r)
-        self.up = Gauge("bertstream_worker_up", "1 while this worker consumes", registry=r)
+        self.up = Gauge("bertstream_worker_up", "1 while this worker consumes: its consumer "
+                        "started and its heartbeat reaches Redis; 0 while it waits for Redis "
+                        "at start, reconnects to it or shuts down", registry=r)
+        #: Set by the consumer step (:class:`Consuming`) and the heartbeat (:meth:`beat`).
+        self._consuming = self._reachable = False
+        self.up.set_function(lambda: float(self._consuming and self._reachable))
+        self.requeued = Counter(
+            "bertstream_requeued_messages", "Broker messages put back on their queue, by "
+            "reason: " + ", ".join(REQUEUE_REASONS), ["reason"], registry=r)
+        for reason in REQUEUE_REASONS:
+            self.requeued.labels(reason)
+        self.dead_lettered = Counter(
+            "bertstream_dead_lettered_messages", "Broker messages delivered more than "
+            "BERTSTREAM_MAX_ATTEMPTS times, acked with their tasks stored as failed (or "
+            "dropped when even that failed)", registry=r)
+        self.undeliverable = Counter(
+            "bertstream_undeliverable_messages", "Queue items kombu could not make a "
+            "message of, parked by the transport (their readable tasks stored as failed)",
+            registry=r)
+        #: The processor's :class:`worker.flush.OutageLog` (:meth:`watch_database`).
+        self._outage: Any = None
+        self.database_up = Gauge(
+            "bertstream_database_up", "0 from this worker's first failed database write of "
+            "an outage until a write succeeds again (an idle worker tries none), else 1",
+            registry=r)
+        self.database_up.set_function(
+            lambda: float(self._outage is None or self._outage.began is None))
         # The model label above is the name, which two models may share (fine-tunes each
         # in a directory named ``model``); the revision is the rows' ``model_revision``.
         Info("bertstream_model", "The model this worker serves: its name and revision",
@@ -126,7 +168,78 @@ class WorkerMetrics:
             raise ConfigError(f"cannot serve metrics on port {port} "
                               f"({ENV_PREFIX}METRICS_PORT): {exc}") from exc
         self.registry.register(_QueueDepth(settings))
-        self.up.set(1)
+
+    def consuming(self, on: bool) -> None:
+        """The consumer started consuming (True) or stopped: a lost connection, a shutdown."""
+        self._consuming = on
+
+    def beat(self, reached: bool) -> None:
+        """A heartbeat reached Redis (True) or failed to (the heartbeat's ``on_beat``)."""
+        self._reachable = reached
+
+    def watch_database(self, outage: Any) -> None:
+        """Read ``bertstream_database_up`` from ``outage`` (a :class:`worker.flush.OutageLog`:
+        its ``began`` is set by a failed write, read or requeue of an outage, and cleared
+        by the next successful write) at scrape time."""
+        self._outage = outage
+
+
+def count_requeued(metrics: WorkerMetrics | None, reason: str | BaseException,
+                   n: int) -> None:
+    """Count ``n`` messages requeued for ``reason`` (one of :data:`REQUEUE_REASONS`, or the
+    exception that stopped a flush: ``redis`` for Redis unreachable or full, else
+    ``error``) when metrics are served. Never raises: a flush must not fail for its
+    metrics."""
+    if metrics is None or n <= 0:
+        return
+    try:
+        if isinstance(reason, BaseException):
+            reason = ("redis" if redis_full(reason) or redis_unreachable(reason)
+                      else "error")
+        if reason not in REQUEUE_REASONS:
+            raise ValueError(f"unknown requeue reason {reason!r}: one of {REQUEUE_REASONS}")
+        metrics.requeued.labels(reason).inc(n)
+    except Exception:  # noqa: BLE001 - metrics must not cost a flush
+        log.exception("updating the metrics failed")
+
+
+def count_dead_lettered(metrics: WorkerMetrics | None, n: int) -> None:
+    """Count ``n`` dead-lettered messages when metrics are served (never raises)."""
+    if metrics is not None and n > 0:
+        metrics.dead_lettered.inc(n)
+
+
+def count_undeliverable(metrics: WorkerMetrics | None) -> None:
+    """Count one item the transport parked when metrics are served (never raises)."""
+    if metrics is not None:
+        metrics.undeliverable.inc()
+
+
+class Consuming(bootsteps.StartStopStep):
+    """Consumer step: ``bertstream_worker_up``'s half that says the consumer consumes.
+
+    It starts after the task consumer's step, so once the connection is made and the
+    queues are consumed from; Celery stops it when the connection is lost (before its
+    reconnection attempts) and at shutdown, and starts it again after a reconnection."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def _metrics(self, parent: Any) -> WorkerMetrics | None:
+        task = parent.app.tasks.get(TASK_ANALYZE)
+        metrics = getattr(task, "metrics", None)
+        return metrics if isinstance(metrics, WorkerMetrics) else None
+
+    def start(self, parent: Any) -> None:
+        metrics = self._metrics(parent)
+        if metrics is not None:
+            metrics.consuming(True)
+
+    def stop(self, parent: Any) -> None:
+        metrics = self._metrics(parent)
+        if metrics is not None:
+            metrics.consuming(False)
+
+    shutdown = stop
 
 
 class _QueueDepth(Collector):

@@ -34,7 +34,9 @@ and flushes on a count or a timer. What is changed:
   renewed in the unacked index, and within a group before each database
   operation when due: against a silent database one run of the retries
   outlasts a short visibility timeout. The group that met the outage has
-  its delivery taken back, the deliveries counted before it kept;
+  its delivery taken back, the deliveries counted before it kept. While
+  the outage lasts, the next flushes requeue unrun once a ``SELECT 1``
+  fails (worker/flush.py), each after a longer pause (:meth:`_outage_pause`);
 - the tasks of a list item the transport parks (worker/kombu_redis.py) get
   ``failed`` rows; during a database outage those rows wait in memory
   (bounded) and are written once the database answers again.
@@ -66,11 +68,13 @@ from contract.clock import ServerClock
 from contract.constants import TASK_ANALYZE
 from contract.errors import StoreUnavailable
 from contract.messages import printable
+from contract.results import ping
 from contract.settings import Settings
 from worker.claims import ClaimDropper
 from worker.deliveries import DeliveryCounter
 from worker.flush import FlushProcessor, FlushStats
 from worker.kombu_redis import Undeliverable, deferred_acks, forget, keep_visible
+from worker.metrics import count_dead_lettered, count_requeued, count_undeliverable
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +153,10 @@ class AnalyzeTask(Batches):
     claims: ClaimDropper | None = None
     max_attempts = 3
     flush_tokens = 32_768
-    #: Seconds to pause before requeueing after a database outage.
+    #: Seconds to pause before requeueing after a database outage: the first pause of an
+    #: outage, doubled at each requeue of it up to the last (:meth:`_outage_pause`).
     requeue_pause_s = 1.0
+    requeue_pause_max_s = 5.0
     #: kombu's visibility timeout: buffered and held messages are renewed well within it.
     visibility_timeout_s = 300
 
@@ -252,7 +258,8 @@ class AnalyzeTask(Batches):
                 log, "requeue", logging.ERROR,
                 "database unavailable, requeueing the refused message: %s", exc,
                 cause=str(exc), flushes=1, messages=1)
-            time.sleep(self.requeue_pause_s)
+            self._outage_pause()
+            count_requeued(self.metrics, "database", 1)
             _settle(message.reject, requeue=True)
             return
         except Exception:  # noqa: BLE001 - never out of the event loop
@@ -274,6 +281,7 @@ class AnalyzeTask(Batches):
         wait, a new one joins them untried, so an outage costs the event loop no commit
         retries per parked item. Never raises: it runs in the consumer's event loop.
         """
+        count_undeliverable(self.metrics)
         body = parked.body
         args = body[0] if isinstance(body, list) and body else None
         items = (args[0] if isinstance(args, list) and len(args) == 1
@@ -349,7 +357,7 @@ class AnalyzeTask(Batches):
             return
         stored = tasks = refused = 0
         try:
-            self._processor().store.run(_ping, "cannot reach the results database")
+            self._processor().store.run(ping, "cannot reach the results database")
             for _ in range(min(UNSTORED_PER_TRY, len(self._unstored))):
                 key, u = next(iter(self._unstored.items()))
                 try:
@@ -412,6 +420,7 @@ class AnalyzeTask(Batches):
             else:
                 log.exception("flush of %d message(s) failed unexpectedly; requeueing them "
                               "(each delivery counts towards dead-lettering)", len(reqs))
+            count_requeued(self.metrics, exc, len(reqs))
             _reject(reqs, requeue=True)
         finally:
             self._flushing = []
@@ -573,9 +582,11 @@ class AnalyzeTask(Batches):
                           printable(str(ids[0]))[:200])
             stats = FlushStats(unwritable=set(ids))
         stuck = set() if dead else stats.unwritable
+        count_dead_lettered(self.metrics, len(group) if dead else 0)
         if stuck:
             # Keep the delivery count: the next delivery runs alone, the last is dead-lettered.
             log.error("requeueing %d message(s) whose rows the database refuses", len(stuck))
+            count_requeued(self.metrics, "refused", len(stuck))
             _reject([r for r, s in group if s.id in stuck], requeue=True)
         elif dead and stats.unwritable:
             log.error("message %s dropped: even its dead-letter rows cannot be stored",
@@ -637,8 +648,23 @@ class AnalyzeTask(Batches):
             except Exception as err:  # noqa: BLE001 - requeued all the same
                 log.warning("could not take back the delivery counts of %d message(s) (each "
                             "counts as one delivery): %s", len(group) + len(held), err)
-        time.sleep(self.requeue_pause_s)  # let the outage pass before a redelivery
+        self._outage_pause()  # let the outage pass before a redelivery
+        count_requeued(self.metrics, "database", n)
         _reject([r for r, _ in group] + held_requests, requeue=True)
+
+    def _outage_pause(self) -> None:
+        """The pause before a requeue for an outage: :attr:`requeue_pause_s`, doubled at
+        each flush the outage requeued, up to :attr:`requeue_pause_max_s`. While the
+        outage is known, flushes requeue unrun after one cheap query (worker/flush.py),
+        so without a growing pause every worker would cycle the queue through Redis as
+        fast as it can. A shutdown cuts it short (the messages go back at once); the
+        deliveries this worker holds are renewed meanwhile when due."""
+        proc = self._processor()
+        n = min(max(proc.outage.flushes - 1, 0), 16)
+        end = time.monotonic() + min(self.requeue_pause_s * 2 ** n, self.requeue_pause_max_s)
+        while (left := end - time.monotonic()) > 0 and not proc.stopping():
+            time.sleep(min(left, 0.1))
+            self._renew_due()
 
     def _requeue_untried(self, rest: list[tuple[Any, SimpleRequest, int]]) -> None:
         """A group of this flush just met a database outage: ``rest``, its groups not tried
@@ -658,6 +684,7 @@ class AnalyzeTask(Batches):
             except Exception as exc:  # noqa: BLE001 - requeued all the same
                 log.warning("could not take back the delivery counts of %d message(s) (each "
                             "counts as one delivery): %s", len(rest), exc)
+        count_requeued(self.metrics, "database", len(rest))
         _reject([r for r, _, _ in rest], requeue=True)
 
     def _release(self, waiting: set[str], stuck: set[str]) -> None:
@@ -666,6 +693,7 @@ class AnalyzeTask(Batches):
         if not ready:
             return
         requests = {mid: self._held.pop(mid) for mid in ready}
+        count_requeued(self.metrics, "refused", len(stuck.intersection(requests)))
         _reject([r for mid, rs in requests.items() if mid in stuck for r in rs], requeue=True)
         acked = [mid for mid in ready if mid not in stuck]
         _ack([r for mid in acked for r in requests[mid]])
@@ -686,6 +714,7 @@ class AnalyzeTask(Batches):
         self._held.clear()
         if not held:
             return
+        count_requeued(self.metrics, "shutdown", len(held))
         log.info("warm shutdown: %d message(s) held for their long texts go back to the "
                  "queue, their deliveries not counted", len(held))
         if self.deliveries is None:
@@ -774,10 +803,6 @@ def _reject(requests: list[Any], *, requeue: bool) -> None:
         log.warning("reject of %d message(s) failed (they come back after the visibility "
                     "timeout): %s", len(failed), failed[0])
 
-
-def _ping(conn: Any) -> None:
-    """The cheapest query: does the database answer?"""
-    conn.exec_driver_sql("SELECT 1")
 
 
 class _HandBackHeld(bootsteps.StartStopStep):
