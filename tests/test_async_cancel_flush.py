@@ -203,27 +203,30 @@ def test_aclose_does_not_wait_for_a_blocked_read_and_logs_the_post_it_gives_afte
     assert "not sent" in caplog.text and "closed" in caplog.text, caplog.text
 
 
+async def _closed_under_three_posts(sqlite_url: str,
+                                    source: queue.Queue[str | None]) -> AsyncClient:
+    """A client with Redis absent whose submit_many took 3 posts, then was cancelled,
+    and which aclose() closed after 0.2 s under the call's send that cannot end."""
+    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                        database_url=sqlite_url, publish_retries=3)
+    client = AsyncClient(settings)
+    task = asyncio.create_task(
+        client.submit_many(_posts(source), chunk_size=100, linger_s=None))
+    for i in range(3):
+        source.put(f"post {i}")
+    await _taken(source)
+    await _cancelled(task)
+    await asyncio.wait_for(client.aclose(timeout=0.2), 60)
+    return client
+
+
 def test_aclose_under_a_send_that_cannot_end_gives_up_after_its_timeout_and_logs(
         sqlite_url: str, caplog: pytest.LogCaptureFixture,
         posts: queue.Queue[str | None]) -> None:
     """Redis absent: the stopped call's send retries past aclose()'s timeout. aclose()
     closes the client then, and the items it holds are logged with their count."""
-    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
-                        database_url=sqlite_url, publish_retries=3)
-    source = posts
     caplog.set_level(logging.WARNING, logger="producer.aclient")
-
-    async def main() -> None:
-        client = AsyncClient(settings)
-        task = asyncio.create_task(
-            client.submit_many(_posts(source), chunk_size=100, linger_s=None))
-        for i in range(3):
-            source.put(f"post {i}")
-        await _taken(source)
-        await _cancelled(task)
-        await asyncio.wait_for(client.aclose(timeout=0.2), 60)
-
-    _run(main())
+    _run(_closed_under_three_posts(sqlite_url, posts))
     assert "1 submit_many call(s) still sending" in caplog.text, caplog.text
     assert "3 item(s)" in caplog.text, caplog.text
     assert until(lambda: "were not sent" in caplog.text, 30), caplog.text
@@ -236,20 +239,10 @@ def test_a_second_aclose_does_not_wait_again_for_calls_the_first_closed_under(
     nothing that call holds can be sent any more. A later aclose() (an ``async with``
     exit after an explicit aclose()) returns at once: it waited its whole timeout again
     for a call that sends nothing, and logged the same items once more."""
-    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
-                        database_url=sqlite_url, publish_retries=3)
-    source = posts
     caplog.set_level(logging.WARNING, logger="producer.aclient")
 
     async def main() -> None:
-        client = AsyncClient(settings)
-        task = asyncio.create_task(
-            client.submit_many(_posts(source), chunk_size=100, linger_s=None))
-        for i in range(3):
-            source.put(f"post {i}")
-        await _taken(source)
-        await _cancelled(task)
-        await asyncio.wait_for(client.aclose(timeout=0.2), 60)
+        client = await _closed_under_three_posts(sqlite_url, posts)
         caplog.clear()
         await asyncio.wait_for(client.aclose(timeout=600), 30)
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,13 +32,11 @@ def _line(doing: str) -> str:
     return f"stopped by SIGTERM while {doing}; nothing was taken from the queue"
 
 
-def test_sigterm_while_waiting_for_redis_is_logged(sqlite_url: str, tmp_path: Path) -> None:
-    """A worker whose Redis is not up yet (a port nobody listens on), stopped while it
-    waits: one line, then death by the signal, and no traceback."""
-    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
-                        database_url=sqlite_url, model="null", broker_start_wait_s=120,
-                        queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
-                        cache_dir=str(tmp_path / "cache"))
+def _stopped_when(settings: Settings, tmp_path: Path, ready: Callable[[str], bool],
+                  doing: str) -> None:
+    """A worker started with ``settings``, sent SIGTERM once ``ready`` (given its output
+    so far) holds: it logs one line saying it stopped while ``doing``, dies by the signal
+    as before (143 in a shell) and prints no traceback."""
     out_path = tmp_path / "worker.log"
     with open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"],
@@ -45,7 +44,7 @@ def test_sigterm_while_waiting_for_redis_is_logged(sqlite_url: str, tmp_path: Pa
                                 stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while "cannot reach Redis" not in out_path.read_text():
+        while not ready(out_path.read_text()):
             assert proc.poll() is None, out_path.read_text()
             assert time.monotonic() < deadline, out_path.read_text()
             time.sleep(0.05)
@@ -56,9 +55,20 @@ def test_sigterm_while_waiting_for_redis_is_logged(sqlite_url: str, tmp_path: Pa
             proc.kill()
             proc.wait()
     text = out_path.read_text()
-    assert code == -signal.SIGTERM, text  # as before: killed by the signal
-    assert text.count(_line("waiting for Redis")) == 1, text
+    assert code == -signal.SIGTERM, text
+    assert text.count(_line(doing)) == 1, text
     assert "Traceback" not in text, text
+
+
+def test_sigterm_while_waiting_for_redis_is_logged(sqlite_url: str, tmp_path: Path) -> None:
+    """A worker whose Redis is not up yet (a port nobody listens on), stopped while it
+    waits: one line, then death by the signal, and no traceback."""
+    settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                        database_url=sqlite_url, model="null", broker_start_wait_s=120,
+                        queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
+                        cache_dir=str(tmp_path / "cache"))
+    _stopped_when(settings, tmp_path, lambda out: "cannot reach Redis" in out,
+                  "waiting for Redis")
 
 
 def test_sigterm_while_torch_is_imported_is_logged(redis_url: str, sqlite_url: str,
@@ -132,27 +142,11 @@ def test_sigterm_while_redis_is_silent_to_the_eviction_check_is_logged(
                         database_url=sqlite_url, model="null", redis_socket_timeout_s=300,
                         queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
                         cache_dir=str(tmp_path / "cache"))
-    out_path = tmp_path / "worker.log"
     try:
-        with open(out_path, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"],
-                                    env=settings_env(settings), stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            assert proxy.seen_info.wait(120), out_path.read_text()
-            assert proc.poll() is None, out_path.read_text()
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _stopped_when(settings, tmp_path, lambda _: proxy.seen_info.is_set(),
+                      "waiting for Redis")
     finally:
         proxy.close()
-    text = out_path.read_text()
-    assert code == -signal.SIGTERM, text
-    assert text.count(_line("waiting for Redis")) == 1, text
-    assert "Traceback" not in text, text
 
 
 def test_sigterm_while_the_database_does_not_answer_is_logged(redis_url: str,
@@ -165,28 +159,9 @@ def test_sigterm_while_the_database_does_not_answer_is_logged(redis_url: str,
                         database_url=f"postgresql+psycopg://u@127.0.0.1:{silent.port}/db",
                         queue=f"bst-quiet-{uuid.uuid4().hex[:8]}",
                         cache_dir=str(tmp_path / "cache"))
-    out_path = tmp_path / "worker.log"
     try:
-        with open(out_path, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu"],
-                                    env=settings_env(settings), stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 120
-            while not silent._held:  # the worker has connected: it waits for an answer
-                assert proc.poll() is None, out_path.read_text()
-                assert time.monotonic() < deadline, out_path.read_text()
-                time.sleep(0.05)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        # Connected: the worker waits for the database's answer.
+        _stopped_when(settings, tmp_path, lambda _: bool(silent._held),
+                      "checking the database")
     finally:
         silent.close()
-    text = out_path.read_text()
-    assert code == -signal.SIGTERM, text
-    assert text.count(_line("checking the database")) == 1, text
-    assert "Traceback" not in text, text
