@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from contract.results import ResultStore
+from contract.results import DbTimeouts, ResultStore
 from contract.settings import Settings
 from tests.tcpproxy import proxied_pg
 from tests.test_pipeline import publish_raw, wait_rows
@@ -232,3 +232,54 @@ def test_a_silent_database_holds_no_scrape_and_runs_one_probe_at_a_time() -> Non
     finally:
         silent.close()
         store.close()
+
+
+def test_an_idle_worker_reads_database_up_1_once_a_select_1_answers_after_the_outage(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose outage requeues were committed by another worker once the database
+    came back (the usual case on a scaled-out queue) writes nothing more: only a
+    successful write cleared its outage, so it read ``bertstream_database_up 0`` for as
+    long as it stayed idle, an alert that never cleared. Now, with no outage requeue for
+    a few seconds, a ``SELECT 1`` that answers turns it to 1; while the database is still
+    away (the proxy cut) it stays 0, and a new requeue for an outage sets it back to 0."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    import worker.metrics as wm
+    from worker.flush import OutageLog
+
+    monkeypatch.setattr(wm, "DATABASE_QUIET_S", 0.5)
+    monkeypatch.setattr(wm, "DATABASE_PROBE_EVERY_S", 0.0)
+    direct = ResultStore.from_url(pg_url)
+    direct.create_schema()
+    proxy, proxied = proxied_pg(pg_url)
+    store = ResultStore.from_url(proxied, DbTimeouts.from_settings(
+        Settings(database_url=proxied, db_connect_timeout_s=1, db_statement_timeout_s=2)))
+    m = wm.WorkerMetrics("default")
+    outage = OutageLog()
+    m.watch_database(outage, store)
+
+    def up() -> float | None:
+        return _sample(generate_latest(m.registry).decode(), "bertstream_database_up")
+
+    try:
+        assert up() == 1
+        proxy.down()
+        outage.note(logging.getLogger("test"), "requeue", logging.ERROR, "outage",
+                    cause="cut", flushes=1, messages=1)  # what a flush's requeue notes
+        wm.count_requeued(m, "database", 1)
+        time.sleep(1)
+        assert up() == 0  # the probe fails: still down
+        proxy.up()
+        deadline = time.monotonic() + 20
+        while up() != 1:  # no write since: a SELECT 1 says the database is back
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert outage.began is not None  # the outage's log line still waits for a write
+        wm.count_requeued(m, "database", 1)  # a requeue for an outage again: down again
+        assert up() == 0
+    finally:
+        proxy.close()
+        store.close()
+        direct.close()

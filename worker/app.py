@@ -212,7 +212,7 @@ def build_worker_app(
 
         metrics = WorkerMetrics(runner.name, runner.revision)
         metrics.serve(settings.metrics_port, settings)
-        metrics.watch_database(processor.outage)
+        metrics.watch_database(processor.outage, store)
         app.steps["consumer"].add(Consuming)  # worker_up: 1 only while the consumer consumes
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     task = register_tasks(app, processor, settings, metrics)

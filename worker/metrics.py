@@ -17,6 +17,8 @@ reaches Redis) and whether its last database write worked (``bertstream_database
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +38,7 @@ from prometheus_client.registry import Collector
 from contract.broker import lane_keys, lane_queue, redis_client, redis_full, redis_unreachable
 from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANALYZE
 from contract.errors import ConfigError
+from contract.results import ping
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,13 @@ MAX_SOURCES = 100
 #: during the flush), ``error`` (a flush failed unexpectedly), ``shutdown`` (held for its
 #: long texts at a warm shutdown).
 REQUEUE_REASONS = ("database", "refused", "redis", "error", "shutdown")
+#: ``bertstream_database_up`` during an outage (:meth:`WorkerMetrics._database_up`): the
+#: seconds without an outage requeue before a ``SELECT 1`` may read it as over (past the
+#: longest pause before a requeue), how often one runs at most, and how long a scrape
+#: waits for the one it started.
+DATABASE_QUIET_S = 15.0
+DATABASE_PROBE_EVERY_S = 5.0
+DATABASE_PROBE_WAIT_S = 2.0
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -105,12 +115,19 @@ class WorkerMetrics:
             registry=r)
         #: The processor's :class:`worker.flush.OutageLog` (:meth:`watch_database`).
         self._outage: Any = None
+        #: The results store a ``SELECT 1`` asks once writes stop (:meth:`_database_up`).
+        self._store: Any = None
+        self._probe_lock = threading.Lock()
+        self._probing: threading.Event | None = None
+        self._probed_at = float("-inf")
+        #: When the latest ``SELECT 1`` that answered began, and the latest outage requeue.
+        self._answered_since = float("-inf")
+        self._requeued_at = float("-inf")
         self.database_up = Gauge(
             "bertstream_database_up", "0 from this worker's first failed database write of "
-            "an outage until a write succeeds again (an idle worker tries none), else 1",
-            registry=r)
-        self.database_up.set_function(
-            lambda: float(self._outage is None or self._outage.began is None))
+            "an outage until a write succeeds again or, with no outage requeue for a few "
+            "seconds, a SELECT 1 answers; else 1", registry=r)
+        self.database_up.set_function(lambda: float(self._database_up()))
         # The model label above is the name, which two models may share (fine-tunes each
         # in a directory named ``model``); the revision is the rows' ``model_revision``.
         Info("bertstream_model", "The model this worker serves: its name and revision",
@@ -177,11 +194,61 @@ class WorkerMetrics:
         """A heartbeat reached Redis (True) or failed to (the heartbeat's ``on_beat``)."""
         self._reachable = reached
 
-    def watch_database(self, outage: Any) -> None:
+    def watch_database(self, outage: Any, store: Any = None) -> None:
         """Read ``bertstream_database_up`` from ``outage`` (a :class:`worker.flush.OutageLog`:
         its ``began`` is set by a failed write, read or requeue of an outage, and cleared
-        by the next successful write) at scrape time."""
-        self._outage = outage
+        by the next successful write) at scrape time; given ``store`` (the results store),
+        a ``SELECT 1`` may turn it to 1 before that write (:meth:`_database_up`)."""
+        self._outage, self._store = outage, store
+
+    def requeued_for_outage(self) -> None:
+        """An outage requeued messages now: no ``SELECT 1`` before this says it is over."""
+        self._requeued_at = time.monotonic()
+
+    def _database_up(self) -> bool:
+        """1 with no outage known; during one, 1 once a ``SELECT 1`` that began after the
+        outage's latest requeue, and :data:`DATABASE_QUIET_S` after it, answered.
+
+        Only a successful write clears the outage (:class:`worker.flush.OutageLog`), and a
+        worker with nothing to write writes nothing: its messages committed by another
+        worker once the database is back, it read 0 for as long as it stayed idle, an
+        alert that never cleared. The quiet time keeps a database that answers reads but
+        refuses writes (read-only) at 0 while flushes keep requeueing. The probe runs in a
+        daemon thread, one at a time, at most every :data:`DATABASE_PROBE_EVERY_S`, bounded
+        by the store's timeouts; a scrape waits for it :data:`DATABASE_PROBE_WAIT_S` at most.
+        Never raises."""
+        outage = self._outage
+        began = None if outage is None else outage.began
+        if began is None:
+            return True
+        since = max(began, self._requeued_at) + DATABASE_QUIET_S
+        if self._answered_since >= since:
+            return True
+        now = time.monotonic()
+        if self._store is None or now < since:
+            return False
+        with self._probe_lock:
+            if self._probing is None and now - self._probed_at >= DATABASE_PROBE_EVERY_S:
+                self._probing, self._probed_at = threading.Event(), now
+                threading.Thread(target=self._probe, args=(self._probing, now), daemon=True,
+                                 name="bertstream-database-probe").start()
+            probing = self._probing
+        if probing is not None:
+            probing.wait(DATABASE_PROBE_WAIT_S)
+        return self._answered_since >= since
+
+    def _probe(self, done: threading.Event, began: float) -> None:
+        try:
+            self._store.run(ping, "cannot reach the results database")
+        except Exception:  # noqa: BLE001 - any failure reads as down
+            pass
+        else:
+            with self._probe_lock:
+                self._answered_since = max(self._answered_since, began)
+        finally:
+            with self._probe_lock:
+                self._probing = None
+            done.set()
 
 
 def count_requeued(metrics: WorkerMetrics | None, reason: str | BaseException,
@@ -199,6 +266,8 @@ def count_requeued(metrics: WorkerMetrics | None, reason: str | BaseException,
         if reason not in REQUEUE_REASONS:
             raise ValueError(f"unknown requeue reason {reason!r}: one of {REQUEUE_REASONS}")
         metrics.requeued.labels(reason).inc(n)
+        if reason == "database":
+            metrics.requeued_for_outage()
     except Exception:  # noqa: BLE001 - metrics must not cost a flush
         log.exception("updating the metrics failed")
 
