@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -125,3 +125,47 @@ def test_a_shutdown_cuts_the_pause_short(
     assert r.rejected is True and not r.acknowledged
     assert runs == []
     assert time.monotonic() - t0 < 30, "the 60 s pause ran to its end despite the shutdown"
+
+
+def test_held_deliveries_stay_renewed_during_the_pause(
+        outage: tuple[InProcessOutage, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message held for its long text (scored in windows over several flushes) goes back
+    with the flush that met the outage, after the pause; until then this worker still holds
+    it unacked, so it is renewed in the unacked index during the pause as the flush's own
+    messages are. Left unrenewed for the pause (up to ``requeue_pause_max_s``) on top of the
+    commit's last attempt, another worker's visibility sweep could restore it meanwhile;
+    the reject that follows would then take back the restored copy's record (they share a
+    delivery tag) and the task would be delivered twice."""
+    import worker.tasks
+
+    o, _ = outage
+    proc = o.task.processor
+    proc.settings = proc.settings.replace(window_slice_ms=1)
+    long_req = _QueuedRequest("h-long", [{"id": "h-long-0", "submitted_at": time.time(),
+                                          "text": " ".join(["good"] * 3_000)}])
+    long_req.message = cast(Any, "the held delivery")
+    o.task.flush([long_req])
+    assert proc.held() == {"h-long"} and o.task._held == {"h-long": [long_req]}
+
+    renewed: list[float] = []
+    rejected: list[float] = []
+    real_keep = worker.tasks.keep_visible
+
+    def keep(messages: list[Any]) -> None:
+        if "the held delivery" in messages:
+            renewed.append(time.monotonic())
+        real_keep(messages)
+
+    monkeypatch.setattr(worker.tasks, "keep_visible", keep)
+    long_req.reject = lambda requeue=False: rejected.append(time.monotonic())  # type: ignore[method-assign]
+    o.task.visibility_timeout_s = 0.4  # renewals due every 0.1 s
+    o.task.requeue_pause_s = o.task.requeue_pause_max_s = 2.0
+    o.proxy.down()
+    o.task.flush([_request("h-other")])
+    assert rejected, "the held delivery goes back with the flush that met the outage"
+    assert o.task._held == {}
+    last = max((t for t in renewed if t <= rejected[0]), default=float("-inf"))
+    assert rejected[0] - last < 1.0, (
+        f"the held delivery went {rejected[0] - last:.1f} s unrenewed before its requeue: "
+        "not renewed during the pause")
+

@@ -648,6 +648,8 @@ class AnalyzeTask(Batches):
             except Exception as err:  # noqa: BLE001 - requeued all the same
                 log.warning("could not take back the delivery counts of %d message(s) (each "
                             "counts as one delivery): %s", len(group) + len(held), err)
+        # Held until rejected: renewed with the flush's own deliveries during the pause.
+        self._flushing = self._flushing + held_requests
         self._outage_pause()  # let the outage pass before a redelivery
         count_requeued(self.metrics, "database", n)
         _reject([r for r, _ in group] + held_requests, requeue=True)
