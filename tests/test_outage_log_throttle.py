@@ -188,3 +188,35 @@ def test_each_kind_of_line_comes_once_a_minute_with_what_happened_since(
         caplog.clear()
         _flush_meets_outage(outage, logger, clock, "connection refused")
     assert len(caplog.records) == 6, "a new outage: its first flush in full"
+
+
+def test_an_outage_never_seen_to_end_is_forgotten_after_ten_quiet_minutes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that met an outage and then wrote nothing (idle, its messages committed by
+    another worker) never saw it end: the next failure, hours later, was counted into it
+    ("database still unavailable after <hours>") and not logged in full, and its requeue
+    pause started at the longest. After ten quiet minutes it is another outage."""
+    clock = _Clock()
+    outage = OutageLog(clock=clock)
+    logger = logging.getLogger("tests.outage_log")
+    with caplog.at_level(logging.INFO, logger="tests.outage_log"):
+        for _ in range(3):
+            _flush_meets_outage(outage, logger, clock, "connection refused")
+        assert outage.flushes == 3
+        clock.now += 3 * 3600
+        caplog.clear()
+        _flush_meets_outage(outage, logger, clock, "connection refused")
+    lines = caplog.messages
+    assert re.fullmatch(r"no database failure for 108\d\d s: the outage that began \d+ s ago "
+                        r"\(3 flushes requeued\) is taken as over, unseen by this worker, "
+                        r"which wrote nothing since; this failure starts another",
+                        lines[0]), lines
+    assert len(lines) == 7, lines  # that line, then the new outage's first flush in full
+    assert outage.flushes == 1  # the requeue pause starts again from its first step
+    assert not any("still unavailable" in m for m in lines), lines
+    # Within one outage, failures minutes apart (a silent server's timeouts) stay one.
+    clock.now += 300
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tests.outage_log"):
+        _flush_meets_outage(outage, logger, clock, "connection refused")
+    assert outage.flushes == 2 and not any("taken as over" in m for m in caplog.messages)

@@ -75,6 +75,10 @@ def derived_key(message_id: Any, n: int) -> str:
 
 #: Seconds between two lines of one kind while a database outage lasts (after its first flush).
 OUTAGE_LOG_EVERY_S = 60.0
+#: Seconds without a failure after which an outage this worker never saw end (it wrote
+#: nothing since: idle, its messages committed by others) is taken as over: the next
+#: failure is a new outage, logged in full, its requeue pause starting again from 1 s.
+OUTAGE_FORGET_S = 600.0
 
 #: Per kind of line, what stands for the failures since its last line while an outage lasts
 #: (%-style, with count, span, outage, flushes, messages and cause).
@@ -112,11 +116,15 @@ class OutageLog:
     """
 
     def __init__(self, every_s: float = OUTAGE_LOG_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 forget_s: float = OUTAGE_FORGET_S) -> None:
         self.every_s = every_s
         self.clock = clock
+        self.forget_s = forget_s
         #: When the outage began (None: none now), and whether its first flush is over.
         self.began: float | None = None
+        #: When its latest failure was noted.
+        self.noted_at = 0.0
         self._first = False
         self._kinds: dict[str, _Kind] = {}
         #: Flushes and messages requeued since the outage began.
@@ -137,6 +145,13 @@ class OutageLog:
         ``cause``: why (None: the cause of its kind's last line); ``flushes`` and
         ``messages``: what it requeued."""
         now = self.clock()
+        if self.began is not None and now - self.noted_at >= self.forget_s:
+            logger.warning("no database failure for %.0f s: the outage that began %.0f s ago "
+                           "(%d flushes requeued) is taken as over, unseen by this worker, "
+                           "which wrote nothing since; this failure starts another",
+                           now - self.noted_at, now - self.began, self.flushes)
+            self._reset()
+        self.noted_at = now
         if self.began is None:
             self.began, self._first, self._kinds = now, True, {}
         self.flushes += flushes
@@ -164,6 +179,10 @@ class OutageLog:
             return
         logger.warning("database available again after %.0f s; %d flushes requeued meanwhile "
                        "(%d messages)", self.clock() - self.began, self.flushes, self.messages)
+        self._reset()
+
+    def _reset(self) -> None:
+        """No outage now."""
         self.began, self._first, self._kinds = None, False, {}
         self.flushes = self.messages = 0
 
