@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from contract.constants import STATUS_DONE
+from contract.constants import RESULTS_TABLE, STATUS_DONE
 from contract.results import ResultStore
 from contract.settings import Settings
 from producer.client import Client
@@ -125,6 +125,29 @@ def test_a_read_only_database_logs_its_first_flush_then_one_line_when_it_ends(
     worker.check_alive()
 
 
+@pytest.mark.slow
+def test_a_revoked_write_privilege_logs_no_line_of_psycopg_per_flush(
+        worker_role: WorkerRole, pg_url: str, redis_url: str, tmp_path: Path,
+        worker_factory: Any) -> None:
+    """As above, the worker's INSERT and UPDATE revoked for a while. Each failed commit
+    also made psycopg log ``error ignored terminating <psycopg.Pipeline …>: pipeline
+    aborted``, the pipeline's own end after the error the worker reports: one warning
+    per attempt, past the outage's throttle."""
+    s = Settings(broker_url=redis_url, database_url=worker_role.url, model="null",
+                 queue=f"bst-test-{uuid.uuid4().hex[:8]}", cache_dir=str(tmp_path / "cache"),
+                 max_wait_ms=20)
+    name = worker_role.name
+    worker = worker_factory(s)
+    with Client(s.replace(database_url=pg_url)) as client:
+        during, after, rows = _cut_for_a_while(
+            worker, client,
+            lambda: worker_role.sql(f"REVOKE INSERT, UPDATE ON {RESULTS_TABLE} FROM {name}"),
+            lambda: worker_role.sql(f"GRANT INSERT, UPDATE ON {RESULTS_TABLE} TO {name}"))
+    assert "error ignored terminating" not in during, during
+    _check(during, after, rows, "permission denied")
+    worker.check_alive()
+
+
 class _Clock:
     """A monotonic clock the test moves."""
 
@@ -220,3 +243,24 @@ def test_an_outage_never_seen_to_end_is_forgotten_after_ten_quiet_minutes(
     with caplog.at_level(logging.INFO, logger="tests.outage_log"):
         _flush_meets_outage(outage, logger, clock, "connection refused")
     assert outage.flushes == 2 and not any("taken as over" in m for m in caplog.messages)
+
+
+def test_psycopg_pipeline_ends_show_when_its_logger_is_set_to_debug() -> None:
+    """The filter hides only psycopg's pipeline-end warnings, and not from a worker run
+    with ``--loglevel DEBUG`` (its logger then enabled for DEBUG)."""
+    from worker.cli import quiet_pipeline_ends
+
+    def record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("psycopg", level, __file__, 1, msg, ("p", "e"), None)
+
+    logger = logging.getLogger("psycopg")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        assert not quiet_pipeline_ends(record("error ignored terminating %r: %s"))
+        assert quiet_pipeline_ends(record("connection lost %r: %s"))
+        assert quiet_pipeline_ends(record("error ignored terminating %r: %s", logging.ERROR))
+        logger.setLevel(logging.DEBUG)
+        assert quiet_pipeline_ends(record("error ignored terminating %r: %s"))
+    finally:
+        logger.setLevel(before)

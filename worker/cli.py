@@ -106,6 +106,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         raise click.UsageError("--procs-per-gpu needs --gpus")
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("psycopg").addFilter(quiet_pipeline_ends)
     _ignore_multiprocess_dir(settings)
     from contract import migrate
     from contract.results import ResultStore
@@ -152,6 +153,18 @@ def sigterm_logged(doing: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def quiet_pipeline_ends(record: logging.LogRecord) -> bool:
+    """A filter of the ``psycopg`` logger: its ``error ignored terminating <Pipeline …>``
+    warnings pass only when that logger is set to DEBUG. psycopg logs one as a pipeline
+    ends under the error the flush already meets (a refused write, a dropped connection),
+    which the worker reports itself, throttled during an outage: these came once per
+    commit attempt, past the throttle, naming the host and the user."""
+    if (isinstance(record.msg, str) and record.msg.startswith("error ignored terminating")
+            and record.levelno == logging.WARNING):
+        return logging.getLogger("psycopg").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _ignore_multiprocess_dir(settings: Settings) -> None:
