@@ -1,11 +1,11 @@
 """``bertstream_worker_up`` must say whether the worker consumes, as the README promises.
 
-Pins finding 1 of the scale-out audit (/tmp/h4_audit.md): the README's Monitoring table
-says ``bertstream_worker_up`` is "1 while the worker consumes", but the worker sets it to
-1 once, when its metrics server starts (worker/metrics.py: WorkerMetrics.serve), before
-it has reached Redis, and never sets it back: a worker still waiting for Redis at start,
-or one that lost Redis and is reconnecting, reports 1 while it takes nothing off the
-queue, so an alert on ``bertstream_worker_up == 0`` never fires.
+Found by an operator's audit of the README: its Monitoring table said
+``bertstream_worker_up`` is "1 while the worker consumes", but the worker set it to
+1 once, when its metrics server started (worker/metrics.py: WorkerMetrics.serve), before
+it had reached Redis, and never set it back: a worker still waiting for Redis at start,
+or one that lost Redis and was reconnecting, reported 1 while it took nothing off the
+queue, so an alert on ``bertstream_worker_up == 0`` never fired.
 """
 
 from __future__ import annotations

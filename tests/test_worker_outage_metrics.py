@@ -1,6 +1,6 @@
 """A worker's ``/metrics`` shows a database outage, requeued and dead-lettered messages.
 
-Pins finding 2 of the scale-out audit (/tmp/h4_audit.md): during a PostgreSQL outage
+Found by an operator's audit of the README: during a PostgreSQL outage
 both workers' ``/metrics`` looked normal (``bertstream_worker_up 1``, the item counters
 merely stopped), and no metric counted the messages requeued or dead-lettered: an
 operator had to read the logs. Real worker processes, real Redis, a real PostgreSQL cut
