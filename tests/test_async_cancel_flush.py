@@ -137,11 +137,7 @@ def test_a_cancelled_call_without_linger_sends_its_buffer_at_once(
 
     async def main() -> bool:
         async with AsyncClient(settings) as client:
-            task = asyncio.create_task(
-                client.submit_many(_posts(source), chunk_size=100, linger_s=None))
-            for i in range(3):
-                source.put(f"post {i}")
-            await _taken(source)
+            task = await _three_posts_taken(client, source, None)
             await _cancelled(task)
             return await asyncio.to_thread(
                 until, lambda: len(_queued(redis_url, settings)) == 3, 10)
@@ -203,6 +199,17 @@ def test_aclose_does_not_wait_for_a_blocked_read_and_logs_the_post_it_gives_afte
     assert "not sent" in caplog.text and "closed" in caplog.text, caplog.text
 
 
+async def _three_posts_taken(client: AsyncClient, source: queue.Queue[str | None],
+                             linger_s: float | None) -> asyncio.Task[Any]:
+    """A submit_many call of ``client`` reading ``source``, once it took 3 posts."""
+    task = asyncio.create_task(
+        client.submit_many(_posts(source), chunk_size=100, linger_s=linger_s))
+    for i in range(3):
+        source.put(f"post {i}")
+    await _taken(source)
+    return task
+
+
 async def _closed_under_three_posts(sqlite_url: str,
                                     source: queue.Queue[str | None]) -> AsyncClient:
     """A client with Redis absent whose submit_many took 3 posts, then was cancelled,
@@ -210,11 +217,7 @@ async def _closed_under_three_posts(sqlite_url: str,
     settings = Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0",
                         database_url=sqlite_url, publish_retries=3)
     client = AsyncClient(settings)
-    task = asyncio.create_task(
-        client.submit_many(_posts(source), chunk_size=100, linger_s=None))
-    for i in range(3):
-        source.put(f"post {i}")
-    await _taken(source)
+    task = await _three_posts_taken(client, source, None)
     await _cancelled(task)
     await asyncio.wait_for(client.aclose(timeout=0.2), 60)
     return client
@@ -267,11 +270,7 @@ def test_a_cancelled_call_whose_linger_send_failed_logs_its_posts_at_once(
 
     async def main() -> None:
         client = AsyncClient(settings)
-        task = asyncio.create_task(
-            client.submit_many(_posts(source), chunk_size=100, linger_s=0.05))
-        for i in range(3):
-            source.put(f"post {i}")
-        await _taken(source)
+        task = await _three_posts_taken(client, source, 0.05)
         # the linger thread's send failed: it ended, leaving the posts buffered
         assert await asyncio.to_thread(until, lambda: not lingering(), 30)
         await _cancelled(task)
@@ -298,11 +297,7 @@ def test_posts_logged_as_not_sent_then_sent_after_all_are_logged_as_sent(
 
     async def main() -> None:
         client = AsyncClient(settings)
-        task = asyncio.create_task(
-            client.submit_many(_posts(source), chunk_size=100, linger_s=None))
-        for i in range(3):
-            source.put(f"post {i}")
-        await _taken(source)
+        task = await _three_posts_taken(client, source, None)
         redis_server.stop()
         await _cancelled(task)
         assert await asyncio.to_thread(until, lambda: "were not sent" in caplog.text, 30), \
