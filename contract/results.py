@@ -26,6 +26,7 @@ import pathlib
 import random
 import re
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -623,6 +624,15 @@ def brief_cause(exc: BaseException) -> str:
 #: How long a guard's watcher thread waits with nothing to watch before it ends.
 _GUARD_IDLE_S = 30.0
 
+#: How long an operation that starts a guard's watcher waits for it to be waiting.
+_GUARD_START_WAIT_S = 2.0
+
+#: SQLite virtual-machine steps between two looks at the clock of a guarded statement
+#: (milliseconds of work). Each look is Python, so it takes the interpreter's lock, which
+#: a busy thread beside it holds up to a switch interval: looked at every 10 000 steps, a
+#: scan ran several times slower beside one.
+_SQLITE_STEPS = 1_000_000
+
 #: This thread's deadline (:meth:`ResultStore.until`), as ``until``.
 _DEADLINE = threading.local()
 
@@ -654,6 +664,17 @@ class _Guard:
     One watcher thread per guard holds the operations in flight and sleeps
     until the earliest cut. A thread started per operation, as a
     ``threading.Timer`` does, cost more than a small read itself.
+
+    A pre-fork server (uWSGI) may fork from C right after an operation, where
+    no at-fork hook of Python runs: a thread of the parent that was passing
+    the interpreter's lock at that moment leaves the lock's state broken in
+    the child, which then hangs at its first database read. So SQLite needs
+    no thread: the statement itself looks at the clock every
+    :data:`_SQLITE_STEPS` steps (SQLite's progress handler) and stops. On
+    PostgreSQL the operation that starts the watcher runs once the watcher
+    waits, so the watcher's start is over before that operation returns. Its
+    own wakes (at the cut it planned, when it ends idle) come at no operation:
+    a fork from C at one of those moments still leaves a child that hangs.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -665,6 +686,8 @@ class _Guard:
         self._cond = threading.Condition()
         self._running: set[_Watched] = set()
         self._watcher: threading.Thread | None = None
+        self._waiting = False  # the watcher waits (on ``_cond``) for its next cut
+        self._wakes_at = 0.0  # when the waiting watcher wakes by itself (monotonic)
 
     @contextlib.contextmanager
     def __call__(self, conn: Connection) -> Iterator[_Watched]:
@@ -674,14 +697,23 @@ class _Guard:
         until, deadline = time.monotonic() + self.seconds, _deadline()
         cut_at = until if deadline is None else min(until, deadline)
         watched = _Watched(cut_at, conn.connection.dbapi_connection, cut_at < until)
+        if isinstance(watched.dbapi, sqlite3.Connection):
+            with _sqlite_stops_at(watched):
+                yield watched
+            return
         with self._cond:
             self._running.add(watched)
             if self._watcher is None or not self._watcher.is_alive():
+                self._waiting = False
                 self._watcher = threading.Thread(target=self._watch, daemon=True,
                                                  name="bertstream-db-guard")
                 self._watcher.start()
-            else:
-                self._cond.notify()  # this cut may come before the one it sleeps until
+                self._cond.wait_for(lambda: self._waiting, _GUARD_START_WAIT_S)
+            elif cut_at < self._wakes_at:
+                # A cut before the one it sleeps until (a deadline): wake it to plan
+                # again. Only then: each wake is a thread passing the interpreter's lock.
+                # notify_all: an operation starting a watcher may wait on it too.
+                self._cond.notify_all()
         try:
             yield watched
         finally:
@@ -700,6 +732,10 @@ class _Guard:
                     except Exception:  # noqa: BLE001 - the watcher must outlive any one cut
                         log.exception("cannot cut a database connection")
                 earliest = min((w.until for w in self._running), default=None)
+                if not self._waiting:
+                    self._waiting = True
+                    self._cond.notify_all()  # the operation that started this thread
+                self._wakes_at = now + _GUARD_IDLE_S if earliest is None else earliest
                 if earliest is not None:
                     self._cond.wait(earliest - now)
                 elif not self._cond.wait(_GUARD_IDLE_S) and not self._running:
@@ -709,11 +745,29 @@ class _Guard:
                     return
 
 
+@contextlib.contextmanager
+def _sqlite_stops_at(watched: _Watched) -> Iterator[None]:
+    """SQLite statements run within stop (``interrupted``) once ``watched.until`` passed:
+    the guard's cut, made by the statement's own thread."""
+    def past_until() -> int:
+        if time.monotonic() < watched.until:
+            return 0
+        watched.cut = True
+        return 1
+
+    watched.dbapi.set_progress_handler(past_until, _SQLITE_STEPS)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):  # closed within (a migration's own)
+            watched.dbapi.set_progress_handler(None, 0)
+
+
 def _cut(dbapi: Any, by_deadline: bool = False) -> None:
     """End the operation on ``dbapi``: the guard's statement time ran out (the server is
     silent: an error), or the caller's deadline came first (a warning: the server may
     only be slow)."""
-    interrupt = getattr(dbapi, "interrupt", None)  # sqlite3
+    interrupt = getattr(dbapi, "interrupt", None)  # SQLite drivers but sqlite3
     if callable(interrupt):
         interrupt()
         return

@@ -184,9 +184,9 @@ def test_results_command_gives_up_on_a_silent_database(pg_url: str, redis_url: s
 
 
 def test_the_guard_cuts_only_the_operation_past_its_deadline(tmp_path: Path) -> None:
-    """SQLite: an endless statement in one thread is cut by the guard's one watcher while
-    hundreds of quick reads start and finish beside it, none of them cut; the watcher
-    then keeps serving (a second endless statement is cut too)."""
+    """SQLite: an endless statement in one thread is cut by the guard (the statement's own
+    look at the clock) while hundreds of quick reads start and finish beside it, none of
+    them cut; the guard then keeps serving (a second endless statement is cut too)."""
     import threading
 
     store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
@@ -215,52 +215,159 @@ def test_the_guard_cuts_only_the_operation_past_its_deadline(tmp_path: Path) -> 
     store.close()
 
 
+class _Driver:
+    """A stand-in DBAPI connection the guard can cut (``interrupt``): the guard's watcher
+    thread serves every driver but SQLite's own, and its timing is what is tested here."""
+
+    def __init__(self, name: str = "conn", fails: bool = False) -> None:
+        self.name, self.fails, self.cuts = name, fails, 0
+
+    def interrupt(self) -> None:
+        self.cuts += 1
+        if self.fails:
+            raise RuntimeError("the driver refused")
+
+    def conn(self) -> sa.Connection:
+        """This driver as the SQLAlchemy connection the guard is given."""
+        from types import SimpleNamespace
+        return SimpleNamespace(connection=SimpleNamespace(dbapi_connection=self))  # type: ignore[return-value]
+
+
 def test_an_idle_guard_lets_its_watcher_go_and_starts_another(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store no longer used holds no thread; its next operation is guarded again."""
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guard no longer used holds no thread; its next operation is guarded again."""
     import contract.results as results_module
+    from contract.results import _Guard
 
     monkeypatch.setattr(results_module, "_GUARD_IDLE_S", 0.2)
-    store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
-    store.create_schema()  # a migration: its own, longer guard
-    assert store.count() == 0  # an ordinary operation, under the store's guard
-    first = store._guard._watcher
+    guard, driver = _Guard(0.3), _Driver()
+    with guard(driver.conn()):
+        pass
+    first = guard._watcher
     assert first is not None and first.is_alive()
-    time.sleep(store.timeouts.guard_s + 1)  # it wakes at the last deadline, then idles
-    assert not first.is_alive() and store._guard._watcher is None
+    first.join(0.3 + 0.2 + 3)  # it wakes at the last cut it planned, then idles
+    assert not first.is_alive() and guard._watcher is None
+    with guard(driver.conn()) as watched:
+        time.sleep(0.8)
+    assert watched.cut and driver.cuts == 1
+
+
+def test_an_operation_that_starts_the_watcher_runs_once_it_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-fork server may fork from C right after an operation: a watcher thread still
+    starting then (passing the interpreter's lock) hung the child. Here the new thread
+    runs late, as on a loaded machine: the operation waits until the watcher waits."""
+    import contract.results as results_module
+    from contract.results import _Guard
+
+    watch = results_module._Guard._watch
+
+    def late(guard: _Guard) -> None:
+        time.sleep(0.3)
+        watch(guard)
+
+    monkeypatch.setattr(results_module._Guard, "_watch", late)
+    guard = _Guard(30)
+    with guard(_Driver().conn()):
+        watcher = guard._watcher
+        assert watcher is not None and watcher.ident is not None
+        frame = sys._current_frames()[watcher.ident]
+        assert (frame.f_code.co_name, frame.f_back and frame.f_back.f_code.co_name) == (
+            "wait", "_watch")  # in Condition.wait, called by the watcher's loop
+
+
+def test_later_operations_leave_the_waiting_watcher_asleep() -> None:
+    """Once the watcher sleeps until the first cut, operations with later cuts do not wake
+    it (each wake passes the interpreter's lock, which a fork from C must not meet); an
+    operation with an earlier cut (a deadline) does, and is cut on time."""
+    import threading
+
+    from contract.results import ResultStore, _Guard
+
+    wakes: list[float] = []
+
+    class Counted(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread().name == "bertstream-db-guard":
+                wakes.append(time.monotonic())
+            return super().wait(timeout)
+
+    guard = _Guard(30)
+    guard._cond = Counted()
+    for _ in range(50):
+        with guard(_Driver().conn()):
+            time.sleep(0.002)  # room for a woken watcher to run
+    assert len(wakes) == 1
+    driver = _Driver()
+    with ResultStore.until(time.monotonic() + 0.3), guard(driver.conn()) as watched:
+        time.sleep(1.0)
+    assert watched.cut and driver.cuts == 1 and len(wakes) == 3  # woken, then at the cut
+
+
+def test_sqlite_statements_are_stopped_without_a_thread(tmp_path: Path) -> None:
+    """SQLite: the statement itself looks at the clock (its progress handler), so no
+    operation starts a thread; an endless one is still stopped, and the connection it
+    ran on serves the next operation."""
+    import threading
+
+    before = set(threading.enumerate())  # other tests' guards may still idle
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=1))
+    store.create_schema()
+    store.upsert([record("a")])
+    assert set(store.get_many(["a"])) == {"a"}
     endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                "SELECT count(*) FROM c")
     _unavailable_within(store.timeouts.guard_s + 3,
                         lambda: store._run(lambda conn: conn.exec_driver_sql(endless).all(),
                                            "endless"))
-    assert store.count() == 0
+    assert store.count() == 1
+    assert set(threading.enumerate()) <= before and store._guard._watcher is None
+    store.close()
+
+
+def test_a_guarded_sqlite_scan_looks_at_the_clock_rarely(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statement's look at the clock is Python: it takes the interpreter's lock, which
+    a busy thread (the API's, the worker's) holds up to a switch interval each time.
+    Looked at every ten thousand steps, an aggregate over 40 000 rows looked hundreds of
+    times and ran several times slower beside a busy thread (bench: CHANGELOG); it looks
+    a few times now, and an endless statement is still stopped."""
+    import types
+
+    import contract.results as results_module
+
+    store = ResultStore.from_url(f"sqlite:///{tmp_path}/g.db", DbTimeouts(statement_s=30))
+    store.create_schema()
+    for start in range(0, 40_000, 5_000):
+        store.upsert([record(f"r{i}", label=("positive", "negative", "neutral")[i % 3])
+                      for i in range(start, start + 5_000)])
+    looks = 0
+
+    def monotonic() -> float:
+        nonlocal looks
+        looks += 1
+        return time.monotonic()
+
+    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time)
+                                     if not name.startswith("_")})
+    clock.monotonic = monotonic
+    monkeypatch.setattr(results_module, "time", clock)
+    assert sum(g["count"] for g in store.aggregate(by="label")) == 40_000
+    assert looks <= 10, looks  # the store's own few, and the statement's
     store.close()
 
 
 def test_a_cut_that_fails_does_not_stop_the_guard() -> None:
     """One connection's cut raising (a driver error) leaves the watcher guarding the rest.
     A stand-in connection: the fault is the driver's, not one a real database gives on cue."""
-    from types import SimpleNamespace
-
     from contract.results import _Guard
 
-    calls: list[str] = []
-
-    class Driver:
-        def __init__(self, name: str, fails: bool) -> None:
-            self.name, self.fails = name, fails
-
-        def interrupt(self) -> None:
-            calls.append(self.name)
-            if self.fails:
-                raise RuntimeError("the driver refused")
-
     guard = _Guard(0.2)
-    for name, fails in (("first", True), ("second", False)):
-        conn = SimpleNamespace(connection=SimpleNamespace(dbapi_connection=Driver(name, fails)))
-        with guard(conn):  # type: ignore[arg-type]
+    drivers = [_Driver("first", fails=True), _Driver("second")]
+    for driver in drivers:
+        with guard(driver.conn()):
             time.sleep(0.6)
-    assert calls == ["first", "second"]
+    assert [d.cuts for d in drivers] == [1, 1]
 
 
 def _wait_for_a_lock_wait(engine: sa.Engine, timeout: float = 20) -> None:
