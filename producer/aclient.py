@@ -676,6 +676,10 @@ class _AsyncItems(_Stoppable):
         #: the run the thread waits for: stop() cancels it there, as the loop may not
         #: run again to cancel it (run_until_complete of a wait_for that timed out)
         self._waiting: Future[tuple[list[Any], bool]] | None = None
+        #: the items of the run handed over that are left to hand over (taken already)
+        self._ahead = 0
+        #: the item the read in flight took, handed over after the run (see ready())
+        self._last: list[Any] = []
 
     def items(self) -> Iterator[Any]:
         """The items, in order, read in the calling thread (not the loop's); the async
@@ -694,9 +698,44 @@ class _AsyncItems(_Stoppable):
                 raise
             finally:
                 self._reading = False
-            yield from run
+            for index, item in enumerate(run):
+                self._ahead = len(run) - 1 - index
+                yield item
+            if self._last:  # what the read in flight gave (see ready())
+                yield self._last.pop()
             if end:
                 return
+
+    def ready(self) -> bool:
+        """Also the item the read in flight (the one a run leaves asking for the next) took
+        already, once no run is read any more (a send failed): handed over; a read still
+        waiting is cancelled (its item stays in the source), not left to take one."""
+        if self._ahead > 0:
+            return True
+        if self._pending is None or self._stopped:
+            return False
+        self._waiting = asyncio.run_coroutine_threadsafe(self._taken(), self._loop)
+        if self._stopped:
+            self._waiting.cancel()
+        try:
+            self._last, _ = self._waiting.result()
+        except CancelledError:
+            return False
+        return bool(self._last)
+
+    async def _taken(self) -> tuple[list[Any], bool]:
+        """The item of the read in flight, if it gave one (the read is cancelled if not),
+        as a run (never the end: the thread reads no more)."""
+        pending = self._pending
+        if pending is None:
+            return [], False
+        if not pending.done():
+            pending.cancel()
+            return [], False
+        if pending.cancelled() or pending.exception() is not None:
+            return [], False
+        self._pending = None
+        return [pending.result()], False
 
     async def _run(self) -> tuple[list[Any], bool]:
         """The next item (awaited as long as it takes), and those ready after it at once:

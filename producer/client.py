@@ -360,16 +360,30 @@ def _take_lingering(items: Iterable[Any], publisher: ChunkPublisher, flusher: Fl
                     take: Callable[[int, Any], None]) -> None:
     """``take`` every item of ``items`` (read in this thread, one when asked for, as
     without linger) while ``flusher``'s thread publishes a partial chunk once due; the
-    thread is stopped before the publisher's block ends, and its error raised here."""
+    thread is stopped before the publisher's block ends, and its error raised here.
+
+    Once that thread's send failed no next item is read (it stays in the source, a
+    queue's post for another reader). One whose read was under way then is taken all the
+    same, unsent, with the buffered ones, and so are those a :class:`WatchedSource` read
+    with it (``ready``: an async iterable's run): they left the source (a queue's post),
+    and dropped they would be in no count of what was not sent (``sent`` counts what
+    was; a stopped async call logs the buffered items)."""
     lock, linger = flusher.lock, flusher.linger
+    ready = items.ready if isinstance(items, WatchedSource) else lambda: False
+    source = iter(enumerate(_sent_before_failing(items, publisher, lock)))
     try:
-        for index, obj in enumerate(_sent_before_failing(items, publisher, lock)):
+        while flusher.error is None or ready():
+            try:
+                index, obj = next(source)
+            except StopIteration:
+                break
             with lock:
                 if flusher.error is not None:
-                    raise flusher.error
+                    publisher.holding = True
                 messages = publisher.messages
                 take(index, obj)
-                if linger.since is None or publisher.messages != messages:
+                if not publisher.holding and (linger.since is None
+                                              or publisher.messages != messages):
                     flusher.added()
     finally:
         flusher.stop()
@@ -459,6 +473,9 @@ class ChunkPublisher:
         self._retries: dict[str, str] = {}
         self.messages = 0
         self.published = 0
+        #: True: :meth:`add` only buffers (a full chunk is not published): a send failed,
+        #: and what is still taken is kept to be counted unsent, not sent or dropped
+        self.holding = False
 
     @property
     def first_unsent_line(self) -> int | None:
@@ -475,7 +492,7 @@ class ChunkPublisher:
         """Buffer ``item`` (from source ``line``, and ``origin`` for ``after_send``);
         publishes the chunk once it is full."""
         self._buffer.append(Buffered(item, line, origin, caller_id))
-        if len(self._buffer) >= self._chunk_size:
+        if len(self._buffer) >= self._chunk_size and not self.holding:
             self.flush()
 
     def flush(self) -> None:

@@ -176,3 +176,8 @@ class WatchedSource(ABC):
     @abstractmethod
     def watch(self, flusher: Flusher) -> None:
         """Note the call's flusher, before the first read."""
+
+    def ready(self) -> bool:
+        """Whether its next item was already taken from the source (read with the one
+        before): it is taken even once a send failed, as no read is left to refuse."""
+        return False
