@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -75,6 +76,11 @@ MAX_QUEUE_CHARS = 100
 #: the queue made two of them one key; the readers' key patterns (glob characters); and
 #: kombu's bindings (control characters are its separators).
 QUEUE_NAME_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_QUEUE_CHARS - 1}}}"
+#: A host name (``BERTSTREAM_METRICS_HOST``): dot-separated labels of letters, digits and
+#: '-' (neither first nor last), each at most 63 characters, at most 253 in all, a
+#: trailing dot allowed.
+_HOST_NAME_PATTERN = (r"(?=.{1,253}\.?$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
 #: Most characters of a refused name or value an error message shows.
 _SHOWN_CHARS = 60
 #: Broker URLs a worker, the API and the publishing commands run on.
@@ -221,6 +227,11 @@ class Settings:
     #: Port a worker serves its Prometheus metrics on (0: not served). The
     #: launcher gives its children consecutive ports from this one.
     metrics_port: int = 0
+    #: Address a worker serves its metrics on (:meth:`_validate_metrics_host`): an IPv4 or
+    #: IPv6 address (``127.0.0.1``, ``::1``) or a host name, which the worker resolves at
+    #: start and binds the first address of. ``0.0.0.0`` (the default): every IPv4
+    #: interface; ``::``: every interface.
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - all interfaces, as before the setting
 
     # -- HTTP API (bertstream serve) --
     #: Bearer tokens the API accepts, comma-separated (a secret: from the environment only).
@@ -317,6 +328,7 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be "
                                   f"{_range_said(name, '>= 0')} (got {_got(value)})")
         self._validate_names()
+        self._validate_metrics_host()
         self._validate_api_models()
         if self.long_texts not in LONG_TEXT_MODES:
             raise ConfigError(f"{ENV_PREFIX}LONG_TEXTS: expected one of "
@@ -368,6 +380,43 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}MODEL_NAME={quoted(self.model_name, _SHOWN_CHARS)}: a model name "
                               "is letters, digits, '.', '_' and '-' (at most 100, starting with "
                               "a letter or digit)")
+
+    def _validate_metrics_host(self) -> None:
+        """``metrics_host``: an IP address (IPv6 without brackets, neither link-local nor
+        with a zone: ``fe80::1%eth0`` cannot be bound) or a host name
+        (:data:`_HOST_NAME_PATTERN`, dotted labels not all digits at the end); a name is resolved when the worker binds
+        (:meth:`worker.metrics.WorkerMetrics.serve`), not here."""
+        host = self.metrics_host
+        key = f"{ENV_PREFIX}METRICS_HOST"
+        if not host:
+            raise ConfigError(f"{key} is empty: give an IP address or a host name "
+                              "(0.0.0.0: every IPv4 interface, '::': every interface)")
+        shown = quoted(host, _SHOWN_CHARS)
+        bracketed = re.fullmatch(r"\[([^\]]*)\](?::\d*)?", host)
+        if bracketed:
+            raise ConfigError(f"{key}={shown}: write an IPv6 address without brackets "
+                              f"({bracketed.group(1) or '::1'}), and the port as "
+                              f"{ENV_PREFIX}METRICS_PORT")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            # prometheus_client binds (address, port), the scope id dropped: a zone is
+            # lost, and a link-local address fails to bind (EINVAL).
+            if isinstance(address, ipaddress.IPv6Address) and (
+                    address.scope_id is not None or address.is_link_local):
+                raise ConfigError(f"{key}={shown}: a link-local IPv6 address or one with a "
+                                  "zone (%...) cannot be served on; give another address "
+                                  "of this host, or '::' (every interface)")
+            return
+        if re.fullmatch(r"[^:]+:\d*", host):
+            raise ConfigError(f"{key}={shown}: give the address alone; the port is "
+                              f"{ENV_PREFIX}METRICS_PORT")
+        if ":" in host or not re.fullmatch(_HOST_NAME_PATTERN, host) \
+                or host.rstrip(".").rpartition(".")[2].isdigit():
+            raise ConfigError(f"{key}={shown} is neither an IP address (IPv4 or IPv6) "
+                              "nor a host name")
 
     def _validate_api_models(self) -> None:
         """``api_models``: model names (:data:`MODEL_NAME_PATTERN`, at most

@@ -211,10 +211,10 @@ def build_worker_app(
         from worker.metrics import Consuming, WorkerMetrics
 
         metrics = WorkerMetrics(runner.name, runner.revision)
-        metrics.serve(settings.metrics_port, settings)
+        url = metrics.serve(settings.metrics_port, settings)
         metrics.watch_database(processor.outage, store)
         app.steps["consumer"].add(Consuming)  # worker_up: 1 only while the consumer consumes
-        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
+        log.info("metrics on %s", url)  # the address bound, a host name's too
     task = register_tasks(app, processor, settings, metrics)
     # Items the transport cannot deliver: the task fails those whose ids it can read.
     kombu_redis.on_undeliverable(task.fail_undeliverable)

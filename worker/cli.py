@@ -27,7 +27,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: too) -> the option, which a refused value is named by (:func:`named_as_given`).
 SETTING_OPTIONS = {"device": "--device", "max_wait_ms": "--max-wait-ms",
                    "token_budget": "--token-budget", "torch_threads": "--torch-threads",
-                   "metrics_port": "--metrics-port"}
+                   "metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
+
+
+def _metrics_host_needs_port(metrics_host: str | None, settings: Settings) -> None:
+    """``--metrics-host`` given without a port (``--metrics-port`` or
+    ``BERTSTREAM_METRICS_PORT``) would serve nothing, silently: refused, as
+    ``--procs-per-gpu`` without ``--gpus`` is. The variable alone is no refusal:
+    docker-compose.yml hands it to every service."""
+    if metrics_host is not None and not settings.metrics_port:
+        raise click.UsageError("--metrics-host needs --metrics-port (or "
+                               "BERTSTREAM_METRICS_PORT): without a port no metrics are served")
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
@@ -52,6 +62,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port (BERTSTREAM_METRICS_PORT; 0: off).")
+@click.option("--metrics-host", default=None, metavar="ADDRESS",
+              help="Serve them on this address or host name only (BERTSTREAM_METRICS_HOST; "
+                   "default 0.0.0.0, every IPv4 interface; :: every interface).")
 @click.option("--hostname", default=None,
               help="Celery node name NAME@HOST (default bertstream-PID@HOST; %h, %n, %d expand "
                    "as in Celery), stored in each row's worker column. With --gpus or several "
@@ -65,7 +78,8 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 @click.pass_context
 def worker_command(ctx: click.Context, device: str | None, gpus: str | None, procs_per_gpu: int,
                    models: tuple[str, ...], max_wait_ms: int | None, token_budget: int | None,
-                   torch_threads: int | None, metrics_port: int | None, hostname: str | None,
+                   torch_threads: int | None, metrics_port: int | None,
+                   metrics_host: str | None, hostname: str | None,
                    loglevel: str, ready_file: str | None) -> None:
     """Run a micro-batching worker (one process; --gpus or several --model start one each).
 
@@ -76,6 +90,8 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
     from worker.launcher import launch, parse_gpus, parse_models
 
     note_setting_options(ctx, SETTING_OPTIONS)
+    if metrics_host == "":
+        raise click.UsageError("--metrics-host is empty: give an IP address or a host name")
     try:
         served = parse_models(models)
         gpu_list = parse_gpus(gpus) if gpus else []
@@ -83,7 +99,8 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         raise click.UsageError(str(exc)) from exc
     try:
         settings = settings_from(ctx, max_wait_ms=max_wait_ms, token_budget=token_budget,
-                                 torch_threads=torch_threads, metrics_port=metrics_port)
+                                 torch_threads=torch_threads, metrics_port=metrics_port,
+                                 metrics_host=metrics_host)
         if len(served) == 1:
             settings = settings.replace(model_name=served[0][0], model=served[0][1])
         if device:
@@ -91,6 +108,7 @@ def worker_command(ctx: click.Context, device: str | None, gpus: str | None, pro
         _check_broker(settings)
     except BertstreamError as exc:
         _fail(exc)
+    _metrics_host_needs_port(metrics_host, settings)
     # Expanded once, so that Celery, the rows and the heartbeat share one name.
     hostname = node_name(hostname) if hostname else None
     if gpus or len(served) > 1:

@@ -1,4 +1,5 @@
-"""A worker's Prometheus metrics, served on ``--metrics-port`` (``BERTSTREAM_METRICS_PORT``).
+"""A worker's Prometheus metrics, served on ``--metrics-port`` (``BERTSTREAM_METRICS_PORT``)
+of ``--metrics-host`` (``BERTSTREAM_METRICS_HOST``, all interfaces by default).
 
 Updated once per flush from its :class:`worker.flush.FlushStats`: items by
 model, source and status; batch size, tokens per batch and padding ratio;
@@ -16,7 +17,9 @@ reaches Redis) and whether its last database write worked (``bertstream_database
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -174,17 +177,23 @@ class WorkerMetrics:
                 self.queue_wait.observe(max(stats.began - submitted, 0.0))
                 self.end_to_end.observe(max(committed - submitted, 0.0))
 
-    def serve(self, port: int, settings: Settings) -> None:
-        """Serve the registry over HTTP on ``port`` (all interfaces), with queue depth.
+    def serve(self, port: int, settings: Settings) -> str:
+        """Serve the registry over HTTP on ``port`` of ``settings.metrics_host`` (an
+        address, or a host name bound at its first address), with queue depth; return the
+        URL it is served at, which names the address bound.
 
-        Raises :class:`ConfigError` when the port cannot be bound (in use, privileged).
+        Raises :class:`ConfigError` when it cannot be served: the port in use or
+        privileged, the host name not resolved, the address not one of this host's.
         """
+        host = settings.metrics_host
         try:
-            start_http_server(port, registry=self.registry)
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on port {port} "
-                              f"({ENV_PREFIX}METRICS_PORT): {exc}") from exc
+            raise ConfigError(_serve_refusal(host, port, exc)) from exc
         self.registry.register(_QueueDepth(settings))
+        bound = str(server.server_address[0])
+        return (f"http://{'[' + bound + ']' if ':' in bound else bound}:"
+                f"{server.server_address[1]}/metrics")
 
     def consuming(self, on: bool) -> None:
         """The consumer started consuming (True) or stopped: a lost connection, a shutdown."""
@@ -249,6 +258,20 @@ class WorkerMetrics:
             with self._probe_lock:
                 self._probing = None
             done.set()
+
+
+def _serve_refusal(host: str, port: int, exc: OSError) -> str:
+    """Why the metrics cannot be served on ``port`` of ``host``, in one line naming the
+    setting to change: ``BERTSTREAM_METRICS_HOST`` when the host name does not resolve or
+    the address is not this host's, else ``BERTSTREAM_METRICS_PORT`` (in use, privileged)."""
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot serve metrics on {host} ({ENV_PREFIX}METRICS_HOST): the host name "
+                f"does not resolve ({exc.strerror or exc})")
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return (f"cannot serve metrics on {host} ({ENV_PREFIX}METRICS_HOST): not an "
+                f"address of this host ({exc.strerror or exc})")
+    return (f"cannot serve metrics on port {port} ({ENV_PREFIX}METRICS_PORT) of {host}: "
+            f"{exc.strerror or exc}")
 
 
 def count_requeued(metrics: WorkerMetrics | None, reason: str | BaseException,

@@ -184,8 +184,11 @@ class WorkerProc:
 
         if not self.settings.metrics_port:
             raise RuntimeError("this worker serves no metrics (metrics_port is 0)")
-        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(  # noqa: S104 - a wildcard's loopback
+            self.settings.metrics_host, self.settings.metrics_host)
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{self.settings.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - its own
             return str(response.read().decode("utf-8"))
 
     def log_size(self) -> int:
