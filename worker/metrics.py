@@ -61,6 +61,10 @@ REQUEUE_REASONS = ("database", "refused", "redis", "error", "shutdown")
 DATABASE_QUIET_S = 15.0
 DATABASE_PROBE_EVERY_S = 5.0
 DATABASE_PROBE_WAIT_S = 2.0
+#: How long a scrape waits for its queue-depth read (:class:`_QueueDepth`) at most: well
+#: under Prometheus's default scrape timeout (10 s), which a read hanging for the
+#: configured Redis socket timeout (10 s by default) on a paused Redis used to reach.
+DEPTH_WAIT_S = 2.0
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -334,9 +338,27 @@ class Consuming(bootsteps.StartStopStep):
     shutdown = stop
 
 
+class _DepthRead:
+    """One read of the lanes' depths: ``depths`` once Redis answered, ``done`` set once it
+    ended either way."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.depths: dict[str, int] | None = None
+
+
 class _QueueDepth(Collector):
     """Messages waiting per lane of this worker's queue family, read at scrape time (on a
-    Redis broker; with the configured Redis timeouts, so a scrape outlasts no setting).
+    Redis broker; with the configured Redis timeouts, and a scrape waits for the read
+    :data:`DEPTH_WAIT_S` at most, so a scrape outlasts no setting).
+
+    The read runs in a daemon thread, one at a time on one connection: a scrape while
+    one is under way waits for that one rather than starting another, so scrapes of a
+    paused Redis (SIGSTOP, ``DEBUG SLEEP``, a partition that leaves TCP open) neither
+    pile up threads or connections nor outlast Prometheus's scrape timeout. The thread
+    ends with the read, by the configured socket timeout at the latest. A read that did
+    not answer in time, or failed, leaves ``bertstream_queue_depth`` out of the scrape
+    (the other families answer as usual), rather than a made-up 0.
 
     A lane is its list and its priority-step lists (:func:`contract.broker.lane_keys`), as
     the producer's ``queue_length`` and the API's depth count it: a message sent with a
@@ -345,22 +367,42 @@ class _QueueDepth(Collector):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = redis_client(settings)
+        self._lock = threading.Lock()
+        self._reading: _DepthRead | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        if self.client is None:
+        client = self.client
+        if client is None:
             return  # memory://: no queue to count
+        with self._lock:
+            read = self._reading
+            if read is None:
+                read = self._reading = _DepthRead()
+                threading.Thread(target=self._read, args=(client, read), daemon=True,
+                                 name="bertstream-queue-depth").start()
+        if not read.done.wait(DEPTH_WAIT_S) or read.depths is None:
+            return  # a scrape during an outage shows no depth rather than failing
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
                                   labels=["lane"])
+        for lane, size in read.depths.items():
+            depth.add_metric([lane], size)
+        yield depth
+
+    def _read(self, client: redis.Redis, read: _DepthRead) -> None:
         lanes = [(lane, lane_keys(lane_queue(self.settings, lane == LANE_BULK)))
                  for lane in (LANE_INTERACTIVE, LANE_BULK)]
         try:
-            with self.client.pipeline(transaction=False) as pipe:
+            with client.pipeline(transaction=False) as pipe:
                 for _, keys in lanes:
                     for key in keys:
                         pipe.llen(key)
                 sizes = iter(pipe.execute())
-            for lane, keys in lanes:
-                depth.add_metric([lane], sum(int(next(sizes)) for _ in keys))
+            read.depths = {lane: sum(int(next(sizes)) for _ in keys) for lane, keys in lanes}
         except redis.RedisError:
-            return  # a scrape during an outage shows no depth rather than failing
-        yield depth
+            pass  # no depth for the scrapes waiting on this read
+        except Exception:  # noqa: BLE001 - a thread of its own: logged, no depth
+            log.exception("reading the queue depth failed")
+        finally:
+            with self._lock:
+                self._reading = None
+            read.done.set()
