@@ -4,7 +4,10 @@ One registry per app (tests build several). Queue depth per lane (of this
 server's queue family, and of every family of its queue) and live workers are
 read from Redis when Prometheus scrapes, not polled; whether that read worked
 is ``bertstream_redis_up``, and whether a failed read was Redis refusing the broker URL
-(a setting, not an outage) is ``bertstream_broker_misconfigured``. Whether the results
+(a setting, not an outage) is ``bertstream_broker_misconfigured``. That read runs in a
+thread of its own, one at a time, and a scrape waits for it a couple of seconds at most
+(:data:`REDIS_READ_WAIT_S`), so a Redis that does not answer (paused, partitioned) reads
+as down instead of holding every scrape for the Redis socket timeout. Whether the results
 database answers is ``bertstream_database_up``, from a ``SELECT 1`` at most every few
 seconds that a scrape waits for only briefly (:class:`DatabaseProbe`). Depths are read
 by a script run in Redis per chunk of kombu's bindings (:class:`BindingWalk`), never by
@@ -40,7 +43,7 @@ from prometheus_client.registry import Collector
 
 from contract.broker import ScriptSwitch, broker_error, lane_keys
 from contract.constants import LANE_BULK, LANE_INTERACTIVE, MULTIPROC_ENV, queue_name
-from contract.errors import BertstreamError, BrokerMisconfigured, ConfigError
+from contract.errors import BrokerMisconfigured, ConfigError
 from contract.liveness import family_workers, is_family_of
 from contract.results import ping
 from contract.settings import Settings
@@ -516,15 +519,72 @@ class DatabaseProbe(Collector):
             "answered within a scrape's short wait", value=int(self.up()))
 
 
+#: Seconds a scrape waits for the Redis read of the queues and heartbeats
+#: (:class:`_QueueCollector`) at most: well under Prometheus's default scrape timeout
+#: (10 s), which a read hanging for the configured Redis socket timeout (10 s by default)
+#: on a paused Redis used to reach, so that the whole scrape went missing.
+REDIS_READ_WAIT_S = 2.0
+
+
+class _QueueReading:
+    """What one read of Redis gave the gauges: live workers, depths per family, and the
+    binding walk's counts."""
+
+    def __init__(self, alive: list[dict[str, Any]], depths: dict[str, dict[str, int]],
+                 bound: int, unexamined: int) -> None:
+        self.alive, self.depths, self.bound, self.unexamined = alive, depths, bound, unexamined
+
+
+class _RedisRead:
+    """One read for the scrapes waiting on it: ``reading`` once Redis answered,
+    ``misconfigured`` once it failed for the broker URL's sake, ``done`` set once it ended
+    either way."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reading: _QueueReading | None = None
+        self.misconfigured = False
+
+
 class _QueueCollector(Collector):
-    def __init__(self, redis_client: Any, settings: Settings) -> None:
-        self.redis, self.settings = redis_client, settings
+    """The gauges read from Redis at scrape time (:meth:`collect`).
+
+    The read runs in a daemon thread, one at a time: a scrape while one is under way
+    waits for that one rather than starting another, ``wait_s`` at most, so scrapes of a
+    Redis that does not answer (SIGSTOP, ``DEBUG SLEEP``, a partition that leaves TCP
+    open) neither pile up threads or connections nor outlast Prometheus's scrape timeout.
+    The thread ends with the read, by the configured socket timeout per command at the
+    latest. A read that did not answer in time reads as ``bertstream_redis_up`` 0."""
+
+    def __init__(self, redis_client: Any, settings: Settings, *,
+                 wait_s: float = REDIS_READ_WAIT_S) -> None:
+        self.redis, self.settings, self.wait_s = redis_client, settings, wait_s
         self.walk = BindingWalk(settings.queue)
+        self._lock = threading.Lock()
+        self._reading: _RedisRead | None = None
+
+    def _read(self, read: _RedisRead) -> None:
+        try:
+            alive = family_workers(self.redis, self.settings.queue)
+            served = {self.settings.family, *(w["family"] for w in alive)}
+            depths = self.walk.depths(self.redis, served)
+            read.reading = _QueueReading(alive, depths, self.walk.bound, self.walk.unexamined)
+        except Exception as exc:  # noqa: BLE001 - a thread of its own: reads as down
+            try:
+                read.misconfigured = isinstance(broker_error(self.settings, exc),
+                                                BrokerMisconfigured)
+            except Exception:  # noqa: BLE001 - down all the same
+                log.debug("classifying a Redis read's failure failed", exc_info=True)
+        finally:
+            with self._lock:
+                self._reading = None
+            read.done.set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
         and ``bertstream_redis_up`` always: an alert on no live workers goes quiet while
-        Redis is down, so that outage needs its own signal. ``bertstream_broker_misconfigured``
+        Redis is down, so that outage needs its own signal; a Redis that has not answered
+        within ``wait_s`` reads as down. ``bertstream_broker_misconfigured``
         always too: 1 when the read failed because Redis refused what the broker URL asks
         (:func:`contract.broker.broker_error`: a database index it lacks, credentials it
         does not take), so an alert can send a setting to fix apart from a server down.
@@ -532,6 +592,14 @@ class _QueueCollector(Collector):
         Queue depth per family covers this server's own family, every family with live
         workers and every family with messages waiting (:class:`BindingWalk`): tasks
         sent to a model no worker serves show up there."""
+        with self._lock:
+            read = self._reading
+            if read is None:
+                read = self._reading = _RedisRead()
+                threading.Thread(target=self._read, args=(read,), daemon=True,
+                                 name="bertstream-redis-gauges").start()
+        answered = read.done.wait(self.wait_s)
+        reading = read.reading if answered else None
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per "
                                   "lane of this server's queue family", labels=["lane"])
         per_family_depth = GaugeMetricFamily(
@@ -553,13 +621,12 @@ class _QueueCollector(Collector):
             "bertstream_bound_queues_unexamined", "Bound queues this scrape did not read "
             "for bertstream_family_queue_depth: past a limit per scrape the rest are read "
             "by the next ones; a family seen holding messages is read at every scrape")
-        own, queue = self.settings.family, self.settings.queue
-        try:
-            alive = family_workers(self.redis, queue)
+        own = self.settings.family
+        if reading is not None:
+            alive, depths = reading.alive, reading.depths
             served = {own, *(w["family"] for w in alive)}
-            depths = self.walk.depths(self.redis, served)
-            bound.add_metric([], self.walk.bound)
-            unexamined.add_metric([], self.walk.unexamined)
+            bound.add_metric([], reading.bound)
+            unexamined.add_metric([], reading.unexamined)
             for lane in LANES:
                 depth.add_metric([lane], depths[own][lane])
             for family, lanes in sorted(shown_depths(depths, served).items()):
@@ -569,11 +636,8 @@ class _QueueCollector(Collector):
             counts = {own: 0, **by_family(alive)}
             for family, count in sorted(counts.items()):
                 per_family.add_metric([family], count)
-            up, misconfigured = 1, 0
-        except (BertstreamError, OSError, Exception) as exc:  # noqa: BLE001 - never fails
-            up = 0
-            misconfigured = int(isinstance(broker_error(self.settings, exc),
-                                           BrokerMisconfigured))
+        up = int(reading is not None)
+        misconfigured = int(answered and read.misconfigured)
         yield GaugeMetricFamily("bertstream_redis_up", "1 when this scrape could read the "
                                 "queues and worker heartbeats from Redis, else 0", value=up)
         yield GaugeMetricFamily(

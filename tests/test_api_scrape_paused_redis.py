@@ -1,0 +1,122 @@
+"""The API's ``/metrics`` answers quickly while its broker Redis is paused.
+
+The gauges read from Redis at scrape time (queue depths, bound queues, live workers,
+``bertstream_redis_up``) were read in the scrape itself, with the configured socket
+timeout (10 s by default): with Redis paused (SIGSTOP, ``DEBUG SLEEP``, a partition that
+leaves TCP open) each scrape took that long, as long as Prometheus's default scrape
+timeout, so the API's whole series went missing instead of ``bertstream_redis_up``
+reading 0, and concurrent scrapes each held a Redis connection for that long. Now a
+scrape waits for the read :data:`api.metrics.REDIS_READ_WAIT_S` at most, one read at a
+time per server process. A real ``bertstream serve`` (one process, and two sharing their
+counts) on a private redis-server paused for real.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.faults import RedisServer
+from contract.broker import lane_queue
+from contract.constants import LANE_BULK, LANE_INTERACTIVE
+from contract.settings import Settings
+
+#: Well under Prometheus's default scrape timeout and the default socket timeout (10 s).
+BOUND_S = 5.0
+#: The families read from Redis, left out while it does not answer (no made-up 0).
+READ_FAMILIES = {"bertstream_queue_depth", "bertstream_family_queue_depth",
+                 "bertstream_bound_queues", "bertstream_bound_queues_unexamined",
+                 "bertstream_workers_alive", "bertstream_family_workers_alive"}
+
+
+class Scrape:
+    def __init__(self, url: str) -> None:
+        began = time.monotonic()
+        self.text = httpx.get(url + "/metrics", timeout=30).text
+        self.took = time.monotonic() - began
+        self.families = {f.name: f for f in text_string_to_metric_families(self.text)}
+
+    def value(self, name: str) -> float:
+        return float(self.families[name].samples[0].value)
+
+    def depths(self) -> dict[str, float] | None:
+        family = self.families.get("bertstream_queue_depth")
+        return None if family is None else {s.labels["lane"]: s.value for s in family.samples}
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` on this host (client side)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_scrape_answers_quickly_while_redis_is_paused(redis_server: RedisServer,
+                                                       api_factory: Any, tmp_path: Path,
+                                                       workers: int) -> None:
+    assert redis_server.proc is not None
+    settings = Settings(broker_url=redis_server.url, database_url=f"sqlite:///{tmp_path}/r.db",
+                        queue=f"bst-pause-{uuid.uuid4().hex[:8]}",
+                        redis_socket_timeout_s=10, redis_connect_timeout_s=5)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        admin.rpush(lane_queue(settings, False), "a", "b")
+        admin.rpush(lane_queue(settings, True), "c")
+    finally:
+        admin.close()
+    expected = {LANE_INTERACTIVE: 2.0, LANE_BULK: 1.0}
+    api = api_factory(settings, *(("--workers", str(workers)) if workers > 1 else ()))
+    for _ in range(2 * workers):  # each process scraped once, likely
+        scrape = Scrape(api.url)
+        assert scrape.value("bertstream_redis_up") == 1.0, scrape.text
+        assert scrape.depths() == expected, scrape.text
+    before = _connections_to(redis_server.port)
+
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        scrape = Scrape(api.url)
+        assert scrape.took < BOUND_S, f"a scrape took {scrape.took:.1f}s with Redis paused"
+        assert scrape.value("bertstream_redis_up") == 0.0, scrape.text
+        assert scrape.value("bertstream_broker_misconfigured") == 0.0, scrape.text
+        assert not READ_FAMILIES & set(scrape.families), scrape.text  # absent, not 0
+        assert "bertstream_database_up" in scrape.families, scrape.text  # the rest answers
+        assert "bertstream_api_requests" in scrape.families, scrape.text
+        # concurrent scrapes answer in time too, and share a read (a connection) per process
+        results: list[Scrape] = []
+        threads = [threading.Thread(target=lambda: results.append(Scrape(api.url)))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(results) == 4
+        for scrape in results:
+            assert scrape.took < BOUND_S, (f"a concurrent scrape took {scrape.took:.1f}s "
+                                           f"with Redis paused")
+            assert scrape.value("bertstream_redis_up") == 0.0, scrape.text
+            assert not READ_FAMILIES & set(scrape.families), scrape.text
+        assert _connections_to(redis_server.port) <= before + workers
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+
+    deadline = time.monotonic() + BOUND_S
+    while True:  # back with Redis: the reads under way answer, the next scrapes read again
+        scrape = Scrape(api.url)
+        if scrape.value("bertstream_redis_up") == 1.0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert scrape.value("bertstream_redis_up") == 1.0, scrape.text
+    assert scrape.depths() == expected, scrape.text
