@@ -131,12 +131,14 @@ def test_a_redis_outage_under_load_is_one_line_then_its_end(
     server.stop()
     assert _fire(api.url, _mixed(100, "again")) == {(503, "broker_unavailable"): 100}
     api.stop()
-    assert re.findall(r"^answering 5\d\d .*$", _serve_log(api), re.M)[2:] == [
+    again = re.findall(r"^answering 5\d\d .*$", _serve_log(api), re.M)[2:]
+    assert len(again) == 2 and again[0] == (
         "answering 503 broker_unavailable: cannot reach Redis at "
         f"{server.url}: start it with `redis-server` or set BERTSTREAM_BROKER_URL "
-        f"(Error 111 connecting to 127.0.0.1:{server.port}. Connection refused.)",
-        "answering 503 broker_unavailable: 99 more like it since the last line, up to the "
-        "server's stop; 100 in all over 0 s"]
+        f"(Error 111 connecting to 127.0.0.1:{server.port}. Connection refused.)"), again
+    assert re.fullmatch(r"answering 503 broker_unavailable: 99 more like it since the last "
+                        r"line, up to the server's stop; 100 in all over \d+ s",
+                        again[1]), again  # over 0 s, or more on a loaded machine
 
 
 def test_a_database_cut_under_mixed_traffic_is_one_line_and_long_polls_too(
