@@ -120,13 +120,15 @@ def test_a_stopped_call_logs_the_post_its_read_gave_after_the_linger_send_failed
     assert _not_sent(caplog.text) == 3, caplog.text
 
 
-def test_an_async_iterable_s_run_read_after_the_linger_send_failed_stays_counted(
-        sqlite_url: str, redis_server: RedisServer) -> None:
-    """An async iterable hands its items over in runs (those ready at once): a run read
-    while the linger's send failed was taken from the source in full; every item of it is
-    kept with the unsent ones (the call's count of taken, unsent items), none dropped."""
-    settings = _settings(redis_server, sqlite_url)
+def _async_iterable_after_the_failure(server: RedisServer, settings: Settings,
+                                      after: int, late: str | None = None
+                                      ) -> tuple[list[str], int, int]:
+    """An async iterable of queue posts through ``submit_many``: two posts lingered out,
+    Redis stopped, two more taken and their linger send failed; then ``after`` more posts
+    at once (``late``, if given, is taken but handed over a few loop steps later: not in
+    the run). The posts taken, the call's ``sent``, and the taken, unsent items counted."""
     taken: list[str] = []
+    out: list[int] = []
 
     async def main() -> None:
         inbox: asyncio.Queue[str] = asyncio.Queue()
@@ -135,6 +137,9 @@ def test_an_async_iterable_s_run_read_after_the_linger_send_failed_stays_counted
             while True:
                 post = await inbox.get()
                 taken.append(post)
+                if post == late:
+                    for _ in range(3):
+                        await asyncio.sleep(0)
                 yield post
 
         items = _AsyncItems(source(), asyncio.get_running_loop())
@@ -144,22 +149,33 @@ def test_an_async_iterable_s_run_read_after_the_linger_send_failed_stays_counted
             for i in range(2):
                 inbox.put_nowait(f"post {i}")
             assert await asyncio.to_thread(
-                until, lambda: len(_queued(redis_server, settings)) == 2, 30)
-            await asyncio.to_thread(redis_server.stop)
+                until, lambda: len(_queued(server, settings)) == 2, 30)
+            await asyncio.to_thread(server.stop)
             for i in range(2, 4):
                 inbox.put_nowait(f"post {i}")
             assert await asyncio.to_thread(until, lambda: len(taken) == 4, 30)
             assert await asyncio.to_thread(until, lambda: not _lingering(), 30)
-            for i in range(4, 7):  # one run of three, read at once
+            for i in range(4, 4 + after):
                 inbox.put_nowait(f"post {i}")
             with pytest.raises(BrokerUnavailable) as failed:
                 await asyncio.wait_for(call, 30)
-        assert failed.value.sent == 2
-        assert len(taken) == 7
-        # posts 2 to 6: taken from the source, not sent, all counted
-        assert items.pending() == 5
+            items.stop()  # as a stopped AsyncClient call does
+            await asyncio.sleep(0.1)
+        out.extend((failed.value.sent or 0, items.pending()))
 
     asyncio.run(main())
+    return taken, out[0], out[1]
+
+
+def test_an_async_iterable_s_run_read_after_the_linger_send_failed_stays_counted(
+        sqlite_url: str, redis_server: RedisServer) -> None:
+    """An async iterable hands its items over in runs (those ready at once): a run read
+    while the linger's send failed was taken from the source in full; every item of it is
+    kept with the unsent ones (the call's count of taken, unsent items), none dropped."""
+    taken, sent, pending = _async_iterable_after_the_failure(
+        redis_server, _settings(redis_server, sqlite_url), after=3)  # one run of three
+    assert (len(taken), sent) == (7, 2)
+    assert pending == 5  # posts 2 to 6: taken from the source, not sent, all counted
 
 
 def test_a_sync_call_reports_what_was_sent_and_reads_no_more_after_the_failure(
@@ -201,43 +217,7 @@ def test_the_item_the_read_in_flight_took_after_the_failure_is_kept_too(
     more: an item that read took before the call ended (one that was not ready at once,
     so not in the run) is kept with the unsent ones too, not taken from the source and
     dropped (it was in no count)."""
-    settings = _settings(redis_server, sqlite_url)
-    taken: list[str] = []
-
-    async def main() -> None:
-        inbox: asyncio.Queue[str] = asyncio.Queue()
-
-        async def source() -> AsyncIterator[str]:
-            while True:
-                post = await inbox.get()
-                taken.append(post)
-                if post == "post 7":  # taken, ready a few loop steps later: not in the run
-                    for _ in range(3):
-                        await asyncio.sleep(0)
-                yield post
-
-        items = _AsyncItems(source(), asyncio.get_running_loop())
-        with Client(settings) as client:
-            call = asyncio.create_task(asyncio.to_thread(
-                client.submit_many, items, chunk_size=100, linger_s=LINGER_S))
-            for i in range(2):
-                inbox.put_nowait(f"post {i}")
-            assert await asyncio.to_thread(
-                until, lambda: len(_queued(redis_server, settings)) == 2, 30)
-            await asyncio.to_thread(redis_server.stop)
-            for i in range(2, 4):
-                inbox.put_nowait(f"post {i}")
-            assert await asyncio.to_thread(until, lambda: len(taken) == 4, 30)
-            assert await asyncio.to_thread(until, lambda: not _lingering(), 30)
-            for i in range(4, 8):  # a run of three, and one the read in flight takes
-                inbox.put_nowait(f"post {i}")
-            with pytest.raises(BrokerUnavailable) as failed:
-                await asyncio.wait_for(call, 30)
-            items.stop()  # as a stopped AsyncClient call does
-            await asyncio.sleep(0.1)
-        assert taken == [f"post {i}" for i in range(8)]
-        assert failed.value.sent == 2
-        # posts 2 to 7: taken from the source, not sent, all counted
-        assert items.pending() == 6
-
-    asyncio.run(main())
+    taken, sent, pending = _async_iterable_after_the_failure(
+        redis_server, _settings(redis_server, sqlite_url), after=4, late="post 7")
+    assert taken == [f"post {i}" for i in range(8)] and sent == 2
+    assert pending == 6  # posts 2 to 7: taken from the source, not sent, all counted
