@@ -29,6 +29,7 @@ from bench.faults import RedisServer
 from contract.broker import lane_queue
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
 from contract.settings import Settings
+from tests.test_worker_scrape_paused_redis import _connections_to
 
 #: Well under Prometheus's default scrape timeout and the default socket timeout (10 s).
 BOUND_S = 5.0
@@ -53,20 +54,14 @@ class Scrape:
         return None if family is None else {s.labels["lane"]: s.value for s in family.samples}
 
 
-def _connections_to(port: int) -> int:
-    """Established TCP connections to 127.0.0.1:``port`` on this host (client side)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
-            count += 1
-    return count
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_scrape_answers_quickly_while_redis_is_paused(redis_server: RedisServer,
                                                        api_factory: Any, tmp_path: Path,
                                                        workers: int) -> None:
+    """``bertstream serve`` (one process, and two in multiprocess mode) with its Redis
+    SIGSTOP'd: a scrape answers within the bound with ``bertstream_redis_up`` 0 and the
+    Redis-read families absent, concurrent scrapes do not pile up connections, and the
+    depths come back after SIGCONT (each scrape waited the 10 s socket timeout)."""
     assert redis_server.proc is not None
     settings = Settings(broker_url=redis_server.url, database_url=f"sqlite:///{tmp_path}/r.db",
                         queue=f"bst-pause-{uuid.uuid4().hex[:8]}",

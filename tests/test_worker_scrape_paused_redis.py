@@ -54,6 +54,10 @@ def _connections_to(port: int) -> int:
 
 def test_a_scrape_answers_quickly_while_redis_is_paused(redis_server: RedisServer,
                                                        tmp_path: Path) -> None:
+    """A worker's metrics endpoint with its Redis SIGSTOP'd: a scrape answers within the
+    bound with the depth absent and ``bertstream_worker_up`` there, concurrent scrapes
+    share one read and one connection, and the depth comes back after SIGCONT (each
+    scrape waited the 10 s socket timeout)."""
     assert redis_server.proc is not None
     settings = Settings(broker_url=redis_server.url, database_url=f"sqlite:///{tmp_path}/r.db",
                         queue=f"bst-pause-{uuid.uuid4().hex[:8]}", model="null",
