@@ -538,12 +538,13 @@ class _QueueReading:
 class _RedisRead:
     """One read for the scrapes waiting on it: ``reading`` once Redis answered,
     ``misconfigured`` once it failed for the broker URL's sake, ``done`` set once it ended
-    either way."""
+    either way; ``abandoned`` once a scrape stopped waiting for it."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.reading: _QueueReading | None = None
         self.misconfigured = False
+        self.abandoned = False
 
 
 class _QueueCollector(Collector):
@@ -554,7 +555,10 @@ class _QueueCollector(Collector):
     Redis that does not answer (SIGSTOP, ``DEBUG SLEEP``, a partition that leaves TCP
     open) neither pile up threads or connections nor outlast Prometheus's scrape timeout.
     The thread ends with the read, by the configured socket timeout per command at the
-    latest. A read that did not answer in time reads as ``bertstream_redis_up`` 0."""
+    latest. A read that did not answer in time reads as ``bertstream_redis_up`` 0, unless
+    the read before it answered after its own scrape stopped waiting: that reading serves
+    this scrape (once), so a Redis slower than ``wait_s`` that answers every read does not
+    read as down at every scrape."""
 
     def __init__(self, redis_client: Any, settings: Settings, *,
                  wait_s: float = REDIS_READ_WAIT_S) -> None:
@@ -562,6 +566,9 @@ class _QueueCollector(Collector):
         self.walk = BindingWalk(settings.queue)
         self._lock = threading.Lock()
         self._reading: _RedisRead | None = None
+        #: A reading that answered after every scrape waiting on it gave up: the next
+        #: scrape whose own read does not answer in time serves it.
+        self._late: _QueueReading | None = None
 
     def _read(self, read: _RedisRead) -> None:
         try:
@@ -578,7 +585,9 @@ class _QueueCollector(Collector):
         finally:
             with self._lock:
                 self._reading = None
-            read.done.set()
+                if read.abandoned and read.reading is not None:
+                    self._late = read.reading
+                read.done.set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
@@ -596,10 +605,21 @@ class _QueueCollector(Collector):
             read = self._reading
             if read is None:
                 read = self._reading = _RedisRead()
-                threading.Thread(target=self._read, args=(read,), daemon=True,
-                                 name="bertstream-redis-gauges").start()
-        answered = read.done.wait(self.wait_s)
-        reading = read.reading if answered else None
+                try:
+                    threading.Thread(target=self._read, args=(read,), daemon=True,
+                                     name="bertstream-redis-gauges").start()
+                except RuntimeError:  # no thread to be had (a pids limit): reads as down
+                    log.warning("cannot start the metrics' Redis read", exc_info=True)
+                    self._reading = None
+                    read.done.set()
+        read.done.wait(self.wait_s)
+        with self._lock:
+            answered = read.done.is_set()
+            if answered:
+                reading = read.reading
+            else:  # served by the reading that answered too late for its own scrape
+                read.abandoned, reading = True, self._late
+            self._late = None
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per "
                                   "lane of this server's queue family", labels=["lane"])
         per_family_depth = GaugeMetricFamily(

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from bench.faults import RedisServer
@@ -25,7 +26,7 @@ from contract.broker import lane_queue
 from contract.constants import LANE_BULK, LANE_INTERACTIVE
 from contract.settings import Settings
 from tests.test_metrics import _samples
-from worker.metrics import WorkerMetrics
+from worker.metrics import WorkerMetrics, _QueueDepth
 from worker.process import free_port
 
 #: Well under Prometheus's default scrape timeout and the default socket timeout (10 s).
@@ -108,3 +109,80 @@ def test_a_scrape_answers_quickly_while_redis_is_paused(redis_server: RedisServe
             break
         time.sleep(0.1)
     assert depths == expected, text
+
+
+def _read_ended(name: str) -> None:
+    """Wait until no thread ``name`` (a collector's Redis read) runs."""
+    deadline = time.monotonic() + 15
+    while any(t.name == name for t in threading.enumerate()):
+        assert time.monotonic() < deadline, f"{name} still runs"
+        time.sleep(0.05)
+
+
+def test_a_redis_slower_than_the_wait_still_gives_the_depth(redis_server: RedisServer,
+                                                            tmp_path: Path) -> None:
+    """A Redis that answers every read, but only after the scrape's wait: the read that
+    answered too late for its scrape serves the next one whose own read is late, once.
+    Each scrape's read was thrown away when its scrape gave up, so every scrape of such a
+    Redis lacked the depth although every read succeeded."""
+    assert redis_server.proc is not None
+    settings = Settings(broker_url=redis_server.url, database_url=f"sqlite:///{tmp_path}/r.db",
+                        queue=f"bst-slow-{uuid.uuid4().hex[:8]}", model="null",
+                        redis_socket_timeout_s=10, redis_connect_timeout_s=5)
+    admin = redis.Redis.from_url(redis_server.url)
+    metrics = WorkerMetrics("null")
+    port = free_port()
+    metrics.serve(port, settings)
+    try:
+        assert _scrape(port)[1] == {LANE_INTERACTIVE: 0.0, LANE_BULK: 0.0}
+        admin.rpush(lane_queue(settings, False), "a", "b")
+
+        def late_scrape() -> dict[str, float] | None:
+            """A scrape whose read Redis answers only after the scrape gave up on it."""
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                took, depths, text = _scrape(port)
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            assert took < BOUND_S, text
+            _read_ended("bertstream-queue-depth")
+            return depths
+
+        assert late_scrape() is None  # no earlier read answered late
+        admin.rpush(lane_queue(settings, True), "c")  # read by the next read, not served yet
+        assert late_scrape() == {LANE_INTERACTIVE: 2.0, LANE_BULK: 0.0}  # the late one's
+        assert late_scrape() == {LANE_INTERACTIVE: 2.0, LANE_BULK: 1.0}
+        assert _scrape(port)[1] == {LANE_INTERACTIVE: 2.0, LANE_BULK: 1.0}  # in time again
+        redis_server.proc.send_signal(signal.SIGSTOP)  # the late depths served once only
+        try:
+            assert _scrape(port)[1] is None
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+    finally:
+        admin.close()
+
+
+def test_a_read_thread_that_cannot_start_does_not_wedge_the_depth(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread to be had for a scrape's read (``can't start new thread``: a pids limit):
+    that scrape shows no depth, and the next one reads it again. The read was left marked
+    as under way with no thread to end it, so every later scrape waited for it the whole
+    wait and showed no depth, for good; the first scrape failed outright."""
+    settings = Settings(broker_url=redis_url, database_url=f"sqlite:///{tmp_path}/r.db",
+                        queue=f"bst-nothread-{uuid.uuid4().hex[:8]}", model="null")
+    collector = _QueueDepth(settings)
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("bertstream-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert list(collector.collect()) == []
+    monkeypatch.setattr(threading.Thread, "start", start)
+    began = time.monotonic()
+    families = list(collector.collect())
+    assert time.monotonic() - began < BOUND_S / 2
+    assert {s.labels["lane"]: s.value for s in families[0].samples} == {
+        LANE_INTERACTIVE: 0, LANE_BULK: 0}

@@ -340,11 +340,12 @@ class Consuming(bootsteps.StartStopStep):
 
 class _DepthRead:
     """One read of the lanes' depths: ``depths`` once Redis answered, ``done`` set once it
-    ended either way."""
+    ended either way; ``abandoned`` once a scrape stopped waiting for it."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.depths: dict[str, int] | None = None
+        self.abandoned = False
 
 
 class _QueueDepth(Collector):
@@ -358,7 +359,10 @@ class _QueueDepth(Collector):
     pile up threads or connections nor outlast Prometheus's scrape timeout. The thread
     ends with the read, by the configured socket timeout at the latest. A read that did
     not answer in time, or failed, leaves ``bertstream_queue_depth`` out of the scrape
-    (the other families answer as usual), rather than a made-up 0.
+    (the other families answer as usual), rather than a made-up 0; but a scrape whose read
+    does not answer in time serves, once, the depths of the read before it if that one
+    answered after its own scrape stopped waiting, so a Redis slower than
+    :data:`DEPTH_WAIT_S` that answers every read does not lose the depth at every scrape.
 
     A lane is its list and its priority-step lists (:func:`contract.broker.lane_keys`), as
     the producer's ``queue_length`` and the API's depth count it: a message sent with a
@@ -369,6 +373,9 @@ class _QueueDepth(Collector):
         self.client = redis_client(settings)
         self._lock = threading.Lock()
         self._reading: _DepthRead | None = None
+        #: Depths that answered after every scrape waiting on them gave up: the next
+        #: scrape whose own read does not answer in time serves them.
+        self._late: dict[str, int] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         client = self.client
@@ -378,13 +385,25 @@ class _QueueDepth(Collector):
             read = self._reading
             if read is None:
                 read = self._reading = _DepthRead()
-                threading.Thread(target=self._read, args=(client, read), daemon=True,
-                                 name="bertstream-queue-depth").start()
-        if not read.done.wait(DEPTH_WAIT_S) or read.depths is None:
+                try:
+                    threading.Thread(target=self._read, args=(client, read), daemon=True,
+                                     name="bertstream-queue-depth").start()
+                except RuntimeError:  # no thread to be had (a pids limit): no depth
+                    log.warning("cannot start the queue-depth read", exc_info=True)
+                    self._reading = None
+                    read.done.set()
+        read.done.wait(DEPTH_WAIT_S)
+        with self._lock:
+            if read.done.is_set():
+                depths = read.depths
+            else:  # served by the depths that answered too late for their own scrape
+                read.abandoned, depths = True, self._late
+            self._late = None
+        if depths is None:
             return  # a scrape during an outage shows no depth rather than failing
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
                                   labels=["lane"])
-        for lane, size in read.depths.items():
+        for lane, size in depths.items():
             depth.add_metric([lane], size)
         yield depth
 
@@ -405,4 +424,6 @@ class _QueueDepth(Collector):
         finally:
             with self._lock:
                 self._reading = None
-            read.done.set()
+                if read.abandoned and read.depths is not None:
+                    self._late = read.depths
+                read.done.set()
