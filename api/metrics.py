@@ -47,6 +47,7 @@ from contract.errors import BrokerMisconfigured, ConfigError
 from contract.liveness import family_workers, is_family_of
 from contract.results import ping
 from contract.settings import Settings
+from contract.sharedread import SharedRead
 
 log = logging.getLogger(__name__)
 
@@ -535,23 +536,11 @@ class _QueueReading:
         self.alive, self.depths, self.bound, self.unexamined = alive, depths, bound, unexamined
 
 
-class _RedisRead:
-    """One read for the scrapes waiting on it: ``reading`` once Redis answered,
-    ``misconfigured`` once it failed for the broker URL's sake, ``done`` set once it ended
-    either way; ``abandoned`` once a scrape stopped waiting for it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.reading: _QueueReading | None = None
-        self.misconfigured = False
-        self.abandoned = False
-
-
 class _QueueCollector(Collector):
     """The gauges read from Redis at scrape time (:meth:`collect`).
 
-    The read runs in a daemon thread, one at a time: a scrape while one is under way
-    waits for that one rather than starting another, ``wait_s`` at most, so scrapes of a
+    The read is a :class:`contract.sharedread.SharedRead`: it runs in a daemon thread,
+    one at a time: a scrape while one is under way waits for that one rather than starting another, ``wait_s`` at most, so scrapes of a
     Redis that does not answer (SIGSTOP, ``DEBUG SLEEP``, a partition that leaves TCP
     open) neither pile up threads or connections nor outlast Prometheus's scrape timeout.
     The thread ends with the read, by the configured socket timeout per command at the
@@ -564,30 +553,26 @@ class _QueueCollector(Collector):
                  wait_s: float = REDIS_READ_WAIT_S) -> None:
         self.redis, self.settings, self.wait_s = redis_client, settings, wait_s
         self.walk = BindingWalk(settings.queue)
-        self._lock = threading.Lock()
-        self._reading: _RedisRead | None = None
-        #: A reading that answered after every scrape waiting on it gave up: the next
-        #: scrape whose own read does not answer in time serves it.
-        self._late: _QueueReading | None = None
+        self._read: SharedRead[_QueueReading] = SharedRead(self._reading, wait_s,
+                                                           "bertstream-redis-gauges")
 
-    def _read(self, read: _RedisRead) -> None:
+    def _reading(self) -> _QueueReading:
+        """Live workers, depths and the walk's counts, read from Redis (in
+        :class:`SharedRead`'s thread)."""
+        alive = family_workers(self.redis, self.settings.queue)
+        served = {self.settings.family, *(w["family"] for w in alive)}
+        depths = self.walk.depths(self.redis, served)
+        return _QueueReading(alive, depths, self.walk.bound, self.walk.unexamined)
+
+    def _misconfigured(self, error: Exception | None) -> bool:
+        """Whether the read failed because Redis refused what the broker URL asks."""
+        if error is None:
+            return False
         try:
-            alive = family_workers(self.redis, self.settings.queue)
-            served = {self.settings.family, *(w["family"] for w in alive)}
-            depths = self.walk.depths(self.redis, served)
-            read.reading = _QueueReading(alive, depths, self.walk.bound, self.walk.unexamined)
-        except Exception as exc:  # noqa: BLE001 - a thread of its own: reads as down
-            try:
-                read.misconfigured = isinstance(broker_error(self.settings, exc),
-                                                BrokerMisconfigured)
-            except Exception:  # noqa: BLE001 - down all the same
-                log.debug("classifying a Redis read's failure failed", exc_info=True)
-        finally:
-            with self._lock:
-                self._reading = None
-                if read.abandoned and read.reading is not None:
-                    self._late = read.reading
-                read.done.set()
+            return isinstance(broker_error(self.settings, error), BrokerMisconfigured)
+        except Exception:  # noqa: BLE001 - down all the same
+            log.debug("classifying a Redis read's failure failed", exc_info=True)
+            return False
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Queue depth and live workers when Redis answers (no made-up 0 when it does not),
@@ -601,25 +586,7 @@ class _QueueCollector(Collector):
         Queue depth per family covers this server's own family, every family with live
         workers and every family with messages waiting (:class:`BindingWalk`): tasks
         sent to a model no worker serves show up there."""
-        with self._lock:
-            read = self._reading
-            if read is None:
-                read = self._reading = _RedisRead()
-                try:
-                    threading.Thread(target=self._read, args=(read,), daemon=True,
-                                     name="bertstream-redis-gauges").start()
-                except RuntimeError:  # no thread to be had (a pids limit): reads as down
-                    log.warning("cannot start the metrics' Redis read", exc_info=True)
-                    self._reading = None
-                    read.done.set()
-        read.done.wait(self.wait_s)
-        with self._lock:
-            answered = read.done.is_set()
-            if answered:
-                reading = read.reading
-            else:  # served by the reading that answered too late for its own scrape
-                read.abandoned, reading = True, self._late
-            self._late = None
+        _, reading, error = self._read.get()
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per "
                                   "lane of this server's queue family", labels=["lane"])
         per_family_depth = GaugeMetricFamily(
@@ -657,7 +624,7 @@ class _QueueCollector(Collector):
             for family, count in sorted(counts.items()):
                 per_family.add_metric([family], count)
         up = int(reading is not None)
-        misconfigured = int(answered and read.misconfigured)
+        misconfigured = int(self._misconfigured(error))
         yield GaugeMetricFamily("bertstream_redis_up", "1 when this scrape could read the "
                                 "queues and worker heartbeats from Redis, else 0", value=up)
         yield GaugeMetricFamily(

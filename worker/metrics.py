@@ -43,6 +43,7 @@ from contract.constants import ENV_PREFIX, LANE_BULK, LANE_INTERACTIVE, TASK_ANA
 from contract.errors import ConfigError
 from contract.results import ping
 from contract.settings import Settings
+from contract.sharedread import SharedRead
 
 log = logging.getLogger(__name__)
 
@@ -338,22 +339,13 @@ class Consuming(bootsteps.StartStopStep):
     shutdown = stop
 
 
-class _DepthRead:
-    """One read of the lanes' depths: ``depths`` once Redis answered, ``done`` set once it
-    ended either way; ``abandoned`` once a scrape stopped waiting for it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.depths: dict[str, int] | None = None
-        self.abandoned = False
-
-
 class _QueueDepth(Collector):
     """Messages waiting per lane of this worker's queue family, read at scrape time (on a
     Redis broker; with the configured Redis timeouts, and a scrape waits for the read
     :data:`DEPTH_WAIT_S` at most, so a scrape outlasts no setting).
 
-    The read runs in a daemon thread, one at a time on one connection: a scrape while
+    The read is a :class:`contract.sharedread.SharedRead`: it runs in a daemon thread,
+    one at a time on one connection: a scrape while
     one is under way waits for that one rather than starting another, so scrapes of a
     paused Redis (SIGSTOP, ``DEBUG SLEEP``, a partition that leaves TCP open) neither
     pile up threads or connections nor outlast Prometheus's scrape timeout. The thread
@@ -371,34 +363,15 @@ class _QueueDepth(Collector):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = redis_client(settings)
-        self._lock = threading.Lock()
-        self._reading: _DepthRead | None = None
-        #: Depths that answered after every scrape waiting on them gave up: the next
-        #: scrape whose own read does not answer in time serves them.
-        self._late: dict[str, int] | None = None
+        self._read: SharedRead[dict[str, int]] = SharedRead(
+            self._depths, DEPTH_WAIT_S, "bertstream-queue-depth")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        client = self.client
-        if client is None:
+        if self.client is None:
             return  # memory://: no queue to count
-        with self._lock:
-            read = self._reading
-            if read is None:
-                read = self._reading = _DepthRead()
-                try:
-                    threading.Thread(target=self._read, args=(client, read), daemon=True,
-                                     name="bertstream-queue-depth").start()
-                except RuntimeError:  # no thread to be had (a pids limit): no depth
-                    log.warning("cannot start the queue-depth read", exc_info=True)
-                    self._reading = None
-                    read.done.set()
-        read.done.wait(DEPTH_WAIT_S)
-        with self._lock:
-            if read.done.is_set():
-                depths = read.depths
-            else:  # served by the depths that answered too late for their own scrape
-                read.abandoned, depths = True, self._late
-            self._late = None
+        _, depths, error = self._read.get()
+        if error is not None and not isinstance(error, redis.RedisError):
+            log.error("reading the queue depth failed", exc_info=error)
         if depths is None:
             return  # a scrape during an outage shows no depth rather than failing
         depth = GaugeMetricFamily("bertstream_queue_depth", "Messages waiting in Redis per lane",
@@ -407,23 +380,14 @@ class _QueueDepth(Collector):
             depth.add_metric([lane], size)
         yield depth
 
-    def _read(self, client: redis.Redis, read: _DepthRead) -> None:
+    def _depths(self) -> dict[str, int]:
+        """Messages waiting per lane, read from Redis (in :class:`SharedRead`'s thread)."""
+        assert self.client is not None
         lanes = [(lane, lane_keys(lane_queue(self.settings, lane == LANE_BULK)))
                  for lane in (LANE_INTERACTIVE, LANE_BULK)]
-        try:
-            with client.pipeline(transaction=False) as pipe:
-                for _, keys in lanes:
-                    for key in keys:
-                        pipe.llen(key)
-                sizes = iter(pipe.execute())
-            read.depths = {lane: sum(int(next(sizes)) for _ in keys) for lane, keys in lanes}
-        except redis.RedisError:
-            pass  # no depth for the scrapes waiting on this read
-        except Exception:  # noqa: BLE001 - a thread of its own: logged, no depth
-            log.exception("reading the queue depth failed")
-        finally:
-            with self._lock:
-                self._reading = None
-                if read.abandoned and read.depths is not None:
-                    self._late = read.depths
-                read.done.set()
+        with self.client.pipeline(transaction=False) as pipe:
+            for _, keys in lanes:
+                for key in keys:
+                    pipe.llen(key)
+            sizes = iter(pipe.execute())
+        return {lane: sum(int(next(sizes)) for _ in keys) for lane, keys in lanes}
